@@ -1,0 +1,29 @@
+# STP house checks. `just --list` shows the recipes.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# Formatting, lints and every host test (what CI runs before the VM stage).
+default: ci
+
+# Check formatting (no changes).
+fmt-check:
+    cargo fmt --all -- --check
+
+# Reformat the workspace.
+fmt:
+    cargo fmt --all
+
+# Lints, warnings are errors.
+clippy:
+    cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# Unit, property and in-process end-to-end tests.
+test:
+    cargo test --workspace --locked
+
+# Everything CI checks on the host.
+ci: fmt-check clippy test
+
+# The embedded simulated array, probed through the full SCSI stack.
+probe-sim:
+    cargo run --locked -q -p stp-tools -- probe --sim

@@ -1,0 +1,40 @@
+//! The SCSI layer: everything STP needs to speak SCSI to a logical unit, and
+//! nothing about STP itself.
+//!
+//! Layering, bottom up:
+//!
+//! * wire types — [`Opcode`], [`ScsiStatus`], [`SenseKey`], [`Asc`] are open
+//!   newtypes (values a real array returns that are not listed here survive);
+//!   [`cdb`] has a typed, zerocopy layout for each command and a parsed
+//!   [`Cdb`] that can emit itself; [`sense`] decodes and emits fixed and
+//!   descriptor sense; [`inquiry`] does the same for INQUIRY data and VPD pages.
+//! * [`Transport`] — one path to one logical unit. Commands own their
+//!   page-aligned [`IoBuf`] while in flight; completions may arrive out of
+//!   order. [`sg::SgDevice`] is the synchronous SG_IO implementation; the
+//!   simulated array's in-process front end is another.
+//! * [`discovery`] — enumerates `/sys/class/scsi_generic` and identifies a
+//!   logical unit by its VPD 0x83 designators, the identity that survives
+//!   device renaming across hosts.
+//!
+//! Invariants: parsers never panic on any input (each module states its
+//! no-panic contract and property tests hold it); `unsafe` lives only in
+//! [`sg`], at the ioctl boundary.
+
+pub mod buf;
+pub mod cdb;
+pub mod discovery;
+pub mod inquiry;
+pub mod opcode;
+pub mod sense;
+pub mod sg;
+pub mod status;
+pub mod transport;
+
+pub use buf::IoBuf;
+pub use cdb::Cdb;
+pub use opcode::Opcode;
+pub use sense::{Asc, Sense, SenseKey};
+pub use status::{DriverStatus, HostStatus, ScsiStatus};
+pub use transport::{
+    CdbBuf, Command, CommandError, Completion, DataDirection, Outcome, SubmitError, Transport,
+};

@@ -1,0 +1,370 @@
+//! The in-process front end: `scsi::Transport` straight into the array.
+//!
+//! A [`Host`] is one initiator port logged in to the array; it opens one
+//! [`InProcTransport`] per LUN, as a host sees one `/dev/sgN` per LUN. Hosts
+//! on different threads reach the same LUNs concurrently.
+//!
+//! Commands execute on the submitting thread unless a vendor handler holds
+//! them; completions queue until [`reap`](scsi::Transport::reap). With
+//! [`InProcOptions::reorder_seed`] each batch of completions is shuffled by a
+//! seeded generator, so callers meet out-of-order completion repeatably. A
+//! command that outlives its timeout completes with
+//! [`CommandError::Timeout`] and, as with a real abort, its buffer is not
+//! returned.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use scsi::transport::SubmitError;
+use scsi::{
+    Command, CommandError, Completion, DataDirection, DriverStatus, HostStatus, IoBuf, Outcome,
+    ScsiStatus, Transport,
+};
+
+use crate::array::Array;
+use crate::task::{InitiatorId, Reply, Task, TaskResult};
+
+/// Tunables of an in-process path.
+#[derive(Clone, Debug)]
+pub struct InProcOptions {
+    /// Most commands in flight at once (like the 16 of an sg fd).
+    pub queue_depth: usize,
+    /// Shuffle each batch of completions with this seed.
+    pub reorder_seed: Option<u64>,
+}
+
+impl Default for InProcOptions {
+    fn default() -> Self {
+        InProcOptions {
+            queue_depth: 16,
+            reorder_seed: None,
+        }
+    }
+}
+
+/// One initiator port logged in to an array.
+#[derive(Clone, Debug)]
+pub struct Host {
+    array: Array,
+    initiator: InitiatorId,
+    name: String,
+}
+
+impl Host {
+    /// Logs a new initiator called `name` in to `array`.
+    pub fn login(array: &Array, name: &str) -> Host {
+        Host {
+            array: array.clone(),
+            initiator: array.login(name),
+            name: name.to_owned(),
+        }
+    }
+
+    /// This host's initiator id.
+    pub fn initiator(&self) -> InitiatorId {
+        self.initiator
+    }
+
+    /// Opens a path to LUN `lun` with default options.
+    pub fn open(&self, lun: u64) -> io::Result<InProcTransport> {
+        self.open_with(lun, InProcOptions::default())
+    }
+
+    /// Opens a path to LUN `lun`.
+    pub fn open_with(&self, lun: u64, options: InProcOptions) -> io::Result<InProcTransport> {
+        if self.array.lun(lun).is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "the simulated array has no LUN {lun} (it has {:?})",
+                    self.array.lun_ids()
+                ),
+            ));
+        }
+        Ok(InProcTransport {
+            array: self.array.clone(),
+            initiator: self.initiator,
+            lun,
+            queue: Arc::new(DoneQueue::default()),
+            pending: HashMap::new(),
+            next_seq: 0,
+            rng: options.reorder_seed.map(SmallRng::seed_from_u64),
+            options,
+            name: format!("sim:{}/lun{lun}", self.name),
+        })
+    }
+}
+
+struct Done {
+    seq: u64,
+    buf: IoBuf,
+    direction: DataDirection,
+    result: TaskResult,
+}
+
+#[derive(Default)]
+struct DoneQueue {
+    done: Mutex<VecDeque<Done>>,
+    ready: Condvar,
+}
+
+impl DoneQueue {
+    fn push(&self, done: Done) {
+        self.done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(done);
+        self.ready.notify_all();
+    }
+}
+
+struct InProcReply {
+    seq: u64,
+    buf: Option<IoBuf>,
+    direction: DataDirection,
+    queue: Arc<DoneQueue>,
+}
+
+impl Reply for InProcReply {
+    fn data_len(&self) -> usize {
+        match (self.direction, &self.buf) {
+            (DataDirection::None, _) | (_, None) => 0,
+            (_, Some(b)) => b.len(),
+        }
+    }
+
+    fn read_out(&self, offset: usize, dst: &mut [u8]) -> usize {
+        match (self.direction, &self.buf) {
+            (DataDirection::ToDevice, Some(b)) => copy_at(&b[offset.min(b.len())..], dst),
+            _ => 0,
+        }
+    }
+
+    fn write_in(&mut self, offset: usize, src: &[u8]) -> usize {
+        match (self.direction, &mut self.buf) {
+            (DataDirection::FromDevice, Some(b)) => {
+                let at = offset.min(b.len());
+                copy_at(src, &mut b[at..])
+            }
+            _ => 0,
+        }
+    }
+
+    fn complete(mut self: Box<Self>, result: TaskResult) {
+        let buf = self.buf.take().unwrap_or_default();
+        self.queue.push(Done {
+            seq: self.seq,
+            buf,
+            direction: self.direction,
+            result,
+        });
+    }
+}
+
+impl Drop for InProcReply {
+    fn drop(&mut self) {
+        // Dropped without completion (a handler bug or shutdown): the
+        // initiator sees TASK ABORTED rather than waiting forever.
+        if let Some(buf) = self.buf.take() {
+            self.queue.push(Done {
+                seq: self.seq,
+                buf,
+                direction: self.direction,
+                result: TaskResult::status(ScsiStatus::TASK_ABORTED),
+            });
+        }
+    }
+}
+
+fn copy_at(src: &[u8], dst: &mut [u8]) -> usize {
+    let n = src.len().min(dst.len());
+    dst[..n].copy_from_slice(&src[..n]);
+    n
+}
+
+struct Pending {
+    tag: u64,
+    start: Instant,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+/// One host's path to one LUN of the simulated array.
+pub struct InProcTransport {
+    array: Array,
+    initiator: InitiatorId,
+    lun: u64,
+    queue: Arc<DoneQueue>,
+    pending: HashMap<u64, Pending>,
+    next_seq: u64,
+    rng: Option<SmallRng>,
+    options: InProcOptions,
+    name: String,
+}
+
+impl std::fmt::Debug for InProcTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcTransport")
+            .field("name", &self.name)
+            .field("in_flight", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl InProcTransport {
+    /// The LUN this path reaches.
+    pub fn lun(&self) -> u64 {
+        self.lun
+    }
+
+    /// The array behind this path.
+    pub fn array(&self) -> &Array {
+        &self.array
+    }
+
+    fn finish(&mut self, done: Done, out: &mut Vec<Completion>) -> bool {
+        let Some(p) = self.pending.remove(&done.seq) else {
+            return false; // timed out earlier: its completion is discarded
+        };
+        let r = done.result;
+        let residual = match done.direction {
+            DataDirection::FromDevice => done.buf.len().saturating_sub(r.data_in),
+            _ => 0,
+        };
+        let outcome = Outcome {
+            status: r.status,
+            host_status: HostStatus::OK,
+            driver_status: if r.sense.is_some() {
+                DriverStatus::SENSE
+            } else {
+                DriverStatus::OK
+            },
+            sense: r.sense.map(|s| s.to_bytes()).unwrap_or_default(),
+            residual: u32::try_from(residual).unwrap_or(u32::MAX),
+            duration: p.start.elapsed(),
+        };
+        out.push(Completion {
+            tag: p.tag,
+            data: done.buf,
+            result: Ok(outcome),
+        });
+        true
+    }
+
+    fn expire(&mut self, now: Instant, out: &mut Vec<Completion>) -> usize {
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in &expired {
+            if let Some(p) = self.pending.remove(seq) {
+                out.push(Completion {
+                    tag: p.tag,
+                    data: IoBuf::default(),
+                    result: Err(CommandError::Timeout(p.timeout)),
+                });
+            }
+        }
+        expired.len()
+    }
+}
+
+impl Transport for InProcTransport {
+    fn submit(&mut self, cmd: Command) -> Result<(), SubmitError> {
+        if self.pending.len() >= self.options.queue_depth {
+            return Err(SubmitError {
+                error: CommandError::Io(io::Error::other(format!(
+                    "{} already has {} commands in flight (its queue depth)",
+                    self.name, self.options.queue_depth
+                ))),
+                cmd: Box::new(cmd),
+            });
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let start = Instant::now();
+        self.pending.insert(
+            seq,
+            Pending {
+                tag: cmd.tag,
+                start,
+                deadline: start + cmd.timeout,
+                timeout: cmd.timeout,
+            },
+        );
+        let reply = InProcReply {
+            seq,
+            buf: Some(cmd.data),
+            direction: cmd.direction,
+            queue: self.queue.clone(),
+        };
+        self.array.submit(Task {
+            initiator: self.initiator,
+            lun: self.lun,
+            cdb: cmd.cdb,
+            direction: cmd.direction,
+            reply: Box::new(reply),
+        });
+        Ok(())
+    }
+
+    fn reap(&mut self, out: &mut Vec<Completion>, wait: Option<Duration>) -> io::Result<usize> {
+        let first = out.len();
+        let give_up = wait.map(|w| Instant::now() + w);
+        let queue = self.queue.clone();
+        while !self.pending.is_empty() {
+            let batch: Vec<Done> = {
+                let mut q = queue.done.lock().unwrap_or_else(|e| e.into_inner());
+                if q.is_empty() {
+                    let now = Instant::now();
+                    let next_deadline = self.pending.values().map(|p| p.deadline).min();
+                    let until = match (give_up, next_deadline) {
+                        (Some(a), Some(b)) => a.min(b),
+                        (Some(a), None) => a,
+                        (None, Some(b)) => b,
+                        (None, None) => now,
+                    };
+                    if until > now {
+                        q = queue
+                            .ready
+                            .wait_timeout(q, until - now)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
+                    }
+                }
+                q.drain(..).collect()
+            };
+            for done in batch {
+                self.finish(done, out);
+            }
+            let now = Instant::now();
+            self.expire(now, out);
+            if out.len() > first || give_up.is_some_and(|g| now >= g) {
+                break;
+            }
+        }
+        if let Some(rng) = &mut self.rng {
+            out[first..].shuffle(rng);
+        }
+        Ok(out.len() - first)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn queue_depth(&self) -> usize {
+        self.options.queue_depth
+    }
+
+    fn describe(&self) -> String {
+        format!("{} (in-process)", self.name)
+    }
+}

@@ -1,0 +1,76 @@
+//! The simulated storage array STP runs on when there is no Symmetrix.
+//!
+//! One array model, two front ends:
+//!
+//! ```text
+//!   initiator (scsi::Transport)          LIO + tcm_loop (kernel)
+//!            │                                   │ TCMU ring (later issue)
+//!   inproc::InProcTransport                tcmu front end
+//!            └──────────────┬────────────────────┘
+//!                     array::Array  ── Task { cdb, Reply }
+//!             SPC/SBC subset │ vendor opcodes 0xC0–0xFF
+//!                 lun::LunStore   array::VendorHandler (the STG mailbox)
+//! ```
+//!
+//! * [`Array`] holds LUNs ([`LunConfig`]: capacity, block size, identity
+//!   with an NAA designator) on sparse in-memory storage, tracks initiators
+//!   and their unit attentions, and executes the SPC/SBC subset STP needs:
+//!   TEST UNIT READY, INQUIRY (standard, VPD 0x00/0x80/0x83/0xB0), REPORT
+//!   LUNS, READ CAPACITY(10/16), READ/WRITE(10/16), SYNCHRONIZE CACHE(10/16),
+//!   MODE SENSE(6/10), REQUEST SENSE and REPORT SUPPORTED OPERATION CODES.
+//! * Everything else gets the sense a real target gives, at once: INVALID
+//!   COMMAND OPERATION CODE for unknown opcodes, LBA OUT OF RANGE, INVALID
+//!   FIELD IN CDB with a field pointer, LOGICAL UNIT NOT SUPPORTED.
+//! * Vendor-specific opcodes go to the installed [`VendorHandler`], which may
+//!   hold a command (a long poll) and complete it later from any thread.
+//! * [`inproc`] is the front end for tests and the embedded demo.
+//!
+//! Invariants: every [`Task`] is completed exactly once (a reply dropped
+//! unanswered completes as TASK ABORTED); no input from an initiator panics
+//! the array; unit attentions are per initiator and per LUN, reported by
+//! the next command other than INQUIRY and REPORT LUNS, as SAM-5 says.
+
+pub mod array;
+pub mod inproc;
+pub mod lun;
+pub mod task;
+
+pub use array::{Array, Lun, VendorHandler};
+pub use inproc::{Host, InProcOptions, InProcTransport};
+pub use lun::LunConfig;
+pub use task::{InitiatorId, Reply, Task, TaskResult};
+
+/// A configuration the array refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A LUN setting is invalid.
+    #[error("invalid LUN {field}: {why}")]
+    InvalidLun {
+        /// The offending field.
+        field: &'static str,
+        /// What is wrong and what is allowed.
+        why: String,
+    },
+    /// The LUN number is already in use.
+    #[error("LUN {0} already exists; pick another LUN number")]
+    DuplicateLun(u64),
+    /// Two LUNs would share one identity.
+    #[error("LUNs {first} and {second} would both be {naa}; every LUN needs its own identity")]
+    DuplicateIdentity {
+        /// The shared designator.
+        naa: String,
+        /// The LUN that has it.
+        first: u64,
+        /// The LUN that asked for it.
+        second: u64,
+    },
+    /// The LUN number cannot be reported.
+    #[error("LUN {lun} is beyond the highest supported LUN number {max}")]
+    LunOutOfRange {
+        /// The number asked for.
+        lun: u64,
+        /// The largest allowed.
+        max: u64,
+    },
+}

@@ -1,0 +1,246 @@
+//! Logical units: identity, geometry and sparse in-memory storage.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use crate::ConfigError;
+
+/// Storage is allocated in chunks of this many bytes, on first write; a
+/// never-written chunk reads as zeros. A 1 TiB LUN costs nothing until used.
+const CHUNK: usize = 64 * 1024;
+
+/// How a logical unit presents itself: geometry and identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LunConfig {
+    /// Number of logical blocks.
+    pub blocks: u64,
+    /// Logical block size in bytes (512 or 4096 are typical).
+    pub block_size: u32,
+    /// T10 vendor identification (at most 8 ASCII characters).
+    pub vendor: String,
+    /// Product identification (at most 16 ASCII characters).
+    pub product: String,
+    /// Product revision level (at most 4 ASCII characters).
+    pub revision: String,
+    /// Unit serial number (VPD 0x80), printable ASCII.
+    pub serial: String,
+    /// The 16-byte NAA 6 (IEEE registered extended) designator of VPD 0x83:
+    /// the stable identity hosts use to recognise this LUN.
+    pub naa: [u8; 16],
+    /// Largest transfer in blocks the LUN accepts in one command (VPD 0xB0).
+    pub max_transfer_blocks: u32,
+}
+
+/// The IEEE company id this simulator puts in its NAA designators.
+pub const SIM_OUI: u32 = 0x53_54_50;
+
+impl LunConfig {
+    /// A LUN of `blocks` × `block_size` bytes whose identity (serial and NAA)
+    /// derives from `id`, which must be unique within the array.
+    pub fn new(id: u64, blocks: u64, block_size: u32) -> LunConfig {
+        LunConfig {
+            blocks,
+            block_size,
+            vendor: "STP".into(),
+            product: "SIM-ARRAY LUN".into(),
+            revision: "0001".into(),
+            serial: format!("STPSIM{id:010}"),
+            naa: naa_for(SIM_OUI, id),
+            max_transfer_blocks: (8 << 20) / block_size.max(1),
+        }
+    }
+
+    /// The capacity in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.blocks.saturating_mul(u64::from(self.block_size))
+    }
+
+    /// The NAA designator as hosts print it (`naa.6…`, lowercase hex).
+    pub fn naa_string(&self) -> String {
+        let mut s = String::from("naa.");
+        for b in self.naa {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+
+    /// Checks the configuration; errors name the field and the fix.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field: &'static str, why: String| Err(ConfigError::InvalidLun { field, why });
+        if !(512..=65536).contains(&self.block_size) || !self.block_size.is_power_of_two() {
+            return bad(
+                "block_size",
+                format!(
+                    "{} is not a power of two between 512 and 65536",
+                    self.block_size
+                ),
+            );
+        }
+        if self.blocks == 0 {
+            return bad("blocks", "a LUN needs at least one block".into());
+        }
+        if self
+            .blocks
+            .checked_mul(u64::from(self.block_size))
+            .is_none()
+        {
+            return bad("blocks", "capacity overflows 64 bits".into());
+        }
+        for (field, value, max) in [
+            ("vendor", &self.vendor, 8),
+            ("product", &self.product, 16),
+            ("revision", &self.revision, 4),
+            ("serial", &self.serial, 252),
+        ] {
+            if value.len() > max || !value.bytes().all(|b| (0x20..0x7F).contains(&b)) {
+                return bad(
+                    field,
+                    format!("{value:?} must be at most {max} printable ASCII characters"),
+                );
+            }
+        }
+        if self.naa[0] >> 4 != 6 {
+            return bad(
+                "naa",
+                "must be an NAA 6 (IEEE registered extended) designator".into(),
+            );
+        }
+        if self.max_transfer_blocks == 0 {
+            return bad("max_transfer_blocks", "must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// An NAA 6 designator: NAA nibble, 24-bit company id, 36-bit vendor
+/// specific identifier (the low 36 bits of `id`), and a 64-bit extension
+/// (the rest of `id` under a fixed tag).
+pub fn naa_for(oui: u32, id: u64) -> [u8; 16] {
+    let hi: u64 = (6u64 << 60) | (u64::from(oui & 0xFF_FFFF) << 36) | (id & 0xF_FFFF_FFFF);
+    let lo: u64 = 0x5354_5053_494d_0000 ^ (id >> 36);
+    let mut naa = [0u8; 16];
+    naa[..8].copy_from_slice(&hi.to_be_bytes());
+    naa[8..].copy_from_slice(&lo.to_be_bytes());
+    naa
+}
+
+/// A logical unit's data: sparse chunks behind a reader-writer lock.
+#[derive(Debug)]
+pub struct LunStore {
+    capacity: u64,
+    chunks: RwLock<HashMap<u64, Box<[u8]>>>,
+}
+
+impl LunStore {
+    /// An all-zero store of `capacity` bytes.
+    pub fn new(capacity: u64) -> LunStore {
+        LunStore {
+            capacity,
+            chunks: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// Bytes in the store.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Bytes of memory the written chunks occupy.
+    pub fn allocated(&self) -> u64 {
+        let chunks = self.chunks.read().unwrap_or_else(|e| e.into_inner());
+        chunks.len() as u64 * CHUNK as u64
+    }
+
+    /// Calls `f(offset_in_request, bytes)` for each piece of
+    /// `[offset, offset + len)`, in order; unwritten pieces are zeros.
+    /// The caller has range-checked the request.
+    pub fn read_with(&self, offset: u64, len: usize, mut f: impl FnMut(usize, &[u8])) {
+        static ZEROS: [u8; CHUNK] = [0; CHUNK];
+        let chunks = self.chunks.read().unwrap_or_else(|e| e.into_inner());
+        for (done, index, within, n) in pieces(offset, len) {
+            let bytes = match chunks.get(&index) {
+                Some(chunk) => &chunk[within..within + n],
+                None => &ZEROS[..n],
+            };
+            f(done, bytes);
+        }
+    }
+
+    /// Fills `[offset, offset + len)` by calling `f(offset_in_request, dst)`
+    /// for each piece, allocating chunks as needed.
+    pub fn write_with(&self, offset: u64, len: usize, mut f: impl FnMut(usize, &mut [u8])) {
+        let mut chunks = self.chunks.write().unwrap_or_else(|e| e.into_inner());
+        for (done, index, within, n) in pieces(offset, len) {
+            let chunk = chunks
+                .entry(index)
+                .or_insert_with(|| vec![0u8; CHUNK].into_boxed_slice());
+            f(done, &mut chunk[within..within + n]);
+        }
+    }
+}
+
+/// Splits a byte range into (offset in request, chunk index, offset in
+/// chunk, length) pieces that each stay within one chunk.
+fn pieces(offset: u64, len: usize) -> impl Iterator<Item = (usize, u64, usize, usize)> {
+    let mut done = 0usize;
+    std::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let at = offset + done as u64;
+        let index = at / CHUNK as u64;
+        let within = (at % CHUNK as u64) as usize;
+        let n = (CHUNK - within).min(len - done);
+        let piece = (done, index, within, n);
+        done += n;
+        Some(piece)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_store_reads_zeros_and_round_trips_across_chunks() {
+        let store = LunStore::new(1 << 30);
+        assert_eq!(store.allocated(), 0);
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let offset = (CHUNK as u64) - 100;
+        store.write_with(offset, data.len(), |at, dst| {
+            dst.copy_from_slice(&data[at..at + dst.len()])
+        });
+        let mut back = vec![0xAAu8; data.len() + 200];
+        store.read_with(offset - 100, back.len(), |at, src| {
+            back[at..at + src.len()].copy_from_slice(src)
+        });
+        assert!(back[..100].iter().all(|&b| b == 0));
+        assert_eq!(&back[100..100 + data.len()], &data[..]);
+        assert!(back[100 + data.len()..].iter().all(|&b| b == 0));
+        assert_eq!(store.allocated(), 5 * CHUNK as u64);
+    }
+
+    #[test]
+    fn config_validation_names_the_field() {
+        let good = LunConfig::new(1, 1024, 512);
+        good.validate().unwrap();
+        assert!(good.naa_string().starts_with("naa.6535450"));
+        let mut c = good.clone();
+        c.block_size = 1000;
+        assert!(c.validate().unwrap_err().to_string().contains("block_size"));
+        let mut c = good.clone();
+        c.vendor = "WAY-TOO-LONG".into();
+        assert!(c.validate().unwrap_err().to_string().contains("vendor"));
+        let mut c = good;
+        c.blocks = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("blocks"));
+    }
+
+    #[test]
+    fn naa_is_unique_per_id() {
+        let a = naa_for(SIM_OUI, 1);
+        let b = naa_for(SIM_OUI, 2);
+        assert_ne!(a, b);
+        assert_eq!(a[0] >> 4, 6);
+    }
+}

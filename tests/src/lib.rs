@@ -1,0 +1,294 @@
+//! Test bodies shared by every array STP runs against.
+//!
+//! Each body takes `scsi::Transport`s — paths from one or two hosts to the
+//! same LUN — and asserts what any conforming array must do. The in-process
+//! suite (`tests/inproc.rs`) runs them against the simulated array; the VM
+//! stage runs the same bodies against `/dev/sgN` on real LIO. One test body,
+//! two arrays.
+
+use scsi::cdb::{Cdb, RwFlags, VendorCdb};
+use scsi::inquiry::identify;
+use scsi::{Asc, Command, CommandError, Completion, IoBuf, Opcode, SenseKey, Transport};
+
+/// A failed expectation, with enough context to debug it.
+pub type Check = Result<(), String>;
+
+/// Runs `cdb` with no data phase.
+pub fn run_none(t: &mut dyn Transport, cdb: Cdb) -> Completion {
+    t.execute(Command::no_data(cdb.emit()))
+}
+
+/// Runs a data-in `cdb` with a buffer of `len` bytes.
+pub fn run_in(t: &mut dyn Transport, cdb: Cdb, len: usize) -> Completion {
+    t.execute(Command::data_in(cdb.emit(), len))
+}
+
+/// Runs a data-out `cdb` sending `data`.
+pub fn run_out(t: &mut dyn Transport, cdb: Cdb, data: &[u8]) -> Completion {
+    t.execute(Command::data_out(cdb.emit(), IoBuf::from_slice(data)))
+}
+
+/// (last LBA + 1, block size) from READ CAPACITY(16).
+pub fn capacity(t: &mut dyn Transport) -> Result<(u64, u32), String> {
+    let (d, _) = run_in(t, Cdb::ReadCapacity16 { alloc_len: 32 }, 32)
+        .into_result()
+        .map_err(|e| format!("READ CAPACITY(16) failed: {e}"))?;
+    if d.len() < 12 {
+        return Err(format!("READ CAPACITY(16) returned {} bytes", d.len()));
+    }
+    let last = u64::from_be_bytes(d[..8].try_into().map_err(|_| "short")?);
+    let bs = u32::from_be_bytes(d[8..12].try_into().map_err(|_| "short")?);
+    Ok((last + 1, bs))
+}
+
+/// Expects CHECK CONDITION with `key`/`asc`.
+pub fn expect_check(c: Completion, key: SenseKey, asc: Asc, what: &str) -> Check {
+    match c.into_result() {
+        Err(CommandError::CheckCondition(s)) if s.key == key && s.asc == asc => Ok(()),
+        Err(e) => Err(format!("{what}: expected {key}/{asc}, got error {e}")),
+        Ok(_) => Err(format!("{what}: expected {key}/{asc}, got GOOD")),
+    }
+}
+
+/// A deterministic pattern for block `lba` written by `writer`.
+pub fn pattern(writer: u8, lba: u64, block_size: u32) -> Vec<u8> {
+    (0..block_size as u64)
+        .map(|i| (i.wrapping_mul(31) ^ lba.wrapping_mul(7) ^ u64::from(writer) << 3) as u8)
+        .collect()
+}
+
+/// Both paths see one logical unit: same identity, same capacity.
+pub fn same_identity(a: &mut dyn Transport, b: &mut dyn Transport) -> Check {
+    let ia = identify(a).map_err(|e| format!("identify via {}: {e}", a.describe()))?;
+    let ib = identify(b).map_err(|e| format!("identify via {}: {e}", b.describe()))?;
+    let (na, nb) = (ia.preferred_id(), ib.preferred_id());
+    if na.is_none() || na != nb {
+        return Err(format!(
+            "identities differ or are missing: {na:?} vs {nb:?}"
+        ));
+    }
+    if !na.as_deref().unwrap_or("").starts_with("naa.") {
+        return Err(format!("expected an NAA designator, got {na:?}"));
+    }
+    if ia.inquiry.device_type != 0 {
+        return Err(format!(
+            "expected a block device, got type {}",
+            ia.inquiry.device_type
+        ));
+    }
+    if capacity(a)? != capacity(b)? {
+        return Err("the two paths report different capacities".into());
+    }
+    Ok(())
+}
+
+/// What one host writes (WRITE(16) FUA), the other reads back (READ(10)),
+/// with up to `depth` commands in flight, completions in any order.
+pub fn write_here_read_there(
+    a: &mut dyn Transport,
+    b: &mut dyn Transport,
+    first_lba: u64,
+    blocks: u64,
+    depth: usize,
+) -> Check {
+    let (_, bs) = capacity(a)?;
+    let depth_a = depth.min(a.queue_depth()).max(1);
+    let depth_b = depth.min(b.queue_depth()).max(1);
+    let mut next = 0;
+    let mut done = 0;
+    let mut out = Vec::new();
+    // Writes from host A, pipelined.
+    while done < blocks {
+        while next < blocks && a.in_flight() < depth_a {
+            let lba = first_lba + next;
+            let cdb = Cdb::Write16 {
+                lba,
+                blocks: 1,
+                flags: RwFlags {
+                    fua: true,
+                    dpo: false,
+                },
+            };
+            let cmd = Command::data_out(cdb.emit(), IoBuf::from_slice(&pattern(1, lba, bs)))
+                .with_tag(lba);
+            a.submit(cmd).map_err(|e| format!("submit WRITE: {e}"))?;
+            next += 1;
+        }
+        out.clear();
+        a.reap(&mut out, None).map_err(|e| format!("reap: {e}"))?;
+        for c in out.drain(..) {
+            let tag = c.tag;
+            c.into_result()
+                .map_err(|e| format!("WRITE(16) lba {tag}: {e}"))?;
+            done += 1;
+        }
+    }
+    // Reads from host B, pipelined, checked per tag.
+    let (mut next, mut done) = (0, 0);
+    while done < blocks {
+        while next < blocks && b.in_flight() < depth_b {
+            let lba = first_lba + next;
+            let cdb = Cdb::Read10 {
+                lba: u32::try_from(lba).map_err(|_| "lba too large for READ(10)")?,
+                blocks: 1,
+                flags: RwFlags::default(),
+            };
+            b.submit(Command::data_in(cdb.emit(), bs as usize).with_tag(lba))
+                .map_err(|e| format!("submit READ: {e}"))?;
+            next += 1;
+        }
+        out.clear();
+        b.reap(&mut out, None).map_err(|e| format!("reap: {e}"))?;
+        for c in out.drain(..) {
+            let lba = c.tag;
+            let (data, _) = c
+                .into_result()
+                .map_err(|e| format!("READ(10) lba {lba}: {e}"))?;
+            if data[..] != pattern(1, lba, bs)[..] {
+                return Err(format!(
+                    "block {lba} read back different from what was written"
+                ));
+            }
+            done += 1;
+        }
+    }
+    Ok(())
+}
+
+/// A multi-block transfer round-trips and a short read buffer reports the
+/// residual.
+pub fn multi_block_and_residual(t: &mut dyn Transport, lba: u64) -> Check {
+    let (_, bs) = capacity(t)?;
+    let bs = bs as usize;
+    let data: Vec<u8> = (0..bs * 8).map(|i| (i * 7 % 253) as u8).collect();
+    let w = Cdb::Write16 {
+        lba,
+        blocks: 8,
+        flags: RwFlags::default(),
+    };
+    run_out(t, w, &data)
+        .into_result()
+        .map_err(|e| format!("WRITE(16) x8: {e}"))?;
+    let r = Cdb::Read16 {
+        lba,
+        blocks: 8,
+        flags: RwFlags::default(),
+    };
+    let (back, outcome) = run_in(t, r, data.len())
+        .into_result()
+        .map_err(|e| format!("READ(16) x8: {e}"))?;
+    if back[..] != data[..] || outcome.residual != 0 {
+        return Err("8-block read differs from what was written".into());
+    }
+    // INQUIRY with a 255-byte buffer returns fewer: the residual says how many.
+    let c = run_in(
+        t,
+        Cdb::Inquiry {
+            evpd: false,
+            page_code: 0,
+            alloc_len: 255,
+        },
+        255,
+    );
+    let (inq, outcome) = c.into_result().map_err(|e| format!("INQUIRY: {e}"))?;
+    if inq.len() + outcome.residual as usize != 255 || inq.len() < 36 {
+        return Err(format!(
+            "INQUIRY returned {} bytes with residual {}",
+            inq.len(),
+            outcome.residual
+        ));
+    }
+    Ok(())
+}
+
+/// The errors every SBC target reports, immediately.
+pub fn standard_errors(t: &mut dyn Transport) -> Check {
+    let (blocks, _) = capacity(t)?;
+    let beyond = Cdb::Read16 {
+        lba: blocks - 1,
+        blocks: 2,
+        flags: RwFlags::default(),
+    };
+    expect_check(
+        run_in(t, beyond, 2 * 512),
+        SenseKey::ILLEGAL_REQUEST,
+        Asc::LBA_OUT_OF_RANGE,
+        "READ past the end",
+    )?;
+    let bad_page = Cdb::Inquiry {
+        evpd: true,
+        page_code: 0x99,
+        alloc_len: 64,
+    };
+    expect_check(
+        run_in(t, bad_page, 64),
+        SenseKey::ILLEGAL_REQUEST,
+        Asc::INVALID_FIELD_IN_CDB,
+        "INQUIRY of VPD page 0x99",
+    )?;
+    // An opcode no SBC device implements.
+    let c = t.execute(Command::no_data(
+        scsi::CdbBuf::new(&[0x7B, 0, 0, 0, 0, 0, 0, 0, 0, 0]).ok_or("cdb")?,
+    ));
+    expect_check(
+        c,
+        SenseKey::ILLEGAL_REQUEST,
+        Asc::INVALID_COMMAND_OPERATION_CODE,
+        "opcode 0x7B",
+    )?;
+    Ok(())
+}
+
+/// A vendor opcode nobody implements is refused at once, not held.
+pub fn unknown_vendor_opcode(t: &mut dyn Transport, opcode: u8) -> Check {
+    let cdb = VendorCdb::new(Opcode(opcode), 0, 0, 0).map_err(|e| e.to_string())?;
+    let c = run_none(t, Cdb::Vendor(cdb));
+    expect_check(
+        c,
+        SenseKey::ILLEGAL_REQUEST,
+        Asc::INVALID_COMMAND_OPERATION_CODE,
+        "unimplemented vendor opcode",
+    )
+}
+
+/// What the Linux sd driver asks at attach time is answered.
+pub fn sd_probe_commands(t: &mut dyn Transport) -> Check {
+    run_none(t, Cdb::TestUnitReady)
+        .into_result()
+        .map_err(|e| format!("TEST UNIT READY: {e}"))?;
+    let (d, _) = run_in(t, Cdb::ReadCapacity10, 8)
+        .into_result()
+        .map_err(|e| format!("READ CAPACITY(10): {e}"))?;
+    if d.len() != 8 {
+        return Err("READ CAPACITY(10) must return 8 bytes".into());
+    }
+    let ms = Cdb::ModeSense6 {
+        dbd: false,
+        page_control: scsi::cdb::PageControl::CURRENT,
+        page_code: 0x08,
+        subpage: 0,
+        alloc_len: 255,
+    };
+    let (d, _) = run_in(t, ms, 255)
+        .into_result()
+        .map_err(|e| format!("MODE SENSE(6) caching page: {e}"))?;
+    // Header (4) + block descriptor (8) + caching page (20).
+    if d.len() != 32 || d[0] as usize != d.len() - 1 || d[3] != 8 || d[12] != 0x08 {
+        return Err(format!(
+            "MODE SENSE(6) caching page malformed: {:02x?}",
+            &d[..]
+        ));
+    }
+    let rl = Cdb::ReportLuns {
+        select_report: 0,
+        alloc_len: 4096,
+    };
+    let (d, _) = run_in(t, rl, 4096)
+        .into_result()
+        .map_err(|e| format!("REPORT LUNS: {e}"))?;
+    let listed = u32::from_be_bytes([d[0], d[1], d[2], d[3]]) as usize;
+    if listed == 0 || listed % 8 != 0 || d.len() != 8 + listed {
+        return Err(format!("REPORT LUNS list length {listed} malformed"));
+    }
+    Ok(())
+}

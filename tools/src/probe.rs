@@ -1,0 +1,165 @@
+//! `stp probe`: which logical units can this host reach, and who are they?
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use scsi::discovery::list_generic_devices;
+use scsi::inquiry::identify;
+use scsi::sg::SgDevice;
+use scsi::Transport;
+use serde::Serialize;
+use sim_target::{Array, Host, LunConfig};
+
+/// Options of `stp probe`.
+#[derive(Args, Debug)]
+pub struct ProbeArgs {
+    /// Probe the embedded simulated array instead of this host's devices
+    /// (no root, no SCSI subsystem needed).
+    #[arg(long)]
+    sim: bool,
+    /// LUNs in the simulated array (with --sim).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
+    sim_luns: u64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Devices to probe (e.g. /dev/sg1 /dev/sdb); default: every /dev/sgN.
+    devices: Vec<PathBuf>,
+}
+
+/// One probed logical unit.
+#[derive(Serialize, Debug)]
+struct Row {
+    path: String,
+    hctl: Option<String>,
+    vendor: Option<String>,
+    product: Option<String>,
+    revision: Option<String>,
+    serial: Option<String>,
+    id: Option<String>,
+    blocks: Option<u64>,
+    block_size: Option<u32>,
+    error: Option<String>,
+}
+
+impl Row {
+    fn empty(path: String) -> Row {
+        Row {
+            path,
+            hctl: None,
+            vendor: None,
+            product: None,
+            revision: None,
+            serial: None,
+            id: None,
+            blocks: None,
+            block_size: None,
+            error: None,
+        }
+    }
+}
+
+fn probe_one(t: &mut dyn Transport, row: &mut Row) {
+    match identify(t) {
+        Ok(id) => {
+            row.vendor = Some(id.inquiry.vendor.clone());
+            row.product = Some(id.inquiry.product.clone());
+            row.revision = Some(id.inquiry.revision.clone());
+            row.id = id.preferred_id();
+            row.serial = id.serial;
+        }
+        Err(e) => {
+            row.error = Some(e.to_string());
+            return;
+        }
+    }
+    let cdb = scsi::Cdb::ReadCapacity16 { alloc_len: 32 }.emit();
+    match t.execute(scsi::Command::data_in(cdb, 32)).into_result() {
+        Ok((d, _)) if d.len() >= 12 => {
+            let last = u64::from_be_bytes(d[..8].try_into().unwrap_or_default());
+            row.blocks = Some(last + 1);
+            row.block_size = Some(u32::from_be_bytes(d[8..12].try_into().unwrap_or_default()));
+        }
+        Ok(_) => row.error = Some("READ CAPACITY(16) returned too little data".into()),
+        Err(e) => row.error = Some(format!("READ CAPACITY(16): {e}")),
+    }
+}
+
+/// Runs `stp probe`.
+pub fn run(args: &ProbeArgs) -> Result<ExitCode> {
+    let mut rows = Vec::new();
+    if args.sim {
+        let array = Array::new();
+        for id in 0..args.sim_luns {
+            array
+                .add_lun(id, LunConfig::new(id, 1 << 21, 512))
+                .context("building the simulated array")?;
+        }
+        let host = Host::login(&array, "probe");
+        for id in array.lun_ids() {
+            let mut t = host.open(id)?;
+            let mut row = Row::empty(t.describe());
+            probe_one(&mut t, &mut row);
+            rows.push(row);
+        }
+    } else {
+        let mut targets: Vec<(PathBuf, Option<String>)> =
+            args.devices.iter().map(|p| (p.clone(), None)).collect();
+        if targets.is_empty() {
+            let found = list_generic_devices().context(
+                "no SCSI devices to probe; try `stp probe --sim` for the embedded simulated array",
+            )?;
+            if found.is_empty() {
+                bail!("no /dev/sg devices found; try `stp probe --sim` for the embedded simulated array");
+            }
+            targets = found.into_iter().map(|d| (d.dev_path, d.hctl)).collect();
+        }
+        for (path, hctl) in targets {
+            let mut row = Row::empty(path.display().to_string());
+            row.hctl = hctl;
+            match SgDevice::open(&path) {
+                Ok(mut dev) => probe_one(&mut dev, &mut row),
+                Err(e) => row.error = Some(e.to_string()),
+            }
+            rows.push(row);
+        }
+    }
+    let failed = rows.iter().filter(|r| r.error.is_some()).count();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print_table(&rows);
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+fn print_table(rows: &[Row]) {
+    let w = rows.iter().map(|r| r.path.len()).max().unwrap_or(0).max(4);
+    println!(
+        "{:<w$} {:<8} {:<17} {:<18} {:>12} {:>6}  ID",
+        "PATH", "VENDOR", "PRODUCT", "SERIAL", "BLOCKS", "BS"
+    );
+    for r in rows {
+        if let Some(e) = &r.error {
+            println!("{:<w$} error: {e}", r.path);
+            continue;
+        }
+        let s = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+        println!(
+            "{:<w$} {:<8} {:<17} {:<18} {:>12} {:>6}  {}",
+            r.path,
+            s(&r.vendor),
+            s(&r.product),
+            s(&r.serial),
+            r.blocks.map_or("-".into(), |b| b.to_string()),
+            r.block_size.map_or("-".into(), |b| b.to_string()),
+            s(&r.id),
+        );
+    }
+}
