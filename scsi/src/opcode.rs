@@ -54,18 +54,16 @@ impl Opcode {
     }
 
     /// The CDB length the opcode's command group implies (SPC-4 §4.2.5.1), as
-    /// the Linux kernel's `scsi_command_size` computes it. Groups 6 and 7
-    /// (vendor specific) give 10: a longer vendor CDB is cut to 10 bytes by
-    /// LIO, which is why STP's vendor commands are 10 bytes long.
+    /// the Linux kernel's `scsi_command_size` computes it from its table
+    /// `{6, 10, 10, 12, 16, 12, 10, 10}`. Group 3 (0x60–0x7F, reserved) gives
+    /// 12, as the kernel's table does; the kernel takes the length of the
+    /// variable-length CDB 0x7F from its byte 7 instead, which this function
+    /// cannot see. Groups 6 and 7 (vendor specific) give 10: a longer vendor
+    /// CDB is cut to 10 bytes by LIO, which is why STP's vendor commands are
+    /// 10 bytes long.
     pub fn group_cdb_len(self) -> usize {
-        match self.0 >> 5 {
-            0 => 6,
-            1 | 2 => 10,
-            4 => 16,
-            5 => 12,
-            // Group 3 is reserved/variable length; 6 and 7 are vendor specific.
-            _ => 10,
-        }
+        const KERNEL_TABLE: [usize; 8] = [6, 10, 10, 12, 16, 12, 10, 10];
+        KERNEL_TABLE[usize::from(self.0 >> 5)]
     }
 }
 
@@ -98,6 +96,12 @@ mod tests {
         assert_eq!(Opcode::MODE_SENSE_10.group_cdb_len(), 10);
         assert_eq!(Opcode::REPORT_LUNS.group_cdb_len(), 12);
         assert_eq!(Opcode::READ_16.group_cdb_len(), 16);
+        // Group 3 (reserved) is 12 in the kernel's table, not 10.
+        assert_eq!(Opcode(0x60).group_cdb_len(), 12);
+        assert_eq!(Opcode(0x7B).group_cdb_len(), 12);
+        assert_eq!(Opcode(0x7F).group_cdb_len(), 12);
+        let table: Vec<usize> = (0..8u8).map(|g| Opcode(g << 5).group_cdb_len()).collect();
+        assert_eq!(table, [6, 10, 10, 12, 16, 12, 10, 10]);
         assert_eq!(Opcode(0xC0).group_cdb_len(), 10);
         assert_eq!(Opcode(0xFF).group_cdb_len(), 10);
     }

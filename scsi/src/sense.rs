@@ -412,8 +412,11 @@ impl Sense {
         }
     }
 
-    /// Emits 18 bytes of fixed-format sense. An INFORMATION value wider
-    /// than 32 bits does not fit the fixed format and is left out (VALID clear).
+    /// Emits 18 bytes of fixed-format sense. An INFORMATION or
+    /// COMMAND-SPECIFIC INFORMATION value wider than 32 bits does not fit
+    /// the fixed format and is left out (for INFORMATION, VALID is clear);
+    /// it is never truncated to a wrong value. Use
+    /// [`to_descriptor`](Sense::to_descriptor) to keep 64-bit values.
     pub fn to_fixed(&self) -> Vec<u8> {
         let mut b = vec![0u8; 18];
         b[0] = if self.deferred { 0x71 } else { 0x70 };
@@ -426,8 +429,8 @@ impl Sense {
             | if self.eom { 0x40 } else { 0 }
             | if self.ili { 0x20 } else { 0 };
         b[7] = 10;
-        if let Some(cs) = self.command_specific {
-            b[8..12].copy_from_slice(&(cs as u32).to_be_bytes());
+        if let Some(cs) = self.command_specific.and_then(|c| u32::try_from(c).ok()) {
+            b[8..12].copy_from_slice(&cs.to_be_bytes());
         }
         b[12] = self.asc.0;
         b[13] = self.asc.1;
@@ -559,6 +562,27 @@ mod tests {
         assert_eq!(s.asc, Asc::POWER_ON_OCCURRED);
         assert_eq!(s.information, Some(0x1_0000_0002));
         assert_eq!(s.to_descriptor(), bytes);
+    }
+
+    #[test]
+    fn fixed_format_drops_fields_wider_than_32_bits() {
+        let mut s = Sense::new(SenseKey::MEDIUM_ERROR, Asc::UNRECOVERED_READ_ERROR);
+        s.information = Some(0x1_0000_0001);
+        s.command_specific = Some(0x2_0000_0003);
+        let fixed = s.to_fixed();
+        // Neither is truncated to its low 32 bits: both are left out.
+        assert_eq!(fixed[0], 0x70, "VALID must be clear");
+        assert_eq!(&fixed[3..7], &[0; 4]);
+        assert_eq!(&fixed[8..12], &[0; 4]);
+        let back = Sense::parse(&fixed).unwrap();
+        assert_eq!((back.information, back.command_specific), (None, None));
+        // Values that fit are kept, and descriptor format keeps all 64 bits.
+        s.command_specific = Some(0xFFFF_FFFF);
+        assert_eq!(&s.to_fixed()[8..12], &[0xFF; 4]);
+        s.command_specific = Some(0x2_0000_0003);
+        let back = Sense::parse(&s.to_descriptor()).unwrap();
+        assert_eq!(back.command_specific, Some(0x2_0000_0003));
+        assert_eq!(back.information, Some(0x1_0000_0001));
     }
 
     #[test]

@@ -262,28 +262,36 @@ impl SgIoHdr {
     /// A header for `cmd`, pointing at its CDB, its data buffer and `sense`.
     ///
     /// The timeout is `cmd.timeout` rounded up to whole milliseconds, at
-    /// least 1 ms and at most `u32::MAX` ms. A data buffer over 4 GiB is
-    /// described as its first `u32::MAX` bytes. With
-    /// [`DataDirection::None`], or an empty buffer, `dxferp` is null.
+    /// least 1 ms and at most `u32::MAX` ms. With [`DataDirection::None`],
+    /// or an empty buffer, `dxferp` is null.
+    ///
+    /// Fails with [`io::ErrorKind::InvalidInput`] when the data buffer is
+    /// longer than `u32::MAX` bytes, the most `dxfer_len` can describe: the
+    /// command must be split. (Describing only a prefix of the buffer would
+    /// silently move less data than the caller asked for.)
     ///
     /// The header borrows nothing, but names memory in `cmd` and `sense`:
     /// submit it before `cmd` moves (the CDB lives inside `cmd`) and keep
     /// the data buffer and `sense` alive and unresized until the completion
     /// is collected (see the [module docs](self)).
-    pub fn for_command(cmd: &mut Command, sense: &mut [u8; SENSE_LEN], flags: SgFlags) -> SgIoHdr {
+    pub fn for_command(
+        cmd: &mut Command,
+        sense: &mut [u8; SENSE_LEN],
+        flags: SgFlags,
+    ) -> io::Result<SgIoHdr> {
         let (direction, len) = match cmd.direction {
             DataDirection::None => (SG_DXFER_NONE, 0),
             DataDirection::ToDevice => (SG_DXFER_TO_DEV, cmd.data.len()),
             DataDirection::FromDevice => (SG_DXFER_FROM_DEV, cmd.data.len()),
         };
-        let dxfer_len = u32::try_from(len).unwrap_or(u32::MAX);
+        let dxfer_len = dxfer_len(len)?;
         let dxferp = if dxfer_len == 0 {
             ptr::null_mut()
         } else {
             cmd.data.as_mut_ptr().cast::<c_void>()
         };
         let cdb = cmd.cdb.as_slice();
-        SgIoHdr {
+        Ok(SgIoHdr {
             dxfer_direction: direction,
             // A CdbBuf holds 1 to 16 bytes.
             cmd_len: cdb.len() as u8,
@@ -295,7 +303,7 @@ impl SgIoHdr {
             timeout: timeout_ms(cmd.timeout),
             flags: flags.bits(),
             ..SgIoHdr::new()
-        }
+        })
     }
 
     /// Decodes the completed header into an [`Outcome`], faithfully: status,
@@ -377,6 +385,33 @@ impl SgIoHdr {
     }
 }
 
+/// A data buffer length as `dxfer_len`; over `u32::MAX` is refused.
+fn dxfer_len(len: usize) -> io::Result<u32> {
+    u32::try_from(len).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{len} bytes exceed the sg transfer limit of {} bytes (4 GiB - 1); split the command",
+                u32::MAX
+            ),
+        )
+    })
+}
+
+/// The error an `SG_IO` interrupted by a signal (`EINTR`) completes with.
+///
+/// The sg driver does not cancel an interrupted command: it orphans it and
+/// the device may still execute it (or already has). Nothing tells the
+/// caller which, so the outcome is reported as unknown rather than as a
+/// plain, retryable interruption.
+fn interrupted_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Interrupted,
+        "SG_IO was interrupted by a signal: the command's outcome is unknown \
+         (it may have executed on the device); check the device state before retrying",
+    )
+}
+
 /// `timeout` rounded up to whole milliseconds, within `1..=u32::MAX`.
 fn timeout_ms(timeout: Duration) -> u32 {
     let ms = timeout.as_nanos().div_ceil(1_000_000);
@@ -410,18 +445,23 @@ fn sg_version(fd: BorrowedFd<'_>) -> io::Result<u32> {
 }
 
 /// Runs `cmd` synchronously with `SG_IO`, its sense going to `sense`.
-/// Returns the header as the kernel left it and the ioctl's result.
+/// Returns the header as the kernel left it.
 ///
-/// If a signal interrupts a direct-I/O command (`EINTR`), the kernel
-/// orphans it and may still DMA into the data buffer later, so the buffer
-/// is leaked (the command gets an empty one) rather than returned for reuse.
+/// If a signal interrupts the command (`EINTR`), the kernel orphans it: it
+/// may still run, so the error says the outcome is unknown
+/// ([`interrupted_error`]). An orphaned direct-I/O command may still DMA
+/// into the data buffer later, so that buffer is leaked (the command gets
+/// an empty one) rather than returned for reuse. (A signal whose handler
+/// was installed with `SA_RESTART` does not reach us at all: the kernel
+/// restarts `SG_IO` with the same buffers, which is why direct I/O is off
+/// by default; see [`SgDevice::set_direct_io`].)
 fn sg_io(
     fd: BorrowedFd<'_>,
     cmd: &mut Command,
     sense: &mut [u8; SENSE_LEN],
     flags: SgFlags,
-) -> (SgIoHdr, io::Result<()>) {
-    let mut hdr = SgIoHdr::for_command(cmd, sense, flags);
+) -> io::Result<SgIoHdr> {
+    let mut hdr = SgIoHdr::for_command(cmd, sense, flags)?;
     // SAFETY: `hdr` was built just above from `cmd` and `sense`, which stay
     // exclusively borrowed for this whole function, so `cmdp`, `dxferp` and
     // `sbp` name live memory of at least `cmd_len`, `dxfer_len` and
@@ -430,16 +470,16 @@ fn sg_io(
     // interrupted direct-I/O command, whose buffer is leaked below. `hdr` is
     // a valid sg_io_hdr, exclusively borrowed, for the kernel to update.
     let result = unsafe { ffi::sg_io(fd.as_raw_fd(), &mut hdr) };
-    let result = result.map(drop).map_err(io::Error::from);
-    if let Err(e) = &result {
-        if e.kind() == io::ErrorKind::Interrupted
-            && hdr.flags().contains(SgFlags::DIRECT_IO)
-            && hdr.dxfer_len > 0
-        {
-            std::mem::forget(std::mem::take(&mut cmd.data));
+    match result.map_err(io::Error::from) {
+        Ok(_) => Ok(hdr),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+            if hdr.flags().contains(SgFlags::DIRECT_IO) && hdr.dxfer_len > 0 {
+                std::mem::forget(std::mem::take(&mut cmd.data));
+            }
+            Err(interrupted_error())
         }
+        Err(e) => Err(e),
     }
-    (hdr, result)
 }
 
 /// What to try when opening a device node failed.
@@ -485,6 +525,8 @@ pub enum SgError {
 /// back without blocking. At most [`SYNC_QUEUE_DEPTH`] completions wait to
 /// be reaped. Commands are queued at the tail of the device queue
 /// ([`SgFlags::Q_AT_TAIL`]) so bulk transfers do not jump other I/O.
+/// Direct I/O is off unless [`set_direct_io`](SgDevice::set_direct_io)
+/// turns it on (read its caveat about signals first).
 #[derive(Debug)]
 pub struct SgDevice {
     fd: OwnedFd,
@@ -542,9 +584,26 @@ impl SgDevice {
         self.version
     }
 
-    /// Requests direct I/O for later commands. The kernel may still copy
-    /// (see [`SgFlags::DIRECT_IO`]); [`direct_io_stats`](Self::direct_io_stats)
-    /// shows what happened.
+    /// Requests direct I/O for later commands (off by default). The kernel
+    /// may still copy (see [`SgFlags::DIRECT_IO`]);
+    /// [`direct_io_stats`](Self::direct_io_stats) shows what happened.
+    ///
+    /// # Signals
+    ///
+    /// Turn this on only in a process whose signals cannot interrupt
+    /// `SG_IO` unseen: block signals in the submitting thread, or install
+    /// every handler *without* `SA_RESTART`. When a handled signal
+    /// interrupts `SG_IO`, the sg driver orphans the command, which keeps
+    /// running; with `SA_RESTART` the kernel then restarts `SG_IO`
+    /// transparently, submitting the command again with the same buffers
+    /// while the orphaned one may still DMA into them — the caller gets its
+    /// buffer back while the device may still write to it. Without
+    /// `SA_RESTART` the call fails with `EINTR`, which this type detects:
+    /// the buffer of an interrupted direct-I/O command is leaked, never
+    /// reused, and the completion is an [`io::ErrorKind::Interrupted`]
+    /// error saying the outcome is unknown. Indirect I/O (the default)
+    /// bounces through kernel pages, so an orphan cannot touch the caller's
+    /// memory.
     pub fn set_direct_io(&mut self, on: bool) {
         self.flags.set(SgFlags::DIRECT_IO, on);
     }
@@ -585,19 +644,18 @@ impl Transport for SgDevice {
             );
             return Err(SgDevice::refuse(cmd, io::ErrorKind::WouldBlock, msg));
         }
-        if u32::try_from(cmd.transfer_len()).is_err() {
-            let msg = format!(
-                "{} bytes exceed the 4 GiB sg transfer limit; split the command",
-                cmd.transfer_len()
-            );
-            return Err(SgDevice::refuse(cmd, io::ErrorKind::InvalidInput, msg));
+        if let Err(e) = dxfer_len(cmd.transfer_len()) {
+            return Err(SubmitError {
+                cmd: Box::new(cmd),
+                error: CommandError::Io(e),
+            });
         }
         let mut sense = [0; SENSE_LEN];
         let start = Instant::now();
-        let (hdr, result) = sg_io(self.fd.as_fd(), &mut cmd, &mut sense, self.flags);
+        let result = sg_io(self.fd.as_fd(), &mut cmd, &mut sense, self.flags);
         let elapsed = start.elapsed();
         let result = match result {
-            Ok(()) => {
+            Ok(hdr) => {
                 if hdr.dxfer_len > 0 {
                     if hdr.info().used_direct_io() {
                         self.direct_io += 1;
@@ -651,7 +709,7 @@ mod tests {
     fn header_for_data_in() {
         let mut cmd = Command::data_in(cdb10(), 512).with_timeout(Duration::from_secs(7));
         let mut sense = [0; SENSE_LEN];
-        let hdr = SgIoHdr::for_command(&mut cmd, &mut sense, SgFlags::DIRECT_IO);
+        let hdr = SgIoHdr::for_command(&mut cmd, &mut sense, SgFlags::DIRECT_IO).unwrap();
         assert_eq!(hdr.interface_id, i32::from(b'S'));
         assert_eq!(hdr.dxfer_direction, SG_DXFER_FROM_DEV);
         assert_eq!(hdr.dxfer_len, 512);
@@ -675,7 +733,7 @@ mod tests {
         let mut cmd = Command::data_out(cdb10(), IoBuf::from_slice(&[0xAB; 4096]));
         let mut sense = [0; SENSE_LEN];
         let flags = SgFlags::Q_AT_TAIL | SgFlags::DIRECT_IO;
-        let hdr = SgIoHdr::for_command(&mut cmd, &mut sense, flags);
+        let hdr = SgIoHdr::for_command(&mut cmd, &mut sense, flags).unwrap();
         assert_eq!(hdr.dxfer_direction, SG_DXFER_TO_DEV);
         assert_eq!(hdr.dxfer_len, 4096);
         assert_eq!(hdr.dxferp.cast::<u8>().cast_const(), cmd.data.as_ptr());
@@ -693,7 +751,7 @@ mod tests {
             ..Command::no_data(cdb)
         };
         let mut sense = [0; SENSE_LEN];
-        let hdr = SgIoHdr::for_command(&mut cmd, &mut sense, SgFlags::empty());
+        let hdr = SgIoHdr::for_command(&mut cmd, &mut sense, SgFlags::empty()).unwrap();
         assert_eq!(hdr.dxfer_direction, SG_DXFER_NONE);
         assert_eq!(hdr.dxfer_len, 0);
         assert!(hdr.dxferp.is_null());
@@ -702,7 +760,7 @@ mod tests {
 
         // An empty data-in buffer gets a null pointer too.
         let mut cmd = Command::data_in(cdb, 0);
-        let hdr = SgIoHdr::for_command(&mut cmd, &mut sense, SgFlags::empty());
+        let hdr = SgIoHdr::for_command(&mut cmd, &mut sense, SgFlags::empty()).unwrap();
         assert_eq!(hdr.dxfer_direction, SG_DXFER_FROM_DEV);
         assert!(hdr.dxferp.is_null());
     }
@@ -715,14 +773,35 @@ mod tests {
         assert_eq!(timeout_ms(Duration::from_millis(250)), 250);
         assert_eq!(timeout_ms(Duration::from_secs(u64::MAX)), u32::MAX);
         let mut cmd = Command::no_data(cdb10()).with_timeout(Duration::ZERO);
-        let hdr = SgIoHdr::for_command(&mut cmd, &mut [0; SENSE_LEN], SgFlags::empty());
+        let hdr = SgIoHdr::for_command(&mut cmd, &mut [0; SENSE_LEN], SgFlags::empty()).unwrap();
         assert_eq!(hdr.timeout, 1);
+    }
+
+    #[test]
+    fn oversize_buffer_is_refused_not_clamped() {
+        assert_eq!(dxfer_len(0).unwrap(), 0);
+        assert_eq!(dxfer_len(u32::MAX as usize).unwrap(), u32::MAX);
+        let e = dxfer_len(u32::MAX as usize + 1).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("split the command"), "{e}");
+        let e = dxfer_len(usize::MAX).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn interrupted_sg_io_reports_an_unknown_outcome() {
+        let e = interrupted_error();
+        assert_eq!(e.kind(), io::ErrorKind::Interrupted);
+        let msg = e.to_string();
+        assert!(msg.contains("outcome is unknown"), "{msg}");
+        assert!(msg.contains("may have executed"), "{msg}");
     }
 
     /// A header as the kernel would leave it for a 512-byte data-in.
     fn completed(fill: impl FnOnce(&mut SgIoHdr)) -> SgIoHdr {
         let mut cmd = Command::data_in(cdb10(), 512);
-        let mut hdr = SgIoHdr::for_command(&mut cmd, &mut [0; SENSE_LEN], SgFlags::empty());
+        let mut hdr =
+            SgIoHdr::for_command(&mut cmd, &mut [0; SENSE_LEN], SgFlags::empty()).unwrap();
         fill(&mut hdr);
         hdr
     }
@@ -876,8 +955,12 @@ mod tests {
             .open("/dev/null")
             .unwrap();
         let mut dev = SgDevice::from_parts(file.into(), PathBuf::from("/dev/null"), 30536);
+        // Direct I/O is not requested unless asked for (see set_direct_io).
+        assert_eq!(dev.flags(), SgFlags::Q_AT_TAIL);
         dev.set_direct_io(true);
         assert_eq!(dev.flags(), SgFlags::Q_AT_TAIL | SgFlags::DIRECT_IO);
+        dev.set_direct_io(false);
+        assert_eq!(dev.flags(), SgFlags::Q_AT_TAIL);
         assert_eq!(dev.describe(), "/dev/null (sync SG_IO)");
         assert_eq!(dev.driver_version(), 30536);
         assert_eq!(dev.queue_depth(), SYNC_QUEUE_DEPTH);

@@ -17,9 +17,14 @@ use crate::ConfigError;
 ///
 /// The array handles SPC/SBC itself and hands every CDB whose opcode is in
 /// 0xC0–0xFF to the installed handler, after the checks every command gets
-/// (LUN exists, unit attention). A handler may complete the task at once or
-/// keep it and complete it later from any thread — that is how a long-poll
-/// is held — but it must complete every task it keeps, exactly once.
+/// (LUN exists, the handler implements the opcode, the CDB parses as a
+/// [`VendorCdb`], then unit attention). A handler may complete the task at
+/// once or keep it and complete it later from any thread — that is how a
+/// long-poll is held — but it must complete every task it keeps, exactly
+/// once, unless the task is aborted in the meantime: a handler holding a
+/// task checks [`Task::is_aborted`] before giving it data it cannot give
+/// twice (a dequeued message), and drops an aborted task instead (see
+/// [`Reply`](crate::task::Reply)).
 pub trait VendorHandler: Send + Sync {
     /// The data direction of `opcode`, or `None` if this handler does not
     /// implement it (the array then answers INVALID COMMAND OPERATION CODE
@@ -261,32 +266,39 @@ impl Array {
 
     /// Executes a task. The task's reply is completed exactly once, now or
     /// (for a held vendor command) later.
+    ///
+    /// The order is LIO's: the CDB is parsed first, and everything found
+    /// wrong then (unsupported opcode, invalid field, LBA out of range,
+    /// oversize transfer, a data phase that does not match the CDB) is
+    /// reported as ILLEGAL REQUEST without touching a pending unit
+    /// attention. The unit attention check comes only just before
+    /// execution: INQUIRY and REPORT LUNS pass through, REQUEST SENSE
+    /// reports and clears it (as its data), anything else fails with it
+    /// and clears it.
     pub fn submit(&self, task: Task) {
         let stats = &self.inner.stats;
         stats.commands.fetch_add(1, Ordering::Relaxed);
-        let op = task.cdb.opcode();
         let Some(lun) = self.lun(task.lun) else {
             return self.no_such_lun(task);
         };
 
-        // Unit attention first (SAM-5 §5.14 via LIO's ordering): INQUIRY and
-        // REPORT LUNS pass through, REQUEST SENSE reports and clears it, and
-        // anything else fails with it and clears it.
-        match op {
-            Opcode::INQUIRY | Opcode::REPORT_LUNS => {}
-            Opcode::REQUEST_SENSE => {
-                if let Some(asc) = lun.take_attention(task.initiator) {
-                    let sense = Sense::new(SenseKey::UNIT_ATTENTION, asc);
-                    let desc = task.cdb.as_slice().get(1).is_some_and(|b| b & 1 != 0);
-                    let alloc = task.cdb.as_slice().get(4).copied().unwrap_or(0) as usize;
-                    let bytes = if desc {
-                        sense.to_descriptor()
-                    } else {
-                        sense.to_fixed()
-                    };
-                    return task.respond(&bytes, alloc);
-                }
+        // 1. Parse.
+        let parsed = match self.parse(&task) {
+            Ok(p) => p,
+            Err(sense) => return self.fail(task, sense),
+        };
+
+        // 2. What LIO checks while parsing: range, length, direction.
+        if let Parsed::Standard(cdb) = &parsed {
+            if let Err(sense) = Self::check_cdb(&lun, cdb, &task) {
+                return self.fail(task, sense);
             }
+        }
+
+        // 3. Unit attention (SAM-5 §5.14, at LIO's point: just before
+        // execution). REQUEST SENSE reports and clears it when it executes.
+        match parsed.opcode() {
+            Opcode::INQUIRY | Opcode::REPORT_LUNS | Opcode::REQUEST_SENSE => {}
             _ => {
                 if let Some(asc) = lun.take_attention(task.initiator) {
                     return self.fail(task, Sense::new(SenseKey::UNIT_ATTENTION, asc));
@@ -294,12 +306,62 @@ impl Array {
             }
         }
 
+        // 4. Execute.
+        match parsed {
+            Parsed::Standard(cdb) => self.execute(&lun, cdb, task),
+            Parsed::Vendor(handler, cdb) => handler.execute(&lun, cdb, task),
+        }
+    }
+
+    /// Parses the task's CDB: an SPC/SBC command of the subset, or a vendor
+    /// command the installed handler implements.
+    fn parse(&self, task: &Task) -> Result<Parsed, Sense> {
+        let op = task.cdb.opcode();
         if op.is_vendor_specific() {
-            return self.vendor_command(&lun, task);
+            let handler = self
+                .vendor()
+                .filter(|h| h.direction(op).is_some())
+                .ok_or_else(unsupported_opcode)?;
+            return match Cdb::parse(task.cdb.as_slice()) {
+                Ok(Cdb::Vendor(cdb)) => Ok(Parsed::Vendor(handler, cdb)),
+                // A vendor opcode parses as a vendor CDB or not at all.
+                Ok(_) => Err(unsupported_opcode()),
+                Err(e) => Err(e.to_sense()),
+            };
         }
         match Cdb::parse(task.cdb.as_slice()) {
-            Ok(cdb) => self.execute(&lun, cdb, task),
-            Err(e) => self.fail(task, e.to_sense()),
+            Ok(Cdb::Vendor(_)) => Err(unsupported_opcode()),
+            Ok(cdb) => Ok(Parsed::Standard(cdb)),
+            Err(e) => Err(e.to_sense()),
+        }
+    }
+
+    /// The checks LIO makes while parsing a CDB (`sbc_parse_cdb`,
+    /// `target_cmd_size_check`), before any unit attention is reported.
+    fn check_cdb(lun: &Lun, cdb: &Cdb, task: &Task) -> Result<(), Sense> {
+        // A data phase set up the wrong way round cannot be served.
+        if let Some(expected) = cdb.direction() {
+            let moves = cdb
+                .transfer_len(lun.config.block_size)
+                .is_some_and(|n| n > 0);
+            if moves && task.direction != expected && task.reply.data_len() > 0 {
+                return Err(invalid_field_without_pointer());
+            }
+        }
+        match *cdb {
+            Cdb::Read10 { lba, blocks, .. } => Self::check_transfer(lun, lba.into(), blocks.into()),
+            Cdb::Read16 { lba, blocks, .. } => Self::check_transfer(lun, lba, blocks.into()),
+            Cdb::Write10 { lba, blocks, .. } => {
+                Self::check_write(lun, lba.into(), blocks.into(), task)
+            }
+            Cdb::Write16 { lba, blocks, .. } => Self::check_write(lun, lba, blocks.into(), task),
+            Cdb::SynchronizeCache10 { lba, blocks, .. } => {
+                Self::check_range(lun, lba.into(), blocks.into())
+            }
+            Cdb::SynchronizeCache16 { lba, blocks, .. } => {
+                Self::check_range(lun, lba, blocks.into())
+            }
+            _ => Ok(()),
         }
     }
 
@@ -318,9 +380,11 @@ impl Array {
                 alloc_len,
                 ..
             }) => {
-                // Peripheral qualifier 3, device type 0x1F: no LU here.
+                // As LIO answers for a LUN it does not have (byte 0 = 0x3F):
+                // peripheral qualifier 001b (no logical unit connected
+                // here), device type 0x1F (unknown or no device type).
                 let mut inq = self.standard_inquiry(None);
-                inq.peripheral_qualifier = 3;
+                inq.peripheral_qualifier = 1;
                 inq.device_type = 0x1F;
                 task.respond(&inq.to_bytes(), alloc_len.into());
             }
@@ -328,14 +392,15 @@ impl Array {
                 select_report,
                 alloc_len,
             }) => self.report_luns(select_report, alloc_len, task),
-            Ok(Cdb::RequestSense { desc, alloc_len }) => {
+            Ok(Cdb::RequestSense { desc: true, .. }) => {
+                self.fail(task, Self::request_sense_desc_unsupported())
+            }
+            Ok(Cdb::RequestSense {
+                desc: false,
+                alloc_len,
+            }) => {
                 let sense = Sense::new(SenseKey::ILLEGAL_REQUEST, Asc::LOGICAL_UNIT_NOT_SUPPORTED);
-                let bytes = if desc {
-                    sense.to_descriptor()
-                } else {
-                    sense.to_fixed()
-                };
-                task.respond(&bytes, alloc_len.into());
+                task.respond(&sense.to_fixed(), alloc_len.into());
             }
             _ => self.fail(
                 task,
@@ -344,45 +409,26 @@ impl Array {
         }
     }
 
-    fn vendor_command(&self, lun: &Arc<Lun>, task: Task) {
-        let op = task.cdb.opcode();
-        let handler = self.vendor().filter(|h| h.direction(op).is_some());
-        let Some(handler) = handler else {
-            return self.fail(
-                task,
-                Sense::new(
-                    SenseKey::ILLEGAL_REQUEST,
-                    Asc::INVALID_COMMAND_OPERATION_CODE,
-                ),
-            );
-        };
-        match Cdb::parse(task.cdb.as_slice()) {
-            Ok(Cdb::Vendor(cdb)) => handler.execute(lun, cdb, task),
-            Ok(_) => unreachable_vendor(self, task),
-            Err(e) => self.fail(task, e.to_sense()),
-        }
-    }
-
+    /// Executes a parsed command that passed [`check_cdb`](Self::check_cdb)
+    /// and the unit attention step.
     fn execute(&self, lun: &Arc<Lun>, cdb: Cdb, task: Task) {
-        // A data phase set up the wrong way round cannot be served.
-        if let Some(expected) = cdb.direction() {
-            let moves = cdb
-                .transfer_len(lun.config.block_size)
-                .is_some_and(|n| n > 0);
-            if moves && task.direction != expected && task.reply.data_len() > 0 {
-                return self.fail(task, Sense::invalid_field_in_cdb(0, None));
-            }
-        }
         match cdb {
             Cdb::TestUnitReady => task.complete(TaskResult::good(0)),
-            Cdb::RequestSense { desc, alloc_len } => {
-                let sense = Sense::new(SenseKey::NO_SENSE, Asc::NO_ADDITIONAL_SENSE);
-                let bytes = if desc {
-                    sense.to_descriptor()
-                } else {
-                    sense.to_fixed()
+            Cdb::RequestSense { desc: true, .. } => {
+                // LIO (spc_emulate_request_sense) refuses descriptor format,
+                // and the unit attention stays pending.
+                self.fail(task, Self::request_sense_desc_unsupported())
+            }
+            Cdb::RequestSense {
+                desc: false,
+                alloc_len,
+            } => {
+                // Reports and clears the oldest unit attention, if any.
+                let sense = match lun.take_attention(task.initiator) {
+                    Some(asc) => Sense::new(SenseKey::UNIT_ATTENTION, asc),
+                    None => Sense::new(SenseKey::NO_SENSE, Asc::NO_ADDITIONAL_SENSE),
                 };
-                task.respond(&bytes, alloc_len.into());
+                task.respond(&sense.to_fixed(), alloc_len.into());
             }
             Cdb::Inquiry {
                 evpd,
@@ -453,31 +499,39 @@ impl Array {
                 self.write(lun, lba.into(), blocks.into(), flags, task)
             }
             Cdb::Write16 { lba, blocks, flags } => self.write(lun, lba, blocks.into(), flags, task),
-            Cdb::SynchronizeCache10 { lba, blocks, .. } => {
-                self.sync_cache(lun, lba.into(), blocks.into(), task)
-            }
-            Cdb::SynchronizeCache16 { lba, blocks, .. } => {
-                self.sync_cache(lun, lba, blocks.into(), task)
+            // Write-through model (WCE = 0): nothing to flush; the range
+            // (zero blocks meaning "to the end") was checked with the CDB.
+            Cdb::SynchronizeCache10 { .. } | Cdb::SynchronizeCache16 { .. } => {
+                task.complete(TaskResult::good(0))
             }
             Cdb::ReportSupportedOpcodes {
+                rctd,
                 reporting_options,
                 opcode,
                 service_action,
                 alloc_len,
-                ..
-            } => self.report_opcodes(reporting_options, opcode, service_action, alloc_len, task),
-            Cdb::Vendor(_) => unreachable_vendor(self, task),
+            } => self.report_opcodes(
+                RsocRequest {
+                    rctd,
+                    options: reporting_options,
+                    opcode,
+                    service_action,
+                },
+                alloc_len,
+                task,
+            ),
+            // Parsed as a vendor command, never a standard one.
+            Cdb::Vendor(_) => self.fail(task, unsupported_opcode()),
             // Cdb is non-exhaustive across crate versions: anything this
             // model does not implement is an unsupported command.
             #[allow(unreachable_patterns)]
-            _ => self.fail(
-                task,
-                Sense::new(
-                    SenseKey::ILLEGAL_REQUEST,
-                    Asc::INVALID_COMMAND_OPERATION_CODE,
-                ),
-            ),
+            _ => self.fail(task, unsupported_opcode()),
         }
+    }
+
+    /// REQUEST SENSE with DESC = 1: INVALID FIELD IN CDB at byte 1, bit 0.
+    fn request_sense_desc_unsupported() -> Sense {
+        Sense::invalid_field_in_cdb(1, Some(0))
     }
 
     /// Checks `[lba, lba + blocks)` against the capacity.
@@ -491,22 +545,40 @@ impl Array {
         }
     }
 
-    /// Checks a transfer against the LUN's limits; returns its byte count.
-    fn transfer_bytes(lun: &Lun, lba: u64, blocks: u64) -> Result<usize, Sense> {
+    /// Checks a READ or WRITE transfer against the capacity and the LUN's
+    /// transfer limit.
+    fn check_transfer(lun: &Lun, lba: u64, blocks: u64) -> Result<(), Sense> {
         Self::check_range(lun, lba, blocks)?;
         if blocks > u64::from(lun.config.max_transfer_blocks) {
-            // Byte 1 bit 0 stands for "the transfer length field" in the
-            // pointer-free form LIO uses for oversize transfers.
-            return Err(Sense::invalid_field_in_cdb(0, None));
+            // LIO refuses a transfer over its max sectors with a plain
+            // INVALID FIELD IN CDB: no sense-key-specific field pointer.
+            return Err(invalid_field_without_pointer());
         }
-        Ok((blocks * u64::from(lun.config.block_size)) as usize)
+        Ok(())
+    }
+
+    /// [`check_transfer`](Self::check_transfer), and the data-out length
+    /// must equal the CDB's transfer length.
+    fn check_write(lun: &Lun, lba: u64, blocks: u64, task: &Task) -> Result<(), Sense> {
+        Self::check_transfer(lun, lba, blocks)?;
+        // A short write would leave blocks half-written and an overlong one
+        // has no place to go: refused before anything is stored, as LIO's
+        // target_cmd_size_check refuses a WRITE whose data length differs
+        // from the CDB (plain INVALID FIELD IN CDB, no field pointer).
+        if task.reply.data_len() as u64 != Self::byte_len(lun, blocks) {
+            return Err(invalid_field_without_pointer());
+        }
+        Ok(())
+    }
+
+    /// Bytes in `blocks` blocks of the LUN (checked to fit the transfer
+    /// limit, so at most 2^32 × 64 KiB: no overflow).
+    fn byte_len(lun: &Lun, blocks: u64) -> u64 {
+        blocks.saturating_mul(u64::from(lun.config.block_size))
     }
 
     fn read(&self, lun: &Arc<Lun>, lba: u64, blocks: u64, _flags: RwFlags, mut task: Task) {
-        let bytes = match Self::transfer_bytes(lun, lba, blocks) {
-            Ok(n) => n,
-            Err(sense) => return self.fail(task, sense),
-        };
+        let bytes = usize::try_from(Self::byte_len(lun, blocks)).unwrap_or(usize::MAX);
         // A short buffer gets what fits; the residual tells the initiator.
         let n = bytes.min(task.reply.data_len());
         let offset = lba * u64::from(lun.config.block_size);
@@ -523,15 +595,8 @@ impl Array {
     }
 
     fn write(&self, lun: &Arc<Lun>, lba: u64, blocks: u64, _flags: RwFlags, task: Task) {
-        let bytes = match Self::transfer_bytes(lun, lba, blocks) {
-            Ok(n) => n,
-            Err(sense) => return self.fail(task, sense),
-        };
-        // The data-out length must match the CDB: a short write would leave
-        // blocks half-written, so it is refused before anything is stored.
-        if task.reply.data_len() != bytes {
-            return self.fail(task, Sense::invalid_field_in_cdb(0, None));
-        }
+        // check_write made sure the data-out length is exactly this.
+        let bytes = usize::try_from(Self::byte_len(lun, blocks)).unwrap_or(usize::MAX);
         let offset = lba * u64::from(lun.config.block_size);
         let reply = &task.reply;
         lun.store.write_with(offset, bytes, |at, dst| {
@@ -544,15 +609,6 @@ impl Array {
             .bytes_written
             .fetch_add(bytes as u64, Ordering::Relaxed);
         task.complete(TaskResult::good(0));
-    }
-
-    fn sync_cache(&self, lun: &Arc<Lun>, lba: u64, blocks: u64, task: Task) {
-        // Write-through model (WCE = 0): nothing to flush, but the range is
-        // still checked. Zero blocks means "to the end of the medium".
-        match Self::check_range(lun, lba, blocks) {
-            Ok(()) => task.complete(TaskResult::good(0)),
-            Err(sense) => self.fail(task, sense),
-        }
     }
 
     fn standard_inquiry(&self, lun: Option<&Lun>) -> StandardInquiry {
@@ -570,7 +626,8 @@ impl Array {
             removable: false,
             version: 6,
             normaca: false,
-            hisup: true,
+            // As LIO (spc_emulate_inquiry_std): NORMACA and HISUP clear.
+            hisup: false,
             response_data_format: 2,
             tpgs: 0,
             protect: false,
@@ -629,13 +686,10 @@ impl Array {
         }
     }
 
-    fn report_luns(&self, select_report: u8, alloc_len: u32, task: Task) {
-        if select_report > 2 {
-            return self.fail(task, Sense::invalid_field_in_cdb(2, None));
-        }
-        if alloc_len < 16 {
-            return self.fail(task, Sense::invalid_field_in_cdb(6, None));
-        }
+    /// REPORT LUNS as LIO answers it: every SELECT REPORT value gets the
+    /// same list, and an allocation length under 16 (even 0) clips the
+    /// data rather than failing.
+    fn report_luns(&self, _select_report: u8, alloc_len: u32, task: Task) {
         let ids = self.lun_ids();
         let mut data = vec![0u8; 8];
         data[..4].copy_from_slice(&((ids.len() * 8) as u32).to_be_bytes());
@@ -692,14 +746,19 @@ impl Array {
         let mut desc = Vec::new();
         if !req.dbd {
             if req.ten && req.llbaa {
+                // Long LBA descriptor: NUMBER OF LOGICAL BLOCKS (8 bytes),
+                // reserved (4), LOGICAL BLOCK LENGTH (4).
                 desc.extend_from_slice(&blocks.to_be_bytes());
                 desc.extend_from_slice(&[0; 4]);
                 desc.extend_from_slice(&bs.to_be_bytes());
             } else {
-                let n = blocks.min(0xFF_FFFF) as u32;
+                // Short descriptor (SBC): NUMBER OF LOGICAL BLOCKS (4 bytes,
+                // all ones when the count does not fit), reserved (1),
+                // LOGICAL BLOCK LENGTH (3).
+                let n = u32::try_from(blocks).unwrap_or(u32::MAX);
                 desc.extend_from_slice(&n.to_be_bytes());
                 desc.extend_from_slice(&bs.to_be_bytes());
-                desc[4] = 0; // density code 0
+                desc[4] = 0; // reserved (the block length fits in 3 bytes)
             }
         }
         let mut data = Vec::new();
@@ -754,9 +813,19 @@ impl Array {
         v
     }
 
-    fn report_opcodes(&self, options: u8, opcode: u8, sa: u16, alloc_len: u32, task: Task) {
+    /// REPORT SUPPORTED OPERATION CODES (SPC-4r37 §6.35).
+    fn report_opcodes(&self, req: RsocRequest, alloc_len: u32, task: Task) {
+        if req.rctd {
+            // No command timeouts are reported: RCTD (byte 2, bit 7) is refused.
+            return self.fail(task, Sense::invalid_field_in_cdb(2, Some(7)));
+        }
         let all = self.supported_commands();
-        let data = match options {
+        let op = req.opcode;
+        let known = all.iter().any(|(o, _, _)| *o == op);
+        let has_sa = all.iter().any(|(o, a, _)| *o == op && a.is_some());
+        // A wrong REQUESTED OPERATION CODE for the option: byte 3.
+        let bad_opcode = || Sense::invalid_field_in_cdb(3, None);
+        let found = match req.options {
             0 => {
                 let mut d = vec![0u8; 4];
                 for (op, action, len) in &all {
@@ -769,43 +838,67 @@ impl Array {
                 }
                 let n = (d.len() - 4) as u32;
                 d[..4].copy_from_slice(&n.to_be_bytes());
+                return task.respond(&d, alloc_len as usize);
+            }
+            // The operation code alone: invalid for one with service actions.
+            1 if has_sa => return self.fail(task, bad_opcode()),
+            1 => all.iter().find(|(o, a, _)| *o == op && a.is_none()),
+            // Operation code and service action: invalid for a (supported)
+            // operation code without service actions.
+            2 if known && !has_sa => return self.fail(task, bad_opcode()),
+            2 => all
+                .iter()
+                .find(|(o, a, _)| *o == op && *a == Some(req.service_action)),
+            // The operation code, and the service action if it has them.
+            3 => all
+                .iter()
+                .find(|(o, a, _)| *o == op && a.is_none_or(|a| a == req.service_action)),
+            // REPORTING OPTIONS is bits 2..0 of byte 2.
+            _ => return self.fail(task, Sense::invalid_field_in_cdb(2, Some(2))),
+        };
+        let data = match found {
+            // SUPPORT = 011b: supported as the standard says; the usage
+            // map marks every bit as potentially meaningful.
+            Some((op, action, len)) => {
+                let mut d = vec![0, 0x03];
+                d.extend_from_slice(&len.to_be_bytes());
+                let mut usage = vec![0xFFu8; usize::from(*len)];
+                usage[0] = *op;
+                if let Some(a) = action {
+                    usage[1] = (*a as u8) | 0xE0;
+                }
+                d.extend_from_slice(&usage);
                 d
             }
-            1 | 2 => {
-                let found = all.iter().find(|(op, action, _)| {
-                    *op == opcode
-                        && match (options, action) {
-                            (1, None) => true,
-                            (2, Some(a)) => *a == sa,
-                            _ => false,
-                        }
-                });
-                if options == 1 && all.iter().any(|(op, a, _)| *op == opcode && a.is_some()) {
-                    // The opcode has service actions: option 1 is invalid for it.
-                    return self.fail(task, Sense::invalid_field_in_cdb(2, Some(0)));
-                }
-                match found {
-                    // SUPPORT = 011b: supported as the standard says; the
-                    // usage map marks every bit as potentially meaningful.
-                    Some((op, action, len)) => {
-                        let mut d = vec![0, 0x03];
-                        d.extend_from_slice(&len.to_be_bytes());
-                        let mut usage = vec![0xFFu8; usize::from(*len)];
-                        usage[0] = *op;
-                        if let Some(a) = action {
-                            usage[1] = (*a as u8) | 0xE0;
-                        }
-                        d.extend_from_slice(&usage);
-                        d
-                    }
-                    // SUPPORT = 001b: not supported.
-                    None => vec![0, 0x01, 0, 0],
-                }
-            }
-            _ => return self.fail(task, Sense::invalid_field_in_cdb(2, Some(0))),
+            // SUPPORT = 001b: not supported.
+            None => vec![0, 0x01, 0, 0],
         };
         task.respond(&data, alloc_len as usize);
     }
+}
+
+/// A parsed CDB: a command of the SPC/SBC subset, or a vendor command with
+/// the handler that implements it.
+enum Parsed {
+    Standard(Cdb),
+    Vendor(Arc<dyn VendorHandler>, VendorCdb),
+}
+
+impl Parsed {
+    fn opcode(&self) -> Opcode {
+        match self {
+            Parsed::Standard(cdb) => cdb.opcode(),
+            Parsed::Vendor(_, cdb) => cdb.opcode,
+        }
+    }
+}
+
+/// The request fields of REPORT SUPPORTED OPERATION CODES.
+struct RsocRequest {
+    rctd: bool,
+    options: u8,
+    opcode: u8,
+    service_action: u16,
 }
 
 /// The parameters of a MODE SENSE(6) or (10).
@@ -818,14 +911,18 @@ struct ModeSense {
     subpage: u8,
 }
 
-/// A vendor opcode that did not parse as a vendor CDB: cannot happen with a
-/// well-behaved CDB parser, answered as an unsupported command all the same.
-fn unreachable_vendor(array: &Array, task: Task) {
-    array.fail(
-        task,
-        Sense::new(
-            SenseKey::ILLEGAL_REQUEST,
-            Asc::INVALID_COMMAND_OPERATION_CODE,
-        ),
-    );
+/// ILLEGAL REQUEST / INVALID COMMAND OPERATION CODE.
+fn unsupported_opcode() -> Sense {
+    Sense::new(
+        SenseKey::ILLEGAL_REQUEST,
+        Asc::INVALID_COMMAND_OPERATION_CODE,
+    )
+}
+
+/// ILLEGAL REQUEST / INVALID FIELD IN CDB with no sense-key-specific bytes,
+/// as LIO reports a transfer it refuses as a whole (over the transfer
+/// limit, a data phase in the wrong direction, WRITE data whose length
+/// differs from the CDB's): no single CDB field can be pointed at.
+fn invalid_field_without_pointer() -> Sense {
+    Sense::new(SenseKey::ILLEGAL_REQUEST, Asc::INVALID_FIELD_IN_CDB)
 }

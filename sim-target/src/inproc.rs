@@ -7,13 +7,19 @@
 //! Commands execute on the submitting thread unless a vendor handler holds
 //! them; completions queue until [`reap`](scsi::Transport::reap). With
 //! [`InProcOptions::reorder_seed`] each batch of completions is shuffled by a
-//! seeded generator, so callers meet out-of-order completion repeatably. A
-//! command that outlives its timeout completes with
-//! [`CommandError::Timeout`] and, as with a real abort, its buffer is not
-//! returned.
+//! seeded generator, so callers meet out-of-order completion repeatably.
+//! With [`InProcOptions::shuffle_execution`] commands are not executed at
+//! submission but queued, and run in a seeded random order when `reap` is
+//! called, as a target that executes its task set in any order (SAM's
+//! SIMPLE task attribute) would. A command that outlives its timeout
+//! completes with [`CommandError::Timeout`] and, as with a real abort, its
+//! buffer is not returned; a vendor handler still holding it sees
+//! [`Reply::is_aborted`]. A timeout or wait of [`Duration::MAX`] (or any
+//! too large to add to the clock) means "never".
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,6 +42,12 @@ pub struct InProcOptions {
     pub queue_depth: usize,
     /// Shuffle each batch of completions with this seed.
     pub reorder_seed: Option<u64>,
+    /// Do not execute commands inside `submit`: queue them, and when `reap`
+    /// is called execute every queued command in a shuffled order (seeded
+    /// with `reorder_seed`, or a fixed seed without one) before waiting.
+    /// Models a target that executes the commands queued to it in any
+    /// order. Off by default.
+    pub shuffle_execution: bool,
 }
 
 impl Default for InProcOptions {
@@ -43,9 +55,14 @@ impl Default for InProcOptions {
         InProcOptions {
             queue_depth: 16,
             reorder_seed: None,
+            shuffle_execution: false,
         }
     }
 }
+
+/// The execution-order seed when [`InProcOptions::shuffle_execution`] is on
+/// and no [`InProcOptions::reorder_seed`] is given.
+const DEFAULT_EXECUTION_SEED: u64 = 0x5354_5045_5845_4331;
 
 /// One initiator port logged in to an array.
 #[derive(Clone, Debug)]
@@ -86,6 +103,11 @@ impl Host {
                 ),
             ));
         }
+        // The execution order gets its own generator, decorrelated from the
+        // completion order's.
+        let exec_seed = options
+            .reorder_seed
+            .map_or(DEFAULT_EXECUTION_SEED, |s| s ^ 0x9E37_79B9_7F4A_7C15);
         Ok(InProcTransport {
             array: self.array.clone(),
             initiator: self.initiator,
@@ -94,6 +116,8 @@ impl Host {
             pending: HashMap::new(),
             next_seq: 0,
             rng: options.reorder_seed.map(SmallRng::seed_from_u64),
+            queued: Vec::new(),
+            exec_rng: SmallRng::seed_from_u64(exec_seed),
             options,
             name: format!("sim:{}/lun{lun}", self.name),
         })
@@ -128,6 +152,15 @@ struct InProcReply {
     buf: Option<IoBuf>,
     direction: DataDirection,
     queue: Arc<DoneQueue>,
+    /// Set by the transport when it gives up on the command (timeout, or
+    /// the transport is dropped); shared with its `Pending` entry.
+    aborted: Arc<AtomicBool>,
+}
+
+impl InProcReply {
+    fn aborted(&self) -> bool {
+        self.aborted.load(Ordering::Acquire)
+    }
 }
 
 impl Reply for InProcReply {
@@ -157,6 +190,9 @@ impl Reply for InProcReply {
 
     fn complete(mut self: Box<Self>, result: TaskResult) {
         let buf = self.buf.take().unwrap_or_default();
+        if self.aborted() {
+            return; // nobody waits for it: the transport discarded the seq
+        }
         self.queue.push(Done {
             seq: self.seq,
             buf,
@@ -164,12 +200,21 @@ impl Reply for InProcReply {
             result,
         });
     }
+
+    fn is_aborted(&self) -> bool {
+        self.aborted()
+    }
 }
 
 impl Drop for InProcReply {
     fn drop(&mut self) {
         // Dropped without completion (a handler bug or shutdown): the
-        // initiator sees TASK ABORTED rather than waiting forever.
+        // initiator sees TASK ABORTED rather than waiting forever. An
+        // aborted command is not waited for: dropping it is the handler's
+        // right way to let go of it, and nothing is queued.
+        if self.aborted() {
+            return;
+        }
         if let Some(buf) = self.buf.take() {
             self.queue.push(Done {
                 seq: self.seq,
@@ -190,8 +235,12 @@ fn copy_at(src: &[u8], dst: &mut [u8]) -> usize {
 struct Pending {
     tag: u64,
     start: Instant,
-    deadline: Instant,
+    /// When the command times out; `None` for a timeout too large to
+    /// represent (never).
+    deadline: Option<Instant>,
     timeout: Duration,
+    /// Shared with the command's reply: set when the command is given up.
+    aborted: Arc<AtomicBool>,
 }
 
 /// One host's path to one LUN of the simulated array.
@@ -203,8 +252,20 @@ pub struct InProcTransport {
     pending: HashMap<u64, Pending>,
     next_seq: u64,
     rng: Option<SmallRng>,
+    /// Submitted, not yet executed (with `shuffle_execution`).
+    queued: Vec<Task>,
+    exec_rng: SmallRng,
     options: InProcOptions,
     name: String,
+}
+
+impl Drop for InProcTransport {
+    fn drop(&mut self) {
+        // Nobody will reap what is still in flight: tell holding handlers.
+        for p in self.pending.values() {
+            p.aborted.store(true, Ordering::Release);
+        }
+    }
 }
 
 impl std::fmt::Debug for InProcTransport {
@@ -260,11 +321,13 @@ impl InProcTransport {
         let expired: Vec<u64> = self
             .pending
             .iter()
-            .filter(|(_, p)| p.deadline <= now)
+            .filter(|(_, p)| p.deadline.is_some_and(|d| d <= now))
             .map(|(seq, _)| *seq)
             .collect();
         for seq in &expired {
             if let Some(p) = self.pending.remove(seq) {
+                // A handler holding the command learns it is gone.
+                p.aborted.store(true, Ordering::Release);
                 out.push(Completion {
                     tag: p.tag,
                     data: IoBuf::default(),
@@ -273,6 +336,18 @@ impl InProcTransport {
             }
         }
         expired.len()
+    }
+
+    /// Executes the commands `submit` queued, in a shuffled order.
+    fn run_queued(&mut self) {
+        if self.queued.is_empty() {
+            return;
+        }
+        let mut tasks = std::mem::take(&mut self.queued);
+        tasks.shuffle(&mut self.exec_rng);
+        for task in tasks {
+            self.array.submit(task);
+        }
     }
 }
 
@@ -290,13 +365,15 @@ impl Transport for InProcTransport {
         let seq = self.next_seq;
         self.next_seq += 1;
         let start = Instant::now();
+        let aborted = Arc::new(AtomicBool::new(false));
         self.pending.insert(
             seq,
             Pending {
                 tag: cmd.tag,
                 start,
-                deadline: start + cmd.timeout,
+                deadline: start.checked_add(cmd.timeout),
                 timeout: cmd.timeout,
+                aborted: aborted.clone(),
             },
         );
         let reply = InProcReply {
@@ -304,39 +381,52 @@ impl Transport for InProcTransport {
             buf: Some(cmd.data),
             direction: cmd.direction,
             queue: self.queue.clone(),
+            aborted,
         };
-        self.array.submit(Task {
+        let task = Task {
             initiator: self.initiator,
             lun: self.lun,
             cdb: cmd.cdb,
             direction: cmd.direction,
             reply: Box::new(reply),
-        });
+        };
+        if self.options.shuffle_execution {
+            self.queued.push(task);
+        } else {
+            self.array.submit(task);
+        }
         Ok(())
     }
 
     fn reap(&mut self, out: &mut Vec<Completion>, wait: Option<Duration>) -> io::Result<usize> {
         let first = out.len();
-        let give_up = wait.map(|w| Instant::now() + w);
+        self.run_queued();
+        // No give-up time: wait as long as it takes (`None`, or a wait too
+        // long to add to the clock).
+        let give_up = wait.and_then(|w| Instant::now().checked_add(w));
         let queue = self.queue.clone();
         while !self.pending.is_empty() {
             let batch: Vec<Done> = {
                 let mut q = queue.done.lock().unwrap_or_else(|e| e.into_inner());
                 if q.is_empty() {
                     let now = Instant::now();
-                    let next_deadline = self.pending.values().map(|p| p.deadline).min();
+                    let next_deadline = self.pending.values().filter_map(|p| p.deadline).min();
                     let until = match (give_up, next_deadline) {
-                        (Some(a), Some(b)) => a.min(b),
-                        (Some(a), None) => a,
-                        (None, Some(b)) => b,
-                        (None, None) => now,
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
                     };
-                    if until > now {
-                        q = queue
-                            .ready
-                            .wait_timeout(q, until - now)
-                            .unwrap_or_else(|e| e.into_inner())
-                            .0;
+                    match until {
+                        Some(until) if until > now => {
+                            q = queue
+                                .ready
+                                .wait_timeout(q, until - now)
+                                .unwrap_or_else(|e| e.into_inner())
+                                .0;
+                        }
+                        Some(_) => {}
+                        // Neither a give-up time nor a deadline: only a
+                        // completion ends the wait.
+                        None => q = queue.ready.wait(q).unwrap_or_else(|e| e.into_inner()),
                     }
                 }
                 q.drain(..).collect()

@@ -24,6 +24,7 @@
 //! * Vendor-specific opcodes go to the installed [`VendorHandler`], which may
 //!   hold a command (a long poll) and complete it later from any thread.
 //! * [`inproc`] is the front end for tests and the embedded demo.
+//! * [`mailbox`] is the STG mailbox, the vendor handler of STP vendor mode.
 //!
 //! Invariants: every [`Task`] is completed exactly once (a reply dropped
 //! unanswered completes as TASK ABORTED); no input from an initiator panics
@@ -33,11 +34,13 @@
 pub mod array;
 pub mod inproc;
 pub mod lun;
+pub mod mailbox;
 pub mod task;
 
 pub use array::{Array, Lun, VendorHandler};
 pub use inproc::{Host, InProcOptions, InProcTransport};
 pub use lun::LunConfig;
+pub use mailbox::{MailboxConfigError, MailboxStats, StgMailbox, StgSpec};
 pub use task::{InitiatorId, Reply, Task, TaskResult};
 
 /// A configuration the array refuses.

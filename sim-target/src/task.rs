@@ -65,7 +65,19 @@ impl From<CdbError> for TaskResult {
 ///
 /// Exactly one of `complete` is called per task, by the array or by a
 /// vendor handler that held the task; dropping a reply without completing
-/// it is a bug in the handler (front ends treat it as an aborted command).
+/// it is a bug in the handler (front ends treat it as an aborted command) —
+/// except for an aborted task, see below.
+///
+/// # Aborted tasks
+///
+/// The initiator may give up on a command the array still holds (it timed
+/// out, or the path went away). From then on the reply's completion goes
+/// nowhere, and [`is_aborted`](Reply::is_aborted) returns true. A handler
+/// that holds a task (a long-poll RECEIVE, say) must check `is_aborted()`
+/// before it gives the task data it cannot give twice — a message dequeued
+/// from a mailbox into an aborted reply would be lost — and, when it is
+/// aborted, just drop the task: dropping an aborted reply is correct and
+/// completes nothing (its completion would be discarded anyway).
 pub trait Reply: Send {
     /// Length of the initiator's data buffer: data-out bytes sent, or the
     /// most data-in bytes that fit.
@@ -79,6 +91,13 @@ pub trait Reply: Send {
 
     /// Completes the command.
     fn complete(self: Box<Self>, result: TaskResult);
+
+    /// True once the initiator has given up on this command (timed out or
+    /// aborted): whatever the reply is given now is discarded. A front end
+    /// that cannot tell returns false, the default.
+    fn is_aborted(&self) -> bool {
+        false
+    }
 }
 
 /// A command addressed to one LUN of the array.
@@ -96,6 +115,13 @@ pub struct Task {
 }
 
 impl Task {
+    /// True once the initiator has given up on this task (see
+    /// [`Reply::is_aborted`]): a handler holding it should drop it rather
+    /// than hand it data.
+    pub fn is_aborted(&self) -> bool {
+        self.reply.is_aborted()
+    }
+
     /// Completes the task.
     pub fn complete(self, result: TaskResult) {
         self.reply.complete(result);

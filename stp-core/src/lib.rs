@@ -7,7 +7,19 @@
 //! runs deterministically in tests. The wire protocol is specified in
 //! `docs/PROTOCOL.md`.
 //!
-//! The workspace's foundation (the SCSI layer and the simulated array) is in
-//! place; the protocol itself is built on it next.
+//! * [`wire`] — the frame header layout and walking packed frames.
+//! * [`frame`] — sealing and opening frames (CRC32C, authentication tag),
+//!   scatter-gather on the way out.
+//! * [`auth`] — the per-connection key agreed over the control connection.
+//! * [`vendor`] — the vendor command set shared by hosts and the array.
+//! * [`stg`] — transport groups and the configuration file.
+//! * [`conn`] — the sans-IO connection state machine.
 
 pub use scsi;
+
+pub mod auth;
+pub mod conn;
+pub mod frame;
+pub mod stg;
+pub mod vendor;
+pub mod wire;

@@ -5,6 +5,10 @@
 //! suite (`tests/inproc.rs`) runs them against the simulated array; the VM
 //! stage runs the same bodies against `/dev/sgN` on real LIO. One test body,
 //! two arrays.
+//!
+//! The bodies never panic on what a device returns: short, truncated or
+//! nonsensical data is a failed check with a message, not an index out of
+//! bounds or an overflow.
 
 use scsi::cdb::{Cdb, RwFlags, VendorCdb};
 use scsi::inquiry::identify;
@@ -36,9 +40,41 @@ pub fn capacity(t: &mut dyn Transport) -> Result<(u64, u32), String> {
     if d.len() < 12 {
         return Err(format!("READ CAPACITY(16) returned {} bytes", d.len()));
     }
-    let last = u64::from_be_bytes(d[..8].try_into().map_err(|_| "short")?);
-    let bs = u32::from_be_bytes(d[8..12].try_into().map_err(|_| "short")?);
-    Ok((last + 1, bs))
+    let last = be_u64(&d, 0).ok_or("READ CAPACITY(16): short data")?;
+    let bs = be_u32(&d, 8).ok_or("READ CAPACITY(16): short data")?;
+    let blocks = last.checked_add(1).ok_or_else(|| {
+        format!("READ CAPACITY(16) reports last LBA 0x{last:X}: the block count overflows")
+    })?;
+    if bs == 0 {
+        return Err("READ CAPACITY(16) reports a block size of 0".into());
+    }
+    Ok((blocks, bs))
+}
+
+/// The big-endian u32 at `at`, if `d` is long enough.
+pub fn be_u32(d: &[u8], at: usize) -> Option<u32> {
+    let b = d.get(at..at.checked_add(4)?)?;
+    Some(u32::from_be_bytes(b.try_into().ok()?))
+}
+
+/// The big-endian u64 at `at`, if `d` is long enough.
+pub fn be_u64(d: &[u8], at: usize) -> Option<u64> {
+    let b = d.get(at..at.checked_add(8)?)?;
+    Some(u64::from_be_bytes(b.try_into().ok()?))
+}
+
+/// Checks standard INQUIRY data returned for a LUN the target does not
+/// have: byte 0 is 0x3F (peripheral qualifier 001b, device type 0x1F), as
+/// LIO answers.
+pub fn missing_lun_inquiry(data: &[u8]) -> Check {
+    match data.first() {
+        Some(0x3F) => Ok(()),
+        Some(b) => Err(format!(
+            "INQUIRY of a missing LUN: byte 0 is 0x{b:02X}, expected 0x3F \
+             (peripheral qualifier 1, device type 0x1F)"
+        )),
+        None => Err("INQUIRY of a missing LUN returned no data".into()),
+    }
 }
 
 /// Expects CHECK CONDITION with `key`/`asc`.
@@ -203,14 +239,14 @@ pub fn multi_block_and_residual(t: &mut dyn Transport, lba: u64) -> Check {
 
 /// The errors every SBC target reports, immediately.
 pub fn standard_errors(t: &mut dyn Transport) -> Check {
-    let (blocks, _) = capacity(t)?;
+    let (blocks, bs) = capacity(t)?;
     let beyond = Cdb::Read16 {
         lba: blocks - 1,
         blocks: 2,
         flags: RwFlags::default(),
     };
     expect_check(
-        run_in(t, beyond, 2 * 512),
+        run_in(t, beyond, 2 * bs as usize),
         SenseKey::ILLEGAL_REQUEST,
         Asc::LBA_OUT_OF_RANGE,
         "READ past the end",
@@ -286,8 +322,9 @@ pub fn sd_probe_commands(t: &mut dyn Transport) -> Check {
     let (d, _) = run_in(t, rl, 4096)
         .into_result()
         .map_err(|e| format!("REPORT LUNS: {e}"))?;
-    let listed = u32::from_be_bytes([d[0], d[1], d[2], d[3]]) as usize;
-    if listed == 0 || listed % 8 != 0 || d.len() != 8 + listed {
+    let listed = be_u32(&d, 0).ok_or_else(|| format!("REPORT LUNS returned {} bytes", d.len()))?;
+    let listed = listed as usize;
+    if listed == 0 || listed % 8 != 0 || Some(d.len()) != listed.checked_add(8) {
         return Err(format!("REPORT LUNS list length {listed} malformed"));
     }
     Ok(())

@@ -1,12 +1,18 @@
 //! The shared conformance bodies and array-specific behaviour, against the
 //! in-process simulated array.
 
+use std::io;
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use scsi::cdb::{Cdb, RwFlags, VendorCdb};
-use scsi::{Asc, Command, CommandError, DataDirection, IoBuf, Opcode, ScsiStatus, SenseKey};
+use scsi::cdb::{Cdb, PageControl, RwFlags, VendorCdb};
+use scsi::sense::FieldPointer;
+use scsi::transport::SubmitError;
+use scsi::{
+    Asc, CdbBuf, Command, CommandError, Completion, DataDirection, IoBuf, Opcode, ScsiStatus,
+    SenseKey,
+};
 use scsi::{ScsiStatus as S, Transport};
 use sim_target::array::Lun;
 use sim_target::{Array, Host, InProcOptions, LunConfig, Task, TaskResult, VendorHandler};
@@ -43,17 +49,140 @@ fn two_hosts_see_one_lun() {
     assert_eq!(i0.serial.as_deref(), Some("STPSIM0000000000"));
 }
 
+/// A transport that records the tags it submits and reaps, in order.
+struct Recorder<T> {
+    inner: T,
+    submitted: Vec<u64>,
+    reaped: Vec<u64>,
+}
+
+impl<T> Recorder<T> {
+    fn new(inner: T) -> Recorder<T> {
+        Recorder {
+            inner,
+            submitted: Vec::new(),
+            reaped: Vec::new(),
+        }
+    }
+
+    /// True when some completion came back in another order than its
+    /// command was submitted.
+    fn reordered(&self) -> bool {
+        self.submitted != self.reaped
+    }
+}
+
+impl<T: Transport> Transport for Recorder<T> {
+    fn submit(&mut self, cmd: Command) -> Result<(), SubmitError> {
+        let tag = cmd.tag;
+        self.inner.submit(cmd)?;
+        self.submitted.push(tag);
+        Ok(())
+    }
+    fn reap(&mut self, out: &mut Vec<Completion>, wait: Option<Duration>) -> io::Result<usize> {
+        let first = out.len();
+        let n = self.inner.reap(out, wait)?;
+        self.reaped.extend(out[first..].iter().map(|c| c.tag));
+        Ok(n)
+    }
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight()
+    }
+    fn queue_depth(&self) -> usize {
+        self.inner.queue_depth()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
 #[test]
 fn write_on_one_host_read_on_the_other_out_of_order() {
     let a = array(1);
     let (h1, h2) = (Host::login(&a, "host-a"), Host::login(&a, "host-b"));
+    // Commands execute in a shuffled order and complete in another one.
     let opts = |seed| InProcOptions {
         queue_depth: 16,
         reorder_seed: Some(seed),
+        shuffle_execution: true,
     };
-    let mut t1 = h1.open_with(0, opts(1)).unwrap();
-    let mut t2 = h2.open_with(0, opts(2)).unwrap();
+    let mut t1 = Recorder::new(h1.open_with(0, opts(1)).unwrap());
+    let mut t2 = Recorder::new(h2.open_with(0, opts(2)).unwrap());
     ok(write_here_read_there(&mut t1, &mut t2, 100, 300, 16));
+    // The seeds make this deterministic: the body really met reordering.
+    assert!(t1.reordered(), "the writes completed in submission order");
+    assert!(t2.reordered(), "the reads completed in submission order");
+    // Every command completed exactly once.
+    for t in [&t1, &t2] {
+        let mut reaped = t.reaped.clone();
+        reaped.sort_unstable();
+        assert_eq!(reaped, t.submitted);
+    }
+}
+
+#[test]
+fn shuffle_execution_reorders_execution_not_just_completion() {
+    // Two WRITEs of one block, submitted together: the one executed last
+    // wins. Without shuffled execution the second always wins; with it,
+    // some seeds execute the second first. Completion order cannot affect
+    // this: only execution order can.
+    let mut first_won = 0;
+    for seed in 0..16u64 {
+        let a = array(1);
+        let opts = InProcOptions {
+            queue_depth: 16,
+            reorder_seed: Some(seed),
+            shuffle_execution: true,
+        };
+        let mut t = Host::login(&a, "h").open_with(0, opts).unwrap();
+        for (tag, byte) in [(1u64, 0x11u8), (2, 0x22)] {
+            let w = Cdb::Write10 {
+                lba: 7,
+                blocks: 1,
+                flags: RwFlags::default(),
+            };
+            t.submit(Command::data_out(w.emit(), IoBuf::from_slice(&[byte; 512])).with_tag(tag))
+                .unwrap();
+        }
+        // Nothing executes before reap.
+        assert_eq!(a.lun(0).unwrap().store().allocated(), 0);
+        let mut out = Vec::new();
+        while out.len() < 2 {
+            t.reap(&mut out, Some(Duration::from_secs(5))).unwrap();
+        }
+        for c in out {
+            c.into_result().unwrap();
+        }
+        let r = Cdb::Read10 {
+            lba: 7,
+            blocks: 1,
+            flags: RwFlags::default(),
+        };
+        let (d, _) = run_in(&mut t, r, 512).into_result().unwrap();
+        match d[0] {
+            0x11 => first_won += 1,
+            0x22 => {}
+            other => panic!("block holds 0x{other:02X}"),
+        }
+    }
+    assert!(
+        (1..16).contains(&first_won),
+        "execution order never (or always) reversed: {first_won} of 16"
+    );
+
+    // Off (the default): commands execute in submission order, at submit.
+    let a = array(1);
+    let mut t = Host::login(&a, "h").open(0).unwrap();
+    let w = Cdb::Write10 {
+        lba: 7,
+        blocks: 1,
+        flags: RwFlags::default(),
+    };
+    t.submit(Command::data_out(w.emit(), IoBuf::from_slice(&[0x33; 512])))
+        .unwrap();
+    assert_eq!(a.lun(0).unwrap().store().allocated(), 64 * 1024);
+    let mut out = Vec::new();
+    t.reap(&mut out, None).unwrap();
 }
 
 #[test]
@@ -183,7 +312,7 @@ fn lun_that_does_not_exist() {
     assert!(h.open(5).unwrap_err().to_string().contains("no LUN 5"));
     // A task addressed to a missing LUN (as a stale path would send).
     let (tx, rx) = mpsc::channel();
-    struct Capture(mpsc::Sender<TaskResult>, Vec<u8>);
+    struct Capture(mpsc::Sender<(TaskResult, Vec<u8>)>, Vec<u8>);
     impl sim_target::Reply for Capture {
         fn data_len(&self) -> usize {
             self.1.len()
@@ -197,7 +326,8 @@ fn lun_that_does_not_exist() {
             n
         }
         fn complete(self: Box<Self>, r: TaskResult) {
-            self.0.send(r).unwrap();
+            let data = self.1[..r.data_in.min(self.1.len())].to_vec();
+            self.0.send((r, data)).unwrap();
         }
     }
     let submit = |cdb: Cdb, len| {
@@ -210,10 +340,10 @@ fn lun_that_does_not_exist() {
         });
         rx.recv_timeout(Duration::from_secs(5)).unwrap()
     };
-    let r = submit(Cdb::ReadCapacity10, 8);
+    let (r, _) = submit(Cdb::ReadCapacity10, 8);
     assert_eq!(r.status, S::CHECK_CONDITION);
     assert_eq!(r.sense.unwrap().asc, Asc::LOGICAL_UNIT_NOT_SUPPORTED);
-    let r = submit(
+    let (r, data) = submit(
         Cdb::Inquiry {
             evpd: false,
             page_code: 0,
@@ -223,6 +353,20 @@ fn lun_that_does_not_exist() {
     );
     assert_eq!(r.status, S::GOOD);
     assert_eq!(r.data_in, 36);
+    // Byte 0 = 0x3F: peripheral qualifier 1, device type 0x1F, as LIO.
+    ok(missing_lun_inquiry(&data));
+    assert_eq!(data[0], 0x3F);
+    // REQUEST SENSE to it: GOOD, with LOGICAL UNIT NOT SUPPORTED as data.
+    let (r, data) = submit(
+        Cdb::RequestSense {
+            desc: false,
+            alloc_len: 18,
+        },
+        18,
+    );
+    assert_eq!(r.status, S::GOOD);
+    let s = scsi::Sense::parse(&data).unwrap();
+    assert_eq!(s.asc, Asc::LOGICAL_UNIT_NOT_SUPPORTED);
 }
 
 #[test]
@@ -370,7 +514,7 @@ fn queue_depth_is_enforced_and_the_command_is_returned() {
     a.set_vendor_handler(Arc::new(Holder::default()));
     let opts = InProcOptions {
         queue_depth: 2,
-        reorder_seed: None,
+        ..InProcOptions::default()
     };
     let mut t = Host::login(&a, "h").open_with(0, opts).unwrap();
     let cdb = Cdb::Vendor(VendorCdb::new(Opcode(0xC1), 0, 1, 4).unwrap()).emit();
@@ -416,11 +560,6 @@ fn sense_of_every_error_decodes() {
             Asc::SAVING_PARAMETERS_NOT_SUPPORTED,
         ),
         (
-            vec![0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0],
-            SenseKey::ILLEGAL_REQUEST,
-            Asc::INVALID_FIELD_IN_CDB,
-        ),
-        (
             vec![0x28, 0],
             SenseKey::ILLEGAL_REQUEST,
             Asc::INVALID_FIELD_IN_CDB,
@@ -431,4 +570,463 @@ fn sense_of_every_error_decodes() {
         let what = format!("{bytes:02x?}");
         ok(expect_check(t.execute(cmd), key, asc, &what));
     }
+    // REPORT LUNS with an allocation length of 8 is no error (LIO does
+    // not check it): the 8-byte header, clipped.
+    let cmd = Command::data_in(
+        scsi::CdbBuf::new(&[0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0]).unwrap(),
+        255,
+    );
+    let (d, _) = t.execute(cmd).into_result().unwrap();
+    assert_eq!(&d[..], &[0, 0, 0, 8, 0, 0, 0, 0]);
+}
+
+/// Runs raw CDB bytes as a data-in command with a `len`-byte buffer.
+fn raw_in(t: &mut dyn Transport, cdb: &[u8], len: usize) -> Completion {
+    t.execute(Command::data_in(CdbBuf::new(cdb).unwrap(), len))
+}
+
+/// The sense of a CHECK CONDITION, or a panic naming `what`.
+fn sense_of(c: Completion, what: &str) -> scsi::Sense {
+    match c.into_result() {
+        Err(CommandError::CheckCondition(s)) => s,
+        Err(e) => panic!("{what}: expected CHECK CONDITION, got {e}"),
+        Ok(_) => panic!("{what}: expected CHECK CONDITION, got GOOD"),
+    }
+}
+
+fn pointer(byte: u16, bit: Option<u8>) -> Option<FieldPointer> {
+    Some(FieldPointer {
+        in_cdb: true,
+        bit,
+        byte,
+    })
+}
+
+#[test]
+fn cdb_errors_leave_a_unit_attention_pending() {
+    // LIO parses the CDB before it looks at unit attentions: a CDB it
+    // rejects is ILLEGAL REQUEST and the UA waits for the next command.
+    let a = array(1);
+    let mut t = Host::login(&a, "h").open(0).unwrap();
+    a.power_on();
+    let errors: Vec<(Completion, Asc, &str)> = vec![
+        (
+            raw_in(&mut t, &[0x7B, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0),
+            Asc::INVALID_COMMAND_OPERATION_CODE,
+            "opcode 0x7B",
+        ),
+        (
+            run_in(
+                &mut t,
+                Cdb::Read16 {
+                    lba: (1 << 20) - 1,
+                    blocks: 2,
+                    flags: RwFlags::default(),
+                },
+                1024,
+            ),
+            Asc::LBA_OUT_OF_RANGE,
+            "READ past the end",
+        ),
+        (
+            run_out(
+                &mut t,
+                Cdb::Write10 {
+                    lba: 0,
+                    blocks: 2,
+                    flags: RwFlags::default(),
+                },
+                &[0; 512],
+            ),
+            Asc::INVALID_FIELD_IN_CDB,
+            "WRITE with a short data-out",
+        ),
+        (
+            run_in(
+                &mut t,
+                Cdb::Read16 {
+                    lba: 0,
+                    blocks: 16385,
+                    flags: RwFlags::default(),
+                },
+                512,
+            ),
+            Asc::INVALID_FIELD_IN_CDB,
+            "READ over the transfer limit",
+        ),
+        (
+            raw_in(&mut t, &[0x28, 0], 512),
+            Asc::INVALID_FIELD_IN_CDB,
+            "truncated READ(10)",
+        ),
+        (
+            // A 2-byte REQUEST SENSE is too short: an error, not a report.
+            raw_in(&mut t, &[0x03, 0], 252),
+            Asc::INVALID_FIELD_IN_CDB,
+            "2-byte REQUEST SENSE",
+        ),
+        (
+            run_in(
+                &mut t,
+                Cdb::RequestSense {
+                    desc: true,
+                    alloc_len: 252,
+                },
+                252,
+            ),
+            Asc::INVALID_FIELD_IN_CDB,
+            "REQUEST SENSE with DESC=1",
+        ),
+    ];
+    for (c, asc, what) in errors {
+        ok(expect_check(c, SenseKey::ILLEGAL_REQUEST, asc, what));
+    }
+    // Still pending: the next TUR reports it, once.
+    ok(expect_check(
+        run_none(&mut t, Cdb::TestUnitReady),
+        SenseKey::UNIT_ATTENTION,
+        Asc::POWER_ON_OCCURRED,
+        "TUR after the rejected CDBs",
+    ));
+    run_none(&mut t, Cdb::TestUnitReady).into_result().unwrap();
+}
+
+#[test]
+fn request_sense_reports_the_unit_attention_and_refuses_desc() {
+    let a = array(1);
+    let mut t = Host::login(&a, "h").open(0).unwrap();
+    a.reset_lun(0);
+    // DESC=1: INVALID FIELD IN CDB at byte 1 bit 0 (LIO refuses it too).
+    let s = sense_of(
+        run_in(
+            &mut t,
+            Cdb::RequestSense {
+                desc: true,
+                alloc_len: 252,
+            },
+            252,
+        ),
+        "REQUEST SENSE DESC=1",
+    );
+    assert_eq!(s.asc, Asc::INVALID_FIELD_IN_CDB);
+    assert_eq!(s.field_pointer(), pointer(1, Some(0)));
+    // Fixed format reports the UA as data, GOOD status, clipped to the
+    // allocation length of the CDB, and clears it.
+    let (d, _) = raw_in(&mut t, &[0x03, 0, 0, 0, 14, 0], 252)
+        .into_result()
+        .unwrap();
+    assert_eq!(d.len(), 14);
+    let s = scsi::Sense::parse(&d).unwrap();
+    assert_eq!(
+        (s.key, s.asc),
+        (SenseKey::UNIT_ATTENTION, Asc::BUS_DEVICE_RESET_OCCURRED)
+    );
+    run_none(&mut t, Cdb::TestUnitReady).into_result().unwrap();
+    let (d, _) = run_in(
+        &mut t,
+        Cdb::RequestSense {
+            desc: false,
+            alloc_len: 18,
+        },
+        18,
+    )
+    .into_result()
+    .unwrap();
+    assert_eq!(scsi::Sense::parse(&d).unwrap().key, SenseKey::NO_SENSE);
+}
+
+#[test]
+fn refused_transfers_carry_no_field_pointer() {
+    // LIO reports these as plain INVALID FIELD IN CDB: no sense-key
+    // specific bytes (there is no one field to point at).
+    let a = array(1);
+    let mut t = Host::login(&a, "h").open(0).unwrap();
+    let read = |blocks| Cdb::Read16 {
+        lba: 0,
+        blocks,
+        flags: RwFlags::default(),
+    };
+    let oversize = run_in(&mut t, read(16385), 512);
+    // READ with a data-out buffer: the data phase goes the wrong way.
+    let wrong_way = t.execute(Command::data_out(
+        read(1).emit(),
+        IoBuf::from_slice(&[0; 512]),
+    ));
+    let write = Cdb::Write16 {
+        lba: 0,
+        blocks: 1,
+        flags: RwFlags::default(),
+    };
+    let long_write = run_out(&mut t, write, &[0; 1024]);
+    for (c, what) in [
+        (oversize, "oversize READ"),
+        (wrong_way, "READ with data-out"),
+        (long_write, "WRITE of 1 block with 2 blocks of data"),
+    ] {
+        let s = sense_of(c, what);
+        assert_eq!(s.asc, Asc::INVALID_FIELD_IN_CDB, "{what}");
+        assert_eq!(s.field_pointer(), None, "{what}");
+        assert_eq!(s.sense_key_specific, None, "{what}");
+    }
+}
+
+#[test]
+fn huge_lun_capacity_and_block_descriptors() {
+    // 2^33 blocks of 512 bytes (4 TiB): sparse storage makes it free.
+    let a = Array::new();
+    let blocks: u64 = 1 << 33;
+    a.add_lun(0, LunConfig::new(0, blocks, 512)).unwrap();
+    let mut t = Host::login(&a, "h").open(0).unwrap();
+
+    // READ CAPACITY(10) clamps to 0xFFFFFFFF ("use READ CAPACITY(16)").
+    let (d, _) = run_in(&mut t, Cdb::ReadCapacity10, 8)
+        .into_result()
+        .unwrap();
+    assert_eq!(&d[..], &[0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 2, 0]);
+    assert_eq!(capacity(&mut t).unwrap(), (blocks, 512));
+
+    // MODE SENSE(6): short descriptor, 4-byte count all ones, byte 4
+    // reserved, 3-byte block length.
+    let ms6 = Cdb::ModeSense6 {
+        dbd: false,
+        page_control: PageControl::CURRENT,
+        page_code: 0x08,
+        subpage: 0,
+        alloc_len: 255,
+    };
+    let (d, _) = run_in(&mut t, ms6, 255).into_result().unwrap();
+    assert_eq!(d[3], 8);
+    assert_eq!(&d[4..12], &[0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 2, 0]);
+
+    // MODE SENSE(10) without LLBAA: the same short descriptor.
+    let ms10 = |llbaa| Cdb::ModeSense10 {
+        llbaa,
+        dbd: false,
+        page_control: PageControl::CURRENT,
+        page_code: 0x08,
+        subpage: 0,
+        alloc_len: 255,
+    };
+    let (d, _) = run_in(&mut t, ms10(false), 255).into_result().unwrap();
+    assert_eq!((d[4] & 1, &d[6..8]), (0, &[0u8, 8][..]));
+    assert_eq!(&d[8..16], &[0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 2, 0]);
+
+    // With LLBAA: the long descriptor carries the full 8-byte count.
+    let (d, _) = run_in(&mut t, ms10(true), 255).into_result().unwrap();
+    assert_eq!((d[4] & 1, &d[6..8]), (1, &[0u8, 16][..]));
+    assert_eq!(&d[8..16], &blocks.to_be_bytes());
+    assert_eq!(&d[16..24], &[0, 0, 0, 0, 0, 0, 2, 0]);
+
+    // A LUN that fits keeps its exact count in the short descriptor.
+    let a = array(1);
+    let mut t = Host::login(&a, "h").open(0).unwrap();
+    let (d, _) = run_in(&mut t, ms6, 255).into_result().unwrap();
+    assert_eq!(&d[4..12], &[0, 0x10, 0, 0, 0, 0, 2, 0]);
+}
+
+#[test]
+fn report_supported_opcodes_options() {
+    let a = array(1);
+    let mut t = Host::login(&a, "h").open(0).unwrap();
+    let rsoc = |rctd, reporting_options, opcode, service_action| Cdb::ReportSupportedOpcodes {
+        rctd,
+        reporting_options,
+        opcode,
+        service_action,
+        alloc_len: 512,
+    };
+    let fails = |t: &mut dyn Transport, cdb: Cdb, what: &str| {
+        let s = sense_of(run_in(t, cdb, 512), what);
+        assert_eq!(
+            (s.key, s.asc),
+            (SenseKey::ILLEGAL_REQUEST, Asc::INVALID_FIELD_IN_CDB),
+            "{what}"
+        );
+        s.field_pointer()
+    };
+    // RCTD = 1: no command timeouts are kept. Byte 2, bit 7.
+    let p = fails(&mut t, rsoc(true, 0, 0, 0), "RCTD=1");
+    assert_eq!(p, pointer(2, Some(7)));
+    let p = fails(&mut t, rsoc(true, 1, 0x28, 0), "RCTD=1, option 1");
+    assert_eq!(p, pointer(2, Some(7)));
+    // Option 2 for an opcode without service actions: byte 3.
+    let p = fails(&mut t, rsoc(false, 2, 0x28, 0), "option 2, READ(10)");
+    assert_eq!(p, pointer(3, None));
+    // Option 1 for an opcode with service actions: byte 3.
+    let p = fails(&mut t, rsoc(false, 1, 0x9E, 0x10), "option 1, 9Eh");
+    assert_eq!(p, pointer(3, None));
+    // Reserved reporting options.
+    let p = fails(&mut t, rsoc(false, 4, 0x28, 0), "option 4");
+    assert_eq!(p, pointer(2, Some(2)));
+
+    let one = |t: &mut dyn Transport, cdb: Cdb| -> Vec<u8> {
+        let (d, _) = run_in(t, cdb, 512).into_result().unwrap();
+        d.to_vec()
+    };
+    // Option 1 and 2 as before.
+    let d = one(&mut t, rsoc(false, 1, 0x28, 0));
+    assert_eq!((d[1] & 7, &d[2..4], d[4]), (3, &[0u8, 10][..], 0x28));
+    let d = one(&mut t, rsoc(false, 2, 0x9E, 0x10));
+    assert_eq!((d[1] & 7, &d[2..4], d[4]), (3, &[0u8, 16][..], 0x9E));
+    assert_eq!(d[5] & 0x1F, 0x10);
+    assert_eq!(one(&mut t, rsoc(false, 2, 0x9E, 0x11)), [0, 1, 0, 0]);
+    // Option 2 for an opcode the model does not have at all: unsupported.
+    assert_eq!(one(&mut t, rsoc(false, 2, 0x7B, 0)), [0, 1, 0, 0]);
+    // Option 3: the opcode, and the service action if it has them.
+    let d = one(&mut t, rsoc(false, 3, 0x28, 0x1234));
+    assert_eq!((d[1] & 7, &d[2..4], d[4]), (3, &[0u8, 10][..], 0x28));
+    let d = one(&mut t, rsoc(false, 3, 0x9E, 0x10));
+    assert_eq!((d[1] & 7, &d[2..4], d[4]), (3, &[0u8, 16][..], 0x9E));
+    let d = one(&mut t, rsoc(false, 3, 0xA3, 0x0C));
+    assert_eq!((d[1] & 7, &d[2..4], d[4]), (3, &[0u8, 12][..], 0xA3));
+    assert_eq!(one(&mut t, rsoc(false, 3, 0x9E, 0x11)), [0, 1, 0, 0]);
+    assert_eq!(one(&mut t, rsoc(false, 3, 0x7B, 0)), [0, 1, 0, 0]);
+}
+
+#[test]
+fn report_luns_clips_and_uses_flat_addressing() {
+    let a = Array::new();
+    for id in [0u64, 5, 300] {
+        a.add_lun(id, LunConfig::new(id, 1024, 512)).unwrap();
+    }
+    let mut t = Host::login(&a, "h").open(0).unwrap();
+    let rl = |select_report, alloc_len| Cdb::ReportLuns {
+        select_report,
+        alloc_len,
+    };
+    let (d, _) = run_in(&mut t, rl(0, 4096), 4096).into_result().unwrap();
+    assert_eq!(&d[..8], &[0, 0, 0, 24, 0, 0, 0, 0]);
+    assert_eq!(&d[8..16], &[0, 0, 0, 0, 0, 0, 0, 0]);
+    // Peripheral device addressing below 256.
+    assert_eq!(&d[16..24], &[0, 5, 0, 0, 0, 0, 0, 0]);
+    // Flat space addressing: 300 = 0x12C → 41 2C.
+    assert_eq!(&d[24..32], &[0x41, 0x2C, 0, 0, 0, 0, 0, 0]);
+    let full = d.to_vec();
+    // Any SELECT REPORT value gets the same list.
+    for select in [1, 2, 0x10, 0xFF] {
+        let (d, _) = run_in(&mut t, rl(select, 4096), 4096)
+            .into_result()
+            .unwrap();
+        assert_eq!(&d[..], &full[..], "SELECT REPORT 0x{select:02X}");
+    }
+    // Short allocation lengths clip; 0 is GOOD with no data.
+    for alloc in [0u32, 1, 8, 15, 20] {
+        let (d, o) = run_in(&mut t, rl(0, alloc), 4096).into_result().unwrap();
+        assert_eq!(&d[..], &full[..alloc as usize], "alloc {alloc}");
+        assert_eq!(o.residual as usize, 4096 - alloc as usize);
+    }
+}
+
+#[test]
+fn standard_inquiry_matches_lio() {
+    let a = array(1);
+    let mut t = Host::login(&a, "h").open(0).unwrap();
+    let inq = Cdb::Inquiry {
+        evpd: false,
+        page_code: 0,
+        alloc_len: 96,
+    };
+    let (d, _) = run_in(&mut t, inq, 96).into_result().unwrap();
+    assert_eq!(d[0], 0x00, "connected direct-access block device");
+    assert_eq!(d[3] & 0x10, 0, "HiSup must be clear, as LIO has it");
+    assert_eq!(d[3] & 0x0F, 2, "response data format 2");
+}
+
+#[test]
+fn huge_timeouts_and_waits_do_not_panic() {
+    let a = array(1);
+    let holder = Arc::new(Holder::default());
+    a.set_vendor_handler(holder.clone());
+    let mut t = Host::login(&a, "h").open(0).unwrap();
+    // An ordinary command with the largest timeout.
+    let c = t.execute(Command::no_data(Cdb::TestUnitReady.emit()).with_timeout(Duration::MAX));
+    c.into_result().unwrap();
+    // A held one never times out, and a Duration::MAX wait waits for it.
+    let cdb = VendorCdb::new(Opcode(0xC1), 0, 9, 4).unwrap();
+    t.submit(
+        Command::data_in(Cdb::Vendor(cdb).emit(), 4)
+            .with_tag(9)
+            .with_timeout(Duration::MAX),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    assert_eq!(
+        t.reap(&mut out, Some(Duration::from_millis(20))).unwrap(),
+        0
+    );
+    let h2 = holder.clone();
+    let releaser = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(30));
+        h2.release_all()
+    });
+    assert_eq!(t.reap(&mut out, Some(Duration::MAX)).unwrap(), 1);
+    assert_eq!(releaser.join().unwrap(), 1);
+    let (d, _) = out.pop().unwrap().into_result().unwrap();
+    assert_eq!(&d[..], &9u32.to_be_bytes());
+    // And reap(None) with only a no-deadline command in flight blocks
+    // (without spinning) until it completes.
+    t.submit(
+        Command::data_in(Cdb::Vendor(cdb).emit(), 4)
+            .with_tag(10)
+            .with_timeout(Duration::MAX),
+    )
+    .unwrap();
+    let h2 = holder.clone();
+    let releaser = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(30));
+        h2.release_all()
+    });
+    assert_eq!(t.reap(&mut out, None).unwrap(), 1);
+    releaser.join().unwrap();
+    assert_eq!(out[0].tag, 10);
+}
+
+#[test]
+fn a_timed_out_held_command_is_marked_aborted() {
+    let a = array(1);
+    let holder = Arc::new(Holder::default());
+    a.set_vendor_handler(holder.clone());
+    let mut t = Host::login(&a, "h").open(0).unwrap();
+    let cdb = VendorCdb::new(Opcode(0xC1), 0, 3, 4).unwrap();
+    let held_aborted = |h: &Holder| -> Vec<bool> {
+        h.held
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, task)| task.is_aborted())
+            .collect()
+    };
+    t.submit(
+        Command::data_in(Cdb::Vendor(cdb).emit(), 4)
+            .with_tag(3)
+            .with_timeout(Duration::from_millis(30)),
+    )
+    .unwrap();
+    t.submit(Command::data_in(Cdb::Vendor(cdb).emit(), 4).with_tag(4))
+        .unwrap();
+    assert_eq!(held_aborted(&holder), [false, false]);
+    let mut out = Vec::new();
+    t.reap(&mut out, None).unwrap();
+    assert_eq!(out.len(), 1);
+    assert!(matches!(out[0].result, Err(CommandError::Timeout(_))));
+    // The handler can tell: the timed-out one is aborted, the other not.
+    assert_eq!(held_aborted(&holder), [true, false]);
+    // Dropping the aborted task completes nothing; the live one still works.
+    {
+        let mut held = holder.held.lock().unwrap();
+        held.retain(|(_, task)| !task.is_aborted());
+        assert_eq!(held.len(), 1);
+    }
+    out.clear();
+    assert_eq!(holder.release_all(), 1);
+    t.reap(&mut out, Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].tag, 4);
+    assert_eq!(t.in_flight(), 0);
+
+    // Dropping the transport aborts what it still has in flight.
+    t.submit(Command::data_in(Cdb::Vendor(cdb).emit(), 4).with_tag(5))
+        .unwrap();
+    drop(t);
+    assert_eq!(held_aborted(&holder), [true]);
 }

@@ -1,0 +1,2055 @@
+//! The array side of STP vendor mode (docs/PROTOCOL.md §3): the STG
+//! mailbox, a [`VendorHandler`] that binds ports, routes frames between
+//! them and holds long-poll RECEIVEs.
+//!
+//! ```text
+//!  SEND(L1) ─▶ read data-out once ─▶ validate every frame ─▶ port queue ─▶ RECEIVE(L2)
+//!                  (Arc<Vec<u8>>)        (atomic)          └─▶ waiting RECEIVE (direct)
+//! ```
+//!
+//! * Each STG has its own port space, reached through any of its member
+//!   LUNs. Bindings are named by a random non-zero handle, unique within
+//!   the mailbox.
+//! * A SEND's data is read into one buffer; queued frames are ranges of it,
+//!   so a frame is copied exactly twice: out of the sender's buffer and
+//!   into the receiver's.
+//! * Invariant: a port never has both queued frames and waiting RECEIVEs
+//!   (arriving frames go to waiters first, oldest first, and a RECEIVE is
+//!   held only when the queue is empty). It is restored after every
+//!   command by `pump`.
+//! * One timer thread per mailbox completes RECEIVEs whose long poll
+//!   expired; it exits when the mailbox is dropped.
+//! * Lock discipline: one mutex over the mutable state. Replies are
+//!   completed and written only after the lock is released (the work is
+//!   carried out of the critical section as `Action`s); the mailbox never
+//!   calls into the [`Array`].
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use scsi::cdb::VendorCdb;
+use scsi::{Asc, DataDirection, Opcode, Sense, SenseKey};
+use stp_core::vendor::{self, BindResult, MailboxError, PortStatus, StgInfo};
+use stp_core::wire::{self, Frames};
+
+use crate::array::{Array, Lun, VendorHandler};
+use crate::task::{Reply, Task, TaskResult};
+
+/// One STG the mailbox serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StgSpec {
+    /// The STG id.
+    pub id: u32,
+    /// LUN numbers of the members in the array, in member order.
+    pub members: Vec<u64>,
+    /// The largest frame payload accepted (at most [`wire::MAX_PAYLOAD`]).
+    pub max_payload: u32,
+    /// Per-port queue limit in bytes (frames count with their aligned span).
+    pub queue_bytes: u32,
+    /// Per-port queue limit in frames.
+    pub queue_frames: u32,
+}
+
+impl StgSpec {
+    /// Default [`StgSpec::max_payload`]: the protocol maximum, 1 MiB.
+    pub const DEFAULT_MAX_PAYLOAD: u32 = wire::MAX_PAYLOAD;
+    /// Default [`StgSpec::queue_bytes`]: 8 MiB.
+    pub const DEFAULT_QUEUE_BYTES: u32 = 8 << 20;
+    /// Default [`StgSpec::queue_frames`].
+    pub const DEFAULT_QUEUE_FRAMES: u32 = 256;
+
+    /// STG `id` over the LUNs `members`, with default limits.
+    pub fn new(id: u32, members: Vec<u64>) -> StgSpec {
+        StgSpec {
+            id,
+            members,
+            max_payload: Self::DEFAULT_MAX_PAYLOAD,
+            queue_bytes: Self::DEFAULT_QUEUE_BYTES,
+            queue_frames: Self::DEFAULT_QUEUE_FRAMES,
+        }
+    }
+}
+
+/// An STG configuration the mailbox refuses.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MailboxConfigError {
+    /// Two STGs share an id.
+    #[error("two STGs have id {0}; every STG needs its own id")]
+    DuplicateId(u32),
+    /// An STG without members.
+    #[error("STG {0} has no members; list at least one LUN")]
+    NoMembers(u32),
+    /// More members than STG INFO can index.
+    #[error("STG {stg} has {count} members; at most 65536 are supported")]
+    TooManyMembers {
+        /// The STG id.
+        stg: u32,
+        /// Members listed.
+        count: usize,
+    },
+    /// A member LUN the array does not have.
+    #[error("STG {stg} lists LUN {lun}, which the array does not have (it has {have:?})")]
+    UnknownLun {
+        /// The STG id.
+        stg: u32,
+        /// The missing LUN.
+        lun: u64,
+        /// The LUNs the array has.
+        have: Vec<u64>,
+    },
+    /// A LUN listed twice in one STG.
+    #[error("STG {stg} lists LUN {lun} twice; list each member once")]
+    DuplicateMember {
+        /// The STG id.
+        stg: u32,
+        /// The LUN.
+        lun: u64,
+    },
+    /// A LUN in two STGs.
+    #[error("LUN {lun} is a member of both STG {first} and STG {second}; a LUN belongs to at most one STG")]
+    LunInTwoStgs {
+        /// The LUN.
+        lun: u64,
+        /// The STG that lists it first.
+        first: u32,
+        /// The other STG.
+        second: u32,
+    },
+    /// A limit out of range.
+    #[error("STG {stg}: invalid {field}: {why}")]
+    InvalidLimit {
+        /// The STG id.
+        stg: u32,
+        /// The field.
+        field: &'static str,
+        /// What is wrong and what is allowed.
+        why: String,
+    },
+    /// The timer thread could not be started.
+    #[error("cannot start the mailbox timer thread: {0}")]
+    Spawn(String),
+}
+
+/// Counters of a mailbox, for tests and the bench tool.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MailboxStats {
+    /// Frames accepted by SENDs.
+    pub frames_accepted: u64,
+    /// Frames copied straight into a RECEIVE that was waiting when they
+    /// arrived.
+    pub delivered_direct: u64,
+    /// Frames that sat in a port queue until a RECEIVE took them.
+    pub delivered_queued: u64,
+    /// Frames dropped with their queue (RELEASE, reset).
+    pub frames_dropped: u64,
+    /// SENDs refused (any CHECK CONDITION).
+    pub sends_refused: u64,
+    /// RECEIVEs held as long polls.
+    pub receives_held: u64,
+    /// Held RECEIVEs completed empty because their timeout expired.
+    pub receive_timeouts: u64,
+    /// Held RECEIVEs dropped because the initiator had aborted them.
+    pub receives_aborted: u64,
+}
+
+/// An STG's fixed description.
+struct Stg {
+    spec: StgSpec,
+    naas: Vec<[u8; 16]>,
+}
+
+/// A frame in a port queue: a range of the SEND data that carried it.
+struct Queued {
+    buf: Arc<Vec<u8>>,
+    start: usize,
+    /// Header and payload, no padding.
+    len: usize,
+}
+
+impl Queued {
+    fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..self.start + self.len]
+    }
+
+    fn span(&self) -> usize {
+        self.len.next_multiple_of(wire::ALIGN)
+    }
+}
+
+/// A held RECEIVE.
+struct Waiter {
+    id: u64,
+    reply: Box<dyn Reply>,
+    alloc: usize,
+    deadline: Instant,
+}
+
+/// A bound port.
+struct Port {
+    handle: u32,
+    queue: VecDeque<Queued>,
+    /// Sum of the queued frames' spans.
+    queued_bytes: usize,
+    waiters: VecDeque<Waiter>,
+    accepted: u64,
+    delivered: u64,
+}
+
+struct State {
+    /// Bound ports, per STG (indexed like `StgMailbox::stgs`).
+    ports: Vec<BTreeMap<u32, Port>>,
+    /// Binding handle → (STG index, port).
+    handles: HashMap<u32, (usize, u32)>,
+    /// Long-poll deadlines: (deadline, waiter id) → (STG index, port).
+    deadlines: BTreeMap<(Instant, u64), (usize, u32)>,
+    rng: StdRng,
+    next_waiter: u64,
+    stats: MailboxStats,
+    shutdown: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the timer thread (new deadline, shutdown).
+    wake: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Work carried out of the critical section.
+enum Action {
+    /// Write `frames` into `reply` at aligned offsets and complete it GOOD.
+    Deliver {
+        reply: Box<dyn Reply>,
+        frames: Vec<Queued>,
+        stg: usize,
+        port: u32,
+        handle: u32,
+        direct: bool,
+    },
+    /// Complete `reply` (unless it was aborted: then just drop it).
+    Complete(Box<dyn Reply>, TaskResult),
+    /// Let go of an aborted reply (outside the lock: a front end's drop
+    /// may do work).
+    Drop(Box<dyn Reply>),
+}
+
+/// The STG mailbox: the array side of STP vendor mode.
+///
+/// Install it with [`StgMailbox::install`] (or
+/// [`Array::set_vendor_handler`]). Every STP opcode sent to a LUN that is in
+/// none of its STGs, and every other vendor opcode, is answered with
+/// ILLEGAL REQUEST / INVALID COMMAND OPERATION CODE.
+pub struct StgMailbox {
+    stgs: Vec<Stg>,
+    /// LUN → (STG index, member index).
+    luns: HashMap<u64, (usize, u16)>,
+    shared: Arc<Shared>,
+    timer: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for StgMailbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StgMailbox")
+            .field(
+                "stgs",
+                &self.stgs.iter().map(|s| &s.spec).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl StgMailbox {
+    /// A mailbox serving `stgs` on `array`, with binding handles drawn from
+    /// the operating system's entropy. Checks that every member exists, that
+    /// no LUN is in two STGs (or twice in one) and that ids are unique.
+    pub fn new(array: &Array, stgs: Vec<StgSpec>) -> Result<Arc<StgMailbox>, MailboxConfigError> {
+        Self::build(array, stgs, StdRng::from_entropy())
+    }
+
+    /// As [`StgMailbox::new`], with binding handles from a generator seeded
+    /// with `seed` (repeatable tests).
+    pub fn with_seed(
+        array: &Array,
+        stgs: Vec<StgSpec>,
+        seed: u64,
+    ) -> Result<Arc<StgMailbox>, MailboxConfigError> {
+        Self::build(array, stgs, StdRng::seed_from_u64(seed))
+    }
+
+    fn build(
+        array: &Array,
+        specs: Vec<StgSpec>,
+        rng: StdRng,
+    ) -> Result<Arc<StgMailbox>, MailboxConfigError> {
+        let mut luns: HashMap<u64, (usize, u16)> = HashMap::new();
+        let mut stgs = Vec::with_capacity(specs.len());
+        for (index, spec) in specs.into_iter().enumerate() {
+            let id = spec.id;
+            if stgs.iter().any(|s: &Stg| s.spec.id == id) {
+                return Err(MailboxConfigError::DuplicateId(id));
+            }
+            Self::check_limits(&spec)?;
+            if spec.members.is_empty() {
+                return Err(MailboxConfigError::NoMembers(id));
+            }
+            if spec.members.len() > usize::from(u16::MAX) + 1 {
+                return Err(MailboxConfigError::TooManyMembers {
+                    stg: id,
+                    count: spec.members.len(),
+                });
+            }
+            let mut naas = Vec::with_capacity(spec.members.len());
+            for (member, &lun) in spec.members.iter().enumerate() {
+                let Some(l) = array.lun(lun) else {
+                    return Err(MailboxConfigError::UnknownLun {
+                        stg: id,
+                        lun,
+                        have: array.lun_ids(),
+                    });
+                };
+                if let Some(&(other, _)) = luns.get(&lun) {
+                    return Err(if other == index {
+                        MailboxConfigError::DuplicateMember { stg: id, lun }
+                    } else {
+                        MailboxConfigError::LunInTwoStgs {
+                            lun,
+                            first: stgs[other].spec.id,
+                            second: id,
+                        }
+                    });
+                }
+                luns.insert(lun, (index, member as u16));
+                naas.push(l.config().naa);
+            }
+            stgs.push(Stg { spec, naas });
+        }
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                ports: stgs.iter().map(|_| BTreeMap::new()).collect(),
+                handles: HashMap::new(),
+                deadlines: BTreeMap::new(),
+                rng,
+                next_waiter: 0,
+                stats: MailboxStats::default(),
+                shutdown: false,
+            }),
+            wake: Condvar::new(),
+        });
+        let for_timer = shared.clone();
+        let timer = std::thread::Builder::new()
+            .name("stp-mailbox-timer".into())
+            .spawn(move || timer_loop(&for_timer))
+            .map_err(|e| MailboxConfigError::Spawn(e.to_string()))?;
+        Ok(Arc::new(StgMailbox {
+            stgs,
+            luns,
+            shared,
+            timer: Some(timer),
+        }))
+    }
+
+    fn check_limits(spec: &StgSpec) -> Result<(), MailboxConfigError> {
+        let bad = |field, why: String| {
+            Err(MailboxConfigError::InvalidLimit {
+                stg: spec.id,
+                field,
+                why,
+            })
+        };
+        if spec.max_payload > wire::MAX_PAYLOAD {
+            return bad(
+                "max_payload",
+                format!(
+                    "{} exceeds the protocol maximum of {}",
+                    spec.max_payload,
+                    wire::MAX_PAYLOAD
+                ),
+            );
+        }
+        if spec.queue_frames == 0 {
+            return bad("queue_frames", "must be at least 1".into());
+        }
+        let span = wire::frame_span(spec.max_payload);
+        if (spec.queue_bytes as usize) < span {
+            return bad(
+                "queue_bytes",
+                format!(
+                    "{} cannot hold one frame of max_payload {} ({span} bytes); raise it or lower max_payload",
+                    spec.queue_bytes, spec.max_payload
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Installs this mailbox as `array`'s vendor handler.
+    pub fn install(self: &Arc<Self>, array: &Array) {
+        array.set_vendor_handler(self.clone());
+    }
+
+    /// The STG id and member index of LUN `lun`, if it is a member.
+    pub fn member_of(&self, lun: u64) -> Option<(u32, u16)> {
+        self.luns
+            .get(&lun)
+            .map(|&(stg, member)| (self.stgs[stg].spec.id, member))
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> MailboxStats {
+        self.shared.lock().stats
+    }
+
+    /// Drops every binding of every STG, as an array restart does: queued
+    /// frames are discarded and waiting RECEIVEs complete with ABORTED
+    /// COMMAND 80h/09h. (Pair it with [`Array::power_on`] for the unit
+    /// attention hosts see.)
+    pub fn reset(&self) {
+        let actions = {
+            let mut st = self.shared.lock();
+            drop_all(&mut st)
+        };
+        run(&self.shared, actions);
+    }
+
+    fn resolve(&self, stg: usize, handle: u32) -> Option<u32> {
+        lookup(&self.shared.lock(), stg, handle)
+    }
+
+    fn stg_info(&self, stg: usize, member: u16, len: usize, task: Task) {
+        let s = &self.stgs[stg];
+        let info = StgInfo {
+            version: vendor::PROTOCOL_VERSION,
+            member_index: member,
+            stg_id: s.spec.id,
+            max_payload: s.spec.max_payload,
+            queue_bytes: s.spec.queue_bytes,
+            queue_frames: s.spec.queue_frames,
+            members: s.naas.clone(),
+        };
+        task.respond(&info.to_bytes(), len);
+    }
+
+    fn bind(&self, stg: usize, requested: u32, task: Task) {
+        let spec = &self.stgs[stg].spec;
+        let result = {
+            let mut st = self.shared.lock();
+            let st = &mut *st;
+            let ports = &mut st.ports[stg];
+            let port = if requested == 0 {
+                let mut candidate = *vendor::DYNAMIC_PORTS.start();
+                for &p in ports.range(vendor::DYNAMIC_PORTS).map(|(p, _)| p) {
+                    if p != candidate {
+                        break;
+                    }
+                    candidate += 1;
+                }
+                (candidate <= *vendor::DYNAMIC_PORTS.end())
+                    .then_some(candidate)
+                    .ok_or(MailboxError::NoFreePorts)
+            } else if ports.contains_key(&requested) {
+                Err(MailboxError::PortInUse)
+            } else {
+                Ok(requested)
+            };
+            port.map(|port| {
+                let handle = loop {
+                    let h: u32 = st.rng.gen();
+                    if h != 0 && !st.handles.contains_key(&h) {
+                        break h;
+                    }
+                };
+                st.handles.insert(handle, (stg, port));
+                ports.insert(
+                    port,
+                    Port {
+                        handle,
+                        queue: VecDeque::new(),
+                        queued_bytes: 0,
+                        waiters: VecDeque::new(),
+                        accepted: 0,
+                        delivered: 0,
+                    },
+                );
+                BindResult {
+                    port,
+                    handle,
+                    queue_bytes: spec.queue_bytes,
+                    queue_frames: spec.queue_frames,
+                }
+            })
+        };
+        match result {
+            Ok(r) => task.respond(&r.to_bytes(), vendor::BIND_LEN),
+            Err(e) => refuse(task, &e),
+        }
+    }
+
+    fn release(&self, stg: usize, handle: u32, task: Task) {
+        let actions = {
+            let mut st = self.shared.lock();
+            let Some(port) = lookup(&st, stg, handle) else {
+                drop(st);
+                return refuse(task, &MailboxError::BadHandle);
+            };
+            st.handles.remove(&handle);
+            match st.ports[stg].remove(&port) {
+                Some(p) => unbind(&mut st, p),
+                None => Vec::new(),
+            }
+        };
+        run(&self.shared, actions);
+        task.complete(TaskResult::good(0));
+    }
+
+    fn port_status(&self, stg: usize, handle: u32, task: Task) {
+        let status = {
+            let st = self.shared.lock();
+            lookup(&st, stg, handle)
+                .and_then(|port| st.ports[stg].get(&port).map(|p| (port, p)))
+                .map(|(port, p)| PortStatus {
+                    port,
+                    queued_frames: u32::try_from(p.queue.len()).unwrap_or(u32::MAX),
+                    queued_bytes: u32::try_from(p.queued_bytes).unwrap_or(u32::MAX),
+                    waiting_receives: u32::try_from(p.waiters.len()).unwrap_or(u32::MAX),
+                    frames_accepted: p.accepted,
+                    frames_delivered: p.delivered,
+                })
+        };
+        match status {
+            Some(s) => task.respond(&s.to_bytes(), vendor::PORT_STATUS_LEN),
+            None => refuse(task, &MailboxError::BadHandle),
+        }
+    }
+
+    fn send(&self, stg: usize, handle: u32, task: Task) {
+        match self.try_send(stg, handle, &task) {
+            Ok(actions) => {
+                run(&self.shared, actions);
+                task.complete(TaskResult::good(0));
+            }
+            Err(e) => {
+                self.shared.lock().stats.sends_refused += 1;
+                refuse(task, &e);
+            }
+        }
+    }
+
+    /// Validates a SEND and, if every frame passes, queues them all and
+    /// pairs them with waiting RECEIVEs. Checks, in order: the handle; each
+    /// frame in turn for structure (including `max_payload`) and source
+    /// port; then, under the lock, each frame's destination; then each
+    /// destination's room, in order of first appearance.
+    fn try_send(&self, stg: usize, handle: u32, task: &Task) -> Result<Vec<Action>, MailboxError> {
+        let src = self.resolve(stg, handle).ok_or(MailboxError::BadHandle)?;
+        // The one copy into the array: the whole data-out, once.
+        let len = task.reply.data_len();
+        let mut data = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            let n = task.reply.read_out(got, &mut data[got..]);
+            if n == 0 {
+                break; // the front end broke its promise: the rest reads as zeros
+            }
+            got += n;
+        }
+        let max_payload = self.stgs[stg].spec.max_payload;
+        let offset = |o: usize| u32::try_from(o).unwrap_or(u32::MAX);
+        // (offset, bytes without padding, destination)
+        let mut frames: Vec<(usize, usize, u32)> = Vec::new();
+        for found in Frames::new(&data) {
+            let f = found.map_err(|(at, _)| MailboxError::MalformedFrame { offset: offset(at) })?;
+            if f.header.payload_len > max_payload {
+                return Err(MailboxError::MalformedFrame {
+                    offset: offset(f.offset),
+                });
+            }
+            if f.header.src_port != src {
+                return Err(MailboxError::SourcePortMismatch {
+                    offset: offset(f.offset),
+                });
+            }
+            let bytes = wire::HEADER_LEN + f.header.payload_len as usize;
+            frames.push((f.offset, bytes, f.header.dst_port));
+        }
+        let buf = Arc::new(data);
+        let spec = &self.stgs[stg].spec;
+
+        let mut st = self.shared.lock();
+        if lookup(&st, stg, handle) != Some(src) {
+            return Err(MailboxError::BadHandle); // released meanwhile
+        }
+        // Destinations, grouped by port in order of first appearance.
+        let mut order: Vec<(u32, Vec<usize>)> = Vec::new();
+        for &(_, bytes, dst) in &frames {
+            if !st.ports[stg].contains_key(&dst) {
+                return Err(MailboxError::PortNotBound(dst));
+            }
+            let span = bytes.next_multiple_of(wire::ALIGN);
+            match order.iter_mut().find(|(p, _)| *p == dst) {
+                Some((_, spans)) => spans.push(span),
+                None => order.push((dst, vec![span])),
+            }
+        }
+        // Room: what would stay queued once waiting RECEIVEs took their share.
+        for (dst, spans) in &order {
+            let p = &st.ports[stg][dst];
+            let (frames_left, bytes_left) = left_after_waiters(p, spans);
+            if frames_left > spec.queue_frames as usize || bytes_left > spec.queue_bytes as usize {
+                return Err(MailboxError::QueueFull { port: *dst });
+            }
+        }
+        // Commit: nothing below can fail.
+        let st = &mut *st;
+        for &(start, len, dst) in &frames {
+            if let Some(p) = st.ports[stg].get_mut(&dst) {
+                p.queued_bytes += len.next_multiple_of(wire::ALIGN);
+                p.accepted += 1;
+                p.queue.push_back(Queued {
+                    buf: buf.clone(),
+                    start,
+                    len,
+                });
+            }
+        }
+        st.stats.frames_accepted += frames.len() as u64;
+        let mut actions = Vec::new();
+        for (dst, _) in &order {
+            pump(st, stg, *dst, true, &mut actions);
+        }
+        Ok(actions)
+    }
+
+    fn receive(&self, stg: usize, handle: u32, flags: u8, task: Task) {
+        let timeout = vendor::receive_timeout(flags);
+        let alloc = task.reply.data_len();
+        let mut actions = Vec::new();
+        {
+            let mut st = self.shared.lock();
+            let Some(port) = lookup(&st, stg, handle) else {
+                drop(st);
+                return refuse(task, &MailboxError::BadHandle);
+            };
+            let st = &mut *st;
+            // Settle first, so that the queue and the waiters are not both
+            // non-empty.
+            pump(st, stg, port, false, &mut actions);
+            let State {
+                ports,
+                deadlines,
+                stats,
+                next_waiter,
+                ..
+            } = st;
+            match ports[stg].get_mut(&port) {
+                // Unreachable (handles and ports change together), but the
+                // task is answered all the same.
+                None => actions.push(Action::Complete(
+                    task.reply,
+                    TaskResult::check(sense_of(&MailboxError::BadHandle)),
+                )),
+                Some(p) if !p.queue.is_empty() => {
+                    let n = fit(p.queue.iter().map(Queued::span), alloc);
+                    if n == 0 {
+                        let needed = u32::try_from(p.queue[0].span()).unwrap_or(u32::MAX);
+                        let sense = sense_of(&MailboxError::FrameTooLarge { needed });
+                        actions.push(Action::Complete(task.reply, TaskResult::check(sense)));
+                    } else {
+                        let frames = take(p, n);
+                        stats.delivered_queued += n as u64;
+                        actions.push(Action::Deliver {
+                            reply: task.reply,
+                            frames,
+                            stg,
+                            port,
+                            handle,
+                            direct: false,
+                        });
+                    }
+                }
+                Some(_) if timeout.is_zero() => {
+                    actions.push(Action::Complete(task.reply, TaskResult::good(0)));
+                }
+                Some(p) => {
+                    let id = *next_waiter;
+                    *next_waiter += 1;
+                    let deadline = Instant::now() + timeout;
+                    p.waiters.push_back(Waiter {
+                        id,
+                        reply: task.reply,
+                        alloc,
+                        deadline,
+                    });
+                    deadlines.insert((deadline, id), (stg, port));
+                    stats.receives_held += 1;
+                    self.shared.wake.notify_one();
+                }
+            }
+        }
+        run(&self.shared, actions);
+    }
+}
+
+impl VendorHandler for StgMailbox {
+    fn direction(&self, opcode: Opcode) -> Option<DataDirection> {
+        vendor::direction(opcode)
+    }
+
+    fn execute(&self, lun: &Arc<Lun>, cdb: VendorCdb, task: Task) {
+        let (Some(expected), Some(&(stg, member))) =
+            (vendor::direction(cdb.opcode), self.luns.get(&lun.id()))
+        else {
+            return refuse(task, &MailboxError::NotAnStgMember);
+        };
+        // Flags (byte 1), handle (byte 2), length (byte 6) per command.
+        let flags_ok = match cdb.opcode {
+            vendor::RECEIVE => cdb.flags & !vendor::TIMEOUT_MASK == 0,
+            _ => cdb.flags == 0,
+        };
+        if !flags_ok {
+            return task.fail(Sense::invalid_field_in_cdb(1, None));
+        }
+        let handle_ok = match cdb.opcode {
+            vendor::STG_INFO => cdb.handle == 0,
+            vendor::BIND => cdb.handle <= vendor::MAX_PORT,
+            _ => true,
+        };
+        if !handle_ok {
+            return task.fail(Sense::invalid_field_in_cdb(2, None));
+        }
+        let len = cdb.length as usize;
+        let len_ok = match cdb.opcode {
+            vendor::BIND => len == vendor::BIND_LEN,
+            vendor::RELEASE => len == 0,
+            vendor::PORT_STATUS => len == vendor::PORT_STATUS_LEN,
+            _ => true,
+        };
+        // The transfer length must equal the initiator's buffer (§3).
+        if !len_ok || len != task.reply.data_len() {
+            return task.fail(Sense::invalid_field_in_cdb(6, None));
+        }
+        // A buffer set up the wrong way round cannot carry the data.
+        if len > 0 && task.direction != expected {
+            return task.fail(Sense::new(
+                SenseKey::ILLEGAL_REQUEST,
+                Asc::INVALID_FIELD_IN_CDB,
+            ));
+        }
+        match cdb.opcode {
+            vendor::STG_INFO => self.stg_info(stg, member, len, task),
+            vendor::BIND => self.bind(stg, cdb.handle, task),
+            vendor::RELEASE => self.release(stg, cdb.handle, task),
+            vendor::SEND => self.send(stg, cdb.handle, task),
+            vendor::RECEIVE => self.receive(stg, cdb.handle, cdb.flags, task),
+            vendor::PORT_STATUS => self.port_status(stg, cdb.handle, task),
+            _ => refuse(task, &MailboxError::NotAnStgMember),
+        }
+    }
+}
+
+impl Drop for StgMailbox {
+    fn drop(&mut self) {
+        let actions = {
+            let mut st = self.shared.lock();
+            st.shutdown = true;
+            drop_all(&mut st)
+        };
+        self.shared.wake.notify_all();
+        run(&self.shared, actions);
+        if let Some(timer) = self.timer.take() {
+            // Never join ourselves (the last reference dropped by a
+            // completion running on the timer thread).
+            if timer.thread().id() != std::thread::current().id() {
+                let _ = timer.join();
+            }
+        }
+    }
+}
+
+/// The sense of a mailbox condition (never [`MailboxError::Other`] here).
+fn sense_of(e: &MailboxError) -> Sense {
+    e.to_sense()
+        .unwrap_or_else(|| Sense::new(SenseKey::HARDWARE_ERROR, Asc::INTERNAL_TARGET_FAILURE))
+}
+
+fn refuse(task: Task, e: &MailboxError) {
+    task.fail(sense_of(e));
+}
+
+/// The port a handle binds in STG `stg`, if any.
+fn lookup(st: &State, stg: usize, handle: u32) -> Option<u32> {
+    match st.handles.get(&handle) {
+        Some(&(s, port)) if s == stg => Some(port),
+        _ => None,
+    }
+}
+
+/// How many frames, taken in order, fit in `alloc` bytes.
+fn fit(spans: impl Iterator<Item = usize>, alloc: usize) -> usize {
+    let mut used = 0usize;
+    let mut n = 0;
+    for span in spans {
+        match used.checked_add(span) {
+            Some(u) if u <= alloc => used = u,
+            _ => break,
+        }
+        n += 1;
+    }
+    n
+}
+
+/// Frames and bytes that would stay in `p`'s queue if `new` frames (by
+/// span) arrived and [`pump`] ran: the same greedy, oldest-first pairing.
+fn left_after_waiters(p: &Port, new: &[usize]) -> (usize, usize) {
+    if p.waiters.is_empty() {
+        return (
+            p.queue.len() + new.len(),
+            p.queued_bytes + new.iter().sum::<usize>(),
+        );
+    }
+    let spans: Vec<usize> = p
+        .queue
+        .iter()
+        .map(Queued::span)
+        .chain(new.iter().copied())
+        .collect();
+    let mut taken = 0;
+    for w in &p.waiters {
+        if taken == spans.len() {
+            break;
+        }
+        if !w.reply.is_aborted() {
+            taken += fit(spans[taken..].iter().copied(), w.alloc);
+        }
+    }
+    (spans.len() - taken, spans[taken..].iter().sum())
+}
+
+/// Removes the first `n` frames of `p`'s queue, counting them delivered.
+fn take(p: &mut Port, n: usize) -> Vec<Queued> {
+    let frames: Vec<Queued> = p.queue.drain(..n).collect();
+    let bytes: usize = frames.iter().map(Queued::span).sum();
+    p.queued_bytes = p.queued_bytes.saturating_sub(bytes);
+    p.delivered += n as u64;
+    frames
+}
+
+/// Pairs queued frames with waiting RECEIVEs, oldest first, until one of
+/// the two is empty. Aborted waiters are dropped; a waiter whose allocation
+/// cannot hold the first frame fails with 80h/07h.
+fn pump(st: &mut State, stg: usize, port: u32, direct: bool, out: &mut Vec<Action>) {
+    let Some(p) = st.ports[stg].get_mut(&port) else {
+        return;
+    };
+    while !p.queue.is_empty() {
+        let Some(w) = p.waiters.pop_front() else {
+            break;
+        };
+        st.deadlines.remove(&(w.deadline, w.id));
+        if w.reply.is_aborted() {
+            st.stats.receives_aborted += 1;
+            out.push(Action::Drop(w.reply));
+            continue;
+        }
+        let n = fit(p.queue.iter().map(Queued::span), w.alloc);
+        if n == 0 {
+            let needed = u32::try_from(p.queue[0].span()).unwrap_or(u32::MAX);
+            let sense = sense_of(&MailboxError::FrameTooLarge { needed });
+            out.push(Action::Complete(w.reply, TaskResult::check(sense)));
+            continue;
+        }
+        let frames = take(p, n);
+        if direct {
+            st.stats.delivered_direct += n as u64;
+        } else {
+            st.stats.delivered_queued += n as u64;
+        }
+        out.push(Action::Deliver {
+            reply: w.reply,
+            frames,
+            stg,
+            port,
+            handle: p.handle,
+            direct,
+        });
+    }
+}
+
+/// Tears down an unbound port: its waiters complete with 80h/09h, its
+/// queue is dropped.
+fn unbind(st: &mut State, p: Port) -> Vec<Action> {
+    st.stats.frames_dropped += p.queue.len() as u64;
+    let released = TaskResult::check(sense_of(&MailboxError::Released));
+    p.waiters
+        .into_iter()
+        .map(|w| {
+            st.deadlines.remove(&(w.deadline, w.id));
+            Action::Complete(w.reply, released.clone())
+        })
+        .collect()
+}
+
+/// Drops every binding of every STG.
+fn drop_all(st: &mut State) -> Vec<Action> {
+    st.handles.clear();
+    let mut actions = Vec::new();
+    for stg in 0..st.ports.len() {
+        let ports = std::mem::take(&mut st.ports[stg]);
+        for (_, p) in ports {
+            actions.extend(unbind(st, p));
+        }
+    }
+    st.deadlines.clear();
+    actions
+}
+
+/// Carries out `actions` with the lock released. A delivery whose reply
+/// was aborted meanwhile puts its frames back at the head of the queue
+/// (and pairs them again) rather than lose them.
+fn run(shared: &Shared, actions: Vec<Action>) {
+    const ZEROS: [u8; wire::ALIGN] = [0; wire::ALIGN];
+    let mut actions = VecDeque::from(actions);
+    while let Some(action) = actions.pop_front() {
+        match action {
+            Action::Complete(reply, result) => {
+                if !reply.is_aborted() {
+                    reply.complete(result);
+                }
+            }
+            Action::Drop(reply) => drop(reply),
+            Action::Deliver {
+                mut reply,
+                frames,
+                stg,
+                port,
+                handle,
+                direct,
+            } => {
+                if reply.is_aborted() {
+                    drop(reply);
+                    let mut more = Vec::new();
+                    {
+                        let mut st = shared.lock();
+                        requeue(&mut st, stg, port, handle, frames, direct);
+                        pump(&mut st, stg, port, false, &mut more);
+                    }
+                    actions.extend(more);
+                    continue;
+                }
+                let mut at = 0;
+                for f in &frames {
+                    let bytes = f.bytes();
+                    reply.write_in(at, bytes);
+                    let pad = f.span() - bytes.len();
+                    if pad > 0 {
+                        reply.write_in(at + bytes.len(), &ZEROS[..pad]);
+                    }
+                    at += f.span();
+                }
+                reply.complete(TaskResult::good(at));
+            }
+        }
+    }
+}
+
+/// Puts frames taken for an aborted RECEIVE back at the head of their
+/// queue, if the binding still exists (else they are dropped).
+fn requeue(st: &mut State, stg: usize, port: u32, handle: u32, frames: Vec<Queued>, direct: bool) {
+    let n = frames.len() as u64;
+    st.stats.receives_aborted += 1;
+    let counter = if direct {
+        &mut st.stats.delivered_direct
+    } else {
+        &mut st.stats.delivered_queued
+    };
+    *counter = counter.saturating_sub(n);
+    match st.ports[stg].get_mut(&port) {
+        Some(p) if p.handle == handle => {
+            p.delivered = p.delivered.saturating_sub(n);
+            for f in frames.into_iter().rev() {
+                p.queued_bytes += f.span();
+                p.queue.push_front(f);
+            }
+        }
+        _ => st.stats.frames_dropped += n,
+    }
+}
+
+/// The timer thread: completes held RECEIVEs whose long poll expired, with
+/// GOOD and no data. Exits once the mailbox is dropped.
+fn timer_loop(shared: &Shared) {
+    let mut st = shared.lock();
+    loop {
+        if st.shutdown {
+            return;
+        }
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        {
+            let s = &mut *st;
+            while let Some((&(deadline, id), &(stg, port))) = s.deadlines.first_key_value() {
+                if deadline > now {
+                    break;
+                }
+                s.deadlines.pop_first();
+                let Some(p) = s.ports[stg].get_mut(&port) else {
+                    continue;
+                };
+                if let Some(i) = p.waiters.iter().position(|w| w.id == id) {
+                    if let Some(w) = p.waiters.remove(i) {
+                        if w.reply.is_aborted() {
+                            s.stats.receives_aborted += 1;
+                        } else {
+                            s.stats.receive_timeouts += 1;
+                        }
+                        expired.push(w.reply);
+                    }
+                }
+            }
+        }
+        if !expired.is_empty() {
+            drop(st);
+            for reply in expired {
+                if !reply.is_aborted() {
+                    reply.complete(TaskResult::good(0));
+                }
+            }
+            st = shared.lock();
+            continue;
+        }
+        let next = st.deadlines.first_key_value().map(|(&(d, _), _)| d);
+        st = match next {
+            Some(d) => {
+                shared
+                    .wake
+                    .wait_timeout(st, d.saturating_duration_since(now))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+            }
+            None => shared.wake.wait(st).unwrap_or_else(|e| e.into_inner()),
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use scsi::{Cdb, CdbBuf, Command, CommandError, IoBuf, Transport};
+    use stp_core::vendor::classify;
+    use stp_core::wire::{Header, Kind};
+
+    use super::*;
+    use crate::{Host, InProcTransport, LunConfig};
+
+    const MAX_PAYLOAD: u32 = 4096;
+    const QUEUE_FRAMES: u32 = 4;
+
+    fn spec(id: u32, members: Vec<u64>) -> StgSpec {
+        StgSpec {
+            max_payload: MAX_PAYLOAD,
+            queue_bytes: 64 << 10,
+            queue_frames: QUEUE_FRAMES,
+            ..StgSpec::new(id, members)
+        }
+    }
+
+    fn array() -> Array {
+        let a = Array::new();
+        for id in 0..6 {
+            a.add_lun(id, LunConfig::new(id, 2048, 512)).unwrap();
+        }
+        a
+    }
+
+    /// An array of LUNs 0–5 serving `specs`.
+    fn setup(specs: Vec<StgSpec>) -> (Array, Arc<StgMailbox>) {
+        let a = array();
+        let m = StgMailbox::with_seed(&a, specs, 42).unwrap();
+        m.install(&a);
+        (a, m)
+    }
+
+    /// STG 7 over LUNs 0, 1, 2; hosts A and B.
+    fn two_hosts() -> (Array, Arc<StgMailbox>, Host, Host) {
+        let (a, m) = setup(vec![spec(7, vec![0, 1, 2])]);
+        let ha = Host::login(&a, "host-a");
+        let hb = Host::login(&a, "host-b");
+        (a, m, ha, hb)
+    }
+
+    fn cdb(c: VendorCdb) -> CdbBuf {
+        Cdb::from(c).emit()
+    }
+
+    /// One host's path to one LUN, running one command at a time (or
+    /// several, completed with `wait`).
+    struct Path(InProcTransport);
+
+    impl Path {
+        fn open(host: &Host, lun: u64) -> Path {
+            Path(host.open(lun).unwrap())
+        }
+
+        fn submit(&mut self, cmd: Command) {
+            self.0.submit(cmd).unwrap();
+        }
+
+        fn wait(&mut self) -> Result<Vec<u8>, MailboxError> {
+            let mut out = Vec::new();
+            while out.is_empty() {
+                self.0.reap(&mut out, None).unwrap();
+            }
+            let c = out.remove(0);
+            c.into_result()
+                .map(|(d, _)| d.as_slice().to_vec())
+                .map_err(classify)
+        }
+
+        fn run(&mut self, cmd: Command) -> Result<Vec<u8>, MailboxError> {
+            self.submit(cmd);
+            self.wait()
+        }
+
+        fn bind(&mut self, port: u32) -> Result<BindResult, MailboxError> {
+            let d = self.run(Command::data_in(cdb(vendor::bind(port)), 16))?;
+            Ok(BindResult::parse(&d).unwrap())
+        }
+
+        fn send(&mut self, handle: u32, data: &[u8]) -> Result<(), MailboxError> {
+            let c = cdb(vendor::send(handle, data.len() as u32));
+            self.run(Command::data_out(c, IoBuf::from_slice(data)))
+                .map(|_| ())
+        }
+
+        fn receive_cmd(handle: u32, len: usize, timeout: Duration) -> Command {
+            Command::data_in(cdb(vendor::receive(handle, len as u32, timeout)), len)
+        }
+
+        fn receive(&mut self, handle: u32, len: usize) -> Result<Vec<u8>, MailboxError> {
+            self.run(Self::receive_cmd(handle, len, Duration::ZERO))
+        }
+
+        fn release(&mut self, handle: u32) -> Result<(), MailboxError> {
+            self.run(Command::no_data(cdb(vendor::release(handle))))
+                .map(|_| ())
+        }
+
+        fn status(&mut self, handle: u32) -> Result<PortStatus, MailboxError> {
+            let d = self.run(Command::data_in(cdb(vendor::port_status(handle)), 32))?;
+            Ok(PortStatus::parse(&d).unwrap())
+        }
+
+        fn stg_info(&mut self, alloc: usize) -> Result<Vec<u8>, MailboxError> {
+            self.run(Command::data_in(cdb(vendor::stg_info(alloc as u32)), alloc))
+        }
+    }
+
+    /// A DATA frame (CRC and tag left zero: the array checks structure only).
+    fn frame(src: u32, dst: u32, payload: &[u8]) -> Vec<u8> {
+        let h = Header {
+            kind: Kind::DATA,
+            src_port: src,
+            dst_port: dst,
+            payload_len: payload.len() as u32,
+            ..Header::default()
+        };
+        let mut v = h.to_bytes().to_vec();
+        v.extend_from_slice(payload);
+        v
+    }
+
+    /// Frames packed at aligned offsets.
+    fn pack(frames: &[Vec<u8>]) -> Vec<u8> {
+        let mut v = Vec::new();
+        for f in frames {
+            v.resize(v.len().next_multiple_of(wire::ALIGN), 0);
+            v.extend_from_slice(f);
+        }
+        v
+    }
+
+    /// (src, dst, payload) of each frame in a RECEIVE buffer, checking that
+    /// every frame starts aligned and the buffer walks cleanly.
+    fn unpack(buf: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
+        Frames::new(buf)
+            .map(|f| {
+                let f = f.expect("RECEIVE data walks cleanly");
+                assert_eq!(f.offset % wire::ALIGN, 0);
+                (
+                    f.header.src_port,
+                    f.header.dst_port,
+                    f.payload(buf).to_vec(),
+                )
+            })
+            .collect()
+    }
+
+    fn sense(e: &MailboxError) -> &Sense {
+        match e {
+            MailboxError::Other(CommandError::CheckCondition(s)) => s,
+            other => panic!("expected another CHECK CONDITION, got {other:?}"),
+        }
+    }
+
+    fn assert_invalid_field(e: &MailboxError, byte: u16) {
+        let s = sense(e);
+        assert_eq!(s.key, SenseKey::ILLEGAL_REQUEST);
+        assert_eq!(s.asc, Asc::INVALID_FIELD_IN_CDB);
+        assert_eq!(s.field_pointer().map(|p| p.byte), Some(byte), "{s:?}");
+    }
+
+    #[test]
+    fn bind_dynamic_specific_in_use_and_out_of_range() {
+        let (_a, _m, ha, _hb) = two_hosts();
+        let mut p = Path::open(&ha, 0);
+        let d1 = p.bind(0).unwrap();
+        let d2 = p.bind(0).unwrap();
+        assert_eq!((d1.port, d2.port), (32768, 32769));
+        assert_eq!((d1.queue_frames, d1.queue_bytes), (QUEUE_FRAMES, 64 << 10));
+        let s = p.bind(5100).unwrap();
+        assert_eq!(s.port, 5100);
+        assert!(d1.handle != 0 && d2.handle != 0 && s.handle != 0);
+        assert!(d1.handle != d2.handle && d2.handle != s.handle && d1.handle != s.handle);
+        // The same port again, through another member and another host.
+        let mut q = Path::open(&_hb, 2);
+        assert!(matches!(q.bind(5100), Err(MailboxError::PortInUse)));
+        assert!(matches!(q.bind(32768), Err(MailboxError::PortInUse)));
+        assert_invalid_field(&q.bind(65536).unwrap_err(), 2);
+        assert_invalid_field(&q.bind(u32::MAX).unwrap_err(), 2);
+        assert_eq!(q.bind(65535).unwrap().port, 65535);
+        // Released dynamic ports are reused lowest first.
+        p.release(d1.handle).unwrap();
+        assert_eq!(q.bind(0).unwrap().port, 32768);
+        assert_eq!(q.bind(0).unwrap().port, 32770);
+    }
+
+    #[test]
+    fn dynamic_ports_run_out() {
+        let (_a, m, ha, _hb) = two_hosts();
+        let mut p = Path::open(&ha, 0);
+        // Fill the dynamic space directly (32768 BINDs through the front
+        // end would only be slow), then ask through it.
+        {
+            let mut st = m.shared.lock();
+            for port in vendor::DYNAMIC_PORTS.clone().skip(1) {
+                let handle = port; // unique, non-zero
+                st.handles.insert(handle, (0, port));
+                st.ports[0].insert(
+                    port,
+                    Port {
+                        handle,
+                        queue: VecDeque::new(),
+                        queued_bytes: 0,
+                        waiters: VecDeque::new(),
+                        accepted: 0,
+                        delivered: 0,
+                    },
+                );
+            }
+        }
+        let last = p.bind(0).unwrap();
+        assert_eq!(last.port, 32768);
+        assert!(matches!(p.bind(0), Err(MailboxError::NoFreePorts)));
+        // Static ports are unaffected.
+        assert_eq!(p.bind(1).unwrap().port, 1);
+    }
+
+    #[test]
+    fn send_to_unbound_port() {
+        let (_a, m, ha, _hb) = two_hosts();
+        let mut p = Path::open(&ha, 0);
+        let b = p.bind(0).unwrap();
+        let e = p
+            .send(b.handle, &frame(b.port, 40001, b"hello"))
+            .unwrap_err();
+        assert!(matches!(e, MailboxError::PortNotBound(40001)), "{e:?}");
+        assert!(!e.is_retryable());
+        // Port 0 is never bound.
+        let e = p.send(b.handle, &frame(b.port, 0, b"")).unwrap_err();
+        assert!(matches!(e, MailboxError::PortNotBound(0)), "{e:?}");
+        assert_eq!(m.stats().sends_refused, 2);
+        // An unknown handle.
+        let e = p
+            .send(b.handle ^ 1, &frame(b.port, b.port, b""))
+            .unwrap_err();
+        assert!(matches!(e, MailboxError::BadHandle), "{e:?}");
+    }
+
+    #[test]
+    fn spoofed_source_port() {
+        let (_a, _m, ha, hb) = two_hosts();
+        let mut a = Path::open(&ha, 0);
+        let mut b = Path::open(&hb, 1);
+        let pa = a.bind(0).unwrap();
+        let pb = b.bind(5100).unwrap();
+        let e = a.send(pa.handle, &frame(1234, pb.port, b"x")).unwrap_err();
+        assert!(
+            matches!(e, MailboxError::SourcePortMismatch { offset: 0 }),
+            "{e:?}"
+        );
+        // The second frame claims B's own port.
+        let first = frame(pa.port, pb.port, b"hello");
+        let data = pack(&[first.clone(), frame(pb.port, pb.port, b"x")]);
+        let e = a.send(pa.handle, &data).unwrap_err();
+        let want = wire::frame_span(5) as u32;
+        assert!(
+            matches!(e, MailboxError::SourcePortMismatch { offset } if offset == want),
+            "{e:?}"
+        );
+        assert_eq!(b.status(pb.handle).unwrap().queued_frames, 0);
+    }
+
+    #[test]
+    fn malformed_frames() {
+        let (_a, _m, ha, _hb) = two_hosts();
+        let mut a = Path::open(&ha, 0);
+        let pa = a.bind(0).unwrap();
+        let good = frame(pa.port, pa.port, b"ok");
+        let at = wire::frame_span(2);
+        // Bad magic in the second frame.
+        let mut bad = frame(pa.port, pa.port, b"x");
+        bad[0] = 0;
+        let e = a.send(pa.handle, &pack(&[good.clone(), bad])).unwrap_err();
+        assert!(matches!(e, MailboxError::MalformedFrame { offset } if offset as usize == at));
+        // Payload running past the data.
+        let mut cut = pack(&[good.clone(), frame(pa.port, pa.port, &[1; 100])]);
+        cut.truncate(cut.len() - 10);
+        let e = a.send(pa.handle, &cut).unwrap_err();
+        assert!(matches!(e, MailboxError::MalformedFrame { offset } if offset as usize == at));
+        // Payload above the STG's maximum (but within the protocol's).
+        let big = frame(pa.port, pa.port, &vec![0; MAX_PAYLOAD as usize + 1]);
+        let e = a.send(pa.handle, &big).unwrap_err();
+        assert!(
+            matches!(e, MailboxError::MalformedFrame { offset: 0 }),
+            "{e:?}"
+        );
+        // Trailing garbage shorter than a header.
+        let mut tail = good.clone();
+        tail.resize(at, 0);
+        tail.extend_from_slice(&[0xFF; 8]);
+        let e = a.send(pa.handle, &tail).unwrap_err();
+        assert!(matches!(e, MailboxError::MalformedFrame { offset } if offset as usize == at));
+        // Nothing was queued by any of them; a well-formed one goes through,
+        // trailing zero padding included.
+        assert_eq!(a.status(pa.handle).unwrap().frames_accepted, 0);
+        let mut padded = good;
+        padded.resize(at + 16, 0);
+        a.send(pa.handle, &padded).unwrap();
+        assert_eq!(a.status(pa.handle).unwrap().frames_accepted, 1);
+        // An empty SEND is a no-op.
+        a.send(pa.handle, &[]).unwrap();
+    }
+
+    #[test]
+    fn send_is_atomic() {
+        let (_a, m, ha, hb) = two_hosts();
+        let mut a = Path::open(&ha, 0);
+        let mut b = Path::open(&hb, 1);
+        let pa = a.bind(0).unwrap();
+        let pb = b.bind(0).unwrap();
+        let ok = frame(pa.port, pb.port, b"first");
+        // Second frame to an unbound port.
+        let e = a
+            .send(
+                pa.handle,
+                &pack(&[ok.clone(), frame(pa.port, 9, b"second")]),
+            )
+            .unwrap_err();
+        assert!(matches!(e, MailboxError::PortNotBound(9)));
+        // Second frame malformed.
+        let mut bad = frame(pa.port, pb.port, b"second");
+        bad[4] = 9; // version
+        let e = a.send(pa.handle, &pack(&[ok.clone(), bad])).unwrap_err();
+        assert!(matches!(e, MailboxError::MalformedFrame { .. }));
+        // Second frame spoofed.
+        let e = a
+            .send(
+                pa.handle,
+                &pack(&[ok.clone(), frame(7, pb.port, b"second")]),
+            )
+            .unwrap_err();
+        assert!(matches!(e, MailboxError::SourcePortMismatch { .. }));
+        let s = b.status(pb.handle).unwrap();
+        assert_eq!(
+            (s.queued_frames, s.queued_bytes, s.frames_accepted),
+            (0, 0, 0)
+        );
+        assert_eq!(m.stats().frames_accepted, 0);
+        assert!(b.receive(pb.handle, 4096).unwrap().is_empty());
+    }
+
+    #[test]
+    fn receive_returns_queued_frames_packed_and_aligned() {
+        let (_a, m, ha, hb) = two_hosts();
+        let mut a = Path::open(&ha, 0);
+        let mut b = Path::open(&hb, 2);
+        let pa = a.bind(0).unwrap();
+        let pb = b.bind(0).unwrap();
+        let payloads: [&[u8]; 3] = [b"hello", b"", b"thirteen-byte"];
+        let frames: Vec<_> = payloads
+            .iter()
+            .map(|p| frame(pa.port, pb.port, p))
+            .collect();
+        a.send(pa.handle, &pack(&frames)).unwrap();
+        let s = b.status(pb.handle).unwrap();
+        let spans: usize = payloads
+            .iter()
+            .map(|p| wire::frame_span(p.len() as u32))
+            .sum();
+        assert_eq!(
+            (s.port, s.queued_frames, s.queued_bytes),
+            (pb.port, 3, spans as u32)
+        );
+        assert_eq!(
+            (s.frames_accepted, s.frames_delivered, s.waiting_receives),
+            (3, 0, 0)
+        );
+
+        // A dirty buffer: the padding must come back zeroed.
+        let mut cmd = Path::receive_cmd(pb.handle, 4096, Duration::ZERO);
+        cmd.data.fill(0xEE);
+        let got = b.run(cmd).unwrap();
+        assert_eq!(got.len(), spans);
+        assert!(got[wire::HEADER_LEN + 5..wire::frame_span(5)]
+            .iter()
+            .all(|&x| x == 0));
+        let found = unpack(&got);
+        assert_eq!(found.len(), 3);
+        for ((src, dst, p), want) in found.iter().zip(payloads) {
+            assert_eq!((*src, *dst, p.as_slice()), (pa.port, pb.port, want));
+        }
+        let s = b.status(pb.handle).unwrap();
+        assert_eq!(
+            (s.queued_frames, s.queued_bytes, s.frames_delivered),
+            (0, 0, 3)
+        );
+        assert_eq!(m.stats().delivered_queued, 3);
+
+        // As many as fit, oldest first.
+        let f100 = frame(pa.port, pb.port, &[0xAB; 100]);
+        let span = wire::frame_span(100);
+        a.send(pa.handle, &pack(&[f100.clone(), f100.clone(), f100]))
+            .unwrap();
+        let got = b.receive(pb.handle, 2 * span + span / 2).unwrap();
+        assert_eq!(unpack(&got).len(), 2);
+        // The next one does not fit a small allocation: the size it needs.
+        let e = b.receive(pb.handle, 100).unwrap_err();
+        assert!(
+            matches!(e, MailboxError::FrameTooLarge { needed } if needed as usize == span),
+            "{e:?}"
+        );
+        assert_eq!(unpack(&b.receive(pb.handle, span).unwrap()).len(), 1);
+        assert!(b.receive(pb.handle, span).unwrap().is_empty());
+    }
+
+    #[test]
+    fn long_poll_satisfied_directly_from_another_member() {
+        let (_a, m, ha, hb) = two_hosts();
+        let mut a = Path::open(&ha, 0);
+        let mut b = Path::open(&hb, 1);
+        let mut b_status = Path::open(&hb, 2);
+        let pa = a.bind(0).unwrap();
+        let pb = b.bind(0).unwrap();
+        let start = Instant::now();
+        b.submit(Path::receive_cmd(pb.handle, 4096, Duration::from_secs(10)));
+        let s = b_status.status(pb.handle).unwrap();
+        assert_eq!(s.waiting_receives, 1);
+        assert_eq!(m.stats().receives_held, 1);
+
+        let frames = [
+            frame(pa.port, pb.port, b"one"),
+            frame(pa.port, pb.port, b"two"),
+        ];
+        a.send(pa.handle, &pack(&frames)).unwrap();
+        let got = b.wait().unwrap();
+        assert!(start.elapsed() < Duration::from_secs(5));
+        let found = unpack(&got);
+        let payloads: Vec<_> = found.iter().map(|f| f.2.as_slice()).collect();
+        assert_eq!(payloads, [b"one".as_slice(), b"two"]);
+        let st = m.stats();
+        assert_eq!((st.delivered_direct, st.delivered_queued), (2, 0));
+        assert_eq!(st.frames_accepted, 2);
+        let s = b_status.status(pb.handle).unwrap();
+        assert_eq!(
+            (s.waiting_receives, s.queued_frames, s.frames_delivered),
+            (0, 0, 2)
+        );
+    }
+
+    #[test]
+    fn waiters_are_served_oldest_first_and_packed() {
+        let (_a, m, ha, hb) = two_hosts();
+        let mut a = Path::open(&ha, 0);
+        let mut b1 = Path::open(&hb, 1);
+        let mut b2 = Path::open(&hb, 2);
+        let pa = a.bind(0).unwrap();
+        let pb = b1.bind(0).unwrap();
+        let span = wire::frame_span(8);
+        b1.submit(Path::receive_cmd(
+            pb.handle,
+            2 * span,
+            Duration::from_secs(10),
+        ));
+        b2.submit(Path::receive_cmd(
+            pb.handle,
+            2 * span,
+            Duration::from_secs(10),
+        ));
+        let frames: Vec<_> = (0..3u8).map(|i| frame(pa.port, pb.port, &[i; 8])).collect();
+        a.send(pa.handle, &pack(&frames)).unwrap();
+        let first = unpack(&b1.wait().unwrap());
+        let second = unpack(&b2.wait().unwrap());
+        assert_eq!(first.iter().map(|f| f.2[0]).collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(second.iter().map(|f| f.2[0]).collect::<Vec<_>>(), [2]);
+        assert_eq!(m.stats().delivered_direct, 3);
+
+        // A waiter too small for the arriving frame learns the size it needs.
+        b1.submit(Path::receive_cmd(pb.handle, 16, Duration::from_secs(10)));
+        a.send(pa.handle, &frames[0]).unwrap();
+        let e = b1.wait().unwrap_err();
+        assert!(matches!(e, MailboxError::FrameTooLarge { needed } if needed as usize == span));
+        assert_eq!(unpack(&b1.receive(pb.handle, span).unwrap()).len(), 1);
+    }
+
+    #[test]
+    fn long_poll_times_out_empty() {
+        let (_a, m, ha, _hb) = two_hosts();
+        let mut a = Path::open(&ha, 0);
+        let pa = a.bind(0).unwrap();
+        // Timeout 0: at once.
+        assert!(a.receive(pa.handle, 4096).unwrap().is_empty());
+        let timeout = Duration::from_millis(300);
+        let start = Instant::now();
+        let got = a.run(Path::receive_cmd(pa.handle, 4096, timeout)).unwrap();
+        let held = start.elapsed();
+        assert!(got.is_empty());
+        assert!(held >= timeout, "held only {held:?}");
+        assert!(held < Duration::from_secs(5), "held {held:?}");
+        let st = m.stats();
+        assert_eq!((st.receives_held, st.receive_timeouts), (1, 1));
+        assert_eq!(a.status(pa.handle).unwrap().waiting_receives, 0);
+    }
+
+    #[test]
+    fn queue_full_back_pressure() {
+        let (_a, _m, ha, hb) = two_hosts();
+        let mut a = Path::open(&ha, 0);
+        let mut b = Path::open(&hb, 1);
+        let pa = a.bind(0).unwrap();
+        let pb = b.bind(0).unwrap();
+        let f = frame(pa.port, pb.port, b"payload");
+        // One SEND over the limit is refused whole.
+        let five: Vec<_> = (0..=QUEUE_FRAMES).map(|_| f.clone()).collect();
+        let e = a.send(pa.handle, &pack(&five)).unwrap_err();
+        assert!(
+            matches!(e, MailboxError::QueueFull { port } if port == pb.port),
+            "{e:?}"
+        );
+        assert_eq!(b.status(pb.handle).unwrap().queued_frames, 0);
+        // Fill it frame by frame; the next one bounces.
+        for _ in 0..QUEUE_FRAMES {
+            a.send(pa.handle, &f).unwrap();
+        }
+        let e = a.send(pa.handle, &f).unwrap_err();
+        assert!(
+            matches!(e, MailboxError::QueueFull { port } if port == pb.port),
+            "{e:?}"
+        );
+        assert!(e.is_retryable());
+        assert_eq!(
+            sense(&MailboxError::Other(CommandError::CheckCondition(
+                e.to_sense().unwrap()
+            )))
+            .key,
+            SenseKey::ABORTED_COMMAND
+        );
+        // Drain, and the SEND goes through.
+        let got = b.receive(pb.handle, 64 << 10).unwrap();
+        assert_eq!(unpack(&got).len(), QUEUE_FRAMES as usize);
+        a.send(pa.handle, &f).unwrap();
+        let s = b.status(pb.handle).unwrap();
+        assert_eq!(
+            (s.queued_frames, s.frames_accepted),
+            (1, u64::from(QUEUE_FRAMES) + 1)
+        );
+    }
+
+    #[test]
+    fn queue_byte_limit() {
+        let span = wire::frame_span(MAX_PAYLOAD);
+        let (a, _m) = setup(vec![StgSpec {
+            queue_bytes: span as u32,
+            ..spec(7, vec![0, 1])
+        }]);
+        let h = Host::login(&a, "h");
+        let mut p = Path::open(&h, 0);
+        let b = p.bind(0).unwrap();
+        let big = frame(b.port, b.port, &vec![1; MAX_PAYLOAD as usize]);
+        p.send(b.handle, &big).unwrap();
+        let e = p.send(b.handle, &frame(b.port, b.port, b"")).unwrap_err();
+        assert!(matches!(e, MailboxError::QueueFull { .. }), "{e:?}");
+        // A waiting RECEIVE takes its share first: with the queue drained and
+        // a RECEIVE waiting, two big frames fit (one direct, one queued).
+        assert_eq!(unpack(&p.receive(b.handle, span).unwrap()).len(), 1);
+        let mut w = Path::open(&h, 1);
+        w.submit(Path::receive_cmd(b.handle, span, Duration::from_secs(10)));
+        p.send(b.handle, &pack(&[big.clone(), big])).unwrap();
+        assert_eq!(unpack(&w.wait().unwrap()).len(), 1);
+        assert_eq!(p.status(b.handle).unwrap().queued_frames, 1);
+    }
+
+    #[test]
+    fn release_completes_waiters() {
+        let (_a, m, ha, hb) = two_hosts();
+        let mut a = Path::open(&ha, 0);
+        let mut b0 = Path::open(&hb, 0);
+        let mut b1 = Path::open(&hb, 1);
+        let mut b2 = Path::open(&hb, 2);
+        let pa = a.bind(0).unwrap();
+        let pb = b0.bind(5100).unwrap();
+        let pb2 = b0.bind(0).unwrap();
+        // Something queued on another binding survives.
+        a.send(pa.handle, &frame(pa.port, pb2.port, b"kept"))
+            .unwrap();
+        b1.submit(Path::receive_cmd(pb.handle, 4096, Duration::from_secs(10)));
+        b2.submit(Path::receive_cmd(pb.handle, 4096, Duration::from_secs(10)));
+        assert_eq!(b0.status(pb.handle).unwrap().waiting_receives, 2);
+        b0.release(pb.handle).unwrap();
+        for w in [&mut b1, &mut b2] {
+            let e = w.wait().unwrap_err();
+            assert!(matches!(e, MailboxError::Released), "{e:?}");
+            assert!(e.binding_lost() && !e.is_retryable());
+        }
+        // The binding is gone.
+        assert!(matches!(
+            b0.release(pb.handle),
+            Err(MailboxError::BadHandle)
+        ));
+        assert!(matches!(
+            b0.receive(pb.handle, 4096),
+            Err(MailboxError::BadHandle)
+        ));
+        assert!(matches!(b0.status(pb.handle), Err(MailboxError::BadHandle)));
+        let e = a.send(pa.handle, &frame(pa.port, 5100, b"")).unwrap_err();
+        assert!(matches!(e, MailboxError::PortNotBound(5100)));
+        assert_eq!(unpack(&b0.receive(pb2.handle, 4096).unwrap()).len(), 1);
+        // The port is free again.
+        assert_eq!(b1.bind(5100).unwrap().port, 5100);
+        // The timer has nothing left to expire.
+        assert!(m.shared.lock().deadlines.is_empty());
+    }
+
+    #[test]
+    fn release_drops_queued_frames() {
+        let (_a, m, ha, _hb) = two_hosts();
+        let mut a = Path::open(&ha, 0);
+        let pa = a.bind(0).unwrap();
+        a.send(pa.handle, &frame(pa.port, pa.port, b"lost"))
+            .unwrap();
+        a.release(pa.handle).unwrap();
+        assert_eq!(m.stats().frames_dropped, 1);
+    }
+
+    #[test]
+    fn stg_info_contents() {
+        let (a, _m) = setup(vec![spec(7, vec![3, 0, 1]), spec(8, vec![2])]);
+        let h = Host::login(&a, "h");
+        let naa = |lun: u64| a.lun(lun).unwrap().config().naa;
+        let len = StgInfo::len_for(3);
+        let got = Path::open(&h, 0).stg_info(len).unwrap();
+        assert_eq!(&got[0..4], b"STGI");
+        let info = StgInfo::parse(&got).unwrap();
+        assert_eq!(
+            info,
+            StgInfo {
+                version: 1,
+                member_index: 1,
+                stg_id: 7,
+                max_payload: MAX_PAYLOAD,
+                queue_bytes: 64 << 10,
+                queue_frames: QUEUE_FRAMES,
+                members: vec![naa(3), naa(0), naa(1)],
+            }
+        );
+        let on3 = StgInfo::parse(&Path::open(&h, 3).stg_info(len).unwrap()).unwrap();
+        assert_eq!(on3.member_index, 0);
+        let on2 = StgInfo::parse(&Path::open(&h, 2).stg_info(64).unwrap()).unwrap();
+        assert_eq!(
+            (on2.stg_id, on2.member_index, on2.members),
+            (8, 0, vec![naa(2)])
+        );
+        // A short allocation gets the data cut to fit and says what fits.
+        let cut = Path::open(&h, 1).stg_info(40).unwrap();
+        assert_eq!(cut.len(), 40);
+        assert!(matches!(
+            StgInfo::parse(&cut),
+            Err(vendor::VendorError::Short { need, .. }) if need == len
+        ));
+    }
+
+    #[test]
+    fn unknown_vendor_opcode_and_lun_outside_any_stg() {
+        let (a, m) = setup(vec![spec(7, vec![0, 1])]);
+        let h = Host::login(&a, "h");
+        let mut p = Path::open(&h, 0);
+        let c9 = VendorCdb {
+            opcode: Opcode(0xC9),
+            flags: 0,
+            handle: 0,
+            length: 0,
+            control: 0,
+        };
+        let e = p.run(Command::no_data(cdb(c9))).unwrap_err();
+        assert!(matches!(e, MailboxError::NotAnStgMember), "{e:?}");
+        assert_eq!(m.direction(Opcode(0xC9)), None);
+        assert_eq!(m.direction(vendor::SEND), Some(DataDirection::ToDevice));
+        assert_eq!(
+            a.direction_of(&[0xC4, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Some(DataDirection::FromDevice)
+        );
+        // LUN 5 is in no STG: every STP opcode is refused the same way.
+        let mut outside = Path::open(&h, 5);
+        assert!(matches!(outside.bind(0), Err(MailboxError::NotAnStgMember)));
+        assert!(matches!(
+            outside.stg_info(64),
+            Err(MailboxError::NotAnStgMember)
+        ));
+        assert!(matches!(
+            outside.release(1),
+            Err(MailboxError::NotAnStgMember)
+        ));
+        assert!(matches!(
+            outside.send(1, &[0; 8]),
+            Err(MailboxError::NotAnStgMember)
+        ));
+        assert!(matches!(
+            outside.receive(1, 64),
+            Err(MailboxError::NotAnStgMember)
+        ));
+        assert!(matches!(
+            outside.status(1),
+            Err(MailboxError::NotAnStgMember)
+        ));
+        assert_eq!(m.member_of(5), None);
+        assert_eq!(m.member_of(1), Some((7, 1)));
+    }
+
+    #[test]
+    fn stgs_have_separate_port_spaces() {
+        let (a, _m) = setup(vec![spec(7, vec![0, 1]), spec(8, vec![2, 3])]);
+        let ha = Host::login(&a, "a");
+        let hb = Host::login(&a, "b");
+        let mut a7 = Path::open(&ha, 0);
+        let mut b7 = Path::open(&hb, 1);
+        let mut a8 = Path::open(&ha, 2);
+        let mut b8 = Path::open(&hb, 3);
+        let s7 = b7.bind(5100).unwrap();
+        let s8 = b8.bind(5100).unwrap();
+        assert_eq!((s7.port, s8.port), (5100, 5100));
+        assert_eq!(a7.bind(0).unwrap().port, 32768);
+        let c8 = a8.bind(0).unwrap();
+        assert_eq!(c8.port, 32768);
+        // A handle names a binding of its own STG only.
+        assert!(matches!(a7.status(s8.handle), Err(MailboxError::BadHandle)));
+        assert!(matches!(
+            a8.release(s7.handle),
+            Err(MailboxError::BadHandle)
+        ));
+        // A frame sent in STG 8 reaches STG 8's port 5100 only.
+        a8.send(c8.handle, &frame(c8.port, 5100, b"eight")).unwrap();
+        assert!(b7.receive(s7.handle, 4096).unwrap().is_empty());
+        let got = unpack(&b8.receive(s8.handle, 4096).unwrap());
+        assert_eq!(got[0].2, b"eight");
+    }
+
+    #[test]
+    fn cdb_fields_are_checked() {
+        let (_a, _m, ha, _hb) = two_hosts();
+        let mut p = Path::open(&ha, 0);
+        let b = p.bind(0).unwrap();
+        // Length differs from the buffer.
+        let c = cdb(vendor::send(b.handle, 100));
+        let e = p
+            .run(Command::data_out(c, IoBuf::from_slice(&[0; 80])))
+            .unwrap_err();
+        assert_invalid_field(&e, 6);
+        // BIND must ask for exactly 16 bytes.
+        let mut c = vendor::bind(0);
+        c.length = 32;
+        assert_invalid_field(&p.run(Command::data_in(cdb(c), 32)).unwrap_err(), 6);
+        // Reserved bit 7 of RECEIVE's flags.
+        let mut c = vendor::receive(b.handle, 64, Duration::ZERO);
+        c.flags = 0x80;
+        assert_invalid_field(&p.run(Command::data_in(cdb(c), 64)).unwrap_err(), 1);
+        // STG INFO takes no handle.
+        let mut c = vendor::stg_info(64);
+        c.handle = 1;
+        assert_invalid_field(&p.run(Command::data_in(cdb(c), 64)).unwrap_err(), 2);
+        // A RECEIVE set up as data-out would lose frames: refused.
+        let c = cdb(vendor::receive(b.handle, 64, Duration::ZERO));
+        let e = p
+            .run(Command::data_out(c, IoBuf::from_slice(&[0; 64])))
+            .unwrap_err();
+        assert_eq!(sense(&e).asc, Asc::INVALID_FIELD_IN_CDB);
+    }
+
+    #[test]
+    fn aborted_receive_is_dropped_not_given_frames() {
+        let (_a, m, ha, hb) = two_hosts();
+        let mut a = Path::open(&ha, 0);
+        let mut b = Path::open(&hb, 1);
+        let pa = a.bind(0).unwrap();
+        let pb = b.bind(0).unwrap();
+        // The initiator gives up after 50 ms on a 10 s long poll.
+        let cmd = Path::receive_cmd(pb.handle, 4096, Duration::from_secs(10))
+            .with_timeout(Duration::from_millis(50));
+        let e = b.run(cmd).unwrap_err();
+        assert!(
+            matches!(e, MailboxError::Other(CommandError::Timeout(_))),
+            "{e:?}"
+        );
+        a.send(pa.handle, &frame(pa.port, pb.port, b"not lost"))
+            .unwrap();
+        assert_eq!(m.stats().receives_aborted, 1);
+        assert_eq!(m.stats().delivered_direct, 0);
+        let got = unpack(&b.receive(pb.handle, 4096).unwrap());
+        assert_eq!(got[0].2, b"not lost");
+    }
+
+    #[test]
+    fn aborted_delivery_requeues_its_frames() {
+        // The race the pump cannot see: the reply is aborted after it was
+        // paired with frames, before they were written.
+        let (_a, m, ha, _hb) = two_hosts();
+        let mut a = Path::open(&ha, 0);
+        let pa = a.bind(0).unwrap();
+        a.send(pa.handle, &frame(pa.port, pa.port, b"one")).unwrap();
+        struct Gone;
+        impl Reply for Gone {
+            fn data_len(&self) -> usize {
+                4096
+            }
+            fn read_out(&self, _: usize, _: &mut [u8]) -> usize {
+                0
+            }
+            fn write_in(&mut self, _: usize, _: &[u8]) -> usize {
+                panic!("an aborted reply was given frames")
+            }
+            fn complete(self: Box<Self>, _: TaskResult) {
+                panic!("an aborted reply was completed")
+            }
+            fn is_aborted(&self) -> bool {
+                true
+            }
+        }
+        let actions = {
+            let mut st = m.shared.lock();
+            let p = st.ports[0].get_mut(&pa.port).unwrap();
+            let frames = take(p, 1);
+            st.stats.delivered_queued += 1;
+            vec![Action::Deliver {
+                reply: Box::new(Gone),
+                frames,
+                stg: 0,
+                port: pa.port,
+                handle: pa.handle,
+                direct: false,
+            }]
+        };
+        run(&m.shared, actions);
+        let s = a.status(pa.handle).unwrap();
+        assert_eq!((s.queued_frames, s.frames_delivered), (1, 0));
+        assert_eq!(m.stats().delivered_queued, 0);
+        assert_eq!(unpack(&a.receive(pa.handle, 4096).unwrap())[0].2, b"one");
+    }
+
+    #[test]
+    fn reset_and_power_on_lose_every_binding() {
+        let (a, m, ha, hb) = two_hosts();
+        let mut pa = Path::open(&ha, 0);
+        let mut pb = Path::open(&hb, 1);
+        let ba = pa.bind(5100).unwrap();
+        let bb = pb.bind(0).unwrap();
+        pb.submit(Path::receive_cmd(bb.handle, 4096, Duration::from_secs(10)));
+        a.power_on();
+        m.reset();
+        assert!(matches!(pb.wait(), Err(MailboxError::Released)));
+        // The next command reports the unit attention, then the lost handle.
+        let e = pa.status(ba.handle).unwrap_err();
+        assert!(e.binding_lost() && e.is_retryable(), "{e:?}");
+        assert!(matches!(pa.status(ba.handle), Err(MailboxError::BadHandle)));
+        assert!(matches!(
+            pa.send(ba.handle, &[]),
+            Err(MailboxError::BadHandle)
+        ));
+        assert_eq!(pa.bind(5100).unwrap().port, 5100);
+    }
+
+    #[test]
+    fn dropping_the_mailbox_releases_waiters_and_stops_the_timer() {
+        let a = array();
+        let m = StgMailbox::with_seed(&a, vec![spec(7, vec![0])], 1).unwrap();
+        m.install(&a);
+        let h = Host::login(&a, "h");
+        let mut p = Path::open(&h, 0);
+        let b = p.bind(0).unwrap();
+        p.submit(Path::receive_cmd(b.handle, 4096, Duration::from_secs(10)));
+        let shared = Arc::downgrade(&m.shared);
+        // Replace the handler: the array's reference goes, then ours.
+        let other = StgMailbox::with_seed(&a, vec![spec(7, vec![0])], 2).unwrap();
+        other.install(&a);
+        drop(m);
+        assert!(matches!(p.wait(), Err(MailboxError::Released)));
+        // The timer thread has exited and let go of the state.
+        assert!(shared.upgrade().is_none());
+        assert!(matches!(p.status(b.handle), Err(MailboxError::BadHandle)));
+    }
+
+    #[test]
+    fn seeded_handles_repeat() {
+        let run = |seed| {
+            let (a, _m) = {
+                let a = array();
+                let m = StgMailbox::with_seed(&a, vec![spec(7, vec![0])], seed).unwrap();
+                m.install(&a);
+                (a, m)
+            };
+            let h = Host::login(&a, "h");
+            let mut p = Path::open(&h, 0);
+            (0..4)
+                .map(|_| p.bind(0).unwrap().handle)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(9), run(9));
+        assert_ne!(run(9), run(10));
+    }
+
+    #[test]
+    fn concurrent_senders_and_receivers_deliver_every_frame_once() {
+        const N: u32 = 3000;
+        let (_a, m, ha, hb) = two_hosts();
+        let pa = Path::open(&ha, 0).bind(0).unwrap();
+        let pb = Path::open(&hb, 0).bind(0).unwrap();
+        let seen = Mutex::new(vec![0u8; N as usize]);
+        let received = std::sync::atomic::AtomicU32::new(0);
+        std::thread::scope(|s| {
+            // Two senders, each on its own member, each sending half, with
+            // back-off on a full queue.
+            for (lun, first) in [(0u64, 0u32), (1, 1)] {
+                let ha = &ha;
+                s.spawn(move || {
+                    let mut p = Path::open(ha, lun);
+                    let mut i = first;
+                    while i < N {
+                        let batch: Vec<_> = (i..N)
+                            .step_by(2)
+                            .take(3)
+                            .map(|k| frame(pa.port, pb.port, &k.to_be_bytes()))
+                            .collect();
+                        match p.send(pa.handle, &pack(&batch)) {
+                            Ok(()) => i += 2 * batch.len() as u32,
+                            Err(e) if e.is_retryable() => std::thread::yield_now(),
+                            Err(e) => panic!("SEND failed: {e}"),
+                        }
+                    }
+                });
+            }
+            // Two receivers on one binding through two other members.
+            for lun in [1u64, 2] {
+                let (hb, seen, received) = (&hb, &seen, &received);
+                s.spawn(move || {
+                    let mut p = Path::open(hb, lun);
+                    let span = wire::frame_span(4);
+                    while received.load(std::sync::atomic::Ordering::SeqCst) < N {
+                        let cmd =
+                            Path::receive_cmd(pb.handle, 2 * span, Duration::from_millis(100));
+                        for (_, _, payload) in unpack(&p.run(cmd).unwrap()) {
+                            let k = u32::from_be_bytes(payload.try_into().unwrap());
+                            seen.lock().unwrap()[k as usize] += 1;
+                            received.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                });
+            }
+        });
+        assert!(seen.into_inner().unwrap().iter().all(|&c| c == 1));
+        let st = m.stats();
+        assert_eq!(st.frames_accepted, u64::from(N));
+        assert_eq!(st.delivered_direct + st.delivered_queued, u64::from(N));
+        assert!(m.shared.lock().ports[0][&pb.port].queue.is_empty());
+    }
+
+    #[test]
+    fn configuration_is_validated() {
+        let a = array();
+        let err = |specs| StgMailbox::with_seed(&a, specs, 0).unwrap_err();
+        assert!(matches!(
+            err(vec![spec(7, vec![0, 9])]),
+            MailboxConfigError::UnknownLun { stg: 7, lun: 9, .. }
+        ));
+        assert_eq!(
+            err(vec![spec(7, vec![0, 1]), spec(8, vec![2, 1])]),
+            MailboxConfigError::LunInTwoStgs {
+                lun: 1,
+                first: 7,
+                second: 8
+            }
+        );
+        assert_eq!(
+            err(vec![spec(7, vec![0, 0])]),
+            MailboxConfigError::DuplicateMember { stg: 7, lun: 0 }
+        );
+        assert_eq!(
+            err(vec![spec(7, vec![0]), spec(7, vec![1])]),
+            MailboxConfigError::DuplicateId(7)
+        );
+        assert_eq!(err(vec![spec(7, vec![])]), MailboxConfigError::NoMembers(7));
+        let too_big = StgSpec {
+            max_payload: wire::MAX_PAYLOAD + 1,
+            ..spec(7, vec![0])
+        };
+        assert!(matches!(
+            err(vec![too_big]),
+            MailboxConfigError::InvalidLimit {
+                field: "max_payload",
+                ..
+            }
+        ));
+        let tiny_queue = StgSpec {
+            queue_bytes: 100,
+            ..spec(7, vec![0])
+        };
+        let e = err(vec![tiny_queue]);
+        assert!(matches!(
+            e,
+            MailboxConfigError::InvalidLimit {
+                field: "queue_bytes",
+                ..
+            }
+        ));
+        assert!(e.to_string().contains("STG 7"), "{e}");
+        let no_frames = StgSpec {
+            queue_frames: 0,
+            ..spec(7, vec![0])
+        };
+        assert!(matches!(
+            err(vec![no_frames]),
+            MailboxConfigError::InvalidLimit {
+                field: "queue_frames",
+                ..
+            }
+        ));
+        // Defaults are valid.
+        assert!(StgMailbox::new(&a, vec![StgSpec::new(7, vec![0, 1, 2, 3, 4, 5])]).is_ok());
+    }
+}

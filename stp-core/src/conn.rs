@@ -1,0 +1,1736 @@
+//! The sans-IO connection state machine (docs/PROTOCOL.md §6).
+//!
+//! A [`Connection`] is one end of an ordered, reliable byte stream. It does
+//! no I/O and reads no clock: its owner feeds it frames
+//! ([`Connection::handle_frame`]) and the current time, and drains what it
+//! wants to send ([`Connection::poll_transmit`]), when it next wants to be
+//! woken ([`Connection::poll_timeout`], [`Connection::handle_timeout`]) and
+//! what happened ([`Connection::poll_event`]).
+//!
+//! Frames arrive already checked for structure, CRC and authentication by
+//! [`crate::frame`]; frames leave with `crc32c` and `tag` zero for the
+//! sealing layer to fill. A DATA frame's payload is borrowed straight from
+//! the send buffer (a ring, hence two slices): nothing is copied between
+//! [`Connection::write`] and the SEND command's scatter-gather list.
+//!
+//! What the machine does, in the order of §6:
+//!
+//! * **Handshake** (§6.1): SYN and SYN_ACK carry versions, `max_payload`,
+//!   credit and a nonce; the server answers from its new port `q` and the
+//!   client learns `q` from the SYN_ACK. Both are retransmitted like DATA; a
+//!   duplicate SYN is answered with the same SYN_ACK.
+//! * **Sequencing** (§6.2): SYN/SYN_ACK use 0, DATA starts at 1, FIN takes
+//!   one. Out-of-order frames inside the window are buffered and delivered in
+//!   order; duplicates are dropped and re-acknowledged; frames above the
+//!   window are dropped.
+//! * **Credit** (§6.3): the advertised credit is the free part of the
+//!   reassembly buffer (`recv_window_frames` minus frames delivered but not
+//!   yet read), so the right edge `ack + credit` never moves back. A sender
+//!   never sends `seq ≥ peer_ack + peer_credit`; blocked with nothing in
+//!   flight it probes with `ACK_NOW`.
+//! * **Retransmission** (§6.4): one timer on the oldest unacknowledged frame,
+//!   RTO from SRTT/RTTVAR (RFC 6298 gains) with Karn's rule, doubling per
+//!   consecutive timeout; fast retransmit after three duplicate ACKs and,
+//!   while recovering, on each partial ACK.
+//! * **Close** (§6.5): FIN after all data; lingering for 2 × RTO where the
+//!   last ACK of the peer's FIN may need repeating. RST aborts.
+//! * **Keepalive** (§6.6): PING when nothing was heard for
+//!   [`Config::keepalive`], PONG echoes, [`Config::idle_timeout`] of silence
+//!   fails the connection.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::fmt;
+use std::ops::RangeInclusive;
+use std::time::{Duration, Instant};
+
+use crate::wire::{Flags, Header, Kind, MAX_PAYLOAD, VERSION};
+
+/// Bytes in a SYN or SYN_ACK payload (§6.1).
+pub const HANDSHAKE_LEN: usize = 28;
+/// The smallest `max_payload` either side may state: room for a SYN and for
+/// an RST with some text.
+pub const MIN_PAYLOAD: u32 = 64;
+/// The longest RST text sent, in bytes (cut at a character boundary).
+pub const MAX_RST_TEXT: usize = 256;
+/// The lowest protocol version this code speaks ([`VERSION`] is the highest).
+pub const MIN_VERSION: u8 = 1;
+/// Bytes in a PING or PONG payload.
+pub const PING_LEN: usize = 8;
+
+/// Duplicate ACKs that trigger a fast retransmission.
+const DUP_ACK_THRESHOLD: u32 = 3;
+/// PONGs queued at most; further PINGs are answered by later ones.
+const MAX_PENDING_PONGS: usize = 4;
+/// Cap on the exponent of the timeout back-off (the result is clamped to
+/// `max_rto` anyway).
+const MAX_BACKOFF_SHIFT: u32 = 16;
+/// Receive buffers kept for reuse at most.
+const MAX_POOLED_BUFFERS: usize = 64;
+
+/// `RST` reason codes (docs/PROTOCOL.md §6.5).
+pub mod reset_reason {
+    /// No common protocol version.
+    pub const VERSION: u32 = 1;
+    /// Connection refused.
+    pub const REFUSED: u32 = 2;
+    /// Retransmissions exhausted or the peer went silent.
+    pub const TIMEOUT: u32 = 3;
+    /// The peer broke the protocol.
+    pub const PROTOCOL: u32 = 4;
+    /// Aborted by the application.
+    pub const ABORT: u32 = 5;
+
+    /// A short name for a reason code.
+    pub fn name(reason: u32) -> &'static str {
+        match reason {
+            VERSION => "version",
+            REFUSED => "refused",
+            TIMEOUT => "timeout",
+            PROTOCOL => "protocol error",
+            ABORT => "application abort",
+            _ => "unknown reason",
+        }
+    }
+}
+
+/// Tunables of one connection. [`Default`] gives the values of
+/// docs/PROTOCOL.md §6; out-of-range values are clamped when a connection
+/// is created (`max_payload` to 64 B..=1 MiB, counts to at least 1,
+/// `min_rto ≤ initial_rto ≤ max_rto`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Largest frame payload this side accepts (stated in the handshake);
+    /// DATA is sent in payloads of at most the smaller of both sides' values.
+    pub max_payload: u32,
+    /// Frames the reassembly buffer holds: the most credit ever advertised.
+    /// Must not exceed the array's per-port queue limit in frames (§6.3).
+    pub recv_window_frames: u32,
+    /// Bytes of the send buffer (a ring): written but unacknowledged data.
+    pub send_buffer_bytes: usize,
+    /// Retransmission timeout before any round-trip sample.
+    pub initial_rto: Duration,
+    /// Lower clamp of the retransmission timeout.
+    pub min_rto: Duration,
+    /// Upper clamp of the retransmission timeout, back-off included.
+    pub max_rto: Duration,
+    /// Retransmissions of one frame after consecutive timeouts; the next
+    /// timeout fails the connection with [`ConnError::Timeout`].
+    pub max_retransmits: u32,
+    /// Longest delay of an acknowledgement (zero: acknowledge every frame).
+    pub delayed_ack: Duration,
+    /// Silence after which a PING is sent, and the interval between PINGs
+    /// (zero: never).
+    pub keepalive: Duration,
+    /// Silence after which the peer is declared dead (zero: never).
+    pub idle_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            max_payload: 256 * 1024,
+            recv_window_frames: 32,
+            send_buffer_bytes: 4 * 1024 * 1024,
+            initial_rto: Duration::from_millis(200),
+            min_rto: Duration::from_millis(20),
+            max_rto: Duration::from_secs(5),
+            max_retransmits: 8,
+            delayed_ack: Duration::from_millis(5),
+            keepalive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Config {
+    fn sanitized(mut self) -> Config {
+        self.max_payload = self.max_payload.clamp(MIN_PAYLOAD, MAX_PAYLOAD);
+        self.recv_window_frames = self.recv_window_frames.max(1);
+        self.send_buffer_bytes = self.send_buffer_bytes.max(1);
+        self.min_rto = self.min_rto.max(Duration::from_micros(1));
+        self.max_rto = self.max_rto.max(self.min_rto);
+        self.initial_rto = self.initial_rto.clamp(self.min_rto, self.max_rto);
+        self
+    }
+}
+
+/// Which side opened the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Sent the SYN.
+    Client,
+    /// Accepted it.
+    Server,
+}
+
+/// Where a connection is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum State {
+    /// Client: SYN sent, no SYN_ACK yet.
+    SynSent,
+    /// Server: SYN_ACK sent, not yet acknowledged.
+    SynReceived,
+    /// Both directions open.
+    Established,
+    /// This side closed (FIN queued or sent); the peer has not.
+    FinWait,
+    /// The peer closed (its FIN delivered); this side has not.
+    CloseWait,
+    /// Both sides closed; FINs not all acknowledged yet.
+    Closing,
+    /// Both FINs acknowledged; waiting 2 × RTO to re-acknowledge a
+    /// retransmitted FIN.
+    Linger,
+    /// Closed cleanly, or aborted by this side.
+    Closed,
+    /// Failed: reset by the peer, timed out, or a protocol error.
+    Failed,
+}
+
+/// What happened, from [`Connection::poll_event`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The handshake completed (client: SYN_ACK received; server: SYN_ACK
+    /// acknowledged).
+    Connected,
+    /// New in-order bytes can be read.
+    Readable,
+    /// Send-buffer space freed after a [`Connection::write`] fell short.
+    Writable,
+    /// The peer's FIN arrived: after the buffered bytes, reads return EOF.
+    PeerClosed,
+    /// The connection closed cleanly (both FINs acknowledged, linger over),
+    /// or this side aborted it.
+    Closed,
+    /// The connection failed.
+    Failed(ConnError),
+}
+
+/// Why a connection (or an operation on it) failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnError {
+    /// A frame went unacknowledged through every retransmission.
+    #[error(
+        "connection timed out: a frame stayed unacknowledged through every retransmission \
+         (Config::max_retransmits); the peer or the path through the array is gone — \
+         check the peer and the STG members, then reconnect"
+    )]
+    Timeout,
+    /// The peer aborted the connection.
+    #[error("connection reset by the peer (reason {reason}, {}): {text}", reset_reason::name(*.reason))]
+    Reset {
+        /// The RST's reason code ([`reset_reason`]).
+        reason: u32,
+        /// The RST's text (lossily decoded).
+        text: String,
+    },
+    /// Nothing was heard from the peer for the idle timeout.
+    #[error(
+        "peer dead: no frame from it for {silent_for:?} (Config::idle_timeout); check that \
+         the peer is running and still reaches the STG, then reconnect"
+    )]
+    PeerDead {
+        /// How long the peer had been silent.
+        silent_for: Duration,
+    },
+    /// The two sides share no protocol version.
+    #[error(
+        "no common protocol version: this side speaks {ours:?}, the peer {theirs:?}; \
+         upgrade the older side"
+    )]
+    VersionMismatch {
+        /// Versions this side speaks.
+        ours: RangeInclusive<u8>,
+        /// Versions the peer stated.
+        theirs: RangeInclusive<u8>,
+    },
+    /// The peer broke the protocol; the connection was reset.
+    #[error(
+        "protocol violation by the peer: {0}; the connection was reset (a bug in one of the \
+         two implementations — report it with both sides' logs)"
+    )]
+    Protocol(&'static str),
+    /// The connection (or this direction of it) is closed.
+    #[error("connection closed: no more data can be written (or read) on it")]
+    Closed,
+    /// No data to read yet (reads), or no buffer space (never returned by
+    /// writes, which return `Ok(0)`): wait for [`Event::Readable`].
+    #[error("no data available yet: wait for a Readable event and read again")]
+    WouldBlock,
+    /// A SYN (or SYN_ACK) that cannot open a connection.
+    #[error("invalid handshake frame: {0}; the connecting side is misconfigured or buggy")]
+    InvalidSyn(&'static str),
+}
+
+impl ConnError {
+    /// The RST reason code that reports this error to the peer.
+    pub fn reset_reason(&self) -> u32 {
+        match self {
+            ConnError::VersionMismatch { .. } => reset_reason::VERSION,
+            ConnError::Timeout | ConnError::PeerDead { .. } => reset_reason::TIMEOUT,
+            ConnError::Protocol(_) | ConnError::InvalidSyn(_) => reset_reason::PROTOCOL,
+            ConnError::Reset { reason, .. } => *reason,
+            ConnError::Closed | ConnError::WouldBlock => reset_reason::ABORT,
+        }
+    }
+}
+
+/// Counters, for diagnostics and tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Frames handed out by [`Connection::poll_transmit`].
+    pub frames_sent: u64,
+    /// DATA frames sent for the first time.
+    pub data_frames_sent: u64,
+    /// Sequenced frames sent again (timeouts, fast retransmits, failed
+    /// SENDs, duplicate SYNs).
+    pub retransmits: u64,
+    /// Of those, fast retransmissions (duplicate or partial ACKs).
+    pub fast_retransmits: u64,
+    /// Retransmission timer expiries.
+    pub rto_timeouts: u64,
+    /// Frames reported undeliverable by [`Connection::on_send_failed`].
+    pub send_failures: u64,
+    /// Pure ACK frames sent (probes included).
+    pub acks_sent: u64,
+    /// Zero-credit probes sent.
+    pub probes_sent: u64,
+    /// PINGs sent.
+    pub pings_sent: u64,
+    /// PONGs sent.
+    pub pongs_sent: u64,
+    /// Frames accepted for this connection.
+    pub frames_received: u64,
+    /// DATA frames accepted into the reassembly buffer.
+    pub data_frames_received: u64,
+    /// Sequenced frames received again (dropped, re-acknowledged).
+    pub duplicates_received: u64,
+    /// Frames received ahead of a gap.
+    pub out_of_order_received: u64,
+    /// Frames dropped for lying above the receive window.
+    pub above_window_dropped: u64,
+    /// Frames ignored: another connection or port, unknown kind, or the
+    /// connection is over.
+    pub ignored_frames: u64,
+    /// Frames that broke the protocol.
+    pub protocol_violations: u64,
+    /// Bytes accepted by [`Connection::write`].
+    pub bytes_written: u64,
+    /// Bytes returned by [`Connection::read`].
+    pub bytes_read: u64,
+    /// Round-trip samples taken.
+    pub rtt_samples: u64,
+    /// Smoothed round-trip time, once sampled.
+    pub srtt: Option<Duration>,
+    /// The retransmission timeout now in force (back-off included).
+    pub rto: Duration,
+}
+
+/// One frame to send: a header (`crc32c` and `tag` zero) and its payload in
+/// at most two slices, borrowed from the connection (DATA: from the send
+/// ring, no copy).
+#[derive(Debug)]
+pub struct Transmit<'a> {
+    /// The header; `payload_len` is the two slices' total.
+    pub header: Header,
+    /// The payload, in order.
+    pub payload: [&'a [u8]; 2],
+}
+
+impl Transmit<'_> {
+    /// Payload bytes in both slices.
+    pub fn payload_len(&self) -> usize {
+        self.payload[0].len() + self.payload[1].len()
+    }
+}
+
+/// The send buffer: a ring of bytes from stream offset `base` on.
+struct SendBuf {
+    data: Box<[u8]>,
+    start: usize,
+    len: usize,
+    base: u64,
+}
+
+impl SendBuf {
+    fn new(capacity: usize) -> SendBuf {
+        SendBuf {
+            data: vec![0; capacity].into_boxed_slice(),
+            start: 0,
+            len: 0,
+            base: 0,
+        }
+    }
+
+    fn free(&self) -> usize {
+        self.data.len() - self.len
+    }
+
+    /// Stream offset one past the last byte written.
+    fn end(&self) -> u64 {
+        self.base + self.len as u64
+    }
+
+    fn push(&mut self, src: &[u8]) -> usize {
+        let cap = self.data.len();
+        let n = self.free().min(src.len());
+        let tail = (self.start + self.len) % cap;
+        let first = n.min(cap - tail);
+        self.data[tail..tail + first].copy_from_slice(&src[..first]);
+        self.data[..n - first].copy_from_slice(&src[first..n]);
+        self.len += n;
+        n
+    }
+
+    /// Drops the bytes before stream offset `offset`.
+    fn release_to(&mut self, offset: u64) {
+        let n = (offset.saturating_sub(self.base) as usize).min(self.len);
+        self.start = (self.start + n) % self.data.len();
+        self.len -= n;
+        self.base += n as u64;
+    }
+
+    /// `len` bytes from stream offset `offset`, which must be buffered.
+    fn slices(&self, offset: u64, len: usize) -> [&[u8]; 2] {
+        let cap = self.data.len();
+        let rel = (offset - self.base) as usize;
+        debug_assert!(rel + len <= self.len, "slice outside the send buffer");
+        let pos = (self.start + rel) % cap;
+        let first = len.min(cap - pos);
+        [&self.data[pos..pos + first], &self.data[..len - first]]
+    }
+}
+
+/// What a sequence number carries, on the sending side.
+#[derive(Clone, Copy, Debug)]
+enum Body {
+    Handshake,
+    Data { offset: u64, len: u32 },
+    Fin,
+}
+
+/// A sequenced frame sent and not yet acknowledged.
+#[derive(Clone, Copy, Debug)]
+struct Sent {
+    body: Body,
+    sent_at: Instant,
+    retransmitted: bool,
+}
+
+/// A frame held in the reassembly buffer.
+enum Seg {
+    Data(Vec<u8>),
+    Fin,
+}
+
+struct SynFields {
+    min_version: u8,
+    max_version: u8,
+    max_payload: u32,
+    credit: u32,
+    nonce: [u8; 16],
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn encode_handshake(v0: u8, v1: u8, max_payload: u32, credit: u32, nonce: [u8; 16]) -> [u8; 28] {
+    let mut p = [0u8; HANDSHAKE_LEN];
+    p[0] = v0;
+    p[1] = v1;
+    p[4..8].copy_from_slice(&max_payload.to_be_bytes());
+    p[8..12].copy_from_slice(&credit.to_be_bytes());
+    p[12..28].copy_from_slice(&nonce);
+    p
+}
+
+/// Decodes a SYN payload (for a SYN_ACK, `min_version` is the chosen
+/// version and `max_version` a reserved byte). Longer payloads are accepted
+/// and their tail ignored (§9: later versions may extend the layout).
+fn decode_handshake(p: &[u8]) -> Option<SynFields> {
+    if p.len() < HANDSHAKE_LEN {
+        return None;
+    }
+    let mut nonce = [0u8; 16];
+    nonce.copy_from_slice(&p[12..28]);
+    Some(SynFields {
+        min_version: p[0],
+        max_version: p[1],
+        max_payload: be32(&p[4..8]),
+        credit: be32(&p[8..12]),
+        nonce,
+    })
+}
+
+/// `reason` and `text` (cut to `max_text` bytes at a character boundary).
+fn rst_payload(reason: u32, text: &str, max_text: usize) -> Vec<u8> {
+    let mut n = text.len().min(max_text);
+    while !text.is_char_boundary(n) {
+        n -= 1;
+    }
+    let mut p = Vec::with_capacity(4 + n);
+    p.extend_from_slice(&reason.to_be_bytes());
+    p.extend_from_slice(&text.as_bytes()[..n]);
+    p
+}
+
+/// One end of an STP connection (docs/PROTOCOL.md §6), sans IO.
+pub struct Connection {
+    cfg: Config,
+    role: Role,
+    state: State,
+    local_port: u32,
+    remote_port: u32,
+    /// The server's listening port `p` (the SYN's destination).
+    listen_port: u32,
+    conn_id: u64,
+    peer_nonce: Option<[u8; 16]>,
+    version: u8,
+    /// Largest DATA payload sent: min(own, peer's) `max_payload`.
+    send_payload: u32,
+    /// The SYN or SYN_ACK payload, sent again unchanged.
+    handshake: [u8; HANDSHAKE_LEN],
+    handshake_unsent: bool,
+
+    // Sending.
+    sbuf: SendBuf,
+    /// Stream offset of the first byte not yet put in a frame.
+    unsent: u64,
+    snd_una: u64,
+    snd_nxt: u64,
+    /// One entry per sequence number in `snd_una..snd_nxt`.
+    inflight: VecDeque<Sent>,
+    retx: BTreeSet<u64>,
+    failed: BTreeSet<u64>,
+    failed_retry_at: Option<Instant>,
+    /// `peer_ack + peer_credit`, the highest seen: send only below it.
+    peer_limit: u64,
+    close_requested: bool,
+    fin_seq: Option<u64>,
+    fin_acked: bool,
+    /// Our FIN went out first after the peer's FIN was delivered, so every
+    /// copy of it acknowledges the peer's FIN: no linger needed.
+    fin_after_peer_fin: bool,
+    writable_wanted: bool,
+
+    // Timing.
+    srtt: Option<Duration>,
+    rttvar: Duration,
+    rto: Duration,
+    backoff: u32,
+    timeouts: u32,
+    rto_at: Option<Instant>,
+    recovery: Option<u64>,
+    dup_acks: u32,
+    probe_at: Option<Instant>,
+    probe_backoff: u32,
+    probe_due: bool,
+
+    // Receiving.
+    rcv_nxt: u64,
+    /// Reassembly buffer: slot `i` holds sequence number `rcv_nxt + i`.
+    ooo: VecDeque<Option<Seg>>,
+    /// Delivered, not yet read; each holds one frame of credit.
+    ready: VecDeque<Vec<u8>>,
+    ready_off: usize,
+    pool: Vec<Vec<u8>>,
+    peer_fin: Option<u64>,
+    /// The peer's FIN was delivered in order.
+    eof: bool,
+
+    // Acknowledging.
+    ack_now: bool,
+    ack_at: Option<Instant>,
+    since_ack: u32,
+    adv_edge: u64,
+    adv_credit: u32,
+
+    // Liveness.
+    last_heard: Instant,
+    last_ping: Option<Instant>,
+    ping_due: bool,
+    pings: u64,
+    ping_buf: [u8; PING_LEN],
+    pongs: VecDeque<[u8; PING_LEN]>,
+
+    // Ending.
+    linger_until: Option<Instant>,
+    rst_pending: bool,
+    rst_buf: Vec<u8>,
+    error: Option<ConnError>,
+    events: VecDeque<Event>,
+    readable_pending: bool,
+    stats: Stats,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("role", &self.role)
+            .field("state", &self.state)
+            .field("ports", &(self.local_port, self.remote_port))
+            .field("conn_id", &format_args!("{:#x}", self.conn_id))
+            .field("snd", &(self.snd_una, self.snd_nxt, self.peer_limit))
+            .field("rcv", &(self.rcv_nxt, self.credit()))
+            .field("buffered", &(self.sbuf.len, self.unsent - self.sbuf.base))
+            .field("rto", &self.current_rto())
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    fn new(config: Config, role: Role, now: Instant, conn_id: u64) -> Connection {
+        let cfg = config.sanitized();
+        Connection {
+            role,
+            state: State::SynSent,
+            local_port: 0,
+            remote_port: 0,
+            listen_port: 0,
+            conn_id,
+            peer_nonce: None,
+            version: VERSION,
+            send_payload: MIN_PAYLOAD,
+            handshake: [0; HANDSHAKE_LEN],
+            handshake_unsent: false,
+            sbuf: SendBuf::new(cfg.send_buffer_bytes),
+            unsent: 0,
+            snd_una: 0,
+            snd_nxt: 0,
+            inflight: VecDeque::new(),
+            retx: BTreeSet::new(),
+            failed: BTreeSet::new(),
+            failed_retry_at: None,
+            peer_limit: 0,
+            close_requested: false,
+            fin_seq: None,
+            fin_acked: false,
+            fin_after_peer_fin: false,
+            writable_wanted: false,
+            srtt: None,
+            rttvar: Duration::ZERO,
+            rto: cfg.initial_rto,
+            backoff: 0,
+            timeouts: 0,
+            rto_at: None,
+            recovery: None,
+            dup_acks: 0,
+            probe_at: None,
+            probe_backoff: 0,
+            probe_due: false,
+            rcv_nxt: 0,
+            ooo: VecDeque::new(),
+            ready: VecDeque::new(),
+            ready_off: 0,
+            pool: Vec::new(),
+            peer_fin: None,
+            eof: false,
+            ack_now: false,
+            ack_at: None,
+            since_ack: 0,
+            adv_edge: 0,
+            adv_credit: cfg.recv_window_frames,
+            last_heard: now,
+            last_ping: None,
+            ping_due: false,
+            pings: 0,
+            ping_buf: [0; PING_LEN],
+            pongs: VecDeque::new(),
+            linger_until: None,
+            rst_pending: false,
+            rst_buf: Vec::new(),
+            error: None,
+            events: VecDeque::new(),
+            readable_pending: false,
+            stats: Stats::default(),
+            cfg,
+        }
+    }
+
+    /// Opens a connection from `local_port` to the listening `remote_port`
+    /// (the server answers from a new port, learnt from its SYN_ACK) and
+    /// queues the SYN. `conn_id` must be random; `nonce` is this side's
+    /// handshake nonce.
+    pub fn connect(
+        config: Config,
+        now: Instant,
+        local_port: u32,
+        remote_port: u32,
+        conn_id: u64,
+        nonce: [u8; 16],
+    ) -> Connection {
+        let mut c = Connection::new(config, Role::Client, now, conn_id);
+        c.local_port = local_port;
+        c.remote_port = remote_port;
+        c.listen_port = remote_port;
+        c.handshake = encode_handshake(
+            MIN_VERSION,
+            VERSION,
+            c.cfg.max_payload,
+            c.credit(),
+            nonce,
+        );
+        c.push_handshake(now);
+        c
+    }
+
+    /// Accepts a SYN received on a listening port: validates it, negotiates
+    /// the version and queues the SYN_ACK, sent from `local_port` (the new
+    /// dynamic port `q`). On an error the listener answers with
+    /// [`Connection::refuse`].
+    pub fn accept(
+        config: Config,
+        now: Instant,
+        syn: &Header,
+        syn_payload: &[u8],
+        local_port: u32,
+        nonce: [u8; 16],
+    ) -> Result<Connection, ConnError> {
+        if syn.kind != Kind::SYN {
+            return Err(ConnError::InvalidSyn("the frame is not a SYN"));
+        }
+        if syn.seq != 0 {
+            return Err(ConnError::InvalidSyn("the SYN's sequence number is not 0"));
+        }
+        if syn.src_port == 0 || local_port == 0 {
+            return Err(ConnError::InvalidSyn("port 0 is not an address"));
+        }
+        if syn_payload.len() != syn.payload_len as usize {
+            return Err(ConnError::InvalidSyn(
+                "the SYN's payload length disagrees with its header",
+            ));
+        }
+        let s = decode_handshake(syn_payload).ok_or(ConnError::InvalidSyn(
+            "the SYN's payload is shorter than 28 bytes",
+        ))?;
+        if s.min_version > s.max_version {
+            return Err(ConnError::InvalidSyn("the SYN's version range is empty"));
+        }
+        let version = s.max_version.min(VERSION);
+        if version < s.min_version.max(MIN_VERSION) {
+            return Err(ConnError::VersionMismatch {
+                ours: MIN_VERSION..=VERSION,
+                theirs: s.min_version..=s.max_version,
+            });
+        }
+        if !(MIN_PAYLOAD..=MAX_PAYLOAD).contains(&s.max_payload) {
+            return Err(ConnError::InvalidSyn(
+                "the SYN's max_payload is outside 64 B..=1 MiB",
+            ));
+        }
+        let mut c = Connection::new(config, Role::Server, now, syn.conn_id);
+        c.state = State::SynReceived;
+        c.local_port = local_port;
+        c.remote_port = syn.src_port;
+        c.listen_port = syn.dst_port;
+        c.peer_nonce = Some(s.nonce);
+        c.version = version;
+        c.send_payload = c.cfg.max_payload.min(s.max_payload);
+        c.rcv_nxt = 1;
+        // The SYN's credit counts from its ack, 0.
+        c.peer_limit = u64::from(s.credit);
+        c.stats.frames_received = 1;
+        c.handshake = encode_handshake(version, 0, c.cfg.max_payload, c.credit(), nonce);
+        c.push_handshake(now);
+        Ok(c)
+    }
+
+    /// The RST a listener sends when [`Connection::accept`] fails (or it
+    /// refuses the SYN itself): from the SYN's destination port back to its
+    /// source, with `reason` ([`ConnError::reset_reason`]) and `text`.
+    pub fn refuse(syn: &Header, reason: u32, text: &str) -> (Header, Vec<u8>) {
+        let payload = rst_payload(reason, text, (MIN_PAYLOAD as usize) - 4);
+        let header = Header {
+            kind: Kind::RST,
+            src_port: syn.dst_port,
+            dst_port: syn.src_port,
+            conn_id: syn.conn_id,
+            seq: 0,
+            ack: 1,
+            payload_len: payload.len() as u32,
+            ..Header::default()
+        };
+        (header, payload)
+    }
+
+    fn push_handshake(&mut self, now: Instant) {
+        self.inflight.push_back(Sent {
+            body: Body::Handshake,
+            sent_at: now,
+            retransmitted: false,
+        });
+        self.snd_nxt = 1;
+        self.handshake_unsent = true;
+    }
+
+    // ----------------------------------------------------------------------
+    // Accessors.
+
+    /// The current state.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// Which side opened the connection.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Counters, with the current RTT estimate and RTO.
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.srtt = self.srtt;
+        s.rto = self.current_rto();
+        s
+    }
+
+    /// This side's port (the server's: the new dynamic port `q`).
+    pub fn local_port(&self) -> u32 {
+        self.local_port
+    }
+
+    /// The peer's port (the client's: the listening port until the SYN_ACK
+    /// names `q`).
+    pub fn remote_port(&self) -> u32 {
+        self.remote_port
+    }
+
+    /// The connection id.
+    pub fn conn_id(&self) -> u64 {
+        self.conn_id
+    }
+
+    /// The peer's handshake nonce, once known.
+    pub fn peer_nonce(&self) -> Option<[u8; 16]> {
+        self.peer_nonce
+    }
+
+    /// The negotiated protocol version (the highest this side speaks until
+    /// the handshake completes).
+    pub fn version(&self) -> u8 {
+        self.version
+    }
+
+    /// Free bytes in the send buffer: what [`Connection::write`] accepts now.
+    pub fn send_buffer_free(&self) -> usize {
+        if self.close_requested || self.is_terminal() {
+            0
+        } else {
+            self.sbuf.free()
+        }
+    }
+
+    /// True once the connection is over (closed or failed) and has nothing
+    /// left to send: the owner may drop it and release its port.
+    pub fn is_closed(&self) -> bool {
+        self.is_terminal() && !self.rst_pending && !self.ack_now
+    }
+
+    fn is_terminal(&self) -> bool {
+        matches!(self.state, State::Closed | State::Failed)
+    }
+
+    fn handshake_done(&self) -> bool {
+        !matches!(self.state, State::SynSent | State::SynReceived)
+    }
+
+    /// Frames this side can accept beyond `rcv_nxt`.
+    fn credit(&self) -> u32 {
+        self.cfg
+            .recv_window_frames
+            .saturating_sub(self.ready.len().try_into().unwrap_or(u32::MAX))
+    }
+
+    fn current_rto(&self) -> Duration {
+        self.rto
+            .saturating_mul(1u32 << self.backoff.min(MAX_BACKOFF_SHIFT))
+            .min(self.cfg.max_rto)
+    }
+
+    fn probe_interval(&self) -> Duration {
+        self.rto
+            .saturating_mul(1u32 << self.probe_backoff.min(MAX_BACKOFF_SHIFT))
+            .min(self.cfg.max_rto)
+    }
+
+    // ----------------------------------------------------------------------
+    // Application side.
+
+    /// Copies as much of `data` as fits into the send buffer and returns how
+    /// much that was; `Ok(0)` means the buffer is full (wait for
+    /// [`Event::Writable`]). Data written before the handshake completes is
+    /// sent after it.
+    pub fn write(&mut self, data: &[u8]) -> Result<usize, ConnError> {
+        if let Some(e) = &self.error {
+            return Err(e.clone());
+        }
+        if self.close_requested || matches!(self.state, State::Closed | State::Linger) {
+            return Err(ConnError::Closed);
+        }
+        let n = self.sbuf.push(data);
+        self.stats.bytes_written += n as u64;
+        if n < data.len() {
+            self.writable_wanted = true;
+        }
+        Ok(n)
+    }
+
+    /// Reads in-order bytes. `Ok(0)` means end of stream (the peer's FIN,
+    /// after every byte before it) — or an empty `buf`;
+    /// [`ConnError::WouldBlock`] means nothing yet.
+    pub fn read(&mut self, buf: &mut [u8]) -> Result<usize, ConnError> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let frames_before = self.ready.len();
+        let mut n = 0;
+        while n < buf.len() {
+            let Some(front) = self.ready.front() else {
+                break;
+            };
+            let avail = &front[self.ready_off..];
+            let k = avail.len().min(buf.len() - n);
+            buf[n..n + k].copy_from_slice(&avail[..k]);
+            let consumed = k == avail.len();
+            n += k;
+            self.ready_off += k;
+            if consumed {
+                self.ready_off = 0;
+                if let Some(v) = self.ready.pop_front() {
+                    self.recycle(v);
+                }
+            }
+        }
+        if n > 0 {
+            self.stats.bytes_read += n as u64;
+            if self.ready.len() < frames_before {
+                self.maybe_window_update();
+            }
+            return Ok(n);
+        }
+        if let Some(e) = &self.error {
+            return Err(e.clone());
+        }
+        if self.eof {
+            return Ok(0);
+        }
+        if self.state == State::Closed {
+            return Err(ConnError::Closed);
+        }
+        Err(ConnError::WouldBlock)
+    }
+
+    fn recycle(&mut self, v: Vec<u8>) {
+        if self.pool.len() < MAX_POOLED_BUFFERS {
+            self.pool.push(v);
+        }
+    }
+
+    /// Reading freed reassembly space: tell the peer if the window grew by
+    /// half, or reopened from zero.
+    fn maybe_window_update(&mut self) {
+        if !self.handshake_done() || self.peer_fin.is_some() || self.is_terminal() {
+            return;
+        }
+        let credit = self.credit();
+        let edge = self.rcv_nxt + u64::from(credit);
+        let threshold = u64::from((self.cfg.recv_window_frames / 2).max(1));
+        if (self.adv_credit == 0 && credit > 0) || edge >= self.adv_edge + threshold {
+            self.ack_now = true;
+        }
+    }
+
+    /// Closes this direction: a FIN follows all data written so far. Reading
+    /// goes on until the peer's FIN.
+    pub fn close(&mut self) {
+        if matches!(self.state, State::Closed | State::Failed | State::Linger) || self.close_requested
+        {
+            return;
+        }
+        self.close_requested = true;
+        self.writable_wanted = false;
+        self.refresh_state();
+    }
+
+    /// Aborts the connection at once: queues an RST with `reason`
+    /// ([`reset_reason`]) and `text`, drops all buffered data and closes.
+    pub fn abort(&mut self, reason: u32, text: &str) {
+        match self.state {
+            State::Closed | State::Failed => return,
+            State::Linger => {}
+            _ => self.queue_rst(reason, text),
+        }
+        self.clear();
+        self.drop_received();
+        self.state = State::Closed;
+        self.error = Some(ConnError::Closed);
+        self.events.push_back(Event::Closed);
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        let ev = self.events.pop_front()?;
+        if ev == Event::Readable {
+            self.readable_pending = false;
+        }
+        Some(ev)
+    }
+
+    // ----------------------------------------------------------------------
+    // Frames in.
+
+    /// Takes one frame addressed to this connection (CRC and tag already
+    /// checked). Frames for another `conn_id` or port pair are ignored and
+    /// counted.
+    pub fn handle_frame(&mut self, now: Instant, header: &Header, payload: &[u8]) {
+        if !self.accepts(header) || self.is_terminal() {
+            self.stats.ignored_frames += 1;
+            return;
+        }
+        if payload.len() != header.payload_len as usize {
+            self.stats.protocol_violations += 1;
+            return;
+        }
+        self.stats.frames_received += 1;
+        self.last_heard = now;
+        if self.state == State::SynSent {
+            self.on_frame_syn_sent(now, header, payload);
+            return;
+        }
+        match header.kind {
+            Kind::SYN => {
+                // A duplicate SYN: our SYN_ACK (or the ACK of it) was lost.
+                if self.state == State::SynReceived {
+                    self.retx.insert(0);
+                } else {
+                    self.stats.duplicates_received += 1;
+                }
+            }
+            Kind::SYN_ACK => {
+                // A retransmitted SYN_ACK: our acknowledgement was lost.
+                self.stats.duplicates_received += 1;
+                self.ack_now = true;
+            }
+            Kind::RST => self.on_rst(payload),
+            Kind::ACK | Kind::DATA | Kind::FIN | Kind::PING | Kind::PONG => {
+                if let Err(what) = self.on_peer_ack(header, now) {
+                    self.protocol_error(what);
+                    return;
+                }
+                match header.kind {
+                    Kind::ACK if header.flags.contains(Flags::ACK_NOW) => self.ack_now = true,
+                    Kind::DATA | Kind::FIN => self.on_sequenced(now, header, payload),
+                    Kind::PING => {
+                        if let Ok(nonce) = <[u8; PING_LEN]>::try_from(payload) {
+                            if self.pongs.len() < MAX_PENDING_PONGS {
+                                self.pongs.push_back(nonce);
+                            }
+                        } else {
+                            self.stats.protocol_violations += 1;
+                        }
+                    }
+                    // A plain ACK has been processed; a PONG's life is all it
+                    // carries.
+                    _ => {}
+                }
+            }
+            _ => self.stats.ignored_frames += 1,
+        }
+        self.check_closed(now);
+    }
+
+    fn accepts(&self, h: &Header) -> bool {
+        if h.conn_id != self.conn_id {
+            return false;
+        }
+        match (self.role, self.state) {
+            // The SYN_ACK names the server's new port; an RST may come from
+            // the listener or from that port.
+            (Role::Client, State::SynSent) => {
+                h.dst_port == self.local_port && matches!(h.kind, Kind::SYN_ACK | Kind::RST)
+            }
+            (Role::Server, _) if h.kind == Kind::SYN => {
+                h.dst_port == self.listen_port && h.src_port == self.remote_port
+            }
+            _ => h.dst_port == self.local_port && h.src_port == self.remote_port,
+        }
+    }
+
+    fn on_frame_syn_sent(&mut self, now: Instant, h: &Header, payload: &[u8]) {
+        if h.kind == Kind::RST {
+            self.on_rst(payload);
+            return;
+        }
+        if h.seq != 0 || h.ack != 1 || h.src_port == 0 {
+            self.stats.protocol_violations += 1;
+            return;
+        }
+        // Answer errors to the port that sent the SYN_ACK.
+        self.remote_port = h.src_port;
+        let Some(s) = decode_handshake(payload) else {
+            self.protocol_fail(ConnError::InvalidSyn(
+                "the SYN_ACK's payload is shorter than 28 bytes",
+            ));
+            return;
+        };
+        let version = s.min_version;
+        if !(MIN_VERSION..=VERSION).contains(&version) {
+            self.fail(
+                ConnError::VersionMismatch {
+                    ours: MIN_VERSION..=VERSION,
+                    theirs: version..=version,
+                },
+                Some((reset_reason::VERSION, "no common protocol version")),
+            );
+            return;
+        }
+        if !(MIN_PAYLOAD..=MAX_PAYLOAD).contains(&s.max_payload) {
+            self.protocol_fail(ConnError::InvalidSyn(
+                "the SYN_ACK's max_payload is outside 64 B..=1 MiB",
+            ));
+            return;
+        }
+        self.version = version;
+        self.peer_nonce = Some(s.nonce);
+        self.send_payload = self.cfg.max_payload.min(s.max_payload);
+        self.rcv_nxt = 1;
+        self.peer_limit = self.peer_limit.max(1 + u64::from(s.credit));
+        self.state = State::Established;
+        if let Err(what) = self.on_peer_ack(h, now) {
+            self.protocol_error(what);
+            return;
+        }
+        self.events.push_back(Event::Connected);
+        // Complete the handshake at once (DATA, if any, carries the ack).
+        self.ack_now = true;
+        self.refresh_state();
+    }
+
+    fn on_rst(&mut self, payload: &[u8]) {
+        let (reason, text) = if payload.len() >= 4 {
+            let text = &payload[4..payload.len().min(4 + MAX_RST_TEXT)];
+            (be32(payload), String::from_utf8_lossy(text).into_owned())
+        } else {
+            (0, String::new())
+        };
+        self.fail(ConnError::Reset { reason, text }, None);
+    }
+
+    /// Processes the `ack` and `credit` every frame carries.
+    fn on_peer_ack(&mut self, h: &Header, now: Instant) -> Result<(), &'static str> {
+        if h.ack > self.snd_nxt {
+            return Err("it acknowledged a frame never sent");
+        }
+        let edge = h.ack.saturating_add(u64::from(h.credit));
+        let grew = edge > self.peer_limit;
+        if grew {
+            self.peer_limit = edge;
+            self.probe_at = None;
+            self.probe_due = false;
+            self.probe_backoff = 0;
+        }
+        if h.ack > self.snd_una {
+            self.on_ack_advance(h.ack, now);
+        } else if h.ack == self.snd_una
+            && h.kind == Kind::ACK
+            && !grew
+            && !h.flags.contains(Flags::ACK_NOW)
+            && !self.inflight.is_empty()
+        {
+            self.dup_acks += 1;
+            if self.dup_acks == DUP_ACK_THRESHOLD && self.recovery.is_none() {
+                self.retx.insert(self.snd_una);
+                self.recovery = Some(self.snd_nxt);
+                self.stats.fast_retransmits += 1;
+            }
+        }
+        if self.state == State::SynReceived && self.snd_una >= 1 {
+            self.state = State::Established;
+            self.events.push_back(Event::Connected);
+            self.refresh_state();
+        }
+        Ok(())
+    }
+
+    fn on_ack_advance(&mut self, ack: u64, now: Instant) {
+        let mut fresh = true;
+        let mut newest = None;
+        let mut release = None;
+        while self.snd_una < ack {
+            let Some(rec) = self.inflight.pop_front() else {
+                break;
+            };
+            self.snd_una += 1;
+            fresh &= !rec.retransmitted;
+            newest = Some(rec.sent_at);
+            match rec.body {
+                Body::Data { offset, len } => release = Some(offset + u64::from(len)),
+                Body::Fin => self.fin_acked = true,
+                Body::Handshake => {}
+            }
+        }
+        if let Some(end) = release {
+            self.sbuf.release_to(end);
+        }
+        // Karn: only frames sent once time the round trip.
+        if let (true, Some(sent_at)) = (fresh, newest) {
+            self.rtt_sample(now.saturating_duration_since(sent_at));
+        }
+        self.timeouts = 0;
+        self.backoff = 0;
+        self.dup_acks = 0;
+        self.rto_at = (!self.inflight.is_empty()).then(|| now + self.current_rto());
+        if let Some(point) = self.recovery {
+            if self.snd_una >= point {
+                self.recovery = None;
+            } else {
+                // A partial ACK: the next frame was most likely lost too.
+                self.retx.insert(self.snd_una);
+                self.stats.fast_retransmits += 1;
+            }
+        }
+        if self.writable_wanted && self.sbuf.free() > 0 {
+            self.writable_wanted = false;
+            self.events.push_back(Event::Writable);
+        }
+    }
+
+    fn rtt_sample(&mut self, r: Duration) {
+        self.stats.rtt_samples += 1;
+        let srtt = match self.srtt {
+            None => {
+                self.rttvar = r / 2;
+                r
+            }
+            Some(s) => {
+                let diff = s.abs_diff(r);
+                self.rttvar = (self.rttvar.saturating_mul(3).saturating_add(diff)) / 4;
+                (s.saturating_mul(7).saturating_add(r)) / 8
+            }
+        };
+        self.srtt = Some(srtt);
+        self.rto = srtt
+            .saturating_add(self.rttvar.saturating_mul(4))
+            .clamp(self.cfg.min_rto, self.cfg.max_rto);
+    }
+
+    /// A DATA or FIN frame (its ack already processed).
+    fn on_sequenced(&mut self, now: Instant, h: &Header, payload: &[u8]) {
+        if h.flags.contains(Flags::ACK_NOW) {
+            self.ack_now = true;
+        }
+        let seq = h.seq;
+        if seq < self.rcv_nxt {
+            self.stats.duplicates_received += 1;
+            self.ack_now = true;
+            return;
+        }
+        let off = seq - self.rcv_nxt;
+        if off >= u64::from(self.credit()) {
+            self.stats.above_window_dropped += 1;
+            self.ack_now = true;
+            return;
+        }
+        let off = off as usize;
+        let is_fin = h.kind == Kind::FIN;
+        if let Some(fin) = self.peer_fin {
+            if seq > fin || (seq == fin && !is_fin) {
+                self.protocol_error("it sent a frame after its FIN");
+                return;
+            }
+        }
+        if is_fin {
+            if !payload.is_empty() {
+                self.protocol_error("its FIN carries a payload");
+                return;
+            }
+            if self.ooo.iter().skip(off + 1).any(Option::is_some) {
+                self.protocol_error("its FIN precedes frames it already sent");
+                return;
+            }
+        } else if payload.len() > self.cfg.max_payload as usize {
+            self.protocol_error("its DATA payload exceeds the negotiated maximum");
+            return;
+        }
+        if self.ooo.len() <= off {
+            self.ooo.resize_with(off + 1, || None);
+        }
+        if self.ooo[off].is_some() {
+            self.stats.duplicates_received += 1;
+            self.ack_now = true;
+            return;
+        }
+        self.ooo[off] = Some(if is_fin {
+            self.peer_fin = Some(seq);
+            Seg::Fin
+        } else {
+            self.stats.data_frames_received += 1;
+            let mut v = self.pool.pop().unwrap_or_default();
+            v.clear();
+            v.extend_from_slice(payload);
+            Seg::Data(v)
+        });
+        if off != 0 {
+            self.stats.out_of_order_received += 1;
+            self.ack_now = true;
+            return;
+        }
+        let mut readable = false;
+        while matches!(self.ooo.front(), Some(Some(_))) {
+            let Some(Some(seg)) = self.ooo.pop_front() else {
+                break;
+            };
+            self.rcv_nxt += 1;
+            self.since_ack += 1;
+            match seg {
+                Seg::Data(v) if v.is_empty() => self.recycle(v),
+                Seg::Data(v) => {
+                    self.ready.push_back(v);
+                    readable = true;
+                }
+                Seg::Fin => {
+                    self.eof = true;
+                    self.ack_now = true;
+                    self.events.push_back(Event::PeerClosed);
+                }
+            }
+        }
+        if readable && !self.readable_pending {
+            self.readable_pending = true;
+            self.events.push_back(Event::Readable);
+        }
+        if self.since_ack.saturating_mul(2) >= self.adv_credit.max(1) {
+            self.ack_now = true;
+        } else if self.ack_at.is_none() {
+            self.ack_at = Some(now + self.cfg.delayed_ack);
+        }
+        self.refresh_state();
+    }
+
+    /// Derives the open states from the close flags.
+    fn refresh_state(&mut self) {
+        if matches!(
+            self.state,
+            State::Established | State::FinWait | State::CloseWait | State::Closing
+        ) {
+            self.state = match (self.close_requested, self.eof) {
+                (false, false) => State::Established,
+                (true, false) => State::FinWait,
+                (false, true) => State::CloseWait,
+                (true, true) => State::Closing,
+            };
+        }
+    }
+
+    fn check_closed(&mut self, now: Instant) {
+        if self.state == State::Closing && self.fin_acked && self.eof {
+            if self.fin_after_peer_fin {
+                // Every copy of our FIN acknowledged the peer's FIN, and the
+                // peer acknowledged ours: it knows everything.
+                self.finish();
+            } else {
+                self.state = State::Linger;
+                self.linger_until = Some(now + self.current_rto().saturating_mul(2));
+                self.rto_at = None;
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        let ack_now = self.ack_now;
+        self.clear();
+        self.ack_now = ack_now;
+        self.state = State::Closed;
+        self.events.push_back(Event::Closed);
+    }
+
+    fn protocol_error(&mut self, what: &'static str) {
+        self.stats.protocol_violations += 1;
+        self.protocol_fail(ConnError::Protocol(what));
+    }
+
+    fn protocol_fail(&mut self, err: ConnError) {
+        let text = match &err {
+            ConnError::Protocol(t) | ConnError::InvalidSyn(t) => *t,
+            _ => "protocol error",
+        };
+        self.fail(err, Some((reset_reason::PROTOCOL, text)));
+    }
+
+    fn fail(&mut self, err: ConnError, rst: Option<(u32, &str)>) {
+        if self.is_terminal() {
+            return;
+        }
+        if let Some((reason, text)) = rst {
+            self.queue_rst(reason, text);
+        }
+        self.clear();
+        self.drop_received();
+        self.state = State::Failed;
+        self.error = Some(err.clone());
+        self.events.push_back(Event::Failed(err));
+    }
+
+    /// Dies of silence or exhausted retransmissions — unless the only thing
+    /// missing is the acknowledgement of our FIN after the peer's FIN was
+    /// delivered: then every byte went both ways and the connection is
+    /// closed, not failed (the peer has most likely lingered and gone).
+    fn die(&mut self, err: ConnError, text: &str) {
+        let only_fin_unacked = self.eof
+            && self.fin_seq.is_some_and(|f| self.snd_una == f)
+            && self.sbuf.len == 0;
+        if only_fin_unacked {
+            self.finish();
+        } else {
+            self.fail(err, Some((reset_reason::TIMEOUT, text)));
+        }
+    }
+
+    fn queue_rst(&mut self, reason: u32, text: &str) {
+        let max_text = (self.send_payload as usize - 4).min(MAX_RST_TEXT);
+        self.rst_buf = rst_payload(reason, text, max_text);
+        self.rst_pending = true;
+    }
+
+    /// Drops unread data (the connection failed or was aborted).
+    fn drop_received(&mut self) {
+        self.ready.clear();
+        self.ready_off = 0;
+        self.ooo.clear();
+    }
+
+    /// Drops all sending state and timers (the connection is over; unread
+    /// data stays readable after a clean close).
+    fn clear(&mut self) {
+        self.inflight.clear();
+        self.retx.clear();
+        self.failed.clear();
+        self.handshake_unsent = false;
+        self.sbuf.release_to(self.sbuf.end());
+        self.unsent = self.sbuf.end();
+        self.pongs.clear();
+        self.rto_at = None;
+        self.failed_retry_at = None;
+        self.probe_at = None;
+        self.probe_due = false;
+        self.ack_at = None;
+        self.ack_now = false;
+        self.ping_due = false;
+        self.linger_until = None;
+        self.writable_wanted = false;
+    }
+
+    // ----------------------------------------------------------------------
+    // Frames out.
+
+    /// The next frame to send, if any: RST, handshake, PONG,
+    /// retransmissions, new DATA or FIN within the peer's credit, PING,
+    /// zero-credit probe, then a pure ACK if one is due. Call until `None`
+    /// after every input (frame, timeout, write, read, close).
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit<'_>> {
+        if self.rst_pending {
+            self.rst_pending = false;
+            let header = self.header(Kind::RST, Flags::default(), self.snd_nxt, self.rst_buf.len());
+            self.note_sent();
+            return Some(Transmit {
+                header,
+                payload: [&self.rst_buf, &[]],
+            });
+        }
+        match self.state {
+            State::Failed => return None,
+            State::Closed => {
+                return self.ack_now.then(|| self.emit_ack(Flags::default()));
+            }
+            _ => {}
+        }
+        if self.ack_at.is_some_and(|t| t <= now) {
+            self.ack_now = true;
+        }
+        if self.handshake_unsent {
+            self.handshake_unsent = false;
+            return Some(self.emit_sequenced(0, now, false));
+        }
+        if let Some(nonce) = self.pongs.pop_front() {
+            self.ping_buf = nonce;
+            self.stats.pongs_sent += 1;
+            return Some(self.emit_ping(Kind::PONG));
+        }
+        while let Some(seq) = self.retx.pop_first() {
+            if seq >= self.snd_una && seq < self.snd_nxt {
+                return Some(self.emit_sequenced(seq, now, true));
+            }
+        }
+        if self.handshake_done() {
+            let unsent = self.sbuf.end() - self.unsent;
+            let fin_pending = self.close_requested && self.fin_seq.is_none();
+            if unsent > 0 || fin_pending {
+                if self.snd_nxt < self.peer_limit {
+                    let seq = self.snd_nxt;
+                    let body = if unsent > 0 {
+                        let len = unsent.min(u64::from(self.send_payload)) as u32;
+                        let body = Body::Data {
+                            offset: self.unsent,
+                            len,
+                        };
+                        self.unsent += u64::from(len);
+                        self.stats.data_frames_sent += 1;
+                        body
+                    } else {
+                        self.fin_seq = Some(seq);
+                        self.fin_after_peer_fin = self.eof;
+                        Body::Fin
+                    };
+                    self.inflight.push_back(Sent {
+                        body,
+                        sent_at: now,
+                        retransmitted: false,
+                    });
+                    self.snd_nxt += 1;
+                    return Some(self.emit_sequenced(seq, now, false));
+                }
+                if self.inflight.is_empty() && self.probe_at.is_none() && !self.probe_due {
+                    self.probe_at = Some(now + self.probe_interval());
+                }
+            }
+        }
+        if self.ping_due {
+            self.ping_due = false;
+            self.pings += 1;
+            self.ping_buf = self.pings.to_be_bytes();
+            self.stats.pings_sent += 1;
+            return Some(self.emit_ping(Kind::PING));
+        }
+        if self.probe_due {
+            self.probe_due = false;
+            self.stats.probes_sent += 1;
+            return Some(self.emit_ack(Flags::ACK_NOW));
+        }
+        if self.ack_now && self.handshake_done() {
+            return Some(self.emit_ack(Flags::default()));
+        }
+        None
+    }
+
+    fn header(&self, kind: Kind, flags: Flags, seq: u64, payload_len: usize) -> Header {
+        Header {
+            kind,
+            flags,
+            src_port: self.local_port,
+            dst_port: self.remote_port,
+            conn_id: self.conn_id,
+            seq,
+            ack: self.rcv_nxt,
+            credit: self.credit(),
+            payload_len: payload_len as u32,
+            crc32c: 0,
+            tag: [0; 16],
+        }
+    }
+
+    /// Every frame carries our ack and credit: no separate ACK is owed.
+    fn note_sent(&mut self) {
+        self.stats.frames_sent += 1;
+        self.ack_now = false;
+        self.ack_at = None;
+        self.since_ack = 0;
+        self.adv_credit = self.credit();
+        self.adv_edge = self.rcv_nxt + u64::from(self.adv_credit);
+    }
+
+    fn emit_ack(&mut self, flags: Flags) -> Transmit<'_> {
+        let header = self.header(Kind::ACK, flags, self.snd_nxt, 0);
+        self.stats.acks_sent += 1;
+        self.note_sent();
+        Transmit {
+            header,
+            payload: [&[], &[]],
+        }
+    }
+
+    fn emit_ping(&mut self, kind: Kind) -> Transmit<'_> {
+        let header = self.header(kind, Flags::default(), self.snd_nxt, PING_LEN);
+        self.note_sent();
+        Transmit {
+            header,
+            payload: [&self.ping_buf, &[]],
+        }
+    }
+
+    /// Sends (again) the sequenced frame `seq`, which is in flight.
+    fn emit_sequenced(&mut self, seq: u64, now: Instant, retransmit: bool) -> Transmit<'_> {
+        let idx = (seq - self.snd_una) as usize;
+        let rec = &mut self.inflight[idx];
+        rec.sent_at = now;
+        rec.retransmitted |= retransmit;
+        let body = rec.body;
+        if self.rto_at.is_none() {
+            self.rto_at = Some(now + self.current_rto());
+        }
+        let mut flags = Flags::default();
+        if retransmit {
+            flags = flags | Flags::RETRANSMIT | Flags::ACK_NOW;
+            self.stats.retransmits += 1;
+        }
+        let (kind, len) = match body {
+            Body::Handshake if self.role == Role::Client => (Kind::SYN, HANDSHAKE_LEN),
+            Body::Handshake => (Kind::SYN_ACK, HANDSHAKE_LEN),
+            Body::Data { len, .. } => {
+                // The last frame the credit allows: ask for a prompt ack.
+                if seq + 1 >= self.peer_limit {
+                    flags = flags | Flags::ACK_NOW;
+                }
+                (Kind::DATA, len as usize)
+            }
+            Body::Fin => (Kind::FIN, 0),
+        };
+        if kind == Kind::FIN {
+            flags = flags | Flags::ACK_NOW;
+        }
+        let header = self.header(kind, flags, seq, len);
+        self.note_sent();
+        let payload = match body {
+            Body::Handshake => [&self.handshake[..], &[][..]],
+            Body::Data { offset, len } => self.sbuf.slices(offset, len as usize),
+            Body::Fin => [&[][..], &[][..]],
+        };
+        Transmit { header, payload }
+    }
+
+    /// The mailbox could not deliver the frame with sequence number `seq`
+    /// (any SEND error but "port not bound"): it is sent again after the
+    /// retransmission timeout. For an unsequenced frame (ACK, PING, PONG)
+    /// a fresh acknowledgement follows after the delayed-ack interval.
+    pub fn on_send_failed(&mut self, seq: u64, now: Instant) {
+        self.stats.send_failures += 1;
+        if self.is_terminal() {
+            return;
+        }
+        if seq >= self.snd_una && seq < self.snd_nxt {
+            let idx = (seq - self.snd_una) as usize;
+            self.inflight[idx].retransmitted = true;
+            self.failed.insert(seq);
+            if self.failed_retry_at.is_none() {
+                self.failed_retry_at = Some(now + self.current_rto());
+            }
+        } else if self.handshake_done() && self.ack_at.is_none() {
+            self.ack_at = Some(now + self.cfg.delayed_ack);
+        }
+    }
+
+    // ----------------------------------------------------------------------
+    // Time.
+
+    fn keepalive_active(&self) -> bool {
+        matches!(
+            self.state,
+            State::Established | State::FinWait | State::CloseWait | State::Closing
+        )
+    }
+
+    fn ping_deadline(&self) -> Option<Instant> {
+        if self.cfg.keepalive.is_zero() || !self.keepalive_active() || self.ping_due {
+            return None;
+        }
+        let since = self.last_ping.map_or(self.last_heard, |p| p.max(self.last_heard));
+        Some(since + self.cfg.keepalive)
+    }
+
+    fn idle_deadline(&self) -> Option<Instant> {
+        if self.cfg.idle_timeout.is_zero()
+            || matches!(self.state, State::Linger | State::Closed | State::Failed)
+        {
+            return None;
+        }
+        Some(self.last_heard + self.cfg.idle_timeout)
+    }
+
+    /// When [`Connection::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.is_terminal() {
+            return None;
+        }
+        [
+            self.rto_at,
+            self.failed_retry_at,
+            self.probe_at,
+            self.ack_at,
+            self.linger_until,
+            self.ping_deadline(),
+            self.idle_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Runs the timers that are due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.is_terminal() {
+            return;
+        }
+        if self.state == State::Linger {
+            if self.linger_until.is_some_and(|t| t <= now) {
+                self.finish();
+            }
+            return;
+        }
+        if self.idle_deadline().is_some_and(|t| t <= now) {
+            let silent_for = now.saturating_duration_since(self.last_heard);
+            self.die(
+                ConnError::PeerDead { silent_for },
+                "no frame from the peer within the idle timeout",
+            );
+            return;
+        }
+        if self.rto_at.is_some_and(|t| t <= now) {
+            self.on_rto(now);
+            if self.is_terminal() {
+                return;
+            }
+        }
+        if self.failed_retry_at.is_some_and(|t| t <= now) {
+            self.failed_retry_at = None;
+            for seq in std::mem::take(&mut self.failed) {
+                if seq >= self.snd_una && seq < self.snd_nxt {
+                    self.retx.insert(seq);
+                }
+            }
+        }
+        if self.probe_at.is_some_and(|t| t <= now) {
+            self.probe_at = None;
+            self.probe_due = true;
+            self.probe_backoff += 1;
+        }
+        if self.ack_at.is_some_and(|t| t <= now) {
+            self.ack_at = None;
+            self.ack_now = true;
+        }
+        if self.ping_deadline().is_some_and(|t| t <= now) {
+            self.ping_due = true;
+            self.last_ping = Some(now);
+        }
+    }
+
+    fn on_rto(&mut self, now: Instant) {
+        if self.inflight.is_empty() {
+            self.rto_at = None;
+            return;
+        }
+        self.stats.rto_timeouts += 1;
+        self.timeouts += 1;
+        if self.timeouts > self.cfg.max_retransmits {
+            self.die(ConnError::Timeout, "retransmissions exhausted");
+            return;
+        }
+        self.backoff += 1;
+        self.retx.insert(self.snd_una);
+        self.recovery = Some(self.snd_nxt);
+        self.dup_acks = 0;
+        self.rto_at = Some(now + self.current_rto());
+    }
+}
