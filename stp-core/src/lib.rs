@@ -13,6 +13,7 @@
 //! * [`auth`] — the per-connection key agreed over the control connection.
 //! * [`vendor`] — the vendor command set shared by hosts and the array.
 //! * [`stg`] — transport groups and the configuration file.
+//! * [`mailbox`] — the host side of the STG mailbox (vendor mode).
 //! * [`conn`] — the sans-IO connection state machine.
 
 pub use scsi;
@@ -20,6 +21,7 @@ pub use scsi;
 pub mod auth;
 pub mod conn;
 pub mod frame;
+pub mod mailbox;
 pub mod stg;
 pub mod vendor;
 pub mod wire;

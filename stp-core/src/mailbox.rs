@@ -1,0 +1,165 @@
+//! The host side of the STG mailbox, vendor mode (docs/PROTOCOL.md §3).
+//!
+//! A [`VendorMailbox`] holds one [`Transport`] per STG member LUN (paths
+//! onto the same port space) and stripes commands over them round-robin.
+//! Commands here are synchronous per path; many in flight across paths is
+//! the io_uring engine's job. SENDs that fail with a retryable condition
+//! (queue full, unit attention, BUSY) are retried with a short back-off;
+//! anything else is returned classified ([`MailboxError`]).
+
+use std::time::Duration;
+
+use scsi::{Command, DataDirection, IoBuf, Transport};
+
+use crate::frame::{pack, OutFrame};
+use crate::vendor::{self, BindResult, MailboxError, StgInfo};
+
+/// A bound port: the port number and the capability that proves ownership.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Binding {
+    /// The bound port.
+    pub port: u32,
+    /// The binding handle the array issued.
+    pub handle: u32,
+    /// The destination queue's limit in frames.
+    pub queue_frames: u32,
+    /// The destination queue's limit in bytes.
+    pub queue_bytes: u32,
+}
+
+impl From<BindResult> for Binding {
+    fn from(b: BindResult) -> Binding {
+        Binding {
+            port: b.port,
+            handle: b.handle,
+            queue_frames: b.queue_frames,
+            queue_bytes: b.queue_bytes,
+        }
+    }
+}
+
+/// How often and how long a retryable SEND is retried.
+const SEND_RETRIES: u32 = 50;
+const SEND_BACKOFF: Duration = Duration::from_millis(2);
+
+/// Timeout added to a long poll's own timeout for the SCSI command.
+const COMMAND_SLACK: Duration = Duration::from_secs(10);
+
+/// One host's view of an STG in vendor mode.
+pub struct VendorMailbox {
+    paths: Vec<Box<dyn Transport>>,
+    next: usize,
+}
+
+impl std::fmt::Debug for VendorMailbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let paths: Vec<String> = self.paths.iter().map(|p| p.describe()).collect();
+        f.debug_struct("VendorMailbox")
+            .field("paths", &paths)
+            .finish()
+    }
+}
+
+impl VendorMailbox {
+    /// A mailbox over the given member paths (at least one).
+    pub fn new(paths: Vec<Box<dyn Transport>>) -> Result<VendorMailbox, MailboxError> {
+        if paths.is_empty() {
+            return Err(MailboxError::Other(scsi::CommandError::Io(
+                std::io::Error::other("an STG mailbox needs at least one member path"),
+            )));
+        }
+        Ok(VendorMailbox { paths, next: 0 })
+    }
+
+    /// Number of member paths.
+    pub fn paths(&self) -> usize {
+        self.paths.len()
+    }
+
+    fn path(&mut self) -> &mut dyn Transport {
+        let i = self.next % self.paths.len();
+        self.next = self.next.wrapping_add(1);
+        self.paths[i].as_mut()
+    }
+
+    fn run(&mut self, cmd: Command) -> Result<IoBuf, MailboxError> {
+        let (data, _) = self.path().execute(cmd).into_result()?;
+        Ok(data)
+    }
+
+    /// STG INFO from the next path.
+    pub fn stg_info(&mut self) -> Result<StgInfo, MailboxError> {
+        let alloc = StgInfo::len_for(256) as u32;
+        let cdb = vendor::stg_info(alloc);
+        let data = self.run(Command::data_in(
+            scsi::Cdb::Vendor(cdb).emit(),
+            alloc as usize,
+        ))?;
+        StgInfo::parse(&data).map_err(|e| protocol_error(format!("STG INFO: {e}")))
+    }
+
+    /// Binds `port` (`None`: a dynamic port).
+    pub fn bind(&mut self, port: Option<u32>) -> Result<Binding, MailboxError> {
+        let cdb = vendor::bind(port.unwrap_or(0));
+        let data = self.run(Command::data_in(scsi::Cdb::Vendor(cdb).emit(), 16))?;
+        let b = BindResult::parse(&data).map_err(|e| protocol_error(format!("BIND: {e}")))?;
+        Ok(b.into())
+    }
+
+    /// Releases a binding; waiting RECEIVEs on it end.
+    pub fn release(&mut self, binding: &Binding) -> Result<(), MailboxError> {
+        let cdb = vendor::release(binding.handle);
+        self.run(Command::no_data(scsi::Cdb::Vendor(cdb).emit()))?;
+        Ok(())
+    }
+
+    /// Sends sealed frames from `binding` in one SEND (atomic at the array).
+    /// The frames are packed into one buffer, as a synchronous path needs;
+    /// the io_uring engine passes header and payload slices instead.
+    pub fn send(&mut self, binding: &Binding, frames: &[OutFrame<'_>]) -> Result<(), MailboxError> {
+        let mut packed = Vec::new();
+        pack(frames, &mut packed).map_err(|e| protocol_error(format!("packing frames: {e}")))?;
+        let mut buf = IoBuf::from_slice(&packed);
+        let cdb = scsi::Cdb::Vendor(vendor::send(binding.handle, buf.len() as u32)).emit();
+        let mut attempt = 0;
+        loop {
+            let c = self.path().execute(Command::data_out(cdb, buf));
+            let Err(e) = c.result.and_then(|o| o.check()) else {
+                return Ok(());
+            };
+            let e = vendor::classify(e);
+            let retry = matches!(e, MailboxError::QueueFull { .. })
+                || matches!(&e, MailboxError::Other(c) if c.is_retryable());
+            attempt += 1;
+            // A timed-out command's buffer is not handed back: give up then.
+            if !retry || attempt >= SEND_RETRIES || c.data.len() != packed.len() {
+                return Err(e);
+            }
+            std::thread::sleep(SEND_BACKOFF * attempt.min(10));
+            buf = c.data;
+        }
+    }
+
+    /// Receives whole frames for `binding` (at most `max` bytes), waiting up
+    /// to `wait` (at most 12.7 s) for the first. Empty when none arrived.
+    pub fn receive(
+        &mut self,
+        binding: &Binding,
+        max: usize,
+        wait: Duration,
+    ) -> Result<IoBuf, MailboxError> {
+        let max = max.min(vendor::MAX_TRANSFER as usize);
+        let cdb = vendor::receive(binding.handle, max as u32, wait);
+        let cmd = Command::data_in(scsi::Cdb::Vendor(cdb).emit(), max)
+            .with_timeout(wait.min(vendor::MAX_RECEIVE_TIMEOUT) + COMMAND_SLACK);
+        debug_assert_eq!(cmd.direction, DataDirection::FromDevice);
+        self.run(cmd)
+    }
+}
+
+fn protocol_error(text: String) -> MailboxError {
+    MailboxError::Other(scsi::CommandError::Io(std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        text,
+    )))
+}

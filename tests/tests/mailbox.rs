@@ -1,0 +1,164 @@
+//! Frames, authentication and the vendor-mode mailbox, end to end: two hosts
+//! on the in-process array, frames sent on one member LUN and received on
+//! another, and a third initiator that tries to inject frames.
+
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use scsi::Transport;
+use sim_target::{Array, Host, LunConfig, StgMailbox, StgSpec};
+use stp_core::auth::{Handshake, Role};
+use stp_core::frame::{open, FrameError, OutFrame};
+use stp_core::mailbox::VendorMailbox;
+use stp_core::vendor::MailboxError;
+use stp_core::wire::{Frames, Header, Kind};
+
+fn array_with_stg(members: u64) -> Array {
+    let a = Array::new();
+    for id in 0..members {
+        a.add_lun(id, LunConfig::new(id, 1 << 16, 512)).unwrap();
+    }
+    let mb = StgMailbox::with_seed(&a, vec![StgSpec::new(7, (0..members).collect())], 1).unwrap();
+    mb.install(&a);
+    a
+}
+
+fn mailbox(a: &Array, host: &str) -> VendorMailbox {
+    let h = Host::login(a, host);
+    let paths: Vec<Box<dyn Transport>> = a
+        .lun_ids()
+        .into_iter()
+        .map(|l| Box::new(h.open(l).unwrap()) as Box<dyn Transport>)
+        .collect();
+    VendorMailbox::new(paths).unwrap()
+}
+
+fn keys() -> (stp_core::auth::FrameKey, stp_core::auth::FrameKey) {
+    let mut rng = StdRng::seed_from_u64(9);
+    let client = Handshake::new(&mut rng);
+    let server = Handshake::new(&mut rng);
+    let (co, so) = (client.public(), server.public());
+    let kc = client.finish(&so, Role::Client, Some(b"lab psk")).unwrap();
+    let ks = server.finish(&co, Role::Server, Some(b"lab psk")).unwrap();
+    (kc, ks)
+}
+
+fn data_header(src: u32, dst: u32, seq: u64) -> Header {
+    Header {
+        kind: Kind::DATA,
+        src_port: src,
+        dst_port: dst,
+        conn_id: 0xC0FFEE,
+        seq,
+        ..Header::default()
+    }
+}
+
+#[test]
+fn sealed_frames_cross_the_array_between_two_hosts() {
+    let a = array_with_stg(2);
+    let (kc, ks) = keys();
+    let mut client = mailbox(&a, "client");
+    let mut server = mailbox(&a, "server");
+
+    let info = server.stg_info().unwrap();
+    assert_eq!((info.stg_id, info.members.len()), (7, 2));
+
+    let sb = server.bind(Some(5101)).unwrap();
+    let cb = client.bind(None).unwrap();
+    assert!(cb.port >= 32768);
+
+    // Three frames, payloads given as several slices each (scatter-gather).
+    let bodies: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 1000 + i as usize * 333]).collect();
+    let parts: Vec<[&[u8]; 2]> = bodies.iter().map(|b| [&b[..10], &b[10..]]).collect();
+    let frames: Vec<OutFrame<'_>> = parts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            OutFrame::sealed(data_header(cb.port, sb.port, i as u64 + 1), p, &kc).unwrap()
+        })
+        .collect();
+    client.send(&cb, &frames).unwrap();
+
+    let got = server
+        .receive(&sb, 64 * 1024, Duration::from_secs(2))
+        .unwrap();
+    let mut seen = Vec::new();
+    for f in Frames::new(&got) {
+        let f = f.unwrap();
+        let (h, payload) = open(f.bytes(&got), &ks).unwrap();
+        assert_eq!(payload, &bodies[h.seq as usize - 1][..]);
+        seen.push(h.seq);
+    }
+    assert_eq!(seen, vec![1, 2, 3]);
+    server.release(&sb).unwrap();
+    assert!(matches!(
+        client.send(&cb, &frames),
+        Err(MailboxError::PortNotBound(5101))
+    ));
+}
+
+#[test]
+fn a_third_initiator_cannot_inject_or_replay() {
+    let a = array_with_stg(2);
+    let (kc, ks) = keys();
+    let mut client = mailbox(&a, "client");
+    let mut server = mailbox(&a, "server");
+    let mut intruder = mailbox(&a, "intruder");
+    let sb = server.bind(Some(5101)).unwrap();
+    let cb = client.bind(None).unwrap();
+
+    // The intruder binds its own port; the array refuses a forged source port.
+    let ib = intruder.bind(None).unwrap();
+    let wrong_key = {
+        let mut rng = StdRng::seed_from_u64(77);
+        let x = Handshake::new(&mut rng);
+        let y = Handshake::new(&mut rng);
+        let yo = y.public();
+        x.finish(&yo, Role::Client, None).unwrap()
+    };
+    let body = [b"forged" as &[u8]];
+    let spoofed = OutFrame::sealed(data_header(cb.port, sb.port, 1), &body, &wrong_key).unwrap();
+    assert!(matches!(
+        intruder.send(&ib, &[spoofed]),
+        Err(MailboxError::SourcePortMismatch { .. })
+    ));
+    // From its own port the array delivers it, but the tag does not verify.
+    let forged = OutFrame::sealed(data_header(ib.port, sb.port, 1), &body, &wrong_key).unwrap();
+    intruder.send(&ib, &[forged]).unwrap();
+    let got = server.receive(&sb, 4096, Duration::from_secs(2)).unwrap();
+    let f = Frames::new(&got).next().unwrap().unwrap();
+    assert!(matches!(open(f.bytes(&got), &ks), Err(FrameError::BadTag)));
+
+    // A replayed genuine frame verifies; the connection layer drops it as a
+    // duplicate by sequence number (tested with the connection).
+    let genuine_body = [b"hello" as &[u8]];
+    let genuine = OutFrame::sealed(data_header(cb.port, sb.port, 1), &genuine_body, &kc).unwrap();
+    client.send(&cb, &[genuine, genuine]).unwrap();
+    let got = server.receive(&sb, 4096, Duration::from_secs(2)).unwrap();
+    let seqs: Vec<u64> = Frames::new(&got)
+        .map(|f| open(f.unwrap().bytes(&got), &ks).unwrap().0.seq)
+        .collect();
+    assert_eq!(seqs, vec![1, 1]);
+}
+
+#[test]
+fn receive_long_polls_until_a_send_on_another_lun() {
+    let a = array_with_stg(2);
+    let (kc, ks) = keys();
+    let mut server = mailbox(&a, "server");
+    let sb = server.bind(Some(6000)).unwrap();
+    let waiter = std::thread::spawn(move || {
+        let got = server.receive(&sb, 4096, Duration::from_secs(5)).unwrap();
+        let f = Frames::new(&got).next().unwrap().unwrap();
+        open(f.bytes(&got), &ks).unwrap().1.to_vec()
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    let mut client = mailbox(&a, "client");
+    let cb = client.bind(None).unwrap();
+    let body = [b"late arrival" as &[u8]];
+    let frame = OutFrame::sealed(data_header(cb.port, 6000, 1), &body, &kc).unwrap();
+    client.send(&cb, &[frame]).unwrap();
+    assert_eq!(waiter.join().unwrap(), b"late arrival");
+}
