@@ -558,6 +558,8 @@ pub struct Connection {
 
     // Ending.
     linger_until: Option<Instant>,
+    /// When lingering, one unprompted repeat of the final ACK.
+    linger_ack_at: Option<Instant>,
     rst_pending: bool,
     rst_buf: Vec<u8>,
     error: Option<ConnError>,
@@ -641,6 +643,7 @@ impl Connection {
             ping_buf: [0; PING_LEN],
             pongs: VecDeque::new(),
             linger_until: None,
+            linger_ack_at: None,
             rst_pending: false,
             rst_buf: Vec::new(),
             error: None,
@@ -667,13 +670,7 @@ impl Connection {
         c.local_port = local_port;
         c.remote_port = remote_port;
         c.listen_port = remote_port;
-        c.handshake = encode_handshake(
-            MIN_VERSION,
-            VERSION,
-            c.cfg.max_payload,
-            c.credit(),
-            nonce,
-        );
+        c.handshake = encode_handshake(MIN_VERSION, VERSION, c.cfg.max_payload, c.credit(), nonce);
         c.push_handshake(now);
         c
     }
@@ -947,7 +944,8 @@ impl Connection {
     /// Closes this direction: a FIN follows all data written so far. Reading
     /// goes on until the peer's FIN.
     pub fn close(&mut self) {
-        if matches!(self.state, State::Closed | State::Failed | State::Linger) || self.close_requested
+        if matches!(self.state, State::Closed | State::Failed | State::Linger)
+            || self.close_requested
         {
             return;
         }
@@ -1333,8 +1331,13 @@ impl Connection {
                 // peer acknowledged ours: it knows everything.
                 self.finish();
             } else {
+                // Our ACK of the peer's FIN may be lost: stay to repeat it
+                // when the FIN comes again, and once unprompted half an RTO
+                // from now (the peer's retransmission may be lost too).
+                let rto = self.current_rto();
                 self.state = State::Linger;
-                self.linger_until = Some(now + self.current_rto().saturating_mul(2));
+                self.linger_until = Some(now + rto.saturating_mul(2));
+                self.linger_ack_at = Some(now + rto / 2);
                 self.rto_at = None;
             }
         }
@@ -1380,9 +1383,8 @@ impl Connection {
     /// delivered: then every byte went both ways and the connection is
     /// closed, not failed (the peer has most likely lingered and gone).
     fn die(&mut self, err: ConnError, text: &str) {
-        let only_fin_unacked = self.eof
-            && self.fin_seq.is_some_and(|f| self.snd_una == f)
-            && self.sbuf.len == 0;
+        let only_fin_unacked =
+            self.eof && self.fin_seq.is_some_and(|f| self.snd_una == f) && self.sbuf.len == 0;
         if only_fin_unacked {
             self.finish();
         } else {
@@ -1421,6 +1423,7 @@ impl Connection {
         self.ack_now = false;
         self.ping_due = false;
         self.linger_until = None;
+        self.linger_ack_at = None;
         self.writable_wanted = false;
     }
 
@@ -1434,7 +1437,12 @@ impl Connection {
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit<'_>> {
         if self.rst_pending {
             self.rst_pending = false;
-            let header = self.header(Kind::RST, Flags::default(), self.snd_nxt, self.rst_buf.len());
+            let header = self.header(
+                Kind::RST,
+                Flags::default(),
+                self.snd_nxt,
+                self.rst_buf.len(),
+            );
             self.note_sent();
             return Some(Transmit {
                 header,
@@ -1636,7 +1644,9 @@ impl Connection {
         if self.cfg.keepalive.is_zero() || !self.keepalive_active() || self.ping_due {
             return None;
         }
-        let since = self.last_ping.map_or(self.last_heard, |p| p.max(self.last_heard));
+        let since = self
+            .last_ping
+            .map_or(self.last_heard, |p| p.max(self.last_heard));
         Some(since + self.cfg.keepalive)
     }
 
@@ -1660,6 +1670,7 @@ impl Connection {
             self.probe_at,
             self.ack_at,
             self.linger_until,
+            self.linger_ack_at,
             self.ping_deadline(),
             self.idle_deadline(),
         ]
@@ -1676,6 +1687,13 @@ impl Connection {
         if self.state == State::Linger {
             if self.linger_until.is_some_and(|t| t <= now) {
                 self.finish();
+            } else if self.linger_ack_at.is_some_and(|t| t <= now) {
+                self.linger_ack_at = None;
+                self.ack_now = true;
+            }
+            if self.ack_at.is_some_and(|t| t <= now) {
+                self.ack_at = None;
+                self.ack_now = true;
             }
             return;
         }
@@ -1732,5 +1750,1544 @@ impl Connection {
         self.recovery = Some(self.snd_nxt);
         self.dup_acks = 0;
         self.rto_at = Some(now + self.current_rto());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A deterministic two-endpoint harness (quinn-proto's `tests/util.rs`
+    //! shape): a virtual clock that jumps to the next delivery or timer, an
+    //! in-memory "array" with a seeded RNG that drops, duplicates, delays
+    //! and reorders frames, and a bounded drive loop that fails on livelock.
+
+    use super::*;
+    use proptest::prelude::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, RngCore, SeedableRng};
+    use std::cmp::{Ordering, Reverse};
+    use std::collections::BinaryHeap;
+
+    const CLIENT_PORT: u32 = 40_001;
+    const LISTEN_PORT: u32 = 5_100;
+    const SERVER_PORT: u32 = 32_768;
+    const CONN_ID: u64 = 0x5354_5000_dead_beef;
+    const CLIENT_NONCE: [u8; 16] = [0xC1; 16];
+    const SERVER_NONCE: [u8; 16] = [0x5E; 16];
+    /// Drive-loop steps without application progress that count as livelock.
+    const LIVELOCK_STEPS: u64 = 10_000;
+    /// Virtual time after which a run is considered hung.
+    const MAX_VIRTUAL: Duration = Duration::from_secs(3600);
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Side {
+        Client,
+        Server,
+    }
+
+    /// What the array does with one frame.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Verdict {
+        Deliver,
+        Drop,
+        /// The SEND fails: the sender hears of it via `on_send_failed`.
+        FailSend,
+    }
+
+    /// The array's behaviour.
+    #[derive(Clone, Debug)]
+    struct Net {
+        loss: f64,
+        dup: f64,
+        delay: Duration,
+        jitter: Duration,
+    }
+
+    impl Net {
+        fn ideal() -> Net {
+            Net {
+                loss: 0.0,
+                dup: 0.0,
+                delay: ms(1),
+                jitter: Duration::ZERO,
+            }
+        }
+
+        /// Striping over members: frames overtake each other.
+        fn reordering() -> Net {
+            Net {
+                jitter: ms(2),
+                ..Net::ideal()
+            }
+        }
+
+        fn lossy(loss: f64, dup: f64) -> Net {
+            Net {
+                loss,
+                dup,
+                delay: ms(1),
+                jitter: ms(3),
+            }
+        }
+    }
+
+    struct Packet {
+        at: Instant,
+        order: u64,
+        header: Header,
+        payload: Vec<u8>,
+    }
+
+    impl PartialEq for Packet {
+        fn eq(&self, other: &Packet) -> bool {
+            self.cmp(other) == Ordering::Equal
+        }
+    }
+    impl Eq for Packet {}
+    impl PartialOrd for Packet {
+        fn partial_cmp(&self, other: &Packet) -> Option<Ordering> {
+            Some(self.cmp(other))
+        }
+    }
+    impl Ord for Packet {
+        fn cmp(&self, other: &Packet) -> Ordering {
+            (self.at, self.order).cmp(&(other.at, other.order))
+        }
+    }
+
+    /// One host: its connection and a scripted application.
+    struct Endpoint {
+        config: Config,
+        conn: Option<Connection>,
+        send: Vec<u8>,
+        sent: usize,
+        close_when_sent: bool,
+        close_on_eof: bool,
+        closed: bool,
+        recv: Vec<u8>,
+        eof: bool,
+        read_paused: bool,
+        events: Vec<Event>,
+        states: Vec<State>,
+        /// The highest `ack + credit` ever delivered to this endpoint: the
+        /// most credit it can know of. It must never send DATA/FIN at or
+        /// above it.
+        edge: u64,
+    }
+
+    impl Endpoint {
+        fn new(config: Config, conn: Option<Connection>) -> Endpoint {
+            Endpoint {
+                config,
+                conn,
+                send: Vec::new(),
+                sent: 0,
+                close_when_sent: false,
+                close_on_eof: false,
+                closed: false,
+                recv: Vec::new(),
+                eof: false,
+                read_paused: false,
+                events: Vec::new(),
+                states: Vec::new(),
+                edge: 0,
+            }
+        }
+    }
+
+    type Filter = Box<dyn FnMut(Side, &Header, Duration) -> Verdict>;
+
+    struct Harness {
+        start: Instant,
+        now: Instant,
+        rng: StdRng,
+        net: Net,
+        queue: BinaryHeap<Reverse<Packet>>,
+        order: u64,
+        client: Endpoint,
+        server: Endpoint,
+        filter: Option<Filter>,
+        accept_errors: Vec<ConnError>,
+        /// Every frame sent: when, by whom, its header.
+        log: Vec<(Duration, Side, Header)>,
+        unroutable: u64,
+        idle_steps: u64,
+        goal: &'static str,
+        scratch: Vec<u8>,
+    }
+
+    fn data(seed: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0; len];
+        StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+        v
+    }
+
+    fn fnv1a(bytes: &[u8]) -> u64 {
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    }
+
+    /// Small payloads and windows: many frames in flight.
+    fn small(max_payload: u32, window: u32) -> Config {
+        Config {
+            max_payload,
+            recv_window_frames: window,
+            send_buffer_bytes: 24 * 1024,
+            ..Config::default()
+        }
+    }
+
+    /// For lossy runs: enough retransmissions that a run never dies of bad
+    /// luck (dying is tested on its own).
+    fn robust(config: Config) -> Config {
+        Config {
+            max_retransmits: 24,
+            idle_timeout: Duration::from_secs(600),
+            ..config
+        }
+    }
+
+    impl Harness {
+        fn new(seed: u64, net: Net, client: Config, server: Config) -> Harness {
+            let start = Instant::now();
+            let conn = Connection::connect(
+                client.clone(),
+                start,
+                CLIENT_PORT,
+                LISTEN_PORT,
+                CONN_ID,
+                CLIENT_NONCE,
+            );
+            Harness {
+                start,
+                now: start,
+                rng: StdRng::seed_from_u64(seed),
+                net,
+                queue: BinaryHeap::new(),
+                order: 0,
+                client: Endpoint::new(client, Some(conn)),
+                server: Endpoint::new(server, None),
+                filter: None,
+                accept_errors: Vec::new(),
+                log: Vec::new(),
+                unroutable: 0,
+                idle_steps: 0,
+                goal: "",
+                scratch: vec![0; 64 * 1024],
+            }
+        }
+
+        /// Both sides send their stream, then close.
+        fn streams(seed: u64, net: Net, c2s: usize, s2c: usize, cc: Config, sc: Config) -> Harness {
+            let mut h = Harness::new(seed, net, cc, sc);
+            h.client.send = data(seed.wrapping_mul(2).wrapping_add(1), c2s);
+            h.server.send = data(seed.wrapping_mul(2).wrapping_add(2), s2c);
+            h.client.close_when_sent = true;
+            h.server.close_when_sent = true;
+            h
+        }
+
+        fn elapsed(&self) -> Duration {
+            self.now - self.start
+        }
+
+        fn ep(&self, side: Side) -> &Endpoint {
+            match side {
+                Side::Client => &self.client,
+                Side::Server => &self.server,
+            }
+        }
+
+        fn ep_mut(&mut self, side: Side) -> &mut Endpoint {
+            match side {
+                Side::Client => &mut self.client,
+                Side::Server => &mut self.server,
+            }
+        }
+
+        fn conn(&self, side: Side) -> &Connection {
+            self.ep(side)
+                .conn
+                .as_ref()
+                .expect("no connection on that side yet")
+        }
+
+        fn conn_mut(&mut self, side: Side) -> &mut Connection {
+            self.ep_mut(side)
+                .conn
+                .as_mut()
+                .expect("no connection on that side yet")
+        }
+
+        fn stats(&self, side: Side) -> Stats {
+            self.conn(side).stats()
+        }
+
+        fn has_event(&self, side: Side, ev: &Event) -> bool {
+            self.ep(side).events.contains(ev)
+        }
+
+        fn failure(&self, side: Side) -> Option<&ConnError> {
+            self.ep(side).events.iter().find_map(|e| match e {
+                Event::Failed(err) => Some(err),
+                _ => None,
+            })
+        }
+
+        fn connected(&self) -> bool {
+            self.has_event(Side::Client, &Event::Connected)
+                && self.has_event(Side::Server, &Event::Connected)
+        }
+
+        /// Both connections closed and both applications saw EOF.
+        fn finished(&self) -> bool {
+            [Side::Client, Side::Server].iter().all(|&s| {
+                self.ep(s).eof && self.ep(s).conn.as_ref().is_some_and(Connection::is_closed)
+            })
+        }
+
+        fn dump(&self) -> String {
+            format!(
+                "goal: {}; t = {:?}; {} frames queued\n  client: {:?}\n  server: {:?}",
+                self.goal,
+                self.elapsed(),
+                self.queue.len(),
+                self.client.conn,
+                self.server.conn
+            )
+        }
+
+        fn run_until(&mut self, goal: &'static str, mut done: impl FnMut(&Harness) -> bool) {
+            self.goal = goal;
+            self.idle_steps = 0;
+            while !done(self) {
+                self.step();
+            }
+            // Collect the events of the last step.
+            self.app(Side::Client);
+            self.app(Side::Server);
+        }
+
+        fn run_for(&mut self, d: Duration) {
+            let until = self.now + d;
+            self.run_until("let time pass", |h| h.now >= until);
+        }
+
+        /// One round: applications act, connections transmit, due frames
+        /// are delivered; if nothing happened, the clock jumps.
+        fn step(&mut self) {
+            let mut progress = self.app(Side::Client);
+            progress |= self.app(Side::Server);
+            let sent = self.flush(Side::Client) | self.flush(Side::Server);
+            let delivered = self.deliver_due();
+            if !(progress || sent || delivered) {
+                self.advance();
+            }
+            if progress {
+                self.idle_steps = 0;
+            } else {
+                self.idle_steps += 1;
+                assert!(
+                    self.idle_steps < LIVELOCK_STEPS,
+                    "livelock: {LIVELOCK_STEPS} steps without progress\n{}",
+                    self.dump()
+                );
+            }
+        }
+
+        fn advance(&mut self) {
+            let next = [
+                self.queue.peek().map(|p| p.0.at),
+                self.client.conn.as_ref().and_then(Connection::poll_timeout),
+                self.server.conn.as_ref().and_then(Connection::poll_timeout),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let Some(next) = next else {
+                panic!(
+                    "stalled: nothing in flight, no timer armed\n{}",
+                    self.dump()
+                );
+            };
+            assert!(next - self.start < MAX_VIRTUAL, "hung\n{}", self.dump());
+            self.now = self.now.max(next);
+            let now = self.now;
+            for side in [Side::Client, Side::Server] {
+                if let Some(conn) = self.ep_mut(side).conn.as_mut() {
+                    if conn.poll_timeout().is_some_and(|t| t <= now) {
+                        conn.handle_timeout(now);
+                        assert!(
+                            conn.poll_timeout().is_none_or(|t| t > now),
+                            "{side:?}: a timer is still due after handle_timeout: {conn:?}"
+                        );
+                    }
+                }
+            }
+        }
+
+        /// The scripted application: drain events, write, close, read.
+        fn app(&mut self, side: Side) -> bool {
+            let mut scratch = std::mem::take(&mut self.scratch);
+            let ep = self.ep_mut(side);
+            let mut progress = false;
+            if let Some(conn) = ep.conn.as_mut() {
+                while let Some(ev) = conn.poll_event() {
+                    ep.events.push(ev);
+                    progress = true;
+                }
+                if ep.states.last() != Some(&conn.state()) {
+                    ep.states.push(conn.state());
+                    progress = true;
+                }
+                if ep.sent < ep.send.len() {
+                    if let Ok(n) = conn.write(&ep.send[ep.sent..]) {
+                        ep.sent += n;
+                        progress |= n > 0;
+                    }
+                }
+                let all_sent = ep.sent == ep.send.len();
+                if !ep.closed && all_sent && (ep.close_when_sent || (ep.close_on_eof && ep.eof)) {
+                    conn.close();
+                    ep.closed = true;
+                    progress = true;
+                }
+                while !ep.read_paused && !ep.eof {
+                    match conn.read(&mut scratch) {
+                        Ok(0) => ep.eof = true,
+                        Ok(n) => ep.recv.extend_from_slice(&scratch[..n]),
+                        Err(_) => break,
+                    }
+                    progress = true;
+                }
+            }
+            self.scratch = scratch;
+            progress
+        }
+
+        /// Takes every frame the side wants to send and puts it on the array.
+        fn flush(&mut self, side: Side) -> bool {
+            let now = self.now;
+            let elapsed = self.elapsed();
+            let mut any = false;
+            loop {
+                let (ep, other) = match side {
+                    Side::Client => (&mut self.client, &self.server),
+                    Side::Server => (&mut self.server, &self.client),
+                };
+                let Some(conn) = ep.conn.as_mut() else { break };
+                let local_port = conn.local_port();
+                let Some(t) = conn.poll_transmit(now) else {
+                    break;
+                };
+                let header = t.header;
+                let mut payload = Vec::with_capacity(t.payload_len());
+                payload.extend_from_slice(t.payload[0]);
+                payload.extend_from_slice(t.payload[1]);
+                // The frame layer's contract.
+                assert_eq!(header.payload_len as usize, payload.len());
+                assert_eq!((header.crc32c, header.tag), (0, [0; 16]));
+                assert_eq!(header.src_port, local_port);
+                // Credit: never at or beyond peer_ack + peer_credit.
+                if matches!(header.kind, Kind::DATA | Kind::FIN) {
+                    assert!(
+                        header.seq < ep.edge,
+                        "{side:?} sent {:?} seq {} beyond the peer's credit (ack + credit = {})",
+                        header.kind,
+                        header.seq,
+                        ep.edge
+                    );
+                }
+                if header.kind == Kind::DATA {
+                    let max = ep.config.max_payload.min(other.config.max_payload) as usize;
+                    assert!(
+                        !payload.is_empty() && payload.len() <= max,
+                        "DATA of {} bytes",
+                        payload.len()
+                    );
+                }
+                self.log.push((elapsed, side, header));
+                any = true;
+                let mut verdict = match self.filter.as_mut() {
+                    Some(f) => f(side, &header, elapsed),
+                    None => Verdict::Deliver,
+                };
+                if verdict == Verdict::Deliver && self.rng.gen_bool(self.net.loss) {
+                    verdict = Verdict::Drop;
+                }
+                match verdict {
+                    Verdict::Drop => {}
+                    Verdict::FailSend => conn.on_send_failed(header.seq, now),
+                    Verdict::Deliver => {
+                        let copies = if self.rng.gen_bool(self.net.dup) {
+                            2
+                        } else {
+                            1
+                        };
+                        for _ in 0..copies {
+                            let jitter = self.net.jitter.mul_f64(self.rng.gen::<f64>());
+                            self.order += 1;
+                            self.queue.push(Reverse(Packet {
+                                at: now + self.net.delay + jitter,
+                                order: self.order,
+                                header,
+                                payload: payload.clone(),
+                            }));
+                        }
+                    }
+                }
+            }
+            any
+        }
+
+        fn deliver_due(&mut self) -> bool {
+            let mut any = false;
+            while self.queue.peek().is_some_and(|p| p.0.at <= self.now) {
+                let Some(Reverse(p)) = self.queue.pop() else {
+                    break;
+                };
+                self.route(&p.header, &p.payload);
+                any = true;
+            }
+            any
+        }
+
+        fn route(&mut self, h: &Header, payload: &[u8]) {
+            let side = match h.dst_port {
+                CLIENT_PORT => Side::Client,
+                SERVER_PORT => Side::Server,
+                LISTEN_PORT if h.kind == Kind::SYN && self.server.conn.is_none() => {
+                    self.listen(h, payload);
+                    return;
+                }
+                // The listener hands a duplicate SYN to its connection.
+                LISTEN_PORT if h.kind == Kind::SYN => Side::Server,
+                _ => {
+                    self.unroutable += 1;
+                    return;
+                }
+            };
+            self.inject(side, h, payload);
+        }
+
+        /// Hands a frame to a side's connection directly.
+        fn inject(&mut self, side: Side, h: &Header, payload: &[u8]) {
+            let now = self.now;
+            let ep = self.ep_mut(side);
+            if h.kind != Kind::RST && h.conn_id == CONN_ID {
+                ep.edge = ep.edge.max(h.ack + u64::from(h.credit));
+            }
+            match ep.conn.as_mut() {
+                Some(c) => c.handle_frame(now, h, payload),
+                None => self.unroutable += 1,
+            }
+        }
+
+        fn listen(&mut self, h: &Header, payload: &[u8]) {
+            let now = self.now;
+            match Connection::accept(
+                self.server.config.clone(),
+                now,
+                h,
+                payload,
+                SERVER_PORT,
+                SERVER_NONCE,
+            ) {
+                Ok(c) => {
+                    self.server.conn = Some(c);
+                    self.server.edge = h.ack + u64::from(h.credit);
+                }
+                Err(e) => {
+                    let (header, payload) = Connection::refuse(h, e.reset_reason(), &e.to_string());
+                    self.order += 1;
+                    self.queue.push(Reverse(Packet {
+                        at: now + self.net.delay,
+                        order: self.order,
+                        header,
+                        payload,
+                    }));
+                    self.accept_errors.push(e);
+                }
+            }
+        }
+
+        /// Each side received exactly the other's stream: same length, same
+        /// hash, no frame ever above a window.
+        fn assert_exact(&self) {
+            for (from, to) in [(Side::Client, Side::Server), (Side::Server, Side::Client)] {
+                let (sent, got) = (&self.ep(from).send, &self.ep(to).recv);
+                if let Some(i) = sent.iter().zip(got).position(|(a, b)| a != b) {
+                    panic!(
+                        "{from:?}→{to:?}: first difference at byte {i}\n{}",
+                        self.dump()
+                    );
+                }
+                assert_eq!(
+                    (got.len(), fnv1a(got)),
+                    (sent.len(), fnv1a(sent)),
+                    "{from:?}→{to:?} stream differs\n{}",
+                    self.dump()
+                );
+                if let Some(c) = self.ep(to).conn.as_ref() {
+                    assert_eq!(
+                        c.stats().above_window_dropped,
+                        0,
+                        "{to:?} saw frames above its window"
+                    );
+                    assert_eq!(c.stats().protocol_violations, 0);
+                }
+            }
+        }
+
+        fn frames(&self, side: Side, kind: Kind) -> impl Iterator<Item = &Header> + '_ {
+            self.log
+                .iter()
+                .filter(move |(_, s, h)| *s == side && h.kind == kind)
+                .map(|(_, _, h)| h)
+        }
+    }
+
+    // --------------------------------------------------------------------
+    // Handshake.
+
+    #[test]
+    fn handshake_connects_and_learns_the_new_port() {
+        let mut h = Harness::new(1, Net::ideal(), Config::default(), Config::default());
+        h.run_until("connected", Harness::connected);
+        let (c, s) = (h.conn(Side::Client), h.conn(Side::Server));
+        assert_eq!(c.state(), State::Established);
+        assert_eq!(s.state(), State::Established);
+        assert_eq!(
+            (c.local_port(), c.remote_port()),
+            (CLIENT_PORT, SERVER_PORT)
+        );
+        assert_eq!(
+            (s.local_port(), s.remote_port()),
+            (SERVER_PORT, CLIENT_PORT)
+        );
+        assert_eq!((c.conn_id(), s.conn_id()), (CONN_ID, CONN_ID));
+        assert_eq!(c.peer_nonce(), Some(SERVER_NONCE));
+        assert_eq!(s.peer_nonce(), Some(CLIENT_NONCE));
+        assert_eq!((c.version(), s.version()), (1, 1));
+        assert_eq!((c.role(), s.role()), (Role::Client, Role::Server));
+        // SYN → p, SYN_ACK from q, then the client addresses q.
+        let syn = h.frames(Side::Client, Kind::SYN).next().unwrap();
+        assert_eq!((syn.dst_port, syn.seq, syn.ack), (LISTEN_PORT, 0, 0));
+        let syn_ack = h.frames(Side::Server, Kind::SYN_ACK).next().unwrap();
+        assert_eq!(
+            (syn_ack.src_port, syn_ack.seq, syn_ack.ack),
+            (SERVER_PORT, 0, 1)
+        );
+        let ack = h.frames(Side::Client, Kind::ACK).next().unwrap();
+        assert_eq!((ack.dst_port, ack.ack), (SERVER_PORT, 1));
+        assert!(
+            c.stats().srtt.is_some(),
+            "the handshake gives the first RTT sample"
+        );
+    }
+
+    #[test]
+    fn syn_and_syn_ack_payload_layouts() {
+        let now = Instant::now();
+        let cfg = Config {
+            max_payload: 0x0001_2345,
+            recv_window_frames: 17,
+            ..Config::default()
+        };
+        let mut c = Connection::connect(
+            cfg.clone(),
+            now,
+            CLIENT_PORT,
+            LISTEN_PORT,
+            CONN_ID,
+            CLIENT_NONCE,
+        );
+        let t = c.poll_transmit(now).unwrap();
+        let syn = t.header;
+        let syn_payload = [t.payload[0], t.payload[1]].concat();
+        assert_eq!(syn.kind, Kind::SYN);
+        assert_eq!((syn.credit, syn.payload_len), (17, 28));
+        let mut want = vec![1, 1, 0, 0, 0x00, 0x01, 0x23, 0x45, 0, 0, 0, 17];
+        want.extend_from_slice(&CLIENT_NONCE);
+        assert_eq!(syn_payload, want);
+
+        let scfg = Config {
+            max_payload: 4096,
+            recv_window_frames: 9,
+            ..Config::default()
+        };
+        let mut s =
+            Connection::accept(scfg, now, &syn, &syn_payload, SERVER_PORT, SERVER_NONCE).unwrap();
+        assert_eq!(s.state(), State::SynReceived);
+        let t = s.poll_transmit(now).unwrap();
+        let mut want = vec![1, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 0, 9];
+        want.extend_from_slice(&SERVER_NONCE);
+        assert_eq!([t.payload[0], t.payload[1]].concat(), want);
+        assert_eq!(
+            (t.header.kind, t.header.dst_port, t.header.credit),
+            (Kind::SYN_ACK, CLIENT_PORT, 9)
+        );
+        // Negotiated DATA payload: the smaller maximum.
+        assert_eq!(s.send_payload, 4096);
+    }
+
+    #[test]
+    fn duplicate_syn_is_answered_with_the_same_syn_ack() {
+        let now = Instant::now();
+        let mut c = Connection::connect(
+            Config::default(),
+            now,
+            CLIENT_PORT,
+            LISTEN_PORT,
+            CONN_ID,
+            CLIENT_NONCE,
+        );
+        let t = c.poll_transmit(now).unwrap();
+        let (syn, syn_payload) = (t.header, [t.payload[0], t.payload[1]].concat());
+        let mut s = Connection::accept(
+            Config::default(),
+            now,
+            &syn,
+            &syn_payload,
+            SERVER_PORT,
+            SERVER_NONCE,
+        )
+        .unwrap();
+        let t = s.poll_transmit(now).unwrap();
+        let (first, first_payload) = (t.header, [t.payload[0], t.payload[1]].concat());
+        assert!(s.poll_transmit(now).is_none());
+        s.handle_frame(now + ms(1), &syn, &syn_payload);
+        let t = s.poll_transmit(now + ms(1)).unwrap();
+        assert_eq!([t.payload[0], t.payload[1]].concat(), first_payload);
+        assert_eq!(
+            (t.header.kind, t.header.seq, t.header.ack, t.header.src_port),
+            (first.kind, first.seq, first.ack, first.src_port)
+        );
+        assert!(t.header.flags.contains(Flags::RETRANSMIT));
+    }
+
+    #[test]
+    fn lost_syn_is_retransmitted() {
+        let mut h = Harness::streams(
+            2,
+            Net::ideal(),
+            5000,
+            3000,
+            Config::default(),
+            Config::default(),
+        );
+        let mut dropped = false;
+        h.filter = Some(Box::new(move |_, hd, _| {
+            if hd.kind == Kind::SYN && !dropped {
+                dropped = true;
+                return Verdict::Drop;
+            }
+            Verdict::Deliver
+        }));
+        h.run_until("connected", Harness::connected);
+        assert!(h.elapsed() >= Config::default().initial_rto);
+        assert_eq!(h.frames(Side::Client, Kind::SYN).count(), 2);
+        h.run_until("finished", Harness::finished);
+        h.assert_exact();
+    }
+
+    #[test]
+    fn lost_syn_ack_is_retransmitted() {
+        let mut h = Harness::streams(
+            3,
+            Net::ideal(),
+            5000,
+            3000,
+            Config::default(),
+            Config::default(),
+        );
+        let mut dropped = false;
+        h.filter = Some(Box::new(move |_, hd, _| {
+            if hd.kind == Kind::SYN_ACK && !dropped {
+                dropped = true;
+                return Verdict::Drop;
+            }
+            Verdict::Deliver
+        }));
+        h.run_until("finished", Harness::finished);
+        h.assert_exact();
+        assert!(h.frames(Side::Server, Kind::SYN_ACK).count() >= 2);
+        assert!(h
+            .frames(Side::Server, Kind::SYN_ACK)
+            .nth(1)
+            .unwrap()
+            .flags
+            .contains(Flags::RETRANSMIT));
+    }
+
+    #[test]
+    fn lost_handshake_ack_is_recovered() {
+        // The client has nothing to send: the lost ACK is its only answer.
+        let mut h = Harness::new(4, Net::ideal(), Config::default(), Config::default());
+        let mut dropped = false;
+        h.filter = Some(Box::new(move |side, hd, _| {
+            if side == Side::Client && hd.kind == Kind::ACK && !dropped {
+                dropped = true;
+                return Verdict::Drop;
+            }
+            Verdict::Deliver
+        }));
+        h.run_until("connected", Harness::connected);
+        assert_eq!(h.frames(Side::Server, Kind::SYN_ACK).count(), 2);
+        assert_eq!(h.stats(Side::Client).duplicates_received, 1);
+        assert_eq!(h.stats(Side::Server).rto_timeouts, 1);
+    }
+
+    #[test]
+    fn version_mismatch_is_refused_with_reason_1() {
+        let now = Instant::now();
+        let mut c = Connection::connect(
+            Config::default(),
+            now,
+            CLIENT_PORT,
+            LISTEN_PORT,
+            CONN_ID,
+            CLIENT_NONCE,
+        );
+        let t = c.poll_transmit(now).unwrap();
+        let syn = t.header;
+        let mut payload = [t.payload[0], t.payload[1]].concat();
+        payload[0] = 2;
+        payload[1] = 3;
+        let err = Connection::accept(
+            Config::default(),
+            now,
+            &syn,
+            &payload,
+            SERVER_PORT,
+            SERVER_NONCE,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            ConnError::VersionMismatch {
+                ours: 1..=1,
+                theirs: 2..=3
+            }
+        );
+        assert!(
+            err.to_string().contains("no common protocol version"),
+            "{err}"
+        );
+        let (rst, rst_payload) = Connection::refuse(&syn, err.reset_reason(), &err.to_string());
+        assert_eq!(
+            (rst.kind, rst.src_port, rst.dst_port),
+            (Kind::RST, LISTEN_PORT, CLIENT_PORT)
+        );
+        assert_eq!(&rst_payload[..4], &[0, 0, 0, 1]);
+        c.handle_frame(now + ms(1), &rst, &rst_payload);
+        assert_eq!(c.state(), State::Failed);
+        assert!(matches!(
+            c.poll_event(),
+            Some(Event::Failed(ConnError::Reset { reason: 1, .. }))
+        ));
+        assert!(c.poll_transmit(now).is_none(), "an RST is never answered");
+        assert!(c.is_closed());
+        assert!(matches!(
+            c.write(b"x"),
+            Err(ConnError::Reset { reason: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn client_rejects_a_syn_ack_version_it_does_not_speak() {
+        let now = Instant::now();
+        let mut c = Connection::connect(
+            Config::default(),
+            now,
+            CLIENT_PORT,
+            LISTEN_PORT,
+            CONN_ID,
+            CLIENT_NONCE,
+        );
+        let t = c.poll_transmit(now).unwrap();
+        let (syn, syn_payload) = (t.header, [t.payload[0], t.payload[1]].concat());
+        let mut s = Connection::accept(
+            Config::default(),
+            now,
+            &syn,
+            &syn_payload,
+            SERVER_PORT,
+            SERVER_NONCE,
+        )
+        .unwrap();
+        let t = s.poll_transmit(now).unwrap();
+        let (sa, mut sa_payload) = (t.header, [t.payload[0], t.payload[1]].concat());
+        sa_payload[0] = 9;
+        c.handle_frame(now, &sa, &sa_payload);
+        assert_eq!(
+            c.poll_event(),
+            Some(Event::Failed(ConnError::VersionMismatch {
+                ours: 1..=1,
+                theirs: 9..=9
+            }))
+        );
+        let t = c.poll_transmit(now).unwrap();
+        assert_eq!((t.header.kind, t.header.dst_port), (Kind::RST, SERVER_PORT));
+        assert_eq!(&t.payload[0][..4], &[0, 0, 0, 1]);
+        // The server takes the RST.
+        let (rst, rst_payload) = (t.header, [t.payload[0], t.payload[1]].concat());
+        s.handle_frame(now, &rst, &rst_payload);
+        assert_eq!(s.state(), State::Failed);
+    }
+
+    #[test]
+    fn invalid_syns_are_rejected() {
+        let now = Instant::now();
+        let mut c = Connection::connect(
+            Config::default(),
+            now,
+            CLIENT_PORT,
+            LISTEN_PORT,
+            CONN_ID,
+            CLIENT_NONCE,
+        );
+        let t = c.poll_transmit(now).unwrap();
+        let (syn, good) = (t.header, [t.payload[0], t.payload[1]].concat());
+        let accept = |h: &Header, p: &[u8]| {
+            Connection::accept(Config::default(), now, h, p, SERVER_PORT, SERVER_NONCE).map(|_| ())
+        };
+        assert_eq!(accept(&syn, &good), Ok(()));
+        let short = Header {
+            payload_len: 20,
+            ..syn
+        };
+        assert!(matches!(
+            accept(&short, &good[..20]),
+            Err(ConnError::InvalidSyn(_))
+        ));
+        let mut tiny = good.clone();
+        tiny[4..8].copy_from_slice(&10u32.to_be_bytes());
+        assert!(matches!(accept(&syn, &tiny), Err(ConnError::InvalidSyn(_))));
+        let mut empty_range = good.clone();
+        empty_range[0] = 3;
+        empty_range[1] = 2;
+        assert!(matches!(
+            accept(&syn, &empty_range),
+            Err(ConnError::InvalidSyn(_))
+        ));
+        assert!(matches!(
+            accept(
+                &Header {
+                    kind: Kind::ACK,
+                    ..syn
+                },
+                &good
+            ),
+            Err(ConnError::InvalidSyn(_))
+        ));
+        assert!(matches!(
+            accept(&Header { seq: 5, ..syn }, &good),
+            Err(ConnError::InvalidSyn(_))
+        ));
+        // A longer payload (a later version's layout) is fine.
+        let mut longer = good.clone();
+        longer.extend_from_slice(&[0; 8]);
+        assert_eq!(
+            accept(
+                &Header {
+                    payload_len: 36,
+                    ..syn
+                },
+                &longer
+            ),
+            Ok(())
+        );
+    }
+
+    // --------------------------------------------------------------------
+    // Streams.
+
+    #[test]
+    fn streams_of_odd_sizes_arrive_exact_both_ways() {
+        let sizes = [0usize, 1, 2, 699, 700, 701, 1021, 4096, 65_537, 99_991];
+        for (i, &n) in sizes.iter().enumerate() {
+            let m = sizes[sizes.len() - 1 - i];
+            let mut h = Harness::streams(
+                10 + i as u64,
+                Net::reordering(),
+                n,
+                m,
+                small(700, 4),
+                small(1021, 7),
+            );
+            h.run_until("finished", Harness::finished);
+            h.assert_exact();
+            assert!(h
+                .frames(Side::Client, Kind::DATA)
+                .all(|d| d.payload_len <= 700));
+        }
+    }
+
+    #[test]
+    fn eight_mib_each_way_with_small_windows() {
+        const N: usize = 8 << 20;
+        let mut h = Harness::streams(
+            7,
+            Net::reordering(),
+            N,
+            N - 12_345,
+            small(1021, 8),
+            small(1500, 12),
+        );
+        h.run_until("finished", Harness::finished);
+        h.assert_exact();
+        let (c, s) = (h.stats(Side::Client), h.stats(Side::Server));
+        assert!(c.data_frames_sent >= (N / 1021) as u64);
+        assert!(s.data_frames_sent >= ((N - 12_345) / 1021) as u64);
+        assert!(
+            h.has_event(Side::Client, &Event::Writable),
+            "the send buffer filled up"
+        );
+        assert!(
+            c.out_of_order_received > 0 && s.out_of_order_received > 0,
+            "frames were reordered"
+        );
+        assert_eq!(
+            (c.rto_timeouts, s.rto_timeouts),
+            (0, 0),
+            "spurious timeouts"
+        );
+    }
+
+    #[test]
+    fn lossy_duplicating_reordering_array_delivers_exactly_once() {
+        for seed in 1..=6 {
+            let mut h = Harness::streams(
+                seed,
+                Net::lossy(0.10, 0.10),
+                300_000 + seed as usize * 777,
+                200_000,
+                robust(small(900, 8)),
+                robust(small(1300, 6)),
+            );
+            h.run_until("finished", Harness::finished);
+            h.assert_exact();
+            let (c, s) = (h.stats(Side::Client), h.stats(Side::Server));
+            assert!(
+                c.retransmits > 0 && s.retransmits > 0,
+                "seed {seed}: no loss was recovered"
+            );
+            assert!(
+                c.duplicates_received + s.duplicates_received > 0,
+                "seed {seed}"
+            );
+            assert!(c.fast_retransmits + s.fast_retransmits > 0, "seed {seed}");
+        }
+    }
+
+    // --------------------------------------------------------------------
+    // Credit.
+
+    #[test]
+    fn credit_back_pressure_stops_the_sender_at_the_window_then_resumes() {
+        const WINDOW: u32 = 8;
+        let cc = Config {
+            send_buffer_bytes: 64 * 1024,
+            ..small(1000, 16)
+        };
+        let mut h = Harness::streams(
+            21,
+            Net::reordering(),
+            256 * 1024,
+            0,
+            cc,
+            small(1000, WINDOW),
+        );
+        h.server.read_paused = true;
+        h.run_for(Duration::from_secs(3));
+        // The receiver took exactly a window and advertises none.
+        let s = h.stats(Side::Server);
+        assert_eq!(s.data_frames_received, u64::from(WINDOW));
+        assert_eq!(h.conn(Side::Server).credit(), 0);
+        let c = h.conn(Side::Client);
+        assert_eq!(
+            c.snd_nxt, c.peer_limit,
+            "the sender filled the window and stopped"
+        );
+        assert!(
+            c.stats().probes_sent >= 3,
+            "zero-credit probes at the retransmission interval"
+        );
+        assert_eq!(c.stats().rto_timeouts, 0);
+        // Resume; lose the first window updates: the probe recovers.
+        h.server.read_paused = false;
+        let resume = h.elapsed();
+        h.filter = Some(Box::new(move |side, hd, t| {
+            if side == Side::Server && hd.kind == Kind::ACK && t < resume + ms(30) {
+                Verdict::Drop
+            } else {
+                Verdict::Deliver
+            }
+        }));
+        h.run_until("finished", Harness::finished);
+        h.assert_exact();
+    }
+
+    #[test]
+    fn slow_reader_never_sees_frames_above_its_window() {
+        // A reader that takes a little at a time: the window opens in
+        // small steps, the sender must track it exactly.
+        let mut h = Harness::streams(
+            22,
+            Net::lossy(0.05, 0.05),
+            120_000,
+            0,
+            robust(small(500, 16)),
+            robust(small(500, 3)),
+        );
+        let mut stepped = 0u32;
+        while !h.finished() {
+            stepped += 1;
+            h.server.read_paused = stepped % 5 != 0;
+            h.step();
+        }
+        h.assert_exact();
+    }
+
+    // --------------------------------------------------------------------
+    // Close and abort.
+
+    fn close_run(seed: u64, net: Net, first: Side, strict: bool) -> Harness {
+        let cfg = robust(small(800, 6));
+        let mut h = Harness::new(seed, net, cfg.clone(), cfg);
+        h.client.send = data(seed, 10_000);
+        h.server.send = data(seed + 1, 20_000);
+        h.ep_mut(first).close_when_sent = true;
+        match first {
+            Side::Client => h.server.close_on_eof = true,
+            Side::Server => h.client.close_on_eof = true,
+        }
+        h.run_until("finished", Harness::finished);
+        h.assert_exact();
+        for side in [Side::Client, Side::Server].into_iter().filter(|_| strict) {
+            assert_eq!(
+                h.failure(side),
+                None,
+                "seed {seed}, {side:?} closing first: {first:?}\n{}",
+                h.dump()
+            );
+            assert_eq!(h.conn(side).state(), State::Closed);
+            assert!(h.has_event(side, &Event::PeerClosed) && h.has_event(side, &Event::Closed));
+        }
+        h
+    }
+
+    #[test]
+    fn client_closes_first() {
+        let h = close_run(31, Net::ideal(), Side::Client, true);
+        // The side whose ACK of the peer's FIN ends the exchange lingers.
+        assert!(h.client.states.contains(&State::Linger));
+        assert!(!h.server.states.contains(&State::Linger));
+        assert!(h.client.states.contains(&State::FinWait));
+        assert!(h.server.states.contains(&State::CloseWait));
+    }
+
+    #[test]
+    fn server_closes_first() {
+        let h = close_run(32, Net::ideal(), Side::Server, true);
+        assert!(h.server.states.contains(&State::Linger));
+        assert!(!h.client.states.contains(&State::Linger));
+    }
+
+    #[test]
+    fn simultaneous_close() {
+        let mut h = Harness::new(33, Net::ideal(), Config::default(), Config::default());
+        h.run_until("connected", Harness::connected);
+        h.client.close_when_sent = true;
+        h.server.close_when_sent = true;
+        h.run_until("finished", Harness::finished);
+        for side in [Side::Client, Side::Server] {
+            assert!(h.ep(side).states.contains(&State::Closing), "{side:?}");
+            assert!(h.ep(side).states.contains(&State::Linger), "{side:?}");
+            assert_eq!(h.conn(side).state(), State::Closed);
+        }
+    }
+
+    #[test]
+    fn close_under_loss_in_every_order() {
+        // The last ACK is never acknowledged (two generals): if it and the
+        // retransmissions the lingering side could answer are all lost, the
+        // other side times out — after every byte was delivered both ways.
+        // That tail must stay rare, and be exactly that.
+        let (mut clean, mut last_ack_lost) = (0, 0);
+        for seed in 0..40u64 {
+            let first = if seed % 2 == 0 {
+                Side::Client
+            } else {
+                Side::Server
+            };
+            let h = close_run(seed, Net::lossy(0.15, 0.1), first, false);
+            let failed: Vec<Side> = [Side::Client, Side::Server]
+                .into_iter()
+                .filter(|&s| h.failure(s).is_some())
+                .collect();
+            match failed[..] {
+                [] => clean += 1,
+                [side] => {
+                    assert_eq!(h.failure(side), Some(&ConnError::Timeout), "seed {seed}");
+                    let other = h.ep(if side == Side::Client {
+                        Side::Server
+                    } else {
+                        Side::Client
+                    });
+                    assert!(
+                        other.states.contains(&State::Linger),
+                        "seed {seed}: only a lingering peer may leave"
+                    );
+                    assert_eq!(h.conn(side).stats().ignored_frames, 0);
+                    last_ack_lost += 1;
+                }
+                _ => panic!("seed {seed}: both sides failed\n{}", h.dump()),
+            }
+        }
+        assert!(
+            last_ack_lost <= 2,
+            "{clean} clean closes, {last_ack_lost} lost last ACKs"
+        );
+    }
+
+    #[test]
+    fn close_before_the_handshake_completes() {
+        let mut h = Harness::streams(47, Net::ideal(), 0, 0, Config::default(), Config::default());
+        h.run_until("finished", Harness::finished);
+        h.assert_exact();
+        assert_eq!(h.frames(Side::Client, Kind::DATA).count(), 0);
+        assert_eq!(h.frames(Side::Client, Kind::FIN).count(), 1);
+    }
+
+    #[test]
+    fn abort_resets_the_peer() {
+        let mut h = Harness::new(50, Net::ideal(), Config::default(), Config::default());
+        h.client.send = data(1, 30_000);
+        h.run_until("some data arrived", |h| h.server.recv.len() >= 10_000);
+        h.conn_mut(Side::Client)
+            .abort(reset_reason::ABORT, "operator cancelled the backup");
+        assert_eq!(h.conn(Side::Client).state(), State::Closed);
+        assert!(!h.conn(Side::Client).is_closed(), "the RST is not sent yet");
+        h.run_until("server failed", |h| h.failure(Side::Server).is_some());
+        let want = ConnError::Reset {
+            reason: reset_reason::ABORT,
+            text: "operator cancelled the backup".into(),
+        };
+        assert_eq!(h.failure(Side::Server), Some(&want));
+        assert!(want.to_string().contains("application abort"), "{want}");
+        assert_eq!(
+            h.conn_mut(Side::Server).read(&mut [0; 8]),
+            Err(want.clone())
+        );
+        assert_eq!(h.conn_mut(Side::Server).write(b"more"), Err(want));
+        assert!(h.conn(Side::Client).is_closed() && h.conn(Side::Server).is_closed());
+        assert_eq!(
+            h.conn_mut(Side::Client).write(b"more"),
+            Err(ConnError::Closed)
+        );
+        assert_eq!(h.frames(Side::Client, Kind::RST).count(), 1);
+    }
+
+    // --------------------------------------------------------------------
+    // Dead peers.
+
+    #[test]
+    fn silent_peer_is_declared_dead_after_the_idle_timeout() {
+        let mut h = Harness::new(60, Net::ideal(), Config::default(), Config::default());
+        h.run_until("connected", Harness::connected);
+        let silence = h.elapsed() + ms(10);
+        h.filter = Some(Box::new(move |_, _, t| {
+            if t >= silence {
+                Verdict::Drop
+            } else {
+                Verdict::Deliver
+            }
+        }));
+        h.run_until("both dead", |h| {
+            h.failure(Side::Client).is_some() && h.failure(Side::Server).is_some()
+        });
+        for side in [Side::Client, Side::Server] {
+            let Some(ConnError::PeerDead { silent_for }) = h.failure(side) else {
+                panic!("{side:?}: {:?}", h.failure(side));
+            };
+            assert!(
+                *silent_for >= Duration::from_secs(30) && *silent_for < Duration::from_secs(31)
+            );
+            assert_eq!(h.stats(side).pings_sent, 5, "a PING every 5 s of silence");
+        }
+    }
+
+    #[test]
+    fn keepalive_keeps_an_idle_connection_alive() {
+        let mut h = Harness::new(61, Net::ideal(), Config::default(), Config::default());
+        h.run_until("connected", Harness::connected);
+        h.run_for(Duration::from_secs(95));
+        for side in [Side::Client, Side::Server] {
+            assert_eq!(h.conn(side).state(), State::Established);
+        }
+        let pings = h.stats(Side::Client).pings_sent + h.stats(Side::Server).pings_sent;
+        let pongs = h.stats(Side::Client).pongs_sent + h.stats(Side::Server).pongs_sent;
+        assert!(
+            pings >= 95 / 5 - 1 && pongs == pings,
+            "pings {pings}, pongs {pongs}"
+        );
+    }
+
+    #[test]
+    fn exhausted_retransmissions_time_out() {
+        let mut h = Harness::new(62, Net::ideal(), Config::default(), Config::default());
+        h.run_until("connected", Harness::connected);
+        let silence = h.elapsed();
+        h.filter = Some(Box::new(move |_, _, t| {
+            if t >= silence {
+                Verdict::Drop
+            } else {
+                Verdict::Deliver
+            }
+        }));
+        h.client.send = data(3, 1000);
+        h.run_until("client failed", |h| h.failure(Side::Client).is_some());
+        assert_eq!(h.failure(Side::Client), Some(&ConnError::Timeout));
+        assert!(h.elapsed() - silence < Config::default().idle_timeout);
+        let c = h.stats(Side::Client);
+        assert_eq!(c.retransmits, 8);
+        assert_eq!(c.rto_timeouts, 9);
+        // The back-off doubles, capped at max_rto.
+        let data_times: Vec<Duration> = h
+            .log
+            .iter()
+            .filter(|(_, s, hd)| *s == Side::Client && hd.kind == Kind::DATA)
+            .map(|(t, _, _)| *t)
+            .collect();
+        let gaps: Vec<Duration> = data_times.windows(2).map(|w| w[1] - w[0]).collect();
+        for w in gaps.windows(2) {
+            assert!(
+                w[1] == w[0] * 2 || w[1] == Config::default().max_rto,
+                "{gaps:?}"
+            );
+        }
+        let rst = h
+            .frames(Side::Client, Kind::RST)
+            .next()
+            .expect("an RST on the way out");
+        assert_eq!(
+            rst.payload_len as usize,
+            4 + "retransmissions exhausted".len()
+        );
+    }
+
+    // --------------------------------------------------------------------
+    // Robustness.
+
+    #[test]
+    fn foreign_frames_are_ignored() {
+        let mut h = Harness::streams(
+            70,
+            Net::ideal(),
+            40_000,
+            40_000,
+            small(1000, 8),
+            small(1000, 8),
+        );
+        h.run_until("connected", Harness::connected);
+        let probe = Header {
+            kind: Kind::DATA,
+            src_port: SERVER_PORT,
+            dst_port: CLIENT_PORT,
+            conn_id: CONN_ID,
+            seq: 1,
+            ack: 1,
+            credit: 8,
+            payload_len: 3,
+            ..Header::default()
+        };
+        let before = h.stats(Side::Client);
+        for foreign in [
+            Header {
+                conn_id: CONN_ID ^ 1,
+                ..probe
+            },
+            Header {
+                src_port: SERVER_PORT + 1,
+                ..probe
+            },
+            Header {
+                dst_port: CLIENT_PORT + 1,
+                ..probe
+            },
+            Header {
+                kind: Kind(99),
+                ..probe
+            },
+        ] {
+            h.inject(Side::Client, &foreign, b"bad");
+        }
+        let after = h.stats(Side::Client);
+        assert_eq!(after.ignored_frames - before.ignored_frames, 4);
+        assert_eq!(after.data_frames_received, before.data_frames_received);
+        // And a SYN for another connection at the server.
+        h.inject(
+            Side::Server,
+            &Header {
+                kind: Kind::SYN,
+                conn_id: 7,
+                dst_port: LISTEN_PORT,
+                ..probe
+            },
+            b"bad",
+        );
+        assert_eq!(h.stats(Side::Server).ignored_frames, 1);
+        h.run_until("finished", Harness::finished);
+        h.assert_exact();
+    }
+
+    #[test]
+    fn failed_sends_are_retransmitted() {
+        let mut h = Harness::streams(
+            80,
+            Net::reordering(),
+            100_000,
+            50_000,
+            small(1000, 8),
+            small(1000, 8),
+        );
+        let mut n = 0u32;
+        h.filter = Some(Box::new(move |_, hd, _| {
+            let fresh = !hd.flags.contains(Flags::RETRANSMIT);
+            if hd.kind.is_sequenced() && fresh {
+                n += 1;
+                if n % 4 == 1 {
+                    return Verdict::FailSend;
+                }
+            }
+            Verdict::Deliver
+        }));
+        h.run_until("finished", Harness::finished);
+        h.assert_exact();
+        let c = h.stats(Side::Client);
+        assert!(c.send_failures > 5, "{c:?}");
+        assert!(c.retransmits >= c.send_failures, "{c:?}");
+        // The failed SYN was sent again.
+        assert_eq!(h.frames(Side::Client, Kind::SYN).count(), 2);
+    }
+
+    #[test]
+    fn rtt_estimation_and_karn() {
+        let t0 = Instant::now();
+        let mut c = Connection::connect(
+            Config::default(),
+            t0,
+            CLIENT_PORT,
+            LISTEN_PORT,
+            CONN_ID,
+            CLIENT_NONCE,
+        );
+        let t = c.poll_transmit(t0).unwrap();
+        let (syn, syn_payload) = (t.header, [t.payload[0], t.payload[1]].concat());
+        assert_eq!(c.poll_timeout(), Some(t0 + ms(200)), "the initial RTO");
+        let mut s = Connection::accept(
+            Config::default(),
+            t0,
+            &syn,
+            &syn_payload,
+            SERVER_PORT,
+            SERVER_NONCE,
+        )
+        .unwrap();
+        let t = s.poll_transmit(t0).unwrap();
+        let (sa, sa_payload) = (t.header, [t.payload[0], t.payload[1]].concat());
+        c.handle_frame(t0 + ms(40), &sa, &sa_payload);
+        let st = c.stats();
+        // First sample R: SRTT = R, RTTVAR = R/2, RTO = SRTT + 4 RTTVAR.
+        assert_eq!(
+            (st.srtt, st.rto, st.rtt_samples),
+            (Some(ms(40)), ms(120), 1)
+        );
+        // A DATA frame times out and is retransmitted; its ACK gives no sample.
+        assert_eq!(c.write(b"hello"), Ok(5));
+        let t1 = t0 + ms(50);
+        let d = c.poll_transmit(t1).unwrap().header;
+        assert_eq!((d.kind, d.seq, d.ack), (Kind::DATA, 1, 1));
+        assert!(
+            c.poll_transmit(t1).is_none(),
+            "the handshake ACK rode on the DATA"
+        );
+        assert_eq!(c.poll_timeout(), Some(t1 + ms(120)));
+        c.handle_timeout(t1 + ms(120));
+        assert_eq!(c.stats().rto, ms(240), "backed off");
+        let r = c.poll_transmit(t1 + ms(120)).unwrap().header;
+        assert_eq!(r.seq, 1);
+        assert!(r.flags.contains(Flags::RETRANSMIT) && r.flags.contains(Flags::ACK_NOW));
+        let ack = Header {
+            kind: Kind::ACK,
+            src_port: SERVER_PORT,
+            dst_port: CLIENT_PORT,
+            conn_id: CONN_ID,
+            seq: 1,
+            ack: 2,
+            credit: 32,
+            ..Header::default()
+        };
+        c.handle_frame(t1 + ms(130), &ack, &[]);
+        let st = c.stats();
+        assert_eq!(
+            (st.rtt_samples, st.rto),
+            (1, ms(120)),
+            "Karn: no sample, back-off reset"
+        );
+        assert_eq!(c.send_buffer_free(), Config::default().send_buffer_bytes);
+        // An ACK for a frame never sent is a protocol error.
+        c.handle_frame(t1 + ms(140), &Header { ack: 9, ..ack }, &[]);
+        assert!(matches!(c.poll_event(), Some(Event::Connected)));
+        assert_eq!(
+            c.poll_event(),
+            Some(Event::Failed(ConnError::Protocol(
+                "it acknowledged a frame never sent"
+            )))
+        );
+        assert_eq!(c.poll_transmit(t1).unwrap().header.kind, Kind::RST);
+    }
+
+    #[test]
+    fn send_ring_wraps_without_copies() {
+        let mut b = SendBuf::new(10);
+        assert_eq!(b.push(b"abcdefgh"), 8);
+        b.release_to(6);
+        assert_eq!(b.push(b"ijklmnopq"), 8);
+        assert_eq!(b.free(), 0);
+        let [x, y] = b.slices(6, 10);
+        assert_eq!([x, y].concat(), b"ghijklmnop");
+        assert!(!y.is_empty(), "wrapped");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 24,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn streams_arrive_exact_for_any_seed_and_loss(
+            seed in any::<u64>(),
+            loss in 0.0f64..0.2,
+            dup in 0.0f64..0.2,
+            c2s in 0usize..24_000,
+            s2c in 0usize..24_000,
+            window in 1u32..12,
+            payload in 64u32..1600,
+        ) {
+            let cc = robust(small(payload, window));
+            let sc = robust(small(payload.saturating_mul(3) / 2, 12 - window));
+            let mut h = Harness::streams(seed, Net::lossy(loss, dup), c2s, s2c, cc, sc);
+            h.run_until("finished", Harness::finished);
+            h.assert_exact();
+        }
     }
 }

@@ -15,6 +15,8 @@
 //! * [`stg`] — transport groups and the configuration file.
 //! * [`mailbox`] — the host side of the STG mailbox (vendor mode).
 //! * [`conn`] — the sans-IO connection state machine.
+//! * [`stream`] — blocking `StpListener` / `StpStream` (Read + Write) over
+//!   the vendor mailbox.
 
 pub use scsi;
 
@@ -23,5 +25,6 @@ pub mod conn;
 pub mod frame;
 pub mod mailbox;
 pub mod stg;
+pub mod stream;
 pub mod vendor;
 pub mod wire;

@@ -119,7 +119,12 @@ impl VendorMailbox {
     pub fn send(&mut self, binding: &Binding, frames: &[OutFrame<'_>]) -> Result<(), MailboxError> {
         let mut packed = Vec::new();
         pack(frames, &mut packed).map_err(|e| protocol_error(format!("packing frames: {e}")))?;
-        let mut buf = IoBuf::from_slice(&packed);
+        self.send_packed(binding, &packed)
+    }
+
+    /// Sends frames already sealed and packed (8-byte aligned) in `packed`.
+    pub fn send_packed(&mut self, binding: &Binding, packed: &[u8]) -> Result<(), MailboxError> {
+        let mut buf = IoBuf::from_slice(packed);
         let cdb = scsi::Cdb::Vendor(vendor::send(binding.handle, buf.len() as u32)).emit();
         let mut attempt = 0;
         loop {

@@ -1,0 +1,539 @@
+//! Blocking STP sockets over the vendor-mode mailbox: [`StpListener`] and
+//! [`StpStream`] (which implements `Read` and `Write`).
+//!
+//! Each stream owns a sans-IO [`Connection`] behind a mutex and a *pump*
+//! thread that long-polls RECEIVE, opens (CRC + tag) and feeds frames to the
+//! connection, fires its timers, and sends what it produces. Writers and
+//! readers block on a condition variable. Frames are sealed under the
+//! connection's lock (the payload is borrowed from its send buffer) and
+//! packed into the SEND buffer — the one copy a synchronous SCSI path needs;
+//! the io_uring engine replaces it with a gather list.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use rand::RngCore;
+
+use crate::auth::FrameKey;
+use crate::conn::{Config, ConnError, Connection, Event, State};
+use crate::frame::{open, pack, OutFrame};
+use crate::mailbox::{Binding, VendorMailbox};
+use crate::vendor::MailboxError;
+use crate::wire::{Frames, Header, Kind, MAX_PAYLOAD};
+
+/// Opens a new mailbox (a fresh set of paths onto the STG's members). A
+/// stream opens two: one for its pump thread, one for senders.
+pub trait PathSource: Send + Sync {
+    /// A mailbox over every member of the STG.
+    fn open(&self) -> Result<VendorMailbox, MailboxError>;
+}
+
+impl<F> PathSource for F
+where
+    F: Fn() -> Result<VendorMailbox, MailboxError> + Send + Sync,
+{
+    fn open(&self) -> Result<VendorMailbox, MailboxError> {
+        self()
+    }
+}
+
+/// The longest a pump waits in one RECEIVE.
+const POLL: Duration = Duration::from_millis(100);
+/// RECEIVE allocation: room for a maximum frame and then some.
+const RECV_BYTES: usize = 2 * MAX_PAYLOAD as usize;
+
+fn io_err(e: impl std::fmt::Display, kind: io::ErrorKind) -> io::Error {
+    io::Error::new(kind, e.to_string())
+}
+
+fn mb_err(e: MailboxError) -> io::Error {
+    io_err(e, io::ErrorKind::Other)
+}
+
+fn conn_err(e: &ConnError) -> io::Error {
+    let kind = match e {
+        ConnError::Timeout | ConnError::PeerDead { .. } => io::ErrorKind::TimedOut,
+        ConnError::Reset { .. } => io::ErrorKind::ConnectionReset,
+        ConnError::Closed => io::ErrorKind::NotConnected,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, e.to_string())
+}
+
+struct Inner {
+    conn: Connection,
+    failed: Option<ConnError>,
+    stop: bool,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    changed: Condvar,
+    key: FrameKey,
+    binding: Binding,
+    tx: Mutex<VendorMailbox>,
+    send_buffer_bytes: usize,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Seals everything the connection wants to send and sends it; a failed
+    /// SEND is reported back so the frames are retransmitted.
+    fn flush(&self, mut inner: MutexGuard<'_, Inner>) {
+        let now = Instant::now();
+        let mut packed = Vec::new();
+        let mut seqs = Vec::new();
+        while let Some(t) = inner.conn.poll_transmit(now) {
+            let mut header = t.header;
+            let payload = t.payload;
+            match OutFrame::sealed(header, &payload, &self.key) {
+                Ok(f) => {
+                    header = f.header;
+                    if pack(&[f], &mut packed).is_err() {
+                        break;
+                    }
+                    if header.kind.is_sequenced() {
+                        seqs.push(header.seq);
+                    }
+                }
+                Err(_) => break,
+            }
+            if packed.len() >= RECV_BYTES / 2 {
+                break;
+            }
+        }
+        Self::drain_events(&mut inner);
+        drop(inner);
+        if packed.is_empty() {
+            return;
+        }
+        let result = self
+            .tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send_packed(&self.binding, &packed);
+        if result.is_err() {
+            let mut inner = self.lock();
+            let now = Instant::now();
+            for seq in seqs {
+                inner.conn.on_send_failed(seq, now);
+            }
+        }
+        self.changed.notify_all();
+    }
+
+    fn drain_events(inner: &mut Inner) {
+        while let Some(ev) = inner.conn.poll_event() {
+            if let Event::Failed(e) = ev {
+                inner.failed = Some(e);
+            }
+        }
+    }
+
+    /// Hands received frame bytes to the connection; bad frames are dropped.
+    fn deliver(&self, inner: &mut Inner, buf: &[u8]) {
+        let now = Instant::now();
+        for found in Frames::new(buf) {
+            let Ok(found) = found else { break };
+            if let Ok((header, payload)) = open(found.bytes(buf), &self.key) {
+                inner.conn.handle_frame(now, &header, payload);
+            }
+        }
+    }
+}
+
+fn pump(shared: Weak<Shared>, mut rx: VendorMailbox) {
+    loop {
+        let Some(s) = shared.upgrade() else { return };
+        let wait = {
+            let mut inner = s.lock();
+            if inner.stop || inner.conn.is_closed() {
+                return;
+            }
+            let now = Instant::now();
+            if inner.conn.poll_timeout().is_some_and(|t| t <= now) {
+                inner.conn.handle_timeout(now);
+            }
+            let next = inner.conn.poll_timeout();
+            s.flush(inner);
+            match next {
+                Some(t) if t <= Instant::now() + POLL => Duration::ZERO,
+                _ => POLL,
+            }
+        };
+        let binding = s.binding;
+        drop(s); // do not keep the stream alive across a long poll
+        let got = rx.receive(&binding, RECV_BYTES, wait);
+        let Some(s) = shared.upgrade() else { return };
+        match got {
+            Ok(buf) if !buf.is_empty() => {
+                let mut inner = s.lock();
+                s.deliver(&mut inner, &buf);
+                s.flush(inner);
+            }
+            Ok(_) if wait.is_zero() => thread::sleep(Duration::from_millis(1)),
+            Ok(_) => {}
+            Err(e) if e.binding_lost() => {
+                let mut inner = s.lock();
+                inner
+                    .failed
+                    .get_or_insert(ConnError::Protocol("the STG binding was lost"));
+                inner.stop = true;
+                drop(inner);
+                s.changed.notify_all();
+                return;
+            }
+            Err(_) => thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// A connected STP byte stream.
+pub struct StpStream {
+    shared: Arc<Shared>,
+    pump: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for StpStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = self.shared.lock();
+        f.debug_struct("StpStream")
+            .field("local_port", &inner.conn.local_port())
+            .field("remote_port", &inner.conn.remote_port())
+            .field("state", &inner.conn.state())
+            .finish()
+    }
+}
+
+fn nonce() -> [u8; 16] {
+    let mut n = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut n);
+    n
+}
+
+impl StpStream {
+    fn start(
+        source: &dyn PathSource,
+        conn: Connection,
+        binding: Binding,
+        key: FrameKey,
+        tx: VendorMailbox,
+        send_buffer_bytes: usize,
+    ) -> io::Result<StpStream> {
+        let rx = source.open().map_err(mb_err)?;
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                conn,
+                failed: None,
+                stop: false,
+            }),
+            changed: Condvar::new(),
+            key,
+            binding,
+            tx: Mutex::new(tx),
+            send_buffer_bytes,
+        });
+        shared.flush(shared.lock());
+        let weak = Arc::downgrade(&shared);
+        let pump = thread::Builder::new()
+            .name(format!("stp-pump-{}", binding.port))
+            .spawn(move || pump(weak, rx))?;
+        Ok(StpStream {
+            shared,
+            pump: Some(pump),
+        })
+    }
+
+    /// Connects to `port` on the STG, authenticating frames with `key`.
+    pub fn connect(
+        source: Arc<dyn PathSource>,
+        port: u32,
+        key: FrameKey,
+        config: Config,
+        timeout: Duration,
+    ) -> io::Result<StpStream> {
+        let mut tx = source.open().map_err(mb_err)?;
+        let binding = tx.bind(None).map_err(mb_err)?;
+        let buffer = config.send_buffer_bytes;
+        let conn = Connection::connect(
+            config,
+            Instant::now(),
+            binding.port,
+            port,
+            rand::rngs::OsRng.next_u64(),
+            nonce(),
+        );
+        let stream = StpStream::start(source.as_ref(), conn, binding, key, tx, buffer)?;
+        stream.wait_for(timeout, |c| c.state() != State::SynSent)?;
+        Ok(stream)
+    }
+
+    fn wait_for(&self, timeout: Duration, done: impl Fn(&Connection) -> bool) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut inner = self.shared.lock();
+        loop {
+            if let Some(e) = &inner.failed {
+                return Err(conn_err(e));
+            }
+            if done(&inner.conn) {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("STP connection not established within {timeout:?}"),
+                ));
+            }
+            inner = self
+                .shared
+                .changed
+                .wait_timeout(inner, (deadline - now).min(POLL))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// This end's port.
+    pub fn local_port(&self) -> u32 {
+        self.shared.lock().conn.local_port()
+    }
+
+    /// The peer's port.
+    pub fn peer_port(&self) -> u32 {
+        self.shared.lock().conn.remote_port()
+    }
+
+    /// Connection statistics.
+    pub fn stats(&self) -> crate::conn::Stats {
+        self.shared.lock().conn.stats()
+    }
+
+    /// Closes this direction (FIN after the buffered data) and waits up to
+    /// `timeout` for the connection to finish closing.
+    pub fn shutdown(&mut self, timeout: Duration) -> io::Result<()> {
+        {
+            let mut inner = self.shared.lock();
+            inner.conn.close();
+            self.shared.flush(inner);
+        }
+        self.wait_for(timeout, |c| {
+            matches!(c.state(), State::Closed | State::Linger | State::CloseWait) || c.is_closed()
+        })
+    }
+}
+
+impl Read for StpStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut inner = self.shared.lock();
+        loop {
+            match inner.conn.read(buf) {
+                Ok(n) => {
+                    // Reading opened the window: let the peer know.
+                    self.shared.flush(inner);
+                    return Ok(n);
+                }
+                Err(ConnError::WouldBlock) => {}
+                Err(e) => return Err(conn_err(&e)),
+            }
+            if let Some(e) = &inner.failed {
+                return Err(conn_err(e));
+            }
+            inner = self
+                .shared
+                .changed
+                .wait_timeout(inner, POLL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+impl Write for StpStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let mut inner = self.shared.lock();
+        loop {
+            if let Some(e) = &inner.failed {
+                return Err(conn_err(e));
+            }
+            match inner.conn.write(buf) {
+                Ok(0) => {}
+                Ok(n) => {
+                    self.shared.flush(inner);
+                    return Ok(n);
+                }
+                Err(e) => return Err(conn_err(&e)),
+            }
+            inner = self
+                .shared
+                .changed
+                .wait_timeout(inner, POLL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        // Wait until everything written is acknowledged (the send buffer
+        // is empty again).
+        let cap = self.shared.send_buffer_bytes;
+        self.wait_for(Duration::from_secs(300), |c| c.send_buffer_free() >= cap)
+    }
+}
+
+impl Drop for StpStream {
+    fn drop(&mut self) {
+        {
+            let mut inner = self.shared.lock();
+            if !inner.conn.is_closed() {
+                inner.conn.close();
+                self.shared.flush(inner);
+            }
+        }
+        let _ = self.wait_for(Duration::from_secs(2), Connection::is_closed);
+        self.shared.lock().stop = true;
+        if let Some(p) = self.pump.take() {
+            let _ = p.join();
+        }
+        let _ = self
+            .shared
+            .tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .release(&self.shared.binding);
+    }
+}
+
+/// A bound, listening STP port.
+pub struct StpListener {
+    source: Arc<dyn PathSource>,
+    mailbox: VendorMailbox,
+    binding: Binding,
+    key: FrameKey,
+    config: Config,
+    /// Accepted connections by id, so a retransmitted SYN reaches the
+    /// connection that answered it.
+    accepted: HashMap<u64, Weak<Shared>>,
+}
+
+impl std::fmt::Debug for StpListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StpListener")
+            .field("port", &self.binding.port)
+            .finish()
+    }
+}
+
+impl StpListener {
+    /// Binds `port` (`None`: a dynamic port) and listens on it.
+    pub fn bind(
+        source: Arc<dyn PathSource>,
+        port: Option<u32>,
+        key: FrameKey,
+        config: Config,
+    ) -> io::Result<StpListener> {
+        let mut mailbox = source.open().map_err(mb_err)?;
+        let binding = mailbox.bind(port).map_err(mb_err)?;
+        Ok(StpListener {
+            source,
+            mailbox,
+            binding,
+            key,
+            config,
+            accepted: HashMap::new(),
+        })
+    }
+
+    /// The listening port (the seed's getsockname).
+    pub fn local_port(&self) -> u32 {
+        self.binding.port
+    }
+
+    /// Waits up to `timeout` for a connection and accepts it.
+    pub fn accept(&mut self, timeout: Duration) -> io::Result<StpStream> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "no STP connection on port {} within {timeout:?}",
+                        self.binding.port
+                    ),
+                ));
+            }
+            let buf = self
+                .mailbox
+                .receive(&self.binding, RECV_BYTES, (deadline - now).min(POLL))
+                .map_err(mb_err)?;
+            for found in Frames::new(&buf) {
+                let Ok(found) = found else { break };
+                let Ok((header, payload)) = open(found.bytes(&buf), &self.key) else {
+                    continue;
+                };
+                if header.kind != Kind::SYN {
+                    continue;
+                }
+                if self.redeliver(&header, payload) {
+                    continue;
+                }
+                return self.accept_syn(&header, payload);
+            }
+        }
+    }
+
+    /// Hands a retransmitted SYN to the connection that already accepted
+    /// it (its SYN_ACK was lost); false if the SYN is new.
+    fn redeliver(&mut self, header: &Header, payload: &[u8]) -> bool {
+        let Some(shared) = self.accepted.get(&header.conn_id).and_then(Weak::upgrade) else {
+            return false;
+        };
+        let mut inner = shared.lock();
+        inner.conn.handle_frame(Instant::now(), header, payload);
+        shared.flush(inner);
+        true
+    }
+
+    fn accept_syn(&mut self, syn: &Header, payload: &[u8]) -> io::Result<StpStream> {
+        let mut tx = self.source.open().map_err(mb_err)?;
+        let binding = tx.bind(None).map_err(mb_err)?;
+        let conn = Connection::accept(
+            self.config.clone(),
+            Instant::now(),
+            syn,
+            payload,
+            binding.port,
+            nonce(),
+        )
+        .map_err(|e| conn_err(&e))?;
+        let buffer = self.config.send_buffer_bytes;
+        let stream = StpStream::start(
+            self.source.as_ref(),
+            conn,
+            binding,
+            self.key.clone(),
+            tx,
+            buffer,
+        )?;
+        self.accepted.retain(|_, w| w.strong_count() > 0);
+        self.accepted
+            .insert(syn.conn_id, Arc::downgrade(&stream.shared));
+        Ok(stream)
+    }
+}
+
+impl Drop for StpListener {
+    fn drop(&mut self) {
+        let _ = self.mailbox.release(&self.binding);
+    }
+}
