@@ -38,6 +38,47 @@ impl From<BindResult> for Binding {
     }
 }
 
+/// What the connection layer needs from an STG mailbox, in either mode
+/// (docs/PROTOCOL.md §3 vendor, §4 block): ports, and whole frames moved
+/// between them.
+pub trait Mailbox: Send {
+    /// Binds `port` (`None`: a dynamic port).
+    fn bind(&mut self, port: Option<u32>) -> Result<Binding, MailboxError>;
+    /// Releases a binding; receivers waiting on it return.
+    fn release(&mut self, binding: &Binding) -> Result<(), MailboxError>;
+    /// Sends sealed frames packed at 8-byte aligned offsets, all from
+    /// `binding`'s port.
+    fn send_packed(&mut self, binding: &Binding, packed: &[u8]) -> Result<(), MailboxError>;
+    /// Whole frames for `binding`, at most `max` bytes, waiting up to `wait`
+    /// for the first; empty when none arrived.
+    fn receive(
+        &mut self,
+        binding: &Binding,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<u8>, MailboxError>;
+}
+
+impl Mailbox for VendorMailbox {
+    fn bind(&mut self, port: Option<u32>) -> Result<Binding, MailboxError> {
+        VendorMailbox::bind(self, port)
+    }
+    fn release(&mut self, binding: &Binding) -> Result<(), MailboxError> {
+        VendorMailbox::release(self, binding)
+    }
+    fn send_packed(&mut self, binding: &Binding, packed: &[u8]) -> Result<(), MailboxError> {
+        VendorMailbox::send_packed(self, binding, packed)
+    }
+    fn receive(
+        &mut self,
+        binding: &Binding,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<u8>, MailboxError> {
+        VendorMailbox::receive(self, binding, max, wait).map(|b| b.to_vec())
+    }
+}
+
 /// How often and how long a retryable SEND is retried.
 const SEND_RETRIES: u32 = 50;
 const SEND_BACKOFF: Duration = Duration::from_millis(2);

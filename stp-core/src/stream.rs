@@ -1,4 +1,4 @@
-//! Blocking STP sockets over the vendor-mode mailbox: [`StpListener`] and
+//! Blocking STP sockets over an STG mailbox (either mode): [`StpListener`] and
 //! [`StpStream`] (which implements `Read` and `Write`).
 //!
 //! Each stream owns a sans-IO [`Connection`] behind a mutex and a *pump*
@@ -20,22 +20,23 @@ use rand::RngCore;
 use crate::auth::FrameKey;
 use crate::conn::{Config, ConnError, Connection, Event, State};
 use crate::frame::{open, pack, OutFrame};
-use crate::mailbox::{Binding, VendorMailbox};
+use crate::mailbox::{Binding, Mailbox};
 use crate::vendor::MailboxError;
 use crate::wire::{Frames, Header, Kind, MAX_PAYLOAD};
 
-/// Opens a new mailbox (a fresh set of paths onto the STG's members). A
-/// stream opens two: one for its pump thread, one for senders.
+/// Opens a new mailbox handle onto one STG (for vendor mode, a fresh set of
+/// paths onto its members). A stream opens two: one for its pump thread, one
+/// for senders.
 pub trait PathSource: Send + Sync {
     /// A mailbox over every member of the STG.
-    fn open(&self) -> Result<VendorMailbox, MailboxError>;
+    fn open(&self) -> Result<Box<dyn Mailbox>, MailboxError>;
 }
 
 impl<F> PathSource for F
 where
-    F: Fn() -> Result<VendorMailbox, MailboxError> + Send + Sync,
+    F: Fn() -> Result<Box<dyn Mailbox>, MailboxError> + Send + Sync,
 {
-    fn open(&self) -> Result<VendorMailbox, MailboxError> {
+    fn open(&self) -> Result<Box<dyn Mailbox>, MailboxError> {
         self()
     }
 }
@@ -74,7 +75,7 @@ struct Shared {
     changed: Condvar,
     key: FrameKey,
     binding: Binding,
-    tx: Mutex<VendorMailbox>,
+    tx: Mutex<Box<dyn Mailbox>>,
     send_buffer_bytes: usize,
 }
 
@@ -148,7 +149,7 @@ impl Shared {
     }
 }
 
-fn pump(shared: Weak<Shared>, mut rx: VendorMailbox) {
+fn pump(shared: Weak<Shared>, mut rx: Box<dyn Mailbox>) {
     loop {
         let Some(s) = shared.upgrade() else { return };
         let wait = {
@@ -223,7 +224,7 @@ impl StpStream {
         conn: Connection,
         binding: Binding,
         key: FrameKey,
-        tx: VendorMailbox,
+        tx: Box<dyn Mailbox>,
         send_buffer_bytes: usize,
     ) -> io::Result<StpStream> {
         let rx = source.open().map_err(mb_err)?;
@@ -416,7 +417,7 @@ impl Drop for StpStream {
 /// A bound, listening STP port.
 pub struct StpListener {
     source: Arc<dyn PathSource>,
-    mailbox: VendorMailbox,
+    mailbox: Box<dyn Mailbox>,
     binding: Binding,
     key: FrameKey,
     config: Config,

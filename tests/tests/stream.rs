@@ -13,7 +13,7 @@ use scsi::Transport;
 use sim_target::{Array, Host, LunConfig, StgMailbox, StgSpec};
 use stp_core::auth::{FrameKey, Handshake, Role};
 use stp_core::conn::Config;
-use stp_core::mailbox::VendorMailbox;
+use stp_core::mailbox::{Mailbox, VendorMailbox};
 use stp_core::stream::{PathSource, StpListener, StpStream};
 use stp_core::vendor::MailboxError;
 
@@ -37,12 +37,12 @@ fn array(stgs: &[(u32, Vec<u64>)]) -> Array {
 /// Paths for `host` onto the given member LUNs.
 fn source(a: &Array, host: &str, members: Vec<u64>) -> Arc<dyn PathSource> {
     let h = Host::login(a, host);
-    Arc::new(move || -> Result<VendorMailbox, MailboxError> {
+    Arc::new(move || -> Result<Box<dyn Mailbox>, MailboxError> {
         let paths = members
             .iter()
             .map(|&l| Box::new(h.open(l).expect("member LUN")) as Box<dyn Transport>)
             .collect();
-        VendorMailbox::new(paths)
+        Ok(Box::new(VendorMailbox::new(paths)?))
     })
 }
 
