@@ -148,6 +148,13 @@ fn sixty_four_mebibytes() {
     transfer(64 << 20, 99);
 }
 
+/// The large transfer: 1 GiB, regenerated and compared at the far
+/// end (about a minute on a 2-core machine at the test profile).
+#[test]
+fn one_gibibyte() {
+    transfer(1 << 30, 1_000_000_007);
+}
+
 #[test]
 fn concurrent_connections_on_two_stgs() {
     let a = array(&[(7, vec![0, 1]), (8, vec![2, 3])]);
