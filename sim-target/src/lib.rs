@@ -25,6 +25,7 @@
 //!   hold a command (a long poll) and complete it later from any thread.
 //! * [`inproc`] is the front end for tests and the embedded demo.
 //! * [`mailbox`] is the STG mailbox, the vendor handler of STP vendor mode.
+//! * [`fault`] wraps any path in a seeded fault injector ([`FaultyTransport`]).
 //!
 //! Invariants: every [`Task`] is completed exactly once (a reply dropped
 //! unanswered completes as TASK ABORTED); no input from an initiator panics
@@ -32,12 +33,14 @@
 //! the next command other than INQUIRY and REPORT LUNS, as SAM-5 says.
 
 pub mod array;
+pub mod fault;
 pub mod inproc;
 pub mod lun;
 pub mod mailbox;
 pub mod task;
 
 pub use array::{Array, Lun, VendorHandler};
+pub use fault::{FaultControl, FaultPlan, FaultStats, FaultyTransport, InjectedError};
 pub use inproc::{Host, InProcOptions, InProcTransport};
 pub use lun::LunConfig;
 pub use mailbox::{MailboxConfigError, MailboxStats, StgMailbox, StgSpec};

@@ -258,6 +258,13 @@ pub enum ConnError {
     /// writes, which return `Ok(0)`): wait for [`Event::Readable`].
     #[error("no data available yet: wait for a Readable event and read again")]
     WouldBlock,
+    /// The array no longer knows the connection's port binding (released,
+    /// or the array restarted): frames can no longer be received.
+    #[error(
+        "the array no longer knows this connection's port binding (the port was released \
+         or the array restarted); reconnect"
+    )]
+    BindingLost,
     /// A SYN (or SYN_ACK) that cannot open a connection.
     #[error("invalid handshake frame: {0}; the connecting side is misconfigured or buggy")]
     InvalidSyn(&'static str),
@@ -271,7 +278,9 @@ impl ConnError {
             ConnError::Timeout | ConnError::PeerDead { .. } => reset_reason::TIMEOUT,
             ConnError::Protocol(_) | ConnError::InvalidSyn(_) => reset_reason::PROTOCOL,
             ConnError::Reset { reason, .. } => *reason,
-            ConnError::Closed | ConnError::WouldBlock => reset_reason::ABORT,
+            ConnError::Closed | ConnError::WouldBlock | ConnError::BindingLost => {
+                reset_reason::ABORT
+            }
         }
     }
 }

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use scsi::{Command, DataDirection, IoBuf, Transport};
+use scsi::{Command, IoBuf, Transport};
 
 use crate::frame::{pack, OutFrame};
 use crate::vendor::{self, BindResult, MailboxError, StgInfo};
@@ -123,26 +123,38 @@ impl VendorMailbox {
         self.paths[i].as_mut()
     }
 
-    fn run(&mut self, cmd: Command) -> Result<IoBuf, MailboxError> {
-        let (data, _) = self.path().execute(cmd).into_result()?;
-        Ok(data)
+    /// Runs the command `make` builds, retrying retryable conditions (BUSY,
+    /// TASK SET FULL, unit attention, transient path errors) with a short
+    /// back-off, each time on the next path.
+    fn run(&mut self, make: impl Fn() -> Command) -> Result<IoBuf, MailboxError> {
+        let mut attempt = 0;
+        loop {
+            match self.path().execute(make()).into_result() {
+                Ok((data, _)) => return Ok(data),
+                Err(e) => {
+                    let e = vendor::classify(e);
+                    attempt += 1;
+                    if !is_transient(&e) || attempt >= SEND_RETRIES {
+                        return Err(e);
+                    }
+                    std::thread::sleep(SEND_BACKOFF * attempt.min(10));
+                }
+            }
+        }
     }
 
     /// STG INFO from the next path.
     pub fn stg_info(&mut self) -> Result<StgInfo, MailboxError> {
         let alloc = StgInfo::len_for(256) as u32;
         let cdb = vendor::stg_info(alloc);
-        let data = self.run(Command::data_in(
-            scsi::Cdb::Vendor(cdb).emit(),
-            alloc as usize,
-        ))?;
+        let data = self.run(|| Command::data_in(scsi::Cdb::Vendor(cdb).emit(), alloc as usize))?;
         StgInfo::parse(&data).map_err(|e| protocol_error(format!("STG INFO: {e}")))
     }
 
     /// Binds `port` (`None`: a dynamic port).
     pub fn bind(&mut self, port: Option<u32>) -> Result<Binding, MailboxError> {
         let cdb = vendor::bind(port.unwrap_or(0));
-        let data = self.run(Command::data_in(scsi::Cdb::Vendor(cdb).emit(), 16))?;
+        let data = self.run(|| Command::data_in(scsi::Cdb::Vendor(cdb).emit(), 16))?;
         let b = BindResult::parse(&data).map_err(|e| protocol_error(format!("BIND: {e}")))?;
         Ok(b.into())
     }
@@ -150,7 +162,7 @@ impl VendorMailbox {
     /// Releases a binding; waiting RECEIVEs on it end.
     pub fn release(&mut self, binding: &Binding) -> Result<(), MailboxError> {
         let cdb = vendor::release(binding.handle);
-        self.run(Command::no_data(scsi::Cdb::Vendor(cdb).emit()))?;
+        self.run(|| Command::no_data(scsi::Cdb::Vendor(cdb).emit()))?;
         Ok(())
     }
 
@@ -174,11 +186,9 @@ impl VendorMailbox {
                 return Ok(());
             };
             let e = vendor::classify(e);
-            let retry = matches!(e, MailboxError::QueueFull { .. })
-                || matches!(&e, MailboxError::Other(c) if c.is_retryable());
             attempt += 1;
             // A timed-out command's buffer is not handed back: give up then.
-            if !retry || attempt >= SEND_RETRIES || c.data.len() != packed.len() {
+            if !is_transient(&e) || attempt >= SEND_RETRIES || c.data.len() != packed.len() {
                 return Err(e);
             }
             std::thread::sleep(SEND_BACKOFF * attempt.min(10));
@@ -196,11 +206,14 @@ impl VendorMailbox {
     ) -> Result<IoBuf, MailboxError> {
         let max = max.min(vendor::MAX_TRANSFER as usize);
         let cdb = vendor::receive(binding.handle, max as u32, wait);
-        let cmd = Command::data_in(scsi::Cdb::Vendor(cdb).emit(), max)
-            .with_timeout(wait.min(vendor::MAX_RECEIVE_TIMEOUT) + COMMAND_SLACK);
-        debug_assert_eq!(cmd.direction, DataDirection::FromDevice);
-        self.run(cmd)
+        let timeout = wait.min(vendor::MAX_RECEIVE_TIMEOUT) + COMMAND_SLACK;
+        self.run(|| Command::data_in(scsi::Cdb::Vendor(cdb).emit(), max).with_timeout(timeout))
     }
+}
+
+/// Conditions a retry of the same command may clear.
+fn is_transient(e: &MailboxError) -> bool {
+    e.is_retryable() || matches!(e, MailboxError::Other(c) if c.is_retryable())
 }
 
 fn protocol_error(text: String) -> MailboxError {

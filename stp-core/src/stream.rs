@@ -182,9 +182,7 @@ fn pump(shared: Weak<Shared>, mut rx: Box<dyn Mailbox>) {
             Ok(_) => {}
             Err(e) if e.binding_lost() => {
                 let mut inner = s.lock();
-                inner
-                    .failed
-                    .get_or_insert(ConnError::Protocol("the STG binding was lost"));
+                inner.failed.get_or_insert(ConnError::BindingLost);
                 inner.stop = true;
                 drop(inner);
                 s.changed.notify_all();
@@ -473,10 +471,19 @@ impl StpListener {
                     ),
                 ));
             }
-            let buf = self
-                .mailbox
-                .receive(&self.binding, RECV_BYTES, (deadline - now).min(POLL))
-                .map_err(mb_err)?;
+            let buf =
+                match self
+                    .mailbox
+                    .receive(&self.binding, RECV_BYTES, (deadline - now).min(POLL))
+                {
+                    Ok(buf) => buf,
+                    Err(e) if e.binding_lost() => return Err(mb_err(e)),
+                    // Transient trouble on the path: poll again.
+                    Err(_) => {
+                        thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                };
             for found in Frames::new(&buf) {
                 let Ok(found) = found else { break };
                 let Ok((header, payload)) = open(found.bytes(&buf), &self.key) else {

@@ -482,16 +482,12 @@ impl MailboxError {
         }
     }
 
-    /// True when the binding is gone and the endpoint must bind again:
-    /// unknown handle, released, or a power-on/reset unit attention.
+    /// True when the binding is certainly gone and the endpoint must bind
+    /// again: unknown handle, or released. A power-on/reset unit attention
+    /// (29h) only says bindings *may* be gone: it is retryable, and the next
+    /// command on a lost binding answers BAD HANDLE.
     pub fn binding_lost(&self) -> bool {
-        match self {
-            MailboxError::BadHandle | MailboxError::Released => true,
-            MailboxError::Other(CommandError::CheckCondition(s)) => {
-                s.key == SenseKey::UNIT_ATTENTION && s.asc.0 == 0x29
-            }
-            _ => false,
-        }
+        matches!(self, MailboxError::BadHandle | MailboxError::Released)
     }
 
     /// The sense the array returns for this condition (fixed format);
