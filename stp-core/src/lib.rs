@@ -17,10 +17,12 @@
 //! * [`conn`] — the sans-IO connection state machine.
 //! * [`stream`] — blocking `StpListener` / `StpStream` (Read + Write) over
 //!   the vendor mailbox.
+//! * [`block`] — block mode: STP over plain READ(16)/WRITE(16) on shared LUNs.
 
 pub use scsi;
 
 pub mod auth;
+pub mod block;
 pub mod conn;
 pub mod frame;
 pub mod mailbox;

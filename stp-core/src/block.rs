@@ -1,0 +1,2480 @@
+//! Block mode (docs/PROTOCOL.md §4): STP over plain READ(16)/WRITE(16) on
+//! shared LUNs, for arrays with no STP support.
+//!
+//! * [`format()`] writes the superblock and the lane index blocks on every
+//!   member (what `stp stg format` runs).
+//! * [`BlockStg`] is one host's engine for a formatted STG: it verifies the
+//!   superblocks, owns this host's ports, runs one poller thread that reads
+//!   the lanes other hosts write to this host, and writes the lanes from
+//!   this host to the others. [`BlockStg::handle`] gives cheap
+//!   [`BlockMailbox`] handles that implement [`Mailbox`] for the stream
+//!   layer.
+//!
+//! # Ports
+//!
+//! A frame names only ports, so in block mode a port number says which
+//! host owns it: `port = host << 12 | local` ([`port_host`],
+//! [`host_port`]), 16 hosts × 4096 ports, all below 65536. A host binds
+//! only its own ports; `local` 0 is never bound. Locals 1–2047 are static
+//! (a server binds one it was configured with), 2048–4095 dynamic.
+//!
+//! # Lanes
+//!
+//! Frames from host `s` to host `d` go through lane `(s, d)` on every
+//! member, successive slots striped round-robin over the members. Every
+//! slot carries a header ([`SLOT_HEADER_LEN`] bytes: byte count, CRC32C,
+//! format generation, lane sequence number) and frames packed exactly as in
+//! SEND data. The producer writes slot data (WRITE(16) FUA) and only after
+//! that data's GOOD the producer block (FUA); the consumer reads producer
+//! blocks, reads the new slots, takes them in the producer's round-robin
+//! order (so frames of one lane arrive in the order they were sent) and
+//! then writes its consumer block. Index blocks with a bad CRC, magic,
+//! generation or an index the ring cannot hold are ignored and counted in
+//! [`BlockStats`], never trusted. A slot that fails its checks (count, CRC,
+//! generation) is never delivered: the lane is held there, re-reading it,
+//! for [`BlockConfig::bad_slot_patience`] (an index may have been forged
+//! ahead of the data) and then the slot is skipped.
+//!
+//! A full destination port queue holds its lane (back-pressure through the
+//! ring) rather than dropping; frames for unbound ports are dropped and
+//! counted. A sender that finds the ring full waits, polling the consumer
+//! block, up to [`BlockConfig::ring_full_wait`] and then fails with
+//! [`MailboxError::QueueFull`] (retryable).
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, RngCore};
+use scsi::cdb::RwFlags;
+use scsi::{Cdb, CdbBuf, Command, CommandError, IoBuf, Transport};
+
+use crate::mailbox::{Binding, Mailbox};
+use crate::stg::{BlockLayout, MAX_HOSTS, MIN_HOSTS};
+use crate::vendor::MailboxError;
+use crate::wire::{Frames, ALIGN, HEADER_LEN, MAX_PAYLOAD};
+
+// ---------------------------------------------------------------------------
+// On-disk formats
+// ---------------------------------------------------------------------------
+
+/// Superblock magic, `"STPBLKv1"`.
+pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"STPBLKv1";
+/// Bytes of the superblock that carry data (the rest of block 0 is zero).
+pub const SUPERBLOCK_LEN: usize = 44;
+/// Producer block magic, `"STPP"`.
+pub const PRODUCER_MAGIC: u32 = 0x5354_5050;
+/// Consumer block magic, `"STPC"`.
+pub const CONSUMER_MAGIC: u32 = 0x5354_5043;
+/// Bytes of a producer or consumer block that carry data.
+pub const INDEX_LEN: usize = 32;
+/// Bytes of the header at the start of every slot: byte count (u32),
+/// CRC32C (u32), generation (u64), lane sequence number (u64).
+pub const SLOT_HEADER_LEN: usize = 24;
+/// The smallest block size block mode accepts.
+pub const MIN_BLOCK_SIZE: u32 = 512;
+
+/// The superblock at LBA 0 of every member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Superblock {
+    /// The STG id.
+    pub stg_id: u32,
+    /// This member's index in the STG (its position in `members`).
+    pub member_index: u16,
+    /// The STG's member count.
+    pub member_count: u16,
+    /// Hosts, slots and slot size.
+    pub layout: BlockLayout,
+    /// The block size the member was formatted with.
+    pub block_size: u32,
+    /// The format generation: random, new on every format.
+    pub generation: u64,
+}
+
+/// Why block 0 is not a valid superblock.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SuperblockError {
+    /// Fewer bytes than a superblock.
+    #[error("superblock truncated: {0} bytes, need {SUPERBLOCK_LEN}")]
+    Short(usize),
+    /// No `STPBLKv1` magic: never formatted for block mode.
+    #[error("no block-mode superblock (magic is not \"STPBLKv1\")")]
+    NotFormatted,
+    /// The magic is right but the CRC is not: torn or overwritten.
+    #[error("superblock CRC32C mismatch (stored 0x{stored:08x}, computed 0x{computed:08x})")]
+    BadCrc {
+        /// The CRC in the block.
+        stored: u32,
+        /// The CRC of the block's bytes.
+        computed: u32,
+    },
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_be_bytes(a)
+}
+
+impl Superblock {
+    /// The superblock's bytes (pad to the block size with zeros).
+    pub fn encode(&self) -> [u8; SUPERBLOCK_LEN] {
+        let mut b = [0u8; SUPERBLOCK_LEN];
+        b[0..8].copy_from_slice(&SUPERBLOCK_MAGIC);
+        b[8..12].copy_from_slice(&self.stg_id.to_be_bytes());
+        b[12..14].copy_from_slice(&self.member_index.to_be_bytes());
+        b[14..16].copy_from_slice(&self.member_count.to_be_bytes());
+        b[16..18].copy_from_slice(&self.layout.hosts.to_be_bytes());
+        b[20..24].copy_from_slice(&self.block_size.to_be_bytes());
+        b[24..28].copy_from_slice(&self.layout.slots.to_be_bytes());
+        b[28..32].copy_from_slice(&self.layout.slot_blocks.to_be_bytes());
+        b[32..40].copy_from_slice(&self.generation.to_be_bytes());
+        let crc = crc32c::crc32c(&b[..40]);
+        b[40..44].copy_from_slice(&crc.to_be_bytes());
+        b
+    }
+
+    /// Parses block 0. Checks magic and CRC; the caller checks the rest.
+    pub fn decode(bytes: &[u8]) -> Result<Superblock, SuperblockError> {
+        if bytes.len() < SUPERBLOCK_LEN {
+            return Err(SuperblockError::Short(bytes.len()));
+        }
+        if bytes[0..8] != SUPERBLOCK_MAGIC {
+            return Err(SuperblockError::NotFormatted);
+        }
+        let stored = be32(bytes, 40);
+        let computed = crc32c::crc32c(&bytes[..40]);
+        if stored != computed {
+            return Err(SuperblockError::BadCrc { stored, computed });
+        }
+        Ok(Superblock {
+            stg_id: be32(bytes, 8),
+            member_index: be16(bytes, 12),
+            member_count: be16(bytes, 14),
+            layout: BlockLayout {
+                hosts: be16(bytes, 16),
+                slots: be32(bytes, 24),
+                slot_blocks: be32(bytes, 28),
+            },
+            block_size: be32(bytes, 20),
+            generation: be64(bytes, 32),
+        })
+    }
+}
+
+/// Which index block: the producer's or the consumer's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IndexKind {
+    /// `"STPP"`, written only by the lane's source host.
+    Producer,
+    /// `"STPC"`, written only by the lane's destination host.
+    Consumer,
+}
+
+impl IndexKind {
+    fn magic(self) -> u32 {
+        match self {
+            IndexKind::Producer => PRODUCER_MAGIC,
+            IndexKind::Consumer => CONSUMER_MAGIC,
+        }
+    }
+}
+
+/// A producer or consumer block: `magic` u32, `generation` u64, `count` u64
+/// (slots produced / consumed), `epoch` u64 (the writer's restarts),
+/// CRC32C of the preceding 28 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexBlock {
+    /// Producer or consumer.
+    pub kind: IndexKind,
+    /// The format generation it was written under.
+    pub generation: u64,
+    /// Slots ever produced (producer block) or consumed (consumer block)
+    /// on this lane of this member.
+    pub count: u64,
+    /// Incremented each time the writing host opens the STG.
+    pub epoch: u64,
+}
+
+/// Why a block is not a valid index block.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IndexError {
+    /// Fewer bytes than an index block.
+    #[error("index block truncated: {0} bytes, need {INDEX_LEN}")]
+    Short(usize),
+    /// Neither `STPP` nor `STPC`.
+    #[error("bad index block magic 0x{0:08x}")]
+    BadMagic(u32),
+    /// CRC mismatch: torn or overwritten.
+    #[error("index block CRC32C mismatch")]
+    BadCrc,
+}
+
+impl IndexBlock {
+    /// The block's bytes (pad to the block size with zeros).
+    pub fn encode(&self) -> [u8; INDEX_LEN] {
+        let mut b = [0u8; INDEX_LEN];
+        b[0..4].copy_from_slice(&self.kind.magic().to_be_bytes());
+        b[4..12].copy_from_slice(&self.generation.to_be_bytes());
+        b[12..20].copy_from_slice(&self.count.to_be_bytes());
+        b[20..28].copy_from_slice(&self.epoch.to_be_bytes());
+        let crc = crc32c::crc32c(&b[..28]);
+        b[28..32].copy_from_slice(&crc.to_be_bytes());
+        b
+    }
+
+    /// Parses an index block (magic and CRC; the caller checks the
+    /// generation and the kind).
+    pub fn decode(bytes: &[u8]) -> Result<IndexBlock, IndexError> {
+        if bytes.len() < INDEX_LEN {
+            return Err(IndexError::Short(bytes.len()));
+        }
+        let kind = match be32(bytes, 0) {
+            PRODUCER_MAGIC => IndexKind::Producer,
+            CONSUMER_MAGIC => IndexKind::Consumer,
+            other => return Err(IndexError::BadMagic(other)),
+        };
+        if be32(bytes, 28) != crc32c::crc32c(&bytes[..28]) {
+            return Err(IndexError::BadCrc);
+        }
+        Ok(IndexBlock {
+            kind,
+            generation: be64(bytes, 4),
+            count: be64(bytes, 12),
+            epoch: be64(bytes, 20),
+        })
+    }
+}
+
+/// Why a slot's contents are not trusted.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SlotError {
+    /// Fewer bytes than a slot header.
+    #[error("slot truncated: {0} bytes")]
+    Short(usize),
+    /// The byte count runs past the slot (or is zero).
+    #[error("slot byte count {count} does not fit the slot ({capacity} bytes for frames)")]
+    BadCount {
+        /// The count in the header.
+        count: u32,
+        /// Bytes available for frames.
+        capacity: usize,
+    },
+    /// CRC mismatch: torn, stale or overwritten.
+    #[error("slot CRC32C mismatch")]
+    BadCrc,
+    /// Written under another format generation.
+    #[error("slot from format generation {found:#x}")]
+    WrongGeneration {
+        /// The generation in the header.
+        found: u64,
+    },
+}
+
+fn slot_crc(slot: &[u8]) -> u32 {
+    let mut head = [0u8; SLOT_HEADER_LEN];
+    head.copy_from_slice(&slot[..SLOT_HEADER_LEN]);
+    head[4..8].fill(0);
+    crc32c::crc32c_append(crc32c::crc32c(&head), &slot[SLOT_HEADER_LEN..])
+}
+
+/// Fills in the header of a slot image: `image` is [`SLOT_HEADER_LEN`]
+/// bytes of room followed by the packed frames (no trailing padding).
+pub fn seal_slot(image: &mut [u8], generation: u64, seq: u64) {
+    let count = (image.len() - SLOT_HEADER_LEN) as u32;
+    image[0..4].copy_from_slice(&count.to_be_bytes());
+    image[8..16].copy_from_slice(&generation.to_be_bytes());
+    image[16..24].copy_from_slice(&seq.to_be_bytes());
+    let crc = slot_crc(image);
+    image[4..8].copy_from_slice(&crc.to_be_bytes());
+}
+
+/// Checks a slot read back (any length from the header on, padding
+/// included) and returns its lane sequence number and its frame bytes.
+pub fn open_slot(slot: &[u8], generation: u64) -> Result<(u64, &[u8]), SlotError> {
+    if slot.len() < SLOT_HEADER_LEN {
+        return Err(SlotError::Short(slot.len()));
+    }
+    let count = be32(slot, 0);
+    let capacity = slot.len() - SLOT_HEADER_LEN;
+    if count == 0 || count as usize > capacity {
+        return Err(SlotError::BadCount { count, capacity });
+    }
+    let used = &slot[..SLOT_HEADER_LEN + count as usize];
+    if be32(slot, 4) != slot_crc(used) {
+        return Err(SlotError::BadCrc);
+    }
+    let found = be64(slot, 8);
+    if found != generation {
+        return Err(SlotError::WrongGeneration { found });
+    }
+    Ok((be64(slot, 16), &used[SLOT_HEADER_LEN..]))
+}
+
+// ---------------------------------------------------------------------------
+// Ports
+// ---------------------------------------------------------------------------
+
+/// Bits of a block-mode port that name the local port; the host index is
+/// above them.
+pub const PORT_HOST_SHIFT: u32 = 12;
+/// Ports each host owns (locals `0..4096`; local 0 is never bound).
+pub const PORTS_PER_HOST: u32 = 1 << PORT_HOST_SHIFT;
+/// The first dynamic local port; locals below it (from 1) are static.
+pub const FIRST_DYNAMIC_LOCAL: u32 = 2048;
+
+/// The host that owns `port` in block mode (`port >> 12`); `None` for port
+/// 0, a local part of 0, or a port beyond the 16 hosts (≥ 65536).
+pub fn port_host(port: u32) -> Option<u16> {
+    let host = port >> PORT_HOST_SHIFT;
+    if port & (PORTS_PER_HOST - 1) == 0 || host >= u32::from(MAX_HOSTS) {
+        return None;
+    }
+    Some(host as u16)
+}
+
+/// Port `local` (1–4095) of `host` (0–15): `host << 12 | local`.
+pub fn host_port(host: u16, local: u32) -> Option<u32> {
+    (host < MAX_HOSTS && (1..PORTS_PER_HOST).contains(&local))
+        .then(|| u32::from(host) << PORT_HOST_SHIFT | local)
+}
+
+// ---------------------------------------------------------------------------
+// Errors, configuration, statistics
+// ---------------------------------------------------------------------------
+
+/// Why a block-mode STG cannot be formatted or opened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BlockError {
+    /// No member paths were given.
+    #[error("STG {stg}: no member paths given")]
+    NoMembers {
+        /// The STG id.
+        stg: u32,
+    },
+    /// More members than the superblock can number.
+    #[error("STG {stg}: {count} members; block mode supports at most 65535")]
+    TooManyMembers {
+        /// The STG id.
+        stg: u32,
+        /// Paths given.
+        count: usize,
+    },
+    /// A layout field is out of range.
+    #[error("STG {stg}: block layout {field} = {value} {reason}")]
+    BadLayout {
+        /// The STG id.
+        stg: u32,
+        /// The offending field.
+        field: &'static str,
+        /// Its value.
+        value: u64,
+        /// What is allowed.
+        reason: &'static str,
+    },
+    /// A member's block size is too small or differs from member 0's.
+    #[error("STG {stg} member {member} ({path}): block size {block_size} {reason}")]
+    BadBlockSize {
+        /// The STG id.
+        stg: u32,
+        /// The member index.
+        member: usize,
+        /// Its path on this host.
+        path: String,
+        /// Its block size.
+        block_size: u32,
+        /// What is expected.
+        reason: String,
+    },
+    /// A member holds fewer blocks than the layout needs.
+    #[error(
+        "STG {stg} member {member} ({path}) has {present} blocks but the layout \
+         (hosts {hosts}, slots {slots}, slot_blocks {slot_blocks}) needs {needed}; \
+         use a larger LUN or fewer or smaller slots"
+    )]
+    TooSmall {
+        /// The STG id.
+        stg: u32,
+        /// The member index.
+        member: usize,
+        /// Its path on this host.
+        path: String,
+        /// Blocks the layout needs.
+        needed: u64,
+        /// Blocks the LUN has.
+        present: u64,
+        /// Layout hosts.
+        hosts: u16,
+        /// Layout slots.
+        slots: u32,
+        /// Layout slot size in blocks.
+        slot_blocks: u32,
+    },
+    /// Block 0 holds no block-mode superblock.
+    #[error(
+        "STG {stg} member {member} ({path}) is not formatted for block mode; \
+         run `stp stg format` for STG {stg} (it erases the lanes of every member)"
+    )]
+    NotFormatted {
+        /// The STG id.
+        stg: u32,
+        /// The member index.
+        member: usize,
+        /// Its path on this host.
+        path: String,
+    },
+    /// The superblock's CRC does not match.
+    #[error(
+        "STG {stg} member {member} ({path}) has a corrupt superblock ({why}); \
+         run `stp stg format` for STG {stg} again"
+    )]
+    CorruptSuperblock {
+        /// The STG id.
+        stg: u32,
+        /// The member index.
+        member: usize,
+        /// Its path on this host.
+        path: String,
+        /// The decoding error.
+        why: SuperblockError,
+    },
+    /// The member was formatted for another STG.
+    #[error(
+        "member {member} ({path}) was formatted for STG {found}, not STG {stg}; \
+         check the members listed for STG {stg} in the configuration"
+    )]
+    WrongStg {
+        /// The STG id asked for.
+        stg: u32,
+        /// The member index.
+        member: usize,
+        /// Its path on this host.
+        path: String,
+        /// The STG id in its superblock.
+        found: u32,
+    },
+    /// The member count differs from the number of paths.
+    #[error(
+        "STG {stg} member {member} ({path}) was formatted as one of {found} members, \
+         but {given} were given; list every member, or reformat"
+    )]
+    MemberCount {
+        /// The STG id.
+        stg: u32,
+        /// The member index.
+        member: usize,
+        /// Its path on this host.
+        path: String,
+        /// The count in its superblock.
+        found: u16,
+        /// Paths given.
+        given: usize,
+    },
+    /// A member sits at another position than it was formatted at.
+    #[error(
+        "STG {stg}: path {position} ({path}) holds member {found}; list the members \
+         in the same order on every host (the order they were formatted in)"
+    )]
+    MemberOrder {
+        /// The STG id.
+        stg: u32,
+        /// The position the path was given at.
+        position: usize,
+        /// The path.
+        path: String,
+        /// The member index in its superblock.
+        found: u16,
+    },
+    /// Members disagree about the layout.
+    #[error(
+        "STG {stg} member {member} ({path}) has layout {found:?} but member 0 has \
+         {expected:?}; the members were formatted separately: reformat them together"
+    )]
+    LayoutMismatch {
+        /// The STG id.
+        stg: u32,
+        /// The member index.
+        member: usize,
+        /// Its path on this host.
+        path: String,
+        /// Its layout.
+        found: BlockLayout,
+        /// Member 0's layout.
+        expected: BlockLayout,
+    },
+    /// Members carry different format generations.
+    #[error(
+        "STG {stg} member {member} ({path}) is from format generation {found:#018x} but \
+         member 0 is from {expected:#018x}; the members were formatted separately (or a \
+         format was interrupted): run `stp stg format` for STG {stg} again"
+    )]
+    GenerationMismatch {
+        /// The STG id.
+        stg: u32,
+        /// The member index.
+        member: usize,
+        /// Its path on this host.
+        path: String,
+        /// Its generation.
+        found: u64,
+        /// Member 0's generation.
+        expected: u64,
+    },
+    /// The STG was reformatted after this host opened it.
+    #[error(
+        "STG {stg} was reformatted after this host opened it (member {member} now has \
+         generation {found:#018x}, this host opened {opened:#018x}); reopen the STG \
+         on every host"
+    )]
+    Reformatted {
+        /// The STG id.
+        stg: u32,
+        /// The member whose superblock changed.
+        member: usize,
+        /// Its generation now (0: no valid superblock).
+        found: u64,
+        /// The generation this host opened.
+        opened: u64,
+    },
+    /// This host's index is not below the layout's host count.
+    #[error(
+        "host index {host} is out of range: STG {stg} is formatted for {hosts} hosts \
+         (indices 0–{}); give each host its own index",
+        hosts.saturating_sub(1)
+    )]
+    BadHostIndex {
+        /// The STG id.
+        stg: u32,
+        /// The index given.
+        host: u16,
+        /// Hosts in the layout.
+        hosts: u16,
+    },
+    /// A command failed.
+    #[error("STG {stg} member {member} ({path}): {action} failed: {source}")]
+    Io {
+        /// The STG id.
+        stg: u32,
+        /// The member index.
+        member: usize,
+        /// Its path on this host.
+        path: String,
+        /// What was being done.
+        action: &'static str,
+        /// The command error.
+        #[source]
+        source: CommandError,
+    },
+    /// The poller thread could not be started.
+    #[error("could not start the block-mode poller thread: {0}")]
+    Spawn(#[source] io::Error),
+}
+
+/// Tunables of a [`BlockStg`]; [`BlockConfig::default`] suits most uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// Frames one port may queue before its lane is held (back-pressure).
+    pub queue_frames: u32,
+    /// Bytes (aligned frame spans) one port may queue before its lane is held.
+    pub queue_bytes: u32,
+    /// How long a sender waits for a free slot before
+    /// [`MailboxError::QueueFull`].
+    pub ring_full_wait: Duration,
+    /// The shortest poll interval (after traffic).
+    pub poll_min: Duration,
+    /// The longest poll interval (idle).
+    pub poll_max: Duration,
+    /// The largest READ or WRITE issued, in bytes (at least one block is
+    /// always moved).
+    pub max_transfer_bytes: u32,
+    /// Timeout of each SCSI command.
+    pub command_timeout: Duration,
+    /// How long the consumer holds a lane at a slot that fails its checks
+    /// (re-reading it: an index block may have been forged or be ahead of
+    /// the data) before it skips the slot.
+    pub bad_slot_patience: Duration,
+}
+
+impl Default for BlockConfig {
+    fn default() -> BlockConfig {
+        BlockConfig {
+            queue_frames: 1024,
+            queue_bytes: 16 << 20,
+            ring_full_wait: Duration::from_secs(1),
+            poll_min: Duration::from_micros(50),
+            poll_max: Duration::from_millis(10),
+            max_transfer_bytes: 1 << 20,
+            command_timeout: Duration::from_secs(30),
+            bad_slot_patience: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Counters of a [`BlockStg`] (a snapshot).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockStats {
+    /// Slots this host wrote and published.
+    pub slots_written: u64,
+    /// Frames this host sent to other hosts.
+    pub frames_sent: u64,
+    /// Frames this host sent to its own ports (no array I/O).
+    pub frames_local: u64,
+    /// Slots this host consumed (valid or not).
+    pub slots_read: u64,
+    /// Frames queued to this host's ports from the lanes.
+    pub frames_received: u64,
+    /// Frames dropped because their port was not bound here.
+    pub frames_unbound: u64,
+    /// Frames dropped because their port belongs to another host, or
+    /// structurally malformed inside a valid slot.
+    pub frames_misrouted: u64,
+    /// Producer blocks read with a bad magic, CRC or index (ignored).
+    pub bad_producer_blocks: u64,
+    /// Consumer blocks read with a bad magic, CRC or index (ignored).
+    pub bad_consumer_blocks: u64,
+    /// Slots with a bad count, CRC or generation (held for
+    /// [`BlockConfig::bad_slot_patience`], then skipped); each counted once.
+    pub bad_slots: u64,
+    /// Index blocks from another format generation (ignored).
+    pub foreign_generation: u64,
+    /// Slots whose lane sequence number was not the one expected
+    /// (delivered anyway; the connection layer restores order).
+    pub out_of_sequence: u64,
+    /// Times the consumer gave up waiting for a member's turn.
+    pub turn_skips: u64,
+    /// Times a sender found a ring full and waited.
+    pub ring_full_waits: u64,
+    /// Sends that gave up on a full ring ([`MailboxError::QueueFull`]).
+    pub ring_full_errors: u64,
+    /// Times the poller held a lane because a port queue was full.
+    pub lane_stalls: u64,
+    /// Commands that failed (after retries).
+    pub io_errors: u64,
+    /// Poll rounds.
+    pub polls: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    slots_written: AtomicU64,
+    frames_sent: AtomicU64,
+    frames_local: AtomicU64,
+    slots_read: AtomicU64,
+    frames_received: AtomicU64,
+    frames_unbound: AtomicU64,
+    frames_misrouted: AtomicU64,
+    bad_producer_blocks: AtomicU64,
+    bad_consumer_blocks: AtomicU64,
+    bad_slots: AtomicU64,
+    foreign_generation: AtomicU64,
+    out_of_sequence: AtomicU64,
+    turn_skips: AtomicU64,
+    ring_full_waits: AtomicU64,
+    ring_full_errors: AtomicU64,
+    lane_stalls: AtomicU64,
+    io_errors: AtomicU64,
+    polls: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Counters {
+    fn snapshot(&self) -> BlockStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        BlockStats {
+            slots_written: g(&self.slots_written),
+            frames_sent: g(&self.frames_sent),
+            frames_local: g(&self.frames_local),
+            slots_read: g(&self.slots_read),
+            frames_received: g(&self.frames_received),
+            frames_unbound: g(&self.frames_unbound),
+            frames_misrouted: g(&self.frames_misrouted),
+            bad_producer_blocks: g(&self.bad_producer_blocks),
+            bad_consumer_blocks: g(&self.bad_consumer_blocks),
+            bad_slots: g(&self.bad_slots),
+            foreign_generation: g(&self.foreign_generation),
+            out_of_sequence: g(&self.out_of_sequence),
+            turn_skips: g(&self.turn_skips),
+            ring_full_waits: g(&self.ring_full_waits),
+            ring_full_errors: g(&self.ring_full_errors),
+            lane_stalls: g(&self.lane_stalls),
+            io_errors: g(&self.io_errors),
+            polls: g(&self.polls),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Block I/O helpers
+// ---------------------------------------------------------------------------
+
+/// Attempts of a command that fails with a retryable condition.
+const ATTEMPTS: u32 = 4;
+/// A consumer waits this long for a member's turn when other members
+/// already have newer slots, then skips it.
+const TURN_PATIENCE: Duration = Duration::from_millis(100);
+/// Superblocks are re-read at most this often when foreign index blocks
+/// suggest a reformat.
+const SUPERBLOCK_RECHECK: Duration = Duration::from_secs(1);
+/// Bytes of slots a sender stages before writing them.
+const STAGE_BYTES: usize = 4 << 20;
+
+fn rw(write: bool, lba: u64, blocks: u32) -> CdbBuf {
+    if write {
+        let flags = RwFlags {
+            fua: true,
+            dpo: false,
+        };
+        Cdb::Write16 { lba, blocks, flags }.emit()
+    } else {
+        Cdb::Read16 {
+            lba,
+            blocks,
+            flags: RwFlags::default(),
+        }
+        .emit()
+    }
+}
+
+fn exec(
+    t: &mut dyn Transport,
+    cdb: CdbBuf,
+    out: Option<&[u8]>,
+    in_len: usize,
+    timeout: Duration,
+) -> Result<IoBuf, CommandError> {
+    let mut attempt = 1;
+    loop {
+        let cmd = match out {
+            Some(d) => Command::data_out(cdb, IoBuf::from_slice(d)),
+            None => Command::data_in(cdb, in_len),
+        }
+        .with_timeout(timeout);
+        match t.execute(cmd).into_result() {
+            Ok((buf, _)) => {
+                if out.is_none() && buf.len() != in_len {
+                    return Err(CommandError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("short read: {} of {in_len} bytes", buf.len()),
+                    )));
+                }
+                return Ok(buf);
+            }
+            Err(e) if e.is_retryable() && attempt < ATTEMPTS => {
+                thread::sleep(Duration::from_millis(u64::from(attempt)));
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Geometry shared by the I/O helpers.
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    block_size: u32,
+    max_blocks: u32,
+    timeout: Duration,
+}
+
+impl Geometry {
+    fn new(block_size: u32, config: &BlockConfig) -> Geometry {
+        Geometry {
+            block_size,
+            max_blocks: (config.max_transfer_bytes / block_size).max(1),
+            timeout: config.command_timeout,
+        }
+    }
+
+    fn read(&self, t: &mut dyn Transport, lba: u64, blocks: u64) -> Result<Vec<u8>, CommandError> {
+        let bs = self.block_size as usize;
+        let mut out = Vec::with_capacity(blocks as usize * bs);
+        let mut done = 0u64;
+        while done < blocks {
+            let n = (blocks - done).min(u64::from(self.max_blocks)) as u32;
+            let buf = exec(
+                t,
+                rw(false, lba + done, n),
+                None,
+                n as usize * bs,
+                self.timeout,
+            )?;
+            out.extend_from_slice(&buf);
+            done += u64::from(n);
+        }
+        Ok(out)
+    }
+
+    /// Writes `data` (padded with zeros to whole blocks) at `lba`, FUA.
+    fn write(&self, t: &mut dyn Transport, lba: u64, data: &[u8]) -> Result<(), CommandError> {
+        let bs = self.block_size as usize;
+        let max = self.max_blocks as usize * bs;
+        let mut at = 0;
+        let mut lba = lba;
+        while at < data.len() {
+            let end = (at + max).min(data.len());
+            let chunk = &data[at..end];
+            let blocks = chunk.len().div_ceil(bs);
+            let padded;
+            let chunk = if chunk.len() % bs == 0 {
+                chunk
+            } else {
+                let mut p = chunk.to_vec();
+                p.resize(blocks * bs, 0);
+                padded = p;
+                &padded[..]
+            };
+            exec(
+                t,
+                rw(true, lba, blocks as u32),
+                Some(chunk),
+                0,
+                self.timeout,
+            )?;
+            lba += blocks as u64;
+            at = end;
+        }
+        Ok(())
+    }
+}
+
+/// READ CAPACITY(16): (blocks, block size).
+fn read_capacity(t: &mut dyn Transport, timeout: Duration) -> Result<(u64, u32), CommandError> {
+    let b = exec(
+        t,
+        Cdb::ReadCapacity16 { alloc_len: 32 }.emit(),
+        None,
+        32,
+        timeout,
+    )?;
+    Ok((be64(&b, 0).saturating_add(1), be32(&b, 8)))
+}
+
+fn check_layout(stg: u32, layout: &BlockLayout) -> Result<(), BlockError> {
+    let bad = |field, value: u64, reason| BlockError::BadLayout {
+        stg,
+        field,
+        value,
+        reason,
+    };
+    if !(MIN_HOSTS..=MAX_HOSTS).contains(&layout.hosts) {
+        return Err(bad("hosts", layout.hosts.into(), "must be 2–16"));
+    }
+    if layout.slots == 0 {
+        return Err(bad("slots", 0, "must be at least 1"));
+    }
+    if layout.slot_blocks == 0 {
+        return Err(bad("slot_blocks", 0, "must be at least 1"));
+    }
+    if layout.required_blocks() == u64::MAX {
+        return Err(bad(
+            "slot_blocks",
+            layout.slot_blocks.into(),
+            "makes the layout larger than 2^64 blocks",
+        ));
+    }
+    Ok(())
+}
+
+fn check_slot_size(stg: u32, layout: &BlockLayout, block_size: u32) -> Result<usize, BlockError> {
+    let bytes = u64::from(layout.slot_blocks) * u64::from(block_size);
+    let min = (SLOT_HEADER_LEN + HEADER_LEN + ALIGN) as u64;
+    if bytes < min || bytes > u64::from(u32::MAX) {
+        return Err(BlockError::BadLayout {
+            stg,
+            field: "slot_blocks",
+            value: layout.slot_blocks.into(),
+            reason: "gives a slot outside 104 bytes – 4 GiB",
+        });
+    }
+    Ok(bytes as usize)
+}
+
+fn padded_block(bytes: &[u8], block_size: u32) -> Vec<u8> {
+    let mut b = bytes.to_vec();
+    b.resize(block_size as usize, 0);
+    b
+}
+
+/// Formats `paths` (one per member, in member order) as block-mode STG
+/// `stg_id` with `layout`: writes every member's superblock and, for every
+/// lane, a producer and a consumer block with zero counts. Returns the new
+/// format generation (random, never 0). Slots are not written.
+///
+/// Every member must hold [`BlockLayout::required_blocks`] blocks and all
+/// must have the same block size (at least 512). Any host that had the STG
+/// open must reopen it.
+pub fn format<R: RngCore + ?Sized>(
+    paths: &mut [Box<dyn Transport>],
+    stg_id: u32,
+    layout: &BlockLayout,
+    rng: &mut R,
+) -> Result<u64, BlockError> {
+    let stg = stg_id;
+    check_layout(stg, layout)?;
+    if paths.is_empty() {
+        return Err(BlockError::NoMembers { stg });
+    }
+    let member_count = u16::try_from(paths.len()).map_err(|_| BlockError::TooManyMembers {
+        stg,
+        count: paths.len(),
+    })?;
+    let config = BlockConfig::default();
+    let io_err = |member: usize, path: &dyn Transport, action, source| BlockError::Io {
+        stg,
+        member,
+        path: path.describe(),
+        action,
+        source,
+    };
+    let mut block_size = 0;
+    for (member, p) in paths.iter_mut().enumerate() {
+        let (blocks, bs) = read_capacity(p.as_mut(), config.command_timeout)
+            .map_err(|e| io_err(member, p.as_ref(), "READ CAPACITY(16)", e))?;
+        if member == 0 {
+            block_size = bs;
+            if bs < MIN_BLOCK_SIZE {
+                return Err(BlockError::BadBlockSize {
+                    stg,
+                    member,
+                    path: p.describe(),
+                    block_size: bs,
+                    reason: format!("is below the {MIN_BLOCK_SIZE} bytes block mode needs"),
+                });
+            }
+            check_slot_size(stg, layout, bs)?;
+        } else if bs != block_size {
+            return Err(BlockError::BadBlockSize {
+                stg,
+                member,
+                path: p.describe(),
+                block_size: bs,
+                reason: format!("differs from member 0's {block_size}"),
+            });
+        }
+        let needed = layout.required_blocks();
+        if blocks < needed {
+            return Err(BlockError::TooSmall {
+                stg,
+                member,
+                path: p.describe(),
+                needed,
+                present: blocks,
+                hosts: layout.hosts,
+                slots: layout.slots,
+                slot_blocks: layout.slot_blocks,
+            });
+        }
+    }
+    let generation = loop {
+        let g = rng.next_u64();
+        if g != 0 {
+            break g;
+        }
+    };
+    let geo = Geometry::new(block_size, &config);
+    let mut lanes = vec![0u8; 2 * block_size as usize];
+    for kind in [IndexKind::Producer, IndexKind::Consumer] {
+        let at = if kind == IndexKind::Producer {
+            0
+        } else {
+            block_size as usize
+        };
+        let b = IndexBlock {
+            kind,
+            generation,
+            count: 0,
+            epoch: 0,
+        }
+        .encode();
+        lanes[at..at + INDEX_LEN].copy_from_slice(&b);
+    }
+    for (member, p) in paths.iter_mut().enumerate() {
+        let t = p.as_mut();
+        // Invalidate first, so an interrupted format reads as unformatted.
+        geo.write(t, 0, &vec![0u8; block_size as usize])
+            .map_err(|e| io_err(member, t, "erasing the superblock", e))?;
+        for s in 0..layout.hosts {
+            for d in (0..layout.hosts).filter(|&d| d != s) {
+                let lba = layout.lane_offset(s, d).unwrap_or(u64::MAX);
+                geo.write(t, lba, &lanes)
+                    .map_err(|e| io_err(member, t, "writing lane index blocks", e))?;
+            }
+        }
+        let sb = Superblock {
+            stg_id,
+            member_index: member as u16,
+            member_count,
+            layout: *layout,
+            block_size,
+            generation,
+        };
+        geo.write(t, 0, &padded_block(&sb.encode(), block_size))
+            .map_err(|e| io_err(member, t, "writing the superblock", e))?;
+    }
+    Ok(generation)
+}
+
+// ---------------------------------------------------------------------------
+// The engine
+// ---------------------------------------------------------------------------
+
+struct Member {
+    path: Mutex<Box<dyn Transport>>,
+    name: String,
+}
+
+struct PortQueue {
+    handle: u32,
+    frames: VecDeque<Vec<u8>>,
+    bytes: usize,
+    ready: Arc<Condvar>,
+}
+
+impl PortQueue {
+    fn has_room(&self, frames: usize, bytes: usize, config: &BlockConfig) -> bool {
+        self.frames.is_empty()
+            || (self.frames.len() + frames <= config.queue_frames as usize
+                && self.bytes + bytes <= config.queue_bytes as usize)
+    }
+}
+
+struct Ports {
+    bound: HashMap<u32, PortQueue>,
+    next_dynamic: u32,
+}
+
+/// Producer state of lane (this host → `d`).
+struct ProdLane {
+    /// Slots published, per member.
+    produced: Vec<u64>,
+    /// Slots the consumer had consumed when last read, per member.
+    consumed: Vec<u64>,
+    /// The member the next slot goes to.
+    turn: usize,
+    /// The lane sequence number of the next slot.
+    seq: u64,
+}
+
+/// Consumer state of lane (`src` → this host); owned by the poller.
+struct ConsLane {
+    src: u16,
+    consumed: Vec<u64>,
+    /// Consumer blocks not yet written since `consumed` moved.
+    dirty: Vec<bool>,
+    turn: usize,
+    expect: u64,
+    stuck_since: Option<Instant>,
+    /// Since when the next slot has failed its checks.
+    bad_since: Option<Instant>,
+}
+
+/// A slot staged for writing.
+struct Staged {
+    member: usize,
+    seq: u64,
+    image: Vec<u8>,
+    frames: u64,
+}
+
+/// One host's engine for a formatted block-mode STG (see the
+/// [module documentation](self)). Create it with [`BlockStg::open`] and
+/// hand out [`BlockMailbox`]es with [`BlockStg::handle`]. Run exactly one
+/// per host index and STG: two would both write this host's index blocks.
+pub struct BlockStg {
+    stg_id: u32,
+    host: u16,
+    layout: BlockLayout,
+    generation: u64,
+    epoch: u64,
+    slot_bytes: usize,
+    geo: Geometry,
+    config: BlockConfig,
+    members: Vec<Member>,
+    ports: Mutex<Ports>,
+    producers: Vec<Option<Mutex<ProdLane>>>,
+    counters: Counters,
+    stop: AtomicBool,
+    stalled: AtomicBool,
+    wake: Mutex<bool>,
+    wake_cv: Condvar,
+    stale: Mutex<Option<(usize, u64)>>,
+    last_recheck: Mutex<Option<Instant>>,
+    poller: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl fmt::Debug for BlockStg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let members: Vec<&str> = self.members.iter().map(|m| m.name.as_str()).collect();
+        f.debug_struct("BlockStg")
+            .field("stg_id", &self.stg_id)
+            .field("host", &self.host)
+            .field("layout", &self.layout)
+            .field("generation", &format_args!("{:#018x}", self.generation))
+            .field("members", &members)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn invalid(text: String) -> MailboxError {
+    MailboxError::Other(CommandError::Io(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        text,
+    )))
+}
+
+impl BlockStg {
+    /// Opens STG `stg_id` as host `host_index` with the default
+    /// [`BlockConfig`]; `paths` holds one path per member, in member order.
+    pub fn open(
+        paths: Vec<Box<dyn Transport>>,
+        host_index: u16,
+        stg_id: u32,
+    ) -> Result<Arc<BlockStg>, BlockError> {
+        BlockStg::open_with(paths, host_index, stg_id, BlockConfig::default())
+    }
+
+    /// Opens STG `stg_id` as host `host_index`: verifies every member's
+    /// superblock (magic, CRC, STG id, member index = position, member
+    /// count, one layout and one generation), resumes this host's lanes,
+    /// and starts the poller thread.
+    pub fn open_with(
+        mut paths: Vec<Box<dyn Transport>>,
+        host_index: u16,
+        stg_id: u32,
+        config: BlockConfig,
+    ) -> Result<Arc<BlockStg>, BlockError> {
+        let stg = stg_id;
+        if paths.is_empty() {
+            return Err(BlockError::NoMembers { stg });
+        }
+        let mut first: Option<Superblock> = None;
+        for (member, p) in paths.iter_mut().enumerate() {
+            let path = p.describe();
+            let io_err = |action, source| BlockError::Io {
+                stg,
+                member,
+                path: path.clone(),
+                action,
+                source,
+            };
+            let t = p.as_mut();
+            let (blocks, bs) = read_capacity(t, config.command_timeout)
+                .map_err(|e| io_err("READ CAPACITY(16)", e))?;
+            if bs < MIN_BLOCK_SIZE {
+                return Err(BlockError::NotFormatted { stg, member, path });
+            }
+            let geo = Geometry::new(bs, &config);
+            let block0 = geo
+                .read(t, 0, 1)
+                .map_err(|e| io_err("reading the superblock", e))?;
+            let sb = match Superblock::decode(&block0) {
+                Ok(sb) => sb,
+                Err(SuperblockError::NotFormatted | SuperblockError::Short(_)) => {
+                    return Err(BlockError::NotFormatted { stg, member, path });
+                }
+                Err(why) => {
+                    return Err(BlockError::CorruptSuperblock {
+                        stg,
+                        member,
+                        path,
+                        why,
+                    })
+                }
+            };
+            if sb.stg_id != stg {
+                return Err(BlockError::WrongStg {
+                    stg,
+                    member,
+                    path,
+                    found: sb.stg_id,
+                });
+            }
+            if usize::from(sb.member_index) != member {
+                return Err(BlockError::MemberOrder {
+                    stg,
+                    position: member,
+                    path,
+                    found: sb.member_index,
+                });
+            }
+            if sb.block_size != bs {
+                return Err(BlockError::BadBlockSize {
+                    stg,
+                    member,
+                    path,
+                    block_size: bs,
+                    reason: format!("differs from the {} it was formatted with", sb.block_size),
+                });
+            }
+            match &first {
+                None => {
+                    check_layout(stg, &sb.layout)?;
+                    check_slot_size(stg, &sb.layout, bs)?;
+                    first = Some(sb);
+                }
+                Some(f) => {
+                    if sb.layout != f.layout {
+                        return Err(BlockError::LayoutMismatch {
+                            stg,
+                            member,
+                            path,
+                            found: sb.layout,
+                            expected: f.layout,
+                        });
+                    }
+                    if sb.generation != f.generation {
+                        return Err(BlockError::GenerationMismatch {
+                            stg,
+                            member,
+                            path,
+                            found: sb.generation,
+                            expected: f.generation,
+                        });
+                    }
+                    if sb.block_size != f.block_size {
+                        return Err(BlockError::BadBlockSize {
+                            stg,
+                            member,
+                            path,
+                            block_size: bs,
+                            reason: format!("differs from member 0's {}", f.block_size),
+                        });
+                    }
+                }
+            }
+            let needed = sb.layout.required_blocks();
+            if blocks < needed {
+                return Err(BlockError::TooSmall {
+                    stg,
+                    member,
+                    path,
+                    needed,
+                    present: blocks,
+                    hosts: sb.layout.hosts,
+                    slots: sb.layout.slots,
+                    slot_blocks: sb.layout.slot_blocks,
+                });
+            }
+        }
+        let sb = first.unwrap_or_else(|| unreachable!("at least one member"));
+        // Every superblock carries member 0's generation, so member 0's
+        // count stands for all.
+        if usize::from(sb.member_count) != paths.len() {
+            return Err(BlockError::MemberCount {
+                stg,
+                member: 0,
+                path: paths[0].describe(),
+                found: sb.member_count,
+                given: paths.len(),
+            });
+        }
+        let layout = sb.layout;
+        if host_index >= layout.hosts {
+            return Err(BlockError::BadHostIndex {
+                stg,
+                host: host_index,
+                hosts: layout.hosts,
+            });
+        }
+        let geo = Geometry::new(sb.block_size, &config);
+        let slot_bytes = check_slot_size(stg, &layout, sb.block_size)?;
+        let generation = sb.generation;
+        let bs = sb.block_size as usize;
+        let m_count = paths.len();
+        let s_count = u64::from(layout.slots);
+
+        // Read the index blocks of every lane touching this host.
+        let mut read_pair = |member: usize, src: u16, dst: u16| {
+            let lba = layout.lane_offset(src, dst).unwrap_or(u64::MAX);
+            let t = paths[member].as_mut();
+            geo.read(t, lba, 2)
+                .map(|b| {
+                    let valid = |bytes: &[u8], kind| {
+                        IndexBlock::decode(bytes)
+                            .ok()
+                            .filter(|i| i.kind == kind && i.generation == generation)
+                    };
+                    (
+                        valid(&b[..bs], IndexKind::Producer),
+                        valid(&b[bs..], IndexKind::Consumer),
+                    )
+                })
+                .map_err(|source| BlockError::Io {
+                    stg,
+                    member,
+                    path: t.describe(),
+                    action: "reading lane index blocks",
+                    source,
+                })
+        };
+        let mut epoch = 0;
+        let mut producers = Vec::with_capacity(layout.hosts as usize);
+        for d in 0..layout.hosts {
+            if d == host_index {
+                producers.push(None);
+                continue;
+            }
+            let mut produced = vec![0; m_count];
+            let mut consumed = vec![0; m_count];
+            for m in 0..m_count {
+                let (p, c) = read_pair(m, host_index, d)?;
+                let cc = c.map(|c| c.count);
+                produced[m] = match (p, cc) {
+                    (Some(p), Some(c)) => p.count.max(c),
+                    (Some(p), None) => p.count,
+                    (None, Some(c)) => c,
+                    (None, None) => 0,
+                };
+                // Without a readable consumer block, assume a full ring and
+                // re-read it before writing.
+                consumed[m] = cc.unwrap_or(produced[m].saturating_sub(s_count));
+                epoch = epoch.max(p.map_or(0, |p| p.epoch));
+            }
+            let total: u64 = produced.iter().sum();
+            producers.push(Some(ProdLane {
+                turn: (total % m_count as u64) as usize,
+                seq: total,
+                produced,
+                consumed,
+            }));
+        }
+        let mut consumers = Vec::new();
+        for s in (0..layout.hosts).filter(|&s| s != host_index) {
+            let mut consumed = vec![0; m_count];
+            for (m, c) in consumed.iter_mut().enumerate() {
+                let (p, cb) = read_pair(m, s, host_index)?;
+                epoch = epoch.max(cb.map_or(0, |c| c.epoch));
+                // Start at the producer's position: frames queued for this
+                // host before it opened belong to connections it no longer has.
+                *c = p.map(|p| p.count).or(cb.map(|c| c.count)).unwrap_or(0);
+            }
+            let total: u64 = consumed.iter().sum();
+            consumers.push(ConsLane {
+                src: s,
+                dirty: vec![true; m_count],
+                turn: (total % m_count as u64) as usize,
+                expect: total,
+                consumed,
+                stuck_since: None,
+                bad_since: None,
+            });
+        }
+        let epoch = epoch + 1;
+
+        let members = paths
+            .into_iter()
+            .map(|p| Member {
+                name: p.describe(),
+                path: Mutex::new(p),
+            })
+            .collect();
+        let stg_arc = Arc::new(BlockStg {
+            stg_id,
+            host: host_index,
+            layout,
+            generation,
+            epoch,
+            slot_bytes,
+            geo,
+            config,
+            members,
+            ports: Mutex::new(Ports {
+                bound: HashMap::new(),
+                next_dynamic: rand::thread_rng().gen_range(0..PORTS_PER_HOST - FIRST_DYNAMIC_LOCAL),
+            }),
+            producers: producers.into_iter().map(|p| p.map(Mutex::new)).collect(),
+            counters: Counters::default(),
+            stop: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
+            wake: Mutex::new(false),
+            wake_cv: Condvar::new(),
+            stale: Mutex::new(None),
+            last_recheck: Mutex::new(None),
+            poller: Mutex::new(None),
+        });
+        // Announce this host's epoch and position on every lane it writes.
+        for d in 0..layout.hosts {
+            let Some(lane) = &stg_arc.producers[usize::from(d)] else {
+                continue;
+            };
+            let lane = lock(lane);
+            for m in 0..m_count {
+                stg_arc
+                    .write_index(m, host_index, d, IndexKind::Producer, lane.produced[m])
+                    .map_err(|source| stg_arc.io_error(m, "writing a producer block", source))?;
+            }
+        }
+        for lane in &mut consumers {
+            stg_arc.write_consumer_blocks(lane);
+        }
+        let weak = Arc::downgrade(&stg_arc);
+        let handle = thread::Builder::new()
+            .name(format!("stp-block-{stg_id}-h{host_index}"))
+            .spawn(move || poller(weak, consumers))
+            .map_err(BlockError::Spawn)?;
+        *lock(&stg_arc.poller) = Some(handle);
+        Ok(stg_arc)
+    }
+
+    fn io_error(&self, member: usize, action: &'static str, source: CommandError) -> BlockError {
+        BlockError::Io {
+            stg: self.stg_id,
+            member,
+            path: self.members[member].name.clone(),
+            action,
+            source,
+        }
+    }
+
+    /// A new mailbox handle onto this STG (cheap: it shares the engine).
+    pub fn handle(self: &Arc<Self>) -> BlockMailbox {
+        BlockMailbox { stg: self.clone() }
+    }
+
+    /// The STG id.
+    pub fn stg_id(&self) -> u32 {
+        self.stg_id
+    }
+
+    /// This host's index.
+    pub fn host(&self) -> u16 {
+        self.host
+    }
+
+    /// The layout read from the superblocks.
+    pub fn layout(&self) -> BlockLayout {
+        self.layout
+    }
+
+    /// The format generation this host opened.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// This host's epoch: one more than the largest epoch found in the
+    /// index blocks it writes.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The members' block size.
+    pub fn block_size(&self) -> u32 {
+        self.geo.block_size
+    }
+
+    /// Member count.
+    pub fn members(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Bytes per slot.
+    pub fn slot_bytes(&self) -> usize {
+        self.slot_bytes
+    }
+
+    /// The largest frame payload block mode carries on this STG:
+    /// slot size − slot header − frame header (and at most 1 MiB). Set the
+    /// connection's `max_payload` no higher.
+    pub fn max_payload(&self) -> u32 {
+        let p = self.slot_bytes - SLOT_HEADER_LEN - HEADER_LEN;
+        u32::try_from(p).unwrap_or(u32::MAX).min(MAX_PAYLOAD)
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> BlockStats {
+        self.counters.snapshot()
+    }
+
+    /// Re-reads every member's superblock and checks it is still the
+    /// format this host opened.
+    pub fn verify(&self) -> Result<(), BlockError> {
+        for m in 0..self.members.len() {
+            let found = self.superblock_generation(m)?;
+            if found != self.generation {
+                self.mark_stale(m, found);
+                return Err(self.reformatted(m, found));
+            }
+        }
+        Ok(())
+    }
+
+    fn reformatted(&self, member: usize, found: u64) -> BlockError {
+        BlockError::Reformatted {
+            stg: self.stg_id,
+            member,
+            found,
+            opened: self.generation,
+        }
+    }
+
+    /// The generation in member `m`'s superblock, 0 when it has none.
+    fn superblock_generation(&self, m: usize) -> Result<u64, BlockError> {
+        let b = self
+            .read(m, 0, 1)
+            .map_err(|e| self.io_error(m, "reading the superblock", e))?;
+        Ok(match Superblock::decode(&b) {
+            Ok(sb) if sb.stg_id == self.stg_id => sb.generation,
+            _ => 0,
+        })
+    }
+
+    fn mark_stale(&self, member: usize, found: u64) {
+        lock(&self.stale).get_or_insert((member, found));
+    }
+
+    /// Called when an index block carries another generation: re-reads the
+    /// superblocks (at most once per [`SUPERBLOCK_RECHECK`]).
+    fn foreign(&self) {
+        bump(&self.counters.foreign_generation, 1);
+        {
+            let mut last = lock(&self.last_recheck);
+            if last.is_some_and(|t| t.elapsed() < SUPERBLOCK_RECHECK) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let _ = self.verify();
+    }
+
+    fn check_stale(&self) -> Result<(), MailboxError> {
+        match *lock(&self.stale) {
+            None => Ok(()),
+            Some((m, found)) => Err(MailboxError::Other(CommandError::Io(io::Error::other(
+                self.reformatted(m, found).to_string(),
+            )))),
+        }
+    }
+
+    fn read(&self, m: usize, lba: u64, blocks: u64) -> Result<Vec<u8>, CommandError> {
+        let mut t = lock(&self.members[m].path);
+        let r = self.geo.read(t.as_mut(), lba, blocks);
+        if r.is_err() {
+            bump(&self.counters.io_errors, 1);
+        }
+        r
+    }
+
+    fn write(&self, m: usize, lba: u64, data: &[u8]) -> Result<(), CommandError> {
+        let mut t = lock(&self.members[m].path);
+        let r = self.geo.write(t.as_mut(), lba, data);
+        if r.is_err() {
+            bump(&self.counters.io_errors, 1);
+        }
+        r
+    }
+
+    fn lane_lba(&self, src: u16, dst: u16) -> u64 {
+        self.layout
+            .lane_offset(src, dst)
+            .unwrap_or_else(|| unreachable!("lane ({src}, {dst}) of a checked layout"))
+    }
+
+    fn slot_lba(&self, src: u16, dst: u16, counter: u64) -> u64 {
+        let slot = (counter % u64::from(self.layout.slots)) as u32;
+        self.layout
+            .slot_offset(src, dst, slot)
+            .unwrap_or_else(|| unreachable!("slot of a checked layout"))
+    }
+
+    fn write_index(
+        &self,
+        m: usize,
+        src: u16,
+        dst: u16,
+        kind: IndexKind,
+        count: u64,
+    ) -> Result<(), CommandError> {
+        let block = IndexBlock {
+            kind,
+            generation: self.generation,
+            count,
+            epoch: self.epoch,
+        }
+        .encode();
+        let lba = self.lane_lba(src, dst) + u64::from(kind == IndexKind::Consumer);
+        self.write(m, lba, &padded_block(&block, self.geo.block_size))
+    }
+
+    fn kick(&self) {
+        *lock(&self.wake) = true;
+        self.wake_cv.notify_all();
+    }
+
+    fn sleep(&self, d: Duration) {
+        let mut kicked = lock(&self.wake);
+        if !*kicked {
+            kicked = self
+                .wake_cv
+                .wait_timeout(kicked, d)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *kicked = false;
+    }
+
+    // ---- ports ----
+
+    /// Binds `port` (`None` or `Some(0)`: a dynamic port of this host).
+    pub fn bind(&self, port: Option<u32>) -> Result<Binding, MailboxError> {
+        self.check_stale()?;
+        let mut ports = lock(&self.ports);
+        let port = match port.filter(|&p| p != 0) {
+            Some(p) => {
+                match port_host(p) {
+                    Some(h) if h == self.host => {}
+                    Some(h) => {
+                        return Err(invalid(format!(
+                            "port {p} belongs to host {h} in block mode (host = port >> 12); \
+                             this is host {}, whose ports are {}–{}",
+                            self.host,
+                            u32::from(self.host) << PORT_HOST_SHIFT | 1,
+                            u32::from(self.host) << PORT_HOST_SHIFT | (PORTS_PER_HOST - 1)
+                        )))
+                    }
+                    None => {
+                        return Err(invalid(format!(
+                            "port {p} is not a block-mode port (host << 12 | local, \
+                             local 1–4095, host 0–15)"
+                        )))
+                    }
+                }
+                if ports.bound.contains_key(&p) {
+                    return Err(MailboxError::PortInUse);
+                }
+                p
+            }
+            None => {
+                let span = PORTS_PER_HOST - FIRST_DYNAMIC_LOCAL;
+                let start = ports.next_dynamic;
+                let base = u32::from(self.host) << PORT_HOST_SHIFT | FIRST_DYNAMIC_LOCAL;
+                let found = (0..span)
+                    .map(|i| base + (start + i) % span)
+                    .find(|p| !ports.bound.contains_key(p))
+                    .ok_or(MailboxError::NoFreePorts)?;
+                ports.next_dynamic = (found - base + 1) % span;
+                found
+            }
+        };
+        let handle = loop {
+            let h: u32 = rand::thread_rng().gen();
+            if h != 0 {
+                break h;
+            }
+        };
+        ports.bound.insert(
+            port,
+            PortQueue {
+                handle,
+                frames: VecDeque::new(),
+                bytes: 0,
+                ready: Arc::new(Condvar::new()),
+            },
+        );
+        Ok(Binding {
+            port,
+            handle,
+            queue_frames: self.config.queue_frames,
+            queue_bytes: self.config.queue_bytes,
+        })
+    }
+
+    /// Releases a binding; its queued frames are dropped and receivers
+    /// waiting on it return [`MailboxError::Released`].
+    pub fn release(&self, binding: &Binding) -> Result<(), MailboxError> {
+        let mut ports = lock(&self.ports);
+        match ports.bound.get(&binding.port) {
+            Some(q) if q.handle == binding.handle => {
+                let q = ports.bound.remove(&binding.port);
+                drop(ports);
+                if let Some(q) = q {
+                    q.ready.notify_all();
+                }
+                self.kick();
+                Ok(())
+            }
+            _ => Err(MailboxError::BadHandle),
+        }
+    }
+
+    /// Whole frames for `binding`, packed at 8-byte aligned offsets, at
+    /// most `max` bytes; waits up to `wait` for the first.
+    pub fn receive(
+        &self,
+        binding: &Binding,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<u8>, MailboxError> {
+        self.check_stale()?;
+        let deadline = Instant::now().checked_add(wait);
+        let mut ports = lock(&self.ports);
+        let ready = match ports.bound.get(&binding.port) {
+            Some(q) if q.handle == binding.handle => q.ready.clone(),
+            _ => return Err(MailboxError::BadHandle),
+        };
+        loop {
+            let q = match ports.bound.get_mut(&binding.port) {
+                Some(q) if q.handle == binding.handle => q,
+                _ => return Err(MailboxError::Released),
+            };
+            if let Some(first) = q.frames.front() {
+                let span = first.len().next_multiple_of(ALIGN);
+                if span > max {
+                    return Err(MailboxError::FrameTooLarge {
+                        needed: span as u32,
+                    });
+                }
+                let mut out = Vec::new();
+                while let Some(f) = q.frames.front() {
+                    let span = f.len().next_multiple_of(ALIGN);
+                    if out.len() + span > max {
+                        break;
+                    }
+                    out.extend_from_slice(f);
+                    out.resize(out.len().next_multiple_of(ALIGN), 0);
+                    q.bytes -= span;
+                    q.frames.pop_front();
+                }
+                drop(ports);
+                if self.stalled.load(Ordering::Acquire) {
+                    self.kick();
+                }
+                return Ok(out);
+            }
+            let now = Instant::now();
+            ports = match deadline {
+                Some(d) if now >= d => return Ok(Vec::new()),
+                Some(d) => {
+                    ready
+                        .wait_timeout(ports, d - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+                None => ready.wait(ports).unwrap_or_else(|e| e.into_inner()),
+            };
+        }
+    }
+
+    /// Queues frames (each `dst_port` on this host) for local ports, all or
+    /// nothing: `Err(port)`, and nothing queued, when a bound port lacks
+    /// room. Frames for unbound ports are dropped and counted.
+    fn deliver(&self, frames: &[&[u8]]) -> Result<(), u32> {
+        let mut ports = lock(&self.ports);
+        let mut need: HashMap<u32, (usize, usize)> = HashMap::new();
+        for f in frames {
+            let dst = be32(f, 12);
+            let e = need.entry(dst).or_default();
+            e.0 += 1;
+            e.1 += f.len().next_multiple_of(ALIGN);
+        }
+        for (&port, &(n, b)) in &need {
+            if let Some(q) = ports.bound.get(&port) {
+                if !q.has_room(n, b, &self.config) {
+                    return Err(port);
+                }
+            }
+        }
+        let mut woken = Vec::new();
+        for f in frames {
+            let dst = be32(f, 12);
+            match ports.bound.get_mut(&dst) {
+                Some(q) => {
+                    q.bytes += f.len().next_multiple_of(ALIGN);
+                    q.frames.push_back(f.to_vec());
+                    bump(&self.counters.frames_received, 1);
+                    if !woken.contains(&dst) {
+                        woken.push(dst);
+                        q.ready.notify_all();
+                    }
+                }
+                None => bump(&self.counters.frames_unbound, 1),
+            }
+        }
+        Ok(())
+    }
+
+    // ---- producing ----
+
+    /// Sends frames packed at 8-byte aligned offsets, all from `binding`'s
+    /// port, splitting them by destination host (`dst_port >> 12`). Checks
+    /// every frame first (structure, source port, destination host,
+    /// payload within [`max_payload`](Self::max_payload)); frames for this
+    /// host's own ports are queued directly. Not atomic across destination
+    /// hosts: a failure may leave earlier frames sent.
+    pub fn send_packed(&self, binding: &Binding, packed: &[u8]) -> Result<(), MailboxError> {
+        self.check_stale()?;
+        match lock(&self.ports).bound.get(&binding.port) {
+            Some(q) if q.handle == binding.handle => {}
+            _ => return Err(MailboxError::BadHandle),
+        }
+        let max_payload = self.max_payload();
+        let mut by_host: Vec<Vec<&[u8]>> = vec![Vec::new(); self.layout.hosts as usize];
+        let mut order: Vec<u16> = Vec::new();
+        for found in Frames::new(packed) {
+            let found = found.map_err(|(offset, _)| MailboxError::MalformedFrame {
+                offset: offset as u32,
+            })?;
+            let h = found.header;
+            if h.src_port != binding.port {
+                return Err(MailboxError::SourcePortMismatch {
+                    offset: found.offset as u32,
+                });
+            }
+            if h.payload_len > max_payload {
+                return Err(invalid(format!(
+                    "the frame at byte {} has a {}-byte payload; block mode on STG {} carries \
+                     at most {max_payload} bytes per frame (slot size {} − {} − {}): \
+                     lower max_payload",
+                    found.offset,
+                    h.payload_len,
+                    self.stg_id,
+                    self.slot_bytes,
+                    SLOT_HEADER_LEN,
+                    HEADER_LEN
+                )));
+            }
+            let host = match port_host(h.dst_port) {
+                Some(d) if d < self.layout.hosts => d,
+                _ => return Err(MailboxError::PortNotBound(h.dst_port)),
+            };
+            if by_host[usize::from(host)].is_empty() {
+                order.push(host);
+            }
+            by_host[usize::from(host)].push(found.bytes(packed));
+        }
+        for d in order {
+            let frames = &by_host[usize::from(d)];
+            let first_port = be32(frames[0], 12);
+            if d == self.host {
+                self.deliver(frames)
+                    .map_err(|port| MailboxError::QueueFull { port })?;
+                bump(&self.counters.frames_local, frames.len() as u64);
+                continue;
+            }
+            let slots = self.build_slots(frames);
+            let lane = self.producers[usize::from(d)]
+                .as_ref()
+                .unwrap_or_else(|| unreachable!("a lane to every other host"));
+            let mut lane = lock(lane);
+            self.produce(&mut lane, d, slots, first_port)?;
+        }
+        Ok(())
+    }
+
+    /// Packs frames into slot images (header room, then frames at aligned
+    /// offsets, no trailing padding), as many per slot as fit.
+    fn build_slots(&self, frames: &[&[u8]]) -> Vec<(Vec<u8>, u64)> {
+        let cap = self.slot_bytes - SLOT_HEADER_LEN;
+        let mut slots = Vec::new();
+        let mut cur = vec![0u8; SLOT_HEADER_LEN];
+        let mut n = 0u64;
+        for f in frames {
+            let used = cur.len() - SLOT_HEADER_LEN;
+            let mut start = used.next_multiple_of(ALIGN);
+            if n > 0 && start + f.len() > cap {
+                slots.push((std::mem::replace(&mut cur, vec![0u8; SLOT_HEADER_LEN]), n));
+                n = 0;
+                start = 0;
+            }
+            cur.resize(SLOT_HEADER_LEN + start, 0);
+            cur.extend_from_slice(f);
+            n += 1;
+        }
+        if n > 0 {
+            slots.push((cur, n));
+        }
+        slots
+    }
+
+    fn produce(
+        &self,
+        lane: &mut ProdLane,
+        d: u16,
+        slots: Vec<(Vec<u8>, u64)>,
+        port: u32,
+    ) -> Result<(), MailboxError> {
+        let s_count = u64::from(self.layout.slots);
+        let mut stage: Vec<Staged> = Vec::new();
+        let mut staged = vec![0u64; self.members.len()];
+        let mut staged_bytes = 0;
+        let deadline = Instant::now() + self.config.ring_full_wait;
+        for (mut image, frames) in slots {
+            let m = lane.turn;
+            let mut backoff = self.config.poll_min;
+            let mut waited = false;
+            loop {
+                let used = lane.produced[m] + staged[m] - lane.consumed[m];
+                if used < s_count {
+                    break;
+                }
+                self.refresh_consumed(lane, d, m);
+                if lane.produced[m] + staged[m] - lane.consumed[m] < s_count {
+                    break;
+                }
+                if !stage.is_empty() {
+                    // The consumer can only make room for slots it can see.
+                    self.commit(lane, d, &mut stage, &mut staged)?;
+                    staged_bytes = 0;
+                    continue;
+                }
+                if !waited {
+                    waited = true;
+                    bump(&self.counters.ring_full_waits, 1);
+                }
+                if Instant::now() >= deadline {
+                    bump(&self.counters.ring_full_errors, 1);
+                    return Err(MailboxError::QueueFull { port });
+                }
+                self.check_stale()?;
+                thread::sleep(backoff);
+                backoff = (backoff * 2).min(self.config.poll_max);
+            }
+            seal_slot(&mut image, self.generation, lane.seq);
+            staged_bytes += image.len();
+            stage.push(Staged {
+                member: m,
+                seq: lane.seq,
+                image,
+                frames,
+            });
+            staged[m] += 1;
+            lane.seq += 1;
+            lane.turn = (m + 1) % self.members.len();
+            if staged_bytes >= STAGE_BYTES {
+                self.commit(lane, d, &mut stage, &mut staged)?;
+                staged_bytes = 0;
+            }
+        }
+        if !stage.is_empty() {
+            self.commit(lane, d, &mut stage, &mut staged)?;
+        }
+        Ok(())
+    }
+
+    /// Reads the consumer block of lane (this host → `d`) on member `m`.
+    fn refresh_consumed(&self, lane: &mut ProdLane, d: u16, m: usize) {
+        let Ok(b) = self.read(m, self.lane_lba(self.host, d) + 1, 1) else {
+            return;
+        };
+        match IndexBlock::decode(&b) {
+            Ok(c) if c.kind == IndexKind::Consumer && c.generation != self.generation => {
+                self.foreign();
+            }
+            Ok(c)
+                if c.kind == IndexKind::Consumer
+                    && c.count <= lane.produced[m]
+                    && lane.produced[m] - c.count <= u64::from(self.layout.slots) =>
+            {
+                // Never move backwards: an older block is no news.
+                lane.consumed[m] = lane.consumed[m].max(c.count);
+            }
+            _ => bump(&self.counters.bad_consumer_blocks, 1),
+        }
+    }
+
+    /// Writes the staged slots (data first, every member), then the
+    /// producer blocks, in the order the members were first used.
+    fn commit(
+        &self,
+        lane: &mut ProdLane,
+        d: u16,
+        stage: &mut Vec<Staged>,
+        staged: &mut [u64],
+    ) -> Result<(), MailboxError> {
+        let result = self.commit_inner(lane, d, stage);
+        staged.fill(0);
+        let done = std::mem::take(stage);
+        match result {
+            Ok(()) => {
+                bump(&self.counters.slots_written, done.len() as u64);
+                bump(
+                    &self.counters.frames_sent,
+                    done.iter().map(|s| s.frames).sum(),
+                );
+                Ok(())
+            }
+            Err((published, e)) => {
+                // The first slot not published is where the next one goes.
+                if let Some(s) = done.iter().find(|s| !published.contains(&s.member)) {
+                    lane.turn = s.member;
+                    lane.seq = s.seq;
+                }
+                Err(MailboxError::Other(e))
+            }
+        }
+    }
+
+    fn commit_inner(
+        &self,
+        lane: &mut ProdLane,
+        d: u16,
+        stage: &[Staged],
+    ) -> Result<(), (Vec<usize>, CommandError)> {
+        let s_count = u64::from(self.layout.slots);
+        let mut order: Vec<usize> = Vec::new();
+        for s in stage {
+            if !order.contains(&s.member) {
+                order.push(s.member);
+            }
+        }
+        for &m in &order {
+            let mine: Vec<&Staged> = stage.iter().filter(|s| s.member == m).collect();
+            let mut i = 0;
+            while i < mine.len() {
+                // A run of ring-contiguous slots: up to the ring's end.
+                let first = lane.produced[m] + i as u64;
+                let room = (s_count - first % s_count) as usize;
+                let run = &mine[i..(i + room).min(mine.len())];
+                let mut buf = Vec::with_capacity(run.len() * self.slot_bytes);
+                for (k, s) in run.iter().enumerate() {
+                    buf.extend_from_slice(&s.image);
+                    if k + 1 < run.len() {
+                        buf.resize((k + 1) * self.slot_bytes, 0);
+                    }
+                }
+                self.write(m, self.slot_lba(self.host, d, first), &buf)
+                    .map_err(|e| (Vec::new(), e))?;
+                i += run.len();
+            }
+        }
+        let mut published = Vec::new();
+        for &m in &order {
+            let n = stage.iter().filter(|s| s.member == m).count() as u64;
+            self.write_index(m, self.host, d, IndexKind::Producer, lane.produced[m] + n)
+                .map_err(|e| (published.clone(), e))?;
+            lane.produced[m] += n;
+            published.push(m);
+        }
+        Ok(())
+    }
+
+    // ---- consuming (poller thread) ----
+
+    fn write_consumer_blocks(&self, lane: &mut ConsLane) {
+        if lock(&self.stale).is_some() {
+            return;
+        }
+        for m in 0..self.members.len() {
+            if lane.dirty[m]
+                && self
+                    .write_index(
+                        m,
+                        lane.src,
+                        self.host,
+                        IndexKind::Consumer,
+                        lane.consumed[m],
+                    )
+                    .is_ok()
+            {
+                lane.dirty[m] = false;
+            }
+        }
+    }
+
+    /// One poll of lane (`lane.src` → this host); true if slots were
+    /// consumed.
+    fn poll_lane(&self, lane: &mut ConsLane) -> bool {
+        let m_count = self.members.len();
+        let s_count = u64::from(self.layout.slots);
+        let lba = self.lane_lba(lane.src, self.host);
+        let mut avail = vec![0u64; m_count];
+        for (m, a) in avail.iter_mut().enumerate() {
+            let Ok(b) = self.read(m, lba, 1) else {
+                continue;
+            };
+            match IndexBlock::decode(&b) {
+                Ok(p) if p.kind == IndexKind::Producer && p.generation != self.generation => {
+                    self.foreign();
+                }
+                Ok(p)
+                    if p.kind == IndexKind::Producer
+                        && p.count >= lane.consumed[m]
+                        && p.count - lane.consumed[m] <= s_count =>
+                {
+                    *a = p.count - lane.consumed[m];
+                }
+                _ => bump(&self.counters.bad_producer_blocks, 1),
+            }
+        }
+        if lock(&self.stale).is_some() {
+            return false;
+        }
+        let total: u64 = avail.iter().sum();
+        if total == 0 {
+            lane.stuck_since = None;
+            return false;
+        }
+        if avail[lane.turn] == 0 {
+            // Another member is ahead: normally the producer is between
+            // publishing one member's index and the next. Wait a little,
+            // then stop waiting for a slot that may never come.
+            let since = *lane.stuck_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < TURN_PATIENCE {
+                return false;
+            }
+            bump(&self.counters.turn_skips, 1);
+            while avail[lane.turn] == 0 {
+                lane.turn = (lane.turn + 1) % m_count;
+            }
+        }
+        lane.stuck_since = None;
+
+        // Plan: slots in round-robin order, as the producer wrote them.
+        let budget = (STAGE_BYTES / self.slot_bytes).max(1);
+        let mut take = vec![0u64; m_count];
+        let mut plan = Vec::new();
+        let mut turn = lane.turn;
+        while plan.len() < budget && take[turn] < avail[turn] {
+            take[turn] += 1;
+            plan.push(turn);
+            turn = (turn + 1) % m_count;
+        }
+        // Read each member's slots (at most two runs: the ring wraps).
+        let mut data: Vec<Vec<u8>> = vec![Vec::new(); m_count];
+        let sb = u64::from(self.layout.slot_blocks);
+        for m in 0..m_count {
+            let mut k = 0;
+            while k < take[m] {
+                let first = lane.consumed[m] + k;
+                let n = (take[m] - k).min(s_count - first % s_count);
+                match self.read(m, self.slot_lba(lane.src, self.host, first), n * sb) {
+                    Ok(b) => data[m].extend_from_slice(&b),
+                    Err(_) => break,
+                }
+                k += n;
+            }
+            // A failed read shortens what can be taken from this member.
+            take[m] = (data[m].len() / self.slot_bytes) as u64;
+        }
+        // Deliver in plan order.
+        let mut used = vec![0usize; m_count];
+        let mut progress = false;
+        for m in plan {
+            if used[m] as u64 >= take[m] {
+                break;
+            }
+            let at = used[m] * self.slot_bytes;
+            let slot = &data[m][at..at + self.slot_bytes];
+            match open_slot(slot, self.generation) {
+                Ok((seq, frames)) => {
+                    lane.bad_since = None;
+                    if seq != lane.expect {
+                        bump(&self.counters.out_of_sequence, 1);
+                    }
+                    let mut list = Vec::new();
+                    for f in Frames::new(frames) {
+                        match f {
+                            Ok(f) if port_host(f.header.dst_port) == Some(self.host) => {
+                                list.push(f.bytes(frames));
+                            }
+                            _ => bump(&self.counters.frames_misrouted, 1),
+                        }
+                    }
+                    if self.deliver(&list).is_err() {
+                        // A port queue is full: hold the lane here.
+                        if !self.stalled.swap(true, Ordering::AcqRel) {
+                            bump(&self.counters.lane_stalls, 1);
+                        }
+                        break;
+                    }
+                    lane.expect = seq.wrapping_add(1);
+                }
+                Err(_) => {
+                    // A real producer publishes an index only after its
+                    // data: hold here, re-reading, in case the index was
+                    // forged ahead of the data; skip the slot only later.
+                    let since = *lane.bad_since.get_or_insert_with(|| {
+                        bump(&self.counters.bad_slots, 1);
+                        Instant::now()
+                    });
+                    if since.elapsed() < self.config.bad_slot_patience {
+                        break;
+                    }
+                    lane.bad_since = None;
+                    lane.expect = lane.expect.wrapping_add(1);
+                }
+            }
+            bump(&self.counters.slots_read, 1);
+            used[m] += 1;
+            lane.consumed[m] += 1;
+            lane.dirty[m] = true;
+            lane.turn = (m + 1) % m_count;
+            progress = true;
+        }
+        if progress {
+            self.write_consumer_blocks(lane);
+        }
+        progress
+    }
+}
+
+fn poller(weak: Weak<BlockStg>, mut lanes: Vec<ConsLane>) {
+    let mut backoff = Duration::ZERO;
+    loop {
+        let Some(stg) = weak.upgrade() else { return };
+        if stg.stop.load(Ordering::Acquire) {
+            return;
+        }
+        bump(&stg.counters.polls, 1);
+        stg.stalled.store(false, Ordering::Release);
+        let mut progress = false;
+        for lane in &mut lanes {
+            progress |= stg.poll_lane(lane);
+            if lane.dirty.iter().any(|&d| d) {
+                stg.write_consumer_blocks(lane);
+            }
+        }
+        backoff = if progress {
+            stg.config.poll_min
+        } else {
+            (backoff * 2).clamp(stg.config.poll_min, stg.config.poll_max)
+        };
+        stg.sleep(backoff);
+    }
+}
+
+impl Drop for BlockStg {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.kick();
+        if let Some(h) = lock(&self.poller).take() {
+            // The poller may hold the last reference itself.
+            if h.thread().id() != thread::current().id() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+/// A handle onto a [`BlockStg`] implementing [`Mailbox`]; clone-cheap
+/// (see [`BlockStg::handle`]).
+#[derive(Clone, Debug)]
+pub struct BlockMailbox {
+    stg: Arc<BlockStg>,
+}
+
+impl BlockMailbox {
+    /// The engine behind this handle.
+    pub fn stg(&self) -> &Arc<BlockStg> {
+        &self.stg
+    }
+}
+
+impl Mailbox for BlockMailbox {
+    fn bind(&mut self, port: Option<u32>) -> Result<Binding, MailboxError> {
+        self.stg.bind(port)
+    }
+    fn release(&mut self, binding: &Binding) -> Result<(), MailboxError> {
+        self.stg.release(binding)
+    }
+    fn send_packed(&mut self, binding: &Binding, packed: &[u8]) -> Result<(), MailboxError> {
+        self.stg.send_packed(binding, packed)
+    }
+    fn receive(
+        &mut self,
+        binding: &Binding,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<u8>, MailboxError> {
+        self.stg.receive(binding, max, wait)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GEN: u64 = 0x0102_0304_0506_0708;
+
+    #[test]
+    fn crc32c_is_castagnoli() {
+        assert_eq!(crc32c::crc32c(b"123456789"), 0xE306_9283);
+    }
+
+    #[test]
+    fn superblock_literal_bytes() {
+        let sb = Superblock {
+            stg_id: 7,
+            member_index: 1,
+            member_count: 2,
+            layout: BlockLayout {
+                hosts: 2,
+                slots: 32,
+                slot_blocks: 64,
+            },
+            block_size: 512,
+            generation: GEN,
+        };
+        let b = sb.encode();
+        assert_eq!(&b[0..8], b"STPBLKv1");
+        assert_eq!(&b[8..12], &[0, 0, 0, 7]);
+        assert_eq!(&b[12..20], &[0, 1, 0, 2, 0, 2, 0, 0]);
+        assert_eq!(&b[20..32], &[0, 0, 2, 0, 0, 0, 0, 32, 0, 0, 0, 64]);
+        assert_eq!(&b[32..40], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(&b[40..44], &[0x68, 0xDB, 0x67, 0xFA]);
+        // Block 0 as read back: the superblock then zeros.
+        let block = padded_block(&b, 512);
+        assert_eq!(Superblock::decode(&block), Ok(sb));
+
+        assert_eq!(
+            Superblock::decode(&[0; 512]),
+            Err(SuperblockError::NotFormatted)
+        );
+        assert_eq!(
+            Superblock::decode(&b[..43]),
+            Err(SuperblockError::Short(43))
+        );
+        let mut torn = block.clone();
+        torn[33] ^= 0x40; // generation changed, CRC not
+        assert!(matches!(
+            Superblock::decode(&torn),
+            Err(SuperblockError::BadCrc {
+                stored: 0x68DB_67FA,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn index_blocks_literal_bytes() {
+        let p = IndexBlock {
+            kind: IndexKind::Producer,
+            generation: GEN,
+            count: 5,
+            epoch: 3,
+        };
+        let b = p.encode();
+        assert_eq!(&b[0..4], b"STPP");
+        assert_eq!(&b[4..12], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(&b[12..20], &[0, 0, 0, 0, 0, 0, 0, 5]);
+        assert_eq!(&b[20..28], &[0, 0, 0, 0, 0, 0, 0, 3]);
+        assert_eq!(&b[28..32], &[0x8F, 0x58, 0x58, 0xBF]);
+        assert_eq!(IndexBlock::decode(&padded_block(&b, 512)), Ok(p));
+
+        let c = IndexBlock {
+            kind: IndexKind::Consumer,
+            generation: GEN,
+            count: 4,
+            epoch: 2,
+        };
+        let b = c.encode();
+        assert_eq!(&b[0..4], b"STPC");
+        assert_eq!(&b[28..32], &[0x13, 0xC4, 0x05, 0x61]);
+        assert_eq!(IndexBlock::decode(&b), Ok(c));
+
+        assert_eq!(IndexBlock::decode(&[0; 32]), Err(IndexError::BadMagic(0)));
+        assert_eq!(IndexBlock::decode(&b[..31]), Err(IndexError::Short(31)));
+        let mut torn = b;
+        torn[19] = 5; // count moved, CRC not
+        assert_eq!(IndexBlock::decode(&torn), Err(IndexError::BadCrc));
+        // Garbage never decodes as valid by accident here.
+        assert!(IndexBlock::decode(&[0xA5; 512]).is_err());
+    }
+
+    #[test]
+    fn slot_literal_bytes() {
+        let mut image = vec![0u8; SLOT_HEADER_LEN];
+        image.extend_from_slice(b"abc");
+        seal_slot(&mut image, GEN, 9);
+        assert_eq!(&image[0..4], &[0, 0, 0, 3]);
+        assert_eq!(&image[4..8], &[0xCC, 0x8C, 0xB2, 0xE7]);
+        assert_eq!(&image[8..16], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(&image[16..24], &[0, 0, 0, 0, 0, 0, 0, 9]);
+        // Read back with the slot's padding (and stale bytes) after it.
+        let mut slot = image.clone();
+        slot.resize(512, 0xEE);
+        assert_eq!(open_slot(&slot, GEN), Ok((9, &b"abc"[..])));
+        assert_eq!(
+            open_slot(&slot, GEN + 1),
+            Err(SlotError::WrongGeneration { found: GEN })
+        );
+        let mut torn = slot.clone();
+        torn[SLOT_HEADER_LEN + 1] = b'X';
+        assert_eq!(open_slot(&torn, GEN), Err(SlotError::BadCrc));
+        let mut long = slot.clone();
+        long[0..4].copy_from_slice(&600u32.to_be_bytes());
+        assert_eq!(
+            open_slot(&long, GEN),
+            Err(SlotError::BadCount {
+                count: 600,
+                capacity: 512 - SLOT_HEADER_LEN
+            })
+        );
+        assert!(matches!(
+            open_slot(&[0; 512], GEN),
+            Err(SlotError::BadCount { count: 0, .. })
+        ));
+        assert_eq!(open_slot(&[0; 10], GEN), Err(SlotError::Short(10)));
+    }
+
+    #[test]
+    fn port_scheme() {
+        // host << 12 | local.
+        assert_eq!(host_port(0, 1), Some(1));
+        assert_eq!(host_port(1, 1005), Some(5101));
+        assert_eq!(host_port(1, FIRST_DYNAMIC_LOCAL), Some(0x1800));
+        assert_eq!(host_port(15, 4095), Some(65535));
+        assert_eq!(host_port(0, 0), None);
+        assert_eq!(host_port(3, 4096), None);
+        assert_eq!(host_port(16, 1), None);
+        assert_eq!(port_host(5101), Some(1));
+        assert_eq!(port_host(1), Some(0));
+        assert_eq!(port_host(4095), Some(0));
+        assert_eq!(port_host(4097), Some(1));
+        assert_eq!(port_host(32768 + 5), Some(8));
+        assert_eq!(port_host(65535), Some(15));
+        // Port 0, a local part of 0, and ports past host 15 are invalid.
+        assert_eq!(port_host(0), None);
+        assert_eq!(port_host(4096), None);
+        assert_eq!(port_host(65536), None);
+        assert_eq!(port_host(u32::MAX), None);
+        for host in 0..MAX_HOSTS {
+            for local in [1, 2047, 2048, 4095] {
+                assert_eq!(port_host(host_port(host, local).unwrap()), Some(host));
+            }
+        }
+    }
+
+    #[test]
+    fn layout_checks() {
+        let ok = BlockLayout {
+            hosts: 2,
+            slots: 32,
+            slot_blocks: 64,
+        };
+        check_layout(1, &ok).unwrap();
+        assert_eq!(check_slot_size(1, &ok, 512).unwrap(), 32768);
+        let tiny = BlockLayout {
+            slot_blocks: 1,
+            ..ok
+        };
+        // One 512-byte block holds a slot header and a frame header.
+        assert_eq!(check_slot_size(1, &tiny, 512).unwrap(), 512);
+        let err = check_layout(1, &BlockLayout { hosts: 17, ..ok }).unwrap_err();
+        assert!(err.to_string().contains("hosts = 17"), "{err}");
+        let err = check_layout(1, &BlockLayout { slots: 0, ..ok }).unwrap_err();
+        assert!(err.to_string().contains("slots = 0"), "{err}");
+    }
+}

@@ -1,0 +1,783 @@
+//! Block mode end to end (docs/PROTOCOL.md §4): two hosts on plain LUNs of
+//! the in-process array (no vendor handler), formatted with
+//! `stp_core::block::format`, moving raw frames and STP streams through the
+//! lanes with READ(16)/WRITE(16) only.
+
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
+use scsi::cdb::RwFlags;
+use scsi::{Cdb, Command, IoBuf, Transport};
+use sim_target::{Array, Host, LunConfig};
+use stp_core::auth::{FrameKey, Handshake, Role};
+use stp_core::block::{
+    format, host_port, BlockConfig, BlockError, BlockStg, IndexBlock, IndexKind, Superblock,
+};
+use stp_core::conn::Config;
+use stp_core::frame::{open, seal};
+use stp_core::mailbox::{Binding, Mailbox};
+use stp_core::stg::BlockLayout;
+use stp_core::stream::{PathSource, StpListener, StpStream};
+use stp_core::vendor::MailboxError;
+use stp_core::wire::{Frames, Header, Kind};
+
+const T: Duration = Duration::from_secs(20);
+const STG: u32 = 7;
+const LUNS: [u64; 2] = [0, 1];
+const LUN_BLOCKS: u64 = 1 << 16;
+
+fn layout() -> BlockLayout {
+    BlockLayout {
+        hosts: 2,
+        slots: 32,
+        slot_blocks: 64,
+    }
+}
+
+/// Two plain 32 MiB LUNs of 512-byte blocks.
+fn array() -> Array {
+    let a = Array::new();
+    for id in LUNS {
+        a.add_lun(id, LunConfig::new(id, LUN_BLOCKS, 512)).unwrap();
+    }
+    a
+}
+
+fn paths(h: &Host, luns: &[u64]) -> Vec<Box<dyn Transport>> {
+    luns.iter()
+        .map(|&l| Box::new(h.open(l).unwrap()) as Box<dyn Transport>)
+        .collect()
+}
+
+fn format_stg(a: &Array, seed: u64) -> u64 {
+    let admin = Host::login(a, "admin");
+    format(
+        &mut paths(&admin, &LUNS),
+        STG,
+        &layout(),
+        &mut StdRng::seed_from_u64(seed),
+    )
+    .unwrap()
+}
+
+fn open_host(a: &Array, index: u16, config: BlockConfig) -> Arc<BlockStg> {
+    let h = Host::login(a, &format!("host{index}"));
+    BlockStg::open_with(paths(&h, &LUNS), index, STG, config).unwrap()
+}
+
+/// A formatted STG opened by host 0 and host 1.
+fn two_hosts(seed: u64) -> (Array, Arc<BlockStg>, Arc<BlockStg>) {
+    let a = array();
+    format_stg(&a, seed);
+    let h0 = open_host(&a, 0, BlockConfig::default());
+    let h1 = open_host(&a, 1, BlockConfig::default());
+    (a, h0, h1)
+}
+
+/// A raw WRITE(16) by another initiator (an intruder, or a torn write).
+fn raw_write(a: &Array, lun: u64, lba: u64, data: &[u8]) {
+    let mut t = Host::login(a, "intruder").open(lun).unwrap();
+    let cdb = Cdb::Write16 {
+        lba,
+        blocks: (data.len() / 512) as u32,
+        flags: RwFlags::default(),
+    };
+    t.execute(Command::data_out(cdb.emit(), IoBuf::from_slice(data)))
+        .into_result()
+        .unwrap();
+}
+
+fn raw_read(a: &Array, lun: u64, lba: u64) -> Vec<u8> {
+    let mut t = Host::login(a, "reader").open(lun).unwrap();
+    let cdb = Cdb::Read16 {
+        lba,
+        blocks: 1,
+        flags: RwFlags::default(),
+    };
+    let (d, _) = t
+        .execute(Command::data_in(cdb.emit(), 512))
+        .into_result()
+        .unwrap();
+    d.to_vec()
+}
+
+fn payload(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+/// A DATA frame, packed (8-byte aligned), sealed with `key` or not.
+fn frame(src: u32, dst: u32, seq: u64, body: &[u8], key: Option<&FrameKey>) -> Vec<u8> {
+    let mut h = Header {
+        kind: Kind::DATA,
+        src_port: src,
+        dst_port: dst,
+        conn_id: 0xC0FFEE,
+        seq,
+        payload_len: body.len() as u32,
+        ..Header::default()
+    };
+    let head = match key {
+        Some(k) => seal(&mut h, &[body], k).unwrap(),
+        None => h.to_bytes(),
+    };
+    let mut v = head.to_vec();
+    v.extend_from_slice(body);
+    v.resize(v.len().next_multiple_of(8), 0);
+    v
+}
+
+/// Receives until `n` frames arrived (or `T` passed): (header, payload).
+fn recv_n(mb: &mut dyn Mailbox, b: &Binding, n: usize) -> Vec<(Header, Vec<u8>)> {
+    let deadline = Instant::now() + T;
+    let mut out = Vec::new();
+    while out.len() < n && Instant::now() < deadline {
+        let buf = mb.receive(b, 4 << 20, Duration::from_millis(100)).unwrap();
+        for f in Frames::new(&buf) {
+            let f = f.unwrap();
+            out.push((f.header, f.payload(&buf).to_vec()));
+        }
+    }
+    out
+}
+
+fn keys(seed: u64) -> (FrameKey, FrameKey) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let c = Handshake::new(&mut rng);
+    let s = Handshake::new(&mut rng);
+    let (co, so) = (c.public(), s.public());
+    (
+        c.finish(&so, Role::Client, None).unwrap(),
+        s.finish(&co, Role::Server, None).unwrap(),
+    )
+}
+
+#[test]
+fn format_then_open_from_both_hosts() {
+    assert!(layout().required_blocks() <= LUN_BLOCKS);
+    assert_eq!(layout().required_blocks(), 4101);
+    let a = array();
+    let generation = format_stg(&a, 1);
+    assert_ne!(generation, 0);
+    // Every member carries its own index and the same generation.
+    for (i, lun) in LUNS.into_iter().enumerate() {
+        let sb = Superblock::decode(&raw_read(&a, lun, 0)).unwrap();
+        assert_eq!(sb.member_index as usize, i);
+        assert_eq!(sb.member_count, 2);
+        assert_eq!(sb.stg_id, STG);
+        assert_eq!(sb.layout, layout());
+        assert_eq!(sb.block_size, 512);
+        assert_eq!(sb.generation, generation);
+        // Lane (1, 0): producer and consumer blocks with zero counts.
+        let lba = layout().lane_offset(1, 0).unwrap();
+        let p = IndexBlock::decode(&raw_read(&a, lun, lba)).unwrap();
+        assert_eq!(
+            (p.kind, p.generation, p.count),
+            (IndexKind::Producer, generation, 0)
+        );
+        let c = IndexBlock::decode(&raw_read(&a, lun, lba + 1)).unwrap();
+        assert_eq!((c.kind, c.count), (IndexKind::Consumer, 0));
+    }
+    let h0 = open_host(&a, 0, BlockConfig::default());
+    let h1 = open_host(&a, 1, BlockConfig::default());
+    for (h, index) in [(&h0, 0), (&h1, 1)] {
+        assert_eq!(h.host(), index);
+        assert_eq!(h.generation(), generation);
+        assert_eq!(h.layout(), layout());
+        assert_eq!(h.members(), 2);
+        assert_eq!(h.block_size(), 512);
+        assert_eq!(h.slot_bytes(), 32 * 1024);
+        assert_eq!(h.max_payload(), 32 * 1024 - 24 - 72);
+        assert_eq!(h.epoch(), 1);
+    }
+    // Opening announced each host's epoch in the blocks it writes.
+    let p = IndexBlock::decode(&raw_read(&a, 0, layout().lane_offset(0, 1).unwrap())).unwrap();
+    assert_eq!(p.epoch, 1);
+
+    // A host index beyond the layout.
+    let h = Host::login(&a, "host2");
+    let err = BlockStg::open(paths(&h, &LUNS), 2, STG).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BlockError::BadHostIndex {
+                host: 2,
+                hosts: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("formatted for 2 hosts"), "{err}");
+    // The wrong STG id.
+    let err = BlockStg::open(paths(&h, &LUNS), 0, 8).unwrap_err();
+    assert!(
+        matches!(err, BlockError::WrongStg { found: 7, .. }),
+        "{err}"
+    );
+    // A member missing.
+    let err = BlockStg::open(paths(&h, &LUNS[..1]), 0, STG).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BlockError::MemberCount {
+                found: 2,
+                given: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn unformatted_or_too_small_luns_are_clear_errors() {
+    let a = array();
+    let h = Host::login(&a, "host0");
+    let err = BlockStg::open(paths(&h, &LUNS), 0, STG).unwrap_err();
+    assert!(
+        matches!(err, BlockError::NotFormatted { member: 0, .. }),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(text.contains("not formatted for block mode"), "{text}");
+    assert!(text.contains("run `stp stg format`"), "{text}");
+    assert!(text.contains("sim:host0/lun0"), "{text}");
+
+    // Too small for the layout: says how many blocks it needs.
+    a.add_lun(5, LunConfig::new(5, 4100, 512)).unwrap();
+    let err = format(
+        &mut paths(&h, &[0, 5]),
+        STG,
+        &layout(),
+        &mut StdRng::seed_from_u64(1),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BlockError::TooSmall {
+                member: 1,
+                needed: 4101,
+                present: 4100,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("needs 4101"), "{err}");
+    // A refused format wrote nothing: member 0 is still unformatted.
+    assert!(matches!(
+        BlockStg::open(paths(&h, &LUNS), 0, STG).unwrap_err(),
+        BlockError::NotFormatted { .. }
+    ));
+}
+
+#[test]
+fn member_order_and_generation_mismatch() {
+    let a = array();
+    let generation = format_stg(&a, 2);
+    let h = Host::login(&a, "host0");
+    // Members listed in another order than formatted.
+    let err = BlockStg::open(paths(&h, &[1, 0]), 0, STG).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BlockError::MemberOrder {
+                position: 0,
+                found: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("same order on every host"),
+        "{err}"
+    );
+
+    // Member 1 from another format (a stale view): generations differ.
+    let mut sb = Superblock::decode(&raw_read(&a, 1, 0)).unwrap();
+    sb.generation = generation ^ 0xFFFF;
+    let mut block = sb.encode().to_vec();
+    block.resize(512, 0);
+    raw_write(&a, 1, 0, &block);
+    let err = BlockStg::open(paths(&h, &LUNS), 0, STG).unwrap_err();
+    assert!(
+        matches!(err, BlockError::GenerationMismatch { member: 1, found, expected, .. }
+            if found == generation ^ 0xFFFF && expected == generation),
+        "{err}"
+    );
+    assert!(err.to_string().contains("run `stp stg format`"), "{err}");
+
+    // A torn superblock.
+    block[20] ^= 1;
+    raw_write(&a, 1, 0, &block);
+    let err = BlockStg::open(paths(&h, &LUNS), 0, STG).unwrap_err();
+    assert!(
+        matches!(err, BlockError::CorruptSuperblock { member: 1, .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn raw_frames_route_by_port_in_order_both_ways() {
+    let (_a, h0, h1) = two_hosts(3);
+    let (key, _) = keys(3);
+    let mut m0 = h0.handle();
+    let mut m1 = h1.handle();
+    // Ports are host-qualified: a host binds only its own.
+    let a1 = m1.bind(Some(host_port(1, 100).unwrap())).unwrap();
+    let b1 = m1.bind(None).unwrap();
+    let c0 = m0.bind(None).unwrap();
+    assert_eq!(a1.port, 4096 + 100);
+    assert_eq!(b1.port >> 12, 1);
+    assert!(b1.port & 4095 >= 2048);
+    assert_eq!(c0.port >> 12, 0);
+    let err = m0.bind(Some(host_port(1, 101).unwrap())).unwrap_err();
+    assert!(err.to_string().contains("belongs to host 1"), "{err}");
+    assert!(matches!(
+        m1.bind(Some(a1.port)),
+        Err(MailboxError::PortInUse)
+    ));
+    // A frame for a host beyond the layout is refused at once.
+    let f = frame(c0.port, host_port(5, 1).unwrap(), 0, b"x", None);
+    assert!(matches!(
+        m0.send_packed(&c0, &f),
+        Err(MailboxError::PortNotBound(p)) if p == host_port(5, 1).unwrap()
+    ));
+
+    // host 0 → host 1: sizes from empty to a full slot, one to five frames
+    // per send, alternating between two ports.
+    let max = h0.max_payload() as usize;
+    let sizes = [0usize, 1, 100, 4000, 9000, max, 20_000, 7];
+    let mut expect_a = Vec::new();
+    let mut expect_b = Vec::new();
+    let mut n = 0u64;
+    for round in 0..40 {
+        let mut packed = Vec::new();
+        for k in 0..(round % 5 + 1) {
+            let len = sizes[(round + k) % sizes.len()];
+            let body = payload(n, len);
+            let (dst, list) = if n % 3 == 0 {
+                (b1.port, &mut expect_b)
+            } else {
+                (a1.port, &mut expect_a)
+            };
+            packed.extend(frame(c0.port, dst, n, &body, None));
+            list.push((n, body));
+            n += 1;
+        }
+        m0.send_packed(&c0, &packed).unwrap();
+    }
+    // A frame for an unbound port of host 1 is dropped and counted.
+    let f = frame(c0.port, host_port(1, 999).unwrap(), 0, b"nobody", None);
+    m0.send_packed(&c0, &f).unwrap();
+    for (b, expect) in [(&a1, &expect_a), (&b1, &expect_b)] {
+        let got = recv_n(&mut m1, b, expect.len());
+        assert_eq!(got.len(), expect.len());
+        for ((h, body), (seq, want)) in got.iter().zip(expect.iter()) {
+            assert_eq!(h.seq, *seq, "frames in order per lane");
+            assert_eq!(h.dst_port, b.port);
+            assert_eq!(h.src_port, c0.port);
+            assert_eq!(body, want, "payload of frame {seq}");
+        }
+    }
+    // host 1 → host 0, sealed frames: they open with the key at the far end.
+    for i in 0..30u64 {
+        let body = payload(1000 + i, (i as usize * 1237) % 30_000);
+        m1.send_packed(&a1, &frame(a1.port, c0.port, i, &body, Some(&key)))
+            .unwrap();
+    }
+    let got = recv_n(&mut m0, &c0, 30);
+    assert_eq!(got.len(), 30);
+    for (i, (h, body)) in got.iter().enumerate() {
+        assert_eq!(h.seq, i as u64);
+        assert_eq!(*body, payload(1000 + i as u64, (i * 1237) % 30_000));
+        let bytes = frame(h.src_port, h.dst_port, h.seq, body, Some(&key));
+        open(&bytes, &key).unwrap();
+    }
+    // Frames for this host's own ports never touch the array.
+    m0.send_packed(&c0, &frame(c0.port, c0.port, 77, b"loop", None))
+        .unwrap();
+    let got = recv_n(&mut m0, &c0, 1);
+    assert_eq!((got[0].0.seq, &got[0].1[..]), (77, &b"loop"[..]));
+
+    let deadline = Instant::now() + T;
+    while h1.stats().frames_unbound == 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+    let s0 = h0.stats();
+    let s1 = h1.stats();
+    assert_eq!(s1.frames_unbound, 1);
+    assert_eq!(s0.frames_sent, n + 1);
+    assert_eq!(s0.frames_local, 1);
+    assert_eq!(s1.frames_received, n);
+    assert_eq!(s0.frames_received, 31);
+    assert_eq!(
+        s1.bad_slots + s1.bad_producer_blocks + s1.out_of_sequence,
+        0
+    );
+    assert!(s0.slots_written >= 40, "{s0:?}");
+
+    // A frame too large for a slot is refused, saying why.
+    let f = frame(c0.port, a1.port, 0, &vec![0; max + 1], None);
+    let err = m0.send_packed(&c0, &f).unwrap_err();
+    assert!(err.to_string().contains("lower max_payload"), "{err}");
+    // Releasing ends a waiting receive.
+    let waiter = {
+        let mut m = h1.handle();
+        thread::spawn(move || m.receive(&b1, 1 << 20, Duration::from_secs(10)))
+    };
+    thread::sleep(Duration::from_millis(50));
+    m1.release(&b1).unwrap();
+    assert!(matches!(
+        waiter.join().unwrap(),
+        Err(MailboxError::Released)
+    ));
+    assert!(matches!(
+        m1.receive(&b1, 1024, Duration::ZERO),
+        Err(MailboxError::BadHandle)
+    ));
+}
+
+/// A deterministic stream: the receiver regenerates and compares.
+fn chunk(seed: u64, offset: u64, len: usize) -> Vec<u8> {
+    payload(seed ^ offset.rotate_left(17), len)
+}
+
+const CHUNK: usize = 100_003;
+
+fn send_stream(s: &mut StpStream, seed: u64, total: u64) {
+    let mut off = 0u64;
+    while off < total {
+        let n = CHUNK.min((total - off) as usize);
+        s.write_all(&chunk(seed, off, n)).unwrap();
+        off += n as u64;
+    }
+    s.flush().unwrap();
+}
+
+fn recv_stream(s: &mut StpStream, seed: u64, total: u64) {
+    let mut got = Vec::new();
+    let mut off = 0u64;
+    let mut buf = vec![0u8; 70_001];
+    while off + (got.len() as u64) < total {
+        let n = s.read(&mut buf).unwrap();
+        assert_ne!(
+            n,
+            0,
+            "stream ended at {} of {total}",
+            off + got.len() as u64
+        );
+        got.extend_from_slice(&buf[..n]);
+        while got.len() >= CHUNK || (off + got.len() as u64 == total && !got.is_empty()) {
+            let take = CHUNK.min(got.len());
+            assert_eq!(got[..take], chunk(seed, off, take)[..], "at offset {off}");
+            got.drain(..take);
+            off += take as u64;
+        }
+    }
+    assert_eq!(off, total, "stream length");
+}
+
+fn source(stg: &Arc<BlockStg>) -> Arc<dyn PathSource> {
+    let stg = stg.clone();
+    Arc::new(move || -> Result<Box<dyn Mailbox>, MailboxError> { Ok(Box::new(stg.handle())) })
+}
+
+#[test]
+fn stream_moves_8_mib_and_1_mib_back() {
+    let (_a, h0, h1) = two_hosts(4);
+    let (kc, ks) = keys(4);
+    let config = Config {
+        max_payload: h0.max_payload(),
+        ..Config::default()
+    };
+    const UP: u64 = 8 << 20;
+    const DOWN: u64 = 1 << 20;
+    let wkp = host_port(1, 1005).unwrap();
+    assert_eq!(wkp, 5101);
+    let mut listener = StpListener::bind(source(&h1), Some(wkp), ks, config.clone()).unwrap();
+    let started = Instant::now();
+    let server = thread::spawn(move || {
+        let mut s = listener.accept(T).unwrap();
+        assert_eq!(s.local_port() >> 12, 1);
+        recv_stream(&mut s, 41, UP);
+        send_stream(&mut s, 42, DOWN);
+        s.shutdown(T).unwrap();
+    });
+    let mut c = StpStream::connect(source(&h0), wkp, kc, config, T).unwrap();
+    assert_eq!(c.local_port() >> 12, 0);
+    send_stream(&mut c, 41, UP);
+    recv_stream(&mut c, 42, DOWN);
+    c.shutdown(T).unwrap();
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    server.join().unwrap();
+    let elapsed = started.elapsed();
+    let (s0, s1) = (h0.stats(), h1.stats());
+    eprintln!("9 MiB in {elapsed:?}; host 0 {s0:?}; host 1 {s1:?}");
+    assert!(s0.slots_written > 200 && s1.slots_read >= s0.slots_written - 4);
+    assert_eq!(s0.bad_slots + s1.bad_slots, 0);
+    assert_eq!(s0.bad_producer_blocks + s1.bad_producer_blocks, 0);
+}
+
+#[test]
+fn corrupt_index_and_slot_are_ignored_and_counted() {
+    let a = array();
+    format_stg(&a, 5);
+    let h0 = open_host(&a, 0, BlockConfig::default());
+    let h1 = open_host(
+        &a,
+        1,
+        BlockConfig {
+            bad_slot_patience: T,
+            ..BlockConfig::default()
+        },
+    );
+    let mut m0 = h0.handle();
+    let mut m1 = h1.handle();
+    let p1 = m1.bind(Some(host_port(1, 9).unwrap())).unwrap();
+    let p0 = m0.bind(None).unwrap();
+    let lane = layout().lane_offset(0, 1).unwrap();
+    let forge = |lun, count| {
+        let mut block = IndexBlock {
+            kind: IndexKind::Producer,
+            generation: h1.generation(),
+            count,
+            epoch: 9,
+        }
+        .encode()
+        .to_vec();
+        block.resize(512, 0);
+        raw_write(&a, lun, lane, &block);
+    };
+
+    // Garbage in the producer block of lane (0, 1) on member 0, and on
+    // member 1 a well-formed block of this generation claiming more slots
+    // than the ring holds: neither is trusted.
+    raw_write(&a, 0, lane, &payload(99, 512));
+    forge(1, 1000);
+    let deadline = Instant::now() + T;
+    while h1.stats().bad_producer_blocks < 4 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(2));
+    }
+    let s = h1.stats();
+    assert!(s.bad_producer_blocks >= 4, "{s:?}");
+    assert_eq!(
+        s.slots_read, 0,
+        "nothing read on the strength of a bad index"
+    );
+
+    // A forged index pointing at a slot that fails its CRC: the slot is
+    // counted once and never delivered; the lane waits at it.
+    forge(0, 1);
+    raw_write(
+        &a,
+        0,
+        layout().slot_offset(0, 1, 0).unwrap(),
+        &payload(7, 1024),
+    );
+    while h1.stats().bad_slots == 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(2));
+    }
+    thread::sleep(Duration::from_millis(20));
+    let s = h1.stats();
+    assert_eq!(
+        (s.bad_slots, s.slots_read, s.frames_received),
+        (1, 0, 0),
+        "{s:?}"
+    );
+    assert!(m1
+        .receive(&p1, 1 << 20, Duration::from_millis(10))
+        .unwrap()
+        .is_empty());
+
+    // The real producer rewrites the slot and its blocks as it sends:
+    // every frame arrives, in order.
+    for i in 0..10u64 {
+        m0.send_packed(&p0, &frame(p0.port, p1.port, i, &payload(i, 3000), None))
+            .unwrap();
+    }
+    let got = recv_n(&mut m1, &p1, 10);
+    assert_eq!(got.len(), 10);
+    for (i, (h, body)) in got.iter().enumerate() {
+        assert_eq!(h.seq, i as u64);
+        assert_eq!(*body, payload(i as u64, 3000));
+    }
+    // (The poller counts a slot read just after queueing its frames.)
+    while h1.stats().slots_read < 10 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(1));
+    }
+    let s = h1.stats();
+    assert_eq!(
+        (s.bad_slots, s.slots_read, s.frames_received),
+        (1, 10, 10),
+        "{s:?}"
+    );
+}
+
+#[test]
+fn bad_slot_is_skipped_after_patience() {
+    let a = array();
+    format_stg(&a, 8);
+    let h1 = open_host(
+        &a,
+        1,
+        BlockConfig {
+            bad_slot_patience: Duration::from_millis(50),
+            ..BlockConfig::default()
+        },
+    );
+    let lane = layout().lane_offset(0, 1).unwrap();
+    let mut block = IndexBlock {
+        kind: IndexKind::Producer,
+        generation: h1.generation(),
+        count: 1,
+        epoch: 1,
+    }
+    .encode()
+    .to_vec();
+    block.resize(512, 0);
+    // A slot from another generation (a stale format) behind the index.
+    let mut slot = vec![0u8; 24];
+    slot.extend_from_slice(b"stale frames");
+    stp_core::block::seal_slot(&mut slot, h1.generation() ^ 1, 0);
+    slot.resize(512, 0);
+    raw_write(&a, 0, layout().slot_offset(0, 1, 0).unwrap(), &slot);
+    raw_write(&a, 0, lane, &block);
+    let deadline = Instant::now() + T;
+    while h1.stats().slots_read == 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+    let s = h1.stats();
+    assert_eq!(
+        (s.bad_slots, s.slots_read, s.frames_received),
+        (1, 1, 0),
+        "{s:?}"
+    );
+    // Its consumer block moved past it.
+    let c = IndexBlock::decode(&raw_read(&a, 0, lane + 1)).unwrap();
+    assert_eq!((c.kind, c.count), (IndexKind::Consumer, 1));
+}
+
+#[test]
+fn reformat_is_detected_by_a_running_host() {
+    let (a, h0, h1) = two_hosts(6);
+    let mut m0 = h0.handle();
+    let p0 = m0.bind(Some(host_port(0, 5).unwrap())).unwrap();
+    let old = h0.generation();
+    drop(h1);
+    // Formatted again while host 0 keeps running on the old generation.
+    let new = format_stg(&a, 66);
+    assert_ne!(new, old);
+    let h1 = open_host(&a, 1, BlockConfig::default());
+    let mut m1 = h1.handle();
+    let p1 = m1.bind(None).unwrap();
+    m1.send_packed(&p1, &frame(p1.port, p0.port, 0, b"new", None))
+        .unwrap();
+    let deadline = Instant::now() + T;
+    while h0.stats().foreign_generation == 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(2));
+    }
+    assert!(h0.stats().foreign_generation > 0);
+    let err = h0.verify().unwrap_err();
+    assert!(
+        matches!(err, BlockError::Reformatted { found, opened, .. } if found == new && opened == old),
+        "{err}"
+    );
+    assert!(err.to_string().contains("reopen"), "{err}");
+    // The stale host delivers nothing and refuses to write.
+    let err = m0.receive(&p0, 1 << 20, Duration::ZERO).unwrap_err();
+    assert!(err.to_string().contains("reformatted"), "{err}");
+    let err = m0
+        .send_packed(&p0, &frame(p0.port, p1.port, 0, b"old", None))
+        .unwrap_err();
+    assert!(err.to_string().contains("reformatted"), "{err}");
+    assert_eq!(h0.stats().frames_received, 0);
+    // A host that opens now sees the new format.
+    let h0 = open_host(&a, 0, BlockConfig::default());
+    assert_eq!(h0.generation(), new);
+}
+
+#[test]
+fn full_ring_back_pressures_and_data_arrives_later() {
+    let a = array();
+    format_stg(&a, 7);
+    let h0 = open_host(
+        &a,
+        0,
+        BlockConfig {
+            ring_full_wait: Duration::from_millis(100),
+            ..BlockConfig::default()
+        },
+    );
+    let h1 = open_host(
+        &a,
+        1,
+        BlockConfig {
+            queue_frames: 4,
+            queue_bytes: 64 * 1024,
+            ..BlockConfig::default()
+        },
+    );
+    let mut m1 = h1.handle();
+    let p1 = m1.bind(None).unwrap();
+    let p0 = h0.handle().bind(None).unwrap();
+    // More frames than two rings (2 × 32 slots) and the queue hold: one
+    // 16 KiB frame per send, so each send is one slot.
+    const N: u64 = 100;
+    let full = Arc::new(AtomicU64::new(0));
+    let sender = {
+        let mut m0 = h0.handle();
+        let full = full.clone();
+        thread::spawn(move || {
+            for i in 0..N {
+                let f = frame(p0.port, p1.port, i, &payload(i, 16_000), None);
+                loop {
+                    match m0.send_packed(&p0, &f) {
+                        Ok(()) => break,
+                        Err(MailboxError::QueueFull { port }) => {
+                            assert_eq!(port, p1.port);
+                            full.fetch_add(1, Ordering::Relaxed);
+                            thread::sleep(Duration::from_millis(10));
+                        }
+                        Err(e) => panic!("send {i}: {e}"),
+                    }
+                }
+            }
+        })
+    };
+    // The receiver does not read for a while: the lane stalls, the ring
+    // fills, the sender is told to back off.
+    let deadline = Instant::now() + T;
+    while full.load(Ordering::Relaxed) < 2 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert!(full.load(Ordering::Relaxed) >= 2);
+    let s0 = h0.stats();
+    let s1 = h1.stats();
+    assert!(
+        s0.ring_full_waits >= 1 && s0.ring_full_errors >= 2,
+        "{s0:?}"
+    );
+    assert!(s1.lane_stalls >= 1, "{s1:?}");
+    assert!(s0.slots_written <= 64 + 4 + 1, "{s0:?}");
+    // Now read: everything arrives, exact and in order.
+    let got = recv_n(&mut m1, &p1, N as usize);
+    sender.join().unwrap();
+    assert_eq!(got.len(), N as usize);
+    for (i, (h, body)) in got.iter().enumerate() {
+        assert_eq!(h.seq, i as u64);
+        assert_eq!(*body, payload(i as u64, 16_000), "frame {i}");
+    }
+    assert_eq!(h1.stats().frames_unbound, 0);
+}
