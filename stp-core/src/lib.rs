@@ -18,14 +18,18 @@
 //! * [`stream`] — blocking `StpListener` / `StpStream` (Read + Write) over
 //!   the vendor mailbox.
 //! * [`block`] — block mode: STP over plain READ(16)/WRITE(16) on shared LUNs.
+//! * [`sockets`] — one socket API over TCP and STP, routed by descriptor value.
+//! * [`flows`] — the seed's file-system and database connection flows.
 
 pub use scsi;
 
 pub mod auth;
 pub mod block;
 pub mod conn;
+pub mod flows;
 pub mod frame;
 pub mod mailbox;
+pub mod sockets;
 pub mod stg;
 pub mod stream;
 pub mod vendor;

@@ -391,14 +391,25 @@ impl Write for StpStream {
 
 impl Drop for StpStream {
     fn drop(&mut self) {
-        {
+        let handshaking = {
             let mut inner = self.shared.lock();
-            if !inner.conn.is_closed() {
+            let handshaking = matches!(inner.conn.state(), State::SynSent | State::SynReceived);
+            if handshaking {
+                // Nobody to say goodbye to: abort rather than wait for a
+                // close the peer can never acknowledge.
+                inner
+                    .conn
+                    .abort(crate::conn::reset_reason::ABORT, "connection abandoned");
+                self.shared.flush(inner);
+            } else if !inner.conn.is_closed() {
                 inner.conn.close();
                 self.shared.flush(inner);
             }
+            handshaking
+        };
+        if !handshaking {
+            let _ = self.wait_for(Duration::from_secs(2), Connection::is_closed);
         }
-        let _ = self.wait_for(Duration::from_secs(2), Connection::is_closed);
         self.shared.lock().stop = true;
         if let Some(p) = self.pump.take() {
             let _ = p.join();

@@ -732,7 +732,10 @@ mod tests {
         ));
         let ua = Sense::new(SenseKey::UNIT_ATTENTION, Asc::POWER_ON_OCCURRED);
         let e = classify(CommandError::CheckCondition(ua));
-        assert!(e.binding_lost());
+        // A power-on UA says bindings *may* be gone: retry, do not give up.
+        assert!(!e.binding_lost());
+        assert!(matches!(&e, MailboxError::Other(c) if c.is_retryable()));
+        assert!(MailboxError::BadHandle.binding_lost());
         assert!(MailboxError::Released.binding_lost());
         assert!(!MailboxError::Released.is_retryable());
         assert!(!MailboxError::PortNotBound(1).binding_lost());
