@@ -269,11 +269,20 @@ impl StpStream {
             nonce(),
         );
         let stream = StpStream::start(source.as_ref(), conn, binding, key, tx, buffer)?;
-        stream.wait_for(timeout, |c| c.state() != State::SynSent)?;
+        stream.wait_for(
+            "STP connection not established (is anyone listening on the port, with the same key?)",
+            timeout,
+            |c| c.state() != State::SynSent,
+        )?;
         Ok(stream)
     }
 
-    fn wait_for(&self, timeout: Duration, done: impl Fn(&Connection) -> bool) -> io::Result<()> {
+    fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&Connection) -> bool,
+    ) -> io::Result<()> {
         let deadline = Instant::now() + timeout;
         let mut inner = self.shared.lock();
         loop {
@@ -287,7 +296,7 @@ impl StpStream {
             if now >= deadline {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("STP connection not established within {timeout:?}"),
+                    format!("{what} within {timeout:?}"),
                 ));
             }
             inner = self
@@ -322,7 +331,7 @@ impl StpStream {
             inner.conn.close();
             self.shared.flush(inner);
         }
-        self.wait_for(timeout, |c| {
+        self.wait_for("STP connection did not finish closing", timeout, |c| {
             matches!(c.state(), State::Closed | State::Linger | State::CloseWait) || c.is_closed()
         })
     }
@@ -385,7 +394,11 @@ impl Write for StpStream {
         // Wait until everything written is acknowledged (the send buffer
         // is empty again).
         let cap = self.shared.send_buffer_bytes;
-        self.wait_for(Duration::from_secs(300), |c| c.send_buffer_free() >= cap)
+        self.wait_for(
+            "the peer did not acknowledge the written data",
+            Duration::from_secs(300),
+            |c| c.send_buffer_free() >= cap,
+        )
     }
 }
 
@@ -408,7 +421,7 @@ impl Drop for StpStream {
             handshaking
         };
         if !handshaking {
-            let _ = self.wait_for(Duration::from_secs(2), Connection::is_closed);
+            let _ = self.wait_for("close", Duration::from_secs(2), Connection::is_closed);
         }
         self.shared.lock().stop = true;
         if let Some(p) = self.pump.take() {

@@ -197,3 +197,101 @@ fn wrong_key_never_connects() {
     assert!(listener.accept(Duration::from_secs(3)).is_err());
     assert!(client.join().unwrap().is_err());
 }
+
+/// SEND commands captured by a [`Tap`]: CDB and data-out bytes.
+type SendLog = Arc<std::sync::Mutex<Vec<(scsi::CdbBuf, Vec<u8>)>>>;
+
+/// Records the SEND commands a path carries: a stand-in for an attacker who
+/// has learned the client's binding handle and captured its frames.
+struct Tap {
+    inner: sim_target::InProcTransport,
+    log: SendLog,
+}
+
+impl Transport for Tap {
+    fn submit(&mut self, cmd: scsi::Command) -> Result<(), scsi::SubmitError> {
+        if cmd.cdb.opcode() == stp_core::vendor::SEND {
+            self.log.lock().unwrap().push((cmd.cdb, cmd.data.to_vec()));
+        }
+        self.inner.submit(cmd)
+    }
+    fn reap(
+        &mut self,
+        out: &mut Vec<scsi::Completion>,
+        wait: Option<Duration>,
+    ) -> std::io::Result<usize> {
+        self.inner.reap(out, wait)
+    }
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight()
+    }
+    fn queue_depth(&self) -> usize {
+        self.inner.queue_depth()
+    }
+    fn describe(&self) -> String {
+        format!("tap on {}", self.inner.describe())
+    }
+}
+
+#[test]
+fn replayed_frames_from_a_third_initiator_change_nothing() {
+    let a = array(&[(7, vec![0, 1])]);
+    let (kc, ks) = keys(41);
+    let log: SendLog = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let client_src: Arc<dyn PathSource> = {
+        let h = Host::login(&a, "client");
+        let log = log.clone();
+        Arc::new(move || -> Result<Box<dyn Mailbox>, MailboxError> {
+            let paths = [0u64, 1]
+                .iter()
+                .map(|&l| {
+                    Box::new(Tap {
+                        inner: h.open(l).expect("member LUN"),
+                        log: log.clone(),
+                    }) as Box<dyn Transport>
+                })
+                .collect();
+            Ok(Box::new(VendorMailbox::new(paths)?))
+        })
+    };
+    let mut listener =
+        StpListener::bind(source(&a, "server", vec![0, 1]), Some(5101), ks, config()).unwrap();
+    // Halves on the receiver's comparison boundaries.
+    let total = 40 * CHUNK as u64;
+    let server = thread::spawn(move || {
+        let mut s = listener.accept(T).unwrap();
+        recv_stream(&mut s, 41, total);
+        s.stats()
+    });
+    let mut c = StpStream::connect(client_src, 5101, kc, config(), T).unwrap();
+    let half = total / 2;
+    let mut off = 0u64;
+    while off < half {
+        let n = CHUNK.min((half - off) as usize);
+        c.write_all(&chunk(41, off, n)).unwrap();
+        off += n as u64;
+    }
+    c.flush().unwrap();
+
+    // A third initiator replays every captured SEND: handshake and data.
+    let captured = log.lock().unwrap().clone();
+    assert!(captured.len() > 10, "captured {} SENDs", captured.len());
+    let mut intruder = Host::login(&a, "intruder").open(0).unwrap();
+    for (cdb, data) in &captured {
+        let cmd = scsi::Command::data_out(*cdb, scsi::IoBuf::from_slice(data));
+        // The array accepts them: the handle and source port are genuine.
+        intruder.execute(cmd).into_result().unwrap();
+    }
+
+    while off < total {
+        let n = CHUNK.min((total - off) as usize);
+        c.write_all(&chunk(41, off, n)).unwrap();
+        off += n as u64;
+    }
+    c.shutdown(T).unwrap();
+    let stats = server.join().unwrap();
+    assert!(
+        stats.duplicates_received > 0,
+        "the replay reached the server: {stats:?}"
+    );
+}
