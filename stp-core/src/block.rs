@@ -54,7 +54,7 @@ use scsi::cdb::RwFlags;
 use scsi::{Cdb, CdbBuf, Command, CommandError, IoBuf, Transport};
 
 use crate::mailbox::{Binding, Mailbox};
-use crate::stg::{BlockLayout, MAX_HOSTS, MIN_HOSTS};
+use crate::stg::{BlockLayout, MAX_HOSTS};
 use crate::vendor::MailboxError;
 use crate::wire::{Frames, ALIGN, HEADER_LEN, MAX_PAYLOAD};
 
@@ -869,29 +869,15 @@ fn read_capacity(t: &mut dyn Transport, timeout: Duration) -> Result<(u64, u32),
 }
 
 fn check_layout(stg: u32, layout: &BlockLayout) -> Result<(), BlockError> {
-    let bad = |field, value: u64, reason| BlockError::BadLayout {
-        stg,
-        field,
-        value,
-        reason,
-    };
-    if !(MIN_HOSTS..=MAX_HOSTS).contains(&layout.hosts) {
-        return Err(bad("hosts", layout.hosts.into(), "must be 2–16"));
+    match layout.problem() {
+        Some((field, value, reason)) => Err(BlockError::BadLayout {
+            stg,
+            field,
+            value,
+            reason,
+        }),
+        None => Ok(()),
     }
-    if layout.slots == 0 {
-        return Err(bad("slots", 0, "must be at least 1"));
-    }
-    if layout.slot_blocks == 0 {
-        return Err(bad("slot_blocks", 0, "must be at least 1"));
-    }
-    if layout.required_blocks() == u64::MAX {
-        return Err(bad(
-            "slot_blocks",
-            layout.slot_blocks.into(),
-            "makes the layout larger than 2^64 blocks",
-        ));
-    }
-    Ok(())
 }
 
 fn check_slot_size(stg: u32, layout: &BlockLayout, block_size: u32) -> Result<usize, BlockError> {

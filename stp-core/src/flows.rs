@@ -544,6 +544,39 @@ impl<'a> Flow<'a> {
     }
 
     /// STP socket on `stg`, keyed, connected to `port`.
+    /// The server's half of the STG exchange on `conn` (Fig. 4A steps
+    /// 138–146, Fig. 5 steps 236–244): offer the STG id, length and this
+    /// side's key share, read the client's STP port and key share, derive the
+    /// frame key (the server opens the STP connection, so it is the key
+    /// derivation's client), and connect over STP.
+    #[allow(clippy::too_many_arguments)]
+    fn offer_stg_and_connect(
+        &mut self,
+        conn: Fd,
+        stg: u32,
+        stg_len: u32,
+        psk: Option<&[u8]>,
+        steps: [&'static str; 4],
+        doing: [&'static str; 2],
+    ) -> Result<Fd, FlowError> {
+        let [offer_step, read_step, connect_step, established_step] = steps;
+        let hs = Handshake::new(&mut OsRng);
+        self.write(
+            offer_step,
+            conn,
+            &stg_message(stg, stg_len, &hs.public()),
+            doing[0],
+        )?;
+        let (port, client_offer) = self.read_port_message(read_step, conn, doing[1])?;
+        let key = hs
+            .finish(&client_offer, Role::Client, psk)
+            .map_err(|source| FlowError::Auth {
+                step: read_step,
+                source,
+            })?;
+        self.stp_connect([connect_step, established_step], stg, key, port)
+    }
+
     fn stp_connect(
         &mut self,
         steps: [&'static str; 2],
@@ -653,27 +686,17 @@ pub fn fs_server_connect(
         SocketAddr::new(client_addr, wkp1),
         "connecting to the client's WKP+1",
     )?;
-    let hs = Handshake::new(&mut OsRng);
-    f.write(
-        "138",
+    let data = f.offer_stg_and_connect(
         info,
-        &stg_message(stg, stg_len, &hs.public()),
-        "sending the STG id, length and key offer on WKP+1",
+        stg,
+        stg_len,
+        psk,
+        ["138", "140", "142", "146"],
+        [
+            "sending the STG id, length and key offer on WKP+1",
+            "waiting for the client's STP port and key offer on WKP+1",
+        ],
     )?;
-    let (port, client_offer) = f.read_port_message(
-        "140",
-        info,
-        "waiting for the client's STP port and key offer on WKP+1",
-    )?;
-    let key = hs
-        .finish(&client_offer, Role::Client, psk)
-        .map_err(|source| FlowError::Auth {
-            step: "140",
-            source,
-        })?;
-
-    // The STP data connection (steps 142-146).
-    let data = f.stp_connect(["142", "146"], stg, key, port)?;
     f.close(info);
     Ok(FsSession {
         control: f.keep(control),
@@ -954,27 +977,17 @@ pub fn db_server_accept(
         SocketAddr::new(client_ip, port),
         "connecting to the client's dynamic TCP port",
     )?;
-    let hs = Handshake::new(&mut OsRng);
-    f.write(
-        "236",
+    let data = f.offer_stg_and_connect(
         back,
-        &stg_message(stg, stg_len, &hs.public()),
-        "sending the STG id, length and key offer on the dynamic connection",
+        stg,
+        stg_len,
+        psk,
+        ["236", "238", "240", "244"],
+        [
+            "sending the STG id, length and key offer on the dynamic connection",
+            "waiting for the client's STP port and key offer on the dynamic connection",
+        ],
     )?;
-    let (stp_port, client_offer) = f.read_port_message(
-        "238",
-        back,
-        "waiting for the client's STP port and key offer on the dynamic connection",
-    )?;
-    let key = hs
-        .finish(&client_offer, Role::Client, psk)
-        .map_err(|source| FlowError::Auth {
-            step: "238",
-            source,
-        })?;
-
-    // Steps 240-246.
-    let data = f.stp_connect(["240", "244"], stg, key, stp_port)?;
     f.close(back);
     f.close(c);
     Ok(DbSession {

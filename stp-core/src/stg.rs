@@ -230,32 +230,39 @@ impl BlockLayout {
         self.lane_offset(src, dst)?.checked_add(within)
     }
 
-    /// Checks the ranges of the fields and that the layout's size fits in
-    /// 64 bits.
-    fn validate(&self, stg: u32) -> Result<(), ConfigError> {
-        let bad = |field, value: u64, reason| ConfigError::BadBlockLayout {
-            stg,
-            field,
-            value,
-            reason,
-        };
+    /// The first out-of-range field, as (field, value, what is allowed):
+    /// hosts 2–16, at least one slot of at least one block, and a layout
+    /// whose size fits in 64 bits. `None` when the layout is sound.
+    pub fn problem(&self) -> Option<(&'static str, u64, &'static str)> {
         if !(MIN_HOSTS..=MAX_HOSTS).contains(&self.hosts) {
-            return Err(bad("hosts", self.hosts.into(), "must be 2–16"));
+            return Some(("hosts", self.hosts.into(), "must be 2–16"));
         }
         if self.slots == 0 {
-            return Err(bad("slots", 0, "must be at least 1"));
+            return Some(("slots", 0, "must be at least 1"));
         }
         if self.slot_blocks == 0 {
-            return Err(bad("slot_blocks", 0, "must be at least 1"));
+            return Some(("slot_blocks", 0, "must be at least 1"));
         }
         if self.checked_required_blocks().is_none() {
-            return Err(bad(
+            return Some((
                 "slot_blocks",
                 self.slot_blocks.into(),
                 "makes the layout larger than 2^64 blocks; reduce slots or slot_blocks",
             ));
         }
-        Ok(())
+        None
+    }
+
+    fn validate(&self, stg: u32) -> Result<(), ConfigError> {
+        match self.problem() {
+            Some((field, value, reason)) => Err(ConfigError::BadBlockLayout {
+                stg,
+                field,
+                value,
+                reason,
+            }),
+            None => Ok(()),
+        }
     }
 }
 
