@@ -27,3 +27,8 @@ ci: fmt-check clippy test
 # The embedded simulated array, probed through the full SCSI stack.
 probe-sim:
     cargo run --locked -q -p stp-tools -- probe --sim
+
+# The real-LIO suite in the test VM, one boot (installs the VM's packages
+# and fetches the guest kernel on first use; needs root for that).
+vm-test *FILTER:
+    scripts/vm-test -- {{FILTER}}

@@ -348,6 +348,16 @@ impl Array {
                 return Err(invalid_field_without_pointer());
             }
         }
+        // LIO's sbc_check_dpofua, before the range checks.
+        if let Cdb::Read10 { flags, .. }
+        | Cdb::Read16 { flags, .. }
+        | Cdb::Write10 { flags, .. }
+        | Cdb::Write16 { flags, .. } = *cdb
+        {
+            if (flags.dpo || flags.fua) && !lun.config.dpofua {
+                return Err(invalid_field_without_pointer());
+            }
+        }
         match *cdb {
             Cdb::Read10 { lba, blocks, .. } => Self::check_transfer(lun, lba.into(), blocks.into()),
             Cdb::Read16 { lba, blocks, .. } => Self::check_transfer(lun, lba, blocks.into()),
@@ -761,15 +771,17 @@ impl Array {
                 desc[4] = 0; // reserved (the block length fits in 3 bytes)
             }
         }
+        // Device-specific parameter: DPOFUA (bit 4) when the LUN has it.
+        let device_specific = if lun.config.dpofua { 0x10 } else { 0 };
         let mut data = Vec::new();
         if req.ten {
             let total = 8 + desc.len() + pages.len();
             data.extend_from_slice(&((total - 2) as u16).to_be_bytes());
-            data.extend_from_slice(&[0, 0, u8::from(req.llbaa && !req.dbd), 0]);
+            data.extend_from_slice(&[0, device_specific, u8::from(req.llbaa && !req.dbd), 0]);
             data.extend_from_slice(&(desc.len() as u16).to_be_bytes());
         } else {
             let total = 4 + desc.len() + pages.len();
-            data.extend_from_slice(&[(total - 1) as u8, 0, 0, desc.len() as u8]);
+            data.extend_from_slice(&[(total - 1) as u8, 0, device_specific, desc.len() as u8]);
         }
         data.extend_from_slice(&desc);
         data.extend_from_slice(&pages);

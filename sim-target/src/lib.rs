@@ -4,8 +4,8 @@
 //!
 //! ```text
 //!   initiator (scsi::Transport)          LIO + tcm_loop (kernel)
-//!            │                                   │ TCMU ring (later issue)
-//!   inproc::InProcTransport                tcmu front end
+//!            │                                   │ TCMU ring (mmap of /dev/uioN)
+//!   inproc::InProcTransport          tcmu front end (stp-target daemon)
 //!            └──────────────┬────────────────────┘
 //!                     array::Array  ── Task { cdb, Reply }
 //!             SPC/SBC subset │ vendor opcodes 0xC0–0xFF
@@ -24,6 +24,9 @@
 //! * Vendor-specific opcodes go to the installed [`VendorHandler`], which may
 //!   hold a command (a long poll) and complete it later from any thread.
 //! * [`inproc`] is the front end for tests and the embedded demo.
+//! * [`tcmu`] is the front end behind LIO: the `stp-target` daemon speaks
+//!   the kernel's TCMU ring protocol and serves the same array to real
+//!   initiators through tcm_loop.
 //! * [`mailbox`] is the STG mailbox, the vendor handler of STP vendor mode.
 //! * [`fault`] wraps any path in a seeded fault injector ([`FaultyTransport`]).
 //!
@@ -38,6 +41,7 @@ pub mod inproc;
 pub mod lun;
 pub mod mailbox;
 pub mod task;
+pub mod tcmu;
 
 pub use array::{Array, Lun, VendorHandler};
 pub use fault::{FaultControl, FaultPlan, FaultStats, FaultyTransport, InjectedError};

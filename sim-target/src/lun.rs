@@ -29,6 +29,10 @@ pub struct LunConfig {
     pub naa: [u8; 16],
     /// Largest transfer in blocks the LUN accepts in one command (VPD 0xB0).
     pub max_transfer_blocks: u32,
+    /// Whether the LUN supports the DPO and FUA bits of READ and WRITE (the
+    /// DPOFUA bit of MODE SENSE). As in LIO, a CDB with either bit set to a
+    /// LUN without them is INVALID FIELD IN CDB; LIO's ramdisk has none.
+    pub dpofua: bool,
 }
 
 /// The IEEE company id this simulator puts in its NAA designators.
@@ -47,6 +51,7 @@ impl LunConfig {
             serial: format!("STPSIM{id:010}"),
             naa: naa_for(SIM_OUI, id),
             max_transfer_blocks: (8 << 20) / block_size.max(1),
+            dpofua: true,
         }
     }
 

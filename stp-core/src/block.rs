@@ -739,11 +739,15 @@ const STAGE_BYTES: usize = 4 << 20;
 
 fn rw(write: bool, lba: u64, blocks: u32) -> CdbBuf {
     if write {
-        let flags = RwFlags {
-            fua: true,
-            dpo: false,
-        };
-        Cdb::Write16 { lba, blocks, flags }.emit()
+        // No FUA: another initiator sees a WRITE once it completes GOOD,
+        // which is all the lanes need, and LUNs that do not advertise
+        // DPOFUA (LIO's ramdisk, for one) refuse the bit.
+        Cdb::Write16 {
+            lba,
+            blocks,
+            flags: RwFlags::default(),
+        }
+        .emit()
     } else {
         Cdb::Read16 {
             lba,

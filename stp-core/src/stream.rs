@@ -22,7 +22,7 @@ use crate::conn::{Config, ConnError, Connection, Event, State};
 use crate::frame::{open, pack, OutFrame};
 use crate::mailbox::{Binding, Mailbox};
 use crate::vendor::MailboxError;
-use crate::wire::{Frames, Header, Kind, MAX_PAYLOAD};
+use crate::wire::{Frames, Header, Kind, ALIGN, HEADER_LEN};
 
 /// Opens a new mailbox handle onto one STG (for vendor mode, a fresh set of
 /// paths onto its members). A stream opens two: one for its pump thread, one
@@ -43,8 +43,23 @@ where
 
 /// The longest a pump waits in one RECEIVE.
 const POLL: Duration = Duration::from_millis(100);
-/// RECEIVE allocation: room for a maximum frame and then some.
-const RECV_BYTES: usize = 2 * MAX_PAYLOAD as usize;
+
+/// The most data one SCSI command of a stream carries: 1 MiB. Linux's sg
+/// driver over tcm_loop refuses a larger `SG_IO` (`EINVAL`), and many HBAs
+/// cap a command near it, so every SEND and RECEIVE stays within it: a
+/// SEND holds whole frames up to this size (more frames go in another
+/// SEND) and a RECEIVE asks for exactly this much.
+pub const MAX_TRANSFER: usize = 1 << 20;
+/// RECEIVE allocation.
+const RECV_BYTES: usize = MAX_TRANSFER;
+/// The largest payload whose frame, aligned, fits one transfer.
+pub const MAX_STREAM_PAYLOAD: u32 = (MAX_TRANSFER - HEADER_LEN - ALIGN) as u32;
+
+/// `config` with its payload limit cut to what one transfer carries.
+fn fit(mut config: Config) -> Config {
+    config.max_payload = config.max_payload.min(MAX_STREAM_PAYLOAD);
+    config
+}
 
 fn io_err(e: impl std::fmt::Display, kind: io::ErrorKind) -> io::Error {
     io::Error::new(kind, e.to_string())
@@ -89,6 +104,8 @@ impl Shared {
     fn flush(&self, mut inner: MutexGuard<'_, Inner>) {
         let now = Instant::now();
         let mut packed = Vec::new();
+        // Where each frame starts in `packed`: SENDs split only there.
+        let mut starts = Vec::new();
         let mut seqs = Vec::new();
         while let Some(t) = inner.conn.poll_transmit(now) {
             let mut header = t.header;
@@ -96,6 +113,7 @@ impl Shared {
             match OutFrame::sealed(header, &payload, &self.key) {
                 Ok(f) => {
                     header = f.header;
+                    starts.push(packed.len());
                     if pack(&[f], &mut packed).is_err() {
                         break;
                     }
@@ -105,7 +123,7 @@ impl Shared {
                 }
                 Err(_) => break,
             }
-            if packed.len() >= RECV_BYTES / 2 {
+            if packed.len() >= MAX_TRANSFER {
                 break;
             }
         }
@@ -114,12 +132,24 @@ impl Shared {
         if packed.is_empty() {
             return;
         }
-        let result = self
-            .tx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send_packed(&self.binding, &packed);
-        if result.is_err() {
+        // Whole frames, at most MAX_TRANSFER bytes per SEND (a frame is
+        // never larger: `fit`).
+        starts.push(packed.len());
+        let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let mut failed = false;
+        let (mut from, mut i) = (0, 1);
+        while from < packed.len() {
+            let mut to = starts[i];
+            while i + 1 < starts.len() && starts[i + 1] - from <= MAX_TRANSFER {
+                i += 1;
+                to = starts[i];
+            }
+            i += 1;
+            failed |= tx.send_packed(&self.binding, &packed[from..to]).is_err();
+            from = to;
+        }
+        drop(tx);
+        if failed {
             let mut inner = self.lock();
             let now = Instant::now();
             for seq in seqs {
@@ -261,7 +291,7 @@ impl StpStream {
         let binding = tx.bind(None).map_err(mb_err)?;
         let buffer = config.send_buffer_bytes;
         let conn = Connection::connect(
-            config,
+            fit(config),
             Instant::now(),
             binding.port,
             port,
@@ -540,7 +570,7 @@ impl StpListener {
         let mut tx = self.source.open().map_err(mb_err)?;
         let binding = tx.bind(None).map_err(mb_err)?;
         let conn = Connection::accept(
-            self.config.clone(),
+            fit(self.config.clone()),
             Instant::now(),
             syn,
             payload,

@@ -10,6 +10,9 @@
 //! nonsensical data is a failed check with a message, not an index out of
 //! bounds or an overflow.
 
+pub mod e2e;
+pub mod rig;
+
 use scsi::cdb::{Cdb, RwFlags, VendorCdb};
 use scsi::inquiry::identify;
 use scsi::{Asc, Command, CommandError, Completion, IoBuf, Opcode, SenseKey, Transport};
@@ -118,7 +121,24 @@ pub fn same_identity(a: &mut dyn Transport, b: &mut dyn Transport) -> Check {
     Ok(())
 }
 
-/// What one host writes (WRITE(16) FUA), the other reads back (READ(10)),
+/// Whether the LUN advertises DPO/FUA (MODE SENSE(6), device-specific
+/// parameter bit 4).
+pub fn dpofua(t: &mut dyn Transport) -> Result<bool, String> {
+    let ms = Cdb::ModeSense6 {
+        dbd: true,
+        page_control: scsi::cdb::PageControl::CURRENT,
+        page_code: 0x3F,
+        subpage: 0,
+        alloc_len: 255,
+    };
+    let (d, _) = run_in(t, ms, 255)
+        .into_result()
+        .map_err(|e| format!("MODE SENSE(6): {e}"))?;
+    let b = d.get(2).ok_or("MODE SENSE(6) returned under 3 bytes")?;
+    Ok(b & 0x10 != 0)
+}
+
+/// What one host writes (WRITE(16), FUA if advertised), the other reads back (READ(10)),
 /// with up to `depth` commands in flight, completions in any order.
 pub fn write_here_read_there(
     a: &mut dyn Transport,
@@ -128,6 +148,8 @@ pub fn write_here_read_there(
     depth: usize,
 ) -> Check {
     let (_, bs) = capacity(a)?;
+    // FUA where the LUN advertises it (LIO refuses it otherwise).
+    let fua = dpofua(a)?;
     let depth_a = depth.min(a.queue_depth()).max(1);
     let depth_b = depth.min(b.queue_depth()).max(1);
     let mut next = 0;
@@ -140,10 +162,7 @@ pub fn write_here_read_there(
             let cdb = Cdb::Write16 {
                 lba,
                 blocks: 1,
-                flags: RwFlags {
-                    fua: true,
-                    dpo: false,
-                },
+                flags: RwFlags { fua, dpo: false },
             };
             let cmd = Command::data_out(cdb.emit(), IoBuf::from_slice(&pattern(1, lba, bs)))
                 .with_tag(lba);
@@ -262,6 +281,23 @@ pub fn standard_errors(t: &mut dyn Transport) -> Check {
         Asc::INVALID_FIELD_IN_CDB,
         "INQUIRY of VPD page 0x99",
     )?;
+    // DPO/FUA only where advertised.
+    if !dpofua(t)? {
+        let fua = Cdb::Write16 {
+            lba: 0,
+            blocks: 1,
+            flags: RwFlags {
+                fua: true,
+                dpo: false,
+            },
+        };
+        expect_check(
+            run_out(t, fua, &vec![0; bs as usize]),
+            SenseKey::ILLEGAL_REQUEST,
+            Asc::INVALID_FIELD_IN_CDB,
+            "WRITE(16) FUA to a LUN without DPOFUA",
+        )?;
+    }
     // An opcode no SBC device implements.
     let c = t.execute(Command::no_data(
         scsi::CdbBuf::new(&[0x7B, 0, 0, 0, 0, 0, 0, 0, 0, 0]).ok_or("cdb")?,

@@ -3,18 +3,18 @@
 //! `stp_core::block::format`, moving raw frames and STP streams through the
 //! lanes with READ(16)/WRITE(16) only.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::{RngCore, SeedableRng};
+use rand::SeedableRng;
 use scsi::cdb::RwFlags;
 use scsi::{Cdb, Command, IoBuf, Transport};
 use sim_target::{Array, Host, LunConfig};
-use stp_core::auth::{FrameKey, Handshake, Role};
+use stp_core::auth::FrameKey;
 use stp_core::block::{
     format, host_port, BlockConfig, BlockError, BlockStg, IndexBlock, IndexKind, Superblock,
 };
@@ -25,6 +25,8 @@ use stp_core::stg::BlockLayout;
 use stp_core::stream::{PathSource, StpListener, StpStream};
 use stp_core::vendor::MailboxError;
 use stp_core::wire::{Frames, Header, Kind};
+use stp_tests::e2e::{self, keys, payload, recv_stream, send_stream};
+use stp_tests::rig::inproc;
 
 const T: Duration = Duration::from_secs(20);
 const STG: u32 = 7;
@@ -106,12 +108,6 @@ fn raw_read(a: &Array, lun: u64, lba: u64) -> Vec<u8> {
     d.to_vec()
 }
 
-fn payload(seed: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    StdRng::seed_from_u64(seed).fill_bytes(&mut v);
-    v
-}
-
 /// A DATA frame, packed (8-byte aligned), sealed with `key` or not.
 fn frame(src: u32, dst: u32, seq: u64, body: &[u8], key: Option<&FrameKey>) -> Vec<u8> {
     let mut h = Header {
@@ -145,17 +141,6 @@ fn recv_n(mb: &mut dyn Mailbox, b: &Binding, n: usize) -> Vec<(Header, Vec<u8>)>
         }
     }
     out
-}
-
-fn keys(seed: u64) -> (FrameKey, FrameKey) {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let c = Handshake::new(&mut rng);
-    let s = Handshake::new(&mut rng);
-    let (co, so) = (c.public(), s.public());
-    (
-        c.finish(&so, Role::Client, None).unwrap(),
-        s.finish(&co, Role::Server, None).unwrap(),
-    )
 }
 
 #[test]
@@ -445,46 +430,6 @@ fn raw_frames_route_by_port_in_order_both_ways() {
         m1.receive(&b1, 1024, Duration::ZERO),
         Err(MailboxError::BadHandle)
     ));
-}
-
-/// A deterministic stream: the receiver regenerates and compares.
-fn chunk(seed: u64, offset: u64, len: usize) -> Vec<u8> {
-    payload(seed ^ offset.rotate_left(17), len)
-}
-
-const CHUNK: usize = 100_003;
-
-fn send_stream(s: &mut StpStream, seed: u64, total: u64) {
-    let mut off = 0u64;
-    while off < total {
-        let n = CHUNK.min((total - off) as usize);
-        s.write_all(&chunk(seed, off, n)).unwrap();
-        off += n as u64;
-    }
-    s.flush().unwrap();
-}
-
-fn recv_stream(s: &mut StpStream, seed: u64, total: u64) {
-    let mut got = Vec::new();
-    let mut off = 0u64;
-    let mut buf = vec![0u8; 70_001];
-    while off + (got.len() as u64) < total {
-        let n = s.read(&mut buf).unwrap();
-        assert_ne!(
-            n,
-            0,
-            "stream ended at {} of {total}",
-            off + got.len() as u64
-        );
-        got.extend_from_slice(&buf[..n]);
-        while got.len() >= CHUNK || (off + got.len() as u64 == total && !got.is_empty()) {
-            let take = CHUNK.min(got.len());
-            assert_eq!(got[..take], chunk(seed, off, take)[..], "at offset {off}");
-            got.drain(..take);
-            off += take as u64;
-        }
-    }
-    assert_eq!(off, total, "stream length");
 }
 
 fn source(stg: &Arc<BlockStg>) -> Arc<dyn PathSource> {
@@ -780,4 +725,11 @@ fn full_ring_back_pressures_and_data_arrives_later() {
         assert_eq!(*body, payload(i as u64, 16_000), "frame {i}");
     }
     assert_eq!(h1.stats().frames_unbound, 0);
+}
+
+/// The shared body: block mode on one plain LUN (the real-LIO suite runs it
+/// on a LIO ramdisk).
+#[test]
+fn stream_on_one_plain_lun() {
+    e2e::block_stream(&inproc(2, 1), 2 << 20, 256 << 10);
 }

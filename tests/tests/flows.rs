@@ -2,276 +2,57 @@
 //! socket layers logged in to the same in-process array as different
 //! initiators), real TCP on 127.0.0.1, STP through the simulated array.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rand::rngs::StdRng;
-use rand::{RngCore, SeedableRng};
-use scsi::Transport;
-use sim_target::{Array, Host, LunConfig, StgMailbox, StgSpec};
-use stp_core::auth::{FrameKey, Handshake, Role};
-use stp_core::conn::Config;
-use stp_core::flows::{
-    db_client_connect, db_server_accept, fs_client_accept, fs_server_connect, FlowError,
-};
-use stp_core::mailbox::{Mailbox, VendorMailbox};
+use sim_target::StgMailbox;
+use stp_core::auth::FrameKey;
+use stp_core::flows::{db_client_connect, fs_client_accept, fs_server_connect, FlowError};
 use stp_core::sockets::{
     Address, Domain, Fd, Mechanism, PathSource, SockError, SocketLayer, StpListener, STP_FD_BASE,
 };
-use stp_core::vendor::MailboxError;
+use stp_tests::e2e::{self, config, free_wkp, LOCAL, T};
+use stp_tests::rig::{all_members, InProcRig, Rig};
 
-const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const STG: u32 = 7;
-const MEMBERS: [u64; 2] = [0, 1];
-const T: Duration = Duration::from_secs(20);
 
-fn array() -> (Array, Arc<StgMailbox>) {
-    let a = Array::new();
-    for id in MEMBERS {
-        a.add_lun(id, LunConfig::new(id, 1 << 16, 512)).unwrap();
-    }
-    let m = StgMailbox::with_seed(&a, vec![StgSpec::new(STG, MEMBERS.to_vec())], 5).unwrap();
-    m.install(&a);
-    (a, m)
+/// An in-process rig with its mailbox (for frame counts).
+fn array() -> (Arc<dyn Rig>, Arc<StgMailbox>) {
+    let rig = InProcRig::new(2, 5);
+    let m = Arc::clone(rig.mailbox());
+    (Arc::new(rig), m)
 }
 
-/// Paths for `host` onto the STG's members.
-fn source(a: &Array, host: &str) -> Arc<dyn PathSource> {
-    let h = Host::login(a, host);
-    Arc::new(move || -> Result<Box<dyn Mailbox>, MailboxError> {
-        let paths = MEMBERS
-            .iter()
-            .map(|&l| Box::new(h.open(l).expect("member LUN")) as Box<dyn Transport>)
-            .collect();
-        Ok(Box::new(VendorMailbox::new(paths)?))
-    })
+/// Host `i` of the rig: a socket layer with paths to the STG.
+fn host(rig: &Arc<dyn Rig>, i: usize) -> Arc<SocketLayer> {
+    e2e::socket_host(rig, i)
 }
 
-fn config() -> Config {
-    Config {
-        max_payload: 64 * 1024,
-        ..Config::default()
-    }
+fn source(rig: &Arc<dyn Rig>, i: usize) -> Arc<dyn PathSource> {
+    all_members(rig, i)
 }
 
-/// One host: a socket layer with paths to the STG.
-fn host(a: &Array, name: &str) -> Arc<SocketLayer> {
-    Arc::new(SocketLayer::new(
-        HashMap::from([(STG, source(a, name))]),
-        config(),
-    ))
-}
-
-/// A free TCP port whose successor is free too (the flows use WKP and
-/// WKP+1).
-fn free_wkp() -> u16 {
-    loop {
-        let l = TcpListener::bind((LOCAL, 0)).unwrap();
-        let p = l.local_addr().unwrap().port();
-        if p < u16::MAX && TcpListener::bind((LOCAL, p + 1)).is_ok() {
-            return p;
-        }
-    }
-}
-
-/// FNV-1a, 64 bit.
-fn fnv(mut h: u64, data: &[u8]) -> u64 {
-    for &b in data {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
-    h
-}
-const FNV_INIT: u64 = 0xcbf2_9ce4_8422_2325;
-
-fn payload(seed: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    StdRng::seed_from_u64(seed).fill_bytes(&mut v);
-    v
-}
-
-/// Reads `fd` to its end; returns the bytes.
-fn recv_to_end(layer: &SocketLayer, fd: Fd) -> Vec<u8> {
-    let mut got = Vec::new();
-    let mut buf = vec![0u8; 70_001];
-    loop {
-        let n = layer.recv(fd, &mut buf).unwrap();
-        if n == 0 {
-            return got;
-        }
-        got.extend_from_slice(&buf[..n]);
-    }
-}
-
-fn send_msg(layer: &SocketLayer, fd: Fd, msg: &[u8]) {
-    layer
-        .send_all(fd, &u32::try_from(msg.len()).unwrap().to_be_bytes())
-        .unwrap();
-    layer.send_all(fd, msg).unwrap();
-}
-
-fn recv_msg(layer: &SocketLayer, fd: Fd) -> Vec<u8> {
-    let mut len = [0u8; 4];
-    layer.recv_exact(fd, &mut len).unwrap();
-    let mut msg = vec![0u8; u32::from_be_bytes(len) as usize];
-    layer.recv_exact(fd, &mut msg).unwrap();
-    msg
+fn keys() -> (FrameKey, FrameKey) {
+    e2e::keys(11)
 }
 
 #[test]
 fn fs_flow_control_over_tcp_data_over_stp() {
-    const TOTAL: usize = 3 << 20;
-    let (a, _m) = array();
-    let (server, client) = (host(&a, "backup-server"), host(&a, "fs-client"));
-    let wkp = free_wkp();
-    let t0 = Instant::now();
-
-    let srv = Arc::clone(&server);
-    let server_side = thread::spawn(move || {
-        let s = fs_server_connect(&srv, LOCAL, wkp, STG, 2, Some(b"site psk"), T).unwrap();
-        assert_eq!((s.stg, s.stg_len), (STG, 2));
-        // Control over TCP: what is coming.
-        send_msg(&srv, s.control, format!("BACKUP {TOTAL}").as_bytes());
-        // Data over STP, then end of stream.
-        let data = payload(42, TOTAL);
-        for chunk in data.chunks(100_003) {
-            srv.send_all(s.data, chunk).unwrap();
-        }
-        srv.flush(s.data).unwrap();
-        srv.shutdown_write(s.data).unwrap();
-        // The client's checksum comes back over control.
-        let sum = recv_msg(&srv, s.control);
-        assert_eq!(sum, fnv(FNV_INIT, &data).to_be_bytes(), "checksum");
-        // An error report over the errors connection.
-        send_msg(
-            &srv,
-            s.errors,
-            b"E0042 /etc/shadow: permission denied, skipped",
-        );
-        assert_eq!(recv_msg(&srv, s.control), b"DONE");
-        s
-    });
-
-    let s = fs_client_accept(&client, LOCAL, wkp, Some(b"site psk"), T).unwrap();
-    assert_eq!((s.stg, s.stg_len), (STG, 2));
-    assert_eq!(client.mechanism(s.control), Mechanism::Tcp);
-    assert_eq!(client.mechanism(s.errors), Mechanism::Tcp);
-    assert_eq!(client.mechanism(s.data), Mechanism::Stp);
-    assert!(s.control.0 < STP_FD_BASE && s.errors.0 < STP_FD_BASE && s.data.0 >= STP_FD_BASE);
-    // The flow leaves exactly the session's three descriptors open.
-    let mut want = vec![s.control, s.errors, s.data];
-    want.sort();
-    assert_eq!(client.descriptors(), want);
-
-    assert_eq!(
-        recv_msg(&client, s.control),
-        format!("BACKUP {TOTAL}").as_bytes()
-    );
-    let data = recv_to_end(&client, s.data);
-    assert_eq!(data.len(), TOTAL);
-    assert!(
-        data == payload(42, TOTAL),
-        "STP data differs from what was sent"
-    );
-    send_msg(&client, s.control, &fnv(FNV_INIT, &data).to_be_bytes());
-    let err = recv_msg(&client, s.errors);
-    assert_eq!(err, b"E0042 /etc/shadow: permission denied, skipped");
-    send_msg(&client, s.control, b"DONE");
-
-    let ss = server_side.join().unwrap();
-    assert_eq!(server.mechanism(ss.control), Mechanism::Tcp);
-    assert_eq!(server.mechanism(ss.errors), Mechanism::Tcp);
-    assert_eq!(server.mechanism(ss.data), Mechanism::Stp);
-    let mut want = vec![ss.control, ss.errors, ss.data];
-    want.sort();
-    assert_eq!(server.descriptors(), want);
-
-    let closer = {
-        let srv = Arc::clone(&server);
-        thread::spawn(move || ss.close(&srv).unwrap())
-    };
-    s.close(&client).unwrap();
-    closer.join().unwrap();
-    assert!(client.descriptors().is_empty() && server.descriptors().is_empty());
-    eprintln!("fs flow + 3 MiB: {:?}", t0.elapsed());
+    e2e::fs_flow(&array().0, 3 << 20);
 }
 
 #[test]
 fn db_flow_everything_over_stp() {
-    let (a, _m) = array();
-    let (server, client) = (host(&a, "backup-server"), host(&a, "db-host"));
-    let wkp = free_wkp();
-    let up = payload(7, 1 << 20);
-    let down = payload(8, 300_001);
-
-    let srv = Arc::clone(&server);
-    let (up2, down2) = (up.clone(), down.clone());
-    let server_side = thread::spawn(move || {
-        let s = db_server_accept(&srv, LOCAL, wkp, STG, 2, None, T).unwrap();
-        assert_eq!(srv.mechanism(s.data), Mechanism::Stp);
-        // Every TCP socket of the flow is closed: only the STP one is left.
-        assert_eq!(srv.descriptors(), vec![s.data]);
-        let mut got = vec![0u8; up2.len()];
-        srv.recv_exact(s.data, &mut got).unwrap();
-        assert!(got == up2, "client → server data differs");
-        srv.send_all(s.data, &down2).unwrap();
-        srv.flush(s.data).unwrap();
-        srv.shutdown_write(s.data).unwrap();
-        assert!(recv_to_end(&srv, s.data).is_empty());
-        s
-    });
-
-    let s = db_client_connect(&client, LOCAL, wkp, None, T).unwrap();
-    assert_eq!((s.stg, s.stg_len), (STG, 2));
-    assert_eq!(client.mechanism(s.data), Mechanism::Stp);
-    assert_eq!(client.descriptors(), vec![s.data]);
-    assert!(client.descriptors().iter().all(|fd| fd.0 >= STP_FD_BASE));
-    client.send_all(s.data, &up).unwrap();
-    client.flush(s.data).unwrap();
-    let got = recv_to_end(&client, s.data);
-    assert!(got == down, "server → client data differs");
-    client.shutdown_write(s.data).unwrap();
-
-    let ss = server_side.join().unwrap();
-    // The TCP descriptors the flows used (all below the STP range) are
-    // gone: nothing in either layer answers to them.
-    for layer in [&client, &server] {
-        for fd in 3..64 {
-            assert!(!layer.is_open(Fd(fd)), "TCP descriptor {fd} still open");
-            assert!(matches!(
-                layer.send(Fd(fd), b"x"),
-                Err(SockError::BadDescriptor { .. })
-            ));
-        }
-    }
-    let closer = {
-        let srv = Arc::clone(&server);
-        thread::spawn(move || ss.close(&srv).unwrap())
-    };
-    s.close(&client).unwrap();
-    closer.join().unwrap();
-    assert!(!client.is_open(s.data));
-}
-
-fn keys() -> (FrameKey, FrameKey) {
-    let mut rng = StdRng::seed_from_u64(11);
-    let c = Handshake::new(&mut rng);
-    let s = Handshake::new(&mut rng);
-    let (co, so) = (c.public(), s.public());
-    (
-        c.finish(&so, Role::Client, None).unwrap(),
-        s.finish(&co, Role::Server, None).unwrap(),
-    )
+    e2e::db_flow(&array().0, 1 << 20, 300_001);
 }
 
 #[test]
 fn descriptor_value_routes_the_call() {
     let (a, mailbox) = array();
-    let layer = host(&a, "router");
+    let layer = host(&a, 0);
 
     // TCP: a layer descriptor below STP_FD_BASE; its bytes reach a plain
     // std TCP peer, and the array sees no STP frame.
@@ -299,7 +80,7 @@ fn descriptor_value_routes_the_call() {
     // STP: a descriptor at or above STP_FD_BASE; its bytes reach a plain
     // StpListener on another initiator, through the array.
     let (kc, ks) = keys();
-    let mut listener = StpListener::bind(source(&a, "peer"), None, ks, config()).unwrap();
+    let mut listener = StpListener::bind(source(&a, 1), None, ks, config()).unwrap();
     let s = layer.socket(Domain::Stp { stg: STG }).unwrap();
     assert_eq!(layer.mechanism(s), Mechanism::Stp);
     assert!(s.0 >= STP_FD_BASE && t.0 < STP_FD_BASE);
@@ -336,7 +117,7 @@ fn descriptor_value_routes_the_call() {
 #[test]
 fn socket_errors() {
     let (a, _m) = array();
-    let layer = host(&a, "errors");
+    let layer = host(&a, 0);
     let t = layer.socket(Domain::Tcp).unwrap();
     let s = layer.socket(Domain::Stp { stg: STG }).unwrap();
 
@@ -403,7 +184,7 @@ fn socket_errors() {
 #[test]
 fn wrong_well_known_string_is_reported() {
     let (a, _m) = array();
-    let client = host(&a, "fs-client");
+    let client = host(&a, 1);
     let wkp = free_wkp();
     // Not an STP server: an HTTP client knocking on the WKP.
     let knocker = thread::spawn(move || {
@@ -453,7 +234,7 @@ fn wrong_well_known_string_is_reported() {
 #[test]
 fn psk_mismatch_never_connects() {
     let (a, _m) = array();
-    let (server, client) = (host(&a, "backup-server"), host(&a, "fs-client"));
+    let (server, client) = (host(&a, 0), host(&a, 1));
     let wkp = free_wkp();
     let timeout = Duration::from_millis(1500);
     let t0 = Instant::now();

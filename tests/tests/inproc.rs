@@ -1030,3 +1030,16 @@ fn a_timed_out_held_command_is_marked_aborted() {
     drop(t);
     assert_eq!(held_aborted(&holder), [true]);
 }
+
+/// A LUN without DPO/FUA (like LIO's ramdisk) says so in MODE SENSE and
+/// refuses the FUA bit, as LIO does; the shared bodies adapt to it.
+#[test]
+fn a_lun_without_dpofua_refuses_fua_like_lio() {
+    let rig = stp_tests::rig::inproc(2, 1);
+    let (mut a, mut b) = (rig.plain(0).unwrap(), rig.plain(1).unwrap());
+    assert_eq!(dpofua(a.as_mut()), Ok(false));
+    ok(standard_errors(a.as_mut()));
+    ok(write_here_read_there(a.as_mut(), b.as_mut(), 10, 8, 4));
+    let mut member = rig.member(0, 0).unwrap();
+    assert_eq!(dpofua(member.as_mut()), Ok(true));
+}

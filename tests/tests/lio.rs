@@ -1,0 +1,326 @@
+//! The real-LIO suite: the same bodies as the in-process suites, through
+//! `/dev/sgN` on two tcm_loop paths onto the TCMU daemon `stp-target` and a
+//! LIO ramdisk, as `sim-target/scripts/stg-up` set them up and described
+//! them in its map (`$STP_LIO_MAP`).
+//!
+//! Every test here is ignored in a plain `cargo test`: the host running it
+//! needs LIO. `just vm-test` boots the test VM, sets LIO up and runs them
+//! with `--ignored`; on a lab machine with LIO, run `stg-up` and then
+//! `cargo test -p stp-tests --test lio -- --ignored --test-threads 1`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use stp_core::stream::{StpListener, StpStream};
+use stp_tests::e2e::{self, config, keys, send_range, T};
+use stp_tests::rig::{all_members, LioRig, Rig};
+use stp_tests::*;
+
+fn rig() -> Arc<dyn Rig> {
+    LioRig::from_env()
+}
+
+fn ok(c: Check) {
+    if let Err(e) = c {
+        panic!("{e}");
+    }
+}
+
+fn sg(path: &Path) -> scsi::sg::SgDevice {
+    scsi::sg::SgDevice::open(path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn every_lun_has_one_identity_on_both_paths() {
+    let lio = LioRig::load_env();
+    for host in &lio.map().hosts {
+        for lun in &host.luns {
+            let mut t = sg(&lun.sg);
+            let id = scsi::inquiry::identify(&mut t).unwrap();
+            let naa = id
+                .naa()
+                .map(|d| d.to_id_string())
+                .unwrap_or_else(|| panic!("{} reports no NAA designator", lun.sg.display()));
+            assert_eq!(
+                naa,
+                lun.naa,
+                "{} (host {}, LUN {})",
+                lun.sg.display(),
+                host.index,
+                lun.lun
+            );
+        }
+    }
+    let n = lio.map().stg.luns;
+    for m in 0..n {
+        let (a, b) = (
+            lio.member_path(0, m).unwrap(),
+            lio.member_path(1, m).unwrap(),
+        );
+        ok(same_identity(&mut sg(&a), &mut sg(&b)));
+    }
+    ok(same_identity(
+        &mut sg(&lio.plain_path(0).unwrap()),
+        &mut sg(&lio.plain_path(1).unwrap()),
+    ));
+}
+
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn sbc_conformance_on_daemon_and_ramdisk_luns() {
+    let lio = LioRig::load_env();
+    let pairs = [
+        (
+            lio.member_path(0, 0).unwrap(),
+            lio.member_path(1, 0).unwrap(),
+        ),
+        (lio.plain_path(0).unwrap(), lio.plain_path(1).unwrap()),
+    ];
+    for (a, b) in &pairs {
+        eprintln!("conformance on {} / {}", a.display(), b.display());
+        ok(write_here_read_there(&mut sg(a), &mut sg(b), 100, 64, 16));
+        let mut t = sg(a);
+        ok(standard_errors(&mut t));
+        ok(multi_block_and_residual(&mut t, 4096));
+    }
+    // What the sd driver asks at attach time, answered by the daemon.
+    ok(sd_probe_commands(&mut sg(&pairs[0].0)));
+}
+
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn unknown_vendor_opcodes_are_refused_at_once() {
+    let lio = LioRig::load_env();
+    let mut t = sg(&lio.member_path(0, 0).unwrap());
+    for op in [0xC6u8, 0xC7, 0xD0, 0xFF] {
+        let t0 = Instant::now();
+        ok(unknown_vendor_opcode(&mut t, op));
+        // "At once": far below the long-poll and command timeouts.
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "opcode {op:#04x} took {:?}",
+            t0.elapsed()
+        );
+    }
+    // LIO itself refuses vendor opcodes on its ramdisk backstore.
+    ok(unknown_vendor_opcode(
+        &mut sg(&lio.plain_path(0).unwrap()),
+        0xC0,
+    ));
+}
+
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn long_poll_receive_is_held_by_the_daemon() {
+    e2e::long_poll_receive(&rig());
+}
+
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn spoofed_frames_rejected() {
+    // Two paths only: the intruder is another binding on host 0's path.
+    e2e::spoofed_frames_rejected(&rig(), 0);
+}
+
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn replay_from_the_other_path_changes_nothing() {
+    e2e::replay_changes_nothing(&rig(), 0);
+}
+
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn wrong_key_never_connects() {
+    e2e::wrong_key_never_connects(&rig());
+}
+
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn streams_of_every_size() {
+    let rig = rig();
+    for (i, n) in [0u64, 1, 65_535, 65_537, 333_333, 64 << 20]
+        .into_iter()
+        .enumerate()
+    {
+        e2e::transfer(&rig, n, 100 + i as u64);
+    }
+}
+
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn one_gibibyte_stream() {
+    e2e::transfer(&rig(), 1 << 30, 1_000_000_007);
+}
+
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn concurrent_ports() {
+    e2e::concurrent_ports(&rig(), 8 << 20);
+}
+
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn fs_flow_control_over_tcp_data_over_stp() {
+    e2e::fs_flow(&rig(), 16 << 20);
+}
+
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn db_flow_everything_over_stp() {
+    e2e::db_flow(&rig(), 8 << 20, 1 << 20);
+}
+
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn block_mode_on_the_ramdisk() {
+    e2e::block_stream(&rig(), 8 << 20, 1 << 20);
+}
+
+/// The daemon's state directory (`stp-target --state-dir`).
+fn state_dir() -> PathBuf {
+    std::env::var_os("STP_TARGET_STATE").map_or_else(|| "/run/stp-target".into(), Into::into)
+}
+
+fn daemon_pid() -> u32 {
+    let p = state_dir().join("pid");
+    let s = fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    s.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn serving() -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(state_dir().join("serving"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Kills the daemon with SIGKILL and starts it again with the same command
+/// line; returns once it serves every device it served before.
+fn kill_and_restart_daemon() {
+    let pid = daemon_pid();
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let argv: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let before = serving();
+    assert!(!before.is_empty(), "the daemon serves no device");
+    let killed = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "kill -KILL {pid} failed");
+    // Reap it if it is ours; otherwise wait for /proc to drop it.
+    let t0 = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() && t0.elapsed() < Duration::from_secs(5) {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.contains(") Z ") {
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    // Its state files are stale now.
+    for name in &before {
+        let _ = fs::remove_file(state_dir().join("serving").join(name));
+    }
+    // Detached, as the set-up scripts start it: the shell exits at once
+    // and the daemon outlives this test.
+    let started = Command::new("sh")
+        .arg("-c")
+        .arg(r#""$@" >>"$STP_TARGET_LOG" 2>&1 </dev/null &"#)
+        .arg("sh")
+        .args(&argv)
+        .env("STP_TARGET_LOG", state_dir().join("stp-target.log"))
+        .status()
+        .unwrap();
+    assert!(started.success(), "could not restart {argv:?}");
+    let t0 = Instant::now();
+    while serving() != before {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the restarted daemon serves {:?}, not {before:?}",
+            serving()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "daemon {pid} killed; restarted as {} serving {} devices in {:?}",
+        daemon_pid(),
+        before.len(),
+        t0.elapsed()
+    );
+}
+
+/// The daemon dies (SIGKILL) in the middle of a 256 MiB stream and a new
+/// one takes over the rings: the stream either completes exact or fails
+/// with a clear error, on both sides, within bounded time — never with
+/// wrong bytes (the receiver checks every byte). Then a new connection
+/// works.
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn daemon_killed_and_restarted_mid_transfer() {
+    let rig = rig();
+    let total: u64 = 256 << 20;
+    let seed = 77;
+    let (kc, ks) = keys(seed);
+    let mut listener = StpListener::bind(all_members(&rig, 0), None, ks, config()).unwrap();
+    let port = listener.local_port();
+    let received = Arc::new(AtomicU64::new(0));
+    let rx = {
+        let received = received.clone();
+        thread::spawn(move || -> Result<u64, String> {
+            let mut s = listener.accept(T).map_err(|e| e.to_string())?;
+            e2e::check_stream(&mut s, seed, total, Some(&received))
+                .map_err(|(at, e)| format!("at byte {at}: {e}"))
+        })
+    };
+    let tx = {
+        let src = all_members(&rig, 1);
+        thread::spawn(move || -> Result<(), String> {
+            let mut c =
+                StpStream::connect(src, port, kc, config(), T).map_err(|e| e.to_string())?;
+            send_range(&mut c, seed, 0, total).map_err(|e| format!("write: {e}"))?;
+            c.shutdown(T).map_err(|e| format!("shutdown: {e}"))
+        })
+    };
+    let t0 = Instant::now();
+    while received.load(Ordering::Relaxed) < 8 << 20 {
+        assert!(t0.elapsed() < T, "the stream did not start");
+        thread::sleep(Duration::from_millis(10));
+    }
+    kill_and_restart_daemon();
+    let t1 = Instant::now();
+    let sent = tx.join().unwrap();
+    let got = rx.join().unwrap();
+    eprintln!(
+        "after the restart ({:?}): sender {sent:?}; receiver {got:?}",
+        t1.elapsed()
+    );
+    // A clean end of stream only after every byte: anything short must be
+    // an error that says what happened, never a silent truncation.
+    // check_stream is Ok only for every byte; an early end is an error
+    // with its reason, which must be there.
+    if let Err(e) = &got {
+        assert!(!e.is_empty());
+    }
+    if let Err(e) = &sent {
+        assert!(!e.is_empty());
+    }
+    // The restarted daemon carries new connections.
+    e2e::transfer(&rig, 4 << 20, 78);
+}
