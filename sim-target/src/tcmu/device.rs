@@ -652,7 +652,12 @@ pub(crate) fn serve(dev: Arc<Device>, shared: Arc<Shared>) -> Ended {
     ));
     let ended = ended.unwrap_or_else(|| serve_loop(&dev, &shared, &mut next));
     dev.kick();
-    let _ = fs::remove_file(&state_file);
+    // Only our own file: a re-created backstore of the same name may be
+    // served by a newer thread already.
+    let mine = format!("uio={} ", dev.uio);
+    if fs::read_to_string(&state_file).is_ok_and(|s| s.starts_with(&mine)) {
+        let _ = fs::remove_file(&state_file);
+    }
     match ended {
         Ended::Stopped => log.info(format_args!("{name}: stopped")),
         Ended::Gone => log.info(format_args!("{name}: no longer served")),
