@@ -359,8 +359,10 @@ impl Array {
             }
         }
         match *cdb {
-            Cdb::Read10 { lba, blocks, .. } => Self::check_transfer(lun, lba.into(), blocks.into()),
-            Cdb::Read16 { lba, blocks, .. } => Self::check_transfer(lun, lba, blocks.into()),
+            Cdb::Read10 { lba, blocks, .. } => {
+                Self::check_read(lun, lba.into(), blocks.into(), task)
+            }
+            Cdb::Read16 { lba, blocks, .. } => Self::check_read(lun, lba, blocks.into(), task),
             Cdb::Write10 { lba, blocks, .. } => {
                 Self::check_write(lun, lba.into(), blocks.into(), task)
             }
@@ -574,8 +576,24 @@ impl Array {
         // A short write would leave blocks half-written and an overlong one
         // has no place to go: refused before anything is stored, as LIO's
         // target_cmd_size_check refuses a WRITE whose data length differs
-        // from the CDB (plain INVALID FIELD IN CDB, no field pointer).
+        // from the CDB: INVALID FIELD IN COMMAND INFORMATION UNIT (seen on
+        // the 6.1 kernel's ramdisk backstore in the test VM).
         if task.reply.data_len() as u64 != Self::byte_len(lun, blocks) {
+            return Err(Sense::new(
+                SenseKey::ILLEGAL_REQUEST,
+                Asc::INVALID_FIELD_IN_COMMAND_IU,
+            ));
+        }
+        Ok(())
+    }
+
+    /// [`check_transfer`](Self::check_transfer), and the data-in buffer
+    /// must hold the whole transfer: LIO refuses a READ into a shorter
+    /// buffer with INVALID FIELD IN CDB (no field pointer); a longer one is
+    /// fine and leaves a residual.
+    fn check_read(lun: &Lun, lba: u64, blocks: u64, task: &Task) -> Result<(), Sense> {
+        Self::check_transfer(lun, lba, blocks)?;
+        if (task.reply.data_len() as u64) < Self::byte_len(lun, blocks) {
             return Err(invalid_field_without_pointer());
         }
         Ok(())

@@ -365,3 +365,48 @@ pub fn sd_probe_commands(t: &mut dyn Transport) -> Check {
     }
     Ok(())
 }
+
+/// A data buffer that disagrees with the CDB's transfer length is refused
+/// before anything moves, as LIO refuses it: a WRITE with too little or too
+/// much data-out gets INVALID FIELD IN COMMAND INFORMATION UNIT, a READ into
+/// a buffer shorter than the transfer INVALID FIELD IN CDB.
+pub fn transfer_length_mismatches(t: &mut dyn Transport, lba: u64) -> Check {
+    let (_, bs) = capacity(t)?;
+    let bs = bs as usize;
+    let write = Cdb::Write10 {
+        lba: u32::try_from(lba).map_err(|_| "lba too large for WRITE(10)")?,
+        blocks: 2,
+        flags: RwFlags::default(),
+    };
+    for len in [bs, 3 * bs] {
+        expect_check(
+            run_out(t, write, &vec![0xEE; len]),
+            SenseKey::ILLEGAL_REQUEST,
+            Asc::INVALID_FIELD_IN_COMMAND_IU,
+            &format!("WRITE of 2 blocks with {len} bytes of data"),
+        )?;
+    }
+    let read = Cdb::Read10 {
+        lba: u32::try_from(lba).map_err(|_| "lba too large for READ(10)")?,
+        blocks: 2,
+        flags: RwFlags::default(),
+    };
+    expect_check(
+        run_in(t, read, bs),
+        SenseKey::ILLEGAL_REQUEST,
+        Asc::INVALID_FIELD_IN_CDB,
+        "READ of 2 blocks into a 1-block buffer",
+    )?;
+    // A longer buffer is fine: the residual says how much is left.
+    let (d, outcome) = run_in(t, read, 3 * bs)
+        .into_result()
+        .map_err(|e| format!("READ of 2 blocks into a 3-block buffer: {e}"))?;
+    if d.len() != 2 * bs || outcome.residual as usize != bs {
+        return Err(format!(
+            "READ of 2 blocks into 3 blocks of buffer returned {} bytes, residual {}",
+            d.len(),
+            outcome.residual
+        ));
+    }
+    Ok(())
+}

@@ -193,6 +193,7 @@ fn standard_errors_and_probes() {
     ok(sd_probe_commands(&mut t));
     ok(multi_block_and_residual(&mut t, 4096));
     ok(unknown_vendor_opcode(&mut t, 0xC3));
+    ok(transfer_length_mismatches(&mut t, 8192));
 }
 
 #[test]
@@ -378,10 +379,11 @@ fn write_with_wrong_data_length_is_refused_and_stores_nothing() {
         blocks: 2,
         flags: RwFlags::default(),
     };
+    // As LIO (seen in the VM): INVALID FIELD IN COMMAND INFORMATION UNIT.
     ok(expect_check(
         run_out(&mut t, w, &[0xEE; 512]),
         SenseKey::ILLEGAL_REQUEST,
-        Asc::INVALID_FIELD_IN_CDB,
+        Asc::INVALID_FIELD_IN_COMMAND_IU,
         "WRITE of 2 blocks with 1 block of data",
     ));
     let r = Cdb::Read10 {
@@ -389,6 +391,13 @@ fn write_with_wrong_data_length_is_refused_and_stores_nothing() {
         blocks: 2,
         flags: RwFlags::default(),
     };
+    // A READ into a buffer shorter than the transfer: refused, as LIO does.
+    ok(expect_check(
+        run_in(&mut t, r, 512),
+        SenseKey::ILLEGAL_REQUEST,
+        Asc::INVALID_FIELD_IN_CDB,
+        "READ of 2 blocks into 1 block of buffer",
+    ));
     let (d, _) = run_in(&mut t, r, 1024).into_result().unwrap();
     assert!(d.iter().all(|&b| b == 0));
     assert_eq!(a.lun(0).unwrap().store().allocated(), 0);
@@ -638,7 +647,7 @@ fn cdb_errors_leave_a_unit_attention_pending() {
                 },
                 &[0; 512],
             ),
-            Asc::INVALID_FIELD_IN_CDB,
+            Asc::INVALID_FIELD_IN_COMMAND_IU,
             "WRITE with a short data-out",
         ),
         (
@@ -758,13 +767,18 @@ fn refused_transfers_carry_no_field_pointer() {
         flags: RwFlags::default(),
     };
     let long_write = run_out(&mut t, write, &[0; 1024]);
-    for (c, what) in [
-        (oversize, "oversize READ"),
-        (wrong_way, "READ with data-out"),
-        (long_write, "WRITE of 1 block with 2 blocks of data"),
+    let invalid = Asc::INVALID_FIELD_IN_CDB;
+    for (c, asc, what) in [
+        (oversize, invalid, "oversize READ"),
+        (wrong_way, invalid, "READ with data-out"),
+        (
+            long_write,
+            Asc::INVALID_FIELD_IN_COMMAND_IU,
+            "WRITE of 1 block with 2 blocks of data",
+        ),
     ] {
         let s = sense_of(c, what);
-        assert_eq!(s.asc, Asc::INVALID_FIELD_IN_CDB, "{what}");
+        assert_eq!(s.asc, asc, "{what}");
         assert_eq!(s.field_pointer(), None, "{what}");
         assert_eq!(s.sense_key_specific, None, "{what}");
     }

@@ -88,6 +88,7 @@ fn sbc_conformance_on_daemon_and_ramdisk_luns() {
         let mut t = sg(a);
         ok(standard_errors(&mut t));
         ok(multi_block_and_residual(&mut t, 4096));
+        ok(transfer_length_mismatches(&mut t, 8192));
     }
     // What the sd driver asks at attach time, answered by the daemon.
     ok(sd_probe_commands(&mut sg(&pairs[0].0)));
