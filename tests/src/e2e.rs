@@ -575,7 +575,8 @@ pub fn rig_mailbox(rig: &Arc<dyn Rig>, host: usize) -> VendorMailbox {
     VendorMailbox::new(paths).unwrap()
 }
 
-fn data_header(src: u32, dst: u32, seq: u64) -> Header {
+/// A DATA frame header from `src` to `dst`.
+pub fn data_header(src: u32, dst: u32, seq: u64) -> Header {
     Header {
         kind: Kind::DATA,
         src_port: src,

@@ -23,11 +23,11 @@ use sim_target::{
     Array, FaultControl, FaultPlan, FaultStats, FaultyTransport, Host, InProcOptions, LunConfig,
     StgMailbox, StgSpec,
 };
-use stp_core::auth::{FrameKey, Handshake, Role};
 use stp_core::conn::{Config, Stats};
 use stp_core::mailbox::{Mailbox, VendorMailbox};
 use stp_core::stream::{PathSource, StpListener, StpStream};
 use stp_core::vendor::MailboxError;
+use stp_tests::e2e::keys;
 
 /// Socket-level timeout for connect, accept and shutdown.
 const T: Duration = Duration::from_secs(10);
@@ -99,17 +99,6 @@ fn source(
             .collect();
         Ok(Box::new(VendorMailbox::new(paths)?))
     })
-}
-
-fn keys(seed: u64) -> (FrameKey, FrameKey) {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let c = Handshake::new(&mut rng);
-    let s = Handshake::new(&mut rng);
-    let (co, so) = (c.public(), s.public());
-    (
-        c.finish(&so, Role::Client, None).unwrap(),
-        s.finish(&co, Role::Server, None).unwrap(),
-    )
 }
 
 /// Small frames and windows so many are in flight; quick retransmission.

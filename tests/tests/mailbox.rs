@@ -12,8 +12,8 @@ use stp_core::auth::{Handshake, Role};
 use stp_core::frame::{open, OutFrame};
 use stp_core::mailbox::VendorMailbox;
 use stp_core::vendor::MailboxError;
-use stp_core::wire::{Frames, Header, Kind};
-use stp_tests::e2e;
+use stp_core::wire::Frames;
+use stp_tests::e2e::{self, data_header};
 use stp_tests::rig::inproc;
 
 fn array_with_stg(members: u64) -> Array {
@@ -44,17 +44,6 @@ fn keys() -> (stp_core::auth::FrameKey, stp_core::auth::FrameKey) {
     let kc = client.finish(&so, Role::Client, Some(b"lab psk")).unwrap();
     let ks = server.finish(&co, Role::Server, Some(b"lab psk")).unwrap();
     (kc, ks)
-}
-
-fn data_header(src: u32, dst: u32, seq: u64) -> Header {
-    Header {
-        kind: Kind::DATA,
-        src_port: src,
-        dst_port: dst,
-        conn_id: 0xC0FFEE,
-        seq,
-        ..Header::default()
-    }
 }
 
 #[test]
