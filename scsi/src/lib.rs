@@ -11,14 +11,17 @@
 //! * [`Transport`] — one path to one logical unit. Commands own their
 //!   page-aligned [`IoBuf`] while in flight; completions may arrive out of
 //!   order. [`sg::SgDevice`] is the synchronous SG_IO implementation; the
-//!   simulated array's in-process front end is another.
+//!   simulated array's in-process front end is another. [`uring::UringSg`]
+//!   drives `/dev/sgN` asynchronously through io_uring (queue depths above
+//!   16 use several fds); [`open_best`] picks it or falls back to `SG_IO`.
 //! * [`discovery`] — enumerates `/sys/class/scsi_generic` and identifies a
 //!   logical unit by its VPD 0x83 designators, the identity that survives
 //!   device renaming across hosts.
 //!
 //! Invariants: parsers never panic on any input (each module states its
 //! no-panic contract and property tests hold it); `unsafe` lives only in
-//! [`sg`], at the ioctl boundary.
+//! [`sg`], at the ioctl boundary, and [`uring`], where io_uring entries and
+//! `read(2)` carry raw pointers to headers and buffers.
 
 pub mod buf;
 pub mod cdb;
@@ -29,6 +32,7 @@ pub mod sense;
 pub mod sg;
 pub mod status;
 pub mod transport;
+pub mod uring;
 
 pub use buf::IoBuf;
 pub use cdb::Cdb;
@@ -38,3 +42,4 @@ pub use status::{DriverStatus, HostStatus, ScsiStatus};
 pub use transport::{
     CdbBuf, Command, CommandError, Completion, DataDirection, Outcome, SubmitError, Transport,
 };
+pub use uring::{open_best, BestPath, Engine, UringSg};

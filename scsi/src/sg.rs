@@ -427,7 +427,7 @@ mod ffi {
 }
 
 /// Asks the driver behind `fd` for its sg version number.
-fn sg_version(fd: BorrowedFd<'_>) -> io::Result<u32> {
+pub(crate) fn sg_version(fd: BorrowedFd<'_>) -> io::Result<u32> {
     let mut version: c_int = 0;
     // SAFETY: request 0x2282 belongs to the sg ioctl range (type 0x22,
     // reserved for <scsi/sg.h>); sg and the block layer write one int through

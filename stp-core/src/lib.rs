@@ -15,6 +15,8 @@
 //! * [`stg`] — transport groups and the configuration file.
 //! * [`mailbox`] — the host side of the STG mailbox (vendor mode).
 //! * [`conn`] — the sans-IO connection state machine.
+//! * [`engine`] — transport policies: retrying commands the device refused
+//!   unexecuted (UNIT ATTENTION, BUSY, TASK SET FULL) and striping.
 //! * [`stream`] — blocking `StpListener` / `StpStream` (Read + Write) over
 //!   the vendor mailbox.
 //! * [`block`] — block mode: STP over plain READ(16)/WRITE(16) on shared LUNs.
@@ -26,6 +28,7 @@ pub use scsi;
 pub mod auth;
 pub mod block;
 pub mod conn;
+pub mod engine;
 pub mod flows;
 pub mod frame;
 pub mod mailbox;

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod probe;
 
 /// STP moves bulk data between two hosts through the storage array they
@@ -20,12 +21,16 @@ enum Command {
     /// List SCSI logical units and their identities (INQUIRY, VPD 0x80/0x83,
     /// capacity), from /dev/sg* or from the embedded simulated array.
     Probe(probe::ProbeArgs),
+    /// Measure throughput, latency percentiles and CPU cost: raw SCSI I/O,
+    /// STP streams through the array, TCP on loopback, or several compared.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Probe(args) => probe::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,389 @@
+//! The io_uring sg engine (`scsi::uring::UringSg`) against real LIO: the
+//! shared conformance bodies through it, deep queues over several sg fds,
+//! 1 MiB transfers with direct I/O, and a rough comparison with fio's sg
+//! engine on the same LUN (printed, never asserted).
+//!
+//! Ignored in a plain `cargo test`: run in the VM after `stg-up`, e.g.
+//! `cargo test -p stp-tests --test lio_engine -- --ignored --nocapture
+//! --test-threads 1`.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use scsi::cdb::{Cdb, RwFlags};
+use scsi::uring::{open_best, Engine, UringSg};
+use scsi::{Command, Completion, IoBuf, Transport};
+use stp_core::engine::{RetryPolicy, Retrying};
+use stp_tests::rig::LioRig;
+use stp_tests::*;
+
+/// Deeper than one sg fd takes (16): the engine opens two.
+const DEPTH: usize = 32;
+
+fn ok(c: Check) {
+    if let Err(e) = c {
+        panic!("{e}");
+    }
+}
+
+fn uring(path: &Path, depth: usize) -> UringSg {
+    let t = UringSg::open(path, depth).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("opened {}", t.describe());
+    t
+}
+
+fn paths() -> (LioRig, PathBuf, PathBuf, PathBuf, PathBuf) {
+    let lio = LioRig::load_env();
+    let r0 = lio.plain_path(0).unwrap();
+    let r1 = lio.plain_path(1).unwrap();
+    let s0 = lio.member_path(0, 0).unwrap();
+    let s1 = lio.member_path(1, 0).unwrap();
+    (lio, r0, r1, s0, s1)
+}
+
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn engine_conformance_on_ramdisk_and_stg_member() {
+    let (_lio, r0, r1, s0, s1) = paths();
+    for (a, b) in [(&r0, &r1), (&s0, &s1)] {
+        eprintln!("engine conformance on {} / {}", a.display(), b.display());
+        // A fresh path starts with a UNIT ATTENTION (REPORTED LUNS DATA
+        // HAS CHANGED); the retry policy takes it.
+        let ua = RetryPolicy::default();
+        let mut ta = Retrying::new(uring(a, DEPTH), ua);
+        let mut tb = Retrying::new(uring(b, DEPTH), ua);
+        assert_eq!(ta.inner().fd_count(), 2);
+        assert_eq!(ta.queue_depth(), DEPTH);
+        ok(write_here_read_there(&mut ta, &mut tb, 2000, 256, DEPTH));
+        ok(multi_block_and_residual(&mut ta, 8192));
+        ok(standard_errors(&mut ta));
+        assert_eq!(ta.in_flight(), 0);
+        assert_eq!(tb.in_flight(), 0);
+        eprintln!(
+            "  DIO stats (direct, copied): writer {:?}, reader {:?}; retries {} / {}",
+            ta.inner().direct_io_stats(),
+            tb.inner().direct_io_stats(),
+            ta.retries(),
+            tb.retries()
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn open_best_picks_the_engine_for_sg_nodes() {
+    let (lio, r0, ..) = paths();
+    let best = open_best(&r0, 64).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("open_best({}): {}", r0.display(), best.reason);
+    assert_eq!(best.engine, Engine::UringSg);
+    assert_eq!(best.transport.queue_depth(), 64);
+    assert!(best.transport.describe().contains("4 fd(s)"));
+    // A block node speaks SG_IO but not the sg write/read interface.
+    let block = lio
+        .map()
+        .hosts
+        .iter()
+        .flat_map(|h| &h.luns)
+        .find_map(|l| l.block.clone());
+    if let Some(block) = block {
+        let best = open_best(&block, 64).unwrap_or_else(|e| panic!("{e}"));
+        eprintln!("open_best({}): {}", block.display(), best.reason);
+        assert_eq!(best.engine, Engine::SyncSgIo);
+        assert!(
+            best.reason.contains("not a SCSI generic"),
+            "{}",
+            best.reason
+        );
+    }
+}
+
+fn write16(lba: u64, blocks: u32, data: IoBuf, tag: u64) -> Command {
+    let cdb = Cdb::Write16 {
+        lba,
+        blocks,
+        flags: RwFlags::default(),
+    };
+    Command::data_out(cdb.emit(), data).with_tag(tag)
+}
+
+fn read16(lba: u64, blocks: u32, len: usize, tag: u64) -> Command {
+    let cdb = Cdb::Read16 {
+        lba,
+        blocks,
+        flags: RwFlags::default(),
+    };
+    Command::data_in(cdb.emit(), len).with_tag(tag)
+}
+
+fn fill(tag: u64, len: usize) -> IoBuf {
+    let mut b = IoBuf::new(len);
+    let mut x = tag.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for chunk in b.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let n = chunk.len();
+        chunk.copy_from_slice(&x.to_le_bytes()[..n]);
+    }
+    b
+}
+
+/// Runs `cmds` through `t` with up to `depth` in flight; returns every
+/// completion (checked to be GOOD), and how many arrived out of order.
+fn pipeline(t: &mut dyn Transport, cmds: Vec<Command>, depth: usize) -> (Vec<(u64, IoBuf)>, usize) {
+    let total = cmds.len();
+    let mut cmds = cmds.into_iter();
+    let mut sent = Vec::new();
+    let mut done = Vec::with_capacity(total);
+    let mut out = Vec::new();
+    let mut reordered = 0;
+    while done.len() < total {
+        while t.in_flight() < depth {
+            let Some(c) = cmds.next() else { break };
+            sent.push(c.tag);
+            t.submit(c).unwrap_or_else(|e| panic!("{e}"));
+        }
+        out.clear();
+        t.reap(&mut out, Some(Duration::from_secs(60)))
+            .unwrap_or_else(|e| panic!("reap: {e}"));
+        assert!(!out.is_empty(), "no completion within 60 s");
+        for c in out.drain(..) {
+            let Completion { tag, .. } = c;
+            if sent.get(done.len()) != Some(&tag) {
+                reordered += 1;
+            }
+            let (data, _) = c
+                .into_result()
+                .unwrap_or_else(|e| panic!("command {tag}: {e}"));
+            done.push((tag, data));
+        }
+    }
+    (done, reordered)
+}
+
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn one_mib_transfers_at_depth_8_with_direct_io() {
+    let (_lio, r0, r1, ..) = paths();
+    let mut a = uring(&r0, 8);
+    let mut b = uring(&r1, 8);
+    let (_, bs) = capacity(&mut a).unwrap();
+    let len = 1 << 20;
+    let blocks = (len / bs as usize) as u32;
+    let n = 64u64;
+    let base = 100_000u64;
+    let writes = (0..n)
+        .map(|i| write16(base + i * u64::from(blocks), blocks, fill(i, len), i))
+        .collect();
+    let (done, _) = pipeline(&mut a, writes, 8);
+    assert_eq!(done.len(), n as usize);
+    let reads = (0..n)
+        .map(|i| read16(base + i * u64::from(blocks), blocks, len, i))
+        .collect();
+    let (done, reordered) = pipeline(&mut b, reads, 8);
+    for (tag, data) in &done {
+        assert!(data[..] == fill(*tag, len)[..], "1 MiB block {tag} differs");
+    }
+    let seen: HashSet<u64> = done.iter().map(|(t, _)| *t).collect();
+    assert_eq!(seen.len(), n as usize);
+    eprintln!(
+        "1 MiB x {n}: writer DIO {:?} ({}), reader DIO {:?}, {reordered} reads out of order",
+        a.direct_io_stats(),
+        a.direct_io(),
+        b.direct_io_stats()
+    );
+    if a.direct_io().is_enabled() {
+        let (direct, copied) = a.direct_io_stats();
+        assert!(
+            direct >= n,
+            "direct I/O requested but not used: {direct} direct, {copied} copied"
+        );
+        assert!(b.direct_io_stats().0 >= n);
+    } else {
+        panic!("direct I/O is off in the VM (root): {}", a.direct_io());
+    }
+}
+
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn mixed_sizes_complete_out_of_order_across_fds() {
+    let (_lio, r0, ..) = paths();
+    let mut t = uring(&r0, 48);
+    assert_eq!(t.fd_count(), 3);
+    let (_, bs) = capacity(&mut t).unwrap();
+    let big = 1 << 20;
+    // Large writes interleaved with small reads: small ones overtake.
+    let mut cmds = Vec::new();
+    for i in 0..96u64 {
+        if i % 3 == 0 {
+            cmds.push(write16(
+                200_000 + (i / 3) * 2048,
+                (big / bs as usize) as u32,
+                fill(i, big),
+                i,
+            ));
+        } else {
+            cmds.push(read16(i, 1, bs as usize, i));
+        }
+    }
+    let (done, reordered) = pipeline(&mut t, cmds, 48);
+    let seen: HashSet<u64> = done.iter().map(|(tag, _)| *tag).collect();
+    assert_eq!(seen.len(), 96, "each tag exactly once");
+    eprintln!("mixed: {reordered} of 96 completions out of submission order");
+    assert_eq!(t.in_flight(), 0);
+    // Cancel with nothing in flight returns nothing.
+    assert!(t.cancel(Duration::ZERO).is_empty());
+
+    // Cancel with 1 MiB writes in flight: with a grace period every one
+    // completes normally; without, each comes back once, completed or
+    // abandoned (buffer leaked, outcome unknown), and nothing crashes.
+    for grace in [Duration::from_secs(30), Duration::ZERO] {
+        let mut t = uring(&r0, 32);
+        for i in 0..32u64 {
+            t.submit(write16(
+                300_000 + i * 2048,
+                (big / bs as usize) as u32,
+                fill(i, big),
+                i,
+            ))
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let mut out = Vec::new();
+        t.reap(&mut out, Some(Duration::ZERO)).unwrap();
+        let early = out.len();
+        let rest = t.cancel(grace);
+        let abandoned = rest.iter().filter(|c| c.result.is_err()).count();
+        eprintln!(
+            "cancel(grace {grace:?}): {early} reaped before, {} at cancel, {abandoned} abandoned",
+            rest.len()
+        );
+        assert_eq!(early + rest.len(), 32);
+        if !grace.is_zero() {
+            assert_eq!(abandoned, 0);
+        }
+    }
+}
+
+/// A rough throughput run: `secs` seconds of writes of `len` bytes at
+/// `depth`, random 4 KiB-aligned LBAs within the first `span` bytes when
+/// `random`. Returns (IOPS, MB/s).
+fn run_writes(
+    t: &mut dyn Transport,
+    bs: u32,
+    len: usize,
+    depth: usize,
+    random: bool,
+    span: u64,
+    secs: f64,
+) -> (f64, f64) {
+    let blocks = (len / bs as usize) as u32;
+    let slots = span / len as u64;
+    let mut x = 0x1234_5678_9ABC_DEF1u64;
+    let mut seq = 0u64;
+    let mut pool: Vec<IoBuf> = (0..depth).map(|i| fill(i as u64, len)).collect();
+    let mut out = Vec::new();
+    let start = Instant::now();
+    let mut n = 0u64;
+    loop {
+        let elapsed = start.elapsed().as_secs_f64();
+        let stop = elapsed >= secs;
+        while !stop && t.in_flight() < depth {
+            let slot = if random {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x % slots
+            } else {
+                seq = (seq + 1) % slots;
+                seq
+            };
+            let lba = slot * u64::from(blocks);
+            let buf = pool.pop().unwrap_or_else(|| IoBuf::new(len));
+            t.submit(write16(lba, blocks, buf, lba))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        if stop && t.in_flight() == 0 {
+            break;
+        }
+        out.clear();
+        t.reap(&mut out, Some(Duration::from_secs(30)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        for c in out.drain(..) {
+            let (mut data, _) = c.into_result().unwrap_or_else(|e| panic!("{e}"));
+            data.resize(len);
+            pool.push(data);
+            n += 1;
+        }
+    }
+    let s = start.elapsed().as_secs_f64();
+    (n as f64 / s, n as f64 * len as f64 / s / 1e6)
+}
+
+/// fio's sg engine on the same LUN: (IOPS, MB/s).
+fn fio(sg: &Path, rw: &str, bs: &str, depth: usize, span: u64, secs: u32) -> Option<(f64, f64)> {
+    let out = std::process::Command::new("fio")
+        .args([
+            "--name=cmp",
+            &format!("--filename={}", sg.display()),
+            "--ioengine=sg",
+            &format!("--rw={rw}"),
+            &format!("--bs={bs}"),
+            &format!("--iodepth={depth}"),
+            &format!("--size={span}"),
+            &format!("--runtime={secs}"),
+            "--time_based",
+            "--randrepeat=0",
+            "--output-format=json",
+        ])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json = &text[text.find('{')?..];
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    let w = &v["jobs"][0]["write"];
+    Some((w["iops"].as_f64()?, w["bw_bytes"].as_f64()? / 1e6))
+}
+
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn rough_comparison_with_fio_sg() {
+    let (_lio, r0, ..) = paths();
+    let span = 64u64 << 20;
+    let secs = 4;
+    let mut rows = Vec::new();
+    for (what, len, depth, random, rw, bsname) in [
+        (
+            "4 KiB random writes QD16",
+            4096usize,
+            16usize,
+            true,
+            "randwrite",
+            "4k",
+        ),
+        ("1 MiB writes QD8", 1 << 20, 8, false, "write", "1m"),
+    ] {
+        let mut t = uring(&r0, depth);
+        let (_, bs) = capacity(&mut t).unwrap();
+        let (iops, mbs) = run_writes(&mut t, bs, len, depth, random, span, f64::from(secs));
+        let dio = t.direct_io_stats();
+        drop(t);
+        let f = fio(&r0, rw, bsname, depth, span, secs);
+        match f {
+            Some((fiops, fmbs)) => rows.push(format!(
+                "{what}: engine {iops:.0} IOPS {mbs:.1} MB/s (DIO {dio:?}); fio sg {fiops:.0} IOPS {fmbs:.1} MB/s; ratio {:.2}x",
+                iops / fiops.max(1e-9)
+            )),
+            None => rows.push(format!(
+                "{what}: engine {iops:.0} IOPS {mbs:.1} MB/s (DIO {dio:?}); fio sg unavailable"
+            )),
+        }
+    }
+    for r in rows {
+        eprintln!("BENCH {r}");
+    }
+}

@@ -1,0 +1,636 @@
+//! `stp bench`: throughput, latency percentiles and CPU cost of raw SCSI
+//! I/O, of STP streams through the array, and of TCP on loopback.
+//!
+//! Every mode produces one [`Report`]: printed as text, or as JSON with
+//! `--json`; its latency histogram can be written as a classic `.hgrm`
+//! file (`--hgrm`) and as an SVG percentile plot (`--plot`).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use hdrhistogram::Histogram;
+use scsi::sg::SgDevice;
+use scsi::Transport;
+use serde::Serialize;
+
+mod hist;
+mod net;
+mod raw;
+mod units;
+
+use hist::{distribution, CpuTime, Percentiles};
+
+/// The version of the JSON output's shape.
+pub const SCHEMA: u32 = 1;
+
+/// Opens the path to a LUN that every bench mode uses: today synchronous
+/// `SG_IO` on `/dev/sgN`. `depth` is what the caller wants in flight; a
+/// transport that queues (the coming io_uring one) sizes itself from it.
+/// This is the one place to switch transports.
+pub fn open_path(path: &Path, depth: usize) -> Result<Box<dyn Transport>> {
+    let _ = depth;
+    if !path.exists() {
+        bail!("{}: no such device", path.display());
+    }
+    let dev = SgDevice::open(path).with_context(|| {
+        format!(
+            "cannot open {} as a SCSI generic device (use a /dev/sgN path; `stp probe` lists them)",
+            path.display()
+        )
+    })?;
+    Ok(Box::new(dev))
+}
+
+/// Opens `path` for one submitting thread with up to `depth` commands in
+/// flight: the io_uring sg engine where it works, else synchronous SG_IO;
+/// says which on stderr and why.
+pub fn open_engine(path: &Path, depth: usize) -> Result<Box<dyn Transport>> {
+    if !path.exists() {
+        bail!("{}: no such device", path.display());
+    }
+    let best = scsi::open_best(path, depth).with_context(|| {
+        format!(
+            "cannot open {} as a SCSI generic device (use a /dev/sgN path; `stp probe` lists them)",
+            path.display()
+        )
+    })?;
+    eprintln!("{}: {}", path.display(), best.reason);
+    Ok(best.transport)
+}
+
+/// Options of `stp bench`.
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Run `stp bench <MODE> --help` for each mode's options and defaults.\n\
+Latency percentiles come from an HDR histogram (3 significant digits); CPU is\n\
+getrusage(RUSAGE_SELF) user+sys of this whole process (with --sim that includes\n\
+the simulated array and both STP hosts) per GB moved."
+)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand, Debug)]
+enum Mode {
+    /// READ/WRITE straight at LUNs (devices or --sim), pipelined to --depth.
+    Raw(raw::RawArgs),
+    /// One-way goodput or ping-pong latency over an STP connection between
+    /// two hosts through the array (vendor or block mode).
+    Stp(net::StpArgs),
+    /// The same goodput or ping-pong over TCP on loopback.
+    Tcp(net::TcpArgs),
+    /// Run several modes in one go and print their ratios.
+    Compare(CompareArgs),
+}
+
+/// Output options shared by every mode.
+#[derive(Args, Debug, Clone, Default)]
+pub struct OutArgs {
+    /// Print one JSON document on stdout (implies no progress line).
+    #[arg(long)]
+    pub json: bool,
+    /// No progress line and no notes on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Write the latency distribution here in HdrHistogram's .hgrm text format.
+    #[arg(long, value_name = "FILE")]
+    pub hgrm: Option<PathBuf>,
+    /// Write a latency-by-percentile plot here (SVG).
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+}
+
+impl OutArgs {
+    /// True when stderr should carry nothing but errors.
+    pub fn silent(&self) -> bool {
+        self.json || self.quiet
+    }
+}
+
+/// CPU cost of a run.
+#[derive(Serialize, Debug, Clone, Copy)]
+pub struct Cpu {
+    /// User seconds.
+    pub user_s: f64,
+    /// System seconds.
+    pub sys_s: f64,
+    /// (user + sys) seconds per 10^9 bytes moved.
+    pub s_per_gb: f64,
+}
+
+/// What a `--verify` run checked.
+#[derive(Serialize, Debug, Clone, Copy)]
+pub struct Verified {
+    /// Bytes compared against the pattern.
+    pub bytes: u64,
+    /// Mismatches (a mismatch fails the run, so a report carries 0).
+    pub errors: u64,
+}
+
+/// The result of one run.
+#[derive(Serialize, Debug)]
+pub struct Report {
+    /// [`SCHEMA`].
+    pub schema: u32,
+    /// `raw`, `stp` or `tcp`.
+    pub mode: String,
+    /// What ran: the raw pattern, or `goodput` / `rtt`.
+    pub test: String,
+    /// The transport underneath.
+    pub transport: String,
+    /// Every path used, as its transport describes itself.
+    pub paths: Vec<String>,
+    /// The run's settings.
+    pub params: serde_json::Value,
+    /// Operations timed (commands, writes, round trips).
+    pub ops: u64,
+    /// Payload bytes moved.
+    pub bytes: u64,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+    /// Operations per second.
+    pub iops: f64,
+    /// Payload megabytes (10^6) per second.
+    pub mb_per_s: f64,
+    /// CPU cost.
+    pub cpu: Cpu,
+    /// Latency per operation, microseconds.
+    pub latency_us: Percentiles,
+    /// Present with --verify.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify: Option<Verified>,
+    /// The latency histogram, nanoseconds.
+    #[serde(skip)]
+    pub hist: Histogram<u64>,
+}
+
+impl Report {
+    /// Builds a report and derives its rates.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        mode: &str,
+        test: &str,
+        transport: &str,
+        paths: Vec<String>,
+        params: serde_json::Value,
+        ops: u64,
+        bytes: u64,
+        elapsed: Duration,
+        cpu: CpuTime,
+        hist: Histogram<u64>,
+        verify: Option<Verified>,
+    ) -> Report {
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        let cpu_total = cpu.user + cpu.sys;
+        Report {
+            schema: SCHEMA,
+            mode: mode.into(),
+            test: test.into(),
+            transport: transport.into(),
+            paths,
+            params,
+            ops,
+            bytes,
+            seconds: secs,
+            iops: ops as f64 / secs,
+            mb_per_s: bytes as f64 / secs / 1e6,
+            cpu: Cpu {
+                user_s: cpu.user,
+                sys_s: cpu.sys,
+                s_per_gb: if bytes == 0 {
+                    0.0
+                } else {
+                    cpu_total / (bytes as f64 / 1e9)
+                },
+            },
+            latency_us: Percentiles::of(&hist),
+            verify,
+            hist,
+        }
+    }
+
+    /// A short name for tables and plots.
+    pub fn label(&self) -> String {
+        format!("{} {} ({})", self.mode, self.test, self.transport)
+    }
+
+    fn print_text(&self) {
+        let l = &self.latency_us;
+        println!("{}", self.label());
+        for p in &self.paths {
+            println!("  path        {p}");
+        }
+        println!(
+            "  moved       {} in {:.2} s: {:.1} MB/s, {:.0} ops/s",
+            units::human_bytes(self.bytes),
+            self.seconds,
+            self.mb_per_s,
+            self.iops
+        );
+        println!(
+            "  latency µs  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  (n={})",
+            l.p50, l.p90, l.p99, l.p999, l.max, l.count
+        );
+        println!(
+            "  cpu         user {:.2} s, sys {:.2} s: {:.2} CPU-s/GB",
+            self.cpu.user_s, self.cpu.sys_s, self.cpu.s_per_gb
+        );
+        if let Some(v) = &self.verify {
+            println!(
+                "  verify      {} checked, {} errors",
+                units::human_bytes(v.bytes),
+                v.errors
+            );
+        }
+    }
+}
+
+/// Writes the `--hgrm` and `--plot` files for `reports`.
+fn write_files(out: &OutArgs, title: &str, reports: &[&Report]) -> Result<()> {
+    if let Some(path) = &out.hgrm {
+        // One file; with several runs, one section per run.
+        let mut text = String::new();
+        for r in reports {
+            if reports.len() > 1 {
+                text.push_str(&format!("# {}\n", r.label()));
+            }
+            text.push_str(&hist::hgrm(&r.hist));
+        }
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &out.plot {
+        let series: Vec<_> = reports
+            .iter()
+            .map(|r| (r.label(), distribution(&r.hist)))
+            .collect();
+        std::fs::write(path, hist::svg(title, &series))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn emit(out: &OutArgs, report: &Report) -> Result<()> {
+    write_files(
+        out,
+        &format!("{} latency by percentile", report.label()),
+        &[report],
+    )?;
+    if out.json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        report.print_text();
+    }
+    Ok(())
+}
+
+/// Options of `stp bench compare`.
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Example: stp bench compare --modes raw,stp,tcp --bytes 64m\n\n\
+raw writes --bytes sequentially in --bs commands to a simulated LUN (or the\n\
+given --device); stp and tcp send --bytes one way (or ping-pong with --rtt).\n\
+Ratios are against the first mode."
+)]
+pub struct CompareArgs {
+    /// Modes to run, in order, comma-separated: raw, stp, tcp.
+    #[arg(long, value_delimiter = ',', default_value = "raw,stp,tcp")]
+    modes: Vec<CompareMode>,
+    /// Bytes each mode moves.
+    #[arg(long, default_value = "64m", value_parser = units::parse_nonzero_size)]
+    bytes: u64,
+    /// Bytes per raw command.
+    #[arg(long, default_value = "1m", value_parser = units::parse_nonzero_size)]
+    bs: u64,
+    /// Raw commands in flight.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    depth: u64,
+    /// STP mailbox mode.
+    #[arg(long, value_enum, default_value_t = net::MailboxMode::Vendor)]
+    mode: net::MailboxMode,
+    /// Compare ping-pong latency (--msg bytes each way) instead of goodput; raw
+    /// then does 1-command-deep --msg-sized (rounded up to 512) writes.
+    #[arg(long)]
+    rtt: bool,
+    /// Message size with --rtt.
+    #[arg(long, default_value = "64", value_parser = units::parse_nonzero_size)]
+    msg: u64,
+    /// Round trips with --rtt.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    count: u64,
+    /// Raw mode on this device instead of the simulated array (DESTROYS DATA).
+    #[arg(long)]
+    device: Option<PathBuf>,
+    /// STP over real devices described by this map instead of the simulated array.
+    #[arg(long, value_name = "FILE")]
+    map: Option<PathBuf>,
+    /// Output options.
+    #[command(flatten)]
+    out: OutArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum CompareMode {
+    Raw,
+    Stp,
+    Tcp,
+}
+
+/// One ratio between two runs.
+#[derive(Serialize, Debug)]
+struct Ratio {
+    /// The run compared.
+    of: String,
+    /// The run it is compared with (the first).
+    to: String,
+    /// Throughput ratio.
+    mb_per_s: f64,
+    /// Median latency ratio.
+    p50: f64,
+    /// p99 latency ratio.
+    p99: f64,
+    /// CPU per GB ratio.
+    cpu_s_per_gb: f64,
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
+fn compare(args: &CompareArgs) -> Result<()> {
+    if args.modes.is_empty() {
+        bail!("--modes needs at least one of raw, stp, tcp");
+    }
+    let quiet_out = OutArgs {
+        json: args.out.json,
+        quiet: args.out.quiet,
+        hgrm: None,
+        plot: None,
+    };
+    let mut reports = Vec::new();
+    for m in &args.modes {
+        let r = match m {
+            CompareMode::Raw => {
+                let (bs, depth) = if args.rtt {
+                    (args.msg.div_ceil(512) * 512, 1)
+                } else {
+                    (args.bs, args.depth)
+                };
+                let bytes = if args.rtt {
+                    bs * args.count
+                } else {
+                    args.bytes.div_ceil(bs) * bs
+                };
+                raw::run(&raw::RawArgs {
+                    sim: args.device.is_none(),
+                    sim_luns: 1,
+                    sim_lun_size: bytes.clamp(bs, 256 << 20),
+                    bs,
+                    depth,
+                    rw: raw::Rw::Write,
+                    time: None,
+                    size: Some(bytes),
+                    span: 1 << 30,
+                    verify: false,
+                    out: quiet_out.clone(),
+                    devices: args.device.iter().cloned().collect(),
+                })?
+            }
+            CompareMode::Stp => net::run_stp(&net::StpArgs {
+                sim: args.map.is_none(),
+                map: args.map.clone(),
+                mode: args.mode,
+                members: 4,
+                net: net::NetArgs {
+                    bytes: args.bytes,
+                    chunk: 1 << 20,
+                    rtt: args.rtt,
+                    msg: args.msg,
+                    count: args.count,
+                    time: None,
+                    out: quiet_out.clone(),
+                },
+            })?,
+            CompareMode::Tcp => net::run_tcp(&net::TcpArgs {
+                net: net::NetArgs {
+                    bytes: args.bytes,
+                    chunk: 1 << 20,
+                    rtt: args.rtt,
+                    msg: args.msg,
+                    count: args.count,
+                    time: None,
+                    out: quiet_out.clone(),
+                },
+            })?,
+        };
+        reports.push(r);
+    }
+    let base = &reports[0];
+    let ratios: Vec<Ratio> = reports
+        .iter()
+        .skip(1)
+        .map(|r| Ratio {
+            of: r.label(),
+            to: base.label(),
+            mb_per_s: ratio(r.mb_per_s, base.mb_per_s),
+            p50: ratio(r.latency_us.p50, base.latency_us.p50),
+            p99: ratio(r.latency_us.p99, base.latency_us.p99),
+            cpu_s_per_gb: ratio(r.cpu.s_per_gb, base.cpu.s_per_gb),
+        })
+        .collect();
+    let refs: Vec<&Report> = reports.iter().collect();
+    write_files(&args.out, "latency by percentile", &refs)?;
+    if args.out.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "schema": SCHEMA,
+                "runs": reports,
+                "ratios": ratios,
+            }))?
+        );
+        return Ok(());
+    }
+    for r in &reports {
+        r.print_text();
+    }
+    println!();
+    let w = reports.iter().map(|r| r.label().len()).max().unwrap_or(3);
+    println!(
+        "{:<w$} {:>10} {:>10} {:>10} {:>10}   {:>8} {:>8} {:>8}",
+        "run", "MB/s", "p50 µs", "p99 µs", "CPU-s/GB", "×MB/s", "×p50", "×CPU"
+    );
+    for r in &reports {
+        println!(
+            "{:<w$} {:>10.1} {:>10.1} {:>10.1} {:>10.2}   {:>8.2} {:>8.2} {:>8.2}",
+            r.label(),
+            r.mb_per_s,
+            r.latency_us.p50,
+            r.latency_us.p99,
+            r.cpu.s_per_gb,
+            ratio(r.mb_per_s, base.mb_per_s),
+            ratio(r.latency_us.p50, base.latency_us.p50),
+            ratio(r.cpu.s_per_gb, base.cpu.s_per_gb),
+        );
+    }
+    println!("(ratios against {})", base.label());
+    Ok(())
+}
+
+/// Runs `stp bench`.
+pub fn run(args: &BenchArgs) -> Result<ExitCode> {
+    match &args.mode {
+        Mode::Raw(a) => emit(&a.out, &raw::run(a)?)?,
+        Mode::Stp(a) => emit(&a.net.out, &net::run_stp(a)?)?,
+        Mode::Tcp(a) => emit(&a.net.out, &net::run_tcp(a)?)?,
+        Mode::Compare(a) => compare(a)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<BenchArgs, clap::Error> {
+        let mut v = vec!["bench"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v).map(|c| c.bench)
+    }
+
+    #[test]
+    fn raw_arguments() {
+        let a = parse(&[
+            "raw",
+            "--sim",
+            "--bs",
+            "1m",
+            "--depth",
+            "8",
+            "--rw",
+            "randwrite",
+            "--time",
+            "2s",
+        ])
+        .unwrap();
+        let Mode::Raw(r) = a.mode else { panic!() };
+        assert_eq!(r.bs, 1 << 20);
+        assert_eq!(r.depth, 8);
+        assert_eq!(r.rw, raw::Rw::Randwrite);
+        assert_eq!(r.time, Some(Duration::from_secs(2)));
+        let a = parse(&["raw", "/dev/sg1", "/dev/sg2", "--size", "4g", "--json"]).unwrap();
+        let Mode::Raw(r) = a.mode else { panic!() };
+        assert_eq!(r.devices.len(), 2);
+        assert_eq!(r.size, Some(4 << 30));
+        assert_eq!(r.rw, raw::Rw::Randread);
+        assert!(r.out.json && r.out.silent());
+        for bad in [
+            &["raw", "--sim", "--bs", "0"][..],
+            &["raw", "--sim", "--depth", "0"],
+            &["raw", "--sim", "--rw", "sideways"],
+            &["raw", "--sim", "--time", "10s", "--size", "1g"],
+            &["raw", "--sim", "--time", "0s"],
+            &["raw", "--sim", "--bs", "4q"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn net_arguments() {
+        let a = parse(&["stp", "--sim", "--rtt", "--msg", "64", "--mode", "block"]).unwrap();
+        let Mode::Stp(s) = a.mode else { panic!() };
+        assert!(s.net.rtt && s.sim);
+        assert_eq!(s.net.msg, 64);
+        assert_eq!(s.mode, net::MailboxMode::Block);
+        let a = parse(&["tcp", "--bytes", "8m"]).unwrap();
+        let Mode::Tcp(t) = a.mode else { panic!() };
+        assert_eq!(t.net.bytes, 8 << 20);
+        assert!(parse(&["stp", "--sim", "--map", "x.json"]).is_err());
+        assert!(parse(&["stp", "--sim", "--mode", "carrier-pigeon"]).is_err());
+        assert!(parse(&["tcp", "--msg", "0"]).is_err());
+        let a = parse(&["compare", "--modes", "tcp,raw"]).unwrap();
+        let Mode::Compare(c) = a.mode else { panic!() };
+        assert_eq!(c.modes, [CompareMode::Tcp, CompareMode::Raw]);
+        assert!(parse(&["compare", "--modes", "raw,udp"]).is_err());
+    }
+
+    #[test]
+    fn unopenable_paths_are_errors() {
+        let e = open_path(Path::new("/nonexistent/sg9"), 1).err().unwrap();
+        assert!(e.to_string().contains("no such device"), "{e}");
+        let e = open_path(Path::new("/dev/null"), 1).err().unwrap();
+        assert!(format!("{e:#}").contains("SCSI generic"), "{e:#}");
+    }
+
+    #[test]
+    fn json_schema() {
+        let mut h = hist::new_histogram();
+        for us in [10u64, 20, 30, 400] {
+            hist::record(&mut h, Duration::from_micros(us));
+        }
+        let r = Report::new(
+            "raw",
+            "randread",
+            "in-process",
+            vec!["lun 0".into()],
+            serde_json::json!({"bs": 4096}),
+            4,
+            4 * 4096,
+            Duration::from_millis(10),
+            CpuTime {
+                user: 0.01,
+                sys: 0.0,
+            },
+            h,
+            None,
+        );
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        for key in [
+            "schema",
+            "mode",
+            "test",
+            "transport",
+            "paths",
+            "params",
+            "ops",
+            "bytes",
+            "seconds",
+            "iops",
+            "mb_per_s",
+            "cpu",
+            "latency_us",
+        ] {
+            assert!(v.get(key).is_some(), "missing {key}");
+        }
+        assert!(v.get("verify").is_none());
+        assert!(v.get("hist").is_none());
+        assert_eq!(v["schema"], SCHEMA);
+        assert!((v["iops"].as_f64().unwrap() - 400.0).abs() < 1.0);
+        assert!((v["mb_per_s"].as_f64().unwrap() - 1.6384).abs() < 0.01);
+        for key in ["user_s", "sys_s", "s_per_gb"] {
+            assert!(v["cpu"][key].is_number(), "cpu.{key}");
+        }
+        let l = &v["latency_us"];
+        for key in ["count", "min", "mean", "p50", "p90", "p99", "p999", "max"] {
+            assert!(l[key].is_number(), "latency_us.{key}");
+        }
+        assert!(l["p50"].as_f64() <= l["p99"].as_f64());
+        assert!(l["p99"].as_f64() <= l["max"].as_f64());
+        assert!((l["max"].as_f64().unwrap() - 400.0).abs() < 1.0);
+    }
+}

@@ -1,0 +1,627 @@
+//! `stp bench stp` and `stp bench tcp`: one-way goodput and ping-pong
+//! latency between two endpoints, over an STP connection through the array
+//! (host 0 listens, host 1 connects) or over TCP on loopback.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
+use rand::rngs::{OsRng, StdRng};
+use rand::{RngCore, SeedableRng};
+use scsi::Transport;
+use serde::Deserialize;
+use sim_target::{Array, Host, LunConfig, StgMailbox, StgSpec};
+use stp_core::auth::{FrameKey, Handshake, Role};
+use stp_core::block::{format, host_port, BlockStg};
+use stp_core::conn::Config;
+use stp_core::mailbox::{Mailbox, VendorMailbox};
+use stp_core::stg::BlockLayout;
+use stp_core::stream::{PathSource, StpListener, StpStream};
+use stp_core::vendor::MailboxError;
+
+use super::hist::{new_histogram, record, Counters, CpuTime, Progress};
+use super::units::{parse_duration, parse_nonzero_size};
+use super::{open_path, OutArgs, Report};
+
+/// The patience of every blocking step (connect, accept, shutdown).
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Goodput and ping-pong options shared by `stp` and `tcp`.
+#[derive(Args, Debug, Clone)]
+pub struct NetArgs {
+    /// Goodput: bytes host 1 sends to host 0 (timed from the first write
+    /// until host 0 confirms it has read them all).
+    #[arg(long, default_value = "64m", value_parser = parse_nonzero_size)]
+    pub bytes: u64,
+    /// Goodput: bytes per write() call; latency is per write.
+    #[arg(long, default_value = "1m", value_parser = parse_nonzero_size)]
+    pub chunk: u64,
+    /// Measure ping-pong latency instead: host 1 sends --msg bytes, host 0
+    /// echoes them, and each round trip is one sample.
+    #[arg(long)]
+    pub rtt: bool,
+    /// Ping-pong message size.
+    #[arg(long, default_value = "64", value_parser = parse_nonzero_size)]
+    pub msg: u64,
+    /// Ping-pong round trips (unless --time).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: u64,
+    /// Ping-pong for this long instead of --count round trips.
+    #[arg(long, value_parser = parse_duration)]
+    pub time: Option<Duration>,
+    /// Output options.
+    #[command(flatten)]
+    pub out: OutArgs,
+}
+
+/// Which STG mailbox carries the connection.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MailboxMode {
+    /// Vendor SCSI commands (SEND/RECEIVE) to the array's STG mailbox.
+    Vendor,
+    /// Rings on plain LBAs: READ(16)/WRITE(16) only, any array.
+    Block,
+}
+
+/// Options of `stp bench stp`.
+#[derive(Args, Debug, Clone)]
+#[command(after_help = "Examples:\n  stp bench stp --sim --bytes 256m\n  \
+stp bench stp --sim --rtt --msg 64 --count 5000\n  \
+stp bench stp --map /run/stp/sim-target.json --mode block --bytes 64m\n\n\
+With --map, block mode FORMATS the map's ramdisk LUN. CPU covers this whole\n\
+process: both hosts' stacks and, with --sim, the array.")]
+pub struct StpArgs {
+    /// Use the embedded in-process simulated array (an STG of --members
+    /// LUNs with the vendor mailbox, and a plain LUN for block mode).
+    #[arg(long, conflicts_with = "map")]
+    pub sim: bool,
+    /// Use real /dev/sg devices from the JSON map `sim-target/scripts/stg-up`
+    /// writes (e.g. /run/stp/sim-target.json).
+    #[arg(long, value_name = "FILE")]
+    pub map: Option<PathBuf>,
+    /// Mailbox mode.
+    #[arg(long, value_enum, default_value_t = MailboxMode::Vendor)]
+    pub mode: MailboxMode,
+    /// STG members with --sim (vendor mode); with --map the map says.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=16))]
+    pub members: u64,
+    /// Goodput and ping-pong options.
+    #[command(flatten)]
+    pub net: NetArgs,
+}
+
+/// Options of `stp bench tcp`.
+#[derive(Args, Debug, Clone)]
+#[command(
+    after_help = "Examples:\n  stp bench tcp --bytes 1g\n  stp bench tcp --rtt --msg 64\n\n\
+Both ends run in this process over 127.0.0.1 with TCP_NODELAY."
+)]
+pub struct TcpArgs {
+    /// Goodput and ping-pong options.
+    #[command(flatten)]
+    pub net: NetArgs,
+}
+
+/// A byte stream both benchmarks run over.
+trait Duplex: Read + Write + Send + 'static {
+    /// Ends the stream in order.
+    fn finish(&mut self) -> io::Result<()>;
+}
+
+impl Duplex for StpStream {
+    fn finish(&mut self) -> io::Result<()> {
+        self.shutdown(PATIENCE)
+    }
+}
+
+impl Duplex for TcpStream {
+    fn finish(&mut self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+
+/// What the client side measured.
+struct Measured {
+    ops: u64,
+    bytes: u64,
+    elapsed: Duration,
+    cpu: CpuTime,
+    hist: Histogram<u64>,
+}
+
+const TRAILER: &[u8; 4] = b"done";
+
+/// Host 0: reads `bytes` and confirms, or echoes messages until the end.
+fn serve<S: Duplex>(s: &mut S, net: &NetArgs) -> Result<()> {
+    if net.rtt {
+        let mut buf = vec![0u8; net.msg as usize];
+        loop {
+            match s.read_exact(&mut buf) {
+                Ok(()) => s.write_all(&buf).context("echoing")?,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(e).context("reading a ping"),
+            }
+        }
+    } else {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        while got < net.bytes {
+            let want = buf.len().min((net.bytes - got) as usize);
+            let n = s.read(&mut buf[..want]).context("receiving")?;
+            if n == 0 {
+                bail!("the sender closed after {got} of {} bytes", net.bytes);
+            }
+            got += n as u64;
+        }
+        s.write_all(TRAILER).context("confirming")?;
+        let mut rest = [0u8; 1];
+        // Wait for the sender's end of stream.
+        let _ = s.read(&mut rest);
+    }
+    s.finish().context("closing")?;
+    Ok(())
+}
+
+/// Host 1: sends, timing each write (goodput) or each round trip.
+fn client<C: Duplex>(c: &mut C, net: &NetArgs, counters: &Counters) -> Result<Measured> {
+    let mut hist = new_histogram();
+    let (mut ops, mut bytes) = (0u64, 0u64);
+    let cpu0 = CpuTime::now();
+    let t0 = Instant::now();
+    if net.rtt {
+        let mut msg = vec![0u8; net.msg as usize];
+        OsRng.fill_bytes(&mut msg);
+        let mut back = vec![0u8; msg.len()];
+        let deadline = net.time.map(|t| t0 + t);
+        loop {
+            match deadline {
+                Some(d) if Instant::now() >= d => break,
+                None if ops >= net.count => break,
+                _ => {}
+            }
+            let k = 8.min(msg.len());
+            msg[..k].copy_from_slice(&ops.to_le_bytes()[..k]);
+            let t = Instant::now();
+            c.write_all(&msg).context("sending a ping")?;
+            c.read_exact(&mut back).context("reading the echo")?;
+            record(&mut hist, t.elapsed());
+            if back != msg {
+                bail!("round trip {ops}: the echo differs from the message sent");
+            }
+            ops += 1;
+            bytes += 2 * net.msg;
+            counters.add(2 * net.msg);
+        }
+    } else {
+        let mut data = vec![0u8; net.chunk as usize];
+        StdRng::seed_from_u64(1).fill_bytes(&mut data);
+        while bytes < net.bytes {
+            let n = data.len().min((net.bytes - bytes) as usize);
+            let t = Instant::now();
+            c.write_all(&data[..n]).context("sending")?;
+            record(&mut hist, t.elapsed());
+            ops += 1;
+            bytes += n as u64;
+            counters.add(n as u64);
+        }
+        let mut trailer = [0u8; 4];
+        c.read_exact(&mut trailer)
+            .context("waiting for the receiver to confirm")?;
+        if &trailer != TRAILER {
+            bail!("the receiver's confirmation is garbled: {trailer:02x?}");
+        }
+    }
+    let elapsed = t0.elapsed();
+    let cpu = CpuTime::since(cpu0);
+    Ok(Measured {
+        ops,
+        bytes,
+        elapsed,
+        cpu,
+        hist,
+    })
+}
+
+/// Runs host 0 (`accept`, in a thread) against host 1 (`connect`).
+fn measure<S: Duplex, C: Duplex>(
+    net: &NetArgs,
+    label: String,
+    accept: impl FnOnce() -> Result<S> + Send + 'static,
+    connect: impl FnOnce() -> Result<C>,
+) -> Result<Measured> {
+    let server_net = net.clone();
+    let server = thread::spawn(move || -> Result<()> {
+        let mut s = accept()?;
+        serve(&mut s, &server_net)
+    });
+    let counters = Arc::new(Counters::default());
+    let result = (|| {
+        let mut c = connect()?;
+        let progress = Progress::start(label, Arc::clone(&counters), net.out.silent());
+        let m = client(&mut c, net, &counters);
+        drop(progress);
+        let m = m?;
+        c.finish().context("closing the connection")?;
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest);
+        Ok(m)
+    })();
+    let served = server
+        .join()
+        .map_err(|_| anyhow!("the receiving side panicked"))?;
+    match (result, served) {
+        (Ok(m), Ok(())) => Ok(m),
+        (Err(e), _) => Err(e),
+        (Ok(_), Err(e)) => Err(e.context("the receiving side (host 0) failed")),
+    }
+}
+
+fn params(net: &NetArgs, extra: serde_json::Value) -> serde_json::Value {
+    let mut p = if net.rtt {
+        serde_json::json!({
+            "msg": net.msg,
+            "count": if net.time.is_some() { None } else { Some(net.count) },
+            "time_s": net.time.map(|t| t.as_secs_f64()),
+            "latency": "round trip",
+        })
+    } else {
+        serde_json::json!({
+            "bytes": net.bytes,
+            "chunk": net.chunk,
+            "latency": "per write()",
+        })
+    };
+    if let (Some(p), Some(e)) = (p.as_object_mut(), extra.as_object()) {
+        p.extend(e.clone());
+    }
+    p
+}
+
+fn report(
+    mode: &str,
+    transport: &str,
+    paths: Vec<String>,
+    net: &NetArgs,
+    extra: serde_json::Value,
+    m: Measured,
+) -> Report {
+    Report::new(
+        mode,
+        if net.rtt { "rtt" } else { "goodput" },
+        transport,
+        paths,
+        params(net, extra),
+        m.ops,
+        m.bytes,
+        m.elapsed,
+        m.cpu,
+        m.hist,
+        None,
+    )
+}
+
+/// Runs `stp bench tcp`.
+pub fn run_tcp(args: &TcpArgs) -> Result<Report> {
+    let net = &args.net;
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback TCP port")?;
+    let addr = listener.local_addr()?;
+    let m = measure(
+        net,
+        format!("tcp {}", if net.rtt { "rtt" } else { "goodput" }),
+        move || {
+            let (s, _) = listener.accept().context("accepting on loopback")?;
+            s.set_nodelay(true)?;
+            Ok(s)
+        },
+        || {
+            let s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+            s.set_nodelay(true)?;
+            Ok(s)
+        },
+    )?;
+    Ok(report(
+        "tcp",
+        "tcp loopback",
+        vec![addr.to_string()],
+        net,
+        serde_json::json!({}),
+        m,
+    ))
+}
+
+/// One LUN as a host path sees it, from the map.
+#[derive(Deserialize, Debug, Clone)]
+struct MapLun {
+    kind: String,
+    #[serde(default)]
+    member: Option<usize>,
+    sg: PathBuf,
+}
+
+/// One host path from the map.
+#[derive(Deserialize, Debug, Clone)]
+struct MapHost {
+    index: usize,
+    luns: Vec<MapLun>,
+}
+
+/// The STG part of the map.
+#[derive(Deserialize, Debug, Clone)]
+struct MapStg {
+    luns: usize,
+}
+
+/// The map `sim-target/scripts/stg-up` writes (only what the bench reads).
+#[derive(Deserialize, Debug, Clone)]
+struct DeviceMap {
+    #[serde(default)]
+    version: Option<u32>,
+    stg: MapStg,
+    hosts: Vec<MapHost>,
+}
+
+impl DeviceMap {
+    fn load(path: &Path) -> Result<DeviceMap> {
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "cannot read the device map {}; sim-target/scripts/stg-up writes it",
+                path.display()
+            )
+        })?;
+        DeviceMap::parse(&text).with_context(|| format!("the device map {}", path.display()))
+    }
+
+    fn parse(text: &str) -> Result<DeviceMap> {
+        let map: DeviceMap = serde_json::from_str(text).context("malformed JSON")?;
+        if let Some(v) = map.version.filter(|&v| v != 1) {
+            bail!("version {v}; this build reads version 1");
+        }
+        for h in [0, 1] {
+            if !map.hosts.iter().any(|x| x.index == h) {
+                bail!("no host {h}: the bench needs hosts 0 and 1");
+            }
+        }
+        if map.stg.luns == 0 {
+            bail!("the STG has no members");
+        }
+        Ok(map)
+    }
+
+    fn sg(&self, host: usize, what: &str, pick: impl Fn(&MapLun) -> bool) -> io::Result<PathBuf> {
+        self.hosts
+            .iter()
+            .find(|h| h.index == host)
+            .and_then(|h| h.luns.iter().find(|l| pick(l)))
+            .map(|l| l.sg.clone())
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("host {host} has no {what} in the map"),
+                )
+            })
+    }
+
+    fn member(&self, host: usize, member: usize) -> io::Result<PathBuf> {
+        self.sg(host, &format!("STG member {member}"), |l| {
+            l.kind == "stg" && l.member == Some(member)
+        })
+    }
+
+    fn plain(&self, host: usize) -> io::Result<PathBuf> {
+        self.sg(host, "ramdisk LUN", |l| l.kind == "ramdisk")
+    }
+}
+
+/// Opens a path from a host to a LUN: (host, member) for the STG; member
+/// `None` for the plain LUN of block mode.
+type Opener = Arc<dyn Fn(usize, Option<usize>) -> io::Result<Box<dyn Transport>> + Send + Sync>;
+
+/// The block layout of block mode: two hosts.
+fn block_layout() -> BlockLayout {
+    BlockLayout {
+        hosts: 2,
+        slots: 32,
+        slot_blocks: 64,
+    }
+}
+
+const SIM_STG: u32 = 7;
+const BLOCK_STG: u32 = 9;
+const SIM_PLAIN_LUN: u64 = 100;
+
+fn keys() -> Result<(FrameKey, FrameKey)> {
+    let c = Handshake::new(&mut OsRng);
+    let s = Handshake::new(&mut OsRng);
+    let (co, so) = (c.public(), s.public());
+    Ok((
+        c.finish(&so, Role::Client, None)?,
+        s.finish(&co, Role::Server, None)?,
+    ))
+}
+
+/// Runs `stp bench stp`.
+pub fn run_stp(args: &StpArgs) -> Result<Report> {
+    let net = &args.net;
+    // The array (kept alive for the run) or the map.
+    let mut _array = None;
+    let (opener, members, what): (Opener, usize, String) = if args.sim {
+        let array = Array::new();
+        let luns: Vec<u64> = (0..args.members).collect();
+        for &id in &luns {
+            array
+                .add_lun(id, LunConfig::new(id, 1 << 16, 512))
+                .context("building the simulated array")?;
+        }
+        let plain = LunConfig {
+            dpofua: false,
+            ..LunConfig::new(SIM_PLAIN_LUN, 1 << 17, 512)
+        };
+        array
+            .add_lun(SIM_PLAIN_LUN, plain)
+            .context("building the simulated array")?;
+        let mailbox = StgMailbox::new(&array, vec![StgSpec::new(SIM_STG, luns)])
+            .context("building the simulated array's mailbox")?;
+        mailbox.install(&array);
+        let hosts = [Host::login(&array, "h0"), Host::login(&array, "h1")];
+        _array = Some((array, mailbox));
+        let opener: Opener = Arc::new(move |host, member| {
+            let h = &hosts[host];
+            Ok(Box::new(h.open(member.map_or(SIM_PLAIN_LUN, |m| m as u64))?) as Box<dyn Transport>)
+        });
+        (opener, args.members as usize, "in-process array".into())
+    } else if let Some(path) = &args.map {
+        let map = Arc::new(DeviceMap::load(path)?);
+        let members = map.stg.luns;
+        let opener: Opener = Arc::new(move |host, member| {
+            let p = match member {
+                Some(m) => map.member(host, m)?,
+                None => map.plain(host)?,
+            };
+            open_path(&p, 1).map_err(|e| io::Error::other(format!("{e:#}")))
+        });
+        (opener, members, format!("devices from {}", path.display()))
+    } else {
+        bail!("say where the array is: --sim for the embedded simulated array, or --map FILE (e.g. /run/stp/sim-target.json from stg-up)");
+    };
+
+    let label = format!(
+        "stp {} {}",
+        match args.mode {
+            MailboxMode::Vendor => "vendor",
+            MailboxMode::Block => "block",
+        },
+        if net.rtt { "rtt" } else { "goodput" }
+    );
+    let mut paths = Vec::new();
+    let (kc, ks) = keys()?;
+    let (m, transport) = match args.mode {
+        MailboxMode::Vendor => {
+            for host in [0, 1] {
+                for m in 0..members {
+                    paths.push(format!(
+                        "host {host}: {}",
+                        opener(host, Some(m))?.describe()
+                    ));
+                }
+            }
+            let source = |host: usize| -> Arc<dyn PathSource> {
+                let opener = Arc::clone(&opener);
+                Arc::new(move || -> Result<Box<dyn Mailbox>, MailboxError> {
+                    let paths = (0..members)
+                        .map(|m| {
+                            opener(host, Some(m))
+                                .map_err(|e| MailboxError::Other(scsi::CommandError::Io(e)))
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok(Box::new(VendorMailbox::new(paths)?))
+                })
+            };
+            let config = Config::default();
+            let mut listener = StpListener::bind(source(0), None, ks, config.clone())
+                .context("host 0: binding a listening port")?;
+            let port = listener.local_port();
+            let client_src = source(1);
+            let m = measure(
+                net,
+                label,
+                move || listener.accept(PATIENCE).context("host 0: accepting"),
+                || {
+                    StpStream::connect(client_src, port, kc, config, PATIENCE)
+                        .context("host 1: connecting")
+                },
+            )?;
+            (m, format!("stp vendor, {what}"))
+        }
+        MailboxMode::Block => {
+            let mut admin = vec![opener(0, None)?];
+            paths.push(format!("host 0: {}", admin[0].describe()));
+            paths.push(format!("host 1: {}", opener(1, None)?.describe()));
+            format(
+                &mut admin,
+                BLOCK_STG,
+                &block_layout(),
+                &mut StdRng::from_entropy(),
+            )
+            .context("formatting the block-mode STG")?;
+            drop(admin);
+            let open = |host: usize| -> Result<Arc<BlockStg>> {
+                BlockStg::open(vec![opener(host, None)?], host as u16, BLOCK_STG)
+                    .with_context(|| format!("host {host}: opening the block-mode STG"))
+            };
+            let (h0, h1) = (open(0)?, open(1)?);
+            let source = |stg: &Arc<BlockStg>| -> Arc<dyn PathSource> {
+                let stg = Arc::clone(stg);
+                Arc::new(move || -> Result<Box<dyn Mailbox>, MailboxError> {
+                    Ok(Box::new(stg.handle()))
+                })
+            };
+            let config = Config {
+                max_payload: h0.max_payload(),
+                ..Config::default()
+            };
+            let port = host_port(0, 1005).ok_or_else(|| anyhow!("no port 1005 for host 0"))?;
+            let mut listener = StpListener::bind(source(&h0), Some(port), ks, config.clone())
+                .context("host 0: binding a listening port")?;
+            let client_src = source(&h1);
+            let m = measure(
+                net,
+                label,
+                move || listener.accept(PATIENCE).context("host 0: accepting"),
+                || {
+                    StpStream::connect(client_src, port, kc, config, PATIENCE)
+                        .context("host 1: connecting")
+                },
+            )?;
+            (m, format!("stp block, {what}"))
+        }
+    };
+    if !net.out.silent() {
+        for p in &paths {
+            eprintln!("path {p}");
+        }
+    }
+    let extra = serde_json::json!({
+        "mailbox": match args.mode { MailboxMode::Vendor => "vendor", MailboxMode::Block => "block" },
+        "members": if args.mode == MailboxMode::Vendor { members } else { 1 },
+        "sim": args.sim,
+    });
+    Ok(report("stp", &transport, paths, net, extra, m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAP: &str = r#"{
+      "version": 1,
+      "stg": {"id": 7, "luns": 2},
+      "hosts": [
+        {"index": 0, "initiator": "h0", "luns": [
+          {"lun": 0, "kind": "stg", "member": 0, "naa": "naa.1", "sg": "/dev/sg1"},
+          {"lun": 1, "kind": "stg", "member": 1, "naa": "naa.2", "sg": "/dev/sg2"},
+          {"lun": 2, "kind": "ramdisk", "naa": "naa.3", "sg": "/dev/sg3", "block": "/dev/sdc"}]},
+        {"index": 1, "initiator": "h1", "luns": [
+          {"lun": 0, "kind": "stg", "member": 1, "naa": "naa.2", "sg": "/dev/sg5"}]}
+      ]
+    }"#;
+
+    #[test]
+    fn map_reader() {
+        let m = DeviceMap::parse(MAP).unwrap();
+        assert_eq!(m.stg.luns, 2);
+        assert_eq!(m.member(0, 1).unwrap(), PathBuf::from("/dev/sg2"));
+        assert_eq!(m.member(1, 1).unwrap(), PathBuf::from("/dev/sg5"));
+        assert_eq!(m.plain(0).unwrap(), PathBuf::from("/dev/sg3"));
+        assert!(m.member(1, 0).is_err());
+        assert!(m.plain(1).unwrap_err().to_string().contains("ramdisk"));
+        assert!(DeviceMap::parse("{").is_err());
+        assert!(DeviceMap::parse(&MAP.replace("\"version\": 1", "\"version\": 2")).is_err());
+        assert!(DeviceMap::parse(&MAP.replace("\"index\": 1", "\"index\": 3")).is_err());
+    }
+}
