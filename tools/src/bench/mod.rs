@@ -374,6 +374,16 @@ fn compare(args: &CompareArgs) -> Result<()> {
         hgrm: None,
         plot: None,
     };
+    // The STP and TCP runs measure the same thing the same way.
+    let net_args = || net::NetArgs {
+        bytes: args.bytes,
+        chunk: 1 << 20,
+        rtt: args.rtt,
+        msg: args.msg,
+        count: args.count,
+        time: None,
+        out: quiet_out.clone(),
+    };
     let mut reports = Vec::new();
     for m in &args.modes {
         let r = match m {
@@ -408,27 +418,9 @@ fn compare(args: &CompareArgs) -> Result<()> {
                 map: args.map.clone(),
                 mode: args.mode,
                 members: 4,
-                net: net::NetArgs {
-                    bytes: args.bytes,
-                    chunk: 1 << 20,
-                    rtt: args.rtt,
-                    msg: args.msg,
-                    count: args.count,
-                    time: None,
-                    out: quiet_out.clone(),
-                },
+                net: net_args(),
             })?,
-            CompareMode::Tcp => net::run_tcp(&net::TcpArgs {
-                net: net::NetArgs {
-                    bytes: args.bytes,
-                    chunk: 1 << 20,
-                    rtt: args.rtt,
-                    msg: args.msg,
-                    count: args.count,
-                    time: None,
-                    out: quiet_out.clone(),
-                },
-            })?,
+            CompareMode::Tcp => net::run_tcp(&net::TcpArgs { net: net_args() })?,
         };
         reports.push(r);
     }
