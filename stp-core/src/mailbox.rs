@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use scsi::{Command, IoBuf, Transport};
+use scsi::{Command, DataDirection, IoBuf, Transport};
 
 use crate::frame::{pack, OutFrame};
 use crate::vendor::{self, BindResult, MailboxError, StgInfo};
@@ -49,6 +49,13 @@ pub trait Mailbox: Send {
     /// Sends sealed frames packed at 8-byte aligned offsets, all from
     /// `binding`'s port.
     fn send_packed(&mut self, binding: &Binding, packed: &[u8]) -> Result<(), MailboxError>;
+    /// As [`send_packed`](Mailbox::send_packed), from `buf`, which a
+    /// mailbox may use as the command's data-out buffer (no copy). `buf`
+    /// keeps its allocation for the next call, unless the transport could
+    /// not hand it back.
+    fn send_buf(&mut self, binding: &Binding, buf: &mut IoBuf) -> Result<(), MailboxError> {
+        self.send_packed(binding, buf)
+    }
     /// Whole frames for `binding`, at most `max` bytes, waiting up to `wait`
     /// for the first; empty when none arrived.
     fn receive(
@@ -57,6 +64,22 @@ pub trait Mailbox: Send {
         max: usize,
         wait: Duration,
     ) -> Result<Vec<u8>, MailboxError>;
+    /// As [`receive`](Mailbox::receive), into `buf`: on success
+    /// `buf.len()` is the bytes received (0: none arrived). The buffer's
+    /// allocation is reused from call to call, so a receive loop allocates
+    /// nothing.
+    fn receive_into(
+        &mut self,
+        binding: &Binding,
+        buf: &mut IoBuf,
+        max: usize,
+        wait: Duration,
+    ) -> Result<(), MailboxError> {
+        let got = self.receive(binding, max, wait)?;
+        buf.resize(got.len());
+        buf.copy_from_slice(&got);
+        Ok(())
+    }
 }
 
 impl Mailbox for VendorMailbox {
@@ -69,6 +92,9 @@ impl Mailbox for VendorMailbox {
     fn send_packed(&mut self, binding: &Binding, packed: &[u8]) -> Result<(), MailboxError> {
         VendorMailbox::send_packed(self, binding, packed)
     }
+    fn send_buf(&mut self, binding: &Binding, buf: &mut IoBuf) -> Result<(), MailboxError> {
+        VendorMailbox::send_buf(self, binding, buf)
+    }
     fn receive(
         &mut self,
         binding: &Binding,
@@ -76,6 +102,15 @@ impl Mailbox for VendorMailbox {
         wait: Duration,
     ) -> Result<Vec<u8>, MailboxError> {
         VendorMailbox::receive(self, binding, max, wait).map(|b| b.to_vec())
+    }
+    fn receive_into(
+        &mut self,
+        binding: &Binding,
+        buf: &mut IoBuf,
+        max: usize,
+        wait: Duration,
+    ) -> Result<(), MailboxError> {
+        VendorMailbox::receive_into(self, binding, buf, max, wait)
     }
 }
 
@@ -177,22 +212,30 @@ impl VendorMailbox {
 
     /// Sends frames already sealed and packed (8-byte aligned) in `packed`.
     pub fn send_packed(&mut self, binding: &Binding, packed: &[u8]) -> Result<(), MailboxError> {
-        let mut buf = IoBuf::from_slice(packed);
-        let cdb = scsi::Cdb::Vendor(vendor::send(binding.handle, buf.len() as u32)).emit();
+        self.send_buf(binding, &mut IoBuf::from_slice(packed))
+    }
+
+    /// Sends the packed frames in `buf`, which becomes the SEND's data-out
+    /// buffer (no copy) and is handed back for reuse.
+    pub fn send_buf(&mut self, binding: &Binding, buf: &mut IoBuf) -> Result<(), MailboxError> {
+        let len = buf.len();
+        let cdb = scsi::Cdb::Vendor(vendor::send(binding.handle, len as u32)).emit();
         let mut attempt = 0;
         loop {
-            let c = self.path().execute(Command::data_out(cdb, buf));
+            let c = self
+                .path()
+                .execute(Command::data_out(cdb, std::mem::take(buf)));
+            *buf = c.data;
             let Err(e) = c.result.and_then(|o| o.check()) else {
                 return Ok(());
             };
             let e = vendor::classify(e);
             attempt += 1;
             // A timed-out command's buffer is not handed back: give up then.
-            if !is_transient(&e) || attempt >= SEND_RETRIES || c.data.len() != packed.len() {
+            if !is_transient(&e) || attempt >= SEND_RETRIES || buf.len() != len {
                 return Err(e);
             }
             std::thread::sleep(SEND_BACKOFF * attempt.min(10));
-            buf = c.data;
         }
     }
 
@@ -204,10 +247,52 @@ impl VendorMailbox {
         max: usize,
         wait: Duration,
     ) -> Result<IoBuf, MailboxError> {
+        let mut buf = IoBuf::default();
+        self.receive_into(binding, &mut buf, max, wait)?;
+        Ok(buf)
+    }
+
+    /// As [`receive`](Self::receive), into `buf`, which becomes the
+    /// command's data-in buffer (no copy, and no allocation once it has
+    /// grown to `max`). On success `buf.len()` is the bytes received.
+    pub fn receive_into(
+        &mut self,
+        binding: &Binding,
+        buf: &mut IoBuf,
+        max: usize,
+        wait: Duration,
+    ) -> Result<(), MailboxError> {
         let max = max.min(vendor::MAX_TRANSFER as usize);
-        let cdb = vendor::receive(binding.handle, max as u32, wait);
+        let cdb = scsi::Cdb::Vendor(vendor::receive(binding.handle, max as u32, wait)).emit();
         let timeout = wait.min(vendor::MAX_RECEIVE_TIMEOUT) + COMMAND_SLACK;
-        self.run(|| Command::data_in(scsi::Cdb::Vendor(cdb).emit(), max).with_timeout(timeout))
+        let mut attempt = 0;
+        loop {
+            let mut data = std::mem::take(buf);
+            data.resize(max);
+            let cmd = Command {
+                direction: DataDirection::FromDevice,
+                data,
+                ..Command::no_data(cdb)
+            }
+            .with_timeout(timeout);
+            let c = self.path().execute(cmd);
+            // The buffer comes back even when the command failed (empty
+            // only if the transport could not hand it back).
+            *buf = c.data;
+            let e = match c.result.and_then(|o| o.check().map(|()| o)) {
+                Ok(o) => {
+                    buf.resize(max.saturating_sub(o.residual as usize).min(buf.len()));
+                    return Ok(());
+                }
+                Err(e) => vendor::classify(e),
+            };
+            attempt += 1;
+            if !is_transient(&e) || attempt >= SEND_RETRIES {
+                buf.resize(0);
+                return Err(e);
+            }
+            std::thread::sleep(SEND_BACKOFF * attempt.min(10));
+        }
     }
 }
 

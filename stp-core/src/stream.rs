@@ -1,10 +1,12 @@
 //! Blocking STP sockets over an STG mailbox (either mode): [`StpListener`] and
 //! [`StpStream`] (which implements `Read` and `Write`).
 //!
-//! Each stream owns a sans-IO [`Connection`] behind a mutex and a *pump*
+//! Each stream owns a sans-IO [`Connection`] behind a mutex, a *pump*
 //! thread that long-polls RECEIVE, opens (CRC + tag) and feeds frames to the
-//! connection, fires its timers, and sends what it produces. Writers and
-//! readers block on a condition variable. Frames are sealed under the
+//! connection and sends what it produces, and a *timer* thread that sleeps
+//! until the connection's next deadline (delayed ACK, retransmission,
+//! keepalive) and fires it. Writers, readers and the timer thread block on
+//! one condition variable, signalled on every change. Frames are sealed under the
 //! connection's lock (the payload is borrowed from its send buffer) and
 //! packed into the SEND buffer — the one copy a synchronous SCSI path needs;
 //! the io_uring engine replaces it with a gather list.
@@ -16,6 +18,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use rand::RngCore;
+use scsi::IoBuf;
 
 use crate::auth::FrameKey;
 use crate::conn::{Config, ConnError, Connection, Event, State};
@@ -90,8 +93,19 @@ struct Shared {
     changed: Condvar,
     key: FrameKey,
     binding: Binding,
-    tx: Mutex<Box<dyn Mailbox>>,
+    tx: Mutex<Tx>,
     send_buffer_bytes: usize,
+}
+
+/// The sending mailbox and its reused SEND buffer.
+struct Tx {
+    mailbox: Box<dyn Mailbox>,
+    buf: IoBuf,
+}
+
+thread_local! {
+    /// Each flushing thread's packing buffer, reused from flush to flush.
+    static PACKED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Shared {
@@ -101,9 +115,13 @@ impl Shared {
 
     /// Seals everything the connection wants to send and sends it; a failed
     /// SEND is reported back so the frames are retransmitted.
-    fn flush(&self, mut inner: MutexGuard<'_, Inner>) {
+    fn flush(&self, inner: MutexGuard<'_, Inner>) {
+        PACKED.with(|packed| self.flush_with(inner, &mut packed.borrow_mut()));
+    }
+
+    fn flush_with(&self, mut inner: MutexGuard<'_, Inner>, packed: &mut Vec<u8>) {
         let now = Instant::now();
-        let mut packed = Vec::new();
+        packed.clear();
         // Where each frame starts in `packed`: SENDs split only there.
         let mut starts = Vec::new();
         let mut seqs = Vec::new();
@@ -114,7 +132,7 @@ impl Shared {
                 Ok(f) => {
                     header = f.header;
                     starts.push(packed.len());
-                    if pack(&[f], &mut packed).is_err() {
+                    if pack(&[f], packed).is_err() {
                         break;
                     }
                     if header.kind.is_sequenced() {
@@ -129,6 +147,10 @@ impl Shared {
         }
         Self::drain_events(&mut inner);
         drop(inner);
+        // Whatever called flush changed the connection (frames delivered,
+        // data written or read, a timer fired): readers, writers and the
+        // timer thread re-check it.
+        self.changed.notify_all();
         if packed.is_empty() {
             return;
         }
@@ -136,6 +158,7 @@ impl Shared {
         // never larger: `fit`).
         starts.push(packed.len());
         let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = &mut *tx;
         let mut failed = false;
         let (mut from, mut i) = (0, 1);
         while from < packed.len() {
@@ -145,10 +168,11 @@ impl Shared {
                 to = starts[i];
             }
             i += 1;
-            failed |= tx.send_packed(&self.binding, &packed[from..to]).is_err();
+            tx.buf.resize(to - from);
+            tx.buf.copy_from_slice(&packed[from..to]);
+            failed |= tx.mailbox.send_buf(&self.binding, &mut tx.buf).is_err();
             from = to;
         }
-        drop(tx);
         if failed {
             let mut inner = self.lock();
             let now = Instant::now();
@@ -179,37 +203,31 @@ impl Shared {
     }
 }
 
+/// The receive side: long-polls RECEIVE and hands what arrives to the
+/// connection. Timers are the timer thread's, so every poll is a full
+/// [`POLL`] (the wire's long-poll unit is 100 ms; a shorter wait would be a
+/// zero-wait spin).
 fn pump(shared: Weak<Shared>, mut rx: Box<dyn Mailbox>) {
+    let mut buf = IoBuf::default();
     loop {
         let Some(s) = shared.upgrade() else { return };
-        let wait = {
-            let mut inner = s.lock();
+        {
+            let inner = s.lock();
             if inner.stop || inner.conn.is_closed() {
                 return;
             }
-            let now = Instant::now();
-            if inner.conn.poll_timeout().is_some_and(|t| t <= now) {
-                inner.conn.handle_timeout(now);
-            }
-            let next = inner.conn.poll_timeout();
-            s.flush(inner);
-            match next {
-                Some(t) if t <= Instant::now() + POLL => Duration::ZERO,
-                _ => POLL,
-            }
-        };
+        }
         let binding = s.binding;
         drop(s); // do not keep the stream alive across a long poll
-        let got = rx.receive(&binding, RECV_BYTES, wait);
+        let got = rx.receive_into(&binding, &mut buf, RECV_BYTES, POLL);
         let Some(s) = shared.upgrade() else { return };
         match got {
-            Ok(buf) if !buf.is_empty() => {
+            Ok(()) if !buf.is_empty() => {
                 let mut inner = s.lock();
                 s.deliver(&mut inner, &buf);
                 s.flush(inner);
             }
-            Ok(_) if wait.is_zero() => thread::sleep(Duration::from_millis(1)),
-            Ok(_) => {}
+            Ok(()) => {}
             Err(e) if e.binding_lost() => {
                 let mut inner = s.lock();
                 inner.failed.get_or_insert(ConnError::BindingLost);
@@ -223,10 +241,36 @@ fn pump(shared: Weak<Shared>, mut rx: Box<dyn Mailbox>) {
     }
 }
 
+/// The timer side: sleeps until the connection's next deadline (delayed
+/// ACK, retransmission, keepalive), fires it and sends what it produced.
+/// Every change to the connection wakes it (`changed`), so a new, earlier
+/// deadline is seen at once.
+fn timers(shared: Weak<Shared>) {
+    loop {
+        let Some(s) = shared.upgrade() else { return };
+        let mut inner = s.lock();
+        if inner.stop || inner.conn.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        match inner.conn.poll_timeout() {
+            Some(t) if t <= now => {
+                inner.conn.handle_timeout(now);
+                s.flush(inner);
+            }
+            next => {
+                let wait = next.map_or(POLL, |t| (t - now).min(POLL));
+                drop(s.changed.wait_timeout(inner, wait));
+            }
+        }
+    }
+}
+
 /// A connected STP byte stream.
 pub struct StpStream {
     shared: Arc<Shared>,
     pump: Option<JoinHandle<()>>,
+    timer: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for StpStream {
@@ -265,7 +309,10 @@ impl StpStream {
             changed: Condvar::new(),
             key,
             binding,
-            tx: Mutex::new(tx),
+            tx: Mutex::new(Tx {
+                mailbox: tx,
+                buf: IoBuf::default(),
+            }),
             send_buffer_bytes,
         });
         shared.flush(shared.lock());
@@ -273,9 +320,22 @@ impl StpStream {
         let pump = thread::Builder::new()
             .name(format!("stp-pump-{}", binding.port))
             .spawn(move || pump(weak, rx))?;
+        let weak = Arc::downgrade(&shared);
+        let timer = match thread::Builder::new()
+            .name(format!("stp-timer-{}", binding.port))
+            .spawn(move || timers(weak))
+        {
+            Ok(t) => t,
+            Err(e) => {
+                shared.lock().stop = true;
+                let _ = pump.join();
+                return Err(e);
+            }
+        };
         Ok(StpStream {
             shared,
             pump: Some(pump),
+            timer: Some(timer),
         })
     }
 
@@ -454,14 +514,16 @@ impl Drop for StpStream {
             let _ = self.wait_for("close", Duration::from_secs(2), Connection::is_closed);
         }
         self.shared.lock().stop = true;
-        if let Some(p) = self.pump.take() {
-            let _ = p.join();
+        self.shared.changed.notify_all();
+        for t in [self.timer.take(), self.pump.take()].into_iter().flatten() {
+            let _ = t.join();
         }
         let _ = self
             .shared
             .tx
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .mailbox
             .release(&self.shared.binding);
     }
 }
