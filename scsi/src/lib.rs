@@ -30,6 +30,7 @@ pub mod inquiry;
 pub mod opcode;
 pub mod sense;
 pub mod sg;
+pub mod shared;
 pub mod status;
 pub mod transport;
 pub mod uring;
@@ -38,6 +39,7 @@ pub use buf::IoBuf;
 pub use cdb::Cdb;
 pub use opcode::Opcode;
 pub use sense::{Asc, Sense, SenseKey};
+pub use shared::{EngineHandle, EnginePool, SharedEngine};
 pub use status::{DriverStatus, HostStatus, ScsiStatus};
 pub use transport::{
     CdbBuf, Command, CommandError, Completion, DataDirection, Outcome, SubmitError, Transport,

@@ -92,12 +92,14 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
 use io_uring::types::{Fd, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, EnterFlags, IoUring};
 use nix::libc::{self, c_void};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::sg::{sg_version, SgDevice, SgError, SgFlags, SgIoHdr, SENSE_LEN};
 use crate::transport::{Command, CommandError, Completion, SubmitError, Transport};
@@ -119,6 +121,9 @@ const HDR_LEN: usize = std::mem::size_of::<SgIoHdr>();
 
 /// `user_data` bit marking a poll CQE (the rest is the fd index).
 const UD_POLL: u64 = 1 << 63;
+
+/// `user_data` of the waker's eventfd poll (no fd index is this large).
+const UD_WAKE: u64 = UD_POLL | 0xFFFF;
 
 /// How many fds a queue of `depth` commands needs: one per 16, at least one.
 pub fn fds_for_depth(depth: usize) -> usize {
@@ -413,6 +418,24 @@ pub struct UringSg {
     dio: DirectIo,
     direct_io: u64,
     copied_io: u64,
+    /// The eventfd another thread writes to end a blocked `reap` early.
+    wake: Option<Arc<EventFd>>,
+    woken: bool,
+}
+
+/// Ends a blocked [`reap`](Transport::reap) of a [`UringSg`] from any
+/// thread (an eventfd the ring polls). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Waker(Arc<EventFd>);
+
+impl Waker {
+    /// Wakes the ring's reaper: its current or next blocking `reap`
+    /// returns (possibly with no completion).
+    pub fn wake(&self) {
+        // Only fails when the counter would overflow, i.e. when it is
+        // already signalled.
+        let _ = self.0.write(1);
+    }
 }
 
 impl fmt::Debug for UringSg {
@@ -495,6 +518,8 @@ impl UringSg {
             dio,
             direct_io: 0,
             copied_io: 0,
+            wake: None,
+            woken: false,
         };
         for i in 0..n {
             t.arm_poll(i).map_err(UringError::Ring)?;
@@ -532,6 +557,35 @@ impl UringSg {
     /// [`SgDevice::direct_io_stats`]).
     pub fn direct_io_stats(&self) -> (u64, u64) {
         (self.direct_io, self.copied_io)
+    }
+
+    /// A [`Waker`] for this ring: another thread can end a blocking
+    /// [`reap`](Transport::reap) with it (to hand over new commands, for
+    /// example). The first call creates the eventfd and arms its poll.
+    pub fn waker(&mut self) -> io::Result<Waker> {
+        if let Some(w) = &self.wake {
+            return Ok(Waker(Arc::clone(w)));
+        }
+        let efd = Arc::new(EventFd::from_flags(
+            EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC,
+        )?);
+        self.wake = Some(Arc::clone(&efd));
+        self.arm_wake()?;
+        Ok(Waker(efd))
+    }
+
+    /// Arms the multishot POLLIN on the waker's eventfd.
+    fn arm_wake(&mut self) -> io::Result<()> {
+        let Some(efd) = &self.wake else {
+            return Ok(());
+        };
+        let e = opcode::PollAdd::new(Fd(efd.as_raw_fd()), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(UD_WAKE);
+        // SAFETY: a poll carries no pointer; the eventfd stays open as long
+        // as the ring (`self.wake` holds it, and the ring is dropped first).
+        unsafe { self.push(&e) }
     }
 
     /// Gives up on the commands in flight: waits up to `grace` for them to
@@ -671,7 +725,17 @@ impl UringSg {
         let mut first_err = None;
         for cqe in cqes {
             let ud = cqe.user_data();
-            if ud & UD_POLL != 0 {
+            if ud == UD_WAKE {
+                if let Some(efd) = &self.wake {
+                    // Non-blocking: clears the counter, or EAGAIN if a
+                    // previous CQE already did.
+                    let _ = efd.read();
+                }
+                self.woken = true;
+                if !cqueue::more(cqe.flags()) {
+                    self.arm_wake()?;
+                }
+            } else if ud & UD_POLL != 0 {
                 let i = (ud & !UD_POLL) as usize;
                 if i >= self.fds.len() {
                     continue;
@@ -987,7 +1051,11 @@ impl Transport for UringSg {
         }
         loop {
             out.append(&mut self.ready);
-            if out.len() > before || result.is_err() || self.in_flight == 0 {
+            if out.len() > before
+                || result.is_err()
+                || self.in_flight == 0
+                || std::mem::take(&mut self.woken)
+            {
                 break;
             }
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));

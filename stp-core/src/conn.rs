@@ -11,7 +11,8 @@
 //! [`crate::frame`]; frames leave with `crc32c` and `tag` zero for the
 //! sealing layer to fill. A DATA frame's payload is borrowed straight from
 //! the send buffer (a ring, hence two slices): nothing is copied between
-//! [`Connection::write`] and the SEND command's scatter-gather list.
+//! [`Connection::write`] and the seal, which writes the frame into the SEND
+//! command's DMA buffer.
 //!
 //! What the machine does, in the order of §6:
 //!

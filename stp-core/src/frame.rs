@@ -83,7 +83,8 @@ pub enum FrameError {
 }
 
 /// A frame on the way out: a header plus its payload as borrowed slices
-/// (scatter-gather), never copied into one buffer before the transport.
+/// (scatter-gather), never concatenated before it is packed into the
+/// transport's buffer ([`pack_into`]).
 ///
 /// `header.payload_len` must equal the total length of `payload`, and the
 /// header must have been sealed over exactly these slices; use

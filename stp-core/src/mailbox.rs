@@ -2,8 +2,10 @@
 //!
 //! A [`VendorMailbox`] holds one [`Transport`] per STG member LUN (paths
 //! onto the same port space) and stripes commands over them round-robin.
-//! Commands here are synchronous per path; many in flight across paths is
-//! the io_uring engine's job. SENDs that fail with a retryable condition
+//! Commands here are synchronous per path (`execute`); many in flight is
+//! the engine's job: each path is typically a handle onto the device's
+//! shared io_uring engine (`scsi::shared`), where every mailbox and stream
+//! of the process meets. SENDs that fail with a retryable condition
 //! (queue full, unit attention, BUSY) are retried with a short back-off;
 //! anything else is returned classified ([`MailboxError`]).
 
@@ -201,9 +203,8 @@ impl VendorMailbox {
         Ok(())
     }
 
-    /// Sends sealed frames from `binding` in one SEND (atomic at the array).
-    /// The frames are packed into one buffer, as a synchronous path needs;
-    /// the io_uring engine passes header and payload slices instead.
+    /// Sends sealed frames from `binding` in one SEND (atomic at the array),
+    /// packed into one page-aligned buffer the device reads by DMA.
     pub fn send(&mut self, binding: &Binding, frames: &[OutFrame<'_>]) -> Result<(), MailboxError> {
         let mut packed = Vec::new();
         pack(frames, &mut packed).map_err(|e| protocol_error(format!("packing frames: {e}")))?;

@@ -6,10 +6,14 @@
 //! connection and sends what it produces, and a *timer* thread that sleeps
 //! until the connection's next deadline (delayed ACK, retransmission,
 //! keepalive) and fires it. Writers, readers and the timer thread block on
-//! one condition variable, signalled on every change. Frames are sealed under the
-//! connection's lock (the payload is borrowed from its send buffer) and
-//! packed into the SEND buffer — the one copy a synchronous SCSI path needs;
-//! the io_uring engine replaces it with a gather list.
+//! one condition variable, signalled on every change.
+//!
+//! Frames are sealed under the connection's lock (the payload is borrowed
+//! from its send ring) straight into a page-aligned SEND buffer that the
+//! device reads by direct I/O: the payload's one copy. A gather list (sg
+//! `iovec_count`) would not save it, since the sg driver does direct I/O only
+//! without one and copies a gathered SEND into pages of its own. SEND and
+//! RECEIVE buffers are reused, so a busy stream allocates nothing.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -22,7 +26,7 @@ use scsi::IoBuf;
 
 use crate::auth::FrameKey;
 use crate::conn::{Config, ConnError, Connection, Event, State};
-use crate::frame::{open, pack, OutFrame};
+use crate::frame::{open, pack_into, OutFrame};
 use crate::mailbox::{Binding, Mailbox};
 use crate::vendor::MailboxError;
 use crate::wire::{Frames, Header, Kind, ALIGN, HEADER_LEN};
@@ -93,19 +97,13 @@ struct Shared {
     changed: Condvar,
     key: FrameKey,
     binding: Binding,
-    tx: Mutex<Tx>,
+    tx: Mutex<Box<dyn Mailbox>>,
     send_buffer_bytes: usize,
 }
 
-/// The sending mailbox and its reused SEND buffer.
-struct Tx {
-    mailbox: Box<dyn Mailbox>,
-    buf: IoBuf,
-}
-
 thread_local! {
-    /// Each flushing thread's packing buffer, reused from flush to flush.
-    static PACKED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each flushing thread's SEND buffers, reused from flush to flush.
+    static SEND_BUFS: std::cell::RefCell<Vec<IoBuf>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Shared {
@@ -116,34 +114,49 @@ impl Shared {
     /// Seals everything the connection wants to send and sends it; a failed
     /// SEND is reported back so the frames are retransmitted.
     fn flush(&self, inner: MutexGuard<'_, Inner>) {
-        PACKED.with(|packed| self.flush_with(inner, &mut packed.borrow_mut()));
+        SEND_BUFS.with(|bufs| self.flush_with(inner, &mut bufs.borrow_mut()));
     }
 
-    fn flush_with(&self, mut inner: MutexGuard<'_, Inner>, packed: &mut Vec<u8>) {
+    /// Seals the frames the connection wants to send straight into
+    /// page-aligned SEND buffers (`spare`, this thread's, reused), at most
+    /// [`MAX_TRANSFER`] bytes of whole frames each, and sends them: the
+    /// payload's one copy, from the connection's send buffer into memory
+    /// the device reads by DMA (see the module docs).
+    fn flush_with(&self, mut inner: MutexGuard<'_, Inner>, spare: &mut Vec<IoBuf>) {
         let now = Instant::now();
-        packed.clear();
-        // Where each frame starts in `packed`: SENDs split only there.
-        let mut starts = Vec::new();
+        let mut sends: Vec<IoBuf> = Vec::new();
+        let mut cur = spare.pop().unwrap_or_default();
+        cur.resize(0);
         let mut seqs = Vec::new();
+        let mut total = 0;
         while let Some(t) = inner.conn.poll_transmit(now) {
-            let mut header = t.header;
             let payload = t.payload;
-            match OutFrame::sealed(header, &payload, &self.key) {
-                Ok(f) => {
-                    header = f.header;
-                    starts.push(packed.len());
-                    if pack(&[f], packed).is_err() {
-                        break;
-                    }
-                    if header.kind.is_sequenced() {
-                        seqs.push(header.seq);
-                    }
-                }
-                Err(_) => break,
+            let Ok(f) = OutFrame::sealed(t.header, &payload, &self.key) else {
+                break;
+            };
+            let span = f.header.span();
+            if cur.len() + span > MAX_TRANSFER {
+                sends.push(std::mem::replace(&mut cur, spare.pop().unwrap_or_default()));
+                cur.resize(0);
             }
-            if packed.len() >= MAX_TRANSFER {
+            let at = cur.len();
+            cur.resize(at + span);
+            if pack_into(&[f], &mut cur[at..]).is_err() {
+                cur.resize(at);
                 break;
             }
+            if f.header.kind.is_sequenced() {
+                seqs.push(f.header.seq);
+            }
+            total += span;
+            if total >= MAX_TRANSFER {
+                break;
+            }
+        }
+        if !cur.is_empty() {
+            sends.push(cur);
+        } else {
+            spare.push(cur);
         }
         Self::drain_events(&mut inner);
         drop(inner);
@@ -151,28 +164,16 @@ impl Shared {
         // data written or read, a timer fired): readers, writers and the
         // timer thread re-check it.
         self.changed.notify_all();
-        if packed.is_empty() {
+        if sends.is_empty() {
             return;
         }
-        // Whole frames, at most MAX_TRANSFER bytes per SEND (a frame is
-        // never larger: `fit`).
-        starts.push(packed.len());
         let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        let tx = &mut *tx;
         let mut failed = false;
-        let (mut from, mut i) = (0, 1);
-        while from < packed.len() {
-            let mut to = starts[i];
-            while i + 1 < starts.len() && starts[i + 1] - from <= MAX_TRANSFER {
-                i += 1;
-                to = starts[i];
-            }
-            i += 1;
-            tx.buf.resize(to - from);
-            tx.buf.copy_from_slice(&packed[from..to]);
-            failed |= tx.mailbox.send_buf(&self.binding, &mut tx.buf).is_err();
-            from = to;
+        for mut buf in sends {
+            failed |= tx.send_buf(&self.binding, &mut buf).is_err();
+            spare.push(buf);
         }
+        drop(tx);
         if failed {
             let mut inner = self.lock();
             let now = Instant::now();
@@ -309,10 +310,7 @@ impl StpStream {
             changed: Condvar::new(),
             key,
             binding,
-            tx: Mutex::new(Tx {
-                mailbox: tx,
-                buf: IoBuf::default(),
-            }),
+            tx: Mutex::new(tx),
             send_buffer_bytes,
         });
         shared.flush(shared.lock());
@@ -523,7 +521,6 @@ impl Drop for StpStream {
             .tx
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .mailbox
             .release(&self.shared.binding);
     }
 }

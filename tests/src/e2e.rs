@@ -656,3 +656,32 @@ pub fn long_poll_receive(rig: &Arc<dyn Rig>) {
     );
     client.release(&cb).unwrap();
 }
+
+/// Two mailboxes of host 0 over the same paths: while one holds a
+/// long-poll RECEIVE, the other SENDs to it. On a path shared by an engine
+/// thread (or any transport) the SEND must not wait behind the held
+/// RECEIVE: were it stuck, the RECEIVE would end empty at its timeout.
+/// `until_held` returns once the array holds the RECEIVE.
+pub fn held_receive_does_not_stall_its_path(rig: &Arc<dyn Rig>, until_held: &dyn Fn()) {
+    let (kc, ks) = keys(11);
+    let mut waiter = rig_mailbox(rig, 0);
+    let mut sender = rig_mailbox(rig, 0);
+    let wb = waiter.bind(None).unwrap();
+    let sb = sender.bind(None).unwrap();
+    let held = thread::spawn(move || {
+        let got = waiter.receive(&wb, 4096, Duration::from_secs(12)).unwrap();
+        waiter.release(&wb).unwrap();
+        got
+    });
+    until_held();
+    let body = [b"through the same paths" as &[u8]];
+    let frame = OutFrame::sealed(data_header(sb.port, wb.port, 1), &body, &kc).unwrap();
+    sender.send(&sb, &[frame]).unwrap();
+    let got = held.join().unwrap();
+    let f = Frames::new(&got)
+        .next()
+        .expect("the held RECEIVE ended empty: the SEND waited behind it")
+        .unwrap();
+    assert_eq!(open(f.bytes(&got), &ks).unwrap().1, body[0]);
+    sender.release(&sb).unwrap();
+}

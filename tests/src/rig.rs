@@ -10,11 +10,12 @@
 //!   default `/run/stp/sim-target.json`): the TCMU daemon `stp-target` serves
 //!   the STG; the shared LUN is a LIO ramdisk.
 
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use scsi::Transport;
+use scsi::{EnginePool, SharedEngine, Transport};
 use sim_target::{Array, Host, LunConfig, StgMailbox, StgSpec};
 use stp_core::mailbox::{Mailbox, VendorMailbox};
 use stp_core::stream::PathSource;
@@ -152,6 +153,62 @@ impl Rig for InProcRig {
     }
 }
 
+/// A rig whose every path is a handle onto one engine thread per (host,
+/// LUN), started on first use over the inner rig's path
+/// ([`SharedEngine::start_polled`]): the sharing the io_uring engine does on
+/// real devices, over any array.
+pub struct SharedRig {
+    inner: Arc<dyn Rig>,
+    /// Keyed by host and member (`None`: the plain LUN).
+    engines: Mutex<HashMap<(usize, Option<usize>), SharedEngine>>,
+}
+
+/// `rig` with its paths shared through engine threads.
+pub fn shared(rig: Arc<dyn Rig>) -> Arc<dyn Rig> {
+    Arc::new(SharedRig {
+        inner: rig,
+        engines: Mutex::new(HashMap::new()),
+    })
+}
+
+impl SharedRig {
+    fn handle(
+        &self,
+        key: (usize, Option<usize>),
+        open: impl FnOnce() -> io::Result<Box<dyn Transport>>,
+    ) -> io::Result<Box<dyn Transport>> {
+        let mut engines = self.engines.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = engines.get(&key) {
+            return Ok(Box::new(e.handle()));
+        }
+        let engine = SharedEngine::start_polled(open()?)?;
+        let handle = engine.handle();
+        engines.insert(key, engine);
+        Ok(Box::new(handle))
+    }
+}
+
+impl Rig for SharedRig {
+    fn describe(&self) -> String {
+        format!("{} through shared engine threads", self.inner.describe())
+    }
+    fn stg(&self) -> u32 {
+        self.inner.stg()
+    }
+    fn members(&self) -> usize {
+        self.inner.members()
+    }
+    fn hosts(&self) -> usize {
+        self.inner.hosts()
+    }
+    fn member(&self, host: usize, member: usize) -> io::Result<Box<dyn Transport>> {
+        self.handle((host, Some(member)), || self.inner.member(host, member))
+    }
+    fn plain(&self, host: usize) -> io::Result<Box<dyn Transport>> {
+        self.handle((host, None), || self.inner.plain(host))
+    }
+}
+
 /// One LUN as a host path sees it, from the map.
 #[derive(Clone, Debug, serde::Deserialize)]
 pub struct MapLun {
@@ -258,6 +315,9 @@ pub struct LioRig {
 
 /// The environment variable naming the map.
 pub const LIO_MAP_ENV: &str = "STP_LIO_MAP";
+/// Set to `sync` to run the real-LIO tests over synchronous `SG_IO`
+/// instead of the shared io_uring engines.
+pub const LIO_TRANSPORT_ENV: &str = "STP_LIO_TRANSPORT";
 /// The map's default place.
 pub const LIO_MAP_DEFAULT: &str = "/run/stp/sim-target.json";
 
@@ -285,8 +345,14 @@ impl LioRig {
     }
 
     fn open(path: &Path) -> io::Result<Box<dyn Transport>> {
-        scsi::sg::SgDevice::open(path)
-            .map(|d| Box::new(d) as Box<dyn Transport>)
+        if std::env::var(LIO_TRANSPORT_ENV).is_ok_and(|v| v == "sync") {
+            return scsi::sg::SgDevice::open(path)
+                .map(|d| Box::new(d) as Box<dyn Transport>)
+                .map_err(|e| io::Error::other(e.to_string()));
+        }
+        EnginePool::global()
+            .open(path)
+            .map(|b| b.transport)
             .map_err(|e| io::Error::other(e.to_string()))
     }
 

@@ -1,7 +1,9 @@
 //! The real-LIO suite: the same bodies as the in-process suites, through
 //! `/dev/sgN` on two tcm_loop paths onto the TCMU daemon `stp-target` and a
 //! LIO ramdisk, as `sim-target/scripts/stg-up` set them up and described
-//! them in its map (`$STP_LIO_MAP`).
+//! them in its map (`$STP_LIO_MAP`). Every path is a handle onto the
+//! process's shared io_uring engine for its device (`scsi::EnginePool`);
+//! `STP_LIO_TRANSPORT=sync` runs the suite over synchronous `SG_IO`.
 //!
 //! Every test here is ignored in a plain `cargo test`: the host running it
 //! needs LIO. `just vm-test` boots the test VM, sets LIO up and runs them
@@ -114,6 +116,33 @@ fn unknown_vendor_opcodes_are_refused_at_once() {
         &mut sg(&lio.plain_path(0).unwrap()),
         0xC0,
     ));
+}
+
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn paths_go_through_the_shared_io_uring_engine() {
+    if std::env::var(stp_tests::rig::LIO_TRANSPORT_ENV).is_ok_and(|v| v == "sync") {
+        eprintln!("STP_LIO_TRANSPORT=sync: synchronous SG_IO on purpose");
+        return;
+    }
+    let rig = rig();
+    for (host, member) in [(0, 0), (1, 1)] {
+        let p = rig.member(host, member).unwrap();
+        let d = p.describe();
+        eprintln!("host {host} member {member}: {d}");
+        assert!(
+            d.contains("io_uring") && d.contains("shared engine thread"),
+            "{d}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn held_receive_does_not_stall_its_path() {
+    e2e::held_receive_does_not_stall_its_path(&rig(), &|| {
+        std::thread::sleep(std::time::Duration::from_millis(500))
+    });
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! The io_uring sg engine (`scsi::uring::UringSg`) against real LIO: the
-//! shared conformance bodies through it, deep queues over several sg fds,
+//! shared conformance bodies through it, one engine shared by many threads
+//! (`scsi::EnginePool`), deep queues over several sg fds,
 //! 1 MiB transfers with direct I/O, and a rough comparison with fio's sg
 //! engine on the same LUN (printed, never asserted).
 //!
@@ -127,6 +128,47 @@ fn fill(tag: u64, len: usize) -> IoBuf {
         chunk.copy_from_slice(&x.to_le_bytes()[..n]);
     }
     b
+}
+
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn shared_engine_serves_many_threads() {
+    let (_lio, r0, r1, _, _) = paths();
+    let pool = scsi::EnginePool::new(DEPTH);
+    let threads: Vec<_> = (0..6u64)
+        .map(|t| {
+            // Every thread writes through host 0's engine and reads back
+            // through host 1's; each has handles of its own.
+            let w = pool.open(&r0).unwrap_or_else(|e| panic!("{e}"));
+            let r = pool.open(&r1).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(w.engine, Engine::UringSg, "{}", w.reason);
+            let ua = RetryPolicy::default();
+            let (mut w, mut r) = (
+                Retrying::new(w.transport, ua),
+                Retrying::new(r.transport, ua),
+            );
+            std::thread::spawn(move || {
+                for i in 0..64u64 {
+                    let lba = 40_000 + t * 1000 + i * 8;
+                    let tag = t << 32 | i;
+                    w.execute(write16(lba, 8, fill(tag, 4096), tag))
+                        .into_result()
+                        .unwrap_or_else(|e| panic!("WRITE {lba}: {e}"));
+                    let (data, _) = r
+                        .execute(read16(lba, 8, 4096, tag))
+                        .into_result()
+                        .unwrap_or_else(|e| panic!("READ {lba}: {e}"));
+                    assert!(
+                        data == fill(tag, 4096),
+                        "thread {t}: LBA {lba} read back wrong"
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
 }
 
 /// Runs `cmds` through `t` with up to `depth` in flight; returns every

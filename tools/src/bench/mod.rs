@@ -12,7 +12,6 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use hdrhistogram::Histogram;
-use scsi::sg::SgDevice;
 use scsi::Transport;
 use serde::Serialize;
 
@@ -26,22 +25,28 @@ use hist::{distribution, CpuTime, Percentiles};
 /// The version of the JSON output's shape.
 pub const SCHEMA: u32 = 1;
 
-/// Opens the path to a LUN that every bench mode uses: today synchronous
-/// `SG_IO` on `/dev/sgN`. `depth` is what the caller wants in flight; a
-/// transport that queues (the coming io_uring one) sizes itself from it.
-/// This is the one place to switch transports.
-pub fn open_path(path: &Path, depth: usize) -> Result<Box<dyn Transport>> {
-    let _ = depth;
+/// Opens the path to a LUN for the STP modes, where several threads (a
+/// stream's pump, writers and timer) share each LUN: a handle onto the
+/// device's shared io_uring engine ([`scsi::EnginePool::global`]), or
+/// synchronous `SG_IO` where io_uring cannot drive it. The first open of
+/// each device says which on stderr and why.
+pub fn open_path(path: &Path) -> Result<Box<dyn Transport>> {
     if !path.exists() {
         bail!("{}: no such device", path.display());
     }
-    let dev = SgDevice::open(path).with_context(|| {
+    let best = scsi::EnginePool::global().open(path).with_context(|| {
         format!(
             "cannot open {} as a SCSI generic device (use a /dev/sgN path; `stp probe` lists them)",
             path.display()
         )
     })?;
-    Ok(Box::new(dev))
+    static SAID: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+    if !said.iter().any(|p| p == path) {
+        eprintln!("{}: {}", path.display(), best.reason);
+        said.push(path.to_owned());
+    }
+    Ok(best.transport)
 }
 
 /// Opens `path` for one submitting thread with up to `depth` commands in
@@ -563,9 +568,9 @@ mod tests {
 
     #[test]
     fn unopenable_paths_are_errors() {
-        let e = open_path(Path::new("/nonexistent/sg9"), 1).err().unwrap();
+        let e = open_path(Path::new("/nonexistent/sg9")).err().unwrap();
         assert!(e.to_string().contains("no such device"), "{e}");
-        let e = open_path(Path::new("/dev/null"), 1).err().unwrap();
+        let e = open_path(Path::new("/dev/null")).err().unwrap();
         assert!(format!("{e:#}").contains("SCSI generic"), "{e:#}");
     }
 

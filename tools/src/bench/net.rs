@@ -483,7 +483,7 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
                 Some(m) => map.member(host, m)?,
                 None => map.plain(host)?,
             };
-            open_path(&p, 1).map_err(|e| io::Error::other(format!("{e:#}")))
+            open_path(&p).map_err(|e| io::Error::other(format!("{e:#}")))
         });
         (opener, members, format!("devices from {}", path.display()))
     } else {
