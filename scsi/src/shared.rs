@@ -40,7 +40,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread;
 use std::time::Duration;
 
-use crate::sg::{SgDevice, SgError};
+use crate::sg::SgError;
 use crate::transport::{Command, CommandError, Completion, SubmitError, Transport};
 use crate::uring::{BestPath, Engine, UringError, UringSg, Waker};
 
@@ -401,12 +401,7 @@ impl EnginePool {
             Err(UringError::Sg(e)) => return Err(e),
             Err(e) => e.to_string(),
         };
-        let dev = SgDevice::open(path)?;
-        Ok(BestPath {
-            transport: Box::new(dev),
-            engine: Engine::SyncSgIo,
-            reason: format!("synchronous SG_IO fallback: {why}"),
-        })
+        BestPath::sync_fallback(path, &why)
     }
 }
 

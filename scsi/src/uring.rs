@@ -1133,12 +1133,20 @@ pub fn open_best(path: impl AsRef<Path>, depth: usize) -> Result<BestPath, SgErr
         Err(UringError::Sg(e)) => return Err(e),
         Err(e) => e.to_string(),
     };
-    let dev = SgDevice::open(path)?;
-    Ok(BestPath {
-        transport: Box::new(dev),
-        engine: Engine::SyncSgIo,
-        reason: format!("synchronous SG_IO fallback: {why}"),
-    })
+    BestPath::sync_fallback(path, &why)
+}
+
+impl BestPath {
+    /// Synchronous `SG_IO` on `path`, because io_uring could not be used
+    /// (`why`).
+    pub fn sync_fallback(path: &Path, why: &str) -> Result<BestPath, SgError> {
+        let dev = SgDevice::open(path)?;
+        Ok(BestPath {
+            transport: Box::new(dev),
+            engine: Engine::SyncSgIo,
+            reason: format!("synchronous SG_IO fallback: {why}"),
+        })
+    }
 }
 
 #[cfg(test)]
