@@ -12,7 +12,7 @@
 //!
 //! The checks:
 //!
-//! * `tag = HMAC-SHA-256(K, header with crc32c and tag zeroed ‖ payload)`,
+//! * `tag = BLAKE3-keyed(K, header with crc32c and tag zeroed ‖ payload)`,
 //!   truncated to its first 16 bytes, computed first;
 //! * `crc32c = CRC32C(header with crc32c zeroed and the tag set ‖ payload)`.
 //!
@@ -25,16 +25,10 @@
 
 use std::fmt;
 
-use hmac::digest::KeyInit;
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
-
 use crate::auth::FrameKey;
 use crate::wire::{
     Header, WireError, ALIGN, CRC_RANGE, HEADER_LEN, MAX_PAYLOAD, TAG_LEN, TAG_RANGE,
 };
-
-type HmacSha256 = Hmac<Sha256>;
 
 /// Why a frame could not be sealed, opened or packed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -151,15 +145,9 @@ fn total_len(slices: &[&[u8]]) -> usize {
     slices.iter().fold(0usize, |n, s| n.saturating_add(s.len()))
 }
 
-/// HMAC-SHA-256 keyed with the frame key.
-///
-/// HMAC zero-pads a key shorter than the hash block to the block size
-/// (RFC 2104 §2), so keying with the padded 64-byte block is keying with the
-/// 32-byte key, through the infallible constructor.
-fn keyed_mac(key: &FrameKey) -> HmacSha256 {
-    let mut block = [0u8; 64];
-    block[..32].copy_from_slice(key.bytes());
-    <HmacSha256 as KeyInit>::new(&block.into())
+/// BLAKE3 in keyed mode under the frame key (docs/PROTOCOL.md §7).
+fn keyed_mac(key: &FrameKey) -> blake3::Hasher {
+    blake3::Hasher::new_keyed(key.bytes())
 }
 
 /// The truncated tag over `header` (CRC and tag fields already zero) and the
@@ -170,10 +158,15 @@ fn compute_tag(key: &FrameKey, header: &[u8; HEADER_LEN], payload: &[&[u8]]) -> 
     for slice in payload {
         mac.update(slice);
     }
-    let full = mac.finalize().into_bytes();
     let mut tag = [0u8; TAG_LEN];
-    tag.copy_from_slice(&full[..TAG_LEN]);
+    mac.finalize_xof().fill(&mut tag);
     tag
+}
+
+/// Compares two tags in constant time (no early exit on a mismatch).
+fn tags_equal(a: &[u8; TAG_LEN], b: &[u8; TAG_LEN]) -> bool {
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
 }
 
 /// CRC32C over `header` (CRC field already zero) and the payload slices,
@@ -185,7 +178,7 @@ fn compute_crc(header: &[u8; HEADER_LEN], payload: &[&[u8]]) -> u32 {
 }
 
 /// Seals a frame: sets `header.payload_len` to the total length of
-/// `payload`, computes the tag (HMAC-SHA-256 under `key`, truncated to 16
+/// `payload`, computes the tag (keyed BLAKE3 under `key`, truncated to 16
 /// bytes) and then the CRC32C, stores both in `header`, and returns the
 /// header's wire bytes. The payload is then sent as is, after these bytes.
 ///
@@ -245,11 +238,9 @@ pub fn open<'a>(bytes: &'a [u8], key: &FrameKey) -> Result<(Header, &'a [u8]), F
     }
 
     work[TAG_RANGE].fill(0);
-    let mut mac = keyed_mac(key);
-    mac.update(&work);
-    mac.update(payload);
-    mac.verify_truncated_left(&header.tag)
-        .map_err(|_| FrameError::BadTag)?;
+    if !tags_equal(&compute_tag(key, &work, &[payload]), &header.tag) {
+        return Err(FrameError::BadTag);
+    }
     Ok((header, payload))
 }
 
@@ -378,17 +369,26 @@ mod tests {
     }
 
     #[test]
-    fn keyed_mac_is_hmac_with_the_32_byte_key() {
+    fn keyed_mac_is_blake3_keyed_with_the_32_byte_key() {
         let k = FrameKey::from_bytes(core::array::from_fn(|i| i as u8));
         let mut a = keyed_mac(&k);
-        let mut b = <HmacSha256 as KeyInit>::new_from_slice(k.bytes()).unwrap();
         a.update(b"stp");
-        b.update(b"stp");
-        assert_eq!(a.finalize().into_bytes(), b.finalize().into_bytes());
+        assert_eq!(a.finalize(), blake3::keyed_hash(k.bytes(), b"stp"));
     }
 
-    /// Pinned bytes, computed independently (Python's hmac/hashlib and a
-    /// bitwise CRC32C) from the formulas of docs/PROTOCOL.md §7.
+    #[test]
+    fn tags_compare_every_byte() {
+        let a = [7u8; TAG_LEN];
+        for i in 0..TAG_LEN {
+            let mut b = a;
+            b[i] ^= 0x80;
+            assert!(!tags_equal(&a, &b), "byte {i}");
+        }
+        assert!(tags_equal(&a, &a));
+    }
+
+    /// Pinned bytes, computed independently (Python's `blake3` package and
+    /// a bitwise CRC32C) from the formulas of docs/PROTOCOL.md §7.
     #[test]
     fn known_answer() {
         let k = FrameKey::from_bytes(core::array::from_fn(|i| i as u8));
@@ -401,10 +401,10 @@ mod tests {
         assert_eq!(&bytes[TAG_RANGE], &KAT_TAG);
     }
 
-    const KAT_CRC: u32 = 0xA803_B84D;
+    const KAT_CRC: u32 = 0x7D18_43AD;
     const KAT_TAG: [u8; 16] = [
-        0xad, 0x08, 0x9a, 0x29, 0x29, 0x85, 0xb9, 0xd9, 0xee, 0x59, 0x47, 0x85, 0x24, 0x7d, 0x8b,
-        0x8b,
+        0xab, 0x56, 0x23, 0x1b, 0x31, 0x53, 0xa7, 0x37, 0xbf, 0xb8, 0x5d, 0x10, 0x45, 0xe9, 0xde,
+        0xb3,
     ];
 
     #[test]
@@ -417,9 +417,8 @@ mod tests {
         let mut zeroed = bytes;
         zeroed[CRC_RANGE].fill(0);
         zeroed[TAG_RANGE].fill(0);
-        let mut mac = <HmacSha256 as KeyInit>::new_from_slice(k.bytes()).unwrap();
-        mac.update(&[&zeroed[..], body].concat());
-        assert_eq!(&h.tag[..], &mac.finalize().into_bytes()[..16]);
+        let full = blake3::keyed_hash(k.bytes(), &[&zeroed[..], body].concat());
+        assert_eq!(&h.tag[..], &full.as_bytes()[..16]);
         let mut crc_in = bytes;
         crc_in[CRC_RANGE].fill(0);
         assert_eq!(h.crc32c, crc32c::crc32c(&[&crc_in[..], body].concat()));

@@ -58,6 +58,24 @@ pub trait Mailbox: Send {
     fn send_buf(&mut self, binding: &Binding, buf: &mut IoBuf) -> Result<(), MailboxError> {
         self.send_packed(binding, buf)
     }
+    /// Sends each buffer of packed frames as one SEND, as
+    /// [`send_buf`](Mailbox::send_buf), possibly several at once (the array
+    /// may then take them in any order; connections reorder by sequence
+    /// number). Every buffer is attempted; the first error is returned.
+    fn send_bufs(&mut self, binding: &Binding, bufs: &mut [IoBuf]) -> Result<(), MailboxError> {
+        let mut first = Ok(());
+        for buf in bufs {
+            if let Err(e) = self.send_buf(binding, buf) {
+                first = first.and(Err(e));
+            }
+        }
+        first
+    }
+    /// How many RECEIVEs on one binding are worth keeping in flight at once
+    /// (a stream runs this many receive pumps).
+    fn receive_parallelism(&self) -> usize {
+        1
+    }
     /// Whole frames for `binding`, at most `max` bytes, waiting up to `wait`
     /// for the first; empty when none arrived.
     fn receive(
@@ -97,6 +115,12 @@ impl Mailbox for VendorMailbox {
     fn send_buf(&mut self, binding: &Binding, buf: &mut IoBuf) -> Result<(), MailboxError> {
         VendorMailbox::send_buf(self, binding, buf)
     }
+    fn send_bufs(&mut self, binding: &Binding, bufs: &mut [IoBuf]) -> Result<(), MailboxError> {
+        VendorMailbox::send_bufs(self, binding, bufs)
+    }
+    fn receive_parallelism(&self) -> usize {
+        self.paths.len().min(MAX_RECEIVE_PUMPS)
+    }
     fn receive(
         &mut self,
         binding: &Binding,
@@ -119,6 +143,9 @@ impl Mailbox for VendorMailbox {
 /// How often and how long a retryable SEND is retried.
 const SEND_RETRIES: u32 = 50;
 const SEND_BACKOFF: Duration = Duration::from_millis(2);
+
+/// The most RECEIVEs a stream keeps in flight on one binding.
+const MAX_RECEIVE_PUMPS: usize = 4;
 
 /// Timeout added to a long poll's own timeout for the SCSI command.
 const COMMAND_SLACK: Duration = Duration::from_secs(10);
@@ -238,6 +265,77 @@ impl VendorMailbox {
             }
             std::thread::sleep(SEND_BACKOFF * attempt.min(10));
         }
+    }
+
+    /// Sends each buffer as one SEND, up to one per member path in flight
+    /// at once (so a large flush moves at the speed of all the members, not
+    /// one). The array may take them in any order; the connection reorders
+    /// by sequence number. A SEND that fails with a retryable condition is
+    /// retried alone ([`send_buf`](Self::send_buf)). Every buffer comes back
+    /// for reuse; the first error is returned.
+    pub fn send_bufs(&mut self, binding: &Binding, bufs: &mut [IoBuf]) -> Result<(), MailboxError> {
+        let n = self.paths.len();
+        if n == 1 || bufs.len() <= 1 {
+            let mut first = Ok(());
+            for buf in bufs {
+                if let Err(e) = self.send_buf(binding, buf) {
+                    first = first.and(Err(e));
+                }
+            }
+            return first;
+        }
+        let mut first = Ok(());
+        for wave in bufs.chunks_mut(n) {
+            let mut issued = Vec::with_capacity(wave.len());
+            let mut retry = Vec::new();
+            let lens: Vec<usize> = wave.iter().map(|b| b.len()).collect();
+            for (i, buf) in wave.iter_mut().enumerate() {
+                let p = self.next % n;
+                self.next = self.next.wrapping_add(1);
+                let cdb = scsi::Cdb::Vendor(vendor::send(binding.handle, buf.len() as u32)).emit();
+                let cmd = Command::data_out(cdb, std::mem::take(buf)).with_tag(i as u64);
+                match self.paths[p].submit(cmd) {
+                    Ok(()) => issued.push(p),
+                    Err(e) => {
+                        *buf = e.cmd.data;
+                        retry.push(i);
+                    }
+                }
+            }
+            for p in issued {
+                let mut out = Vec::with_capacity(1);
+                while out.is_empty() {
+                    if let Err(e) = self.paths[p].reap(&mut out, None) {
+                        // The path is unusable; what it held is lost.
+                        first = first.and(Err(MailboxError::Other(scsi::CommandError::Io(e))));
+                        break;
+                    }
+                }
+                for c in out {
+                    let i = c.tag as usize;
+                    let Some(buf) = wave.get_mut(i) else {
+                        continue;
+                    };
+                    *buf = c.data;
+                    if let Err(e) = c.result.and_then(|o| o.check()) {
+                        let e = vendor::classify(e);
+                        // A timed-out command's buffer is not handed back:
+                        // no retry then.
+                        if is_transient(&e) && buf.len() == lens[i] {
+                            retry.push(c.tag as usize);
+                        } else {
+                            first = first.and(Err(e));
+                        }
+                    }
+                }
+            }
+            for i in retry {
+                if let Err(e) = self.send_buf(binding, &mut wave[i]) {
+                    first = first.and(Err(e));
+                }
+            }
+        }
+        first
     }
 
     /// Receives whole frames for `binding` (at most `max` bytes), waiting up

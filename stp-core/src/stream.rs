@@ -1,9 +1,11 @@
 //! Blocking STP sockets over an STG mailbox (either mode): [`StpListener`] and
 //! [`StpStream`] (which implements `Read` and `Write`).
 //!
-//! Each stream owns a sans-IO [`Connection`] behind a mutex, a *pump*
-//! thread that long-polls RECEIVE, opens (CRC + tag) and feeds frames to the
-//! connection and sends what it produces, and a *timer* thread that sleeps
+//! Each stream owns a sans-IO [`Connection`] behind a mutex, *pump*
+//! threads that long-poll RECEIVE, open (CRC + tag) and feed frames to the
+//! connection and send what it produces (one per RECEIVE worth keeping in
+//! flight: [`Mailbox::receive_parallelism`], one per member path in vendor
+//! mode), and a *timer* thread that sleeps
 //! until the connection's next deadline (delayed ACK, retransmission,
 //! keepalive) and fires it. Writers, readers and the timer thread block on
 //! one condition variable, signalled on every change.
@@ -59,6 +61,9 @@ const POLL: Duration = Duration::from_millis(100);
 pub const MAX_TRANSFER: usize = 1 << 20;
 /// RECEIVE allocation.
 const RECV_BYTES: usize = MAX_TRANSFER;
+/// The most a flush seals before sending (in SENDs of at most
+/// [`MAX_TRANSFER`], which a mailbox may run side by side on its paths).
+const FLUSH_BYTES: usize = 4 * MAX_TRANSFER;
 /// The largest payload whose frame, aligned, fits one transfer.
 pub const MAX_STREAM_PAYLOAD: u32 = (MAX_TRANSFER - HEADER_LEN - ALIGN) as u32;
 
@@ -117,9 +122,10 @@ impl Shared {
         SEND_BUFS.with(|bufs| self.flush_with(inner, &mut bufs.borrow_mut()));
     }
 
-    /// Seals the frames the connection wants to send straight into
-    /// page-aligned SEND buffers (`spare`, this thread's, reused), at most
-    /// [`MAX_TRANSFER`] bytes of whole frames each, and sends them: the
+    /// Seals the frames the connection wants to send (up to
+    /// [`FLUSH_BYTES`]) straight into page-aligned SEND buffers (`spare`,
+    /// this thread's, reused), at most [`MAX_TRANSFER`] bytes of whole
+    /// frames each, and sends them, side by side where the mailbox can: the
     /// payload's one copy, from the connection's send buffer into memory
     /// the device reads by DMA (see the module docs).
     fn flush_with(&self, mut inner: MutexGuard<'_, Inner>, spare: &mut Vec<IoBuf>) {
@@ -149,7 +155,7 @@ impl Shared {
                 seqs.push(f.header.seq);
             }
             total += span;
-            if total >= MAX_TRANSFER {
+            if total >= FLUSH_BYTES {
                 break;
             }
         }
@@ -168,12 +174,9 @@ impl Shared {
             return;
         }
         let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        let mut failed = false;
-        for mut buf in sends {
-            failed |= tx.send_buf(&self.binding, &mut buf).is_err();
-            spare.push(buf);
-        }
+        let failed = tx.send_bufs(&self.binding, &mut sends).is_err();
         drop(tx);
+        spare.append(&mut sends);
         if failed {
             let mut inner = self.lock();
             let now = Instant::now();
@@ -270,7 +273,7 @@ fn timers(shared: Weak<Shared>) {
 /// A connected STP byte stream.
 pub struct StpStream {
     shared: Arc<Shared>,
-    pump: Option<JoinHandle<()>>,
+    pumps: Vec<JoinHandle<()>>,
     timer: Option<JoinHandle<()>>,
 }
 
@@ -301,6 +304,12 @@ impl StpStream {
         send_buffer_bytes: usize,
     ) -> io::Result<StpStream> {
         let rx = source.open().map_err(mb_err)?;
+        // One pump per RECEIVE worth keeping in flight (vendor mode: one per
+        // member path, so receiving keeps pace with SENDs spread over them).
+        let mut rxs = vec![rx];
+        for _ in 1..rxs[0].receive_parallelism() {
+            rxs.push(source.open().map_err(mb_err)?);
+        }
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 conn,
@@ -314,27 +323,27 @@ impl StpStream {
             send_buffer_bytes,
         });
         shared.flush(shared.lock());
-        let weak = Arc::downgrade(&shared);
-        let pump = thread::Builder::new()
-            .name(format!("stp-pump-{}", binding.port))
-            .spawn(move || pump(weak, rx))?;
-        let weak = Arc::downgrade(&shared);
-        let timer = match thread::Builder::new()
-            .name(format!("stp-timer-{}", binding.port))
-            .spawn(move || timers(weak))
-        {
-            Ok(t) => t,
-            Err(e) => {
-                shared.lock().stop = true;
-                let _ = pump.join();
-                return Err(e);
-            }
-        };
-        Ok(StpStream {
+        let mut stream = StpStream {
             shared,
-            pump: Some(pump),
-            timer: Some(timer),
-        })
+            pumps: Vec::new(),
+            timer: None,
+        };
+        // On a spawn failure, dropping `stream` stops and joins what runs.
+        for (i, rx) in rxs.into_iter().enumerate() {
+            let weak = Arc::downgrade(&stream.shared);
+            stream.pumps.push(
+                thread::Builder::new()
+                    .name(format!("stp-pump-{}.{i}", binding.port))
+                    .spawn(move || pump(weak, rx))?,
+            );
+        }
+        let weak = Arc::downgrade(&stream.shared);
+        stream.timer = Some(
+            thread::Builder::new()
+                .name(format!("stp-timer-{}", binding.port))
+                .spawn(move || timers(weak))?,
+        );
+        Ok(stream)
     }
 
     /// Connects to `port` on the STG, authenticating frames with `key`.
@@ -513,7 +522,7 @@ impl Drop for StpStream {
         }
         self.shared.lock().stop = true;
         self.shared.changed.notify_all();
-        for t in [self.timer.take(), self.pump.take()].into_iter().flatten() {
+        for t in self.timer.take().into_iter().chain(self.pumps.drain(..)) {
             let _ = t.join();
         }
         let _ = self

@@ -59,7 +59,7 @@ pub struct RawHeader {
     pub crc32c: U32<BigEndian>,
     /// Zero.
     pub reserved: U32<BigEndian>,
-    /// Truncated HMAC-SHA-256.
+    /// Keyed BLAKE3, truncated to 16 bytes (docs/PROTOCOL.md §7).
     pub tag: [u8; TAG_LEN],
 }
 
