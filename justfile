@@ -32,3 +32,9 @@ probe-sim:
 # and fetches the guest kernel on first use; needs root for that).
 vm-test *FILTER:
     scripts/vm-test -- {{FILTER}}
+
+# The LIO benchmark in one VM boot: our raw mode vs fio (sg; io_uring
+# O_DIRECT) on the same LUNs, STP and TCP; prints the table of ratios and
+# writes target/bench/lio.json (needs root, like vm-test).
+bench-lio *ARGS:
+    scripts/bench-lio {{ARGS}}
