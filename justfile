@@ -33,8 +33,8 @@ probe-sim:
 vm-test *FILTER:
     scripts/vm-test -- {{FILTER}}
 
-# The LIO benchmark in one VM boot: our raw mode vs fio (sg; io_uring
-# O_DIRECT) on the same LUNs, STP and TCP; prints the table of ratios and
-# writes target/bench/lio.json (needs root, like vm-test).
+# One VM boot: raw vs fio (sg, io_uring O_DIRECT) on the same LIO LUNs,
+# STP and TCP (docs/PERFORMANCE.md; needs root like vm-test).
+# Ratio table; writes target/bench/lio.json.
 bench-lio *ARGS:
     scripts/bench-lio {{ARGS}}
