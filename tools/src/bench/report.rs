@@ -111,6 +111,10 @@ pub struct Measured {
     pub ops: u64,
     /// Where it came from (file name).
     pub source: String,
+    /// With `--rounds N` in the guest: every round's IOPS (this entry is
+    /// the round with the median IOPS).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rounds_iops: Vec<f64>,
 }
 
 /// The part of an `stp bench --json` report the table needs.
@@ -144,6 +148,7 @@ pub fn parse_ours(text: &str, source: &str) -> Result<Measured> {
         p999_us: j.latency_us.p999,
         ops: j.ops,
         source: source.into(),
+        rounds_iops: Vec::new(),
     })
 }
 
@@ -250,6 +255,7 @@ pub fn parse_fio(text: &str, source: &str) -> Result<Measured> {
         p999_us: d.at(0.999),
         ops: d.total_ios,
         source: source.into(),
+        rounds_iops: Vec::new(),
     })
 }
 
@@ -430,8 +436,21 @@ pub struct Results {
     pub dists: BTreeMap<String, Vec<DistPoint>>,
 }
 
+/// `raw-stg-write-1m-qd8.r2` → (`raw-stg-write-1m-qd8`, Some(2)): the
+/// guest's `--rounds N` names round K of a block case `<stem>.rK`.
+pub fn split_round(stem: &str) -> (&str, Option<u32>) {
+    if let Some((base, k)) = stem.rsplit_once(".r") {
+        if let Ok(k) = k.parse::<u32>() {
+            return (base, Some(k));
+        }
+    }
+    (stem, None)
+}
+
 impl Results {
-    /// Reads every result file in `dir`.
+    /// Reads every result file in `dir`. Rounds of one run (`<stem>.rK`)
+    /// become one entry: the round with the median IOPS (the lower of the
+    /// two middle ones for an even count), every round's IOPS with it.
     pub fn load(dir: &Path) -> Result<Results> {
         let mut r = Results::default();
         let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -439,6 +458,7 @@ impl Results {
             .filter_map(|e| e.ok().map(|e| e.path()))
             .collect();
         names.sort();
+        let mut rounds: BTreeMap<String, Vec<Measured>> = BTreeMap::new();
         for path in names {
             let Some(file) = path.file_name().and_then(|f| f.to_str()) else {
                 continue;
@@ -454,11 +474,16 @@ impl Results {
                     .unwrap_or("failed");
                 r.failed.insert(stem.into(), first.trim().to_string());
             } else if let Some(stem) = file.strip_suffix(".hgrm") {
+                // The plot shows the first round that has a distribution.
+                let base = split_round(stem).0;
+                if r.dists.contains_key(base) {
+                    continue;
+                }
                 if let Ok(d) = read()
                     .map_err(anyhow::Error::from)
                     .and_then(|t| parse_hgrm(&t))
                 {
-                    r.dists.insert(stem.into(), d);
+                    r.dists.insert(base.into(), d);
                 }
             } else if let Some(stem) = file.strip_suffix(".json") {
                 let text = read().with_context(|| format!("reading {}", path.display()))?;
@@ -472,8 +497,11 @@ impl Results {
                         continue;
                     }
                     s if s.starts_with("fio-") => {
-                        if let Ok(d) = fio_distribution(&text) {
-                            r.dists.insert(stem.into(), d);
+                        let base = split_round(stem).0;
+                        if !r.dists.contains_key(base) {
+                            if let Ok(d) = fio_distribution(&text) {
+                                r.dists.insert(base.into(), d);
+                            }
                         }
                         parse_fio(&text, file)
                     }
@@ -481,13 +509,25 @@ impl Results {
                 };
                 match parsed {
                     Ok(m) => {
-                        r.runs.insert(stem.into(), m);
+                        rounds
+                            .entry(split_round(stem).0.to_string())
+                            .or_default()
+                            .push(m);
                     }
                     Err(e) => {
                         r.failed.insert(stem.into(), format!("{e:#}"));
                     }
                 }
             }
+        }
+        for (stem, mut all) in rounds {
+            let each: Vec<f64> = all.iter().map(|m| m.iops).collect();
+            all.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+            let mut m = all.swap_remove((all.len() - 1) / 2);
+            if each.len() > 1 {
+                m.rounds_iops = each;
+            }
+            r.runs.insert(stem, m);
         }
         Ok(r)
     }
@@ -506,6 +546,7 @@ impl Results {
         }
         // Any other case the directory holds, after the known ones.
         for stem in self.runs.keys().chain(self.failed.keys()) {
+            let stem = split_round(stem).0;
             for prefix in ["raw-", "fio-sg-", "fio-uring-"] {
                 if let Some(rest) = stem.strip_prefix(prefix) {
                     if let Some((lun, case)) = rest.split_once('-') {
@@ -880,6 +921,13 @@ pub fn table(r: &Results, ratios: &Ratios) -> String {
         targets::RAW_VS_FIO_SG,
         targets::RAW_VS_FIO_URING
     );
+    let most = r.runs.values().map(|m| m.rounds_iops.len()).max();
+    if let Some(n) = most.filter(|&n| n > 1) {
+        let _ = writeln!(
+            s,
+            "(each cell: the round with the median IOPS of up to {n}; every round's IOPS is in the JSON)"
+        );
+    }
     let _ = writeln!(s, "\nSTP and TCP");
     for stem in [
         "stp-vendor-goodput",
@@ -1163,6 +1211,50 @@ mod tests {
         assert!(text.contains("Targets met: 1 of 5"), "{text}");
         assert!(text.contains("fio-sg-ramdisk-read-1m-qd8"), "{text}");
         assert!(plot(&r).starts_with("<?xml"));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn rounds_become_their_median() {
+        assert_eq!(
+            split_round("raw-stg-write-1m-qd8.r2"),
+            ("raw-stg-write-1m-qd8", Some(2))
+        );
+        assert_eq!(split_round("stp-vendor-rtt"), ("stp-vendor-rtt", None));
+        assert_eq!(split_round("a.rx"), ("a.rx", None));
+        let d = scratch("rounds");
+        let w = |f: &str, t: &str| std::fs::write(d.join(f), t).unwrap();
+        w(
+            "raw-stg-randwrite-4k-qd1.r1.json",
+            &ours(300.0, 1.2, 900.0, 990.0),
+        );
+        w(
+            "raw-stg-randwrite-4k-qd1.r2.json",
+            &ours(100.0, 0.4, 700.0, 990.0),
+        );
+        w(
+            "raw-stg-randwrite-4k-qd1.r3.json",
+            &ours(200.0, 0.8, 800.0, 990.0),
+        );
+        w("fio-sg-stg-randwrite-4k-qd1.r1.json", FIO_SG);
+        w(
+            "fio-sg-stg-randwrite-4k-qd1.r2.err",
+            "stp: error: gone\nexit status 1\n",
+        );
+        let r = Results::load(&d).unwrap();
+        let raw = &r.runs["raw-stg-randwrite-4k-qd1"];
+        assert_eq!(raw.iops, 200.0);
+        assert_eq!(raw.p50_us, 800.0);
+        assert_eq!(raw.rounds_iops, [300.0, 100.0, 200.0]);
+        assert!(r.runs["fio-sg-stg-randwrite-4k-qd1"].rounds_iops.is_empty());
+        let rows = r.rows();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert!(rows[0].raw.is_some() && rows[0].fio_sg.is_some());
+        assert!(r.failed.contains_key("fio-sg-stg-randwrite-4k-qd1.r2"));
+        assert!(r.dists.contains_key("fio-sg-stg-randwrite-4k-qd1"));
+        let x = Ratios::of(&r);
+        assert!((x.raw_vs_fio_sg[0].ratio - 200.0 / 396.301849).abs() < 1e-9);
+        assert!(table(&r, &x).contains("median IOPS of up to 3"));
         std::fs::remove_dir_all(&d).unwrap();
     }
 
