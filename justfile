@@ -32,3 +32,9 @@ probe-sim:
 # and fetches the guest kernel on first use; needs root for that).
 vm-test *FILTER:
     scripts/vm-test -- {{FILTER}}
+
+# One VM boot: raw vs fio (sg, io_uring O_DIRECT) on the same LIO LUNs,
+# STP and TCP (docs/PERFORMANCE.md; needs root like vm-test).
+# Ratio table; writes target/bench/lio.json.
+bench-lio *ARGS:
+    scripts/bench-lio {{ARGS}}

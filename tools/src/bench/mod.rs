@@ -18,6 +18,7 @@ use serde::Serialize;
 mod hist;
 mod net;
 mod raw;
+mod report;
 mod units;
 
 use hist::{distribution, CpuTime, Percentiles};
@@ -90,6 +91,9 @@ enum Mode {
     Tcp(net::TcpArgs),
     /// Run several modes in one go and print their ratios.
     Compare(CompareArgs),
+    /// Turn a directory of bench and fio JSON results (scripts/bench-lio)
+    /// into a table of ratios and one JSON report.
+    Report(report::ReportArgs),
 }
 
 /// Output options shared by every mode.
@@ -488,6 +492,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         Mode::Stp(a) => emit(&a.net.out, &net::run_stp(a)?)?,
         Mode::Tcp(a) => emit(&a.net.out, &net::run_tcp(a)?)?,
         Mode::Compare(a) => compare(a)?,
+        Mode::Report(a) => report::run(a)?,
     }
     Ok(ExitCode::SUCCESS)
 }

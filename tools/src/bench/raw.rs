@@ -146,15 +146,23 @@ pub fn check_pattern(buf: &[u8], seed: u64, addr: u64) -> Option<usize> {
     None
 }
 
-/// (blocks, block size) from READ CAPACITY(16).
+/// (blocks, block size) from READ CAPACITY(16). Retries what a retry may
+/// clear, such as the UNIT ATTENTION a freshly mapped LUN reports first.
 fn capacity(t: &mut dyn Transport) -> Result<(u64, u32)> {
-    let (d, _) = t
-        .execute(Command::data_in(
-            Cdb::ReadCapacity16 { alloc_len: 32 }.emit(),
-            32,
-        ))
-        .into_result()
-        .with_context(|| format!("{}: READ CAPACITY(16) failed", t.describe()))?;
+    let mut tries = 0;
+    let (d, _) = loop {
+        match t
+            .execute(Command::data_in(
+                Cdb::ReadCapacity16 { alloc_len: 32 }.emit(),
+                32,
+            ))
+            .into_result()
+        {
+            Err(e) if e.is_retryable() && tries < 5 => tries += 1,
+            r => break r,
+        }
+    }
+    .with_context(|| format!("{}: READ CAPACITY(16) failed", t.describe()))?;
     if d.len() < 12 {
         bail!(
             "{}: READ CAPACITY(16) returned {} bytes",
@@ -369,6 +377,10 @@ pub fn run(args: &RawArgs) -> Result<Report> {
     // Keep the array alive for the run.
     let mut _array = None;
     let mut paths: Vec<Box<dyn Transport>> = Vec::new();
+    // The io_uring engine binds itself to the first thread that uses it (the
+    // LUN's bench thread), so set-up and read-back go through a synchronous
+    // SG_IO handle of their own.
+    let mut side: Vec<Option<Box<dyn Transport>>> = Vec::new();
     if args.sim {
         let array = Array::new();
         let blocks = (args.sim_lun_size / 512).max(1);
@@ -389,6 +401,11 @@ pub fn run(args: &RawArgs) -> Result<Report> {
     } else {
         for p in &args.devices {
             paths.push(open_engine(p, args.depth as usize)?);
+            // Set-up and read-back go through synchronous SG_IO, so the
+            // engine's ring binds to the thread that benchmarks with it.
+            let dev = scsi::sg::SgDevice::open(p)
+                .with_context(|| format!("cannot open {} for set-up", p.display()))?;
+            side.push(Some(Box::new(dev) as Box<dyn Transport>));
         }
     }
     let seed = rand::rngs::OsRng.next_u64();
@@ -400,8 +417,9 @@ pub fn run(args: &RawArgs) -> Result<Report> {
     let per_lun = args.size.map(|s| (s / paths.len() as u64).max(args.bs));
     let mut plans = Vec::new();
     let mut described = Vec::new();
-    for t in &mut paths {
-        let (blocks, block_size) = capacity(t.as_mut())?;
+    side.resize_with(paths.len(), || None);
+    for (t, st) in paths.iter_mut().zip(side.iter_mut()) {
+        let (blocks, block_size) = capacity(st.as_deref_mut().unwrap_or(t.as_mut()))?;
         if args.bs % u64::from(block_size) != 0 {
             bail!(
                 "--bs {} is not a multiple of {}'s block size ({block_size} bytes)",
@@ -445,11 +463,12 @@ pub fn run(args: &RawArgs) -> Result<Report> {
         });
     }
     if args.verify && !args.rw.is_write() {
-        for (t, p) in paths.iter_mut().zip(&plans) {
+        for ((t, st), p) in paths.iter_mut().zip(side.iter_mut()).zip(&plans) {
             if !out.silent() {
                 eprintln!("writing the verify pattern over {}", t.describe());
             }
-            prefill(t.as_mut(), p.slots * p.bs, p.block_size, seed)?;
+            let t = st.as_deref_mut().unwrap_or(t.as_mut());
+            prefill(t, p.slots * p.bs, p.block_size, seed)?;
         }
     }
     let counters = Arc::new(Counters::default());
@@ -505,11 +524,17 @@ pub fn run(args: &RawArgs) -> Result<Report> {
     if args.verify {
         let mut checked = 0;
         if args.rw.is_write() {
-            for ((t, p), r) in paths.iter_mut().zip(&plans).zip(&lun_results) {
+            for (((t, st), p), r) in paths
+                .iter_mut()
+                .zip(side.iter_mut())
+                .zip(&plans)
+                .zip(&lun_results)
+            {
                 if !out.silent() {
                     eprintln!("reading back what was written to {}", t.describe());
                 }
-                checked += read_back(t.as_mut(), p, &r.written)?;
+                let t = st.as_deref_mut().unwrap_or(t.as_mut());
+                checked += read_back(t, p, &r.written)?;
             }
         } else {
             checked = bytes;
