@@ -820,6 +820,12 @@ impl UringSg {
 
     fn read_completions_inner(&mut self, i: usize) -> io::Result<()> {
         loop {
+            // Nothing more can complete on an fd with nothing in flight:
+            // skip the read that would only say EAGAIN (one syscall per
+            // command at queue depth 1).
+            if self.fds[i].in_flight == 0 {
+                return Ok(());
+            }
             let mut hdr = SgIoHdr::new();
             let fd = self.fds[i].fd.as_raw_fd();
             // SAFETY: `hdr` is a live, exclusively borrowed SgIoHdr of
