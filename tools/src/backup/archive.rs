@@ -626,7 +626,11 @@ fn prepare_parent(dest: &Path, rel: &Path) -> Result<PathBuf> {
 /// directory.
 fn clear(p: &Path) -> Result<()> {
     match fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => bail!("{} exists and is a directory", p.display()),
+        Ok(m) if m.is_dir() => bail!(
+            "{} is a directory in the way of a file or link; refused (an archive that \
+             writes under a name and then turns it into a link is hostile)",
+            p.display()
+        ),
         Ok(_) => fs::remove_file(p).with_context(|| format!("replacing {}", p.display())),
         Err(_) => Ok(()),
     }

@@ -173,10 +173,12 @@ pub fn make_tree(root: &Path, bytes: u64, seed: u64) -> Result<()> {
     std::os::unix::fs::symlink("docs/readme.txt", root.join("readme-link"))?;
     std::os::unix::fs::symlink("/nonexistent/target", root.join("dangling-link"))?;
     fs::hard_link(root.join("docs/notes/b.txt"), root.join("b-hardlink.txt"))?;
-    // A sparse file: 16 MiB with data at three places.
+    // A sparse file (16 MiB, or 4 for small trees) with data at three
+    // places.
+    let len: u64 = if bytes >= 16 << 20 { 16 << 20 } else { 4 << 20 };
     let mut f = File::create(root.join("data/sparse.img"))?;
-    f.set_len(16 << 20)?;
-    for off in [0u64, 5 << 20, (16 << 20) - 4096] {
+    f.set_len(len)?;
+    for off in [0u64, len / 3, len - 4096] {
         f.seek(SeekFrom::Start(off))?;
         f.write_all(&[0xAB; 4096])?;
     }

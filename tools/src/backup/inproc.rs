@@ -135,6 +135,25 @@ impl InProcArray {
     }
 }
 
+impl InProcArray {
+    /// A backup host whose paths to the array are all down (every open
+    /// fails): the array is unavailable at the start.
+    pub fn host_without_array(&self, wkp: u16, policy: Policy) -> session::Host {
+        let mut h = self.host(0, wkp, policy, None);
+        let down: Arc<dyn PathSource> = Arc::new(|| -> Result<Box<dyn Mailbox>, MailboxError> {
+            Err(MailboxError::Other(scsi::CommandError::Io(
+                std::io::Error::other("every path to the array is down"),
+            )))
+        });
+        h.layer = Arc::new(SocketLayer::new(
+            HashMap::from([(STG, Arc::clone(&down))]),
+            stream_config(),
+        ));
+        h.probe = Some(down);
+        h
+    }
+}
+
 /// A free TCP port on loopback whose next two ports are free too (WKP,
 /// WKP+1, WKP+2).
 pub fn free_wkp() -> Result<u16> {

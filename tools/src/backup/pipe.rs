@@ -133,6 +133,9 @@ pub struct StreamReport {
     pub sha256: String,
     /// The channels.
     pub channels: ChannelLog,
+    /// The descriptor that carried the end of the stream (TCP after a
+    /// fallback): the session's next messages go there.
+    pub fd: Fd,
 }
 
 /// A one-shot action a test runs when the sender has sent a number of
@@ -388,6 +391,7 @@ impl<'a> PipeSender<'a> {
             bytes: self.sent,
             sha256: hex::encode(self.hasher.finalize()),
             channels: self.log,
+            fd: self.fd,
         })
     }
 }
@@ -517,6 +521,7 @@ impl<'a> PipeReceiver<'a> {
                         bytes: self.received,
                         sha256: hex::encode(digest),
                         channels: self.log.clone(),
+                        fd: self.fd,
                     });
                 }
                 Err(reason) if reason.starts_with(ABORTED) => bail!("{reason}"),

@@ -379,7 +379,8 @@ impl Repo {
         }
         tx.execute(
             "UPDATE backups SET status = 'complete', finished = ?2, bytes = ?3, files = ?4, \
-             archive_sha256 = ?5, channel = ?6, fallback_reason = ?7, errors = ?8 WHERE id = ?1",
+             archive_sha256 = ?5, channel = ?6, fallback_reason = COALESCE(?7, fallback_reason), \
+             errors = ?8 WHERE id = ?1",
             params![
                 id,
                 now(),
@@ -574,6 +575,18 @@ impl Repo {
                         .any(|p| e.path == *p || e.path.starts_with(&format!("{p}/")))
             })
             .collect();
+        // A selected hard link brings the file it links to along (its
+        // content is stored under that name).
+        let mut selected = selected;
+        let names: HashSet<&str> = selected.iter().map(|e| e.path.as_str()).collect();
+        let extra: Vec<&ManifestEntry> = selected
+            .iter()
+            .filter(|e| e.kind == Kind::Hardlink)
+            .filter_map(|e| e.link.as_deref())
+            .filter(|first| !names.contains(first))
+            .filter_map(|first| manifest.iter().find(|m| m.path == first))
+            .collect();
+        selected.extend(extra);
         if selected.is_empty() && !paths.is_empty() {
             bail!("backup {id} has nothing at {paths:?} (`stp backup list --files {id}` shows its files)");
         }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 use stp_core::flows::{db_client_connect, db_server_accept, fs_client_accept, fs_server_connect};
-use stp_core::sockets::{Fd, SocketLayer};
+use stp_core::sockets::{Fd, Mechanism, SocketLayer};
 use stp_core::stream::PathSource;
 
 use super::archive::{append_blob, ManifestEntry, TreeWriter, WalkOptions};
@@ -410,6 +410,8 @@ pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Res
                 return Err(e);
             }
         };
+        // The summary follows the data at once; do not wait forever.
+        layer.set_read_timeout(conns.control, Some(host.timeout))?;
         match wire::recv::<Msg>(layer, conns.control, "the client's summary")? {
             Msg::BackupDone { manifest, errors } => Ok((manifest, report, errors)),
             Msg::Refused { message } => bail!("the client refused: {message}"),
@@ -581,6 +583,7 @@ pub fn fs_agent(host: &Host, rules: &AgentRules, opts: RunOptions) -> Result<Out
         };
         data_fd = tx.fd();
         let report = tx.finish()?;
+        data_fd = report.fd;
         let _ = layer.shutdown_write(conns.errors);
         let files = manifest.len() as u64;
         wire::send(layer, conns.control, &Msg::BackupDone { manifest, errors })?;
@@ -793,6 +796,10 @@ pub fn db_backup(
         };
         data_fd = tx.fd();
         let report = tx.finish()?;
+        data_fd = report.fd;
+        if data_fd.mechanism() == Mechanism::Tcp {
+            layer.set_read_timeout(data_fd, Some(host.timeout))?;
+        }
         let files = manifest.len() as u64;
         wire::send(layer, data_fd, &Msg::DbDone { manifest })?;
         match wire::recv::<Msg>(layer, data_fd, "the server's result")? {
@@ -981,6 +988,9 @@ pub fn db_serve(host: &Host, repo: &Repo, opts: RunOptions) -> Result<Outcome> {
             let report = rx.run(&mut &pending.file);
             data_fd = rx.fd();
             let report = report?;
+            if data_fd.mechanism() == Mechanism::Tcp {
+                layer.set_read_timeout(data_fd, Some(host.timeout))?;
+            }
             match wire::recv::<Msg>(layer, data_fd, "the client's summary")? {
                 Msg::DbDone { manifest } => Ok((manifest, report)),
                 other => bail!("expected the client's summary, got {}", other.name()),
@@ -1026,7 +1036,7 @@ pub fn db_serve(host: &Host, repo: &Repo, opts: RunOptions) -> Result<Outcome> {
     };
     // Wait for the client's close so its last read sees our answer.
     let mut b = [0u8; 1];
-    if data_fd.mechanism() == stp_core::sockets::Mechanism::Tcp {
+    if data_fd.mechanism() == Mechanism::Tcp {
         let _ = layer.set_read_timeout(data_fd, Some(Duration::from_secs(5)));
     }
     let _ = layer.recv(data_fd, &mut b);
