@@ -635,3 +635,61 @@ fn hostile_archive_paths_are_refused() {
     archive::extract(&ok[..], &dest, &opts).unwrap();
     assert_eq!(fs::read(dest.join("dir/l")).unwrap(), b"hello");
 }
+
+#[test]
+fn file_changed_or_unreadable_during_backup_is_reported_not_fatal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let big = src.join("big.bin");
+    fs::write(&big, vec![7u8; 3 << 20]).unwrap();
+    fs::write(src.join("small.txt"), b"small").unwrap();
+    let locked = src.join("locked.txt");
+    fs::write(&locked, b"secret").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&locked, fs::Permissions::from_mode(0o000)).unwrap();
+    // Root reads anything: only an unprivileged run sees the open fail.
+    let unreadable = fs::File::open(&locked).is_err();
+    let repo = Repo::open(tmp.path().join("repo")).unwrap();
+    let (_array, server, client) = hosts(20, Policy::Preferred, Policy::Preferred, None);
+    // While big.bin is being read (1 MiB into the stream), it shrinks.
+    let target = big.clone();
+    let shrink: stp_tools::backup::pipe::FailHook = Box::new(move |_, _| {
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .unwrap()
+            .set_len(100)
+            .unwrap();
+    });
+    let opts = RunOptions {
+        quiet: true,
+        fail_after: Some((1 << 20, shrink)),
+    };
+    let (s, a) = fs_run(&server, &client, &repo, &job(&src, Level::Full), opts);
+    let out = s.unwrap();
+    a.unwrap();
+    let errors = repo.file_errors(out.backup_id).unwrap();
+    let changed = errors
+        .iter()
+        .find(|e| e.path == "big.bin")
+        .expect("big.bin reported");
+    assert!(
+        changed.message.contains("changed while it was read"),
+        "{errors:?}"
+    );
+    assert_eq!(errors.len(), 1 + usize::from(unreadable), "{errors:?}");
+    let m = repo.manifest(out.backup_id).unwrap();
+    let e = m.iter().find(|e| e.path == "big.bin").unwrap();
+    assert_eq!(e.status, "changed");
+    if unreadable {
+        let e = m.iter().find(|e| e.path == "locked.txt").unwrap();
+        assert_eq!(e.status, "error");
+    }
+    // The archive stays well formed and verifiable; the other files restore.
+    assert!(repo.verify(out.backup_id).unwrap().problems.is_empty());
+    let r = tmp.path().join("r");
+    repo.restore(out.backup_id, &r, &[]).unwrap();
+    assert_eq!(fs::read(r.join("small.txt")).unwrap(), b"small");
+    assert_eq!(fs::metadata(r.join("big.bin")).unwrap().len(), 3 << 20);
+}

@@ -285,3 +285,39 @@ fn probe_directory() -> Result<MapDirectory> {
     }
     Ok(dir)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example of the module documentation parses.
+    #[test]
+    fn documented_example_parses() {
+        let source = include_str!("config.rs");
+        let example: String = source
+            .lines()
+            .take_while(|l| l.starts_with("//!"))
+            .map(|l| l.trim_start_matches("//!").strip_prefix(' ').unwrap_or(""))
+            .skip_while(|l| *l != "```toml")
+            .skip(1)
+            .take_while(|l| *l != "```")
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("backup.toml");
+        std::fs::write(&p, &example).unwrap();
+        let c = BackupConfig::load(&p).unwrap();
+        assert_eq!(c.stg, 7);
+        assert_eq!(c.fallback, Policy::Preferred);
+        assert_eq!(c.client.as_ref().unwrap().name, "web1");
+        assert_eq!(c.rules().allowed.len(), 2);
+        // Unknown keys and bad policies are errors that name the problem.
+        std::fs::write(&p, format!("{example}\nstgg = 1\n")).unwrap();
+        assert!(format!("{:#}", BackupConfig::load(&p).unwrap_err()).contains("stgg"));
+        std::fs::write(&p, example.replace("\"preferred\"", "\"sometimes\"")).unwrap();
+        assert!(BackupConfig::load(&p).is_err());
+        // A missing STP configuration says which file.
+        let e = BackupConfig::load(&p.with_file_name("none.toml")).unwrap_err();
+        assert!(format!("{e:#}").contains("none.toml"), "{e:#}");
+    }
+}

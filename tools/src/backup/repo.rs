@@ -101,10 +101,21 @@ pub struct Pending {
 }
 
 /// The repository.
-#[derive(Debug)]
 pub struct Repo {
     root: PathBuf,
     db: Mutex<Connection>,
+    /// A shared lock on `lock` for as long as this handle lives: the sweep
+    /// of interrupted backups needs it exclusively, so it never removes the
+    /// partial archive of a backup another handle is receiving.
+    _lock: nix::fcntl::Flock<File>,
+}
+
+impl std::fmt::Debug for Repo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repo")
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
 }
 
 fn now() -> f64 {
@@ -206,11 +217,34 @@ impl Repo {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)
             .with_context(|| format!("setting up the catalog {}", db_path.display()))?;
+        use nix::fcntl::{Flock, FlockArg};
+        let lock_path = root.join("lock");
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("cannot open {}", lock_path.display()))?;
+        // Alone: sweep, then share. Not alone: another handle may be
+        // receiving a backup, so leave the sweep to a later open.
+        let (lock, alone) = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => (l, true),
+            Err((f, _)) => match Flock::lock(f, FlockArg::LockShared) {
+                Ok(l) => (l, false),
+                Err((_, e)) => return Err(anyhow!("cannot lock {}: {e}", lock_path.display())),
+            },
+        };
         let repo = Repo {
             root,
             db: Mutex::new(conn),
+            _lock: lock,
         };
-        repo.sweep()?;
+        if alone {
+            repo.sweep()?;
+            repo._lock
+                .relock(FlockArg::LockShared)
+                .with_context(|| format!("sharing the lock on {}", lock_path.display()))?;
+        }
         Ok(repo)
     }
 
@@ -238,7 +272,8 @@ impl Repo {
 
     /// Marks `running` backups failed ("interrupted") and removes every
     /// file that belongs to no complete backup. Returns the ids marked.
-    /// Call only when no backup is in progress in this repository.
+    /// [`Repo::open`] calls it when no other handle has the repository
+    /// open; call it only when no backup is in progress.
     pub fn sweep(&self) -> Result<Vec<i64>> {
         let db = self.db();
         let ids: Vec<i64> = db
@@ -260,7 +295,8 @@ impl Repo {
             for e in fs::read_dir(self.root.join(dir))?.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let id = name.split('.').next().and_then(|s| s.parse::<i64>().ok());
-                let keep = !name.ends_with(".partial") && id.is_some_and(|i| complete.contains(&i));
+                let keep = name == "lock"
+                    || (!name.ends_with(".partial") && id.is_some_and(|i| complete.contains(&i)));
                 if !keep {
                     let _ = fs::remove_file(e.path());
                 }
