@@ -148,7 +148,9 @@ impl RepoArg {
             }
             (None, None) => bail!("say which repository: --repo DIR or --config FILE"),
         };
-        Repo::open(dir)
+        let mut repo = Repo::open(dir)?;
+        repo.show_progress(!self.json);
+        Ok(repo)
     }
 }
 

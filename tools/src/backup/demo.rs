@@ -25,7 +25,6 @@ use stp_core::stream::{StpListener, StpStream};
 
 use super::inproc::{free_wkp, stream_config, InProcArray};
 use super::pipe::Policy;
-use super::progress::Progress;
 use super::repo::Repo;
 use super::session::{self, AgentRules, FsJob, RunOptions};
 use super::wire::{DbSource, Level};
@@ -412,7 +411,8 @@ fn demo(args: &DemoArgs) -> Result<DemoSummary> {
     }
     make_tree(&src, args.tree_bytes, 1)?;
     let live = LiveDb::start(&base.join("live.sqlite"))?;
-    let repo = Repo::open(base.join("repository"))?;
+    let mut repo = Repo::open(base.join("repository"))?;
+    repo.show_progress(!args.json);
     let array = InProcArray::new(1)?;
     let wkp = free_wkp()?;
     let server = array.host(0, wkp, Policy::Preferred, None);
@@ -456,9 +456,7 @@ fn demo(args: &DemoArgs) -> Result<DemoSummary> {
         .map_err(|_| anyhow!("the client agent panicked"))?
         .context("the client agent failed")?;
     let fs_dest = base.join("restored/tree");
-    let restore_bar = Progress::bytes("restoring", None, quiet);
     repo.restore(fs_out.backup_id, &fs_dest, &[])?;
-    restore_bar.finish();
     let mut problems = compare_trees(&src, &fs_dest)?;
     let v = repo.verify(fs_out.backup_id)?;
     let verified = v.problems.is_empty();

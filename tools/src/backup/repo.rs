@@ -31,6 +31,7 @@ use sha2::{Digest, Sha256};
 
 use super::archive::{self, safe_relative, ExtractOptions, Extracted, Kind, ManifestEntry};
 use super::pipe::StreamReport;
+use super::progress::Progress;
 
 /// One backup as the catalog records it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -108,6 +109,8 @@ pub struct Repo {
     /// of interrupted backups needs it exclusively, so it never removes the
     /// partial archive of a backup another handle is receiving.
     _lock: nix::fcntl::Flock<File>,
+    /// Show progress bars on long reads (verify, restore).
+    progress: bool,
 }
 
 impl std::fmt::Debug for Repo {
@@ -238,6 +241,7 @@ impl Repo {
             root,
             db: Mutex::new(conn),
             _lock: lock,
+            progress: false,
         };
         if alone {
             repo.sweep()?;
@@ -246,6 +250,16 @@ impl Repo {
                 .with_context(|| format!("sharing the lock on {}", lock_path.display()))?;
         }
         Ok(repo)
+    }
+
+    /// Shows progress bars (bytes, rate, ETA) on verify and restore when
+    /// stderr is a terminal.
+    pub fn show_progress(&mut self, on: bool) {
+        self.progress = on;
+    }
+
+    fn bar(&self, what: &str, total: u64) -> Progress {
+        Progress::bytes(what, Some(total), !self.progress)
     }
 
     /// The repository directory.
@@ -533,10 +547,12 @@ impl Repo {
         let path = self.archive_path(id);
         let f = File::open(&path)
             .with_context(|| format!("cannot open the archive {}", path.display()))?;
+        let bar = self.bar("verifying", f.metadata().map_or(0, |m| m.len()));
         let mut hashing = HashingReader {
             inner: BufReader::with_capacity(1 << 20, f),
             hasher: Sha256::new(),
             bytes: 0,
+            bar: bar.clone(),
         };
         let hashes: HashMap<String, String> = manifest
             .iter()
@@ -546,6 +562,7 @@ impl Repo {
         let (checked, mut p) = archive::verify(&mut hashing, &hashes)?;
         problems.append(&mut p);
         io::copy(&mut hashing, &mut io::sink()).context("reading the archive's tail")?;
+        bar.finish();
         let sum = hex::encode(hashing.hasher.finalize());
         if Some(&sum) != info.archive_sha256.as_ref() {
             problems.push(format!(
@@ -661,6 +678,13 @@ impl Repo {
         by_archive.entry(id).or_default();
         let mut order: Vec<i64> = by_archive.keys().copied().collect();
         order.sort_unstable();
+        let bytes: u64 = order
+            .iter()
+            .filter_map(|&b| fs::metadata(self.archive_path(b)).ok())
+            .map(|m| m.len())
+            .sum();
+        let bar = self.bar("restoring", bytes);
+        let mut offset = 0u64;
         let mut total = Extracted::default();
         for src in order {
             let files = &by_archive[&src];
@@ -674,8 +698,16 @@ impl Repo {
             let f = File::open(&path).with_context(|| {
                 format!("cannot open the archive {} (backup {src})", path.display())
             })?;
+            let size = f.metadata().map_or(0, |m| m.len());
+            let reader = HashingReader {
+                inner: BufReader::with_capacity(1 << 20, f),
+                hasher: Sha256::new(),
+                bytes: offset,
+                bar: bar.clone(),
+            };
+            offset += size;
             let done = archive::extract(
-                BufReader::with_capacity(1 << 20, f),
+                reader,
                 dest,
                 &ExtractOptions {
                     want: &want,
@@ -689,6 +721,7 @@ impl Repo {
             total.bytes += done.bytes;
             total.others += done.others;
         }
+        bar.finish();
         // Hard links, from the manifest.
         for e in selected.iter().filter(|e| e.kind == Kind::Hardlink) {
             let first = e.link.as_deref().unwrap_or_default();
@@ -812,10 +845,12 @@ impl Repo {
     }
 }
 
+/// Counts (and hashes) what is read, moving a progress bar.
 struct HashingReader<R> {
     inner: R,
     hasher: Sha256,
     bytes: u64,
+    bar: Progress,
 }
 
 impl<R: Read> Read for HashingReader<R> {
@@ -823,6 +858,7 @@ impl<R: Read> Read for HashingReader<R> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
         self.bytes += n as u64;
+        self.bar.set(self.bytes);
         Ok(n)
     }
 }

@@ -545,13 +545,14 @@ pub fn fs_agent(host: &Host, rules: &AgentRules, opts: RunOptions) -> Result<Out
         excludes.extend(rules.excludes.iter().cloned());
         let server_ip = wire::peer_ip(layer, conns.control)?;
         let fallback = (conns.lan_reason.is_none()).then(|| SocketAddr::new(server_ip, port));
+        let estimate = (!opts.quiet).then(|| super::archive::estimate(&root, &excludes));
         let mut tx = PipeSender::new(
             layer,
             conns.data,
             fallback,
             host.policy,
             id as u64,
-            Progress::bytes("sending", None, opts.quiet),
+            Progress::bytes("sending", estimate, opts.quiet),
         );
         if let Some((after, hook)) = opts.fail_after {
             tx.fail_after(after, hook);
