@@ -628,3 +628,105 @@ impl<'a> PipeReceiver<'a> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    use std::thread;
+    use stp_core::conn::Config;
+
+    fn tcp_layer() -> Arc<SocketLayer> {
+        Arc::new(SocketLayer::new(HashMap::new(), Config::default()))
+    }
+
+    /// A connected TCP pair on one layer: (sender side, receiver side).
+    fn pair(layer: &SocketLayer) -> (Fd, Fd) {
+        let (l, port) =
+            wire::listen_tcp(layer, SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)).unwrap();
+        let c = wire::connect_tcp(
+            layer,
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let s = layer.accept(l, Duration::from_secs(5)).unwrap();
+        wire::close_quietly(layer, l);
+        (c, s)
+    }
+
+    #[test]
+    fn stream_round_trip_over_tcp() {
+        let layer = tcp_layer();
+        let (c, s) = pair(&layer);
+        let data: Vec<u8> = (0..(3 * SEGMENT + 12_345))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let l2 = Arc::clone(&layer);
+        let want = data.clone();
+        let rx = thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut r = PipeReceiver::new(&l2, s, None, Policy::Preferred, 1, Progress::hidden());
+            let rep = r.run(&mut got).unwrap();
+            assert!(got == want);
+            rep
+        });
+        let mut tx = PipeSender::new(&layer, c, None, Policy::Preferred, 1, Progress::hidden());
+        for chunk in data.chunks(77_777) {
+            tx.write_all(chunk).unwrap();
+        }
+        let sent = tx.finish().unwrap();
+        let got = rx.join().unwrap();
+        assert_eq!(sent.bytes, data.len() as u64);
+        assert_eq!(sent.sha256, got.sha256);
+        assert_eq!(sent.channels.summary(), "tcp");
+    }
+
+    #[test]
+    fn receiver_rejects_oversized_segments_and_bad_ends() {
+        let layer = tcp_layer();
+        // A segment longer than the limit.
+        let (c, s) = pair(&layer);
+        layer
+            .send_all(c, &((SEGMENT as u32) + 1).to_be_bytes())
+            .unwrap();
+        let mut r = PipeReceiver::new(&layer, s, None, Policy::Preferred, 1, Progress::hidden());
+        let e = r.run(&mut Vec::new()).unwrap_err();
+        assert!(format!("{e:#}").contains("limit"), "{e:#}");
+        // An end whose hash does not match what arrived.
+        let (c, s) = pair(&layer);
+        let mut m = Vec::new();
+        m.extend_from_slice(&3u32.to_be_bytes());
+        m.extend_from_slice(b"abc");
+        m.extend_from_slice(&0u32.to_be_bytes());
+        m.extend_from_slice(&3u64.to_be_bytes());
+        m.extend_from_slice(&[0u8; 32]);
+        layer.send_all(c, &m).unwrap();
+        let mut got = Vec::new();
+        let mut r = PipeReceiver::new(&layer, s, None, Policy::Preferred, 1, Progress::hidden());
+        let e = r.run(&mut got).unwrap_err();
+        assert!(format!("{e:#}").contains("corrupted"), "{e:#}");
+        assert_eq!(got, b"abc");
+        let mut verdict = [0u8; 18];
+        layer.recv_exact(c, &mut verdict).unwrap();
+        assert_eq!(verdict[0], ACK);
+        assert_eq!(verdict[9], FINAL_BAD);
+        // An abort carries its reason.
+        let (c, s) = pair(&layer);
+        let tx = PipeSender::new(&layer, c, None, Policy::Preferred, 1, Progress::hidden());
+        tx.abort("disk on fire");
+        let mut r = PipeReceiver::new(&layer, s, None, Policy::Preferred, 1, Progress::hidden());
+        let e = r.run(&mut Vec::new()).unwrap_err();
+        assert!(format!("{e:#}").contains("gave up: disk on fire"), "{e:#}");
+    }
+
+    #[test]
+    fn policies_parse() {
+        assert_eq!("never".parse::<Policy>(), Ok(Policy::Never));
+        assert!("sometimes"
+            .parse::<Policy>()
+            .unwrap_err()
+            .contains("preferred"));
+    }
+}
