@@ -533,9 +533,9 @@ fn killed_client_or_server_leaves_the_catalog_consistent() {
 
     // The server dies mid-stream: a running row and a partial archive are
     // left behind, as a crash would leave them.
-    let pending = repo.begin("fs", "client", "/x", "full", None).unwrap();
+    let mut pending = repo.begin("fs", "client", "/x", "full", None).unwrap();
     let crashed = pending.id;
-    (&pending.file).write_all(&[0u8; 4096]).unwrap();
+    pending.sink().write_all(&[0u8; 4096]).unwrap();
     drop(pending);
     drop(repo);
     let repo = Repo::open(&repo_dir).unwrap();
@@ -717,4 +717,49 @@ fn file_changed_or_unreadable_during_backup_is_reported_not_fatal() {
     repo.restore(out.backup_id, &r, &[]).unwrap();
     assert_eq!(fs::read(r.join("small.txt")).unwrap(), b"small");
     assert_eq!(fs::metadata(r.join("big.bin")).unwrap().len(), 3 << 20);
+}
+
+#[test]
+fn gzip_repository_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_tree(&src, 1 << 20, 21).unwrap();
+    let mut repo = Repo::open(tmp.path().join("repo")).unwrap();
+    repo.set_gzip(true);
+    let (_array, server, client) = hosts(22, Policy::Preferred, Policy::Preferred, None);
+    let (s, a) = fs_run(&server, &client, &repo, &job(&src, Level::Full), quiet());
+    let full = s.unwrap();
+    a.unwrap();
+    let path = repo.archive_path(full.backup_id);
+    assert!(
+        path.to_string_lossy().ends_with(".tar.gz"),
+        "{}",
+        path.display()
+    );
+    // Compressed on disk (the sparse file's zeros shrink to nothing).
+    assert!(fs::metadata(&path).unwrap().len() < full.bytes / 2);
+    if let Ok(out) = Command::new("tar").arg("-tzf").arg(&path).output() {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    fs::write(src.join("later.txt"), b"later").unwrap();
+    let (s, a) = fs_run(
+        &server,
+        &client,
+        &repo,
+        &job(&src, Level::Incremental),
+        quiet(),
+    );
+    let inc = s.unwrap();
+    a.unwrap();
+    for id in [full.backup_id, inc.backup_id] {
+        let v = repo.verify(id).unwrap();
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+    }
+    let r = tmp.path().join("r");
+    repo.restore(inc.backup_id, &r, &[]).unwrap();
+    assert_eq!(compare_trees(&src, &r).unwrap(), Vec::<String>::new());
 }

@@ -247,6 +247,18 @@ fn info_line(b: &BackupInfo) -> String {
     )
 }
 
+/// The repository of the `[server]` section, with its compression.
+fn server_repo(cfg: &BackupConfig, json: bool) -> Result<Repo> {
+    let server = cfg
+        .server
+        .as_ref()
+        .context("the configuration has no [server] section naming the repository")?;
+    let mut repo = Repo::open(&server.repository)?;
+    repo.set_gzip(server.compress == super::config::Compress::Gzip);
+    repo.show_progress(!json);
+    Ok(repo)
+}
+
 /// Runs `stp backup`.
 pub fn run(args: &BackupArgs) -> Result<ExitCode> {
     match &args.command {
@@ -259,12 +271,7 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
             excludes,
         }) => {
             let cfg = BackupConfig::load(&common.config)?;
-            let repo = Repo::open(
-                &cfg.server
-                    .as_ref()
-                    .context("the configuration has no [server] section")?
-                    .repository,
-            )?;
+            let repo = server_repo(&cfg, common.json)?;
             let host = cfg.host()?;
             let job = FsJob {
                 client: *client,
@@ -291,12 +298,7 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
         }
         BackupCommand::Server(ServerCommand::Serve { common, once }) => {
             let cfg = BackupConfig::load(&common.config)?;
-            let repo = Repo::open(
-                &cfg.server
-                    .as_ref()
-                    .context("the configuration has no [server] section")?
-                    .repository,
-            )?;
+            let repo = server_repo(&cfg, common.json)?;
             let host = cfg.host()?;
             loop {
                 match session::db_serve(

@@ -18,6 +18,7 @@
 //!
 //! [server]
 //! repository = "/var/lib/stp/backup"
+//! compress = "gzip"                  # none (default) | gzip
 //!
 //! [client]
 //! name = "web1"                      # this host's name in the catalog
@@ -83,6 +84,20 @@ pub struct BackupConfig {
 pub struct ServerSection {
     /// The repository directory.
     pub repository: PathBuf,
+    /// Compression of new archives: `none` (default) or `gzip`.
+    #[serde(default)]
+    pub compress: Compress,
+}
+
+/// How the server stores archives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compress {
+    /// `<id>.tar`, exactly the stream received.
+    #[default]
+    None,
+    /// `<id>.tar.gz` (GNU tar reads it with `-z`).
+    Gzip,
 }
 
 /// `[client]`.

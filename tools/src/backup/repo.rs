@@ -90,6 +90,13 @@ pub struct VerifyReport {
     pub problems: Vec<String>,
 }
 
+/// Where a received stream goes: the file as-is, or through gzip.
+#[derive(Debug)]
+enum Sink {
+    Plain(File),
+    Gzip(flate2::write::GzEncoder<File>),
+}
+
 /// A backup being received: its row is `running` and its archive is a
 /// `.partial` file.
 #[derive(Debug)]
@@ -97,8 +104,19 @@ pub struct Pending {
     /// The catalog id.
     pub id: i64,
     partial: PathBuf,
-    /// Where the stream goes.
-    pub file: File,
+    /// Where the archive goes once complete.
+    final_path: PathBuf,
+    sink: Sink,
+}
+
+impl Pending {
+    /// Where the stream goes (the repository compresses it if configured).
+    pub fn sink(&mut self) -> &mut dyn Write {
+        match &mut self.sink {
+            Sink::Plain(f) => f,
+            Sink::Gzip(g) => g,
+        }
+    }
 }
 
 /// The repository.
@@ -111,6 +129,8 @@ pub struct Repo {
     _lock: nix::fcntl::Flock<File>,
     /// Show progress bars on long reads (verify, restore).
     progress: bool,
+    /// Store new archives gzip-compressed (`<id>.tar.gz`).
+    gzip: bool,
 }
 
 impl std::fmt::Debug for Repo {
@@ -242,6 +262,7 @@ impl Repo {
             db: Mutex::new(conn),
             _lock: lock,
             progress: false,
+            gzip: false,
         };
         if alone {
             repo.sweep()?;
@@ -271,13 +292,38 @@ impl Repo {
         self.db.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The archive of backup `id`.
-    pub fn archive_path(&self, id: i64) -> PathBuf {
-        self.root.join("archives").join(format!("{id}.tar"))
+    /// Stores new archives gzip-compressed (`<id>.tar.gz`, which GNU tar
+    /// reads with `-z`); hashes and sizes in the catalog stay those of the
+    /// uncompressed tar stream.
+    pub fn set_gzip(&mut self, on: bool) {
+        self.gzip = on;
     }
 
-    fn partial_path(&self, id: i64) -> PathBuf {
-        self.root.join("archives").join(format!("{id}.tar.partial"))
+    /// The archive of backup `id`: `<id>.tar.gz` if that exists, else
+    /// `<id>.tar`.
+    pub fn archive_path(&self, id: i64) -> PathBuf {
+        let gz = self.root.join("archives").join(format!("{id}.tar.gz"));
+        if gz.exists() {
+            gz
+        } else {
+            self.root.join("archives").join(format!("{id}.tar"))
+        }
+    }
+
+    /// Opens backup `id`'s archive as a tar stream (decompressing if
+    /// needed); returns it with its size on disk.
+    fn open_archive(&self, id: i64) -> Result<(Box<dyn Read>, u64)> {
+        let path = self.archive_path(id);
+        let f = File::open(&path)
+            .with_context(|| format!("cannot open the archive {} (backup {id})", path.display()))?;
+        let size = f.metadata().map_or(0, |m| m.len());
+        let buffered = BufReader::with_capacity(1 << 20, f);
+        let r: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
+            Box::new(flate2::read::GzDecoder::new(buffered))
+        } else {
+            Box::new(buffered)
+        };
+        Ok((r, size))
     }
 
     fn manifest_path(&self, id: i64) -> PathBuf {
@@ -337,13 +383,32 @@ impl Repo {
             )?;
             db.last_insert_rowid()
         };
-        let partial = self.partial_path(id);
+        let name = if self.gzip {
+            format!("{id}.tar.gz")
+        } else {
+            format!("{id}.tar")
+        };
+        let final_path = self.root.join("archives").join(&name);
+        let partial = self.root.join("archives").join(format!("{name}.partial"));
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&partial)
             .with_context(|| format!("creating {}", partial.display()))?;
-        Ok(Pending { id, partial, file })
+        let sink = if self.gzip {
+            Sink::Gzip(flate2::write::GzEncoder::new(
+                file,
+                flate2::Compression::fast(),
+            ))
+        } else {
+            Sink::Plain(file)
+        };
+        Ok(Pending {
+            id,
+            partial,
+            final_path,
+            sink,
+        })
     }
 
     /// Records the channel a running backup uses (so a failed one says it
@@ -369,19 +434,26 @@ impl Repo {
         errors: &[FileErrorRecord],
     ) -> Result<BackupInfo> {
         let id = pending.id;
-        let file = pending.file;
+        let (file, plain) = match pending.sink {
+            Sink::Plain(f) => (f, true),
+            Sink::Gzip(g) => (
+                g.finish()
+                    .with_context(|| format!("compressing {}", pending.partial.display()))?,
+                false,
+            ),
+        };
         file.sync_all()
             .with_context(|| format!("syncing {}", pending.partial.display()))?;
         let size = file.metadata()?.len();
         drop(file);
-        if size != stream.bytes {
+        if plain && size != stream.bytes {
             bail!(
                 "the archive {} holds {size} bytes but {} were received: the disk may be full",
                 pending.partial.display(),
                 stream.bytes
             );
         }
-        let archive = self.archive_path(id);
+        let archive = pending.final_path;
         fs::rename(&pending.partial, &archive)
             .with_context(|| format!("renaming {} into place", pending.partial.display()))?;
         sync_dir(&self.root.join("archives"))?;
@@ -450,8 +522,10 @@ impl Repo {
     /// Abandons a backup: removes its partial archive and marks it failed
     /// with `message`.
     pub fn fail(&self, pending: Pending, message: &str) -> Result<()> {
-        let Pending { id, partial, file } = pending;
-        drop(file);
+        let Pending {
+            id, partial, sink, ..
+        } = pending;
+        drop(sink);
         let _ = fs::remove_file(&partial);
         self.db().execute(
             "UPDATE backups SET status = 'failed', finished = ?2, message = ?3 WHERE id = ?1",
@@ -544,12 +618,10 @@ impl Repo {
         let info = self.complete(id)?;
         let manifest = self.manifest(id)?;
         let mut problems = Vec::new();
-        let path = self.archive_path(id);
-        let f = File::open(&path)
-            .with_context(|| format!("cannot open the archive {}", path.display()))?;
-        let bar = self.bar("verifying", f.metadata().map_or(0, |m| m.len()));
+        let (r, _) = self.open_archive(id)?;
+        let bar = self.bar("verifying", info.bytes.max(0) as u64);
         let mut hashing = HashingReader {
-            inner: BufReader::with_capacity(1 << 20, f),
+            inner: r,
             hasher: Sha256::new(),
             bytes: 0,
             bar: bar.clone(),
@@ -680,8 +752,8 @@ impl Repo {
         order.sort_unstable();
         let bytes: u64 = order
             .iter()
-            .filter_map(|&b| fs::metadata(self.archive_path(b)).ok())
-            .map(|m| m.len())
+            .filter_map(|&b| self.get(b).ok())
+            .map(|b| b.bytes.max(0) as u64)
             .sum();
         let bar = self.bar("restoring", bytes);
         let mut offset = 0u64;
@@ -694,13 +766,10 @@ impl Repo {
                 Kind::Dir | Kind::Symlink => is_target && others.contains(p),
                 Kind::Hardlink => false,
             };
-            let path = self.archive_path(src);
-            let f = File::open(&path).with_context(|| {
-                format!("cannot open the archive {} (backup {src})", path.display())
-            })?;
-            let size = f.metadata().map_or(0, |m| m.len());
+            let size = self.get(src).map_or(0, |b| b.bytes.max(0) as u64);
+            let (r, _) = self.open_archive(src)?;
             let reader = HashingReader {
-                inner: BufReader::with_capacity(1 << 20, f),
+                inner: r,
                 hasher: Sha256::new(),
                 bytes: offset,
                 bar: bar.clone(),
@@ -778,10 +847,8 @@ impl Repo {
             .filter(|e| e.kind == Kind::File)
             .filter_map(|e| e.sha256.clone().map(|h| (e.path.clone(), h)))
             .collect();
-        let path = self.archive_path(id);
-        let f = File::open(&path)
-            .with_context(|| format!("cannot open the archive {}", path.display()))?;
-        let mut ar = tar::Archive::new(BufReader::with_capacity(1 << 20, f));
+        let (r, _) = self.open_archive(id)?;
+        let mut ar = tar::Archive::new(r);
         let mut total = 0u64;
         for entry in ar.entries().context("reading the archive")? {
             let mut entry = entry.context("the archive is damaged")?;

@@ -337,7 +337,7 @@ pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Res
     };
     let conns = fs_server_open(host, job.client)?;
     let layer = &*host.layer;
-    let pending = match repo.begin("fs", &job.client_name, &job.source, level.as_str(), base) {
+    let mut pending = match repo.begin("fs", &job.client_name, &job.source, level.as_str(), base) {
         Ok(p) => p,
         Err(e) => {
             close_all(layer, &[conns.control, conns.errors, conns.data]);
@@ -401,7 +401,7 @@ pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Res
             Progress::bytes("receiving", None, opts.quiet),
         );
         rx.abort_when(Arc::clone(&gone));
-        let report = rx.run(&mut &pending.file);
+        let report = rx.run(pending.sink());
         data_fd = rx.fd();
         let report = match report {
             Ok(r) => r,
@@ -960,7 +960,7 @@ pub fn db_serve(host: &Host, repo: &Repo, opts: RunOptions) -> Result<Outcome> {
         DbSource::Sqlite { path } => format!("sqlite:{dbname}:{path}"),
         DbSource::Command { command } => format!("command:{dbname}:{command}"),
     };
-    let pending = repo.begin("db", &client, &src_desc, "full", None)?;
+    let mut pending = repo.begin("db", &client, &src_desc, "full", None)?;
     let id = pending.id;
     if let Some(r) = &conn.lan_reason {
         let _ = repo.note_channel(id, "tcp", Some(r));
@@ -986,7 +986,7 @@ pub fn db_serve(host: &Host, repo: &Repo, opts: RunOptions) -> Result<Outcome> {
                 id as u64,
                 Progress::bytes("receiving", None, opts.quiet),
             );
-            let report = rx.run(&mut &pending.file);
+            let report = rx.run(pending.sink());
             data_fd = rx.fd();
             let report = report?;
             if data_fd.mechanism() == Mechanism::Tcp {
