@@ -484,20 +484,28 @@ fn array_unavailable_at_start_and_policy_never_use_the_lan() {
     let server = array.host(0, wkp, Policy::Preferred, None);
     let client = array.host_without_array(wkp, Policy::Preferred);
     let dir = tmp.path().join("repo");
-    let srv = thread::spawn(move || db_serve(&server, &Repo::open(dir).unwrap(), quiet()));
-    let c = db_backup(
-        &client,
-        LOCAL,
-        "client",
-        "n",
-        &DbSource::Command {
-            command: "seq 1 1000".into(),
-        },
-        quiet(),
-    )
-    .unwrap();
-    let s = srv.join().unwrap().unwrap();
-    assert_eq!((c.channel.as_str(), s.channel.as_str()), ("tcp", "tcp"));
+    let run = |client: &Host| {
+        let (server, dir) = (server.clone(), dir.clone());
+        let srv = thread::spawn(move || db_serve(&server, &Repo::open(dir).unwrap(), quiet()));
+        let c = db_backup(
+            client,
+            LOCAL,
+            "client",
+            "n",
+            &DbSource::Command {
+                command: "seq 1 1000".into(),
+            },
+            quiet(),
+        )
+        .unwrap();
+        let s = srv.join().unwrap().unwrap();
+        (c.channel, s.channel)
+    };
+    assert_eq!(run(&client), ("tcp".into(), "tcp".into()));
+    // The server's wait on WKP ended with the LAN session: the next
+    // client gets the array on the same port.
+    let client = array.host(1, wkp, Policy::Preferred, None);
+    assert_eq!(run(&client), ("stp".into(), "stp".into()));
 }
 
 #[test]

@@ -723,7 +723,38 @@ fn db_server_open(host: &Host) -> Result<DbConn> {
         }
     };
     wire::close_quietly(&host.layer, listener);
+    if matches!(&res, Ok(c) if c.lan_reason.is_some()) {
+        end_flow_thread(host, &rx);
+    }
     res
+}
+
+/// The LAN session won: make the flow thread still waiting on WKP give up
+/// now (a connection that announces dynamic port 0 fails it at step 224),
+/// so the port is free for the next session.
+fn end_flow_thread(
+    host: &Host,
+    rx: &mpsc::Receiver<Result<stp_core::flows::DbSession, stp_core::flows::FlowError>>,
+) {
+    let ip = if host.bind_ip.is_unspecified() {
+        IpAddr::from([127, 0, 0, 1])
+    } else {
+        host.bind_ip
+    };
+    if let Ok(fd) = wire::connect_tcp(
+        &host.layer,
+        SocketAddr::new(ip, host.wkp),
+        Duration::from_millis(500),
+    ) {
+        let _ = host.layer.send_all(fd, &0u16.to_be_bytes());
+        let _ = rx.recv_timeout(Duration::from_secs(2)).map(|r| {
+            if let Ok(s) = r {
+                // A client raced in over the array: it will retry.
+                let _ = s.close(&host.layer);
+            }
+        });
+        wire::close_quietly(&host.layer, fd);
+    }
 }
 
 /// Chunk size of a command's output in the archive.
