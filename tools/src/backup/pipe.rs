@@ -338,7 +338,8 @@ impl<'a> PipeSender<'a> {
         self.log.reason = Some(reason);
         self.log.resumed_at = Some(resume);
         self.progress.note(&format!(
-            "STP failed; continuing over TCP from byte {resume}"
+            "LAN fallback: {}; continuing over TCP from byte {resume}",
+            self.log.reason.as_deref().unwrap_or("STP failed")
         ));
         let resend: Vec<Vec<u8>> = self.unacked.iter().map(|(_, d)| d.clone()).collect();
         let res = (|| -> Result<(), SockError> {
@@ -622,7 +623,8 @@ impl<'a> PipeReceiver<'a> {
         self.log.reason = Some(reason);
         self.log.resumed_at = Some(self.received);
         self.progress.note(&format!(
-            "STP failed; continuing over TCP from byte {}",
+            "LAN fallback: {}; continuing over TCP from byte {}",
+            self.log.reason.as_deref().unwrap_or("STP failed"),
             self.received
         ));
         Ok(())

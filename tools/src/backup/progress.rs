@@ -7,15 +7,21 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// A progress bar, or nothing. Cheap to clone (clones share the bar).
+/// Notes (a fallback, say) are printed above the bar, or on stderr when
+/// there is no bar and output is not quiet.
 #[derive(Clone, Debug, Default)]
 pub struct Progress {
     bar: Option<ProgressBar>,
+    notes: bool,
 }
 
 impl Progress {
     /// No output.
     pub fn hidden() -> Progress {
-        Progress { bar: None }
+        Progress {
+            bar: None,
+            notes: false,
+        }
     }
 
     /// A bar titled `what` on stderr if it is a terminal and `quiet` is
@@ -23,7 +29,10 @@ impl Progress {
     /// rate otherwise).
     pub fn bytes(what: &str, total: Option<u64>, quiet: bool) -> Progress {
         if quiet || !std::io::stderr().is_terminal() {
-            return Progress::hidden();
+            return Progress {
+                bar: None,
+                notes: !quiet,
+            };
         }
         let bar = match total {
             Some(t) => ProgressBar::new(t).with_style(
@@ -43,7 +52,10 @@ impl Progress {
         bar.set_draw_target(ProgressDrawTarget::stderr());
         bar.set_message(what.to_owned());
         bar.enable_steady_tick(Duration::from_millis(200));
-        Progress { bar: Some(bar) }
+        Progress {
+            bar: Some(bar),
+            notes: true,
+        }
     }
 
     /// Sets the position (bytes done).
@@ -53,10 +65,12 @@ impl Progress {
         }
     }
 
-    /// Prints a line above the bar (or nothing when hidden).
+    /// Prints a line above the bar, or on stderr (nothing when quiet).
     pub fn note(&self, line: &str) {
-        if let Some(b) = &self.bar {
-            b.println(line);
+        match &self.bar {
+            Some(b) => b.println(line),
+            None if self.notes => eprintln!("{line}"),
+            None => {}
         }
     }
 

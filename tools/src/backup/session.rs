@@ -363,11 +363,15 @@ pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Res
         let layer = Arc::clone(&host.layer);
         let fd = conns.errors;
         let gone = Arc::clone(&gone);
+        let show = !opts.quiet;
         thread::spawn(move || -> Vec<FileErrorRecord> {
             let mut v = Vec::new();
             loop {
                 match wire::recv_opt::<Msg>(&layer, fd) {
                     Ok(Some(Msg::FileError { path, message })) => {
+                        if show {
+                            eprintln!("client: {path}: {message}");
+                        }
                         v.push(FileErrorRecord { path, message })
                     }
                     Ok(Some(_)) => {}
