@@ -59,3 +59,130 @@ fn backup_cli_errors_say_what_to_do() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
 }
+
+/// The CLI roles as two processes. Without SCSI devices on this machine
+/// they run with `fallback = "never"` (LAN only); the same commands with
+/// an STG use the array (docs/BACKUP.md).
+#[test]
+fn cli_roles_in_two_processes_over_the_lan() {
+    use std::fs;
+    let tmp = tempfile::tempdir().unwrap();
+    let wkp = stp_tools::backup::inproc::free_wkp().unwrap();
+    fs::write(tmp.path().join("stp.toml"), format!("wkp = {wkp}\n")).unwrap();
+    let repo = tmp.path().join("repo");
+    let cfg = tmp.path().join("backup.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "stp_config = \"stp.toml\"\nstg = 7\nfallback = \"never\"\nbind = \"127.0.0.1\"\n\
+             [server]\nrepository = \"{}\"\n[client]\nname = \"cli-client\"\n\
+             server = \"127.0.0.1\"\nexcludes = [\"*.tmp\"]\n",
+            repo.display()
+        ),
+    )
+    .unwrap();
+    let src = tmp.path().join("src");
+    stp_tools::backup::demo::make_tree(&src, 1 << 20, 5).unwrap();
+    fs::write(src.join("skip.tmp"), b"x").unwrap();
+    let stp = env!("CARGO_BIN_EXE_stp");
+    let run = |args: &[&str]| {
+        let out = Command::new(stp).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "stp {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stp {args:?}: {e}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    };
+    let cfg_s = cfg.to_str().unwrap();
+    // The agent waits; the server starts the file-system backup.
+    let agent = Command::new(stp)
+        .args([
+            "backup", "client", "agent", "--once", "--json", "--config", cfg_s,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = run(&[
+        "backup",
+        "server",
+        "fs",
+        "--json",
+        "--config",
+        cfg_s,
+        "--client",
+        "127.0.0.1",
+        "--source",
+        src.to_str().unwrap(),
+    ]);
+    assert!(agent.wait_with_output().unwrap().status.success());
+    assert_eq!(out["channel"], "tcp", "{out}");
+    let id = out["backup_id"].as_i64().unwrap().to_string();
+    // The server waits; the client starts the database backup.
+    let server = Command::new(stp)
+        .args([
+            "backup", "server", "serve", "--once", "--json", "--config", cfg_s,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let db = run(&[
+        "backup",
+        "client",
+        "db",
+        "--json",
+        "--config",
+        cfg_s,
+        "--name",
+        "nums",
+        "--from-command",
+        "seq 1 5000",
+    ]);
+    assert!(server.wait_with_output().unwrap().status.success());
+    let db_id = db["backup_id"].as_i64().unwrap().to_string();
+    let repo_s = repo.to_str().unwrap();
+    let list = run(&["backup", "list", "--json", "--repo", repo_s]);
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    let dest = tmp.path().join("restored");
+    run(&[
+        "backup",
+        "restore",
+        &id,
+        "--json",
+        "--repo",
+        repo_s,
+        "--to",
+        dest.to_str().unwrap(),
+    ]);
+    fs::remove_file(src.join("skip.tmp")).unwrap();
+    assert_eq!(
+        stp_tools::backup::demo::compare_trees(&src, &dest).unwrap(),
+        Vec::<String>::new()
+    );
+    let dump = tmp.path().join("nums.txt");
+    run(&[
+        "backup",
+        "restore",
+        &db_id,
+        "--json",
+        "--repo",
+        repo_s,
+        "--to-file",
+        dump.to_str().unwrap(),
+    ]);
+    let want: String = (1..=5000).map(|i| format!("{i}\n")).collect();
+    assert_eq!(fs::read_to_string(&dump).unwrap(), want);
+    let v = run(&["backup", "verify", "--all", "--json", "--repo", repo_s]);
+    assert!(
+        v.as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["problems"].as_array().unwrap().is_empty()),
+        "{v}"
+    );
+}

@@ -158,7 +158,8 @@ impl BackupConfig {
             .unwrap_or_default()
     }
 
-    /// Builds this host's socket layer over the STG's devices.
+    /// Builds this host's socket layer over the STG's devices (with
+    /// `fallback = "never"`, a TCP-only layer: no device is opened).
     pub fn host(&self) -> Result<session::Host> {
         let stp = StpConfig::load(&self.stp_config).with_context(|| {
             format!(
@@ -166,6 +167,22 @@ impl BackupConfig {
                 self.stp_config.display()
             )
         })?;
+        if self.fallback == Policy::Never {
+            return Ok(session::Host {
+                layer: Arc::new(
+                    SocketLayer::new(HashMap::new(), ConnConfig::default())
+                        .with_local_ip(self.bind),
+                ),
+                stg: self.stg,
+                stg_len: 0,
+                wkp: stp.wkp,
+                bind_ip: self.bind,
+                psk: stp.psk_bytes()?,
+                policy: Policy::Never,
+                timeout: Duration::from_millis(self.timeout_ms),
+                probe: None,
+            });
+        }
         let dir = match &self.map {
             Some(m) => directory_from_map(m, self.map_host)?,
             None => probe_directory()?,
