@@ -186,3 +186,130 @@ fn cli_roles_in_two_processes_over_the_lan() {
         "{v}"
     );
 }
+
+/// A backup configuration for two LAN-only processes in `dir`.
+fn lan_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let wkp = stp_tools::backup::inproc::free_wkp().unwrap();
+    std::fs::write(dir.join("stp.toml"), format!("wkp = {wkp}\n")).unwrap();
+    let cfg = dir.join("backup.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "stp_config = \"stp.toml\"\nstg = 7\nfallback = \"never\"\nbind = \"127.0.0.1\"\n\
+             [server]\nrepository = \"{}\"\n[client]\nname = \"c\"\nserver = \"127.0.0.1\"\n",
+            dir.join("repo").display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// Waits until the repository has a partial archive (a backup is being
+/// received).
+fn wait_for_partial(repo: &std::path::Path) {
+    for _ in 0..3000 {
+        let found = std::fs::read_dir(repo.join("archives"))
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+            })
+            .unwrap_or(false);
+        if found {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("no backup started");
+}
+
+fn list(repo: &std::path::Path) -> Vec<serde_json::Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_stp"))
+        .args(["backup", "list", "--json", "--repo"])
+        .arg(repo)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// SIGKILL of the client, then of the server, in the middle of a backup
+/// (the dump command stalls, so the kill always lands mid-stream): the
+/// catalog never shows either backup complete and no partial archive
+/// survives the next open.
+#[test]
+fn killed_processes_leave_the_catalog_consistent() {
+    use std::process::Stdio;
+    let stp = env!("CARGO_BIN_EXE_stp");
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = lan_config(tmp.path());
+    let repo = tmp.path().join("repo");
+    let start = |role: &[&str]| {
+        Command::new(stp)
+            .args(role)
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let stalled = [
+        "backup",
+        "client",
+        "db",
+        "--name",
+        "d",
+        "--from-command",
+        "seq 1 10; sleep 5",
+    ];
+
+    // The client dies: the server fails the backup and records why.
+    let server = start(&["backup", "server", "serve", "--once"]);
+    let mut client = start(&stalled);
+    wait_for_partial(&repo);
+    client.kill().unwrap();
+    let _ = client.wait();
+    let out = server.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("recorded as failed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let l = list(&repo);
+    assert_eq!(l.len(), 1);
+    assert_eq!(l[0]["status"], "failed", "{l:?}");
+
+    // The server dies: the row stays 'running' until the next open sweeps
+    // it to 'failed' and removes the partial archive.
+    let mut server = start(&["backup", "server", "serve", "--once"]);
+    let mut client = start(&stalled);
+    wait_for_partial(&repo);
+    server.kill().unwrap();
+    let _ = server.wait();
+    client.kill().unwrap();
+    let _ = client.wait();
+    let l = list(&repo);
+    assert_eq!(l.len(), 2);
+    assert_eq!(l[1]["status"], "failed", "{l:?}");
+    assert!(
+        l[1]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("interrupted"),
+        "{l:?}"
+    );
+    let left: Vec<_> = std::fs::read_dir(repo.join("archives"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
