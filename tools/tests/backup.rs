@@ -80,6 +80,12 @@ fn fs_full_incremental_restore_verify_forget() {
     let src = tmp.path().join("src");
     make_tree(&src, 2 << 20, 7).unwrap();
     fs::write(src.join("scratch.tmp"), b"excluded").unwrap();
+    // Owners other than the runner's, where the runner may set them.
+    if nix::unistd::geteuid().is_root() {
+        for p in ["docs/readme.txt", "readme-link", "docs/notes"] {
+            std::os::unix::fs::lchown(src.join(p), Some(1234), Some(5678)).unwrap();
+        }
+    }
     let fifo = src.join("a-fifo");
     assert!(Command::new("mkfifo")
         .arg(&fifo)
@@ -351,6 +357,22 @@ fn damaged_archive_is_caught_by_verify_and_restore() {
         .restore(out.backup_id, &tmp.path().join("r"), &[])
         .unwrap_err();
     assert!(format!("{e:#}").contains("damaged"), "{e:#}");
+
+    // A tampered manifest that points outside the restore is refused
+    // before anything is written.
+    let mpath = repo
+        .root()
+        .join(format!("manifests/{}.json", out.backup_id));
+    let text = fs::read_to_string(&mpath).unwrap();
+    fs::write(
+        &mpath,
+        text.replace("\"docs/readme.txt\"", "\"../../evil.txt\""),
+    )
+    .unwrap();
+    let dest = tmp.path().join("r2");
+    let e = repo.restore(out.backup_id, &dest, &[]).unwrap_err();
+    assert!(format!("{e:#}").contains("climbs out"), "{e:#}");
+    assert!(!tmp.path().join("evil.txt").exists() && !dest.exists());
 }
 
 #[test]

@@ -235,6 +235,15 @@ pub fn compare_trees(a: &Path, b: &Path) -> Result<Vec<String>> {
             problems.push(format!("{d}: the type differs"));
             continue;
         }
+        if (x.uid(), x.gid()) != (y.uid(), y.gid()) {
+            problems.push(format!(
+                "{d}: owner {}:{} became {}:{}",
+                x.uid(),
+                x.gid(),
+                y.uid(),
+                y.gid()
+            ));
+        }
         if x.mode() & 0o7777 != y.mode() & 0o7777 && !x.file_type().is_symlink() {
             problems.push(format!(
                 "{d}: mode {:o} became {:o}",

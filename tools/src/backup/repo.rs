@@ -817,9 +817,14 @@ impl Repo {
         // Metadata from the manifest (nanosecond times, modes of files
         // whose content came from an older archive), directories last.
         use std::os::unix::fs::PermissionsExt;
+        let root = nix::unistd::geteuid().is_root();
         let mut dirs = Vec::new();
         for e in &selected {
             let p = dest.join(safe_relative(&e.path)?);
+            if root {
+                // Owners first: a chown clears set-id bits the mode restores.
+                let _ = std::os::unix::fs::lchown(&p, Some(e.uid), Some(e.gid));
+            }
             match e.kind {
                 Kind::File | Kind::Hardlink => {
                     let _ = fs::set_permissions(&p, fs::Permissions::from_mode(e.mode));
