@@ -313,3 +313,60 @@ fn killed_processes_leave_the_catalog_consistent() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// Ctrl-C (SIGINT) of a server mid-backup: it records the backup failed
+/// and removes the partial archive itself before exiting.
+#[test]
+fn ctrl_c_marks_the_backup_failed_at_once() {
+    use std::process::Stdio;
+    let stp = env!("CARGO_BIN_EXE_stp");
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = lan_config(tmp.path());
+    let repo = tmp.path().join("repo");
+    let server = Command::new(stp)
+        .args(["backup", "server", "serve", "--once", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut client = Command::new(stp)
+        .args([
+            "backup",
+            "client",
+            "db",
+            "--name",
+            "d",
+            "--from-command",
+            "seq 1 10; sleep 5",
+            "--config",
+        ])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_partial(&repo);
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(server.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = server.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    client.kill().unwrap();
+    let _ = client.wait();
+    let left: Vec<_> = std::fs::read_dir(repo.join("archives"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let l = list(&repo);
+    assert_eq!(l[0]["status"], "failed", "{l:?}");
+    assert!(
+        l[0]["message"].as_str().unwrap_or("").contains("Ctrl-C"),
+        "{l:?}"
+    );
+}

@@ -247,8 +247,20 @@ fn info_line(b: &BackupInfo) -> String {
     )
 }
 
+/// On Ctrl-C, a server marks the backups it is receiving failed and
+/// removes their partial archives before it exits (without this the next
+/// open of the repository would do it).
+fn clean_up_on_ctrl_c() {
+    let _ = ctrlc::set_handler(|| {
+        super::repo::interrupt_in_flight("interrupted by Ctrl-C: the server stopped mid-backup");
+        eprintln!("stp backup: interrupted; backups in progress are recorded as failed");
+        std::process::exit(130);
+    });
+}
+
 /// The repository of the `[server]` section, with its compression.
 fn server_repo(cfg: &BackupConfig, json: bool) -> Result<Repo> {
+    clean_up_on_ctrl_c();
     let server = cfg
         .server
         .as_ref()

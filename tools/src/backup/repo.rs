@@ -141,6 +141,35 @@ impl std::fmt::Debug for Repo {
     }
 }
 
+/// Backups being received by this process: (catalog, id, partial archive).
+static IN_FLIGHT: Mutex<Vec<(PathBuf, i64, PathBuf)>> = Mutex::new(Vec::new());
+
+fn in_flight() -> MutexGuard<'static, Vec<(PathBuf, i64, PathBuf)>> {
+    IN_FLIGHT.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn forget_in_flight(id: i64, partial: &Path) {
+    in_flight().retain(|(_, i, p)| !(*i == id && p == partial));
+}
+
+/// Marks every backup this process is receiving `failed` with `reason` and
+/// removes its partial archive: for a signal handler, just before the
+/// process exits (a backup that completes first stays complete).
+pub fn interrupt_in_flight(reason: &str) {
+    let list = std::mem::take(&mut *in_flight());
+    for (catalog, id, partial) in list {
+        let _ = fs::remove_file(&partial);
+        if let Ok(c) = Connection::open(&catalog) {
+            let _ = c.busy_timeout(std::time::Duration::from_secs(5));
+            let _ = c.execute(
+                "UPDATE backups SET status = 'failed', finished = ?2, message = ?3 \
+                 WHERE id = ?1 AND status = 'running'",
+                params![id, now(), reason],
+            );
+        }
+    }
+}
+
 fn now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -395,6 +424,7 @@ impl Repo {
             .create_new(true)
             .open(&partial)
             .with_context(|| format!("creating {}", partial.display()))?;
+        in_flight().push((self.root.join("catalog.sqlite"), id, partial.clone()));
         let sink = if self.gzip {
             Sink::Gzip(flate2::write::GzEncoder::new(
                 file,
@@ -434,6 +464,7 @@ impl Repo {
         errors: &[FileErrorRecord],
     ) -> Result<BackupInfo> {
         let id = pending.id;
+        forget_in_flight(id, &pending.partial);
         let (file, plain) = match pending.sink {
             Sink::Plain(f) => (f, true),
             Sink::Gzip(g) => (
@@ -526,6 +557,7 @@ impl Repo {
             id, partial, sink, ..
         } = pending;
         drop(sink);
+        forget_in_flight(id, &partial);
         let _ = fs::remove_file(&partial);
         self.db().execute(
             "UPDATE backups SET status = 'failed', finished = ?2, message = ?3 WHERE id = ?1",
