@@ -793,3 +793,27 @@ fn gzip_repository_round_trip() {
     repo.restore(inc.backup_id, &r, &[]).unwrap();
     assert_eq!(compare_trees(&src, &r).unwrap(), Vec::<String>::new());
 }
+
+#[test]
+fn lan_sessions_prove_the_pre_shared_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), b"data").unwrap();
+    let repo = Repo::open(tmp.path().join("repo")).unwrap();
+    let array = InProcArray::new(23).unwrap();
+    let wkp = free_wkp().unwrap();
+    let mut server = array.host(0, wkp, Policy::Never, None);
+    let client = array.host(1, wkp, Policy::Never, None);
+    // The same key: fine.
+    let (s, a) = fs_run(&server, &client, &repo, &job(&src, Level::Full), quiet());
+    assert_eq!(s.unwrap().channel, "tcp");
+    a.unwrap();
+    // A server with another key gets nothing.
+    server.psk = Some(b"not the site key".to_vec());
+    let (s, a) = fs_run(&server, &client, &repo, &job(&src, Level::Full), quiet());
+    assert!(s.is_err());
+    let e = a.unwrap_err();
+    assert!(format!("{e:#}").contains("pre-shared key"), "{e:#}");
+    assert_eq!(repo.list().unwrap().len(), 1, "no backup was started");
+}

@@ -143,6 +143,7 @@ pub struct StreamReport {
 pub type FailHook = Box<dyn FnMut(&SocketLayer, Fd) + Send>;
 
 const ABORTED: &str = "the sender gave up: ";
+const RESUME_LABEL: &str = "stp-backup resume";
 
 /// How long a resume connection waits for the peer (longer than the STP
 /// idle timeout, so the receiver has noticed the failure).
@@ -165,6 +166,7 @@ pub struct PipeSender<'a> {
     log: ChannelLog,
     hook: Option<(u64, FailHook)>,
     progress: Progress,
+    psk: Option<Vec<u8>>,
 }
 
 impl<'a> PipeSender<'a> {
@@ -192,7 +194,15 @@ impl<'a> PipeSender<'a> {
             log: ChannelLog::starting(fd.mechanism()),
             hook: None,
             progress,
+            psk: None,
         }
+    }
+
+    /// Proves the pre-shared key on a resume connection (the receiver
+    /// refuses one that does not).
+    pub fn with_psk(mut self, psk: Option<Vec<u8>>) -> Self {
+        self.psk = psk;
+        self
     }
 
     /// Runs `hook` once the sender has sent `after` bytes (tests).
@@ -311,8 +321,14 @@ impl<'a> PipeSender<'a> {
         self.fd = fd;
         let setup = (|| -> Result<u64, SockError> {
             self.layer.set_read_timeout(fd, Some(RESUME_PATIENCE))?;
+            let mut challenge = [0u8; wire::NONCE_LEN];
+            self.layer.recv_exact(fd, &mut challenge)?;
             let mut hello = RESUME_MAGIC.to_vec();
             hello.extend_from_slice(&self.job.to_be_bytes());
+            let proof = self.psk.as_deref().map_or([0u8; 32], |k| {
+                wire::proof(k, RESUME_LABEL, &challenge, &self.job.to_be_bytes())
+            });
+            hello.extend_from_slice(&proof);
             self.raw_send(&hello)?;
             let mut off = [0u8; 8];
             self.layer.recv_exact(fd, &mut off)?;
@@ -427,6 +443,7 @@ pub struct PipeReceiver<'a> {
     log: ChannelLog,
     progress: Progress,
     gone: Option<Arc<AtomicBool>>,
+    psk: Option<Vec<u8>>,
 }
 
 impl<'a> PipeReceiver<'a> {
@@ -457,7 +474,14 @@ impl<'a> PipeReceiver<'a> {
             log: ChannelLog::starting(fd.mechanism()),
             progress,
             gone: None,
+            psk: None,
         }
+    }
+
+    /// Requires a resume connection to prove the pre-shared key.
+    pub fn with_psk(mut self, psk: Option<Vec<u8>>) -> Self {
+        self.psk = psk;
+        self
     }
 
     /// The descriptor currently carrying the data.
@@ -604,16 +628,26 @@ impl<'a> PipeReceiver<'a> {
         self.fd = fd;
         let setup = (|| -> Result<(), SockError> {
             self.layer.set_read_timeout(fd, Some(RESUME_PATIENCE))?;
-            let mut hello = [0u8; 24];
+            let challenge = wire::nonce();
+            self.layer.send_all(fd, &challenge)?;
+            let mut hello = [0u8; 24 + 32];
             self.layer.recv_exact(fd, &mut hello)?;
-            if hello[..16] != RESUME_MAGIC || hello[16..] != self.job.to_be_bytes() {
-                return Err(SockError::Io {
-                    fd,
-                    op: "resume",
-                    source: io::Error::other(
-                        "the resume connection is not for this job (wrong magic or job id)",
-                    ),
-                });
+            let refuse = |why: &str| SockError::Io {
+                fd,
+                op: "resume",
+                source: io::Error::other(why.to_owned()),
+            };
+            if hello[..16] != RESUME_MAGIC || hello[16..24] != self.job.to_be_bytes() {
+                return Err(refuse(
+                    "the resume connection is not for this job (wrong magic or job id)",
+                ));
+            }
+            if let Some(k) = self.psk.as_deref() {
+                if !wire::proof_ok(k, RESUME_LABEL, &challenge, &hello[16..24], &hello[24..]) {
+                    return Err(refuse(
+                        "the resume connection does not prove the pre-shared key; refused",
+                    ));
+                }
             }
             self.layer.send_all(fd, &self.received.to_be_bytes())?;
             self.layer.set_read_timeout(fd, None)

@@ -167,16 +167,101 @@ fn lan_connect(host: &Host, client: IpAddr, reason: &str, channels: &[&str]) -> 
             }
         };
         fds.push(fd);
-        let hello = Msg::LanHello {
-            channel: (*ch).into(),
-            reason: reason.into(),
-        };
-        if let Err(e) = wire::send(&host.layer, fd, &hello) {
+        if let Err(e) = lan_hello(host, fd, ch, reason) {
             close_all(&host.layer, &fds);
             return Err(e);
         }
     }
     Ok(fds)
+}
+
+const LAN_CONNECTOR: &str = "stp-backup lan connector";
+const LAN_ACCEPTOR: &str = "stp-backup lan acceptor";
+
+/// The connector's side of a LAN connection's greeting: answers the
+/// acceptor's challenge (with a pre-shared key, proving it knows the key)
+/// and checks the acceptor's proof in return.
+fn lan_hello(host: &Host, fd: Fd, channel: &str, reason: &str) -> Result<()> {
+    let layer = &*host.layer;
+    layer.set_read_timeout(fd, Some(host.timeout))?;
+    let mut challenge = [0u8; wire::NONCE_LEN];
+    layer
+        .recv_exact(fd, &mut challenge)
+        .context("waiting for the LAN peer's challenge")?;
+    let mine = wire::nonce();
+    let proof = host.psk.as_deref().map_or(String::new(), |k| {
+        hex::encode(wire::proof(
+            k,
+            LAN_CONNECTOR,
+            &challenge,
+            channel.as_bytes(),
+        ))
+    });
+    wire::send(
+        layer,
+        fd,
+        &Msg::LanHello {
+            channel: channel.into(),
+            reason: reason.into(),
+            nonce: hex::encode(mine),
+            proof,
+        },
+    )?;
+    match wire::recv::<Msg>(layer, fd, "the LAN peer's answer")? {
+        Msg::LanOk { proof } => {
+            if let Some(k) = host.psk.as_deref() {
+                let got = hex::decode(&proof).unwrap_or_default();
+                if !wire::proof_ok(k, LAN_ACCEPTOR, &mine, channel.as_bytes(), &got) {
+                    bail!(
+                        "the LAN peer does not prove the pre-shared key: it is not our backup \
+                         peer, or its psk differs (check both hosts' STP configuration)"
+                    );
+                }
+            }
+        }
+        other => bail!("expected the LAN peer's answer, got {}", other.name()),
+    }
+    layer.set_read_timeout(fd, None)?;
+    Ok(())
+}
+
+/// The acceptor's side: challenges the connector, checks its hello (and,
+/// with a pre-shared key, its proof) and answers with its own proof.
+/// Returns the session's reason.
+fn lan_greet(host: &Host, fd: Fd, channel: &str) -> Result<String> {
+    let layer = &*host.layer;
+    layer.set_read_timeout(fd, Some(host.timeout))?;
+    let challenge = wire::nonce();
+    layer.send_all(fd, &challenge)?;
+    let (reason, theirs) = match wire::recv::<Msg>(layer, fd, "the LAN session's hello")? {
+        Msg::LanHello {
+            channel: c,
+            reason,
+            nonce,
+            proof,
+        } if c == channel => {
+            if let Some(k) = host.psk.as_deref() {
+                let got = hex::decode(&proof).unwrap_or_default();
+                if !wire::proof_ok(k, LAN_CONNECTOR, &challenge, channel.as_bytes(), &got) {
+                    bail!(
+                        "a LAN session from {} does not prove the pre-shared key; refused",
+                        wire::peer_ip(layer, fd).map_or("?".into(), |ip| ip.to_string())
+                    );
+                }
+            }
+            (reason, hex::decode(&nonce).unwrap_or_default())
+        }
+        other => bail!(
+            "expected the LAN hello for the {channel} connection, got {}",
+            other.name()
+        ),
+    };
+    let proof = host.psk.as_deref().map_or(String::new(), |k| {
+        hex::encode(wire::proof(k, LAN_ACCEPTOR, &theirs, channel.as_bytes()))
+    });
+    wire::send(layer, fd, &Msg::LanOk { proof })?;
+    layer.set_read_timeout(fd, None)?;
+    Ok(reason)
 }
 
 /// Accepts a LAN session's connections on WKP+2, in order.
@@ -192,13 +277,7 @@ fn lan_accept(host: &Host, channels: &[&str]) -> Result<(Vec<Fd>, String)> {
                 .accept(listener, host.timeout)
                 .context("waiting for a LAN session on WKP+2")?;
             fds.push(fd);
-            match wire::recv::<Msg>(&host.layer, fd, "the LAN session's hello")? {
-                Msg::LanHello { channel, reason: r } if channel == *ch => reason = r,
-                other => bail!(
-                    "expected the LAN hello for the {ch} connection, got {}",
-                    other.name()
-                ),
-            }
+            reason = lan_greet(host, fd, ch)?;
         }
         Ok(())
     })();
@@ -403,7 +482,8 @@ pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Res
             host.policy,
             id as u64,
             Progress::bytes("receiving", None, opts.quiet),
-        );
+        )
+        .with_psk(host.psk.clone());
         rx.abort_when(Arc::clone(&gone));
         let report = rx.run(pending.sink());
         data_fd = rx.fd();
@@ -557,7 +637,8 @@ pub fn fs_agent(host: &Host, rules: &AgentRules, opts: RunOptions) -> Result<Out
             host.policy,
             id as u64,
             Progress::bytes("sending", estimate, opts.quiet),
-        );
+        )
+        .with_psk(host.psk.clone());
         if let Some((after, hook)) = opts.fail_after {
             tx.fail_after(after, hook);
         }
@@ -703,14 +784,17 @@ fn db_server_open(host: &Host) -> Result<DbConn> {
             }
         }
         match host.layer.accept(listener, Duration::from_millis(100)) {
-            Ok(fd) => match wire::recv::<Msg>(&host.layer, fd, "the LAN session's hello") {
-                Ok(Msg::LanHello { channel, reason }) if channel == "data" => {
+            Ok(fd) => match lan_greet(host, fd, "data") {
+                Ok(reason) => {
                     break Ok(DbConn {
                         data: fd,
                         lan_reason: Some(reason),
                     })
                 }
-                _ => wire::close_quietly(&host.layer, fd),
+                Err(e) => {
+                    eprintln!("stp backup: {e:#}");
+                    wire::close_quietly(&host.layer, fd)
+                }
             },
             Err(e) if e.is_timeout() => {}
             Err(e) => break Err(anyhow!(e).context("waiting for a LAN session on WKP+2")),
@@ -813,7 +897,8 @@ pub fn db_backup(
             host.policy,
             id as u64,
             Progress::bytes("sending", None, opts.quiet),
-        );
+        )
+        .with_psk(host.psk.clone());
         if let Some((after, hook)) = opts.fail_after {
             tx.fail_after(after, hook);
         }
@@ -1020,7 +1105,8 @@ pub fn db_serve(host: &Host, repo: &Repo, opts: RunOptions) -> Result<Outcome> {
                 host.policy,
                 id as u64,
                 Progress::bytes("receiving", None, opts.quiet),
-            );
+            )
+            .with_psk(host.psk.clone());
             let report = rx.run(pending.sink());
             data_fd = rx.fd();
             let report = report?;

@@ -125,12 +125,24 @@ pub enum Msg {
         /// The entries and their hashes.
         manifest: Vec<ManifestEntry>,
     },
-    /// First message of each connection of a LAN session (no STP at all).
+    /// First message of each connection of a LAN session (no STP at all),
+    /// after the acceptor's 32-byte challenge.
     LanHello {
         /// Which connection this is: `control`, `errors` or `data`.
         channel: String,
         /// Why the session is TCP-only.
         reason: String,
+        /// The connector's challenge to the acceptor, hex (32 bytes).
+        nonce: String,
+        /// With a pre-shared key: [`proof`] over the acceptor's challenge,
+        /// hex; empty without one.
+        proof: String,
+    },
+    /// The acceptor's answer to [`Msg::LanHello`].
+    LanOk {
+        /// With a pre-shared key: [`proof`] over the connector's
+        /// challenge, hex; empty without one.
+        proof: String,
     },
 }
 
@@ -147,8 +159,50 @@ impl Msg {
             Msg::DbAccept { .. } => "db_accept",
             Msg::DbDone { .. } => "db_done",
             Msg::LanHello { .. } => "lan_hello",
+            Msg::LanOk { .. } => "lan_ok",
         }
     }
+}
+
+/// Bytes of a challenge.
+pub const NONCE_LEN: usize = 32;
+
+/// A fresh random challenge.
+pub fn nonce() -> [u8; NONCE_LEN] {
+    use rand::RngCore;
+    let mut n = [0u8; NONCE_LEN];
+    rand::rngs::OsRng.fill_bytes(&mut n);
+    n
+}
+
+fn mac(psk: &[u8], label: &str, nonce: &[u8], context: &[u8]) -> hmac::Hmac<sha2::Sha256> {
+    use hmac::Mac;
+    // HMAC takes keys of any length.
+    let mut m = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(psk)
+        .unwrap_or_else(|_| unreachable!("HMAC accepts every key length"));
+    for part in [label.as_bytes(), nonce, context] {
+        m.update(&(part.len() as u64).to_be_bytes());
+        m.update(part);
+    }
+    m
+}
+
+/// HMAC-SHA256 under the pre-shared key over a label, a challenge and a
+/// context (a channel name, a job id): proves knowledge of the key for
+/// LAN sessions and resume connections, which STP's frame keys do not
+/// cover.
+pub fn proof(psk: &[u8], label: &str, nonce: &[u8], context: &[u8]) -> [u8; 32] {
+    use hmac::Mac;
+    mac(psk, label, nonce, context)
+        .finalize()
+        .into_bytes()
+        .into()
+}
+
+/// Checks a [`proof`] in constant time.
+pub fn proof_ok(psk: &[u8], label: &str, nonce: &[u8], context: &[u8], got: &[u8]) -> bool {
+    use hmac::Mac;
+    mac(psk, label, nonce, context).verify_slice(got).is_ok()
 }
 
 /// Sends `msg` on `fd`.
