@@ -430,6 +430,9 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
                     if let Some(m) = b.message.as_deref().filter(|_| b.status != "complete") {
                         println!("       {m}");
                     }
+                    if let Some(r) = &b.fallback_reason {
+                        println!("       LAN fallback: {r}");
+                    }
                 }
             }
             Ok(ExitCode::SUCCESS)

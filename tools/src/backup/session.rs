@@ -601,6 +601,8 @@ pub fn fs_agent(host: &Host, rules: &AgentRules, opts: RunOptions) -> Result<Out
     let layer = &*host.layer;
     let mut data_fd = conns.data;
     let res = (|| -> Result<Outcome> {
+        // The request follows the session at once.
+        layer.set_read_timeout(conns.control, Some(host.timeout))?;
         let (id, level, source, mut excludes, base, port) =
             match wire::recv::<Msg>(layer, conns.control, "the server's backup request")? {
                 Msg::BackupRequest {
@@ -613,6 +615,7 @@ pub fn fs_agent(host: &Host, rules: &AgentRules, opts: RunOptions) -> Result<Out
                 } => (backup_id, level, source, excludes, base, fallback_port),
                 other => bail!("expected a backup request, got {}", other.name()),
             };
+        layer.set_read_timeout(conns.control, None)?;
         let root = match allowed(rules, Path::new(&source)) {
             Ok(r) => r,
             Err(e) => {
@@ -896,7 +899,14 @@ pub fn db_backup(
             fallback,
             host.policy,
             id as u64,
-            Progress::bytes("sending", None, opts.quiet),
+            Progress::bytes(
+                "sending",
+                snapshot
+                    .as_ref()
+                    .and_then(|(_, f)| std::fs::metadata(f).ok())
+                    .map(|m| m.len() + 2048),
+                opts.quiet,
+            ),
         )
         .with_psk(host.psk.clone());
         if let Some((after, hook)) = opts.fail_after {
