@@ -60,9 +60,10 @@ fn backup_cli_errors_say_what_to_do() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
 }
 
-/// The CLI roles as two processes. Without SCSI devices on this machine
-/// they run with `fallback = "never"` (LAN only); the same commands with
-/// an STG use the array (docs/BACKUP.md).
+/// The CLI roles as two processes. This machine has no SCSI devices, so
+/// under `fallback = "preferred"` the array is unavailable at the start
+/// and they use the LAN; the same commands with an STG use the array
+/// (docs/BACKUP.md).
 #[test]
 fn cli_roles_in_two_processes_over_the_lan() {
     use std::fs;
@@ -74,7 +75,7 @@ fn cli_roles_in_two_processes_over_the_lan() {
     fs::write(
         &cfg,
         format!(
-            "stp_config = \"stp.toml\"\nstg = 7\nfallback = \"never\"\nbind = \"127.0.0.1\"\n\
+            "stp_config = \"stp.toml\"\nstg = 7\nfallback = \"preferred\"\nbind = \"127.0.0.1\"\n\
              [server]\nrepository = \"{}\"\n[client]\nname = \"cli-client\"\n\
              server = \"127.0.0.1\"\nexcludes = [\"*.tmp\"]\n",
             repo.display()
@@ -121,7 +122,11 @@ fn cli_roles_in_two_processes_over_the_lan() {
         src.to_str().unwrap(),
     ]);
     assert!(agent.wait_with_output().unwrap().status.success());
+    // No SCSI here: under `preferred` the array is unavailable at the
+    // start and the backup goes over the LAN, saying why.
     assert_eq!(out["channel"], "tcp", "{out}");
+    let reason = out["fallback_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("unavailable at the start"), "{out}");
     let id = out["backup_id"].as_i64().unwrap().to_string();
     // The server waits; the client starts the database backup.
     let server = Command::new(stp)

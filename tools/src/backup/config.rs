@@ -183,16 +183,27 @@ impl BackupConfig {
                 probe: None,
             });
         }
-        let dir = match &self.map {
-            Some(m) => directory_from_map(m, self.map_host)?,
-            None => probe_directory()?,
+        let resolved = (|| -> Result<_> {
+            let dir = match &self.map {
+                Some(m) => directory_from_map(m, self.map_host)?,
+                None => probe_directory()?,
+            };
+            stp.resolve(self.stg, &dir).with_context(|| {
+                format!(
+                    "finding STG {}'s members on this host (`stp probe` lists the identities it sees)",
+                    self.stg
+                )
+            })
+        })();
+        let resolved = match resolved {
+            Ok(r) => r,
+            Err(e) if self.fallback == Policy::Preferred => {
+                // The array is unavailable at the start: the sessions see
+                // why through the probe and go over the LAN.
+                return Ok(self.unavailable(&stp, format!("{e:#}"))?);
+            }
+            Err(e) => return Err(e),
         };
-        let resolved = stp.resolve(self.stg, &dir).with_context(|| {
-            format!(
-                "finding STG {}'s members on this host (`stp probe` lists the identities it sees)",
-                self.stg
-            )
-        })?;
         if resolved.mode != MailboxMode::Vendor {
             bail!(
                 "STG {} is a block-mode STG; stp backup uses vendor-mode STGs for now",
@@ -234,6 +245,37 @@ impl BackupConfig {
             policy: self.fallback,
             timeout: Duration::from_millis(self.timeout_ms),
             probe: Some(src),
+        })
+    }
+}
+
+impl BackupConfig {
+    /// A host whose STG cannot be used (`why`): every open of its paths
+    /// fails with the reason, so a session under `preferred` records it
+    /// and goes over the LAN.
+    fn unavailable(&self, stp: &StpConfig, why: String) -> Result<session::Host> {
+        let down: Arc<dyn PathSource> =
+            Arc::new(move || -> Result<Box<dyn Mailbox>, MailboxError> {
+                Err(MailboxError::Other(scsi::CommandError::Io(
+                    std::io::Error::other(why.clone()),
+                )))
+            });
+        Ok(session::Host {
+            layer: Arc::new(
+                SocketLayer::new(
+                    HashMap::from([(self.stg, Arc::clone(&down))]),
+                    ConnConfig::default(),
+                )
+                .with_local_ip(self.bind),
+            ),
+            stg: self.stg,
+            stg_len: 0,
+            wkp: stp.wkp,
+            bind_ip: self.bind,
+            psk: stp.psk_bytes()?,
+            policy: self.fallback,
+            timeout: Duration::from_millis(self.timeout_ms),
+            probe: Some(down),
         })
     }
 }
