@@ -200,7 +200,7 @@ impl BackupConfig {
             Err(e) if self.fallback == Policy::Preferred => {
                 // The array is unavailable at the start: the sessions see
                 // why through the probe and go over the LAN.
-                return Ok(self.unavailable(&stp, format!("{e:#}"))?);
+                return self.unavailable(&stp, format!("{e:#}"));
             }
             Err(e) => return Err(e),
         };
