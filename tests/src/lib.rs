@@ -10,6 +10,7 @@
 //! nonsensical data is a failed check with a message, not an index out of
 //! bounds or an overflow.
 
+pub mod backup;
 pub mod e2e;
 pub mod rig;
 

@@ -354,3 +354,9 @@ fn daemon_killed_and_restarted_mid_transfer() {
     // The restarted daemon carries new connections.
     e2e::transfer(&rig, 4 << 20, 78);
 }
+
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn backup_fs_and_db_flows_on_real_lio() {
+    stp_tests::backup::fs_and_db_round_trip(&rig(), 8 << 20);
+}

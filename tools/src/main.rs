@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod probe;
 
+use stp_tools::backup;
+
 /// STP moves bulk data between two hosts through the storage array they
 /// share, over SCSI, while the LAN carries only control.
 #[derive(Parser, Debug)]
@@ -24,6 +26,13 @@ enum Command {
     /// Measure throughput, latency percentiles and CPU cost: raw SCSI I/O,
     /// STP streams through the array, TCP on loopback, or several compared.
     Bench(bench::BenchArgs),
+    /// Backup and restore over two channels: the backup server and client
+    /// roles, and the repository (list, restore, verify, forget).
+    Backup(backup::cli::BackupArgs),
+    /// The main job on the embedded simulated array: back up a directory
+    /// tree and a live SQLite database through STP, restore both, compare
+    /// them byte for byte, and bench a little.
+    Demo(backup::demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +40,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Probe(args) => probe::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Backup(args) => backup::cli::run(&args),
+        Command::Demo(args) => backup::demo::run(&args),
     };
     match result {
         Ok(code) => code,

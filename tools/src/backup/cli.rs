@@ -1,0 +1,568 @@
+//! The `stp backup` command line (docs/BACKUP.md §8).
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command as Proc, ExitCode, Stdio};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+
+use super::config::BackupConfig;
+use super::repo::{BackupInfo, Repo};
+use super::session::{self, FsJob, RunOptions};
+use super::wire::{DbSource, Level};
+
+/// Options of `stp backup`.
+#[derive(Args, Debug)]
+#[command(
+    after_help = "The roles read a backup configuration file (docs/BACKUP.md).\n\
+Examples:\n  stp backup client agent --config backup.toml\n  \
+stp backup server fs --config backup.toml --client 192.0.2.20 --source /srv\n  \
+stp backup client db --config backup.toml --sqlite /var/lib/app.db --name app\n  \
+stp backup list --repo /var/lib/stp/backup\n  \
+stp backup restore 3 --repo /var/lib/stp/backup --to /tmp/r --path etc\n  \
+stp backup verify --all --repo /var/lib/stp/backup"
+)]
+pub struct BackupArgs {
+    #[command(subcommand)]
+    command: BackupCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum BackupCommand {
+    /// The backup server: runs file-system backups, takes database backups.
+    #[command(subcommand)]
+    Server(ServerCommand),
+    /// The agent on the host that owns the data.
+    #[command(subcommand)]
+    Client(ClientCommand),
+    /// List the backups in the catalog.
+    List(ListArgs),
+    /// Restore a backup (or some paths of it) to another directory, or a
+    /// database backup to a file or into a command.
+    Restore(RestoreArgs),
+    /// Re-read archives and check every hash.
+    Verify(VerifyArgs),
+    /// Forget old backups.
+    Forget(ForgetArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct Common {
+    /// The backup configuration file.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Print a JSON summary instead of text (and no progress bars).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum ServerCommand {
+    /// Back up a directory of a client (server-initiated, seed Figs. 4/4A).
+    Fs {
+        #[command(flatten)]
+        common: Common,
+        /// The client's address.
+        #[arg(long)]
+        client: IpAddr,
+        /// The client's name in the catalog (default: its address).
+        #[arg(long)]
+        name: Option<String>,
+        /// The directory on the client.
+        #[arg(long)]
+        source: String,
+        /// Only what changed since the last backup of this source.
+        #[arg(long)]
+        incremental: bool,
+        /// Exclude pattern (repeatable): `*.tmp`, `cache`, `/top/only`.
+        #[arg(long = "exclude")]
+        excludes: Vec<String>,
+    },
+    /// Take database backups that clients start (seed Fig. 5).
+    Serve {
+        #[command(flatten)]
+        common: Common,
+        /// Take one backup and exit.
+        #[arg(long)]
+        once: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClientCommand {
+    /// Wait for the server's file-system backup sessions.
+    Agent {
+        #[command(flatten)]
+        common: Common,
+        /// Serve one session and exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Back up a database to the server (client-initiated, seed Fig. 5).
+    Db {
+        #[command(flatten)]
+        common: Common,
+        /// A live SQLite database (SQLite's online backup).
+        #[arg(
+            long,
+            conflicts_with = "from_command",
+            required_unless_present = "from_command"
+        )]
+        sqlite: Option<PathBuf>,
+        /// Back up the standard output of `sh -c CMD` (e.g. `pg_dump mydb`).
+        #[arg(long, value_name = "CMD")]
+        from_command: Option<String>,
+        /// The database's name in the catalog.
+        #[arg(long)]
+        name: String,
+        /// The server's address (default: [client] server).
+        #[arg(long)]
+        server: Option<IpAddr>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RepoArg {
+    /// The repository directory.
+    #[arg(long, value_name = "DIR", conflicts_with = "config")]
+    repo: Option<PathBuf>,
+    /// Or the backup configuration file whose [server] names it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+}
+
+impl RepoArg {
+    fn open(&self) -> Result<Repo> {
+        let dir = match (&self.repo, &self.config) {
+            (Some(r), _) => r.clone(),
+            (None, Some(c)) => {
+                BackupConfig::load(c)?
+                    .server
+                    .context("the configuration has no [server] section naming the repository")?
+                    .repository
+            }
+            (None, None) => bail!("say which repository: --repo DIR or --config FILE"),
+        };
+        let mut repo = Repo::open(dir)?;
+        repo.show_progress(!self.json);
+        Ok(repo)
+    }
+}
+
+#[derive(Args, Debug)]
+struct ListArgs {
+    #[command(flatten)]
+    repo: RepoArg,
+    /// List the files (and recorded errors) of this backup instead.
+    #[arg(long, value_name = "ID")]
+    files: Option<i64>,
+}
+
+#[derive(Args, Debug)]
+struct RestoreArgs {
+    /// The backup id (`stp backup list`).
+    id: i64,
+    #[command(flatten)]
+    repo: RepoArg,
+    /// Restore into this directory (it may exist; files in it are replaced).
+    #[arg(long, value_name = "DIR", required_unless_present_any = ["to_file", "into_command"])]
+    to: Option<PathBuf>,
+    /// Only these paths (and what is under them); repeatable.
+    #[arg(long = "path")]
+    paths: Vec<String>,
+    /// Write a database backup's bytes to this file.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["to", "into_command"])]
+    to_file: Option<PathBuf>,
+    /// Pipe a database backup's bytes into `sh -c CMD` (e.g. `psql mydb`).
+    #[arg(long, value_name = "CMD", conflicts_with = "to")]
+    into_command: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct VerifyArgs {
+    /// The backup id.
+    #[arg(required_unless_present = "all")]
+    id: Option<i64>,
+    /// Every complete backup.
+    #[arg(long)]
+    all: bool,
+    #[command(flatten)]
+    repo: RepoArg,
+}
+
+#[derive(Args, Debug)]
+struct ForgetArgs {
+    /// Keep the newest N complete backups of each source.
+    #[arg(long, value_name = "N")]
+    keep_last: usize,
+    #[command(flatten)]
+    repo: RepoArg,
+}
+
+fn print_json<T: Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn print_outcome(json: bool, what: &str, o: &session::Outcome) -> Result<()> {
+    if json {
+        return print_json(o);
+    }
+    let mb = o.bytes as f64 / 1e6;
+    println!(
+        "{what}: backup {} complete: {:.1} MB, {} files, {} errors, {:.1} s ({:.1} MB/s) over {}",
+        o.backup_id,
+        mb,
+        o.files,
+        o.errors,
+        o.seconds,
+        mb / o.seconds.max(1e-9),
+        o.channel
+    );
+    if let Some(r) = &o.fallback_reason {
+        println!("  LAN fallback: {r}");
+    }
+    Ok(())
+}
+
+fn info_line(b: &BackupInfo) -> String {
+    format!(
+        "{:>5}  {:<8}  {:<2}  {:<11}  {:<12}  {:>12}  {:>6}  {:>4}  {:<7}  {}:{}",
+        b.id,
+        b.status,
+        b.kind,
+        b.level,
+        b.channel.as_deref().unwrap_or("-"),
+        b.bytes,
+        b.files,
+        b.errors,
+        b.base_id.map_or("-".into(), |x| x.to_string()),
+        b.client,
+        b.source
+    )
+}
+
+/// On Ctrl-C, a server marks the backups it is receiving failed and
+/// removes their partial archives before it exits (without this the next
+/// open of the repository would do it).
+fn clean_up_on_ctrl_c() {
+    let _ = ctrlc::set_handler(|| {
+        super::repo::interrupt_in_flight("interrupted by Ctrl-C: the server stopped mid-backup");
+        eprintln!("stp backup: interrupted; backups in progress are recorded as failed");
+        std::process::exit(130);
+    });
+}
+
+/// The repository of the `[server]` section, with its compression.
+fn server_repo(cfg: &BackupConfig, json: bool) -> Result<Repo> {
+    clean_up_on_ctrl_c();
+    let server = cfg
+        .server
+        .as_ref()
+        .context("the configuration has no [server] section naming the repository")?;
+    let mut repo = Repo::open(&server.repository)?;
+    repo.set_gzip(server.compress == super::config::Compress::Gzip);
+    repo.show_progress(!json);
+    Ok(repo)
+}
+
+/// Runs `stp backup`.
+pub fn run(args: &BackupArgs) -> Result<ExitCode> {
+    match &args.command {
+        BackupCommand::Server(ServerCommand::Fs {
+            common,
+            client,
+            name,
+            source,
+            incremental,
+            excludes,
+        }) => {
+            let cfg = BackupConfig::load(&common.config)?;
+            let repo = server_repo(&cfg, common.json)?;
+            let host = cfg.host()?;
+            let job = FsJob {
+                client: *client,
+                client_name: name.clone().unwrap_or_else(|| client.to_string()),
+                source: source.clone(),
+                level: if *incremental {
+                    Level::Incremental
+                } else {
+                    Level::Full
+                },
+                excludes: excludes.clone(),
+            };
+            let o = session::fs_backup(
+                &host,
+                &repo,
+                &job,
+                RunOptions {
+                    quiet: common.json,
+                    ..RunOptions::default()
+                },
+            )?;
+            print_outcome(common.json, "server", &o)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        BackupCommand::Server(ServerCommand::Serve { common, once }) => {
+            let cfg = BackupConfig::load(&common.config)?;
+            let repo = server_repo(&cfg, common.json)?;
+            let host = cfg.host()?;
+            loop {
+                match session::db_serve(
+                    &host,
+                    &repo,
+                    RunOptions {
+                        quiet: common.json,
+                        ..RunOptions::default()
+                    },
+                ) {
+                    Ok(o) => print_outcome(common.json, "server", &o)?,
+                    Err(e) if *once => return Err(e),
+                    Err(e) => eprintln!("stp backup server: {e:#}"),
+                }
+                if *once {
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+        }
+        BackupCommand::Client(ClientCommand::Agent { common, once }) => {
+            let cfg = BackupConfig::load(&common.config)?;
+            let host = cfg.host()?;
+            let rules = cfg.rules();
+            loop {
+                match session::fs_agent(
+                    &host,
+                    &rules,
+                    RunOptions {
+                        quiet: common.json,
+                        ..RunOptions::default()
+                    },
+                ) {
+                    Ok(o) => print_outcome(common.json, "client", &o)?,
+                    Err(e) if *once => return Err(e),
+                    Err(e) => eprintln!("stp backup client: {e:#}"),
+                }
+                if *once {
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+        }
+        BackupCommand::Client(ClientCommand::Db {
+            common,
+            sqlite,
+            from_command,
+            name,
+            server,
+        }) => {
+            let cfg = BackupConfig::load(&common.config)?;
+            let client = cfg
+                .client
+                .clone()
+                .context("the configuration has no [client] section")?;
+            let server = server
+                .or(client.server)
+                .context("say where the backup server is: --server ADDR or [client] server")?;
+            let source = match (sqlite, from_command) {
+                (Some(p), _) => DbSource::Sqlite {
+                    path: p
+                        .canonicalize()
+                        .with_context(|| format!("{} does not exist", p.display()))?
+                        .display()
+                        .to_string(),
+                },
+                (None, Some(c)) => DbSource::Command { command: c.clone() },
+                (None, None) => bail!("say what to back up: --sqlite FILE or --from-command CMD"),
+            };
+            let host = cfg.host()?;
+            let o = session::db_backup(
+                &host,
+                server,
+                &client.name,
+                name,
+                &source,
+                RunOptions {
+                    quiet: common.json,
+                    ..RunOptions::default()
+                },
+            )?;
+            print_outcome(common.json, "client", &o)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        BackupCommand::List(a) => {
+            let repo = a.repo.open()?;
+            if let Some(id) = a.files {
+                let files = repo.manifest(id)?;
+                let errors = repo.file_errors(id)?;
+                if a.repo.json {
+                    print_json(&serde_json::json!({ "files": files, "errors": errors }))?;
+                } else {
+                    for f in &files {
+                        println!(
+                            "{:<8} {:>12} {:o} {} {}",
+                            f.kind.as_str(),
+                            f.size,
+                            f.mode,
+                            f.sha256.as_deref().map_or("-", |h| &h[..16.min(h.len())]),
+                            f.path
+                        );
+                    }
+                    for e in &errors {
+                        println!("error: {}: {}", e.path, e.message);
+                    }
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let list = repo.list()?;
+            if a.repo.json {
+                print_json(&list)?;
+            } else {
+                println!(
+                    "{:>5}  {:<8}  {:<2}  {:<11}  {:<12}  {:>12}  {:>6}  {:>4}  {:<7}  source",
+                    "id", "status", "", "level", "channel", "bytes", "files", "errs", "base"
+                );
+                for b in &list {
+                    println!("{}", info_line(b));
+                    if let Some(m) = b.message.as_deref().filter(|_| b.status != "complete") {
+                        println!("       {m}");
+                    }
+                    if let Some(r) = &b.fallback_reason {
+                        println!("       LAN fallback: {r}");
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        BackupCommand::Restore(a) => restore(a),
+        BackupCommand::Verify(a) => {
+            let repo = a.repo.open()?;
+            let ids: Vec<i64> = if a.all {
+                repo.list()?
+                    .into_iter()
+                    .filter(|b| b.status == "complete")
+                    .map(|b| b.id)
+                    .collect()
+            } else {
+                a.id.into_iter().collect()
+            };
+            let mut reports = Vec::new();
+            for id in ids {
+                reports.push(repo.verify(id)?);
+            }
+            let bad = reports.iter().any(|r| !r.problems.is_empty());
+            if a.repo.json {
+                print_json(&reports)?;
+            } else {
+                for r in &reports {
+                    if r.problems.is_empty() {
+                        println!("backup {}: OK ({} files checked)", r.id, r.files_checked);
+                    } else {
+                        println!("backup {}: {} PROBLEMS", r.id, r.problems.len());
+                        for p in &r.problems {
+                            println!("  {p}");
+                        }
+                    }
+                }
+                if bad {
+                    eprintln!("stp backup verify: damage found; restore from another backup and take a new one");
+                }
+            }
+            Ok(if bad {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        BackupCommand::Forget(a) => {
+            if a.keep_last == 0 {
+                bail!("--keep-last 0 would forget everything; use at least 1");
+            }
+            let repo = a.repo.open()?;
+            let gone = repo.forget_keep_last(a.keep_last)?;
+            if a.repo.json {
+                print_json(&serde_json::json!({ "forgotten": gone }))?;
+            } else if gone.is_empty() {
+                println!("nothing to forget");
+            } else {
+                println!("forgot backups {gone:?}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn restore(a: &RestoreArgs) -> Result<ExitCode> {
+    let repo = a.repo.open()?;
+    if let Some(dir) = &a.to {
+        let done = repo.restore(a.id, dir, &a.paths)?;
+        if a.repo.json {
+            print_json(&serde_json::json!({
+                "backup_id": a.id, "files": done.files, "bytes": done.bytes, "others": done.others,
+                "to": dir,
+            }))?;
+        } else {
+            println!(
+                "restored backup {} into {}: {} files ({} bytes), {} directories and links; every hash checked",
+                a.id,
+                dir.display(),
+                done.files,
+                done.bytes,
+                done.others
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let bytes = if let Some(f) = &a.to_file {
+        restore_to_file(&repo, a.id, f)?
+    } else if let Some(cmd) = &a.into_command {
+        let mut child = Proc::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .stdin(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot run `sh -c {cmd:?}`"))?;
+        let mut stdin = child
+            .stdin
+            .take()
+            .context("the command has no standard input")?;
+        let n = repo.restore_stream(a.id, &mut stdin);
+        drop(stdin);
+        let status = child.wait()?;
+        let n = n?;
+        if !status.success() {
+            bail!("`{cmd}` failed ({status}) after taking {n} bytes");
+        }
+        n
+    } else {
+        bail!("say where to restore: --to DIR, --to-file FILE or --into-command CMD");
+    };
+    if a.repo.json {
+        print_json(&serde_json::json!({ "backup_id": a.id, "bytes": bytes }))?;
+    } else {
+        println!(
+            "restored backup {}: {bytes} bytes; every hash checked",
+            a.id
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes a database backup's bytes to `file` (via a temporary name, so a
+/// failed restore leaves no half file).
+pub fn restore_to_file(repo: &Repo, id: i64, file: &Path) -> Result<u64> {
+    let dir = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    let n = repo.restore_stream(id, &mut tmp)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(file)
+        .with_context(|| format!("moving the restored data to {}", file.display()))?;
+    Ok(n)
+}

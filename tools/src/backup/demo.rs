@@ -1,0 +1,645 @@
+//! `stp demo`: the main job on the embedded default. On the in-process
+//! array (no root, no VM, no SCSI hardware), back up a real directory tree
+//! and a live SQLite database through STP, restore both elsewhere, check
+//! them byte for byte, and measure STP goodput for a moment.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use rand::rngs::{OsRng, StdRng};
+use rand::{RngCore, SeedableRng};
+use serde::Serialize;
+use stp_core::auth::{Handshake, Role};
+use stp_core::stream::{StpListener, StpStream};
+
+use super::inproc::{free_wkp, stream_config, InProcArray};
+use super::pipe::Policy;
+use super::repo::Repo;
+use super::session::{self, AgentRules, FsJob, RunOptions};
+use super::wire::{DbSource, Level};
+
+/// Options of `stp demo`.
+#[derive(Args, Debug, Clone)]
+#[command(
+    after_help = "Everything runs in this process over the embedded simulated array:\n\
+the backup server and the client are two hosts on it, control goes over TCP on\n\
+loopback and the data through the array. Exits 1 if anything differs."
+)]
+pub struct DemoArgs {
+    /// Print a JSON summary instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Bytes of file data in the demo tree (about).
+    #[arg(long, default_value_t = 24 << 20)]
+    pub tree_bytes: u64,
+    /// Seconds of the closing goodput bench (0: skip it).
+    #[arg(long, default_value_t = 2.0)]
+    pub bench_seconds: f64,
+    /// Keep the demo's files in this directory (default: a temporary one,
+    /// removed at the end).
+    #[arg(long, value_name = "DIR")]
+    pub keep: Option<PathBuf>,
+}
+
+/// One backup's line in the summary.
+#[derive(Clone, Debug, Serialize)]
+pub struct DemoBackup {
+    /// What was backed up.
+    pub what: String,
+    /// The catalog id.
+    pub backup_id: i64,
+    /// Stream bytes.
+    pub bytes: u64,
+    /// Files.
+    pub files: u64,
+    /// Seconds.
+    pub seconds: f64,
+    /// MB/s.
+    pub mb_per_s: f64,
+    /// Channel.
+    pub channel: String,
+    /// Restored and compared equal.
+    pub restored_equal: bool,
+    /// `stp backup verify` found no problem.
+    pub verified: bool,
+    /// What differed, if anything.
+    pub problems: Vec<String>,
+}
+
+/// The demo's summary.
+#[derive(Clone, Debug, Serialize)]
+pub struct DemoSummary {
+    /// The backups.
+    pub backups: Vec<DemoBackup>,
+    /// Rows the writer committed while the database was backed up.
+    pub rows_written_during_backup: u64,
+    /// One-way STP goodput through the array, MB/s.
+    pub bench_stp_mb_per_s: Option<f64>,
+    /// One-way TCP goodput on loopback in the same run, MB/s.
+    pub bench_tcp_mb_per_s: Option<f64>,
+    /// True when everything matched.
+    pub ok: bool,
+}
+
+/// Runs `stp demo`.
+pub fn run(args: &DemoArgs) -> Result<ExitCode> {
+    let summary = demo(args)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_text(&summary);
+    }
+    Ok(if summary.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn print_text(s: &DemoSummary) {
+    println!("stp demo: backup and restore through the embedded simulated array");
+    for b in &s.backups {
+        println!(
+            "  {:<28} backup {:>2}: {:>7.1} MB, {:>4} files in {:>5.2} s ({:>6.1} MB/s) over {:<7} restored {}, verify {}",
+            b.what,
+            b.backup_id,
+            b.bytes as f64 / 1e6,
+            b.files,
+            b.seconds,
+            b.mb_per_s,
+            b.channel,
+            if b.restored_equal { "equal" } else { "DIFFERENT" },
+            if b.verified { "OK" } else { "FAILED" },
+        );
+        for p in &b.problems {
+            println!("      {p}");
+        }
+    }
+    println!(
+        "  the database took {} committed writes while it was backed up",
+        s.rows_written_during_backup
+    );
+    if let (Some(stp), Some(tcp)) = (s.bench_stp_mb_per_s, s.bench_tcp_mb_per_s) {
+        println!(
+            "  bench: STP through the array {stp:.1} MB/s, TCP on loopback {tcp:.1} MB/s (same run; `stp bench compare --sim` for more)"
+        );
+    }
+    println!(
+        "  {}",
+        if s.ok {
+            "all restored data is byte-for-byte equal to the source"
+        } else {
+            "MISMATCH: see above"
+        }
+    );
+}
+
+/// Builds the demo tree under `root`: files of several sizes, a symlink,
+/// a hard link, a sparse file, an empty file, nested directories.
+pub fn make_tree(root: &Path, bytes: u64, seed: u64) -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    fs::create_dir_all(root.join("docs/notes"))?;
+    fs::create_dir_all(root.join("data/blobs"))?;
+    fs::create_dir_all(root.join("empty-dir"))?;
+    let mut write = |p: &str, n: usize| -> Result<()> {
+        let mut v = vec![0u8; n];
+        rng.fill_bytes(&mut v);
+        fs::write(root.join(p), v).with_context(|| format!("writing {p}"))
+    };
+    write("docs/readme.txt", 1_234)?;
+    write("docs/notes/a.txt", 10)?;
+    write("docs/notes/b.txt", 65_536)?;
+    let big = (bytes / 4) as usize;
+    write("data/blobs/one.bin", big)?;
+    write("data/blobs/two.bin", big / 3 + 7)?;
+    for i in 0..20 {
+        write(&format!("data/small-{i:02}.dat"), 100 + i * 997)?;
+    }
+    let rest = bytes.saturating_sub((big + big / 3) as u64) as usize;
+    write("data/rest.bin", rest / 2)?;
+    File::create(root.join("empty.txt"))?;
+    std::os::unix::fs::symlink("docs/readme.txt", root.join("readme-link"))?;
+    std::os::unix::fs::symlink("/nonexistent/target", root.join("dangling-link"))?;
+    fs::hard_link(root.join("docs/notes/b.txt"), root.join("b-hardlink.txt"))?;
+    // A sparse file (16 MiB, or 4 for small trees) with data at three
+    // places.
+    let len: u64 = if bytes >= 16 << 20 { 16 << 20 } else { 4 << 20 };
+    let mut f = File::create(root.join("data/sparse.img"))?;
+    f.set_len(len)?;
+    for off in [0u64, len / 3, len - 4096] {
+        f.seek(SeekFrom::Start(off))?;
+        f.write_all(&[0xAB; 4096])?;
+    }
+    drop(f);
+    fs::set_permissions(
+        root.join("docs/notes/a.txt"),
+        fs::Permissions::from_mode(0o640),
+    )?;
+    fs::set_permissions(
+        root.join("docs/readme.txt"),
+        fs::Permissions::from_mode(0o444),
+    )?;
+    Ok(())
+}
+
+/// Compares two trees: entry types, contents, link targets, modes, hard
+/// links and holes. Returns the differences.
+pub fn compare_trees(a: &Path, b: &Path) -> Result<Vec<String>> {
+    fn walk(root: &Path, rel: &Path, out: &mut BTreeMap<PathBuf, fs::Metadata>) -> Result<()> {
+        for e in fs::read_dir(root.join(rel))? {
+            let e = e?;
+            let r = rel.join(e.file_name());
+            let m = fs::symlink_metadata(root.join(&r))?;
+            if m.is_dir() {
+                walk(root, &r, out)?;
+            }
+            out.insert(r, m);
+        }
+        Ok(())
+    }
+    let (mut ma, mut mb) = (BTreeMap::new(), BTreeMap::new());
+    walk(a, Path::new(""), &mut ma)?;
+    walk(b, Path::new(""), &mut mb)?;
+    let mut problems = Vec::new();
+    for k in ma.keys() {
+        if !mb.contains_key(k) {
+            problems.push(format!("{} is missing from the restore", k.display()));
+        }
+    }
+    for k in mb.keys() {
+        if !ma.contains_key(k) {
+            problems.push(format!(
+                "{} was restored but is not in the source",
+                k.display()
+            ));
+        }
+    }
+    let mut inodes_a: BTreeMap<u64, PathBuf> = BTreeMap::new();
+    let mut inodes_b: BTreeMap<u64, PathBuf> = BTreeMap::new();
+    for (k, x) in &ma {
+        let Some(y) = mb.get(k) else { continue };
+        let (pa, pb) = (a.join(k), b.join(k));
+        let d = k.display();
+        if x.file_type() != y.file_type() {
+            problems.push(format!("{d}: the type differs"));
+            continue;
+        }
+        if (x.uid(), x.gid()) != (y.uid(), y.gid()) {
+            problems.push(format!(
+                "{d}: owner {}:{} became {}:{}",
+                x.uid(),
+                x.gid(),
+                y.uid(),
+                y.gid()
+            ));
+        }
+        if x.mode() & 0o7777 != y.mode() & 0o7777 && !x.file_type().is_symlink() {
+            problems.push(format!(
+                "{d}: mode {:o} became {:o}",
+                x.mode() & 0o7777,
+                y.mode() & 0o7777
+            ));
+        }
+        if x.file_type().is_symlink() {
+            if fs::read_link(&pa)? != fs::read_link(&pb)? {
+                problems.push(format!("{d}: the link target differs"));
+            }
+        } else if x.is_file() {
+            if !same_content(&pa, &pb)? {
+                problems.push(format!("{d}: the content differs"));
+            }
+            if x.mtime() != y.mtime() {
+                problems.push(format!("{d}: mtime {} became {}", x.mtime(), y.mtime()));
+            }
+            if x.blocks() * 512 < x.len() / 2 && y.blocks() * 512 >= y.len() {
+                problems.push(format!("{d}: was sparse, restored without holes"));
+            }
+            if x.nlink() > 1 {
+                let first_a = inodes_a.entry(x.ino()).or_insert_with(|| k.clone()).clone();
+                let first_b = inodes_b.entry(y.ino()).or_insert_with(|| k.clone()).clone();
+                if first_a != first_b {
+                    problems.push(format!(
+                        "{d}: the hard link to {} was not kept",
+                        first_a.display()
+                    ));
+                }
+            }
+        }
+    }
+    Ok(problems)
+}
+
+fn same_content(a: &Path, b: &Path) -> Result<bool> {
+    let (mut fa, mut fb) = (File::open(a)?, File::open(b)?);
+    if fa.metadata()?.len() != fb.metadata()?.len() {
+        return Ok(false);
+    }
+    let (mut ba, mut bb) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
+    loop {
+        let n = fa.read(&mut ba)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        fb.read_exact(&mut bb[..n])?;
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+    }
+}
+
+/// A live database: a writer thread commits a transaction every few
+/// milliseconds, each adding one `events` row and setting `counter` to the
+/// number of rows (so a torn snapshot is visible).
+pub struct LiveDb {
+    /// The database file.
+    pub path: PathBuf,
+    stop: Arc<AtomicBool>,
+    commits: Arc<AtomicU64>,
+    writer: Option<thread::JoinHandle<Result<()>>>,
+}
+
+impl LiveDb {
+    /// Creates the database with some rows and starts the writer.
+    pub fn start(path: &Path) -> Result<LiveDb> {
+        let c = rusqlite::Connection::open(path)?;
+        c.pragma_update(None, "journal_mode", "WAL")?;
+        c.execute_batch(
+            "CREATE TABLE events (id INTEGER PRIMARY KEY, body BLOB NOT NULL);
+             CREATE TABLE counter (n INTEGER NOT NULL);
+             INSERT INTO counter VALUES (0);",
+        )?;
+        let tx = c.unchecked_transaction()?;
+        let mut rng = StdRng::seed_from_u64(9);
+        for _ in 0..2000 {
+            let mut body = vec![0u8; 512];
+            rng.fill_bytes(&mut body);
+            tx.execute("INSERT INTO events (body) VALUES (?1)", [&body])?;
+        }
+        tx.execute("UPDATE counter SET n = (SELECT count(*) FROM events)", [])?;
+        tx.commit()?;
+        drop(c);
+        let stop = Arc::new(AtomicBool::new(false));
+        let commits = Arc::new(AtomicU64::new(0));
+        let (s, n, p) = (Arc::clone(&stop), Arc::clone(&commits), path.to_path_buf());
+        let writer = thread::spawn(move || -> Result<()> {
+            let mut c = rusqlite::Connection::open(&p)?;
+            c.busy_timeout(Duration::from_secs(30))?;
+            let mut rng = StdRng::seed_from_u64(10);
+            while !s.load(Ordering::Acquire) {
+                let tx = c.transaction()?;
+                let mut body = vec![0u8; 512];
+                rng.fill_bytes(&mut body);
+                tx.execute("INSERT INTO events (body) VALUES (?1)", [&body])?;
+                tx.execute("UPDATE counter SET n = n + 1", [])?;
+                tx.commit()?;
+                n.fetch_add(1, Ordering::Relaxed);
+                thread::sleep(Duration::from_millis(2));
+            }
+            Ok(())
+        });
+        Ok(LiveDb {
+            path: path.to_path_buf(),
+            stop,
+            commits,
+            writer: Some(writer),
+        })
+    }
+
+    /// Commits so far.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Stops the writer; returns its error, if it had one.
+    pub fn stop(mut self) -> Result<u64> {
+        self.stop.store(true, Ordering::Release);
+        if let Some(w) = self.writer.take() {
+            w.join()
+                .map_err(|_| anyhow!("the database writer panicked"))??;
+        }
+        Ok(self.commits())
+    }
+}
+
+impl Drop for LiveDb {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+/// Checks a restored copy of the live database: SQLite's integrity check
+/// passes and `counter` equals the number of `events` (a consistent
+/// snapshot). Returns the problems.
+pub fn check_db(path: &Path) -> Result<Vec<String>> {
+    let c =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let mut problems = Vec::new();
+    let ic: String = c.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+    if ic != "ok" {
+        problems.push(format!("integrity_check says {ic}"));
+    }
+    let n: i64 = c.query_row("SELECT n FROM counter", [], |r| r.get(0))?;
+    let rows: i64 = c.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?;
+    if n != rows {
+        problems.push(format!(
+            "torn snapshot: counter says {n} rows, the table has {rows}"
+        ));
+    }
+    if rows < 2000 {
+        problems.push(format!("only {rows} rows: data is missing"));
+    }
+    Ok(problems)
+}
+
+fn demo(args: &DemoArgs) -> Result<DemoSummary> {
+    let tmp;
+    let base = match &args.keep {
+        Some(d) => {
+            fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::Builder::new().prefix("stp-demo-").tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let src = base.join("source");
+    if src.exists() {
+        bail!("{} exists: give --keep an empty directory", src.display());
+    }
+    make_tree(&src, args.tree_bytes, 1)?;
+    let live = LiveDb::start(&base.join("live.sqlite"))?;
+    let mut repo = Repo::open(base.join("repository"))?;
+    repo.show_progress(!args.json);
+    let array = InProcArray::new(1)?;
+    let wkp = free_wkp()?;
+    let server = array.host(0, wkp, Policy::Preferred, None);
+    let client = array.host(1, wkp, Policy::Preferred, None);
+    let quiet = args.json;
+    let mut backups = Vec::new();
+
+    // 1. The directory tree: server-initiated.
+    let agent = {
+        let client = client.clone();
+        thread::spawn(move || {
+            session::fs_agent(
+                &client,
+                &AgentRules::default(),
+                RunOptions {
+                    quiet: true,
+                    ..RunOptions::default()
+                },
+            )
+        })
+    };
+    let job = FsJob {
+        client: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        client_name: "demo-client".into(),
+        source: src.display().to_string(),
+        level: Level::Full,
+        excludes: Vec::new(),
+    };
+    let fs_out = session::fs_backup(
+        &server,
+        &repo,
+        &job,
+        RunOptions {
+            quiet,
+            ..RunOptions::default()
+        },
+    )
+    .context("the file-system backup failed")?;
+    agent
+        .join()
+        .map_err(|_| anyhow!("the client agent panicked"))?
+        .context("the client agent failed")?;
+    let fs_dest = base.join("restored/tree");
+    repo.restore(fs_out.backup_id, &fs_dest, &[])?;
+    let mut problems = compare_trees(&src, &fs_dest)?;
+    let v = repo.verify(fs_out.backup_id)?;
+    let verified = v.problems.is_empty();
+    problems.extend(v.problems);
+    backups.push(DemoBackup {
+        what: "directory tree (fs flow)".into(),
+        backup_id: fs_out.backup_id,
+        bytes: fs_out.bytes,
+        files: fs_out.files,
+        seconds: fs_out.seconds,
+        mb_per_s: fs_out.bytes as f64 / 1e6 / fs_out.seconds.max(1e-9),
+        channel: fs_out.channel.clone(),
+        restored_equal: problems.is_empty(),
+        verified,
+        problems,
+    });
+
+    // 2. The live database: client-initiated, SQLite's online backup while
+    // the writer keeps committing.
+    let before = live.commits();
+    let srv = {
+        let server = server.clone();
+        let root = repo.root().to_path_buf();
+        thread::spawn(move || -> Result<session::Outcome> {
+            let repo = Repo::open(root)?;
+            session::db_serve(
+                &server,
+                &repo,
+                RunOptions {
+                    quiet: true,
+                    ..RunOptions::default()
+                },
+            )
+        })
+    };
+    let db_out = session::db_backup(
+        &client,
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        "demo-client",
+        "live",
+        &DbSource::Sqlite {
+            path: live.path.display().to_string(),
+        },
+        RunOptions {
+            quiet,
+            ..RunOptions::default()
+        },
+    )
+    .context("the database backup failed")?;
+    srv.join()
+        .map_err(|_| anyhow!("the backup server panicked"))?
+        .context("the backup server failed")?;
+    let during = live.commits() - before;
+    live.stop()?;
+    let db_dest = base.join("restored/live.sqlite");
+    fs::create_dir_all(base.join("restored"))?;
+    let repo = Repo::open(base.join("repository"))?;
+    super::cli::restore_to_file(&repo, db_out.backup_id, &db_dest)?;
+    let mut problems = check_db(&db_dest)?;
+    let v = repo.verify(db_out.backup_id)?;
+    let verified = v.problems.is_empty();
+    problems.extend(v.problems);
+    backups.push(DemoBackup {
+        what: "live SQLite database (db flow)".into(),
+        backup_id: db_out.backup_id,
+        bytes: db_out.bytes,
+        files: db_out.files,
+        seconds: db_out.seconds,
+        mb_per_s: db_out.bytes as f64 / 1e6 / db_out.seconds.max(1e-9),
+        channel: db_out.channel.clone(),
+        restored_equal: problems.is_empty(),
+        verified,
+        problems,
+    });
+
+    // 3. A short bench: one-way goodput through the array and over TCP.
+    let (stp, tcp) = if args.bench_seconds > 0.0 {
+        let t = Duration::from_secs_f64(args.bench_seconds);
+        (Some(bench_stp(&array, t)?), Some(bench_tcp(t)?))
+    } else {
+        (None, None)
+    };
+    let ok = backups.iter().all(|b| b.restored_equal && b.verified);
+    Ok(DemoSummary {
+        backups,
+        rows_written_during_backup: during,
+        bench_stp_mb_per_s: stp,
+        bench_tcp_mb_per_s: tcp,
+        ok,
+    })
+}
+
+fn bench_stp(array: &InProcArray, time: Duration) -> Result<f64> {
+    let c = Handshake::new(&mut OsRng);
+    let s = Handshake::new(&mut OsRng);
+    let (co, so) = (c.public(), s.public());
+    let kc = c.finish(&so, Role::Client, None)?;
+    let ks = s.finish(&co, Role::Server, None)?;
+    let mut listener = StpListener::bind(array.source(0, None), None, ks, stream_config())?;
+    let port = listener.local_port();
+    let reader = thread::spawn(move || -> Result<u64> {
+        let mut s = listener.accept(Duration::from_secs(30))?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        loop {
+            let k = s.read(&mut buf)?;
+            if k == 0 {
+                break;
+            }
+            n += k as u64;
+        }
+        s.write_all(b"ok")?;
+        s.shutdown(Duration::from_secs(10))?;
+        Ok(n)
+    });
+    let mut w = StpStream::connect(
+        array.source(1, None),
+        port,
+        kc,
+        stream_config(),
+        Duration::from_secs(30),
+    )?;
+    let chunk = vec![0x5Au8; 1 << 20];
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    while t0.elapsed() < time {
+        w.write_all(&chunk)?;
+        sent += chunk.len() as u64;
+    }
+    w.shutdown(Duration::from_secs(30))?;
+    let mut ok = Vec::new();
+    w.read_to_end(&mut ok)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let got = reader
+        .join()
+        .map_err(|_| anyhow!("the bench reader panicked"))??;
+    if got != sent || ok != b"ok" {
+        bail!("bench: {sent} bytes sent, {got} received");
+    }
+    Ok(sent as f64 / 1e6 / secs)
+}
+
+fn bench_tcp(time: Duration) -> Result<f64> {
+    use std::net::{TcpListener, TcpStream};
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let addr = l.local_addr()?;
+    let reader = thread::spawn(move || -> Result<u64> {
+        let (mut s, _) = l.accept()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        loop {
+            let k = s.read(&mut buf)?;
+            if k == 0 {
+                break;
+            }
+            n += k as u64;
+        }
+        Ok(n)
+    });
+    let mut w = TcpStream::connect(addr)?;
+    let chunk = vec![0x5Au8; 1 << 20];
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    while t0.elapsed() < time {
+        w.write_all(&chunk)?;
+        sent += chunk.len() as u64;
+    }
+    drop(w);
+    let got = reader
+        .join()
+        .map_err(|_| anyhow!("the bench reader panicked"))??;
+    let secs = t0.elapsed().as_secs_f64();
+    if got != sent {
+        bail!("bench: {sent} bytes sent over TCP, {got} received");
+    }
+    Ok(sent as f64 / 1e6 / secs)
+}

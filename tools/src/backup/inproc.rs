@@ -1,0 +1,172 @@
+//! Two backup hosts in one process over the embedded simulated array: the
+//! `stp demo` and the in-process tests run the real flows on it.
+//!
+//! [`InProcArray`] builds an array with one vendor-mode STG of
+//! [`MEMBERS`] LUNs and logs in two hosts (0: the backup server, 1: the
+//! client). Each host's paths can be wrapped in a fault injector whose
+//! [`FaultControl`] kills them on demand (tests of the LAN fallback).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use scsi::Transport;
+use sim_target::{
+    Array, FaultControl, FaultPlan, FaultyTransport, Host, LunConfig, StgMailbox, StgSpec,
+};
+use stp_core::conn::Config;
+use stp_core::mailbox::{Mailbox, VendorMailbox};
+use stp_core::sockets::SocketLayer;
+use stp_core::stream::PathSource;
+use stp_core::vendor::MailboxError;
+
+use super::pipe::Policy;
+use super::session;
+
+/// The STG id of the in-process array.
+pub const STG: u32 = 7;
+/// Its members.
+pub const MEMBERS: usize = 4;
+
+/// The embedded array with two logged-in hosts.
+pub struct InProcArray {
+    array: Array,
+    hosts: Vec<Host>,
+    _mailbox: Arc<StgMailbox>,
+}
+
+impl std::fmt::Debug for InProcArray {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcArray").finish_non_exhaustive()
+    }
+}
+
+/// Connection settings for the in-process array: the defaults, with a dead
+/// peer noticed within a few seconds (so a fallback test does not wait
+/// half a minute).
+pub fn stream_config() -> Config {
+    Config {
+        max_payload: 256 * 1024,
+        max_retransmits: 5,
+        max_rto: Duration::from_millis(500),
+        keepalive: Duration::from_millis(500),
+        idle_timeout: Duration::from_secs(3),
+        ..Config::default()
+    }
+}
+
+impl InProcArray {
+    /// A fresh array; `seed` fixes the mailbox's port allocation.
+    pub fn new(seed: u64) -> Result<InProcArray> {
+        let array = Array::new();
+        let luns: Vec<u64> = (0..MEMBERS as u64).collect();
+        for &id in &luns {
+            array
+                .add_lun(id, LunConfig::new(id, 1 << 16, 512))
+                .context("creating an STG LUN on the in-process array")?;
+        }
+        let mailbox = StgMailbox::with_seed(&array, vec![StgSpec::new(STG, luns)], seed)
+            .context("configuring the in-process array's STG mailbox")?;
+        mailbox.install(&array);
+        let hosts = ["backup-server", "backup-client"]
+            .iter()
+            .map(|n| Host::login(&array, n))
+            .collect();
+        Ok(InProcArray {
+            array,
+            hosts,
+            _mailbox: mailbox,
+        })
+    }
+
+    /// The array.
+    pub fn array(&self) -> &Array {
+        &self.array
+    }
+
+    /// A path source for host `h` (0 or 1); with `control`, every path
+    /// goes through a fault injector it can kill.
+    pub fn source(&self, h: usize, control: Option<FaultControl>) -> Arc<dyn PathSource> {
+        let host = self.hosts[h.min(1)].clone();
+        Arc::new(move || -> Result<Box<dyn Mailbox>, MailboxError> {
+            let mut paths: Vec<Box<dyn Transport>> = Vec::with_capacity(MEMBERS);
+            for m in 0..MEMBERS as u64 {
+                let t = host
+                    .open(m)
+                    .map_err(|e| MailboxError::Other(scsi::CommandError::Io(e)))?;
+                paths.push(match &control {
+                    Some(c) => Box::new(FaultyTransport::with_control(
+                        t,
+                        FaultPlan::none(),
+                        m,
+                        c.clone(),
+                    )),
+                    None => Box::new(t),
+                });
+            }
+            Ok(Box::new(VendorMailbox::new(paths)?))
+        })
+    }
+
+    /// A backup host on the array: host 0 is the server, 1 the client.
+    /// Both listen on loopback; `wkp` must leave WKP+1 and WKP+2 free.
+    pub fn host(
+        &self,
+        h: usize,
+        wkp: u16,
+        policy: Policy,
+        control: Option<FaultControl>,
+    ) -> session::Host {
+        let src = self.source(h, control);
+        let layer = SocketLayer::new(HashMap::from([(STG, Arc::clone(&src))]), stream_config());
+        session::Host {
+            layer: Arc::new(layer),
+            stg: STG,
+            stg_len: MEMBERS as u32,
+            wkp,
+            bind_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            psk: Some(b"in-process demo psk".to_vec()),
+            policy,
+            timeout: Duration::from_secs(30),
+            probe: Some(src),
+        }
+    }
+}
+
+impl InProcArray {
+    /// A backup host whose paths to the array are all down (every open
+    /// fails): the array is unavailable at the start.
+    pub fn host_without_array(&self, wkp: u16, policy: Policy) -> session::Host {
+        let mut h = self.host(0, wkp, policy, None);
+        let down: Arc<dyn PathSource> = Arc::new(|| -> Result<Box<dyn Mailbox>, MailboxError> {
+            Err(MailboxError::Other(scsi::CommandError::Io(
+                std::io::Error::other("every path to the array is down"),
+            )))
+        });
+        h.layer = Arc::new(SocketLayer::new(
+            HashMap::from([(STG, Arc::clone(&down))]),
+            stream_config(),
+        ));
+        h.probe = Some(down);
+        h
+    }
+}
+
+/// A free TCP port on loopback whose next two ports are free too (WKP,
+/// WKP+1, WKP+2).
+pub fn free_wkp() -> Result<u16> {
+    use std::net::TcpListener;
+    for _ in 0..200 {
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding on loopback")?;
+        let p = l.local_addr()?.port();
+        if p < u16::MAX - 2
+            && TcpListener::bind((Ipv4Addr::LOCALHOST, p + 1)).is_ok()
+            && TcpListener::bind((Ipv4Addr::LOCALHOST, p + 2)).is_ok()
+        {
+            return Ok(p);
+        }
+    }
+    anyhow::bail!("found no three free consecutive TCP ports on loopback")
+}

@@ -1,0 +1,1177 @@
+//! The two backup flows over a [`SocketLayer`] (docs/BACKUP.md §2–§4).
+//!
+//! * File systems, server-initiated (seed Figs. 4/4A):
+//!   [`fs_backup`] on the backup server, [`fs_agent`] on the host that owns
+//!   the data. Control and per-file errors travel over TCP, the tar stream
+//!   over STP.
+//! * Databases, client-initiated (seed Fig. 5): [`db_backup`] on the
+//!   database host, [`db_serve`] on the backup server; everything travels
+//!   over the one STP connection.
+//!
+//! With the fallback policy `preferred`, a side that cannot use the array
+//! at the start opens a *LAN session* instead: plain TCP connections to
+//! WKP+2, each starting with a [`Msg::LanHello`] that carries the reason.
+//! Mid-stream failures are handled by [`super::pipe`].
+
+use std::io::Read;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Serialize;
+use stp_core::flows::{db_client_connect, db_server_accept, fs_client_accept, fs_server_connect};
+use stp_core::sockets::{Fd, Mechanism, SocketLayer};
+use stp_core::stream::PathSource;
+
+use super::archive::{append_blob, ManifestEntry, TreeWriter, WalkOptions};
+use super::pipe::{FailHook, PipeReceiver, PipeSender, Policy, StreamReport};
+use super::progress::Progress;
+use super::repo::{BackupInfo, FileErrorRecord, Repo};
+use super::wire::{self, DbSource, Level, Msg};
+
+/// The 16 bytes a server sends on the client's WKP instead of the
+/// well-known string when it cannot use the array: the client's flow
+/// fails at once and it takes the LAN session on WKP+2.
+pub const WKP_LAN: [u8; 16] = *b"STP-WKP-LAN\0\0\0\0\0";
+
+/// One host's networking for the backup flows.
+#[derive(Clone)]
+pub struct Host {
+    /// The socket layer (TCP and STP).
+    pub layer: Arc<SocketLayer>,
+    /// The STG the data uses.
+    pub stg: u32,
+    /// Its member count (the server states it in the flows).
+    pub stg_len: u32,
+    /// The well-known port; WKP+1 carries the STG exchange, WKP+2 LAN
+    /// sessions.
+    pub wkp: u16,
+    /// The address to listen on.
+    pub bind_ip: IpAddr,
+    /// The pre-shared key, if any.
+    pub psk: Option<Vec<u8>>,
+    /// LAN fallback policy.
+    pub policy: Policy,
+    /// Patience of each flow.
+    pub timeout: Duration,
+    /// Opens this host's paths to the STG, to check the array at the start.
+    pub probe: Option<Arc<dyn PathSource>>,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host")
+            .field("stg", &self.stg)
+            .field("wkp", &self.wkp)
+            .field("bind_ip", &self.bind_ip)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Host {
+    fn lan_port(&self) -> Result<u16> {
+        self.wkp
+            .checked_add(2)
+            .ok_or_else(|| anyhow!("wkp {} leaves no room for WKP+2 (the LAN port)", self.wkp))
+    }
+
+    /// Why the array cannot be used right now, if it cannot.
+    fn array_problem(&self) -> Option<String> {
+        if !self.layer.has_stg(self.stg) {
+            return Some(format!("STG {} is not configured on this host", self.stg));
+        }
+        let probe = self.probe.as_ref()?;
+        match probe.open() {
+            Ok(_) => None,
+            Err(e) => Some(format!(
+                "the array's STG {} cannot be opened: {e}",
+                self.stg
+            )),
+        }
+    }
+}
+
+/// Test and diagnostics knobs of a run.
+#[derive(Default)]
+pub struct RunOptions {
+    /// Hide progress bars.
+    pub quiet: bool,
+    /// (sender only) Run a hook after this many stream bytes.
+    pub fail_after: Option<(u64, FailHook)>,
+}
+
+impl std::fmt::Debug for RunOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("quiet", &self.quiet)
+            .field("fail_after", &self.fail_after.as_ref().map(|(n, _)| n))
+            .finish()
+    }
+}
+
+/// What a backup run produced, on either side.
+#[derive(Clone, Debug, Serialize)]
+pub struct Outcome {
+    /// The catalog id.
+    pub backup_id: i64,
+    /// Stream bytes.
+    pub bytes: u64,
+    /// Entries in the manifest.
+    pub files: u64,
+    /// Per-file errors.
+    pub errors: u64,
+    /// `stp`, `tcp` or `stp+tcp`.
+    pub channel: String,
+    /// Why the data did not (only) use the array.
+    pub fallback_reason: Option<String>,
+    /// Wall time of the run.
+    pub seconds: f64,
+    /// The catalog row (server side).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub info: Option<BackupInfo>,
+}
+
+/// The connections of one file-system session.
+struct FsConns {
+    control: Fd,
+    errors: Fd,
+    data: Fd,
+    /// Why it is TCP-only, if it is.
+    lan_reason: Option<String>,
+}
+
+fn close_all(layer: &SocketLayer, fds: &[Fd]) {
+    for &fd in fds {
+        wire::close_quietly(layer, fd);
+    }
+}
+
+/// Server side: connects to the client's LAN port and opens the three
+/// connections.
+fn lan_connect(host: &Host, client: IpAddr, reason: &str, channels: &[&str]) -> Result<Vec<Fd>> {
+    let addr = SocketAddr::new(client, host.lan_port()?);
+    let mut fds = Vec::new();
+    for ch in channels {
+        let fd = match wire::connect_tcp(&host.layer, addr, host.timeout) {
+            Ok(fd) => fd,
+            Err(e) => {
+                close_all(&host.layer, &fds);
+                return Err(e).context("opening a LAN session");
+            }
+        };
+        fds.push(fd);
+        if let Err(e) = lan_hello(host, fd, ch, reason) {
+            close_all(&host.layer, &fds);
+            return Err(e);
+        }
+    }
+    Ok(fds)
+}
+
+const LAN_CONNECTOR: &str = "stp-backup lan connector";
+const LAN_ACCEPTOR: &str = "stp-backup lan acceptor";
+
+/// The connector's side of a LAN connection's greeting: answers the
+/// acceptor's challenge (with a pre-shared key, proving it knows the key)
+/// and checks the acceptor's proof in return.
+fn lan_hello(host: &Host, fd: Fd, channel: &str, reason: &str) -> Result<()> {
+    let layer = &*host.layer;
+    layer.set_read_timeout(fd, Some(host.timeout))?;
+    let mut challenge = [0u8; wire::NONCE_LEN];
+    layer
+        .recv_exact(fd, &mut challenge)
+        .context("waiting for the LAN peer's challenge")?;
+    let mine = wire::nonce();
+    let proof = host.psk.as_deref().map_or(String::new(), |k| {
+        hex::encode(wire::proof(
+            k,
+            LAN_CONNECTOR,
+            &challenge,
+            channel.as_bytes(),
+        ))
+    });
+    wire::send(
+        layer,
+        fd,
+        &Msg::LanHello {
+            channel: channel.into(),
+            reason: reason.into(),
+            nonce: hex::encode(mine),
+            proof,
+        },
+    )?;
+    match wire::recv::<Msg>(layer, fd, "the LAN peer's answer")? {
+        Msg::LanOk { proof } => {
+            if let Some(k) = host.psk.as_deref() {
+                let got = hex::decode(&proof).unwrap_or_default();
+                if !wire::proof_ok(k, LAN_ACCEPTOR, &mine, channel.as_bytes(), &got) {
+                    bail!(
+                        "the LAN peer does not prove the pre-shared key: it is not our backup \
+                         peer, or its psk differs (check both hosts' STP configuration)"
+                    );
+                }
+            }
+        }
+        other => bail!("expected the LAN peer's answer, got {}", other.name()),
+    }
+    layer.set_read_timeout(fd, None)?;
+    Ok(())
+}
+
+/// The acceptor's side: challenges the connector, checks its hello (and,
+/// with a pre-shared key, its proof) and answers with its own proof.
+/// Returns the session's reason.
+fn lan_greet(host: &Host, fd: Fd, channel: &str) -> Result<String> {
+    let layer = &*host.layer;
+    layer.set_read_timeout(fd, Some(host.timeout))?;
+    let challenge = wire::nonce();
+    layer.send_all(fd, &challenge)?;
+    let (reason, theirs) = match wire::recv::<Msg>(layer, fd, "the LAN session's hello")? {
+        Msg::LanHello {
+            channel: c,
+            reason,
+            nonce,
+            proof,
+        } if c == channel => {
+            if let Some(k) = host.psk.as_deref() {
+                let got = hex::decode(&proof).unwrap_or_default();
+                if !wire::proof_ok(k, LAN_CONNECTOR, &challenge, channel.as_bytes(), &got) {
+                    bail!(
+                        "a LAN session from {} does not prove the pre-shared key; refused",
+                        wire::peer_ip(layer, fd).map_or("?".into(), |ip| ip.to_string())
+                    );
+                }
+            }
+            (reason, hex::decode(&nonce).unwrap_or_default())
+        }
+        other => bail!(
+            "expected the LAN hello for the {channel} connection, got {}",
+            other.name()
+        ),
+    };
+    let proof = host.psk.as_deref().map_or(String::new(), |k| {
+        hex::encode(wire::proof(k, LAN_ACCEPTOR, &theirs, channel.as_bytes()))
+    });
+    wire::send(layer, fd, &Msg::LanOk { proof })?;
+    layer.set_read_timeout(fd, None)?;
+    Ok(reason)
+}
+
+/// Accepts a LAN session's connections on WKP+2, in order.
+fn lan_accept(host: &Host, channels: &[&str]) -> Result<(Vec<Fd>, String)> {
+    let (listener, _) =
+        wire::listen_tcp(&host.layer, SocketAddr::new(host.bind_ip, host.lan_port()?))?;
+    let mut fds = Vec::new();
+    let mut reason = String::new();
+    let res = (|| -> Result<()> {
+        for ch in channels {
+            let fd = host
+                .layer
+                .accept(listener, host.timeout)
+                .context("waiting for a LAN session on WKP+2")?;
+            fds.push(fd);
+            reason = lan_greet(host, fd, ch)?;
+        }
+        Ok(())
+    })();
+    wire::close_quietly(&host.layer, listener);
+    match res {
+        Ok(()) => Ok((fds, reason)),
+        Err(e) => {
+            close_all(&host.layer, &fds);
+            Err(e)
+        }
+    }
+}
+
+fn fs_server_open(host: &Host, client: IpAddr) -> Result<FsConns> {
+    let lan = |reason: String| -> Result<FsConns> {
+        let fds = lan_connect(host, client, &reason, &["control", "errors", "data"])?;
+        Ok(FsConns {
+            control: fds[0],
+            errors: fds[1],
+            data: fds[2],
+            lan_reason: Some(reason),
+        })
+    };
+    if host.policy == Policy::Never {
+        // The agent under `never` listens on WKP+2 only.
+        return lan("the fallback policy is 'never': the data goes over the LAN".into());
+    }
+    if let Some(problem) = host.array_problem() {
+        if host.policy == Policy::Always {
+            bail!("{problem}; the fallback policy is 'always', so the backup stops (fix the array paths or set fallback = \"preferred\")");
+        }
+        // Make the agent's flow fail at once, then open the LAN session.
+        if let Ok(fd) =
+            wire::connect_tcp(&host.layer, SocketAddr::new(client, host.wkp), host.timeout)
+        {
+            let _ = host.layer.send_all(fd, &WKP_LAN);
+            wire::close_quietly(&host.layer, fd);
+        }
+        return lan(format!("array unavailable at the start: {problem}"));
+    }
+    match fs_server_connect(
+        &host.layer,
+        client,
+        host.wkp,
+        host.stg,
+        host.stg_len,
+        host.psk.as_deref(),
+        host.timeout,
+    ) {
+        Ok(s) => Ok(FsConns {
+            control: s.control,
+            errors: s.errors,
+            data: s.data,
+            lan_reason: None,
+        }),
+        Err(e) if host.policy == Policy::Preferred => {
+            lan(format!("the STP connection could not be set up: {e}"))
+        }
+        Err(e) => Err(e).context("setting up the file-system session (seed Figs. 4/4A)"),
+    }
+}
+
+fn fs_agent_open(host: &Host) -> Result<FsConns> {
+    let lan = || -> Result<FsConns> {
+        let (fds, reason) = lan_accept(host, &["control", "errors", "data"])?;
+        Ok(FsConns {
+            control: fds[0],
+            errors: fds[1],
+            data: fds[2],
+            lan_reason: Some(reason),
+        })
+    };
+    if host.policy == Policy::Never {
+        return lan();
+    }
+    match fs_client_accept(
+        &host.layer,
+        host.bind_ip,
+        host.wkp,
+        host.psk.as_deref(),
+        host.timeout,
+    ) {
+        Ok(s) => Ok(FsConns {
+            control: s.control,
+            errors: s.errors,
+            data: s.data,
+            lan_reason: None,
+        }),
+        Err(e) if host.policy == Policy::Preferred => {
+            lan().with_context(|| format!("the STP session failed ({e}), and so did the LAN one"))
+        }
+        Err(e) => Err(e).context("accepting the file-system session (seed Figs. 4/4A)"),
+    }
+}
+
+/// What the server asks of an agent.
+#[derive(Clone, Debug)]
+pub struct FsJob {
+    /// The client's address.
+    pub client: IpAddr,
+    /// The client's name in the catalog.
+    pub client_name: String,
+    /// The directory to back up, on the client.
+    pub source: String,
+    /// Full or incremental (incremental without a base becomes full).
+    pub level: Level,
+    /// Exclude patterns.
+    pub excludes: Vec<String>,
+}
+
+/// The backup server's side of a file-system backup: opens the session to
+/// the agent, asks for `job`, writes the stream into `repo`, records the
+/// per-file errors, and marks the backup complete once it is durable.
+pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Result<Outcome> {
+    let t0 = Instant::now();
+    let base = if job.level == Level::Incremental {
+        repo.latest_complete("fs", &job.client_name, &job.source)?
+    } else {
+        None
+    };
+    let level = if base.is_some() {
+        Level::Incremental
+    } else {
+        Level::Full
+    };
+    let base_manifest = match base {
+        Some(b) => repo
+            .manifest(b)?
+            .into_iter()
+            .map(|mut e| {
+                e.from_backup = e.from_backup.or(Some(b));
+                e
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let conns = fs_server_open(host, job.client)?;
+    let layer = &*host.layer;
+    let mut pending = match repo.begin("fs", &job.client_name, &job.source, level.as_str(), base) {
+        Ok(p) => p,
+        Err(e) => {
+            close_all(layer, &[conns.control, conns.errors, conns.data]);
+            return Err(e);
+        }
+    };
+    let id = pending.id;
+    let (listener, fallback_port) = match wire::listen_tcp(layer, SocketAddr::new(host.bind_ip, 0))
+    {
+        Ok(v) => v,
+        Err(e) => {
+            close_all(layer, &[conns.control, conns.errors, conns.data]);
+            let _ = repo.fail(pending, &format!("{e:#}"));
+            return Err(e);
+        }
+    };
+    if let Some(r) = &conns.lan_reason {
+        let _ = repo.note_channel(id, "tcp", Some(r));
+    }
+    // Per-file errors arrive on their own connection while the data flows.
+    let gone = Arc::new(AtomicBool::new(false));
+    let errors_thread = {
+        let layer = Arc::clone(&host.layer);
+        let fd = conns.errors;
+        let gone = Arc::clone(&gone);
+        let show = !opts.quiet;
+        thread::spawn(move || -> Vec<FileErrorRecord> {
+            let mut v = Vec::new();
+            loop {
+                match wire::recv_opt::<Msg>(&layer, fd) {
+                    Ok(Some(Msg::FileError { path, message })) => {
+                        if show {
+                            eprintln!("client: {path}: {message}");
+                        }
+                        v.push(FileErrorRecord { path, message })
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            gone.store(true, Ordering::Release);
+            v
+        })
+    };
+    let mut data_fd = conns.data;
+    let result = (|| -> Result<(Vec<ManifestEntry>, StreamReport, u64)> {
+        wire::send(
+            layer,
+            conns.control,
+            &Msg::BackupRequest {
+                backup_id: id,
+                level,
+                source: job.source.clone(),
+                excludes: job.excludes.clone(),
+                base: base_manifest,
+                fallback_port,
+            },
+        )?;
+        let mut rx = PipeReceiver::new(
+            layer,
+            conns.data,
+            Some(listener),
+            host.policy,
+            id as u64,
+            Progress::bytes("receiving", None, opts.quiet),
+        )
+        .with_psk(host.psk.clone());
+        rx.abort_when(Arc::clone(&gone));
+        let report = rx.run(pending.sink());
+        data_fd = rx.fd();
+        let report = match report {
+            Ok(r) => r,
+            Err(e) => {
+                // The agent may have said why on the control connection.
+                return Err(e);
+            }
+        };
+        // The summary follows the data at once; do not wait forever.
+        layer.set_read_timeout(conns.control, Some(host.timeout))?;
+        match wire::recv::<Msg>(layer, conns.control, "the client's summary")? {
+            Msg::BackupDone { manifest, errors } => Ok((manifest, report, errors)),
+            Msg::Refused { message } => bail!("the client refused: {message}"),
+            other => bail!("expected the client's summary, got {}", other.name()),
+        }
+    })();
+    wire::close_quietly(layer, listener);
+    let outcome = match result {
+        Ok((manifest, report, _)) => {
+            // The agent closes the errors connection before its summary.
+            let errors = errors_thread.join().unwrap_or_default();
+            let files = manifest.len() as u64;
+            match repo.commit(pending, manifest, &report, &errors) {
+                Ok(info) => {
+                    let _ = wire::send(
+                        layer,
+                        conns.control,
+                        &Msg::BackupResult {
+                            ok: true,
+                            backup_id: id,
+                            message: format!(
+                                "backup {id} complete: {} bytes, {files} files over {}",
+                                report.bytes,
+                                report.channels.summary()
+                            ),
+                        },
+                    );
+                    let reason = report.channels.reason.clone().or(conns.lan_reason.clone());
+                    Ok(Outcome {
+                        backup_id: id,
+                        bytes: report.bytes,
+                        files,
+                        errors: errors.len() as u64,
+                        channel: report.channels.summary(),
+                        fallback_reason: reason,
+                        seconds: t0.elapsed().as_secs_f64(),
+                        info: Some(info),
+                    })
+                }
+                Err(e) => Err(e.context(format!("recording backup {id}"))),
+            }
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            let _ = wire::send(
+                layer,
+                conns.control,
+                &Msg::BackupResult {
+                    ok: false,
+                    backup_id: id,
+                    message: msg.clone(),
+                },
+            );
+            let _ = repo.fail(pending, &msg);
+            close_all(layer, &[conns.errors]);
+            let _ = errors_thread.join();
+            Err(e.context(format!("backup {id} failed and is recorded as failed")))
+        }
+    };
+    close_all(layer, &[data_fd, conns.control, conns.errors]);
+    outcome
+}
+
+/// The agent's rules.
+#[derive(Clone, Debug, Default)]
+pub struct AgentRules {
+    /// Directories the server may ask for (empty: any).
+    pub allowed: Vec<PathBuf>,
+    /// Exclude patterns added to the server's.
+    pub excludes: Vec<String>,
+}
+
+fn allowed(rules: &AgentRules, source: &Path) -> Result<PathBuf> {
+    let canon = source.canonicalize().with_context(|| {
+        format!(
+            "the requested source {} does not exist on this host",
+            source.display()
+        )
+    })?;
+    if rules.allowed.is_empty() {
+        return Ok(canon);
+    }
+    for a in &rules.allowed {
+        if let Ok(a) = a.canonicalize() {
+            if canon.starts_with(&a) {
+                return Ok(canon);
+            }
+        }
+    }
+    bail!(
+        "{} is outside the directories this agent may back up ({:?}); add it to [backup.client] allow",
+        canon.display(),
+        rules.allowed
+    )
+}
+
+/// The agent's side of one file-system backup: accepts the server's
+/// session, backs up the requested directory, and reports per-file errors
+/// on the errors connection.
+pub fn fs_agent(host: &Host, rules: &AgentRules, opts: RunOptions) -> Result<Outcome> {
+    let t0 = Instant::now();
+    let conns = fs_agent_open(host)?;
+    let layer = &*host.layer;
+    let mut data_fd = conns.data;
+    let res = (|| -> Result<Outcome> {
+        // The request follows the session at once.
+        layer.set_read_timeout(conns.control, Some(host.timeout))?;
+        let (id, level, source, mut excludes, base, port) =
+            match wire::recv::<Msg>(layer, conns.control, "the server's backup request")? {
+                Msg::BackupRequest {
+                    backup_id,
+                    level,
+                    source,
+                    excludes,
+                    base,
+                    fallback_port,
+                } => (backup_id, level, source, excludes, base, fallback_port),
+                other => bail!("expected a backup request, got {}", other.name()),
+            };
+        layer.set_read_timeout(conns.control, None)?;
+        let root = match allowed(rules, Path::new(&source)) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = wire::send(
+                    layer,
+                    conns.control,
+                    &Msg::Refused {
+                        message: format!("{e:#}"),
+                    },
+                );
+                return Err(e);
+            }
+        };
+        excludes.extend(rules.excludes.iter().cloned());
+        let server_ip = wire::peer_ip(layer, conns.control)?;
+        let fallback = (conns.lan_reason.is_none()).then(|| SocketAddr::new(server_ip, port));
+        let estimate = (!opts.quiet).then(|| super::archive::estimate(&root, &excludes));
+        let mut tx = PipeSender::new(
+            layer,
+            conns.data,
+            fallback,
+            host.policy,
+            id as u64,
+            Progress::bytes("sending", estimate, opts.quiet),
+        )
+        .with_psk(host.psk.clone());
+        if let Some((after, hook)) = opts.fail_after {
+            tx.fail_after(after, hook);
+        }
+        let errors_fd = conns.errors;
+        let mut on_error = |path: &str, message: &str| -> Result<()> {
+            wire::send(
+                layer,
+                errors_fd,
+                &Msg::FileError {
+                    path: path.into(),
+                    message: message.into(),
+                },
+            )
+        };
+        let writer = TreeWriter::new(
+            &mut tx,
+            WalkOptions::new(level, excludes, base),
+            &mut on_error,
+        );
+        let walked = writer.write_tree(&root);
+        let (manifest, errors) = match walked {
+            Ok((m, e, _)) => (m, e),
+            Err(e) => {
+                data_fd = tx.fd();
+                tx.abort(&format!("{e:#}"));
+                return Err(e);
+            }
+        };
+        data_fd = tx.fd();
+        let report = tx.finish()?;
+        data_fd = report.fd;
+        let _ = layer.shutdown_write(conns.errors);
+        let files = manifest.len() as u64;
+        wire::send(layer, conns.control, &Msg::BackupDone { manifest, errors })?;
+        match wire::recv::<Msg>(layer, conns.control, "the server's result")? {
+            Msg::BackupResult { ok: true, .. } => {}
+            Msg::BackupResult { message, .. } => {
+                bail!("the server could not record the backup: {message}")
+            }
+            other => bail!("expected the server's result, got {}", other.name()),
+        }
+        Ok(Outcome {
+            backup_id: id,
+            bytes: report.bytes,
+            files,
+            errors,
+            channel: report.channels.summary(),
+            fallback_reason: report.channels.reason.or(conns.lan_reason.clone()),
+            seconds: t0.elapsed().as_secs_f64(),
+            info: None,
+        })
+    })();
+    close_all(layer, &[data_fd, conns.control, conns.errors]);
+    res
+}
+
+/// One database session's connection.
+struct DbConn {
+    data: Fd,
+    lan_reason: Option<String>,
+}
+
+fn db_client_open(host: &Host, server: IpAddr) -> Result<DbConn> {
+    let lan = |reason: String| -> Result<DbConn> {
+        let fds = lan_connect(host, server, &reason, &["data"])?;
+        Ok(DbConn {
+            data: fds[0],
+            lan_reason: Some(reason),
+        })
+    };
+    if host.policy == Policy::Never {
+        return lan("the fallback policy is 'never': the data goes over the LAN".into());
+    }
+    if let Some(problem) = host.array_problem() {
+        if host.policy == Policy::Always {
+            bail!("{problem}; the fallback policy is 'always', so the backup stops");
+        }
+        return lan(format!("array unavailable at the start: {problem}"));
+    }
+    match db_client_connect(
+        &host.layer,
+        server,
+        host.wkp,
+        host.psk.as_deref(),
+        host.timeout,
+    ) {
+        Ok(s) => Ok(DbConn {
+            data: s.data,
+            lan_reason: None,
+        }),
+        Err(e) if host.policy == Policy::Preferred => {
+            lan(format!("the STP connection could not be set up: {e}"))
+        }
+        Err(e) => Err(e).context("setting up the database session (seed Fig. 5)"),
+    }
+}
+
+/// Server side: waits for a database session on WKP (the seed's flow) and,
+/// unless the policy is `always`, for a LAN session on WKP+2 at the same
+/// time; takes whichever comes first.
+fn db_server_open(host: &Host) -> Result<DbConn> {
+    let lan_only = host.policy == Policy::Never;
+    let (tx, rx) = mpsc::channel();
+    if !lan_only {
+        let h = host.clone();
+        thread::spawn(move || {
+            let r = db_server_accept(
+                &h.layer,
+                h.bind_ip,
+                h.wkp,
+                h.stg,
+                h.stg_len,
+                h.psk.as_deref(),
+                h.timeout,
+            );
+            let _ = tx.send(r);
+        });
+    }
+    if host.policy == Policy::Always {
+        return match rx.recv() {
+            Ok(Ok(s)) => Ok(DbConn {
+                data: s.data,
+                lan_reason: None,
+            }),
+            Ok(Err(e)) => Err(e).context("accepting the database session (seed Fig. 5)"),
+            Err(_) => bail!("the session thread ended without an answer"),
+        };
+    }
+    let (listener, _) =
+        wire::listen_tcp(&host.layer, SocketAddr::new(host.bind_ip, host.lan_port()?))?;
+    let deadline = Instant::now() + host.timeout;
+    let mut flow_error = None;
+    let res = loop {
+        if let Ok(r) = rx.try_recv() {
+            match r {
+                Ok(s) => {
+                    break Ok(DbConn {
+                        data: s.data,
+                        lan_reason: None,
+                    })
+                }
+                Err(e) => flow_error = Some(e),
+            }
+        }
+        match host.layer.accept(listener, Duration::from_millis(100)) {
+            Ok(fd) => match lan_greet(host, fd, "data") {
+                Ok(reason) => {
+                    break Ok(DbConn {
+                        data: fd,
+                        lan_reason: Some(reason),
+                    })
+                }
+                Err(e) => {
+                    eprintln!("stp backup: {e:#}");
+                    wire::close_quietly(&host.layer, fd)
+                }
+            },
+            Err(e) if e.is_timeout() => {}
+            Err(e) => break Err(anyhow!(e).context("waiting for a LAN session on WKP+2")),
+        }
+        if Instant::now() >= deadline {
+            break Err(match flow_error.take() {
+                Some(e) => anyhow!(e).context("no database session arrived"),
+                None => anyhow!(
+                    "no database session arrived within {:?} (on WKP {} or the LAN port)",
+                    host.timeout,
+                    host.wkp
+                ),
+            });
+        }
+    };
+    wire::close_quietly(&host.layer, listener);
+    if matches!(&res, Ok(c) if c.lan_reason.is_some()) {
+        end_flow_thread(host, &rx);
+    }
+    res
+}
+
+/// The LAN session won: make the flow thread still waiting on WKP give up
+/// now (a connection that announces dynamic port 0 fails it at step 224),
+/// so the port is free for the next session.
+fn end_flow_thread(
+    host: &Host,
+    rx: &mpsc::Receiver<Result<stp_core::flows::DbSession, stp_core::flows::FlowError>>,
+) {
+    let ip = if host.bind_ip.is_unspecified() {
+        IpAddr::from([127, 0, 0, 1])
+    } else {
+        host.bind_ip
+    };
+    if let Ok(fd) = wire::connect_tcp(
+        &host.layer,
+        SocketAddr::new(ip, host.wkp),
+        Duration::from_millis(500),
+    ) {
+        let _ = host.layer.send_all(fd, &0u16.to_be_bytes());
+        let _ = rx.recv_timeout(Duration::from_secs(2)).map(|r| {
+            if let Ok(s) = r {
+                // A client raced in over the array: it will retry.
+                let _ = s.close(&host.layer);
+            }
+        });
+        wire::close_quietly(&host.layer, fd);
+    }
+}
+
+/// Chunk size of a command's output in the archive.
+const STREAM_CHUNK: usize = 8 << 20;
+
+/// The database host's side: takes a consistent copy of `source` and sends
+/// it to the server at `server` (client-initiated, seed Fig. 5). `name`
+/// names the database in the catalog.
+pub fn db_backup(
+    host: &Host,
+    server: IpAddr,
+    client_name: &str,
+    name: &str,
+    source: &DbSource,
+    opts: RunOptions,
+) -> Result<Outcome> {
+    let t0 = Instant::now();
+    // A SQLite snapshot is taken before any connection: local errors cost
+    // the server nothing.
+    let snapshot = match source {
+        DbSource::Sqlite { path } => Some(sqlite_snapshot(Path::new(path))?),
+        DbSource::Command { .. } => None,
+    };
+    let conn = db_client_open(host, server)?;
+    let layer = &*host.layer;
+    let mut data_fd = conn.data;
+    let res = (|| -> Result<Outcome> {
+        wire::send(
+            layer,
+            conn.data,
+            &Msg::DbRequest {
+                name: format!("{client_name}:{name}"),
+                source: source.clone(),
+            },
+        )?;
+        let (id, port) = match wire::recv::<Msg>(layer, conn.data, "the server's answer")? {
+            Msg::DbAccept {
+                backup_id,
+                fallback_port,
+            } => (backup_id, fallback_port),
+            Msg::BackupResult { message, .. } => bail!("the server refused: {message}"),
+            other => bail!("expected the server's answer, got {}", other.name()),
+        };
+        let fallback = conn
+            .lan_reason
+            .is_none()
+            .then(|| SocketAddr::new(server, port));
+        let mut tx = PipeSender::new(
+            layer,
+            conn.data,
+            fallback,
+            host.policy,
+            id as u64,
+            Progress::bytes(
+                "sending",
+                snapshot
+                    .as_ref()
+                    .and_then(|(_, f)| std::fs::metadata(f).ok())
+                    .map(|m| m.len() + 2048),
+                opts.quiet,
+            ),
+        )
+        .with_psk(host.psk.clone());
+        if let Some((after, hook)) = opts.fail_after {
+            tx.fail_after(after, hook);
+        }
+        let built = match (&snapshot, source) {
+            (Some((_dir, file)), _) => sqlite_entries(&mut tx, file, name),
+            (None, DbSource::Command { command }) => command_entries(&mut tx, command),
+            (None, DbSource::Sqlite { .. }) => Err(anyhow!("no snapshot was taken")),
+        };
+        let manifest = match built {
+            Ok(m) => m,
+            Err(e) => {
+                data_fd = tx.fd();
+                tx.abort(&format!("{e:#}"));
+                return Err(e);
+            }
+        };
+        data_fd = tx.fd();
+        let report = tx.finish()?;
+        data_fd = report.fd;
+        if data_fd.mechanism() == Mechanism::Tcp {
+            layer.set_read_timeout(data_fd, Some(host.timeout))?;
+        }
+        let files = manifest.len() as u64;
+        wire::send(layer, data_fd, &Msg::DbDone { manifest })?;
+        match wire::recv::<Msg>(layer, data_fd, "the server's result")? {
+            Msg::BackupResult { ok: true, .. } => {}
+            Msg::BackupResult { message, .. } => {
+                bail!("the server could not record the backup: {message}")
+            }
+            other => bail!("expected the server's result, got {}", other.name()),
+        }
+        Ok(Outcome {
+            backup_id: id,
+            bytes: report.bytes,
+            files,
+            errors: 0,
+            channel: report.channels.summary(),
+            fallback_reason: report.channels.reason.or(conn.lan_reason.clone()),
+            seconds: t0.elapsed().as_secs_f64(),
+            info: None,
+        })
+    })();
+    let _ = layer.flush(data_fd);
+    wire::close_quietly(layer, data_fd);
+    res
+}
+
+/// A consistent copy of a live SQLite database (SQLite's online backup
+/// API), in a fresh temporary directory.
+pub fn sqlite_snapshot(db: &Path) -> Result<(tempfile::TempDir, PathBuf)> {
+    let src = rusqlite::Connection::open_with_flags(
+        db,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("cannot open the SQLite database {}", db.display()))?;
+    src.busy_timeout(Duration::from_secs(30))?;
+    let dir = tempfile::tempdir().context("creating a temporary directory for the snapshot")?;
+    let out = dir.path().join("snapshot.sqlite");
+    let mut dst = rusqlite::Connection::open(&out)?;
+    {
+        let backup = rusqlite::backup::Backup::new(&src, &mut dst)
+            .context("starting SQLite's online backup")?;
+        // Pages in steps, so writers are not locked out for long; the
+        // backup restarts itself if a writer changes the database.
+        backup
+            .run_to_completion(256, Duration::from_millis(1), None)
+            .with_context(|| format!("SQLite's online backup of {} failed", db.display()))?;
+    }
+    drop(dst);
+    Ok((dir, out))
+}
+
+fn sqlite_entries(tx: &mut PipeSender<'_>, file: &Path, name: &str) -> Result<Vec<ManifestEntry>> {
+    let mut b = tar::Builder::new(tx);
+    let mut f = std::fs::File::open(file)?;
+    let size = f.metadata()?.len();
+    let entry_name = format!("{}.sqlite", sanitize(name));
+    let e = append_blob(&mut b, &entry_name, &mut f, size, 0o600)?;
+    b.finish().context("writing the end of the archive")?;
+    Ok(vec![e])
+}
+
+/// A safe single-component name for an archive entry.
+fn sanitize(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let s = s.trim_start_matches('.').to_owned();
+    if s.is_empty() {
+        "db".into()
+    } else {
+        s
+    }
+}
+
+fn command_entries(tx: &mut PipeSender<'_>, command: &str) -> Result<Vec<ManifestEntry>> {
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("cannot run `sh -c {command:?}`"))?;
+    let mut out = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("the command has no standard output"))?;
+    let mut b = tar::Builder::new(tx);
+    let mut manifest = Vec::new();
+    let mut buf = vec![0u8; STREAM_CHUNK];
+    let mut index = 0u32;
+    loop {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let n = out
+                .read(&mut buf[filled..])
+                .context("reading the command's output")?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 && index > 0 {
+            break;
+        }
+        let name = format!("stream/{index:06}");
+        manifest.push(append_blob(
+            &mut b,
+            &name,
+            &mut &buf[..filled],
+            filled as u64,
+            0o600,
+        )?);
+        index += 1;
+        if filled < buf.len() {
+            break;
+        }
+    }
+    let status = child.wait().context("waiting for the command")?;
+    if !status.success() {
+        bail!("`{command}` failed ({status}); nothing was recorded (see its messages above)");
+    }
+    b.finish().context("writing the end of the archive")?;
+    Ok(manifest)
+}
+
+/// The server's side of one database backup: accepts the client's session
+/// (seed Fig. 5, or a LAN session), writes the stream into `repo` and
+/// marks it complete once durable.
+pub fn db_serve(host: &Host, repo: &Repo, opts: RunOptions) -> Result<Outcome> {
+    let t0 = Instant::now();
+    let conn = db_server_open(host)?;
+    let layer = &*host.layer;
+    let (name, source) = match wire::recv::<Msg>(layer, conn.data, "the client's request") {
+        Ok(Msg::DbRequest { name, source }) => (name, source),
+        Ok(other) => {
+            wire::close_quietly(layer, conn.data);
+            bail!("expected a database request, got {}", other.name());
+        }
+        Err(e) => {
+            wire::close_quietly(layer, conn.data);
+            return Err(e);
+        }
+    };
+    let (client, dbname) = name
+        .split_once(':')
+        .map_or(("unknown".to_owned(), name.clone()), |(c, n)| {
+            (c.into(), n.into())
+        });
+    let src_desc = match &source {
+        DbSource::Sqlite { path } => format!("sqlite:{dbname}:{path}"),
+        DbSource::Command { command } => format!("command:{dbname}:{command}"),
+    };
+    let mut pending = repo.begin("db", &client, &src_desc, "full", None)?;
+    let id = pending.id;
+    if let Some(r) = &conn.lan_reason {
+        let _ = repo.note_channel(id, "tcp", Some(r));
+    }
+    let mut data_fd = conn.data;
+    let listener = wire::listen_tcp(layer, SocketAddr::new(host.bind_ip, 0));
+    let res = (|| -> Result<(Vec<ManifestEntry>, StreamReport)> {
+        let (listener, port) = listener?;
+        let r = (|| {
+            wire::send(
+                layer,
+                conn.data,
+                &Msg::DbAccept {
+                    backup_id: id,
+                    fallback_port: port,
+                },
+            )?;
+            let mut rx = PipeReceiver::new(
+                layer,
+                conn.data,
+                Some(listener),
+                host.policy,
+                id as u64,
+                Progress::bytes("receiving", None, opts.quiet),
+            )
+            .with_psk(host.psk.clone());
+            let report = rx.run(pending.sink());
+            data_fd = rx.fd();
+            let report = report?;
+            if data_fd.mechanism() == Mechanism::Tcp {
+                layer.set_read_timeout(data_fd, Some(host.timeout))?;
+            }
+            match wire::recv::<Msg>(layer, data_fd, "the client's summary")? {
+                Msg::DbDone { manifest } => Ok((manifest, report)),
+                other => bail!("expected the client's summary, got {}", other.name()),
+            }
+        })();
+        wire::close_quietly(layer, listener);
+        r
+    })();
+    let out = match res {
+        Ok((manifest, report)) => {
+            let files = manifest.len() as u64;
+            let info = repo.commit(pending, manifest, &report, &[]);
+            let (ok, message) = match &info {
+                Ok(_) => (true, format!("backup {id} complete")),
+                Err(e) => (false, format!("{e:#}")),
+            };
+            let _ = wire::send(
+                layer,
+                data_fd,
+                &Msg::BackupResult {
+                    ok,
+                    backup_id: id,
+                    message,
+                },
+            );
+            let info = info?;
+            Ok(Outcome {
+                backup_id: id,
+                bytes: report.bytes,
+                files,
+                errors: 0,
+                channel: report.channels.summary(),
+                fallback_reason: report.channels.reason.or(conn.lan_reason.clone()),
+                seconds: t0.elapsed().as_secs_f64(),
+                info: Some(info),
+            })
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            let _ = repo.fail(pending, &msg);
+            Err(e.context(format!("backup {id} failed and is recorded as failed")))
+        }
+    };
+    // Wait for the client's close so its last read sees our answer.
+    let mut b = [0u8; 1];
+    if data_fd.mechanism() == Mechanism::Tcp {
+        let _ = layer.set_read_timeout(data_fd, Some(Duration::from_secs(5)));
+    }
+    let _ = layer.recv(data_fd, &mut b);
+    wire::close_quietly(layer, data_fd);
+    out
+}
