@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
-use stp_core::flows::{db_client_connect, db_server_accept, fs_client_accept, fs_server_connect};
+use stp_core::flows::{
+    db_client_connect, db_server_accept, fs_client_accept, fs_server_connect, FsSession,
+};
 use stp_core::sockets::{Fd, Mechanism, SocketLayer};
 use stp_core::stream::PathSource;
 
@@ -145,6 +147,19 @@ struct FsConns {
     data: Fd,
     /// Why it is TCP-only, if it is.
     lan_reason: Option<String>,
+}
+
+impl From<FsSession> for FsConns {
+    /// A session through the array: control and errors over TCP, data over
+    /// STP.
+    fn from(s: FsSession) -> FsConns {
+        FsConns {
+            control: s.control,
+            errors: s.errors,
+            data: s.data,
+            lan_reason: None,
+        }
+    }
 }
 
 fn close_all(layer: &SocketLayer, fds: &[Fd]) {
@@ -327,12 +342,7 @@ fn fs_server_open(host: &Host, client: IpAddr) -> Result<FsConns> {
         host.psk.as_deref(),
         host.timeout,
     ) {
-        Ok(s) => Ok(FsConns {
-            control: s.control,
-            errors: s.errors,
-            data: s.data,
-            lan_reason: None,
-        }),
+        Ok(s) => Ok(s.into()),
         Err(e) if host.policy == Policy::Preferred => {
             lan(format!("the STP connection could not be set up: {e}"))
         }
@@ -360,12 +370,7 @@ fn fs_agent_open(host: &Host) -> Result<FsConns> {
         host.psk.as_deref(),
         host.timeout,
     ) {
-        Ok(s) => Ok(FsConns {
-            control: s.control,
-            errors: s.errors,
-            data: s.data,
-            lan_reason: None,
-        }),
+        Ok(s) => Ok(s.into()),
         Err(e) if host.policy == Policy::Preferred => {
             lan().with_context(|| format!("the STP session failed ({e}), and so did the LAN one"))
         }
