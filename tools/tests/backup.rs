@@ -817,3 +817,69 @@ fn lan_sessions_prove_the_pre_shared_key() {
     assert!(format!("{e:#}").contains("pre-shared key"), "{e:#}");
     assert_eq!(repo.list().unwrap().len(), 1, "no backup was started");
 }
+
+/// A database committing as fast as it can is still snapshotted: the copy
+/// takes one read transaction, where a page-by-page copy would restart
+/// after every commit and never finish on a slow machine.
+#[test]
+fn snapshot_of_a_database_under_constant_writes_finishes() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{mpsc, Arc};
+    use std::time::Duration;
+
+    const ROWS: i64 = 16_000;
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("hot.sqlite");
+    let c = rusqlite::Connection::open(&path).unwrap();
+    c.pragma_update(None, "journal_mode", "WAL").unwrap();
+    c.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, body BLOB NOT NULL);")
+        .unwrap();
+    let tx = c.unchecked_transaction().unwrap();
+    for _ in 0..ROWS {
+        tx.execute("INSERT INTO t (body) VALUES (zeroblob(1000))", [])
+            .unwrap();
+    }
+    tx.commit().unwrap();
+    drop(c);
+    let stop = Arc::new(AtomicBool::new(false));
+    let commits = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, commits, path) = (Arc::clone(&stop), Arc::clone(&commits), path.clone());
+        thread::spawn(move || {
+            let c = rusqlite::Connection::open(&path).unwrap();
+            c.busy_timeout(Duration::from_secs(30)).unwrap();
+            while !stop.load(Ordering::Acquire) {
+                c.execute("INSERT INTO t (body) VALUES (zeroblob(100))", [])
+                    .unwrap();
+                commits.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    while commits.load(Ordering::Relaxed) < 100 {
+        thread::sleep(Duration::from_millis(1));
+    }
+    let (done, finished) = mpsc::channel();
+    let p = path.clone();
+    thread::spawn(move || {
+        let _ = done.send(
+            stp_tools::backup::session::sqlite_snapshot(&p).map(|(dir, file)| {
+                let n: i64 = rusqlite::Connection::open(&file)
+                    .unwrap()
+                    .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+                    .unwrap();
+                drop(dir);
+                n
+            }),
+        );
+    });
+    let got = finished.recv_timeout(Duration::from_secs(120));
+    stop.store(true, Ordering::Release);
+    writer.join().unwrap();
+    let rows = got
+        .expect("the snapshot never finished while the database was being written")
+        .unwrap();
+    assert!(
+        rows >= ROWS,
+        "the snapshot has {rows} rows, fewer than before the writer started"
+    );
+}

@@ -976,11 +976,27 @@ pub fn sqlite_snapshot(db: &Path) -> Result<(tempfile::TempDir, PathBuf)> {
     {
         let backup = rusqlite::backup::Backup::new(&src, &mut dst)
             .context("starting SQLite's online backup")?;
-        // Pages in steps, so writers are not locked out for long; the
-        // backup restarts itself if a writer changes the database.
-        backup
-            .run_to_completion(256, Duration::from_millis(1), None)
-            .with_context(|| format!("SQLite's online backup of {} failed", db.display()))?;
+        // All pages in one step, inside one read transaction: a consistent
+        // snapshot that always finishes. (Copying in small steps lets
+        // writers in between, but SQLite restarts the copy after every
+        // write from another connection, so a database committing every
+        // few milliseconds, copied by a slow machine, is never done.) In
+        // WAL mode writers go on meanwhile; otherwise they wait for the
+        // copy (their busy timeout).
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match backup
+                .step(-1)
+                .with_context(|| format!("SQLite's online backup of {} failed", db.display()))?
+            {
+                rusqlite::backup::StepResult::Done => break,
+                _ if std::time::Instant::now() >= deadline => bail!(
+                    "SQLite's online backup of {} could not get a read lock within 60 s (a writer holds the database); try again when it is quieter",
+                    db.display()
+                ),
+                _ => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
     }
     drop(dst);
     Ok((dir, out))
