@@ -563,8 +563,22 @@ pub fn block_stream(rig: &Arc<dyn Rig>, up: u64, down: u64) {
         started.elapsed()
     );
     assert!(s1.slots_read + 4 >= s0.slots_written);
-    assert_eq!(s0.bad_slots + s1.bad_slots, 0);
-    assert_eq!(s0.bad_producer_blocks + s1.bad_producer_blocks, 0);
+    // A block read while its owner rewrites it fails its CRC and is read
+    // again next poll. Where reads are whole (the model) that never
+    // happens; on a real array it may, now and then, never as a pattern.
+    let bad = s0.bad_slots + s1.bad_slots + s0.bad_producer_blocks + s1.bad_producer_blocks;
+    if rig.whole_block_reads() {
+        assert_eq!(
+            bad, 0,
+            "bad slots or producer blocks with whole-block reads"
+        );
+    } else {
+        let written = s0.slots_written + s1.slots_written;
+        assert!(
+            bad <= 1 + written / 20,
+            "{bad} bad slots or producer blocks for {written} slots written: more than torn reads explain"
+        );
+    }
 }
 
 /// A vendor mailbox for `host` over every STG member.

@@ -35,6 +35,12 @@ pub trait Rig: Send + Sync + 'static {
     fn member(&self, host: usize, member: usize) -> io::Result<Box<dyn Transport>>;
     /// A path from `host` to the plain shared LUN, for block mode.
     fn plain(&self, host: usize) -> io::Result<Box<dyn Transport>>;
+    /// Whether a READ that races a WRITE of the same block always sees the
+    /// block whole. SCSI does not promise it (nothing is atomic beyond one
+    /// command, and not even that against a concurrent READ): LIO's
+    /// ramdisk copies without a lock, so a reader can see half of a block
+    /// being rewritten. The in-process model executes each command whole.
+    fn whole_block_reads(&self) -> bool;
 }
 
 /// A [`PathSource`] for `host` over the STG members in `order`: each call
@@ -151,6 +157,9 @@ impl Rig for InProcRig {
     fn plain(&self, host: usize) -> io::Result<Box<dyn Transport>> {
         Ok(Box::new(self.host(host)?.open(PLAIN_LUN)?))
     }
+    fn whole_block_reads(&self) -> bool {
+        true
+    }
 }
 
 /// A rig whose every path is a handle onto one engine thread per (host,
@@ -206,6 +215,9 @@ impl Rig for SharedRig {
     }
     fn plain(&self, host: usize) -> io::Result<Box<dyn Transport>> {
         self.handle((host, None), || self.inner.plain(host))
+    }
+    fn whole_block_reads(&self) -> bool {
+        self.inner.whole_block_reads()
     }
 }
 
@@ -387,5 +399,8 @@ impl Rig for LioRig {
     }
     fn plain(&self, host: usize) -> io::Result<Box<dyn Transport>> {
         Self::open(&self.plain_path(host)?)
+    }
+    fn whole_block_reads(&self) -> bool {
+        false
     }
 }
