@@ -500,7 +500,7 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
     );
     let mut paths = Vec::new();
     let (kc, ks) = keys()?;
-    let (m, transport) = match args.mode {
+    let ((server_src, client_src, config, port), transport) = match args.mode {
         MailboxMode::Vendor => {
             for host in [0, 1] {
                 for m in 0..members {
@@ -522,21 +522,8 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
                     Ok(Box::new(VendorMailbox::new(paths)?))
                 })
             };
-            let config = Config::default();
-            let mut listener = StpListener::bind(source(0), None, ks, config.clone())
-                .context("host 0: binding a listening port")?;
-            let port = listener.local_port();
-            let client_src = source(1);
-            let m = measure(
-                net,
-                label,
-                move || listener.accept(PATIENCE).context("host 0: accepting"),
-                || {
-                    StpStream::connect(client_src, port, kc, config, PATIENCE)
-                        .context("host 1: connecting")
-                },
-            )?;
-            (m, format!("stp vendor, {what}"))
+            let sides = (source(0), source(1), Config::default(), None);
+            (sides, format!("stp vendor, {what}"))
         }
         MailboxMode::Block => {
             let mut admin = vec![opener(0, None)?];
@@ -566,21 +553,20 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
                 ..Config::default()
             };
             let port = host_port(0, 1005).ok_or_else(|| anyhow!("no port 1005 for host 0"))?;
-            let mut listener = StpListener::bind(source(&h0), Some(port), ks, config.clone())
-                .context("host 0: binding a listening port")?;
-            let client_src = source(&h1);
-            let m = measure(
-                net,
-                label,
-                move || listener.accept(PATIENCE).context("host 0: accepting"),
-                || {
-                    StpStream::connect(client_src, port, kc, config, PATIENCE)
-                        .context("host 1: connecting")
-                },
-            )?;
-            (m, format!("stp block, {what}"))
+            let sides = (source(&h0), source(&h1), config, Some(port));
+            (sides, format!("stp block, {what}"))
         }
     };
+    // Host 0 listens (on `port`, or a dynamic one), host 1 connects.
+    let mut listener = StpListener::bind(server_src, port, ks, config.clone())
+        .context("host 0: binding a listening port")?;
+    let port = listener.local_port();
+    let m = measure(
+        net,
+        label,
+        move || listener.accept(PATIENCE).context("host 0: accepting"),
+        || StpStream::connect(client_src, port, kc, config, PATIENCE).context("host 1: connecting"),
+    )?;
     if !net.out.silent() {
         for p in &paths {
             eprintln!("path {p}");
