@@ -63,13 +63,7 @@ pub trait Mailbox: Send {
     /// may then take them in any order; connections reorder by sequence
     /// number). Every buffer is attempted; the first error is returned.
     fn send_bufs(&mut self, binding: &Binding, bufs: &mut [IoBuf]) -> Result<(), MailboxError> {
-        let mut first = Ok(());
-        for buf in bufs {
-            if let Err(e) = self.send_buf(binding, buf) {
-                first = first.and(Err(e));
-            }
-        }
-        first
+        send_each(bufs, |buf| self.send_buf(binding, buf))
     }
     /// How many RECEIVEs on one binding are worth keeping in flight at once
     /// (a stream runs this many receive pumps).
@@ -276,13 +270,7 @@ impl VendorMailbox {
     pub fn send_bufs(&mut self, binding: &Binding, bufs: &mut [IoBuf]) -> Result<(), MailboxError> {
         let n = self.paths.len();
         if n == 1 || bufs.len() <= 1 {
-            let mut first = Ok(());
-            for buf in bufs {
-                if let Err(e) = self.send_buf(binding, buf) {
-                    first = first.and(Err(e));
-                }
-            }
-            return first;
+            return send_each(bufs, |buf| self.send_buf(binding, buf));
         }
         let mut first = Ok(());
         for wave in bufs.chunks_mut(n) {
@@ -393,6 +381,21 @@ impl VendorMailbox {
             std::thread::sleep(SEND_BACKOFF * attempt.min(10));
         }
     }
+}
+
+/// Sends every buffer with `send`, one after another, even past a failure;
+/// the first error is returned.
+fn send_each(
+    bufs: &mut [IoBuf],
+    mut send: impl FnMut(&mut IoBuf) -> Result<(), MailboxError>,
+) -> Result<(), MailboxError> {
+    let mut first = Ok(());
+    for buf in bufs {
+        if let Err(e) = send(buf) {
+            first = first.and(Err(e));
+        }
+    }
+    first
 }
 
 /// Conditions a retry of the same command may clear.
