@@ -28,6 +28,7 @@ pub mod cdb;
 pub mod discovery;
 pub mod inquiry;
 pub mod opcode;
+pub mod pool;
 pub mod sense;
 pub mod sg;
 pub mod shared;

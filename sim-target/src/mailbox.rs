@@ -1672,7 +1672,7 @@ mod tests {
         assert_eq!(
             info,
             StgInfo {
-                version: 1,
+                version: 2,
                 member_index: 1,
                 stg_id: 7,
                 max_payload: MAX_PAYLOAD,

@@ -11,7 +11,7 @@
 //!    [`Role`] and the optional pre-shared key, and gets the same
 //!    [`FrameKey`]:
 //!    `HKDF-SHA256(salt = nonce_client ‖ nonce_server,
-//!    ikm = X25519 shared secret ‖ PSK, info = "stp v1 frame key")`.
+//!    ikm = X25519 shared secret ‖ PSK, info = "stp v2 frame key")`.
 //!
 //! [`crate::frame`] seals and opens frames with the resulting key.
 //!
@@ -27,7 +27,7 @@ use sha2::Sha256;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 /// The HKDF `info` string for the frame key.
-const INFO: &[u8] = b"stp v1 frame key";
+const INFO: &[u8] = b"stp v2 frame key";
 
 /// Bytes in an X25519 public key.
 pub const PUBLIC_KEY_LEN: usize = 32;
@@ -50,7 +50,7 @@ impl FrameKey {
 
     /// Derives the frame key (docs/PROTOCOL.md §7 step 2):
     /// `HKDF-SHA256(salt = nonce_client ‖ nonce_server,
-    /// ikm = shared_secret ‖ psk, info = "stp v1 frame key")`.
+    /// ikm = shared_secret ‖ psk, info = "stp v2 frame key")`.
     /// No PSK and an empty PSK give the same key.
     pub fn derive(
         shared_secret: &[u8; 32],
@@ -73,9 +73,16 @@ impl FrameKey {
         FrameKey(okm)
     }
 
-    /// The key bytes, for [`crate::frame`]'s MAC.
-    pub(crate) fn bytes(&self) -> &[u8; 32] {
-        &self.0
+    /// `HKDF-Expand(PRK = this key, info)`, 32 bytes: a connection's
+    /// own key ([`crate::frame::Cipher::new`]). The session key is already
+    /// uniformly random, so it serves as the pseudorandom key directly.
+    pub(crate) fn expand(&self, info: &[u8]) -> [u8; 32] {
+        let hkdf = hkdf::Hkdf::<Sha256>::from_prk(&self.0)
+            .expect("a 32-byte PRK is long enough for HKDF-SHA256");
+        let mut okm = [0u8; 32];
+        hkdf.expand(info, &mut okm)
+            .expect("HKDF-SHA256 expands to 32 bytes (limit is 255 * 32)");
+        okm
     }
 }
 
@@ -324,7 +331,7 @@ mod tests {
         ikm.extend_from_slice(psk);
         let mut want = [0u8; 32];
         Hkdf::<Sha256>::new(Some(&salt), &ikm)
-            .expand(b"stp v1 frame key", &mut want)
+            .expand(b"stp v2 frame key", &mut want)
             .unwrap();
         assert_eq!(FrameKey::derive(&shared, Some(psk), &nc, &ns).0, want);
         assert_ne!(FrameKey::derive(&shared, Some(psk), &ns, &nc).0, want);

@@ -1,36 +1,106 @@
-//! Sealing and opening frames (docs/PROTOCOL.md §2 and §7).
+//! Sealing and opening frames (docs/PROTOCOL.md §2 and §7), protocol v2.
 //!
-//! [`seal`] fills in a header's `payload_len`, authentication tag and CRC32C
-//! for a payload given as borrowed slices (scatter-gather); [`open`] checks a
-//! received frame in the order the spec prescribes (structure, CRC32C, then
-//! the tag, compared in constant time) and hands back the header and a
-//! borrowed payload. Both walk the payload slices in place: a payload is
-//! never copied or concatenated to compute the CRC or the tag, so the only
-//! copy on the way out is the one the transport makes. [`pack`] and
-//! [`pack_into`] lay sealed [`OutFrame`]s out in one contiguous buffer for
-//! transports that need that today.
+//! Each payload byte gets **one** protection pass on each side, done in
+//! place in the buffer the device reads or wrote by DMA:
 //!
-//! The checks:
+//! * [`Protection::Encrypt`] (the default): AES-256-GCM. The payload is
+//!   encrypted in place; the header's first [`AAD_LEN`] bytes are the
+//!   associated data; the 16-byte GCM tag goes in the header.
+//! * [`Protection::Authenticate`] (for users who want the payload readable
+//!   on the SAN): keyed BLAKE3 over a direction byte, the same header bytes
+//!   and the payload in the clear, truncated to 16 bytes.
 //!
-//! * `tag = BLAKE3-keyed(K, header with crc32c and tag zeroed ‖ payload)`,
-//!   truncated to its first 16 bytes, computed first;
-//! * `crc32c = CRC32C(header with crc32c zeroed and the tag set ‖ payload)`.
+//! Either way a CRC32C covers the header only (bytes 0–59): it catches a
+//! torn or corrupted header cheaply, before any key is used, and says which
+//! frames the array damaged; the payload's integrity is the tag's job.
 //!
-//! Both cover every header byte, `reserved` and unknown flag bits included,
-//! as they appear on the wire.
+//! Keys and nonces: a [`Cipher`] holds one connection's key,
+//! `HKDF-Expand(K, "stp v2 frames" ‖ mode ‖ conn_id)` from the session's
+//! [`FrameKey`] `K`, so connections accepted under one session key never
+//! share a key. The GCM nonce is `direction (4 bytes) ‖ pn (8 bytes)`:
+//! the [`Direction`] is implied by the receiver's role (never read from the
+//! wire, so a frame reflected back to its sender fails), and `pn`, the
+//! header's packet number, is unique per sealed frame of one direction (the
+//! connection hands out each number once). A retransmission re-sends the
+//! sealed bytes unchanged; nothing is ever sealed twice under one nonce.
 //!
-//! No-panic contract: [`open`] accepts any bytes and any key, and [`seal`],
-//! [`pack`], [`pack_into`] and [`packed_len`] accept any headers and payload
-//! slices; failures are [`FrameError`]s.
+//! No-panic contract: [`Cipher::open`] accepts any bytes, and
+//! [`Cipher::seal`] any header and buffer; failures are [`FrameError`]s.
 
 use std::fmt;
 
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
+
 use crate::auth::FrameKey;
+use crate::counters::bump;
 use crate::wire::{
-    Header, WireError, ALIGN, CRC_RANGE, HEADER_LEN, MAX_PAYLOAD, TAG_LEN, TAG_RANGE,
+    Flags, Header, WireError, AAD_LEN, ALIGN, CRC_RANGE, HEADER_LEN, MAX_PAYLOAD, TAG_LEN,
+    TAG_RANGE,
 };
 
-/// Why a frame could not be sealed, opened or packed.
+/// How a connection protects its frames (both sides must agree; the mode
+/// is part of the key, so a mismatch fails every tag).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Protection {
+    /// AES-256-GCM: the payload is encrypted and authenticated.
+    #[default]
+    Encrypt,
+    /// Keyed BLAKE3: the payload travels in the clear, authenticated.
+    Authenticate,
+}
+
+impl Protection {
+    /// The name used in configuration files, bench output and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protection::Encrypt => "aes-256-gcm",
+            Protection::Authenticate => "blake3-auth",
+        }
+    }
+
+    /// Parses [`Protection::name`] (also `encrypt` and `authenticate`).
+    pub fn parse(s: &str) -> Option<Protection> {
+        match s {
+            "aes-256-gcm" | "encrypt" => Some(Protection::Encrypt),
+            "blake3-auth" | "authenticate" => Some(Protection::Authenticate),
+            _ => None,
+        }
+    }
+
+    fn mode_byte(self) -> u8 {
+        match self {
+            Protection::Encrypt => 1,
+            Protection::Authenticate => 2,
+        }
+    }
+}
+
+impl fmt::Display for Protection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Which way a frame travels: from the side that sent the SYN (the client)
+/// or from the side that accepted it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Sent by the connecting side.
+    ClientToServer,
+    /// Sent by the accepting side.
+    ServerToClient,
+}
+
+impl Direction {
+    fn byte(self) -> u8 {
+        match self {
+            Direction::ClientToServer => 0,
+            Direction::ServerToClient => 1,
+        }
+    }
+}
+
+/// Why a frame could not be sealed or opened.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum FrameError {
@@ -38,129 +108,296 @@ pub enum FrameError {
     /// version, payload over the maximum or past the end of the buffer).
     #[error("malformed frame: {0}")]
     Wire(#[from] WireError),
-    /// The CRC32C does not match the contents: the frame was corrupted or
-    /// torn on its way through the array.
+    /// The header's CRC32C does not match: the header was corrupted or torn
+    /// on its way through the array.
     #[error(
-        "frame CRC32C mismatch: frame carries 0x{expected:08x}, contents compute to 0x{got:08x}"
+        "frame header CRC32C mismatch: frame carries 0x{expected:08x}, header computes to \
+         0x{got:08x}"
     )]
     BadCrc {
         /// The CRC32C the frame carries.
         expected: u32,
-        /// The CRC32C computed over the frame as received.
+        /// The CRC32C computed over the header as received.
         got: u32,
     },
+    /// The frame says it is protected another way than this connection is
+    /// (one side encrypts, the other only authenticates).
+    #[error(
+        "frame protection mismatch: the frame is {got}, this connection uses {ours}; \
+         configure both sides with the same protection"
+    )]
+    WrongProtection {
+        /// The connection's protection.
+        ours: Protection,
+        /// What the frame's flags say.
+        got: Protection,
+    },
     /// The authentication tag does not verify under this connection's key:
-    /// the frame was forged, altered by someone who recomputed the CRC, or
-    /// belongs to another connection.
+    /// the frame was forged, altered, reflected, or belongs to another
+    /// connection.
     #[error("frame authentication tag does not verify (forged, altered, or another connection's)")]
     BadTag,
-    /// The payload slices hold more than [`MAX_PAYLOAD`] bytes.
+    /// A payload larger than [`MAX_PAYLOAD`].
     #[error("frame payload of {0} bytes exceeds the {MAX_PAYLOAD}-byte maximum")]
     PayloadTooLarge(usize),
-    /// An [`OutFrame`]'s `header.payload_len` is not the total length of its
-    /// payload slices (it was not sealed over them).
-    #[error("frame header says payload_len {header} but its payload slices hold {slices} bytes")]
-    LengthMismatch {
-        /// `payload_len` in the header.
-        header: u32,
-        /// Total bytes in the payload slices.
-        slices: usize,
-    },
-    /// The output buffer given to [`pack_into`] cannot hold the frames.
-    #[error("packed frames need {needed} bytes but the buffer holds {available}")]
+    /// The buffer given to seal cannot hold the header and payload.
+    #[error("sealing needs {needed} bytes but the buffer holds {available}")]
     BufferTooSmall {
-        /// Bytes [`packed_len`] requires.
+        /// Bytes needed.
         needed: usize,
         /// Bytes in the buffer.
         available: usize,
     },
 }
 
-/// A frame on the way out: a header plus its payload as borrowed slices
-/// (scatter-gather), never concatenated before it is packed into the
-/// transport's buffer ([`pack_into`]).
-///
-/// `header.payload_len` must equal the total length of `payload`, and the
-/// header must have been sealed over exactly these slices; use
-/// [`OutFrame::sealed`] to build one.
-#[derive(Clone, Copy)]
-pub struct OutFrame<'a> {
-    /// The sealed header (CRC32C and tag set).
-    pub header: Header,
-    /// The payload, in order.
-    pub payload: &'a [&'a [u8]],
+/// One connection's frame key, ready to seal and open (see the module docs).
+pub struct Cipher {
+    protection: Protection,
+    /// AES-256-GCM key ([`Protection::Encrypt`]).
+    aead: Option<LessSafeKey>,
+    /// Keyed-BLAKE3 key ([`Protection::Authenticate`]).
+    mac: [u8; 32],
 }
 
-impl<'a> OutFrame<'a> {
-    /// Seals `header` over `payload` (see [`seal`]) and pairs them.
-    pub fn sealed(
-        mut header: Header,
-        payload: &'a [&'a [u8]],
-        key: &FrameKey,
-    ) -> Result<OutFrame<'a>, FrameError> {
-        seal(&mut header, payload, key)?;
-        Ok(OutFrame { header, payload })
+impl fmt::Debug for Cipher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cipher")
+            .field("protection", &self.protection)
+            .finish_non_exhaustive()
     }
+}
 
-    /// Total bytes in the payload slices.
-    pub fn payload_len(&self) -> usize {
-        total_len(self.payload)
-    }
+/// The HKDF `info` prefix of a connection key.
+const CONN_INFO: &[u8] = b"stp v2 frames";
 
-    /// The header's wire bytes: the first element of the frame's iovec.
-    pub fn header_bytes(&self) -> [u8; HEADER_LEN] {
-        self.header.to_bytes()
-    }
-
-    /// Checks that `header.payload_len` matches the payload slices and the
-    /// protocol maximum.
-    pub fn check(&self) -> Result<(), FrameError> {
-        let slices = self.payload_len();
-        if slices > MAX_PAYLOAD as usize {
-            return Err(FrameError::PayloadTooLarge(slices));
+impl Cipher {
+    /// The key of connection `conn_id` under the session key `key`.
+    pub fn new(key: &FrameKey, conn_id: u64, protection: Protection) -> Cipher {
+        let mut info = [0u8; CONN_INFO.len() + 9];
+        info[..CONN_INFO.len()].copy_from_slice(CONN_INFO);
+        info[CONN_INFO.len()] = protection.mode_byte();
+        info[CONN_INFO.len() + 1..].copy_from_slice(&conn_id.to_be_bytes());
+        let okm = key.expand(&info);
+        let aead = match protection {
+            Protection::Encrypt => Some(LessSafeKey::new(
+                UnboundKey::new(&AES_256_GCM, &okm).expect("AES-256 takes a 32-byte key"),
+            )),
+            Protection::Authenticate => None,
+        };
+        Cipher {
+            protection,
+            aead,
+            mac: okm,
         }
-        if slices != self.header.payload_len as usize {
-            return Err(FrameError::LengthMismatch {
-                header: self.header.payload_len,
-                slices,
+    }
+
+    /// How this cipher protects frames.
+    pub fn protection(&self) -> Protection {
+        self.protection
+    }
+
+    /// Seals a frame in place. `frame` holds the header's room
+    /// ([`HEADER_LEN`] bytes, any contents) followed by
+    /// `header.payload_len` payload bytes in the clear; the header is
+    /// written (with the [`Flags::ENCRYPTED`] bit set to the protection),
+    /// the payload encrypted in place or tagged, and the tag and CRC32C
+    /// stored. Bytes of `frame` after the payload, up to the frame's span,
+    /// are zeroed (padding); bytes beyond the span are left alone. Returns
+    /// the span. `header` is updated to what was written.
+    ///
+    /// `header.pn` must never have been sealed before in this direction
+    /// under this cipher (the connection hands out packet numbers).
+    pub fn seal(
+        &self,
+        dir: Direction,
+        header: &mut Header,
+        frame: &mut [u8],
+    ) -> Result<usize, FrameError> {
+        let len = header.payload_len as usize;
+        if header.payload_len > MAX_PAYLOAD {
+            return Err(FrameError::PayloadTooLarge(len));
+        }
+        let end = HEADER_LEN + len;
+        if frame.len() < end {
+            return Err(FrameError::BufferTooSmall {
+                needed: end,
+                available: frame.len(),
             });
         }
-        Ok(())
+        header.flags = match self.protection {
+            Protection::Encrypt => header.flags | Flags::ENCRYPTED,
+            Protection::Authenticate => Flags(header.flags.0 & !Flags::ENCRYPTED.0),
+        };
+        header.crc32c = 0;
+        header.tag = [0; TAG_LEN];
+        let (head, rest) = frame.split_at_mut(HEADER_LEN);
+        head.copy_from_slice(&header.to_bytes());
+        let payload = &mut rest[..len];
+        let tag = match &self.aead {
+            Some(key) => {
+                let nonce = nonce(dir, header.pn);
+                let tag = key
+                    .seal_in_place_separate_tag(nonce, Aad::from(&head[..AAD_LEN]), payload)
+                    .map_err(|_| FrameError::PayloadTooLarge(len))?;
+                let mut t = [0u8; TAG_LEN];
+                t.copy_from_slice(tag.as_ref());
+                t
+            }
+            None => self.mac_tag(dir, &head[..AAD_LEN], payload),
+        };
+        bump!(send_protect_bytes, len);
+        let crc = crc32c::crc32c(&head[..AAD_LEN]);
+        head[CRC_RANGE].copy_from_slice(&crc.to_be_bytes());
+        head[TAG_RANGE].copy_from_slice(&tag);
+        header.crc32c = crc;
+        header.tag = tag;
+        let span = end.next_multiple_of(ALIGN);
+        let pad_end = span.min(frame.len());
+        frame[end..pad_end].fill(0);
+        Ok(span)
+    }
+
+    /// Opens the frame at the start of `bytes` in place: checks structure
+    /// ([`Header::parse`], the whole payload present), the header's CRC32C,
+    /// the protection flag, then the tag (GCM decrypts the payload in
+    /// place; BLAKE3's tag is compared in constant time). On success the
+    /// payload, in the clear, is `bytes[HEADER_LEN..][..payload_len]`.
+    /// On a tag failure the payload bytes are unspecified.
+    pub fn open(&self, dir: Direction, bytes: &mut [u8]) -> Result<Header, FrameError> {
+        let header = Header::parse(bytes)?;
+        let len = header.payload_len as usize;
+        let available = bytes.len() - HEADER_LEN;
+        if len > available {
+            return Err(WireError::TruncatedPayload {
+                len: header.payload_len,
+                available,
+            }
+            .into());
+        }
+        let (head, rest) = bytes.split_at_mut(HEADER_LEN);
+        let got = crc32c::crc32c(&head[..AAD_LEN]);
+        if got != header.crc32c {
+            return Err(FrameError::BadCrc {
+                expected: header.crc32c,
+                got,
+            });
+        }
+        let flagged = if header.flags.contains(Flags::ENCRYPTED) {
+            Protection::Encrypt
+        } else {
+            Protection::Authenticate
+        };
+        if flagged != self.protection {
+            return Err(FrameError::WrongProtection {
+                ours: self.protection,
+                got: flagged,
+            });
+        }
+        let payload = &mut rest[..len];
+        match &self.aead {
+            Some(key) => {
+                key.open_in_place_separate_tag(
+                    nonce(dir, header.pn),
+                    Aad::from(&head[..AAD_LEN]),
+                    Tag::from(header.tag),
+                    payload,
+                    0..,
+                )
+                .map_err(|_| FrameError::BadTag)?;
+            }
+            None => {
+                if !tags_equal(&self.mac_tag(dir, &head[..AAD_LEN], payload), &header.tag) {
+                    return Err(FrameError::BadTag);
+                }
+            }
+        }
+        bump!(recv_protect_bytes, len);
+        Ok(header)
+    }
+
+    fn mac_tag(&self, dir: Direction, aad: &[u8], payload: &[u8]) -> [u8; TAG_LEN] {
+        let mut mac = blake3::Hasher::new_keyed(&self.mac);
+        mac.update(&[dir.byte()]);
+        mac.update(aad);
+        mac.update(payload);
+        let mut tag = [0u8; TAG_LEN];
+        mac.finalize_xof().fill(&mut tag);
+        tag
+    }
+
+    /// Seals a frame whose payload is given as slices into `out` (copying
+    /// them after the header), as [`Cipher::seal`]; returns the span. For
+    /// small control frames and tests: DATA is written into its DMA buffer
+    /// by the stream and sealed there.
+    pub fn seal_into(
+        &self,
+        dir: Direction,
+        header: &mut Header,
+        payload: &[&[u8]],
+        out: &mut [u8],
+    ) -> Result<usize, FrameError> {
+        let len = payload
+            .iter()
+            .fold(0usize, |n, s| n.saturating_add(s.len()));
+        if len > MAX_PAYLOAD as usize {
+            return Err(FrameError::PayloadTooLarge(len));
+        }
+        let needed = (HEADER_LEN + len).next_multiple_of(ALIGN);
+        if out.len() < needed {
+            return Err(FrameError::BufferTooSmall {
+                needed,
+                available: out.len(),
+            });
+        }
+        let mut at = HEADER_LEN;
+        for s in payload {
+            out[at..at + s.len()].copy_from_slice(s);
+            at += s.len();
+        }
+        header.payload_len = len as u32;
+        self.seal(dir, header, out)
+    }
+
+    /// A sealed frame as a new vector (span-padded): tests and tools.
+    pub fn seal_to_vec(
+        &self,
+        dir: Direction,
+        mut header: Header,
+        payload: &[&[u8]],
+    ) -> Result<Vec<u8>, FrameError> {
+        let len = payload
+            .iter()
+            .fold(0usize, |n, s| n.saturating_add(s.len()));
+        if len > MAX_PAYLOAD as usize {
+            return Err(FrameError::PayloadTooLarge(len));
+        }
+        let mut out = vec![0u8; (HEADER_LEN + len).next_multiple_of(ALIGN)];
+        self.seal_into(dir, &mut header, payload, &mut out)?;
+        Ok(out)
+    }
+
+    /// Opens a copy of the frame at the start of `bytes` (tests and tools):
+    /// the header and the payload in the clear.
+    pub fn open_to_vec(
+        &self,
+        dir: Direction,
+        bytes: &[u8],
+    ) -> Result<(Header, Vec<u8>), FrameError> {
+        let header = Header::parse(bytes)?;
+        let end = HEADER_LEN.saturating_add(header.payload_len as usize);
+        let mut copy = bytes.get(..end).unwrap_or(bytes).to_vec();
+        let header = self.open(dir, &mut copy)?;
+        copy.drain(..HEADER_LEN);
+        Ok((header, copy))
     }
 }
 
-impl fmt::Debug for OutFrame<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Payloads run to a megabyte: show their shape, not their bytes.
-        f.debug_struct("OutFrame")
-            .field("header", &self.header)
-            .field("slices", &self.payload.len())
-            .field("payload_bytes", &self.payload_len())
-            .finish()
-    }
-}
-
-/// Total length of `slices`, saturating (a sum that large is rejected anyway).
-fn total_len(slices: &[&[u8]]) -> usize {
-    slices.iter().fold(0usize, |n, s| n.saturating_add(s.len()))
-}
-
-/// BLAKE3 in keyed mode under the frame key (docs/PROTOCOL.md §7).
-fn keyed_mac(key: &FrameKey) -> blake3::Hasher {
-    blake3::Hasher::new_keyed(key.bytes())
-}
-
-/// The truncated tag over `header` (CRC and tag fields already zero) and the
-/// payload slices.
-fn compute_tag(key: &FrameKey, header: &[u8; HEADER_LEN], payload: &[&[u8]]) -> [u8; TAG_LEN] {
-    let mut mac = keyed_mac(key);
-    mac.update(header);
-    for slice in payload {
-        mac.update(slice);
-    }
-    let mut tag = [0u8; TAG_LEN];
-    mac.finalize_xof().fill(&mut tag);
-    tag
+/// The GCM nonce: direction, three zero bytes, packet number.
+fn nonce(dir: Direction, pn: u64) -> Nonce {
+    let mut n = [0u8; 12];
+    n[0] = dir.byte();
+    n[4..].copy_from_slice(&pn.to_be_bytes());
+    Nonce::assume_unique_for_key(n)
 }
 
 /// Compares two tags in constant time (no early exit on a mismatch).
@@ -169,165 +406,21 @@ fn tags_equal(a: &[u8; TAG_LEN], b: &[u8; TAG_LEN]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-/// CRC32C over `header` (CRC field already zero) and the payload slices,
-/// incrementally.
-fn compute_crc(header: &[u8; HEADER_LEN], payload: &[&[u8]]) -> u32 {
-    payload.iter().fold(crc32c::crc32c(header), |crc, s| {
-        crc32c::crc32c_append(crc, s)
-    })
-}
-
-/// Seals a frame: sets `header.payload_len` to the total length of
-/// `payload`, computes the tag (keyed BLAKE3 under `key`, truncated to 16
-/// bytes) and then the CRC32C, stores both in `header`, and returns the
-/// header's wire bytes. The payload is then sent as is, after these bytes.
-///
-/// The payload slices are read in place, never concatenated. On error
-/// (`PayloadTooLarge`) `header` is unchanged.
-pub fn seal(
-    header: &mut Header,
-    payload: &[&[u8]],
-    key: &FrameKey,
-) -> Result<[u8; HEADER_LEN], FrameError> {
-    let len = total_len(payload);
-    let Some(len32) = u32::try_from(len).ok().filter(|&n| n <= MAX_PAYLOAD) else {
-        return Err(FrameError::PayloadTooLarge(len));
-    };
-    header.payload_len = len32;
-    header.crc32c = 0;
-    header.tag = [0; TAG_LEN];
-    let mut bytes = header.to_bytes();
-    let tag = compute_tag(key, &bytes, payload);
-    bytes[TAG_RANGE].copy_from_slice(&tag);
-    let crc = compute_crc(&bytes, payload);
-    bytes[CRC_RANGE].copy_from_slice(&crc.to_be_bytes());
-    header.tag = tag;
-    header.crc32c = crc;
-    Ok(bytes)
-}
-
-/// Opens a received frame starting at `bytes[0]`: checks structure
-/// ([`Header::parse`] and that the whole payload is present), then the
-/// CRC32C ([`FrameError::BadCrc`]), then the tag under `key` in constant time
-/// ([`FrameError::BadTag`]). Returns the header and the payload, borrowed
-/// from `bytes`.
-///
-/// Bytes after the payload (padding, further frames) are ignored. The CRC
-/// and tag are checked over the header bytes exactly as received.
-pub fn open<'a>(bytes: &'a [u8], key: &FrameKey) -> Result<(Header, &'a [u8]), FrameError> {
-    let Some((head, rest)) = bytes.split_first_chunk::<HEADER_LEN>() else {
-        return Err(WireError::ShortHeader { got: bytes.len() }.into());
-    };
-    let header = Header::parse(head)?;
-    let Some(payload) = rest.get(..header.payload_len as usize) else {
-        return Err(WireError::TruncatedPayload {
-            len: header.payload_len,
-            available: rest.len(),
-        }
-        .into());
-    };
-
-    let mut work = *head;
-    work[CRC_RANGE].fill(0);
-    let got = compute_crc(&work, &[payload]);
-    if got != header.crc32c {
-        return Err(FrameError::BadCrc {
-            expected: header.crc32c,
-            got,
-        });
-    }
-
-    work[TAG_RANGE].fill(0);
-    if !tags_equal(&compute_tag(key, &work, &[payload]), &header.tag) {
-        return Err(FrameError::BadTag);
-    }
-    Ok((header, payload))
-}
-
-/// Bytes [`pack`] or [`pack_into`] writes for `frames`: the sum of each
-/// frame's span (header, payload, zero padding to the next 8-byte boundary;
-/// see [`Header::span`]), including the padding after the last frame.
-pub fn packed_len(frames: &[OutFrame<'_>]) -> usize {
-    frames
-        .iter()
-        .fold(0usize, |n, f| n.saturating_add(f.header.span()))
-}
-
-/// Checks every frame before anything is written.
-fn check_all(frames: &[OutFrame<'_>]) -> Result<(), FrameError> {
-    frames.iter().try_for_each(OutFrame::check)
-}
-
-/// Appends sealed `frames` to `out`, each at an 8-byte aligned offset from
-/// the start of `out` (`out` is first zero-padded to a multiple of 8), with
-/// zero padding after each payload: the layout of SEND data, RECEIVE buffers
-/// and block-mode slots (docs/PROTOCOL.md §2).
-///
-/// This copies the payloads once, into `out`, for transports that need one
-/// contiguous buffer today; the io_uring engine will instead pass each
-/// frame's [`OutFrame::header_bytes`] and payload slices as an iovec and
-/// copy nothing.
-///
-/// Fails, leaving `out` unchanged, if a frame's `payload_len` does not match
-/// its slices ([`FrameError::LengthMismatch`]) or exceeds the maximum.
-pub fn pack(frames: &[OutFrame<'_>], out: &mut Vec<u8>) -> Result<(), FrameError> {
-    check_all(frames)?;
-    let start = out.len().next_multiple_of(ALIGN);
-    out.reserve((start - out.len()).saturating_add(packed_len(frames)));
-    out.resize(start, 0);
-    for frame in frames {
-        let end = out.len().saturating_add(frame.header.span());
-        out.extend_from_slice(&frame.header_bytes());
-        for slice in frame.payload {
-            out.extend_from_slice(slice);
-        }
-        out.resize(end, 0);
-    }
-    Ok(())
-}
-
-/// Writes sealed `frames` at the start of `out`, laid out as by [`pack`],
-/// and returns the bytes written ([`packed_len`]). Bytes of `out` beyond
-/// that are left alone.
-///
-/// Like [`pack`], this copies payloads for transports that need one buffer;
-/// the io_uring engine will pass header and payload slices as an iovec.
-///
-/// Fails, leaving `out` unchanged, on a frame [`pack`] would reject or if
-/// `out` is too small ([`FrameError::BufferTooSmall`]).
-pub fn pack_into(frames: &[OutFrame<'_>], out: &mut [u8]) -> Result<usize, FrameError> {
-    check_all(frames)?;
-    let needed = packed_len(frames);
-    let Some(mut rest) = out.get_mut(..needed) else {
-        return Err(FrameError::BufferTooSmall {
-            needed,
-            available: out.len(),
-        });
-    };
-    for frame in frames {
-        // `check_all` and `needed` guarantee each piece fits.
-        let (span, tail) = rest.split_at_mut(frame.header.span());
-        let (head, body) = span.split_at_mut(HEADER_LEN);
-        head.copy_from_slice(&frame.header_bytes());
-        let mut at = 0;
-        for slice in frame.payload {
-            body[at..at + slice.len()].copy_from_slice(slice);
-            at += slice.len();
-        }
-        body[at..].fill(0);
-        rest = tail;
-    }
-    Ok(needed)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{Flags, Frames, Kind};
+    use crate::wire::{Frames, Kind};
     use proptest::prelude::*;
+
+    const C2S: Direction = Direction::ClientToServer;
+    const S2C: Direction = Direction::ServerToClient;
 
     fn key(b: u8) -> FrameKey {
         FrameKey::from_bytes([b; 32])
+    }
+
+    fn cipher(b: u8, p: Protection) -> Cipher {
+        Cipher::new(&key(b), 0x0102_0304_0506_0708, p)
     }
 
     fn sample() -> Header {
@@ -340,372 +433,247 @@ mod tests {
             seq: 9,
             ack: 4,
             credit: 64,
+            pn: 42,
             ..Header::default()
         }
     }
 
-    /// A sealed frame's wire bytes, header then payload.
-    fn sealed(mut h: Header, payload: &[&[u8]], k: &FrameKey) -> Vec<u8> {
-        let mut out = seal(&mut h, payload, k).unwrap().to_vec();
-        for s in payload {
-            out.extend_from_slice(s);
-        }
-        out
-    }
-
-    /// Rewrites the CRC so that it matches the (tampered) contents, as a
-    /// forger who knows CRC32C but not the key would.
+    /// Rewrites the header CRC to match a tampered header, as a forger who
+    /// knows CRC32C but not the key would.
     fn fix_crc(frame: &mut [u8]) {
-        frame[CRC_RANGE].fill(0);
-        let crc = crc32c::crc32c(frame);
+        let crc = crc32c::crc32c(&frame[..AAD_LEN]);
         frame[CRC_RANGE].copy_from_slice(&crc.to_be_bytes());
     }
 
     #[test]
     fn crc32c_is_castagnoli() {
         assert_eq!(crc32c::crc32c(b"123456789"), 0xE306_9283);
-        let split = crc32c::crc32c_append(crc32c::crc32c(b"1234"), b"56789");
-        assert_eq!(split, 0xE306_9283);
     }
 
-    #[test]
-    fn keyed_mac_is_blake3_keyed_with_the_32_byte_key() {
-        let k = FrameKey::from_bytes(core::array::from_fn(|i| i as u8));
-        let mut a = keyed_mac(&k);
-        a.update(b"stp");
-        assert_eq!(a.finalize(), blake3::keyed_hash(k.bytes(), b"stp"));
-    }
-
-    #[test]
-    fn tags_compare_every_byte() {
-        let a = [7u8; TAG_LEN];
-        for i in 0..TAG_LEN {
-            let mut b = a;
-            b[i] ^= 0x80;
-            assert!(!tags_equal(&a, &b), "byte {i}");
-        }
-        assert!(tags_equal(&a, &a));
-    }
-
-    /// Pinned bytes, computed independently (Python's `blake3` package and
-    /// a bitwise CRC32C) from the formulas of docs/PROTOCOL.md §7.
+    /// Pinned bytes, computed independently from the formulas of
+    /// docs/PROTOCOL.md §7 by `stp-core/vectors/frame_v2_kat.py` (Python's
+    /// `cryptography` AESGCM and `blake3` packages, HKDF from `hmac`).
     #[test]
     fn known_answer() {
         let k = FrameKey::from_bytes(core::array::from_fn(|i| i as u8));
-        let mut h = sample();
-        let bytes = seal(&mut h, &[b"hello, ", b"stp"], &k).unwrap();
-        assert_eq!(h.payload_len, 10);
-        assert_eq!(h.crc32c, KAT_CRC);
-        assert_eq!(h.tag, KAT_TAG);
-        assert_eq!(&bytes[CRC_RANGE], &KAT_CRC.to_be_bytes());
-        assert_eq!(&bytes[TAG_RANGE], &KAT_TAG);
+        let enc = Cipher::new(&k, 0x0102_0304_0506_0708, Protection::Encrypt);
+        let frame = enc
+            .seal_to_vec(C2S, sample(), &[b"hello, ", b"stp"])
+            .unwrap();
+        assert_eq!(hex(&frame[..HEADER_LEN]), KAT_ENC_HEADER);
+        assert_eq!(hex(&frame[HEADER_LEN..HEADER_LEN + 10]), KAT_ENC_PAYLOAD);
+        let auth = Cipher::new(&k, 0x0102_0304_0506_0708, Protection::Authenticate);
+        let frame = auth.seal_to_vec(S2C, sample(), &[b"hello, stp"]).unwrap();
+        assert_eq!(hex(&frame[..HEADER_LEN]), KAT_AUTH_HEADER);
+        assert_eq!(&frame[HEADER_LEN..HEADER_LEN + 10], b"hello, stp");
     }
 
-    const KAT_CRC: u32 = 0x7D18_43AD;
-    const KAT_TAG: [u8; 16] = [
-        0xab, 0x56, 0x23, 0x1b, 0x31, 0x53, 0xa7, 0x37, 0xbf, 0xb8, 0x5d, 0x10, 0x45, 0xe9, 0xde,
-        0xb3,
-    ];
-
-    #[test]
-    fn matches_the_spec_formulas() {
-        let k = key(3);
-        let payload: &[&[u8]] = &[b"abc", b"", b"defgh"];
-        let mut h = sample();
-        let bytes = seal(&mut h, payload, &k).unwrap();
-        let body = b"abcdefgh";
-        let mut zeroed = bytes;
-        zeroed[CRC_RANGE].fill(0);
-        zeroed[TAG_RANGE].fill(0);
-        let full = blake3::keyed_hash(k.bytes(), &[&zeroed[..], body].concat());
-        assert_eq!(&h.tag[..], &full.as_bytes()[..16]);
-        let mut crc_in = bytes;
-        crc_in[CRC_RANGE].fill(0);
-        assert_eq!(h.crc32c, crc32c::crc32c(&[&crc_in[..], body].concat()));
-        assert_eq!(bytes, h.to_bytes());
-        assert_eq!(h.payload_len, 8);
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
     }
 
+    const KAT_ENC_HEADER: &str = "535450460204000500008000000013ed0102030405060708000000000000\
+        00090000000000000004000000400000000a000000000000002a00000000e4f237d4b8e94c5b0fd312758bb1bcda\
+        c5fbc9ce";
+    const KAT_ENC_PAYLOAD: &str = "c7dbc42a84b6ba6bd8bd";
+    const KAT_AUTH_HEADER: &str = "535450460204000100008000000013ed0102030405060708000000000000\
+        00090000000000000004000000400000000a000000000000002a00000000cef1616f1fc5be3e9a7379e7cc1625bd\
+        c0d9e1d0";
+
     #[test]
-    fn split_payload_seals_like_one_slice() {
-        let k = key(1);
-        let data: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
-        let (mut one, mut many) = (sample(), sample());
-        let a = seal(&mut one, &[&data], &k).unwrap();
-        let b = seal(
-            &mut many,
-            &[&data[..1], &data[1..400], &[], &data[400..]],
-            &k,
-        )
-        .unwrap();
-        assert_eq!(a, b);
-        assert_eq!(one, many);
-        let frame = sealed(sample(), &[&data[..7], &data[7..]], &k);
-        let (h, p) = open(&frame, &k).unwrap();
-        assert_eq!(h, one);
-        assert_eq!(p, &data[..]);
+    fn round_trip_both_protections_and_the_payload_is_hidden_only_when_encrypted() {
+        for p in [Protection::Encrypt, Protection::Authenticate] {
+            let c = cipher(1, p);
+            let data: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+            let mut frame = c
+                .seal_to_vec(C2S, sample(), &[&data[..7], &data[7..]])
+                .unwrap();
+            assert_eq!(frame.len(), (HEADER_LEN + 1000).next_multiple_of(ALIGN));
+            let in_clear = frame[HEADER_LEN..HEADER_LEN + 1000] == data[..];
+            assert_eq!(in_clear, p == Protection::Authenticate, "{p:?}");
+            let h = c.open(C2S, &mut frame).unwrap();
+            assert_eq!(h.seq, 9);
+            assert_eq!(h.payload_len, 1000);
+            assert_eq!(h.flags.contains(Flags::ENCRYPTED), p == Protection::Encrypt);
+            assert_eq!(&frame[HEADER_LEN..HEADER_LEN + 1000], &data[..]);
+        }
     }
 
     #[test]
     fn empty_payload_and_trailing_bytes() {
-        let k = key(2);
+        let c = cipher(2, Protection::Encrypt);
         let mut h = sample();
         h.kind = Kind::ACK;
-        let mut frame = sealed(h, &[], &k);
+        let mut frame = c.seal_to_vec(S2C, h, &[]).unwrap();
         frame.extend_from_slice(&[0xFF; 20]); // padding or the next frame
-        let (got, p) = open(&frame, &k).unwrap();
+        let got = c.open(S2C, &mut frame).unwrap();
         assert_eq!(got.payload_len, 0);
-        assert!(p.is_empty());
     }
 
     #[test]
-    fn flipped_payload_bit_is_bad_crc() {
-        let k = key(1);
-        let mut frame = sealed(sample(), &[b"payload bytes"], &k);
-        frame[HEADER_LEN + 3] ^= 0x10;
-        assert!(matches!(open(&frame, &k), Err(FrameError::BadCrc { .. })));
-        let mut frame = sealed(sample(), &[b"payload bytes"], &k);
-        let carried = u32::from_be_bytes(frame[CRC_RANGE].try_into().unwrap());
-        frame[60] ^= 1; // in the tag: the CRC covers it too
-        match open(&frame, &k) {
-            Err(FrameError::BadCrc { expected, got }) => {
-                assert_eq!(expected, carried);
-                assert_ne!(got, carried);
-            }
-            other => panic!("{other:?}"),
+    fn padding_is_zeroed_and_bytes_past_the_span_kept() {
+        let c = cipher(2, Protection::Encrypt);
+        let mut buf = vec![0xEE; HEADER_LEN + 16];
+        buf[HEADER_LEN..HEADER_LEN + 3].copy_from_slice(b"abc");
+        let mut h = sample();
+        h.payload_len = 3;
+        let span = c.seal(C2S, &mut h, &mut buf).unwrap();
+        assert_eq!(span, HEADER_LEN + 8);
+        assert_eq!(&buf[HEADER_LEN + 3..span], &[0; 5]);
+        assert_eq!(&buf[span..], &[0xEE; 8]);
+    }
+
+    #[test]
+    fn corrupted_header_is_bad_crc_and_corrupted_payload_bad_tag() {
+        for p in [Protection::Encrypt, Protection::Authenticate] {
+            let c = cipher(1, p);
+            let frame = c.seal_to_vec(C2S, sample(), &[b"payload bytes"]).unwrap();
+            let mut f = frame.clone();
+            f[30] ^= 0x10;
+            assert!(matches!(
+                c.open(C2S, &mut f),
+                Err(FrameError::BadCrc { .. })
+            ));
+            let mut f = frame.clone();
+            f[HEADER_LEN + 3] ^= 0x10;
+            assert_eq!(c.open(C2S, &mut f), Err(FrameError::BadTag), "{p:?}");
+            let mut f = frame.clone();
+            f[TAG_RANGE.start] ^= 1; // the tag is not under the CRC
+            assert_eq!(c.open(C2S, &mut f), Err(FrameError::BadTag), "{p:?}");
         }
     }
 
     #[test]
     fn forger_with_crc_but_no_key_is_bad_tag() {
-        let k = key(1);
-        // A whole frame sealed under another key, CRC valid.
-        let forged = sealed(sample(), &[b"evil"], &key(2));
-        assert_eq!(open(&forged, &k), Err(FrameError::BadTag));
-        // A genuine frame with its payload altered and the CRC recomputed.
-        let mut frame = sealed(sample(), &[b"transfer 100"], &k);
-        frame[HEADER_LEN + 9] = b'9';
-        fix_crc(&mut frame);
-        assert_eq!(open(&frame, &k), Err(FrameError::BadTag));
-        // Kind, unknown flags, seq, credit and reserved are covered too.
-        for at in [5, 7, 31, 43, 53] {
-            let mut frame = sealed(sample(), &[b"x"], &k);
-            frame[at] ^= 0x40;
-            fix_crc(&mut frame);
-            assert_eq!(open(&frame, &k), Err(FrameError::BadTag), "byte {at}");
+        for p in [Protection::Encrypt, Protection::Authenticate] {
+            let c = cipher(1, p);
+            let forged = cipher(2, p).seal_to_vec(C2S, sample(), &[b"evil"]).unwrap();
+            assert_eq!(c.open(C2S, &mut forged.clone()), Err(FrameError::BadTag));
+            // Every header field before the CRC is covered by the tag.
+            for at in [5, 7, 11, 15, 23, 31, 39, 43, 51, 55, 59] {
+                let mut f = c.seal_to_vec(C2S, sample(), &[b"x"]).unwrap();
+                f[at] ^= 0x40;
+                fix_crc(&mut f);
+                let got = c.open(C2S, &mut f);
+                assert!(
+                    matches!(
+                        got,
+                        Err(FrameError::BadTag | FrameError::WrongProtection { .. })
+                    ),
+                    "{p:?} byte {at}: {got:?}"
+                );
+            }
         }
     }
 
     #[test]
-    fn replay_into_another_connection_fails() {
-        let (ka, kb) = (key(0xA), key(0xB));
-        let frame = sealed(sample(), &[b"for conn A"], &ka);
-        assert!(open(&frame, &ka).is_ok());
-        // Same bytes offered to connection B: different key.
-        assert_eq!(open(&frame, &kb), Err(FrameError::BadTag));
-        // conn_id rewritten to B's, CRC left alone: the CRC catches it.
-        let mut moved = frame.clone();
-        moved[16..24].copy_from_slice(&0xBBBB_u64.to_be_bytes());
-        assert!(matches!(open(&moved, &ka), Err(FrameError::BadCrc { .. })));
-        // ... and with the CRC fixed, the tag does, even under A's key.
-        fix_crc(&mut moved);
-        assert_eq!(open(&moved, &ka), Err(FrameError::BadTag));
-        assert_eq!(open(&moved, &kb), Err(FrameError::BadTag));
+    fn reflected_frames_and_other_connections_fail() {
+        let c = cipher(1, Protection::Encrypt);
+        let frame = c.seal_to_vec(C2S, sample(), &[b"to the server"]).unwrap();
+        // Sent back to its sender: the receiver expects the other direction.
+        assert_eq!(c.open(S2C, &mut frame.clone()), Err(FrameError::BadTag));
+        // Another connection under the same session key: another key.
+        let other = Cipher::new(&key(1), 0xBBBB, Protection::Encrypt);
+        assert_eq!(other.open(C2S, &mut frame.clone()), Err(FrameError::BadTag));
+        assert!(c.open(C2S, &mut frame.clone()).is_ok());
+    }
+
+    #[test]
+    fn protection_mismatch_is_named() {
+        let enc = cipher(1, Protection::Encrypt);
+        let auth = cipher(1, Protection::Authenticate);
+        let mut f = enc.seal_to_vec(C2S, sample(), &[b"x"]).unwrap();
+        assert_eq!(
+            auth.open(C2S, &mut f),
+            Err(FrameError::WrongProtection {
+                ours: Protection::Authenticate,
+                got: Protection::Encrypt
+            })
+        );
+        // Setting the flag by hand does not help: the mode is in the key.
+        let mut f = auth.seal_to_vec(C2S, sample(), &[b"x"]).unwrap();
+        f[7] |= Flags::ENCRYPTED.0 as u8;
+        fix_crc(&mut f);
+        assert_eq!(enc.open(C2S, &mut f), Err(FrameError::BadTag));
     }
 
     #[test]
     fn truncated_frames_are_wire_errors() {
-        let k = key(1);
-        let frame = sealed(sample(), &[b"0123456789"], &k);
+        let c = cipher(1, Protection::Encrypt);
+        let frame = c.seal_to_vec(C2S, sample(), &[b"0123456789"]).unwrap();
+        let mut cut = frame[..HEADER_LEN + 9].to_vec();
         assert_eq!(
-            open(&frame[..frame.len() - 1], &k),
+            c.open(C2S, &mut cut),
             Err(FrameError::Wire(WireError::TruncatedPayload {
                 len: 10,
                 available: 9
             }))
         );
         assert_eq!(
-            open(&frame[..40], &k),
+            c.open(C2S, &mut frame[..40].to_vec()),
             Err(FrameError::Wire(WireError::ShortHeader { got: 40 }))
         );
-        assert_eq!(
-            open(&[], &k),
-            Err(FrameError::Wire(WireError::ShortHeader { got: 0 }))
-        );
     }
 
     #[test]
-    fn oversized_payload_rejected_header_untouched() {
-        let big = vec![0u8; MAX_PAYLOAD as usize];
+    fn seal_rejects_what_does_not_fit() {
+        let c = cipher(1, Protection::Encrypt);
         let mut h = sample();
-        let before = h;
+        h.payload_len = 10;
+        let mut small = [0u8; HEADER_LEN + 9];
         assert_eq!(
-            seal(&mut h, &[&big, b"!"], &key(1)),
-            Err(FrameError::PayloadTooLarge(MAX_PAYLOAD as usize + 1))
-        );
-        assert_eq!(h, before);
-        // Exactly the maximum is fine.
-        let frame = sealed(sample(), &[&big[..10], &big[10..]], &key(1));
-        assert_eq!(open(&frame, &key(1)).unwrap().1.len(), MAX_PAYLOAD as usize);
-    }
-
-    #[test]
-    fn pack_lays_frames_out_aligned() {
-        let k = key(7);
-        let payloads: [&[&[u8]]; 4] = [&[b"hello"], &[], &[b"01234567"], &[b"ab", b"cdefghijklm"]];
-        let frames: Vec<OutFrame<'_>> = payloads
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let mut h = sample();
-                h.seq = i as u64;
-                OutFrame::sealed(h, p, &k).unwrap()
-            })
-            .collect();
-        let mut buf = vec![0xEE; 3]; // existing content: frames start at 8
-        pack(&frames, &mut buf).unwrap();
-        assert_eq!(buf.len(), 8 + packed_len(&frames));
-        assert_eq!(&buf[3..8], &[0; 5]);
-        let data = &buf[8..];
-        let found: Vec<_> = Frames::new(data).collect::<Result<_, _>>().unwrap();
-        assert_eq!(found.len(), 4);
-        for (loc, (frame, p)) in found.iter().zip(frames.iter().zip(payloads)) {
-            assert_eq!(loc.offset % ALIGN, 0);
-            let (h, payload) = open(loc.bytes(data), &k).unwrap();
-            assert_eq!(h, frame.header);
-            assert_eq!(payload, p.concat());
-            // Padding is zero.
-            let end = loc.offset + HEADER_LEN + payload.len();
-            assert!(data[end..loc.offset + h.span()].iter().all(|&b| b == 0));
-        }
-
-        // pack_into gives the same bytes, and leaves the rest alone.
-        let mut flat = vec![0xCC; packed_len(&frames) + 5];
-        assert_eq!(pack_into(&frames, &mut flat), Ok(packed_len(&frames)));
-        assert_eq!(&flat[..packed_len(&frames)], data);
-        assert_eq!(&flat[packed_len(&frames)..], &[0xCC; 5]);
-        let mut small = vec![0xCC; packed_len(&frames) - 1];
-        assert_eq!(
-            pack_into(&frames, &mut small),
+            c.seal(C2S, &mut h, &mut small),
             Err(FrameError::BufferTooSmall {
-                needed: packed_len(&frames),
-                available: small.len()
+                needed: HEADER_LEN + 10,
+                available: HEADER_LEN + 9
             })
         );
-        assert!(small.iter().all(|&b| b == 0xCC));
-        assert_eq!(pack_into(&[], &mut []), Ok(0));
+        h.payload_len = MAX_PAYLOAD + 1;
+        assert!(matches!(
+            c.seal(C2S, &mut h, &mut small),
+            Err(FrameError::PayloadTooLarge(_))
+        ));
     }
 
     #[test]
-    fn pack_rejects_unsealed_lengths() {
-        let k = key(7);
-        let good = OutFrame::sealed(sample(), &[b"abc"], &k).unwrap();
-        let mut bad = good;
-        bad.header.payload_len = 4;
-        let mut buf = vec![1, 2];
-        assert_eq!(
-            pack(&[good, bad], &mut buf),
-            Err(FrameError::LengthMismatch {
-                header: 4,
-                slices: 3
-            })
-        );
-        assert_eq!(buf, [1, 2]);
-        assert!(pack_into(&[bad], &mut [0; 256]).is_err());
-        assert_eq!(
-            bad.check(),
-            Err(FrameError::LengthMismatch {
-                header: 4,
-                slices: 3
-            })
-        );
-        let shown = format!("{good:?}");
-        assert!(shown.contains("payload_bytes: 3"));
-    }
-
-    /// Arbitrary header fields and a payload cut at arbitrary points.
-    fn header_and_payload() -> impl Strategy<Value = (Header, Vec<u8>, Vec<usize>)> {
-        (
-            any::<(u8, u16, u32, u32)>(),
-            any::<(u64, u64, u64, u32)>(),
-            proptest::collection::vec(any::<u8>(), 0..600),
-            proptest::collection::vec(any::<usize>(), 0..6),
-        )
-            .prop_map(
-                |((kind, flags, src, dst), (conn, seq, ack, credit), payload, cuts)| {
-                    let h = Header {
-                        kind: Kind(kind),
-                        flags: Flags(flags),
-                        src_port: src,
-                        dst_port: dst,
-                        conn_id: conn,
-                        seq,
-                        ack,
-                        credit,
-                        ..Header::default()
-                    };
-                    let mut cuts: Vec<usize> =
-                        cuts.iter().map(|c| c % (payload.len() + 1)).collect();
-                    cuts.sort_unstable();
-                    (h, payload, cuts)
-                },
-            )
-    }
-
-    fn split<'a>(payload: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
-        let mut out = Vec::new();
-        let mut at = 0;
-        for &c in cuts {
-            out.push(&payload[at..c]);
-            at = c;
+    fn packed_frames_open_in_place_one_by_one() {
+        let c = cipher(3, Protection::Encrypt);
+        let mut buf = Vec::new();
+        for (i, p) in [&b"one"[..], b"", b"three33"].iter().enumerate() {
+            let mut h = sample();
+            h.seq = i as u64;
+            h.pn = i as u64;
+            buf.extend(c.seal_to_vec(C2S, h, &[p]).unwrap());
         }
-        out.push(&payload[at..]);
-        out
+        let found: Vec<_> = Frames::new(&buf).map(|f| f.unwrap().offset).collect();
+        assert_eq!(found.len(), 3);
+        for (i, at) in found.into_iter().enumerate() {
+            let h = c.open(C2S, &mut buf[at..]).unwrap();
+            assert_eq!(h.seq, i as u64);
+        }
+        assert_eq!(&buf[HEADER_LEN..HEADER_LEN + 3], b"one");
     }
 
     proptest! {
         #[test]
-        fn open_of_seal((h, payload, cuts) in header_and_payload(), k in any::<[u8; 32]>()) {
-            let k = FrameKey::from_bytes(k);
-            let slices = split(&payload, &cuts);
-            let mut sealed_h = h;
-            let head = seal(&mut sealed_h, &slices, &k).unwrap();
-            let mut whole_h = h;
-            prop_assert_eq!(seal(&mut whole_h, &[&payload], &k).unwrap(), head);
-            let mut frame = head.to_vec();
-            frame.extend_from_slice(&payload);
-            let (got, p) = open(&frame, &k).unwrap();
-            prop_assert_eq!(got, sealed_h);
-            prop_assert_eq!(p, &payload[..]);
-            let expect = Header { payload_len: payload.len() as u32, crc32c: got.crc32c, tag: got.tag, ..h };
-            prop_assert_eq!(got, expect);
+        fn open_never_panics(mut bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let c = cipher(7, Protection::Encrypt);
+            let _ = c.open(C2S, &mut bytes);
+            let a = cipher(7, Protection::Authenticate);
+            let _ = a.open(S2C, &mut bytes);
         }
 
         #[test]
-        fn any_single_byte_change_is_caught((h, payload, _) in header_and_payload(),
-                                           at in any::<usize>(), x in 1..=255u8) {
-            let k = key(9);
-            let mut frame = sealed(h, &[&payload], &k);
-            let at = at % frame.len();
-            frame[at] ^= x;
-            prop_assert!(open(&frame, &k).is_err());
-        }
-
-        #[test]
-        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
-            let _ = open(&bytes, &key(1));
-        }
-
-        #[test]
-        fn plausible_headers_never_panic((h, _, _) in header_and_payload(), len in 0..200u32,
-                                         rest in proptest::collection::vec(any::<u8>(), 0..200),
-                                         crc in any::<u32>()) {
-            // Structurally valid headers over random contents reach the CRC
-            // and tag checks.
-            let mut bytes = Header { payload_len: len, crc32c: crc, ..h }.to_bytes().to_vec();
-            bytes.extend_from_slice(&rest);
-            let r = open(&bytes, &key(1));
-            prop_assert!(r.is_err());
+        fn seal_open_round_trip(payload in proptest::collection::vec(any::<u8>(), 0..3000),
+                                pn in any::<u64>(), auth in any::<bool>()) {
+            let p = if auth { Protection::Authenticate } else { Protection::Encrypt };
+            let c = cipher(9, p);
+            let mut h = sample();
+            h.pn = pn;
+            let mut f = c.seal_to_vec(S2C, h, &[&payload]).unwrap();
+            let got = c.open(S2C, &mut f).unwrap();
+            prop_assert_eq!(got.pn, pn);
+            prop_assert_eq!(&f[HEADER_LEN..HEADER_LEN + payload.len()], &payload[..]);
         }
     }
 }

@@ -27,7 +27,9 @@ pub use scsi;
 
 pub mod auth;
 pub mod block;
+pub mod chunk;
 pub mod conn;
+pub mod counters;
 pub mod engine;
 pub mod flows;
 pub mod frame;

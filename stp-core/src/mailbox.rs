@@ -1,19 +1,24 @@
 //! The host side of the STG mailbox, vendor mode (docs/PROTOCOL.md §3).
 //!
 //! A [`VendorMailbox`] holds one [`Transport`] per STG member LUN (paths
-//! onto the same port space) and stripes commands over them round-robin.
-//! Commands here are synchronous per path (`execute`); many in flight is
-//! the engine's job: each path is typically a handle onto the device's
-//! shared io_uring engine (`scsi::shared`), where every mailbox and stream
-//! of the process meets. SENDs that fail with a retryable condition
-//! (queue full, unit attention, BUSY) are retried with a short back-off;
-//! anything else is returned classified ([`MailboxError`]).
+//! onto the same port space) and stripes commands over them. Control
+//! commands (BIND, RELEASE, RECEIVE) are synchronous per path (`execute`);
+//! a stream's SENDs are pipelined ([`Mailbox::submit_send`],
+//! [`Mailbox::reap_sends`]): each goes to the member with the fewest SENDs
+//! in flight, up to [`SENDS_PER_PATH`] each, and completes in any order.
+//! Each path is typically a handle onto the device's shared io_uring engine
+//! (`scsi::shared`), where every mailbox and stream of the process meets.
+//! Commands that fail with a condition that guarantees they did not run
+//! (queue full, unit attention, BUSY, TASK SET FULL) are retried with a
+//! short back-off; anything else is returned classified
+//! ([`MailboxError`]).
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
-use scsi::{Command, DataDirection, IoBuf, Transport};
+use scsi::{Command, Completion, DataDirection, IoBuf, Transport};
 
-use crate::frame::{pack, OutFrame};
+use crate::counters;
 use crate::vendor::{self, BindResult, MailboxError, StgInfo};
 
 /// A bound port: the port number and the capability that proves ownership.
@@ -40,6 +45,20 @@ impl From<BindResult> for Binding {
     }
 }
 
+/// A SEND that finished, from [`Mailbox::submit_send`] or
+/// [`Mailbox::reap_sends`]: the caller's token, its buffer back, and what
+/// happened.
+#[derive(Debug)]
+pub struct SendDone {
+    /// The token the SEND was submitted with.
+    pub token: u64,
+    /// The SEND's buffer (empty if the transport could not hand it back,
+    /// as after a timeout).
+    pub buf: IoBuf,
+    /// The outcome, after the mailbox's retries.
+    pub result: Result<(), MailboxError>,
+}
+
 /// What the connection layer needs from an STG mailbox, in either mode
 /// (docs/PROTOCOL.md §3 vendor, §4 block): ports, and whole frames moved
 /// between them.
@@ -64,6 +83,34 @@ pub trait Mailbox: Send {
     /// number). Every buffer is attempted; the first error is returned.
     fn send_bufs(&mut self, binding: &Binding, bufs: &mut [IoBuf]) -> Result<(), MailboxError> {
         send_each(bufs, |buf| self.send_buf(binding, buf))
+    }
+    /// Starts one SEND of the packed frames in `buf` (at most
+    /// [`vendor::MAX_TRANSFER`] bytes) from `binding`. Its [`SendDone`],
+    /// with `token` and the buffer, is pushed to `done` now (a mailbox that
+    /// sends synchronously, the default) or by a later
+    /// [`reap_sends`](Mailbox::reap_sends).
+    fn submit_send(
+        &mut self,
+        binding: &Binding,
+        mut buf: IoBuf,
+        token: u64,
+        done: &mut Vec<SendDone>,
+    ) {
+        let result = self.send_buf(binding, &mut buf);
+        done.push(SendDone { token, buf, result });
+    }
+    /// Moves finished SENDs to `done`, waiting up to `wait` for one when
+    /// SENDs are in flight and none has finished (`None`: until one has).
+    fn reap_sends(&mut self, done: &mut Vec<SendDone>, wait: Option<Duration>) {
+        let _ = (done, wait);
+    }
+    /// SENDs submitted and not yet reaped.
+    fn sends_in_flight(&self) -> usize {
+        0
+    }
+    /// How many SENDs are worth keeping in flight at once.
+    fn send_window(&self) -> usize {
+        1
     }
     /// How many RECEIVEs on one binding are worth keeping in flight at once
     /// (a stream runs this many receive pumps).
@@ -112,6 +159,18 @@ impl Mailbox for VendorMailbox {
     fn send_bufs(&mut self, binding: &Binding, bufs: &mut [IoBuf]) -> Result<(), MailboxError> {
         VendorMailbox::send_bufs(self, binding, bufs)
     }
+    fn submit_send(&mut self, binding: &Binding, buf: IoBuf, token: u64, done: &mut Vec<SendDone>) {
+        VendorMailbox::submit_send(self, binding, buf, token, done)
+    }
+    fn reap_sends(&mut self, done: &mut Vec<SendDone>, wait: Option<Duration>) {
+        VendorMailbox::reap_sends(self, done, wait)
+    }
+    fn sends_in_flight(&self) -> usize {
+        self.pending.len() + self.retry.len()
+    }
+    fn send_window(&self) -> usize {
+        self.paths.len() * SENDS_PER_PATH
+    }
     fn receive_parallelism(&self) -> usize {
         self.paths.len().min(MAX_RECEIVE_PUMPS)
     }
@@ -144,10 +203,41 @@ const MAX_RECEIVE_PUMPS: usize = 4;
 /// Timeout added to a long poll's own timeout for the SCSI command.
 const COMMAND_SLACK: Duration = Duration::from_secs(10);
 
+/// SENDs a stream keeps in flight per member path: enough that a member
+/// always has the next SEND queued while one is moving.
+pub const SENDS_PER_PATH: usize = 2;
+
+/// The longest a blocked [`VendorMailbox::reap_sends`] waits on one path
+/// before looking at the others again.
+const REAP_SLICE: Duration = Duration::from_millis(2);
+
+/// A pipelined SEND in flight.
+#[derive(Debug)]
+struct PendingSend {
+    token: u64,
+    path: usize,
+    len: usize,
+    handle: u32,
+    attempts: u32,
+}
+
+/// A pipelined SEND waiting out its back-off before another attempt.
+#[derive(Debug)]
+struct RetrySend {
+    due: Instant,
+    buf: IoBuf,
+    pending: PendingSend,
+}
+
 /// One host's view of an STG in vendor mode.
 pub struct VendorMailbox {
     paths: Vec<Box<dyn Transport>>,
     next: usize,
+    /// Pipelined SENDs in flight, by command tag.
+    pending: HashMap<u64, PendingSend>,
+    retry: Vec<RetrySend>,
+    in_flight: Vec<usize>,
+    next_tag: u64,
 }
 
 impl std::fmt::Debug for VendorMailbox {
@@ -167,7 +257,15 @@ impl VendorMailbox {
                 std::io::Error::other("an STG mailbox needs at least one member path"),
             )));
         }
-        Ok(VendorMailbox { paths, next: 0 })
+        let n = paths.len();
+        Ok(VendorMailbox {
+            paths,
+            next: 0,
+            pending: HashMap::new(),
+            retry: Vec::new(),
+            in_flight: vec![0; n],
+            next_tag: 0,
+        })
     }
 
     /// Number of member paths.
@@ -206,7 +304,16 @@ impl VendorMailbox {
         let alloc = StgInfo::len_for(256) as u32;
         let cdb = vendor::stg_info(alloc);
         let data = self.run(|| Command::data_in(scsi::Cdb::Vendor(cdb).emit(), alloc as usize))?;
-        StgInfo::parse(&data).map_err(|e| protocol_error(format!("STG INFO: {e}")))
+        let info = StgInfo::parse(&data).map_err(|e| protocol_error(format!("STG INFO: {e}")))?;
+        if info.version != vendor::PROTOCOL_VERSION {
+            return Err(protocol_error(format!(
+                "the array routes STP v{} frames, this host speaks v{}: run the same STP \
+                 release on the array (stp-target) and both hosts",
+                info.version,
+                vendor::PROTOCOL_VERSION
+            )));
+        }
+        Ok(info)
     }
 
     /// Binds `port` (`None`: a dynamic port).
@@ -224,12 +331,152 @@ impl VendorMailbox {
         Ok(())
     }
 
-    /// Sends sealed frames from `binding` in one SEND (atomic at the array),
-    /// packed into one page-aligned buffer the device reads by DMA.
-    pub fn send(&mut self, binding: &Binding, frames: &[OutFrame<'_>]) -> Result<(), MailboxError> {
-        let mut packed = Vec::new();
-        pack(frames, &mut packed).map_err(|e| protocol_error(format!("packing frames: {e}")))?;
-        self.send_packed(binding, &packed)
+    /// Starts a pipelined SEND of `buf` on the member path with the fewest
+    /// SENDs in flight (see [`Mailbox::submit_send`]).
+    pub fn submit_send(
+        &mut self,
+        binding: &Binding,
+        buf: IoBuf,
+        token: u64,
+        done: &mut Vec<SendDone>,
+    ) {
+        let start = self.next;
+        self.next = self.next.wrapping_add(1);
+        let n = self.paths.len();
+        let path = (0..n)
+            .map(|i| (start + i) % n)
+            .min_by_key(|&p| self.in_flight[p])
+            .unwrap_or(0);
+        let pending = PendingSend {
+            token,
+            path,
+            len: buf.len(),
+            handle: binding.handle,
+            attempts: 1,
+        };
+        self.issue(pending, buf, done);
+    }
+
+    fn issue(&mut self, pending: PendingSend, buf: IoBuf, done: &mut Vec<SendDone>) {
+        let tag = self.next_tag;
+        self.next_tag = self.next_tag.wrapping_add(1);
+        let cdb = scsi::Cdb::Vendor(vendor::send(pending.handle, pending.len as u32)).emit();
+        let path = pending.path;
+        match self.paths[path].submit(Command::data_out(cdb, buf).with_tag(tag)) {
+            Ok(()) => {
+                self.in_flight[path] += 1;
+                counters::send_submitted(self.in_flight[path]);
+                self.pending.insert(tag, pending);
+            }
+            Err(e) => done.push(SendDone {
+                token: pending.token,
+                buf: e.cmd.data,
+                result: Err(vendor::classify(e.error)),
+            }),
+        }
+    }
+
+    /// Collects finished pipelined SENDs (see [`Mailbox::reap_sends`]);
+    /// SENDs the array refused without running them are retried here.
+    pub fn reap_sends(&mut self, done: &mut Vec<SendDone>, wait: Option<Duration>) {
+        let deadline = wait.map(|w| Instant::now() + w);
+        let before = done.len();
+        let mut out = Vec::new();
+        loop {
+            let now = Instant::now();
+            let mut i = 0;
+            while i < self.retry.len() {
+                if self.retry[i].due <= now {
+                    let r = self.retry.swap_remove(i);
+                    self.issue(r.pending, r.buf, done);
+                } else {
+                    i += 1;
+                }
+            }
+            for p in 0..self.paths.len() {
+                if self.in_flight[p] > 0 {
+                    self.reap_path(p, Some(Duration::ZERO), &mut out, done);
+                }
+            }
+            if done.len() > before || (self.pending.is_empty() && self.retry.is_empty()) {
+                return;
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return;
+            }
+            let mut slice = REAP_SLICE;
+            if let Some(d) = deadline {
+                slice = slice.min(d - now);
+            }
+            if let Some(due) = self.retry.iter().map(|r| r.due).min() {
+                slice = slice.min(due.saturating_duration_since(now));
+            }
+            match (0..self.paths.len()).max_by_key(|&p| self.in_flight[p]) {
+                Some(p) if self.in_flight[p] > 0 => self.reap_path(p, Some(slice), &mut out, done),
+                _ => std::thread::sleep(slice),
+            }
+        }
+    }
+
+    fn reap_path(
+        &mut self,
+        p: usize,
+        wait: Option<Duration>,
+        out: &mut Vec<Completion>,
+        done: &mut Vec<SendDone>,
+    ) {
+        out.clear();
+        if let Err(e) = self.paths[p].reap(out, wait) {
+            // The path is unusable: what it held is lost.
+            let lost: Vec<u64> = self
+                .pending
+                .iter()
+                .filter(|(_, s)| s.path == p)
+                .map(|(&t, _)| t)
+                .collect();
+            for tag in lost {
+                if let Some(s) = self.pending.remove(&tag) {
+                    done.push(SendDone {
+                        token: s.token,
+                        buf: IoBuf::default(),
+                        result: Err(MailboxError::Other(scsi::CommandError::Io(
+                            std::io::Error::new(e.kind(), e.to_string()),
+                        ))),
+                    });
+                }
+            }
+            self.in_flight[p] = 0;
+            return;
+        }
+        for c in out.drain(..) {
+            let Some(s) = self.pending.remove(&c.tag) else {
+                continue;
+            };
+            self.in_flight[p] = self.in_flight[p].saturating_sub(1);
+            let result = c.result.and_then(|o| o.check()).map_err(vendor::classify);
+            match result {
+                // A timed-out command's buffer is not handed back: no retry.
+                Err(e)
+                    if is_transient(&e) && c.data.len() == s.len && s.attempts < SEND_RETRIES =>
+                {
+                    let due = Instant::now() + SEND_BACKOFF * s.attempts.min(10);
+                    self.retry.push(RetrySend {
+                        due,
+                        buf: c.data,
+                        pending: PendingSend {
+                            attempts: s.attempts + 1,
+                            ..s
+                        },
+                    });
+                }
+                result => done.push(SendDone {
+                    token: s.token,
+                    buf: c.data,
+                    result,
+                }),
+            }
+        }
     }
 
     /// Sends frames already sealed and packed (8-byte aligned) in `packed`.

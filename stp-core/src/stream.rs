@@ -1,41 +1,57 @@
 //! Blocking STP sockets over an STG mailbox (either mode): [`StpListener`] and
-//! [`StpStream`] (which implements `Read` and `Write`).
+//! [`StpStream`] (which implements `Read` and `Write`, and lends its DMA
+//! buffers: [`StpStream::send_buf`], [`StpStream::recv_buf`]).
 //!
-//! Each stream owns a sans-IO [`Connection`] behind a mutex, *pump*
-//! threads that long-poll RECEIVE, open (CRC + tag) and feed frames to the
-//! connection and send what it produces (one per RECEIVE worth keeping in
-//! flight: [`Mailbox::receive_parallelism`], one per member path in vendor
-//! mode), and a *timer* thread that sleeps
-//! until the connection's next deadline (delayed ACK, retransmission,
-//! keepalive) and fires it. Writers, readers and the timer thread block on
-//! one condition variable, signalled on every change.
+//! Each stream owns a sans-IO [`Connection`] behind a mutex and four kinds
+//! of thread around it, so that sealing, SCSI I/O and opening overlap:
 //!
-//! Frames are sealed under the connection's lock (the payload is borrowed
-//! from its send ring) straight into a page-aligned SEND buffer that the
-//! device reads by direct I/O: the payload's one copy. A gather list (sg
-//! `iovec_count`) would not save it, since the sg driver does direct I/O only
-//! without one and copies a gathered SEND into pages of its own. SEND and
-//! RECEIVE buffers are reused, so a busy stream allocates nothing.
+//! * **writers** (the caller of `write`) stage a DATA frame with the
+//!   connection, copy the payload from the caller's buffer into a pooled,
+//!   page-aligned DMA buffer and seal it there (AES-256-GCM in place) —
+//!   outside the lock — then queue it. That copy and that pass are the
+//!   payload's only ones on the way out; through [`StpStream::send_buf`] the
+//!   caller writes into the DMA buffer itself and there is no copy.
+//! * the **sender** keeps up to [`Mailbox::send_window`] SENDs in flight (two
+//!   per member LUN in vendor mode), submitting each as soon as it is queued
+//!   and reaping completions as they come, in any order. A sealed frame
+//!   stays with the stream until acknowledged; a retransmission re-sends it
+//!   as it is, with no second seal.
+//! * **receive pumps** (one per RECEIVE worth keeping in flight:
+//!   [`Mailbox::receive_parallelism`]) long-poll RECEIVE into pooled
+//!   buffers, open the frames in place (decrypting) *outside* the lock, then
+//!   hand them to the connection: a DATA payload stays where the device
+//!   wrote it, as a [`Chunk`] of the RECEIVE buffer, until read. Acks they
+//!   cause go to the sender's queue: a pump never waits on a SEND.
+//! * the **timer** sleeps until the connection's next deadline (delayed ACK,
+//!   retransmission, keepalive) and fires it.
+//!
+//! Wake-ups go only to whom has work: readers on new data or the end,
+//! writers on room, connection and state changes, the timer when an earlier
+//! deadline appears, the sender when something is queued. [`counters`]
+//! counts copies, protection passes, SENDs in flight and wake-ups.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use rand::RngCore;
+use scsi::pool::BufPool;
 use scsi::IoBuf;
 
 use crate::auth::FrameKey;
-use crate::conn::{Config, ConnError, Connection, Event, State};
-use crate::frame::{open, pack_into, OutFrame};
-use crate::mailbox::{Binding, Mailbox};
+use crate::chunk::{Chunk, RecvBuf};
+use crate::conn::{Config, ConnError, Connection, Event, State, Transmit};
+use crate::counters::{self, bump};
+use crate::frame::{Cipher, Direction};
+use crate::mailbox::{Binding, Mailbox, SendDone};
 use crate::vendor::MailboxError;
-use crate::wire::{Frames, Header, Kind, ALIGN, HEADER_LEN};
+use crate::wire::{self, frame_span, Frames, Header, Kind, WireError, HEADER_LEN};
 
 /// Opens a new mailbox handle onto one STG (for vendor mode, a fresh set of
-/// paths onto its members). A stream opens two: one for its pump thread, one
-/// for senders.
+/// paths onto its members). A stream opens one for its sender and one per
+/// receive pump.
 pub trait PathSource: Send + Sync {
     /// A mailbox over every member of the STG.
     fn open(&self) -> Result<Box<dyn Mailbox>, MailboxError>;
@@ -56,29 +72,43 @@ const POLL: Duration = Duration::from_millis(100);
 /// The most data one SCSI command of a stream carries: 1 MiB. Linux's sg
 /// driver over tcm_loop refuses a larger `SG_IO` (`EINVAL`), and many HBAs
 /// cap a command near it, so every SEND and RECEIVE stays within it: a
-/// SEND holds whole frames up to this size (more frames go in another
-/// SEND) and a RECEIVE asks for exactly this much.
+/// SEND holds one DATA frame, or control frames up to this size, and a
+/// RECEIVE asks for exactly this much.
 pub const MAX_TRANSFER: usize = 1 << 20;
 /// RECEIVE allocation.
 const RECV_BYTES: usize = MAX_TRANSFER;
-/// The most a flush seals before sending (in SENDs of at most
-/// [`MAX_TRANSFER`], which a mailbox may run side by side on its paths).
-const FLUSH_BYTES: usize = 4 * MAX_TRANSFER;
-/// The largest payload whose frame, aligned, fits one transfer.
-pub const MAX_STREAM_PAYLOAD: u32 = (MAX_TRANSFER - HEADER_LEN - ALIGN) as u32;
+/// The largest payload whose frame fits one transfer.
+pub const MAX_STREAM_PAYLOAD: u32 = (MAX_TRANSFER - HEADER_LEN) as u32;
+/// DATA payloads smaller than this are copied out of the RECEIVE buffer
+/// (into a buffer of their own size) rather than keeping the whole buffer
+/// alive until read: a slow reader of small frames then holds kilobytes,
+/// not megabytes.
+const SMALL_PAYLOAD: usize = 16 * 1024;
+/// Control-frame SEND buffers start at this size.
+const CONTROL_BUF: usize = 16 * 1024;
+/// Tokens of control SENDs have this bit set (DATA tokens are sequence
+/// numbers, far below it).
+const CONTROL_TOKEN: u64 = 1 << 63;
+/// How long a sender with SENDs in flight and room for more waits for a
+/// completion before looking at its queue again.
+const SENDER_SLICE: Duration = Duration::from_micros(500);
 
-/// `config` with its payload limit cut to what one transfer carries.
-fn fit(mut config: Config) -> Config {
+/// `config` with its payload limit cut to what one transfer carries, and
+/// its window to what the array queues for the port (§6.3: credit never
+/// exceeds the array's per-port queue limit).
+fn fit(mut config: Config, binding: &Binding) -> Config {
     config.max_payload = config.max_payload.min(MAX_STREAM_PAYLOAD);
+    let span = frame_span(config.max_payload).max(1);
+    let by_bytes = (binding.queue_bytes as usize / span).max(1);
+    let by_frames = binding.queue_frames.max(1) as usize;
+    config.recv_window_frames = config
+        .recv_window_frames
+        .min(by_bytes.min(by_frames).try_into().unwrap_or(u32::MAX));
     config
 }
 
-fn io_err(e: impl std::fmt::Display, kind: io::ErrorKind) -> io::Error {
-    io::Error::new(kind, e.to_string())
-}
-
 fn mb_err(e: MailboxError) -> io::Error {
-    io_err(e, io::ErrorKind::Other)
+    io::Error::other(e.to_string())
 }
 
 fn conn_err(e: &ConnError) -> io::Error {
@@ -91,24 +121,50 @@ fn conn_err(e: &ConnError) -> io::Error {
     io::Error::new(kind, e.to_string())
 }
 
+/// A sealed DATA frame kept until acknowledged.
+struct Sealed {
+    /// `None` while a SEND of it is in flight.
+    buf: Option<IoBuf>,
+    /// Send it again when it comes back (a retransmission was asked for
+    /// while it was in flight).
+    resend: bool,
+}
+
+/// A SEND waiting for the sender.
+struct Out {
+    token: u64,
+    buf: IoBuf,
+}
+
 struct Inner {
     conn: Connection,
     failed: Option<ConnError>,
     stop: bool,
+    sealed: BTreeMap<u64, Sealed>,
+    outq: VecDeque<Out>,
+    /// Sequence numbers carried by each control SEND in flight.
+    control: HashMap<u64, Vec<u64>>,
+    next_control: u64,
+    /// The deadline the timer thread sleeps until.
+    timer_at: Option<Instant>,
+    last_una: u64,
+    last_state: State,
+    /// Frames of another protocol version seen (a peer to upgrade).
+    foreign_version: Option<u8>,
 }
 
 struct Shared {
     inner: Mutex<Inner>,
-    changed: Condvar,
-    key: FrameKey,
+    readers: Condvar,
+    writers: Condvar,
+    timer: Condvar,
+    sender: Condvar,
+    cipher: Cipher,
+    out_dir: Direction,
+    in_dir: Direction,
     binding: Binding,
-    tx: Mutex<Box<dyn Mailbox>>,
     send_buffer_bytes: usize,
-}
-
-thread_local! {
-    /// Each flushing thread's SEND buffers, reused from flush to flush.
-    static SEND_BUFS: std::cell::RefCell<Vec<IoBuf>> = const { std::cell::RefCell::new(Vec::new()) };
+    pool: Arc<BufPool>,
 }
 
 impl Shared {
@@ -116,103 +172,265 @@ impl Shared {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Seals everything the connection wants to send and sends it; a failed
-    /// SEND is reported back so the frames are retransmitted.
-    fn flush(&self, inner: MutexGuard<'_, Inner>) {
-        SEND_BUFS.with(|bufs| self.flush_with(inner, &mut bufs.borrow_mut()));
+    fn notify(cv: &Condvar) {
+        bump!(wakeups, 1);
+        cv.notify_all();
     }
 
-    /// Seals the frames the connection wants to send (up to
-    /// [`FLUSH_BYTES`]) straight into page-aligned SEND buffers (`spare`,
-    /// this thread's, reused), at most [`MAX_TRANSFER`] bytes of whole
-    /// frames each, and sends them, side by side where the mailbox can: the
-    /// payload's one copy, from the connection's send buffer into memory
-    /// the device reads by DMA (see the module docs).
-    fn flush_with(&self, mut inner: MutexGuard<'_, Inner>, spare: &mut Vec<IoBuf>) {
+    /// Moves what the connection wants to send to the sender's queue
+    /// (sealing control frames, which are small), drops acknowledged sealed
+    /// frames, and wakes whoever has work.
+    fn flush(&self, mut guard: MutexGuard<'_, Inner>) {
         let now = Instant::now();
-        let mut sends: Vec<IoBuf> = Vec::new();
-        let mut cur = spare.pop().unwrap_or_default();
-        cur.resize(0);
-        let mut seqs = Vec::new();
-        let mut total = 0;
+        let inner = &mut *guard;
+        let queued = inner.outq.len();
+        let mut ctl: Option<(IoBuf, Vec<u64>)> = None;
+        let mut full_ctl = Vec::new();
         while let Some(t) = inner.conn.poll_transmit(now) {
-            let payload = t.payload;
-            let Ok(f) = OutFrame::sealed(t.header, &payload, &self.key) else {
-                break;
-            };
-            let span = f.header.span();
-            if cur.len() + span > MAX_TRANSFER {
-                sends.push(std::mem::replace(&mut cur, spare.pop().unwrap_or_default()));
-                cur.resize(0);
-            }
-            let at = cur.len();
-            cur.resize(at + span);
-            if pack_into(&[f], &mut cur[at..]).is_err() {
-                cur.resize(at);
-                break;
-            }
-            if f.header.kind.is_sequenced() {
-                seqs.push(f.header.seq);
-            }
-            total += span;
-            if total >= FLUSH_BYTES {
-                break;
+            match t {
+                Transmit::Frame {
+                    mut header,
+                    payload,
+                } => {
+                    let seq = header.kind.is_sequenced().then_some(header.seq);
+                    let span = frame_span(payload.len() as u32);
+                    if ctl
+                        .as_ref()
+                        .is_some_and(|(b, _)| b.len() + span > MAX_TRANSFER)
+                    {
+                        full_ctl.extend(ctl.take());
+                    }
+                    let (buf, seqs) = ctl.get_or_insert_with(|| {
+                        let mut b = self.pool.get(CONTROL_BUF.max(span));
+                        b.resize(0);
+                        (b, Vec::new())
+                    });
+                    let at = buf.len();
+                    buf.resize(at + span);
+                    if self
+                        .cipher
+                        .seal_into(self.out_dir, &mut header, &[payload], &mut buf[at..])
+                        .is_err()
+                    {
+                        buf.resize(at);
+                        continue;
+                    }
+                    seqs.extend(seq);
+                }
+                Transmit::Sealed { seq, retransmit } => {
+                    if retransmit {
+                        bump!(resent_sealed, 1);
+                    }
+                    if let Some(s) = inner.sealed.get_mut(&seq) {
+                        match s.buf.take() {
+                            Some(buf) => inner.outq.push_back(Out { token: seq, buf }),
+                            None => s.resend = true,
+                        }
+                    }
+                }
             }
         }
-        if !cur.is_empty() {
-            sends.push(cur);
-        } else {
-            spare.push(cur);
+        for (buf, seqs) in full_ctl.into_iter().chain(ctl) {
+            push_control(inner, buf, seqs);
         }
-        Self::drain_events(&mut inner);
+        // Sealed frames the peer has acknowledged go back to the pool.
+        let una = inner.conn.snd_una();
+        let keep = inner.sealed.split_off(&una);
+        for (_, s) in std::mem::replace(&mut inner.sealed, keep) {
+            if let Some(buf) = s.buf {
+                self.pool.put(buf);
+            }
+        }
+        let (mut wake_readers, mut wake_writers) = (false, false);
+        while let Some(ev) = inner.conn.poll_event() {
+            match ev {
+                Event::Readable | Event::PeerClosed => wake_readers = true,
+                Event::Connected | Event::Writable => wake_writers = true,
+                Event::Closed => (wake_readers, wake_writers) = (true, true),
+                Event::Failed(e) => {
+                    inner.failed = Some(e);
+                    (wake_readers, wake_writers) = (true, true);
+                }
+            }
+        }
+        if una > inner.last_una {
+            inner.last_una = una;
+            wake_writers = true;
+        }
+        let state = inner.conn.state();
+        if state != inner.last_state {
+            inner.last_state = state;
+            wake_writers = true;
+        }
+        let deadline = inner.conn.poll_timeout();
+        let wake_timer = match (deadline, inner.timer_at) {
+            (Some(d), Some(t)) => d < t,
+            (Some(_), None) => true,
+            _ => inner.conn.is_closed(),
+        };
+        let wake_sender = inner.outq.len() > queued;
+        if wake_sender {
+            bump!(flushes, 1);
+        }
+        drop(guard);
+        if wake_sender {
+            Self::notify(&self.sender);
+        }
+        if wake_readers {
+            Self::notify(&self.readers);
+        }
+        if wake_writers {
+            Self::notify(&self.writers);
+        }
+        if wake_timer {
+            Self::notify(&self.timer);
+        }
+    }
+
+    /// Stops the stream's threads and wakes everyone (the connection is
+    /// over, or the stream is being dropped).
+    fn stop(&self, mut inner: MutexGuard<'_, Inner>, why: Option<ConnError>) {
+        inner.stop = true;
+        if let Some(e) = why {
+            inner.failed.get_or_insert(e);
+        }
         drop(inner);
-        // Whatever called flush changed the connection (frames delivered,
-        // data written or read, a timer fired): readers, writers and the
-        // timer thread re-check it.
-        self.changed.notify_all();
-        if sends.is_empty() {
+        for cv in [&self.readers, &self.writers, &self.timer, &self.sender] {
+            Self::notify(cv);
+        }
+    }
+
+    /// Opens every frame of a RECEIVE in place, outside the lock. Returns
+    /// the authentic ones with their payload ranges.
+    fn open_all(&self, buf: &mut [u8]) -> (Vec<(Header, std::ops::Range<usize>)>, Option<u8>) {
+        let mut at = Vec::new();
+        let mut foreign = None;
+        for found in Frames::new(buf) {
+            match found {
+                Ok(f) => at.push(f.offset),
+                Err((offset, WireError::BadVersion(v))) => {
+                    foreign = Some(v);
+                    let _ = offset;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let mut opened = Vec::with_capacity(at.len());
+        for offset in at {
+            if let Ok(h) = self.cipher.open(self.in_dir, &mut buf[offset..]) {
+                let start = offset + HEADER_LEN;
+                opened.push((h, start..start + h.payload_len as usize));
+            }
+        }
+        (opened, foreign)
+    }
+
+    /// Hands opened frames to the connection: DATA payloads of any size
+    /// as chunks of the RECEIVE buffer.
+    fn deliver(&self, buf: IoBuf, opened: Vec<(Header, std::ops::Range<usize>)>) {
+        let recv: Arc<dyn AsRef<[u8]> + Send + Sync> =
+            Arc::new(RecvBuf::new(buf, Some(self.pool.clone())));
+        let now = Instant::now();
+        let mut inner = self.lock();
+        for (h, range) in opened {
+            if h.kind == Kind::DATA && range.len() >= SMALL_PAYLOAD {
+                if let Some(chunk) = Chunk::new(recv.clone(), range) {
+                    inner.conn.handle_frame_chunk(now, &h, chunk);
+                }
+            } else {
+                if h.kind == Kind::DATA {
+                    bump!(recv_copy_bytes, range.len());
+                }
+                let bytes = &(*recv).as_ref()[range];
+                inner.conn.handle_frame(now, &h, bytes);
+            }
+        }
+        self.flush(inner);
+    }
+
+    /// Settles finished SENDs: sealed frames come back (or go again), a
+    /// failed SEND is retransmitted after the timeout.
+    fn completed(&self, done: &mut Vec<SendDone>) {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let mut lost = false;
+        for d in done.drain(..) {
+            let failed = match &d.result {
+                Ok(()) => None,
+                Err(e) => Some(e.binding_lost()),
+            };
+            if failed == Some(true) {
+                inner.failed.get_or_insert(ConnError::BindingLost);
+            }
+            if d.token & CONTROL_TOKEN != 0 {
+                let seqs = inner.control.remove(&d.token).unwrap_or_default();
+                if failed.is_some() {
+                    if seqs.is_empty() {
+                        inner.conn.on_send_failed(u64::MAX, now);
+                    }
+                    for seq in seqs {
+                        inner.conn.on_send_failed(seq, now);
+                    }
+                }
+                if !d.buf.is_empty() {
+                    self.pool.put(d.buf);
+                }
+                continue;
+            }
+            let seq = d.token;
+            if d.buf.is_empty() {
+                // A timed-out SEND keeps its buffer: the sealed frame is
+                // gone, and it cannot be sealed again (that would reuse its
+                // nonce). The path is dead anyway.
+                lost = lost || inner.sealed.contains_key(&seq);
+                continue;
+            }
+            let Some(slot) = inner.sealed.get_mut(&seq) else {
+                self.pool.put(d.buf); // acknowledged meanwhile
+                continue;
+            };
+            if failed.is_some() {
+                slot.buf = Some(d.buf);
+                slot.resend = false;
+                inner.conn.on_send_failed(seq, now);
+            } else if std::mem::take(&mut slot.resend) {
+                inner.outq.push_back(Out {
+                    token: seq,
+                    buf: d.buf,
+                });
+            } else {
+                slot.buf = Some(d.buf);
+            }
+        }
+        if lost {
+            inner.conn.abort(
+                crate::conn::reset_reason::TIMEOUT,
+                "a SEND timed out and its frame was lost",
+            );
+            inner.failed.get_or_insert(ConnError::Timeout);
+        }
+        if inner.failed.as_ref() == Some(&ConnError::BindingLost) {
+            self.stop(inner, None);
             return;
         }
-        let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        let failed = tx.send_bufs(&self.binding, &mut sends).is_err();
-        drop(tx);
-        spare.append(&mut sends);
-        if failed {
-            let mut inner = self.lock();
-            let now = Instant::now();
-            for seq in seqs {
-                inner.conn.on_send_failed(seq, now);
-            }
-        }
-        self.changed.notify_all();
-    }
-
-    fn drain_events(inner: &mut Inner) {
-        while let Some(ev) = inner.conn.poll_event() {
-            if let Event::Failed(e) = ev {
-                inner.failed = Some(e);
-            }
-        }
-    }
-
-    /// Hands received frame bytes to the connection; bad frames are dropped.
-    fn deliver(&self, inner: &mut Inner, buf: &[u8]) {
-        let now = Instant::now();
-        for found in Frames::new(buf) {
-            let Ok(found) = found else { break };
-            if let Ok((header, payload)) = open(found.bytes(buf), &self.key) {
-                inner.conn.handle_frame(now, &header, payload);
-            }
-        }
+        self.flush(inner);
     }
 }
 
-/// The receive side: long-polls RECEIVE and hands what arrives to the
-/// connection. Timers are the timer thread's, so every poll is a full
-/// [`POLL`] (the wire's long-poll unit is 100 ms; a shorter wait would be a
-/// zero-wait spin).
-fn pump(shared: Weak<Shared>, mut rx: Box<dyn Mailbox>) {
-    let mut buf = IoBuf::default();
+fn push_control(inner: &mut Inner, buf: IoBuf, seqs: Vec<u64>) {
+    let token = CONTROL_TOKEN | inner.next_control;
+    inner.next_control = (inner.next_control + 1) & !CONTROL_TOKEN;
+    inner.control.insert(token, seqs);
+    inner.outq.push_back(Out { token, buf });
+}
+
+/// The receive side: long-polls RECEIVE into pooled buffers, opens what
+/// arrives outside the lock and hands it to the connection. Timers are the
+/// timer thread's, so every poll is a full [`POLL`] (the wire's long-poll
+/// unit is 100 ms; a shorter wait would be a zero-wait spin).
+fn pump(shared: Weak<Shared>, mut rx: Box<dyn Mailbox>, pool: Arc<BufPool>) {
+    let mut buf = pool.get(RECV_BYTES);
     loop {
         let Some(s) = shared.upgrade() else { return };
         {
@@ -227,28 +445,33 @@ fn pump(shared: Weak<Shared>, mut rx: Box<dyn Mailbox>) {
         let Some(s) = shared.upgrade() else { return };
         match got {
             Ok(()) if !buf.is_empty() => {
-                let mut inner = s.lock();
-                s.deliver(&mut inner, &buf);
-                s.flush(inner);
+                let (opened, foreign) = s.open_all(&mut buf);
+                if let Some(v) = foreign {
+                    s.lock().foreign_version = Some(v);
+                }
+                if opened.is_empty() {
+                    continue;
+                }
+                let full = std::mem::replace(&mut buf, pool.get(RECV_BYTES));
+                s.deliver(full, opened);
             }
             Ok(()) => {}
             Err(e) if e.binding_lost() => {
-                let mut inner = s.lock();
-                inner.failed.get_or_insert(ConnError::BindingLost);
-                inner.stop = true;
-                drop(inner);
-                s.changed.notify_all();
+                let inner = s.lock();
+                s.stop(inner, Some(ConnError::BindingLost));
                 return;
             }
             Err(_) => thread::sleep(Duration::from_millis(5)),
+        }
+        if buf.capacity() < RECV_BYTES {
+            buf = pool.get(RECV_BYTES);
         }
     }
 }
 
 /// The timer side: sleeps until the connection's next deadline (delayed
-/// ACK, retransmission, keepalive), fires it and sends what it produced.
-/// Every change to the connection wakes it (`changed`), so a new, earlier
-/// deadline is seen at once.
+/// ACK, retransmission, keepalive), fires it and flushes what it produced.
+/// A new, earlier deadline wakes it (`Shared::timer`).
 fn timers(shared: Weak<Shared>) {
     loop {
         let Some(s) = shared.upgrade() else { return };
@@ -259,13 +482,68 @@ fn timers(shared: Weak<Shared>) {
         let now = Instant::now();
         match inner.conn.poll_timeout() {
             Some(t) if t <= now => {
+                inner.timer_at = None;
                 inner.conn.handle_timeout(now);
                 s.flush(inner);
             }
             next => {
                 let wait = next.map_or(POLL, |t| (t - now).min(POLL));
-                drop(s.changed.wait_timeout(inner, wait));
+                inner.timer_at = Some(now + wait);
+                drop(s.timer.wait_timeout(inner, wait));
             }
+        }
+    }
+}
+
+/// The SEND side: submits queued SENDs as soon as the window has room and
+/// reaps completions as they come. Returns the mailbox, to release the
+/// binding with.
+fn sender(shared: Weak<Shared>, mut tx: Box<dyn Mailbox>) -> Box<dyn Mailbox> {
+    let mut done = Vec::new();
+    let mut batch = Vec::new();
+    loop {
+        let Some(s) = shared.upgrade() else {
+            tx.reap_sends(&mut done, Some(POLL));
+            return tx;
+        };
+        let window = tx.send_window().max(1);
+        {
+            let mut inner = s.lock();
+            loop {
+                let room = tx.sends_in_flight() < window;
+                if room && !inner.outq.is_empty() {
+                    break;
+                }
+                if tx.sends_in_flight() > 0 {
+                    break;
+                }
+                if inner.stop {
+                    drop(inner);
+                    return tx;
+                }
+                inner = s
+                    .sender
+                    .wait_timeout(inner, POLL)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            while tx.sends_in_flight() + batch.len() < window {
+                let Some(out) = inner.outq.pop_front() else {
+                    break;
+                };
+                batch.push(out);
+            }
+        }
+        let binding = s.binding;
+        for out in batch.drain(..) {
+            tx.submit_send(&binding, out.buf, out.token, &mut done);
+        }
+        if done.is_empty() && tx.sends_in_flight() > 0 {
+            let full = tx.sends_in_flight() >= window;
+            tx.reap_sends(&mut done, Some(if full { POLL } else { SENDER_SLICE }));
+        }
+        if !done.is_empty() {
+            s.completed(&mut done);
         }
     }
 }
@@ -275,6 +553,7 @@ pub struct StpStream {
     shared: Arc<Shared>,
     pumps: Vec<JoinHandle<()>>,
     timer: Option<JoinHandle<()>>,
+    sender: Option<JoinHandle<Box<dyn Mailbox>>>,
 }
 
 impl std::fmt::Debug for StpStream {
@@ -294,12 +573,53 @@ fn nonce() -> [u8; 16] {
     n
 }
 
+/// A DMA buffer lent by [`StpStream::send_buf`]: fill [`payload`]
+/// (`SendSlot::payload`) and [`commit`](SendSlot::commit) it. Dropped
+/// uncommitted, nothing is sent.
+pub struct SendSlot<'a> {
+    stream: &'a mut StpStream,
+    header: Header,
+    buf: Option<IoBuf>,
+}
+
+impl SendSlot<'_> {
+    /// The payload bytes to fill: exactly what will be sent (their
+    /// contents are unspecified until written).
+    pub fn payload(&mut self) -> &mut [u8] {
+        let len = self.header.payload_len as usize;
+        match &mut self.buf {
+            Some(b) => &mut b[HEADER_LEN..HEADER_LEN + len],
+            None => &mut [],
+        }
+    }
+
+    /// Seals the payload where it is and queues it for sending.
+    pub fn commit(mut self) -> io::Result<()> {
+        let Some(buf) = self.buf.take() else {
+            return Ok(());
+        };
+        bump!(send_payload_bytes, self.header.payload_len);
+        self.stream.seal_and_queue(self.header, buf)
+    }
+}
+
+impl Drop for SendSlot<'_> {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            let mut inner = self.stream.shared.lock();
+            inner.conn.unstage(self.header.seq);
+            drop(inner);
+            self.stream.shared.pool.put(buf);
+        }
+    }
+}
+
 impl StpStream {
     fn start(
         source: &dyn PathSource,
         conn: Connection,
         binding: Binding,
-        key: FrameKey,
+        cipher: Cipher,
         tx: Box<dyn Mailbox>,
         send_buffer_bytes: usize,
     ) -> io::Result<StpStream> {
@@ -310,31 +630,58 @@ impl StpStream {
         for _ in 1..rxs[0].receive_parallelism() {
             rxs.push(source.open().map_err(mb_err)?);
         }
+        let (out_dir, in_dir) = match conn.role() {
+            crate::conn::Role::Client => (Direction::ClientToServer, Direction::ServerToClient),
+            crate::conn::Role::Server => (Direction::ServerToClient, Direction::ClientToServer),
+        };
+        let state = conn.state();
+        let pool = BufPool::global().clone();
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 conn,
                 failed: None,
                 stop: false,
+                sealed: BTreeMap::new(),
+                outq: VecDeque::new(),
+                control: HashMap::new(),
+                next_control: 0,
+                timer_at: None,
+                last_una: 0,
+                last_state: state,
+                foreign_version: None,
             }),
-            changed: Condvar::new(),
-            key,
+            readers: Condvar::new(),
+            writers: Condvar::new(),
+            timer: Condvar::new(),
+            sender: Condvar::new(),
+            cipher,
+            out_dir,
+            in_dir,
             binding,
-            tx: Mutex::new(tx),
             send_buffer_bytes,
+            pool: pool.clone(),
         });
         shared.flush(shared.lock());
         let mut stream = StpStream {
             shared,
             pumps: Vec::new(),
             timer: None,
+            sender: None,
         };
         // On a spawn failure, dropping `stream` stops and joins what runs.
+        let weak = Arc::downgrade(&stream.shared);
+        stream.sender = Some(
+            thread::Builder::new()
+                .name(format!("stp-send-{}", binding.port))
+                .spawn(move || sender(weak, tx))?,
+        );
         for (i, rx) in rxs.into_iter().enumerate() {
             let weak = Arc::downgrade(&stream.shared);
+            let pool = pool.clone();
             stream.pumps.push(
                 thread::Builder::new()
                     .name(format!("stp-pump-{}.{i}", binding.port))
-                    .spawn(move || pump(weak, rx))?,
+                    .spawn(move || pump(weak, rx, pool))?,
             );
         }
         let weak = Arc::downgrade(&stream.shared);
@@ -346,7 +693,8 @@ impl StpStream {
         Ok(stream)
     }
 
-    /// Connects to `port` on the STG, authenticating frames with `key`.
+    /// Connects to `port` on the STG, protecting frames with `key`
+    /// (docs/PROTOCOL.md §7) as `config.protection` says.
     pub fn connect(
         source: Arc<dyn PathSource>,
         port: u32,
@@ -357,17 +705,21 @@ impl StpStream {
         let mut tx = source.open().map_err(mb_err)?;
         let binding = tx.bind(None).map_err(mb_err)?;
         let buffer = config.send_buffer_bytes;
+        let protection = config.protection;
+        let conn_id = rand::rngs::OsRng.next_u64();
         let conn = Connection::connect(
-            fit(config),
+            fit(config, &binding),
             Instant::now(),
             binding.port,
             port,
-            rand::rngs::OsRng.next_u64(),
+            conn_id,
             nonce(),
         );
-        let stream = StpStream::start(source.as_ref(), conn, binding, key, tx, buffer)?;
+        let cipher = Cipher::new(&key, conn_id, protection);
+        let stream = StpStream::start(source.as_ref(), conn, binding, cipher, tx, buffer)?;
         stream.wait_for(
-            "STP connection not established (is anyone listening on the port, with the same key?)",
+            "STP connection not established (is anyone listening on the port, with the same key \
+             and protection?)",
             timeout,
             |c| c.state() != State::SynSent,
         )?;
@@ -391,14 +743,22 @@ impl StpStream {
             }
             let now = Instant::now();
             if now >= deadline {
+                let also = match inner.foreign_version {
+                    Some(v) => format!(
+                        "; frames of STP v{v} arrived and were refused: the peer runs a release \
+                         speaking another protocol version (this one speaks v{}), upgrade it",
+                        wire::VERSION
+                    ),
+                    None => String::new(),
+                };
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("{what} within {timeout:?}"),
+                    format!("{what} within {timeout:?}{also}"),
                 ));
             }
             inner = self
                 .shared
-                .changed
+                .writers
                 .wait_timeout(inner, (deadline - now).min(POLL))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
@@ -420,6 +780,11 @@ impl StpStream {
         self.shared.lock().conn.stats()
     }
 
+    /// How this stream protects its frames.
+    pub fn protection(&self) -> crate::frame::Protection {
+        self.shared.cipher.protection()
+    }
+
     /// Closes this direction (FIN after the buffered data) and waits up to
     /// `timeout` for the connection to finish closing.
     pub fn shutdown(&mut self, timeout: Duration) -> io::Result<()> {
@@ -432,6 +797,94 @@ impl StpStream {
             matches!(c.state(), State::Closed | State::Linger | State::CloseWait) || c.is_closed()
         })
     }
+
+    /// Stages a DATA frame of up to `len` bytes, waiting for room.
+    fn stage(&self, len: usize) -> io::Result<Header> {
+        let mut inner = self.shared.lock();
+        loop {
+            if let Some(e) = &inner.failed {
+                return Err(conn_err(e));
+            }
+            match inner.conn.stage(len) {
+                Ok(Some(h)) => return Ok(h),
+                Ok(None) => {}
+                Err(e) => return Err(conn_err(&e)),
+            }
+            inner = self
+                .shared
+                .writers
+                .wait_timeout(inner, POLL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Seals the staged frame in `buf` (payload in place after the header)
+    /// and queues it.
+    fn seal_and_queue(&self, mut header: Header, mut buf: IoBuf) -> io::Result<()> {
+        let seq = header.seq;
+        if let Err(e) = self
+            .shared
+            .cipher
+            .seal(self.shared.out_dir, &mut header, &mut buf)
+        {
+            self.shared.lock().conn.unstage(seq);
+            self.shared.pool.put(buf);
+            return Err(io::Error::other(e.to_string()));
+        }
+        let mut inner = self.shared.lock();
+        inner.sealed.insert(
+            seq,
+            Sealed {
+                buf: Some(buf),
+                resend: false,
+            },
+        );
+        inner.conn.sealed(seq);
+        self.shared.flush(inner);
+        Ok(())
+    }
+
+    /// A DMA buffer for up to `len` payload bytes (at most the negotiated
+    /// frame payload; see [`SendSlot::payload`] for how many it got),
+    /// waiting for room in the send buffer. The caller fills it and
+    /// commits: the payload is sealed where it lies, with no copy.
+    pub fn send_buf(&mut self, len: usize) -> io::Result<SendSlot<'_>> {
+        let header = self.stage(len.max(1))?;
+        let span = frame_span(header.payload_len);
+        let buf = self.shared.pool.get(span);
+        Ok(SendSlot {
+            stream: self,
+            header,
+            buf: Some(buf),
+        })
+    }
+
+    /// The next received bytes, without copying them: a chunk of the
+    /// RECEIVE buffer the device wrote them into. `None` at end of stream.
+    /// Waits until data, the end, or an error.
+    pub fn recv_buf(&mut self) -> io::Result<Option<Chunk>> {
+        let mut inner = self.shared.lock();
+        loop {
+            match inner.conn.read_chunk() {
+                Ok(c) => {
+                    self.shared.flush(inner);
+                    return Ok(c);
+                }
+                Err(ConnError::WouldBlock) => {}
+                Err(e) => return Err(conn_err(&e)),
+            }
+            if let Some(e) = &inner.failed {
+                return Err(conn_err(e));
+            }
+            inner = self
+                .shared
+                .readers
+                .wait_timeout(inner, POLL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
 }
 
 impl Read for StpStream {
@@ -440,7 +893,7 @@ impl Read for StpStream {
         loop {
             match inner.conn.read(buf) {
                 Ok(n) => {
-                    // Reading opened the window: let the peer know.
+                    // Reading may have opened the window: let the peer know.
                     self.shared.flush(inner);
                     return Ok(n);
                 }
@@ -452,7 +905,7 @@ impl Read for StpStream {
             }
             inner = self
                 .shared
-                .changed
+                .readers
                 .wait_timeout(inner, POLL)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
@@ -461,30 +914,22 @@ impl Read for StpStream {
 }
 
 impl Write for StpStream {
+    /// Sends up to one frame's worth of `buf`: the bytes are copied once,
+    /// into the frame's DMA buffer, and sealed there. Each call makes its
+    /// own frame, so small writes make small frames (wrap the stream in a
+    /// `BufWriter` to batch them).
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
         }
-        let mut inner = self.shared.lock();
-        loop {
-            if let Some(e) = &inner.failed {
-                return Err(conn_err(e));
-            }
-            match inner.conn.write(buf) {
-                Ok(0) => {}
-                Ok(n) => {
-                    self.shared.flush(inner);
-                    return Ok(n);
-                }
-                Err(e) => return Err(conn_err(&e)),
-            }
-            inner = self
-                .shared
-                .changed
-                .wait_timeout(inner, POLL)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        let header = self.stage(buf.len())?;
+        let n = header.payload_len as usize;
+        let mut frame = self.shared.pool.get(frame_span(header.payload_len));
+        frame[HEADER_LEN..HEADER_LEN + n].copy_from_slice(&buf[..n]);
+        bump!(send_copy_bytes, n);
+        bump!(send_payload_bytes, n);
+        self.seal_and_queue(header, frame)?;
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -520,17 +965,24 @@ impl Drop for StpStream {
         if !handshaking {
             let _ = self.wait_for("close", Duration::from_secs(2), Connection::is_closed);
         }
-        self.shared.lock().stop = true;
-        self.shared.changed.notify_all();
+        // Let the sender put out what is queued (a final ACK, an RST).
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while !self.shared.lock().outq.is_empty() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(1));
+        }
+        self.shared.stop(self.shared.lock(), None);
         for t in self.timer.take().into_iter().chain(self.pumps.drain(..)) {
             let _ = t.join();
         }
-        let _ = self
-            .shared
-            .tx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .release(&self.shared.binding);
+        if let Some(Ok(mut tx)) = self.sender.take().map(JoinHandle::join) {
+            let _ = tx.release(&self.shared.binding);
+        }
+        let mut inner = self.shared.lock();
+        for (_, s) in std::mem::take(&mut inner.sealed) {
+            if let Some(buf) = s.buf {
+                self.shared.pool.put(buf);
+            }
+        }
     }
 }
 
@@ -544,6 +996,10 @@ pub struct StpListener {
     /// Accepted connections by id, so a retransmitted SYN reaches the
     /// connection that answered it.
     accepted: HashMap<u64, Weak<Shared>>,
+    /// Every connection id answered: a SYN replayed after its connection
+    /// ended must not open a second connection under the same key.
+    seen: HashSet<u64>,
+    foreign_version: Option<u8>,
 }
 
 impl std::fmt::Debug for StpListener {
@@ -571,6 +1027,8 @@ impl StpListener {
             key,
             config,
             accepted: HashMap::new(),
+            seen: HashSet::new(),
+            foreign_version: None,
         })
     }
 
@@ -585,15 +1043,23 @@ impl StpListener {
         loop {
             let now = Instant::now();
             if now >= deadline {
+                let also = match self.foreign_version {
+                    Some(v) => format!(
+                        "; frames of STP v{v} arrived and were refused: a peer runs a release \
+                         speaking another protocol version (this one speaks v{}), upgrade it",
+                        wire::VERSION
+                    ),
+                    None => String::new(),
+                };
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
-                        "no STP connection on port {} within {timeout:?}",
+                        "no STP connection on port {} within {timeout:?}{also}",
                         self.binding.port
                     ),
                 ));
             }
-            let buf =
+            let mut buf =
                 match self
                     .mailbox
                     .receive(&self.binding, RECV_BYTES, (deadline - now).min(POLL))
@@ -606,18 +1072,31 @@ impl StpListener {
                         continue;
                     }
                 };
+            let mut offsets = Vec::new();
             for found in Frames::new(&buf) {
-                let Ok(found) = found else { break };
-                let Ok((header, payload)) = open(found.bytes(&buf), &self.key) else {
+                match found {
+                    Ok(f) => offsets.push((f.offset, f.header.conn_id, f.header.kind)),
+                    Err((_, WireError::BadVersion(v))) => {
+                        self.foreign_version = Some(v);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            for (offset, conn_id, kind) in offsets {
+                if kind != Kind::SYN {
+                    continue;
+                }
+                let cipher = Cipher::new(&self.key, conn_id, self.config.protection);
+                let Ok(header) = cipher.open(Direction::ClientToServer, &mut buf[offset..]) else {
                     continue;
                 };
-                if header.kind != Kind::SYN {
+                let start = offset + HEADER_LEN;
+                let payload = &buf[start..start + header.payload_len as usize];
+                if self.redeliver(&header, payload) || !self.seen.insert(conn_id) {
                     continue;
                 }
-                if self.redeliver(&header, payload) {
-                    continue;
-                }
-                return self.accept_syn(&header, payload);
+                return self.accept_syn(&header, payload, cipher);
             }
         }
     }
@@ -634,27 +1113,36 @@ impl StpListener {
         true
     }
 
-    fn accept_syn(&mut self, syn: &Header, payload: &[u8]) -> io::Result<StpStream> {
+    fn accept_syn(
+        &mut self,
+        syn: &Header,
+        payload: &[u8],
+        cipher: Cipher,
+    ) -> io::Result<StpStream> {
         let mut tx = self.source.open().map_err(mb_err)?;
         let binding = tx.bind(None).map_err(mb_err)?;
-        let conn = Connection::accept(
-            fit(self.config.clone()),
+        let conn = match Connection::accept(
+            fit(self.config.clone(), &binding),
             Instant::now(),
             syn,
             payload,
             binding.port,
             nonce(),
-        )
-        .map_err(|e| conn_err(&e))?;
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                // Refuse from the listening port (sealed under the
+                // connection's key, as the client expects), then report.
+                let (h, p) = Connection::refuse(syn, e.reset_reason(), &e.to_string());
+                if let Ok(frame) = cipher.seal_to_vec(Direction::ServerToClient, h, &[&p]) {
+                    let _ = self.mailbox.send_packed(&self.binding, &frame);
+                }
+                let _ = tx.release(&binding);
+                return Err(conn_err(&e));
+            }
+        };
         let buffer = self.config.send_buffer_bytes;
-        let stream = StpStream::start(
-            self.source.as_ref(),
-            conn,
-            binding,
-            self.key.clone(),
-            tx,
-            buffer,
-        )?;
+        let stream = StpStream::start(self.source.as_ref(), conn, binding, cipher, tx, buffer)?;
         self.accepted.retain(|_, w| w.strong_count() > 0);
         self.accepted
             .insert(syn.conn_id, Arc::downgrade(&stream.shared));
@@ -666,4 +1154,10 @@ impl Drop for StpListener {
     fn drop(&mut self) {
         let _ = self.mailbox.release(&self.binding);
     }
+}
+
+/// What [`counters`] say about the data path since `before` (for benches
+/// and tests): re-exported so callers need not reach into the module.
+pub fn counters_since(before: &counters::Snapshot) -> counters::Snapshot {
+    counters::snapshot().since(before)
 }

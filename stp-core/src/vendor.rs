@@ -89,8 +89,9 @@ pub const MAX_TRANSFER: u32 = VendorCdb::MAX_LENGTH;
 
 /// `"STGI"`, the magic of STG INFO data.
 pub const STG_INFO_MAGIC: u32 = 0x5354_4749;
-/// The protocol version the array reports in STG INFO.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// The protocol version the array reports in STG INFO: the frame format
+/// it routes (docs/PROTOCOL.md §9).
+pub const PROTOCOL_VERSION: u8 = crate::wire::VERSION;
 /// Bytes of the STG INFO header.
 pub const STG_INFO_HEADER_LEN: usize = 32;
 /// Bytes per member in STG INFO.

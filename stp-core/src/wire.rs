@@ -2,8 +2,9 @@
 //! kinds and flags, and walking the frames packed in one buffer.
 //!
 //! This module checks structure only (lengths, magic, version). Integrity
-//! (CRC32C) and authenticity (the tag) are checked by [`crate::frame`] at the
-//! endpoints; the array routes frames on structure alone.
+//! (the header's CRC32C) and authenticity (the AEAD tag) are checked by
+//! [`crate::frame`] at the endpoints; the array routes frames on structure
+//! alone.
 //!
 //! No-panic contract: [`Header::parse`] and [`Frames`] accept any bytes.
 
@@ -14,18 +15,24 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// `"STPF"`.
 pub const MAGIC: u32 = 0x5354_5046;
-/// The protocol version this code speaks.
-pub const VERSION: u8 = 1;
+/// The protocol version this code speaks (docs/PROTOCOL.md §9).
+pub const VERSION: u8 = 2;
+/// The previous protocol version: its frames are recognised (to refuse them
+/// with a clear error), never opened.
+pub const PREVIOUS_VERSION: u8 = 1;
 /// Bytes in a frame header.
-pub const HEADER_LEN: usize = 72;
+pub const HEADER_LEN: usize = 80;
 /// Frames packed in one buffer start at multiples of this.
 pub const ALIGN: usize = 8;
 /// The largest payload any frame may carry (1 MiB).
 pub const MAX_PAYLOAD: u32 = 1 << 20;
-/// Byte range of the CRC32C field.
-pub const CRC_RANGE: std::ops::Range<usize> = 48..52;
+/// Bytes of the header the AEAD authenticates as associated data and the
+/// CRC32C covers: everything before the CRC field.
+pub const AAD_LEN: usize = 60;
+/// Byte range of the header's CRC32C field.
+pub const CRC_RANGE: std::ops::Range<usize> = 60..64;
 /// Byte range of the authentication tag.
-pub const TAG_RANGE: std::ops::Range<usize> = 56..72;
+pub const TAG_RANGE: std::ops::Range<usize> = 64..80;
 /// Bytes in the authentication tag.
 pub const TAG_LEN: usize = 16;
 
@@ -55,15 +62,19 @@ pub struct RawHeader {
     pub credit: U32<BigEndian>,
     /// Payload bytes after the header.
     pub payload_len: U32<BigEndian>,
-    /// CRC32C of header (this field zero) and payload.
-    pub crc32c: U32<BigEndian>,
+    /// Packet number: unique per sealed frame of one direction of one
+    /// connection; the AEAD nonce (docs/PROTOCOL.md §7).
+    pub pn: U64<BigEndian>,
     /// Zero.
     pub reserved: U32<BigEndian>,
-    /// Keyed BLAKE3, truncated to 16 bytes (docs/PROTOCOL.md §7).
+    /// CRC32C of bytes 0–59 (the header before this field).
+    pub crc32c: U32<BigEndian>,
+    /// The AEAD tag (docs/PROTOCOL.md §7).
     pub tag: [u8; TAG_LEN],
 }
 
 const _: () = assert!(std::mem::size_of::<RawHeader>() == HEADER_LEN);
+const _: () = assert!(HEADER_LEN % ALIGN == 0);
 
 /// A frame kind, as an open newtype (unknown kinds are dropped by receivers).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
@@ -124,8 +135,12 @@ pub struct Flags(pub u16);
 impl Flags {
     /// The receiver should acknowledge at once.
     pub const ACK_NOW: Flags = Flags(1 << 0);
-    /// This frame is a retransmission.
+    /// This frame is a retransmission (version 1 only; a version 2
+    /// retransmission is the original sealed frame, unchanged).
     pub const RETRANSMIT: Flags = Flags(1 << 1);
+    /// The payload is encrypted (the connection's protection is
+    /// [`Protection::Encrypt`](crate::frame::Protection)).
+    pub const ENCRYPTED: Flags = Flags(1 << 2);
 
     /// True if every bit of `other` is set.
     pub fn contains(self, other: Flags) -> bool {
@@ -161,6 +176,8 @@ pub struct Header {
     pub credit: u32,
     /// Payload length in bytes.
     pub payload_len: u32,
+    /// Packet number (the AEAD nonce's counter).
+    pub pn: u64,
     /// CRC32C as carried.
     pub crc32c: u32,
     /// Tag as carried.
@@ -181,7 +198,10 @@ pub enum WireError {
     #[error("bad frame magic 0x{0:08x}")]
     BadMagic(u32),
     /// Unsupported version.
-    #[error("unsupported frame version {0} (this build speaks {VERSION})")]
+    #[error(
+        "unsupported frame version {0} (this build speaks STP v{VERSION}); \
+         upgrade the side that sent it"
+    )]
     BadVersion(u8),
     /// Payload larger than the protocol allows.
     #[error("frame payload of {0} bytes exceeds the {MAX_PAYLOAD}-byte maximum")]
@@ -194,6 +214,14 @@ pub enum WireError {
         /// Bytes available after the header.
         available: usize,
     },
+}
+
+/// The version byte of what looks like a frame header (right magic, at
+/// least 8 bytes), whatever the version: lets receivers and the array tell
+/// a peer speaking another protocol version from garbage.
+pub fn peek_version(bytes: &[u8]) -> Option<u8> {
+    let magic = bytes.get(..4)?;
+    (magic == MAGIC.to_be_bytes()).then(|| bytes.get(4).copied())?
 }
 
 /// Bytes a frame occupies in a packed buffer, padding included.
@@ -228,6 +256,7 @@ impl Header {
             ack: raw.ack.get(),
             credit: raw.credit.get(),
             payload_len,
+            pn: raw.pn.get(),
             crc32c: raw.crc32c.get(),
             tag: raw.tag,
         })
@@ -247,8 +276,9 @@ impl Header {
             ack: self.ack.into(),
             credit: self.credit.into(),
             payload_len: self.payload_len.into(),
-            crc32c: self.crc32c.into(),
+            pn: self.pn.into(),
             reserved: 0.into(),
+            crc32c: self.crc32c.into(),
             tag: self.tag,
         };
         let mut out = [0u8; HEADER_LEN];
@@ -359,6 +389,7 @@ mod tests {
             ack: 4,
             credit: 64,
             payload_len: 5,
+            pn: 0x1122_3344_5566_7788,
             crc32c: 0xDEAD_BEEF,
             tag: [7; 16],
         }
@@ -367,12 +398,17 @@ mod tests {
     #[test]
     fn layout_literal_bytes() {
         let b = sample().to_bytes();
-        assert_eq!(&b[0..8], &[0x53, 0x54, 0x50, 0x46, 1, 4, 0, 1]);
+        assert_eq!(&b[0..8], &[0x53, 0x54, 0x50, 0x46, 2, 4, 0, 1]);
         assert_eq!(&b[8..16], &[0, 0, 0x80, 0, 0, 0, 0x13, 0xED]);
         assert_eq!(&b[16..24], &[1, 2, 3, 4, 5, 6, 7, 8]);
         assert_eq!(b[31], 9);
         assert_eq!(b[39], 4);
         assert_eq!(&b[40..48], &[0, 0, 0, 64, 0, 0, 0, 5]);
+        assert_eq!(
+            &b[48..56],
+            &[0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88]
+        );
+        assert_eq!(&b[56..60], &[0; 4]);
         assert_eq!(&b[CRC_RANGE], &[0xDE, 0xAD, 0xBE, 0xEF]);
         assert_eq!(&b[TAG_RANGE], &[7; 16]);
         assert_eq!(Header::parse(&b), Ok(sample()));
@@ -382,12 +418,14 @@ mod tests {
     fn structural_errors() {
         let mut b = sample().to_bytes();
         assert_eq!(
-            Header::parse(&b[..71]),
-            Err(WireError::ShortHeader { got: 71 })
+            Header::parse(&b[..79]),
+            Err(WireError::ShortHeader { got: 79 })
         );
-        b[4] = 2;
-        assert_eq!(Header::parse(&b), Err(WireError::BadVersion(2)));
         b[4] = 1;
+        assert_eq!(Header::parse(&b), Err(WireError::BadVersion(1)));
+        assert_eq!(peek_version(&b), Some(1));
+        b[4] = 2;
+        assert_eq!(peek_version(&b), Some(2));
         b[0] = 0;
         assert!(matches!(Header::parse(&b), Err(WireError::BadMagic(_))));
         let mut h = sample();
@@ -426,9 +464,10 @@ mod tests {
         #[test]
         fn parse_of_emit(kind in any::<u8>(), flags in any::<u16>(), ports in any::<(u32, u32)>(),
                          ids in any::<(u64, u64, u64)>(), credit in any::<u32>(),
-                         len in 0..=MAX_PAYLOAD, crc in any::<u32>(), tag in any::<[u8; 16]>()) {
+                         len in 0..=MAX_PAYLOAD, crc in any::<u32>(), tag in any::<[u8; 16]>(),
+                         pn in any::<u64>()) {
             let h = Header { kind: Kind(kind), flags: Flags(flags), src_port: ports.0, dst_port: ports.1,
-                conn_id: ids.0, seq: ids.1, ack: ids.2, credit, payload_len: len, crc32c: crc, tag };
+                conn_id: ids.0, seq: ids.1, ack: ids.2, credit, payload_len: len, pn, crc32c: crc, tag };
             prop_assert_eq!(Header::parse(&h.to_bytes()), Ok(h));
         }
 

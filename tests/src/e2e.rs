@@ -20,7 +20,7 @@ use stp_core::auth::{FrameKey, Handshake, Role};
 use stp_core::block::{format, host_port, BlockStg};
 use stp_core::conn::Config;
 use stp_core::flows::{db_client_connect, db_server_accept, fs_client_accept, fs_server_connect};
-use stp_core::frame::{open, FrameError, OutFrame};
+use stp_core::frame::{Cipher, Direction, FrameError, Protection};
 use stp_core::mailbox::{Mailbox, VendorMailbox};
 use stp_core::sockets::{Fd, Mechanism, SocketLayer, STP_FD_BASE};
 use stp_core::stg::BlockLayout;
@@ -589,13 +589,28 @@ pub fn rig_mailbox(rig: &Arc<dyn Rig>, host: usize) -> VendorMailbox {
     VendorMailbox::new(paths).unwrap()
 }
 
+/// The connection id of the hand-made frames below.
+const HAND_CONN: u64 = 0xC0FFEE;
+
+/// Seals a hand-made frame as a client of connection [`HAND_CONN`] would.
+pub fn seal(header: Header, body: &[&[u8]], key: &FrameKey) -> Vec<u8> {
+    Cipher::new(key, HAND_CONN, Protection::Encrypt)
+        .seal_to_vec(Direction::ClientToServer, header, body)
+        .unwrap()
+}
+
+/// Opens a hand-made frame as the server of [`HAND_CONN`] would.
+pub fn open(bytes: &[u8], key: &FrameKey) -> Result<(Header, Vec<u8>), FrameError> {
+    Cipher::new(key, HAND_CONN, Protection::Encrypt).open_to_vec(Direction::ClientToServer, bytes)
+}
+
 /// A DATA frame header from `src` to `dst`.
 pub fn data_header(src: u32, dst: u32, seq: u64) -> Header {
     Header {
         kind: Kind::DATA,
         src_port: src,
         dst_port: dst,
-        conn_id: 0xC0FFEE,
+        conn_id: HAND_CONN,
         seq,
         ..Header::default()
     }
@@ -616,21 +631,23 @@ pub fn spoofed_frames_rejected(rig: &Arc<dyn Rig>, intruder_host: usize) {
     let ib = intruder.bind(None).unwrap();
     let (wrong_key, _) = keys(77);
     let body = [b"forged" as &[u8]];
-    let spoofed = OutFrame::sealed(data_header(cb.port, sb.port, 1), &body, &wrong_key).unwrap();
-    let e = intruder.send(&ib, &[spoofed]).unwrap_err();
+    let spoofed = seal(data_header(cb.port, sb.port, 1), &body, &wrong_key);
+    let e = intruder.send_packed(&ib, &spoofed).unwrap_err();
     assert!(
         matches!(e, MailboxError::SourcePortMismatch { .. }),
         "a forged source port: {e}"
     );
-    let forged = OutFrame::sealed(data_header(ib.port, sb.port, 1), &body, &wrong_key).unwrap();
-    intruder.send(&ib, &[forged]).unwrap();
+    let forged = seal(data_header(ib.port, sb.port, 1), &body, &wrong_key);
+    intruder.send_packed(&ib, &forged).unwrap();
     let got = server.receive(&sb, 4096, Duration::from_secs(2)).unwrap();
     let f = Frames::new(&got).next().unwrap().unwrap();
     assert!(matches!(open(f.bytes(&got), &ks), Err(FrameError::BadTag)));
 
     let genuine_body = [b"hello" as &[u8]];
-    let genuine = OutFrame::sealed(data_header(cb.port, sb.port, 1), &genuine_body, &kc).unwrap();
-    client.send(&cb, &[genuine, genuine]).unwrap();
+    let genuine = seal(data_header(cb.port, sb.port, 1), &genuine_body, &kc);
+    client
+        .send_packed(&cb, &[genuine.as_slice(), genuine.as_slice()].concat())
+        .unwrap();
     let got = server.receive(&sb, 4096, Duration::from_secs(2)).unwrap();
     let seqs: Vec<u64> = Frames::new(&got)
         .map(|f| open(f.unwrap().bytes(&got), &ks).unwrap().0.seq)
@@ -660,8 +677,8 @@ pub fn long_poll_receive(rig: &Arc<dyn Rig>) {
     let mut client = rig_mailbox(rig, 1);
     let cb = client.bind(None).unwrap();
     let body = [b"late arrival" as &[u8]];
-    let frame = OutFrame::sealed(data_header(cb.port, port, 1), &body, &kc).unwrap();
-    client.send(&cb, &[frame]).unwrap();
+    let frame = seal(data_header(cb.port, port, 1), &body, &kc);
+    client.send_packed(&cb, &frame).unwrap();
     let (got, waited) = waiter.join().unwrap();
     assert_eq!(got, b"late arrival");
     assert!(
@@ -689,8 +706,8 @@ pub fn held_receive_does_not_stall_its_path(rig: &Arc<dyn Rig>, until_held: &dyn
     });
     until_held();
     let body = [b"through the same paths" as &[u8]];
-    let frame = OutFrame::sealed(data_header(sb.port, wb.port, 1), &body, &kc).unwrap();
-    sender.send(&sb, &[frame]).unwrap();
+    let frame = seal(data_header(sb.port, wb.port, 1), &body, &kc);
+    sender.send_packed(&sb, &frame).unwrap();
     let got = held.join().unwrap();
     let f = Frames::new(&got)
         .next()

@@ -19,7 +19,6 @@ use stp_core::block::{
     format, host_port, BlockConfig, BlockError, BlockStg, IndexBlock, IndexKind, Superblock,
 };
 use stp_core::conn::Config;
-use stp_core::frame::{open, seal};
 use stp_core::mailbox::{Binding, Mailbox};
 use stp_core::stg::BlockLayout;
 use stp_core::stream::{PathSource, StpListener, StpStream};
@@ -110,7 +109,7 @@ fn raw_read(a: &Array, lun: u64, lba: u64) -> Vec<u8> {
 
 /// A DATA frame, packed (8-byte aligned), sealed with `key` or not.
 fn frame(src: u32, dst: u32, seq: u64, body: &[u8], key: Option<&FrameKey>) -> Vec<u8> {
-    let mut h = Header {
+    let h = Header {
         kind: Kind::DATA,
         src_port: src,
         dst_port: dst,
@@ -119,14 +118,15 @@ fn frame(src: u32, dst: u32, seq: u64, body: &[u8], key: Option<&FrameKey>) -> V
         payload_len: body.len() as u32,
         ..Header::default()
     };
-    let head = match key {
-        Some(k) => seal(&mut h, &[body], k).unwrap(),
-        None => h.to_bytes(),
-    };
-    let mut v = head.to_vec();
-    v.extend_from_slice(body);
-    v.resize(v.len().next_multiple_of(8), 0);
-    v
+    match key {
+        Some(k) => stp_tests::e2e::seal(h, &[body], k),
+        None => {
+            let mut v = h.to_bytes().to_vec();
+            v.extend_from_slice(body);
+            v.resize(v.len().next_multiple_of(8), 0);
+            v
+        }
+    }
 }
 
 /// Receives until `n` frames arrived (or `T` passed): (header, payload).
@@ -178,7 +178,10 @@ fn format_then_open_from_both_hosts() {
         assert_eq!(h.members(), 2);
         assert_eq!(h.block_size(), 512);
         assert_eq!(h.slot_bytes(), 32 * 1024);
-        assert_eq!(h.max_payload(), 32 * 1024 - 24 - 72);
+        assert_eq!(
+            h.max_payload(),
+            32 * 1024 - 24 - stp_core::wire::HEADER_LEN as u32
+        );
         assert_eq!(h.epoch(), 1);
     }
     // Opening announced each host's epoch in the blocks it writes.
@@ -384,9 +387,10 @@ fn raw_frames_route_by_port_in_order_both_ways() {
     assert_eq!(got.len(), 30);
     for (i, (h, body)) in got.iter().enumerate() {
         assert_eq!(h.seq, i as u64);
-        assert_eq!(*body, payload(1000 + i as u64, (i * 1237) % 30_000));
-        let bytes = frame(h.src_port, h.dst_port, h.seq, body, Some(&key));
-        open(&bytes, &key).unwrap();
+        let mut bytes = h.to_bytes().to_vec();
+        bytes.extend_from_slice(body);
+        let (_, plain) = stp_tests::e2e::open(&bytes, &key).unwrap();
+        assert_eq!(plain, payload(1000 + i as u64, (i * 1237) % 30_000));
     }
     // Frames for this host's own ports never touch the array.
     m0.send_packed(&c0, &frame(c0.port, c0.port, 77, b"loop", None))

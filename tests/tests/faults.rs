@@ -116,6 +116,7 @@ fn config() -> Config {
         delayed_ack: Duration::from_millis(2),
         keepalive: Duration::from_secs(1),
         idle_timeout: Duration::from_secs(15),
+        ..Config::default()
     }
 }
 

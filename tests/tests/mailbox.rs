@@ -9,11 +9,10 @@ use rand::SeedableRng;
 use scsi::Transport;
 use sim_target::{Array, Host, LunConfig, StgMailbox, StgSpec};
 use stp_core::auth::{Handshake, Role};
-use stp_core::frame::{open, OutFrame};
 use stp_core::mailbox::VendorMailbox;
 use stp_core::vendor::MailboxError;
 use stp_core::wire::Frames;
-use stp_tests::e2e::{self, data_header};
+use stp_tests::e2e::{self, data_header, open, seal};
 use stp_tests::rig::inproc;
 
 fn array_with_stg(members: u64) -> Array {
@@ -63,14 +62,12 @@ fn sealed_frames_cross_the_array_between_two_hosts() {
     // Three frames, payloads given as several slices each (scatter-gather).
     let bodies: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 1000 + i as usize * 333]).collect();
     let parts: Vec<[&[u8]; 2]> = bodies.iter().map(|b| [&b[..10], &b[10..]]).collect();
-    let frames: Vec<OutFrame<'_>> = parts
+    let frames: Vec<u8> = parts
         .iter()
         .enumerate()
-        .map(|(i, p)| {
-            OutFrame::sealed(data_header(cb.port, sb.port, i as u64 + 1), p, &kc).unwrap()
-        })
+        .flat_map(|(i, p)| seal(data_header(cb.port, sb.port, i as u64 + 1), p, &kc))
         .collect();
-    client.send(&cb, &frames).unwrap();
+    client.send_packed(&cb, &frames).unwrap();
 
     let got = server
         .receive(&sb, 64 * 1024, Duration::from_secs(2))
@@ -85,7 +82,7 @@ fn sealed_frames_cross_the_array_between_two_hosts() {
     assert_eq!(seen, vec![1, 2, 3]);
     server.release(&sb).unwrap();
     assert!(matches!(
-        client.send(&cb, &frames),
+        client.send_packed(&cb, &frames),
         Err(MailboxError::PortNotBound(5101))
     ));
 }
