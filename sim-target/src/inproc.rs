@@ -16,6 +16,11 @@
 //! buffer is not returned; a vendor handler still holding it sees
 //! [`Reply::is_aborted`]. A timeout or wait of [`Duration::MAX`] (or any
 //! too large to add to the clock) means "never".
+//!
+//! Data moves between the initiator's own [`IoBuf`] and the array, with no
+//! buffer of the front end's in between. Per command the path allocates
+//! only the boxed reply; the completion queue's storage and the abort
+//! flags are reused from command to command.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -120,6 +125,8 @@ impl Host {
             exec_rng: SmallRng::seed_from_u64(exec_seed),
             options,
             name: format!("sim:{}/lun{lun}", self.name),
+            spare: VecDeque::new(),
+            flags: Vec::new(),
         })
     }
 }
@@ -243,6 +250,10 @@ struct Pending {
     aborted: Arc<AtomicBool>,
 }
 
+/// Abort flags kept for reuse (more in flight at once than this are
+/// allocated and freed).
+const SPARE_FLAGS: usize = 64;
+
 /// One host's path to one LUN of the simulated array.
 pub struct InProcTransport {
     array: Array,
@@ -257,6 +268,11 @@ pub struct InProcTransport {
     exec_rng: SmallRng,
     options: InProcOptions,
     name: String,
+    /// The completion queue's other half: swapped with it to take a batch
+    /// of completions, so neither is reallocated.
+    spare: VecDeque<Done>,
+    /// Abort flags of finished commands nothing else refers to any more.
+    flags: Vec<Arc<AtomicBool>>,
 }
 
 impl Drop for InProcTransport {
@@ -289,9 +305,17 @@ impl InProcTransport {
     }
 
     fn finish(&mut self, done: Done, out: &mut Vec<Completion>) -> bool {
-        let Some(p) = self.pending.remove(&done.seq) else {
+        let Some(mut p) = self.pending.remove(&done.seq) else {
             return false; // timed out earlier: its completion is discarded
         };
+        // The reply is gone (or going): once nothing else holds the flag,
+        // the next command may have it.
+        if self.flags.len() < SPARE_FLAGS {
+            if let Some(flag) = Arc::get_mut(&mut p.aborted) {
+                *flag.get_mut() = false;
+                self.flags.push(p.aborted.clone());
+            }
+        }
         let r = done.result;
         let residual = match done.direction {
             DataDirection::FromDevice => done.buf.len().saturating_sub(r.data_in),
@@ -365,7 +389,10 @@ impl Transport for InProcTransport {
         let seq = self.next_seq;
         self.next_seq += 1;
         let start = Instant::now();
-        let aborted = Arc::new(AtomicBool::new(false));
+        let aborted = self
+            .flags
+            .pop()
+            .unwrap_or_else(|| Arc::new(AtomicBool::new(false)));
         self.pending.insert(
             seq,
             Pending {
@@ -406,7 +433,8 @@ impl Transport for InProcTransport {
         let give_up = wait.and_then(|w| Instant::now().checked_add(w));
         let queue = self.queue.clone();
         while !self.pending.is_empty() {
-            let batch: Vec<Done> = {
+            let mut batch = std::mem::take(&mut self.spare);
+            {
                 let mut q = queue.done.lock().unwrap_or_else(|e| e.into_inner());
                 if q.is_empty() {
                     let now = Instant::now();
@@ -429,11 +457,12 @@ impl Transport for InProcTransport {
                         None => q = queue.ready.wait(q).unwrap_or_else(|e| e.into_inner()),
                     }
                 }
-                q.drain(..).collect()
-            };
-            for done in batch {
+                std::mem::swap(&mut *q, &mut batch);
+            }
+            for done in batch.drain(..) {
                 self.finish(done, out);
             }
+            self.spare = batch;
             let now = Instant::now();
             self.expire(now, out);
             if out.len() > first || give_up.is_some_and(|g| now >= g) {
@@ -456,5 +485,39 @@ impl Transport for InProcTransport {
 
     fn describe(&self) -> String {
         format!("{} (in-process)", self.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use scsi::CdbBuf;
+
+    use super::*;
+    use crate::LunConfig;
+
+    #[test]
+    fn abort_flags_and_completion_storage_are_reused() {
+        let a = Array::new();
+        a.add_lun(0, LunConfig::new(0, 2048, 512)).unwrap();
+        let mut t = Host::login(&a, "h").open(0).unwrap();
+        let tur = || Command::no_data(CdbBuf::new(&[0u8; 6]).unwrap());
+        let mut out = Vec::new();
+        for round in 0..10 {
+            // Four in flight at once, then all reaped.
+            for _ in 0..4 {
+                t.submit(tur()).unwrap();
+            }
+            out.clear();
+            while out.len() < 4 {
+                t.reap(&mut out, None).unwrap();
+            }
+            assert!(out.iter().all(|c| c
+                .result
+                .as_ref()
+                .is_ok_and(|o| o.status == ScsiStatus::GOOD)));
+            assert_eq!(t.flags.len(), 4, "round {round}");
+            assert!(t.flags.iter().all(|f| !f.load(Ordering::Relaxed)));
+            assert!(t.spare.is_empty() && t.spare.capacity() >= 4);
+        }
     }
 }

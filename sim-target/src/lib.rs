@@ -40,6 +40,7 @@ pub mod fault;
 pub mod inproc;
 pub mod lun;
 pub mod mailbox;
+mod pool;
 pub mod task;
 pub mod tcmu;
 

@@ -3,26 +3,41 @@
 //! them and holds long-poll RECEIVEs.
 //!
 //! ```text
-//!  SEND(L1) ─▶ read data-out once ─▶ validate every frame ─▶ port queue ─▶ RECEIVE(L2)
-//!                  (Arc<Vec<u8>>)        (atomic)          └─▶ waiting RECEIVE (direct)
+//!  SEND(L1) ─▶ data-out into a pooled buffer ─▶ validate every frame ─▶ port queue ─▶ RECEIVE(L2)
+//!              (no lock held, not zeroed)         (atomic, locked)    └─▶ waiting RECEIVE (direct)
 //! ```
 //!
 //! * Each STG has its own port space, reached through any of its member
 //!   LUNs. Bindings are named by a random non-zero handle, unique within
 //!   the mailbox.
-//! * A SEND's data is read into one buffer; queued frames are ranges of it,
-//!   so a frame is copied exactly twice: out of the sender's buffer and
-//!   into the receiver's.
+//! * A SEND's data-out is read once into one buffer (the array's copy of
+//!   the data phase); queued frames are ranges of it. From there a frame is
+//!   copied once, into the RECEIVE's buffer, whether it waited in a queue
+//!   or met a waiting RECEIVE: there is no other intermediate buffer. The
+//!   padding after each frame in a RECEIVE is written as zeros by the
+//!   mailbox, never taken from the SEND's buffer.
+//! * SEND buffers come from a pool owned by the mailbox (power-of-two size
+//!   classes, at most [`POOL_KEEP_BYTES`] of free buffers kept) and go back
+//!   to it when the last frame queued from them is delivered or dropped. A
+//!   reused buffer is not zeroed first: the data-out overwrites the range
+//!   the SEND uses, and nothing outside that range is ever read.
 //! * Invariant: a port never has both queued frames and waiting RECEIVEs
 //!   (arriving frames go to waiters first, oldest first, and a RECEIVE is
 //!   held only when the queue is empty). It is restored after every
 //!   command by `pump`.
 //! * One timer thread per mailbox completes RECEIVEs whose long poll
 //!   expired; it exits when the mailbox is dropped.
-//! * Lock discipline: one mutex over the mutable state. Replies are
-//!   completed and written only after the lock is released (the work is
-//!   carried out of the critical section as `Action`s); the mailbox never
-//!   calls into the [`Array`].
+//! * Lock discipline: one mutex over the mutable state, and the buffer
+//!   pool's, a leaf (taken alone to take or return a buffer, or under the
+//!   state lock when dropped frames return theirs; never the other way
+//!   round). No data is copied under either: a SEND's data-out is read
+//!   into its buffer and its frames are checked before the state lock is
+//!   taken, and replies are written and completed only after it is
+//!   released (the work is carried out of the critical section as
+//!   `Action`s). So SENDs and RECEIVEs on different members, served by
+//!   different threads (the TCMU daemon runs one per device), copy in
+//!   parallel and serialise only for the queue bookkeeping. The mailbox
+//!   never calls into the [`Array`].
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -37,7 +52,13 @@ use stp_core::vendor::{self, BindResult, MailboxError, PortStatus, StgInfo};
 use stp_core::wire::{self, Frames};
 
 use crate::array::{Array, Lun, VendorHandler};
+use crate::pool::{BufPool, PooledBuf};
 use crate::task::{Reply, Task, TaskResult};
+
+/// The most bytes of free SEND buffers a mailbox keeps for reuse (a port
+/// queue holds 8 MiB by default; a few full queues' worth of buffers come
+/// back after a burst).
+pub const POOL_KEEP_BYTES: usize = 32 << 20;
 
 /// One STG the mailbox serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -155,6 +176,16 @@ pub struct MailboxStats {
     pub receive_timeouts: u64,
     /// Held RECEIVEs dropped because the initiator had aborted them.
     pub receives_aborted: u64,
+    /// SEND buffers allocated (and zeroed, once) because the pool had none
+    /// of the size class free.
+    pub buffers_allocated: u64,
+    /// SENDs read into a previously used buffer from the pool (not zeroed).
+    pub buffers_reused: u64,
+    /// Buffers freed on return because the pool already kept
+    /// [`POOL_KEEP_BYTES`].
+    pub buffers_discarded: u64,
+    /// Bytes of free buffers the pool keeps now.
+    pub pool_bytes: u64,
 }
 
 /// An STG's fixed description.
@@ -164,8 +195,9 @@ struct Stg {
 }
 
 /// A frame in a port queue: a range of the SEND data that carried it.
+/// The buffer goes back to the pool when the last frame from it goes.
 struct Queued {
-    buf: Arc<Vec<u8>>,
+    buf: Arc<PooledBuf>,
     start: usize,
     /// Header and payload, no padding.
     len: usize,
@@ -254,6 +286,8 @@ pub struct StgMailbox {
     /// LUN → (STG index, member index).
     luns: HashMap<u64, (usize, u16)>,
     shared: Arc<Shared>,
+    /// SEND buffers (its lock is a leaf: see the module docs).
+    pool: Arc<BufPool>,
     timer: Option<JoinHandle<()>>,
 }
 
@@ -354,6 +388,7 @@ impl StgMailbox {
             stgs,
             luns,
             shared,
+            pool: BufPool::new(POOL_KEEP_BYTES),
             timer: Some(timer),
         }))
     }
@@ -406,7 +441,15 @@ impl StgMailbox {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> MailboxStats {
-        self.shared.lock().stats
+        let stats = self.shared.lock().stats;
+        let pool = self.pool.stats();
+        MailboxStats {
+            buffers_allocated: pool.allocated,
+            buffers_reused: pool.reused,
+            buffers_discarded: pool.discarded,
+            pool_bytes: pool.kept_bytes,
+            ..stats
+        }
     }
 
     /// Drops every binding of every STG, as an array restart does: queued
@@ -549,24 +592,33 @@ impl StgMailbox {
     /// frame in turn for structure (including `max_payload`) and source
     /// port; then, under the lock, each frame's destination; then each
     /// destination's room, in order of first appearance.
+    ///
+    /// The data-out is read and the frames are checked before the lock is
+    /// taken: SENDs on different members copy in parallel.
     fn try_send(&self, stg: usize, handle: u32, task: &Task) -> Result<Vec<Action>, MailboxError> {
         let src = self.resolve(stg, handle).ok_or(MailboxError::BadHandle)?;
-        // The one copy into the array: the whole data-out, once.
+        // The one copy into the array: the whole data-out, once, into a
+        // pooled buffer that is not zeroed first (every byte of it that is
+        // ever read is overwritten here).
         let len = task.reply.data_len();
-        let mut data = vec![0u8; len];
+        let mut data = self.pool.take(len);
+        let dst = data.as_mut_slice();
         let mut got = 0;
         while got < len {
-            let n = task.reply.read_out(got, &mut data[got..]);
+            let n = task.reply.read_out(got, &mut dst[got..]);
             if n == 0 {
-                break; // the front end broke its promise: the rest reads as zeros
+                break;
             }
             got += n;
         }
+        // The front end broke its promise: the rest reads as zeros, not as
+        // the bytes of the buffer's previous SEND.
+        dst[got..].fill(0);
         let max_payload = self.stgs[stg].spec.max_payload;
         let offset = |o: usize| u32::try_from(o).unwrap_or(u32::MAX);
         // (offset, bytes without padding, destination)
         let mut frames: Vec<(usize, usize, u32)> = Vec::new();
-        for found in Frames::new(&data) {
+        for found in Frames::new(&data[..]) {
             let f = found.map_err(|(at, _)| MailboxError::MalformedFrame { offset: offset(at) })?;
             if f.header.payload_len > max_payload {
                 return Err(MailboxError::MalformedFrame {
@@ -588,21 +640,23 @@ impl StgMailbox {
         if lookup(&st, stg, handle) != Some(src) {
             return Err(MailboxError::BadHandle); // released meanwhile
         }
-        // Destinations, grouped by port in order of first appearance.
-        let mut order: Vec<(u32, Vec<usize>)> = Vec::new();
-        for &(_, bytes, dst) in &frames {
+        // Destinations in order of first appearance.
+        let mut order: Vec<u32> = Vec::new();
+        for &(_, _, dst) in &frames {
             if !st.ports[stg].contains_key(&dst) {
                 return Err(MailboxError::PortNotBound(dst));
             }
-            let span = bytes.next_multiple_of(wire::ALIGN);
-            match order.iter_mut().find(|(p, _)| *p == dst) {
-                Some((_, spans)) => spans.push(span),
-                None => order.push((dst, vec![span])),
+            if !order.contains(&dst) {
+                order.push(dst);
             }
         }
         // Room: what would stay queued once waiting RECEIVEs took their share.
-        for (dst, spans) in &order {
+        for dst in &order {
             let p = &st.ports[stg][dst];
+            let spans = frames
+                .iter()
+                .filter(|f| f.2 == *dst)
+                .map(|f| f.1.next_multiple_of(wire::ALIGN));
             let (frames_left, bytes_left) = left_after_waiters(p, spans);
             if frames_left > spec.queue_frames as usize || bytes_left > spec.queue_bytes as usize {
                 return Err(MailboxError::QueueFull { port: *dst });
@@ -623,7 +677,7 @@ impl StgMailbox {
         }
         st.stats.frames_accepted += frames.len() as u64;
         let mut actions = Vec::new();
-        for (dst, _) in &order {
+        for dst in &order {
             pump(st, stg, *dst, true, &mut actions);
         }
         Ok(actions)
@@ -809,29 +863,30 @@ fn fit(spans: impl Iterator<Item = usize>, alloc: usize) -> usize {
 
 /// Frames and bytes that would stay in `p`'s queue if `new` frames (by
 /// span) arrived and [`pump`] ran: the same greedy, oldest-first pairing.
-fn left_after_waiters(p: &Port, new: &[usize]) -> (usize, usize) {
-    if p.waiters.is_empty() {
-        return (
-            p.queue.len() + new.len(),
-            p.queued_bytes + new.iter().sum::<usize>(),
-        );
-    }
-    let spans: Vec<usize> = p
-        .queue
-        .iter()
-        .map(Queued::span)
-        .chain(new.iter().copied())
-        .collect();
-    let mut taken = 0;
-    for w in &p.waiters {
-        if taken == spans.len() {
-            break;
+fn left_after_waiters(p: &Port, new: impl Iterator<Item = usize>) -> (usize, usize) {
+    let mut spans = p.queue.iter().map(Queued::span).chain(new).peekable();
+    let mut waiters = p.waiters.iter().filter(|w| !w.reply.is_aborted());
+    let (mut frames, mut bytes) = (0, 0);
+    // The waiter being filled, and what it has taken.
+    let mut current = waiters.next().map(|w| (w.alloc, 0usize));
+    while let Some(&span) = spans.peek() {
+        match current {
+            Some((alloc, used)) => match used.checked_add(span) {
+                Some(u) if u <= alloc => {
+                    current = Some((alloc, u));
+                    spans.next();
+                }
+                // Full (or too small even for this frame): the next waiter.
+                _ => current = waiters.next().map(|w| (w.alloc, 0)),
+            },
+            None => {
+                frames += 1;
+                bytes += span;
+                spans.next();
+            }
         }
-        if !w.reply.is_aborted() {
-            taken += fit(spans[taken..].iter().copied(), w.alloc);
-        }
     }
-    (spans.len() - taken, spans[taken..].iter().sum())
+    (frames, bytes)
 }
 
 /// Removes the first `n` frames of `p`'s queue, counting them delivered.
@@ -1992,6 +2047,177 @@ mod tests {
         assert_eq!(st.frames_accepted, u64::from(N));
         assert_eq!(st.delivered_direct + st.delivered_queued, u64::from(N));
         assert!(m.shared.lock().ports[0][&pb.port].queue.is_empty());
+    }
+
+    /// The size class a SEND of `len` bytes draws its buffer from.
+    fn class(len: usize) -> u64 {
+        len.max(crate::pool::MIN_CLASS).next_power_of_two() as u64
+    }
+
+    #[test]
+    fn send_buffers_come_from_the_pool_and_go_back_to_it() {
+        let (_a, m, ha, hb) = two_hosts();
+        let mut a = Path::open(&ha, 0);
+        let mut b = Path::open(&hb, 1);
+        let pa = a.bind(0).unwrap();
+        let pb = b.bind(0).unwrap();
+        let one = frame(pa.port, pb.port, &[7; 3000]);
+        // Queued, then received; and straight into a waiting RECEIVE.
+        for i in 0..40 {
+            if i % 2 == 1 {
+                b.submit(Path::receive_cmd(pb.handle, 8192, Duration::from_secs(10)));
+                a.send(pa.handle, &one).unwrap();
+                assert_eq!(unpack(&b.wait().unwrap())[0].2, &one[wire::HEADER_LEN..]);
+            } else {
+                a.send(pa.handle, &one).unwrap();
+                assert_eq!(unpack(&b.receive(pb.handle, 8192).unwrap()).len(), 1);
+            }
+        }
+        let st = m.stats();
+        assert_eq!((st.delivered_direct, st.delivered_queued), (20, 20));
+        assert_eq!((st.buffers_allocated, st.buffers_reused), (1, 39));
+        assert_eq!(st.pool_bytes, class(one.len()));
+        // A queued frame holds its SEND's buffer: the next SEND needs another.
+        a.send(pa.handle, &one).unwrap();
+        assert_eq!(m.stats().pool_bytes, 0);
+        a.send(pa.handle, &one).unwrap();
+        let st = m.stats();
+        assert_eq!((st.buffers_allocated, st.buffers_reused), (2, 40));
+        // Both come back once their frames go, delivered or dropped.
+        assert_eq!(unpack(&b.receive(pb.handle, 4096).unwrap()).len(), 1);
+        assert_eq!(m.stats().pool_bytes, class(one.len()));
+        b.release(pb.handle).unwrap();
+        assert_eq!(m.stats().frames_dropped, 1);
+        assert_eq!(m.stats().pool_bytes, 2 * class(one.len()));
+        // A refused SEND returns its buffer too.
+        assert!(a.send(pa.handle, &one).is_err());
+        let st = m.stats();
+        assert_eq!((st.buffers_allocated, st.buffers_reused), (2, 41));
+        assert_eq!(st.pool_bytes, 2 * class(one.len()));
+    }
+
+    #[test]
+    fn reused_buffers_never_leak_stale_bytes() {
+        use rand::RngCore;
+        const SENDS: u64 = 300;
+        let (_a, m, ha, hb) = two_hosts();
+        let mut a = Path::open(&ha, 0);
+        let mut b = Path::open(&hb, 1);
+        let pa = a.bind(0).unwrap();
+        let pb = b.bind(0).unwrap();
+        let mut rng = StdRng::seed_from_u64(0x5354_5031);
+        let alloc = 64 << 10;
+        for i in 0..SENDS {
+            // 1–4 frames of 0–MAX_PAYLOAD random bytes (odd lengths leave
+            // padding), packed at aligned offsets. Every other SEND fills
+            // the gaps between its frames with junk, which the protocol
+            // does not allow but the array does not check: RECEIVE padding
+            // must be zeros all the same.
+            let n = rng.gen_range(1..=QUEUE_FRAMES as usize);
+            let mut data = Vec::new();
+            let mut expected = Vec::new();
+            for _ in 0..n {
+                let mut payload = vec![0u8; rng.gen_range(0..=MAX_PAYLOAD as usize)];
+                rng.fill_bytes(&mut payload);
+                let f = frame(pa.port, pb.port, &payload);
+                let junk = if i % 2 == 0 { 0 } else { 0xEE };
+                data.resize(data.len().next_multiple_of(wire::ALIGN), junk);
+                data.extend_from_slice(&f);
+                expected.extend_from_slice(&f);
+                expected.resize(expected.len().next_multiple_of(wire::ALIGN), 0);
+            }
+            // Into a dirty RECEIVE buffer, so zeros can only come from the
+            // mailbox; alternately held (direct) and after the SEND (queued).
+            let mut cmd = Path::receive_cmd(pb.handle, alloc, Duration::from_secs(10));
+            cmd.data = IoBuf::from_slice(&vec![0xAB; alloc]);
+            let got = if i % 4 < 2 {
+                b.submit(cmd);
+                a.send(pa.handle, &data).unwrap();
+                b.wait().unwrap()
+            } else {
+                a.send(pa.handle, &data).unwrap();
+                b.run(cmd).unwrap()
+            };
+            assert_eq!(got.len(), expected.len(), "SEND {i}");
+            assert!(got == expected, "SEND {i}: RECEIVE data differs");
+        }
+        let st = m.stats();
+        assert_eq!(
+            st.frames_accepted,
+            st.delivered_direct + st.delivered_queued
+        );
+        assert!(st.delivered_direct > 0 && st.delivered_queued > 0);
+        assert_eq!(st.buffers_allocated + st.buffers_reused, SENDS);
+        // One buffer per size class the SENDs fell in (512 B … 32 KiB).
+        assert!(st.buffers_allocated <= 7, "{st:?}");
+    }
+
+    #[test]
+    fn a_send_copies_its_data_without_holding_the_mailbox_lock() {
+        use std::sync::mpsc;
+        // A data-out that stalls mid-copy until told to go on.
+        struct Slow {
+            data: Vec<u8>,
+            started: mpsc::Sender<()>,
+            go: mpsc::Receiver<()>,
+            done: mpsc::Sender<TaskResult>,
+        }
+        impl Reply for Slow {
+            fn data_len(&self) -> usize {
+                self.data.len()
+            }
+            fn read_out(&self, offset: usize, dst: &mut [u8]) -> usize {
+                if offset == 0 {
+                    self.started.send(()).unwrap();
+                    self.go.recv_timeout(Duration::from_secs(10)).unwrap();
+                }
+                // Half now, the rest on the next call.
+                let n = dst.len().min(self.data.len() - offset).div_ceil(2);
+                dst[..n].copy_from_slice(&self.data[offset..offset + n]);
+                n
+            }
+            fn write_in(&mut self, _: usize, _: &[u8]) -> usize {
+                0
+            }
+            fn complete(self: Box<Self>, result: TaskResult) {
+                self.done.send(result).unwrap();
+            }
+        }
+        let (a, m, ha, hb) = two_hosts();
+        let mut fast = Path::open(&ha, 1);
+        let mut b = Path::open(&hb, 2);
+        let pa = Path::open(&ha, 0).bind(0).unwrap();
+        let pb = b.bind(0).unwrap();
+        let slow_frame = frame(pa.port, pb.port, b"slow");
+        let (started_tx, started) = mpsc::channel();
+        let (go, go_rx) = mpsc::channel();
+        let (done_tx, done) = mpsc::channel();
+        let task = Task {
+            initiator: ha.initiator(),
+            lun: 0,
+            cdb: cdb(vendor::send(pa.handle, slow_frame.len() as u32)),
+            direction: DataDirection::ToDevice,
+            reply: Box::new(Slow {
+                data: slow_frame,
+                started: started_tx,
+                go: go_rx,
+                done: done_tx,
+            }),
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| a.submit(task));
+            started.recv_timeout(Duration::from_secs(10)).unwrap();
+            // While member 0's SEND is in its copy, member 1 sends, and
+            // member 2 receives, without waiting for it.
+            fast.send(pa.handle, &frame(pa.port, pb.port, b"fast"))
+                .unwrap();
+            assert_eq!(unpack(&b.receive(pb.handle, 4096).unwrap())[0].2, b"fast");
+            go.send(()).unwrap();
+            let r = done.recv_timeout(Duration::from_secs(10)).unwrap();
+            assert_eq!(r, TaskResult::good(0));
+        });
+        assert_eq!(unpack(&b.receive(pb.handle, 4096).unwrap())[0].2, b"slow");
+        assert_eq!(m.stats().frames_accepted, 2);
     }
 
     #[test]

@@ -14,6 +14,12 @@
 //! The kick (`write()` to the uio fd) happens after it is released, and is
 //! deferred to the end of the batch when the device thread itself
 //! completes commands while it dispatches a batch.
+//!
+//! No per-command buffers: command data is read and written in place in
+//! the ring's data area through the entry's iovecs, and the vectors that
+//! hold those iovecs (and the batch of entries) are reused: a reply gives
+//! its iovec vector back to the device when it is dropped (a leaf lock of
+//! its own, held for a push or pop).
 
 use std::fs;
 use std::io;
@@ -30,13 +36,17 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use scsi::{Asc, DataDirection, ScsiStatus, Sense, SenseKey};
 
 use super::discover::{self, Found, UioName};
-use super::ring::{BadCommand, Command, Entry, Iov, Region, Response, Ring, RingError};
+use super::ring::{BadCommand, Batch, Command, Entry, Iov, Region, Response, Ring, RingError};
 use super::{Log, Shared};
 use crate::task::{InitiatorId, Reply, Task, TaskResult};
 
 /// How long the device thread waits in `poll` before looking at the stop
 /// flag again.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Iovec vectors a device keeps for reuse (about the most commands LIO
+/// queues to a device at once); more are freed.
+const SPARE_IOVS: usize = 256;
 
 /// The LUN number used for a device whose cfg is unusable: no array has
 /// it, so every command is answered as for a LUN that does not exist.
@@ -88,6 +98,10 @@ pub(crate) struct Device {
     /// Set when a completion found the ring in a state it cannot write:
     /// the device thread resets the ring.
     needs_reset: AtomicBool,
+    /// Used iovec vectors, given back by dropped replies (a leaf lock).
+    spare_iovs: Mutex<Vec<Vec<Iov>>>,
+    /// The batch the device thread reads into, kept for its capacity.
+    batch: Mutex<Batch>,
     log: Log,
 }
 
@@ -121,7 +135,30 @@ impl Device {
             idle: Condvar::new(),
             kicks: AtomicU64::new(0),
             needs_reset: AtomicBool::new(false),
+            spare_iovs: Mutex::new(Vec::new()),
+            batch: Mutex::new(Batch {
+                entries: Vec::new(),
+                next: 0,
+                error: None,
+            }),
             log,
+        }
+    }
+
+    /// A used iovec vector, or a new one.
+    fn take_iovs(&self) -> Vec<Iov> {
+        let mut spare = self.spare_iovs.lock().unwrap_or_else(|e| e.into_inner());
+        spare.pop().unwrap_or_default()
+    }
+
+    /// Keeps `iovs`' allocation for a later command (up to [`SPARE_IOVS`]).
+    fn give_iovs(&self, iovs: Vec<Iov>) {
+        if iovs.capacity() == 0 {
+            return;
+        }
+        let mut spare = self.spare_iovs.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.len() < SPARE_IOVS {
+            spare.push(iovs);
         }
     }
 
@@ -209,12 +246,12 @@ impl Device {
         }
     }
 
-    /// Reads what the kernel queued since `next` and publishes the new
-    /// read position (so completions may use those slots). Returns the
-    /// entries, the ring error that stopped the walk if any, and the
-    /// generation the commands belong to.
-    fn take(&self, next: &mut u32) -> (Vec<Entry>, Option<RingError>, u64) {
-        let batch = self.ring.read_new(*next);
+    /// Reads what the kernel queued since `next` into `batch` and
+    /// publishes the new read position (so completions may use those
+    /// slots). Returns the generation the commands belong to.
+    fn take(&self, next: &mut u32, batch: &mut Batch) -> u64 {
+        self.ring
+            .read_new_into(*next, batch, &mut || self.take_iovs());
         let commands = batch
             .entries
             .iter()
@@ -227,6 +264,18 @@ impl Device {
             st.generation
         };
         *next = batch.next;
+        generation
+    }
+
+    /// [`take`](Self::take) into a new batch: (entries, error, generation).
+    #[cfg(test)]
+    fn take_all(&self, next: &mut u32) -> (Vec<Entry>, Option<RingError>, u64) {
+        let mut batch = Batch {
+            entries: Vec::new(),
+            next: *next,
+            error: None,
+        };
+        let generation = self.take(next, &mut batch);
         (batch.entries, batch.error, generation)
     }
 
@@ -525,6 +574,7 @@ impl Drop for TcmuReply {
             self.done = true;
             self.finish(&TaskResult::status(ScsiStatus::TASK_ABORTED));
         }
+        self.dev.give_iovs(std::mem::take(&mut self.iovs));
     }
 }
 
@@ -557,8 +607,21 @@ fn refused(why: &BadCommand) -> TaskResult {
 /// the walk, if any.
 pub(crate) fn process(dev: &Arc<Device>, shared: &Shared, next: &mut u32) -> Option<RingError> {
     dev.begin_batch();
-    let (entries, error, generation) = dev.take(next);
-    for entry in entries {
+    // Only the device thread processes: the batch's lock is never contended.
+    let mut batch = {
+        let mut kept = dev.batch.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::replace(
+            &mut *kept,
+            Batch {
+                entries: Vec::new(),
+                next: 0,
+                error: None,
+            },
+        )
+    };
+    let generation = dev.take(next, &mut batch);
+    let error = batch.error.take();
+    for entry in batch.entries.drain(..) {
         match entry {
             Entry::Skip { .. } => {}
             Entry::Bad { cmd_id, why, .. } => {
@@ -585,6 +648,7 @@ pub(crate) fn process(dev: &Arc<Device>, shared: &Shared, next: &mut u32) -> Opt
             Entry::Command { cmd, .. } => dispatch(dev, shared, generation, cmd),
         }
     }
+    *dev.batch.lock().unwrap_or_else(|e| e.into_inner()) = batch;
     dev.end_batch();
     error
 }
@@ -837,6 +901,35 @@ mod tests {
     }
 
     #[test]
+    fn iovec_vectors_are_reused_from_command_to_command() {
+        let sh = shared();
+        let (ring, mut k) = FakeKernel::new(64 * 1024, 1 << 20);
+        let dev = device(&sh, ring, 0);
+        let spare = |dev: &Device| dev.spare_iovs.lock().unwrap().len();
+        let data = vec![0x5Au8; 8192];
+        let mut next = 0;
+        for id in 1..=20u16 {
+            k.push(&dev.ring, id, &write10(8, 16), &data, 0).unwrap();
+            process(&dev, &sh, &mut next);
+            assert_eq!(k.reap(&dev.ring)[0].status, 0);
+            // The one vector goes back and forth: never a second.
+            assert_eq!(spare(&dev), 1, "after command {id}");
+        }
+        // The commands of one batch are read before any runs: each needs
+        // its own vector, and all come back for the next batch.
+        for first in [21u16, 25] {
+            for id in first..first + 4 {
+                k.push(&dev.ring, id, &read10(8, 16), &[], 8192).unwrap();
+            }
+            process(&dev, &sh, &mut next);
+            let done = k.reap(&dev.ring);
+            assert_eq!(done.len(), 4);
+            assert!(done.iter().all(|d| d.status == 0 && d.data == data));
+            assert_eq!(spare(&dev), 4, "batch from {first}");
+        }
+    }
+
+    #[test]
     fn errors_come_back_as_check_condition_with_sense() {
         let sh = shared();
         let (ring, mut k) = FakeKernel::new(64 * 1024, 1 << 20);
@@ -901,7 +994,7 @@ mod tests {
         }
         let mut next = 0;
         dev.begin_batch();
-        let (entries, err, generation) = dev.take(&mut next);
+        let (entries, err, generation) = dev.take_all(&mut next);
         assert!(err.is_none());
         let mut replies: Vec<TcmuReply> = entries
             .into_iter()
@@ -939,7 +1032,7 @@ mod tests {
         let dev = device(&sh, ring, 0);
         k.push(&dev.ring, 9, &[0; 6], &[], 0).unwrap();
         let mut next = 0;
-        let (entries, _, generation) = dev.take(&mut next);
+        let (entries, _, generation) = dev.take_all(&mut next);
         let Entry::Command { cmd, .. } = entries.into_iter().next().unwrap() else {
             panic!()
         };
@@ -960,7 +1053,7 @@ mod tests {
         let dev = device(&sh, ring, 0);
         k.push(&dev.ring, 1, &read10(0, 8), &[], 4096).unwrap();
         let mut next = 0;
-        let (entries, _, generation) = dev.take(&mut next);
+        let (entries, _, generation) = dev.take_all(&mut next);
         let Entry::Command { cmd, .. } = entries.into_iter().next().unwrap() else {
             panic!()
         };
@@ -1012,7 +1105,7 @@ mod tests {
         let dev = device(&sh, ring, 0);
         k.push(&dev.ring, 1, &[0; 6], &[], 0).unwrap();
         let mut next = 0;
-        let (entries, _, generation) = dev.take(&mut next);
+        let (entries, _, generation) = dev.take_all(&mut next);
         let Entry::Command { cmd, .. } = entries.into_iter().next().unwrap() else {
             panic!()
         };

@@ -576,15 +576,17 @@ impl Ring {
     }
 
     /// Reads the entry at `at`: PAD/TMR to skip, a command copied out of
-    /// the ring (CDB and iovecs), or a command whose contents are unusable.
-    pub(crate) fn read_entry(&self, at: u32) -> Result<Entry, RingError> {
+    /// the ring (CDB and iovecs, the iovecs into a vector from `spare`: a
+    /// used one saves an allocation), or a command whose contents are
+    /// unusable.
+    fn read_entry(&self, at: u32, spare: &mut dyn FnMut() -> Vec<Iov>) -> Result<Entry, RingError> {
         let h = self.header(at)?;
         Ok(match h.kind {
             EntryKind::Pad | EntryKind::Tmr => Entry::Skip {
                 kind: h.kind,
                 len: h.len,
             },
-            EntryKind::Cmd => match self.command(at, &h) {
+            EntryKind::Cmd => match self.command(at, &h, spare()) {
                 Ok(cmd) => Entry::Command { len: h.len, cmd },
                 Err(why) => Entry::Bad {
                     len: h.len,
@@ -595,9 +597,10 @@ impl Ring {
         })
     }
 
-    /// Copies a command's CDB and iovecs out of its entry, checking every
-    /// offset and count the kernel wrote.
-    fn command(&self, at: u32, h: &Header) -> Result<Command, BadCommand> {
+    /// Copies a command's CDB and iovecs out of its entry (the iovecs into
+    /// `iovs`, cleared first), checking every offset and count the kernel
+    /// wrote.
+    fn command(&self, at: u32, h: &Header, mut iovs: Vec<Iov>) -> Result<Command, BadCommand> {
         let malformed = |why: String| Err(BadCommand::Malformed(why));
         let base = self.cmdr_off + at as usize;
         let len = h.len as usize;
@@ -612,7 +615,8 @@ impl Ring {
             return malformed(format!("{slots} iovecs do not fit in the {len}-byte entry"));
         }
         let data = self.data_off() as u64..self.region.len() as u64;
-        let mut iovs = Vec::with_capacity(iov_cnt as usize);
+        iovs.clear();
+        iovs.reserve(iov_cnt as usize);
         for i in 0..iov_cnt as usize {
             let at = base + REQ_IOV + i * IOVEC_LEN;
             let (off, n) = (
@@ -682,25 +686,43 @@ impl Ring {
         CdbBuf::new(&buf[..n]).ok_or_else(|| BadCommand::Malformed("empty CDB".into()))
     }
 
-    /// Reads every entry from `next` up to `cmd_head`. Stops early, with
-    /// [`Batch::error`] set, at an entry it cannot walk past.
+    /// [`read_new_into`](Self::read_new_into) a new batch.
+    #[cfg(test)]
     pub(crate) fn read_new(&self, next: u32) -> Batch {
-        let head = self.head();
         let mut batch = Batch {
             entries: Vec::new(),
             next,
             error: None,
         };
+        self.read_new_into(next, &mut batch, &mut Vec::new);
+        batch
+    }
+
+    /// Reads every entry from `next` up to `cmd_head` into `batch` (its
+    /// entries vector is cleared and reused), taking the vectors for
+    /// commands' iovecs from `spare`, so the device thread need allocate
+    /// nothing per command. Stops early, with [`Batch::error`] set, at an
+    /// entry it cannot walk past.
+    pub(crate) fn read_new_into(
+        &self,
+        next: u32,
+        batch: &mut Batch,
+        spare: &mut dyn FnMut() -> Vec<Iov>,
+    ) {
+        let head = self.head();
+        batch.entries.clear();
+        batch.next = next;
+        batch.error = None;
         if head >= self.cmdr_size || head % 8 != 0 {
             batch.error = Some(RingError::Head {
                 head,
                 size: self.cmdr_size,
             });
-            return batch;
+            return;
         }
         while batch.next != head {
             let at = batch.next;
-            match self.read_entry(at) {
+            match self.read_entry(at, spare) {
                 Ok(e) if e.len() > self.distance(at, head) => {
                     batch.error = Some(RingError::Entry {
                         at,
@@ -718,7 +740,6 @@ impl Ring {
                 }
             }
         }
-        batch
     }
 
     /// Writes `rsp` into the first command slot at or after `tail` (PAD and
