@@ -32,6 +32,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -165,6 +167,19 @@ struct Shared {
     binding: Binding,
     send_buffer_bytes: usize,
     pool: Arc<BufPool>,
+    /// The SEND side's mailbox. Lock order: `tx` before `inner`, never the
+    /// other way round.
+    tx: Mutex<Box<dyn Mailbox>>,
+    /// SENDs in flight on `tx` (readable without its lock).
+    tx_in_flight: AtomicUsize,
+    /// The most SENDs worth keeping in flight ([`Mailbox::send_window`]).
+    tx_window: usize,
+}
+
+thread_local! {
+    /// This thread is submitting SENDs already (no re-entry from the
+    /// completions it settles).
+    static SUBMITTING: Cell<bool> = const { Cell::new(false) };
 }
 
 impl Shared {
@@ -274,7 +289,7 @@ impl Shared {
         }
         drop(guard);
         if wake_sender {
-            Self::notify(&self.sender);
+            self.kick();
         }
         if wake_readers {
             Self::notify(&self.readers);
@@ -285,6 +300,49 @@ impl Shared {
         if wake_timer {
             Self::notify(&self.timer);
         }
+    }
+
+    /// Queued SENDs go out at once from this thread when the SEND side is
+    /// free (a ping-pong then costs no thread hop); otherwise, and to reap
+    /// what this submits, the sender thread is woken.
+    fn kick(&self) {
+        if !SUBMITTING.with(Cell::get) {
+            if let Ok(mut tx) = self.tx.try_lock() {
+                SUBMITTING.with(|c| c.set(true));
+                let mut done = Vec::new();
+                self.submit_queued(tx.as_mut(), &mut done);
+                if tx.sends_in_flight() > 0 {
+                    tx.reap_sends(&mut done, Some(Duration::ZERO));
+                    self.tx_in_flight.store(tx.sends_in_flight(), Relaxed);
+                }
+                drop(tx);
+                if !done.is_empty() {
+                    self.completed(&mut done);
+                }
+                SUBMITTING.with(|c| c.set(false));
+            }
+        }
+        if self.tx_in_flight.load(Relaxed) > 0 || !self.lock().outq.is_empty() {
+            Self::notify(&self.sender);
+        }
+    }
+
+    /// Submits queued SENDs while the window has room. Takes `inner`
+    /// briefly; the caller holds `tx`.
+    fn submit_queued(&self, tx: &mut dyn Mailbox, done: &mut Vec<SendDone>) {
+        let room = self.tx_window.saturating_sub(tx.sends_in_flight());
+        if room == 0 {
+            return;
+        }
+        let batch: Vec<Out> = {
+            let mut inner = self.lock();
+            let n = room.min(inner.outq.len());
+            inner.outq.drain(..n).collect()
+        };
+        for out in batch {
+            tx.submit_send(&self.binding, out.buf, out.token, done);
+        }
+        self.tx_in_flight.store(tx.sends_in_flight(), Relaxed);
     }
 
     /// Stops the stream's threads and wakes everyone (the connection is
@@ -496,30 +554,21 @@ fn timers(shared: Weak<Shared>) {
 }
 
 /// The SEND side: submits queued SENDs as soon as the window has room and
-/// reaps completions as they come. Returns the mailbox, to release the
-/// binding with.
-fn sender(shared: Weak<Shared>, mut tx: Box<dyn Mailbox>) -> Box<dyn Mailbox> {
+/// reaps completions as they come (writers submit themselves when they find
+/// the SEND side free; see `Shared::kick`).
+fn sender(shared: Weak<Shared>) {
     let mut done = Vec::new();
-    let mut batch = Vec::new();
     loop {
-        let Some(s) = shared.upgrade() else {
-            tx.reap_sends(&mut done, Some(POLL));
-            return tx;
-        };
-        let window = tx.send_window().max(1);
+        let Some(s) = shared.upgrade() else { return };
         {
             let mut inner = s.lock();
             loop {
-                let room = tx.sends_in_flight() < window;
-                if room && !inner.outq.is_empty() {
-                    break;
-                }
-                if tx.sends_in_flight() > 0 {
+                let in_flight = s.tx_in_flight.load(Relaxed);
+                if in_flight > 0 || (!inner.outq.is_empty() && in_flight < s.tx_window) {
                     break;
                 }
                 if inner.stop {
-                    drop(inner);
-                    return tx;
+                    return;
                 }
                 inner = s
                     .sender
@@ -527,21 +576,17 @@ fn sender(shared: Weak<Shared>, mut tx: Box<dyn Mailbox>) -> Box<dyn Mailbox> {
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
             }
-            while tx.sends_in_flight() + batch.len() < window {
-                let Some(out) = inner.outq.pop_front() else {
-                    break;
-                };
-                batch.push(out);
-            }
         }
-        let binding = s.binding;
-        for out in batch.drain(..) {
-            tx.submit_send(&binding, out.buf, out.token, &mut done);
-        }
+        let mut tx = s.tx.lock().unwrap_or_else(|e| e.into_inner());
+        SUBMITTING.with(|c| c.set(true));
+        s.submit_queued(tx.as_mut(), &mut done);
         if done.is_empty() && tx.sends_in_flight() > 0 {
-            let full = tx.sends_in_flight() >= window;
+            let full = tx.sends_in_flight() >= s.tx_window;
             tx.reap_sends(&mut done, Some(if full { POLL } else { SENDER_SLICE }));
+            s.tx_in_flight.store(tx.sends_in_flight(), Relaxed);
         }
+        drop(tx);
+        SUBMITTING.with(|c| c.set(false));
         if !done.is_empty() {
             s.completed(&mut done);
         }
@@ -553,7 +598,7 @@ pub struct StpStream {
     shared: Arc<Shared>,
     pumps: Vec<JoinHandle<()>>,
     timer: Option<JoinHandle<()>>,
-    sender: Option<JoinHandle<Box<dyn Mailbox>>>,
+    sender: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for StpStream {
@@ -660,6 +705,9 @@ impl StpStream {
             binding,
             send_buffer_bytes,
             pool: pool.clone(),
+            tx_window: tx.send_window().max(1),
+            tx: Mutex::new(tx),
+            tx_in_flight: AtomicUsize::new(0),
         });
         shared.flush(shared.lock());
         let mut stream = StpStream {
@@ -673,7 +721,7 @@ impl StpStream {
         stream.sender = Some(
             thread::Builder::new()
                 .name(format!("stp-send-{}", binding.port))
-                .spawn(move || sender(weak, tx))?,
+                .spawn(move || sender(weak))?,
         );
         for (i, rx) in rxs.into_iter().enumerate() {
             let weak = Arc::downgrade(&stream.shared);
@@ -974,7 +1022,13 @@ impl Drop for StpStream {
         for t in self.timer.take().into_iter().chain(self.pumps.drain(..)) {
             let _ = t.join();
         }
-        if let Some(Ok(mut tx)) = self.sender.take().map(JoinHandle::join) {
+        if let Some(t) = self.sender.take() {
+            let _ = t.join();
+        }
+        {
+            let mut tx = self.shared.tx.lock().unwrap_or_else(|e| e.into_inner());
+            let mut done = Vec::new();
+            tx.reap_sends(&mut done, Some(POLL));
             let _ = tx.release(&self.shared.binding);
         }
         let mut inner = self.shared.lock();
