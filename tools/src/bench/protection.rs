@@ -345,6 +345,28 @@ impl ProtectionReport {
     }
 }
 
+/// Today's frames (protocol v1): keyed BLAKE3 tag, then CRC32C, both over
+/// header and payload; payload in clear.
+pub const V1_PROTECTION: &str = "blake3-keyed+crc32c";
+/// Protocol v2's default: AES-256-GCM over the payload with the header as
+/// AAD, CRC32C over the header.
+pub const V2_PROTECTION: &str = "aes-256-gcm";
+/// Protocol v2's authentication-only setting: keyed BLAKE3 over header and
+/// payload (payload in clear), CRC32C over the header.
+pub const V2_AUTH_ONLY: &str = "blake3-keyed";
+
+/// The frame protection this build's STP runs with, as `stp bench stp`
+/// records it (`params.protection`) for `stp bench report`. This build's
+/// stp-core speaks protocol v1, whose only protection is
+/// [`V1_PROTECTION`]; a build that speaks v2 must name the setting the
+/// connection actually ran with ([`V2_PROTECTION`] by default).
+pub fn stp_protection() -> &'static str {
+    match wire::VERSION {
+        1 => V1_PROTECTION,
+        _ => "unknown",
+    }
+}
+
 /// An AEAD key that owns its nonce counter: each seal takes the next
 /// counter value as its nonce (4 zero bytes, then the counter big-endian),
 /// so no nonce repeats under the key. The counter refuses to wrap.
@@ -1181,6 +1203,19 @@ mod tests {
         assert!(c.aes_ni && c.vaes && c.sha_ni && c.avx2);
         assert!(!c.vpclmulqdq && !c.avx512f && !c.pclmulqdq);
         assert_eq!(CpuInfo::parse("").model, None);
+    }
+
+    #[test]
+    fn the_protection_stp_runs_with_is_named() {
+        // When stp-core moves to protocol v2, stp_protection() must report
+        // the protection the connection ran with (aes-256-gcm by default,
+        // blake3-keyed when asked for), not v1's.
+        assert_eq!(
+            wire::VERSION,
+            1,
+            "stp-core speaks a new protocol version: update stp_protection()"
+        );
+        assert_eq!(stp_protection(), V1_PROTECTION);
     }
 
     #[test]
