@@ -1546,9 +1546,13 @@ mod tests {
                 min_gbps: mbps / 1000.0,
                 max_gbps: mbps / 1000.0,
                 rounds_gbps: vec![mbps / 1000.0; 3],
+                median_wall_gbps: mbps / 1000.0,
+                rounds_wall_gbps: vec![mbps / 1000.0; 3],
                 bytes: 3 << 20,
                 ops: 3,
                 seconds: 3.0,
+                wall_seconds: 3.0,
+                cpu_share: 1.0,
                 cpu_s_per_gb: 1000.0 / mbps,
             })
             .collect();
