@@ -487,8 +487,20 @@ impl Ceilings {
         let smaller = |mailbox: Option<f64>, lun: &str| -> (Option<f64>, String) {
             let p = c.protection.as_deref().unwrap_or("protection");
             match (mailbox, c.protection_ceiling_mbps) {
-                (Some(m), Some(p_)) if p_ < m => (Some(p_), format!("protection ({p}, one core)")),
-                (Some(m), Some(_)) => (Some(m), format!("mailbox ({lun} LUN)")),
+                (Some(m), Some(p_)) if p_ < m => (
+                    Some(p_),
+                    format!(
+                        "protection ({p}, one core), below the {lun} LUN's mailbox at {} MB/s",
+                        num(m)
+                    ),
+                ),
+                (Some(m), Some(p_)) => (
+                    Some(m),
+                    format!(
+                        "mailbox ({lun} LUN), below the protection ({p}, one core) at {} MB/s",
+                        num(p_)
+                    ),
+                ),
                 (Some(m), None) => (
                     Some(m),
                     format!("mailbox ({lun} LUN); the protection ceiling is unknown"),
@@ -1263,7 +1275,7 @@ pub fn table(r: &Results, ratios: &Ratios) -> String {
         if let Some(x) = x {
             let _ = writeln!(
                 s,
-                "  {:<36} {:>8.2}  = {} / {} {}   {}",
+                "  {:<38} {:>8.2}  = {} / {} {}   {}",
                 k,
                 x.ratio,
                 num(x.value),
