@@ -17,6 +17,7 @@ use serde::Serialize;
 
 mod hist;
 mod net;
+mod protection;
 mod raw;
 mod report;
 mod units;
@@ -91,6 +92,10 @@ enum Mode {
     Tcp(net::TcpArgs),
     /// Run several modes in one go and print their ratios.
     Compare(CompareArgs),
+    /// One-core throughput of each per-byte frame protection candidate
+    /// (CRC32C, keyed BLAKE3, AES-256-GCM, ChaCha20-Poly1305, GMAC) and of
+    /// STP v1's and v2's per-side work.
+    Protection(protection::ProtectionArgs),
     /// Turn a directory of bench and fio JSON results (scripts/bench-lio)
     /// into a table of ratios and one JSON report.
     Report(report::ReportArgs),
@@ -492,6 +497,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         Mode::Stp(a) => emit(&a.net.out, &net::run_stp(a)?)?,
         Mode::Tcp(a) => emit(&a.net.out, &net::run_tcp(a)?)?,
         Mode::Compare(a) => compare(a)?,
+        Mode::Protection(a) => protection::run(a)?,
         Mode::Report(a) => report::run(a)?,
     }
     Ok(ExitCode::SUCCESS)
@@ -569,6 +575,61 @@ mod tests {
         let Mode::Compare(c) = a.mode else { panic!() };
         assert_eq!(c.modes, [CompareMode::Tcp, CompareMode::Raw]);
         assert!(parse(&["compare", "--modes", "raw,udp"]).is_err());
+    }
+
+    #[test]
+    fn protection_arguments() {
+        let a = parse(&["protection"]).unwrap();
+        let Mode::Protection(p) = a.mode else {
+            panic!()
+        };
+        assert_eq!((p.size, p.seconds, p.rounds), (1 << 20, 1.0, 3));
+        assert!(p.cases.is_empty() && !p.json);
+        let a = parse(&[
+            "protection",
+            "--size",
+            "64k",
+            "--seconds",
+            "0.25",
+            "--rounds",
+            "5",
+            "--cases",
+            "memcpy,aes256gcm-open,stp-v2-send,stp-v1-send,chacha20poly1305-seal",
+            "--json",
+        ])
+        .unwrap();
+        let Mode::Protection(p) = a.mode else {
+            panic!()
+        };
+        assert_eq!((p.size, p.seconds, p.rounds), (64 << 10, 0.25, 5));
+        assert_eq!(
+            p.cases,
+            [
+                protection::Case::Memcpy,
+                protection::Case::Aes256GcmOpen,
+                protection::Case::StpV2Send,
+                protection::Case::StpV1Send,
+                protection::Case::Chacha20Poly1305Seal
+            ]
+        );
+        assert!(p.json);
+        for c in protection::Case::ALL {
+            let a = parse(&["protection", "--cases", c.name()]).unwrap();
+            let Mode::Protection(p) = a.mode else {
+                panic!()
+            };
+            assert_eq!(p.cases, [c], "{}", c.name());
+        }
+        for bad in [
+            &["protection", "--size", "0"][..],
+            &["protection", "--size", "2m"],
+            &["protection", "--seconds", "0"],
+            &["protection", "--seconds", "-1"],
+            &["protection", "--rounds", "0"],
+            &["protection", "--cases", "rot13"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} parsed");
+        }
     }
 
     #[test]

@@ -576,6 +576,7 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
         "mailbox": match args.mode { MailboxMode::Vendor => "vendor", MailboxMode::Block => "block" },
         "members": if args.mode == MailboxMode::Vendor { members } else { 1 },
         "sim": args.sim,
+        "protection": super::protection::stp_protection(),
     });
     Ok(report("stp", &transport, paths, net, extra, m))
 }

@@ -14,6 +14,7 @@
 //! | `*.hgrm` | latency distributions for the plot |
 //! | `*.err` | a run that failed (listed under `failed`) |
 //! | `meta.json`, `sim-target.json` | where it ran; the LUN map |
+//! | `protection.json` | `stp bench protection --json` in the same boot |
 //!
 //! `<lun>` is `stg` (an STG member served by the stp-target TCMU daemon) or
 //! `ramdisk` (LIO's rd_mcp backstore); `<case>` is `<rw>-<bs>-qd<depth>`,
@@ -30,6 +31,18 @@
 //! `stp_block_goodput_vs_raw_write`, `stp_rtt_p50_vs_raw_qd1_write` and
 //! `stp_rtt_p999_vs_own_p50` one each (the STP latency ratios are vendor
 //! mode's; block mode's are under `stp_block_*`).
+//!
+//! # Ceilings
+//!
+//! STP's goodput is bounded twice over: by the array, which must take each
+//! byte as a WRITE and hand it back as a READ through the same daemon
+//! (`mailbox_ceiling_mbps` = 1 / (1/raw write + 1/raw read), 1 MiB QD8 on
+//! the STG LUN), and by one core's per-byte protection
+//! (`protection_ceiling_mbps`, from `protection.json` of the same boot, for
+//! the protection the STP runs recorded). `ceiling_mbps` is the smaller;
+//! `stp_vendor_goodput_vs_mailbox_ceiling` and
+//! `stp_block_goodput_vs_mailbox_ceiling` divide goodput by it (block mode by
+//! the ceiling of the LUN it ran on, the ramdisk).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -40,6 +53,7 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 
 use super::hist::{self, DistPoint};
+use super::protection::{self, ProtectionReport};
 
 /// The version of `lio.json`'s shape.
 pub const REPORT_SCHEMA: u32 = 1;
@@ -327,6 +341,186 @@ pub fn parse_hgrm(text: &str) -> Result<Vec<DistPoint>> {
     Ok(out)
 }
 
+/// Reads `stp bench protection --json`.
+pub fn parse_protection(text: &str) -> Result<ProtectionReport> {
+    let p: ProtectionReport =
+        serde_json::from_str(text).context("not an `stp bench protection --json` report")?;
+    if p.schema != protection::PROTECTION_SCHEMA {
+        bail!(
+            "protection report schema {}; this build reads {}",
+            p.schema,
+            protection::PROTECTION_SCHEMA
+        );
+    }
+    Ok(p)
+}
+
+/// The frame protection an `stp bench stp --json` run recorded, if any
+/// (builds before the field was added recorded none).
+fn recorded_protection(text: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    v.get("params")?
+        .get("protection")?
+        .as_str()
+        .map(str::to_string)
+}
+
+/// 1 / (1/a + 1/b): the rate of two per-byte stages one after the other
+/// (each byte goes through both), `None` unless both are positive.
+fn in_series(a: f64, b: f64) -> Option<f64> {
+    (a > 0.0 && b > 0.0).then(|| 1.0 / (1.0 / a + 1.0 / b))
+}
+
+/// What bounds STP's goodput in this boot: the array's mailbox path and
+/// one core's per-byte protection.
+#[derive(Serialize, Debug, Clone, Default)]
+pub struct Ceilings {
+    /// The frame protection the STP runs recorded (null when they
+    /// recorded none).
+    pub protection: Option<String>,
+    /// Which run said so, or why it is unknown.
+    pub protection_from: String,
+    /// One core's rate of that protection in this boot, MB/s.
+    pub protection_ceiling_mbps: Option<f64>,
+    /// How `protection_ceiling_mbps` was computed.
+    pub protection_ceiling_is: String,
+    /// One core's AES-256-GCM in this boot: the smaller of seal and open,
+    /// MB/s (v2's default protection, whatever the STP runs used).
+    pub aes256gcm_ceiling_mbps: Option<f64>,
+    /// 1 / (1/raw write + 1/raw read), 1 MiB QD8, STG LUN, MB/s.
+    pub mailbox_ceiling_mbps: Option<f64>,
+    /// What `mailbox_ceiling_mbps` is.
+    pub mailbox_ceiling_is: String,
+    /// The smaller of the protection and mailbox ceilings (vendor mode).
+    pub ceiling_mbps: Option<f64>,
+    /// Which of the two it is.
+    pub ceiling_is: String,
+    /// The mailbox ceiling of the ramdisk LUN, where block mode runs.
+    pub block_mailbox_ceiling_mbps: Option<f64>,
+    /// What `block_mailbox_ceiling_mbps` is.
+    pub block_mailbox_ceiling_is: String,
+    /// The smaller of the protection and block-mode mailbox ceilings.
+    pub block_ceiling_mbps: Option<f64>,
+    /// Which of the two it is.
+    pub block_ceiling_is: String,
+}
+
+impl Ceilings {
+    /// The ceilings the results allow.
+    pub fn of(r: &Results) -> Ceilings {
+        let mut c = Ceilings::default();
+        // The protection the STP runs ran with: vendor goodput's record
+        // first (every run of one binary records the same).
+        let said = ["stp-vendor-goodput", "stp-block-goodput"]
+            .iter()
+            .find_map(|k| r.stp_protection.get(*k).map(|p| (k.to_string(), p)))
+            .or_else(|| r.stp_protection.iter().next().map(|(k, p)| (k.clone(), p)));
+        match said {
+            Some((stem, p)) => {
+                c.protection = Some(p.clone());
+                c.protection_from = format!("{stem}.json params.protection");
+            }
+            None => {
+                c.protection_from = "not recorded: no stp-*.json run names its protection \
+                                     (stp builds before params.protection)"
+                    .into();
+            }
+        }
+        let rate = |name: &str| -> Option<f64> {
+            r.protection
+                .as_ref()?
+                .case(name)
+                .map(|x| x.median_mbps)
+                .filter(|v| *v > 0.0)
+        };
+        c.aes256gcm_ceiling_mbps = match (rate("aes256gcm-seal"), rate("aes256gcm-open")) {
+            (Some(s), Some(o)) => Some(s.min(o)),
+            _ => None,
+        };
+        let (ceiling, is) = match c.protection.as_deref() {
+            Some(protection::V2_PROTECTION) => (
+                c.aes256gcm_ceiling_mbps,
+                "one core, this boot: the smaller of aes256gcm-seal and aes256gcm-open".to_string(),
+            ),
+            Some(protection::V1_PROTECTION) => (
+                rate("blake3-keyed").zip(rate("crc32c")).and_then(|(b, k)| in_series(b, k)),
+                "one core, this boot: blake3-keyed and crc32c over every byte, in series (v1 frames)"
+                    .to_string(),
+            ),
+            Some(protection::V2_AUTH_ONLY) => (
+                rate("blake3-keyed"),
+                "one core, this boot: blake3-keyed over every byte (v2 authentication only)"
+                    .to_string(),
+            ),
+            Some(other) => (
+                None,
+                format!("unknown: this build has no ceiling for protection `{other}`"),
+            ),
+            None => (None, "unknown: the protection is not recorded".to_string()),
+        };
+        c.protection_ceiling_is = if r.protection.is_none() {
+            "unknown: no protection.json (stp bench protection) in this run".into()
+        } else if ceiling.is_none() && c.protection.is_some() {
+            format!("{is} (a case is missing from protection.json)")
+        } else {
+            is
+        };
+        c.protection_ceiling_mbps = ceiling;
+        let mailbox = |lun: &str| -> (Option<f64>, String) {
+            let w = r.get(&format!("raw-{lun}-write-1m-qd8"));
+            let rd = r.get(&format!("raw-{lun}-read-1m-qd8"));
+            match (w, rd) {
+                (Some(w), Some(rd)) => (
+                    in_series(w.mb_per_s, rd.mb_per_s),
+                    format!(
+                        "1/(1/raw write + 1/raw read), 1 MiB QD8, {lun} LUN: {} and {} MB/s",
+                        num(w.mb_per_s),
+                        num(rd.mb_per_s)
+                    ),
+                ),
+                _ => (
+                    None,
+                    format!("unknown: needs raw-{lun}-write-1m-qd8 and raw-{lun}-read-1m-qd8"),
+                ),
+            }
+        };
+        let smaller = |mailbox: Option<f64>, lun: &str| -> (Option<f64>, String) {
+            let p = c.protection.as_deref().unwrap_or("protection");
+            match (mailbox, c.protection_ceiling_mbps) {
+                (Some(m), Some(p_)) if p_ < m => (
+                    Some(p_),
+                    format!(
+                        "protection ({p}, one core), below the {lun} LUN's mailbox at {} MB/s",
+                        num(m)
+                    ),
+                ),
+                (Some(m), Some(p_)) => (
+                    Some(m),
+                    format!(
+                        "mailbox ({lun} LUN), below the protection ({p}, one core) at {} MB/s",
+                        num(p_)
+                    ),
+                ),
+                (Some(m), None) => (
+                    Some(m),
+                    format!("mailbox ({lun} LUN); the protection ceiling is unknown"),
+                ),
+                (None, Some(p_)) => (
+                    Some(p_),
+                    format!("protection ({p}, one core); the mailbox ceiling is unknown"),
+                ),
+                (None, None) => (None, "unknown".into()),
+            }
+        };
+        (c.mailbox_ceiling_mbps, c.mailbox_ceiling_is) = mailbox("stg");
+        (c.block_mailbox_ceiling_mbps, c.block_mailbox_ceiling_is) = mailbox("ramdisk");
+        (c.ceiling_mbps, c.ceiling_is) = smaller(c.mailbox_ceiling_mbps, "stg");
+        (c.block_ceiling_mbps, c.block_ceiling_is) =
+            smaller(c.block_mailbox_ceiling_mbps, "ramdisk");
+        c
+    }
+}
+
 /// Which way a ratio should go.
 #[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -434,6 +628,11 @@ pub struct Results {
     pub map: Option<serde_json::Value>,
     /// Raw file texts for the plot: stem → text (fio JSON and .hgrm).
     pub dists: BTreeMap<String, Vec<DistPoint>>,
+    /// `protection.json`: `stp bench protection --json` in the same boot.
+    pub protection: Option<ProtectionReport>,
+    /// The frame protection each STP run recorded (`params.protection`),
+    /// by file stem.
+    pub stp_protection: BTreeMap<String, String>,
 }
 
 /// `raw-stg-write-1m-qd8.r2` → (`raw-stg-write-1m-qd8`, Some(2)): the
@@ -496,6 +695,15 @@ impl Results {
                         r.map = serde_json::from_str(&text).ok();
                         continue;
                     }
+                    "protection" => {
+                        match parse_protection(&text) {
+                            Ok(p) => r.protection = Some(p),
+                            Err(e) => {
+                                r.failed.insert(stem.into(), format!("{e:#}"));
+                            }
+                        }
+                        continue;
+                    }
                     s if s.starts_with("fio-") => {
                         let base = split_round(stem).0;
                         if !r.dists.contains_key(base) {
@@ -505,7 +713,14 @@ impl Results {
                         }
                         parse_fio(&text, file)
                     }
-                    _ => parse_ours(&text, file),
+                    _ => {
+                        if stem.starts_with("stp-") {
+                            if let Some(p) = recorded_protection(&text) {
+                                r.stp_protection.insert(split_round(stem).0.to_string(), p);
+                            }
+                        }
+                        parse_ours(&text, file)
+                    }
                 };
                 match parsed {
                     Ok(m) => {
@@ -604,6 +819,13 @@ pub struct Ratios {
     pub stp_vendor_goodput_vs_tcp: Option<Ratio>,
     /// STP vendor round trip p50 / TCP loopback round trip p50 (no target).
     pub stp_vendor_rtt_p50_vs_tcp: Option<Ratio>,
+    /// STP vendor goodput / `ceiling_mbps` (no target).
+    pub stp_vendor_goodput_vs_mailbox_ceiling: Option<Ratio>,
+    /// STP block-mode goodput / `block_ceiling_mbps` (no target).
+    pub stp_block_goodput_vs_mailbox_ceiling: Option<Ratio>,
+    /// The ceilings those two divide by.
+    #[serde(skip)]
+    pub ceilings: Ceilings,
 }
 
 impl Ratios {
@@ -713,6 +935,25 @@ impl Ratios {
                 None,
             ));
         }
+        out.ceilings = Ceilings::of(r);
+        let c = &out.ceilings;
+        let vs_ceiling = |stp: &str, ceiling: Option<f64>, is: &str| -> Option<Ratio> {
+            let s = r.get(stp)?;
+            Some(Ratio::new(
+                "mb_per_s",
+                (s.mb_per_s, format!("{stp} (one-way, MB/s)")),
+                (ceiling?, format!("ceiling: {is}")),
+                Better::Higher,
+                None,
+            ))
+        };
+        out.stp_vendor_goodput_vs_mailbox_ceiling =
+            vs_ceiling("stp-vendor-goodput", c.ceiling_mbps, &c.ceiling_is);
+        out.stp_block_goodput_vs_mailbox_ceiling = vs_ceiling(
+            "stp-block-goodput",
+            c.block_ceiling_mbps,
+            &c.block_ceiling_is,
+        );
         out
     }
 
@@ -734,7 +975,7 @@ impl Ratios {
         v
     }
 
-    fn singles(&self) -> [(&'static str, Option<&Ratio>); 8] {
+    fn singles(&self) -> [(&'static str, Option<&Ratio>); 10] {
         [
             (
                 "stp_vendor_goodput_vs_raw_write",
@@ -767,6 +1008,14 @@ impl Ratios {
             (
                 "stp_vendor_rtt_p50_vs_tcp",
                 self.stp_vendor_rtt_p50_vs_tcp.as_ref(),
+            ),
+            (
+                "stp_vendor_goodput_vs_mailbox_ceiling",
+                self.stp_vendor_goodput_vs_mailbox_ceiling.as_ref(),
+            ),
+            (
+                "stp_block_goodput_vs_mailbox_ceiling",
+                self.stp_block_goodput_vs_mailbox_ceiling.as_ref(),
             ),
         ]
     }
@@ -832,6 +1081,25 @@ pub fn document(r: &Results, ratios: &Ratios) -> serde_json::Value {
         if let Some(m) = &r.map {
             o.insert("map".into(), m.clone());
         }
+        let c = &ratios.ceilings;
+        o.insert("protection".into(), serde_json::json!(c.protection));
+        o.insert(
+            "protection_ceiling_mbps".into(),
+            serde_json::json!(c.protection_ceiling_mbps),
+        );
+        o.insert(
+            "mailbox_ceiling_mbps".into(),
+            serde_json::json!(c.mailbox_ceiling_mbps),
+        );
+        o.insert("ceiling_mbps".into(), serde_json::json!(c.ceiling_mbps));
+        o.insert(
+            "ceilings".into(),
+            serde_json::to_value(c).unwrap_or_default(),
+        );
+        o.insert(
+            "protection_bench".into(),
+            serde_json::to_value(&r.protection).unwrap_or_default(),
+        );
     }
     doc
 }
@@ -950,12 +1218,64 @@ pub fn table(r: &Results, ratios: &Ratios) -> String {
             );
         }
     }
+    let c = &ratios.ceilings;
+    if r.protection.is_some() || c.mailbox_ceiling_mbps.is_some() || !r.stp_protection.is_empty() {
+        let mbps = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{} MB/s", num(v)));
+        let _ = writeln!(s, "\nCeilings for STP goodput (this boot)");
+        let _ = writeln!(
+            s,
+            "  {:<26} {:>12}   {}",
+            "protection",
+            c.protection.as_deref().unwrap_or("unknown"),
+            c.protection_from
+        );
+        for (k, v, is) in [
+            (
+                "protection_ceiling_mbps",
+                c.protection_ceiling_mbps,
+                &c.protection_ceiling_is,
+            ),
+            (
+                "mailbox_ceiling_mbps",
+                c.mailbox_ceiling_mbps,
+                &c.mailbox_ceiling_is,
+            ),
+            (
+                "ceiling_mbps",
+                c.ceiling_mbps,
+                &format!("the smaller: {}", c.ceiling_is),
+            ),
+            (
+                "block: mailbox ceiling",
+                c.block_mailbox_ceiling_mbps,
+                &c.block_mailbox_ceiling_is,
+            ),
+            (
+                "block: ceiling",
+                c.block_ceiling_mbps,
+                &format!("the smaller: {}", c.block_ceiling_is),
+            ),
+        ] {
+            let _ = writeln!(s, "  {k:<26} {:>12}   {is}", mbps(v));
+        }
+        if let Some(p) = &r.protection {
+            let rate = |n: &str| p.case(n).map(|x| x.median_mbps);
+            let _ = writeln!(
+                s,
+                "  {:<26} {:>12}   seal {}, open {} (one core; v2's default, for comparison)",
+                "aes-256-gcm",
+                mbps(c.aes256gcm_ceiling_mbps),
+                mbps(rate("aes256gcm-seal")),
+                mbps(rate("aes256gcm-open")),
+            );
+        }
+    }
     let _ = writeln!(s, "\nRatios (value / reference)");
     for (k, x) in ratios.singles() {
         if let Some(x) = x {
             let _ = writeln!(
                 s,
-                "  {:<36} {:>8.2}  = {} / {} {}   {}",
+                "  {:<38} {:>8.2}  = {} / {} {}   {}",
                 k,
                 x.ratio,
                 num(x.value),
@@ -963,6 +1283,9 @@ pub fn table(r: &Results, ratios: &Ratios) -> String {
                 unit(&x.metric),
                 verdict(x)
             );
+            if k.ends_with("_vs_mailbox_ceiling") {
+                let _ = writeln!(s, "    reference: {}", x.reference_is);
+            }
         }
     }
     let t = ratios.targeted();
@@ -1211,6 +1534,218 @@ mod tests {
         assert!(text.contains("Targets met: 1 of 5"), "{text}");
         assert!(text.contains("fio-sg-ramdisk-read-1m-qd8"), "{text}");
         assert!(plot(&r).starts_with("<?xml"));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// `ours` with `params.protection` set.
+    fn stp_run(mb: f64, protection: Option<&str>) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(&ours(mb, mb, 1e5, 2e5)).unwrap();
+        if let Some(p) = protection {
+            v["params"]["protection"] = p.into();
+        }
+        v.to_string()
+    }
+
+    /// A synthetic `stp bench protection --json`: (case, MB/s).
+    fn protection_json(rates: &[(&str, f64)]) -> String {
+        let cases = rates
+            .iter()
+            .map(|&(name, mbps)| protection::CaseResult {
+                name: name.into(),
+                what: "synthetic".into(),
+                median_gbps: mbps / 1000.0,
+                median_mbps: mbps,
+                min_gbps: mbps / 1000.0,
+                max_gbps: mbps / 1000.0,
+                rounds_gbps: vec![mbps / 1000.0; 3],
+                median_wall_gbps: mbps / 1000.0,
+                rounds_wall_gbps: vec![mbps / 1000.0; 3],
+                bytes: 3 << 20,
+                ops: 3,
+                seconds: 3.0,
+                wall_seconds: 3.0,
+                cpu_share: 1.0,
+                cpu_s_per_gb: 1000.0 / mbps,
+            })
+            .collect();
+        serde_json::to_string(&ProtectionReport {
+            schema: protection::PROTECTION_SCHEMA,
+            mode: "protection".into(),
+            cpu: protection::CpuInfo::parse(
+                "model name : QEMU TCG CPU version 2.5+\nflags : aes\n",
+            ),
+            build: "release".into(),
+            threads: 1,
+            size: 1 << 20,
+            aad_bytes: 80,
+            seconds_per_case: 1.0,
+            rounds: 3,
+            cases,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn ceilings_of_the_mailbox_and_the_protection() {
+        let d = scratch("ceilings");
+        let w = |f: &str, t: &str| std::fs::write(d.join(f), t).unwrap();
+        // STG LUN: 100 MB/s written, 150 read: the mailbox carries 60.
+        w("raw-stg-write-1m-qd8.json", &ours(100.0, 100.0, 8e3, 9e3));
+        w("raw-stg-read-1m-qd8.json", &ours(150.0, 150.0, 8e3, 9e3));
+        // Ramdisk: 200 and 200: 100.
+        w(
+            "raw-ramdisk-write-1m-qd8.json",
+            &ours(200.0, 200.0, 4e3, 5e3),
+        );
+        w(
+            "raw-ramdisk-read-1m-qd8.json",
+            &ours(200.0, 200.0, 4e3, 5e3),
+        );
+        // One core: AES-256-GCM seals at 80, opens at 50; BLAKE3 40, CRC 120.
+        w(
+            "protection.json",
+            &protection_json(&[
+                ("aes256gcm-seal", 80.0),
+                ("aes256gcm-open", 50.0),
+                ("blake3-keyed", 40.0),
+                ("crc32c", 120.0),
+                ("memcpy", 2000.0),
+            ]),
+        );
+        w(
+            "stp-vendor-goodput.json",
+            &stp_run(30.0, Some("aes-256-gcm")),
+        );
+        w(
+            "stp-block-goodput.json",
+            &stp_run(20.0, Some("aes-256-gcm")),
+        );
+        let r = Results::load(&d).unwrap();
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+        assert!(r.protection.is_some());
+        let x = Ratios::of(&r);
+        let c = &x.ceilings;
+        assert_eq!(c.protection.as_deref(), Some("aes-256-gcm"));
+        assert_eq!(c.protection_ceiling_mbps, Some(50.0));
+        assert_eq!(c.aes256gcm_ceiling_mbps, Some(50.0));
+        assert!((c.mailbox_ceiling_mbps.unwrap() - 60.0).abs() < 1e-9);
+        assert!((c.block_mailbox_ceiling_mbps.unwrap() - 100.0).abs() < 1e-9);
+        // The protection is the tighter bound on both LUNs here.
+        assert_eq!(c.ceiling_mbps, Some(50.0));
+        assert!(c.ceiling_is.starts_with("protection"), "{}", c.ceiling_is);
+        assert_eq!(c.block_ceiling_mbps, Some(50.0));
+        let v = x.stp_vendor_goodput_vs_mailbox_ceiling.as_ref().unwrap();
+        assert!((v.ratio - 0.6).abs() < 1e-9, "{v:?}");
+        assert_eq!((v.target, v.met, v.better), (None, None, Better::Higher));
+        let b = x.stp_block_goodput_vs_mailbox_ceiling.as_ref().unwrap();
+        assert!((b.ratio - 0.4).abs() < 1e-9, "{b:?}");
+        // The existing goodput ratio is still there.
+        let g = x.stp_vendor_goodput_vs_raw_write.as_ref().unwrap();
+        assert!((g.ratio - 0.3).abs() < 1e-9);
+
+        let doc = document(&r, &x);
+        assert_eq!(doc["protection"], "aes-256-gcm");
+        assert_eq!(doc["protection_ceiling_mbps"], 50.0);
+        assert!((doc["mailbox_ceiling_mbps"].as_f64().unwrap() - 60.0).abs() < 1e-9);
+        assert_eq!(doc["ceiling_mbps"], 50.0);
+        assert!(
+            (doc["stp_vendor_goodput_vs_mailbox_ceiling"]["ratio"]
+                .as_f64()
+                .unwrap()
+                - 0.6)
+                .abs()
+                < 1e-9
+        );
+        assert!(doc["stp_block_goodput_vs_mailbox_ceiling"]["ratio"].is_number());
+        assert!(doc["stp_vendor_goodput_vs_raw_write"]["ratio"].is_number());
+        assert_eq!(doc["ceilings"]["block_ceiling_mbps"], 50.0);
+        assert_eq!(
+            doc["protection_bench"]["cpu"]["model"],
+            "QEMU TCG CPU version 2.5+"
+        );
+        // No targets among the new ratios.
+        assert_eq!(doc["summary"]["targets"], 1);
+        let text = table(&r, &x);
+        for want in [
+            "Ceilings for STP goodput",
+            "protection_ceiling_mbps",
+            "mailbox_ceiling_mbps",
+            "ceiling_mbps",
+            "stp_vendor_goodput_vs_mailbox_ceiling",
+            "stp_block_goodput_vs_mailbox_ceiling",
+            "reference: ceiling: protection (aes-256-gcm, one core)",
+            "1/(1/raw write + 1/raw read), 1 MiB QD8, stg LUN: 100.0 and 150.0 MB/s",
+        ] {
+            assert!(text.contains(want), "no `{want}` in\n{text}");
+        }
+
+        // Today's v1 frames: BLAKE3 then CRC32C over every byte, 30 MB/s;
+        // the protection still binds.
+        w(
+            "stp-vendor-goodput.json",
+            &stp_run(30.0, Some("blake3-keyed+crc32c")),
+        );
+        w(
+            "stp-block-goodput.json",
+            &stp_run(20.0, Some("blake3-keyed+crc32c")),
+        );
+        let x = Ratios::of(&Results::load(&d).unwrap());
+        let c = &x.ceilings;
+        assert!(
+            (c.protection_ceiling_mbps.unwrap() - 30.0).abs() < 1e-9,
+            "{c:?}"
+        );
+        assert!((x.stp_vendor_goodput_vs_mailbox_ceiling.unwrap().ratio - 1.0).abs() < 1e-9);
+
+        // A fast core: the mailbox binds.
+        w(
+            "protection.json",
+            &protection_json(&[("aes256gcm-seal", 9000.0), ("aes256gcm-open", 8000.0)]),
+        );
+        w(
+            "stp-vendor-goodput.json",
+            &stp_run(30.0, Some("aes-256-gcm")),
+        );
+        let x = Ratios::of(&Results::load(&d).unwrap());
+        assert!((x.ceilings.ceiling_mbps.unwrap() - 60.0).abs() < 1e-9);
+        assert!(x.ceilings.ceiling_is.starts_with("mailbox (stg LUN)"));
+        assert!((x.stp_vendor_goodput_vs_mailbox_ceiling.unwrap().ratio - 0.5).abs() < 1e-9);
+
+        // Runs that record no protection (older builds) and no
+        // protection.json: the protection is unknown, the mailbox alone
+        // bounds, and the report says so.
+        std::fs::remove_file(d.join("protection.json")).unwrap();
+        w("stp-vendor-goodput.json", &stp_run(30.0, None));
+        w("stp-block-goodput.json", &stp_run(20.0, None));
+        let r = Results::load(&d).unwrap();
+        let x = Ratios::of(&r);
+        let c = &x.ceilings;
+        assert_eq!(
+            (c.protection.as_deref(), c.protection_ceiling_mbps),
+            (None, None)
+        );
+        assert!(
+            c.ceiling_is.contains("protection ceiling is unknown"),
+            "{}",
+            c.ceiling_is
+        );
+        assert!(
+            (x.stp_vendor_goodput_vs_mailbox_ceiling
+                .as_ref()
+                .unwrap()
+                .ratio
+                - 0.5)
+                .abs()
+                < 1e-9
+        );
+        let doc = document(&r, &x);
+        assert!(doc["protection"].is_null() && doc["protection_ceiling_mbps"].is_null());
+        assert!(table(&r, &x).contains("not recorded"));
+
+        // A protection.json that is not one is a failed run, not a crash.
+        w("protection.json", "{\"schema\": 1}");
+        let r = Results::load(&d).unwrap();
+        assert!(r.failed.contains_key("protection"), "{:?}", r.failed);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
