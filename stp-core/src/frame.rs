@@ -51,7 +51,7 @@ pub enum Protection {
 
 impl Protection {
     /// The name used in configuration files, bench output and logs.
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             Protection::Encrypt => "aes-256-gcm",
             Protection::Authenticate => "blake3-auth",

@@ -28,9 +28,9 @@
 //!   AAD, CRC32C over the header;
 //! * `stp-v2-recv`: CRC32C check of the header, AES-256-GCM open in place,
 //!   copy the payload out to the caller's buffer;
-//! * `stp-v1-send` / `stp-v1-recv`: the same copies around today's
-//!   `stp_core::frame::seal` / `open` (keyed BLAKE3 tag, then CRC32C over
-//!   header and payload).
+//! * `stp-v1-send` / `stp-v1-recv`: the same copies around protocol v1's
+//!   protection (keyed BLAKE3 tag, then CRC32C over the 72-byte header and
+//!   the payload), kept here as a model of the superseded version.
 //!
 //! The v2 frame layout here ([`V2_HEADER_LEN`], the nonce and CRC fields, a
 //! tag after the payload) is a model for costing, not the wire
@@ -47,9 +47,23 @@ use clap::{Args, ValueEnum};
 use ring::aead::{self, Aad, LessSafeKey, Nonce, Tag, UnboundKey, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
-use stp_core::auth::FrameKey;
-use stp_core::frame;
-use stp_core::wire::{self, Header, Kind, MAX_PAYLOAD};
+use stp_core::frame::Protection;
+use stp_core::wire::MAX_PAYLOAD;
+
+/// Protocol v1's header length (its frames are refused since v2).
+const V1_HEADER_LEN: usize = 72;
+/// Protocol v1's CRC field and tag, in its header.
+const V1_CRC: Range<usize> = 48..52;
+const V1_TAG: Range<usize> = 56..72;
+
+/// A v1 frame key (32 bytes, keyed BLAKE3).
+struct FrameKey([u8; 32]);
+
+impl FrameKey {
+    fn from_bytes(b: [u8; 32]) -> FrameKey {
+        FrameKey(b)
+    }
+}
 
 /// The version of `stp bench protection --json`'s shape.
 pub const PROTECTION_SCHEMA: u32 = 1;
@@ -367,10 +381,10 @@ impl ProtectionReport {
 pub const V1_PROTECTION: &str = "blake3-keyed+crc32c";
 /// Protocol v2's default: AES-256-GCM over the payload with the header as
 /// AAD, CRC32C over the header.
-pub const V2_PROTECTION: &str = "aes-256-gcm";
+pub const V2_PROTECTION: &str = Protection::Encrypt.name();
 /// Protocol v2's authentication-only setting: keyed BLAKE3 over header and
 /// payload (payload in clear), CRC32C over the header.
-pub const V2_AUTH_ONLY: &str = "blake3-keyed";
+pub const V2_AUTH_ONLY: &str = Protection::Authenticate.name();
 
 /// The frame protection this build's STP runs with, as `stp bench stp`
 /// records it (`params.protection`) for `stp bench report`. This build's
@@ -378,10 +392,7 @@ pub const V2_AUTH_ONLY: &str = "blake3-keyed";
 /// [`V1_PROTECTION`]; a build that speaks v2 must name the setting the
 /// connection actually ran with ([`V2_PROTECTION`] by default).
 pub fn stp_protection() -> &'static str {
-    match wire::VERSION {
-        1 => V1_PROTECTION,
-        _ => "unknown",
-    }
+    Protection::default().name()
 }
 
 /// An AEAD key that owns its nonce counter: each seal takes the next
@@ -528,11 +539,12 @@ fn v2_recv(key: &CountedKey, frame: &mut [u8], out: &mut [u8]) -> Result<()> {
     Ok(())
 }
 
-/// v1 send: copies `src` into `frame`'s payload and seals it with today's
-/// `stp_core::frame::seal` (keyed BLAKE3 tag, then CRC32C).
+/// v1 send: copies `src` into `frame`'s payload and seals it as protocol
+/// v1 did: keyed BLAKE3 over the header (CRC and tag zero) and payload,
+/// truncated to 16 bytes, then CRC32C over header and payload.
 fn v1_send(key: &FrameKey, seq: u64, frame: &mut [u8], src: &[u8]) -> Result<()> {
-    let (head, payload) = frame.split_at_mut(wire::HEADER_LEN.min(frame.len()));
-    if payload.len() != src.len() {
+    let (head, payload) = frame.split_at_mut(V1_HEADER_LEN.min(frame.len()));
+    if payload.len() != src.len() || head.len() != V1_HEADER_LEN {
         bail!(
             "frame buffer holds {} payload bytes, not {}",
             payload.len(),
@@ -540,27 +552,61 @@ fn v1_send(key: &FrameKey, seq: u64, frame: &mut [u8], src: &[u8]) -> Result<()>
         );
     }
     payload.copy_from_slice(src);
-    let mut header = Header {
-        kind: Kind::DATA,
-        conn_id: 1,
-        seq,
-        ..Header::default()
-    };
-    let bytes = frame::seal(&mut header, &[payload], key)?;
-    head.copy_from_slice(&bytes);
+    head.fill(0);
+    head[..4].copy_from_slice(b"STPF");
+    head[4] = 1;
+    head[5] = 4; // DATA
+    head[24..32].copy_from_slice(&seq.to_be_bytes());
+    head[44..48].copy_from_slice(&(src.len() as u32).to_be_bytes());
+    let tag = v1_tag(key, head, payload);
+    head[V1_TAG].copy_from_slice(&tag);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(head), payload);
+    head[V1_CRC].copy_from_slice(&crc.to_be_bytes());
     Ok(())
 }
 
-/// v1 receive: `stp_core::frame::open` (CRC32C, then the tag), then copies
-/// the payload to `out`.
+fn v1_tag(key: &FrameKey, head: &[u8], payload: &[u8]) -> [u8; 16] {
+    let mut zeroed = [0u8; V1_HEADER_LEN];
+    zeroed.copy_from_slice(head);
+    zeroed[V1_CRC].fill(0);
+    zeroed[V1_TAG].fill(0);
+    let mut mac = blake3::Hasher::new_keyed(&key.0);
+    mac.update(&zeroed);
+    mac.update(payload);
+    let mut tag = [0u8; 16];
+    mac.finalize_xof().fill(&mut tag);
+    tag
+}
+
+/// v1 receive: checks the CRC32C, then the tag, then copies the payload to
+/// `out`.
 fn v1_recv(key: &FrameKey, frame: &[u8], out: &mut [u8]) -> Result<()> {
-    let (_, payload) = frame::open(frame, key)?;
-    if payload.len() != out.len() {
+    if frame.len() < V1_HEADER_LEN {
+        bail!("frame shorter than a v1 header");
+    }
+    let (head, payload) = frame.split_at(V1_HEADER_LEN);
+    let len = u32::from_be_bytes(head[44..48].try_into()?) as usize;
+    if len != payload.len() || len != out.len() {
         bail!(
             "frame carries {} payload bytes; the reader wants {}",
             payload.len(),
             out.len()
         );
+    }
+    let mut crc_head = [0u8; V1_HEADER_LEN];
+    crc_head.copy_from_slice(head);
+    crc_head[V1_CRC].fill(0);
+    let carried = u32::from_be_bytes(head[V1_CRC].try_into()?);
+    if crc32c::crc32c_append(crc32c::crc32c(&crc_head), payload) != carried {
+        bail!("v1 frame CRC32C mismatch");
+    }
+    let tag = v1_tag(key, head, payload);
+    let diff = tag
+        .iter()
+        .zip(&head[V1_TAG])
+        .fold(0u8, |d, (a, b)| d | (a ^ b));
+    if diff != 0 {
+        bail!("v1 frame tag does not verify");
     }
     out.copy_from_slice(payload);
     Ok(())
@@ -816,13 +862,13 @@ fn make(case: Case, size: usize, rng: &dyn SecureRandom) -> Result<Box<dyn Op>> 
             key: FrameKey::from_bytes(random_key(rng)?),
             seq: 0,
             src: buf()?,
-            frame: vec![0; wire::HEADER_LEN + size],
+            frame: vec![0; V1_HEADER_LEN + size],
         }),
         Case::StpV1Recv => Box::new(V1Recv {
             key: FrameKey::from_bytes(random_key(rng)?),
             seq: 0,
             src: buf()?,
-            frame: vec![0; wire::HEADER_LEN + size],
+            frame: vec![0; V1_HEADER_LEN + size],
             out: vec![0; size],
         }),
     })
@@ -1136,14 +1182,13 @@ mod tests {
         let rng = SystemRandom::new();
         let key = FrameKey::from_bytes(random_key(&rng).unwrap());
         let src = random_buf(&rng, 3000).unwrap();
-        let mut frame = vec![0u8; wire::HEADER_LEN + src.len()];
+        let mut frame = vec![0u8; V1_HEADER_LEN + src.len()];
         v1_send(&key, 9, &mut frame, &src).unwrap();
-        let (h, p) = frame::open(&frame, &key).unwrap();
-        assert_eq!((h.seq, p), (9, &src[..]));
+        assert_eq!(&frame[24..32], &9u64.to_be_bytes());
         let mut out = vec![0u8; src.len()];
         v1_recv(&key, &frame, &mut out).unwrap();
         assert_eq!(out, src);
-        frame[wire::HEADER_LEN + 7] ^= 1;
+        frame[V1_HEADER_LEN + 7] ^= 1;
         assert!(v1_recv(&key, &frame, &mut out).is_err());
     }
 
@@ -1257,15 +1302,9 @@ mod tests {
 
     #[test]
     fn the_protection_stp_runs_with_is_named() {
-        // When stp-core moves to protocol v2, stp_protection() must report
-        // the protection the connection ran with (aes-256-gcm by default,
-        // blake3-keyed when asked for), not v1's.
-        assert_eq!(
-            wire::VERSION,
-            1,
-            "stp-core speaks a new protocol version: update stp_protection()"
-        );
-        assert_eq!(stp_protection(), V1_PROTECTION);
+        // `stp bench stp` runs with the default protection.
+        assert_eq!(stp_protection(), V2_PROTECTION);
+        assert_eq!(stp_protection(), Protection::Encrypt.name());
     }
 
     #[test]
