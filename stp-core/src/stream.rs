@@ -77,8 +77,14 @@ const POLL: Duration = Duration::from_millis(100);
 /// SEND holds one DATA frame, or control frames up to this size, and a
 /// RECEIVE asks for exactly this much.
 pub const MAX_TRANSFER: usize = 1 << 20;
-/// RECEIVE allocation.
+/// RECEIVE allocation while data flows.
 const RECV_BYTES: usize = MAX_TRANSFER;
+/// RECEIVE allocation of an idle pump: an idle connection keeps its held
+/// RECEIVEs small. The first frame too large for it ends the RECEIVE at
+/// once (80h/07h) and the pump asks again with [`RECV_BYTES`].
+const IDLE_RECV_BYTES: usize = 64 * 1024;
+/// Empty long polls (of [`POLL`]) after which a pump counts as idle.
+const IDLE_POLLS: u32 = 10;
 /// The largest payload whose frame fits one transfer.
 pub const MAX_STREAM_PAYLOAD: u32 = (MAX_TRANSFER - HEADER_LEN) as u32;
 /// DATA payloads smaller than this are copied out of the RECEIVE buffer
@@ -488,7 +494,9 @@ fn push_control(inner: &mut Inner, buf: IoBuf, seqs: Vec<u64>) {
 /// timer thread's, so every poll is a full [`POLL`] (the wire's long-poll
 /// unit is 100 ms; a shorter wait would be a zero-wait spin).
 fn pump(shared: Weak<Shared>, mut rx: Box<dyn Mailbox>, pool: Arc<BufPool>) {
-    let mut buf = pool.get(RECV_BYTES);
+    let mut want = IDLE_RECV_BYTES;
+    let mut quiet = 0;
+    let mut buf = pool.get(want);
     loop {
         let Some(s) = shared.upgrade() else { return };
         {
@@ -499,10 +507,14 @@ fn pump(shared: Weak<Shared>, mut rx: Box<dyn Mailbox>, pool: Arc<BufPool>) {
         }
         let binding = s.binding;
         drop(s); // do not keep the stream alive across a long poll
-        let got = rx.receive_into(&binding, &mut buf, RECV_BYTES, POLL);
+        let got = rx.receive_into(&binding, &mut buf, want, POLL);
         let Some(s) = shared.upgrade() else { return };
         match got {
             Ok(()) if !buf.is_empty() => {
+                quiet = 0;
+                if buf.len() > want / 2 {
+                    want = RECV_BYTES;
+                }
                 let (opened, foreign) = s.open_all(&mut buf);
                 if let Some(v) = foreign {
                     s.lock().foreign_version = Some(v);
@@ -510,10 +522,16 @@ fn pump(shared: Weak<Shared>, mut rx: Box<dyn Mailbox>, pool: Arc<BufPool>) {
                 if opened.is_empty() {
                     continue;
                 }
-                let full = std::mem::replace(&mut buf, pool.get(RECV_BYTES));
+                let full = std::mem::replace(&mut buf, pool.get(want));
                 s.deliver(full, opened);
             }
-            Ok(()) => {}
+            Ok(()) => {
+                quiet += 1;
+                if quiet >= IDLE_POLLS {
+                    want = IDLE_RECV_BYTES;
+                }
+            }
+            Err(MailboxError::FrameTooLarge { .. }) => want = RECV_BYTES,
             Err(e) if e.binding_lost() => {
                 let inner = s.lock();
                 s.stop(inner, Some(ConnError::BindingLost));
@@ -521,8 +539,13 @@ fn pump(shared: Weak<Shared>, mut rx: Box<dyn Mailbox>, pool: Arc<BufPool>) {
             }
             Err(_) => thread::sleep(Duration::from_millis(5)),
         }
-        if buf.capacity() < RECV_BYTES {
-            buf = pool.get(RECV_BYTES);
+        if buf.capacity() < want || buf.capacity() > want.max(RECV_BYTES) {
+            pool.put(std::mem::take(&mut buf));
+            buf = pool.get(want);
+        } else if buf.capacity() > want && quiet == IDLE_POLLS {
+            // Gone idle: give the large buffer back.
+            pool.put(std::mem::take(&mut buf));
+            buf = pool.get(want);
         }
     }
 }
