@@ -8,8 +8,13 @@
 //! `docs/PROTOCOL.md`.
 //!
 //! * [`wire`] — the frame header layout and walking packed frames.
-//! * [`frame`] — sealing and opening frames (CRC32C, authentication tag),
-//!   scatter-gather on the way out.
+//! * [`frame`] — sealing and opening frames in place (AES-256-GCM or keyed
+//!   BLAKE3, header CRC32C), per-connection keys and packet-number nonces.
+//! * [`chunk`] — received payload bytes shared without copying.
+//! * [`counters`] — copies, protection passes and SENDs in flight per
+//!   payload byte, process-wide.
+//! * [`guard`] — the check before any destructive write (format): partition
+//!   tables, file systems, other STGs, kernel holders and mounts.
 //! * [`auth`] — the per-connection key agreed over the control connection.
 //! * [`vendor`] — the vendor command set shared by hosts and the array.
 //! * [`stg`] — transport groups and the configuration file.
@@ -33,6 +38,7 @@ pub mod counters;
 pub mod engine;
 pub mod flows;
 pub mod frame;
+pub mod guard;
 pub mod mailbox;
 pub mod sockets;
 pub mod stg;
