@@ -68,6 +68,9 @@ pub const PING_LEN: usize = 8;
 
 /// Duplicate ACKs that trigger a fast retransmission.
 const DUP_ACK_THRESHOLD: u32 = 3;
+/// DATA frames staged or unacknowledged at most: each holds a sealed buffer
+/// of at least a page, so many tiny writes must not stage without bound.
+pub const MAX_SEND_FRAMES: usize = 256;
 /// PONGs queued at most; further PINGs are answered by later ones.
 const MAX_PENDING_PONGS: usize = 4;
 /// Cap on the exponent of the timeout back-off (the result is clamped to
@@ -915,7 +918,11 @@ impl Connection {
         if len == 0 || !self.handshake_done() {
             return Ok(None);
         }
-        let n = self.sbuf.push(len.min(self.send_payload as usize));
+        let n = if self.room_to_stage() {
+            self.sbuf.push(len.min(self.send_payload as usize))
+        } else {
+            0
+        };
         if n == 0 {
             self.writable_wanted = true;
             return Ok(None);
@@ -938,6 +945,12 @@ impl Connection {
             ready: false,
         });
         Ok(Some(header))
+    }
+
+    /// Room for another staged frame: send-buffer bytes, and fewer than
+    /// [`MAX_SEND_FRAMES`] frames staged or unacknowledged.
+    fn room_to_stage(&self) -> bool {
+        self.sbuf.free() > 0 && self.staged.len() + self.inflight.len() < MAX_SEND_FRAMES
     }
 
     /// Takes back the last staged frame, `seq`, which was never sealed (its
@@ -1312,7 +1325,7 @@ impl Connection {
                 self.stats.fast_retransmits += 1;
             }
         }
-        if self.writable_wanted && self.sbuf.free() > 0 {
+        if self.writable_wanted && self.room_to_stage() {
             self.writable_wanted = false;
             self.events.push_back(Event::Writable);
         }
@@ -3453,6 +3466,23 @@ mod tests {
             )))
         );
         assert_eq!(tx(c.poll_transmit(t1)).header.kind, Kind::RST);
+    }
+
+    #[test]
+    fn tiny_writes_stage_a_bounded_number_of_frames() {
+        let mut h = Harness::new(6, Net::ideal(), Config::default(), Config::default());
+        h.run_until("connected", Harness::connected);
+        let c = h.conn_mut(Side::Client);
+        let mut staged = 0;
+        while let Ok(Some(f)) = c.stage(1) {
+            c.sealed(f.seq);
+            staged += 1;
+        }
+        assert_eq!(
+            staged, MAX_SEND_FRAMES,
+            "each frame holds a buffer: bounded"
+        );
+        assert!(c.send_buffer_free() > 0, "bytes were not the limit");
     }
 
     #[test]
