@@ -82,7 +82,7 @@ const RECV_BYTES: usize = MAX_TRANSFER;
 /// RECEIVE allocation of an idle pump: an idle connection keeps its held
 /// RECEIVEs small. The first frame too large for it ends the RECEIVE at
 /// once (80h/07h) and the pump asks again with [`RECV_BYTES`].
-const IDLE_RECV_BYTES: usize = 64 * 1024;
+const IDLE_RECV_BYTES: usize = 16 * 1024;
 /// Empty long polls (of [`POLL`]) after which a pump counts as idle.
 const IDLE_POLLS: u32 = 10;
 /// The largest payload whose frame fits one transfer.
