@@ -97,6 +97,8 @@ const CONTROL_BUF: usize = 16 * 1024;
 /// Tokens of control SENDs have this bit set (DATA tokens are sequence
 /// numbers, far below it).
 const CONTROL_TOKEN: u64 = 1 << 63;
+/// How long a stopping sender waits for SENDs in flight to complete.
+const STOP_PATIENCE: Duration = Duration::from_secs(2);
 /// How long a sender with SENDs in flight and room for more waits for a
 /// completion before looking at its queue again.
 const SENDER_SLICE: Duration = Duration::from_micros(500);
@@ -581,17 +583,23 @@ fn timers(shared: Weak<Shared>) {
 /// the SEND side free; see `Shared::kick`).
 fn sender(shared: Weak<Shared>) {
     let mut done = Vec::new();
+    let mut stopping: Option<Instant> = None;
     loop {
         let Some(s) = shared.upgrade() else { return };
         {
             let mut inner = s.lock();
             loop {
                 let in_flight = s.tx_in_flight.load(Relaxed);
+                if inner.stop {
+                    // Reap what is in flight for a while, then give up on
+                    // it (a dead path must not hang the stream's drop).
+                    let since = *stopping.get_or_insert_with(Instant::now);
+                    if in_flight == 0 || since.elapsed() > STOP_PATIENCE {
+                        return;
+                    }
+                }
                 if in_flight > 0 || (!inner.outq.is_empty() && in_flight < s.tx_window) {
                     break;
-                }
-                if inner.stop {
-                    return;
                 }
                 inner = s
                     .sender
