@@ -32,8 +32,9 @@
 //! to a process-wide total, [`array_cpu`]. A RECEIVE the mailbox holds and
 //! another host's SEND completes is executed inside that SEND's submit, so
 //! its cost lands there. What the array does on its own thread (the
-//! mailbox's timer, which ends held RECEIVEs when their wait expires) is
-//! not counted: it is rare and small.
+//! mailbox's timer thread, which ends held RECEIVEs when their wait
+//! expires) is not counted here, so a host-ends figure derived from this
+//! errs against the hosts.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
