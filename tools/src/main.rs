@@ -4,10 +4,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod bench;
 mod probe;
 
-use stp_tools::backup;
+use stp_tools::{backup, bench};
 
 /// STP moves bulk data between two hosts through the storage array they
 /// share, over SCSI, while the LAN carries only control.

@@ -109,6 +109,72 @@ fn stp_sim_goodput() {
     assert_eq!(num(&v, &["bytes"]), (8 << 20) as f64);
 }
 
+/// The data path's structure, as `stp bench stp` reports it: counts, not
+/// timings.
+#[test]
+fn stp_sim_datapath_counts() {
+    let bytes = 16u64 << 20;
+    let v = bench_json(&["stp", "--sim", "--bytes", "16m", "--json"]);
+    check_sane(&v, "stp", "goodput");
+    assert_eq!(v["params"]["protection"], "aes-256-gcm");
+    let d = &v["datapath"];
+    let f = |k: &str| num(d, &[k]);
+    assert!(f("send_payload_bytes") >= bytes as f64, "{d}");
+    assert!(f("recv_payload_bytes") >= bytes as f64, "{d}");
+    // At most one copy per payload byte on each side. The 4-byte
+    // confirmation the receiver sends back is a small frame, copied out of
+    // its RECEIVE buffer as well: a few bytes over exactly 1.
+    let slack = 16.0 / bytes as f64;
+    assert!(f("send_copies_per_byte") <= 1.0 + slack, "{d}");
+    assert!(f("recv_copies_per_byte") <= 1.0 + slack, "{d}");
+    // One protection pass per byte: sealing once (a re-send goes out from
+    // its sealed buffer); opening once, plus the duplicates a
+    // retransmission delivers (each at most one 256 KiB frame).
+    assert!(
+        (f("send_protection_passes_per_byte") - 1.0).abs() <= 0.02,
+        "{d}"
+    );
+    let dup = f("resent_sealed_frames") * (256.0 * 1024.0) / bytes as f64;
+    let recv = f("recv_protection_passes_per_byte");
+    assert!(recv >= 0.98 && recv <= 1.02 + dup, "{d}");
+    assert!(f("sends_submitted") > 0.0 && f("mean_sends_in_flight_per_lun") >= 1.0);
+    assert!(f("sends_in_flight_per_lun_max") >= 1.0, "{d}");
+    assert!(f("flushes") > 0.0 && f("wakeups_per_flush") >= 0.0, "{d}");
+    // The array's CPU is reported apart.
+    assert_eq!(v["cpu"]["counted"], "host ends");
+    assert!(num(&v, &["cpu", "array_s"]) >= 0.0);
+    assert!(num(&v, &["cpu", "process_s_per_gb"]) >= num(&v, &["cpu", "s_per_gb"]));
+}
+
+#[test]
+fn stp_sim_protection_and_connections() {
+    let v = bench_json(&[
+        "stp",
+        "--sim",
+        "--bytes",
+        "4m",
+        "--protection",
+        "blake3-auth",
+        "--connections",
+        "3",
+        "--json",
+    ]);
+    check_sane(&v, "stp", "goodput");
+    assert_eq!(v["params"]["protection"], "blake3-auth");
+    assert_eq!(v["params"]["connections"], 3);
+    let each = (4u64 << 20) / 3;
+    assert_eq!(v["params"]["bytes_each"], each);
+    assert_eq!(num(&v, &["bytes"]), (3 * each) as f64);
+    let c = &v["connections"];
+    assert_eq!(c["count"], 3);
+    assert_eq!(c["mb_per_s"].as_array().unwrap().len(), 3);
+    let r = num(c, &["slowest_over_fastest"]);
+    assert!(r > 0.0 && r <= 1.0, "{c}");
+    assert_eq!(c["idle"]["connections"], 3);
+    // Each end has at least a sender, a timer and one receive pump.
+    assert!(num(c, &["idle", "threads_per_connection"]) >= 6.0, "{c}");
+}
+
 #[test]
 fn stp_sim_rtt() {
     let v = bench_json(&["stp", "--sim", "--rtt", "--count", "100", "--json"]);
@@ -137,6 +203,29 @@ fn compare_json() {
     check_sane(&runs[0], "raw", "write");
     check_sane(&runs[1], "tcp", "goodput");
     assert!(num(&v["ratios"][0], &["mb_per_s"]) > 0.0);
+    assert!(v["vs_tcp"].is_null(), "no stp run, no ratios to TCP: {v}");
+}
+
+#[test]
+fn compare_stp_tcp_says_the_ratios_to_tcp() {
+    let (ok, stdout, stderr) = stp(&[
+        "bench", "compare", "--modes", "stp,tcp", "--bytes", "4m", "--count", "50", "-q",
+    ]);
+    assert!(ok, "{stderr}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("vs TCP"))
+        .unwrap_or_else(|| panic!("no vs TCP line: {stdout}"));
+    for what in [
+        "goodput",
+        "CPU-s/GB",
+        "RTT p50",
+        "host ends",
+        "tcp loopback",
+    ] {
+        assert!(line.contains(what), "{what} missing: {line}");
+    }
+    assert!(!line.contains("not run"), "{line}");
 }
 
 #[test]

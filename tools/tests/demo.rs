@@ -10,8 +10,10 @@ fn demo_backs_up_and_restores_byte_for_byte() {
             "--json",
             "--tree-bytes",
             "2000000",
-            "--bench-seconds",
-            "0.3",
+            "--bench-bytes",
+            "8m",
+            "--bench-count",
+            "50",
         ])
         .output()
         .expect("running stp demo");
@@ -33,6 +35,17 @@ fn demo_backs_up_and_restores_byte_for_byte() {
     }
     assert!(
         v["bench_stp_mb_per_s"].as_f64().unwrap_or(0.0) > 0.0,
+        "{stdout}"
+    );
+    let vs = &v["bench_vs_tcp"];
+    for k in ["goodput", "cpu_s_per_gb", "rtt_p50"] {
+        assert!(
+            vs[k].as_f64().unwrap_or(0.0) > 0.0,
+            "bench_vs_tcp.{k}: {stdout}"
+        );
+    }
+    assert!(
+        vs["references"].as_str().unwrap_or("").contains("TCP"),
         "{stdout}"
     );
 }

@@ -1,7 +1,8 @@
 //! `stp demo`: the main job on the embedded default. On the in-process
 //! array (no root, no VM, no SCSI hardware), back up a real directory tree
 //! and a live SQLite database through STP, restore both elsewhere, check
-//! them byte for byte, and measure STP goodput for a moment.
+//! them byte for byte, and measure STP against TCP for a moment with the
+//! bench's own measuring code (`stp bench stp --sim`, `stp bench tcp`).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -13,21 +14,21 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use rand::rngs::{OsRng, StdRng};
+use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use serde::Serialize;
-use stp_core::auth::{Handshake, Role};
-use stp_core::stream::{StpListener, StpStream};
 
-use super::inproc::{free_wkp, stream_config, InProcArray};
+use super::inproc::{free_wkp, InProcArray};
 use super::pipe::Policy;
 use super::repo::Repo;
 use super::session::{self, AgentRules, FsJob, RunOptions};
 use super::wire::{DbSource, Level};
+use crate::bench::net::{run_stp, run_tcp, NetArgs, StpArgs, TcpArgs};
+use crate::bench::{OutArgs, VsTcp};
 
 /// Options of `stp demo`.
 #[derive(Args, Debug, Clone)]
@@ -43,9 +44,13 @@ pub struct DemoArgs {
     /// Bytes of file data in the demo tree (about).
     #[arg(long, default_value_t = 24 << 20)]
     pub tree_bytes: u64,
-    /// Seconds of the closing goodput bench (0: skip it).
-    #[arg(long, default_value_t = 2.0)]
-    pub bench_seconds: f64,
+    /// Bytes each closing goodput bench moves, STP and TCP (0: skip the
+    /// bench).
+    #[arg(long, default_value = "256m", value_parser = crate::bench::units::parse_size)]
+    pub bench_bytes: u64,
+    /// Round trips of 64 bytes each closing ping-pong bench makes.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub bench_count: u64,
     /// Keep the demo's files in this directory (default: a temporary one,
     /// removed at the end).
     #[arg(long, value_name = "DIR")]
@@ -88,6 +93,9 @@ pub struct DemoSummary {
     pub bench_stp_mb_per_s: Option<f64>,
     /// One-way TCP goodput on loopback in the same run, MB/s.
     pub bench_tcp_mb_per_s: Option<f64>,
+    /// STP against TCP in the same run: goodput, CPU-s/GB (STP's host
+    /// ends), 64 B round-trip p50, and what each reference is.
+    pub bench_vs_tcp: Option<VsTcp>,
     /// True when everything matched.
     pub ok: bool,
 }
@@ -132,8 +140,11 @@ fn print_text(s: &DemoSummary) {
     );
     if let (Some(stp), Some(tcp)) = (s.bench_stp_mb_per_s, s.bench_tcp_mb_per_s) {
         println!(
-            "  bench: STP through the array {stp:.1} MB/s, TCP on loopback {tcp:.1} MB/s (same run; `stp bench compare --sim` for more)"
+            "  bench: STP through the array {stp:.1} MB/s, TCP on loopback {tcp:.1} MB/s (same run; `stp bench compare` for more)"
         );
+    }
+    if let Some(v) = &s.bench_vs_tcp {
+        println!("  {}", v.line());
     }
     println!(
         "  {}",
@@ -541,12 +552,16 @@ fn demo(args: &DemoArgs) -> Result<DemoSummary> {
         problems,
     });
 
-    // 3. A short bench: one-way goodput through the array and over TCP.
-    let (stp, tcp) = if args.bench_seconds > 0.0 {
-        let t = Duration::from_secs_f64(args.bench_seconds);
-        (Some(bench_stp(&array, t)?), Some(bench_tcp(t)?))
+    // 3. A short bench, with `stp bench`'s code: one-way goodput and 64 B
+    // ping-pong through an in-process array and over TCP on loopback.
+    let vs = if args.bench_bytes > 0 {
+        Some(bench(args.bench_bytes, args.bench_count)?)
     } else {
-        (None, None)
+        None
+    };
+    let (stp, tcp, vs) = match vs {
+        Some((s, t, v)) => (Some(s), Some(t), Some(v)),
+        None => (None, None, None),
     };
     let ok = backups.iter().all(|b| b.restored_equal && b.verified);
     Ok(DemoSummary {
@@ -554,92 +569,31 @@ fn demo(args: &DemoArgs) -> Result<DemoSummary> {
         rows_written_during_backup: during,
         bench_stp_mb_per_s: stp,
         bench_tcp_mb_per_s: tcp,
+        bench_vs_tcp: vs,
         ok,
     })
 }
 
-fn bench_stp(array: &InProcArray, time: Duration) -> Result<f64> {
-    let c = Handshake::new(&mut OsRng);
-    let s = Handshake::new(&mut OsRng);
-    let (co, so) = (c.public(), s.public());
-    let kc = c.finish(&so, Role::Client, None)?;
-    let ks = s.finish(&co, Role::Server, None)?;
-    let mut listener = StpListener::bind(array.source(0, None), None, ks, stream_config())?;
-    let port = listener.local_port();
-    let reader = thread::spawn(move || -> Result<u64> {
-        let mut s = listener.accept(Duration::from_secs(30))?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut n = 0u64;
-        loop {
-            let k = s.read(&mut buf)?;
-            if k == 0 {
-                break;
-            }
-            n += k as u64;
-        }
-        s.write_all(b"ok")?;
-        s.shutdown(Duration::from_secs(10))?;
-        Ok(n)
-    });
-    let mut w = StpStream::connect(
-        array.source(1, None),
-        port,
-        kc,
-        stream_config(),
-        Duration::from_secs(30),
-    )?;
-    let chunk = vec![0x5Au8; 1 << 20];
-    let t0 = Instant::now();
-    let mut sent = 0u64;
-    while t0.elapsed() < time {
-        w.write_all(&chunk)?;
-        sent += chunk.len() as u64;
-    }
-    w.shutdown(Duration::from_secs(30))?;
-    let mut ok = Vec::new();
-    w.read_to_end(&mut ok)?;
-    let secs = t0.elapsed().as_secs_f64();
-    let got = reader
-        .join()
-        .map_err(|_| anyhow!("the bench reader panicked"))??;
-    if got != sent || ok != b"ok" {
-        bail!("bench: {sent} bytes sent, {got} received");
-    }
-    Ok(sent as f64 / 1e6 / secs)
-}
-
-fn bench_tcp(time: Duration) -> Result<f64> {
-    use std::net::{TcpListener, TcpStream};
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    let addr = l.local_addr()?;
-    let reader = thread::spawn(move || -> Result<u64> {
-        let (mut s, _) = l.accept()?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut n = 0u64;
-        loop {
-            let k = s.read(&mut buf)?;
-            if k == 0 {
-                break;
-            }
-            n += k as u64;
-        }
-        Ok(n)
-    });
-    let mut w = TcpStream::connect(addr)?;
-    let chunk = vec![0x5Au8; 1 << 20];
-    let t0 = Instant::now();
-    let mut sent = 0u64;
-    while t0.elapsed() < time {
-        w.write_all(&chunk)?;
-        sent += chunk.len() as u64;
-    }
-    drop(w);
-    let got = reader
-        .join()
-        .map_err(|_| anyhow!("the bench reader panicked"))??;
-    let secs = t0.elapsed().as_secs_f64();
-    if got != sent {
-        bail!("bench: {sent} bytes sent over TCP, {got} received");
-    }
-    Ok(sent as f64 / 1e6 / secs)
+/// STP (vendor mode, in-process array) against TCP on loopback: goodput
+/// of `bytes` and `count` 64-byte round trips each; returns both goodputs
+/// and the ratios.
+fn bench(bytes: u64, count: u64) -> Result<(f64, f64, VsTcp)> {
+    let net = |rtt: bool| NetArgs {
+        bytes,
+        chunk: 1 << 20,
+        rtt,
+        msg: 64,
+        count,
+        time: None,
+        out: OutArgs {
+            quiet: true,
+            ..OutArgs::default()
+        },
+    };
+    let stp = run_stp(&StpArgs::sim(net(false))).context("bench: STP goodput")?;
+    let tcp = run_tcp(&TcpArgs { net: net(false) }).context("bench: TCP goodput")?;
+    let stp_rtt = run_stp(&StpArgs::sim(net(true))).context("bench: STP ping-pong")?;
+    let tcp_rtt = run_tcp(&TcpArgs { net: net(true) }).context("bench: TCP ping-pong")?;
+    let vs = VsTcp::of(Some(&stp), Some(&tcp), Some(&stp_rtt), Some(&tcp_rtt));
+    Ok((stp.mb_per_s, tcp.mb_per_s, vs))
 }

@@ -16,11 +16,11 @@ use scsi::Transport;
 use serde::Serialize;
 
 mod hist;
-mod net;
+pub mod net;
 mod protection;
 mod raw;
 mod report;
-mod units;
+pub mod units;
 
 use hist::{distribution, CpuTime, Percentiles};
 
@@ -73,8 +73,9 @@ pub fn open_engine(path: &Path, depth: usize) -> Result<Box<dyn Transport>> {
 #[command(
     after_help = "Run `stp bench <MODE> --help` for each mode's options and defaults.\n\
 Latency percentiles come from an HDR histogram (3 significant digits); CPU is\n\
-getrusage(RUSAGE_SELF) user+sys of this whole process (with --sim that includes\n\
-the simulated array and both STP hosts) per GB moved."
+getrusage(RUSAGE_SELF) user+sys of this whole process per GB moved; with\n\
+`stp --sim` the simulated array's share (timed by the thread CPU clock around\n\
+its command execution) is reported apart and not counted in CPU-s/GB."
 )]
 pub struct BenchArgs {
     #[command(subcommand)]
@@ -128,12 +129,154 @@ impl OutArgs {
 /// CPU cost of a run.
 #[derive(Serialize, Debug, Clone, Copy)]
 pub struct Cpu {
-    /// User seconds.
+    /// User seconds (the whole process).
     pub user_s: f64,
-    /// System seconds.
+    /// System seconds (the whole process).
     pub sys_s: f64,
-    /// (user + sys) seconds per 10^9 bytes moved.
+    /// Counted CPU seconds per 10^9 bytes moved: what `counted` says.
     pub s_per_gb: f64,
+    /// What `s_per_gb` counts: `process` (user + sys of the whole process)
+    /// or `host ends` (the process minus the simulated array's execution,
+    /// with `stp --sim`).
+    pub counted: &'static str,
+    /// With the in-process array: the CPU seconds its command execution
+    /// took on the hosts' threads (reported apart, not counted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub array_s: Option<f64>,
+    /// With the in-process array: the whole process's (user + sys) seconds
+    /// per 10^9 bytes, the array included.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process_s_per_gb: Option<f64>,
+}
+
+/// What the counted CPU is when the simulated array is taken out.
+pub const HOST_ENDS: &str = "host ends";
+
+/// The data path's structure during a run, from `stp_core::counters`
+/// (process-wide, so both ends of an in-process connection): what the
+/// stack did per payload byte, counted where it happened.
+#[derive(Serialize, Debug, Clone, Copy, PartialEq)]
+pub struct Datapath {
+    /// Payload bytes writers handed to the stack.
+    pub send_payload_bytes: u64,
+    /// Payload bytes delivered to readers.
+    pub recv_payload_bytes: u64,
+    /// Copies per payload byte on the sending side.
+    pub send_copies_per_byte: f64,
+    /// Copies per payload byte on the receiving side.
+    pub recv_copies_per_byte: f64,
+    /// Protection passes (seal) per payload byte on the sending side.
+    pub send_protection_passes_per_byte: f64,
+    /// Protection passes (open) per payload byte on the receiving side.
+    pub recv_protection_passes_per_byte: f64,
+    /// SEND commands streams submitted.
+    pub sends_submitted: u64,
+    /// Mean SENDs in flight on a member LUN when a SEND was submitted
+    /// (itself included).
+    pub mean_sends_in_flight_per_lun: f64,
+    /// The most SENDs of one stream in flight on one member LUN at once
+    /// (a gauge: the most since the process started).
+    pub sends_in_flight_per_lun_max: u64,
+    /// Times a stream handed frames to its sender.
+    pub flushes: u64,
+    /// Condition-variable wake-ups issued per flush.
+    pub wakeups_per_flush: f64,
+    /// DATA frames re-sent from their sealed buffer.
+    pub resent_sealed_frames: u64,
+}
+
+impl Datapath {
+    /// The figures of the counters' difference `d` (`later.since(&earlier)`).
+    pub fn of(d: &stp_core::counters::Snapshot) -> Datapath {
+        Datapath {
+            send_payload_bytes: d.send_payload_bytes,
+            recv_payload_bytes: d.recv_payload_bytes,
+            send_copies_per_byte: d.send_copies_per_byte(),
+            recv_copies_per_byte: d.recv_copies_per_byte(),
+            send_protection_passes_per_byte: d.send_protect_per_byte(),
+            recv_protection_passes_per_byte: d.recv_protect_per_byte(),
+            sends_submitted: d.sends_submitted,
+            mean_sends_in_flight_per_lun: d.mean_sends_in_flight(),
+            sends_in_flight_per_lun_max: d.sends_in_flight_per_lun_max,
+            flushes: d.flushes,
+            wakeups_per_flush: d.wakeups_per_flush(),
+            resent_sealed_frames: d.resent_sealed,
+        }
+    }
+
+    fn print_text(&self) {
+        println!(
+            "  datapath    copies/B send {:.3} recv {:.3}; protection passes/B send {:.3} recv {:.3}",
+            self.send_copies_per_byte,
+            self.recv_copies_per_byte,
+            self.send_protection_passes_per_byte,
+            self.recv_protection_passes_per_byte
+        );
+        println!(
+            "              SENDs in flight per LUN mean {:.2} max {}; wake-ups/flush {:.2}; re-sent sealed frames {}",
+            self.mean_sends_in_flight_per_lun,
+            self.sends_in_flight_per_lun_max,
+            self.wakeups_per_flush,
+            self.resent_sealed_frames
+        );
+    }
+}
+
+/// The memory N idle connections cost, beyond the process's shared pools.
+#[derive(Serialize, Debug, Clone, Copy, PartialEq)]
+pub struct IdleMemory {
+    /// Idle connections open while measured (both ends in this process).
+    pub connections: u64,
+    /// Resident set growth (/proc/self/statm) from before they were opened
+    /// to when all were open and idle, bytes.
+    pub rss_delta_bytes: i64,
+    /// Bytes of the shared buffer pool's free (already resident) buffers
+    /// the idle connections took (their RECEIVE buffers), bytes.
+    pub pool_bytes_taken: i64,
+    /// (rss_delta_bytes + pool_bytes_taken) / connections: both ends.
+    pub per_connection_bytes: f64,
+    /// Half of that: one end (one host's stream).
+    pub per_end_bytes: f64,
+    /// Threads the connections added, per connection (both ends).
+    pub threads_per_connection: f64,
+}
+
+/// What N concurrent connections did (`stp bench stp --connections N`).
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct Connections {
+    /// Connections on the one STG between the two hosts.
+    pub count: u64,
+    /// Payload bytes each moved (goodput), or round trips each made (rtt).
+    pub each: u64,
+    /// Each connection's own rate, MB/s, in the order they were opened.
+    pub mb_per_s: Vec<f64>,
+    /// The slowest connection's rate, MB/s.
+    pub slowest_mb_per_s: f64,
+    /// The fastest connection's rate, MB/s.
+    pub fastest_mb_per_s: f64,
+    /// slowest / fastest.
+    pub slowest_over_fastest: f64,
+    /// The idle connections' memory, measured before the transfer.
+    pub idle: IdleMemory,
+}
+
+impl Connections {
+    fn print_text(&self) {
+        println!(
+            "  connections {}: per connection MB/s slowest {:.1} fastest {:.1} (slowest/fastest {:.2})",
+            self.count, self.slowest_mb_per_s, self.fastest_mb_per_s, self.slowest_over_fastest
+        );
+        let i = &self.idle;
+        println!(
+            "  idle memory {} idle connections: RSS +{} and {} of pooled buffers taken: {} per connection ({} per end), {:.1} threads per connection",
+            i.connections,
+            units::human_bytes(i.rss_delta_bytes.max(0) as u64),
+            units::human_bytes(i.pool_bytes_taken.max(0) as u64),
+            units::human_bytes(i.per_connection_bytes.max(0.0) as u64),
+            units::human_bytes(i.per_end_bytes.max(0.0) as u64),
+            i.threads_per_connection
+        );
+    }
 }
 
 /// What a `--verify` run checked.
@@ -177,6 +320,13 @@ pub struct Report {
     /// Present with --verify.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verify: Option<Verified>,
+    /// STP runs: the data path's structural counts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub datapath: Option<Datapath>,
+    /// STP runs with `--connections`: per-connection figures and idle
+    /// memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections: Option<Connections>,
     /// The latency histogram, nanoseconds.
     #[serde(skip)]
     pub hist: Histogram<u64>,
@@ -215,16 +365,28 @@ impl Report {
             cpu: Cpu {
                 user_s: cpu.user,
                 sys_s: cpu.sys,
-                s_per_gb: if bytes == 0 {
-                    0.0
-                } else {
-                    cpu_total / (bytes as f64 / 1e9)
-                },
+                s_per_gb: per_gb(cpu_total, bytes),
+                counted: "process",
+                array_s: None,
+                process_s_per_gb: None,
             },
             latency_us: Percentiles::of(&hist),
             verify,
+            datapath: None,
+            connections: None,
             hist,
         }
+    }
+
+    /// Takes the simulated array's CPU time (`array`, seconds, measured
+    /// over the same window) out of the counted CPU and reports it apart.
+    pub fn without_array_cpu(mut self, array: f64) -> Report {
+        let process = self.cpu.user_s + self.cpu.sys_s;
+        self.cpu.process_s_per_gb = Some(self.cpu.s_per_gb);
+        self.cpu.array_s = Some(array);
+        self.cpu.s_per_gb = per_gb((process - array).max(0.0), self.bytes);
+        self.cpu.counted = HOST_ENDS;
+        self
     }
 
     /// A short name for tables and plots.
@@ -249,10 +411,26 @@ impl Report {
             "  latency µs  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  (n={})",
             l.p50, l.p90, l.p99, l.p999, l.max, l.count
         );
-        println!(
-            "  cpu         user {:.2} s, sys {:.2} s: {:.2} CPU-s/GB",
-            self.cpu.user_s, self.cpu.sys_s, self.cpu.s_per_gb
-        );
+        match self.cpu.array_s {
+            Some(array) => println!(
+                "  cpu         user {:.2} s, sys {:.2} s, of which the simulated array {:.2} s: {:.2} CPU-s/GB host ends ({:.2} with the array; its threads reported apart, not counted)",
+                self.cpu.user_s,
+                self.cpu.sys_s,
+                array,
+                self.cpu.s_per_gb,
+                self.cpu.process_s_per_gb.unwrap_or(0.0)
+            ),
+            None => println!(
+                "  cpu         user {:.2} s, sys {:.2} s: {:.2} CPU-s/GB",
+                self.cpu.user_s, self.cpu.sys_s, self.cpu.s_per_gb
+            ),
+        }
+        if let Some(d) = &self.datapath {
+            d.print_text();
+        }
+        if let Some(c) = &self.connections {
+            c.print_text();
+        }
         if let Some(v) = &self.verify {
             println!(
                 "  verify      {} checked, {} errors",
@@ -260,6 +438,84 @@ impl Report {
                 v.errors
             );
         }
+    }
+}
+
+/// CPU seconds per 10^9 bytes.
+fn per_gb(cpu_s: f64, bytes: u64) -> f64 {
+    if bytes == 0 {
+        0.0
+    } else {
+        cpu_s / (bytes as f64 / 1e9)
+    }
+}
+
+/// STP against TCP on loopback, measured in the same run: the three ratios
+/// the issue sets targets for, each with what its two numbers are.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct VsTcp {
+    /// STP vendor goodput / TCP loopback goodput (higher is better).
+    pub goodput: Option<f64>,
+    /// CPU-s/GB of STP's host ends / TCP's (lower is better).
+    pub cpu_s_per_gb: Option<f64>,
+    /// STP round-trip p50 / TCP's, same message size (lower is better).
+    pub rtt_p50: Option<f64>,
+    /// What each ratio's numerator and reference are.
+    pub references: String,
+}
+
+impl VsTcp {
+    /// The ratios of the runs given (goodput runs, ping-pong runs).
+    pub fn of(
+        stp_goodput: Option<&Report>,
+        tcp_goodput: Option<&Report>,
+        stp_rtt: Option<&Report>,
+        tcp_rtt: Option<&Report>,
+    ) -> VsTcp {
+        let goodput = stp_goodput.zip(tcp_goodput);
+        let rtt = stp_rtt.zip(tcp_rtt);
+        let mut refs = Vec::new();
+        if let Some((s, t)) = goodput {
+            refs.push(format!(
+                "goodput: {} {:.1} MB/s / {} {:.1} MB/s",
+                s.label(),
+                s.mb_per_s,
+                t.label(),
+                t.mb_per_s
+            ));
+            refs.push(format!(
+                "CPU: {:.2} CPU-s/GB ({}) / TCP {:.2} CPU-s/GB ({}, both ends and the kernel's loopback)",
+                s.cpu.s_per_gb, s.cpu.counted, t.cpu.s_per_gb, t.cpu.counted
+            ));
+        }
+        if let Some((s, t)) = rtt {
+            let msg = |r: &Report| r.params.get("msg").and_then(|m| m.as_u64()).unwrap_or(0);
+            refs.push(format!(
+                "RTT: {} B p50 {:.1} µs / TCP {} B p50 {:.1} µs",
+                msg(s),
+                s.latency_us.p50,
+                msg(t),
+                t.latency_us.p50
+            ));
+        }
+        VsTcp {
+            goodput: goodput.map(|(s, t)| ratio(s.mb_per_s, t.mb_per_s)),
+            cpu_s_per_gb: goodput.map(|(s, t)| ratio(s.cpu.s_per_gb, t.cpu.s_per_gb)),
+            rtt_p50: rtt.map(|(s, t)| ratio(s.latency_us.p50, t.latency_us.p50)),
+            references: refs.join("; "),
+        }
+    }
+
+    /// One line: the ratios, then what each reference is.
+    pub fn line(&self) -> String {
+        let f = |x: Option<f64>| x.map_or("not run".to_string(), |x| format!("{x:.2}×"));
+        format!(
+            "vs TCP (same run): goodput {}, CPU-s/GB {}, RTT p50 {}  [{}]",
+            f(self.goodput),
+            f(self.cpu_s_per_gb),
+            f(self.rtt_p50),
+            self.references
+        )
     }
 }
 
@@ -307,7 +563,9 @@ fn emit(out: &OutArgs, report: &Report) -> Result<()> {
     after_help = "Example: stp bench compare --modes raw,stp,tcp --bytes 64m\n\n\
 raw writes --bytes sequentially in --bs commands to a simulated LUN (or the\n\
 given --device); stp and tcp send --bytes one way (or ping-pong with --rtt).\n\
-Ratios are against the first mode."
+Ratios are against the first mode. With both stp and tcp, a last line gives STP\n\
+against TCP in the same run (goodput, CPU-s/GB of the host ends, round-trip p50;\n\
+without --rtt, --count ping-pongs of --msg bytes are run for the last)."
 )]
 pub struct CompareArgs {
     /// Modes to run, in order, comma-separated: raw, stp, tcp.
@@ -398,6 +656,12 @@ fn compare(args: &CompareArgs) -> Result<()> {
         time: None,
         out: quiet_out.clone(),
     };
+    let stp_args = |net: net::NetArgs| net::StpArgs {
+        sim: args.map.is_none(),
+        map: args.map.clone(),
+        mode: args.mode,
+        ..net::StpArgs::sim(net)
+    };
     let mut reports = Vec::new();
     for m in &args.modes {
         let r = match m {
@@ -427,17 +691,39 @@ fn compare(args: &CompareArgs) -> Result<()> {
                     devices: args.device.iter().cloned().collect(),
                 })?
             }
-            CompareMode::Stp => net::run_stp(&net::StpArgs {
-                sim: args.map.is_none(),
-                map: args.map.clone(),
-                mode: args.mode,
-                members: 4,
-                net: net_args(),
-            })?,
+            CompareMode::Stp => net::run_stp(&stp_args(net_args()))?,
             CompareMode::Tcp => net::run_tcp(&net::TcpArgs { net: net_args() })?,
         };
         reports.push(r);
     }
+    // Against TCP in the same run: goodput and CPU from the goodput runs,
+    // the round trip from ping-pong runs (made here when the modes ran
+    // goodput).
+    let both = args.modes.contains(&CompareMode::Stp) && args.modes.contains(&CompareMode::Tcp);
+    let mut rtt_runs = Vec::new();
+    if both && !args.rtt {
+        let rtt = || net::NetArgs {
+            rtt: true,
+            ..net_args()
+        };
+        rtt_runs.push(net::run_stp(&stp_args(rtt()))?);
+        rtt_runs.push(net::run_tcp(&net::TcpArgs { net: rtt() })?);
+    }
+    fn find<'a>(v: &'a [Report], mode: &str) -> Option<&'a Report> {
+        v.iter().find(|r| r.mode == mode)
+    }
+    let vs_tcp = both.then(|| {
+        if args.rtt {
+            VsTcp::of(None, None, find(&reports, "stp"), find(&reports, "tcp"))
+        } else {
+            VsTcp::of(
+                find(&reports, "stp"),
+                find(&reports, "tcp"),
+                find(&rtt_runs, "stp"),
+                find(&rtt_runs, "tcp"),
+            )
+        }
+    });
     let base = &reports[0];
     let ratios: Vec<Ratio> = reports
         .iter()
@@ -460,6 +746,8 @@ fn compare(args: &CompareArgs) -> Result<()> {
                 "schema": SCHEMA,
                 "runs": reports,
                 "ratios": ratios,
+                "rtt_runs": rtt_runs,
+                "vs_tcp": vs_tcp,
             }))?
         );
         return Ok(());
@@ -487,6 +775,18 @@ fn compare(args: &CompareArgs) -> Result<()> {
         );
     }
     println!("(ratios against {})", base.label());
+    for r in &rtt_runs {
+        println!(
+            "{}: p50 {:.1} µs, p99 {:.1} µs ({} B messages)",
+            r.label(),
+            r.latency_us.p50,
+            r.latency_us.p99,
+            args.msg
+        );
+    }
+    if let Some(v) = &vs_tcp {
+        println!("{}", v.line());
+    }
     Ok(())
 }
 
@@ -575,6 +875,98 @@ mod tests {
         let Mode::Compare(c) = a.mode else { panic!() };
         assert_eq!(c.modes, [CompareMode::Tcp, CompareMode::Raw]);
         assert!(parse(&["compare", "--modes", "raw,udp"]).is_err());
+    }
+
+    #[test]
+    fn stp_protection_and_connections() {
+        use stp_core::frame::Protection;
+        let a = parse(&["stp", "--sim"]).unwrap();
+        let Mode::Stp(s) = a.mode else { panic!() };
+        assert_eq!(s.protection, Protection::Encrypt);
+        assert_eq!(s.connections, None);
+        let a = parse(&[
+            "stp",
+            "--sim",
+            "--protection",
+            "blake3-auth",
+            "--connections",
+            "64",
+        ])
+        .unwrap();
+        let Mode::Stp(s) = a.mode else { panic!() };
+        assert_eq!(s.protection, Protection::Authenticate);
+        assert_eq!(s.connections, Some(64));
+        let a = parse(&["stp", "--sim", "--protection", "aes-256-gcm"]).unwrap();
+        let Mode::Stp(s) = a.mode else { panic!() };
+        assert_eq!(s.protection, Protection::Encrypt);
+        for bad in [
+            &["stp", "--sim", "--protection", "rot13"][..],
+            &["stp", "--sim", "--protection", ""],
+            &["stp", "--sim", "--connections", "0"],
+            &["stp", "--sim", "--connections", "many"],
+            &["stp", "--sim", "--connections", "1025"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} parsed");
+        }
+        let e = net::parse_protection("rot13").unwrap_err();
+        assert!(
+            e.contains("aes-256-gcm") && e.contains("blake3-auth"),
+            "{e}"
+        );
+    }
+
+    fn report(mode: &str, mb: f64, cpu: f64, p50_us: u64) -> Report {
+        let mut h = hist::new_histogram();
+        hist::record(&mut h, Duration::from_micros(p50_us));
+        Report::new(
+            mode,
+            "goodput",
+            "t",
+            vec!["p".into()],
+            serde_json::json!({"msg": 64}),
+            1,
+            1_000_000_000,
+            Duration::from_secs_f64(1e3 / mb),
+            CpuTime {
+                user: cpu,
+                sys: 0.0,
+            },
+            h,
+            None,
+        )
+    }
+
+    #[test]
+    fn array_cpu_is_reported_apart() {
+        let r = report("stp", 1000.0, 3.0, 10).without_array_cpu(1.0);
+        assert_eq!(r.cpu.counted, HOST_ENDS);
+        assert!((r.cpu.s_per_gb - 2.0).abs() < 1e-9);
+        assert_eq!(r.cpu.process_s_per_gb, Some(3.0));
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["cpu"]["array_s"], 1.0);
+        assert_eq!(v["cpu"]["counted"], "host ends");
+        let plain = serde_json::to_value(report("tcp", 1.0, 1.0, 1)).unwrap();
+        assert_eq!(plain["cpu"]["counted"], "process");
+        assert!(plain["cpu"].get("array_s").is_none());
+        assert!(plain.get("datapath").is_none() && plain.get("connections").is_none());
+    }
+
+    #[test]
+    fn vs_tcp_ratios_say_what_they_are() {
+        let (s, t) = (
+            report("stp", 500.0, 2.0, 30),
+            report("tcp", 1000.0, 1.0, 10),
+        );
+        let v = VsTcp::of(Some(&s), Some(&t), Some(&s), Some(&t));
+        assert!((v.goodput.unwrap() - 0.5).abs() < 1e-6);
+        assert!((v.cpu_s_per_gb.unwrap() - 2.0).abs() < 1e-6);
+        assert!((v.rtt_p50.unwrap() - 3.0).abs() < 0.01);
+        let line = v.line();
+        assert!(line.contains("0.50×") && line.contains("2.00×"), "{line}");
+        assert!(line.contains("64 B") && line.contains("MB/s"), "{line}");
+        let none = VsTcp::of(None, None, Some(&s), Some(&t));
+        assert_eq!((none.goodput, none.cpu_s_per_gb), (None, None));
+        assert!(none.line().contains("goodput not run"), "{}", none.line());
     }
 
     #[test]
@@ -682,6 +1074,7 @@ mod tests {
         }
         assert!(v.get("verify").is_none());
         assert!(v.get("hist").is_none());
+        assert!(v.get("datapath").is_none());
         assert_eq!(v["schema"], SCHEMA);
         assert!((v["iops"].as_f64().unwrap() - 400.0).abs() < 1.0);
         assert!((v["mb_per_s"].as_f64().unwrap() - 1.6384).abs() < 0.01);
@@ -695,5 +1088,73 @@ mod tests {
         assert!(l["p50"].as_f64() <= l["p99"].as_f64());
         assert!(l["p99"].as_f64() <= l["max"].as_f64());
         assert!((l["max"].as_f64().unwrap() - 400.0).abs() < 1.0);
+    }
+
+    #[test]
+    fn datapath_and_connections_json() {
+        let mut d = stp_core::counters::Snapshot::default();
+        d.send_payload_bytes = 1000;
+        d.send_copy_bytes = 1000;
+        d.send_protect_bytes = 1000;
+        d.recv_payload_bytes = 1000;
+        d.recv_copy_bytes = 500;
+        d.recv_protect_bytes = 1010;
+        d.sends_submitted = 4;
+        d.sends_in_flight_sum = 6;
+        d.sends_in_flight_per_lun_max = 3;
+        d.flushes = 2;
+        d.wakeups = 3;
+        d.resent_sealed = 1;
+        let mut r = report("stp", 1.0, 1.0, 1);
+        r.datapath = Some(Datapath::of(&d));
+        r.connections = Some(Connections {
+            count: 2,
+            each: 10,
+            mb_per_s: vec![1.0, 2.0],
+            slowest_mb_per_s: 1.0,
+            fastest_mb_per_s: 2.0,
+            slowest_over_fastest: 0.5,
+            idle: IdleMemory {
+                connections: 2,
+                rss_delta_bytes: 4096,
+                pool_bytes_taken: 0,
+                per_connection_bytes: 2048.0,
+                per_end_bytes: 1024.0,
+                threads_per_connection: 12.0,
+            },
+        });
+        let v = serde_json::to_value(&r).unwrap();
+        let p = &v["datapath"];
+        let f = |k: &str| p[k].as_f64().unwrap_or_else(|| panic!("datapath.{k}"));
+        assert_eq!(f("send_copies_per_byte"), 1.0);
+        assert_eq!(f("recv_copies_per_byte"), 0.5);
+        assert_eq!(f("send_protection_passes_per_byte"), 1.0);
+        assert!((f("recv_protection_passes_per_byte") - 1.01).abs() < 1e-9);
+        assert_eq!(f("mean_sends_in_flight_per_lun"), 1.5);
+        assert_eq!(f("sends_in_flight_per_lun_max"), 3.0);
+        assert_eq!(f("wakeups_per_flush"), 1.5);
+        assert_eq!(f("resent_sealed_frames"), 1.0);
+        for k in [
+            "send_payload_bytes",
+            "recv_payload_bytes",
+            "sends_submitted",
+            "flushes",
+        ] {
+            assert!(p[k].is_u64(), "datapath.{k}");
+        }
+        let c = &v["connections"];
+        assert_eq!(c["count"], 2);
+        assert_eq!(c["slowest_over_fastest"], 0.5);
+        assert_eq!(c["mb_per_s"].as_array().unwrap().len(), 2);
+        for k in [
+            "connections",
+            "rss_delta_bytes",
+            "pool_bytes_taken",
+            "per_connection_bytes",
+            "per_end_bytes",
+            "threads_per_connection",
+        ] {
+            assert!(c["idle"][k].is_number(), "connections.idle.{k}");
+        }
     }
 }

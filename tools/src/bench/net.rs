@@ -5,7 +5,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,8 @@ use sim_target::{Array, Host, LunConfig, StgMailbox, StgSpec};
 use stp_core::auth::{FrameKey, Handshake, Role};
 use stp_core::block::{format, host_port, BlockStg};
 use stp_core::conn::Config;
+use stp_core::counters;
+use stp_core::frame::Protection;
 use stp_core::mailbox::{Mailbox, VendorMailbox};
 use stp_core::stg::BlockLayout;
 use stp_core::stream::{PathSource, StpListener, StpStream};
@@ -27,7 +29,7 @@ use stp_core::vendor::MailboxError;
 
 use super::hist::{new_histogram, record, Counters, CpuTime, Progress};
 use super::units::{parse_duration, parse_nonzero_size};
-use super::{open_path, OutArgs, Report};
+use super::{open_path, Connections, Datapath, IdleMemory, OutArgs, Report};
 
 /// The patience of every blocking step (connect, accept, shutdown).
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -91,9 +93,47 @@ pub struct StpArgs {
     /// STG members with --sim (vendor mode); with --map the map says.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=16))]
     pub members: u64,
+    /// Frame protection: aes-256-gcm (encrypt and authenticate, the
+    /// default) or blake3-auth (authenticate only, payload in clear).
+    #[arg(long, default_value = "aes-256-gcm", value_parser = parse_protection)]
+    pub protection: Protection,
+    /// Run N connections at once on the one STG between the two hosts,
+    /// each moving --bytes/N (rounded down; each making --count round trips
+    /// with --rtt); report the aggregate, each connection's rate, and the
+    /// memory of N idle connections (measured before the transfer).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub connections: Option<u64>,
     /// Goodput and ping-pong options.
     #[command(flatten)]
     pub net: NetArgs,
+}
+
+impl StpArgs {
+    /// The in-process array, vendor mode, --members 4, the default
+    /// protection, one connection: what `stp bench compare` and `stp demo`
+    /// run.
+    pub fn sim(net: NetArgs) -> StpArgs {
+        StpArgs {
+            sim: true,
+            map: None,
+            mode: MailboxMode::Vendor,
+            members: 4,
+            protection: Protection::default(),
+            connections: None,
+            net,
+        }
+    }
+}
+
+/// Parses `--protection`.
+pub fn parse_protection(s: &str) -> Result<Protection, String> {
+    Protection::parse(s).ok_or_else(|| {
+        format!(
+            "unknown protection `{s}`: say {} or {}",
+            Protection::Encrypt.name(),
+            Protection::Authenticate.name()
+        )
+    })
 }
 
 /// Options of `stp bench tcp`.
@@ -133,6 +173,40 @@ struct Measured {
     elapsed: Duration,
     cpu: CpuTime,
     hist: Histogram<u64>,
+    /// The data-path counters over the same window.
+    counters: counters::Snapshot,
+    /// The in-process array's CPU time over the same window.
+    array_cpu: Duration,
+    /// With --connections: per-connection figures.
+    connections: Option<Connections>,
+}
+
+/// The process-wide meters, read at the start of a timed window.
+struct Window {
+    t0: Instant,
+    cpu: CpuTime,
+    counters: counters::Snapshot,
+    array_cpu: Duration,
+}
+
+impl Window {
+    fn start() -> Window {
+        Window {
+            counters: counters::snapshot(),
+            array_cpu: sim_target::inproc::array_cpu(),
+            cpu: CpuTime::now(),
+            t0: Instant::now(),
+        }
+    }
+
+    /// (elapsed, CPU, counters, array CPU) since the start.
+    fn end(&self) -> (Duration, CpuTime, counters::Snapshot, Duration) {
+        let elapsed = self.t0.elapsed();
+        let cpu = CpuTime::since(self.cpu);
+        let array = sim_target::inproc::array_cpu().saturating_sub(self.array_cpu);
+        let c = counters::snapshot().since(&self.counters);
+        (elapsed, cpu, c, array)
+    }
 }
 
 const TRAILER: &[u8; 4] = b"done";
@@ -172,8 +246,8 @@ fn serve<S: Duplex>(s: &mut S, net: &NetArgs) -> Result<()> {
 fn client<C: Duplex>(c: &mut C, net: &NetArgs, counters: &Counters) -> Result<Measured> {
     let mut hist = new_histogram();
     let (mut ops, mut bytes) = (0u64, 0u64);
-    let cpu0 = CpuTime::now();
-    let t0 = Instant::now();
+    let window = Window::start();
+    let t0 = window.t0;
     if net.rtt {
         let mut msg = vec![0u8; net.msg as usize];
         OsRng.fill_bytes(&mut msg);
@@ -217,14 +291,16 @@ fn client<C: Duplex>(c: &mut C, net: &NetArgs, counters: &Counters) -> Result<Me
             bail!("the receiver's confirmation is garbled: {trailer:02x?}");
         }
     }
-    let elapsed = t0.elapsed();
-    let cpu = CpuTime::since(cpu0);
+    let (elapsed, cpu, counters, array_cpu) = window.end();
     Ok(Measured {
         ops,
         bytes,
         elapsed,
         cpu,
         hist,
+        counters,
+        array_cpu,
+        connections: None,
     })
 }
 
@@ -291,7 +367,8 @@ fn report(
     extra: serde_json::Value,
     m: Measured,
 ) -> Report {
-    Report::new(
+    let connections = m.connections;
+    let mut r = Report::new(
         mode,
         if net.rtt { "rtt" } else { "goodput" },
         transport,
@@ -303,7 +380,9 @@ fn report(
         m.cpu,
         m.hist,
         None,
-    )
+    );
+    r.connections = connections;
+    r
 }
 
 /// Runs `stp bench tcp`.
@@ -522,7 +601,11 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
                     Ok(Box::new(VendorMailbox::new(paths)?))
                 })
             };
-            let sides = (source(0), source(1), Config::default(), None);
+            let config = Config {
+                protection: args.protection,
+                ..Config::default()
+            };
+            let sides = (source(0), source(1), config, None);
             (sides, format!("stp vendor, {what}"))
         }
         MailboxMode::Block => {
@@ -550,6 +633,7 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
             };
             let config = Config {
                 max_payload: h0.max_payload(),
+                protection: args.protection,
                 ..Config::default()
             };
             let port = host_port(0, 1005).ok_or_else(|| anyhow!("no port 1005 for host 0"))?;
@@ -561,24 +645,254 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
     let mut listener = StpListener::bind(server_src, port, ks, config.clone())
         .context("host 0: binding a listening port")?;
     let port = listener.local_port();
-    let m = measure(
-        net,
-        label,
-        move || listener.accept(PATIENCE).context("host 0: accepting"),
-        || StpStream::connect(client_src, port, kc, config, PATIENCE).context("host 1: connecting"),
-    )?;
+    let want = args.protection;
+    let accept = move || listener.accept(PATIENCE).context("host 0: accepting");
+    let connect = move || -> Result<StpStream> {
+        let s = StpStream::connect(
+            Arc::clone(&client_src),
+            port,
+            kc.clone(),
+            config.clone(),
+            PATIENCE,
+        )
+        .context("host 1: connecting")?;
+        if s.protection() != want {
+            bail!(
+                "the connection runs {} where {} was asked for",
+                s.protection().name(),
+                want.name()
+            );
+        }
+        Ok(s)
+    };
+    let m = match args.connections {
+        None => measure(net, label, accept, connect)?,
+        Some(n) => measure_many(net, n, label, accept, connect)?,
+    };
     if !net.out.silent() {
         for p in &paths {
             eprintln!("path {p}");
         }
     }
-    let extra = serde_json::json!({
+    let mut extra = serde_json::json!({
         "mailbox": match args.mode { MailboxMode::Vendor => "vendor", MailboxMode::Block => "block" },
         "members": if args.mode == MailboxMode::Vendor { members } else { 1 },
         "sim": args.sim,
-        "protection": super::protection::stp_protection(),
+        "protection": args.protection.name(),
     });
-    Ok(report("stp", &transport, paths, net, extra, m))
+    if let (Some(n), Some(e)) = (args.connections, extra.as_object_mut()) {
+        e.insert("connections".into(), n.into());
+        e.insert(
+            if net.rtt { "count_each" } else { "bytes_each" }.into(),
+            if net.rtt { net.count } else { net.bytes / n }.into(),
+        );
+    }
+    let datapath = Datapath::of(&m.counters);
+    let array_cpu = m.array_cpu.as_secs_f64();
+    let mut r = report("stp", &transport, paths, net, extra, m);
+    r.datapath = Some(datapath);
+    if args.sim {
+        r = r.without_array_cpu(array_cpu);
+    }
+    Ok(r)
+}
+
+/// What the process holds at one moment: resident set, threads, and the
+/// shared buffer pool's free bytes.
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    rss: u64,
+    threads: u64,
+    pool_free: u64,
+}
+
+impl Held {
+    fn now() -> Result<Held> {
+        // The resident pages of /proc/self/statm, as /proc/self/status
+        // states them in bytes (VmRSS, kB), with the thread count.
+        let status =
+            std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+        let field = |name: &str| -> Result<u64> {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("no {name} in /proc/self/status"))
+        };
+        Ok(Held {
+            rss: field("VmRSS:")? * 1024,
+            threads: field("Threads:")?,
+            pool_free: scsi::pool::BufPool::global().stats().free_bytes as u64,
+        })
+    }
+
+    /// What `n` connections opened between `self` and `after` cost each.
+    fn idle(&self, after: &Held, n: u64) -> IdleMemory {
+        let rss = after.rss as i64 - self.rss as i64;
+        let pool = self.pool_free as i64 - after.pool_free as i64;
+        let per = (rss + pool) as f64 / n as f64;
+        IdleMemory {
+            connections: n,
+            rss_delta_bytes: rss,
+            pool_bytes_taken: pool,
+            per_connection_bytes: per,
+            per_end_bytes: per / 2.0,
+            threads_per_connection: (after.threads as f64 - self.threads as f64) / n as f64,
+        }
+    }
+}
+
+/// How long idle connections are left to settle (their receive pumps
+/// post their RECEIVEs) before their memory is read.
+const SETTLE: Duration = Duration::from_millis(500);
+
+/// Runs `n` connections at once: a warm-up connection is opened and closed
+/// (so one-time set-up is not counted), then `n` are opened and left idle
+/// while their memory is read, then each moves `bytes / n` (or makes
+/// `count` round trips) concurrently.
+fn measure_many<S: Duplex, C: Duplex>(
+    net: &NetArgs,
+    n: u64,
+    label: String,
+    mut accept: impl FnMut() -> Result<S> + Send + 'static,
+    connect: impl Fn() -> Result<C>,
+) -> Result<Measured> {
+    let each = NetArgs {
+        bytes: net.bytes / n,
+        ..net.clone()
+    };
+    if !net.rtt && each.bytes == 0 {
+        bail!("--bytes {} is less than a byte per connection", net.bytes);
+    }
+    let (accepted_tx, accepted_rx) = mpsc::channel::<()>();
+    let (go_tx, go_rx) = mpsc::channel::<bool>();
+    let server_net = each.clone();
+    let server = thread::spawn(move || -> Result<()> {
+        let mut warm = accept().context("accepting the warm-up connection")?;
+        let _ = warm.read_to_end(&mut Vec::new());
+        warm.finish().context("closing the warm-up connection")?;
+        drop(warm);
+        let mut streams = Vec::new();
+        for _ in 0..n {
+            streams.push(accept()?);
+        }
+        let _ = accepted_tx.send(());
+        if !go_rx.recv().unwrap_or(false) {
+            return Ok(());
+        }
+        let servers: Vec<_> = streams
+            .into_iter()
+            .map(|mut s| {
+                let net = server_net.clone();
+                thread::spawn(move || serve(&mut s, &net))
+            })
+            .collect();
+        let mut first = None;
+        for h in servers {
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("a receiving thread panicked")));
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    });
+    let result = (|| -> Result<Measured> {
+        let mut warm = connect().context("the warm-up connection")?;
+        warm.finish().context("closing the warm-up connection")?;
+        let _ = warm.read_to_end(&mut Vec::new());
+        drop(warm);
+        thread::sleep(SETTLE);
+        let before = Held::now()?;
+        let mut conns = Vec::new();
+        for i in 0..n {
+            conns.push(connect().with_context(|| format!("connection {i}"))?);
+        }
+        accepted_rx
+            .recv()
+            .map_err(|_| anyhow!("host 0 stopped accepting"))?;
+        thread::sleep(SETTLE);
+        let idle = before.idle(&Held::now()?, n);
+        let _ = go_tx.send(true);
+        let started = Arc::new(Barrier::new(n as usize + 1));
+        let ended = Arc::new(Barrier::new(n as usize + 1));
+        let counters = Arc::new(Counters::default());
+        let clients: Vec<_> = conns
+            .into_iter()
+            .map(|mut c| {
+                let (started, ended) = (Arc::clone(&started), Arc::clone(&ended));
+                let (net, counters) = (each.clone(), Arc::clone(&counters));
+                thread::spawn(move || -> Result<Measured> {
+                    started.wait();
+                    let m = client(&mut c, &net, &counters);
+                    ended.wait();
+                    let m = m?;
+                    c.finish().context("closing a connection")?;
+                    let _ = c.read_to_end(&mut Vec::new());
+                    Ok(m)
+                })
+            })
+            .collect();
+        let progress = Progress::start(label, Arc::clone(&counters), net.out.silent());
+        started.wait();
+        let window = Window::start();
+        ended.wait();
+        let (elapsed, cpu, counted, array_cpu) = window.end();
+        drop(progress);
+        let mut each_m = Vec::new();
+        for (i, h) in clients.into_iter().enumerate() {
+            let m = h
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("a sending thread panicked")))
+                .with_context(|| format!("connection {i}"))?;
+            each_m.push(m);
+        }
+        let rates: Vec<f64> = each_m
+            .iter()
+            .map(|m| m.bytes as f64 / m.elapsed.as_secs_f64().max(1e-9) / 1e6)
+            .collect();
+        let slowest = rates.iter().copied().fold(f64::INFINITY, f64::min);
+        let fastest = rates.iter().copied().fold(0.0, f64::max);
+        let mut hist = new_histogram();
+        for m in &each_m {
+            hist.add(&m.hist).context("merging latency histograms")?;
+        }
+        Ok(Measured {
+            ops: each_m.iter().map(|m| m.ops).sum(),
+            bytes: each_m.iter().map(|m| m.bytes).sum(),
+            elapsed,
+            cpu,
+            hist,
+            counters: counted,
+            array_cpu,
+            connections: Some(Connections {
+                count: n,
+                each: if net.rtt { net.count } else { each.bytes },
+                mb_per_s: rates,
+                slowest_mb_per_s: slowest,
+                fastest_mb_per_s: fastest,
+                slowest_over_fastest: if fastest > 0.0 {
+                    slowest / fastest
+                } else {
+                    0.0
+                },
+                idle,
+            }),
+        })
+    })();
+    if result.is_err() {
+        let _ = go_tx.send(false);
+    }
+    let served = server
+        .join()
+        .map_err(|_| anyhow!("the receiving side panicked"))?;
+    match (result, served) {
+        (Ok(m), Ok(())) => Ok(m),
+        (Err(e), _) => Err(e),
+        (Ok(_), Err(e)) => Err(e.context("the receiving side (host 0) failed")),
+    }
 }
 
 #[cfg(test)]

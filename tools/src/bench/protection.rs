@@ -386,15 +386,6 @@ pub const V2_PROTECTION: &str = Protection::Encrypt.name();
 /// payload (payload in clear), CRC32C over the header.
 pub const V2_AUTH_ONLY: &str = Protection::Authenticate.name();
 
-/// The frame protection this build's STP runs with, as `stp bench stp`
-/// records it (`params.protection`) for `stp bench report`. This build's
-/// stp-core speaks protocol v1, whose only protection is
-/// [`V1_PROTECTION`]; a build that speaks v2 must name the setting the
-/// connection actually ran with ([`V2_PROTECTION`] by default).
-pub fn stp_protection() -> &'static str {
-    Protection::default().name()
-}
-
 /// An AEAD key that owns its nonce counter: each seal takes the next
 /// counter value as its nonce (4 zero bytes, then the counter big-endian),
 /// so no nonce repeats under the key. The counter refuses to wrap.
@@ -1301,10 +1292,10 @@ mod tests {
     }
 
     #[test]
-    fn the_protection_stp_runs_with_is_named() {
-        // `stp bench stp` runs with the default protection.
-        assert_eq!(stp_protection(), V2_PROTECTION);
-        assert_eq!(stp_protection(), Protection::Encrypt.name());
+    fn the_protections_stp_runs_with_are_named() {
+        // `stp bench stp --protection` records these names.
+        assert_eq!(Protection::default().name(), V2_PROTECTION);
+        assert_eq!(Protection::Authenticate.name(), V2_AUTH_ONLY);
     }
 
     #[test]
