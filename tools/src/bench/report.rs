@@ -70,6 +70,13 @@ pub mod targets {
     pub const STP_RTT_VS_RAW_QD1: f64 = 3.0;
     /// STP round trip p99.9 ≤ 10× its own p50.
     pub const STP_TAIL_VS_P50: f64 = 10.0;
+    /// STP 64 B round trip p50 ≤ 2.5× (raw 4 KiB QD1 write p50 + read
+    /// p50) on the same LUN: a round trip is two SENDs and two RECEIVE
+    /// completions, so 2× is the floor.
+    pub const STP_RTT_VS_RAW_WRITE_PLUS_READ: f64 = 2.5;
+    /// STP goodput ≥ 0.8× that run's ceiling (the smaller of the mailbox
+    /// ceiling and the protection ceiling).
+    pub const STP_GOODPUT_VS_CEILING: f64 = 0.8;
 }
 
 /// The block cases, in table order.
@@ -811,6 +818,12 @@ pub struct Ratios {
     pub stp_rtt_p50_vs_raw_qd1_write: Option<Ratio>,
     /// STP vendor round trip p99.9 / its own p50.
     pub stp_rtt_p999_vs_own_p50: Option<Ratio>,
+    /// STP vendor 64 B round trip p50 / (raw 4 KiB QD1 write p50 + read
+    /// p50), STG LUN.
+    pub stp_rtt_p50_vs_raw_qd1_write_plus_read: Option<Ratio>,
+    /// STP block-mode 64 B round trip p50 / (raw 4 KiB QD1 write p50 +
+    /// read p50), ramdisk LUN.
+    pub stp_block_rtt_p50_vs_raw_qd1_write_plus_read: Option<Ratio>,
     /// STP block-mode round trip p50 / raw 4 KiB QD1 write p50 (ramdisk).
     pub stp_block_rtt_p50_vs_raw_qd1_write: Option<Ratio>,
     /// STP block-mode round trip p99.9 / its own p50.
@@ -910,6 +923,28 @@ impl Ratios {
         };
         out.stp_rtt_p50_vs_raw_qd1_write =
             rtt("stp-vendor-rtt", "stg", Some(targets::STP_RTT_VS_RAW_QD1));
+        let rtt2 = |stp: &str, lun: &str, target: Option<f64>| -> Option<Ratio> {
+            let s = r.get(stp)?;
+            let w = r.get(&format!("raw-{lun}-randwrite-4k-qd1"))?;
+            let rd = r.get(&format!("raw-{lun}-randread-4k-qd1"))?;
+            Some(Ratio::new(
+                "p50_us",
+                (s.p50_us, format!("{stp}: 64-byte round trip p50")),
+                (
+                    w.p50_us + rd.p50_us,
+                    format!("raw 4 KiB write p50 + read p50, QD1, {lun} LUN"),
+                ),
+                Better::Lower,
+                target,
+            ))
+        };
+        out.stp_rtt_p50_vs_raw_qd1_write_plus_read = rtt2(
+            "stp-vendor-rtt",
+            "stg",
+            Some(targets::STP_RTT_VS_RAW_WRITE_PLUS_READ),
+        );
+        // Block mode's round-trip target is relative to vendor mode's.
+        out.stp_block_rtt_p50_vs_raw_qd1_write_plus_read = rtt2("stp-block-rtt", "ramdisk", None);
         out.stp_rtt_p999_vs_own_p50 = tail("stp-vendor-rtt", Some(targets::STP_TAIL_VS_P50));
         out.stp_block_rtt_p50_vs_raw_qd1_write = rtt(
             "stp-block-rtt",
@@ -944,7 +979,7 @@ impl Ratios {
                 (s.mb_per_s, format!("{stp} (one-way, MB/s)")),
                 (ceiling?, format!("ceiling: {is}")),
                 Better::Higher,
-                None,
+                Some(targets::STP_GOODPUT_VS_CEILING),
             ))
         };
         out.stp_vendor_goodput_vs_mailbox_ceiling =
@@ -975,8 +1010,16 @@ impl Ratios {
         v
     }
 
-    fn singles(&self) -> [(&'static str, Option<&Ratio>); 10] {
+    fn singles(&self) -> [(&'static str, Option<&Ratio>); 12] {
         [
+            (
+                "stp_rtt_p50_vs_raw_qd1_write_plus_read",
+                self.stp_rtt_p50_vs_raw_qd1_write_plus_read.as_ref(),
+            ),
+            (
+                "stp_block_rtt_p50_vs_raw_qd1_write_plus_read",
+                self.stp_block_rtt_p50_vs_raw_qd1_write_plus_read.as_ref(),
+            ),
             (
                 "stp_vendor_goodput_vs_raw_write",
                 self.stp_vendor_goodput_vs_raw_write.as_ref(),
@@ -1636,7 +1679,10 @@ mod tests {
         assert_eq!(c.block_ceiling_mbps, Some(50.0));
         let v = x.stp_vendor_goodput_vs_mailbox_ceiling.as_ref().unwrap();
         assert!((v.ratio - 0.6).abs() < 1e-9, "{v:?}");
-        assert_eq!((v.target, v.met, v.better), (None, None, Better::Higher));
+        assert_eq!(
+            (v.target, v.met, v.better),
+            (Some(0.8), Some(false), Better::Higher)
+        );
         let b = x.stp_block_goodput_vs_mailbox_ceiling.as_ref().unwrap();
         assert!((b.ratio - 0.4).abs() < 1e-9, "{b:?}");
         // The existing goodput ratio is still there.
@@ -1663,8 +1709,8 @@ mod tests {
             doc["protection_bench"]["cpu"]["model"],
             "QEMU TCG CPU version 2.5+"
         );
-        // No targets among the new ratios.
-        assert_eq!(doc["summary"]["targets"], 1);
+        // The goodput-vs-raw target and the two goodput-vs-ceiling targets.
+        assert_eq!(doc["summary"]["targets"], 3);
         let text = table(&r, &x);
         for want in [
             "Ceilings for STP goodput",
