@@ -519,7 +519,7 @@ fn pump(shared: Weak<Shared>, mut rx: Box<dyn Mailbox>, pool: Arc<BufPool>) {
                 s.stop(inner, Some(ConnError::BindingLost));
                 return;
             }
-            Err(_) => thread::sleep(Duration::from_millis(5)),
+            Err(_) => thread::sleep(crate::retry::POLL_PAUSE),
         }
         if buf.capacity() < RECV_BYTES {
             buf = pool.get(RECV_BYTES);
@@ -1122,7 +1122,7 @@ impl StpListener {
                     Err(e) if e.binding_lost() => return Err(mb_err(e)),
                     // Transient trouble on the path: poll again.
                     Err(_) => {
-                        thread::sleep(Duration::from_millis(5));
+                        thread::sleep(crate::retry::POLL_PAUSE);
                         continue;
                     }
                 };

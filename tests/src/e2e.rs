@@ -25,7 +25,7 @@ use stp_core::mailbox::{Mailbox, VendorMailbox};
 use stp_core::sockets::{Fd, Mechanism, SocketLayer, STP_FD_BASE};
 use stp_core::stg::BlockLayout;
 use stp_core::stream::{PathSource, StpListener, StpStream};
-use stp_core::vendor::MailboxError;
+use stp_core::vendor::{MailboxError, Refusal};
 use stp_core::wire::{Frames, Header, Kind};
 
 use crate::rig::{all_members, vendor_source, Rig};
@@ -266,7 +266,7 @@ pub fn replay_changes_nothing(rig: &Arc<dyn Rig>, intruder_host: usize) {
                 .map(|m| {
                     let inner = rig
                         .member(1, m)
-                        .map_err(|e| MailboxError::Other(scsi::CommandError::Io(e)))?;
+                        .map_err(|e| MailboxError::Transport(scsi::CommandError::Io(e)))?;
                     Ok(Box::new(Tap {
                         inner,
                         log: log.clone(),
@@ -634,7 +634,7 @@ pub fn spoofed_frames_rejected(rig: &Arc<dyn Rig>, intruder_host: usize) {
     let spoofed = seal(data_header(cb.port, sb.port, 1), &body, &wrong_key);
     let e = intruder.send_packed(&ib, &spoofed).unwrap_err();
     assert!(
-        matches!(e, MailboxError::SourcePortMismatch { .. }),
+        matches!(e, MailboxError::Refused(Refusal::SourcePortMismatch { .. })),
         "a forged source port: {e}"
     );
     let forged = seal(data_header(ib.port, sb.port, 1), &body, &wrong_key);

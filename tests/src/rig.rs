@@ -52,7 +52,7 @@ pub fn vendor_source(rig: &Arc<dyn Rig>, host: usize, order: Vec<usize>) -> Arc<
             .iter()
             .map(|&m| {
                 rig.member(host, m)
-                    .map_err(|e| MailboxError::Other(scsi::CommandError::Io(e)))
+                    .map_err(|e| MailboxError::Transport(scsi::CommandError::Io(e)))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Box::new(VendorMailbox::new(paths)?))

@@ -20,7 +20,7 @@ use stp_core::conn::Config;
 use stp_core::counters::{self, Snapshot};
 use stp_core::mailbox::{Mailbox, VendorMailbox};
 use stp_core::stream::{PathSource, StpListener, StpStream, MAX_STREAM_PAYLOAD};
-use stp_core::vendor::MailboxError;
+use stp_core::vendor::{MailboxError, Refusal};
 use stp_tests::e2e::{data_header, keys, payload, recv_stream, send_stream, T};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -319,7 +319,10 @@ fn the_array_refuses_frames_of_the_previous_version() {
     v1[44..48].copy_from_slice(&8u32.to_be_bytes());
     let e = mb.send_packed(&b, &v1).unwrap_err();
     assert!(
-        matches!(e, MailboxError::MalformedFrame { offset: 0 }),
+        matches!(
+            e,
+            MailboxError::Refused(Refusal::MalformedFrame { offset: 0 })
+        ),
         "{e}"
     );
 }

@@ -216,10 +216,9 @@ impl BackupConfig {
                 let mut v: Vec<Box<dyn Transport>> = Vec::with_capacity(paths.len());
                 for p in &paths {
                     let best = scsi::open_best(p, 16).map_err(|e| {
-                        MailboxError::Other(scsi::CommandError::Io(std::io::Error::other(format!(
-                            "{}: {e}",
-                            p.display()
-                        ))))
+                        MailboxError::Transport(scsi::CommandError::Io(std::io::Error::other(
+                            format!("{}: {e}", p.display()),
+                        )))
                     })?;
                     v.push(best.transport);
                 }
@@ -256,7 +255,7 @@ impl BackupConfig {
     fn unavailable(&self, stp: &StpConfig, why: String) -> Result<session::Host> {
         let down: Arc<dyn PathSource> =
             Arc::new(move || -> Result<Box<dyn Mailbox>, MailboxError> {
-                Err(MailboxError::Other(scsi::CommandError::Io(
+                Err(MailboxError::Transport(scsi::CommandError::Io(
                     std::io::Error::other(why.clone()),
                 )))
             });

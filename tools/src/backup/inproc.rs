@@ -95,7 +95,7 @@ impl InProcArray {
             for m in 0..MEMBERS as u64 {
                 let t = host
                     .open(m)
-                    .map_err(|e| MailboxError::Other(scsi::CommandError::Io(e)))?;
+                    .map_err(|e| MailboxError::Transport(scsi::CommandError::Io(e)))?;
                 paths.push(match &control {
                     Some(c) => Box::new(FaultyTransport::with_control(
                         t,
@@ -141,7 +141,7 @@ impl InProcArray {
     pub fn host_without_array(&self, wkp: u16, policy: Policy) -> session::Host {
         let mut h = self.host(0, wkp, policy, None);
         let down: Arc<dyn PathSource> = Arc::new(|| -> Result<Box<dyn Mailbox>, MailboxError> {
-            Err(MailboxError::Other(scsi::CommandError::Io(
+            Err(MailboxError::Transport(scsi::CommandError::Io(
                 std::io::Error::other("every path to the array is down"),
             )))
         });
