@@ -528,8 +528,7 @@ pub fn block_stream(rig: &Arc<dyn Rig>, up: u64, down: u64) {
     };
     let (h0, h1) = (open(0), open(1));
     let source = |stg: &Arc<BlockStg>| -> Arc<dyn PathSource> {
-        let stg = stg.clone();
-        Arc::new(move || -> Result<Box<dyn Mailbox>, MailboxError> { Ok(Box::new(stg.handle())) })
+        stp_core::stg::block_source(Arc::clone(stg))
     };
     let (kc, ks) = keys(4);
     let config = Config {

@@ -437,8 +437,7 @@ fn raw_frames_route_by_port_in_order_both_ways() {
 }
 
 fn source(stg: &Arc<BlockStg>) -> Arc<dyn PathSource> {
-    let stg = stg.clone();
-    Arc::new(move || -> Result<Box<dyn Mailbox>, MailboxError> { Ok(Box::new(stg.handle())) })
+    stp_core::stg::block_source(Arc::clone(stg))
 }
 
 #[test]
