@@ -12,11 +12,13 @@
 //!   scatter-gather on the way out.
 //! * [`auth`] — the per-connection key agreed over the control connection.
 //! * [`vendor`] — the vendor command set shared by hosts and the array.
-//! * [`stg`] — transport groups and the configuration file.
+//! * [`stg`] — transport groups, the configuration file, and [`stg::open`],
+//!   the one way from a configuration to a source of mailboxes.
 //! * [`mailbox`] — the host side of the STG mailbox (vendor mode).
 //! * [`conn`] — the sans-IO connection state machine.
-//! * [`engine`] — transport policies: retrying commands the device refused
-//!   unexecuted (UNIT ATTENTION, BUSY, TASK SET FULL) and striping.
+//! * [`error`] — the mailbox error, grouped: transport, refused, config, protocol.
+//! * [`retry`] — the one retry rule and policy every retrying loop uses.
+//! * [`engine`] — transport policies: striping over LUNs.
 //! * [`stream`] — blocking `StpListener` / `StpStream` (Read + Write) over
 //!   the vendor mailbox.
 //! * [`block`] — block mode: STP over plain READ(16)/WRITE(16) on shared LUNs.

@@ -171,14 +171,15 @@ impl Classify for CommandError {
                 SenseKey::ABORTED_COMMAND => Failure::Ambiguous,
                 _ => Failure::Final,
             },
-            CommandError::Transport { host, .. } => match *host {
-                HostStatus::BUS_BUSY
-                | HostStatus::SOFT_ERROR
-                | HostStatus::REQUEUE
-                | HostStatus::TRANSPORT_DISRUPTED
-                | HostStatus::RESET => Failure::Ambiguous,
-                _ => Failure::Final,
-            },
+            CommandError::Transport {
+                host:
+                    HostStatus::BUS_BUSY
+                    | HostStatus::SOFT_ERROR
+                    | HostStatus::REQUEUE
+                    | HostStatus::TRANSPORT_DISRUPTED
+                    | HostStatus::RESET,
+                ..
+            } => Failure::Ambiguous,
             CommandError::Timeout(_) => Failure::Ambiguous,
             _ => Failure::Final,
         }
