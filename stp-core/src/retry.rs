@@ -27,10 +27,10 @@
 //! | --- | --- | --- |
 //! | READ, STG INFO, PORT STATUS, INQUIRY, READ CAPACITY, TEST UNIT READY, REPORT LUNS | yes | they read |
 //! | WRITE (of the same data to the same LBAs) | yes | the blocks end the same; block mode has one writer per block |
+//! | RELEASE | yes, in effect | a repeat after success answers BAD HANDLE: the binding is gone either way |
+//! | BIND | yes, by docs/PROTOCOL.md §3 | a repeat after a lost reply leaks the first binding until the array is reset (bounded by the attempts), or finds a static port bound (PORT IN USE, reported) |
 //! | RECEIVE | **no** | it consumes frames: a repeat would skip what the first took |
 //! | SEND | **no** | a repeat may queue the frames twice. A connection drops duplicates by sequence number, so that would be harmless, but a SEND that may have been lost is recovered by the connection's retransmission, not by the mailbox |
-//! | BIND | **no** | a repeat binds a second dynamic port, or finds a static one bound (PORT IN USE) |
-//! | RELEASE | **no** | a repeat after success answers BAD HANDLE |
 //! | anything else (REQUEST SENSE, unknown opcodes) | no | assume the worst |
 //!
 //! # The helpers
@@ -120,8 +120,14 @@ impl Op {
     /// [`Failure::Ambiguous`] failure.
     pub fn idempotent(self) -> bool {
         match self {
-            Op::StgInfo | Op::PortStatus | Op::Read | Op::Write | Op::Query => true,
-            Op::Bind | Op::Release | Op::Send | Op::Receive | Op::Other => false,
+            Op::StgInfo
+            | Op::PortStatus
+            | Op::Read
+            | Op::Write
+            | Op::Query
+            | Op::Bind
+            | Op::Release => true,
+            Op::Send | Op::Receive | Op::Other => false,
         }
     }
 }
@@ -293,7 +299,10 @@ struct Origin {
 
 /// A [`Transport`] that retries what the rule allows (see the module
 /// documentation) under a [`RetryPolicy`], in the background: a failed
-/// command waits out its back-off and is submitted again from `reap`.
+/// command waits out its back-off and is submitted again from `reap`. A
+/// command the inner transport refuses at submission never ran, so any
+/// refusal that may clear (BUS BUSY, a full queue …) is retried the same
+/// way, for every command.
 /// Completions carry the caller's tags; a command is reported once, with
 /// its last outcome.
 pub struct Retrying<T: Transport> {
@@ -345,11 +354,13 @@ impl<T: Transport> Retrying<T> {
                 if let Err(e) = self.inner.submit(cmd) {
                     let id = e.cmd.tag;
                     if let Some(o) = self.origins.remove(&id) {
-                        out.push(Completion {
-                            tag: o.tag,
-                            data: e.cmd.data,
-                            result: Err(e.error),
-                        });
+                        if let Err(e) = self.refused_at_submit(o, e) {
+                            out.push(Completion {
+                                tag: e.cmd.tag,
+                                data: e.cmd.data,
+                                result: Err(e.error),
+                            });
+                        }
                     }
                 }
             } else {
@@ -357,6 +368,23 @@ impl<T: Transport> Retrying<T> {
             }
         }
         self.delayed.iter().map(|(due, _)| *due).min()
+    }
+
+    /// The inner transport refused to take a command: it never ran, so a
+    /// condition that may clear is retried after the back-off (whatever
+    /// the command); otherwise the refusal goes back with the caller's tag.
+    fn refused_at_submit(&mut self, mut o: Origin, mut e: SubmitError) -> Result<(), SubmitError> {
+        let retry = e.error.failure() != Failure::Final && o.attempts < self.policy.max_attempts;
+        if !retry {
+            e.cmd.tag = o.tag;
+            return Err(e);
+        }
+        let due = Instant::now() + self.policy.backoff(o.attempts);
+        o.attempts += 1;
+        self.retries += 1;
+        self.origins.insert(e.cmd.tag, o);
+        self.delayed.push((due, *e.cmd));
+        Ok(())
     }
 
     /// Handles one inner completion: delivers it or schedules a retry.
@@ -419,10 +447,7 @@ impl<T: Transport> Transport for Retrying<T> {
                 self.origins.insert(id, origin);
                 Ok(())
             }
-            Err(mut e) => {
-                e.cmd.tag = origin.tag;
-                Err(e)
-            }
+            Err(e) => self.refused_at_submit(origin, e),
         }
     }
 
@@ -657,10 +682,18 @@ mod tests {
 
     #[test]
     fn the_idempotence_rule() {
-        for op in [Op::Read, Op::Write, Op::StgInfo, Op::PortStatus, Op::Query] {
+        for op in [
+            Op::Read,
+            Op::Write,
+            Op::StgInfo,
+            Op::PortStatus,
+            Op::Query,
+            Op::Bind,
+            Op::Release,
+        ] {
             assert!(op.idempotent(), "{op:?}");
         }
-        for op in [Op::Receive, Op::Send, Op::Bind, Op::Release, Op::Other] {
+        for op in [Op::Receive, Op::Send, Op::Other] {
             assert!(!op.idempotent(), "{op:?}");
         }
         assert_eq!(Op::of(vendor::RECEIVE), Op::Receive);
@@ -725,10 +758,22 @@ mod tests {
         script: VecDeque<Result<Outcome, CommandError>>,
         done: Vec<Completion>,
         submitted: usize,
+        /// Submissions refused (BUS BUSY) before any is taken.
+        refuse: usize,
     }
 
     impl Transport for Scripted {
         fn submit(&mut self, cmd: Command) -> Result<(), SubmitError> {
+            if self.refuse > 0 {
+                self.refuse -= 1;
+                return Err(SubmitError {
+                    cmd: Box::new(cmd),
+                    error: CommandError::Transport {
+                        host: HostStatus::BUS_BUSY,
+                        driver: scsi::DriverStatus::OK,
+                    },
+                });
+            }
             self.submitted += 1;
             let o = self
                 .script
@@ -774,6 +819,7 @@ mod tests {
             script: script.into(),
             done: Vec::new(),
             submitted: 0,
+            refuse: 0,
         }
     }
 
@@ -836,6 +882,15 @@ mod tests {
         let mut r = Retrying::new(scripted(vec![Err(path_error())]), fast(4));
         assert!(r.execute(send_cmd(4)).into_result().is_err());
         assert_eq!(r.retries(), 0);
+
+        // A refused submission never ran: even a SEND goes again.
+        let mut t = scripted(Vec::new());
+        t.refuse = 2;
+        let mut r = Retrying::new(t, fast(4));
+        let c = r.execute(send_cmd(6));
+        assert_eq!(c.tag, 6);
+        assert!(c.into_result().is_ok());
+        assert_eq!(r.retries(), 2);
 
         // A timeout keeps the buffer: nothing to go again with.
         let mut r = Retrying::new(scripted(vec![Err(timeout())]), fast(4));
