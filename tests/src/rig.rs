@@ -358,12 +358,12 @@ impl LioRig {
         if std::env::var(LIO_TRANSPORT_ENV).is_ok_and(|v| v == "sync") {
             return scsi::sg::SgDevice::open(path)
                 .map(|d| Box::new(d) as Box<dyn Transport>)
-                .map_err(|e| io::Error::other(e.to_string()));
+                .map_err(io::Error::other);
         }
         EnginePool::global()
             .open(path)
             .map(|b| b.transport)
-            .map_err(|e| io::Error::other(e.to_string()))
+            .map_err(io::Error::other)
     }
 
     /// The `sg` node of `host`'s STG member `member`.
