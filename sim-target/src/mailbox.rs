@@ -48,7 +48,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use scsi::cdb::VendorCdb;
 use scsi::{Asc, DataDirection, Opcode, Sense, SenseKey};
-use stp_core::vendor::{self, BindResult, MailboxError, PortStatus, StgInfo};
+use stp_core::vendor::{self, BindResult, MailboxError, PortStatus, Refusal, StgInfo};
 use stp_core::wire::{self, Frames};
 
 use crate::array::{Array, Lun, VendorHandler};
@@ -498,9 +498,9 @@ impl StgMailbox {
                 }
                 (candidate <= *vendor::DYNAMIC_PORTS.end())
                     .then_some(candidate)
-                    .ok_or(MailboxError::NoFreePorts)
+                    .ok_or(MailboxError::Refused(Refusal::NoFreePorts))
             } else if ports.contains_key(&requested) {
-                Err(MailboxError::PortInUse)
+                Err(MailboxError::Refused(Refusal::PortInUse))
             } else {
                 Ok(requested)
             };
@@ -542,7 +542,7 @@ impl StgMailbox {
             let mut st = self.shared.lock();
             let Some(port) = lookup(&st, stg, handle) else {
                 drop(st);
-                return refuse(task, &MailboxError::BadHandle);
+                return refuse(task, &MailboxError::Refused(Refusal::BadHandle));
             };
             st.handles.remove(&handle);
             match st.ports[stg].remove(&port) {
@@ -570,7 +570,7 @@ impl StgMailbox {
         };
         match status {
             Some(s) => task.respond(&s.to_bytes(), vendor::PORT_STATUS_LEN),
-            None => refuse(task, &MailboxError::BadHandle),
+            None => refuse(task, &MailboxError::Refused(Refusal::BadHandle)),
         }
     }
 
@@ -596,7 +596,9 @@ impl StgMailbox {
     /// The data-out is read and the frames are checked before the lock is
     /// taken: SENDs on different members copy in parallel.
     fn try_send(&self, stg: usize, handle: u32, task: &Task) -> Result<Vec<Action>, MailboxError> {
-        let src = self.resolve(stg, handle).ok_or(MailboxError::BadHandle)?;
+        let src = self
+            .resolve(stg, handle)
+            .ok_or(MailboxError::Refused(Refusal::BadHandle))?;
         // The one copy into the array: the whole data-out, once, into a
         // pooled buffer that is not zeroed first (every byte of it that is
         // ever read is overwritten here).
@@ -619,16 +621,18 @@ impl StgMailbox {
         // (offset, bytes without padding, destination)
         let mut frames: Vec<(usize, usize, u32)> = Vec::new();
         for found in Frames::new(&data[..]) {
-            let f = found.map_err(|(at, _)| MailboxError::MalformedFrame { offset: offset(at) })?;
+            let f = found.map_err(|(at, _)| {
+                MailboxError::Refused(Refusal::MalformedFrame { offset: offset(at) })
+            })?;
             if f.header.payload_len > max_payload {
-                return Err(MailboxError::MalformedFrame {
+                return Err(MailboxError::Refused(Refusal::MalformedFrame {
                     offset: offset(f.offset),
-                });
+                }));
             }
             if f.header.src_port != src {
-                return Err(MailboxError::SourcePortMismatch {
+                return Err(MailboxError::Refused(Refusal::SourcePortMismatch {
                     offset: offset(f.offset),
-                });
+                }));
             }
             let bytes = wire::HEADER_LEN + f.header.payload_len as usize;
             frames.push((f.offset, bytes, f.header.dst_port));
@@ -638,13 +642,13 @@ impl StgMailbox {
 
         let mut st = self.shared.lock();
         if lookup(&st, stg, handle) != Some(src) {
-            return Err(MailboxError::BadHandle); // released meanwhile
+            return Err(MailboxError::Refused(Refusal::BadHandle)); // released meanwhile
         }
         // Destinations in order of first appearance.
         let mut order: Vec<u32> = Vec::new();
         for &(_, _, dst) in &frames {
             if !st.ports[stg].contains_key(&dst) {
-                return Err(MailboxError::PortNotBound(dst));
+                return Err(MailboxError::Refused(Refusal::PortNotBound(dst)));
             }
             if !order.contains(&dst) {
                 order.push(dst);
@@ -659,7 +663,7 @@ impl StgMailbox {
                 .map(|f| f.1.next_multiple_of(wire::ALIGN));
             let (frames_left, bytes_left) = left_after_waiters(p, spans);
             if frames_left > spec.queue_frames as usize || bytes_left > spec.queue_bytes as usize {
-                return Err(MailboxError::QueueFull { port: *dst });
+                return Err(MailboxError::Refused(Refusal::QueueFull { port: *dst }));
             }
         }
         // Commit: nothing below can fail.
@@ -691,7 +695,7 @@ impl StgMailbox {
             let mut st = self.shared.lock();
             let Some(port) = lookup(&st, stg, handle) else {
                 drop(st);
-                return refuse(task, &MailboxError::BadHandle);
+                return refuse(task, &MailboxError::Refused(Refusal::BadHandle));
             };
             let st = &mut *st;
             // Settle first, so that the queue and the waiters are not both
@@ -709,13 +713,14 @@ impl StgMailbox {
                 // task is answered all the same.
                 None => actions.push(Action::Complete(
                     task.reply,
-                    TaskResult::check(sense_of(&MailboxError::BadHandle)),
+                    TaskResult::check(sense_of(&MailboxError::Refused(Refusal::BadHandle))),
                 )),
                 Some(p) if !p.queue.is_empty() => {
                     let n = fit(p.queue.iter().map(Queued::span), alloc);
                     if n == 0 {
                         let needed = u32::try_from(p.queue[0].span()).unwrap_or(u32::MAX);
-                        let sense = sense_of(&MailboxError::FrameTooLarge { needed });
+                        let sense =
+                            sense_of(&MailboxError::Refused(Refusal::FrameTooLarge { needed }));
                         actions.push(Action::Complete(task.reply, TaskResult::check(sense)));
                     } else {
                         let frames = take(p, n);
@@ -762,7 +767,7 @@ impl VendorHandler for StgMailbox {
         let (Some(expected), Some(&(stg, member))) =
             (vendor::direction(cdb.opcode), self.luns.get(&lun.id()))
         else {
-            return refuse(task, &MailboxError::NotAnStgMember);
+            return refuse(task, &MailboxError::Refused(Refusal::NotAnStgMember));
         };
         // Flags (byte 1), handle (byte 2), length (byte 6) per command.
         let flags_ok = match cdb.opcode {
@@ -805,7 +810,7 @@ impl VendorHandler for StgMailbox {
             vendor::SEND => self.send(stg, cdb.handle, task),
             vendor::RECEIVE => self.receive(stg, cdb.handle, cdb.flags, task),
             vendor::PORT_STATUS => self.port_status(stg, cdb.handle, task),
-            _ => refuse(task, &MailboxError::NotAnStgMember),
+            _ => refuse(task, &MailboxError::Refused(Refusal::NotAnStgMember)),
         }
     }
 }
@@ -918,7 +923,7 @@ fn pump(st: &mut State, stg: usize, port: u32, direct: bool, out: &mut Vec<Actio
         let n = fit(p.queue.iter().map(Queued::span), w.alloc);
         if n == 0 {
             let needed = u32::try_from(p.queue[0].span()).unwrap_or(u32::MAX);
-            let sense = sense_of(&MailboxError::FrameTooLarge { needed });
+            let sense = sense_of(&MailboxError::Refused(Refusal::FrameTooLarge { needed }));
             out.push(Action::Complete(w.reply, TaskResult::check(sense)));
             continue;
         }
@@ -943,7 +948,7 @@ fn pump(st: &mut State, stg: usize, port: u32, direct: bool, out: &mut Vec<Actio
 /// queue is dropped.
 fn unbind(st: &mut State, p: Port) -> Vec<Action> {
     st.stats.frames_dropped += p.queue.len() as u64;
-    let released = TaskResult::check(sense_of(&MailboxError::Released));
+    let released = TaskResult::check(sense_of(&MailboxError::Refused(Refusal::Released)));
     p.waiters
         .into_iter()
         .map(|w| {
@@ -1251,7 +1256,7 @@ mod tests {
 
     fn sense(e: &MailboxError) -> &Sense {
         match e {
-            MailboxError::Other(CommandError::CheckCondition(s)) => s,
+            MailboxError::Transport(CommandError::CheckCondition(s)) => s,
             other => panic!("expected another CHECK CONDITION, got {other:?}"),
         }
     }
@@ -1277,8 +1282,14 @@ mod tests {
         assert!(d1.handle != d2.handle && d2.handle != s.handle && d1.handle != s.handle);
         // The same port again, through another member and another host.
         let mut q = Path::open(&_hb, 2);
-        assert!(matches!(q.bind(5100), Err(MailboxError::PortInUse)));
-        assert!(matches!(q.bind(32768), Err(MailboxError::PortInUse)));
+        assert!(matches!(
+            q.bind(5100),
+            Err(MailboxError::Refused(Refusal::PortInUse))
+        ));
+        assert!(matches!(
+            q.bind(32768),
+            Err(MailboxError::Refused(Refusal::PortInUse))
+        ));
         assert_invalid_field(&q.bind(65536).unwrap_err(), 2);
         assert_invalid_field(&q.bind(u32::MAX).unwrap_err(), 2);
         assert_eq!(q.bind(65535).unwrap().port, 65535);
@@ -1314,7 +1325,10 @@ mod tests {
         }
         let last = p.bind(0).unwrap();
         assert_eq!(last.port, 32768);
-        assert!(matches!(p.bind(0), Err(MailboxError::NoFreePorts)));
+        assert!(matches!(
+            p.bind(0),
+            Err(MailboxError::Refused(Refusal::NoFreePorts))
+        ));
         // Static ports are unaffected.
         assert_eq!(p.bind(1).unwrap().port, 1);
     }
@@ -1327,17 +1341,26 @@ mod tests {
         let e = p
             .send(b.handle, &frame(b.port, 40001, b"hello"))
             .unwrap_err();
-        assert!(matches!(e, MailboxError::PortNotBound(40001)), "{e:?}");
+        assert!(
+            matches!(e, MailboxError::Refused(Refusal::PortNotBound(40001))),
+            "{e:?}"
+        );
         assert!(!e.is_retryable());
         // Port 0 is never bound.
         let e = p.send(b.handle, &frame(b.port, 0, b"")).unwrap_err();
-        assert!(matches!(e, MailboxError::PortNotBound(0)), "{e:?}");
+        assert!(
+            matches!(e, MailboxError::Refused(Refusal::PortNotBound(0))),
+            "{e:?}"
+        );
         assert_eq!(m.stats().sends_refused, 2);
         // An unknown handle.
         let e = p
             .send(b.handle ^ 1, &frame(b.port, b.port, b""))
             .unwrap_err();
-        assert!(matches!(e, MailboxError::BadHandle), "{e:?}");
+        assert!(
+            matches!(e, MailboxError::Refused(Refusal::BadHandle)),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -1349,7 +1372,10 @@ mod tests {
         let pb = b.bind(5100).unwrap();
         let e = a.send(pa.handle, &frame(1234, pb.port, b"x")).unwrap_err();
         assert!(
-            matches!(e, MailboxError::SourcePortMismatch { offset: 0 }),
+            matches!(
+                e,
+                MailboxError::Refused(Refusal::SourcePortMismatch { offset: 0 })
+            ),
             "{e:?}"
         );
         // The second frame claims B's own port.
@@ -1358,7 +1384,7 @@ mod tests {
         let e = a.send(pa.handle, &data).unwrap_err();
         let want = wire::frame_span(5) as u32;
         assert!(
-            matches!(e, MailboxError::SourcePortMismatch { offset } if offset == want),
+            matches!(e, MailboxError::Refused(Refusal::SourcePortMismatch { offset }) if offset == want),
             "{e:?}"
         );
         assert_eq!(b.status(pb.handle).unwrap().queued_frames, 0);
@@ -1375,17 +1401,24 @@ mod tests {
         let mut bad = frame(pa.port, pa.port, b"x");
         bad[0] = 0;
         let e = a.send(pa.handle, &pack(&[good.clone(), bad])).unwrap_err();
-        assert!(matches!(e, MailboxError::MalformedFrame { offset } if offset as usize == at));
+        assert!(
+            matches!(e, MailboxError::Refused(Refusal::MalformedFrame { offset }) if offset as usize == at)
+        );
         // Payload running past the data.
         let mut cut = pack(&[good.clone(), frame(pa.port, pa.port, &[1; 100])]);
         cut.truncate(cut.len() - 10);
         let e = a.send(pa.handle, &cut).unwrap_err();
-        assert!(matches!(e, MailboxError::MalformedFrame { offset } if offset as usize == at));
+        assert!(
+            matches!(e, MailboxError::Refused(Refusal::MalformedFrame { offset }) if offset as usize == at)
+        );
         // Payload above the STG's maximum (but within the protocol's).
         let big = frame(pa.port, pa.port, &vec![0; MAX_PAYLOAD as usize + 1]);
         let e = a.send(pa.handle, &big).unwrap_err();
         assert!(
-            matches!(e, MailboxError::MalformedFrame { offset: 0 }),
+            matches!(
+                e,
+                MailboxError::Refused(Refusal::MalformedFrame { offset: 0 })
+            ),
             "{e:?}"
         );
         // Trailing garbage shorter than a header.
@@ -1393,7 +1426,9 @@ mod tests {
         tail.resize(at, 0);
         tail.extend_from_slice(&[0xFF; 8]);
         let e = a.send(pa.handle, &tail).unwrap_err();
-        assert!(matches!(e, MailboxError::MalformedFrame { offset } if offset as usize == at));
+        assert!(
+            matches!(e, MailboxError::Refused(Refusal::MalformedFrame { offset }) if offset as usize == at)
+        );
         // Nothing was queued by any of them; a well-formed one goes through,
         // trailing zero padding included.
         assert_eq!(a.status(pa.handle).unwrap().frames_accepted, 0);
@@ -1420,12 +1455,15 @@ mod tests {
                 &pack(&[ok.clone(), frame(pa.port, 9, b"second")]),
             )
             .unwrap_err();
-        assert!(matches!(e, MailboxError::PortNotBound(9)));
+        assert!(matches!(e, MailboxError::Refused(Refusal::PortNotBound(9))));
         // Second frame malformed.
         let mut bad = frame(pa.port, pb.port, b"second");
         bad[4] = 9; // version
         let e = a.send(pa.handle, &pack(&[ok.clone(), bad])).unwrap_err();
-        assert!(matches!(e, MailboxError::MalformedFrame { .. }));
+        assert!(matches!(
+            e,
+            MailboxError::Refused(Refusal::MalformedFrame { .. })
+        ));
         // Second frame spoofed.
         let e = a
             .send(
@@ -1433,7 +1471,10 @@ mod tests {
                 &pack(&[ok.clone(), frame(7, pb.port, b"second")]),
             )
             .unwrap_err();
-        assert!(matches!(e, MailboxError::SourcePortMismatch { .. }));
+        assert!(matches!(
+            e,
+            MailboxError::Refused(Refusal::SourcePortMismatch { .. })
+        ));
         let s = b.status(pb.handle).unwrap();
         assert_eq!(
             (s.queued_frames, s.queued_bytes, s.frames_accepted),
@@ -1500,7 +1541,7 @@ mod tests {
         // The next one does not fit a small allocation: the size it needs.
         let e = b.receive(pb.handle, 100).unwrap_err();
         assert!(
-            matches!(e, MailboxError::FrameTooLarge { needed } if needed as usize == span),
+            matches!(e, MailboxError::Refused(Refusal::FrameTooLarge { needed }) if needed as usize == span),
             "{e:?}"
         );
         assert_eq!(unpack(&b.receive(pb.handle, span).unwrap()).len(), 1);
@@ -1572,7 +1613,9 @@ mod tests {
         b1.submit(Path::receive_cmd(pb.handle, 16, Duration::from_secs(10)));
         a.send(pa.handle, &frames[0]).unwrap();
         let e = b1.wait().unwrap_err();
-        assert!(matches!(e, MailboxError::FrameTooLarge { needed } if needed as usize == span));
+        assert!(
+            matches!(e, MailboxError::Refused(Refusal::FrameTooLarge { needed }) if needed as usize == span)
+        );
         assert_eq!(unpack(&b1.receive(pb.handle, span).unwrap()).len(), 1);
     }
 
@@ -1607,7 +1650,7 @@ mod tests {
         let five: Vec<_> = (0..=QUEUE_FRAMES).map(|_| f.clone()).collect();
         let e = a.send(pa.handle, &pack(&five)).unwrap_err();
         assert!(
-            matches!(e, MailboxError::QueueFull { port } if port == pb.port),
+            matches!(e, MailboxError::Refused(Refusal::QueueFull { port }) if port == pb.port),
             "{e:?}"
         );
         assert_eq!(b.status(pb.handle).unwrap().queued_frames, 0);
@@ -1617,12 +1660,12 @@ mod tests {
         }
         let e = a.send(pa.handle, &f).unwrap_err();
         assert!(
-            matches!(e, MailboxError::QueueFull { port } if port == pb.port),
+            matches!(e, MailboxError::Refused(Refusal::QueueFull { port }) if port == pb.port),
             "{e:?}"
         );
         assert!(e.is_retryable());
         assert_eq!(
-            sense(&MailboxError::Other(CommandError::CheckCondition(
+            sense(&MailboxError::Transport(CommandError::CheckCondition(
                 e.to_sense().unwrap()
             )))
             .key,
@@ -1652,7 +1695,10 @@ mod tests {
         let big = frame(b.port, b.port, &vec![1; MAX_PAYLOAD as usize]);
         p.send(b.handle, &big).unwrap();
         let e = p.send(b.handle, &frame(b.port, b.port, b"")).unwrap_err();
-        assert!(matches!(e, MailboxError::QueueFull { .. }), "{e:?}");
+        assert!(
+            matches!(e, MailboxError::Refused(Refusal::QueueFull { .. })),
+            "{e:?}"
+        );
         // A waiting RECEIVE takes its share first: with the queue drained and
         // a RECEIVE waiting, two big frames fit (one direct, one queued).
         assert_eq!(unpack(&p.receive(b.handle, span).unwrap()).len(), 1);
@@ -1682,21 +1728,30 @@ mod tests {
         b0.release(pb.handle).unwrap();
         for w in [&mut b1, &mut b2] {
             let e = w.wait().unwrap_err();
-            assert!(matches!(e, MailboxError::Released), "{e:?}");
+            assert!(
+                matches!(e, MailboxError::Refused(Refusal::Released)),
+                "{e:?}"
+            );
             assert!(e.binding_lost() && !e.is_retryable());
         }
         // The binding is gone.
         assert!(matches!(
             b0.release(pb.handle),
-            Err(MailboxError::BadHandle)
+            Err(MailboxError::Refused(Refusal::BadHandle))
         ));
         assert!(matches!(
             b0.receive(pb.handle, 4096),
-            Err(MailboxError::BadHandle)
+            Err(MailboxError::Refused(Refusal::BadHandle))
         ));
-        assert!(matches!(b0.status(pb.handle), Err(MailboxError::BadHandle)));
+        assert!(matches!(
+            b0.status(pb.handle),
+            Err(MailboxError::Refused(Refusal::BadHandle))
+        ));
         let e = a.send(pa.handle, &frame(pa.port, 5100, b"")).unwrap_err();
-        assert!(matches!(e, MailboxError::PortNotBound(5100)));
+        assert!(matches!(
+            e,
+            MailboxError::Refused(Refusal::PortNotBound(5100))
+        ));
         assert_eq!(unpack(&b0.receive(pb2.handle, 4096).unwrap()).len(), 1);
         // The port is free again.
         assert_eq!(b1.bind(5100).unwrap().port, 5100);
@@ -1765,7 +1820,10 @@ mod tests {
             control: 0,
         };
         let e = p.run(Command::no_data(cdb(c9))).unwrap_err();
-        assert!(matches!(e, MailboxError::NotAnStgMember), "{e:?}");
+        assert!(
+            matches!(e, MailboxError::Refused(Refusal::NotAnStgMember)),
+            "{e:?}"
+        );
         assert_eq!(m.direction(Opcode(0xC9)), None);
         assert_eq!(m.direction(vendor::SEND), Some(DataDirection::ToDevice));
         assert_eq!(
@@ -1774,26 +1832,29 @@ mod tests {
         );
         // LUN 5 is in no STG: every STP opcode is refused the same way.
         let mut outside = Path::open(&h, 5);
-        assert!(matches!(outside.bind(0), Err(MailboxError::NotAnStgMember)));
+        assert!(matches!(
+            outside.bind(0),
+            Err(MailboxError::Refused(Refusal::NotAnStgMember))
+        ));
         assert!(matches!(
             outside.stg_info(64),
-            Err(MailboxError::NotAnStgMember)
+            Err(MailboxError::Refused(Refusal::NotAnStgMember))
         ));
         assert!(matches!(
             outside.release(1),
-            Err(MailboxError::NotAnStgMember)
+            Err(MailboxError::Refused(Refusal::NotAnStgMember))
         ));
         assert!(matches!(
             outside.send(1, &[0; 8]),
-            Err(MailboxError::NotAnStgMember)
+            Err(MailboxError::Refused(Refusal::NotAnStgMember))
         ));
         assert!(matches!(
             outside.receive(1, 64),
-            Err(MailboxError::NotAnStgMember)
+            Err(MailboxError::Refused(Refusal::NotAnStgMember))
         ));
         assert!(matches!(
             outside.status(1),
-            Err(MailboxError::NotAnStgMember)
+            Err(MailboxError::Refused(Refusal::NotAnStgMember))
         ));
         assert_eq!(m.member_of(5), None);
         assert_eq!(m.member_of(1), Some((7, 1)));
@@ -1815,10 +1876,13 @@ mod tests {
         let c8 = a8.bind(0).unwrap();
         assert_eq!(c8.port, 32768);
         // A handle names a binding of its own STG only.
-        assert!(matches!(a7.status(s8.handle), Err(MailboxError::BadHandle)));
+        assert!(matches!(
+            a7.status(s8.handle),
+            Err(MailboxError::Refused(Refusal::BadHandle))
+        ));
         assert!(matches!(
             a8.release(s7.handle),
-            Err(MailboxError::BadHandle)
+            Err(MailboxError::Refused(Refusal::BadHandle))
         ));
         // A frame sent in STG 8 reaches STG 8's port 5100 only.
         a8.send(c8.handle, &frame(c8.port, 5100, b"eight")).unwrap();
@@ -1870,7 +1934,7 @@ mod tests {
             .with_timeout(Duration::from_millis(50));
         let e = b.run(cmd).unwrap_err();
         assert!(
-            matches!(e, MailboxError::Other(CommandError::Timeout(_))),
+            matches!(e, MailboxError::Transport(CommandError::Timeout(_))),
             "{e:?}"
         );
         a.send(pa.handle, &frame(pa.port, pb.port, b"not lost"))
@@ -1938,19 +2002,25 @@ mod tests {
         pb.submit(Path::receive_cmd(bb.handle, 4096, Duration::from_secs(10)));
         a.power_on();
         m.reset();
-        assert!(matches!(pb.wait(), Err(MailboxError::Released)));
+        assert!(matches!(
+            pb.wait(),
+            Err(MailboxError::Refused(Refusal::Released))
+        ));
         // The next command reports the unit attention (retryable: bindings
         // *may* be gone), then the lost handle.
         let e = pa.status(ba.handle).unwrap_err();
         assert!(!e.binding_lost(), "{e:?}");
         assert!(
-            matches!(&e, MailboxError::Other(c) if c.is_retryable()),
+            matches!(&e, MailboxError::Transport(c) if c.is_retryable()),
             "{e:?}"
         );
-        assert!(matches!(pa.status(ba.handle), Err(MailboxError::BadHandle)));
+        assert!(matches!(
+            pa.status(ba.handle),
+            Err(MailboxError::Refused(Refusal::BadHandle))
+        ));
         assert!(matches!(
             pa.send(ba.handle, &[]),
-            Err(MailboxError::BadHandle)
+            Err(MailboxError::Refused(Refusal::BadHandle))
         ));
         assert_eq!(pa.bind(5100).unwrap().port, 5100);
     }
@@ -1969,10 +2039,16 @@ mod tests {
         let other = StgMailbox::with_seed(&a, vec![spec(7, vec![0])], 2).unwrap();
         other.install(&a);
         drop(m);
-        assert!(matches!(p.wait(), Err(MailboxError::Released)));
+        assert!(matches!(
+            p.wait(),
+            Err(MailboxError::Refused(Refusal::Released))
+        ));
         // The timer thread has exited and let go of the state.
         assert!(shared.upgrade().is_none());
-        assert!(matches!(p.status(b.handle), Err(MailboxError::BadHandle)));
+        assert!(matches!(
+            p.status(b.handle),
+            Err(MailboxError::Refused(Refusal::BadHandle))
+        ));
     }
 
     #[test]

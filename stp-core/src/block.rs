@@ -39,7 +39,7 @@
 //! ring) rather than dropping; frames for unbound ports are dropped and
 //! counted. A sender that finds the ring full waits, polling the consumer
 //! block, up to [`BlockConfig::ring_full_wait`] and then fails with
-//! [`MailboxError::QueueFull`] (retryable).
+//! [`MailboxError::Refused(Refusal::QueueFull)`] (retryable).
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -53,7 +53,9 @@ use rand::{Rng, RngCore};
 use scsi::cdb::RwFlags;
 use scsi::{Cdb, CdbBuf, Command, CommandError, IoBuf, Transport};
 
+use crate::error::{Refusal, SetupError};
 use crate::mailbox::{Binding, Mailbox};
+use crate::retry::{Op, RetryPolicy};
 use crate::stg::{BlockLayout, MAX_HOSTS};
 use crate::vendor::MailboxError;
 use crate::wire::{Frames, ALIGN, HEADER_LEN, MAX_PAYLOAD};
@@ -594,7 +596,7 @@ pub struct BlockConfig {
     /// Bytes (aligned frame spans) one port may queue before its lane is held.
     pub queue_bytes: u32,
     /// How long a sender waits for a free slot before
-    /// [`MailboxError::QueueFull`].
+    /// [`MailboxError::Refused(Refusal::QueueFull)`].
     pub ring_full_wait: Duration,
     /// The shortest poll interval (after traffic).
     pub poll_min: Duration,
@@ -660,7 +662,7 @@ pub struct BlockStats {
     pub turn_skips: u64,
     /// Times a sender found a ring full and waited.
     pub ring_full_waits: u64,
-    /// Sends that gave up on a full ring ([`MailboxError::QueueFull`]).
+    /// Sends that gave up on a full ring ([`MailboxError::Refused(Refusal::QueueFull)`]).
     pub ring_full_errors: u64,
     /// Times the poller held a lane because a port queue was full.
     pub lane_stalls: u64,
@@ -726,8 +728,6 @@ impl Counters {
 // Block I/O helpers
 // ---------------------------------------------------------------------------
 
-/// Attempts of a command that fails with a retryable condition.
-const ATTEMPTS: u32 = 4;
 /// A consumer waits this long for a member's turn when other members
 /// already have newer slots, then skips it.
 const TURN_PATIENCE: Duration = Duration::from_millis(100);
@@ -758,6 +758,19 @@ fn rw(write: bool, lba: u64, blocks: u32) -> CdbBuf {
     }
 }
 
+/// A READ returned fewer bytes than it asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("short read: {got} of {expected} bytes; the LUN answered GOOD with less data than asked")]
+pub struct ShortRead {
+    /// Bytes returned.
+    pub got: usize,
+    /// Bytes asked for.
+    pub expected: usize,
+}
+
+/// Runs one READ, WRITE or READ CAPACITY, retried as [`crate::retry`]
+/// allows ([`RetryPolicy::BLOCK`]): READs and WRITEs of the same data to
+/// the same blocks are idempotent, so an ambiguous failure goes again too.
 fn exec(
     t: &mut dyn Transport,
     cdb: CdbBuf,
@@ -765,30 +778,24 @@ fn exec(
     in_len: usize,
     timeout: Duration,
 ) -> Result<IoBuf, CommandError> {
-    let mut attempt = 1;
-    loop {
+    let buf = RetryPolicy::BLOCK.run(Op::of_cdb(&cdb), || {
         let cmd = match out {
             Some(d) => Command::data_out(cdb, IoBuf::from_slice(d)),
             None => Command::data_in(cdb, in_len),
         }
         .with_timeout(timeout);
-        match t.execute(cmd).into_result() {
-            Ok((buf, _)) => {
-                if out.is_none() && buf.len() != in_len {
-                    return Err(CommandError::Io(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("short read: {} of {in_len} bytes", buf.len()),
-                    )));
-                }
-                return Ok(buf);
-            }
-            Err(e) if e.is_retryable() && attempt < ATTEMPTS => {
-                thread::sleep(Duration::from_millis(u64::from(attempt)));
-                attempt += 1;
-            }
-            Err(e) => return Err(e),
-        }
+        t.execute(cmd).into_result().map(|(buf, _)| buf)
+    })?;
+    if out.is_none() && buf.len() != in_len {
+        return Err(CommandError::Io(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            ShortRead {
+                got: buf.len(),
+                expected: in_len,
+            },
+        )));
     }
+    Ok(buf)
 }
 
 /// Geometry shared by the I/O helpers.
@@ -1126,13 +1133,6 @@ impl fmt::Debug for BlockStg {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn invalid(text: String) -> MailboxError {
-    MailboxError::Other(CommandError::Io(io::Error::new(
-        io::ErrorKind::InvalidInput,
-        text,
-    )))
 }
 
 impl BlockStg {
@@ -1552,9 +1552,7 @@ impl BlockStg {
     fn check_stale(&self) -> Result<(), MailboxError> {
         match *lock(&self.stale) {
             None => Ok(()),
-            Some((m, found)) => Err(MailboxError::Other(CommandError::Io(io::Error::other(
-                self.reformatted(m, found).to_string(),
-            )))),
+            Some((m, found)) => Err(SetupError::Block(self.reformatted(m, found)).into()),
         }
     }
 
@@ -1635,24 +1633,18 @@ impl BlockStg {
             Some(p) => {
                 match port_host(p) {
                     Some(h) if h == self.host => {}
-                    Some(h) => {
-                        return Err(invalid(format!(
-                            "port {p} belongs to host {h} in block mode (host = port >> 12); \
-                             this is host {}, whose ports are {}–{}",
-                            self.host,
-                            u32::from(self.host) << PORT_HOST_SHIFT | 1,
-                            u32::from(self.host) << PORT_HOST_SHIFT | (PORTS_PER_HOST - 1)
-                        )))
+                    Some(owner) => {
+                        return Err(SetupError::ForeignPort {
+                            port: p,
+                            owner,
+                            host: self.host,
+                        }
+                        .into())
                     }
-                    None => {
-                        return Err(invalid(format!(
-                            "port {p} is not a block-mode port (host << 12 | local, \
-                             local 1–4095, host 0–15)"
-                        )))
-                    }
+                    None => return Err(SetupError::NotABlockPort { port: p }.into()),
                 }
                 if ports.bound.contains_key(&p) {
-                    return Err(MailboxError::PortInUse);
+                    return Err(MailboxError::Refused(Refusal::PortInUse));
                 }
                 p
             }
@@ -1663,7 +1655,7 @@ impl BlockStg {
                 let found = (0..span)
                     .map(|i| base + (start + i) % span)
                     .find(|p| !ports.bound.contains_key(p))
-                    .ok_or(MailboxError::NoFreePorts)?;
+                    .ok_or(MailboxError::Refused(Refusal::NoFreePorts))?;
                 ports.next_dynamic = (found - base + 1) % span;
                 found
             }
@@ -1692,7 +1684,7 @@ impl BlockStg {
     }
 
     /// Releases a binding; its queued frames are dropped and receivers
-    /// waiting on it return [`MailboxError::Released`].
+    /// waiting on it return [`MailboxError::Refused(Refusal::Released)`].
     pub fn release(&self, binding: &Binding) -> Result<(), MailboxError> {
         let mut ports = lock(&self.ports);
         match ports.bound.get(&binding.port) {
@@ -1705,7 +1697,7 @@ impl BlockStg {
                 self.kick();
                 Ok(())
             }
-            _ => Err(MailboxError::BadHandle),
+            _ => Err(MailboxError::Refused(Refusal::BadHandle)),
         }
     }
 
@@ -1722,19 +1714,19 @@ impl BlockStg {
         let mut ports = lock(&self.ports);
         let ready = match ports.bound.get(&binding.port) {
             Some(q) if q.handle == binding.handle => q.ready.clone(),
-            _ => return Err(MailboxError::BadHandle),
+            _ => return Err(MailboxError::Refused(Refusal::BadHandle)),
         };
         loop {
             let q = match ports.bound.get_mut(&binding.port) {
                 Some(q) if q.handle == binding.handle => q,
-                _ => return Err(MailboxError::Released),
+                _ => return Err(MailboxError::Refused(Refusal::Released)),
             };
             if let Some(first) = q.frames.front() {
                 let span = first.len().next_multiple_of(ALIGN);
                 if span > max {
-                    return Err(MailboxError::FrameTooLarge {
+                    return Err(MailboxError::Refused(Refusal::FrameTooLarge {
                         needed: span as u32,
-                    });
+                    }));
                 }
                 let mut out = Vec::new();
                 while let Some(f) = q.frames.front() {
@@ -1817,37 +1809,35 @@ impl BlockStg {
         self.check_stale()?;
         match lock(&self.ports).bound.get(&binding.port) {
             Some(q) if q.handle == binding.handle => {}
-            _ => return Err(MailboxError::BadHandle),
+            _ => return Err(MailboxError::Refused(Refusal::BadHandle)),
         }
         let max_payload = self.max_payload();
         let mut by_host: Vec<Vec<&[u8]>> = vec![Vec::new(); self.layout.hosts as usize];
         let mut order: Vec<u16> = Vec::new();
         for found in Frames::new(packed) {
-            let found = found.map_err(|(offset, _)| MailboxError::MalformedFrame {
-                offset: offset as u32,
+            let found = found.map_err(|(offset, _)| {
+                MailboxError::Refused(Refusal::MalformedFrame {
+                    offset: offset as u32,
+                })
             })?;
             let h = found.header;
             if h.src_port != binding.port {
-                return Err(MailboxError::SourcePortMismatch {
+                return Err(MailboxError::Refused(Refusal::SourcePortMismatch {
                     offset: found.offset as u32,
-                });
+                }));
             }
             if h.payload_len > max_payload {
-                return Err(invalid(format!(
-                    "the frame at byte {} has a {}-byte payload; block mode on STG {} carries \
-                     at most {max_payload} bytes per frame (slot size {} − {} − {}): \
-                     lower max_payload",
-                    found.offset,
-                    h.payload_len,
-                    self.stg_id,
-                    self.slot_bytes,
-                    SLOT_HEADER_LEN,
-                    HEADER_LEN
-                )));
+                return Err(SetupError::PayloadTooLarge {
+                    stg: self.stg_id,
+                    offset: found.offset,
+                    payload: h.payload_len,
+                    max: max_payload,
+                }
+                .into());
             }
             let host = match port_host(h.dst_port) {
                 Some(d) if d < self.layout.hosts => d,
-                _ => return Err(MailboxError::PortNotBound(h.dst_port)),
+                _ => return Err(MailboxError::Refused(Refusal::PortNotBound(h.dst_port))),
             };
             if by_host[usize::from(host)].is_empty() {
                 order.push(host);
@@ -1859,7 +1849,7 @@ impl BlockStg {
             let first_port = be32(frames[0], 12);
             if d == self.host {
                 self.deliver(frames)
-                    .map_err(|port| MailboxError::QueueFull { port })?;
+                    .map_err(|port| MailboxError::Refused(Refusal::QueueFull { port }))?;
                 bump(&self.counters.frames_local, frames.len() as u64);
                 continue;
             }
@@ -1935,7 +1925,7 @@ impl BlockStg {
                 }
                 if Instant::now() >= deadline {
                     bump(&self.counters.ring_full_errors, 1);
-                    return Err(MailboxError::QueueFull { port });
+                    return Err(MailboxError::Refused(Refusal::QueueFull { port }));
                 }
                 self.check_stale()?;
                 thread::sleep(backoff);
@@ -2011,7 +2001,7 @@ impl BlockStg {
                     lane.turn = s.member;
                     lane.seq = s.seq;
                 }
-                Err(MailboxError::Other(e))
+                Err(MailboxError::Transport(e))
             }
         }
     }

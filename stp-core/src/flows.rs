@@ -1088,9 +1088,7 @@ mod tests {
         let mut layer_stgs = HashMap::new();
         let none: std::sync::Arc<dyn crate::stream::PathSource> = std::sync::Arc::new(
             || -> Result<Box<dyn crate::mailbox::Mailbox>, crate::vendor::MailboxError> {
-                Err(crate::vendor::MailboxError::Other(scsi::CommandError::Io(
-                    std::io::Error::other("unused"),
-                )))
+                Err(crate::error::SetupError::NoPaths.into())
             },
         );
         layer_stgs.insert(7, none);

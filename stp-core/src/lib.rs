@@ -17,11 +17,13 @@
 //!   tables, file systems, other STGs, kernel holders and mounts.
 //! * [`auth`] — the per-connection key agreed over the control connection.
 //! * [`vendor`] — the vendor command set shared by hosts and the array.
-//! * [`stg`] — transport groups and the configuration file.
+//! * [`stg`] — transport groups, the configuration file, and [`stg::open`],
+//!   the one way from a configuration to a source of mailboxes.
 //! * [`mailbox`] — the host side of the STG mailbox (vendor mode).
 //! * [`conn`] — the sans-IO connection state machine.
-//! * [`engine`] — transport policies: retrying commands the device refused
-//!   unexecuted (UNIT ATTENTION, BUSY, TASK SET FULL) and striping.
+//! * [`error`] — the mailbox error, grouped: transport, refused, config, protocol.
+//! * [`retry`] — the one retry rule and policy every retrying loop uses.
+//! * [`engine`] — transport policies: striping over LUNs.
 //! * [`stream`] — blocking `StpListener` / `StpStream` (Read + Write) over
 //!   the vendor mailbox.
 //! * [`block`] — block mode: STP over plain READ(16)/WRITE(16) on shared LUNs.
@@ -36,10 +38,12 @@ pub mod chunk;
 pub mod conn;
 pub mod counters;
 pub mod engine;
+pub mod error;
 pub mod flows;
 pub mod frame;
 pub mod guard;
 pub mod mailbox;
+pub mod retry;
 pub mod sockets;
 pub mod stg;
 pub mod stream;

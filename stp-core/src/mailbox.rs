@@ -8,10 +8,11 @@
 //! in flight, up to [`SENDS_PER_PATH`] each, and completes in any order.
 //! Each path is typically a handle onto the device's shared io_uring engine
 //! (`scsi::shared`), where every mailbox and stream of the process meets.
-//! Commands that fail with a condition that guarantees they did not run
-//! (queue full, unit attention, BUSY, TASK SET FULL) are retried with a
-//! short back-off; anything else is returned classified
-//! ([`MailboxError`]).
+//! Every path retries what the one retry rule allows ([`crate::retry`]:
+//! conditions that guarantee the command did not run, such as queue full,
+//! unit attention, BUSY, TASK SET FULL; never an ambiguous failure of a
+//! SEND or RECEIVE, which are not idempotent) with a short back-off;
+//! anything else is returned classified ([`MailboxError`]).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -19,7 +20,11 @@ use std::time::{Duration, Instant};
 use scsi::{Command, Completion, DataDirection, IoBuf, Transport};
 
 use crate::counters;
-use crate::vendor::{self, BindResult, MailboxError, StgInfo};
+use crate::error::{shared_io_error, ProtocolError, SetupError};
+use crate::retry::{RetryPolicy, Retrying};
+use crate::vendor::{self, BindResult, StgInfo};
+
+pub use crate::error::MailboxError;
 
 /// A bound port: the port number and the capability that proves ownership.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,7 +171,7 @@ impl Mailbox for VendorMailbox {
         VendorMailbox::reap_sends(self, done, wait)
     }
     fn sends_in_flight(&self) -> usize {
-        self.pending.len() + self.retry.len()
+        self.pending.len()
     }
     fn send_window(&self) -> usize {
         self.paths.len() * SENDS_PER_PATH
@@ -193,10 +198,6 @@ impl Mailbox for VendorMailbox {
     }
 }
 
-/// How often and how long a retryable SEND is retried.
-const SEND_RETRIES: u32 = 50;
-const SEND_BACKOFF: Duration = Duration::from_millis(2);
-
 /// The most RECEIVEs a stream keeps in flight on one binding.
 const MAX_RECEIVE_PUMPS: usize = 4;
 
@@ -216,26 +217,15 @@ const REAP_SLICE: Duration = Duration::from_millis(2);
 struct PendingSend {
     token: u64,
     path: usize,
-    len: usize,
-    handle: u32,
-    attempts: u32,
-}
-
-/// A pipelined SEND waiting out its back-off before another attempt.
-#[derive(Debug)]
-struct RetrySend {
-    due: Instant,
-    buf: IoBuf,
-    pending: PendingSend,
 }
 
 /// One host's view of an STG in vendor mode.
 pub struct VendorMailbox {
-    paths: Vec<Box<dyn Transport>>,
+    /// The member paths, each retrying what [`crate::retry`] allows.
+    paths: Vec<Retrying<Box<dyn Transport>>>,
     next: usize,
     /// Pipelined SENDs in flight, by command tag.
     pending: HashMap<u64, PendingSend>,
-    retry: Vec<RetrySend>,
     in_flight: Vec<usize>,
     next_tag: u64,
 }
@@ -250,19 +240,29 @@ impl std::fmt::Debug for VendorMailbox {
 }
 
 impl VendorMailbox {
-    /// A mailbox over the given member paths (at least one).
+    /// A mailbox over the given member paths (at least one), retrying
+    /// under [`RetryPolicy::MAILBOX`].
     pub fn new(paths: Vec<Box<dyn Transport>>) -> Result<VendorMailbox, MailboxError> {
+        VendorMailbox::with_policy(paths, RetryPolicy::MAILBOX)
+    }
+
+    /// A mailbox over the given member paths (at least one), retrying
+    /// under `policy`.
+    pub fn with_policy(
+        paths: Vec<Box<dyn Transport>>,
+        policy: RetryPolicy,
+    ) -> Result<VendorMailbox, MailboxError> {
         if paths.is_empty() {
-            return Err(MailboxError::Other(scsi::CommandError::Io(
-                std::io::Error::other("an STG mailbox needs at least one member path"),
-            )));
+            return Err(SetupError::NoPaths.into());
         }
         let n = paths.len();
         Ok(VendorMailbox {
-            paths,
+            paths: paths
+                .into_iter()
+                .map(|p| Retrying::new(p, policy))
+                .collect(),
             next: 0,
             pending: HashMap::new(),
-            retry: Vec::new(),
             in_flight: vec![0; n],
             next_tag: 0,
         })
@@ -276,26 +276,15 @@ impl VendorMailbox {
     fn path(&mut self) -> &mut dyn Transport {
         let i = self.next % self.paths.len();
         self.next = self.next.wrapping_add(1);
-        self.paths[i].as_mut()
+        &mut self.paths[i]
     }
 
-    /// Runs the command `make` builds, retrying retryable conditions (BUSY,
-    /// TASK SET FULL, unit attention, transient path errors) with a short
-    /// back-off, each time on the next path.
-    fn run(&mut self, make: impl Fn() -> Command) -> Result<IoBuf, MailboxError> {
-        let mut attempt = 0;
-        loop {
-            match self.path().execute(make()).into_result() {
-                Ok((data, _)) => return Ok(data),
-                Err(e) => {
-                    let e = vendor::classify(e);
-                    attempt += 1;
-                    if !is_transient(&e) || attempt >= SEND_RETRIES {
-                        return Err(e);
-                    }
-                    std::thread::sleep(SEND_BACKOFF * attempt.min(10));
-                }
-            }
+    /// Runs `cmd` on the next path (which retries it as [`crate::retry`]
+    /// allows) and classifies a failure.
+    fn run(&mut self, cmd: Command) -> Result<IoBuf, MailboxError> {
+        match self.path().execute(cmd).into_result() {
+            Ok((data, _)) => Ok(data),
+            Err(e) => Err(vendor::classify(e)),
         }
     }
 
@@ -303,15 +292,17 @@ impl VendorMailbox {
     pub fn stg_info(&mut self) -> Result<StgInfo, MailboxError> {
         let alloc = StgInfo::len_for(256) as u32;
         let cdb = vendor::stg_info(alloc);
-        let data = self.run(|| Command::data_in(scsi::Cdb::Vendor(cdb).emit(), alloc as usize))?;
-        let info = StgInfo::parse(&data).map_err(|e| protocol_error(format!("STG INFO: {e}")))?;
+        let data = self.run(Command::data_in(
+            scsi::Cdb::Vendor(cdb).emit(),
+            alloc as usize,
+        ))?;
+        let info = StgInfo::parse(&data).map_err(ProtocolError::StgInfo)?;
         if info.version != vendor::PROTOCOL_VERSION {
-            return Err(protocol_error(format!(
-                "the array routes STP v{} frames, this host speaks v{}: run the same STP \
-                 release on the array (stp-target) and both hosts",
-                info.version,
-                vendor::PROTOCOL_VERSION
-            )));
+            return Err(SetupError::VersionMismatch {
+                array: info.version,
+                host: vendor::PROTOCOL_VERSION,
+            }
+            .into());
         }
         Ok(info)
     }
@@ -319,15 +310,15 @@ impl VendorMailbox {
     /// Binds `port` (`None`: a dynamic port).
     pub fn bind(&mut self, port: Option<u32>) -> Result<Binding, MailboxError> {
         let cdb = vendor::bind(port.unwrap_or(0));
-        let data = self.run(|| Command::data_in(scsi::Cdb::Vendor(cdb).emit(), 16))?;
-        let b = BindResult::parse(&data).map_err(|e| protocol_error(format!("BIND: {e}")))?;
+        let data = self.run(Command::data_in(scsi::Cdb::Vendor(cdb).emit(), 16))?;
+        let b = BindResult::parse(&data).map_err(ProtocolError::Bind)?;
         Ok(b.into())
     }
 
     /// Releases a binding; waiting RECEIVEs on it end.
     pub fn release(&mut self, binding: &Binding) -> Result<(), MailboxError> {
         let cdb = vendor::release(binding.handle);
-        self.run(|| Command::no_data(scsi::Cdb::Vendor(cdb).emit()))?;
+        self.run(Command::no_data(scsi::Cdb::Vendor(cdb).emit()))?;
         Ok(())
     }
 
@@ -347,29 +338,17 @@ impl VendorMailbox {
             .map(|i| (start + i) % n)
             .min_by_key(|&p| self.in_flight[p])
             .unwrap_or(0);
-        let pending = PendingSend {
-            token,
-            path,
-            len: buf.len(),
-            handle: binding.handle,
-            attempts: 1,
-        };
-        self.issue(pending, buf, done);
-    }
-
-    fn issue(&mut self, pending: PendingSend, buf: IoBuf, done: &mut Vec<SendDone>) {
         let tag = self.next_tag;
         self.next_tag = self.next_tag.wrapping_add(1);
-        let cdb = scsi::Cdb::Vendor(vendor::send(pending.handle, pending.len as u32)).emit();
-        let path = pending.path;
+        let cdb = scsi::Cdb::Vendor(vendor::send(binding.handle, buf.len() as u32)).emit();
         match self.paths[path].submit(Command::data_out(cdb, buf).with_tag(tag)) {
             Ok(()) => {
                 self.in_flight[path] += 1;
                 counters::send_submitted(self.in_flight[path]);
-                self.pending.insert(tag, pending);
+                self.pending.insert(tag, PendingSend { token, path });
             }
             Err(e) => done.push(SendDone {
-                token: pending.token,
+                token,
                 buf: e.cmd.data,
                 result: Err(vendor::classify(e.error)),
             }),
@@ -377,28 +356,19 @@ impl VendorMailbox {
     }
 
     /// Collects finished pipelined SENDs (see [`Mailbox::reap_sends`]);
-    /// SENDs the array refused without running them are retried here.
+    /// SENDs the array refused without running them have been retried by
+    /// the path ([`Retrying`]).
     pub fn reap_sends(&mut self, done: &mut Vec<SendDone>, wait: Option<Duration>) {
         let deadline = wait.map(|w| Instant::now() + w);
         let before = done.len();
         let mut out = Vec::new();
         loop {
-            let now = Instant::now();
-            let mut i = 0;
-            while i < self.retry.len() {
-                if self.retry[i].due <= now {
-                    let r = self.retry.swap_remove(i);
-                    self.issue(r.pending, r.buf, done);
-                } else {
-                    i += 1;
-                }
-            }
             for p in 0..self.paths.len() {
                 if self.in_flight[p] > 0 {
                     self.reap_path(p, Some(Duration::ZERO), &mut out, done);
                 }
             }
-            if done.len() > before || (self.pending.is_empty() && self.retry.is_empty()) {
+            if done.len() > before || self.pending.is_empty() {
                 return;
             }
             let now = Instant::now();
@@ -408,9 +378,6 @@ impl VendorMailbox {
             let mut slice = REAP_SLICE;
             if let Some(d) = deadline {
                 slice = slice.min(d - now);
-            }
-            if let Some(due) = self.retry.iter().map(|r| r.due).min() {
-                slice = slice.min(due.saturating_duration_since(now));
             }
             match (0..self.paths.len()).max_by_key(|&p| self.in_flight[p]) {
                 Some(p) if self.in_flight[p] > 0 => self.reap_path(p, Some(slice), &mut out, done),
@@ -428,7 +395,9 @@ impl VendorMailbox {
     ) {
         out.clear();
         if let Err(e) = self.paths[p].reap(out, wait) {
-            // The path is unusable: what it held is lost.
+            // The path is unusable: what it held is lost, every SEND with
+            // the one error as its source.
+            let e = std::sync::Arc::new(e);
             let lost: Vec<u64> = self
                 .pending
                 .iter()
@@ -440,8 +409,8 @@ impl VendorMailbox {
                     done.push(SendDone {
                         token: s.token,
                         buf: IoBuf::default(),
-                        result: Err(MailboxError::Other(scsi::CommandError::Io(
-                            std::io::Error::new(e.kind(), e.to_string()),
+                        result: Err(MailboxError::Transport(scsi::CommandError::Io(
+                            shared_io_error(&e),
                         ))),
                     });
                 }
@@ -455,27 +424,11 @@ impl VendorMailbox {
             };
             self.in_flight[p] = self.in_flight[p].saturating_sub(1);
             let result = c.result.and_then(|o| o.check()).map_err(vendor::classify);
-            match result {
-                // A timed-out command's buffer is not handed back: no retry.
-                Err(e)
-                    if is_transient(&e) && c.data.len() == s.len && s.attempts < SEND_RETRIES =>
-                {
-                    let due = Instant::now() + SEND_BACKOFF * s.attempts.min(10);
-                    self.retry.push(RetrySend {
-                        due,
-                        buf: c.data,
-                        pending: PendingSend {
-                            attempts: s.attempts + 1,
-                            ..s
-                        },
-                    });
-                }
-                result => done.push(SendDone {
-                    token: s.token,
-                    buf: c.data,
-                    result,
-                }),
-            }
+            done.push(SendDone {
+                token: s.token,
+                buf: c.data,
+                result,
+            });
         }
     }
 
@@ -487,33 +440,20 @@ impl VendorMailbox {
     /// Sends the packed frames in `buf`, which becomes the SEND's data-out
     /// buffer (no copy) and is handed back for reuse.
     pub fn send_buf(&mut self, binding: &Binding, buf: &mut IoBuf) -> Result<(), MailboxError> {
-        let len = buf.len();
-        let cdb = scsi::Cdb::Vendor(vendor::send(binding.handle, len as u32)).emit();
-        let mut attempt = 0;
-        loop {
-            let c = self
-                .path()
-                .execute(Command::data_out(cdb, std::mem::take(buf)));
-            *buf = c.data;
-            let Err(e) = c.result.and_then(|o| o.check()) else {
-                return Ok(());
-            };
-            let e = vendor::classify(e);
-            attempt += 1;
-            // A timed-out command's buffer is not handed back: give up then.
-            if !is_transient(&e) || attempt >= SEND_RETRIES || buf.len() != len {
-                return Err(e);
-            }
-            std::thread::sleep(SEND_BACKOFF * attempt.min(10));
-        }
+        let cdb = scsi::Cdb::Vendor(vendor::send(binding.handle, buf.len() as u32)).emit();
+        let c = self
+            .path()
+            .execute(Command::data_out(cdb, std::mem::take(buf)));
+        // Empty only if the transport could not hand it back.
+        *buf = c.data;
+        c.result.and_then(|o| o.check()).map_err(vendor::classify)
     }
 
     /// Sends each buffer as one SEND, up to one per member path in flight
     /// at once (so a large flush moves at the speed of all the members, not
     /// one). The array may take them in any order; the connection reorders
-    /// by sequence number. A SEND that fails with a retryable condition is
-    /// retried alone ([`send_buf`](Self::send_buf)). Every buffer comes back
-    /// for reuse; the first error is returned.
+    /// by sequence number. Every buffer comes back for reuse; the first
+    /// error is returned.
     pub fn send_bufs(&mut self, binding: &Binding, bufs: &mut [IoBuf]) -> Result<(), MailboxError> {
         let n = self.paths.len();
         if n == 1 || bufs.len() <= 1 {
@@ -522,8 +462,6 @@ impl VendorMailbox {
         let mut first = Ok(());
         for wave in bufs.chunks_mut(n) {
             let mut issued = Vec::with_capacity(wave.len());
-            let mut retry = Vec::new();
-            let lens: Vec<usize> = wave.iter().map(|b| b.len()).collect();
             for (i, buf) in wave.iter_mut().enumerate() {
                 let p = self.next % n;
                 self.next = self.next.wrapping_add(1);
@@ -533,7 +471,7 @@ impl VendorMailbox {
                     Ok(()) => issued.push(p),
                     Err(e) => {
                         *buf = e.cmd.data;
-                        retry.push(i);
+                        first = first.and(Err(vendor::classify(e.error)));
                     }
                 }
             }
@@ -542,31 +480,18 @@ impl VendorMailbox {
                 while out.is_empty() {
                     if let Err(e) = self.paths[p].reap(&mut out, None) {
                         // The path is unusable; what it held is lost.
-                        first = first.and(Err(MailboxError::Other(scsi::CommandError::Io(e))));
+                        first = first.and(Err(MailboxError::Transport(scsi::CommandError::Io(e))));
                         break;
                     }
                 }
                 for c in out {
-                    let i = c.tag as usize;
-                    let Some(buf) = wave.get_mut(i) else {
+                    let Some(buf) = wave.get_mut(c.tag as usize) else {
                         continue;
                     };
                     *buf = c.data;
                     if let Err(e) = c.result.and_then(|o| o.check()) {
-                        let e = vendor::classify(e);
-                        // A timed-out command's buffer is not handed back:
-                        // no retry then.
-                        if is_transient(&e) && buf.len() == lens[i] {
-                            retry.push(c.tag as usize);
-                        } else {
-                            first = first.and(Err(e));
-                        }
+                        first = first.and(Err(vendor::classify(e)));
                     }
-                }
-            }
-            for i in retry {
-                if let Err(e) = self.send_buf(binding, &mut wave[i]) {
-                    first = first.and(Err(e));
                 }
             }
         }
@@ -599,33 +524,27 @@ impl VendorMailbox {
         let max = max.min(vendor::MAX_TRANSFER as usize);
         let cdb = scsi::Cdb::Vendor(vendor::receive(binding.handle, max as u32, wait)).emit();
         let timeout = wait.min(vendor::MAX_RECEIVE_TIMEOUT) + COMMAND_SLACK;
-        let mut attempt = 0;
-        loop {
-            let mut data = std::mem::take(buf);
-            data.resize(max);
-            let cmd = Command {
-                direction: DataDirection::FromDevice,
-                data,
-                ..Command::no_data(cdb)
+        let mut data = std::mem::take(buf);
+        data.resize(max);
+        let cmd = Command {
+            direction: DataDirection::FromDevice,
+            data,
+            ..Command::no_data(cdb)
+        }
+        .with_timeout(timeout);
+        let c = self.path().execute(cmd);
+        // The buffer comes back even when the command failed (empty only
+        // if the transport could not hand it back).
+        *buf = c.data;
+        match c.result.and_then(|o| o.check().map(|()| o)) {
+            Ok(o) => {
+                buf.resize(max.saturating_sub(o.residual as usize).min(buf.len()));
+                Ok(())
             }
-            .with_timeout(timeout);
-            let c = self.path().execute(cmd);
-            // The buffer comes back even when the command failed (empty
-            // only if the transport could not hand it back).
-            *buf = c.data;
-            let e = match c.result.and_then(|o| o.check().map(|()| o)) {
-                Ok(o) => {
-                    buf.resize(max.saturating_sub(o.residual as usize).min(buf.len()));
-                    return Ok(());
-                }
-                Err(e) => vendor::classify(e),
-            };
-            attempt += 1;
-            if !is_transient(&e) || attempt >= SEND_RETRIES {
+            Err(e) => {
                 buf.resize(0);
-                return Err(e);
+                Err(vendor::classify(e))
             }
-            std::thread::sleep(SEND_BACKOFF * attempt.min(10));
         }
     }
 }
@@ -643,16 +562,4 @@ fn send_each(
         }
     }
     first
-}
-
-/// Conditions a retry of the same command may clear.
-fn is_transient(e: &MailboxError) -> bool {
-    e.is_retryable() || matches!(e, MailboxError::Other(c) if c.is_retryable())
-}
-
-fn protocol_error(text: String) -> MailboxError {
-    MailboxError::Other(scsi::CommandError::Io(std::io::Error::new(
-        std::io::ErrorKind::InvalidData,
-        text,
-    )))
 }

@@ -1194,9 +1194,7 @@ mod tests {
     /// made before the array is touched.
     fn layer() -> SocketLayer {
         let none: Arc<dyn PathSource> = Arc::new(|| -> Result<Box<dyn Mailbox>, MailboxError> {
-            Err(MailboxError::Other(scsi::CommandError::Io(
-                io::Error::other("no paths in unit tests"),
-            )))
+            Err(crate::error::SetupError::NoPaths.into())
         });
         SocketLayer::new(HashMap::from([(7, none)]), Config::default())
     }

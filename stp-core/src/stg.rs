@@ -78,10 +78,14 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use scsi::inquiry::Identity;
+use scsi::Transport;
 use serde::{Deserialize, Serialize};
+
+use crate::error::{MailboxError, SetupError};
 
 /// The well-known port and the transport groups of a deployment, as read
 /// from the configuration file (see the [module documentation](self)).
@@ -944,6 +948,161 @@ impl ResolvedStg {
         self.block
             .map(|b| u64::from(b.slot_blocks) * u64::from(self.block_size()))
     }
+}
+
+// ---------------------------------------------------------------------------
+// Opening an STG: configuration → members → paths → mailbox
+// ---------------------------------------------------------------------------
+
+/// How [`open`] reaches a member's device node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PathEngine {
+    /// The process's shared io_uring engine for the device
+    /// ([`scsi::EnginePool::global`]), falling back to synchronous `SG_IO`
+    /// where io_uring cannot drive it.
+    #[default]
+    Shared,
+    /// Synchronous `SG_IO` only.
+    Sync,
+}
+
+/// What [`open`] and [`open_with`] need beyond the configuration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OpenOptions {
+    /// This host's index in a block-mode STG (each host is given its own
+    /// when it starts; unused in vendor mode).
+    pub host_index: u16,
+    /// Block-mode tunables.
+    pub block: crate::block::BlockConfig,
+    /// How device nodes are opened.
+    pub engine: PathEngine,
+}
+
+impl OpenOptions {
+    /// The defaults, as host `host_index` (block mode).
+    pub fn host(host_index: u16) -> OpenOptions {
+        OpenOptions {
+            host_index,
+            ..OpenOptions::default()
+        }
+    }
+
+    /// With the given way of opening device nodes.
+    pub fn with_engine(mut self, engine: PathEngine) -> OpenOptions {
+        self.engine = engine;
+        self
+    }
+
+    /// With the given block-mode tunables.
+    pub fn with_block(mut self, block: crate::block::BlockConfig) -> OpenOptions {
+        self.block = block;
+        self
+    }
+}
+
+/// Opens STG `stg_id` of `config` on this host, the one way every
+/// application opens one: resolves its members to this host's device nodes
+/// through `dir` ([`Config::resolve`]), and returns the source of its
+/// mailboxes. In vendor mode each [`PathSource::open`](crate::stream::PathSource::open)
+/// opens the member paths afresh ([`PathEngine`]) and a
+/// [`VendorMailbox`](crate::mailbox::VendorMailbox) over them; in block
+/// mode the STG is opened here, once, as host `options.host_index`
+/// ([`BlockStg`](crate::block::BlockStg)), and each open is a handle onto it.
+pub fn open(
+    config: &Config,
+    stg_id: u32,
+    dir: &dyn LunDirectory,
+    options: &OpenOptions,
+) -> Result<Arc<dyn crate::stream::PathSource>, MailboxError> {
+    let resolved = config.resolve(stg_id, dir)?;
+    let paths: Vec<PathBuf> = resolved
+        .members
+        .iter()
+        .map(|m| PathBuf::from(&m.path))
+        .collect();
+    let engine = options.engine;
+    let stg = resolved.id;
+    open_members(resolved.mode, stg, paths.len(), options, move |member| {
+        let path = &paths[member];
+        let opened = match engine {
+            PathEngine::Shared => scsi::EnginePool::global().open(path).map(|b| b.transport),
+            PathEngine::Sync => {
+                scsi::sg::SgDevice::open(path).map(|d| Box::new(d) as Box<dyn Transport>)
+            }
+        };
+        opened.map_err(|source| {
+            SetupError::OpenDevice {
+                stg,
+                member,
+                source,
+            }
+            .into()
+        })
+    })
+}
+
+/// As [`open`], for paths the caller supplies (an in-process array, a
+/// fault injector, a test): `open_member(i)` opens a path to member `i` of
+/// the `members` members of STG `stg`, in member order.
+pub fn open_with(
+    mode: MailboxMode,
+    stg: u32,
+    members: usize,
+    options: &OpenOptions,
+    open_member: impl Fn(usize) -> std::io::Result<Box<dyn Transport>> + Send + Sync + 'static,
+) -> Result<Arc<dyn crate::stream::PathSource>, MailboxError> {
+    open_members(mode, stg, members, options, move |member| {
+        open_member(member).map_err(|source| {
+            SetupError::OpenPath {
+                stg,
+                member,
+                source,
+            }
+            .into()
+        })
+    })
+}
+
+fn open_members(
+    mode: MailboxMode,
+    stg: u32,
+    members: usize,
+    options: &OpenOptions,
+    open_member: impl Fn(usize) -> Result<Box<dyn Transport>, MailboxError> + Send + Sync + 'static,
+) -> Result<Arc<dyn crate::stream::PathSource>, MailboxError> {
+    if members == 0 {
+        return Err(SetupError::NoPaths.into());
+    }
+    match mode {
+        MailboxMode::Vendor => Ok(Arc::new(
+            move || -> Result<Box<dyn crate::mailbox::Mailbox>, MailboxError> {
+                let paths = (0..members)
+                    .map(&open_member)
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Box::new(crate::mailbox::VendorMailbox::new(paths)?))
+            },
+        )),
+        MailboxMode::Block => {
+            let paths = (0..members)
+                .map(&open_member)
+                .collect::<Result<Vec<_>, _>>()?;
+            let block =
+                crate::block::BlockStg::open_with(paths, options.host_index, stg, options.block)?;
+            Ok(block_source(block))
+        }
+    }
+}
+
+/// The source of mailboxes onto an open block-mode STG: each open is a
+/// new handle ([`BlockStg::handle`](crate::block::BlockStg::handle)).
+pub fn block_source(stg: Arc<crate::block::BlockStg>) -> Arc<dyn crate::stream::PathSource> {
+    Arc::new(
+        move || -> Result<Box<dyn crate::mailbox::Mailbox>, MailboxError> {
+            Ok(Box::new(stg.handle()))
+        },
+    )
 }
 
 #[cfg(test)]

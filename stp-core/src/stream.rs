@@ -539,7 +539,7 @@ fn pump(shared: Weak<Shared>, mut rx: Box<dyn Mailbox>, pool: Arc<BufPool>) {
                 s.stop(inner, Some(ConnError::BindingLost));
                 return;
             }
-            Err(_) => thread::sleep(Duration::from_millis(5)),
+            Err(_) => thread::sleep(crate::retry::POLL_PAUSE),
         }
         if buf.capacity() < want || buf.capacity() > want.max(RECV_BYTES) {
             pool.put(std::mem::take(&mut buf));
@@ -1153,7 +1153,7 @@ impl StpListener {
                     Err(e) if e.binding_lost() => return Err(mb_err(e)),
                     // Transient trouble on the path: poll again.
                     Err(_) => {
-                        thread::sleep(Duration::from_millis(5));
+                        thread::sleep(crate::retry::POLL_PAUSE);
                         continue;
                     }
                 };

@@ -15,7 +15,7 @@ use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use scsi::cdb::VendorCdb;
-use scsi::{Asc, CommandError, DataDirection, Opcode, Sense, SenseKey};
+use scsi::{Asc, DataDirection, Opcode};
 
 /// STG INFO: describe the transport group this LUN belongs to (data-in).
 pub const STG_INFO: Opcode = Opcode(0xC0);
@@ -375,163 +375,12 @@ impl PortStatus {
     }
 }
 
-/// A failed vendor command, classified by its meaning in §3.1.
-///
-/// Information values a non-conforming array left out read as 0 (never a
-/// valid port, so [`MailboxError::PortNotBound`]`(0)` means "not given").
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum MailboxError {
-    /// 80h/01h: nobody has bound the destination port (connection refused,
-    /// or the peer is gone).
-    #[error("destination port {0} is not bound on the STG (connection refused or peer gone)")]
-    PortNotBound(u32),
-    /// 80h/02h: the binding handle is unknown (released, or the array
-    /// restarted); bind again.
-    #[error(
-        "the array does not know this binding handle (released or array restarted); bind again"
-    )]
-    BadHandle,
-    /// 80h/03h: the port is already bound; pick another.
-    #[error("the port is already bound on the STG; pick another port")]
-    PortInUse,
-    /// 80h/04h: every dynamic port of the STG is bound.
-    #[error("no free dynamic port on the STG; release ports and retry later")]
-    NoFreePorts,
-    /// 80h/05h: the SEND data holds a malformed frame (a bug in the sender).
-    #[error("the array found a malformed frame at byte {offset} of the SEND data")]
-    MalformedFrame {
-        /// Byte offset of the frame in the SEND data.
-        offset: u32,
-    },
-    /// 80h/06h: a frame's `src_port` is not the sender's bound port (a bug).
-    #[error(
-        "the frame at byte {offset} of the SEND data names a source port other than the sender's"
-    )]
-    SourcePortMismatch {
-        /// Byte offset of the frame in the SEND data.
-        offset: u32,
-    },
-    /// 80h/07h: the first queued frame does not fit the RECEIVE allocation.
-    #[error("the next queued frame needs {needed} bytes, more than the RECEIVE allocation; retry with a larger buffer")]
-    FrameTooLarge {
-        /// The allocation that fits the frame.
-        needed: u32,
-    },
-    /// 80h/08h: the destination queue is full; retry after a back-off.
-    #[error("the queue of port {port} is full; retry after a back-off")]
-    QueueFull {
-        /// The destination port.
-        port: u32,
-    },
-    /// 80h/09h: the binding was released while this RECEIVE waited.
-    #[error("the binding was released while the RECEIVE waited; stop receiving")]
-    Released,
-    /// 20h/00h: the LUN is not a member of an STG (or the array does not
-    /// implement the opcode): a configuration error.
-    #[error("the LUN is not a member of an STG on this array, or the array does not implement STP vendor commands; check the configuration")]
-    NotAnStgMember,
-    /// Anything else (transport errors, unit attention, other sense).
-    #[error(transparent)]
-    Other(CommandError),
-}
-
-/// Classifies a failed vendor command by the meanings of §3.1.
-pub fn classify(e: CommandError) -> MailboxError {
-    let CommandError::CheckCondition(sense) = &e else {
-        return MailboxError::Other(e);
-    };
-    let info = sense.information.and_then(|i| u32::try_from(i).ok());
-    let info0 = info.unwrap_or(0);
-    match (sense.key, sense.asc) {
-        (SenseKey::ILLEGAL_REQUEST, Asc::INVALID_COMMAND_OPERATION_CODE) => {
-            MailboxError::NotAnStgMember
-        }
-        (SenseKey::ILLEGAL_REQUEST, ASC_PORT_NOT_BOUND) => MailboxError::PortNotBound(info0),
-        (SenseKey::ILLEGAL_REQUEST, ASC_BAD_HANDLE) => MailboxError::BadHandle,
-        (SenseKey::ILLEGAL_REQUEST, ASC_PORT_IN_USE) => MailboxError::PortInUse,
-        (SenseKey::ILLEGAL_REQUEST, ASC_NO_FREE_PORTS) => MailboxError::NoFreePorts,
-        (SenseKey::ILLEGAL_REQUEST, ASC_MALFORMED_FRAME) => {
-            MailboxError::MalformedFrame { offset: info0 }
-        }
-        (SenseKey::ILLEGAL_REQUEST, ASC_SOURCE_PORT_MISMATCH) => {
-            MailboxError::SourcePortMismatch { offset: info0 }
-        }
-        (SenseKey::ILLEGAL_REQUEST, ASC_FRAME_TOO_LARGE) => {
-            MailboxError::FrameTooLarge { needed: info0 }
-        }
-        (SenseKey::ABORTED_COMMAND, ASC_QUEUE_FULL) => MailboxError::QueueFull { port: info0 },
-        (SenseKey::ABORTED_COMMAND, ASC_RELEASED) => MailboxError::Released,
-        _ => MailboxError::Other(e),
-    }
-}
-
-impl From<CommandError> for MailboxError {
-    fn from(e: CommandError) -> MailboxError {
-        classify(e)
-    }
-}
-
-impl MailboxError {
-    /// True when retrying the same command may succeed: a full queue, or a
-    /// retryable [`CommandError`] (BUSY, transient path errors, …).
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            MailboxError::QueueFull { .. } => true,
-            MailboxError::Other(e) => e.is_retryable(),
-            _ => false,
-        }
-    }
-
-    /// True when the binding is certainly gone and the endpoint must bind
-    /// again: unknown handle, or released. A power-on/reset unit attention
-    /// (29h) only says bindings *may* be gone: it is retryable, and the next
-    /// command on a lost binding answers BAD HANDLE.
-    pub fn binding_lost(&self) -> bool {
-        matches!(self, MailboxError::BadHandle | MailboxError::Released)
-    }
-
-    /// The sense the array returns for this condition (fixed format);
-    /// `None` for [`MailboxError::Other`].
-    pub fn to_sense(&self) -> Option<Sense> {
-        use SenseKey as K;
-        let (key, asc, info) = match *self {
-            MailboxError::PortNotBound(port) => {
-                (K::ILLEGAL_REQUEST, ASC_PORT_NOT_BOUND, Some(port))
-            }
-            MailboxError::BadHandle => (K::ILLEGAL_REQUEST, ASC_BAD_HANDLE, None),
-            MailboxError::PortInUse => (K::ILLEGAL_REQUEST, ASC_PORT_IN_USE, None),
-            MailboxError::NoFreePorts => (K::ILLEGAL_REQUEST, ASC_NO_FREE_PORTS, None),
-            MailboxError::MalformedFrame { offset } => {
-                (K::ILLEGAL_REQUEST, ASC_MALFORMED_FRAME, Some(offset))
-            }
-            MailboxError::SourcePortMismatch { offset } => {
-                (K::ILLEGAL_REQUEST, ASC_SOURCE_PORT_MISMATCH, Some(offset))
-            }
-            MailboxError::FrameTooLarge { needed } => {
-                (K::ILLEGAL_REQUEST, ASC_FRAME_TOO_LARGE, Some(needed))
-            }
-            MailboxError::QueueFull { port } => (K::ABORTED_COMMAND, ASC_QUEUE_FULL, Some(port)),
-            MailboxError::Released => (K::ABORTED_COMMAND, ASC_RELEASED, None),
-            MailboxError::NotAnStgMember => (
-                K::ILLEGAL_REQUEST,
-                Asc::INVALID_COMMAND_OPERATION_CODE,
-                None,
-            ),
-            MailboxError::Other(_) => return None,
-        };
-        let sense = Sense::new(key, asc);
-        Some(match info {
-            Some(i) => sense.with_information(u64::from(i)),
-            None => sense,
-        })
-    }
-}
+pub use crate::error::{classify, refusal, MailboxError, Refusal};
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use scsi::Cdb;
+    use scsi::{Asc, Cdb, CommandError, Sense, SenseKey};
 
     #[test]
     fn directions_cover_exactly_the_six_opcodes() {
@@ -676,16 +525,16 @@ mod tests {
 
     fn all_errors() -> Vec<MailboxError> {
         vec![
-            MailboxError::PortNotBound(40001),
-            MailboxError::BadHandle,
-            MailboxError::PortInUse,
-            MailboxError::NoFreePorts,
-            MailboxError::MalformedFrame { offset: 80 },
-            MailboxError::SourcePortMismatch { offset: 160 },
-            MailboxError::FrameTooLarge { needed: 4168 },
-            MailboxError::QueueFull { port: 32768 },
-            MailboxError::Released,
-            MailboxError::NotAnStgMember,
+            MailboxError::Refused(Refusal::PortNotBound(40001)),
+            MailboxError::Refused(Refusal::BadHandle),
+            MailboxError::Refused(Refusal::PortInUse),
+            MailboxError::Refused(Refusal::NoFreePorts),
+            MailboxError::Refused(Refusal::MalformedFrame { offset: 80 }),
+            MailboxError::Refused(Refusal::SourcePortMismatch { offset: 160 }),
+            MailboxError::Refused(Refusal::FrameTooLarge { needed: 4168 }),
+            MailboxError::Refused(Refusal::QueueFull { port: 32768 }),
+            MailboxError::Refused(Refusal::Released),
+            MailboxError::Refused(Refusal::NotAnStgMember),
         ]
     }
 
@@ -699,14 +548,14 @@ mod tests {
             assert_eq!(format!("{back:?}"), format!("{e:?}"));
             assert_eq!(
                 back.is_retryable(),
-                matches!(e, MailboxError::QueueFull { .. })
+                matches!(e, MailboxError::Refused(Refusal::QueueFull { .. }))
             );
         }
     }
 
     #[test]
     fn sense_literal_bytes() {
-        let b = MailboxError::QueueFull { port: 32768 }
+        let b = MailboxError::Refused(Refusal::QueueFull { port: 32768 })
             .to_sense()
             .unwrap()
             .to_bytes();
@@ -714,7 +563,10 @@ mod tests {
         assert_eq!(b[2], 0x0B); // ABORTED COMMAND
         assert_eq!(&b[3..7], &[0, 0, 0x80, 0]);
         assert_eq!((b[12], b[13]), (0x80, 0x08));
-        let b = MailboxError::BadHandle.to_sense().unwrap().to_bytes();
+        let b = MailboxError::Refused(Refusal::BadHandle)
+            .to_sense()
+            .unwrap()
+            .to_bytes();
         assert_eq!((b[0], b[2], b[12], b[13]), (0x70, 0x05, 0x80, 0x02));
     }
 
@@ -724,27 +576,27 @@ mod tests {
         let s = Sense::new(SenseKey::ILLEGAL_REQUEST, ASC_QUEUE_FULL);
         assert!(matches!(
             classify(CommandError::CheckCondition(s)),
-            MailboxError::Other(_)
+            MailboxError::Transport(_)
         ));
         assert!(classify(CommandError::Busy).is_retryable());
         assert!(matches!(
             classify(CommandError::Timeout(Duration::from_secs(1))),
-            MailboxError::Other(CommandError::Timeout(_))
+            MailboxError::Transport(CommandError::Timeout(_))
         ));
         let ua = Sense::new(SenseKey::UNIT_ATTENTION, Asc::POWER_ON_OCCURRED);
         let e = classify(CommandError::CheckCondition(ua));
         // A power-on UA says bindings *may* be gone: retry, do not give up.
         assert!(!e.binding_lost());
-        assert!(matches!(&e, MailboxError::Other(c) if c.is_retryable()));
-        assert!(MailboxError::BadHandle.binding_lost());
-        assert!(MailboxError::Released.binding_lost());
-        assert!(!MailboxError::Released.is_retryable());
-        assert!(!MailboxError::PortNotBound(1).binding_lost());
+        assert!(matches!(&e, MailboxError::Transport(c) if c.is_retryable()));
+        assert!(MailboxError::Refused(Refusal::BadHandle).binding_lost());
+        assert!(MailboxError::Refused(Refusal::Released).binding_lost());
+        assert!(!MailboxError::Refused(Refusal::Released).is_retryable());
+        assert!(!MailboxError::Refused(Refusal::PortNotBound(1)).binding_lost());
         // Missing information reads as 0.
         let s = Sense::new(SenseKey::ILLEGAL_REQUEST, ASC_PORT_NOT_BOUND);
         assert!(matches!(
             classify(CommandError::CheckCondition(s)),
-            MailboxError::PortNotBound(0)
+            MailboxError::Refused(Refusal::PortNotBound(0))
         ));
     }
 }

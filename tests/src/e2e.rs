@@ -25,7 +25,7 @@ use stp_core::mailbox::{Mailbox, VendorMailbox};
 use stp_core::sockets::{Fd, Mechanism, SocketLayer, STP_FD_BASE};
 use stp_core::stg::BlockLayout;
 use stp_core::stream::{PathSource, StpListener, StpStream};
-use stp_core::vendor::MailboxError;
+use stp_core::vendor::{MailboxError, Refusal};
 use stp_core::wire::{Frames, Header, Kind};
 
 use crate::rig::{all_members, vendor_source, Rig};
@@ -266,7 +266,7 @@ pub fn replay_changes_nothing(rig: &Arc<dyn Rig>, intruder_host: usize) {
                 .map(|m| {
                     let inner = rig
                         .member(1, m)
-                        .map_err(|e| MailboxError::Other(scsi::CommandError::Io(e)))?;
+                        .map_err(|e| MailboxError::Transport(scsi::CommandError::Io(e)))?;
                     Ok(Box::new(Tap {
                         inner,
                         log: log.clone(),
@@ -528,8 +528,7 @@ pub fn block_stream(rig: &Arc<dyn Rig>, up: u64, down: u64) {
     };
     let (h0, h1) = (open(0), open(1));
     let source = |stg: &Arc<BlockStg>| -> Arc<dyn PathSource> {
-        let stg = stg.clone();
-        Arc::new(move || -> Result<Box<dyn Mailbox>, MailboxError> { Ok(Box::new(stg.handle())) })
+        stp_core::stg::block_source(Arc::clone(stg))
     };
     let (kc, ks) = keys(4);
     let config = Config {
@@ -634,7 +633,7 @@ pub fn spoofed_frames_rejected(rig: &Arc<dyn Rig>, intruder_host: usize) {
     let spoofed = seal(data_header(cb.port, sb.port, 1), &body, &wrong_key);
     let e = intruder.send_packed(&ib, &spoofed).unwrap_err();
     assert!(
-        matches!(e, MailboxError::SourcePortMismatch { .. }),
+        matches!(e, MailboxError::Refused(Refusal::SourcePortMismatch { .. })),
         "a forged source port: {e}"
     );
     let forged = seal(data_header(ib.port, sb.port, 1), &body, &wrong_key);

@@ -17,9 +17,8 @@ use std::sync::{Arc, Mutex};
 
 use scsi::{EnginePool, SharedEngine, Transport};
 use sim_target::{Array, Host, LunConfig, StgMailbox, StgSpec};
-use stp_core::mailbox::{Mailbox, VendorMailbox};
+use stp_core::stg::{self, MailboxMode, OpenOptions};
 use stp_core::stream::PathSource;
-use stp_core::vendor::MailboxError;
 
 /// Paths onto an array that has one vendor-mode STG and one plain LUN.
 pub trait Rig: Send + Sync + 'static {
@@ -47,16 +46,15 @@ pub trait Rig: Send + Sync + 'static {
 /// opens fresh paths and a [`VendorMailbox`] over them.
 pub fn vendor_source(rig: &Arc<dyn Rig>, host: usize, order: Vec<usize>) -> Arc<dyn PathSource> {
     let rig = Arc::clone(rig);
-    Arc::new(move || -> Result<Box<dyn Mailbox>, MailboxError> {
-        let paths = order
-            .iter()
-            .map(|&m| {
-                rig.member(host, m)
-                    .map_err(|e| MailboxError::Other(scsi::CommandError::Io(e)))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Box::new(VendorMailbox::new(paths)?))
-    })
+    let members = order.len();
+    stg::open_with(
+        MailboxMode::Vendor,
+        rig.stg(),
+        members,
+        &OpenOptions::default(),
+        move |i| rig.member(host, order[i]),
+    )
+    .unwrap_or_else(|e| panic!("a vendor-mode source over {members} members: {e}"))
 }
 
 /// All STG members from `host`, in member order.
@@ -360,12 +358,12 @@ impl LioRig {
         if std::env::var(LIO_TRANSPORT_ENV).is_ok_and(|v| v == "sync") {
             return scsi::sg::SgDevice::open(path)
                 .map(|d| Box::new(d) as Box<dyn Transport>)
-                .map_err(|e| io::Error::other(e.to_string()));
+                .map_err(io::Error::other);
         }
         EnginePool::global()
             .open(path)
             .map(|b| b.transport)
-            .map_err(|e| io::Error::other(e.to_string()))
+            .map_err(io::Error::other)
     }
 
     /// The `sg` node of `host`'s STG member `member`.

@@ -22,7 +22,7 @@ use stp_core::conn::Config;
 use stp_core::mailbox::{Binding, Mailbox};
 use stp_core::stg::BlockLayout;
 use stp_core::stream::{PathSource, StpListener, StpStream};
-use stp_core::vendor::MailboxError;
+use stp_core::vendor::{MailboxError, Refusal};
 use stp_core::wire::{Frames, Header, Kind};
 use stp_tests::e2e::{self, keys, payload, recv_stream, send_stream};
 use stp_tests::rig::inproc;
@@ -332,13 +332,13 @@ fn raw_frames_route_by_port_in_order_both_ways() {
     assert!(err.to_string().contains("belongs to host 1"), "{err}");
     assert!(matches!(
         m1.bind(Some(a1.port)),
-        Err(MailboxError::PortInUse)
+        Err(MailboxError::Refused(Refusal::PortInUse))
     ));
     // A frame for a host beyond the layout is refused at once.
     let f = frame(c0.port, host_port(5, 1).unwrap(), 0, b"x", None);
     assert!(matches!(
         m0.send_packed(&c0, &f),
-        Err(MailboxError::PortNotBound(p)) if p == host_port(5, 1).unwrap()
+        Err(MailboxError::Refused(Refusal::PortNotBound(p))) if p == host_port(5, 1).unwrap()
     ));
 
     // host 0 → host 1: sizes from empty to a full slot, one to five frames
@@ -428,17 +428,16 @@ fn raw_frames_route_by_port_in_order_both_ways() {
     m1.release(&b1).unwrap();
     assert!(matches!(
         waiter.join().unwrap(),
-        Err(MailboxError::Released)
+        Err(MailboxError::Refused(Refusal::Released))
     ));
     assert!(matches!(
         m1.receive(&b1, 1024, Duration::ZERO),
-        Err(MailboxError::BadHandle)
+        Err(MailboxError::Refused(Refusal::BadHandle))
     ));
 }
 
 fn source(stg: &Arc<BlockStg>) -> Arc<dyn PathSource> {
-    let stg = stg.clone();
-    Arc::new(move || -> Result<Box<dyn Mailbox>, MailboxError> { Ok(Box::new(stg.handle())) })
+    stp_core::stg::block_source(Arc::clone(stg))
 }
 
 #[test]
@@ -694,7 +693,7 @@ fn full_ring_back_pressures_and_data_arrives_later() {
                 loop {
                     match m0.send_packed(&p0, &f) {
                         Ok(()) => break,
-                        Err(MailboxError::QueueFull { port }) => {
+                        Err(MailboxError::Refused(Refusal::QueueFull { port })) => {
                             assert_eq!(port, p1.port);
                             full.fetch_add(1, Ordering::Relaxed);
                             thread::sleep(Duration::from_millis(10));

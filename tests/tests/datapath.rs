@@ -18,9 +18,9 @@ use scsi::{Asc, Command, Completion, Opcode, Outcome, Sense, SenseKey, Transport
 use sim_target::{Array, Host, InProcOptions, LunConfig, StgMailbox, StgSpec};
 use stp_core::conn::Config;
 use stp_core::counters::{self, Snapshot};
-use stp_core::mailbox::{Mailbox, VendorMailbox};
+use stp_core::mailbox::VendorMailbox;
 use stp_core::stream::{PathSource, StpListener, StpStream, MAX_STREAM_PAYLOAD};
-use stp_core::vendor::MailboxError;
+use stp_core::vendor::{MailboxError, Refusal};
 use stp_tests::e2e::{data_header, keys, payload, recv_stream, send_stream, T};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -49,13 +49,14 @@ fn source(
     wrap: fn(Box<dyn Transport>) -> Box<dyn Transport>,
 ) -> Arc<dyn PathSource> {
     let h = Host::login(a, host);
-    Arc::new(move || -> Result<Box<dyn Mailbox>, MailboxError> {
-        let paths = MEMBERS
-            .iter()
-            .map(|&l| wrap(Box::new(h.open_with(l, options.clone()).expect("member"))))
-            .collect();
-        Ok(Box::new(VendorMailbox::new(paths)?))
-    })
+    stp_core::stg::open_with(
+        stp_core::stg::MailboxMode::Vendor,
+        7,
+        MEMBERS.len(),
+        &stp_core::stg::OpenOptions::default(),
+        move |i| Ok(wrap(Box::new(h.open_with(MEMBERS[i], options.clone())?))),
+    )
+    .expect("a vendor-mode source")
 }
 
 fn plain(t: Box<dyn Transport>) -> Box<dyn Transport> {
@@ -319,7 +320,10 @@ fn the_array_refuses_frames_of_the_previous_version() {
     v1[44..48].copy_from_slice(&8u32.to_be_bytes());
     let e = mb.send_packed(&b, &v1).unwrap_err();
     assert!(
-        matches!(e, MailboxError::MalformedFrame { offset: 0 }),
+        matches!(
+            e,
+            MailboxError::Refused(Refusal::MalformedFrame { offset: 0 })
+        ),
         "{e}"
     );
 }

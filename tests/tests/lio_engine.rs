@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use scsi::cdb::{Cdb, RwFlags};
 use scsi::uring::{open_best, Engine, UringSg};
 use scsi::{Command, Completion, IoBuf, Transport};
-use stp_core::engine::{RetryPolicy, Retrying};
+use stp_core::retry::{RetryPolicy, Retrying};
 use stp_tests::rig::LioRig;
 use stp_tests::*;
 

@@ -10,7 +10,7 @@ use scsi::Transport;
 use sim_target::{Array, Host, LunConfig, StgMailbox, StgSpec};
 use stp_core::auth::{Handshake, Role};
 use stp_core::mailbox::VendorMailbox;
-use stp_core::vendor::MailboxError;
+use stp_core::vendor::{MailboxError, Refusal};
 use stp_core::wire::Frames;
 use stp_tests::e2e::{self, data_header, open, seal};
 use stp_tests::rig::inproc;
@@ -83,7 +83,7 @@ fn sealed_frames_cross_the_array_between_two_hosts() {
     server.release(&sb).unwrap();
     assert!(matches!(
         client.send_packed(&cb, &frames),
-        Err(MailboxError::PortNotBound(5101))
+        Err(MailboxError::Refused(Refusal::PortNotBound(5101)))
     ));
 }
 

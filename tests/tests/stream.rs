@@ -8,9 +8,7 @@ use std::thread;
 
 use scsi::Transport;
 use sim_target::{Array, Host, LunConfig, StgMailbox, StgSpec};
-use stp_core::mailbox::{Mailbox, VendorMailbox};
 use stp_core::stream::{PathSource, StpListener, StpStream};
-use stp_core::vendor::MailboxError;
 use stp_tests::e2e::{self, config, keys, recv_stream, send_stream, T};
 use stp_tests::rig::{inproc, Rig};
 
@@ -66,13 +64,15 @@ fn replayed_frames_from_a_third_initiator_change_nothing() {
 /// Paths for a new initiator `host` onto the given member LUNs.
 fn source(a: &Array, host: &str, members: Vec<u64>) -> Arc<dyn PathSource> {
     let h = Host::login(a, host);
-    Arc::new(move || -> Result<Box<dyn Mailbox>, MailboxError> {
-        let paths = members
-            .iter()
-            .map(|&l| Box::new(h.open(l).expect("member LUN")) as Box<dyn Transport>)
-            .collect();
-        Ok(Box::new(VendorMailbox::new(paths)?))
-    })
+    let n = members.len();
+    stp_core::stg::open_with(
+        stp_core::stg::MailboxMode::Vendor,
+        7,
+        n,
+        &stp_core::stg::OpenOptions::default(),
+        move |i| Ok(Box::new(h.open(members[i])?) as Box<dyn Transport>),
+    )
+    .expect("a vendor-mode source")
 }
 
 /// Two STGs on one array, the same port number in use on both, and a

@@ -37,11 +37,11 @@ use anyhow::{bail, Context, Result};
 use scsi::Transport;
 use serde::Deserialize;
 use stp_core::conn::Config as ConnConfig;
-use stp_core::mailbox::{Mailbox, VendorMailbox};
+use stp_core::error::{MailboxError, SetupError};
+use stp_core::mailbox::Mailbox;
 use stp_core::sockets::SocketLayer;
-use stp_core::stg::{Config as StpConfig, LunInfo, MailboxMode, MapDirectory};
+use stp_core::stg::{self, Config as StpConfig, LunInfo, MailboxMode, MapDirectory, OpenOptions};
 use stp_core::stream::PathSource;
-use stp_core::vendor::MailboxError;
 
 use super::pipe::Policy;
 use super::session::{self, AgentRules};
@@ -183,48 +183,35 @@ impl BackupConfig {
                 probe: None,
             });
         }
-        let resolved = (|| -> Result<_> {
+        if let Some(c) = stp.stg(self.stg).filter(|c| c.mode != MailboxMode::Vendor) {
+            bail!(
+                "STG {} is a {}-mode STG; stp backup uses vendor-mode STGs for now",
+                c.id,
+                c.mode
+            );
+        }
+        let opened = (|| -> Result<_> {
             let dir = match &self.map {
                 Some(m) => directory_from_map(m, self.map_host)?,
                 None => probe_directory()?,
             };
-            stp.resolve(self.stg, &dir).with_context(|| {
+            stg::open(&stp, self.stg, &dir, &OpenOptions::default()).with_context(|| {
                 format!(
                     "finding STG {}'s members on this host (`stp probe` lists the identities it sees)",
                     self.stg
                 )
             })
         })();
-        let resolved = match resolved {
-            Ok(r) => r,
+        let src = match opened {
+            Ok(src) => src,
             Err(e) if self.fallback == Policy::Preferred => {
                 // The array is unavailable at the start: the sessions see
                 // why through the probe and go over the LAN.
-                return self.unavailable(&stp, format!("{e:#}"));
+                return self.unavailable(&stp, e);
             }
             Err(e) => return Err(e),
         };
-        if resolved.mode != MailboxMode::Vendor {
-            bail!(
-                "STG {} is a block-mode STG; stp backup uses vendor-mode STGs for now",
-                self.stg
-            );
-        }
-        let paths: Vec<PathBuf> = resolved.paths().iter().map(PathBuf::from).collect();
-        let src: Arc<dyn PathSource> =
-            Arc::new(move || -> Result<Box<dyn Mailbox>, MailboxError> {
-                let mut v: Vec<Box<dyn Transport>> = Vec::with_capacity(paths.len());
-                for p in &paths {
-                    let best = scsi::open_best(p, 16).map_err(|e| {
-                        MailboxError::Other(scsi::CommandError::Io(std::io::Error::other(format!(
-                            "{}: {e}",
-                            p.display()
-                        ))))
-                    })?;
-                    v.push(best.transport);
-                }
-                Ok(Box::new(VendorMailbox::new(v)?))
-            });
+        let stg_len = stp.stg(self.stg).map_or(0, |c| c.members.len() as u32);
         let t = &stp.tunables;
         let conn = ConnConfig {
             max_payload: t.max_payload,
@@ -238,7 +225,7 @@ impl BackupConfig {
         Ok(session::Host {
             layer: Arc::new(layer),
             stg: self.stg,
-            stg_len: resolved.members.len() as u32,
+            stg_len,
             wkp: stp.wkp,
             bind_ip: self.bind,
             psk: stp.psk_bytes()?,
@@ -253,12 +240,16 @@ impl BackupConfig {
     /// A host whose STG cannot be used (`why`): every open of its paths
     /// fails with the reason, so a session under `preferred` records it
     /// and goes over the LAN.
-    fn unavailable(&self, stp: &StpConfig, why: String) -> Result<session::Host> {
+    fn unavailable(&self, stp: &StpConfig, why: anyhow::Error) -> Result<session::Host> {
+        let stg = self.stg;
+        let cause: Arc<dyn std::error::Error + Send + Sync> = Arc::new(Why(why));
         let down: Arc<dyn PathSource> =
             Arc::new(move || -> Result<Box<dyn Mailbox>, MailboxError> {
-                Err(MailboxError::Other(scsi::CommandError::Io(
-                    std::io::Error::other(why.clone()),
-                )))
+                Err(SetupError::Unavailable {
+                    stg,
+                    cause: Arc::clone(&cause),
+                }
+                .into())
             });
         Ok(session::Host {
             layer: Arc::new(
@@ -395,3 +386,15 @@ mod tests {
         assert!(format!("{e:#}").contains("none.toml"), "{e:#}");
     }
 }
+
+/// Why an STG is unavailable, with its whole chain of causes in one line.
+#[derive(Debug)]
+struct Why(anyhow::Error);
+
+impl std::fmt::Display for Why {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for Why {}

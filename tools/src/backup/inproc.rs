@@ -17,10 +17,11 @@ use sim_target::{
     Array, FaultControl, FaultPlan, FaultyTransport, Host, LunConfig, StgMailbox, StgSpec,
 };
 use stp_core::conn::Config;
-use stp_core::mailbox::{Mailbox, VendorMailbox};
+use stp_core::error::{MailboxError, SetupError};
+use stp_core::mailbox::Mailbox;
 use stp_core::sockets::SocketLayer;
+use stp_core::stg::{self, MailboxMode, OpenOptions};
 use stp_core::stream::PathSource;
-use stp_core::vendor::MailboxError;
 
 use super::pipe::Policy;
 use super::session;
@@ -90,24 +91,26 @@ impl InProcArray {
     /// goes through a fault injector it can kill.
     pub fn source(&self, h: usize, control: Option<FaultControl>) -> Arc<dyn PathSource> {
         let host = self.hosts[h.min(1)].clone();
-        Arc::new(move || -> Result<Box<dyn Mailbox>, MailboxError> {
-            let mut paths: Vec<Box<dyn Transport>> = Vec::with_capacity(MEMBERS);
-            for m in 0..MEMBERS as u64 {
-                let t = host
-                    .open(m)
-                    .map_err(|e| MailboxError::Other(scsi::CommandError::Io(e)))?;
-                paths.push(match &control {
+        let opened = stg::open_with(
+            MailboxMode::Vendor,
+            STG,
+            MEMBERS,
+            &OpenOptions::default(),
+            move |m| -> std::io::Result<Box<dyn Transport>> {
+                let t = host.open(m as u64)?;
+                Ok(match &control {
                     Some(c) => Box::new(FaultyTransport::with_control(
                         t,
                         FaultPlan::none(),
-                        m,
+                        m as u64,
                         c.clone(),
                     )),
                     None => Box::new(t),
-                });
-            }
-            Ok(Box::new(VendorMailbox::new(paths)?))
-        })
+                })
+            },
+        );
+        // A vendor-mode source opens nothing until it is used.
+        opened.unwrap_or_else(|e| unreachable!("a vendor-mode source with members: {e}"))
     }
 
     /// A backup host on the array: host 0 is the server, 1 the client.
@@ -141,9 +144,11 @@ impl InProcArray {
     pub fn host_without_array(&self, wkp: u16, policy: Policy) -> session::Host {
         let mut h = self.host(0, wkp, policy, None);
         let down: Arc<dyn PathSource> = Arc::new(|| -> Result<Box<dyn Mailbox>, MailboxError> {
-            Err(MailboxError::Other(scsi::CommandError::Io(
-                std::io::Error::other("every path to the array is down"),
-            )))
+            Err(SetupError::Unavailable {
+                stg: STG,
+                cause: Arc::new(PathsDown),
+            }
+            .into())
         });
         h.layer = Arc::new(SocketLayer::new(
             HashMap::from([(STG, Arc::clone(&down))]),
@@ -170,3 +175,15 @@ pub fn free_wkp() -> Result<u16> {
     }
     anyhow::bail!("found no three free consecutive TCP ports on loopback")
 }
+
+/// The failure of [`InProcArray::host_without_array`]'s paths.
+#[derive(Debug)]
+struct PathsDown;
+
+impl std::fmt::Display for PathsDown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("every path to the array is down")
+    }
+}
+
+impl std::error::Error for PathsDown {}

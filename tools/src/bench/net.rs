@@ -595,7 +595,7 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
                     let paths = (0..members)
                         .map(|m| {
                             opener(host, Some(m))
-                                .map_err(|e| MailboxError::Other(scsi::CommandError::Io(e)))
+                                .map_err(|e| MailboxError::Transport(scsi::CommandError::Io(e)))
                         })
                         .collect::<Result<Vec<_>, _>>()?;
                     Ok(Box::new(VendorMailbox::new(paths)?))
