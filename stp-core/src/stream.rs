@@ -46,9 +46,9 @@ use crate::auth::FrameKey;
 use crate::chunk::{Chunk, RecvBuf};
 use crate::conn::{Config, ConnError, Connection, Event, State, Transmit};
 use crate::counters::{self, bump};
+use crate::error::{MailboxError, Refusal};
 use crate::frame::{Cipher, Direction};
 use crate::mailbox::{Binding, Mailbox, SendDone};
-use crate::vendor::MailboxError;
 use crate::wire::{self, frame_span, Frames, Header, Kind, WireError, HEADER_LEN};
 
 /// Opens a new mailbox handle onto one STG (for vendor mode, a fresh set of
@@ -533,7 +533,7 @@ fn pump(shared: Weak<Shared>, mut rx: Box<dyn Mailbox>, pool: Arc<BufPool>) {
                     want = IDLE_RECV_BYTES;
                 }
             }
-            Err(MailboxError::FrameTooLarge { .. }) => want = RECV_BYTES,
+            Err(MailboxError::Refused(Refusal::FrameTooLarge { .. })) => want = RECV_BYTES,
             Err(e) if e.binding_lost() => {
                 let inner = s.lock();
                 s.stop(inner, Some(ConnError::BindingLost));
