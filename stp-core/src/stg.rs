@@ -1025,22 +1025,50 @@ pub fn open(
     let engine = options.engine;
     let stg = resolved.id;
     open_members(resolved.mode, stg, paths.len(), options, move |member| {
-        let path = &paths[member];
-        let opened = match engine {
-            PathEngine::Shared => scsi::EnginePool::global().open(path).map(|b| b.transport),
-            PathEngine::Sync => {
-                scsi::sg::SgDevice::open(path).map(|d| Box::new(d) as Box<dyn Transport>)
-            }
-        };
-        opened.map_err(|source| {
-            SetupError::OpenDevice {
-                stg,
-                member,
-                source,
-            }
-            .into()
-        })
+        open_device(&paths[member], engine, stg, member)
     })
+}
+
+/// Opens one member's device node as `engine` says.
+fn open_device(
+    path: &std::path::Path,
+    engine: PathEngine,
+    stg: u32,
+    member: usize,
+) -> Result<Box<dyn Transport>, MailboxError> {
+    let opened = match engine {
+        PathEngine::Shared => scsi::EnginePool::global().open(path).map(|b| b.transport),
+        PathEngine::Sync => {
+            scsi::sg::SgDevice::open(path).map(|d| Box::new(d) as Box<dyn Transport>)
+        }
+    };
+    opened.map_err(|source| {
+        SetupError::OpenDevice {
+            stg,
+            member,
+            source,
+        }
+        .into()
+    })
+}
+
+/// The raw paths to STG `stg_id`'s members on this host, in member order,
+/// with what resolving found: for tools that read or write the members'
+/// blocks themselves (formatting, status), not frames.
+pub fn open_member_paths(
+    config: &Config,
+    stg_id: u32,
+    dir: &dyn LunDirectory,
+    engine: PathEngine,
+) -> Result<(ResolvedStg, Vec<Box<dyn Transport>>), MailboxError> {
+    let resolved = config.resolve(stg_id, dir)?;
+    let paths = resolved
+        .members
+        .iter()
+        .enumerate()
+        .map(|(i, m)| open_device(std::path::Path::new(&m.path), engine, resolved.id, i))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((resolved, paths))
 }
 
 /// As [`open`], for paths the caller supplies (an in-process array, a

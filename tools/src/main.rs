@@ -32,6 +32,9 @@ enum Command {
     /// tree and a live SQLite database through STP, restore both, compare
     /// them byte for byte, and bench a little.
     Demo(backup::demo::DemoArgs),
+    /// Block-mode STGs: format one (behind a guard that refuses LUNs
+    /// holding data) and show what its members hold.
+    Stg(stp_tools::stg::StgArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::Backup(args) => backup::cli::run(&args),
         Command::Demo(args) => backup::demo::run(&args),
+        Command::Stg(args) => stp_tools::stg::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -289,7 +289,7 @@ struct DeviceMap {
     hosts: Vec<MapHost>,
 }
 
-fn directory_from_map(path: &Path, host: usize) -> Result<MapDirectory> {
+pub(crate) fn directory_from_map(path: &Path, host: usize) -> Result<MapDirectory> {
     let text = std::fs::read_to_string(path).with_context(|| {
         format!(
             "cannot read the device map {}; sim-target/scripts/stg-up writes it",
@@ -317,7 +317,7 @@ fn directory_from_map(path: &Path, host: usize) -> Result<MapDirectory> {
     Ok(dir)
 }
 
-fn probe_directory() -> Result<MapDirectory> {
+pub(crate) fn probe_directory() -> Result<MapDirectory> {
     let devices = scsi::discovery::list_generic_devices()
         .context("listing SCSI generic devices (is the sg module loaded?)")?;
     let mut dir = MapDirectory::new();
