@@ -2266,6 +2266,9 @@ impl Mailbox for BlockMailbox {
     fn bind(&mut self, port: Option<u32>) -> Result<Binding, MailboxError> {
         self.stg.bind(port)
     }
+    fn max_payload(&self) -> Option<u32> {
+        Some(self.stg.max_payload())
+    }
     fn release(&mut self, binding: &Binding) -> Result<(), MailboxError> {
         self.stg.release(binding)
     }

@@ -122,6 +122,12 @@ pub trait Mailbox: Send {
     fn receive_parallelism(&self) -> usize {
         1
     }
+    /// The largest frame payload this mailbox carries, when it is smaller
+    /// than the protocol's (block mode: what one slot holds). Streams cut
+    /// their payload limit to it.
+    fn max_payload(&self) -> Option<u32> {
+        None
+    }
     /// Whole frames for `binding`, at most `max` bytes, waiting up to `wait`
     /// for the first; empty when none arrived.
     fn receive(

@@ -103,11 +103,15 @@ const STOP_PATIENCE: Duration = Duration::from_secs(2);
 /// completion before looking at its queue again.
 const SENDER_SLICE: Duration = Duration::from_micros(500);
 
-/// `config` with its payload limit cut to what one transfer carries, and
+/// `config` with its payload limit cut to what one transfer (and the
+/// mailbox: a block-mode slot) carries, and
 /// its window to what the array queues for the port (§6.3: credit never
 /// exceeds the array's per-port queue limit).
-fn fit(mut config: Config, binding: &Binding) -> Config {
-    config.max_payload = config.max_payload.min(MAX_STREAM_PAYLOAD);
+fn fit(mut config: Config, binding: &Binding, mailbox: &dyn Mailbox) -> Config {
+    config.max_payload = config
+        .max_payload
+        .min(MAX_STREAM_PAYLOAD)
+        .min(mailbox.max_payload().unwrap_or(u32::MAX));
     let span = frame_span(config.max_payload).max(1);
     let by_bytes = (binding.queue_bytes as usize / span).max(1);
     let by_frames = binding.queue_frames.max(1) as usize;
@@ -787,7 +791,7 @@ impl StpStream {
         let protection = config.protection;
         let conn_id = rand::rngs::OsRng.next_u64();
         let conn = Connection::connect(
-            fit(config, &binding),
+            fit(config, &binding, tx.as_ref()),
             Instant::now(),
             binding.port,
             port,
@@ -1207,7 +1211,7 @@ impl StpListener {
         let mut tx = self.source.open().map_err(mb_err)?;
         let binding = tx.bind(None).map_err(mb_err)?;
         let conn = match Connection::accept(
-            fit(self.config.clone(), &binding),
+            fit(self.config.clone(), &binding, tx.as_ref()),
             Instant::now(),
             syn,
             payload,

@@ -8,6 +8,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::thread;
 
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use stp_core::block::{format, BlockStg};
+use stp_core::stg::{block_source, MailboxMode};
+use stp_core::stream::PathSource;
+
 use stp_core::sockets::SocketLayer;
 use stp_tools::backup::demo::{check_db, compare_trees, make_tree, LiveDb};
 use stp_tools::backup::pipe::Policy;
@@ -15,19 +21,51 @@ use stp_tools::backup::repo::Repo;
 use stp_tools::backup::session::{self, AgentRules, FsJob, Host, RunOptions};
 use stp_tools::backup::wire::{DbSource, Level};
 
-use crate::e2e::{config, LOCAL, T};
+use crate::e2e::{block_layout, config, LOCAL, T};
 use crate::rig::{all_members, Rig};
+
+/// The block-mode STG the block bodies format on the rig's plain LUN.
+pub const BLOCK_STG: u32 = 9;
 
 /// A backup host on `rig`'s host `host`.
 pub fn backup_host(rig: &Arc<dyn Rig>, host: usize, wkp: u16, policy: Policy) -> Host {
-    let src = all_members(rig, host);
+    host_over(
+        all_members(rig, host),
+        rig.stg(),
+        rig.members(),
+        wkp,
+        policy,
+    )
+}
+
+/// A backup host on `rig`'s host `host` over block-mode STG [`BLOCK_STG`]
+/// on the plain shared LUN (formatted by [`format_block_stg`]), as host
+/// index `host`.
+pub fn block_backup_host(rig: &Arc<dyn Rig>, host: usize, wkp: u16, policy: Policy) -> Host {
+    let stg = BlockStg::open(vec![rig.plain(host).unwrap()], host as u16, BLOCK_STG)
+        .unwrap_or_else(|e| panic!("{}: opening block STG as host {host}: {e}", rig.describe()));
+    host_over(block_source(stg), BLOCK_STG, 1, wkp, policy)
+}
+
+/// Formats the rig's plain shared LUN as block-mode STG [`BLOCK_STG`].
+pub fn format_block_stg(rig: &Arc<dyn Rig>) {
+    format(
+        &mut [rig.plain(0).unwrap()],
+        BLOCK_STG,
+        &block_layout(),
+        &mut StdRng::seed_from_u64(9),
+    )
+    .unwrap();
+}
+
+fn host_over(src: Arc<dyn PathSource>, stg: u32, members: usize, wkp: u16, policy: Policy) -> Host {
     Host {
         layer: Arc::new(SocketLayer::new(
-            HashMap::from([(rig.stg(), Arc::clone(&src))]),
+            HashMap::from([(stg, Arc::clone(&src))]),
             config(),
         )),
-        stg: rig.stg(),
-        stg_len: rig.members() as u32,
+        stg,
+        stg_len: members as u32,
         wkp,
         bind_ip: LOCAL,
         psk: Some(b"backup suite psk".to_vec()),
@@ -52,16 +90,29 @@ pub fn free_wkp3() -> u16 {
 /// Host 0 is the backup server, host 1 the client: a full and an
 /// incremental file-system backup of a `tree_bytes` tree, restored and
 /// compared; a live SQLite database backed up while written, restored and
-/// checked; every backup verified; all of it through the rig's STG.
-pub fn fs_and_db_round_trip(rig: &Arc<dyn Rig>, tree_bytes: u64) {
+/// checked; every backup verified; all of it through the rig's STG in
+/// `mode` (vendor: the rig's STG; block: its plain shared LUN, formatted
+/// as a block-mode STG, which any array serves).
+pub fn fs_and_db_round_trip(rig: &Arc<dyn Rig>, tree_bytes: u64, mode: MailboxMode) {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     make_tree(&src, tree_bytes, 3).unwrap();
     let repo_dir = tmp.path().join("repo");
     let repo = Repo::open(&repo_dir).unwrap();
     let wkp = free_wkp3();
-    let server = backup_host(rig, 0, wkp, Policy::Always);
-    let client = backup_host(rig, 1, wkp, Policy::Always);
+    let (server, client) = match mode {
+        MailboxMode::Vendor => (
+            backup_host(rig, 0, wkp, Policy::Always),
+            backup_host(rig, 1, wkp, Policy::Always),
+        ),
+        MailboxMode::Block => {
+            format_block_stg(rig);
+            (
+                block_backup_host(rig, 0, wkp, Policy::Always),
+                block_backup_host(rig, 1, wkp, Policy::Always),
+            )
+        }
+    };
     let job = |level| FsJob {
         client: LOCAL,
         client_name: "client".into(),
@@ -80,7 +131,7 @@ pub fn fs_and_db_round_trip(rig: &Arc<dyn Rig>, tree_bytes: u64) {
             .unwrap_or_else(|e| panic!("{}: agent: {e:#}", rig.describe()));
         assert_eq!(out.channel, "stp", "{}", rig.describe());
         eprintln!(
-            "{}: {} backup {}: {} bytes in {:.2} s",
+            "{} ({mode} mode): {} backup {}: {} bytes in {:.2} s",
             rig.describe(),
             level.as_str(),
             out.backup_id,

@@ -358,5 +358,13 @@ fn daemon_killed_and_restarted_mid_transfer() {
 #[test]
 #[ignore = "needs real LIO (just vm-test)"]
 fn backup_fs_and_db_flows_on_real_lio() {
-    stp_tests::backup::fs_and_db_round_trip(&rig(), 8 << 20);
+    stp_tests::backup::fs_and_db_round_trip(&rig(), 8 << 20, stp_core::stg::MailboxMode::Vendor);
+}
+
+/// The backup in block mode on LIO's own ramdisk backstore (rd_mcp), which
+/// knows nothing of STP: what every stock array offers.
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn backup_fs_and_db_flows_in_block_mode_on_lios_ramdisk() {
+    stp_tests::backup::fs_and_db_round_trip(&rig(), 2 << 20, stp_core::stg::MailboxMode::Block);
 }

@@ -70,6 +70,11 @@ pub struct BackupConfig {
     /// The map's host index this host uses.
     #[serde(default)]
     pub map_host: usize,
+    /// This host's index in a block-mode STG (0 .. the layout's `hosts`,
+    /// different on every host that shares the STG; docs/PROTOCOL.md §4).
+    /// Required in block mode, unused in vendor mode.
+    #[serde(default)]
+    pub host_index: Option<u16>,
     /// Server settings.
     #[serde(default)]
     pub server: Option<ServerSection>,
@@ -183,19 +188,24 @@ impl BackupConfig {
                 probe: None,
             });
         }
-        if let Some(c) = stp.stg(self.stg).filter(|c| c.mode != MailboxMode::Vendor) {
-            bail!(
-                "STG {} is a {}-mode STG; stp backup uses vendor-mode STGs for now",
-                c.id,
-                c.mode
-            );
+        let mut options = OpenOptions::default();
+        if let Some(c) = stp.stg(self.stg).filter(|c| c.mode == MailboxMode::Block) {
+            let Some(index) = self.host_index else {
+                bail!(
+                    "STG {} is a block-mode STG: give this host its index with `host_index = N` \
+                     in the backup configuration (0 .. the STG's hosts, a different one on each \
+                     host that shares the STG)",
+                    c.id
+                );
+            };
+            options = OpenOptions::host(index);
         }
         let opened = (|| -> Result<_> {
             let dir = match &self.map {
                 Some(m) => directory_from_map(m, self.map_host)?,
                 None => probe_directory()?,
             };
-            stg::open(&stp, self.stg, &dir, &OpenOptions::default()).with_context(|| {
+            stg::open(&stp, self.stg, &dir, &options).with_context(|| {
                 format!(
                     "finding STG {}'s members on this host (`stp probe` lists the identities it sees)",
                     self.stg
@@ -354,6 +364,30 @@ pub(crate) fn probe_directory() -> Result<MapDirectory> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A block-mode STG needs this host's index, and says so before any
+    /// device is looked for.
+    #[test]
+    fn block_mode_needs_the_host_index() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("stp.toml"),
+            "wkp = 5100\n[[stg]]\nid = 8\nmode = \"block\"\n\
+             members = [\"naa.6001405a1b2c3d4e5f60718293a4b5c6\"]\n\
+             [stg.block]\nhosts = 2\nslots = 8\nslot_blocks = 16\n",
+        )
+        .unwrap();
+        let p = dir.path().join("backup.toml");
+        std::fs::write(
+            &p,
+            "stp_config = \"stp.toml\"\nstg = 8\nfallback = \"always\"\n",
+        )
+        .unwrap();
+        let c = BackupConfig::load(&p).unwrap();
+        assert_eq!(c.host_index, None);
+        let e = format!("{:#}", c.host().err().expect("refused without host_index"));
+        assert!(e.contains("host_index"), "{e}");
+    }
 
     /// The example of the module documentation parses.
     #[test]
