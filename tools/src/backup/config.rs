@@ -385,7 +385,10 @@ mod tests {
         .unwrap();
         let c = BackupConfig::load(&p).unwrap();
         assert_eq!(c.host_index, None);
-        let e = format!("{:#}", c.host().err().expect("refused without host_index"));
+        let Err(e) = c.host() else {
+            panic!("a block-mode STG without host_index was accepted");
+        };
+        let e = format!("{e:#}");
         assert!(e.contains("host_index"), "{e}");
     }
 
