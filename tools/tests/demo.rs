@@ -26,7 +26,14 @@ fn demo_backs_up_and_restores_byte_for_byte() {
     let v: serde_json::Value = serde_json::from_str(&stdout).expect("the JSON summary");
     assert_eq!(v["ok"], true, "{stdout}");
     let backups = v["backups"].as_array().expect("backups");
-    assert_eq!(backups.len(), 2, "{stdout}");
+    // The tree in vendor mode, the tree in block mode, the database.
+    assert_eq!(backups.len(), 3, "{stdout}");
+    assert!(
+        backups
+            .iter()
+            .any(|b| b["what"].as_str().unwrap_or("").contains("block mode")),
+        "{stdout}"
+    );
     for b in backups {
         assert_eq!(b["channel"], "stp", "{stdout}");
         assert_eq!(b["restored_equal"], true, "{stdout}");

@@ -494,6 +494,56 @@ fn demo(args: &DemoArgs) -> Result<DemoSummary> {
         problems,
     });
 
+    // 1b. The same tree in block mode: the STG is a plain shared LUN read
+    // and written with READ(16)/WRITE(16), as on any array.
+    array.format_block_stg()?;
+    let bwkp = free_wkp()?;
+    let bserver = array.block_host(0, bwkp, Policy::Preferred)?;
+    let bclient = array.block_host(1, bwkp, Policy::Preferred)?;
+    let agent = thread::spawn(move || {
+        session::fs_agent(
+            &bclient,
+            &AgentRules::default(),
+            RunOptions {
+                quiet: true,
+                ..RunOptions::default()
+            },
+        )
+    });
+    let block_out = session::fs_backup(
+        &bserver,
+        &repo,
+        &job,
+        RunOptions {
+            quiet,
+            ..RunOptions::default()
+        },
+    )
+    .context("the file-system backup in block mode failed")?;
+    agent
+        .join()
+        .map_err(|_| anyhow!("the client agent (block mode) panicked"))?
+        .context("the client agent (block mode) failed")?;
+    drop(bserver);
+    let block_dest = base.join("restored/tree-block");
+    repo.restore(block_out.backup_id, &block_dest, &[])?;
+    let mut problems = compare_trees(&src, &block_dest)?;
+    let v = repo.verify(block_out.backup_id)?;
+    let verified = v.problems.is_empty();
+    problems.extend(v.problems);
+    backups.push(DemoBackup {
+        what: "directory tree, block mode (fs flow)".into(),
+        backup_id: block_out.backup_id,
+        bytes: block_out.bytes,
+        files: block_out.files,
+        seconds: block_out.seconds,
+        mb_per_s: block_out.bytes as f64 / 1e6 / block_out.seconds.max(1e-9),
+        channel: block_out.channel.clone(),
+        restored_equal: problems.is_empty(),
+        verified,
+        problems,
+    });
+
     // 2. The live database: client-initiated, SQLite's online backup while
     // the writer keeps committing.
     let before = live.commits();

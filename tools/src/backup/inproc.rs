@@ -28,6 +28,10 @@ use super::session;
 
 /// The STG id of the in-process array.
 pub const STG: u32 = 7;
+/// The block-mode STG on the plain shared LUN [`PLAIN_LUN`].
+pub const BLOCK_STG: u32 = 9;
+/// A plain LUN (no STP support needed) both hosts share, for block mode.
+pub const PLAIN_LUN: u64 = 100;
 /// Its members.
 pub const MEMBERS: usize = 4;
 
@@ -71,6 +75,9 @@ impl InProcArray {
         let mailbox = StgMailbox::with_seed(&array, vec![StgSpec::new(STG, luns)], seed)
             .context("configuring the in-process array's STG mailbox")?;
         mailbox.install(&array);
+        array
+            .add_lun(PLAIN_LUN, LunConfig::new(PLAIN_LUN, 1 << 16, 512))
+            .context("creating the plain shared LUN on the in-process array")?;
         let hosts = ["backup-server", "backup-client"]
             .iter()
             .map(|n| Host::login(&array, n))
@@ -139,6 +146,49 @@ impl InProcArray {
 }
 
 impl InProcArray {
+    /// Backup host `h` (0 server, 1 client) over block-mode STG
+    /// [`BLOCK_STG`] on the plain shared LUN, as host index `h`: plain
+    /// READ(16)/WRITE(16), what any array serves. Call
+    /// [`format_block_stg`](Self::format_block_stg) once first.
+    pub fn block_host(&self, h: usize, wkp: u16, policy: Policy) -> Result<session::Host> {
+        let host = self.hosts[h.min(1)].clone();
+        let path: Box<dyn Transport> = Box::new(host.open(PLAIN_LUN)?);
+        let stg = stp_core::block::BlockStg::open(vec![path], h.min(1) as u16, BLOCK_STG)
+            .with_context(|| format!("opening block-mode STG {BLOCK_STG} as host {h}"))?;
+        let src = stg::block_source(stg);
+        let mut out = self.host(h, wkp, policy, None);
+        out.layer = Arc::new(SocketLayer::new(
+            HashMap::from([(BLOCK_STG, Arc::clone(&src))]),
+            stream_config(),
+        ));
+        out.stg = BLOCK_STG;
+        out.stg_len = 1;
+        out.probe = Some(src);
+        Ok(out)
+    }
+
+    /// Formats the plain shared LUN as block-mode STG [`BLOCK_STG`] for two
+    /// hosts (behind the destructive-write guard, as `stp stg format`).
+    pub fn format_block_stg(&self) -> Result<()> {
+        let admin = Host::login(&self.array, "admin");
+        let mut paths: Vec<Box<dyn Transport>> = vec![Box::new(admin.open(PLAIN_LUN)?)];
+        let layout = stg::BlockLayout {
+            hosts: 2,
+            slots: 32,
+            slot_blocks: 64,
+        };
+        crate::stg::format_members(
+            BLOCK_STG,
+            &layout,
+            &mut paths,
+            &[format!("in-process LUN {PLAIN_LUN}")],
+            false,
+            std::path::Path::new("/nonexistent"),
+            "",
+        )?;
+        Ok(())
+    }
+
     /// A backup host whose paths to the array are all down (every open
     /// fails): the array is unavailable at the start.
     pub fn host_without_array(&self, wkp: u16, policy: Policy) -> session::Host {
