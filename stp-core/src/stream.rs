@@ -16,8 +16,10 @@
 //!   and reaping completions as they come, in any order. A sealed frame
 //!   stays with the stream until acknowledged; a retransmission re-sends it
 //!   as it is, with no second seal.
-//! * **receive pumps** (one per RECEIVE worth keeping in flight:
-//!   [`Mailbox::receive_parallelism`]) long-poll RECEIVE into pooled
+//! * **receive pumps** (one while the stream is idle; a busy stream adds
+//!   more, up to one per RECEIVE worth keeping in flight,
+//!   [`Mailbox::receive_parallelism`], and they stop again after 2 s
+//!   without a frame) long-poll RECEIVE into pooled
 //!   buffers, open the frames in place (decrypting) *outside* the lock, then
 //!   hand them to the connection: a DATA payload stays where the device
 //!   wrote it, as a [`Chunk`] of the RECEIVE buffer, until read. Acks they
@@ -85,6 +87,9 @@ const RECV_BYTES: usize = MAX_TRANSFER;
 const IDLE_RECV_BYTES: usize = 16 * 1024;
 /// Empty long polls (of [`POLL`]) after which a pump counts as idle.
 const IDLE_POLLS: u32 = 10;
+/// Empty long polls after which an extra pump (not the stream's first)
+/// stops: an idle connection keeps one RECEIVE at the array.
+const SPARE_PUMP_POLLS: u32 = 20;
 /// The largest payload whose frame fits one transfer.
 pub const MAX_STREAM_PAYLOAD: u32 = (MAX_TRANSFER - HEADER_LEN) as u32;
 /// DATA payloads smaller than this are copied out of the RECEIVE buffer
@@ -186,6 +191,14 @@ struct Shared {
     tx_in_flight: AtomicUsize,
     /// The most SENDs worth keeping in flight ([`Mailbox::send_window`]).
     tx_window: usize,
+    /// Where more receive pumps get their mailboxes.
+    source: Arc<dyn PathSource>,
+    /// Receive pumps running, and the most worth running
+    /// ([`Mailbox::receive_parallelism`]).
+    pumps_running: AtomicUsize,
+    pumps_max: usize,
+    /// Every pump thread started, to join at the end.
+    pump_threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 thread_local! {
@@ -357,6 +370,55 @@ impl Shared {
         self.tx_in_flight.store(tx.sends_in_flight(), Relaxed);
     }
 
+    /// Starts one more receive pump if fewer than [`Mailbox::receive_parallelism`]
+    /// run (a busy stream); quietly does nothing when it cannot.
+    fn more_pumps(self: &Arc<Self>) {
+        let n = self.pumps_running.load(Relaxed);
+        if n >= self.pumps_max || self.lock().stop {
+            return;
+        }
+        if self
+            .pumps_running
+            .compare_exchange(n, n + 1, Relaxed, Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        let started = self.source.open().ok().and_then(|rx| {
+            let weak = Arc::downgrade(self);
+            let pool = self.pool.clone();
+            thread::Builder::new()
+                .name(format!("stp-pump-{}.{n}", self.binding.port))
+                .spawn(move || pump(weak, rx, pool))
+                .ok()
+        });
+        match started {
+            Some(t) => self
+                .pump_threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(t),
+            None => {
+                self.pumps_running.fetch_sub(1, Relaxed);
+            }
+        }
+    }
+
+    /// An idle pump may stop if it is not the last one.
+    fn spare_pump_may_stop(&self) -> bool {
+        let mut n = self.pumps_running.load(Relaxed);
+        while n > 1 {
+            match self
+                .pumps_running
+                .compare_exchange(n, n - 1, Relaxed, Relaxed)
+            {
+                Ok(_) => return true,
+                Err(now) => n = now,
+            }
+        }
+        false
+    }
+
     /// Stops the stream's threads and wakes everyone (the connection is
     /// over, or the stream is being dropped).
     fn stop(&self, mut inner: MutexGuard<'_, Inner>, why: Option<ConnError>) {
@@ -519,7 +581,10 @@ fn pump(shared: Weak<Shared>, mut rx: Box<dyn Mailbox>, pool: Arc<BufPool>) {
             Ok(()) if !buf.is_empty() => {
                 quiet = 0;
                 if buf.len() > want / 2 {
+                    // Busy: a bigger RECEIVE, and one more pump (up to one
+                    // per member path) so receiving keeps pace.
                     want = RECV_BYTES;
+                    s.more_pumps();
                 }
                 let (opened, foreign) = s.open_all(&mut buf);
                 if let Some(v) = foreign {
@@ -535,6 +600,10 @@ fn pump(shared: Weak<Shared>, mut rx: Box<dyn Mailbox>, pool: Arc<BufPool>) {
                 quiet += 1;
                 if quiet >= IDLE_POLLS {
                     want = IDLE_RECV_BYTES;
+                }
+                if quiet >= SPARE_PUMP_POLLS && s.spare_pump_may_stop() {
+                    pool.put(std::mem::take(&mut buf));
+                    return;
                 }
             }
             Err(MailboxError::Refused(Refusal::FrameTooLarge { .. })) => want = RECV_BYTES,
@@ -696,20 +765,18 @@ impl Drop for SendSlot<'_> {
 
 impl StpStream {
     fn start(
-        source: &dyn PathSource,
+        source: Arc<dyn PathSource>,
         conn: Connection,
         binding: Binding,
         cipher: Cipher,
         tx: Box<dyn Mailbox>,
         send_buffer_bytes: usize,
     ) -> io::Result<StpStream> {
+        // One pump to start with; a busy stream adds more, up to one per
+        // RECEIVE worth keeping in flight (vendor mode: one per member
+        // path), and they stop again when idle.
         let rx = source.open().map_err(mb_err)?;
-        // One pump per RECEIVE worth keeping in flight (vendor mode: one per
-        // member path, so receiving keeps pace with SENDs spread over them).
-        let mut rxs = vec![rx];
-        for _ in 1..rxs[0].receive_parallelism() {
-            rxs.push(source.open().map_err(mb_err)?);
-        }
+        let pumps_max = rx.receive_parallelism().max(1);
         let (out_dir, in_dir) = match conn.role() {
             crate::conn::Role::Client => (Direction::ClientToServer, Direction::ServerToClient),
             crate::conn::Role::Server => (Direction::ServerToClient, Direction::ClientToServer),
@@ -743,6 +810,10 @@ impl StpStream {
             tx_window: tx.send_window().max(1),
             tx: Mutex::new(tx),
             tx_in_flight: AtomicUsize::new(0),
+            source,
+            pumps_running: AtomicUsize::new(1),
+            pumps_max,
+            pump_threads: Mutex::new(Vec::new()),
         });
         shared.flush(shared.lock());
         let mut stream = StpStream {
@@ -758,15 +829,12 @@ impl StpStream {
                 .name(format!("stp-send-{}", binding.port))
                 .spawn(move || sender(weak))?,
         );
-        for (i, rx) in rxs.into_iter().enumerate() {
-            let weak = Arc::downgrade(&stream.shared);
-            let pool = pool.clone();
-            stream.pumps.push(
-                thread::Builder::new()
-                    .name(format!("stp-pump-{}.{i}", binding.port))
-                    .spawn(move || pump(weak, rx, pool))?,
-            );
-        }
+        let weak = Arc::downgrade(&stream.shared);
+        stream.pumps.push(
+            thread::Builder::new()
+                .name(format!("stp-pump-{}.0", binding.port))
+                .spawn(move || pump(weak, rx, pool))?,
+        );
         let weak = Arc::downgrade(&stream.shared);
         stream.timer = Some(
             thread::Builder::new()
@@ -799,7 +867,7 @@ impl StpStream {
             nonce(),
         );
         let cipher = Cipher::new(&key, conn_id, protection);
-        let stream = StpStream::start(source.as_ref(), conn, binding, cipher, tx, buffer)?;
+        let stream = StpStream::start(source, conn, binding, cipher, tx, buffer)?;
         stream.wait_for(
             "STP connection not established (is anyone listening on the port, with the same key \
              and protection?)",
@@ -1054,7 +1122,20 @@ impl Drop for StpStream {
             thread::sleep(Duration::from_millis(1));
         }
         self.shared.stop(self.shared.lock(), None);
-        for t in self.timer.take().into_iter().chain(self.pumps.drain(..)) {
+        let more = std::mem::take(
+            &mut *self
+                .shared
+                .pump_threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for t in self
+            .timer
+            .take()
+            .into_iter()
+            .chain(self.pumps.drain(..))
+            .chain(more)
+        {
             let _ = t.join();
         }
         if let Some(t) = self.sender.take() {
@@ -1231,7 +1312,7 @@ impl StpListener {
             }
         };
         let buffer = self.config.send_buffer_bytes;
-        let stream = StpStream::start(self.source.as_ref(), conn, binding, cipher, tx, buffer)?;
+        let stream = StpStream::start(Arc::clone(&self.source), conn, binding, cipher, tx, buffer)?;
         self.accepted.retain(|_, w| w.strong_count() > 0);
         self.accepted
             .insert(syn.conn_id, Arc::downgrade(&stream.shared));
