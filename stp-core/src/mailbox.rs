@@ -82,13 +82,6 @@ pub trait Mailbox: Send {
     fn send_buf(&mut self, binding: &Binding, buf: &mut IoBuf) -> Result<(), MailboxError> {
         self.send_packed(binding, buf)
     }
-    /// Sends each buffer of packed frames as one SEND, as
-    /// [`send_buf`](Mailbox::send_buf), possibly several at once (the array
-    /// may then take them in any order; connections reorder by sequence
-    /// number). Every buffer is attempted; the first error is returned.
-    fn send_bufs(&mut self, binding: &Binding, bufs: &mut [IoBuf]) -> Result<(), MailboxError> {
-        send_each(bufs, |buf| self.send_buf(binding, buf))
-    }
     /// Starts one SEND of the packed frames in `buf` (at most
     /// [`vendor::MAX_TRANSFER`] bytes) from `binding`. Its [`SendDone`],
     /// with `token` and the buffer, is pushed to `done` now (a mailbox that
@@ -166,9 +159,6 @@ impl Mailbox for VendorMailbox {
     }
     fn send_buf(&mut self, binding: &Binding, buf: &mut IoBuf) -> Result<(), MailboxError> {
         VendorMailbox::send_buf(self, binding, buf)
-    }
-    fn send_bufs(&mut self, binding: &Binding, bufs: &mut [IoBuf]) -> Result<(), MailboxError> {
-        VendorMailbox::send_bufs(self, binding, bufs)
     }
     fn submit_send(&mut self, binding: &Binding, buf: IoBuf, token: u64, done: &mut Vec<SendDone>) {
         VendorMailbox::submit_send(self, binding, buf, token, done)
@@ -455,55 +445,6 @@ impl VendorMailbox {
         c.result.and_then(|o| o.check()).map_err(vendor::classify)
     }
 
-    /// Sends each buffer as one SEND, up to one per member path in flight
-    /// at once (so a large flush moves at the speed of all the members, not
-    /// one). The array may take them in any order; the connection reorders
-    /// by sequence number. Every buffer comes back for reuse; the first
-    /// error is returned.
-    pub fn send_bufs(&mut self, binding: &Binding, bufs: &mut [IoBuf]) -> Result<(), MailboxError> {
-        let n = self.paths.len();
-        if n == 1 || bufs.len() <= 1 {
-            return send_each(bufs, |buf| self.send_buf(binding, buf));
-        }
-        let mut first = Ok(());
-        for wave in bufs.chunks_mut(n) {
-            let mut issued = Vec::with_capacity(wave.len());
-            for (i, buf) in wave.iter_mut().enumerate() {
-                let p = self.next % n;
-                self.next = self.next.wrapping_add(1);
-                let cdb = scsi::Cdb::Vendor(vendor::send(binding.handle, buf.len() as u32)).emit();
-                let cmd = Command::data_out(cdb, std::mem::take(buf)).with_tag(i as u64);
-                match self.paths[p].submit(cmd) {
-                    Ok(()) => issued.push(p),
-                    Err(e) => {
-                        *buf = e.cmd.data;
-                        first = first.and(Err(vendor::classify(e.error)));
-                    }
-                }
-            }
-            for p in issued {
-                let mut out = Vec::with_capacity(1);
-                while out.is_empty() {
-                    if let Err(e) = self.paths[p].reap(&mut out, None) {
-                        // The path is unusable; what it held is lost.
-                        first = first.and(Err(MailboxError::Transport(scsi::CommandError::Io(e))));
-                        break;
-                    }
-                }
-                for c in out {
-                    let Some(buf) = wave.get_mut(c.tag as usize) else {
-                        continue;
-                    };
-                    *buf = c.data;
-                    if let Err(e) = c.result.and_then(|o| o.check()) {
-                        first = first.and(Err(vendor::classify(e)));
-                    }
-                }
-            }
-        }
-        first
-    }
-
     /// Receives whole frames for `binding` (at most `max` bytes), waiting up
     /// to `wait` (at most 12.7 s) for the first. Empty when none arrived.
     pub fn receive(
@@ -553,19 +494,4 @@ impl VendorMailbox {
             }
         }
     }
-}
-
-/// Sends every buffer with `send`, one after another, even past a failure;
-/// the first error is returned.
-fn send_each(
-    bufs: &mut [IoBuf],
-    mut send: impl FnMut(&mut IoBuf) -> Result<(), MailboxError>,
-) -> Result<(), MailboxError> {
-    let mut first = Ok(());
-    for buf in bufs {
-        if let Err(e) = send(buf) {
-            first = first.and(Err(e));
-        }
-    }
-    first
 }
