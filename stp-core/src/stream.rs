@@ -29,7 +29,7 @@
 //!
 //! Wake-ups go only to whom has work: readers on new data or the end,
 //! writers on room, connection and state changes, the timer when an earlier
-//! deadline appears, the sender when something is queued. [`counters`]
+//! deadline appears, the sender when something is queued. [`counters`](crate::counters)
 //! counts copies, protection passes, SENDs in flight and wake-ups.
 
 use std::cell::Cell;
@@ -47,7 +47,7 @@ use scsi::IoBuf;
 use crate::auth::FrameKey;
 use crate::chunk::{Chunk, RecvBuf};
 use crate::conn::{Config, ConnError, Connection, Event, State, Transmit};
-use crate::counters::{self, bump};
+use crate::counters::bump;
 use crate::error::{MailboxError, Refusal};
 use crate::frame::{Cipher, Direction};
 use crate::mailbox::{Binding, Mailbox, SendDone};
@@ -275,9 +275,11 @@ impl Shared {
         }
         // Sealed frames the peer has acknowledged go back to the pool.
         let una = inner.conn.snd_una();
-        let keep = inner.sealed.split_off(&una);
-        for (_, s) in std::mem::replace(&mut inner.sealed, keep) {
-            if let Some(buf) = s.buf {
+        while let Some(oldest) = inner.sealed.first_entry() {
+            if *oldest.key() >= una {
+                break;
+            }
+            if let Some(buf) = oldest.remove().buf {
                 self.pool.put(buf);
             }
         }
@@ -440,9 +442,8 @@ impl Shared {
         for found in Frames::new(buf) {
             match found {
                 Ok(f) => at.push(f.offset),
-                Err((offset, WireError::BadVersion(v))) => {
+                Err((_, WireError::BadVersion(v))) => {
                     foreign = Some(v);
-                    let _ = offset;
                     break;
                 }
                 Err(_) => break,
@@ -722,8 +723,8 @@ fn nonce() -> [u8; 16] {
     n
 }
 
-/// A DMA buffer lent by [`StpStream::send_buf`]: fill [`payload`]
-/// (`SendSlot::payload`) and [`commit`](SendSlot::commit) it. Dropped
+/// A DMA buffer lent by [`StpStream::send_buf`]: fill [`payload`](SendSlot::payload)
+/// and [`commit`](SendSlot::commit) it. Dropped
 /// uncommitted, nothing is sent.
 pub struct SendSlot<'a> {
     stream: &'a mut StpStream,
@@ -1324,10 +1325,4 @@ impl Drop for StpListener {
     fn drop(&mut self) {
         let _ = self.mailbox.release(&self.binding);
     }
-}
-
-/// What [`counters`] say about the data path since `before` (for benches
-/// and tests): re-exported so callers need not reach into the module.
-pub fn counters_since(before: &counters::Snapshot) -> counters::Snapshot {
-    counters::snapshot().since(before)
 }
