@@ -39,7 +39,7 @@
 //! ring) rather than dropping; frames for unbound ports are dropped and
 //! counted. A sender that finds the ring full waits, polling the consumer
 //! block, up to [`BlockConfig::ring_full_wait`] and then fails with
-//! [`MailboxError::Refused(Refusal::QueueFull)`] (retryable).
+//! [`Refusal::QueueFull`] (retryable).
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -596,7 +596,7 @@ pub struct BlockConfig {
     /// Bytes (aligned frame spans) one port may queue before its lane is held.
     pub queue_bytes: u32,
     /// How long a sender waits for a free slot before
-    /// [`MailboxError::Refused(Refusal::QueueFull)`].
+    /// [`Refusal::QueueFull`].
     pub ring_full_wait: Duration,
     /// The shortest poll interval (after traffic).
     pub poll_min: Duration,
@@ -662,7 +662,7 @@ pub struct BlockStats {
     pub turn_skips: u64,
     /// Times a sender found a ring full and waited.
     pub ring_full_waits: u64,
-    /// Sends that gave up on a full ring ([`MailboxError::Refused(Refusal::QueueFull)`]).
+    /// Sends that gave up on a full ring ([`Refusal::QueueFull`]).
     pub ring_full_errors: u64,
     /// Times the poller held a lane because a port queue was full.
     pub lane_stalls: u64,
@@ -867,8 +867,26 @@ impl Geometry {
     }
 }
 
-/// READ CAPACITY(16): (blocks, block size).
-fn read_capacity(t: &mut dyn Transport, timeout: Duration) -> Result<(u64, u32), CommandError> {
+/// Reads `blocks` blocks of `block_size` bytes at `lba` (READ(16)), retried
+/// as block I/O is; a short read is an error.
+pub fn read_blocks(
+    t: &mut dyn Transport,
+    lba: u64,
+    blocks: u32,
+    block_size: u32,
+    timeout: Duration,
+) -> Result<IoBuf, CommandError> {
+    exec(
+        t,
+        rw(false, lba, blocks),
+        None,
+        blocks as usize * block_size as usize,
+        timeout,
+    )
+}
+
+/// READ CAPACITY(16): (blocks, block size), retried as block I/O is.
+pub fn read_capacity(t: &mut dyn Transport, timeout: Duration) -> Result<(u64, u32), CommandError> {
     let b = exec(
         t,
         Cdb::ReadCapacity16 { alloc_len: 32 }.emit(),
@@ -1684,7 +1702,7 @@ impl BlockStg {
     }
 
     /// Releases a binding; its queued frames are dropped and receivers
-    /// waiting on it return [`MailboxError::Refused(Refusal::Released)`].
+    /// waiting on it return [`Refusal::Released`].
     pub fn release(&self, binding: &Binding) -> Result<(), MailboxError> {
         let mut ports = lock(&self.ports);
         match ports.bound.get(&binding.port) {

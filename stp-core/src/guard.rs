@@ -26,8 +26,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use scsi::cdb::RwFlags;
-use scsi::{Cdb, Command, CommandError, Transport};
+use scsi::{CommandError, Transport};
 
 /// Bytes read from the start of a LUN: enough for every signature checked
 /// (Btrfs's superblock lies at 64 KiB + 64).
@@ -179,17 +178,9 @@ pub fn scan(
     block_size: u32,
     own_stg: u32,
 ) -> Result<Vec<Finding>, CommandError> {
-    let bs = block_size.max(512) as usize;
-    let blocks = SCAN_BYTES.div_ceil(bs) as u32;
-    let cdb = Cdb::Read16 {
-        lba: 0,
-        blocks,
-        flags: RwFlags::default(),
-    }
-    .emit();
-    let (data, _) = t
-        .execute(Command::data_in(cdb, blocks as usize * bs).with_timeout(Duration::from_secs(30)))
-        .into_result()?;
+    let bs = block_size.max(512);
+    let blocks = SCAN_BYTES.div_ceil(bs as usize) as u32;
+    let data = crate::block::read_blocks(t, 0, blocks, bs, Duration::from_secs(30))?;
     Ok(scan_bytes(&data, block_size, own_stg))
 }
 

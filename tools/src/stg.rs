@@ -12,8 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use rand::rngs::OsRng;
-use scsi::cdb::RwFlags;
-use scsi::{Cdb, Command, Transport};
+use scsi::Transport;
 use serde::Serialize;
 use stp_core::block::{self, IndexBlock, IndexKind, Superblock};
 use stp_core::guard::{self, Finding};
@@ -207,35 +206,17 @@ pub struct LaneStatus {
     pub epochs: (Option<u64>, Option<u64>),
 }
 
+/// The block helpers' patience for one command.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
 fn read_blocks(t: &mut dyn Transport, lba: u64, blocks: u32, bs: u32) -> Result<Vec<u8>> {
-    let cdb = Cdb::Read16 {
-        lba,
-        blocks,
-        flags: RwFlags::default(),
-    }
-    .emit();
-    let (data, _) = t
-        .execute(
-            Command::data_in(cdb, blocks as usize * bs as usize)
-                .with_timeout(Duration::from_secs(30)),
-        )
-        .into_result()
+    let data = block::read_blocks(t, lba, blocks, bs, COMMAND_TIMEOUT)
         .with_context(|| format!("READ(16) of {blocks} block(s) at LBA {lba}"))?;
     Ok(data.to_vec())
 }
 
 fn read_capacity(t: &mut dyn Transport) -> Result<(u64, u32)> {
-    let cdb = Cdb::ReadCapacity16 { alloc_len: 32 }.emit();
-    let (b, _) = t
-        .execute(Command::data_in(cdb, 32))
-        .into_result()
-        .context("READ CAPACITY(16)")?;
-    if b.len() < 12 {
-        bail!("READ CAPACITY(16) returned {} bytes, not 12", b.len());
-    }
-    let last = u64::from_be_bytes(b[..8].try_into().unwrap_or_default());
-    let bs = u32::from_be_bytes(b[8..12].try_into().unwrap_or_default());
-    Ok((last.saturating_add(1), bs))
+    block::read_capacity(t, COMMAND_TIMEOUT).context("READ CAPACITY(16)")
 }
 
 /// Reads what each member of STG `stg` holds: superblock, guard findings,
@@ -384,6 +365,8 @@ fn status_cmd(a: &StatusArgs) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use scsi::cdb::RwFlags;
+    use scsi::{Cdb, Command};
     use sim_target::{Array, Host, LunConfig};
 
     fn members(a: &Array) -> Vec<Box<dyn Transport>> {
