@@ -209,7 +209,7 @@ pub enum Event {
     Connected,
     /// New in-order bytes can be read.
     Readable,
-    /// Send-buffer space freed after a [`Connection::write`] fell short.
+    /// Send-buffer space freed after a [`Connection::stage`] found none.
     Writable,
     /// The peer's FIN arrived: after the buffered bytes, reads return EOF.
     PeerClosed,
@@ -339,7 +339,7 @@ pub struct Stats {
     pub ignored_frames: u64,
     /// Frames that broke the protocol.
     pub protocol_violations: u64,
-    /// Bytes accepted by [`Connection::write`].
+    /// Bytes staged by [`Connection::stage`].
     pub bytes_written: u64,
     /// Bytes returned by [`Connection::read`].
     pub bytes_read: u64,
@@ -848,7 +848,7 @@ impl Connection {
         self.version
     }
 
-    /// Free bytes in the send buffer: what [`Connection::write`] accepts now.
+    /// Free bytes in the send buffer: what [`Connection::stage`] grants now.
     pub fn send_buffer_free(&self) -> usize {
         if self.close_requested || self.is_terminal() {
             0
