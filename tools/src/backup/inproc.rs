@@ -129,19 +129,30 @@ impl InProcArray {
         policy: Policy,
         control: Option<FaultControl>,
     ) -> session::Host {
-        let src = self.source(h, control);
-        let layer = SocketLayer::new(HashMap::from([(STG, Arc::clone(&src))]), stream_config());
-        session::Host {
-            layer: Arc::new(layer),
-            stg: STG,
-            stg_len: MEMBERS as u32,
-            wkp,
-            bind_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            psk: Some(b"in-process demo psk".to_vec()),
-            policy,
-            timeout: Duration::from_secs(30),
-            probe: Some(src),
-        }
+        host_over(self.source(h, control), STG, MEMBERS, wkp, policy)
+    }
+}
+
+/// A backup host whose STP traffic goes through `src` (STG `stg` of
+/// `members` members).
+fn host_over(
+    src: Arc<dyn PathSource>,
+    stg: u32,
+    members: usize,
+    wkp: u16,
+    policy: Policy,
+) -> session::Host {
+    let layer = SocketLayer::new(HashMap::from([(stg, Arc::clone(&src))]), stream_config());
+    session::Host {
+        layer: Arc::new(layer),
+        stg,
+        stg_len: members as u32,
+        wkp,
+        bind_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        psk: Some(b"in-process demo psk".to_vec()),
+        policy,
+        timeout: Duration::from_secs(30),
+        probe: Some(src),
     }
 }
 
@@ -155,16 +166,7 @@ impl InProcArray {
         let path: Box<dyn Transport> = Box::new(host.open(PLAIN_LUN)?);
         let stg = stp_core::block::BlockStg::open(vec![path], h.min(1) as u16, BLOCK_STG)
             .with_context(|| format!("opening block-mode STG {BLOCK_STG} as host {h}"))?;
-        let src = stg::block_source(stg);
-        let mut out = self.host(h, wkp, policy, None);
-        out.layer = Arc::new(SocketLayer::new(
-            HashMap::from([(BLOCK_STG, Arc::clone(&src))]),
-            stream_config(),
-        ));
-        out.stg = BLOCK_STG;
-        out.stg_len = 1;
-        out.probe = Some(src);
-        Ok(out)
+        Ok(host_over(stg::block_source(stg), BLOCK_STG, 1, wkp, policy))
     }
 
     /// Formats the plain shared LUN as block-mode STG [`BLOCK_STG`] for two
