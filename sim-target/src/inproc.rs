@@ -99,6 +99,13 @@ pub struct InProcOptions {
     /// Models a target that executes the commands queued to it in any
     /// order. Off by default.
     pub shuffle_execution: bool,
+    /// The path's link, in bytes per second: a command reaches the array
+    /// only once its data-out has crossed the link, one command after
+    /// another in submission order (data-in is not delayed), and until it
+    /// has, it is in flight. Models a fabric slower than the array, where
+    /// commands queue on each path. Commands in transit arrive when `reap`
+    /// is called. `None` (the default): commands arrive at once.
+    pub link_bytes_per_sec: Option<u64>,
 }
 
 impl Default for InProcOptions {
@@ -107,6 +114,7 @@ impl Default for InProcOptions {
             queue_depth: 16,
             reorder_seed: None,
             shuffle_execution: false,
+            link_bytes_per_sec: None,
         }
     }
 }
@@ -168,6 +176,8 @@ impl Host {
             next_seq: 0,
             rng: options.reorder_seed.map(SmallRng::seed_from_u64),
             queued: Vec::new(),
+            in_transit: VecDeque::new(),
+            link_free: Instant::now(),
             exec_rng: SmallRng::seed_from_u64(exec_seed),
             options,
             name: format!("sim:{}/lun{lun}", self.name),
@@ -311,6 +321,11 @@ pub struct InProcTransport {
     rng: Option<SmallRng>,
     /// Submitted, not yet executed (with `shuffle_execution`).
     queued: Vec<Task>,
+    /// Crossing the link (with `link_bytes_per_sec`): each command with the
+    /// time its data-out is across, in submission order.
+    in_transit: VecDeque<(Instant, Task)>,
+    /// When the link is free for the next command's data.
+    link_free: Instant,
     exec_rng: SmallRng,
     options: InProcOptions,
     name: String,
@@ -408,6 +423,15 @@ impl InProcTransport {
         expired.len()
     }
 
+    /// Executes the commands whose data has crossed the link by `now`.
+    fn run_arrived(&mut self, now: Instant) {
+        while self.in_transit.front().is_some_and(|(at, _)| *at <= now) {
+            if let Some((_, task)) = self.in_transit.pop_front() {
+                in_array(|| self.array.submit(task));
+            }
+        }
+    }
+
     /// Executes the commands `submit` queued, in a shuffled order.
     fn run_queued(&mut self) {
         if self.queued.is_empty() {
@@ -466,7 +490,16 @@ impl Transport for InProcTransport {
             direction: cmd.direction,
             reply: Box::new(reply),
         };
-        if self.options.shuffle_execution {
+        if let Some(rate) = self.options.link_bytes_per_sec.filter(|&r| r > 0) {
+            let bytes = match task.direction {
+                DataDirection::ToDevice => task.reply.data_len(),
+                _ => 0,
+            };
+            let crossing = Duration::from_secs_f64(bytes as f64 / rate as f64);
+            let arrives = self.link_free.max(start) + crossing;
+            self.link_free = arrives;
+            self.in_transit.push_back((arrives, task));
+        } else if self.options.shuffle_execution {
             self.queued.push(task);
         } else {
             in_array(|| self.array.submit(task));
@@ -477,6 +510,7 @@ impl Transport for InProcTransport {
     fn reap(&mut self, out: &mut Vec<Completion>, wait: Option<Duration>) -> io::Result<usize> {
         let first = out.len();
         self.run_queued();
+        self.run_arrived(Instant::now());
         // No give-up time: wait as long as it takes (`None`, or a wait too
         // long to add to the clock).
         let give_up = wait.and_then(|w| Instant::now().checked_add(w));
@@ -487,7 +521,12 @@ impl Transport for InProcTransport {
                 let mut q = queue.done.lock().unwrap_or_else(|e| e.into_inner());
                 if q.is_empty() {
                     let now = Instant::now();
-                    let next_deadline = self.pending.values().filter_map(|p| p.deadline).min();
+                    let next_deadline = self
+                        .pending
+                        .values()
+                        .filter_map(|p| p.deadline)
+                        .chain(self.in_transit.front().map(|(at, _)| *at))
+                        .min();
                     let until = match (give_up, next_deadline) {
                         (Some(a), Some(b)) => Some(a.min(b)),
                         (a, b) => a.or(b),
@@ -514,6 +553,7 @@ impl Transport for InProcTransport {
             self.spare = batch;
             let now = Instant::now();
             self.expire(now, out);
+            self.run_arrived(now);
             if out.len() > first || give_up.is_some_and(|g| now >= g) {
                 break;
             }
@@ -590,5 +630,40 @@ mod tests {
             t.reap(&mut out, None).unwrap();
         }
         assert!(array_cpu() > before, "no array CPU time counted");
+    }
+
+    #[test]
+    fn commands_wait_for_their_data_to_cross_the_link() {
+        let a = Array::new();
+        a.add_lun(0, LunConfig::new(0, 1 << 14, 512)).unwrap();
+        // 64 KiB per second: a 32 KiB WRITE takes half a second to cross.
+        let link = InProcOptions {
+            link_bytes_per_sec: Some(64 << 10),
+            ..InProcOptions::default()
+        };
+        let mut t = Host::login(&a, "h").open_with(0, link).unwrap();
+        let write = |lba: u32| {
+            let mut cdb = [0u8; 10];
+            cdb[0] = 0x2A;
+            cdb[2..6].copy_from_slice(&lba.to_be_bytes());
+            cdb[7..9].copy_from_slice(&64u16.to_be_bytes());
+            Command::data_out(CdbBuf::new(&cdb).unwrap(), IoBuf::new(32 << 10)).with_tag(lba.into())
+        };
+        let t0 = Instant::now();
+        t.submit(write(0)).unwrap();
+        t.submit(write(64)).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(t.reap(&mut out, Some(Duration::ZERO)).unwrap(), 0);
+        assert_eq!(t.in_flight(), 2, "both are on the link");
+        // One after the other: the first at 0.5 s, the second at 1 s.
+        t.reap(&mut out, None).unwrap();
+        assert_eq!((out.len(), out[0].tag), (1, 0));
+        assert!(t0.elapsed() >= Duration::from_millis(500));
+        t.reap(&mut out, None).unwrap();
+        assert_eq!((out.len(), out[1].tag), (2, 64));
+        assert!(t0.elapsed() >= Duration::from_secs(1));
+        for c in &out {
+            c.result.as_ref().unwrap().check().unwrap();
+        }
     }
 }

@@ -57,11 +57,15 @@ counters! {
     recv_protect_bytes,
     /// SEND commands submitted by streams.
     sends_submitted,
-    /// Sum over SEND submissions of the SENDs then in flight on the same
-    /// member LUN (this one included): divided by `sends_submitted`, the
-    /// mean depth a SEND met.
+    /// SENDs submitted whose first frame is DATA (a stream's data, not its
+    /// acknowledgements).
+    data_sends_submitted,
+    /// Sum over the SENDs carrying DATA of the SENDs then in flight on the
+    /// same member LUN (this one included): divided by
+    /// `data_sends_submitted`, the mean depth a data SEND met.
     sends_in_flight_sum,
-    /// The most SENDs of one stream in flight on one member LUN at once.
+    /// The most SENDs of one stream in flight on one member LUN at once
+    /// when a SEND carrying DATA was submitted.
     sends_in_flight_per_lun_max,
     /// Times a stream handed frames to its sender (a flush with work).
     flushes,
@@ -70,6 +74,9 @@ counters! {
     wakeups,
     /// DATA frames re-sent from their sealed buffer (no second seal).
     resent_sealed,
+    /// DATA frames a stream handed to the sealing threads
+    /// ([`crate::sealers`]) rather than sealing on the writer's thread.
+    sealed_in_pool,
 }
 
 /// Adds `n` to the counter `name`.
@@ -83,10 +90,14 @@ macro_rules! bump {
 pub(crate) use bump;
 
 /// Records a SEND submitted while `depth` SENDs (this one included) were in
-/// flight on its member LUN.
-pub(crate) fn send_submitted(depth: usize) {
-    let depth = depth as u64;
+/// flight on its member LUN; `data`: it carries DATA.
+pub(crate) fn send_submitted(depth: usize, data: bool) {
     COUNTERS.sends_submitted.fetch_add(1, Relaxed);
+    if !data {
+        return;
+    }
+    let depth = depth as u64;
+    COUNTERS.data_sends_submitted.fetch_add(1, Relaxed);
     COUNTERS.sends_in_flight_sum.fetch_add(depth, Relaxed);
     COUNTERS
         .sends_in_flight_per_lun_max
@@ -110,10 +121,10 @@ impl Snapshot {
     pub fn recv_protect_per_byte(&self) -> f64 {
         ratio(self.recv_protect_bytes, self.recv_payload_bytes)
     }
-    /// The mean number of SENDs in flight on a member LUN when a SEND was
-    /// submitted (itself included).
+    /// The mean number of SENDs in flight on a member LUN when a SEND
+    /// carrying DATA was submitted (itself included).
     pub fn mean_sends_in_flight(&self) -> f64 {
-        ratio(self.sends_in_flight_sum, self.sends_submitted)
+        ratio(self.sends_in_flight_sum, self.data_sends_submitted)
     }
     /// Wake-ups per flush.
     pub fn wakeups_per_flush(&self) -> f64 {

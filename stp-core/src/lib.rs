@@ -44,6 +44,7 @@ pub mod frame;
 pub mod guard;
 pub mod mailbox;
 pub mod retry;
+pub mod sealers;
 pub mod sockets;
 pub mod stg;
 pub mod stream;

@@ -336,11 +336,12 @@ impl VendorMailbox {
             .unwrap_or(0);
         let tag = self.next_tag;
         self.next_tag = self.next_tag.wrapping_add(1);
+        let data = crate::wire::peek_kind(&buf) == Some(crate::wire::Kind::DATA);
         let cdb = scsi::Cdb::Vendor(vendor::send(binding.handle, buf.len() as u32)).emit();
         match self.paths[path].submit(Command::data_out(cdb, buf).with_tag(tag)) {
             Ok(()) => {
                 self.in_flight[path] += 1;
-                counters::send_submitted(self.in_flight[path]);
+                counters::send_submitted(self.in_flight[path], data);
                 self.pending.insert(tag, PendingSend { token, path });
             }
             Err(e) => done.push(SendDone {

@@ -49,8 +49,9 @@ use crate::chunk::{Chunk, RecvBuf};
 use crate::conn::{Config, ConnError, Connection, Event, State, Transmit};
 use crate::counters::bump;
 use crate::error::{MailboxError, Refusal};
-use crate::frame::{Cipher, Direction};
+use crate::frame::{Cipher, Direction, FrameError};
 use crate::mailbox::{Binding, Mailbox, SendDone};
+use crate::sealers;
 use crate::wire::{self, frame_span, Frames, Header, Kind, WireError, HEADER_LEN};
 
 /// Opens a new mailbox handle onto one STG (for vendor mode, a fresh set of
@@ -97,6 +98,10 @@ pub const MAX_STREAM_PAYLOAD: u32 = (MAX_TRANSFER - HEADER_LEN) as u32;
 /// alive until read: a slow reader of small frames then holds kilobytes,
 /// not megabytes.
 const SMALL_PAYLOAD: usize = 16 * 1024;
+
+/// DATA frames from this payload size up may be sealed on a sealing thread
+/// ([`sealers`]); smaller ones cost less to seal than to hand over.
+const PARALLEL_SEAL_MIN: usize = 64 * 1024;
 /// Control-frame SEND buffers start at this size.
 const CONTROL_BUF: usize = 16 * 1024;
 /// Tokens of control SENDs have this bit set (DATA tokens are sequence
@@ -189,6 +194,8 @@ struct Shared {
     tx: Mutex<Box<dyn Mailbox>>,
     /// SENDs in flight on `tx` (readable without its lock).
     tx_in_flight: AtomicUsize,
+    /// This stream's frames being sealed on the sealing threads.
+    sealing: AtomicUsize,
     /// The most SENDs worth keeping in flight ([`Mailbox::send_window`]).
     tx_window: usize,
     /// Where more receive pumps get their mailboxes.
@@ -370,6 +377,29 @@ impl Shared {
             tx.submit_send(&self.binding, out.buf, out.token, done);
         }
         self.tx_in_flight.store(tx.sends_in_flight(), Relaxed);
+    }
+
+    /// Seals the staged frame in `buf` where it lies and hands it to the
+    /// connection (which sends staged frames in sequence order, whichever
+    /// was sealed first). On failure the buffer goes back to the pool and
+    /// the frame stays staged.
+    fn seal_and_queue(&self, mut header: Header, mut buf: IoBuf) -> Result<(), FrameError> {
+        let seq = header.seq;
+        if let Err(e) = self.cipher.seal(self.out_dir, &mut header, &mut buf) {
+            self.pool.put(buf);
+            return Err(e);
+        }
+        let mut inner = self.lock();
+        inner.sealed.insert(
+            seq,
+            Sealed {
+                buf: Some(buf),
+                resend: false,
+            },
+        );
+        inner.conn.sealed(seq);
+        self.flush(inner);
+        Ok(())
     }
 
     /// Starts one more receive pump if fewer than [`Mailbox::receive_parallelism`]
@@ -723,6 +753,31 @@ fn nonce() -> [u8; 16] {
     n
 }
 
+/// A frame handed to a sealing thread. However its job ends (sealed,
+/// failed, or unwound), the stream counts it back; unless it was sealed,
+/// the stream cannot go on: the frame is no longer the last staged one, so
+/// it cannot be taken back, and it can never be sent.
+struct Offloaded {
+    shared: Arc<Shared>,
+    seq: u64,
+    /// Sealed and handed to the connection, or why not.
+    outcome: Result<(), String>,
+}
+
+impl Drop for Offloaded {
+    fn drop(&mut self) {
+        self.shared.sealing.fetch_sub(1, Relaxed);
+        if let Err(why) = &self.outcome {
+            let mut inner = self.shared.lock();
+            inner.conn.abort(
+                crate::conn::reset_reason::ABORT,
+                &format!("sealing frame {} failed: {why}", self.seq),
+            );
+            self.shared.flush(inner);
+        }
+    }
+}
+
 /// A DMA buffer lent by [`StpStream::send_buf`]: fill [`payload`](SendSlot::payload)
 /// and [`commit`](SendSlot::commit) it. Dropped
 /// uncommitted, nothing is sent.
@@ -811,6 +866,7 @@ impl StpStream {
             tx_window: tx.send_window().max(1),
             tx: Mutex::new(tx),
             tx_in_flight: AtomicUsize::new(0),
+            sealing: AtomicUsize::new(0),
             source,
             pumps_running: AtomicUsize::new(1),
             pumps_max,
@@ -972,29 +1028,40 @@ impl StpStream {
     }
 
     /// Seals the staged frame in `buf` (payload in place after the header)
-    /// and queues it.
-    fn seal_and_queue(&self, mut header: Header, mut buf: IoBuf) -> io::Result<()> {
-        let seq = header.seq;
-        if let Err(e) = self
-            .shared
-            .cipher
-            .seal(self.shared.out_dir, &mut header, &mut buf)
-        {
-            self.shared.lock().conn.unstage(seq);
-            self.shared.pool.put(buf);
-            return Err(io::Error::other(e.to_string()));
+    /// and queues it: a large frame on one of the process's sealing threads
+    /// while fewer than [`sealers::parallelism`] of this stream's frames
+    /// are there (the caller goes on to stage and copy the next one), any
+    /// other here.
+    fn seal_and_queue(&self, header: Header, buf: IoBuf) -> io::Result<()> {
+        let shared = &self.shared;
+        if header.payload_len as usize >= PARALLEL_SEAL_MIN {
+            let busy = shared.sealing.load(Relaxed);
+            if busy < sealers::parallelism()
+                && shared
+                    .sealing
+                    .compare_exchange(busy, busy + 1, Relaxed, Relaxed)
+                    .is_ok()
+            {
+                bump!(sealed_in_pool, 1);
+                let job = Offloaded {
+                    shared: shared.clone(),
+                    seq: header.seq,
+                    outcome: Err("the sealing thread gave up on it".into()),
+                };
+                sealers::spawn(move || {
+                    let mut job = job;
+                    job.outcome = job
+                        .shared
+                        .seal_and_queue(header, buf)
+                        .map_err(|e| e.to_string());
+                });
+                return Ok(());
+            }
         }
-        let mut inner = self.shared.lock();
-        inner.sealed.insert(
-            seq,
-            Sealed {
-                buf: Some(buf),
-                resend: false,
-            },
-        );
-        inner.conn.sealed(seq);
-        self.shared.flush(inner);
-        Ok(())
+        shared.seal_and_queue(header, buf).map_err(|e| {
+            shared.lock().conn.unstage(header.seq);
+            io::Error::other(e.to_string())
+        })
     }
 
     /// A DMA buffer for up to `len` payload bytes (at most the negotiated

@@ -224,6 +224,14 @@ pub fn peek_version(bytes: &[u8]) -> Option<u8> {
     (magic == MAGIC.to_be_bytes()).then(|| bytes.get(4).copied())?
 }
 
+/// The kind of what looks like a frame header of this version (right magic
+/// and version), unchecked otherwise: lets the mailbox tell the SENDs that
+/// carry a stream's data from its acknowledgements without parsing them.
+pub fn peek_kind(bytes: &[u8]) -> Option<Kind> {
+    let (raw, _) = RawHeader::ref_from_prefix(bytes).ok()?;
+    (raw.magic.get() == MAGIC && raw.version == VERSION).then_some(Kind(raw.kind))
+}
+
 /// Bytes a frame occupies in a packed buffer, padding included.
 pub fn frame_span(payload_len: u32) -> usize {
     (HEADER_LEN + payload_len as usize).next_multiple_of(ALIGN)

@@ -129,6 +129,38 @@ fn one_copy_and_one_protection_pass_per_byte_with_sends_in_flight() {
         "SENDs never overlapped on a member LUN: {d:?}"
     );
     assert!(d.flushes > 0 && d.wakeups > 0);
+    // With a CPU to spare, large frames are also sealed off the writer's
+    // thread (and the stream above is exact all the same).
+    if stp_core::sealers::parallelism() > 0 {
+        assert!(d.sealed_in_pool > 0, "{d:?}");
+    }
+}
+
+/// Behind links slower than the writer seals (the in-process array's
+/// modelled fabric), SENDs queue on every member: the sender keeps its
+/// window full rather than one SEND at a time.
+#[test]
+fn a_slow_fabric_finds_two_sends_queued_on_each_member() {
+    let _g = serial();
+    let a = array();
+    let link = InProcOptions {
+        link_bytes_per_sec: Some(100 << 20),
+        ..InProcOptions::default()
+    };
+    let (d, stats) = stream(
+        source(&a, "h1", link, plain),
+        source(&a, "h0", InProcOptions::default(), plain),
+        big_frames(),
+        24 << 20,
+        61,
+    );
+    eprintln!("{d:#?}");
+    assert!(
+        d.mean_sends_in_flight() >= 1.5,
+        "SENDs met {:.2} in flight on their member on average: {d:?}",
+        d.mean_sends_in_flight()
+    );
+    assert_eq!(stats.duplicates_received, 0, "{stats:?}");
 }
 
 /// The lending API: the writer fills the DMA buffer itself and the reader
@@ -260,7 +292,7 @@ fn sends_in_flight_complete_out_of_order_and_the_stream_is_exact() {
     let shuffled = |seed| InProcOptions {
         queue_depth: 16,
         reorder_seed: Some(seed),
-        shuffle_execution: false,
+        ..InProcOptions::default()
     };
     let config = Config {
         max_payload: 64 * 1024,

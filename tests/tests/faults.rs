@@ -87,6 +87,7 @@ fn source(
                     queue_depth: 16,
                     reorder_seed: Some(s),
                     shuffle_execution: shuffle,
+                    ..InProcOptions::default()
                 };
                 let path = h.open_with(lun, opts).expect("member LUN");
                 Box::new(FaultyTransport::with_control(

@@ -105,6 +105,7 @@ fn write_on_one_host_read_on_the_other_out_of_order() {
         queue_depth: 16,
         reorder_seed: Some(seed),
         shuffle_execution: true,
+        ..InProcOptions::default()
     };
     let mut t1 = Recorder::new(h1.open_with(0, opts(1)).unwrap());
     let mut t2 = Recorder::new(h2.open_with(0, opts(2)).unwrap());
@@ -133,6 +134,7 @@ fn shuffle_execution_reorders_execution_not_just_completion() {
             queue_depth: 16,
             reorder_seed: Some(seed),
             shuffle_execution: true,
+            ..InProcOptions::default()
         };
         let mut t = Host::login(&a, "h").open_with(0, opts).unwrap();
         for (tag, byte) in [(1u64, 0x11u8), (2, 0x22)] {

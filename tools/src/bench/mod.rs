@@ -171,8 +171,10 @@ pub struct Datapath {
     pub recv_protection_passes_per_byte: f64,
     /// SEND commands streams submitted.
     pub sends_submitted: u64,
-    /// Mean SENDs in flight on a member LUN when a SEND was submitted
-    /// (itself included).
+    /// SENDs whose first frame is DATA (the rest carry acknowledgements).
+    pub data_sends_submitted: u64,
+    /// Mean SENDs in flight on a member LUN when a SEND carrying DATA was
+    /// submitted (itself included).
     pub mean_sends_in_flight_per_lun: f64,
     /// The most SENDs of one stream in flight on one member LUN at once
     /// (a gauge: the most since the process started).
@@ -183,6 +185,11 @@ pub struct Datapath {
     pub wakeups_per_flush: f64,
     /// DATA frames re-sent from their sealed buffer.
     pub resent_sealed_frames: u64,
+    /// DATA frames sealed on the process's sealing threads rather than the
+    /// writer's.
+    pub sealed_in_pool_frames: u64,
+    /// The process's sealing threads (`stp_core::sealers`).
+    pub sealing_threads: u64,
 }
 
 impl Datapath {
@@ -196,11 +203,14 @@ impl Datapath {
             send_protection_passes_per_byte: d.send_protect_per_byte(),
             recv_protection_passes_per_byte: d.recv_protect_per_byte(),
             sends_submitted: d.sends_submitted,
+            data_sends_submitted: d.data_sends_submitted,
             mean_sends_in_flight_per_lun: d.mean_sends_in_flight(),
             sends_in_flight_per_lun_max: d.sends_in_flight_per_lun_max,
             flushes: d.flushes,
             wakeups_per_flush: d.wakeups_per_flush(),
             resent_sealed_frames: d.resent_sealed,
+            sealed_in_pool_frames: d.sealed_in_pool,
+            sealing_threads: stp_core::sealers::parallelism() as u64,
         }
     }
 
@@ -218,6 +228,10 @@ impl Datapath {
             self.sends_in_flight_per_lun_max,
             self.wakeups_per_flush,
             self.resent_sealed_frames
+        );
+        println!(
+            "              frames sealed on the {} sealing thread(s): {}",
+            self.sealing_threads, self.sealed_in_pool_frames
         );
     }
 }
@@ -1099,7 +1113,8 @@ mod tests {
         d.recv_payload_bytes = 1000;
         d.recv_copy_bytes = 500;
         d.recv_protect_bytes = 1010;
-        d.sends_submitted = 4;
+        d.sends_submitted = 5;
+        d.data_sends_submitted = 4;
         d.sends_in_flight_sum = 6;
         d.sends_in_flight_per_lun_max = 3;
         d.flushes = 2;

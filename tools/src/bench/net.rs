@@ -16,7 +16,7 @@ use rand::rngs::{OsRng, StdRng};
 use rand::{RngCore, SeedableRng};
 use scsi::Transport;
 use serde::Deserialize;
-use sim_target::{Array, Host, LunConfig, StgMailbox, StgSpec};
+use sim_target::{Array, Host, InProcOptions, LunConfig, StgMailbox, StgSpec};
 use stp_core::auth::{FrameKey, Handshake, Role};
 use stp_core::block::{format, host_port, BlockStg};
 use stp_core::conn::Config;
@@ -24,7 +24,7 @@ use stp_core::counters;
 use stp_core::frame::Protection;
 use stp_core::mailbox::{Mailbox, VendorMailbox};
 use stp_core::stg::BlockLayout;
-use stp_core::stream::{PathSource, StpListener, StpStream};
+use stp_core::stream::{PathSource, StpListener, StpStream, MAX_STREAM_PAYLOAD};
 use stp_core::vendor::MailboxError;
 
 use super::hist::{new_histogram, record, Counters, CpuTime, Progress};
@@ -103,6 +103,20 @@ pub struct StpArgs {
     /// memory of N idle connections (measured before the transfer).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub connections: Option<u64>,
+    /// With --sim: give each member path of the in-process array a link of
+    /// this many bytes per second (e.g. 400m), which every SEND's data
+    /// crosses before the array has it: a fabric slower than the hosts,
+    /// where SENDs queue on the members.
+    #[arg(long, value_name = "RATE", requires = "sim", value_parser = parse_nonzero_size)]
+    pub sim_link: Option<u64>,
+    /// Largest DATA frame payload (vendor mode; default: the stack's,
+    /// 256 KiB; at most 1 MiB less the 80-byte header).
+    #[arg(long, value_name = "SIZE", value_parser = parse_nonzero_size)]
+    pub frame: Option<u64>,
+    /// Send buffer per connection: bytes written and not yet acknowledged
+    /// (default: the stack's, 4 MiB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_nonzero_size)]
+    pub send_buffer: Option<u64>,
     /// Goodput and ping-pong options.
     #[command(flatten)]
     pub net: NetArgs,
@@ -120,6 +134,9 @@ impl StpArgs {
             members: 4,
             protection: Protection::default(),
             connections: None,
+            sim_link: None,
+            frame: None,
+            send_buffer: None,
             net,
         }
     }
@@ -549,9 +566,14 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
         mailbox.install(&array);
         let hosts = [Host::login(&array, "h0"), Host::login(&array, "h1")];
         _array = Some((array, mailbox));
+        let options = InProcOptions {
+            link_bytes_per_sec: args.sim_link,
+            ..InProcOptions::default()
+        };
         let opener: Opener = Arc::new(move |host, member| {
             let h = &hosts[host];
-            Ok(Box::new(h.open(member.map_or(SIM_PLAIN_LUN, |m| m as u64))?) as Box<dyn Transport>)
+            let lun = member.map_or(SIM_PLAIN_LUN, |m| m as u64);
+            Ok(Box::new(h.open_with(lun, options.clone())?) as Box<dyn Transport>)
         });
         (opener, args.members as usize, "in-process array".into())
     } else if let Some(path) = &args.map {
@@ -601,9 +623,16 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
                     Ok(Box::new(VendorMailbox::new(paths)?))
                 })
             };
+            let defaults = Config::default();
             let config = Config {
                 protection: args.protection,
-                ..Config::default()
+                max_payload: args.frame.map_or(defaults.max_payload, |f| {
+                    u32::try_from(f).unwrap_or(u32::MAX).min(MAX_STREAM_PAYLOAD)
+                }),
+                send_buffer_bytes: args
+                    .send_buffer
+                    .map_or(defaults.send_buffer_bytes, |b| b as usize),
+                ..defaults
             };
             let sides = (source(0), source(1), config, None);
             (sides, format!("stp vendor, {what}"))
