@@ -10,7 +10,12 @@
 //!   page-aligned DMA buffer and seal it there (AES-256-GCM in place) —
 //!   outside the lock — then queue it. That copy and that pass are the
 //!   payload's only ones on the way out; through [`StpStream::send_buf`] the
-//!   caller writes into the DMA buffer itself and there is no copy.
+//!   caller writes into the DMA buffer itself and there is no copy. A large
+//!   frame is sealed on one of the process's **sealing threads**
+//!   ([`sealers`]) while fewer than [`sealers::parallelism`] of the
+//!   stream's frames are there, so a writer keeps several cores sealing;
+//!   the connection sends frames in sequence order whichever was sealed
+//!   first.
 //! * the **sender** keeps up to [`Mailbox::send_window`] SENDs in flight (two
 //!   per member LUN in vendor mode), submitting each as soon as it is queued
 //!   and reaping completions as they come, in any order. A sealed frame
