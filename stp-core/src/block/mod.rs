@@ -50,6 +50,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, RngCore};
+use zerocopy::FromBytes;
 use scsi::cdb::RwFlags;
 use scsi::{Cdb, CdbBuf, Command, CommandError, IoBuf, Transport};
 
@@ -60,272 +61,21 @@ use crate::stg::{BlockLayout, MAX_HOSTS};
 use crate::vendor::MailboxError;
 use crate::wire::{Frames, ALIGN, HEADER_LEN, MAX_PAYLOAD};
 
-// ---------------------------------------------------------------------------
-// On-disk formats
-// ---------------------------------------------------------------------------
+mod format;
 
-/// Superblock magic, `"STPBLKv1"`.
-pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"STPBLKv1";
-/// Bytes of the superblock that carry data (the rest of block 0 is zero).
-pub const SUPERBLOCK_LEN: usize = 44;
-/// Producer block magic, `"STPP"`.
-pub const PRODUCER_MAGIC: u32 = 0x5354_5050;
-/// Consumer block magic, `"STPC"`.
-pub const CONSUMER_MAGIC: u32 = 0x5354_5043;
-/// Bytes of a producer or consumer block that carry data.
-pub const INDEX_LEN: usize = 32;
-/// Bytes of the header at the start of every slot: byte count (u32),
-/// CRC32C (u32), generation (u64), lane sequence number (u64).
-pub const SLOT_HEADER_LEN: usize = 24;
+pub use format::{
+    open_slot, seal_slot, IndexBlock, IndexError, IndexKind, RawIndex, RawSlotHeader,
+    RawSuperblock, SlotError, Superblock, SuperblockError, CONSUMER_MAGIC, INDEX_LEN,
+    PRODUCER_MAGIC, SLOT_HEADER_LEN, SUPERBLOCK_LEN, SUPERBLOCK_MAGIC,
+};
+
 /// The smallest block size block mode accepts.
 pub const MIN_BLOCK_SIZE: u32 = 512;
 
-/// The superblock at LBA 0 of every member.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Superblock {
-    /// The STG id.
-    pub stg_id: u32,
-    /// This member's index in the STG (its position in `members`).
-    pub member_index: u16,
-    /// The STG's member count.
-    pub member_count: u16,
-    /// Hosts, slots and slot size.
-    pub layout: BlockLayout,
-    /// The block size the member was formatted with.
-    pub block_size: u32,
-    /// The format generation: random, new on every format.
-    pub generation: u64,
-}
-
-/// Why block 0 is not a valid superblock.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum SuperblockError {
-    /// Fewer bytes than a superblock.
-    #[error("superblock truncated: {0} bytes, need {SUPERBLOCK_LEN}")]
-    Short(usize),
-    /// No `STPBLKv1` magic: never formatted for block mode.
-    #[error("no block-mode superblock (magic is not \"STPBLKv1\")")]
-    NotFormatted,
-    /// The magic is right but the CRC is not: torn or overwritten.
-    #[error("superblock CRC32C mismatch (stored 0x{stored:08x}, computed 0x{computed:08x})")]
-    BadCrc {
-        /// The CRC in the block.
-        stored: u32,
-        /// The CRC of the block's bytes.
-        computed: u32,
-    },
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
-}
-
-impl Superblock {
-    /// The superblock's bytes (pad to the block size with zeros).
-    pub fn encode(&self) -> [u8; SUPERBLOCK_LEN] {
-        let mut b = [0u8; SUPERBLOCK_LEN];
-        b[0..8].copy_from_slice(&SUPERBLOCK_MAGIC);
-        b[8..12].copy_from_slice(&self.stg_id.to_be_bytes());
-        b[12..14].copy_from_slice(&self.member_index.to_be_bytes());
-        b[14..16].copy_from_slice(&self.member_count.to_be_bytes());
-        b[16..18].copy_from_slice(&self.layout.hosts.to_be_bytes());
-        b[20..24].copy_from_slice(&self.block_size.to_be_bytes());
-        b[24..28].copy_from_slice(&self.layout.slots.to_be_bytes());
-        b[28..32].copy_from_slice(&self.layout.slot_blocks.to_be_bytes());
-        b[32..40].copy_from_slice(&self.generation.to_be_bytes());
-        let crc = crc32c::crc32c(&b[..40]);
-        b[40..44].copy_from_slice(&crc.to_be_bytes());
-        b
-    }
-
-    /// Parses block 0. Checks magic and CRC; the caller checks the rest.
-    pub fn decode(bytes: &[u8]) -> Result<Superblock, SuperblockError> {
-        if bytes.len() < SUPERBLOCK_LEN {
-            return Err(SuperblockError::Short(bytes.len()));
-        }
-        if bytes[0..8] != SUPERBLOCK_MAGIC {
-            return Err(SuperblockError::NotFormatted);
-        }
-        let stored = be32(bytes, 40);
-        let computed = crc32c::crc32c(&bytes[..40]);
-        if stored != computed {
-            return Err(SuperblockError::BadCrc { stored, computed });
-        }
-        Ok(Superblock {
-            stg_id: be32(bytes, 8),
-            member_index: be16(bytes, 12),
-            member_count: be16(bytes, 14),
-            layout: BlockLayout {
-                hosts: be16(bytes, 16),
-                slots: be32(bytes, 24),
-                slot_blocks: be32(bytes, 28),
-            },
-            block_size: be32(bytes, 20),
-            generation: be64(bytes, 32),
-        })
-    }
-}
-
-/// Which index block: the producer's or the consumer's.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum IndexKind {
-    /// `"STPP"`, written only by the lane's source host.
-    Producer,
-    /// `"STPC"`, written only by the lane's destination host.
-    Consumer,
-}
-
-impl IndexKind {
-    fn magic(self) -> u32 {
-        match self {
-            IndexKind::Producer => PRODUCER_MAGIC,
-            IndexKind::Consumer => CONSUMER_MAGIC,
-        }
-    }
-}
-
-/// A producer or consumer block: `magic` u32, `generation` u64, `count` u64
-/// (slots produced / consumed), `epoch` u64 (the writer's restarts),
-/// CRC32C of the preceding 28 bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct IndexBlock {
-    /// Producer or consumer.
-    pub kind: IndexKind,
-    /// The format generation it was written under.
-    pub generation: u64,
-    /// Slots ever produced (producer block) or consumed (consumer block)
-    /// on this lane of this member.
-    pub count: u64,
-    /// Incremented each time the writing host opens the STG.
-    pub epoch: u64,
-}
-
-/// Why a block is not a valid index block.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum IndexError {
-    /// Fewer bytes than an index block.
-    #[error("index block truncated: {0} bytes, need {INDEX_LEN}")]
-    Short(usize),
-    /// Neither `STPP` nor `STPC`.
-    #[error("bad index block magic 0x{0:08x}")]
-    BadMagic(u32),
-    /// CRC mismatch: torn or overwritten.
-    #[error("index block CRC32C mismatch")]
-    BadCrc,
-}
-
-impl IndexBlock {
-    /// The block's bytes (pad to the block size with zeros).
-    pub fn encode(&self) -> [u8; INDEX_LEN] {
-        let mut b = [0u8; INDEX_LEN];
-        b[0..4].copy_from_slice(&self.kind.magic().to_be_bytes());
-        b[4..12].copy_from_slice(&self.generation.to_be_bytes());
-        b[12..20].copy_from_slice(&self.count.to_be_bytes());
-        b[20..28].copy_from_slice(&self.epoch.to_be_bytes());
-        let crc = crc32c::crc32c(&b[..28]);
-        b[28..32].copy_from_slice(&crc.to_be_bytes());
-        b
-    }
-
-    /// Parses an index block (magic and CRC; the caller checks the
-    /// generation and the kind).
-    pub fn decode(bytes: &[u8]) -> Result<IndexBlock, IndexError> {
-        if bytes.len() < INDEX_LEN {
-            return Err(IndexError::Short(bytes.len()));
-        }
-        let kind = match be32(bytes, 0) {
-            PRODUCER_MAGIC => IndexKind::Producer,
-            CONSUMER_MAGIC => IndexKind::Consumer,
-            other => return Err(IndexError::BadMagic(other)),
-        };
-        if be32(bytes, 28) != crc32c::crc32c(&bytes[..28]) {
-            return Err(IndexError::BadCrc);
-        }
-        Ok(IndexBlock {
-            kind,
-            generation: be64(bytes, 4),
-            count: be64(bytes, 12),
-            epoch: be64(bytes, 20),
-        })
-    }
-}
-
-/// Why a slot's contents are not trusted.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum SlotError {
-    /// Fewer bytes than a slot header.
-    #[error("slot truncated: {0} bytes")]
-    Short(usize),
-    /// The byte count runs past the slot (or is zero).
-    #[error("slot byte count {count} does not fit the slot ({capacity} bytes for frames)")]
-    BadCount {
-        /// The count in the header.
-        count: u32,
-        /// Bytes available for frames.
-        capacity: usize,
-    },
-    /// CRC mismatch: torn, stale or overwritten.
-    #[error("slot CRC32C mismatch")]
-    BadCrc,
-    /// Written under another format generation.
-    #[error("slot from format generation {found:#x}")]
-    WrongGeneration {
-        /// The generation in the header.
-        found: u64,
-    },
-}
-
-fn slot_crc(slot: &[u8]) -> u32 {
-    let mut head = [0u8; SLOT_HEADER_LEN];
-    head.copy_from_slice(&slot[..SLOT_HEADER_LEN]);
-    head[4..8].fill(0);
-    crc32c::crc32c_append(crc32c::crc32c(&head), &slot[SLOT_HEADER_LEN..])
-}
-
-/// Fills in the header of a slot image: `image` is [`SLOT_HEADER_LEN`]
-/// bytes of room followed by the packed frames (no trailing padding).
-pub fn seal_slot(image: &mut [u8], generation: u64, seq: u64) {
-    let count = (image.len() - SLOT_HEADER_LEN) as u32;
-    image[0..4].copy_from_slice(&count.to_be_bytes());
-    image[8..16].copy_from_slice(&generation.to_be_bytes());
-    image[16..24].copy_from_slice(&seq.to_be_bytes());
-    let crc = slot_crc(image);
-    image[4..8].copy_from_slice(&crc.to_be_bytes());
-}
-
-/// Checks a slot read back (any length from the header on, padding
-/// included) and returns its lane sequence number and its frame bytes.
-pub fn open_slot(slot: &[u8], generation: u64) -> Result<(u64, &[u8]), SlotError> {
-    if slot.len() < SLOT_HEADER_LEN {
-        return Err(SlotError::Short(slot.len()));
-    }
-    let count = be32(slot, 0);
-    let capacity = slot.len() - SLOT_HEADER_LEN;
-    if count == 0 || count as usize > capacity {
-        return Err(SlotError::BadCount { count, capacity });
-    }
-    let used = &slot[..SLOT_HEADER_LEN + count as usize];
-    if be32(slot, 4) != slot_crc(used) {
-        return Err(SlotError::BadCrc);
-    }
-    let found = be64(slot, 8);
-    if found != generation {
-        return Err(SlotError::WrongGeneration { found });
-    }
-    Ok((be64(slot, 16), &used[SLOT_HEADER_LEN..]))
+/// The destination port of a frame that [`Frames`] found (its header is
+/// whole); 0, which no host binds, for anything shorter.
+fn dst_port(frame: &[u8]) -> u32 {
+    crate::wire::RawHeader::ref_from_prefix(frame).map_or(0, |(h, _)| h.dst_port.get())
 }
 
 // ---------------------------------------------------------------------------
@@ -894,7 +644,10 @@ pub fn read_capacity(t: &mut dyn Transport, timeout: Duration) -> Result<(u64, u
         32,
         timeout,
     )?;
-    Ok((be64(&b, 0).saturating_add(1), be32(&b, 8)))
+    let field = |r: std::ops::Range<usize>| b.get(r).unwrap_or_default();
+    let last = field(0..8).try_into().map_or(0, u64::from_be_bytes);
+    let block_size = field(8..12).try_into().map_or(0, u32::from_be_bytes);
+    Ok((last.saturating_add(1), block_size))
 }
 
 fn check_layout(stg: u32, layout: &BlockLayout) -> Result<(), BlockError> {
@@ -1784,7 +1537,7 @@ impl BlockStg {
         let mut ports = lock(&self.ports);
         let mut need: HashMap<u32, (usize, usize)> = HashMap::new();
         for f in frames {
-            let dst = be32(f, 12);
+            let dst = dst_port(f);
             let e = need.entry(dst).or_default();
             e.0 += 1;
             e.1 += f.len().next_multiple_of(ALIGN);
@@ -1798,7 +1551,7 @@ impl BlockStg {
         }
         let mut woken = Vec::new();
         for f in frames {
-            let dst = be32(f, 12);
+            let dst = dst_port(f);
             match ports.bound.get_mut(&dst) {
                 Some(q) => {
                     q.bytes += f.len().next_multiple_of(ALIGN);
@@ -1864,7 +1617,7 @@ impl BlockStg {
         }
         for d in order {
             let frames = &by_host[usize::from(d)];
-            let first_port = be32(frames[0], 12);
+            let first_port = dst_port(frames[0]);
             if d == self.host {
                 self.deliver(frames)
                     .map_err(|port| MailboxError::Refused(Refusal::QueueFull { port }))?;
@@ -2306,129 +2059,6 @@ impl Mailbox for BlockMailbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const GEN: u64 = 0x0102_0304_0506_0708;
-
-    #[test]
-    fn crc32c_is_castagnoli() {
-        assert_eq!(crc32c::crc32c(b"123456789"), 0xE306_9283);
-    }
-
-    #[test]
-    fn superblock_literal_bytes() {
-        let sb = Superblock {
-            stg_id: 7,
-            member_index: 1,
-            member_count: 2,
-            layout: BlockLayout {
-                hosts: 2,
-                slots: 32,
-                slot_blocks: 64,
-            },
-            block_size: 512,
-            generation: GEN,
-        };
-        let b = sb.encode();
-        assert_eq!(&b[0..8], b"STPBLKv1");
-        assert_eq!(&b[8..12], &[0, 0, 0, 7]);
-        assert_eq!(&b[12..20], &[0, 1, 0, 2, 0, 2, 0, 0]);
-        assert_eq!(&b[20..32], &[0, 0, 2, 0, 0, 0, 0, 32, 0, 0, 0, 64]);
-        assert_eq!(&b[32..40], &[1, 2, 3, 4, 5, 6, 7, 8]);
-        assert_eq!(&b[40..44], &[0x68, 0xDB, 0x67, 0xFA]);
-        // Block 0 as read back: the superblock then zeros.
-        let block = padded_block(&b, 512);
-        assert_eq!(Superblock::decode(&block), Ok(sb));
-
-        assert_eq!(
-            Superblock::decode(&[0; 512]),
-            Err(SuperblockError::NotFormatted)
-        );
-        assert_eq!(
-            Superblock::decode(&b[..43]),
-            Err(SuperblockError::Short(43))
-        );
-        let mut torn = block.clone();
-        torn[33] ^= 0x40; // generation changed, CRC not
-        assert!(matches!(
-            Superblock::decode(&torn),
-            Err(SuperblockError::BadCrc {
-                stored: 0x68DB_67FA,
-                ..
-            })
-        ));
-    }
-
-    #[test]
-    fn index_blocks_literal_bytes() {
-        let p = IndexBlock {
-            kind: IndexKind::Producer,
-            generation: GEN,
-            count: 5,
-            epoch: 3,
-        };
-        let b = p.encode();
-        assert_eq!(&b[0..4], b"STPP");
-        assert_eq!(&b[4..12], &[1, 2, 3, 4, 5, 6, 7, 8]);
-        assert_eq!(&b[12..20], &[0, 0, 0, 0, 0, 0, 0, 5]);
-        assert_eq!(&b[20..28], &[0, 0, 0, 0, 0, 0, 0, 3]);
-        assert_eq!(&b[28..32], &[0x8F, 0x58, 0x58, 0xBF]);
-        assert_eq!(IndexBlock::decode(&padded_block(&b, 512)), Ok(p));
-
-        let c = IndexBlock {
-            kind: IndexKind::Consumer,
-            generation: GEN,
-            count: 4,
-            epoch: 2,
-        };
-        let b = c.encode();
-        assert_eq!(&b[0..4], b"STPC");
-        assert_eq!(&b[28..32], &[0x13, 0xC4, 0x05, 0x61]);
-        assert_eq!(IndexBlock::decode(&b), Ok(c));
-
-        assert_eq!(IndexBlock::decode(&[0; 32]), Err(IndexError::BadMagic(0)));
-        assert_eq!(IndexBlock::decode(&b[..31]), Err(IndexError::Short(31)));
-        let mut torn = b;
-        torn[19] = 5; // count moved, CRC not
-        assert_eq!(IndexBlock::decode(&torn), Err(IndexError::BadCrc));
-        // Garbage never decodes as valid by accident here.
-        assert!(IndexBlock::decode(&[0xA5; 512]).is_err());
-    }
-
-    #[test]
-    fn slot_literal_bytes() {
-        let mut image = vec![0u8; SLOT_HEADER_LEN];
-        image.extend_from_slice(b"abc");
-        seal_slot(&mut image, GEN, 9);
-        assert_eq!(&image[0..4], &[0, 0, 0, 3]);
-        assert_eq!(&image[4..8], &[0xCC, 0x8C, 0xB2, 0xE7]);
-        assert_eq!(&image[8..16], &[1, 2, 3, 4, 5, 6, 7, 8]);
-        assert_eq!(&image[16..24], &[0, 0, 0, 0, 0, 0, 0, 9]);
-        // Read back with the slot's padding (and stale bytes) after it.
-        let mut slot = image.clone();
-        slot.resize(512, 0xEE);
-        assert_eq!(open_slot(&slot, GEN), Ok((9, &b"abc"[..])));
-        assert_eq!(
-            open_slot(&slot, GEN + 1),
-            Err(SlotError::WrongGeneration { found: GEN })
-        );
-        let mut torn = slot.clone();
-        torn[SLOT_HEADER_LEN + 1] = b'X';
-        assert_eq!(open_slot(&torn, GEN), Err(SlotError::BadCrc));
-        let mut long = slot.clone();
-        long[0..4].copy_from_slice(&600u32.to_be_bytes());
-        assert_eq!(
-            open_slot(&long, GEN),
-            Err(SlotError::BadCount {
-                count: 600,
-                capacity: 512 - SLOT_HEADER_LEN
-            })
-        );
-        assert!(matches!(
-            open_slot(&[0; 512], GEN),
-            Err(SlotError::BadCount { count: 0, .. })
-        ));
-        assert_eq!(open_slot(&[0; 10], GEN), Err(SlotError::Short(10)));
-    }
 
     #[test]
     fn port_scheme() {
