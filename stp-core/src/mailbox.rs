@@ -66,37 +66,22 @@ pub struct SendDone {
 
 /// What the connection layer needs from an STG mailbox, in either mode
 /// (docs/PROTOCOL.md §3 vendor, §4 block): ports, and whole frames moved
-/// between them.
+/// between them in owned, page-aligned DMA buffers. A SEND's buffer is the
+/// command's data-out buffer and comes back in its [`SendDone`]; a RECEIVE
+/// fills the caller's buffer, which the caller then owns. `send_packed` and
+/// `receive` are conveniences over the two (a copy each), for tests and
+/// one-off control frames.
 pub trait Mailbox: Send {
     /// Binds `port` (`None`: a dynamic port).
     fn bind(&mut self, port: Option<u32>) -> Result<Binding, MailboxError>;
     /// Releases a binding; receivers waiting on it return.
     fn release(&mut self, binding: &Binding) -> Result<(), MailboxError>;
-    /// Sends sealed frames packed at 8-byte aligned offsets, all from
-    /// `binding`'s port.
-    fn send_packed(&mut self, binding: &Binding, packed: &[u8]) -> Result<(), MailboxError>;
-    /// As [`send_packed`](Mailbox::send_packed), from `buf`, which a
-    /// mailbox may use as the command's data-out buffer (no copy). `buf`
-    /// keeps its allocation for the next call, unless the transport could
-    /// not hand it back.
-    fn send_buf(&mut self, binding: &Binding, buf: &mut IoBuf) -> Result<(), MailboxError> {
-        self.send_packed(binding, buf)
-    }
-    /// Starts one SEND of the packed frames in `buf` (at most
-    /// [`vendor::MAX_TRANSFER`] bytes) from `binding`. Its [`SendDone`],
-    /// with `token` and the buffer, is pushed to `done` now (a mailbox that
-    /// sends synchronously, the default) or by a later
-    /// [`reap_sends`](Mailbox::reap_sends).
-    fn submit_send(
-        &mut self,
-        binding: &Binding,
-        mut buf: IoBuf,
-        token: u64,
-        done: &mut Vec<SendDone>,
-    ) {
-        let result = self.send_buf(binding, &mut buf);
-        done.push(SendDone { token, buf, result });
-    }
+    /// Starts one SEND of the sealed frames packed at 8-byte aligned
+    /// offsets in `buf` (at most [`vendor::MAX_TRANSFER`] bytes), all from
+    /// `binding`'s port. Its [`SendDone`], with `token` and the buffer, is
+    /// pushed to `done` now (a mailbox that sends synchronously) or by a
+    /// later [`reap_sends`](Mailbox::reap_sends).
+    fn submit_send(&mut self, binding: &Binding, buf: IoBuf, token: u64, done: &mut Vec<SendDone>);
     /// Moves finished SENDs to `done`, waiting up to `wait` for one when
     /// SENDs are in flight and none has finished (`None`: until one has).
     fn reap_sends(&mut self, done: &mut Vec<SendDone>, wait: Option<Duration>) {
@@ -121,29 +106,45 @@ pub trait Mailbox: Send {
     fn max_payload(&self) -> Option<u32> {
         None
     }
-    /// Whole frames for `binding`, at most `max` bytes, waiting up to `wait`
-    /// for the first; empty when none arrived.
-    fn receive(
-        &mut self,
-        binding: &Binding,
-        max: usize,
-        wait: Duration,
-    ) -> Result<Vec<u8>, MailboxError>;
-    /// As [`receive`](Mailbox::receive), into `buf`: on success
-    /// `buf.len()` is the bytes received (0: none arrived). The buffer's
-    /// allocation is reused from call to call, so a receive loop allocates
-    /// nothing.
+    /// Whole frames for `binding`, at most `max` bytes packed at 8-byte
+    /// aligned offsets, into `buf`, waiting up to `wait` for the first: on
+    /// success `buf.len()` is the bytes received (0: none arrived). The
+    /// buffer's allocation is reused from call to call, so a receive loop
+    /// allocates nothing.
     fn receive_into(
         &mut self,
         binding: &Binding,
         buf: &mut IoBuf,
         max: usize,
         wait: Duration,
-    ) -> Result<(), MailboxError> {
-        let got = self.receive(binding, max, wait)?;
-        buf.resize(got.len());
-        buf.copy_from_slice(&got);
-        Ok(())
+    ) -> Result<(), MailboxError>;
+
+    /// Sends `packed` (copied into a DMA buffer) and waits for the SEND to
+    /// finish. For callers with no SENDs of their own in flight.
+    fn send_packed(&mut self, binding: &Binding, packed: &[u8]) -> Result<(), MailboxError> {
+        const TOKEN: u64 = u64::MAX;
+        let mut done = Vec::with_capacity(1);
+        self.submit_send(binding, IoBuf::from_slice(packed), TOKEN, &mut done);
+        loop {
+            if let Some(i) = done.iter().position(|d| d.token == TOKEN) {
+                return done.swap_remove(i).result;
+            }
+            if self.sends_in_flight() == 0 {
+                return Ok(());
+            }
+            self.reap_sends(&mut done, None);
+        }
+    }
+    /// [`receive_into`](Mailbox::receive_into) a new buffer.
+    fn receive(
+        &mut self,
+        binding: &Binding,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<u8>, MailboxError> {
+        let mut buf = IoBuf::default();
+        self.receive_into(binding, &mut buf, max, wait)?;
+        Ok(buf.to_vec())
     }
 }
 
@@ -156,9 +157,6 @@ impl Mailbox for VendorMailbox {
     }
     fn send_packed(&mut self, binding: &Binding, packed: &[u8]) -> Result<(), MailboxError> {
         VendorMailbox::send_packed(self, binding, packed)
-    }
-    fn send_buf(&mut self, binding: &Binding, buf: &mut IoBuf) -> Result<(), MailboxError> {
-        VendorMailbox::send_buf(self, binding, buf)
     }
     fn submit_send(&mut self, binding: &Binding, buf: IoBuf, token: u64, done: &mut Vec<SendDone>) {
         VendorMailbox::submit_send(self, binding, buf, token, done)

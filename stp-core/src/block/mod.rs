@@ -52,10 +52,12 @@ use std::time::{Duration, Instant};
 use rand::{Rng, RngCore};
 use zerocopy::FromBytes;
 use scsi::cdb::RwFlags;
+use scsi::pool::BufPool;
 use scsi::{Cdb, CdbBuf, Command, CommandError, IoBuf, Transport};
 
+use crate::chunk::{Chunk, RecvBuf};
 use crate::error::{Refusal, SetupError};
-use crate::mailbox::{Binding, Mailbox};
+use crate::mailbox::{Binding, Mailbox, SendDone};
 use crate::retry::{Op, RetryPolicy};
 use crate::stg::{BlockLayout, MAX_HOSTS};
 use crate::vendor::MailboxError;
@@ -518,33 +520,79 @@ pub struct ShortRead {
     pub expected: usize,
 }
 
-/// Runs one READ, WRITE or READ CAPACITY, retried as [`crate::retry`]
-/// allows ([`RetryPolicy::BLOCK`]): READs and WRITEs of the same data to
-/// the same blocks are idempotent, so an ambiguous failure goes again too.
+/// Runs one READ or READ CAPACITY into `buf` (resized to `len`), retried as
+/// [`crate::retry`] allows ([`RetryPolicy::BLOCK`]): READs are idempotent,
+/// so an ambiguous failure goes again too. The buffer is the command's
+/// data-in buffer (no copy); a short read is an error.
+fn exec_read(
+    t: &mut dyn Transport,
+    cdb: CdbBuf,
+    buf: &mut IoBuf,
+    len: usize,
+    timeout: Duration,
+) -> Result<(), CommandError> {
+    RetryPolicy::BLOCK.run(Op::of_cdb(&cdb), || {
+        let mut data = std::mem::take(buf);
+        data.resize(len);
+        let cmd = Command {
+            direction: scsi::DataDirection::FromDevice,
+            data,
+            ..Command::no_data(cdb)
+        }
+        .with_timeout(timeout);
+        let c = t.execute(cmd);
+        *buf = c.data;
+        let outcome = c.result.and_then(|o| o.check().map(|()| o))?;
+        let got = len.saturating_sub(outcome.residual as usize).min(buf.len());
+        if got != len {
+            return Err(CommandError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                ShortRead { got, expected: len },
+            )));
+        }
+        Ok(())
+    })
+}
+
+/// Runs one WRITE from `buf` (whole blocks), retried as [`crate::retry`]
+/// allows: a WRITE of the same data to the same blocks is idempotent. The
+/// buffer is the command's data-out buffer (no copy) and comes back in
+/// `buf`, unless a timed-out attempt kept it (then the WRITE is not
+/// retried: there is nothing left to write).
+fn exec_write(
+    t: &mut dyn Transport,
+    cdb: CdbBuf,
+    buf: &mut IoBuf,
+    timeout: Duration,
+) -> Result<(), CommandError> {
+    let len = buf.len();
+    let mut lost: Option<CommandError> = None;
+    RetryPolicy::BLOCK.run(Op::of_cdb(&cdb), || {
+        if let Some(e) = lost.take() {
+            return Err(e);
+        }
+        let cmd = Command::data_out(cdb, std::mem::take(buf)).with_timeout(timeout);
+        let c = t.execute(cmd);
+        *buf = c.data;
+        let r = c.result.and_then(|o| o.check());
+        if r.is_err() && buf.len() != len {
+            lost = Some(CommandError::Io(io::Error::other(
+                "a WRITE's buffer stayed with a command that did not finish; not retried",
+            )));
+        }
+        r
+    })
+}
+
+/// Runs a READ CAPACITY or a one-off READ of `len` bytes into a new buffer.
 fn exec(
     t: &mut dyn Transport,
     cdb: CdbBuf,
-    out: Option<&[u8]>,
-    in_len: usize,
+    len: usize,
     timeout: Duration,
 ) -> Result<IoBuf, CommandError> {
-    let buf = RetryPolicy::BLOCK.run(Op::of_cdb(&cdb), || {
-        let cmd = match out {
-            Some(d) => Command::data_out(cdb, IoBuf::from_slice(d)),
-            None => Command::data_in(cdb, in_len),
-        }
-        .with_timeout(timeout);
-        t.execute(cmd).into_result().map(|(buf, _)| buf)
-    })?;
-    if out.is_none() && buf.len() != in_len {
-        return Err(CommandError::Io(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            ShortRead {
-                got: buf.len(),
-                expected: in_len,
-            },
-        )));
-    }
+    let mut buf = IoBuf::default();
+    exec_read(t, cdb, &mut buf, len, timeout)?;
     Ok(buf)
 }
 
@@ -565,55 +613,93 @@ impl Geometry {
         }
     }
 
-    fn read(&self, t: &mut dyn Transport, lba: u64, blocks: u64) -> Result<Vec<u8>, CommandError> {
+    /// Reads `blocks` blocks at `lba` into `out` (resized to them): straight
+    /// into it when one command carries them, else command by command
+    /// through a bounce buffer.
+    fn read_into(
+        &self,
+        t: &mut dyn Transport,
+        lba: u64,
+        blocks: u64,
+        out: &mut IoBuf,
+    ) -> Result<(), CommandError> {
         let bs = self.block_size as usize;
-        let mut out = Vec::with_capacity(blocks as usize * bs);
+        let total = usize::try_from(blocks)
+            .ok()
+            .and_then(|b| b.checked_mul(bs))
+            .ok_or_else(|| CommandError::Io(io::Error::other("a read too large to address")))?;
+        if blocks <= u64::from(self.max_blocks) {
+            return exec_read(t, rw(false, lba, blocks as u32), out, total, self.timeout);
+        }
+        out.resize(total);
+        let mut bounce = IoBuf::default();
         let mut done = 0u64;
         while done < blocks {
             let n = (blocks - done).min(u64::from(self.max_blocks)) as u32;
-            let buf = exec(
-                t,
-                rw(false, lba + done, n),
-                None,
-                n as usize * bs,
-                self.timeout,
-            )?;
-            out.extend_from_slice(&buf);
+            let len = n as usize * bs;
+            exec_read(t, rw(false, lba + done, n), &mut bounce, len, self.timeout)?;
+            let at = done as usize * bs;
+            out[at..at + len].copy_from_slice(&bounce);
             done += u64::from(n);
         }
+        Ok(())
+    }
+
+    /// Reads `blocks` blocks at `lba` into a new buffer.
+    fn read(&self, t: &mut dyn Transport, lba: u64, blocks: u64) -> Result<IoBuf, CommandError> {
+        let mut out = IoBuf::default();
+        self.read_into(t, lba, blocks, &mut out)?;
         Ok(out)
     }
 
-    /// Writes `data` (padded with zeros to whole blocks) at `lba`, FUA.
-    fn write(&self, t: &mut dyn Transport, lba: u64, data: &[u8]) -> Result<(), CommandError> {
+    /// Writes `buf` at `lba`, its length rounded up to whole blocks (the
+    /// bytes past its end are whatever the buffer holds there: block mode
+    /// never reads them). Straight from `buf` when one command carries it,
+    /// else command by command through a bounce buffer. `buf` comes back
+    /// with its length restored.
+    fn write_from(
+        &self,
+        t: &mut dyn Transport,
+        lba: u64,
+        buf: &mut IoBuf,
+    ) -> Result<(), CommandError> {
         let bs = self.block_size as usize;
+        let len = buf.len();
+        let blocks = len.div_ceil(bs);
+        if blocks <= self.max_blocks as usize {
+            buf.resize(blocks * bs);
+            let r = exec_write(t, rw(true, lba, blocks as u32), buf, self.timeout);
+            if buf.capacity() >= len {
+                buf.resize(len);
+            }
+            return r;
+        }
         let max = self.max_blocks as usize * bs;
+        let mut bounce = IoBuf::default();
         let mut at = 0;
-        let mut lba = lba;
-        while at < data.len() {
-            let end = (at + max).min(data.len());
-            let chunk = &data[at..end];
-            let blocks = chunk.len().div_ceil(bs);
-            let padded;
-            let chunk = if chunk.len() % bs == 0 {
-                chunk
-            } else {
-                let mut p = chunk.to_vec();
-                p.resize(blocks * bs, 0);
-                padded = p;
-                &padded[..]
-            };
-            exec(
+        while at < len {
+            let end = (at + max).min(len);
+            bounce.resize(end - at);
+            bounce.copy_from_slice(&buf[at..end]);
+            bounce.resize((end - at).div_ceil(bs) * bs);
+            let n = bounce.len() / bs;
+            exec_write(
                 t,
-                rw(true, lba, blocks as u32),
-                Some(chunk),
-                0,
+                rw(true, lba + (at / bs) as u64, n as u32),
+                &mut bounce,
                 self.timeout,
             )?;
-            lba += blocks as u64;
             at = end;
         }
         Ok(())
+    }
+
+    /// Writes `data` (padded with zeros to whole blocks) at `lba`.
+    fn write(&self, t: &mut dyn Transport, lba: u64, data: &[u8]) -> Result<(), CommandError> {
+        let bs = self.block_size as usize;
+        let mut buf = IoBuf::new(data.len().div_ceil(bs) * bs);
+        buf[..data.len()].copy_from_slice(data);
+        self.write_from(t, lba, &mut buf)
     }
 }
 
@@ -629,7 +715,6 @@ pub fn read_blocks(
     exec(
         t,
         rw(false, lba, blocks),
-        None,
         blocks as usize * block_size as usize,
         timeout,
     )
@@ -637,13 +722,7 @@ pub fn read_blocks(
 
 /// READ CAPACITY(16): (blocks, block size), retried as block I/O is.
 pub fn read_capacity(t: &mut dyn Transport, timeout: Duration) -> Result<(u64, u32), CommandError> {
-    let b = exec(
-        t,
-        Cdb::ReadCapacity16 { alloc_len: 32 }.emit(),
-        None,
-        32,
-        timeout,
-    )?;
+    let b = exec(t, Cdb::ReadCapacity16 { alloc_len: 32 }.emit(), 32, timeout)?;
     let field = |r: std::ops::Range<usize>| b.get(r).unwrap_or_default();
     let last = field(0..8).try_into().map_or(0, u64::from_be_bytes);
     let block_size = field(8..12).try_into().map_or(0, u32::from_be_bytes);
@@ -812,7 +891,8 @@ struct Member {
 
 struct PortQueue {
     handle: u32,
-    frames: VecDeque<Vec<u8>>,
+    /// Whole frames, each a range of the slot buffer it was read into.
+    frames: VecDeque<Chunk>,
     bytes: usize,
     ready: Arc<Condvar>,
 }
@@ -859,7 +939,7 @@ struct ConsLane {
 struct Staged {
     member: usize,
     seq: u64,
-    image: Vec<u8>,
+    image: IoBuf,
     frames: u64,
 }
 
@@ -882,6 +962,9 @@ pub struct BlockStg {
     counters: Counters,
     stop: AtomicBool,
     stalled: AtomicBool,
+    /// This host sent frames to another since the poller last looked: an
+    /// answer may follow, so the poller polls at its shortest interval.
+    sent: AtomicBool,
     wake: Mutex<bool>,
     wake_cv: Condvar,
     stale: Mutex<Option<(usize, u64)>>,
@@ -1170,6 +1253,7 @@ impl BlockStg {
             counters: Counters::default(),
             stop: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
+            sent: AtomicBool::new(false),
             wake: Mutex::new(false),
             wake_cv: Condvar::new(),
             stale: Mutex::new(None),
@@ -1327,9 +1411,30 @@ impl BlockStg {
         }
     }
 
-    fn read(&self, m: usize, lba: u64, blocks: u64) -> Result<Vec<u8>, CommandError> {
+    fn read(&self, m: usize, lba: u64, blocks: u64) -> Result<IoBuf, CommandError> {
+        let mut out = IoBuf::default();
+        self.read_into(m, lba, blocks, &mut out)?;
+        Ok(out)
+    }
+
+    fn read_into(
+        &self,
+        m: usize,
+        lba: u64,
+        blocks: u64,
+        out: &mut IoBuf,
+    ) -> Result<(), CommandError> {
         let mut t = lock(&self.members[m].path);
-        let r = self.geo.read(t.as_mut(), lba, blocks);
+        let r = self.geo.read_into(t.as_mut(), lba, blocks, out);
+        if r.is_err() {
+            bump(&self.counters.io_errors, 1);
+        }
+        r
+    }
+
+    fn write_from(&self, m: usize, lba: u64, buf: &mut IoBuf) -> Result<(), CommandError> {
+        let mut t = lock(&self.members[m].path);
+        let r = self.geo.write_from(t.as_mut(), lba, buf);
         if r.is_err() {
             bump(&self.counters.io_errors, 1);
         }
@@ -1480,6 +1585,23 @@ impl BlockStg {
         max: usize,
         wait: Duration,
     ) -> Result<Vec<u8>, MailboxError> {
+        let mut buf = IoBuf::default();
+        self.receive_into(binding, &mut buf, max, wait)?;
+        Ok(buf.to_vec())
+    }
+
+    /// As [`receive`](Self::receive), into `buf` (its allocation reused):
+    /// the frames are copied once, from the slot buffers they were read
+    /// into, packed at 8-byte aligned offsets. On success `buf.len()` is
+    /// the bytes received (0: none arrived).
+    pub fn receive_into(
+        &self,
+        binding: &Binding,
+        buf: &mut IoBuf,
+        max: usize,
+        wait: Duration,
+    ) -> Result<(), MailboxError> {
+        buf.resize(0);
         self.check_stale()?;
         let deadline = Instant::now().checked_add(wait);
         let mut ports = lock(&self.ports);
@@ -1499,14 +1621,17 @@ impl BlockStg {
                         needed: span as u32,
                     }));
                 }
-                let mut out = Vec::new();
+                let mut len = 0;
                 while let Some(f) = q.frames.front() {
                     let span = f.len().next_multiple_of(ALIGN);
-                    if out.len() + span > max {
+                    if len + span > max {
                         break;
                     }
-                    out.extend_from_slice(f);
-                    out.resize(out.len().next_multiple_of(ALIGN), 0);
+                    buf.resize(len + span);
+                    buf[len..len + f.len()].copy_from_slice(f);
+                    buf[len + f.len()..len + span].fill(0);
+                    crate::counters::bump!(recv_copy_bytes, f.len().saturating_sub(HEADER_LEN));
+                    len += span;
                     q.bytes -= span;
                     q.frames.pop_front();
                 }
@@ -1514,11 +1639,11 @@ impl BlockStg {
                 if self.stalled.load(Ordering::Acquire) {
                     self.kick();
                 }
-                return Ok(out);
+                return Ok(());
             }
             let now = Instant::now();
             ports = match deadline {
-                Some(d) if now >= d => return Ok(Vec::new()),
+                Some(d) if now >= d => return Ok(()),
                 Some(d) => {
                     ready
                         .wait_timeout(ports, d - now)
@@ -1532,13 +1657,13 @@ impl BlockStg {
 
     /// Queues frames (each `dst_port` on this host) for local ports, all or
     /// nothing: `Err(port)`, and nothing queued, when a bound port lacks
-    /// room. Frames for unbound ports are dropped and counted.
-    fn deliver(&self, frames: &[&[u8]]) -> Result<(), u32> {
+    /// room. Frames for unbound ports are dropped and counted. A frame
+    /// stays where it was read (a range of its slot buffer) until received.
+    fn deliver(&self, frames: &[Chunk]) -> Result<(), u32> {
         let mut ports = lock(&self.ports);
         let mut need: HashMap<u32, (usize, usize)> = HashMap::new();
         for f in frames {
-            let dst = dst_port(f);
-            let e = need.entry(dst).or_default();
+            let e = need.entry(dst_port(f)).or_default();
             e.0 += 1;
             e.1 += f.len().next_multiple_of(ALIGN);
         }
@@ -1555,7 +1680,7 @@ impl BlockStg {
             match ports.bound.get_mut(&dst) {
                 Some(q) => {
                     q.bytes += f.len().next_multiple_of(ALIGN);
-                    q.frames.push_back(f.to_vec());
+                    q.frames.push_back(f.clone());
                     bump(&self.counters.frames_received, 1);
                     if !woken.contains(&dst) {
                         woken.push(dst);
@@ -1619,7 +1744,8 @@ impl BlockStg {
             let frames = &by_host[usize::from(d)];
             let first_port = dst_port(frames[0]);
             if d == self.host {
-                self.deliver(frames)
+                let local: Vec<Chunk> = frames.iter().map(|f| Chunk::copied(f)).collect();
+                self.deliver(&local)
                     .map_err(|port| MailboxError::Refused(Refusal::QueueFull { port }))?;
                 bump(&self.counters.frames_local, frames.len() as u64);
                 continue;
@@ -1630,31 +1756,51 @@ impl BlockStg {
                 .unwrap_or_else(|| unreachable!("a lane to every other host"));
             let mut lane = lock(lane);
             self.produce(&mut lane, d, slots, first_port)?;
+            drop(lane);
+            // The answer, if any, comes back on the reverse lane: look for
+            // it soon rather than after the idle back-off.
+            if !self.sent.swap(true, Ordering::AcqRel) {
+                self.kick();
+            }
         }
         Ok(())
     }
 
     /// Packs frames into slot images (header room, then frames at aligned
-    /// offsets, no trailing padding), as many per slot as fit.
-    fn build_slots(&self, frames: &[&[u8]]) -> Vec<(Vec<u8>, u64)> {
+    /// offsets, no trailing padding), as many per slot as fit, in pooled
+    /// DMA buffers that the WRITEs then carry: the payload's one copy in
+    /// block mode's send path.
+    fn build_slots(&self, frames: &[&[u8]]) -> Vec<(IoBuf, u64)> {
         let cap = self.slot_bytes - SLOT_HEADER_LEN;
+        let pool = BufPool::global();
+        let fresh = || {
+            let mut b = pool.get(self.slot_bytes);
+            b.resize(SLOT_HEADER_LEN);
+            b
+        };
         let mut slots = Vec::new();
-        let mut cur = vec![0u8; SLOT_HEADER_LEN];
+        let mut cur = fresh();
         let mut n = 0u64;
         for f in frames {
-            let used = cur.len() - SLOT_HEADER_LEN;
+            let mut used = cur.len() - SLOT_HEADER_LEN;
             let mut start = used.next_multiple_of(ALIGN);
             if n > 0 && start + f.len() > cap {
-                slots.push((std::mem::replace(&mut cur, vec![0u8; SLOT_HEADER_LEN]), n));
+                slots.push((std::mem::replace(&mut cur, fresh()), n));
                 n = 0;
-                start = 0;
+                (used, start) = (0, 0);
             }
-            cur.resize(SLOT_HEADER_LEN + start, 0);
-            cur.extend_from_slice(f);
+            let at = SLOT_HEADER_LEN + start;
+            cur.resize(at + f.len());
+            // Padding between frames is zero (the CRC covers it).
+            cur[SLOT_HEADER_LEN + used..at].fill(0);
+            cur[at..].copy_from_slice(f);
+            crate::counters::bump!(send_copy_bytes, f.len().saturating_sub(HEADER_LEN));
             n += 1;
         }
         if n > 0 {
             slots.push((cur, n));
+        } else {
+            pool.put(cur);
         }
         slots
     }
@@ -1663,7 +1809,7 @@ impl BlockStg {
         &self,
         lane: &mut ProdLane,
         d: u16,
-        slots: Vec<(Vec<u8>, u64)>,
+        slots: Vec<(IoBuf, u64)>,
         port: u32,
     ) -> Result<(), MailboxError> {
         let s_count = u64::from(self.layout.slots);
@@ -1756,7 +1902,10 @@ impl BlockStg {
     ) -> Result<(), MailboxError> {
         let result = self.commit_inner(lane, d, stage);
         staged.fill(0);
-        let done = std::mem::take(stage);
+        let mut done = std::mem::take(stage);
+        for s in &mut done {
+            BufPool::global().put(std::mem::take(&mut s.image));
+        }
         match result {
             Ok(()) => {
                 bump(&self.counters.slots_written, done.len() as u64);
@@ -1781,32 +1930,42 @@ impl BlockStg {
         &self,
         lane: &mut ProdLane,
         d: u16,
-        stage: &[Staged],
+        stage: &mut [Staged],
     ) -> Result<(), (Vec<usize>, CommandError)> {
         let s_count = u64::from(self.layout.slots);
         let mut order: Vec<usize> = Vec::new();
-        for s in stage {
+        for s in stage.iter() {
             if !order.contains(&s.member) {
                 order.push(s.member);
             }
         }
         for &m in &order {
-            let mine: Vec<&Staged> = stage.iter().filter(|s| s.member == m).collect();
+            let mine: Vec<usize> = (0..stage.len()).filter(|&k| stage[k].member == m).collect();
             let mut i = 0;
             while i < mine.len() {
                 // A run of ring-contiguous slots: up to the ring's end.
                 let first = lane.produced[m] + i as u64;
                 let room = (s_count - first % s_count) as usize;
                 let run = &mine[i..(i + room).min(mine.len())];
-                let mut buf = Vec::with_capacity(run.len() * self.slot_bytes);
-                for (k, s) in run.iter().enumerate() {
-                    buf.extend_from_slice(&s.image);
-                    if k + 1 < run.len() {
-                        buf.resize((k + 1) * self.slot_bytes, 0);
+                let lba = self.slot_lba(self.host, d, first);
+                let written = if let [one] = run {
+                    // One slot: its image is the WRITE's buffer.
+                    self.write_from(m, lba, &mut stage[*one].image)
+                } else {
+                    // Consecutive slots share one WRITE.
+                    let mut buf = BufPool::global().get(run.len() * self.slot_bytes);
+                    for (k, &s) in run.iter().enumerate() {
+                        let at = k * self.slot_bytes;
+                        let image = &stage[s].image;
+                        buf[at..at + image.len()].copy_from_slice(image);
                     }
-                }
-                self.write(m, self.slot_lba(self.host, d, first), &buf)
-                    .map_err(|e| (Vec::new(), e))?;
+                    let last = run.len() - 1;
+                    buf.resize(last * self.slot_bytes + stage[run[last]].image.len());
+                    let r = self.write_from(m, lba, &mut buf);
+                    BufPool::global().put(buf);
+                    r
+                };
+                written.map_err(|e| (Vec::new(), e))?;
                 i += run.len();
             }
         }
@@ -1902,22 +2061,43 @@ impl BlockStg {
             plan.push(turn);
             turn = (turn + 1) % m_count;
         }
-        // Read each member's slots (at most two runs: the ring wraps).
-        let mut data: Vec<Vec<u8>> = vec![Vec::new(); m_count];
+        // Read each member's slots (at most two runs: the ring wraps)
+        // into pooled buffers, which the frames then stay in until read.
+        let pool = BufPool::global();
         let sb = u64::from(self.layout.slot_blocks);
-        for m in 0..m_count {
-            let mut k = 0;
-            while k < take[m] {
-                let first = lane.consumed[m] + k;
-                let n = (take[m] - k).min(s_count - first % s_count);
-                match self.read(m, self.slot_lba(lane.src, self.host, first), n * sb) {
-                    Ok(b) => data[m].extend_from_slice(&b),
-                    Err(_) => break,
+        let mut data: Vec<Arc<dyn AsRef<[u8]> + Send + Sync>> = Vec::with_capacity(m_count);
+        for (m, take) in take.iter_mut().enumerate() {
+            let mut buf = pool.get(*take as usize * self.slot_bytes);
+            let mut got = 0u64;
+            while got < *take {
+                let first = lane.consumed[m] + got;
+                let n = (*take - got).min(s_count - first % s_count);
+                let lba = self.slot_lba(lane.src, self.host, first);
+                let ok = if got == 0 {
+                    self.read_into(m, lba, n * sb, &mut buf).is_ok()
+                } else {
+                    // The ring wrapped: the second run goes after the first.
+                    let mut more = pool.get(n as usize * self.slot_bytes);
+                    let ok = self.read_into(m, lba, n * sb, &mut more).is_ok();
+                    if ok {
+                        let at = buf.len();
+                        buf.resize(at + more.len());
+                        buf[at..].copy_from_slice(&more);
+                    }
+                    pool.put(more);
+                    ok
+                };
+                if !ok {
+                    break;
                 }
-                k += n;
+                got += n;
+            }
+            if got == 0 {
+                buf.resize(0);
             }
             // A failed read shortens what can be taken from this member.
-            take[m] = (data[m].len() / self.slot_bytes) as u64;
+            *take = got;
+            data.push(Arc::new(RecvBuf::new(buf, Some(pool.clone()))));
         }
         // Deliver in plan order.
         let mut used = vec![0usize; m_count];
@@ -1927,18 +2107,24 @@ impl BlockStg {
                 break;
             }
             let at = used[m] * self.slot_bytes;
-            let slot = &data[m][at..at + self.slot_bytes];
+            let whole: &[u8] = (*data[m]).as_ref();
+            let slot = &whole[at..at + self.slot_bytes];
             match open_slot(slot, self.generation) {
                 Ok((seq, frames)) => {
                     lane.bad_since = None;
                     if seq != lane.expect {
                         bump(&self.counters.out_of_sequence, 1);
                     }
+                    // Where the slot's frames start in the member's buffer.
+                    let base = at + SLOT_HEADER_LEN;
                     let mut list = Vec::new();
                     for f in Frames::new(frames) {
                         match f {
                             Ok(f) if port_host(f.header.dst_port) == Some(self.host) => {
-                                list.push(f.bytes(frames));
+                                let start = base + f.offset;
+                                let range =
+                                    start..start + HEADER_LEN + f.header.payload_len as usize;
+                                list.extend(Chunk::new(data[m].clone(), range));
                             }
                             _ => bump(&self.counters.frames_misrouted, 1),
                         }
@@ -1997,7 +2183,8 @@ fn poller(weak: Weak<BlockStg>, mut lanes: Vec<ConsLane>) {
                 stg.write_consumer_blocks(lane);
             }
         }
-        backoff = if progress {
+        let sent = stg.sent.swap(false, Ordering::AcqRel);
+        backoff = if progress || sent {
             stg.config.poll_min
         } else {
             (backoff * 2).clamp(stg.config.poll_min, stg.config.poll_max)
@@ -2046,13 +2233,20 @@ impl Mailbox for BlockMailbox {
     fn send_packed(&mut self, binding: &Binding, packed: &[u8]) -> Result<(), MailboxError> {
         self.stg.send_packed(binding, packed)
     }
-    fn receive(
+    /// Synchronous: the slots are written and published before it returns
+    /// (the buffer is read, never written: it comes back as it went).
+    fn submit_send(&mut self, binding: &Binding, buf: IoBuf, token: u64, done: &mut Vec<SendDone>) {
+        let result = self.stg.send_packed(binding, &buf);
+        done.push(SendDone { token, buf, result });
+    }
+    fn receive_into(
         &mut self,
         binding: &Binding,
+        buf: &mut IoBuf,
         max: usize,
         wait: Duration,
-    ) -> Result<Vec<u8>, MailboxError> {
-        self.stg.receive(binding, max, wait)
+    ) -> Result<(), MailboxError> {
+        self.stg.receive_into(binding, buf, max, wait)
     }
 }
 
