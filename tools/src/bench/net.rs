@@ -117,6 +117,14 @@ pub struct StpArgs {
     /// (default: the stack's, 4 MiB).
     #[arg(long, value_name = "SIZE", value_parser = parse_nonzero_size)]
     pub send_buffer: Option<u64>,
+    /// Block mode: the slot size the STG is formatted with (default
+    /// 32 KiB; rounded up to whole blocks). A frame's payload is at most a
+    /// slot less 104 bytes.
+    #[arg(long, value_name = "SIZE", value_parser = parse_nonzero_size)]
+    pub slot: Option<u64>,
+    /// Block mode: slots per lane (default 32).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub slots: Option<u32>,
     /// Goodput and ping-pong options.
     #[command(flatten)]
     pub net: NetArgs,
@@ -137,6 +145,8 @@ impl StpArgs {
             sim_link: None,
             frame: None,
             send_buffer: None,
+            slot: None,
+            slots: None,
             net,
         }
     }
@@ -519,12 +529,17 @@ impl DeviceMap {
 type Opener = Arc<dyn Fn(usize, Option<usize>) -> io::Result<Box<dyn Transport>> + Send + Sync>;
 
 /// The block layout of block mode: two hosts.
-fn block_layout() -> BlockLayout {
-    BlockLayout {
+/// The layout the bench formats a block-mode STG with, for LUNs of
+/// `block_size`-byte blocks.
+fn block_layout(args: &StpArgs, block_size: u32) -> Result<BlockLayout> {
+    let slot = args.slot.unwrap_or(32 << 10);
+    let slot_blocks = u32::try_from(slot.div_ceil(u64::from(block_size.max(1))))
+        .map_err(|_| anyhow!("--slot {slot} is too large"))?;
+    Ok(BlockLayout {
         hosts: 2,
-        slots: 32,
-        slot_blocks: 64,
-    }
+        slots: args.slots.unwrap_or(32),
+        slot_blocks,
+    })
 }
 
 const SIM_STG: u32 = 7;
@@ -554,9 +569,12 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
                 .add_lun(id, LunConfig::new(id, 1 << 16, 512))
                 .context("building the simulated array")?;
         }
+        // The plain LUN holds block mode's STG: 64 MiB, or what the layout
+        // asks for.
+        let needed = block_layout(args, 512)?.required_blocks();
         let plain = LunConfig {
             dpofua: false,
-            ..LunConfig::new(SIM_PLAIN_LUN, 1 << 17, 512)
+            ..LunConfig::new(SIM_PLAIN_LUN, needed.max(1 << 17), 512)
         };
         array
             .add_lun(SIM_PLAIN_LUN, plain)
@@ -641,10 +659,15 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
             let mut admin = vec![opener(0, None)?];
             paths.push(format!("host 0: {}", admin[0].describe()));
             paths.push(format!("host 1: {}", opener(1, None)?.describe()));
+            let (_, block_size) = stp_core::block::read_capacity(
+                admin[0].as_mut(),
+                Duration::from_secs(30),
+            )
+            .context("reading the block-mode LUN's capacity")?;
             format(
                 &mut admin,
                 BLOCK_STG,
-                &block_layout(),
+                &block_layout(args, block_size)?,
                 &mut StdRng::from_entropy(),
             )
             .context("formatting the block-mode STG")?;
