@@ -286,6 +286,36 @@ pub mod wire {
             pub control: u8,
         }
 
+        /// PERSISTENT RESERVE IN (SPC-4 6.15).
+        pub struct PersistentReserveIn {
+            /// Byte 0: operation code.
+            pub opcode: u8,
+            /// Byte 1: service action in bits 4-0.
+            pub service_action: u8,
+            /// Bytes 2-6: reserved.
+            pub reserved: [u8; 5],
+            /// Bytes 7-8: allocation length.
+            pub alloc_len: U16BE,
+            /// Byte 9: CONTROL.
+            pub control: u8,
+        }
+
+        /// PERSISTENT RESERVE OUT (SPC-4 6.16).
+        pub struct PersistentReserveOut {
+            /// Byte 0: operation code.
+            pub opcode: u8,
+            /// Byte 1: service action in bits 4-0.
+            pub service_action: u8,
+            /// Byte 2: scope in bits 7-4, type in bits 3-0.
+            pub scope_type: u8,
+            /// Bytes 3-4: reserved.
+            pub reserved: [u8; 2],
+            /// Bytes 5-8: parameter list length.
+            pub param_len: U32BE,
+            /// Byte 9: CONTROL.
+            pub control: u8,
+        }
+
         /// STP's vendor-specific CDB (opcodes 0xC0-0xFF), 10 bytes: the
         /// length Linux LIO copies for command groups 6 and 7.
         pub struct Vendor10 {
@@ -318,6 +348,8 @@ pub mod wire {
         assert!(size_of::<SynchronizeCache16>() == 16);
         assert!(size_of::<ReportLuns>() == 12);
         assert!(size_of::<ReportSupportedOpcodes>() == 12);
+        assert!(size_of::<PersistentReserveIn>() == 10);
+        assert!(size_of::<PersistentReserveOut>() == 10);
         assert!(size_of::<Vendor10>() == 10);
     };
 }
@@ -544,6 +576,24 @@ pub enum Cdb {
         service_action: u16,
         /// Allocation length.
         alloc_len: u32,
+    },
+    /// PERSISTENT RESERVE IN: read keys, the reservation, capabilities.
+    PersistentReserveIn {
+        /// Service action (5 bits).
+        service_action: u8,
+        /// Allocation length.
+        alloc_len: u16,
+    },
+    /// PERSISTENT RESERVE OUT: register, reserve, release, clear, preempt.
+    PersistentReserveOut {
+        /// Service action (5 bits).
+        service_action: u8,
+        /// Scope (4 bits; 0 = logical unit).
+        scope: u8,
+        /// Reservation type (4 bits).
+        pr_type: u8,
+        /// Parameter list length (24 for the basic parameter list).
+        param_len: u32,
     },
     /// A vendor-specific command (opcodes 0xC0-0xFF).
     Vendor(VendorCdb),
@@ -795,6 +845,22 @@ impl Cdb {
                     alloc_len: w.alloc_len.get(),
                 }
             }
+            Opcode::PERSISTENT_RESERVE_IN => {
+                let w: wire::PersistentReserveIn = read(bytes, opcode)?;
+                Cdb::PersistentReserveIn {
+                    service_action: w.service_action & wire::SERVICE_ACTION_MASK,
+                    alloc_len: w.alloc_len.get(),
+                }
+            }
+            Opcode::PERSISTENT_RESERVE_OUT => {
+                let w: wire::PersistentReserveOut = read(bytes, opcode)?;
+                Cdb::PersistentReserveOut {
+                    service_action: w.service_action & wire::SERVICE_ACTION_MASK,
+                    scope: w.scope_type >> 4,
+                    pr_type: w.scope_type & 0x0F,
+                    param_len: w.param_len.get(),
+                }
+            }
             Opcode(0xC0..=0xFF) => {
                 let w: wire::Vendor10 = read(bytes, opcode)?;
                 Cdb::Vendor(VendorCdb {
@@ -932,6 +998,27 @@ impl Cdb {
                 alloc_len: alloc_len.into(),
                 ..Default::default()
             }),
+            Cdb::PersistentReserveIn {
+                service_action,
+                alloc_len,
+            } => buf(&wire::PersistentReserveIn {
+                opcode: op,
+                service_action: service_action & wire::SERVICE_ACTION_MASK,
+                alloc_len: alloc_len.into(),
+                ..Default::default()
+            }),
+            Cdb::PersistentReserveOut {
+                service_action,
+                scope,
+                pr_type,
+                param_len,
+            } => buf(&wire::PersistentReserveOut {
+                opcode: op,
+                service_action: service_action & wire::SERVICE_ACTION_MASK,
+                scope_type: (scope << 4) | (pr_type & 0x0F),
+                param_len: param_len.into(),
+                ..Default::default()
+            }),
             Cdb::Vendor(v) => buf(&wire::Vendor10 {
                 opcode: op,
                 flags: v.flags,
@@ -960,6 +1047,8 @@ impl Cdb {
             Cdb::SynchronizeCache16 { .. } => Opcode::SYNCHRONIZE_CACHE_16,
             Cdb::ReportLuns { .. } => Opcode::REPORT_LUNS,
             Cdb::ReportSupportedOpcodes { .. } => Opcode::MAINTENANCE_IN,
+            Cdb::PersistentReserveIn { .. } => Opcode::PERSISTENT_RESERVE_IN,
+            Cdb::PersistentReserveOut { .. } => Opcode::PERSISTENT_RESERVE_OUT,
             Cdb::Vendor(v) => v.opcode,
         }
     }
@@ -973,8 +1062,11 @@ impl Cdb {
             Cdb::TestUnitReady
             | Cdb::SynchronizeCache10 { .. }
             | Cdb::SynchronizeCache16 { .. } => DataDirection::None,
-            Cdb::Write10 { .. } | Cdb::Write16 { .. } => DataDirection::ToDevice,
-            Cdb::RequestSense { .. }
+            Cdb::Write10 { .. } | Cdb::Write16 { .. } | Cdb::PersistentReserveOut { .. } => {
+                DataDirection::ToDevice
+            }
+            Cdb::PersistentReserveIn { .. }
+            | Cdb::RequestSense { .. }
             | Cdb::Inquiry { .. }
             | Cdb::ModeSense6 { .. }
             | Cdb::ModeSense10 { .. }
@@ -1000,7 +1092,10 @@ impl Cdb {
             Cdb::RequestSense { alloc_len, .. } | Cdb::ModeSense6 { alloc_len, .. } => {
                 alloc_len.into()
             }
-            Cdb::Inquiry { alloc_len, .. } | Cdb::ModeSense10 { alloc_len, .. } => alloc_len.into(),
+            Cdb::Inquiry { alloc_len, .. }
+            | Cdb::ModeSense10 { alloc_len, .. }
+            | Cdb::PersistentReserveIn { alloc_len, .. } => alloc_len.into(),
+            Cdb::PersistentReserveOut { param_len, .. } => param_len.into(),
             Cdb::ReadCapacity10 => 8,
             Cdb::ReadCapacity16 { alloc_len }
             | Cdb::ReportLuns { alloc_len, .. }
@@ -1681,6 +1776,36 @@ mod tests {
     }
 
     #[test]
+    fn persistent_reserve_literal_bytes() {
+        let out = Cdb::PersistentReserveOut {
+            service_action: 1,
+            scope: 0,
+            pr_type: 5,
+            param_len: 24,
+        };
+        assert_eq!(out.emit().as_slice(), &[0x5F, 1, 5, 0, 0, 0, 0, 0, 24, 0]);
+        assert_eq!(out.direction(), Some(DataDirection::ToDevice));
+        assert_eq!(out.transfer_len(512), Some(24));
+        let inn = Cdb::PersistentReserveIn {
+            service_action: 0,
+            alloc_len: 0x1234,
+        };
+        assert_eq!(
+            inn.emit().as_slice(),
+            &[0x5E, 0, 0, 0, 0, 0, 0, 0x12, 0x34, 0]
+        );
+        assert_eq!(
+            Cdb::parse(&[0x5F, 0xE3, 0x16, 9, 9, 0, 0, 1, 0, 0]),
+            Ok(Cdb::PersistentReserveOut {
+                service_action: 3,
+                scope: 1,
+                pr_type: 6,
+                param_len: 256,
+            })
+        );
+    }
+
+    #[test]
     fn emit_masks_overwide_fields() {
         let cdb = Cdb::ModeSense6 {
             dbd: false,
@@ -1817,6 +1942,20 @@ mod tests {
                         service_action,
                         alloc_len,
                     }
+                }
+            ),
+            (0u8..=0x1F, any::<u16>()).prop_map(|(service_action, alloc_len)| {
+                Cdb::PersistentReserveIn {
+                    service_action,
+                    alloc_len,
+                }
+            }),
+            (0u8..=0x1F, 0u8..=0x0F, 0u8..=0x0F, any::<u32>()).prop_map(
+                |(service_action, scope, pr_type, param_len)| Cdb::PersistentReserveOut {
+                    service_action,
+                    scope,
+                    pr_type,
+                    param_len,
                 }
             ),
             (

@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use scsi::cdb::{Cdb, PageControl, RwFlags, VendorCdb};
 use scsi::inquiry::{BlockLimits, Designator, StandardInquiry, VpdPage};
-use scsi::{Asc, DataDirection, Opcode, Sense, SenseKey};
+use scsi::{Asc, DataDirection, Opcode, ScsiStatus, Sense, SenseKey};
 
 use crate::lun::{LunConfig, LunStore};
+use crate::pr::{self, Access, PrError, Reservations};
 use crate::task::{InitiatorId, Task, TaskResult};
 use crate::ConfigError;
 
@@ -44,6 +45,8 @@ pub struct Lun {
     store: LunStore,
     /// Pending unit attentions per initiator, oldest first.
     attentions: Mutex<HashMap<InitiatorId, VecDeque<Asc>>>,
+    /// Persistent reservations (SPC-4 §5.14).
+    reservations: Mutex<Reservations>,
 }
 
 impl Lun {
@@ -166,6 +169,7 @@ impl Array {
             store: LunStore::new(config.capacity()),
             config,
             attentions: Mutex::new(HashMap::new()),
+            reservations: Mutex::new(Reservations::new()),
         });
         luns.insert(id, lun.clone());
         Ok(lun)
@@ -210,6 +214,8 @@ impl Array {
     pub fn power_on(&self) {
         let initiators = self.initiators();
         for lun in self.all_luns() {
+            // Nothing persists through power loss (APTPL is not offered).
+            *lun.reservations.lock().unwrap_or_else(|e| e.into_inner()) = Reservations::new();
             lun.raise(&initiators, Asc::POWER_ON_OCCURRED);
         }
     }
@@ -306,7 +312,28 @@ impl Array {
             }
         }
 
-        // 4. Execute.
+        // 4. Persistent reservations: a command another initiator's
+        // reservation shuts this one out of ends in RESERVATION CONFLICT.
+        if let Parsed::Standard(cdb) = &parsed {
+            let access = match cdb {
+                Cdb::Read10 { .. } | Cdb::Read16 { .. } => Access::Read,
+                Cdb::Write10 { .. }
+                | Cdb::Write16 { .. }
+                | Cdb::SynchronizeCache10 { .. }
+                | Cdb::SynchronizeCache16 { .. } => Access::Write,
+                _ => Access::Other,
+            };
+            let conflict = lun
+                .reservations
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .conflicts(task.initiator, access);
+            if conflict {
+                return task.complete(TaskResult::status(ScsiStatus::RESERVATION_CONFLICT));
+            }
+        }
+
+        // 5. Execute.
         match parsed {
             Parsed::Standard(cdb) => self.execute(&lun, cdb, task),
             Parsed::Vendor(handler, cdb) => handler.execute(&lun, cdb, task),
@@ -532,12 +559,76 @@ impl Array {
                 alloc_len,
                 task,
             ),
+            Cdb::PersistentReserveIn {
+                service_action,
+                alloc_len,
+            } => {
+                let data = {
+                    let r = lun.reservations.lock().unwrap_or_else(|e| e.into_inner());
+                    match service_action {
+                        pr::read::KEYS => r.read_keys(),
+                        pr::read::RESERVATION => r.read_reservation(),
+                        pr::read::CAPABILITIES => Reservations::report_capabilities(),
+                        _ => return self.fail(task, Sense::invalid_field_in_cdb(1, Some(4))),
+                    }
+                };
+                task.respond(&data, alloc_len.into());
+            }
+            Cdb::PersistentReserveOut {
+                service_action,
+                scope,
+                pr_type,
+                param_len,
+            } => self.persistent_reserve_out(lun, service_action, scope, pr_type, param_len, task),
             // Parsed as a vendor command, never a standard one.
             Cdb::Vendor(_) => self.fail(task, unsupported_opcode()),
             // Cdb is non-exhaustive across crate versions: anything this
             // model does not implement is an unsupported command.
             #[allow(unreachable_patterns)]
             _ => self.fail(task, unsupported_opcode()),
+        }
+    }
+
+    fn persistent_reserve_out(
+        &self,
+        lun: &Arc<Lun>,
+        action: u8,
+        scope: u8,
+        kind: u8,
+        param_len: u32,
+        task: Task,
+    ) {
+        let len = usize::try_from(param_len).unwrap_or(usize::MAX);
+        if len != pr::PARAM_LEN || task.reply.data_len() < len {
+            return self.fail(
+                task,
+                Sense::new(SenseKey::ILLEGAL_REQUEST, Asc::PARAMETER_LIST_LENGTH_ERROR),
+            );
+        }
+        let mut params = [0u8; pr::PARAM_LEN];
+        let got = task.reply.read_out(0, &mut params);
+        if got != params.len() {
+            return self.fail(
+                task,
+                Sense::new(SenseKey::ILLEGAL_REQUEST, Asc::PARAMETER_LIST_LENGTH_ERROR),
+            );
+        }
+        let result = lun
+            .reservations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .out(task.initiator, action, scope, kind, &params);
+        match result {
+            Ok(told) => {
+                for (initiator, asc) in told {
+                    lun.raise(&[initiator], asc);
+                }
+                task.complete(TaskResult::good(0));
+            }
+            Err(PrError::Conflict) => {
+                task.complete(TaskResult::status(ScsiStatus::RESERVATION_CONFLICT))
+            }
+            Err(PrError::Check(sense)) => self.fail(task, sense),
         }
     }
 
@@ -818,6 +909,8 @@ impl Array {
             (Opcode::WRITE_10.0, None, 10),
             (Opcode::SYNCHRONIZE_CACHE_10.0, None, 10),
             (Opcode::MODE_SENSE_10.0, None, 10),
+            (Opcode::PERSISTENT_RESERVE_IN.0, None, 10),
+            (Opcode::PERSISTENT_RESERVE_OUT.0, None, 10),
             (Opcode::READ_16.0, None, 16),
             (Opcode::WRITE_16.0, None, 16),
             (Opcode::SYNCHRONIZE_CACHE_16.0, None, 16),

@@ -41,6 +41,7 @@ pub mod inproc;
 pub mod lun;
 pub mod mailbox;
 mod pool;
+pub mod pr;
 pub mod task;
 pub mod tcmu;
 

@@ -411,3 +411,137 @@ pub fn transfer_length_mismatches(t: &mut dyn Transport, lba: u64) -> Check {
     }
     Ok(())
 }
+
+/// A PERSISTENT RESERVE OUT parameter list: `key`, `sa_key`.
+fn pr_params(key: u64, sa_key: u64) -> [u8; 24] {
+    let mut p = [0u8; 24];
+    p[0..8].copy_from_slice(&key.to_be_bytes());
+    p[8..16].copy_from_slice(&sa_key.to_be_bytes());
+    p
+}
+
+/// PERSISTENT RESERVE OUT `action` of `pr_type` with `key` and `sa_key`.
+fn pr_out(t: &mut dyn Transport, action: u8, pr_type: u8, key: u64, sa_key: u64) -> Completion {
+    let cdb = Cdb::PersistentReserveOut {
+        service_action: action,
+        scope: 0,
+        pr_type,
+        param_len: 24,
+    };
+    run_out(t, cdb, &pr_params(key, sa_key))
+}
+
+/// The registered keys (READ KEYS).
+fn pr_keys(t: &mut dyn Transport) -> Result<Vec<u64>, String> {
+    let c = run_in(
+        t,
+        Cdb::PersistentReserveIn {
+            service_action: 0,
+            alloc_len: 1024,
+        },
+        1024,
+    );
+    let (data, _) = c.into_result().map_err(|e| format!("READ KEYS: {e}"))?;
+    let len = be_u32(&data, 4).ok_or("READ KEYS: short header")? as usize;
+    (0..len / 8)
+        .map(|i| be_u64(&data, 8 + 8 * i).ok_or_else(|| "READ KEYS: short list".to_string()))
+        .collect()
+}
+
+/// The reservation's (key, type), if any (READ RESERVATION).
+fn pr_reservation(t: &mut dyn Transport) -> Result<Option<(u64, u8)>, String> {
+    let c = run_in(
+        t,
+        Cdb::PersistentReserveIn {
+            service_action: 1,
+            alloc_len: 64,
+        },
+        64,
+    );
+    let (data, _) = c
+        .into_result()
+        .map_err(|e| format!("READ RESERVATION: {e}"))?;
+    match be_u32(&data, 4) {
+        Some(0) => Ok(None),
+        Some(_) => {
+            let key = be_u64(&data, 8).ok_or("READ RESERVATION: short")?;
+            let ty = *data.get(21).ok_or("READ RESERVATION: short")? & 0x0F;
+            Ok(Some((key, ty)))
+        }
+        None => Err("READ RESERVATION: short header".into()),
+    }
+}
+
+fn good(c: Completion, what: &str) -> Check {
+    c.into_result()
+        .map(|_| ())
+        .map_err(|e| format!("{what}: {e}"))
+}
+
+fn conflict(c: Completion, what: &str) -> Check {
+    match c.into_result() {
+        Err(CommandError::ReservationConflict) => Ok(()),
+        Err(e) => Err(format!("{what}: expected RESERVATION CONFLICT, got {e}")),
+        Ok(_) => Err(format!("{what}: expected RESERVATION CONFLICT, got GOOD")),
+    }
+}
+
+/// Persistent reservations on one LUN seen by two initiators `a` and `b`:
+/// under Write Exclusive – Registrants Only held by `a`, the unregistered
+/// `b` may read block `lba` but its WRITE ends in RESERVATION CONFLICT, until
+/// it registers. Leaves the LUN with no registrations.
+pub fn persistent_reservations(a: &mut dyn Transport, b: &mut dyn Transport, lba: u64) -> Check {
+    const WE_RO: u8 = 5;
+    let (_, bs) = capacity(a)?;
+    let block = vec![0x5Au8; bs as usize];
+    let write = |t: &mut dyn Transport| {
+        run_out(
+            t,
+            Cdb::Write16 {
+                lba,
+                blocks: 1,
+                flags: RwFlags::default(),
+            },
+            &block,
+        )
+    };
+    let read = |t: &mut dyn Transport| {
+        run_in(
+            t,
+            Cdb::Read16 {
+                lba,
+                blocks: 1,
+                flags: RwFlags::default(),
+            },
+            bs as usize,
+        )
+    };
+    // A clean start: both unregistered (REGISTER AND IGNORE EXISTING KEY, 0).
+    good(pr_out(a, 6, 0, 0, 0), "a unregistering")?;
+    good(pr_out(b, 6, 0, 0, 0), "b unregistering")?;
+    if !pr_keys(a)?.is_empty() {
+        return Err("keys remain after both unregistered".into());
+    }
+    good(pr_out(a, 0, 0, 0, 0xA1), "a registers")?;
+    if pr_keys(b)? != [0xA1] {
+        return Err(format!("READ KEYS from b: {:?}, want [0xA1]", pr_keys(b)?));
+    }
+    good(pr_out(a, 1, WE_RO, 0xA1, 0), "a reserves")?;
+    if pr_reservation(b)? != Some((0xA1, WE_RO)) {
+        return Err(format!("READ RESERVATION: {:?}", pr_reservation(b)?));
+    }
+    conflict(pr_out(b, 1, WE_RO, 0xB2, 0), "b reserving unregistered")?;
+    conflict(write(b), "b's WRITE, unregistered")?;
+    good(read(b), "b's READ, unregistered")?;
+    good(write(a), "a's WRITE, the holder")?;
+    good(pr_out(b, 0, 0, 0, 0xB2), "b registers")?;
+    good(write(b), "b's WRITE, registered")?;
+    // Unregister b, release and clear: the LUN is open to all again.
+    good(pr_out(b, 0, 0, 0xB2, 0), "b unregisters")?;
+    good(pr_out(a, 2, WE_RO, 0xA1, 0), "a releases")?;
+    good(pr_out(a, 3, 0, 0xA1, 0), "a clears")?;
+    if pr_reservation(a)?.is_some() || !pr_keys(a)?.is_empty() {
+        return Err("a reservation or keys survive CLEAR".into());
+    }
+    good(write(b), "b's WRITE after CLEAR")
+}

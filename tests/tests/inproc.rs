@@ -33,6 +33,14 @@ fn ok(r: Check) {
 }
 
 #[test]
+fn persistent_reservations_fence_an_unregistered_host() {
+    let a = array(1);
+    let (h1, h2) = (Host::login(&a, "host-a"), Host::login(&a, "host-b"));
+    let (mut t1, mut t2) = (h1.open(0).unwrap(), h2.open(0).unwrap());
+    ok(persistent_reservations(&mut t1, &mut t2, 42));
+}
+
+#[test]
 fn two_hosts_see_one_lun() {
     let a = array(2);
     let (h1, h2) = (Host::login(&a, "host-a"), Host::login(&a, "host-b"));

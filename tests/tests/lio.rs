@@ -73,6 +73,15 @@ fn every_lun_has_one_identity_on_both_paths() {
     ));
 }
 
+/// The in-process model's persistent reservations behave as LIO's own.
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn persistent_reservations_on_the_ramdisk_as_in_process() {
+    let lio = LioRig::load_env();
+    let (a, b) = (lio.plain_path(0).unwrap(), lio.plain_path(1).unwrap());
+    ok(persistent_reservations(&mut sg(&a), &mut sg(&b), 4242));
+}
+
 #[test]
 #[ignore = "needs real LIO (just vm-test)"]
 fn sbc_conformance_on_daemon_and_ramdisk_luns() {

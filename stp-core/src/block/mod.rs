@@ -50,10 +50,10 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, RngCore};
-use zerocopy::FromBytes;
 use scsi::cdb::RwFlags;
 use scsi::pool::BufPool;
 use scsi::{Cdb, CdbBuf, Command, CommandError, IoBuf, Transport};
+use zerocopy::FromBytes;
 
 use crate::chunk::{Chunk, RecvBuf};
 use crate::error::{Refusal, SetupError};

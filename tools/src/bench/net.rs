@@ -659,11 +659,9 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
             let mut admin = vec![opener(0, None)?];
             paths.push(format!("host 0: {}", admin[0].describe()));
             paths.push(format!("host 1: {}", opener(1, None)?.describe()));
-            let (_, block_size) = stp_core::block::read_capacity(
-                admin[0].as_mut(),
-                Duration::from_secs(30),
-            )
-            .context("reading the block-mode LUN's capacity")?;
+            let (_, block_size) =
+                stp_core::block::read_capacity(admin[0].as_mut(), Duration::from_secs(30))
+                    .context("reading the block-mode LUN's capacity")?;
             format(
                 &mut admin,
                 BLOCK_STG,
