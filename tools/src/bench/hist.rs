@@ -341,6 +341,138 @@ pub fn svg(title: &str, series: &[(String, Vec<DistPoint>)]) -> String {
     s
 }
 
+/// A line plot of `series` of (x, y) points: x linear from 0, y latency
+/// in microseconds on a log scale (decades). `marker` draws a dashed
+/// vertical line at an x with a label (e.g. the closed-loop maximum).
+pub fn xy_svg(
+    title: &str,
+    x_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    marker: Option<(f64, &str)>,
+) -> String {
+    const W: f64 = 800.0;
+    const H: f64 = 500.0;
+    const L: f64 = 80.0;
+    const R: f64 = 30.0;
+    const T: f64 = 50.0;
+    const B: f64 = 60.0;
+    let (pw, ph) = (W - L - R, H - T - B);
+    let pts = || series.iter().flat_map(|(_, p)| p.iter());
+    let xmax_raw = pts()
+        .map(|p| p.0)
+        .chain(marker.map(|m| m.0))
+        .filter(|x| x.is_finite())
+        .fold(0.0f64, f64::max);
+    let xstep = nice_step(xmax_raw / 5.0);
+    let xmax = (xmax_raw / xstep).ceil().max(1.0) * xstep;
+    let ys = || pts().map(|p| p.1).filter(|&y| y > 0.0 && y.is_finite());
+    let ymin_raw = ys().fold(f64::INFINITY, f64::min);
+    let ymax_raw = ys().fold(0.0f64, f64::max);
+    let (ylo, yhi) = if ymin_raw.is_finite() {
+        let lo = ymin_raw.log10().floor();
+        (lo, ymax_raw.log10().ceil().max(lo + 1.0))
+    } else {
+        (0.0, 1.0)
+    };
+    let x_of = |x: f64| L + x / xmax * pw;
+    let y_of = |y: f64| {
+        let t = y.max(10f64.powf(ylo)).log10();
+        T + ph - (t - ylo) / (yhi - ylo) * ph
+    };
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">
+<rect x="0" y="0" width="{W}" height="{H}" fill="white"/>
+<text x="{}" y="28" text-anchor="middle" font-size="16">{}</text>"#,
+        W / 2.0,
+        escape(title)
+    );
+    let mut x = 0.0;
+    while x <= xmax + xstep / 2.0 {
+        let px = x_of(x);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{px:.1}" y1="{T}" x2="{px:.1}" y2="{}" stroke="#ddd"/>
+<text x="{px:.1}" y="{}" text-anchor="middle">{}</text>"##,
+            T + ph,
+            T + ph + 18.0,
+            trim_num(x)
+        );
+        x += xstep;
+    }
+    let mut t = ylo;
+    while t <= yhi + 0.5 {
+        let py = y_of(10f64.powf(t));
+        let _ = writeln!(
+            s,
+            r##"<line x1="{L}" y1="{py:.1}" x2="{}" y2="{py:.1}" stroke="#ddd"/>
+<text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+            L + pw,
+            L - 6.0,
+            py + 4.0,
+            trim_num(10f64.powf(t))
+        );
+        t += 1.0;
+    }
+    let _ = writeln!(
+        s,
+        r##"<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>
+<text x="{}" y="{}" text-anchor="middle">{}</text>
+<text x="20" y="{}" text-anchor="middle" transform="rotate(-90 20 {})">latency (µs, log scale)</text>"##,
+        L + pw / 2.0,
+        H - 15.0,
+        escape(x_label),
+        T + ph / 2.0,
+        T + ph / 2.0
+    );
+    if let Some((mx, label)) = marker {
+        let px = x_of(mx);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{px:.1}" y1="{T}" x2="{px:.1}" y2="{}" stroke="#555" stroke-dasharray="6 4"/>
+<text x="{:.1}" y="{}" text-anchor="end">{}</text>"##,
+            T + ph,
+            px - 4.0,
+            T + 14.0,
+            escape(label)
+        );
+    }
+    for (i, (name, p)) in series.iter().enumerate() {
+        let colour = COLOURS[i % COLOURS.len()];
+        let mut d = String::new();
+        for &(x, y) in p {
+            let _ = write!(d, "{:.1},{:.1} ", x_of(x), y_of(y));
+        }
+        let _ = writeln!(
+            s,
+            r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
+            d.trim_end()
+        );
+        for &(x, y) in p {
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{colour}"/>"#,
+                x_of(x),
+                y_of(y)
+            );
+        }
+        let _ = writeln!(
+            s,
+            r#"<rect x="{}" y="{}" width="12" height="12" fill="{colour}"/>
+<text x="{}" y="{}">{}</text>"#,
+            L + 12.0,
+            T + 10.0 + 18.0 * i as f64,
+            L + 30.0,
+            T + 21.0 + 18.0 * i as f64,
+            escape(name)
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
 /// 1, 2 or 5 times a power of ten, at least `raw`.
 fn nice_step(raw: f64) -> f64 {
     if !raw.is_finite() || raw <= 0.0 {

@@ -1,0 +1,221 @@
+//! `stp bench curve`: the load curve of a workload, as vdbench's `curve`
+//! draws it. A closed-loop run finds the maximum rate; then the same
+//! workload runs open-loop at fixed fractions of it (10 %, 20 % … 100 % by
+//! default), and each point's latency, measured from the intended issue
+//! time, is plotted against the IOPS it achieved.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use serde::Serialize;
+
+use super::hist;
+use super::raw::{self, RawArgs};
+use super::units::parse_duration;
+use super::{OutArgs, Report, SCHEMA};
+
+/// Options of `stp bench curve`.
+#[derive(Args, Debug, Clone)]
+#[command(
+    after_help = "Examples:\n  stp bench curve --sim --rw randread --bs 4k --depth 16 --time 5s --plot curve.svg\n  \
+stp bench curve /dev/sg3 --rw randrw --rwmix 70 --bssplit 4k/60,64k/30,1m/10 --ramp 2s --time 20s \\\n    \
+--plot curve.svg --json > curve.json\n\n\
+Every option of `stp bench raw` applies (except --rate, which the curve sets, and\n\
+--log-interval); --time is per point. --plot draws p50, p99 and p99.9 (from the\n\
+intended issue time) against achieved IOPS; the JSON holds every point's full report."
+)]
+pub struct CurveArgs {
+    /// Percentages of the maximum rate to run at, comma-separated, each 1 to 100.
+    #[arg(long, value_delimiter = ',', default_value = "10,20,30,40,50,60,70,80,90,100",
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub steps: Vec<u32>,
+    /// How long the closed-loop run that finds the maximum lasts (default: --time).
+    #[arg(long, value_parser = parse_duration)]
+    pub max_time: Option<Duration>,
+    /// The workload, as for `stp bench raw`.
+    #[command(flatten)]
+    pub raw: RawArgs,
+}
+
+/// One point of the curve.
+#[derive(Serialize, Debug)]
+pub struct Point {
+    /// Percent of the closed-loop maximum asked for.
+    pub percent: u32,
+    /// Commands per second asked for.
+    pub target_iops: f64,
+    /// Commands per second achieved.
+    pub achieved_iops: f64,
+    /// MB/s achieved.
+    pub mb_per_s: f64,
+    /// Latency from the intended issue time, p50, µs.
+    pub p50_us: f64,
+    /// p99, µs.
+    pub p99_us: f64,
+    /// p99.9, µs.
+    pub p999_us: f64,
+    /// Service time p50, µs.
+    pub service_p50_us: f64,
+    /// Service time p99, µs.
+    pub service_p99_us: f64,
+    /// How late issuing fell behind the schedule, p99, µs.
+    pub issue_lag_p99_us: f64,
+    /// The point's whole report.
+    pub run: Report,
+}
+
+impl Point {
+    fn of(percent: u32, target: f64, run: Report) -> Point {
+        let c = run.corrected_latency_us.unwrap_or(run.latency_us);
+        Point {
+            percent,
+            target_iops: target,
+            achieved_iops: run.iops,
+            mb_per_s: run.mb_per_s,
+            p50_us: c.p50,
+            p99_us: c.p99,
+            p999_us: c.p999,
+            service_p50_us: run.latency_us.p50,
+            service_p99_us: run.latency_us.p99,
+            issue_lag_p99_us: run.fixed_rate.as_ref().map_or(0.0, |f| f.issue_lag_us.p99),
+            run,
+        }
+    }
+}
+
+/// The curve.
+#[derive(Serialize, Debug)]
+pub struct Curve {
+    /// [`SCHEMA`].
+    pub schema: u32,
+    /// `curve`.
+    pub mode: &'static str,
+    /// The workload.
+    pub test: String,
+    /// The closed-loop run that set the maximum.
+    pub max: Report,
+    /// The fixed-rate runs, in the order of --steps.
+    pub points: Vec<Point>,
+}
+
+/// Checks the options that do not apply to a curve.
+fn check(args: &CurveArgs) -> Result<()> {
+    if args.raw.rate.is_some() {
+        bail!("--rate does not apply to a curve (it sets each point's rate from the maximum it finds); use --steps to choose the points");
+    }
+    if args.raw.log_interval.is_some() {
+        bail!("--log-interval does not apply to a curve; run `stp bench raw --rate N --log-interval ...` for one point");
+    }
+    if args.raw.out.hgrm.is_some() {
+        bail!("--hgrm does not apply to a curve (it has one distribution per point, all in the JSON); use `stp bench raw --rate N --hgrm FILE` for one point");
+    }
+    if args.raw.size.is_some() {
+        bail!("a curve's points are timed: use --time (per point), not --size");
+    }
+    if args.steps.is_empty() {
+        bail!("--steps needs at least one percentage, e.g. 10,50,100");
+    }
+    Ok(())
+}
+
+/// The (x, y) series of the plot: p50, p99, p99.9 against achieved IOPS.
+pub fn series(points: &[Point]) -> Vec<(String, Vec<(f64, f64)>)> {
+    let mut sorted: Vec<&Point> = points.iter().collect();
+    sorted.sort_by(|a, b| a.achieved_iops.total_cmp(&b.achieved_iops));
+    let line = |f: fn(&Point) -> f64| sorted.iter().map(|p| (p.achieved_iops, f(p))).collect();
+    vec![
+        ("p50".to_string(), line(|p| p.p50_us)),
+        ("p99".to_string(), line(|p| p.p99_us)),
+        ("p99.9".to_string(), line(|p| p.p999_us)),
+    ]
+}
+
+/// Runs `stp bench curve`.
+pub fn run(args: &CurveArgs) -> Result<()> {
+    check(args)?;
+    let silent = args.raw.out.silent();
+    let inner = RawArgs {
+        out: OutArgs {
+            json: args.raw.out.json,
+            quiet: true,
+            hgrm: None,
+            plot: None,
+        },
+        ..args.raw.clone()
+    };
+    let closed = RawArgs {
+        time: args.max_time.or(inner.time),
+        ..inner.clone()
+    };
+    if !silent {
+        eprintln!("curve: closed-loop run to find the maximum rate");
+    }
+    let max = raw::run(&closed)?;
+    if max.iops <= 0.0 || max.ops == 0 {
+        bail!("the closed-loop run completed no commands, so there is no maximum to take fractions of");
+    }
+    let mut points = Vec::new();
+    for &pct in &args.steps {
+        let target = max.iops * f64::from(pct) / 100.0;
+        if !silent {
+            eprintln!("curve: {pct} % of {:.0}/s = {target:.0}/s", max.iops);
+        }
+        let r = raw::run(&RawArgs {
+            rate: Some(target),
+            ..inner.clone()
+        })?;
+        points.push(Point::of(pct, target, r));
+    }
+    let curve = Curve {
+        schema: SCHEMA,
+        mode: "curve",
+        test: args.raw.test_name(),
+        max,
+        points,
+    };
+    if let Some(path) = &args.raw.out.plot {
+        let title = format!("{} load curve ({})", curve.test, curve.max.transport);
+        let svg = hist::xy_svg(
+            &title,
+            "achieved IOPS (latency from the intended issue time)",
+            &series(&curve.points),
+            Some((curve.max.iops, "closed-loop maximum")),
+        );
+        std::fs::write(path, svg)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    }
+    if args.raw.out.json {
+        println!("{}", serde_json::to_string_pretty(&curve)?);
+        return Ok(());
+    }
+    println!("curve {} ({})", curve.test, curve.max.transport);
+    println!(
+        "  maximum (closed loop, depth {}): {:.0} IOPS, {:.1} MB/s, p50 {:.1} µs, p99 {:.1} µs",
+        args.raw.depth,
+        curve.max.iops,
+        curve.max.mb_per_s,
+        curve.max.latency_us.p50,
+        curve.max.latency_us.p99
+    );
+    println!(
+        "  {:>4} {:>10} {:>10} {:>9}   {:>10} {:>10} {:>10}   {:>10} {:>10}",
+        "%", "asked/s", "IOPS", "MB/s", "p50 µs", "p99 µs", "p99.9 µs", "svc p99", "lag p99"
+    );
+    for p in &curve.points {
+        println!(
+            "  {:>4} {:>10.0} {:>10.0} {:>9.1}   {:>10.1} {:>10.1} {:>10.1}   {:>10.1} {:>10.1}",
+            p.percent,
+            p.target_iops,
+            p.achieved_iops,
+            p.mb_per_s,
+            p.p50_us,
+            p.p99_us,
+            p.p999_us,
+            p.service_p99_us,
+            p.issue_lag_p99_us
+        );
+    }
+    println!("  (p50/p99/p99.9 from each command's intended issue time; svc = service time; lag = issue lag)");
+    Ok(())
+}
