@@ -219,3 +219,103 @@ pub fn run(args: &CurveArgs) -> Result<()> {
     println!("  (p50/p99/p99.9 from each command's intended issue time; svc = service time; lag = issue lag)");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::workload::Rw;
+
+    fn args(steps: Vec<u32>) -> CurveArgs {
+        let mut raw = RawArgs::new(Rw::Randread, 4096, 4, Vec::new());
+        raw.sim_lun_size = 16 << 20;
+        raw.span = 16 << 20;
+        raw.time = Some(Duration::from_millis(150));
+        raw.out.quiet = true;
+        CurveArgs {
+            steps,
+            max_time: None,
+            raw,
+        }
+    }
+
+    #[test]
+    fn options_that_do_not_fit_a_curve_are_refused() {
+        let mut a = args(vec![50]);
+        a.raw.rate = Some(100.0);
+        assert!(run(&a).unwrap_err().to_string().contains("--steps"));
+        let mut a = args(vec![50]);
+        a.raw.size = Some(1 << 20);
+        assert!(run(&a).unwrap_err().to_string().contains("--time"));
+        let mut a = args(vec![50]);
+        a.raw.out.hgrm = Some("x.hgrm".into());
+        assert!(run(&a).unwrap_err().to_string().contains("--rate N --hgrm"));
+        assert!(run(&args(Vec::new()))
+            .unwrap_err()
+            .to_string()
+            .contains("10,50,100"));
+    }
+
+    #[test]
+    fn a_short_curve_on_the_simulated_array() {
+        let dir = tempfile::tempdir().unwrap();
+        let svg = dir.path().join("curve.svg");
+        let mut a = args(vec![50, 25]);
+        a.raw.out.plot = Some(svg.clone());
+        a.raw.out.json = true;
+        run(&a).unwrap();
+        let doc = std::fs::read_to_string(&svg).unwrap();
+        assert_eq!(doc.matches("<polyline").count(), 3);
+        assert!(doc.contains("closed-loop maximum"));
+    }
+
+    #[test]
+    fn the_plot_runs_by_achieved_iops() {
+        let report = |iops: f64, p99: f64| {
+            let mut h = crate::bench::hist::new_histogram();
+            crate::bench::hist::record(&mut h, Duration::from_micros(10));
+            let mut r = Report::new(
+                "raw",
+                "randread",
+                "in-process",
+                vec![],
+                serde_json::json!({}),
+                1,
+                4096,
+                Duration::from_secs_f64(1.0 / iops),
+                Default::default(),
+                h,
+                None,
+            );
+            let mut c = r.latency_us;
+            c.p99 = p99;
+            r.corrected_latency_us = Some(c);
+            r
+        };
+        let points = vec![
+            Point::of(100, 1000.0, report(990.0, 500.0)),
+            Point::of(10, 100.0, report(100.0, 20.0)),
+        ];
+        let s = series(&points);
+        let names: Vec<&str> = s.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["p50", "p99", "p99.9"]);
+        let p99 = &s[1].1;
+        assert_eq!(p99.len(), 2);
+        assert!((p99[0].0 - 100.0).abs() < 0.01 && p99[0].1 == 20.0);
+        assert!(
+            (p99[1].0 - 990.0).abs() < 0.01 && p99[1].1 == 500.0,
+            "{p99:?}"
+        );
+        let v = serde_json::to_value(&points[0]).unwrap();
+        for k in [
+            "percent",
+            "target_iops",
+            "achieved_iops",
+            "p50_us",
+            "p99_us",
+            "p999_us",
+            "run",
+        ] {
+            assert!(v.get(k).is_some(), "{k}");
+        }
+    }
+}

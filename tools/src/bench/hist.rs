@@ -669,6 +669,47 @@ mod tests {
     }
 
     #[test]
+    fn xy_svg_is_well_formed() {
+        let series = vec![
+            (
+                "p50".to_string(),
+                vec![(1000.0, 20.0), (5000.0, 40.0), (9000.0, 300.0)],
+            ),
+            (
+                "p99 <tail>".to_string(),
+                vec![(1000.0, 90.0), (5000.0, 200.0), (9000.0, 9000.0)],
+            ),
+        ];
+        let doc = xy_svg(
+            "curve & co",
+            "achieved IOPS",
+            &series,
+            Some((9500.0, "max")),
+        );
+        assert!(doc.starts_with("<?xml") && doc.trim_end().ends_with("</svg>"));
+        assert!(doc.contains("curve &amp; co") && doc.contains("p99 &lt;tail&gt;"));
+        assert_eq!(doc.matches("<polyline").count(), 2);
+        assert_eq!(doc.matches("<circle").count(), 6);
+        assert_eq!(doc.matches("<text").count(), doc.matches("</text>").count());
+        assert!(doc.contains("stroke-dasharray") && doc.contains(">max<"));
+        // Decades on the y axis, round steps on the x axis.
+        assert!(doc.contains(">10<") && doc.contains(">10000<") && doc.contains(">2000<"));
+        for pts in doc.split("points=\"").skip(1) {
+            for xy in pts.split('"').next().unwrap().split_whitespace() {
+                let (x, y) = xy.split_once(',').unwrap();
+                let (x, y): (f64, f64) = (x.parse().unwrap(), y.parse().unwrap());
+                assert!(
+                    (80.0..=770.1).contains(&x) && (50.0..=440.1).contains(&y),
+                    "{xy}"
+                );
+            }
+        }
+        // Nothing to plot is still a document.
+        let empty = xy_svg("none", "x", &[], None);
+        assert!(empty.trim_end().ends_with("</svg>"));
+    }
+
+    #[test]
     fn svg_is_well_formed() {
         let h = sample();
         let doc = svg(
