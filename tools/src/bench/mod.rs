@@ -19,6 +19,7 @@ mod curve;
 mod diff;
 mod hist;
 mod intervals;
+mod job;
 pub mod net;
 mod protection;
 mod raw;
@@ -110,6 +111,9 @@ enum Mode {
     /// Two `--json` reports side by side, with ratios; differences beyond
     /// the spread of their rounds are marked.
     Diff(diff::DiffArgs),
+    /// Run the `raw` or `curve` job a TOML file describes (its keys are
+    /// the mode's long options).
+    Job(job::JobArgs),
 }
 
 /// Output options shared by every mode.
@@ -1084,6 +1088,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         Mode::Report(a) => report::run(a)?,
         Mode::Curve(a) => curve::run(a)?,
         Mode::Diff(a) => return diff::run(a),
+        Mode::Job(a) => return job::run(a),
     }
     Ok(ExitCode::SUCCESS)
 }

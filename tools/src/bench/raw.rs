@@ -320,13 +320,15 @@ impl<'a> IntervalLog<'a> {
         }
     }
 
-    /// Sends the last, partial interval, ended at `end`.
+    /// Sends the last, partial interval, ended at `end`, unless it is
+    /// shorter than a tenth of an interval (its rates would be noise; its
+    /// commands still count in the run's totals).
     fn finish(mut self, end: Instant) {
         self.roll(end);
         let at = end.saturating_duration_since(self.origin);
-        self.acc.seconds = (at.as_secs_f64() - self.index as f64 * self.every.as_secs_f64())
-            .clamp(0.0, self.every.as_secs_f64());
-        if self.acc.seconds > 0.0 {
+        let every = self.every.as_secs_f64();
+        self.acc.seconds = (at.as_secs_f64() - self.index as f64 * every).clamp(0.0, every);
+        if self.acc.seconds >= every / 10.0 {
             let _ = self.tx.send(self.acc);
         }
     }
