@@ -61,6 +61,8 @@ pub struct Point {
     pub service_p99_us: f64,
     /// How late issuing fell behind the schedule, p99, µs.
     pub issue_lag_p99_us: f64,
+    /// Commands due that never went out (the rate was beyond the LUN).
+    pub not_issued: u64,
     /// The point's whole report.
     pub run: Report,
 }
@@ -79,6 +81,7 @@ impl Point {
             service_p50_us: run.latency_us.p50,
             service_p99_us: run.latency_us.p99,
             issue_lag_p99_us: run.fixed_rate.as_ref().map_or(0.0, |f| f.issue_lag_us.p99),
+            not_issued: run.fixed_rate.as_ref().map_or(0, |f| f.not_issued),
             run,
         }
     }
@@ -217,6 +220,12 @@ pub fn run(args: &CurveArgs) -> Result<()> {
         );
     }
     println!("  (p50/p99/p99.9 from each command's intended issue time; svc = service time; lag = issue lag)");
+    for p in curve.points.iter().filter(|p| p.not_issued > 0) {
+        println!(
+            "  at {} %: {} commands fell due but never went out; its tail is understated",
+            p.percent, p.not_issued
+        );
+    }
     Ok(())
 }
 

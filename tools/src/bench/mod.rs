@@ -455,6 +455,11 @@ pub struct FixedRate {
     /// zero while the array keeps up; large when every tag was busy (the
     /// array is slower than the rate, or stalled).
     pub issue_lag_us: Percentiles,
+    /// Commands that fell due before the run's end but were never issued
+    /// (every tag stayed busy: the rate is beyond what the LUN did at this
+    /// depth). They are in no latency figure, so when this is not 0 the
+    /// corrected tail understates what a client at this rate would see.
+    pub not_issued: u64,
 }
 
 /// One figure over the rounds of a run.
@@ -659,6 +664,12 @@ impl Report {
                 "  rate        asked {:.0}/s, achieved {:.0}/s; issue lag µs p50 {:.1}  p99 {:.1}  max {:.1}",
                 f.target_iops, f.achieved_iops, f.issue_lag_us.p50, f.issue_lag_us.p99, f.issue_lag_us.max
             );
+            if f.not_issued > 0 {
+                println!(
+                    "  NOT ISSUED  {} commands fell due but never went out (every tag busy): the rate is beyond this LUN at this depth, and the tail above understates it",
+                    f.not_issued
+                );
+            }
         }
         if let Some(r) = &self.read {
             println!("{}", r.line("reads"));

@@ -95,7 +95,7 @@ pub struct RawArgs {
     pub sim_lun_size: u64,
     /// Stall the simulated array once (with --sim): DURATION@COMMANDS, e.g.
     /// 200ms@5000 stalls it for 200 ms after 5000 commands (counted from
-    /// the start of the timed run, over all LUNs).
+    /// the start of the run, the ramp included, over all LUNs).
     #[arg(long, value_parser = parse_sim_stall, requires = "sim")]
     pub sim_stall: Option<SimStall>,
     /// Bytes per command (a multiple of the LUN's block size), e.g. 4k, 1m.
@@ -278,6 +278,8 @@ struct LunResult {
     lag: Histogram<u64>,
     /// Units of the workload's alignment written (verify of write-only runs).
     written: Vec<bool>,
+    /// Fixed-rate runs: commands due before issuing stopped that never went out.
+    not_issued: u64,
 }
 
 /// A command in flight.
@@ -644,7 +646,19 @@ fn drive(
     if let Some(l) = log {
         l.finish(end);
     }
-    Ok(LunResult { dirs, lag, written })
+    let not_issued = match (&schedule, plan.deadline) {
+        // Due strictly before the deadline (one due exactly at it is not).
+        (Some(s), Some(d)) => s
+            .behind(d.saturating_duration_since(plan.t0))
+            .saturating_sub(1),
+        _ => 0,
+    };
+    Ok(LunResult {
+        dirs,
+        lag,
+        written,
+        not_issued,
+    })
 }
 
 /// Checks the options that clap cannot.
@@ -664,6 +678,12 @@ fn check_args(args: &RawArgs) -> Result<()> {
     }
     if max > u64::from(u32::MAX) {
         bail!("a {max}-byte command is too large for one command; lower --bs or --bssplit");
+    }
+    if args
+        .log_interval
+        .is_some_and(|d| d < Duration::from_millis(10))
+    {
+        bail!("--log-interval must be at least 10ms (each interval is one line and one histogram per path)");
     }
     if args.rwmix != 50 && !args.rw.is_mixed() {
         bail!(
@@ -950,6 +970,7 @@ fn run_once(
             target_iops: r,
             achieved_iops: report.iops,
             issue_lag_us: Percentiles::of(&lag),
+            not_issued: lun_results.iter().map(|r| r.not_issued).sum(),
         });
         report.corrected_hist = Some(all.corrected.clone());
     }
@@ -1120,6 +1141,27 @@ mod tests {
         let v = serde_json::to_value(&r).unwrap();
         assert!(v["corrected_latency_us"]["p999"].is_number());
         assert!(v["fixed_rate"]["issue_lag_us"]["p99"].is_number());
+    }
+
+    #[test]
+    fn a_rate_beyond_the_lun_says_how_much_never_went_out() {
+        let a = RawArgs {
+            rate: Some(1e9),
+            depth: 1,
+            time: Some(Duration::from_millis(200)),
+            ..sim(Rw::Randread)
+        };
+        let r = run(&a).unwrap();
+        let f = r.fixed_rate.unwrap();
+        assert!(f.not_issued > 0, "{f:?}");
+        assert!(f.achieved_iops < f.target_iops);
+        let e = run(&RawArgs {
+            log_interval: Some(Duration::from_millis(1)),
+            log_file: Some("/nonexistent/x.jsonl".into()),
+            ..sim(Rw::Randread)
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("at least 10ms"), "{e}");
     }
 
     #[test]

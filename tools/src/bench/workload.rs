@@ -331,6 +331,18 @@ impl Schedule {
         Schedule { rate, issued: 0 }
     }
 
+    /// Commands due at or before `now` (since the run began) that have not
+    /// been taken: how far behind its schedule the caller is.
+    pub fn behind(&self, now: Duration) -> u64 {
+        let due = (now.as_secs_f64() * self.rate).floor();
+        let due = if due.is_finite() && due >= 0.0 {
+            (due as u64).saturating_add(1)
+        } else {
+            0
+        };
+        due.saturating_sub(self.issued)
+    }
+
     /// When the next command is due, since the run began.
     pub fn next_due(&self) -> Duration {
         Duration::from_secs_f64(self.issued as f64 / self.rate)
@@ -481,6 +493,10 @@ mod tests {
         }
         assert_eq!(late, [ms(2), ms(3), ms(4), ms(5)]);
         assert_eq!(s.next_due(), ms(6));
+        assert_eq!(s.behind(Duration::from_micros(5500)), 0);
+        // At 9 ms, commands 6 to 9 are due and not taken.
+        assert_eq!(s.behind(ms(9)), 4);
+        assert_eq!(Schedule::new(1000.0).behind(Duration::ZERO), 1);
         // The rate does not drift over many commands.
         let mut s = Schedule::new(3.0);
         let mut last = Duration::ZERO;
