@@ -15,6 +15,7 @@
 //! | `*.err` | a run that failed (listed under `failed`) |
 //! | `meta.json`, `sim-target.json` | where it ran; the LUN map |
 //! | `protection.json` | `stp bench protection --json` in the same boot |
+//! | `curve-*.json` | `stp bench curve --json` (`--curve`; not read here) |
 //!
 //! `<lun>` is `stg` (an STG member served by the stp-target TCMU daemon) or
 //! `ramdisk` (LIO's rd_mcp backstore); `<case>` is `<rw>-<bs>-qd<depth>`,
@@ -732,6 +733,8 @@ impl Results {
                         r.map = serde_json::from_str(&text).ok();
                         continue;
                     }
+                    // `stp bench curve` documents: no part of the ratios.
+                    s if s.starts_with("curve-") => continue,
                     "protection" => {
                         match parse_protection(&text) {
                             Ok(p) => r.protection = Some(p),
@@ -1873,6 +1876,11 @@ mod tests {
             &ours(200.0, 0.8, 800.0, 990.0),
         );
         w("fio-sg-stg-randwrite-4k-qd1.r1.json", FIO_SG);
+        // A load curve's document is no run of the table, nor a failure.
+        w(
+            "curve-ramdisk-randread-4k-qd16.json",
+            "{\"schema\":1,\"mode\":\"curve\",\"points\":[]}",
+        );
         w(
             "fio-sg-stg-randwrite-4k-qd1.r2.err",
             "stp: error: gone\nexit status 1\n",
@@ -1887,6 +1895,8 @@ mod tests {
         assert_eq!(rows.len(), 1, "{rows:?}");
         assert!(rows[0].raw.is_some() && rows[0].fio_sg.is_some());
         assert!(r.failed.contains_key("fio-sg-stg-randwrite-4k-qd1.r2"));
+        assert_eq!(r.failed.len(), 1, "{:?}", r.failed);
+        assert!(!r.runs.keys().any(|k| k.starts_with("curve-")));
         assert!(r.dists.contains_key("fio-sg-stg-randwrite-4k-qd1"));
         let x = Ratios::of(&r);
         assert!((x.raw_vs_fio_sg[0].ratio - 200.0 / 396.301849).abs() < 1e-9);
