@@ -23,7 +23,8 @@ stp bench curve /dev/sg3 --rw randrw --rwmix 70 --bssplit 4k/60,64k/30,1m/10 --r
 --plot curve.svg --json > curve.json\n\n\
 Every option of `stp bench raw` applies (except --rate, which the curve sets, and\n\
 --log-interval); --time is per point. --plot draws p50, p99 and p99.9 (from the\n\
-intended issue time) against achieved IOPS; the JSON holds every point's full report."
+intended issue time) against achieved IOPS (--png FILE.png: the same as an image); the\n\
+JSON holds every point's full report."
 )]
 pub struct CurveArgs {
     /// Percentages of the maximum rate to run at, comma-separated, each 1 to 100.
@@ -33,6 +34,9 @@ pub struct CurveArgs {
     /// How long the closed-loop run that finds the maximum lasts (default: --time).
     #[arg(long, value_parser = parse_duration)]
     pub max_time: Option<Duration>,
+    /// Write the curve here as a PNG image too (the same plot as --plot).
+    #[arg(long, value_name = "FILE.png")]
+    pub png: Option<std::path::PathBuf>,
     /// The workload, as for `stp bench raw`.
     #[command(flatten)]
     pub raw: RawArgs,
@@ -177,15 +181,17 @@ pub fn run(args: &CurveArgs) -> Result<()> {
         max,
         points,
     };
+    let title = format!("{} load curve ({})", curve.test, curve.max.transport);
+    let x_label = "achieved IOPS (latency from the intended issue time)";
+    let marker = Some((curve.max.iops, "closed-loop maximum"));
     if let Some(path) = &args.raw.out.plot {
-        let title = format!("{} load curve ({})", curve.test, curve.max.transport);
-        let svg = hist::xy_svg(
-            &title,
-            "achieved IOPS (latency from the intended issue time)",
-            &series(&curve.points),
-            Some((curve.max.iops, "closed-loop maximum")),
-        );
+        let svg = hist::xy_svg(&title, x_label, &series(&curve.points), marker);
         std::fs::write(path, svg)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    }
+    if let Some(path) = &args.png {
+        let png = hist::xy_png(&title, x_label, &series(&curve.points), marker);
+        std::fs::write(path, png)
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
     }
     if args.raw.out.json {
@@ -243,6 +249,7 @@ mod tests {
         CurveArgs {
             steps,
             max_time: None,
+            png: None,
             raw,
         }
     }
@@ -268,13 +275,18 @@ mod tests {
     fn a_short_curve_on_the_simulated_array() {
         let dir = tempfile::tempdir().unwrap();
         let svg = dir.path().join("curve.svg");
+        let png = dir.path().join("curve.png");
         let mut a = args(vec![50, 25]);
         a.raw.out.plot = Some(svg.clone());
+        a.png = Some(png.clone());
         a.raw.out.json = true;
         run(&a).unwrap();
         let doc = std::fs::read_to_string(&svg).unwrap();
         assert_eq!(doc.matches("<polyline").count(), 3);
         assert!(doc.contains("closed-loop maximum"));
+        let img = std::fs::read(&png).unwrap();
+        assert_eq!(&img[..8], b"\x89PNG\r\n\x1a\n");
+        assert_eq!(&img[16..24], &[0, 0, 3, 32, 0, 0, 1, 244]); // 800 × 500
     }
 
     #[test]

@@ -341,6 +341,83 @@ pub fn svg(title: &str, series: &[(String, Vec<DistPoint>)]) -> String {
     s
 }
 
+/// The axes of an x-y plot of latency: x linear from 0 in round steps,
+/// y in whole decades (log scale).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct XyAxes {
+    /// The x axis' end.
+    pub xmax: f64,
+    /// Its tick step.
+    pub xstep: f64,
+    /// The lowest decade (log10).
+    pub ylo: f64,
+    /// The highest decade (log10).
+    pub yhi: f64,
+}
+
+impl XyAxes {
+    /// Axes that hold every point of `series` and the marker's x.
+    pub fn of(series: &[(String, Vec<(f64, f64)>)], marker: Option<f64>) -> XyAxes {
+        let pts = || series.iter().flat_map(|(_, p)| p.iter());
+        let xmax_raw = pts()
+            .map(|p| p.0)
+            .chain(marker)
+            .filter(|x| x.is_finite())
+            .fold(0.0f64, f64::max);
+        let xstep = nice_step(xmax_raw / 5.0);
+        let xmax = (xmax_raw / xstep).ceil().max(1.0) * xstep;
+        let ys = || pts().map(|p| p.1).filter(|&y| y > 0.0 && y.is_finite());
+        let ymin_raw = ys().fold(f64::INFINITY, f64::min);
+        let ymax_raw = ys().fold(0.0f64, f64::max);
+        let (ylo, yhi) = if ymin_raw.is_finite() {
+            let lo = ymin_raw.log10().floor();
+            (lo, ymax_raw.log10().ceil().max(lo + 1.0))
+        } else {
+            (0.0, 1.0)
+        };
+        XyAxes {
+            xmax,
+            xstep,
+            ylo,
+            yhi,
+        }
+    }
+
+    /// The x ticks.
+    pub fn x_ticks(&self) -> Vec<f64> {
+        let n = (self.xmax / self.xstep).round() as usize;
+        (0..=n).map(|i| i as f64 * self.xstep).collect()
+    }
+
+    /// The y ticks (every decade).
+    pub fn y_ticks(&self) -> Vec<f64> {
+        let n = (self.yhi - self.ylo).round() as i32;
+        (0..=n)
+            .map(|i| 10f64.powf(self.ylo + f64::from(i)))
+            .collect()
+    }
+
+    /// Where x falls, 0..=1 of the width.
+    pub fn fx(&self, x: f64) -> f64 {
+        x / self.xmax
+    }
+
+    /// Where y falls, 0..=1 of the height from the bottom.
+    pub fn fy(&self, y: f64) -> f64 {
+        (y.max(10f64.powf(self.ylo)).log10() - self.ylo) / (self.yhi - self.ylo)
+    }
+}
+
+/// The x-y plots' size and margins (both renderings).
+mod xy {
+    pub const W: f64 = 800.0;
+    pub const H: f64 = 500.0;
+    pub const L: f64 = 80.0;
+    pub const R: f64 = 30.0;
+    pub const T: f64 = 50.0;
+    pub const B: f64 = 60.0;
+}
+
 /// A line plot of `series` of (x, y) points: x linear from 0, y latency
 /// in microseconds on a log scale (decades). `marker` draws a dashed
 /// vertical line at an x with a label (e.g. the closed-loop maximum).
@@ -350,35 +427,11 @@ pub fn xy_svg(
     series: &[(String, Vec<(f64, f64)>)],
     marker: Option<(f64, &str)>,
 ) -> String {
-    const W: f64 = 800.0;
-    const H: f64 = 500.0;
-    const L: f64 = 80.0;
-    const R: f64 = 30.0;
-    const T: f64 = 50.0;
-    const B: f64 = 60.0;
+    use xy::{B, H, L, R, T, W};
     let (pw, ph) = (W - L - R, H - T - B);
-    let pts = || series.iter().flat_map(|(_, p)| p.iter());
-    let xmax_raw = pts()
-        .map(|p| p.0)
-        .chain(marker.map(|m| m.0))
-        .filter(|x| x.is_finite())
-        .fold(0.0f64, f64::max);
-    let xstep = nice_step(xmax_raw / 5.0);
-    let xmax = (xmax_raw / xstep).ceil().max(1.0) * xstep;
-    let ys = || pts().map(|p| p.1).filter(|&y| y > 0.0 && y.is_finite());
-    let ymin_raw = ys().fold(f64::INFINITY, f64::min);
-    let ymax_raw = ys().fold(0.0f64, f64::max);
-    let (ylo, yhi) = if ymin_raw.is_finite() {
-        let lo = ymin_raw.log10().floor();
-        (lo, ymax_raw.log10().ceil().max(lo + 1.0))
-    } else {
-        (0.0, 1.0)
-    };
-    let x_of = |x: f64| L + x / xmax * pw;
-    let y_of = |y: f64| {
-        let t = y.max(10f64.powf(ylo)).log10();
-        T + ph - (t - ylo) / (yhi - ylo) * ph
-    };
+    let ax = XyAxes::of(series, marker.map(|m| m.0));
+    let x_of = |x: f64| L + ax.fx(x) * pw;
+    let y_of = |y: f64| T + ph - ax.fy(y) * ph;
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -389,8 +442,7 @@ pub fn xy_svg(
         W / 2.0,
         escape(title)
     );
-    let mut x = 0.0;
-    while x <= xmax + xstep / 2.0 {
+    for x in ax.x_ticks() {
         let px = x_of(x);
         let _ = writeln!(
             s,
@@ -400,11 +452,9 @@ pub fn xy_svg(
             T + ph + 18.0,
             trim_num(x)
         );
-        x += xstep;
     }
-    let mut t = ylo;
-    while t <= yhi + 0.5 {
-        let py = y_of(10f64.powf(t));
+    for y in ax.y_ticks() {
+        let py = y_of(y);
         let _ = writeln!(
             s,
             r##"<line x1="{L}" y1="{py:.1}" x2="{}" y2="{py:.1}" stroke="#ddd"/>
@@ -412,9 +462,8 @@ pub fn xy_svg(
             L + pw,
             L - 6.0,
             py + 4.0,
-            trim_num(10f64.powf(t))
+            trim_num(y)
         );
-        t += 1.0;
     }
     let _ = writeln!(
         s,
@@ -471,6 +520,68 @@ pub fn xy_svg(
     }
     s.push_str("</svg>\n");
     s
+}
+
+/// The same plot as [`xy_svg`], as a PNG.
+pub fn xy_png(
+    title: &str,
+    x_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    marker: Option<(f64, &str)>,
+) -> Vec<u8> {
+    use super::png::{rgb, Anchor, Canvas};
+    use xy::{B, H, L, R, T, W};
+    let (pw, ph) = (W - L - R, H - T - B);
+    let ax = XyAxes::of(series, marker.map(|m| m.0));
+    let x_of = |x: f64| L + ax.fx(x) * pw;
+    let y_of = |y: f64| T + ph - ax.fy(y) * ph;
+    let (grid, ink) = (rgb("#dddddd"), rgb("#333333"));
+    let mut c = Canvas::new(W as usize, H as usize, [255, 255, 255]);
+    c.text(W / 2.0, 32.0, title, 2, Anchor::Middle, [0, 0, 0]);
+    for x in ax.x_ticks() {
+        let px = x_of(x);
+        c.line((px, T), (px, T + ph), 1.0, grid, None);
+        c.text(px, T + ph + 18.0, &trim_num(x), 1, Anchor::Middle, ink);
+    }
+    for y in ax.y_ticks() {
+        let py = y_of(y);
+        c.line((L, py), (L + pw, py), 1.0, grid, None);
+        c.text(L - 6.0, py + 4.0, &trim_num(y), 1, Anchor::End, ink);
+    }
+    for (a, b) in [
+        ((L, T), (L + pw, T)),
+        ((L + pw, T), (L + pw, T + ph)),
+        ((L, T + ph), (L + pw, T + ph)),
+        ((L, T), (L, T + ph)),
+    ] {
+        c.line(a, b, 1.0, ink, None);
+    }
+    c.text(L + pw / 2.0, H - 15.0, x_label, 1, Anchor::Middle, ink);
+    c.text_up(20.0, T + ph / 2.0, "latency (µs, log scale)", 1, ink);
+    if let Some((mx, label)) = marker {
+        let px = x_of(mx);
+        c.line((px, T), (px, T + ph), 1.0, rgb("#555555"), Some((6.0, 4.0)));
+        c.text(px - 4.0, T + 14.0, label, 1, Anchor::End, ink);
+    }
+    for (i, (name, p)) in series.iter().enumerate() {
+        let colour = rgb(COLOURS[i % COLOURS.len()]);
+        for w in p.windows(2) {
+            c.line(
+                (x_of(w[0].0), y_of(w[0].1)),
+                (x_of(w[1].0), y_of(w[1].1)),
+                2.0,
+                colour,
+                None,
+            );
+        }
+        for &(x, y) in p {
+            c.dot(x_of(x), y_of(y), 3.0, colour);
+        }
+        let ly = T + 10.0 + 18.0 * i as f64;
+        c.fill_rect(L + 12.0, ly, 12.0, 12.0, colour);
+        c.text(L + 30.0, ly + 11.0, name, 1, Anchor::Start, ink);
+    }
+    c.to_png()
 }
 
 /// 1, 2 or 5 times a power of ten, at least `raw`.

@@ -21,6 +21,7 @@ mod hist;
 mod intervals;
 mod job;
 pub mod net;
+mod png;
 mod protection;
 mod raw;
 mod report;
