@@ -127,7 +127,7 @@ fn check(args: &CurveArgs) -> Result<()> {
 }
 
 /// The (x, y) series of the plot: p50, p99, p99.9 against achieved IOPS.
-pub fn series(points: &[Point]) -> Vec<(String, Vec<(f64, f64)>)> {
+pub fn series(points: &[Point]) -> hist::Series {
     let mut sorted: Vec<&Point> = points.iter().collect();
     sorted.sort_by(|a, b| a.achieved_iops.total_cmp(&b.achieved_iops));
     let line = |f: fn(&Point) -> f64| sorted.iter().map(|p| (p.achieved_iops, f(p))).collect();

@@ -341,6 +341,9 @@ pub fn svg(title: &str, series: &[(String, Vec<DistPoint>)]) -> String {
     s
 }
 
+/// Named lines of (x, y) points, for the x-y plots.
+pub type Series = Vec<(String, Vec<(f64, f64)>)>;
+
 /// The axes of an x-y plot of latency: x linear from 0 in round steps,
 /// y in whole decades (log scale).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -365,7 +368,8 @@ impl XyAxes {
             .filter(|x| x.is_finite())
             .fold(0.0f64, f64::max);
         let xstep = nice_step(xmax_raw / 5.0);
-        let xmax = (xmax_raw / xstep).ceil().max(1.0) * xstep;
+        // (A hair of tolerance keeps 3.0000001 on an axis ending at 3.)
+        let xmax = (xmax_raw / xstep - 1e-6).ceil().max(1.0) * xstep;
         let ys = || pts().map(|p| p.1).filter(|&y| y > 0.0 && y.is_finite());
         let ymin_raw = ys().fold(f64::INFINITY, f64::min);
         let ymax_raw = ys().fold(0.0f64, f64::max);
@@ -450,7 +454,7 @@ pub fn xy_svg(
 <text x="{px:.1}" y="{}" text-anchor="middle">{}</text>"##,
             T + ph,
             T + ph + 18.0,
-            trim_num(x)
+            tick_label(x)
         );
     }
     for y in ax.y_ticks() {
@@ -462,7 +466,7 @@ pub fn xy_svg(
             L + pw,
             L - 6.0,
             py + 4.0,
-            trim_num(y)
+            tick_label(y)
         );
     }
     let _ = writeln!(
@@ -537,16 +541,22 @@ pub fn xy_png(
     let y_of = |y: f64| T + ph - ax.fy(y) * ph;
     let (grid, ink) = (rgb("#dddddd"), rgb("#333333"));
     let mut c = Canvas::new(W as usize, H as usize, [255, 255, 255]);
-    c.text(W / 2.0, 32.0, title, 2, Anchor::Middle, [0, 0, 0]);
+    // Large when it fits.
+    let scale = if Canvas::text_width(title, 2) as f64 <= W - 20.0 {
+        2
+    } else {
+        1
+    };
+    c.text(W / 2.0, 32.0, title, scale, Anchor::Middle, [0, 0, 0]);
     for x in ax.x_ticks() {
         let px = x_of(x);
         c.line((px, T), (px, T + ph), 1.0, grid, None);
-        c.text(px, T + ph + 18.0, &trim_num(x), 1, Anchor::Middle, ink);
+        c.text(px, T + ph + 18.0, &tick_label(x), 1, Anchor::Middle, ink);
     }
     for y in ax.y_ticks() {
         let py = y_of(y);
         c.line((L, py), (L + pw, py), 1.0, grid, None);
-        c.text(L - 6.0, py + 4.0, &trim_num(y), 1, Anchor::End, ink);
+        c.text(L - 6.0, py + 4.0, &tick_label(y), 1, Anchor::End, ink);
     }
     for (a, b) in [
         ((L, T), (L + pw, T)),
@@ -595,6 +605,17 @@ fn nice_step(raw: f64) -> f64 {
         .map(|m| m * p)
         .find(|&s| s >= raw)
         .unwrap_or(10.0 * p)
+}
+
+/// A tick label: whole numbers as such, else up to three decimals
+/// without trailing zeros (0.5, 1.5, 0.025).
+fn tick_label(v: f64) -> String {
+    if (v - v.round()).abs() < 1e-9 {
+        format!("{}", v.round())
+    } else {
+        let s = format!("{v:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
 }
 
 fn trim_num(v: f64) -> String {
@@ -777,6 +798,15 @@ mod tests {
         assert!(text.contains("SubBuckets     =         2048]"), "{text}");
         // An empty histogram still gives a header and a footer.
         assert!(hgrm(&new_histogram()).contains("#[Max"));
+    }
+
+    #[test]
+    fn tick_labels() {
+        assert_eq!(tick_label(0.0), "0");
+        assert_eq!(tick_label(1.5), "1.5");
+        assert_eq!(tick_label(0.025), "0.025");
+        assert_eq!(tick_label(2000.0), "2000");
+        assert_eq!(tick_label(0.1), "0.1");
     }
 
     #[test]

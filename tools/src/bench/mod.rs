@@ -84,8 +84,9 @@ getrusage(RUSAGE_SELF) user+sys of this whole process per GB moved; with\n\
 its command execution) is reported apart and not counted in CPU-s/GB."
 )]
 pub struct BenchArgs {
+    /// Boxed: the modes' options are large, and `stp`'s other commands small.
     #[command(subcommand)]
-    mode: Mode,
+    mode: Box<Mode>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -373,6 +374,9 @@ pub struct Report {
     /// More distributions for the plot (reads and writes apart), ns.
     #[serde(skip)]
     pub plot_series: Vec<(String, Histogram<u64>)>,
+    /// With `--log-interval`: the run's interval lines.
+    #[serde(skip)]
+    pub intervals: Vec<intervals::Line>,
 }
 
 /// Throughput and latency of part of a run (one direction, one path).
@@ -613,6 +617,7 @@ impl Report {
             hist,
             corrected_hist: None,
             plot_series: Vec::new(),
+            intervals: Vec::new(),
         }
     }
 
@@ -1091,7 +1096,7 @@ fn compare(args: &CompareArgs) -> Result<()> {
 
 /// Runs `stp bench`.
 pub fn run(args: &BenchArgs) -> Result<ExitCode> {
-    match &args.mode {
+    match args.mode.as_ref() {
         Mode::Raw(a) => emit(&a.out, &raw::run(a)?)?,
         Mode::Stp(a) => emit(&a.net.out, &net::run_stp(a)?)?,
         Mode::Tcp(a) => emit(&a.net.out, &net::run_tcp(a)?)?,
@@ -1137,13 +1142,13 @@ mod tests {
             "2s",
         ])
         .unwrap();
-        let Mode::Raw(r) = a.mode else { panic!() };
+        let Mode::Raw(r) = *a.mode else { panic!() };
         assert_eq!(r.bs, 1 << 20);
         assert_eq!(r.depth, 8);
         assert_eq!(r.rw, raw::Rw::Randwrite);
         assert_eq!(r.time, Some(Duration::from_secs(2)));
         let a = parse(&["raw", "/dev/sg1", "/dev/sg2", "--size", "4g", "--json"]).unwrap();
-        let Mode::Raw(r) = a.mode else { panic!() };
+        let Mode::Raw(r) = *a.mode else { panic!() };
         assert_eq!(r.devices.len(), 2);
         assert_eq!(r.size, Some(4 << 30));
         assert_eq!(r.rw, raw::Rw::Randread);
@@ -1195,7 +1200,7 @@ mod tests {
             "2",
         ])
         .unwrap();
-        let Mode::Raw(r) = a.mode else { panic!() };
+        let Mode::Raw(r) = *a.mode else { panic!() };
         assert_eq!((r.rw, r.rwmix), (raw::Rw::Randrw, 70));
         assert_eq!(r.split().max(), 1 << 20);
         assert_eq!(r.ramp, Some(Duration::from_secs(2)));
@@ -1204,18 +1209,18 @@ mod tests {
         assert_eq!(r.log_interval, Some(Duration::from_secs(1)));
         assert_eq!(r.sim_stall.unwrap().after, 500);
         let a = parse(&["raw", "--sim", "--rw", "rw"]).unwrap();
-        let Mode::Raw(r) = a.mode else { panic!() };
+        let Mode::Raw(r) = *a.mode else { panic!() };
         assert_eq!((r.rw, r.rwmix), (raw::Rw::Readwrite, 50));
     }
 
     #[test]
     fn curve_and_diff_arguments() {
         let a = parse(&["curve", "--sim", "--steps", "25,50,100", "--time", "1s"]).unwrap();
-        let Mode::Curve(c) = a.mode else { panic!() };
+        let Mode::Curve(c) = *a.mode else { panic!() };
         assert_eq!(c.steps, [25, 50, 100]);
         assert!(c.raw.sim);
         let a = parse(&["curve", "--sim"]).unwrap();
-        let Mode::Curve(c) = a.mode else { panic!() };
+        let Mode::Curve(c) = *a.mode else { panic!() };
         assert_eq!(c.steps, [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]);
         for bad in [
             &["curve", "--sim", "--steps", "0"][..],
@@ -1226,25 +1231,25 @@ mod tests {
             assert!(parse(bad).is_err(), "{bad:?} parsed");
         }
         let a = parse(&["diff", "a.json", "b.json", "--json"]).unwrap();
-        let Mode::Diff(d) = a.mode else { panic!() };
+        let Mode::Diff(d) = *a.mode else { panic!() };
         assert!(d.json && d.a.ends_with("a.json"));
     }
 
     #[test]
     fn net_arguments() {
         let a = parse(&["stp", "--sim", "--rtt", "--msg", "64", "--mode", "block"]).unwrap();
-        let Mode::Stp(s) = a.mode else { panic!() };
+        let Mode::Stp(s) = *a.mode else { panic!() };
         assert!(s.net.rtt && s.sim);
         assert_eq!(s.net.msg, 64);
         assert_eq!(s.mode, net::MailboxMode::Block);
         let a = parse(&["tcp", "--bytes", "8m"]).unwrap();
-        let Mode::Tcp(t) = a.mode else { panic!() };
+        let Mode::Tcp(t) = *a.mode else { panic!() };
         assert_eq!(t.net.bytes, 8 << 20);
         assert!(parse(&["stp", "--sim", "--map", "x.json"]).is_err());
         assert!(parse(&["stp", "--sim", "--mode", "carrier-pigeon"]).is_err());
         assert!(parse(&["tcp", "--msg", "0"]).is_err());
         let a = parse(&["compare", "--modes", "tcp,raw"]).unwrap();
-        let Mode::Compare(c) = a.mode else { panic!() };
+        let Mode::Compare(c) = *a.mode else { panic!() };
         assert_eq!(c.modes, [CompareMode::Tcp, CompareMode::Raw]);
         assert!(parse(&["compare", "--modes", "raw,udp"]).is_err());
     }
@@ -1253,7 +1258,7 @@ mod tests {
     fn stp_protection_and_connections() {
         use stp_core::frame::Protection;
         let a = parse(&["stp", "--sim"]).unwrap();
-        let Mode::Stp(s) = a.mode else { panic!() };
+        let Mode::Stp(s) = *a.mode else { panic!() };
         assert_eq!(s.protection, Protection::Encrypt);
         assert_eq!(s.connections, None);
         let a = parse(&[
@@ -1265,11 +1270,11 @@ mod tests {
             "64",
         ])
         .unwrap();
-        let Mode::Stp(s) = a.mode else { panic!() };
+        let Mode::Stp(s) = *a.mode else { panic!() };
         assert_eq!(s.protection, Protection::Authenticate);
         assert_eq!(s.connections, Some(64));
         let a = parse(&["stp", "--sim", "--protection", "aes-256-gcm"]).unwrap();
-        let Mode::Stp(s) = a.mode else { panic!() };
+        let Mode::Stp(s) = *a.mode else { panic!() };
         assert_eq!(s.protection, Protection::Encrypt);
         for bad in [
             &["stp", "--sim", "--protection", "rot13"][..],
@@ -1344,7 +1349,7 @@ mod tests {
     #[test]
     fn protection_arguments() {
         let a = parse(&["protection"]).unwrap();
-        let Mode::Protection(p) = a.mode else {
+        let Mode::Protection(p) = *a.mode else {
             panic!()
         };
         assert_eq!((p.size, p.seconds, p.rounds), (1 << 20, 1.0, 3));
@@ -1362,7 +1367,7 @@ mod tests {
             "--json",
         ])
         .unwrap();
-        let Mode::Protection(p) = a.mode else {
+        let Mode::Protection(p) = *a.mode else {
             panic!()
         };
         assert_eq!((p.size, p.seconds, p.rounds), (64 << 10, 0.25, 5));
@@ -1379,7 +1384,7 @@ mod tests {
         assert!(p.json);
         for c in protection::Case::ALL {
             let a = parse(&["protection", "--cases", c.name()]).unwrap();
-            let Mode::Protection(p) = a.mode else {
+            let Mode::Protection(p) = *a.mode else {
                 panic!()
             };
             assert_eq!(p.cases, [c], "{}", c.name());

@@ -149,6 +149,11 @@ pub struct RawArgs {
     /// Where --log-interval's JSON lines go.
     #[arg(long, value_name = "FILE.jsonl", requires = "log_interval")]
     pub log_file: Option<PathBuf>,
+    /// Plot --log-interval's p50, p99 and p99.9 against time here (of the
+    /// reported round; from the intended issue time with --rate): SVG, or
+    /// PNG when the name ends in .png.
+    #[arg(long, value_name = "FILE.svg|FILE.png", requires = "log_interval")]
+    pub log_plot: Option<PathBuf>,
     /// Output options.
     #[command(flatten)]
     pub out: OutArgs,
@@ -180,6 +185,7 @@ impl RawArgs {
             rounds: 1,
             log_interval: None,
             log_file: None,
+            log_plot: None,
             out: OutArgs::default(),
             devices,
         }
@@ -719,7 +725,63 @@ pub fn run(args: &RawArgs) -> Result<Report> {
         use std::io::Write as _;
         w.flush().context("writing the --log-file")?;
     }
-    Ok(super::with_rounds(reports))
+    let report = super::with_rounds(reports);
+    if let Some(path) = &args.log_plot {
+        let (title, series) = interval_series(&report);
+        let x_label = "seconds after the ramp";
+        let bytes = if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("png"))
+        {
+            super::hist::xy_png(&title, x_label, &series, None)
+        } else {
+            super::hist::xy_svg(&title, x_label, &series, None).into_bytes()
+        };
+        std::fs::write(path, bytes)
+            .with_context(|| format!("writing the --log-plot {}", path.display()))?;
+    }
+    Ok(report)
+}
+
+/// The --log-plot of a report's intervals: its title (with the IOPS range)
+/// and p50, p99 and p99.9 against the interval's end.
+fn interval_series(r: &Report) -> (String, super::hist::Series) {
+    let corrected = r.corrected_latency_us.is_some();
+    let pick = |l: &intervals::Line| {
+        if corrected {
+            l.corrected_latency_us.unwrap_or(l.latency_us)
+        } else {
+            l.latency_us
+        }
+    };
+    let lines: Vec<&intervals::Line> = r.intervals.iter().filter(|l| l.iops > 0.0).collect();
+    let line = |f: fn(&Percentiles) -> f64| -> Vec<(f64, f64)> {
+        lines.iter().map(|l| (l.t_s, f(&pick(l)))).collect()
+    };
+    let (lo, hi) = lines.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), l| {
+        (lo.min(l.iops), hi.max(l.iops))
+    });
+    let what = if corrected {
+        "from the intended issue time"
+    } else {
+        "service time"
+    };
+    let title = if lines.is_empty() {
+        format!("{} per interval: none completed", r.label())
+    } else {
+        format!(
+            "{} per interval ({what}); IOPS {lo:.0} to {hi:.0}",
+            r.label()
+        )
+    };
+    (
+        title,
+        vec![
+            ("p50".to_string(), line(|p| p.p50)),
+            ("p99".to_string(), line(|p| p.p99)),
+            ("p99.9".to_string(), line(|p| p.p999)),
+        ],
+    )
 }
 
 /// One run.
@@ -891,7 +953,7 @@ fn run_once(
     for r in results {
         lun_results.push(r?);
     }
-    log_result?;
+    let interval_lines = log_result?;
     let mut verified = None;
     let (mut reads, mut writes) = (Dir::new(), Dir::new());
     let mut lag = new_histogram();
@@ -974,6 +1036,7 @@ fn run_once(
         });
         report.corrected_hist = Some(all.corrected.clone());
     }
+    report.intervals = interval_lines;
     if args.rw.is_mixed() {
         report.read = Some(reads.figures(secs, fixed));
         report.write = Some(writes.figures(secs, fixed));
@@ -1008,25 +1071,27 @@ fn write_intervals(
     round: u32,
     every: Option<Duration>,
     log: Option<&mut dyn std::io::Write>,
-) -> Result<()> {
+) -> Result<Vec<intervals::Line>> {
     let (Some(every), Some(w)) = (every, log) else {
-        // Drain, so senders never block (they do not: the channel is
-        // unbounded; this just ends when they are done).
+        // Drain, so this ends when every path is done.
         for _ in rx {}
-        return Ok(());
+        return Ok(Vec::new());
     };
     let mut c = intervals::Collector::new(paths, round, every);
-    let put = |lines: Vec<intervals::Line>, w: &mut dyn std::io::Write| -> Result<()> {
+    let mut all = Vec::new();
+    let mut put = |lines: Vec<intervals::Line>, w: &mut dyn std::io::Write| -> Result<()> {
         for l in lines {
             serde_json::to_writer(&mut *w, &l)?;
             w.write_all(b"\n").context("writing the --log-file")?;
+            all.push(l);
         }
         w.flush().context("writing the --log-file")
     };
     for s in rx {
         put(c.push(s), w)?;
     }
-    put(c.finish(), w)
+    put(c.finish(), w)?;
+    Ok(all)
 }
 
 #[cfg(test)]
@@ -1174,9 +1239,29 @@ mod tests {
             time: Some(Duration::from_millis(250)),
             log_interval: Some(Duration::from_millis(100)),
             log_file: Some(log.clone()),
+            log_plot: Some(dir.path().join("i.svg")),
             ..sim(Rw::Randread)
         };
         let r = run(&a).unwrap();
+        let plot = std::fs::read_to_string(dir.path().join("i.svg")).unwrap();
+        assert_eq!(plot.matches("<polyline").count(), 3);
+        assert!(plot.contains("per interval (service time)"), "{plot}");
+        assert!(!r.intervals.is_empty());
+        assert!(r
+            .intervals
+            .iter()
+            .all(|l| l.round == r.rounds.as_ref().unwrap().reported as u32));
+        let text = std::fs::read_to_string(&log).unwrap();
+        let png = dir.path().join("i.png");
+        run(&RawArgs {
+            rounds: 1,
+            rate: Some(500.0),
+            log_plot: Some(png.clone()),
+            log_file: Some(dir.path().join("j.jsonl")),
+            ..a.clone()
+        })
+        .unwrap();
+        assert_eq!(&std::fs::read(&png).unwrap()[..4], b"\x89PNG");
         let rounds = r.rounds.as_ref().unwrap();
         assert_eq!(rounds.n, 3);
         assert_eq!(rounds.mb_per_s.each.len(), 3);
@@ -1185,7 +1270,6 @@ mod tests {
         assert!(rounds.mb_per_s.min <= rounds.mb_per_s.median);
         assert!(rounds.mb_per_s.median <= rounds.mb_per_s.max);
         assert_eq!(r.params["ramp_s"], 0.1);
-        let text = std::fs::read_to_string(&log).unwrap();
         let lines: Vec<serde_json::Value> = text
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
