@@ -143,9 +143,8 @@ pub fn rows(a: &Value, b: &Value) -> Vec<Row> {
 }
 
 fn load(path: &PathBuf) -> Result<Value> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let v: Value = serde_json::from_str(&text).with_context(|| {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let v: Value = serde_json::from_slice(&bytes).with_context(|| {
         format!(
             "{} is not JSON; give the output of `stp bench raw ... --json`",
             path.display()
