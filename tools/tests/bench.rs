@@ -363,3 +363,28 @@ fn curve_diff_and_job() {
         "{err}"
     );
 }
+
+#[test]
+fn ping_pong_at_a_fixed_rate() {
+    let v = bench_json(&[
+        "tcp", "--rtt", "--rate", "1000", "--time", "300ms", "--json",
+    ]);
+    check_sane(&v, "tcp", "rtt");
+    assert!(num(&v, &["corrected_latency_us", "p99"]) >= num(&v, &["latency_us", "min"]));
+    assert_eq!(num(&v, &["fixed_rate", "target_iops"]), 1000.0);
+    assert_eq!(v["params"]["rate_per_s"], 1000.0);
+    let v = bench_json(&[
+        "stp",
+        "--sim",
+        "--rtt",
+        "--rate",
+        "400",
+        "--time",
+        "300ms",
+        "--connections",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(num(&v, &["fixed_rate", "target_iops"]), 400.0);
+    assert!(num(&v, &["corrected_latency_us", "count"]) > 0.0);
+}

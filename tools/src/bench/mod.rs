@@ -961,6 +961,7 @@ fn compare(args: &CompareArgs) -> Result<()> {
         msg: args.msg,
         count: args.count,
         time: None,
+        rate: None,
         out: quiet_out.clone(),
     };
     let stp_args = |net: net::NetArgs| net::StpArgs {
@@ -1248,6 +1249,12 @@ mod tests {
         assert!(parse(&["stp", "--sim", "--map", "x.json"]).is_err());
         assert!(parse(&["stp", "--sim", "--mode", "carrier-pigeon"]).is_err());
         assert!(parse(&["tcp", "--msg", "0"]).is_err());
+        // A fixed rate is for ping-pong.
+        assert!(parse(&["tcp", "--rate", "1000"]).is_err());
+        assert!(parse(&["stp", "--sim", "--rtt", "--rate", "0"]).is_err());
+        let a = parse(&["stp", "--sim", "--rtt", "--rate", "2k", "--time", "1s"]).unwrap();
+        let Mode::Stp(s) = *a.mode else { panic!() };
+        assert_eq!(s.net.rate, Some(2000.0));
         let a = parse(&["compare", "--modes", "tcp,raw"]).unwrap();
         let Mode::Compare(c) = *a.mode else { panic!() };
         assert_eq!(c.modes, [CompareMode::Tcp, CompareMode::Raw]);

@@ -27,9 +27,10 @@ use stp_core::stg::BlockLayout;
 use stp_core::stream::{PathSource, StpListener, StpStream};
 use stp_core::vendor::MailboxError;
 
-use super::hist::{new_histogram, record, Counters, CpuTime, Progress};
+use super::hist::{new_histogram, record, Counters, CpuTime, Percentiles, Progress};
 use super::units::{parse_duration, parse_nonzero_size};
-use super::{open_path, Connections, Datapath, IdleMemory, OutArgs, Report};
+use super::workload::Schedule;
+use super::{open_path, Connections, Datapath, FixedRate, IdleMemory, OutArgs, Report};
 
 /// The patience of every blocking step (connect, accept, shutdown).
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -57,6 +58,13 @@ pub struct NetArgs {
     /// Ping-pong for this long instead of --count round trips.
     #[arg(long, value_parser = parse_duration)]
     pub time: Option<Duration>,
+    /// Ping-pong at a fixed rate: start this many round trips a second in
+    /// all (split over --connections) on a schedule, and report latency
+    /// from each one's intended start too (corrected for coordinated
+    /// omission). One round trip is in flight per connection, so a late
+    /// one delays the next.
+    #[arg(long, value_parser = super::raw::parse_rate, requires = "rtt")]
+    pub rate: Option<f64>,
     /// Output options.
     #[command(flatten)]
     pub out: OutArgs,
@@ -179,6 +187,34 @@ struct Measured {
     array_cpu: Duration,
     /// With --connections: per-connection figures.
     connections: Option<Connections>,
+    /// With --rate: the schedule's figures.
+    rated: Option<Rated>,
+}
+
+/// What a fixed-rate ping-pong measured besides the service time.
+struct Rated {
+    /// Round trips a second asked for.
+    target: f64,
+    /// From the intended start to the echo, ns.
+    corrected: Histogram<u64>,
+    /// From the intended to the actual start, ns.
+    lag: Histogram<u64>,
+    /// Round trips due before the end that never started.
+    not_issued: u64,
+}
+
+impl Rated {
+    fn add(&mut self, other: &Rated) -> Result<()> {
+        self.target += other.target;
+        self.not_issued += other.not_issued;
+        self.corrected
+            .add(&other.corrected)
+            .context("merging latency histograms")?;
+        self.lag
+            .add(&other.lag)
+            .context("merging latency histograms")?;
+        Ok(())
+    }
 }
 
 /// The process-wide meters, read at the start of a timed window.
@@ -248,6 +284,18 @@ fn client<C: Duplex>(c: &mut C, net: &NetArgs, counters: &Counters) -> Result<Me
     let (mut ops, mut bytes) = (0u64, 0u64);
     let window = Window::start();
     let t0 = window.t0;
+    // Ping-pong at a fixed rate (--rate needs --rtt).
+    let mut schedule = net.rate.map(Schedule::new);
+    if schedule.is_some() {
+        // Wake as close to each start as the kernel can (best effort).
+        let _ = nix::sys::prctl::set_timerslack(1);
+    }
+    let mut rated = net.rate.map(|target| Rated {
+        target,
+        corrected: new_histogram(),
+        lag: new_histogram(),
+        not_issued: 0,
+    });
     if net.rtt {
         let mut msg = vec![0u8; net.msg as usize];
         OsRng.fill_bytes(&mut msg);
@@ -259,12 +307,33 @@ fn client<C: Duplex>(c: &mut C, net: &NetArgs, counters: &Counters) -> Result<Me
                 None if ops >= net.count => break,
                 _ => {}
             }
+            // At a fixed rate: wait for this round trip's turn.
+            let intended = match &mut schedule {
+                None => None,
+                Some(s) => {
+                    let due = t0 + s.next_due();
+                    if deadline.is_some_and(|d| due >= d) {
+                        break;
+                    }
+                    let now = Instant::now();
+                    if due > now {
+                        thread::sleep(due - now);
+                    }
+                    s.poll(Instant::now().saturating_duration_since(t0))
+                        .map(|at| t0 + at)
+                }
+            };
             let k = 8.min(msg.len());
             msg[..k].copy_from_slice(&ops.to_le_bytes()[..k]);
             let t = Instant::now();
             c.write_all(&msg).context("sending a ping")?;
             c.read_exact(&mut back).context("reading the echo")?;
-            record(&mut hist, t.elapsed());
+            let end = Instant::now();
+            record(&mut hist, end.saturating_duration_since(t));
+            if let (Some(r), Some(i)) = (&mut rated, intended) {
+                record(&mut r.corrected, end.saturating_duration_since(i));
+                record(&mut r.lag, t.saturating_duration_since(i));
+            }
             if back != msg {
                 bail!("round trip {ops}: the echo differs from the message sent");
             }
@@ -292,6 +361,10 @@ fn client<C: Duplex>(c: &mut C, net: &NetArgs, counters: &Counters) -> Result<Me
         }
     }
     let (elapsed, cpu, counters, array_cpu) = window.end();
+    if let (Some(r), Some(s), Some(t)) = (&mut rated, &schedule, net.time) {
+        // Due strictly before the end (one due exactly at it is not).
+        r.not_issued = s.behind(t).saturating_sub(1);
+    }
     Ok(Measured {
         ops,
         bytes,
@@ -301,6 +374,7 @@ fn client<C: Duplex>(c: &mut C, net: &NetArgs, counters: &Counters) -> Result<Me
         counters,
         array_cpu,
         connections: None,
+        rated,
     })
 }
 
@@ -344,6 +418,7 @@ fn params(net: &NetArgs, extra: serde_json::Value) -> serde_json::Value {
             "msg": net.msg,
             "count": if net.time.is_some() { None } else { Some(net.count) },
             "time_s": net.time.map(|t| t.as_secs_f64()),
+            "rate_per_s": net.rate,
             "latency": "round trip",
         })
     } else {
@@ -382,6 +457,16 @@ fn report(
         None,
     );
     r.connections = connections;
+    if let Some(rated) = m.rated {
+        r.corrected_latency_us = Some(Percentiles::of(&rated.corrected));
+        r.fixed_rate = Some(FixedRate {
+            target_iops: rated.target,
+            achieved_iops: r.iops,
+            issue_lag_us: Percentiles::of(&rated.lag),
+            not_issued: rated.not_issued,
+        });
+        r.corrected_hist = Some(rated.corrected);
+    }
     r
 }
 
@@ -760,6 +845,7 @@ fn measure_many<S: Duplex, C: Duplex>(
 ) -> Result<Measured> {
     let each = NetArgs {
         bytes: net.bytes / n,
+        rate: net.rate.map(|r| r / n as f64),
         ..net.clone()
     };
     if !net.rtt && each.bytes == 0 {
@@ -856,8 +942,24 @@ fn measure_many<S: Duplex, C: Duplex>(
         let slowest = rates.iter().copied().fold(f64::INFINITY, f64::min);
         let fastest = rates.iter().copied().fold(0.0, f64::max);
         let mut hist = new_histogram();
+        let mut rated: Option<Rated> = None;
         for m in &each_m {
             hist.add(&m.hist).context("merging latency histograms")?;
+            if let Some(r) = &m.rated {
+                match &mut rated {
+                    Some(all) => all.add(r)?,
+                    None => {
+                        let mut all = Rated {
+                            target: 0.0,
+                            corrected: new_histogram(),
+                            lag: new_histogram(),
+                            not_issued: 0,
+                        };
+                        all.add(r)?;
+                        rated = Some(all);
+                    }
+                }
+            }
         }
         Ok(Measured {
             ops: each_m.iter().map(|m| m.ops).sum(),
@@ -880,6 +982,7 @@ fn measure_many<S: Duplex, C: Duplex>(
                 },
                 idle,
             }),
+            rated,
         })
     })();
     if result.is_err() {
