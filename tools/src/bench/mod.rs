@@ -4,6 +4,12 @@
 //! Every mode produces one [`Report`]: printed as text, or as JSON with
 //! `--json`; its latency histogram can be written as a classic `.hgrm`
 //! file (`--hgrm`) and as an SVG percentile plot (`--plot`).
+//!
+//! Raw mode's workloads are decided sans-IO in `workload` (mix, block-size
+//! split, offsets, and the fixed-rate schedule, on a time passed in);
+//! `curve` runs raw mode at fractions of its maximum, `diff` compares two
+//! reports, `job` reads a run from a TOML file, `intervals` turns per-path
+//! interval samples into JSON lines. docs/BENCH.md is the user's guide.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -462,7 +468,8 @@ pub struct FixedRate {
     pub issue_lag_us: Percentiles,
     /// Commands that fell due before the run's end but were never issued
     /// (every tag stayed busy: the rate is beyond what the LUN did at this
-    /// depth). They are in no latency figure, so when this is not 0 the
+    /// depth; or the host itself could not issue them in time, starved of
+    /// CPU). They are in no latency figure, so when this is not 0 the
     /// corrected tail understates what a client at this rate would see.
     pub not_issued: u64,
 }
@@ -672,7 +679,7 @@ impl Report {
             );
             if f.not_issued > 0 {
                 println!(
-                    "  NOT ISSUED  {} commands fell due but never went out (every tag busy): the rate is beyond this LUN at this depth, and the tail above understates it",
+                    "  NOT ISSUED  {} commands fell due but never went out (every tag stayed busy, or this host could not issue them in time): the tail above understates what this rate would see",
                     f.not_issued
                 );
             }
