@@ -388,3 +388,21 @@ fn ping_pong_at_a_fixed_rate() {
     assert_eq!(num(&v, &["fixed_rate", "target_iops"]), 400.0);
     assert!(num(&v, &["corrected_latency_us", "count"]) > 0.0);
 }
+
+#[test]
+fn ping_pong_curve() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("rtt.png").display().to_string();
+    let c = bench_json(&[
+        "tcp", "--rtt", "--curve", "--time", "150ms", "--steps", "50,100", "--plot", &png, "--json",
+    ]);
+    assert_eq!(c["mode"], "curve");
+    assert_eq!(c["test"], "tcp rtt 64 B");
+    assert_eq!(c["points"].as_array().expect("points").len(), 2);
+    assert!(num(&c["points"][0], &["p99_us"]) > 0.0);
+    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+    let (ok, _, err) = stp(&[
+        "bench", "tcp", "--rtt", "--curve", "--time", "1s", "--hgrm", "x.hgrm",
+    ]);
+    assert!(!ok && err.contains("--rate N --hgrm"), "{err}");
+}

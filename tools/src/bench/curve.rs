@@ -4,9 +4,10 @@
 //! default), and each point's latency, measured from the intended issue
 //! time, is plotted against the IOPS it achieved.
 
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
 
@@ -138,74 +139,62 @@ pub fn series(points: &[Point]) -> hist::Series {
     ]
 }
 
-/// Runs `stp bench curve`.
-pub fn run(args: &CurveArgs) -> Result<()> {
-    check(args)?;
-    let silent = args.raw.out.silent();
-    let inner = RawArgs {
-        out: OutArgs {
-            json: args.raw.out.json,
-            quiet: true,
-            hgrm: None,
-            plot: None,
-        },
-        ..args.raw.clone()
-    };
-    let closed = RawArgs {
-        time: args.max_time.or(inner.time),
-        ..inner.clone()
-    };
+/// Runs a sweep: `run(None)` closed-loop for the maximum, then
+/// `run(Some(rate))` at each percentage of it.
+pub fn sweep(
+    steps: &[u32],
+    silent: bool,
+    mut run: impl FnMut(Option<f64>) -> Result<Report>,
+) -> Result<(Report, Vec<Point>)> {
+    if steps.is_empty() {
+        bail!("--steps needs at least one percentage, e.g. 10,50,100");
+    }
     if !silent {
         eprintln!("curve: closed-loop run to find the maximum rate");
     }
-    let max = raw::run(&closed)?;
+    let max = run(None)?;
     if max.iops <= 0.0 || max.ops == 0 {
-        bail!("the closed-loop run completed no commands, so there is no maximum to take fractions of");
+        bail!("the closed-loop run completed nothing, so there is no maximum to take fractions of");
     }
     let mut points = Vec::new();
-    for &pct in &args.steps {
+    for &pct in steps {
         let target = max.iops * f64::from(pct) / 100.0;
         if !silent {
             eprintln!("curve: {pct} % of {:.0}/s = {target:.0}/s", max.iops);
         }
-        let r = raw::run(&RawArgs {
-            rate: Some(target),
-            ..inner.clone()
-        })?;
-        points.push(Point::of(pct, target, r));
+        points.push(Point::of(pct, target, run(Some(target))?));
     }
-    let curve = Curve {
-        schema: SCHEMA,
-        mode: "curve",
-        test: args.raw.test_name(),
-        max,
-        points,
-    };
+    Ok((max, points))
+}
+
+/// Writes the curve's plots (`svg`; `png`) and prints it (text, or JSON).
+/// `closed` says what the closed-loop run was, e.g. `depth 16`.
+pub fn emit(
+    curve: &Curve,
+    svg: Option<&Path>,
+    png: Option<&Path>,
+    json: bool,
+    closed: &str,
+) -> Result<()> {
     let title = format!("{} load curve ({})", curve.test, curve.max.transport);
     let x_label = "achieved IOPS (latency from the intended issue time)";
     let marker = Some((curve.max.iops, "closed-loop maximum"));
-    if let Some(path) = &args.raw.out.plot {
-        let svg = hist::xy_svg(&title, x_label, &series(&curve.points), marker);
-        std::fs::write(path, svg)
-            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    if let Some(path) = svg {
+        let doc = hist::xy_svg(&title, x_label, &series(&curve.points), marker);
+        std::fs::write(path, doc).with_context(|| format!("writing {}", path.display()))?;
     }
-    if let Some(path) = &args.png {
-        let png = hist::xy_png(&title, x_label, &series(&curve.points), marker);
-        std::fs::write(path, png)
-            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    if let Some(path) = png {
+        let img = hist::xy_png(&title, x_label, &series(&curve.points), marker);
+        std::fs::write(path, img).with_context(|| format!("writing {}", path.display()))?;
     }
-    if args.raw.out.json {
-        println!("{}", serde_json::to_string_pretty(&curve)?);
+    if json {
+        println!("{}", serde_json::to_string_pretty(curve)?);
         return Ok(());
     }
     println!("curve {} ({})", curve.test, curve.max.transport);
     println!(
-        "  maximum (closed loop, depth {}): {:.0} IOPS, {:.1} MB/s, p50 {:.1} µs, p99 {:.1} µs",
-        args.raw.depth,
-        curve.max.iops,
-        curve.max.mb_per_s,
-        curve.max.latency_us.p50,
-        curve.max.latency_us.p99
+        "  maximum (closed loop, {closed}): {:.0} IOPS, {:.1} MB/s, p50 {:.1} µs, p99 {:.1} µs",
+        curve.max.iops, curve.max.mb_per_s, curve.max.latency_us.p50, curve.max.latency_us.p99
     );
     println!(
         "  {:>4} {:>10} {:>10} {:>9}   {:>10} {:>10} {:>10}   {:>10} {:>10}",
@@ -233,6 +222,44 @@ pub fn run(args: &CurveArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Runs `stp bench curve`.
+pub fn run(args: &CurveArgs) -> Result<()> {
+    check(args)?;
+    let inner = RawArgs {
+        out: OutArgs {
+            json: args.raw.out.json,
+            quiet: true,
+            hgrm: None,
+            plot: None,
+        },
+        ..args.raw.clone()
+    };
+    let (max, points) = sweep(&args.steps, args.raw.out.silent(), |rate| match rate {
+        None => raw::run(&RawArgs {
+            time: args.max_time.or(inner.time),
+            ..inner.clone()
+        }),
+        Some(r) => raw::run(&RawArgs {
+            rate: Some(r),
+            ..inner.clone()
+        }),
+    })?;
+    let curve = Curve {
+        schema: SCHEMA,
+        mode: "curve",
+        test: args.raw.test_name(),
+        max,
+        points,
+    };
+    emit(
+        &curve,
+        args.raw.out.plot.as_deref(),
+        args.png.as_deref(),
+        args.raw.out.json,
+        &format!("depth {}", args.raw.depth),
+    )
 }
 
 #[cfg(test)]

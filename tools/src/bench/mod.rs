@@ -969,6 +969,8 @@ fn compare(args: &CompareArgs) -> Result<()> {
         count: args.count,
         time: None,
         rate: None,
+        curve: false,
+        steps: Vec::new(),
         out: quiet_out.clone(),
     };
     let stp_args = |net: net::NetArgs| net::StpArgs {
@@ -1106,6 +1108,8 @@ fn compare(args: &CompareArgs) -> Result<()> {
 pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     match args.mode.as_ref() {
         Mode::Raw(a) => emit(&a.out, &raw::run(a)?)?,
+        Mode::Stp(a) if a.net.curve => net::curve_stp(a)?,
+        Mode::Tcp(a) if a.net.curve => net::curve_tcp(a)?,
         Mode::Stp(a) => emit(&a.net.out, &net::run_stp(a)?)?,
         Mode::Tcp(a) => emit(&a.net.out, &net::run_tcp(a)?)?,
         Mode::Compare(a) => compare(a)?,
@@ -1262,6 +1266,22 @@ mod tests {
         let a = parse(&["stp", "--sim", "--rtt", "--rate", "2k", "--time", "1s"]).unwrap();
         let Mode::Stp(s) = *a.mode else { panic!() };
         assert_eq!(s.net.rate, Some(2000.0));
+        // The ping-pong curve: timed points, no fixed --rate of its own.
+        let a = parse(&[
+            "tcp", "--rtt", "--curve", "--time", "1s", "--steps", "50,100",
+        ])
+        .unwrap();
+        let Mode::Tcp(t) = *a.mode else { panic!() };
+        assert!(t.net.curve);
+        assert_eq!(t.net.steps, [50, 100]);
+        for bad in [
+            &["tcp", "--rtt", "--curve"][..],
+            &["tcp", "--curve", "--time", "1s"],
+            &["tcp", "--rtt", "--curve", "--time", "1s", "--rate", "100"],
+            &["tcp", "--rtt", "--curve", "--time", "1s", "--steps", "0"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} parsed");
+        }
         let a = parse(&["compare", "--modes", "tcp,raw"]).unwrap();
         let Mode::Compare(c) = *a.mode else { panic!() };
         assert_eq!(c.modes, [CompareMode::Tcp, CompareMode::Raw]);

@@ -65,6 +65,15 @@ pub struct NetArgs {
     /// one delays the next.
     #[arg(long, value_parser = super::raw::parse_rate, requires = "rtt")]
     pub rate: Option<f64>,
+    /// The ping-pong load curve: the closed-loop round-trip rate, then
+    /// --rate at each of --steps percent of it (--time per point); --plot
+    /// draws it (SVG, or PNG for a .png name), --json gives every point.
+    #[arg(long, requires_all = ["rtt", "time"], conflicts_with = "rate")]
+    pub curve: bool,
+    /// Percentages of the maximum for --curve, comma-separated, each 1 to 100.
+    #[arg(long, value_delimiter = ',', default_value = "10,20,30,40,50,60,70,80,90,100",
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub steps: Vec<u32>,
     /// Output options.
     #[command(flatten)]
     pub out: OutArgs,
@@ -996,6 +1005,70 @@ fn measure_many<S: Duplex, C: Duplex>(
         (Err(e), _) => Err(e),
         (Ok(_), Err(e)) => Err(e.context("the receiving side (host 0) failed")),
     }
+}
+
+/// `--curve` of `stp bench stp` / `tcp`: sweeps `run` (one ping-pong run
+/// of these options at a rate, or closed loop) and prints the curve.
+fn net_curve(
+    net: &NetArgs,
+    test: String,
+    closed: &str,
+    mut run: impl FnMut(NetArgs) -> Result<Report>,
+) -> Result<()> {
+    if net.out.hgrm.is_some() {
+        bail!("--hgrm does not apply to --curve (every point's figures are in its --json); run one point with --rate N --hgrm FILE");
+    }
+    let quiet = OutArgs {
+        json: net.out.json,
+        quiet: true,
+        hgrm: None,
+        plot: None,
+    };
+    let (max, points) = super::curve::sweep(&net.steps, net.out.silent(), |rate| {
+        run(NetArgs {
+            rate,
+            curve: false,
+            out: quiet.clone(),
+            ..net.clone()
+        })
+    })?;
+    let curve = super::curve::Curve {
+        schema: super::SCHEMA,
+        mode: "curve",
+        test,
+        max,
+        points,
+    };
+    let plot = net.out.plot.as_deref();
+    let is_png = plot.is_some_and(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")));
+    let (svg, png) = if is_png { (None, plot) } else { (plot, None) };
+    super::curve::emit(&curve, svg, png, net.out.json, closed)
+}
+
+/// Runs `stp bench stp --rtt --curve`.
+pub fn curve_stp(args: &StpArgs) -> Result<()> {
+    let n = args.connections.unwrap_or(1);
+    net_curve(
+        &args.net,
+        format!("stp {:?} rtt {} B", args.mode, args.net.msg).to_lowercase(),
+        &format!("one round trip in flight on each of {n} connection(s)"),
+        |net| {
+            run_stp(&StpArgs {
+                net,
+                ..args.clone()
+            })
+        },
+    )
+}
+
+/// Runs `stp bench tcp --rtt --curve`.
+pub fn curve_tcp(args: &TcpArgs) -> Result<()> {
+    net_curve(
+        &args.net,
+        format!("tcp rtt {} B", args.net.msg),
+        "one round trip in flight",
+        |net| run_tcp(&TcpArgs { net }),
+    )
 }
 
 #[cfg(test)]
