@@ -2,8 +2,10 @@
 //! the SPC/SBC subset, and the vendor-command extension point.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use scsi::cdb::{Cdb, PageControl, RwFlags, VendorCdb};
 use scsi::inquiry::{BlockLimits, Designator, StandardInquiry, VpdPage};
@@ -100,6 +102,62 @@ struct Inner {
     next_initiator: AtomicU32,
     vendor: RwLock<Option<Arc<dyn VendorHandler>>>,
     stats: ArrayStats,
+    stall: Stall,
+}
+
+/// An armed stall of the whole array (see [`Array::stall_after`]): a fast
+/// flag for the common case (none armed) and the state behind it.
+#[derive(Default)]
+struct Stall {
+    armed: AtomicBool,
+    state: Mutex<StallState>,
+}
+
+#[derive(Default)]
+struct StallState {
+    /// Commands still to pass before the stall begins.
+    after: u64,
+    /// How long it lasts once it begins.
+    duration: Duration,
+    /// When it ends, once it has begun.
+    until: Option<Instant>,
+}
+
+impl Stall {
+    /// Called for every command before it executes: counts it towards an
+    /// armed stall, and waits out a stall in progress.
+    fn pass(&self) {
+        if !self.armed.load(Ordering::Acquire) {
+            return;
+        }
+        let until = {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            match s.until {
+                Some(t) if now >= t => {
+                    // Over: disarm (unless re-armed since, which resets `until`).
+                    self.armed.store(false, Ordering::Release);
+                    return;
+                }
+                Some(t) => t,
+                None if s.after > 0 => {
+                    s.after -= 1;
+                    return;
+                }
+                None => {
+                    let t = now.checked_add(s.duration).unwrap_or(now);
+                    s.until = Some(t);
+                    t
+                }
+            }
+        };
+        // The wait happens outside the lock, so every command arriving
+        // meanwhile waits for the same end.
+        let now = Instant::now();
+        if until > now {
+            std::thread::sleep(until - now);
+        }
+    }
 }
 
 /// The simulated array. Cheap to clone; clones share the same LUNs.
@@ -139,6 +197,7 @@ impl Array {
                 next_initiator: AtomicU32::new(1),
                 vendor: RwLock::new(None),
                 stats: ArrayStats::default(),
+                stall: Stall::default(),
             }),
         }
     }
@@ -254,6 +313,33 @@ impl Array {
             .clone()
     }
 
+    /// Arms a stall of the whole array, as when a real one pauses for a
+    /// controller failover, a cache flush or garbage collection: the next
+    /// `commands` commands execute as usual, then the array takes no
+    /// command for `duration`. The command that begins the stall and every
+    /// command arriving while it lasts wait until it ends, then execute.
+    /// The wait happens where the array executes the command: on the
+    /// submitting thread with an in-process path (inside `submit`), on the
+    /// daemon's thread behind TCMU. Counting commands rather than time
+    /// makes a test's stall land at the same point of its run every time.
+    /// Arming again replaces a stall not yet over.
+    pub fn stall_after(&self, commands: u64, duration: Duration) {
+        let stall = &self.inner.stall;
+        let mut s = stall.state.lock().unwrap_or_else(|e| e.into_inner());
+        *s = StallState {
+            after: commands,
+            duration,
+            until: None,
+        };
+        stall.armed.store(true, Ordering::Release);
+    }
+
+    /// Whether a stall is armed (or over but not yet noticed by a command).
+    #[cfg(test)]
+    pub(crate) fn stall_armed(&self) -> bool {
+        self.inner.stall.armed.load(Ordering::Acquire)
+    }
+
     /// The array's counters.
     pub fn stats(&self) -> &ArrayStats {
         &self.inner.stats
@@ -271,7 +357,8 @@ impl Array {
     }
 
     /// Executes a task. The task's reply is completed exactly once, now or
-    /// (for a held vendor command) later.
+    /// (for a held vendor command) later. A stall armed with
+    /// [`Array::stall_after`] delays it first.
     ///
     /// The order is LIO's: the CDB is parsed first, and everything found
     /// wrong then (unsupported opcode, invalid field, LBA out of range,
@@ -282,6 +369,7 @@ impl Array {
     /// reports and clears it (as its data), anything else fails with it
     /// and clears it.
     pub fn submit(&self, task: Task) {
+        self.inner.stall.pass();
         let stats = &self.inner.stats;
         stats.commands.fetch_add(1, Ordering::Relaxed);
         let Some(lun) = self.lun(task.lun) else {

@@ -666,4 +666,31 @@ mod tests {
             c.result.as_ref().unwrap().check().unwrap();
         }
     }
+
+    #[test]
+    fn a_stall_delays_the_command_that_begins_it_and_then_disarms() {
+        let a = Array::new();
+        a.add_lun(0, LunConfig::new(0, 2048, 512)).unwrap();
+        let mut t = Host::login(&a, "h").open(0).unwrap();
+        let tur = || Command::no_data(CdbBuf::new(&[0u8; 6]).unwrap());
+        let stall = Duration::from_millis(30);
+        a.stall_after(2, stall);
+        let mut out = Vec::new();
+        let mut took = Vec::new();
+        for _ in 0..4 {
+            let t0 = Instant::now();
+            t.submit(tur()).unwrap();
+            out.clear();
+            t.reap(&mut out, None).unwrap();
+            took.push(t0.elapsed());
+            assert!(out[0]
+                .result
+                .as_ref()
+                .is_ok_and(|o| o.status == ScsiStatus::GOOD));
+        }
+        // The third command begins the stall and waits it out (a lower
+        // bound only: sleeping never ends early).
+        assert!(took[2] >= stall, "{took:?}");
+        assert!(!a.stall_armed(), "the stall stays armed after it ended");
+    }
 }

@@ -242,10 +242,167 @@ fn bad_arguments_fail_cleanly() {
         &["bench", "raw", "--sim", "--bs", "1g", "--time", "1s"],
         &["bench", "stp", "--bytes", "1m"],
         &["bench", "stp", "--map", "/nonexistent/map.json"],
+        &["bench", "raw", "--sim", "--rw", "randrw", "--rwmix", "170"],
+        &["bench", "raw", "--sim", "--bssplit", "4k/60,1m/x"],
+        &["bench", "raw", "--sim", "--rate", "fast"],
+        &["bench", "raw", "--sim", "--rwmix", "70", "--time", "1s"],
+        &[
+            "bench",
+            "raw",
+            "--sim",
+            "--bssplit",
+            "4k/50,1m/50",
+            "--span",
+            "64k",
+        ],
+        &["bench", "curve", "--sim", "--rate", "100", "--time", "1s"],
+        &["bench", "curve", "--sim", "--steps", "0"],
+        &[
+            "bench",
+            "diff",
+            "/nonexistent/a.json",
+            "/nonexistent/b.json",
+        ],
+        &["bench", "job", "/nonexistent/job.toml"],
     ] {
         let (ok, _, stderr) = stp(args);
         assert!(!ok, "{args:?} succeeded");
         assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
         assert!(!stderr.trim().is_empty(), "{args:?} gave no message");
     }
+}
+
+#[test]
+fn raw_sim_mixed_split_at_a_rate() {
+    let v = bench_json(&[
+        "raw",
+        "--sim",
+        "--rw",
+        "randrw",
+        "--rwmix",
+        "70",
+        "--bssplit",
+        "4k/60,64k/30,1m/10",
+        "--ramp",
+        "100ms",
+        "--time",
+        "300ms",
+        "--rate",
+        "2000",
+        "--sim-paths",
+        "2",
+        "--json",
+    ]);
+    check_sane(
+        &v,
+        "raw",
+        "randrw 70/30 bssplit 4k/60,64k/30,1m/10 at 2000/s",
+    );
+    for dir in ["read", "write"] {
+        assert!(num(&v, &[dir, "ops"]) > 0.0, "{dir}");
+        assert!(
+            num(&v, &[dir, "corrected_latency_us", "p99"]) > 0.0,
+            "{dir}"
+        );
+    }
+    assert!(num(&v, &["corrected_latency_us", "p999"]) > 0.0);
+    assert_eq!(num(&v, &["fixed_rate", "target_iops"]), 2000.0);
+    assert_eq!(v["devices"].as_array().expect("devices").len(), 2);
+    assert_eq!(v["params"]["ramp_s"], 0.1);
+}
+
+#[test]
+fn curve_diff_and_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |f: &str| dir.path().join(f).display().to_string();
+    let c = bench_json(&[
+        "curve",
+        "--sim",
+        "--time",
+        "150ms",
+        "--steps",
+        "50,100",
+        "--depth",
+        "4",
+        "--plot",
+        &p("c.svg"),
+        "--png",
+        &p("c.png"),
+        "--json",
+    ]);
+    assert_eq!(c["mode"], "curve");
+    let points = c["points"].as_array().expect("points");
+    assert_eq!(points.len(), 2);
+    assert_eq!(points[0]["percent"], 50);
+    assert!(num(&points[1], &["run", "corrected_latency_us", "p99"]) > 0.0);
+    assert!(std::fs::read_to_string(p("c.svg"))
+        .unwrap()
+        .contains("<polyline"));
+    assert!(std::fs::read(p("c.png")).unwrap().starts_with(b"\x89PNG"));
+    for f in ["a.json", "b.json"] {
+        let v = bench_json(&["raw", "--sim", "--time", "100ms", "--rounds", "3", "--json"]);
+        assert_eq!(v["rounds"]["n"], 3);
+        std::fs::write(p(f), v.to_string()).unwrap();
+    }
+    let (ok, out, err) = stp(&["bench", "diff", &p("a.json"), &p("b.json")]);
+    assert!(ok, "{err}");
+    assert!(out.contains("MB/s") && out.contains("spread"), "{out}");
+    let (ok, _, err) = stp(&["bench", "diff", &p("a.json"), &p("c.png")]);
+    assert!(!ok && err.contains("--json"), "{err}");
+    std::fs::write(
+        p("job.toml"),
+        "sim = true\nrw = \"randrw\"\nrwmix = 70\nbssplit = \"4k/60:64k/30:1m/10\"\ntime = \"150ms\"\n",
+    )
+    .unwrap();
+    let v = bench_json(&["job", &p("job.toml"), "--json"]);
+    check_sane(&v, "raw", "randrw 70/30 bssplit 4k/60,64k/30,1m/10");
+    std::fs::write(p("bad.toml"), "sim = true\nrwmixx = 70\n").unwrap();
+    let (ok, _, err) = stp(&["bench", "job", &p("bad.toml")]);
+    assert!(
+        !ok && err.contains("rwmixx") && err.contains("bad.toml"),
+        "{err}"
+    );
+}
+
+#[test]
+fn ping_pong_at_a_fixed_rate() {
+    let v = bench_json(&[
+        "tcp", "--rtt", "--rate", "1000", "--time", "300ms", "--json",
+    ]);
+    check_sane(&v, "tcp", "rtt");
+    assert!(num(&v, &["corrected_latency_us", "p99"]) >= num(&v, &["latency_us", "min"]));
+    assert_eq!(num(&v, &["fixed_rate", "target_iops"]), 1000.0);
+    assert_eq!(v["params"]["rate_per_s"], 1000.0);
+    let v = bench_json(&[
+        "stp",
+        "--sim",
+        "--rtt",
+        "--rate",
+        "400",
+        "--time",
+        "300ms",
+        "--connections",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(num(&v, &["fixed_rate", "target_iops"]), 400.0);
+    assert!(num(&v, &["corrected_latency_us", "count"]) > 0.0);
+}
+
+#[test]
+fn ping_pong_curve() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("rtt.png").display().to_string();
+    let c = bench_json(&[
+        "tcp", "--rtt", "--curve", "--time", "150ms", "--steps", "50,100", "--plot", &png, "--json",
+    ]);
+    assert_eq!(c["mode"], "curve");
+    assert_eq!(c["test"], "tcp rtt 64 B");
+    assert_eq!(c["points"].as_array().expect("points").len(), 2);
+    assert!(num(&c["points"][0], &["p99_us"]) > 0.0);
+    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+    let (ok, _, err) = stp(&[
+        "bench", "tcp", "--rtt", "--curve", "--time", "1s", "--hgrm", "x.hgrm",
+    ]);
+    assert!(!ok && err.contains("--rate N --hgrm"), "{err}");
 }

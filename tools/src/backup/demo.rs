@@ -635,6 +635,9 @@ fn bench(bytes: u64, count: u64) -> Result<(f64, f64, VsTcp)> {
         msg: 64,
         count,
         time: None,
+        rate: None,
+        curve: false,
+        steps: Vec::new(),
         out: OutArgs {
             quiet: true,
             ..OutArgs::default()

@@ -341,6 +341,259 @@ pub fn svg(title: &str, series: &[(String, Vec<DistPoint>)]) -> String {
     s
 }
 
+/// Named lines of (x, y) points, for the x-y plots.
+pub type Series = Vec<(String, Vec<(f64, f64)>)>;
+
+/// The axes of an x-y plot of latency: x linear from 0 in round steps,
+/// y in whole decades (log scale).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct XyAxes {
+    /// The x axis' end.
+    pub xmax: f64,
+    /// Its tick step.
+    pub xstep: f64,
+    /// The lowest decade (log10).
+    pub ylo: f64,
+    /// The highest decade (log10).
+    pub yhi: f64,
+}
+
+impl XyAxes {
+    /// Axes that hold every point of `series` and the marker's x.
+    pub fn of(series: &[(String, Vec<(f64, f64)>)], marker: Option<f64>) -> XyAxes {
+        let pts = || series.iter().flat_map(|(_, p)| p.iter());
+        let xmax_raw = pts()
+            .map(|p| p.0)
+            .chain(marker)
+            .filter(|x| x.is_finite())
+            .fold(0.0f64, f64::max);
+        let xstep = nice_step(xmax_raw / 5.0);
+        // (A hair of tolerance keeps 3.0000001 on an axis ending at 3.)
+        let xmax = (xmax_raw / xstep - 1e-6).ceil().max(1.0) * xstep;
+        let ys = || pts().map(|p| p.1).filter(|&y| y > 0.0 && y.is_finite());
+        let ymin_raw = ys().fold(f64::INFINITY, f64::min);
+        let ymax_raw = ys().fold(0.0f64, f64::max);
+        let (ylo, yhi) = if ymin_raw.is_finite() {
+            let lo = ymin_raw.log10().floor();
+            (lo, ymax_raw.log10().ceil().max(lo + 1.0))
+        } else {
+            (0.0, 1.0)
+        };
+        XyAxes {
+            xmax,
+            xstep,
+            ylo,
+            yhi,
+        }
+    }
+
+    /// The x ticks.
+    pub fn x_ticks(&self) -> Vec<f64> {
+        let n = (self.xmax / self.xstep).round() as usize;
+        (0..=n).map(|i| i as f64 * self.xstep).collect()
+    }
+
+    /// The y ticks (every decade).
+    pub fn y_ticks(&self) -> Vec<f64> {
+        let n = (self.yhi - self.ylo).round() as i32;
+        (0..=n)
+            .map(|i| 10f64.powf(self.ylo + f64::from(i)))
+            .collect()
+    }
+
+    /// Where x falls, 0..=1 of the width.
+    pub fn fx(&self, x: f64) -> f64 {
+        x / self.xmax
+    }
+
+    /// Where y falls, 0..=1 of the height from the bottom.
+    pub fn fy(&self, y: f64) -> f64 {
+        (y.max(10f64.powf(self.ylo)).log10() - self.ylo) / (self.yhi - self.ylo)
+    }
+}
+
+/// The x-y plots' size and margins (both renderings).
+mod xy {
+    pub const W: f64 = 800.0;
+    pub const H: f64 = 500.0;
+    pub const L: f64 = 80.0;
+    pub const R: f64 = 30.0;
+    pub const T: f64 = 50.0;
+    pub const B: f64 = 60.0;
+}
+
+/// A line plot of `series` of (x, y) points: x linear from 0, y latency
+/// in microseconds on a log scale (decades). `marker` draws a dashed
+/// vertical line at an x with a label (e.g. the closed-loop maximum).
+pub fn xy_svg(
+    title: &str,
+    x_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    marker: Option<(f64, &str)>,
+) -> String {
+    use xy::{B, H, L, R, T, W};
+    let (pw, ph) = (W - L - R, H - T - B);
+    let ax = XyAxes::of(series, marker.map(|m| m.0));
+    let x_of = |x: f64| L + ax.fx(x) * pw;
+    let y_of = |y: f64| T + ph - ax.fy(y) * ph;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">
+<rect x="0" y="0" width="{W}" height="{H}" fill="white"/>
+<text x="{}" y="28" text-anchor="middle" font-size="16">{}</text>"#,
+        W / 2.0,
+        escape(title)
+    );
+    for x in ax.x_ticks() {
+        let px = x_of(x);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{px:.1}" y1="{T}" x2="{px:.1}" y2="{}" stroke="#ddd"/>
+<text x="{px:.1}" y="{}" text-anchor="middle">{}</text>"##,
+            T + ph,
+            T + ph + 18.0,
+            tick_label(x)
+        );
+    }
+    for y in ax.y_ticks() {
+        let py = y_of(y);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{L}" y1="{py:.1}" x2="{}" y2="{py:.1}" stroke="#ddd"/>
+<text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+            L + pw,
+            L - 6.0,
+            py + 4.0,
+            tick_label(y)
+        );
+    }
+    let _ = writeln!(
+        s,
+        r##"<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>
+<text x="{}" y="{}" text-anchor="middle">{}</text>
+<text x="20" y="{}" text-anchor="middle" transform="rotate(-90 20 {})">latency (µs, log scale)</text>"##,
+        L + pw / 2.0,
+        H - 15.0,
+        escape(x_label),
+        T + ph / 2.0,
+        T + ph / 2.0
+    );
+    if let Some((mx, label)) = marker {
+        let px = x_of(mx);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{px:.1}" y1="{T}" x2="{px:.1}" y2="{}" stroke="#555" stroke-dasharray="6 4"/>
+<text x="{:.1}" y="{}" text-anchor="end">{}</text>"##,
+            T + ph,
+            px - 4.0,
+            T + 14.0,
+            escape(label)
+        );
+    }
+    for (i, (name, p)) in series.iter().enumerate() {
+        let colour = COLOURS[i % COLOURS.len()];
+        let mut d = String::new();
+        for &(x, y) in p {
+            let _ = write!(d, "{:.1},{:.1} ", x_of(x), y_of(y));
+        }
+        let _ = writeln!(
+            s,
+            r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
+            d.trim_end()
+        );
+        for &(x, y) in p {
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{colour}"/>"#,
+                x_of(x),
+                y_of(y)
+            );
+        }
+        let _ = writeln!(
+            s,
+            r#"<rect x="{}" y="{}" width="12" height="12" fill="{colour}"/>
+<text x="{}" y="{}">{}</text>"#,
+            L + 12.0,
+            T + 10.0 + 18.0 * i as f64,
+            L + 30.0,
+            T + 21.0 + 18.0 * i as f64,
+            escape(name)
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// The same plot as [`xy_svg`], as a PNG.
+pub fn xy_png(
+    title: &str,
+    x_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    marker: Option<(f64, &str)>,
+) -> Vec<u8> {
+    use super::png::{rgb, Anchor, Canvas};
+    use xy::{B, H, L, R, T, W};
+    let (pw, ph) = (W - L - R, H - T - B);
+    let ax = XyAxes::of(series, marker.map(|m| m.0));
+    let x_of = |x: f64| L + ax.fx(x) * pw;
+    let y_of = |y: f64| T + ph - ax.fy(y) * ph;
+    let (grid, ink) = (rgb("#dddddd"), rgb("#333333"));
+    let mut c = Canvas::new(W as usize, H as usize, [255, 255, 255]);
+    // Large when it fits.
+    let scale = if Canvas::text_width(title, 2) as f64 <= W - 20.0 {
+        2
+    } else {
+        1
+    };
+    c.text(W / 2.0, 32.0, title, scale, Anchor::Middle, [0, 0, 0]);
+    for x in ax.x_ticks() {
+        let px = x_of(x);
+        c.line((px, T), (px, T + ph), 1.0, grid, None);
+        c.text(px, T + ph + 18.0, &tick_label(x), 1, Anchor::Middle, ink);
+    }
+    for y in ax.y_ticks() {
+        let py = y_of(y);
+        c.line((L, py), (L + pw, py), 1.0, grid, None);
+        c.text(L - 6.0, py + 4.0, &tick_label(y), 1, Anchor::End, ink);
+    }
+    for (a, b) in [
+        ((L, T), (L + pw, T)),
+        ((L + pw, T), (L + pw, T + ph)),
+        ((L, T + ph), (L + pw, T + ph)),
+        ((L, T), (L, T + ph)),
+    ] {
+        c.line(a, b, 1.0, ink, None);
+    }
+    c.text(L + pw / 2.0, H - 15.0, x_label, 1, Anchor::Middle, ink);
+    c.text_up(20.0, T + ph / 2.0, "latency (µs, log scale)", 1, ink);
+    if let Some((mx, label)) = marker {
+        let px = x_of(mx);
+        c.line((px, T), (px, T + ph), 1.0, rgb("#555555"), Some((6.0, 4.0)));
+        c.text(px - 4.0, T + 14.0, label, 1, Anchor::End, ink);
+    }
+    for (i, (name, p)) in series.iter().enumerate() {
+        let colour = rgb(COLOURS[i % COLOURS.len()]);
+        for w in p.windows(2) {
+            c.line(
+                (x_of(w[0].0), y_of(w[0].1)),
+                (x_of(w[1].0), y_of(w[1].1)),
+                2.0,
+                colour,
+                None,
+            );
+        }
+        for &(x, y) in p {
+            c.dot(x_of(x), y_of(y), 3.0, colour);
+        }
+        let ly = T + 10.0 + 18.0 * i as f64;
+        c.fill_rect(L + 12.0, ly, 12.0, 12.0, colour);
+        c.text(L + 30.0, ly + 11.0, name, 1, Anchor::Start, ink);
+    }
+    c.to_png()
+}
+
 /// 1, 2 or 5 times a power of ten, at least `raw`.
 fn nice_step(raw: f64) -> f64 {
     if !raw.is_finite() || raw <= 0.0 {
@@ -352,6 +605,17 @@ fn nice_step(raw: f64) -> f64 {
         .map(|m| m * p)
         .find(|&s| s >= raw)
         .unwrap_or(10.0 * p)
+}
+
+/// A tick label: whole numbers as such, else up to three decimals
+/// without trailing zeros (0.5, 1.5, 0.025).
+fn tick_label(v: f64) -> String {
+    if (v - v.round()).abs() < 1e-9 {
+        format!("{}", v.round())
+    } else {
+        let s = format!("{v:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
 }
 
 fn trim_num(v: f64) -> String {
@@ -534,6 +798,56 @@ mod tests {
         assert!(text.contains("SubBuckets     =         2048]"), "{text}");
         // An empty histogram still gives a header and a footer.
         assert!(hgrm(&new_histogram()).contains("#[Max"));
+    }
+
+    #[test]
+    fn tick_labels() {
+        assert_eq!(tick_label(0.0), "0");
+        assert_eq!(tick_label(1.5), "1.5");
+        assert_eq!(tick_label(0.025), "0.025");
+        assert_eq!(tick_label(2000.0), "2000");
+        assert_eq!(tick_label(0.1), "0.1");
+    }
+
+    #[test]
+    fn xy_svg_is_well_formed() {
+        let series = vec![
+            (
+                "p50".to_string(),
+                vec![(1000.0, 20.0), (5000.0, 40.0), (9000.0, 300.0)],
+            ),
+            (
+                "p99 <tail>".to_string(),
+                vec![(1000.0, 90.0), (5000.0, 200.0), (9000.0, 9000.0)],
+            ),
+        ];
+        let doc = xy_svg(
+            "curve & co",
+            "achieved IOPS",
+            &series,
+            Some((9500.0, "max")),
+        );
+        assert!(doc.starts_with("<?xml") && doc.trim_end().ends_with("</svg>"));
+        assert!(doc.contains("curve &amp; co") && doc.contains("p99 &lt;tail&gt;"));
+        assert_eq!(doc.matches("<polyline").count(), 2);
+        assert_eq!(doc.matches("<circle").count(), 6);
+        assert_eq!(doc.matches("<text").count(), doc.matches("</text>").count());
+        assert!(doc.contains("stroke-dasharray") && doc.contains(">max<"));
+        // Decades on the y axis, round steps on the x axis.
+        assert!(doc.contains(">10<") && doc.contains(">10000<") && doc.contains(">2000<"));
+        for pts in doc.split("points=\"").skip(1) {
+            for xy in pts.split('"').next().unwrap().split_whitespace() {
+                let (x, y) = xy.split_once(',').unwrap();
+                let (x, y): (f64, f64) = (x.parse().unwrap(), y.parse().unwrap());
+                assert!(
+                    (80.0..=770.1).contains(&x) && (50.0..=440.1).contains(&y),
+                    "{xy}"
+                );
+            }
+        }
+        // Nothing to plot is still a document.
+        let empty = xy_svg("none", "x", &[], None);
+        assert!(empty.trim_end().ends_with("</svg>"));
     }
 
     #[test]

@@ -4,6 +4,12 @@
 //! Every mode produces one [`Report`]: printed as text, or as JSON with
 //! `--json`; its latency histogram can be written as a classic `.hgrm`
 //! file (`--hgrm`) and as an SVG percentile plot (`--plot`).
+//!
+//! Raw mode's workloads are decided sans-IO in `workload` (mix, block-size
+//! split, offsets, and the fixed-rate schedule, on a time passed in);
+//! `curve` runs raw mode at fractions of its maximum, `diff` compares two
+//! reports, `job` reads a run from a TOML file, `intervals` turns per-path
+//! interval samples into JSON lines. docs/BENCH.md is the user's guide.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -15,12 +21,18 @@ use hdrhistogram::Histogram;
 use scsi::Transport;
 use serde::Serialize;
 
+mod curve;
+mod diff;
 mod hist;
+mod intervals;
+mod job;
 pub mod net;
+mod png;
 mod protection;
 mod raw;
 mod report;
 pub mod units;
+mod workload;
 
 use hist::{distribution, CpuTime, Percentiles};
 
@@ -78,8 +90,9 @@ getrusage(RUSAGE_SELF) user+sys of this whole process per GB moved; with\n\
 its command execution) is reported apart and not counted in CPU-s/GB."
 )]
 pub struct BenchArgs {
+    /// Boxed: the modes' options are large, and `stp`'s other commands small.
     #[command(subcommand)]
-    mode: Mode,
+    mode: Box<Mode>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -100,6 +113,15 @@ enum Mode {
     /// Turn a directory of bench and fio JSON results (scripts/bench-lio)
     /// into a table of ratios and one JSON report.
     Report(report::ReportArgs),
+    /// The load curve: find the maximum rate (closed loop), then run at
+    /// 10 %, 20 % ... 100 % of it and plot latency against achieved IOPS.
+    Curve(curve::CurveArgs),
+    /// Two `--json` reports side by side, with ratios; differences beyond
+    /// the spread of their rounds are marked.
+    Diff(diff::DiffArgs),
+    /// Run the `raw` or `curve` job a TOML file describes (its keys are
+    /// the mode's long options).
+    Job(job::JobArgs),
 }
 
 /// Output options shared by every mode.
@@ -341,9 +363,228 @@ pub struct Report {
     /// memory.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connections: Option<Connections>,
+    /// Fixed-rate runs (`--rate`): latency from each command's intended
+    /// issue time to its completion, µs (corrected for coordinated
+    /// omission); `latency_us` is then the service time alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub corrected_latency_us: Option<Percentiles>,
+    /// Fixed-rate runs: the rate asked for and how far issuing fell behind.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fixed_rate: Option<FixedRate>,
+    /// Mixed read/write runs: the reads alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read: Option<Figures>,
+    /// Mixed read/write runs: the writes alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub write: Option<Figures>,
+    /// Runs on several paths: each path's own figures (the top level is
+    /// their aggregate).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceFigures>,
+    /// Runs with `--rounds N`: every round's figures, their median and
+    /// spread (the rest of the report is the median round's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rounds: Option<Rounds>,
     /// The latency histogram, nanoseconds.
     #[serde(skip)]
     pub hist: Histogram<u64>,
+    /// Fixed-rate runs: the corrected latency histogram, nanoseconds.
+    #[serde(skip)]
+    pub corrected_hist: Option<Histogram<u64>>,
+    /// More distributions for the plot (reads and writes apart), ns.
+    #[serde(skip)]
+    pub plot_series: Vec<(String, Histogram<u64>)>,
+    /// With `--log-interval`: the run's interval lines.
+    #[serde(skip)]
+    pub intervals: Vec<intervals::Line>,
+}
+
+/// Throughput and latency of part of a run (one direction, one path).
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct Figures {
+    /// Commands completed.
+    pub ops: u64,
+    /// Payload bytes.
+    pub bytes: u64,
+    /// Commands per second over the run's measured window.
+    pub iops: f64,
+    /// Megabytes (10^6) per second.
+    pub mb_per_s: f64,
+    /// Service time (submit to completion), µs.
+    pub latency_us: Percentiles,
+    /// Fixed-rate runs: from the intended issue time, µs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub corrected_latency_us: Option<Percentiles>,
+}
+
+impl Figures {
+    /// Figures of `ops` commands moving `bytes` over `secs` seconds.
+    pub fn new(
+        ops: u64,
+        bytes: u64,
+        secs: f64,
+        latency_us: Percentiles,
+        corrected_latency_us: Option<Percentiles>,
+    ) -> Figures {
+        let secs = secs.max(1e-9);
+        Figures {
+            ops,
+            bytes,
+            iops: ops as f64 / secs,
+            mb_per_s: bytes as f64 / secs / 1e6,
+            latency_us,
+            corrected_latency_us,
+        }
+    }
+
+    fn line(&self, name: &str) -> String {
+        let l = &self.latency_us;
+        let mut s = format!(
+            "  {name:<11} {:.1} MB/s, {:.0} ops/s; service µs p50 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
+            self.mb_per_s, self.iops, l.p50, l.p99, l.p999, l.max
+        );
+        if let Some(c) = &self.corrected_latency_us {
+            s.push_str(&format!(
+                "; from intended p50 {:.1}  p99 {:.1}  p99.9 {:.1}",
+                c.p50, c.p99, c.p999
+            ));
+        }
+        s
+    }
+}
+
+/// One path's part of a run on several paths.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct DeviceFigures {
+    /// The path, as its transport describes itself.
+    pub path: String,
+    /// Everything it did.
+    #[serde(flatten)]
+    pub all: Figures,
+    /// Mixed runs: its reads.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read: Option<Figures>,
+    /// Mixed runs: its writes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub write: Option<Figures>,
+}
+
+/// What a fixed-rate (open-loop) run asked for and got.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct FixedRate {
+    /// Commands per second asked for (`--rate`, all paths).
+    pub target_iops: f64,
+    /// Commands per second completed in the measured window.
+    pub achieved_iops: f64,
+    /// How late commands were submitted after they were due, µs: near
+    /// zero while the array keeps up; large when every tag was busy (the
+    /// array is slower than the rate, or stalled).
+    pub issue_lag_us: Percentiles,
+    /// Commands that fell due before the run's end but were never issued
+    /// (every tag stayed busy: the rate is beyond what the LUN did at this
+    /// depth; or the host itself could not issue them in time, starved of
+    /// CPU). They are in no latency figure, so when this is not 0 the
+    /// corrected tail understates what a client at this rate would see.
+    pub not_issued: u64,
+}
+
+/// One figure over the rounds of a run.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct Spread {
+    /// The median (the lower middle one of an even count).
+    pub median: f64,
+    /// The smallest.
+    pub min: f64,
+    /// The largest.
+    pub max: f64,
+    /// (max - min) / median: how far apart the rounds were, relative.
+    pub spread: f64,
+    /// Every round's value, in the order run.
+    pub each: Vec<f64>,
+}
+
+impl Spread {
+    /// The spread of `values` (empty: all zero).
+    pub fn of(values: &[f64]) -> Spread {
+        let mut v: Vec<f64> = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        let median = v.get(v.len().saturating_sub(1) / 2).copied().unwrap_or(0.0);
+        let (min, max) = (
+            v.first().copied().unwrap_or(0.0),
+            v.last().copied().unwrap_or(0.0),
+        );
+        Spread {
+            median,
+            min,
+            max,
+            spread: if median > 0.0 {
+                (max - min) / median
+            } else {
+                0.0
+            },
+            each: values.to_vec(),
+        }
+    }
+}
+
+/// The rounds of a `--rounds N` run.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct Rounds {
+    /// Rounds run.
+    pub n: usize,
+    /// Which round the report is (1-based): the one with the median MB/s.
+    pub reported: usize,
+    /// MB/s.
+    pub mb_per_s: Spread,
+    /// Commands per second.
+    pub iops: Spread,
+    /// Service time p50, µs.
+    pub p50_us: Spread,
+    /// Service time p99, µs.
+    pub p99_us: Spread,
+    /// Service time p99.9, µs.
+    pub p999_us: Spread,
+    /// Fixed-rate runs: corrected p99, µs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub corrected_p99_us: Option<Spread>,
+    /// Fixed-rate runs: corrected p99.9, µs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub corrected_p999_us: Option<Spread>,
+}
+
+/// One report of several rounds of the same run: the round with the median
+/// MB/s (the lower middle one of an even count), with every round's figures
+/// in `rounds`. A single round comes back as it is.
+pub fn with_rounds(mut reports: Vec<Report>) -> Report {
+    if reports.len() <= 1 {
+        if let Some(r) = reports.pop() {
+            return r;
+        }
+    }
+    let f = |g: &dyn Fn(&Report) -> f64| -> Spread {
+        Spread::of(&reports.iter().map(g).collect::<Vec<_>>())
+    };
+    let corrected = reports.iter().all(|r| r.corrected_latency_us.is_some());
+    let cf = |g: &dyn Fn(&Percentiles) -> f64| -> Option<Spread> {
+        corrected.then(|| f(&|r: &Report| r.corrected_latency_us.as_ref().map_or(0.0, g)))
+    };
+    let mut order: Vec<usize> = (0..reports.len()).collect();
+    order.sort_by(|&a, &b| reports[a].mb_per_s.total_cmp(&reports[b].mb_per_s));
+    let pick = order[(order.len() - 1) / 2];
+    let rounds = Rounds {
+        n: reports.len(),
+        reported: pick + 1,
+        mb_per_s: f(&|r| r.mb_per_s),
+        iops: f(&|r| r.iops),
+        p50_us: f(&|r| r.latency_us.p50),
+        p99_us: f(&|r| r.latency_us.p99),
+        p999_us: f(&|r| r.latency_us.p999),
+        corrected_p99_us: cf(&|p| p.p99),
+        corrected_p999_us: cf(&|p| p.p999),
+    };
+    let mut r = reports.swap_remove(pick);
+    r.rounds = Some(rounds);
+    r
 }
 
 impl Report {
@@ -388,7 +629,16 @@ impl Report {
             verify,
             datapath: None,
             connections: None,
+            corrected_latency_us: None,
+            fixed_rate: None,
+            read: None,
+            write: None,
+            devices: Vec::new(),
+            rounds: None,
             hist,
+            corrected_hist: None,
+            plot_series: Vec::new(),
+            intervals: Vec::new(),
         }
     }
 
@@ -421,10 +671,60 @@ impl Report {
             self.mb_per_s,
             self.iops
         );
-        println!(
-            "  latency µs  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  (n={})",
-            l.p50, l.p90, l.p99, l.p999, l.max, l.count
-        );
+        if let Some(c) = &self.corrected_latency_us {
+            println!(
+                "  latency µs  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  (n={}; from the intended issue time, corrected for coordinated omission)",
+                c.p50, c.p90, c.p99, c.p999, c.max, c.count
+            );
+            println!(
+                "  service µs  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  (submit to completion)",
+                l.p50, l.p90, l.p99, l.p999, l.max
+            );
+        } else {
+            println!(
+                "  latency µs  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  (n={})",
+                l.p50, l.p90, l.p99, l.p999, l.max, l.count
+            );
+        }
+        if let Some(f) = &self.fixed_rate {
+            println!(
+                "  rate        asked {:.0}/s, achieved {:.0}/s; issue lag µs p50 {:.1}  p99 {:.1}  max {:.1}",
+                f.target_iops, f.achieved_iops, f.issue_lag_us.p50, f.issue_lag_us.p99, f.issue_lag_us.max
+            );
+            if f.not_issued > 0 {
+                println!(
+                    "  NOT ISSUED  {} commands fell due but never went out (every tag stayed busy, or this host could not issue them in time): the tail above understates what this rate would see",
+                    f.not_issued
+                );
+            }
+        }
+        if let Some(r) = &self.read {
+            println!("{}", r.line("reads"));
+        }
+        if let Some(w) = &self.write {
+            println!("{}", w.line("writes"));
+        }
+        for d in &self.devices {
+            println!("{}", d.all.line("device"));
+            println!("              {}", d.path);
+            if let (Some(r), Some(w)) = (&d.read, &d.write) {
+                println!("  {}", r.line("  reads"));
+                println!("  {}", w.line("  writes"));
+            }
+        }
+        if let Some(r) = &self.rounds {
+            println!(
+                "  rounds      {} (this is round {}, the median MB/s): MB/s median {:.1} min {:.1} max {:.1} (spread {:.1} %); p99 µs median {:.1} (spread {:.1} %)",
+                r.n,
+                r.reported,
+                r.mb_per_s.median,
+                r.mb_per_s.min,
+                r.mb_per_s.max,
+                100.0 * r.mb_per_s.spread,
+                r.p99_us.median,
+                100.0 * r.p99_us.spread
+            );
+        }
         match self.cpu.array_s {
             Some(array) => println!(
                 "  cpu         user {:.2} s, sys {:.2} s, of which the simulated array {:.2} s: {:.2} CPU-s/GB host ends ({:.2} with the array; its threads reported apart, not counted)",
@@ -547,10 +847,24 @@ fn write_files(out: &OutArgs, title: &str, reports: &[&Report]) -> Result<()> {
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &out.plot {
-        let series: Vec<_> = reports
-            .iter()
-            .map(|r| (r.label(), distribution(&r.hist)))
-            .collect();
+        let mut series = Vec::new();
+        for r in reports {
+            let name = if r.corrected_hist.is_some() {
+                format!("{}: service time", r.label())
+            } else {
+                r.label()
+            };
+            series.push((name, distribution(&r.hist)));
+            if let Some(h) = &r.corrected_hist {
+                series.push((
+                    format!("{}: from intended issue", r.label()),
+                    distribution(h),
+                ));
+            }
+            for (name, h) in &r.plot_series {
+                series.push((format!("{}: {name}", r.label()), distribution(h)));
+            }
+        }
         std::fs::write(path, hist::svg(title, &series))
             .with_context(|| format!("writing {}", path.display()))?;
     }
@@ -668,6 +982,9 @@ fn compare(args: &CompareArgs) -> Result<()> {
         msg: args.msg,
         count: args.count,
         time: None,
+        rate: None,
+        curve: false,
+        steps: Vec::new(),
         out: quiet_out.clone(),
     };
     let stp_args = |net: net::NetArgs| net::StpArgs {
@@ -691,18 +1008,15 @@ fn compare(args: &CompareArgs) -> Result<()> {
                     args.bytes.div_ceil(bs) * bs
                 };
                 raw::run(&raw::RawArgs {
-                    sim: args.device.is_none(),
-                    sim_luns: 1,
                     sim_lun_size: bytes.clamp(bs, 256 << 20),
-                    bs,
-                    depth,
-                    rw: raw::Rw::Write,
-                    time: None,
                     size: Some(bytes),
-                    span: 1 << 30,
-                    verify: false,
                     out: quiet_out.clone(),
-                    devices: args.device.iter().cloned().collect(),
+                    ..raw::RawArgs::new(
+                        raw::Rw::Write,
+                        bs,
+                        depth,
+                        args.device.iter().cloned().collect(),
+                    )
                 })?
             }
             CompareMode::Stp => net::run_stp(&stp_args(net_args()))?,
@@ -806,13 +1120,18 @@ fn compare(args: &CompareArgs) -> Result<()> {
 
 /// Runs `stp bench`.
 pub fn run(args: &BenchArgs) -> Result<ExitCode> {
-    match &args.mode {
+    match args.mode.as_ref() {
         Mode::Raw(a) => emit(&a.out, &raw::run(a)?)?,
+        Mode::Stp(a) if a.net.curve => net::curve_stp(a)?,
+        Mode::Tcp(a) if a.net.curve => net::curve_tcp(a)?,
         Mode::Stp(a) => emit(&a.net.out, &net::run_stp(a)?)?,
         Mode::Tcp(a) => emit(&a.net.out, &net::run_tcp(a)?)?,
         Mode::Compare(a) => compare(a)?,
         Mode::Protection(a) => protection::run(a)?,
         Mode::Report(a) => report::run(a)?,
+        Mode::Curve(a) => curve::run(a)?,
+        Mode::Diff(a) => return diff::run(a),
+        Mode::Job(a) => return job::run(a),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -849,13 +1168,13 @@ mod tests {
             "2s",
         ])
         .unwrap();
-        let Mode::Raw(r) = a.mode else { panic!() };
+        let Mode::Raw(r) = *a.mode else { panic!() };
         assert_eq!(r.bs, 1 << 20);
         assert_eq!(r.depth, 8);
         assert_eq!(r.rw, raw::Rw::Randwrite);
         assert_eq!(r.time, Some(Duration::from_secs(2)));
         let a = parse(&["raw", "/dev/sg1", "/dev/sg2", "--size", "4g", "--json"]).unwrap();
-        let Mode::Raw(r) = a.mode else { panic!() };
+        let Mode::Raw(r) = *a.mode else { panic!() };
         assert_eq!(r.devices.len(), 2);
         assert_eq!(r.size, Some(4 << 30));
         assert_eq!(r.rw, raw::Rw::Randread);
@@ -867,26 +1186,118 @@ mod tests {
             &["raw", "--sim", "--time", "10s", "--size", "1g"],
             &["raw", "--sim", "--time", "0s"],
             &["raw", "--sim", "--bs", "4q"],
+            &["raw", "--sim", "--rwmix", "101"],
+            &["raw", "--sim", "--bssplit", "4k/x"],
+            &["raw", "--sim", "--bs", "8k", "--bssplit", "4k/100"],
+            &["raw", "--sim", "--rate", "0"],
+            &["raw", "--sim", "--ramp", "1s", "--size", "1g"],
+            &["raw", "/dev/sg1", "--sim-stall", "1s@5"],
+            &["raw", "--sim", "--log-interval", "1s"],
+            &["raw", "--sim", "--log-file", "x.jsonl"],
+            &["raw", "--sim", "--rounds", "0"],
+            &["raw", "--sim", "--rw", "randrw", "--rwmix", "seventy"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?} parsed");
         }
+        let a = parse(&[
+            "raw",
+            "--sim",
+            "--rw",
+            "randrw",
+            "--rwmix",
+            "70",
+            "--bssplit",
+            "4k/60,64k/30,1m/10",
+            "--ramp",
+            "2s",
+            "--time",
+            "10s",
+            "--rate",
+            "20k",
+            "--rounds",
+            "3",
+            "--log-interval",
+            "1s",
+            "--log-file",
+            "i.jsonl",
+            "--sim-stall",
+            "100ms@500",
+            "--sim-paths",
+            "2",
+        ])
+        .unwrap();
+        let Mode::Raw(r) = *a.mode else { panic!() };
+        assert_eq!((r.rw, r.rwmix), (raw::Rw::Randrw, 70));
+        assert_eq!(r.split().max(), 1 << 20);
+        assert_eq!(r.ramp, Some(Duration::from_secs(2)));
+        assert_eq!(r.rate, Some(20_000.0));
+        assert_eq!((r.rounds, r.sim_paths), (3, 2));
+        assert_eq!(r.log_interval, Some(Duration::from_secs(1)));
+        assert_eq!(r.sim_stall.unwrap().after, 500);
+        let a = parse(&["raw", "--sim", "--rw", "rw"]).unwrap();
+        let Mode::Raw(r) = *a.mode else { panic!() };
+        assert_eq!((r.rw, r.rwmix), (raw::Rw::Readwrite, 50));
+    }
+
+    #[test]
+    fn curve_and_diff_arguments() {
+        let a = parse(&["curve", "--sim", "--steps", "25,50,100", "--time", "1s"]).unwrap();
+        let Mode::Curve(c) = *a.mode else { panic!() };
+        assert_eq!(c.steps, [25, 50, 100]);
+        assert!(c.raw.sim);
+        let a = parse(&["curve", "--sim"]).unwrap();
+        let Mode::Curve(c) = *a.mode else { panic!() };
+        assert_eq!(c.steps, [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]);
+        for bad in [
+            &["curve", "--sim", "--steps", "0"][..],
+            &["curve", "--sim", "--steps", "101"],
+            &["curve", "--sim", "--steps", "ten"],
+            &["diff", "a.json"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} parsed");
+        }
+        let a = parse(&["diff", "a.json", "b.json", "--json"]).unwrap();
+        let Mode::Diff(d) = *a.mode else { panic!() };
+        assert!(d.json && d.a.ends_with("a.json"));
     }
 
     #[test]
     fn net_arguments() {
         let a = parse(&["stp", "--sim", "--rtt", "--msg", "64", "--mode", "block"]).unwrap();
-        let Mode::Stp(s) = a.mode else { panic!() };
+        let Mode::Stp(s) = *a.mode else { panic!() };
         assert!(s.net.rtt && s.sim);
         assert_eq!(s.net.msg, 64);
         assert_eq!(s.mode, net::MailboxMode::Block);
         let a = parse(&["tcp", "--bytes", "8m"]).unwrap();
-        let Mode::Tcp(t) = a.mode else { panic!() };
+        let Mode::Tcp(t) = *a.mode else { panic!() };
         assert_eq!(t.net.bytes, 8 << 20);
         assert!(parse(&["stp", "--sim", "--map", "x.json"]).is_err());
         assert!(parse(&["stp", "--sim", "--mode", "carrier-pigeon"]).is_err());
         assert!(parse(&["tcp", "--msg", "0"]).is_err());
+        // A fixed rate is for ping-pong.
+        assert!(parse(&["tcp", "--rate", "1000"]).is_err());
+        assert!(parse(&["stp", "--sim", "--rtt", "--rate", "0"]).is_err());
+        let a = parse(&["stp", "--sim", "--rtt", "--rate", "2k", "--time", "1s"]).unwrap();
+        let Mode::Stp(s) = *a.mode else { panic!() };
+        assert_eq!(s.net.rate, Some(2000.0));
+        // The ping-pong curve: timed points, no fixed --rate of its own.
+        let a = parse(&[
+            "tcp", "--rtt", "--curve", "--time", "1s", "--steps", "50,100",
+        ])
+        .unwrap();
+        let Mode::Tcp(t) = *a.mode else { panic!() };
+        assert!(t.net.curve);
+        assert_eq!(t.net.steps, [50, 100]);
+        for bad in [
+            &["tcp", "--rtt", "--curve"][..],
+            &["tcp", "--curve", "--time", "1s"],
+            &["tcp", "--rtt", "--curve", "--time", "1s", "--rate", "100"],
+            &["tcp", "--rtt", "--curve", "--time", "1s", "--steps", "0"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} parsed");
+        }
         let a = parse(&["compare", "--modes", "tcp,raw"]).unwrap();
-        let Mode::Compare(c) = a.mode else { panic!() };
+        let Mode::Compare(c) = *a.mode else { panic!() };
         assert_eq!(c.modes, [CompareMode::Tcp, CompareMode::Raw]);
         assert!(parse(&["compare", "--modes", "raw,udp"]).is_err());
     }
@@ -895,7 +1306,7 @@ mod tests {
     fn stp_protection_and_connections() {
         use stp_core::frame::Protection;
         let a = parse(&["stp", "--sim"]).unwrap();
-        let Mode::Stp(s) = a.mode else { panic!() };
+        let Mode::Stp(s) = *a.mode else { panic!() };
         assert_eq!(s.protection, Protection::Encrypt);
         assert_eq!(s.connections, None);
         let a = parse(&[
@@ -907,11 +1318,11 @@ mod tests {
             "64",
         ])
         .unwrap();
-        let Mode::Stp(s) = a.mode else { panic!() };
+        let Mode::Stp(s) = *a.mode else { panic!() };
         assert_eq!(s.protection, Protection::Authenticate);
         assert_eq!(s.connections, Some(64));
         let a = parse(&["stp", "--sim", "--protection", "aes-256-gcm"]).unwrap();
-        let Mode::Stp(s) = a.mode else { panic!() };
+        let Mode::Stp(s) = *a.mode else { panic!() };
         assert_eq!(s.protection, Protection::Encrypt);
         for bad in [
             &["stp", "--sim", "--protection", "rot13"][..],
@@ -986,7 +1397,7 @@ mod tests {
     #[test]
     fn protection_arguments() {
         let a = parse(&["protection"]).unwrap();
-        let Mode::Protection(p) = a.mode else {
+        let Mode::Protection(p) = *a.mode else {
             panic!()
         };
         assert_eq!((p.size, p.seconds, p.rounds), (1 << 20, 1.0, 3));
@@ -1004,7 +1415,7 @@ mod tests {
             "--json",
         ])
         .unwrap();
-        let Mode::Protection(p) = a.mode else {
+        let Mode::Protection(p) = *a.mode else {
             panic!()
         };
         assert_eq!((p.size, p.seconds, p.rounds), (64 << 10, 0.25, 5));
@@ -1021,7 +1432,7 @@ mod tests {
         assert!(p.json);
         for c in protection::Case::ALL {
             let a = parse(&["protection", "--cases", c.name()]).unwrap();
-            let Mode::Protection(p) = a.mode else {
+            let Mode::Protection(p) = *a.mode else {
                 panic!()
             };
             assert_eq!(p.cases, [c], "{}", c.name());

@@ -27,9 +27,10 @@ use stp_core::stg::BlockLayout;
 use stp_core::stream::{PathSource, StpListener, StpStream, MAX_STREAM_PAYLOAD};
 use stp_core::vendor::MailboxError;
 
-use super::hist::{new_histogram, record, Counters, CpuTime, Progress};
+use super::hist::{new_histogram, record, Counters, CpuTime, Percentiles, Progress};
 use super::units::{parse_duration, parse_nonzero_size};
-use super::{open_path, Connections, Datapath, IdleMemory, OutArgs, Report};
+use super::workload::Schedule;
+use super::{open_path, Connections, Datapath, FixedRate, IdleMemory, OutArgs, Report};
 
 /// The patience of every blocking step (connect, accept, shutdown).
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -57,6 +58,22 @@ pub struct NetArgs {
     /// Ping-pong for this long instead of --count round trips.
     #[arg(long, value_parser = parse_duration)]
     pub time: Option<Duration>,
+    /// Ping-pong at a fixed rate: start this many round trips a second in
+    /// all (split over --connections) on a schedule, and report latency
+    /// from each one's intended start too (corrected for coordinated
+    /// omission). One round trip is in flight per connection, so a late
+    /// one delays the next.
+    #[arg(long, value_parser = super::raw::parse_rate, requires = "rtt")]
+    pub rate: Option<f64>,
+    /// The ping-pong load curve: the closed-loop round-trip rate, then
+    /// --rate at each of --steps percent of it (--time per point); --plot
+    /// draws it (SVG, or PNG for a .png name), --json gives every point.
+    #[arg(long, requires_all = ["rtt", "time"], conflicts_with = "rate")]
+    pub curve: bool,
+    /// Percentages of the maximum for --curve, comma-separated, each 1 to 100.
+    #[arg(long, value_delimiter = ',', default_value = "10,20,30,40,50,60,70,80,90,100",
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub steps: Vec<u32>,
     /// Output options.
     #[command(flatten)]
     pub out: OutArgs,
@@ -206,6 +223,34 @@ struct Measured {
     array_cpu: Duration,
     /// With --connections: per-connection figures.
     connections: Option<Connections>,
+    /// With --rate: the schedule's figures.
+    rated: Option<Rated>,
+}
+
+/// What a fixed-rate ping-pong measured besides the service time.
+struct Rated {
+    /// Round trips a second asked for.
+    target: f64,
+    /// From the intended start to the echo, ns.
+    corrected: Histogram<u64>,
+    /// From the intended to the actual start, ns.
+    lag: Histogram<u64>,
+    /// Round trips due before the end that never started.
+    not_issued: u64,
+}
+
+impl Rated {
+    fn add(&mut self, other: &Rated) -> Result<()> {
+        self.target += other.target;
+        self.not_issued += other.not_issued;
+        self.corrected
+            .add(&other.corrected)
+            .context("merging latency histograms")?;
+        self.lag
+            .add(&other.lag)
+            .context("merging latency histograms")?;
+        Ok(())
+    }
 }
 
 /// The process-wide meters, read at the start of a timed window.
@@ -275,6 +320,18 @@ fn client<C: Duplex>(c: &mut C, net: &NetArgs, counters: &Counters) -> Result<Me
     let (mut ops, mut bytes) = (0u64, 0u64);
     let window = Window::start();
     let t0 = window.t0;
+    // Ping-pong at a fixed rate (--rate needs --rtt).
+    let mut schedule = net.rate.map(Schedule::new);
+    if schedule.is_some() {
+        // Wake as close to each start as the kernel can (best effort).
+        let _ = nix::sys::prctl::set_timerslack(1);
+    }
+    let mut rated = net.rate.map(|target| Rated {
+        target,
+        corrected: new_histogram(),
+        lag: new_histogram(),
+        not_issued: 0,
+    });
     if net.rtt {
         let mut msg = vec![0u8; net.msg as usize];
         OsRng.fill_bytes(&mut msg);
@@ -286,12 +343,33 @@ fn client<C: Duplex>(c: &mut C, net: &NetArgs, counters: &Counters) -> Result<Me
                 None if ops >= net.count => break,
                 _ => {}
             }
+            // At a fixed rate: wait for this round trip's turn.
+            let intended = match &mut schedule {
+                None => None,
+                Some(s) => {
+                    let due = t0 + s.next_due();
+                    if deadline.is_some_and(|d| due >= d) {
+                        break;
+                    }
+                    let now = Instant::now();
+                    if due > now {
+                        thread::sleep(due - now);
+                    }
+                    s.poll(Instant::now().saturating_duration_since(t0))
+                        .map(|at| t0 + at)
+                }
+            };
             let k = 8.min(msg.len());
             msg[..k].copy_from_slice(&ops.to_le_bytes()[..k]);
             let t = Instant::now();
             c.write_all(&msg).context("sending a ping")?;
             c.read_exact(&mut back).context("reading the echo")?;
-            record(&mut hist, t.elapsed());
+            let end = Instant::now();
+            record(&mut hist, end.saturating_duration_since(t));
+            if let (Some(r), Some(i)) = (&mut rated, intended) {
+                record(&mut r.corrected, end.saturating_duration_since(i));
+                record(&mut r.lag, t.saturating_duration_since(i));
+            }
             if back != msg {
                 bail!("round trip {ops}: the echo differs from the message sent");
             }
@@ -319,6 +397,10 @@ fn client<C: Duplex>(c: &mut C, net: &NetArgs, counters: &Counters) -> Result<Me
         }
     }
     let (elapsed, cpu, counters, array_cpu) = window.end();
+    if let (Some(r), Some(s), Some(t)) = (&mut rated, &schedule, net.time) {
+        // Due strictly before the end (one due exactly at it is not).
+        r.not_issued = s.behind(t).saturating_sub(1);
+    }
     Ok(Measured {
         ops,
         bytes,
@@ -328,6 +410,7 @@ fn client<C: Duplex>(c: &mut C, net: &NetArgs, counters: &Counters) -> Result<Me
         counters,
         array_cpu,
         connections: None,
+        rated,
     })
 }
 
@@ -371,6 +454,7 @@ fn params(net: &NetArgs, extra: serde_json::Value) -> serde_json::Value {
             "msg": net.msg,
             "count": if net.time.is_some() { None } else { Some(net.count) },
             "time_s": net.time.map(|t| t.as_secs_f64()),
+            "rate_per_s": net.rate,
             "latency": "round trip",
         })
     } else {
@@ -409,6 +493,16 @@ fn report(
         None,
     );
     r.connections = connections;
+    if let Some(rated) = m.rated {
+        r.corrected_latency_us = Some(Percentiles::of(&rated.corrected));
+        r.fixed_rate = Some(FixedRate {
+            target_iops: rated.target,
+            achieved_iops: r.iops,
+            issue_lag_us: Percentiles::of(&rated.lag),
+            not_issued: rated.not_issued,
+        });
+        r.corrected_hist = Some(rated.corrected);
+    }
     r
 }
 
@@ -810,6 +904,7 @@ fn measure_many<S: Duplex, C: Duplex>(
 ) -> Result<Measured> {
     let each = NetArgs {
         bytes: net.bytes / n,
+        rate: net.rate.map(|r| r / n as f64),
         ..net.clone()
     };
     if !net.rtt && each.bytes == 0 {
@@ -906,8 +1001,24 @@ fn measure_many<S: Duplex, C: Duplex>(
         let slowest = rates.iter().copied().fold(f64::INFINITY, f64::min);
         let fastest = rates.iter().copied().fold(0.0, f64::max);
         let mut hist = new_histogram();
+        let mut rated: Option<Rated> = None;
         for m in &each_m {
             hist.add(&m.hist).context("merging latency histograms")?;
+            if let Some(r) = &m.rated {
+                match &mut rated {
+                    Some(all) => all.add(r)?,
+                    None => {
+                        let mut all = Rated {
+                            target: 0.0,
+                            corrected: new_histogram(),
+                            lag: new_histogram(),
+                            not_issued: 0,
+                        };
+                        all.add(r)?;
+                        rated = Some(all);
+                    }
+                }
+            }
         }
         Ok(Measured {
             ops: each_m.iter().map(|m| m.ops).sum(),
@@ -930,6 +1041,7 @@ fn measure_many<S: Duplex, C: Duplex>(
                 },
                 idle,
             }),
+            rated,
         })
     })();
     if result.is_err() {
@@ -943,6 +1055,70 @@ fn measure_many<S: Duplex, C: Duplex>(
         (Err(e), _) => Err(e),
         (Ok(_), Err(e)) => Err(e.context("the receiving side (host 0) failed")),
     }
+}
+
+/// `--curve` of `stp bench stp` / `tcp`: sweeps `run` (one ping-pong run
+/// of these options at a rate, or closed loop) and prints the curve.
+fn net_curve(
+    net: &NetArgs,
+    test: String,
+    closed: &str,
+    mut run: impl FnMut(NetArgs) -> Result<Report>,
+) -> Result<()> {
+    if net.out.hgrm.is_some() {
+        bail!("--hgrm does not apply to --curve (every point's figures are in its --json); run one point with --rate N --hgrm FILE");
+    }
+    let quiet = OutArgs {
+        json: net.out.json,
+        quiet: true,
+        hgrm: None,
+        plot: None,
+    };
+    let (max, points) = super::curve::sweep(&net.steps, net.out.silent(), |rate| {
+        run(NetArgs {
+            rate,
+            curve: false,
+            out: quiet.clone(),
+            ..net.clone()
+        })
+    })?;
+    let curve = super::curve::Curve {
+        schema: super::SCHEMA,
+        mode: "curve",
+        test,
+        max,
+        points,
+    };
+    let plot = net.out.plot.as_deref();
+    let is_png = plot.is_some_and(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")));
+    let (svg, png) = if is_png { (None, plot) } else { (plot, None) };
+    super::curve::emit(&curve, svg, png, net.out.json, closed)
+}
+
+/// Runs `stp bench stp --rtt --curve`.
+pub fn curve_stp(args: &StpArgs) -> Result<()> {
+    let n = args.connections.unwrap_or(1);
+    net_curve(
+        &args.net,
+        format!("stp {:?} rtt {} B", args.mode, args.net.msg).to_lowercase(),
+        &format!("one round trip in flight on each of {n} connection(s)"),
+        |net| {
+            run_stp(&StpArgs {
+                net,
+                ..args.clone()
+            })
+        },
+    )
+}
+
+/// Runs `stp bench tcp --rtt --curve`.
+pub fn curve_tcp(args: &TcpArgs) -> Result<()> {
+    net_curve(
+        &args.net,
+        format!("tcp rtt {} B", args.net.msg),
+        "one round trip in flight",
+        |net| run_tcp(&TcpArgs { net }),
+    )
 }
 
 #[cfg(test)]

@@ -15,10 +15,15 @@
 //! | `*.err` | a run that failed (listed under `failed`) |
 //! | `meta.json`, `sim-target.json` | where it ran; the LUN map |
 //! | `protection.json` | `stp bench protection --json` in the same boot |
+//! | `curve-*.json` | `stp bench curve --json` (`--curve`; not read here) |
 //!
 //! `<lun>` is `stg` (an STG member served by the stp-target TCMU daemon) or
 //! `ramdisk` (LIO's rd_mcp backstore); `<case>` is `<rw>-<bs>-qd<depth>`,
-//! e.g. `randwrite-4k-qd16`.
+//! e.g. `randwrite-4k-qd16`, or [`MIXED_CASE`], the mixed workload (random,
+//! 70 % reads, 4k/64k/1m at 60/30/10 %, QD16). A mixed run's IOPS and MB/s
+//! are reads and writes together; its percentiles are those of the
+//! direction with more commands (the reads), since fio reports each
+//! direction apart.
 //!
 //! # Output: schema 1
 //!
@@ -79,14 +84,20 @@ pub mod targets {
     pub const STP_GOODPUT_VS_CEILING: f64 = 0.8;
 }
 
+/// The mixed block case: `--rw randrw --rwmix 70 --bssplit
+/// 4k/60,64k/30,1m/10 --depth 16` (fio: `--rw=randrw --rwmixread=70
+/// --bssplit=4k/60:64k/30:1m/10 --iodepth=16`).
+pub const MIXED_CASE: &str = "randrw70-split-qd16";
+
 /// The block cases, in table order.
-pub const CASES: [&str; 6] = [
+pub const CASES: [&str; 7] = [
     "randread-4k-qd1",
     "randwrite-4k-qd1",
     "randread-4k-qd16",
     "randwrite-4k-qd16",
     "read-1m-qd8",
     "write-1m-qd8",
+    MIXED_CASE,
 ];
 
 /// The LUNs, in table order.
@@ -146,6 +157,17 @@ struct OurJson {
     iops: f64,
     mb_per_s: f64,
     latency_us: OurLatency,
+    /// Mixed runs: the reads and the writes apart.
+    #[serde(default)]
+    read: Option<OurDir>,
+    #[serde(default)]
+    write: Option<OurDir>,
+}
+
+#[derive(Deserialize, Debug)]
+struct OurDir {
+    ops: u64,
+    latency_us: OurLatency,
 }
 
 #[derive(Deserialize, Debug)]
@@ -161,12 +183,19 @@ pub fn parse_ours(text: &str, source: &str) -> Result<Measured> {
     if j.schema != super::SCHEMA {
         bail!("schema {}; this build reads {}", j.schema, super::SCHEMA);
     }
+    // A mixed run: the percentiles of the direction with more commands,
+    // as fio's are taken (it reports no combined percentiles).
+    let lat = match (&j.read, &j.write) {
+        (Some(r), Some(w)) if w.ops > r.ops => &w.latency_us,
+        (Some(r), Some(_)) => &r.latency_us,
+        _ => &j.latency_us,
+    };
     Ok(Measured {
         iops: j.iops,
         mb_per_s: j.mb_per_s,
-        p50_us: j.latency_us.p50,
-        p99_us: j.latency_us.p99,
-        p999_us: j.latency_us.p999,
+        p50_us: lat.p50,
+        p99_us: lat.p99,
+        p999_us: lat.p999,
         ops: j.ops,
         source: source.into(),
         rounds_iops: Vec::new(),
@@ -248,9 +277,9 @@ impl FioDir {
 }
 
 /// The direction of fio's job that did the work: `write` for write
-/// patterns, else `read`.
+/// patterns, else `read`; of a mixed job, the one with more commands.
 fn fio_dir(job: &FioJob) -> &FioDir {
-    if job.write.total_ios > 0 && job.read.total_ios == 0 {
+    if job.write.total_ios > job.read.total_ios {
         &job.write
     } else {
         &job.read
@@ -268,13 +297,15 @@ pub fn parse_fio(text: &str, source: &str) -> Result<Measured> {
     if d.total_ios == 0 {
         bail!("fio job {} did no I/O", job.jobname);
     }
+    // Throughput counts both directions (a mixed job does both).
+    let (r, w) = (&job.read, &job.write);
     Ok(Measured {
-        iops: d.iops,
-        mb_per_s: d.bw_bytes / 1e6,
+        iops: r.iops + w.iops,
+        mb_per_s: (r.bw_bytes + w.bw_bytes) / 1e6,
         p50_us: d.at(0.5),
         p99_us: d.at(0.99),
         p999_us: d.at(0.999),
-        ops: d.total_ios,
+        ops: r.total_ios + w.total_ios,
         source: source.into(),
         rounds_iops: Vec::new(),
     })
@@ -702,6 +733,8 @@ impl Results {
                         r.map = serde_json::from_str(&text).ok();
                         continue;
                     }
+                    // `stp bench curve` documents: no part of the ratios.
+                    s if s.starts_with("curve-") => continue,
                     "protection" => {
                         match parse_protection(&text) {
                             Ok(p) => r.protection = Some(p),
@@ -793,10 +826,11 @@ impl Results {
     }
 }
 
-/// The throughput metric of a case: MB/s for 1 MiB cases, IOPS otherwise
-/// (the ratio is the same either way at one block size).
+/// The throughput metric of a case: MB/s for 1 MiB cases and block-size
+/// mixes, IOPS otherwise (the ratio is the same either way at one block
+/// size).
 fn throughput(case: &str, m: &Measured) -> (f64, &'static str) {
-    if case.contains("-1m-") {
+    if case.contains("-1m-") || case.contains("-split-") {
         (m.mb_per_s, "mb_per_s")
     } else {
         (m.iops, "iops")
@@ -1462,6 +1496,30 @@ mod tests {
         j["jobs"][0]["read"] = w;
         let m = parse_fio(&j.to_string(), "x").unwrap();
         assert!((m.iops - 396.301849).abs() < 1e-6);
+        // A mixed job: both directions' throughput, the larger one's
+        // percentiles.
+        let mut mixed = v.clone();
+        mixed["jobs"][0]["read"] = v["jobs"][0]["write"].clone();
+        mixed["jobs"][0]["read"]["total_ios"] = 10.into();
+        mixed["jobs"][0]["read"]["iops"] = 100.0.into();
+        mixed["jobs"][0]["read"]["bw_bytes"] = 4e6.into();
+        let m = parse_fio(&mixed.to_string(), "x").unwrap();
+        let only = parse_fio(FIO_SG, "x").unwrap();
+        assert!((m.iops - (only.iops + 100.0)).abs() < 1e-6);
+        assert!((m.mb_per_s - (only.mb_per_s + 4.0)).abs() < 1e-6);
+        assert_eq!(m.ops, only.ops + 10);
+        assert_eq!(m.p99_us, only.p99_us);
+        assert_eq!(throughput(MIXED_CASE, &m), (m.mb_per_s, "mb_per_s"));
+        assert_eq!(throughput("randread-4k-qd16", &m), (m.iops, "iops"));
+        // Ours, mixed: the reads' percentiles.
+        let ours = serde_json::json!({
+            "schema": super::super::SCHEMA, "ops": 10, "iops": 10.0, "mb_per_s": 1.0,
+            "latency_us": {"p50": 1.0, "p99": 2.0, "p999": 3.0},
+            "read": {"ops": 7, "latency_us": {"p50": 4.0, "p99": 5.0, "p999": 6.0}},
+            "write": {"ops": 3, "latency_us": {"p50": 7.0, "p99": 8.0, "p999": 9.0}},
+        });
+        let m = parse_ours(&ours.to_string(), "x").unwrap();
+        assert_eq!((m.p50_us, m.p99_us, m.p999_us), (4.0, 5.0, 6.0));
         let mut e = v;
         e["jobs"][0]["error"] = 5.into();
         assert!(parse_fio(&e.to_string(), "x").is_err());
@@ -1818,6 +1876,11 @@ mod tests {
             &ours(200.0, 0.8, 800.0, 990.0),
         );
         w("fio-sg-stg-randwrite-4k-qd1.r1.json", FIO_SG);
+        // A load curve's document is no run of the table, nor a failure.
+        w(
+            "curve-ramdisk-randread-4k-qd16.json",
+            "{\"schema\":1,\"mode\":\"curve\",\"points\":[]}",
+        );
         w(
             "fio-sg-stg-randwrite-4k-qd1.r2.err",
             "stp: error: gone\nexit status 1\n",
@@ -1832,6 +1895,8 @@ mod tests {
         assert_eq!(rows.len(), 1, "{rows:?}");
         assert!(rows[0].raw.is_some() && rows[0].fio_sg.is_some());
         assert!(r.failed.contains_key("fio-sg-stg-randwrite-4k-qd1.r2"));
+        assert_eq!(r.failed.len(), 1, "{:?}", r.failed);
+        assert!(!r.runs.keys().any(|k| k.starts_with("curve-")));
         assert!(r.dists.contains_key("fio-sg-stg-randwrite-4k-qd1"));
         let x = Ratios::of(&r);
         assert!((x.raw_vs_fio_sg[0].ratio - 200.0 / 396.301849).abs() < 1e-9);
