@@ -32,7 +32,7 @@ fn quiet() -> RunOptions {
 fn job(src: &Path, level: Level) -> FsJob {
     FsJob {
         client: LOCAL,
-        client_name: "client".into(),
+        client_name: Some("client".into()),
         source: src.display().to_string(),
         level,
         excludes: vec!["*.tmp".into()],
@@ -734,6 +734,10 @@ fn file_changed_or_unreadable_during_backup_is_reported_not_fatal() {
         "{errors:?}"
     );
     assert_eq!(errors.len(), 1 + usize::from(unreadable), "{errors:?}");
+    // The server's outcome (`server fs --json`) carries them too.
+    assert_eq!(out.file_errors, errors);
+    let json = serde_json::to_value(&out).unwrap();
+    assert_eq!(json["file_errors"][0]["path"], "big.bin", "{json}");
     let m = repo.manifest(out.backup_id).unwrap();
     let e = m.iter().find(|e| e.path == "big.bin").unwrap();
     assert_eq!(e.status, "changed");
@@ -809,13 +813,133 @@ fn lan_sessions_prove_the_pre_shared_key() {
     let (s, a) = fs_run(&server, &client, &repo, &job(&src, Level::Full), quiet());
     assert_eq!(s.unwrap().channel, "tcp");
     a.unwrap();
-    // A server with another key gets nothing.
+    // A server with another key gets nothing, and both sides say why.
     server.psk = Some(b"not the site key".to_vec());
     let (s, a) = fs_run(&server, &client, &repo, &job(&src, Level::Full), quiet());
-    assert!(s.is_err());
-    let e = a.unwrap_err();
-    assert!(format!("{e:#}").contains("pre-shared key"), "{e:#}");
+    for e in [s.unwrap_err(), a.unwrap_err()] {
+        let e = format!("{e:#}");
+        assert!(e.contains("pre-shared keys differ"), "{e}");
+        assert!(!e.contains("version"), "{e}");
+    }
+    // A server with no key at all, likewise.
+    server.psk = None;
+    let (s, a) = fs_run(&server, &client, &repo, &job(&src, Level::Full), quiet());
+    for e in [s.unwrap_err(), a.unwrap_err()] {
+        assert!(format!("{e:#}").contains("pre-shared keys differ"), "{e:#}");
+    }
     assert_eq!(repo.list().unwrap().len(), 1, "no backup was started");
+
+    // The server cannot use the array and tells the agent so on WKP (the
+    // agent's STP flow sees another string than the well-known one): the
+    // keys still differ, and that is what both sides say, not a version
+    // mismatch.
+    let wkp = free_wkp().unwrap();
+    let mut server = array.host_without_array(wkp, Policy::Preferred);
+    server.psk = Some(b"not the site key".to_vec());
+    let client = array.host(1, wkp, Policy::Preferred, None);
+    let (s, a) = fs_run(&server, &client, &repo, &job(&src, Level::Full), quiet());
+    for e in [s.unwrap_err(), a.unwrap_err()] {
+        let e = format!("{e:#}");
+        assert!(e.contains("pre-shared keys differ"), "{e}");
+        assert!(!e.contains("version"), "{e}");
+    }
+}
+
+/// The agent refuses a source that does not exist, one outside its
+/// `allow`, and one that is a file: the reason reaches the server over the
+/// control connection and is recorded in the catalog.
+#[test]
+fn the_agents_refusal_reaches_the_server_and_the_catalog() {
+    let tmp = tempfile::tempdir().unwrap();
+    let allowed = tmp.path().join("allowed");
+    let other = tmp.path().join("other");
+    fs::create_dir_all(&allowed).unwrap();
+    fs::create_dir_all(&other).unwrap();
+    fs::write(allowed.join("f"), b"x").unwrap();
+    let repo = Repo::open(tmp.path().join("repo")).unwrap();
+    let rules = AgentRules {
+        name: None,
+        allowed: vec![allowed.clone()],
+        excludes: Vec::new(),
+    };
+    for (source, why) in [
+        (tmp.path().join("no-such-dir"), "does not exist"),
+        (other.clone(), "outside the directories"),
+        (allowed.join("f"), "not a directory"),
+    ] {
+        let (_array, server, client) = hosts(31, Policy::Preferred, Policy::Preferred, None);
+        let r = rules.clone();
+        let agent = thread::spawn(move || fs_agent(&client, &r, quiet()));
+        let s = fs_backup(&server, &repo, &job(&source, Level::Full), quiet());
+        let a = agent.join().unwrap();
+        let a = format!("{:#}", a.unwrap_err());
+        assert!(a.contains(why), "{a}");
+        let s = format!("{:#}", s.unwrap_err());
+        assert!(s.contains("the client refused the backup"), "{s}");
+        assert!(s.contains(why), "{s}");
+        let last = repo.list().unwrap().into_iter().last().unwrap();
+        assert_eq!(last.status, "failed");
+        let m = last.message.unwrap_or_default();
+        assert!(m.contains(why), "{m}");
+        if source == other {
+            // The section is `[client]`, the key `allow`.
+            assert!(m.contains("`allow` in the [client] section"), "{m}");
+        }
+    }
+}
+
+/// Without `--name`, a file-system backup is recorded under the name the
+/// agent is configured with; both ends report the server's measurement.
+#[test]
+fn fs_backups_take_the_agents_name_and_both_ends_report_one_rate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_tree(&src, 1 << 20, 33).unwrap();
+    let repo = Repo::open(tmp.path().join("repo")).unwrap();
+    let (_array, server, client) = hosts(34, Policy::Preferred, Policy::Preferred, None);
+    let rules = AgentRules {
+        name: Some("web1".into()),
+        ..AgentRules::default()
+    };
+    let agent = thread::spawn(move || fs_agent(&client, &rules, quiet()));
+    let mut j = job(&src, Level::Full);
+    j.client_name = None;
+    let s = fs_backup(&server, &repo, &j, quiet()).unwrap();
+    let a = agent.join().unwrap().unwrap();
+    assert_eq!(repo.get(s.backup_id).unwrap().client, "web1");
+    assert_eq!(a.seconds, s.seconds);
+    assert_eq!(a.mb_per_s, s.mb_per_s);
+    assert!(s.mb_per_s > 0.0);
+    // An incremental finds that backup as its base under the same name.
+    let (_array, server, client) = hosts(35, Policy::Preferred, Policy::Preferred, None);
+    let rules = AgentRules {
+        name: Some("web1".into()),
+        ..AgentRules::default()
+    };
+    let agent = thread::spawn(move || fs_agent(&client, &rules, quiet()));
+    let mut j = job(&src, Level::Incremental);
+    j.client_name = None;
+    let inc = fs_backup(&server, &repo, &j, quiet()).unwrap();
+    agent.join().unwrap().unwrap();
+    let info = repo.get(inc.backup_id).unwrap();
+    assert_eq!(info.level, "incremental");
+    assert_eq!(info.base_id, Some(s.backup_id));
+}
+
+/// A server whose LAN port is held by another process fails at once and
+/// leaves nothing behind: no descriptor, and no thread holding WKP.
+#[test]
+fn db_serve_with_its_lan_port_in_use_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = Repo::open(tmp.path().join("repo")).unwrap();
+    let (_array, server, _client) = hosts(36, Policy::Preferred, Policy::Preferred, None);
+    let holder = std::net::TcpListener::bind((LOCAL, server.wkp + 2)).unwrap();
+    let e = db_serve(&server, &repo, quiet()).unwrap_err();
+    assert!(stp_tools::backup::daemon::is_addr_in_use(&e), "{e:#}");
+    assert_eq!(server.layer.descriptors(), Vec::new());
+    // WKP is free at once: no session thread was left waiting on it.
+    std::net::TcpListener::bind((LOCAL, server.wkp)).expect("WKP is still held");
+    drop(holder);
 }
 
 /// A database committing as fast as it can is still snapshotted: the copy

@@ -3,12 +3,14 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command as Proc, ExitCode, Stdio};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use super::config::BackupConfig;
+use super::daemon::{self, ArrayStatus, LoopIo, Role, Started};
 use super::repo::{BackupInfo, Repo};
 use super::session::{self, FsJob, RunOptions};
 use super::wire::{DbSource, Level};
@@ -214,15 +216,11 @@ fn print_outcome(json: bool, what: &str, o: &session::Outcome) -> Result<()> {
         return print_json(o);
     }
     let mb = o.bytes as f64 / 1e6;
+    // Both ends print the server's measurement, so they agree.
     println!(
-        "{what}: backup {} complete: {:.1} MB, {} files, {} errors, {:.1} s ({:.1} MB/s) over {}",
-        o.backup_id,
-        mb,
-        o.files,
-        o.errors,
-        o.seconds,
-        mb / o.seconds.max(1e-9),
-        o.channel
+        "{what}: backup {} complete: {:.1} MB, {} files, {} errors over {}; {:.1} MB/s \
+         ({:.2} s from the start of the data to the durable record, as the server measured)",
+        o.backup_id, mb, o.files, o.errors, o.channel, o.mb_per_s, o.seconds,
     );
     if let Some(r) = &o.fallback_reason {
         println!("  LAN fallback: {r}");
@@ -271,6 +269,87 @@ fn server_repo(cfg: &BackupConfig, json: bool) -> Result<Repo> {
     Ok(repo)
 }
 
+/// A daemon's reporting: text on stdout/stderr, or one JSON object per
+/// line on stdout.
+struct DaemonIo {
+    role: Role,
+    json: bool,
+}
+
+impl LoopIo for DaemonIo {
+    fn outcome(&mut self, o: &session::Outcome) -> Result<()> {
+        if self.json {
+            let mut v = serde_json::to_value(o)?;
+            if let Some(m) = v.as_object_mut() {
+                m.insert("event".into(), "backup".into());
+            }
+            println!("{}", serde_json::to_string(&v)?);
+            Ok(())
+        } else {
+            let what = match self.role {
+                Role::Agent => "client",
+                Role::Server => "server",
+            };
+            print_outcome(false, what, o)
+        }
+    }
+
+    fn failed(&mut self, e: &anyhow::Error, pause: Duration) {
+        eprintln!(
+            "{}: {e:#}; waiting for the next session in {:.1} s",
+            self.role.command(),
+            pause.as_secs_f64()
+        );
+        if self.json {
+            let v = serde_json::json!({
+                "event": "failed",
+                "error": format!("{e:#}"),
+                "retry_in_s": pause.as_secs_f64(),
+            });
+            println!("{v}");
+        }
+    }
+
+    fn sleep(&mut self, d: Duration) {
+        std::thread::sleep(d);
+    }
+}
+
+/// Starts a daemon: checks its ports, says where it listens and what the
+/// array is doing, then runs its sessions.
+fn run_daemon(
+    role: Role,
+    host: &session::Host,
+    array: ArrayStatus,
+    common: &Common,
+    once: bool,
+    session: &mut dyn FnMut() -> Result<session::Outcome>,
+) -> Result<ExitCode> {
+    let listening = daemon::check_ports(host, role)?;
+    let started = Started {
+        event: "started",
+        role,
+        listening,
+        array,
+    };
+    if common.json {
+        println!("{}", serde_json::to_string(&started)?);
+    } else {
+        for l in started.lines() {
+            println!("{l}");
+        }
+    }
+    // Whoever reads the output (a terminal, a pipe, a service manager)
+    // learns at once that the daemon is up.
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    let mut io = DaemonIo {
+        role,
+        json: common.json,
+    };
+    daemon::run_loop(role, once, &mut io, session)?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Runs `stp backup`.
 pub fn run(args: &BackupArgs) -> Result<ExitCode> {
     match &args.command {
@@ -287,7 +366,7 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
             let host = cfg.host()?;
             let job = FsJob {
                 client: *client,
-                client_name: name.clone().unwrap_or_else(|| client.to_string()),
+                client_name: name.clone(),
                 source: source.clone(),
                 level: if *incremental {
                     Level::Incremental
@@ -311,46 +390,34 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
         BackupCommand::Server(ServerCommand::Serve { common, once }) => {
             let cfg = BackupConfig::load(&common.config)?;
             let repo = server_repo(&cfg, common.json)?;
-            let host = cfg.host()?;
-            loop {
-                match session::db_serve(
+            let (host, array) = cfg.host_and_status()?;
+            let mut session = || {
+                session::db_serve(
                     &host,
                     &repo,
                     RunOptions {
                         quiet: common.json,
                         ..RunOptions::default()
                     },
-                ) {
-                    Ok(o) => print_outcome(common.json, "server", &o)?,
-                    Err(e) if *once => return Err(e),
-                    Err(e) => eprintln!("stp backup server: {e:#}"),
-                }
-                if *once {
-                    return Ok(ExitCode::SUCCESS);
-                }
-            }
+                )
+            };
+            run_daemon(Role::Server, &host, array, common, *once, &mut session)
         }
         BackupCommand::Client(ClientCommand::Agent { common, once }) => {
             let cfg = BackupConfig::load(&common.config)?;
-            let host = cfg.host()?;
+            let (host, array) = cfg.host_and_status()?;
             let rules = cfg.rules();
-            loop {
-                match session::fs_agent(
+            let mut session = || {
+                session::fs_agent(
                     &host,
                     &rules,
                     RunOptions {
                         quiet: common.json,
                         ..RunOptions::default()
                     },
-                ) {
-                    Ok(o) => print_outcome(common.json, "client", &o)?,
-                    Err(e) if *once => return Err(e),
-                    Err(e) => eprintln!("stp backup client: {e:#}"),
-                }
-                if *once {
-                    return Ok(ExitCode::SUCCESS);
-                }
-            }
+                )
+            };
+            run_daemon(Role::Agent, &host, array, common, *once, &mut session)
         }
         BackupCommand::Client(ClientCommand::Db {
             common,

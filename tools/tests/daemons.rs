@@ -1,0 +1,154 @@
+//! The two daemons as a user starts them: what they print at start, and
+//! what they do when a port they need is held by another process.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A LAN-capable configuration (`preferred`; this machine has no SCSI, so
+/// the array is unavailable) on a free WKP.
+fn config(dir: &Path) -> (PathBuf, u16) {
+    let wkp = stp_tools::backup::inproc::free_wkp().unwrap();
+    std::fs::write(dir.join("stp.toml"), format!("wkp = {wkp}\n")).unwrap();
+    let cfg = dir.join("backup.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "stp_config = \"stp.toml\"\nstg = 7\nbind = \"127.0.0.1\"\ntimeout_ms = 2000\n\
+             [server]\nrepository = \"{}\"\n[client]\nname = \"c\"\nserver = \"127.0.0.1\"\n",
+            dir.join("repo").display()
+        ),
+    )
+    .unwrap();
+    (cfg, wkp)
+}
+
+fn start(role: &[&str], cfg: &Path, json: bool) -> Child {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_stp"));
+    c.args(role).arg("--config").arg(cfg);
+    if json {
+        c.arg("--json");
+    }
+    c.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for the daemon to exit; a daemon that is still running after a
+/// minute has not stopped (it loops), and is killed.
+fn wait_exit(mut child: Child) -> (Option<i32>, String, String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the daemon did not stop; stderr starts: {}",
+                String::from_utf8_lossy(&out.stderr[..out.stderr.len().min(2000)])
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Another process holds a port: each daemon stops at once, non-zero,
+/// naming the port and what to do, instead of spinning.
+#[test]
+fn a_port_in_use_stops_each_daemon_with_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cfg, wkp) = config(tmp.path());
+    for (role, held) in [
+        (&["backup", "server", "serve"][..], wkp + 2),
+        (&["backup", "server", "serve"][..], wkp),
+        (&["backup", "client", "agent"][..], wkp + 1),
+        (&["backup", "client", "agent"][..], wkp + 2),
+    ] {
+        let _holder = TcpListener::bind(("127.0.0.1", held)).unwrap();
+        let (code, _, err) = wait_exit(start(role, &cfg, false));
+        assert_ne!(code, Some(0), "{role:?}: {err}");
+        assert!(
+            err.contains(&format!("127.0.0.1:{held}")),
+            "{role:?}: {err}"
+        );
+        assert!(err.contains("already in use"), "{role:?}: {err}");
+        assert!(err.contains("wkp"), "{role:?}: {err}");
+        assert!(
+            err.lines().count() < 5,
+            "{role:?}: the daemon repeated itself: {err}"
+        );
+    }
+}
+
+fn first_line(child: &mut Child) -> String {
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    line
+}
+
+/// At start each daemon says where it listens and what the array is doing,
+/// as text and as JSON.
+#[test]
+fn daemons_say_where_they_listen_and_what_the_array_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cfg, wkp) = config(tmp.path());
+    let mut agent = start(&["backup", "client", "agent"], &cfg, true);
+    let line = first_line(&mut agent);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(v["event"], "started", "{v}");
+    assert_eq!(v["role"], "agent", "{v}");
+    let addrs: Vec<&str> = v["listening"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["addr"].as_str().unwrap())
+        .collect();
+    for p in [wkp, wkp + 1, wkp + 2] {
+        assert!(addrs.contains(&format!("127.0.0.1:{p}").as_str()), "{v}");
+    }
+    // No SCSI on this machine: the array is unavailable, and it says why.
+    assert_eq!(v["array"]["stg"], 7, "{v}");
+    assert_eq!(v["array"]["state"], "unavailable", "{v}");
+    assert!(!v["array"]["why"].as_str().unwrap_or("").is_empty(), "{v}");
+    assert_eq!(v["array"]["fallback"], "preferred", "{v}");
+
+    let mut server = start(&["backup", "server", "serve"], &cfg, false);
+    let mut text = String::new();
+    {
+        let mut r = BufReader::new(server.stdout.as_mut().unwrap());
+        while !text.contains("array:") {
+            let mut l = String::new();
+            if r.read_line(&mut l).unwrap() == 0 {
+                break;
+            }
+            text += &l;
+        }
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        text.contains(&format!("listening on 127.0.0.1:{wkp} (WKP")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("listening on 127.0.0.1:{} (WKP+2", wkp + 2)),
+        "{text}"
+    );
+    assert!(text.contains("array: STG 7 unavailable"), "{text}");
+}
