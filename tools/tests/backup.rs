@@ -1007,3 +1007,127 @@ fn snapshot_of_a_database_under_constant_writes_finishes() {
         "the snapshot has {rows} rows, fewer than before the writer started"
     );
 }
+
+/// The repository holds copies of private files: directories 0700, files
+/// 0600.
+#[test]
+fn the_repository_is_private_to_its_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_tree(&src, 1 << 18, 40).unwrap();
+    let root = tmp.path().join("new").join("repo");
+    let repo = Repo::open(&root).unwrap();
+    let (_array, server, client) = hosts(41, Policy::Preferred, Policy::Preferred, None);
+    let (s, a) = fs_run(&server, &client, &repo, &job(&src, Level::Full), quiet());
+    let id = s.unwrap().backup_id;
+    a.unwrap();
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    for d in [root.clone(), root.join("archives"), root.join("manifests")] {
+        assert_eq!(mode(&d), 0o700, "{}", d.display());
+    }
+    for f in [
+        repo.archive_path(id),
+        root.join("manifests").join(format!("{id}.json")),
+        root.join("catalog.sqlite"),
+        root.join("lock"),
+    ] {
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+    }
+}
+
+/// A restore that fails on a file (its hash differs) leaves the file that
+/// was there untouched, and no temporary file behind.
+#[test]
+fn a_failed_restore_leaves_the_existing_file_in_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("dest");
+    fs::create_dir(&dest).unwrap();
+    fs::write(dest.join("f"), b"the good old content").unwrap();
+    let tar = hostile_tar(&[("f", tar::EntryType::Regular, "", b"damaged")]);
+    let all = |_: &str, _: Kind| true;
+    let hashes = std::collections::HashMap::from([("f".to_owned(), "00".repeat(32))]);
+    let none = Default::default();
+    let opts = ExtractOptions {
+        want: &all,
+        hashes: &hashes,
+        sparse: &none,
+        owners: false,
+    };
+    let e = archive::extract(&tar[..], &dest, &opts).unwrap_err();
+    assert!(format!("{e:#}").contains("differs"), "{e:#}");
+    assert_eq!(fs::read(dest.join("f")).unwrap(), b"the good old content");
+    let names: Vec<_> = fs::read_dir(&dest)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("f")]);
+    // A good restore replaces it.
+    let good = hostile_tar(&[("f", tar::EntryType::Regular, "", b"new")]);
+    let opts = ExtractOptions {
+        hashes: &Default::default(),
+        ..opts
+    };
+    archive::extract(&good[..], &dest, &opts).unwrap();
+    assert_eq!(fs::read(dest.join("f")).unwrap(), b"new");
+}
+
+fn stp(args: &[&str], repo: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_stp"))
+        .args(args)
+        .arg("--repo")
+        .arg(repo)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "stp {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `list` shows when each backup started and escapes control characters
+/// in names; `forget --dry-run` says what it would remove and removes
+/// nothing.
+#[test]
+fn list_shows_dates_and_escapes_names_and_forget_can_dry_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("evil\nname\x1b[31m"), b"x").unwrap();
+    let root = tmp.path().join("repo");
+    let repo = Repo::open(&root).unwrap();
+    let mut ids = Vec::new();
+    for seed in [42, 43] {
+        let (_array, server, client) = hosts(seed, Policy::Preferred, Policy::Preferred, None);
+        let (s, a) = fs_run(&server, &client, &repo, &job(&src, Level::Full), quiet());
+        ids.push(s.unwrap().backup_id);
+        a.unwrap();
+    }
+    drop(repo);
+    let list = stp(&["backup", "list"], &root);
+    let today = stp_tools::backup::cli::utc(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64(),
+    );
+    assert!(list.contains(&today[..10]), "no date in:\n{list}");
+    let files = stp(&["backup", "list", "--files", &ids[0].to_string()], &root);
+    assert!(files.contains("evil\\nname\\u{1b}[31m"), "{files}");
+    assert!(!files.contains('\x1b'), "{files:?}");
+    assert_eq!(files.lines().count(), 1, "one line per file: {files}");
+
+    let dry = stp(
+        &["backup", "forget", "--keep-last", "1", "--dry-run"],
+        &root,
+    );
+    assert!(
+        dry.contains("would forget") && dry.contains(&ids[0].to_string()),
+        "{dry}"
+    );
+    assert_eq!(Repo::open(&root).unwrap().list().unwrap().len(), 2);
+    stp(&["backup", "forget", "--keep-last", "1"], &root);
+    assert_eq!(Repo::open(&root).unwrap().list().unwrap().len(), 1);
+}

@@ -665,6 +665,38 @@ fn clear(p: &Path) -> Result<()> {
     }
 }
 
+/// A new file beside `target` (same directory, so a rename replaces the
+/// target atomically), named `.<name>.stp-restore-<random>`, mode 0600.
+fn temp_beside(target: &Path) -> Result<(PathBuf, File)> {
+    let dir = target.parent().unwrap_or(Path::new("."));
+    let base = target
+        .file_name()
+        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+    for _ in 0..16 {
+        let tmp = dir.join(format!(
+            ".{base}.stp-restore-{:016x}",
+            rand::random::<u64>()
+        ));
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(e).with_context(|| format!("creating {}", tmp.display()));
+            }
+        }
+    }
+    bail!(
+        "could not create a temporary file beside {}: every name tried exists",
+        target.display()
+    )
+}
+
 /// Writes `r` to `out`, leaving holes for all-zero blocks if `sparse`.
 fn copy_out(r: &mut dyn Read, out: &mut File, sparse: bool) -> Result<(u64, String)> {
     let mut h = Sha256::new();
@@ -731,35 +763,47 @@ pub fn extract(reader: impl Read, dest: &Path, opts: &ExtractOptions<'_>) -> Res
                 done.others += 1;
             }
             Kind::File => {
-                clear(&target)?;
-                let mut out = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .custom_flags(nix::libc::O_NOFOLLOW)
-                    .mode(0o600)
-                    .open(&target)
-                    .with_context(|| format!("creating {}", target.display()))?;
-                let (n, sum) = copy_out(&mut entry, &mut out, opts.sparse.contains(&key))
-                    .with_context(|| format!("restoring {key}"))?;
-                if let Some(want) = opts.hashes.get(&key) {
-                    if *want != sum {
-                        bail!(
-                            "{key}: the restored content's SHA-256 {sum} differs from the \
-                             manifest's {want}: the archive is damaged (run `stp backup verify`)"
+                // Written under a temporary name beside the target and
+                // renamed over it only once its hash is checked: a failed
+                // restore leaves whatever was there before untouched.
+                if fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
+                    clear(&target)?;
+                }
+                let (tmp, mut out) = temp_beside(&target)?;
+                let written = (|| -> Result<u64> {
+                    let (n, sum) = copy_out(&mut entry, &mut out, opts.sparse.contains(&key))
+                        .with_context(|| format!("restoring {key}"))?;
+                    if let Some(want) = opts.hashes.get(&key) {
+                        if *want != sum {
+                            bail!(
+                                "{key}: the restored content's SHA-256 {sum} differs from the \
+                                 manifest's {want}: the archive is damaged (run `stp backup \
+                                 verify`); the file was left as it was"
+                            );
+                        }
+                    }
+                    out.sync_all().ok();
+                    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
+                    if opts.owners {
+                        let _ = std::os::unix::fs::lchown(
+                            &tmp,
+                            u32::try_from(uid).ok(),
+                            u32::try_from(gid).ok(),
                         );
                     }
-                }
-                out.sync_all().ok();
+                    set_mtime(&tmp, mtime as i64, 0, false);
+                    fs::rename(&tmp, &target)
+                        .with_context(|| format!("moving the restored {key} into place"))?;
+                    Ok(n)
+                })();
                 drop(out);
-                fs::set_permissions(&target, fs::Permissions::from_mode(mode))?;
-                if opts.owners {
-                    let _ = std::os::unix::fs::lchown(
-                        &target,
-                        u32::try_from(uid).ok(),
-                        u32::try_from(gid).ok(),
-                    );
-                }
-                set_mtime(&target, mtime as i64, 0, false);
+                let n = match written {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = fs::remove_file(&tmp);
+                        return Err(e);
+                    }
+                };
                 done.files += 1;
                 done.bytes += n;
             }

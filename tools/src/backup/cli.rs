@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::config::BackupConfig;
 use super::daemon::{self, ArrayStatus, LoopIo, Role, Started};
 use super::repo::{BackupInfo, Repo};
-use super::session::{self, FsJob, RunOptions};
+use super::session::{self, escape_control, FsJob, RunOptions};
 use super::wire::{DbSource, Level};
 
 /// Options of `stp backup`.
@@ -202,6 +202,9 @@ struct ForgetArgs {
     /// Keep the newest N complete backups of each source.
     #[arg(long, value_name = "N")]
     keep_last: usize,
+    /// Say which backups would be forgotten, and remove nothing.
+    #[arg(long)]
+    dry_run: bool,
     #[command(flatten)]
     repo: RepoArg,
 }
@@ -228,10 +231,36 @@ fn print_outcome(json: bool, what: &str, o: &session::Outcome) -> Result<()> {
     Ok(())
 }
 
+/// Seconds since the epoch as a UTC date and time, `2026-12-07 03:12:33Z`.
+pub fn utc(secs: f64) -> String {
+    if !secs.is_finite() || secs < 0.0 {
+        return "-".into();
+    }
+    let t = secs as i64;
+    let (days, rem) = (t.div_euclid(86_400), t.rem_euclid(86_400));
+    // Days to a civil date (proleptic Gregorian; H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 fn info_line(b: &BackupInfo) -> String {
     format!(
-        "{:>5}  {:<8}  {:<2}  {:<11}  {:<12}  {:>12}  {:>6}  {:>4}  {:<7}  {}:{}",
+        "{:>5}  {:<20}  {:<8}  {:<2}  {:<11}  {:<12}  {:>12}  {:>6}  {:>4}  {:<7}  {}:{}",
         b.id,
+        utc(b.started),
         b.status,
         b.kind,
         b.level,
@@ -240,8 +269,8 @@ fn info_line(b: &BackupInfo) -> String {
         b.files,
         b.errors,
         b.base_id.map_or("-".into(), |x| x.to_string()),
-        b.client,
-        b.source
+        escape_control(&b.client),
+        escape_control(&b.source)
     )
 }
 
@@ -470,16 +499,21 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
                 } else {
                     for f in &files {
                         println!(
-                            "{:<8} {:>12} {:o} {} {}",
+                            "{:<8} {:>12} {:o} {} {} {}",
                             f.kind.as_str(),
                             f.size,
                             f.mode,
+                            utc(f.mtime as f64),
                             f.sha256.as_deref().map_or("-", |h| &h[..16.min(h.len())]),
-                            f.path
+                            escape_control(&f.path)
                         );
                     }
                     for e in &errors {
-                        println!("error: {}: {}", e.path, e.message);
+                        println!(
+                            "error: {}: {}",
+                            escape_control(&e.path),
+                            escape_control(&e.message)
+                        );
                     }
                 }
                 return Ok(ExitCode::SUCCESS);
@@ -489,16 +523,26 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
                 print_json(&list)?;
             } else {
                 println!(
-                    "{:>5}  {:<8}  {:<2}  {:<11}  {:<12}  {:>12}  {:>6}  {:>4}  {:<7}  source",
-                    "id", "status", "", "level", "channel", "bytes", "files", "errs", "base"
+                    "{:>5}  {:<20}  {:<8}  {:<2}  {:<11}  {:<12}  {:>12}  {:>6}  {:>4}  {:<7}  \
+                     client:source",
+                    "id",
+                    "started (UTC)",
+                    "status",
+                    "",
+                    "level",
+                    "channel",
+                    "bytes",
+                    "files",
+                    "errs",
+                    "base"
                 );
                 for b in &list {
                     println!("{}", info_line(b));
                     if let Some(m) = b.message.as_deref().filter(|_| b.status != "complete") {
-                        println!("       {m}");
+                        println!("       {}", escape_control(m));
                     }
                     if let Some(r) = &b.fallback_reason {
-                        println!("       LAN fallback: {r}");
+                        println!("       LAN fallback: {}", escape_control(r));
                     }
                 }
             }
@@ -549,11 +593,17 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
                 bail!("--keep-last 0 would forget everything; use at least 1");
             }
             let repo = a.repo.open()?;
-            let gone = repo.forget_keep_last(a.keep_last)?;
+            let gone = if a.dry_run {
+                repo.forget_plan(a.keep_last)?
+            } else {
+                repo.forget_keep_last(a.keep_last)?
+            };
             if a.repo.json {
-                print_json(&serde_json::json!({ "forgotten": gone }))?;
+                print_json(&serde_json::json!({ "forgotten": gone, "dry_run": a.dry_run }))?;
             } else if gone.is_empty() {
                 println!("nothing to forget");
+            } else if a.dry_run {
+                println!("would forget backups {gone:?} (dry run: nothing was removed)");
             } else {
                 println!("forgot backups {gone:?}");
             }
@@ -632,4 +682,18 @@ pub fn restore_to_file(repo: &Repo, id: i64, file: &Path) -> Result<u64> {
     tmp.persist(file)
         .with_context(|| format!("moving the restored data to {}", file.display()))?;
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0.0), "1970-01-01 00:00:00Z");
+        assert_eq!(utc(951_782_400.0), "2000-02-29 00:00:00Z");
+        assert_eq!(utc(4_102_444_799.5), "2099-12-31 23:59:59Z");
+        assert_eq!(utc(-1.0), "-");
+        assert_eq!(utc(f64::NAN), "-");
+    }
 }
