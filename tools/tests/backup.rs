@@ -86,12 +86,9 @@ fn fs_full_incremental_restore_verify_forget() {
             std::os::unix::fs::lchown(src.join(p), Some(1234), Some(5678)).unwrap();
         }
     }
-    let fifo = src.join("a-fifo");
-    assert!(Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap()
-        .success());
+    // A socket is the one kind of file not backed up.
+    let sock = src.join("a-socket");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     let repo = Repo::open(tmp.path().join("repo")).unwrap();
     let (_array, server, client) = hosts(11, Policy::Preferred, Policy::Preferred, None);
 
@@ -100,7 +97,7 @@ fn fs_full_incremental_restore_verify_forget() {
     let full = s.unwrap();
     a.unwrap();
     assert_eq!(full.channel, "stp");
-    assert_eq!(full.errors, 1, "the FIFO is reported, the job goes on");
+    assert_eq!(full.errors, 1, "the socket is reported, the job goes on");
     let info = repo.get(full.backup_id).unwrap();
     assert_eq!(
         (info.status.as_str(), info.level.as_str()),
@@ -109,14 +106,15 @@ fn fs_full_incremental_restore_verify_forget() {
     assert_eq!(info.channel.as_deref(), Some("stp"));
     let errors = repo.file_errors(full.backup_id).unwrap();
     assert_eq!(errors.len(), 1);
-    assert_eq!(errors[0].path, "a-fifo");
+    assert_eq!(errors[0].path, "a-socket");
     assert!(errors[0].message.contains("special file"), "{errors:?}");
     let manifest = repo.manifest(full.backup_id).unwrap();
     assert!(manifest.iter().all(|e| e.path != "scratch.tmp"), "excluded");
     assert!(manifest
         .iter()
         .any(|e| e.path == "docs/notes/b.txt" && e.kind == Kind::Hardlink));
-    fs::remove_file(&fifo).unwrap();
+    drop(listener);
+    fs::remove_file(&sock).unwrap();
     fs::remove_file(src.join("scratch.tmp")).unwrap();
 
     let r1 = tmp.path().join("r1");
@@ -1130,4 +1128,43 @@ fn list_shows_dates_and_escapes_names_and_forget_can_dry_run() {
     assert_eq!(Repo::open(&root).unwrap().list().unwrap().len(), 2);
     stp(&["backup", "forget", "--keep-last", "1"], &root);
     assert_eq!(Repo::open(&root).unwrap().list().unwrap().len(), 1);
+}
+
+/// FIFOs are backed up and restored as FIFOs (GNU tar stores them too),
+/// and a whole-tree restore gives the target directory the source root's
+/// mode and modification time.
+#[test]
+fn fifos_and_the_roots_metadata_come_back() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), b"data").unwrap();
+    nix::unistd::mkfifo(
+        &src.join("pipe"),
+        nix::sys::stat::Mode::from_bits_truncate(0o640),
+    )
+    .unwrap();
+    fs::set_permissions(&src, fs::Permissions::from_mode(0o750)).unwrap();
+    archive::set_mtime(&src, 1_000_000_000, 0, false);
+    let repo = Repo::open(tmp.path().join("repo")).unwrap();
+    let (_array, server, client) = hosts(44, Policy::Preferred, Policy::Preferred, None);
+    let (s, a) = fs_run(&server, &client, &repo, &job(&src, Level::Full), quiet());
+    let out = s.unwrap();
+    a.unwrap();
+    assert_eq!(out.errors, 0, "{:?}", repo.file_errors(out.backup_id));
+    let r = tmp.path().join("r");
+    repo.restore(out.backup_id, &r, &[]).unwrap();
+    let p = fs::symlink_metadata(r.join("pipe")).unwrap();
+    assert!(p.file_type().is_fifo(), "{p:?}");
+    assert_eq!(p.mode() & 0o777, 0o640);
+    let root = fs::metadata(&r).unwrap();
+    assert_eq!(root.mtime(), 1_000_000_000);
+    assert_eq!(root.mode() & 0o777, 0o750);
+    assert_eq!(compare_trees(&src, &r).unwrap(), Vec::<String>::new());
+    assert!(repo.verify(out.backup_id).unwrap().problems.is_empty());
+    // A restore of some paths leaves the target's own metadata alone.
+    let r2 = tmp.path().join("r2");
+    repo.restore(out.backup_id, &r2, &["f".into()]).unwrap();
+    assert_ne!(fs::metadata(&r2).unwrap().mtime(), 1_000_000_000);
 }

@@ -4,7 +4,9 @@
 //! The writer walks the tree without following symbolic links, in name
 //! order, and writes GNU tar headers (long names and link targets use GNU
 //! extensions; `tar -tvf` and `tar -xf` read the result). Hard links become
-//! tar link entries to the first path of the inode. Sparse files are stored
+//! tar link entries to the first path of the inode; FIFOs are entries of
+//! their own; the source directory itself is the first entry, `./`. Sparse
+//! files are stored
 //! expanded and restored with holes. A file that cannot be read, or that
 //! changes while it is read, is reported through a callback (the error
 //! channel) and recorded in the manifest; the job goes on.
@@ -12,12 +14,14 @@
 //! The reader ([`extract`]) refuses absolute paths, `..` components,
 //! entries whose parent directory is a symbolic link (no writing through a
 //! link created earlier in the archive), hard links to anything outside
-//! the extraction, and device nodes; it creates symbolic links last.
+//! the extraction, and device nodes; it creates symbolic links last, and
+//! writes each file under a temporary name renamed into place once its
+//! hash matches.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -39,6 +43,8 @@ pub enum Kind {
     Symlink,
     /// Another name of a regular file (`link` is the first name).
     Hardlink,
+    /// A named pipe (FIFO): only its name and metadata.
+    Fifo,
 }
 
 impl Kind {
@@ -49,6 +55,7 @@ impl Kind {
             Kind::Dir => "dir",
             Kind::Symlink => "symlink",
             Kind::Hardlink => "hardlink",
+            Kind::Fifo => "fifo",
         }
     }
 }
@@ -357,6 +364,12 @@ impl<'e, W: Write> TreeWriter<'e, W> {
         if !meta.is_dir() {
             bail!("the source {} is not a directory", root.display());
         }
+        // The root itself (`./`, as GNU tar writes it), so a restore of the
+        // whole tree gives the target directory the source's mode and time.
+        let mut h = header_for(&meta, EntryType::Directory);
+        self.builder
+            .append_data(&mut h, "./", io::empty())
+            .context("writing to the data stream")?;
         self.walk(root, "")?;
         let out = self
             .builder
@@ -427,11 +440,18 @@ impl<'e, W: Write> TreeWriter<'e, W> {
                 self.manifest.push(e);
             } else if ft.is_file() {
                 self.file(&path, &rel, &m)?;
+            } else if ft.is_fifo() {
+                let e = entry_from(&rel, Kind::Fifo, &m);
+                let mut h = header_for(&m, EntryType::Fifo);
+                self.builder
+                    .append_data(&mut h, &rel, io::empty())
+                    .context("writing to the data stream")?;
+                self.manifest.push(e);
             } else {
                 self.error(
                     &rel,
-                    "special file (device, FIFO or socket) skipped: only files, directories \
-                     and links are backed up",
+                    "special file (device or socket) skipped: only files, directories, links \
+                     and FIFOs are backed up",
                 )?;
             }
         }
@@ -612,8 +632,39 @@ pub struct Extracted {
     pub files: u64,
     /// Bytes of file content written.
     pub bytes: u64,
-    /// Directories, symlinks and hard links made.
+    /// Directories, symlinks, hard links and FIFOs made.
     pub others: u64,
+    /// The archive's root entry (`./`), if it has one and `want` took it
+    /// (as the empty path): its metadata, applied last by the caller.
+    pub root: Option<RootMeta>,
+}
+
+/// The metadata of an archive's root directory entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RootMeta {
+    /// Permission bits.
+    pub mode: u32,
+    /// Modification time, seconds since the epoch.
+    pub mtime: i64,
+    /// Owner.
+    pub uid: u64,
+    /// Group.
+    pub gid: u64,
+}
+
+impl RootMeta {
+    /// Applies it to `dir` (owners only when `owners`).
+    pub fn apply(&self, dir: &Path, owners: bool) {
+        if owners {
+            let _ = std::os::unix::fs::lchown(
+                dir,
+                u32::try_from(self.uid).ok(),
+                u32::try_from(self.gid).ok(),
+            );
+        }
+        let _ = fs::set_permissions(dir, fs::Permissions::from_mode(self.mode | 0o700));
+        set_mtime(dir, self.mtime, 0, false);
+    }
 }
 
 fn kind_of(t: EntryType) -> Option<Kind> {
@@ -622,6 +673,7 @@ fn kind_of(t: EntryType) -> Option<Kind> {
         EntryType::Directory => Some(Kind::Dir),
         EntryType::Symlink => Some(Kind::Symlink),
         EntryType::Link => Some(Kind::Hardlink),
+        EntryType::Fifo => Some(Kind::Fifo),
         _ => None,
     }
 }
@@ -739,6 +791,25 @@ pub fn extract(reader: impl Read, dest: &Path, opts: &ExtractOptions<'_>) -> Res
             }
             bail!("{name}: entry type {ty:?} refused (only files, directories and links restore)");
         };
+        let is_root = Path::new(&name)
+            .components()
+            .all(|c| c == Component::CurDir)
+            && !name.is_empty();
+        if is_root {
+            if kind != Kind::Dir {
+                bail!("the archive's root entry {name:?} is not a directory; refused");
+            }
+            if (opts.want)("", Kind::Dir) {
+                let h = entry.header();
+                done.root = Some(RootMeta {
+                    mode: h.mode().unwrap_or(0o755) & 0o7777,
+                    mtime: h.mtime().map_or(0, |t| i64::try_from(t).unwrap_or(0)),
+                    uid: h.uid().unwrap_or(0),
+                    gid: h.gid().unwrap_or(0),
+                });
+            }
+            continue;
+        }
         let rel = safe_relative(&name).with_context(|| format!("archive entry {name:?}"))?;
         let key = rel.to_string_lossy().into_owned();
         if !(opts.want)(&key, kind) {
@@ -806,6 +877,21 @@ pub fn extract(reader: impl Read, dest: &Path, opts: &ExtractOptions<'_>) -> Res
                 };
                 done.files += 1;
                 done.bytes += n;
+            }
+            Kind::Fifo => {
+                clear(&target)?;
+                nix::unistd::mkfifo(&target, nix::sys::stat::Mode::from_bits_truncate(0o600))
+                    .with_context(|| format!("creating the FIFO {}", target.display()))?;
+                fs::set_permissions(&target, fs::Permissions::from_mode(mode))?;
+                if opts.owners {
+                    let _ = std::os::unix::fs::lchown(
+                        &target,
+                        u32::try_from(uid).ok(),
+                        u32::try_from(gid).ok(),
+                    );
+                }
+                set_mtime(&target, mtime as i64, 0, true);
+                done.others += 1;
             }
             Kind::Symlink => {
                 let link = entry

@@ -777,6 +777,7 @@ impl Repo {
         for e in &selected {
             safe_relative(&e.path).with_context(|| format!("backup {id}'s manifest"))?;
         }
+        let whole = paths.is_empty();
         // Which archive holds each file's content.
         let mut by_archive: HashMap<i64, HashSet<String>> = HashMap::new();
         let mut others: HashSet<String> = HashSet::new();
@@ -800,7 +801,7 @@ impl Repo {
                         sparse.insert(e.path.clone());
                     }
                 }
-                Kind::Dir | Kind::Symlink => {
+                Kind::Dir | Kind::Symlink | Kind::Fifo => {
                     others.insert(e.path.clone());
                 }
                 Kind::Hardlink => {}
@@ -822,7 +823,9 @@ impl Repo {
             let is_target = src == id;
             let want = |p: &str, k: Kind| match k {
                 Kind::File => files.contains(p),
-                Kind::Dir | Kind::Symlink => is_target && others.contains(p),
+                // "": the archive's root, when the whole tree is restored.
+                Kind::Dir if p.is_empty() => is_target && whole,
+                Kind::Dir | Kind::Symlink | Kind::Fifo => is_target && others.contains(p),
                 Kind::Hardlink => false,
             };
             let size = self.get(src).map_or(0, |b| b.bytes.max(0) as u64);
@@ -848,6 +851,7 @@ impl Repo {
             total.files += done.files;
             total.bytes += done.bytes;
             total.others += done.others;
+            total.root = total.root.or(done.root);
         }
         bar.finish();
         // Hard links, from the manifest.
@@ -890,6 +894,10 @@ impl Repo {
                     archive::set_mtime(&p, e.mtime, e.mtime_nsec, false);
                 }
                 Kind::Symlink => archive::set_mtime(&p, e.mtime, e.mtime_nsec, true),
+                Kind::Fifo => {
+                    let _ = fs::set_permissions(&p, fs::Permissions::from_mode(e.mode));
+                    archive::set_mtime(&p, e.mtime, e.mtime_nsec, true);
+                }
                 Kind::Dir => dirs.push((p, e)),
             }
         }
@@ -897,6 +905,10 @@ impl Repo {
         for (p, e) in dirs {
             let _ = fs::set_permissions(&p, fs::Permissions::from_mode(e.mode));
             archive::set_mtime(&p, e.mtime, e.mtime_nsec, false);
+        }
+        // The restore root last: everything above changed its time.
+        if let Some(r) = &total.root {
+            r.apply(dest, root);
         }
         Ok(total)
     }
