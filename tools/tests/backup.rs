@@ -1168,3 +1168,44 @@ fn fifos_and_the_roots_metadata_come_back() {
     repo.restore(out.backup_id, &r2, &["f".into()]).unwrap();
     assert_ne!(fs::metadata(&r2).unwrap().mtime(), 1_000_000_000);
 }
+
+/// A sparse file whose holes are small (12 KiB between 4 KiB pieces of
+/// data) is restored with its holes.
+#[test]
+fn small_holes_are_restored_as_holes() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir(&src).unwrap();
+    let len = 2u64 << 20;
+    let mut f = fs::File::create(src.join("holes.img")).unwrap();
+    f.set_len(len).unwrap();
+    for off in (0..len).step_by(16 << 10) {
+        f.seek(SeekFrom::Start(off)).unwrap();
+        f.write_all(&[0x5A; 4096]).unwrap();
+    }
+    drop(f);
+    let m = fs::metadata(src.join("holes.img")).unwrap();
+    if m.blocks() * 512 >= len {
+        eprintln!("this file system keeps no holes; nothing to check");
+        return;
+    }
+    let repo = Repo::open(tmp.path().join("repo")).unwrap();
+    let (_array, server, client) = hosts(45, Policy::Preferred, Policy::Preferred, None);
+    let (s, a) = fs_run(&server, &client, &repo, &job(&src, Level::Full), quiet());
+    let out = s.unwrap();
+    a.unwrap();
+    let r = tmp.path().join("r");
+    repo.restore(out.backup_id, &r, &[]).unwrap();
+    let got = fs::metadata(r.join("holes.img")).unwrap();
+    assert_eq!(
+        fs::read(r.join("holes.img")).unwrap(),
+        fs::read(src.join("holes.img")).unwrap()
+    );
+    assert!(
+        got.blocks() * 512 <= m.blocks() * 512 + (64 << 10),
+        "restored with {} bytes allocated, the source has {}",
+        got.blocks() * 512,
+        m.blocks() * 512
+    );
+}

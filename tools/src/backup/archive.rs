@@ -749,6 +749,9 @@ fn temp_beside(target: &Path) -> Result<(PathBuf, File)> {
     )
 }
 
+/// The granularity of holes in restored sparse files: a file system block.
+const HOLE_BLOCK: u64 = 4096;
+
 /// Writes `r` to `out`, leaving holes for all-zero blocks if `sparse`.
 fn copy_out(r: &mut dyn Read, out: &mut File, sparse: bool) -> Result<(u64, String)> {
     let mut h = Sha256::new();
@@ -760,8 +763,21 @@ fn copy_out(r: &mut dyn Read, out: &mut File, sparse: bool) -> Result<(u64, Stri
             break;
         }
         h.update(&buf[..n]);
-        if sparse && buf[..n].iter().all(|&b| b == 0) {
-            out.seek(SeekFrom::Current(n as i64))?;
+        if sparse {
+            // Block by block (at file offsets that are multiples of
+            // HOLE_BLOCK), so holes between small pieces of data stay holes.
+            let mut off = 0;
+            while off < n {
+                let at = total + off as u64;
+                let end = (off + (HOLE_BLOCK - at % HOLE_BLOCK) as usize).min(n);
+                let piece = &buf[off..end];
+                if piece.iter().all(|&b| b == 0) {
+                    out.seek(SeekFrom::Current(piece.len() as i64))?;
+                } else {
+                    out.write_all(piece)?;
+                }
+                off = end;
+            }
         } else {
             out.write_all(&buf[..n])?;
         }
