@@ -1209,3 +1209,87 @@ fn small_holes_are_restored_as_holes() {
         m.blocks() * 512
     );
 }
+
+/// Names that are not UTF-8 (files, directories, link targets, hard
+/// links) are backed up as their bytes and restored byte for byte; GNU
+/// tar reads them too.
+#[test]
+fn names_that_are_not_utf8_are_backed_up_as_bytes() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let odd_dir = src.join(OsStr::from_bytes(b"d\xff"));
+    fs::create_dir_all(&odd_dir).unwrap();
+    let latin1 = OsStr::from_bytes(b"caf\xe9.txt");
+    fs::write(odd_dir.join(latin1), b"latin-1 name").unwrap();
+    fs::write(src.join("plain"), b"plain").unwrap();
+    fs::hard_link(
+        odd_dir.join(latin1),
+        src.join(OsStr::from_bytes(b"link\xfe")),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(OsStr::from_bytes(b"to\xe9"), src.join("sym")).unwrap();
+    let repo = Repo::open(tmp.path().join("repo")).unwrap();
+    let (_array, server, client) = hosts(46, Policy::Preferred, Policy::Preferred, None);
+    let (s, a) = fs_run(&server, &client, &repo, &job(&src, Level::Full), quiet());
+    let out = s.unwrap();
+    a.unwrap();
+    assert_eq!(out.errors, 0, "{:?}", out.file_errors);
+    let r = tmp.path().join("r");
+    repo.restore(out.backup_id, &r, &[]).unwrap();
+    assert_eq!(compare_trees(&src, &r).unwrap(), Vec::<String>::new());
+    assert!(repo.verify(out.backup_id).unwrap().problems.is_empty());
+    // A selected path in its key form restores just that directory.
+    let key = archive::name_key(b"d\xff");
+    let r2 = tmp.path().join("r2");
+    repo.restore(out.backup_id, &r2, &[key]).unwrap();
+    assert_eq!(
+        fs::read(r2.join(OsStr::from_bytes(b"d\xff/caf\xe9.txt"))).unwrap(),
+        b"latin-1 name"
+    );
+    // An incremental sees the unchanged files as unchanged.
+    let (_array, server, client) = hosts(47, Policy::Preferred, Policy::Preferred, None);
+    let (s, a) = fs_run(
+        &server,
+        &client,
+        &repo,
+        &job(&src, Level::Incremental),
+        quiet(),
+    );
+    let inc = s.unwrap();
+    a.unwrap();
+    let m = repo.manifest(inc.backup_id).unwrap();
+    assert!(
+        m.iter()
+            .filter(|e| e.kind == Kind::File)
+            .all(|e| !e.in_archive),
+        "{m:?}"
+    );
+    let r3 = tmp.path().join("r3");
+    repo.restore(inc.backup_id, &r3, &[]).unwrap();
+    assert_eq!(compare_trees(&src, &r3).unwrap(), Vec::<String>::new());
+    // `list --files` shows the bytes as escapes.
+    let files = stp(
+        &["backup", "list", "--files", &out.backup_id.to_string()],
+        repo.root(),
+    );
+    assert!(files.contains("d\\xff/caf\\xe9.txt"), "{files}");
+    // GNU tar extracts the same names.
+    if Command::new("tar").arg("--version").output().is_ok() {
+        let gnu = tmp.path().join("gnu");
+        fs::create_dir(&gnu).unwrap();
+        let st = Command::new("tar")
+            .arg("-xf")
+            .arg(repo.archive_path(out.backup_id))
+            .arg("-C")
+            .arg(&gnu)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        assert_eq!(
+            fs::read(gnu.join(OsStr::from_bytes(b"d\xff/caf\xe9.txt"))).unwrap(),
+            b"latin-1 name"
+        );
+    }
+}

@@ -185,7 +185,7 @@ pub fn estimate(root: &Path, excludes: &[String]) -> u64 {
         let mut total = 0;
         for e in rd.flatten() {
             let name = e.file_name();
-            let Some(name) = name.to_str() else { continue };
+            let name = path_key(Path::new(&name));
             let r = format!("{rel}{name}");
             if excluded(excludes, &r) {
                 continue;
@@ -205,17 +205,84 @@ pub fn estimate(root: &Path, excludes: &[String]) -> u64 {
     go(root, "", excludes)
 }
 
-/// Checks a path from an archive or a manifest: relative, no `..`, no
-/// root or prefix, not empty. Returns its normal components.
+/// A file name's bytes as the text the manifest, the catalog and the
+/// control messages carry: the name itself when it is UTF-8; otherwise
+/// its UTF-8 runs, and each other byte as a NUL character followed by two
+/// hex digits (no real name holds a NUL, so the form is unambiguous and
+/// [`key_bytes`] gives the bytes back).
+pub fn name_key(bytes: &[u8]) -> String {
+    if let Ok(s) = std::str::from_utf8(bytes) {
+        if !s.contains('\0') {
+            return s.to_owned();
+        }
+    }
+    let mut out = String::with_capacity(bytes.len() + 8);
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c == '\0' {
+                out.push('\0');
+                out.push_str("00");
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            out.push('\0');
+            out.push_str(&format!("{b:02x}"));
+        }
+    }
+    out
+}
+
+/// The bytes of a name written by [`name_key`]. A NUL not followed by two
+/// hex digits stands for itself (a hostile manifest; the file system
+/// refuses such a name later).
+pub fn key_bytes(key: &str) -> Vec<u8> {
+    if !key.contains('\0') {
+        return key.as_bytes().to_vec();
+    }
+    let mut out = Vec::with_capacity(key.len());
+    let mut chars = key.chars();
+    while let Some(c) = chars.next() {
+        if c == '\0' {
+            let rest = chars.as_str();
+            if let Some(b) = rest.get(..2).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(b);
+                chars = rest[2..].chars();
+                continue;
+            }
+        }
+        let mut buf = [0u8; 4];
+        out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+    }
+    out
+}
+
+/// The file system path of a manifest or archive key (see [`name_key`]).
+pub fn key_path(key: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    PathBuf::from(std::ffi::OsStr::from_bytes(&key_bytes(key)))
+}
+
+/// The key of a path (see [`name_key`]).
+pub fn path_key(p: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    name_key(p.as_os_str().as_bytes())
+}
+
+/// Checks a path from an archive or a manifest (a key, see [`name_key`]):
+/// relative, no `..`, no root or prefix, not empty. Returns its normal
+/// components as a file system path.
 pub fn safe_relative(path: &str) -> Result<PathBuf> {
     if path.is_empty() {
         bail!("an empty path");
     }
-    if path.starts_with('/') {
+    let fs_path = key_path(path);
+    if fs_path.has_root() {
         bail!("absolute path {path:?} refused (archives hold relative paths only)");
     }
     let mut out = PathBuf::new();
-    for c in Path::new(path).components() {
+    for c in fs_path.components() {
         match c {
             Component::Normal(n) => out.push(n),
             Component::CurDir => {}
@@ -390,15 +457,9 @@ impl<'e, W: Write> TreeWriter<'e, W> {
         };
         names.sort();
         for name in names {
-            let Some(name_str) = name.to_str() else {
-                let lossy = name.to_string_lossy().into_owned();
-                self.error(
-                    &format!("{rel_dir}{lossy}"),
-                    "the file name is not UTF-8; skipped (rename it to back it up)",
-                )?;
-                continue;
-            };
-            let rel = format!("{rel_dir}{name_str}");
+            // Names that are not UTF-8 travel as keys (`name_key`) and
+            // reach the archive as their bytes.
+            let rel = format!("{rel_dir}{}", path_key(Path::new(&name)));
             if excluded(&self.opts.excludes, &rel) {
                 continue;
             }
@@ -415,7 +476,7 @@ impl<'e, W: Write> TreeWriter<'e, W> {
                 let e = entry_from(&rel, Kind::Dir, &m);
                 let mut h = header_for(&m, EntryType::Directory);
                 self.builder
-                    .append_data(&mut h, format!("{rel}/"), io::empty())
+                    .append_data(&mut h, key_path(&format!("{rel}/")), io::empty())
                     .context("writing to the data stream")?;
                 self.manifest.push(e);
                 self.walk(&path, &format!("{rel}/"))?;
@@ -427,15 +488,11 @@ impl<'e, W: Write> TreeWriter<'e, W> {
                         continue;
                     }
                 };
-                let Some(target_str) = target.to_str().map(str::to_owned) else {
-                    self.error(&rel, "the link target is not UTF-8; skipped")?;
-                    continue;
-                };
                 let mut e = entry_from(&rel, Kind::Symlink, &m);
-                e.link = Some(target_str);
+                e.link = Some(path_key(&target));
                 let mut h = header_for(&m, EntryType::Symlink);
                 self.builder
-                    .append_link(&mut h, &rel, &target)
+                    .append_link(&mut h, key_path(&rel), &target)
                     .context("writing to the data stream")?;
                 self.manifest.push(e);
             } else if ft.is_file() {
@@ -444,7 +501,7 @@ impl<'e, W: Write> TreeWriter<'e, W> {
                 let e = entry_from(&rel, Kind::Fifo, &m);
                 let mut h = header_for(&m, EntryType::Fifo);
                 self.builder
-                    .append_data(&mut h, &rel, io::empty())
+                    .append_data(&mut h, key_path(&rel), io::empty())
                     .context("writing to the data stream")?;
                 self.manifest.push(e);
             } else {
@@ -474,7 +531,7 @@ impl<'e, W: Write> TreeWriter<'e, W> {
                 if first_in {
                     let mut h = header_for(m, EntryType::Link);
                     self.builder
-                        .append_link(&mut h, rel, &first)
+                        .append_link(&mut h, key_path(rel), key_path(&first))
                         .context("writing to the data stream")?;
                 }
                 self.manifest.push(e);
@@ -532,7 +589,7 @@ impl<'e, W: Write> TreeWriter<'e, W> {
             hasher: Sha256::new(),
             short: false,
         };
-        let appended = self.builder.append_data(&mut h, rel, &mut reader);
+        let appended = self.builder.append_data(&mut h, key_path(rel), &mut reader);
         if let Err(err) = appended {
             // A read error inside append_data leaves the stream broken
             // (the header promised bytes): that ends the job.
@@ -797,9 +854,7 @@ pub fn extract(reader: impl Read, dest: &Path, opts: &ExtractOptions<'_>) -> Res
     let mut dirs: Vec<(PathBuf, u32, u64)> = Vec::new();
     for entry in ar.entries().context("reading the archive")? {
         let mut entry = entry.context("reading an archive entry (the archive is damaged)")?;
-        let raw = entry.path_bytes().into_owned();
-        let name = String::from_utf8(raw)
-            .map_err(|_| anyhow!("an archive entry has a non-UTF-8 path; refused"))?;
+        let name = name_key(&entry.path_bytes());
         let ty = entry.header().entry_type();
         let Some(kind) = kind_of(ty) else {
             if matches!(ty, EntryType::XGlobalHeader | EntryType::XHeader) {
@@ -827,7 +882,7 @@ pub fn extract(reader: impl Read, dest: &Path, opts: &ExtractOptions<'_>) -> Res
             continue;
         }
         let rel = safe_relative(&name).with_context(|| format!("archive entry {name:?}"))?;
-        let key = rel.to_string_lossy().into_owned();
+        let key = path_key(&rel);
         if !(opts.want)(&key, kind) {
             continue;
         }
@@ -922,8 +977,7 @@ pub fn extract(reader: impl Read, dest: &Path, opts: &ExtractOptions<'_>) -> Res
                     .link_name_bytes()
                     .ok_or_else(|| anyhow!("{key}: hard link without a target"))?
                     .into_owned();
-                let link = String::from_utf8(link)
-                    .map_err(|_| anyhow!("{key}: non-UTF-8 hard link target refused"))?;
+                let link = name_key(&link);
                 let src_rel =
                     safe_relative(&link).with_context(|| format!("{key}: hard link target"))?;
                 let src = dest.join(&src_rel);
@@ -992,7 +1046,7 @@ pub fn verify(reader: impl Read, hashes: &HashMap<String, String>) -> Result<(u6
         if entry.header().entry_type() != EntryType::Regular {
             continue;
         }
-        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let name = name_key(&entry.path_bytes());
         let mut h = Sha256::new();
         let mut buf = vec![0u8; 256 * 1024];
         let mut broken = false;
@@ -1058,5 +1112,28 @@ mod tests {
         assert!(safe_relative("").is_err());
         assert!(safe_relative("./").is_err());
         assert_eq!(safe_relative("./a/b").unwrap(), PathBuf::from("a/b"));
+        // An escaped '/' or '..' is checked after decoding.
+        assert!(safe_relative("\x002e\x002e/x").is_err());
+        assert!(safe_relative("\x002fetc").is_err());
+    }
+
+    #[test]
+    fn names_that_are_not_utf8_round_trip_through_keys() {
+        use std::os::unix::ffi::OsStrExt;
+        for name in [
+            &b"plain.txt"[..],
+            b"caf\xe9",
+            b"\xff\xfe",
+            b"a\x00b",
+            "\u{e9}t\u{e9}".as_bytes(),
+            b"\x80/\xc3",
+        ] {
+            let k = name_key(name);
+            assert_eq!(key_bytes(&k), name, "{k:?}");
+            assert_eq!(key_path(&k).as_os_str().as_bytes(), name);
+        }
+        assert_eq!(name_key(b"caf\xe9"), "caf\x00e9");
+        assert_eq!(name_key("caf\u{e9}".as_bytes()), "caf\u{e9}");
+        assert_ne!(name_key(b"\xff"), name_key(b"\xfe"));
     }
 }

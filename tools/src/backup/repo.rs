@@ -928,7 +928,7 @@ impl Repo {
         let mut total = 0u64;
         for entry in ar.entries().context("reading the archive")? {
             let mut entry = entry.context("the archive is damaged")?;
-            let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            let name = archive::name_key(&entry.path_bytes());
             let Some(sum) = want.get(&name) else { continue };
             let mut h = HashingWriter {
                 inner: &mut *out,

@@ -678,18 +678,18 @@ pub fn mb_per_s(bytes: u64, seconds: f64) -> f64 {
 }
 
 /// `s` with control characters (newlines, escapes) shown as escapes, for
-/// one line of a terminal.
+/// one line of a terminal. In a name, a NUL starts the escape of a byte
+/// that is not UTF-8 (`archive::name_key`) and shows as `\x`, so such a
+/// byte reads `\xe9`.
 pub fn escape_control(s: &str) -> String {
     if !s.chars().any(char::is_control) {
         return s.to_owned();
     }
     s.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_default().to_string()
-            } else {
-                c.to_string()
-            }
+        .map(|c| match c {
+            '\0' => "\\x".to_owned(),
+            c if c.is_control() => c.escape_default().to_string(),
+            c => c.to_string(),
         })
         .collect()
 }
