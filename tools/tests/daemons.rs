@@ -152,3 +152,31 @@ fn daemons_say_where_they_listen_and_what_the_array_does() {
     );
     assert!(text.contains("array: STG 7 unavailable"), "{text}");
 }
+
+/// Under a service manager (`NOTIFY_SOCKET`, systemd's `Type=notify`) a
+/// daemon reports readiness once its ports are checked.
+#[test]
+fn daemons_tell_the_service_manager_they_are_ready() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cfg, wkp) = config(tmp.path());
+    let sock_path = tmp.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_stp"))
+        .args(["backup", "client", "agent", "--config"])
+        .arg(&cfg)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let got = sock.recv(&mut buf);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let n = got.expect("no readiness notification");
+    let msg = String::from_utf8_lossy(&buf[..n]);
+    assert!(msg.starts_with("READY=1\n"), "{msg}");
+    assert!(msg.contains(&format!("127.0.0.1:{wkp}")), "{msg}");
+}

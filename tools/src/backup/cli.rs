@@ -371,6 +371,19 @@ fn run_daemon(
     // Whoever reads the output (a terminal, a pipe, a service manager)
     // learns at once that the daemon is up.
     let _ = std::io::Write::flush(&mut std::io::stdout());
+    let status = format!(
+        "listening on {}; {}",
+        started
+            .listening
+            .iter()
+            .map(|l| l.addr.to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+        started.array.line()
+    );
+    if let Err(e) = daemon::notify_ready(&status) {
+        eprintln!("{}: {e:#}", role.command());
+    }
     let mut io = DaemonIo {
         role,
         json: common.json,

@@ -14,7 +14,7 @@ use std::fmt;
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
 use stp_core::sockets::SockError;
 
@@ -374,6 +374,35 @@ impl Started {
         v.push(format!("  {}", self.array.line()));
         v
     }
+}
+
+/// Tells a service manager that watches `NOTIFY_SOCKET` (systemd's
+/// `Type=notify`) that the daemon is up, with a one-line status. Returns
+/// false when no manager asked (the variable is unset).
+pub fn notify_ready(status: &str) -> Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::UnixDatagram;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(false);
+    };
+    let msg = format!("READY=1\nSTATUS={}\n", status.replace('\n', " "));
+    let sock =
+        UnixDatagram::unbound().context("creating a socket to notify the service manager")?;
+    let sent = match path.as_bytes().strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            sock.send_to_addr(msg.as_bytes(), &addr)
+        }
+        None => sock.send_to(msg.as_bytes(), std::path::Path::new(&path)),
+    };
+    sent.with_context(|| {
+        format!(
+            "notifying the service manager at NOTIFY_SOCKET={}",
+            path.to_string_lossy()
+        )
+    })?;
+    Ok(true)
 }
 
 #[cfg(test)]
