@@ -449,3 +449,37 @@ fn the_readme_commands_parse() {
     }
     assert!(checked >= 5, "only {checked} commands found");
 }
+
+/// Shell completions and manual pages come from the command definition.
+#[test]
+fn completions_and_manual_pages() {
+    let stp = env!("CARGO_BIN_EXE_stp");
+    let out = Command::new(stp)
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        script.contains("_stp") && script.contains("backup"),
+        "{script}"
+    );
+    let out = Command::new(stp).arg("man").output().unwrap();
+    assert!(out.status.success());
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(page.contains(".TH") && page.contains("backup"), "{page}");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(stp)
+        .args(["man", "--dir"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list = std::fs::read_to_string(tmp.path().join("stp-backup-client-agent.1")).unwrap();
+    assert!(list.contains("once"), "{list}");
+    assert!(tmp.path().join("stp-backup-forget.1").exists());
+}
