@@ -15,6 +15,8 @@ use stp_tools::{backup, bench};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    log: stp_tools::logging::LogArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -88,6 +90,13 @@ fn man(dir: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let to_file = match stp_tools::logging::init(&cli.log) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("stp: error: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
     let result = match cli.command {
         Command::Probe(args) => probe::run(&args),
         Command::Bench(args) => bench::run(&args),
@@ -104,6 +113,9 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
+            if to_file {
+                tracing::error!("{e:#}");
+            }
             eprintln!("stp: error: {e:#}");
             ExitCode::from(1)
         }

@@ -180,3 +180,78 @@ fn daemons_tell_the_service_manager_they_are_ready() {
     assert!(msg.starts_with("READY=1\n"), "{msg}");
     assert!(msg.contains(&format!("127.0.0.1:{wkp}")), "{msg}");
 }
+
+/// `--log-file` takes a daemon's log records: here the refusal of a client
+/// whose pre-shared key differs, and the client says the same.
+#[test]
+fn a_daemon_logs_to_its_log_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wkp = stp_tools::backup::inproc::free_wkp().unwrap();
+    let write = |name: &str, psk: &str| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("stp.toml"),
+            format!("wkp = {wkp}\npsk = \"{psk}\"\n"),
+        )
+        .unwrap();
+        let cfg = dir.join("backup.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "stp_config = \"stp.toml\"\nstg = 7\nfallback = \"never\"\nbind = \"127.0.0.1\"\n\
+                 [server]\nrepository = \"{}\"\n[client]\nname = \"c\"\nserver = \"127.0.0.1\"\n",
+                dir.join("repo").display()
+            ),
+        )
+        .unwrap();
+        cfg
+    };
+    let server_cfg = write("server", &"11".repeat(32));
+    let client_cfg = write("client", &"22".repeat(32));
+    let log = tmp.path().join("server.log");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_stp"))
+        .args(["backup", "server", "serve", "--config"])
+        .arg(&server_cfg)
+        .arg("--log-file")
+        .arg(&log)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Up once it has said so.
+    let _ = first_line(&mut server);
+    let out = Command::new(env!("CARGO_BIN_EXE_stp"))
+        .args([
+            "backup",
+            "client",
+            "db",
+            "--name",
+            "d",
+            "--from-command",
+            "echo hi",
+        ])
+        .arg("--config")
+        .arg(&client_cfg)
+        .output()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut text = String::new();
+    while Instant::now() < deadline {
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("keys differ") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pre-shared keys differ"), "{err}");
+    assert!(text.contains("started"), "{text}");
+    assert!(
+        text.contains("WARN") && text.contains("pre-shared keys differ"),
+        "{text}"
+    );
+}

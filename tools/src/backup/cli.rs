@@ -307,6 +307,15 @@ struct DaemonIo {
 
 impl LoopIo for DaemonIo {
     fn outcome(&mut self, o: &session::Outcome) -> Result<()> {
+        tracing::info!(
+            backup_id = o.backup_id,
+            bytes = o.bytes,
+            files = o.files,
+            errors = o.errors,
+            channel = %o.channel,
+            mb_per_s = o.mb_per_s,
+            "backup complete"
+        );
         if self.json {
             let mut v = serde_json::to_value(o)?;
             if let Some(m) = v.as_object_mut() {
@@ -324,9 +333,9 @@ impl LoopIo for DaemonIo {
     }
 
     fn failed(&mut self, e: &anyhow::Error, pause: Duration) {
-        eprintln!(
-            "{}: {e:#}; waiting for the next session in {:.1} s",
-            self.role.command(),
+        tracing::warn!(
+            role = self.role.command(),
+            "session failed: {e:#}; waiting for the next session in {:.1} s",
             pause.as_secs_f64()
         );
         if self.json {
@@ -381,8 +390,9 @@ fn run_daemon(
             .join(" "),
         started.array.line()
     );
+    tracing::info!(role = role.command(), "started: {status}");
     if let Err(e) = daemon::notify_ready(&status) {
-        eprintln!("{}: {e:#}", role.command());
+        tracing::warn!(role = role.command(), "{e:#}");
     }
     let mut io = DaemonIo {
         role,

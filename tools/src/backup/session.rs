@@ -523,6 +523,13 @@ pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Res
         }
     };
     let id = pending.id;
+    tracing::info!(
+        backup_id = id,
+        client = %job.client,
+        level = level.as_str(),
+        "backing up {}",
+        job.source
+    );
     let (listener, fallback_port) = match wire::listen_tcp(layer, SocketAddr::new(host.bind_ip, 0))
     {
         Ok(v) => v,
@@ -533,7 +540,9 @@ pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Res
         }
     };
     if let Some(r) = &conns.lan_reason {
-        let _ = repo.note_channel(id, "tcp", Some(r));
+        if let Err(e) = repo.note_channel(id, "tcp", Some(r)) {
+            tracing::warn!("backup {id}: noting the LAN session in the catalog failed: {e:#}");
+        }
     }
     // Per-file errors arrive on their own connection while the data flows.
     let gone = Arc::new(AtomicBool::new(false));
@@ -548,7 +557,7 @@ pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Res
                 match wire::recv_opt::<Msg>(&layer, fd) {
                     Ok(Some(Msg::FileError { path, message })) => {
                         if show {
-                            eprintln!("client: {}: {message}", escape_control(&path));
+                            tracing::warn!("client: {}: {message}", escape_control(&path));
                         }
                         v.push(FileErrorRecord { path, message })
                     }
@@ -658,7 +667,9 @@ pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Res
                     seconds: 0.0,
                 },
             );
-            let _ = repo.fail(pending, &msg);
+            if let Err(f) = repo.fail(pending, &msg) {
+                tracing::error!("backup {id}: recording the failure in the catalog failed: {f:#}");
+            }
             close_all(layer, &[conns.errors]);
             let _ = errors_thread.join();
             Err(e.context(format!("backup {id} failed and is recorded as failed")))
@@ -776,6 +787,16 @@ pub fn fs_agent(host: &Host, rules: &AgentRules, opts: RunOptions) -> Result<Out
                 other => bail!("expected a backup request, got {}", other.name()),
             };
         layer.set_read_timeout(conns.control, None)?;
+        tracing::info!(
+            backup_id = id,
+            level = level.as_str(),
+            channel = if conns.lan_reason.is_some() {
+                "tcp"
+            } else {
+                "stp"
+            },
+            "the server asks for {source}"
+        );
         let root = match allowed(rules, Path::new(&source)) {
             Ok(r) => r,
             Err(e) => {
@@ -992,7 +1013,7 @@ fn db_server_open(host: &Host) -> Result<DbConn> {
                     })
                 }
                 Err(e) => {
-                    eprintln!("stp backup: {e:#}");
+                    tracing::warn!("a LAN session was refused: {e:#}");
                     wire::close_quietly(&host.layer, fd)
                 }
             },
@@ -1324,8 +1345,11 @@ pub fn db_serve(host: &Host, repo: &Repo, opts: RunOptions) -> Result<Outcome> {
     };
     let mut pending = repo.begin("db", &client, &src_desc, "full", None)?;
     let id = pending.id;
+    tracing::info!(backup_id = id, client = %client, "database backup of {dbname}");
     if let Some(r) = &conn.lan_reason {
-        let _ = repo.note_channel(id, "tcp", Some(r));
+        if let Err(e) = repo.note_channel(id, "tcp", Some(r)) {
+            tracing::warn!("backup {id}: noting the LAN session in the catalog failed: {e:#}");
+        }
     }
     let mut data_fd = conn.data;
     let listener = wire::listen_tcp(layer, SocketAddr::new(host.bind_ip, 0));
@@ -1400,7 +1424,9 @@ pub fn db_serve(host: &Host, repo: &Repo, opts: RunOptions) -> Result<Outcome> {
         }
         Err(e) => {
             let msg = format!("{e:#}");
-            let _ = repo.fail(pending, &msg);
+            if let Err(f) = repo.fail(pending, &msg) {
+                tracing::error!("backup {id}: recording the failure in the catalog failed: {f:#}");
+            }
             Err(e.context(format!("backup {id} failed and is recorded as failed")))
         }
     };
