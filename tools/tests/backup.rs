@@ -860,15 +860,22 @@ fn the_agents_refusal_reaches_the_server_and_the_catalog() {
         allowed: vec![allowed.clone()],
         excludes: Vec::new(),
     };
-    for (source, why) in [
-        (tmp.path().join("no-such-dir"), "does not exist"),
-        (other.clone(), "outside the directories"),
-        (allowed.join("f"), "not a directory"),
+    for (source, why, excludes) in [
+        (tmp.path().join("no-such-dir"), "does not exist", vec![]),
+        (other.clone(), "outside the directories", vec![]),
+        (allowed.join("f"), "not a directory", vec![]),
+        (
+            allowed.clone(),
+            "exclude pattern of",
+            vec!["*".repeat(5000)],
+        ),
     ] {
         let (_array, server, client) = hosts(31, Policy::Preferred, Policy::Preferred, None);
         let r = rules.clone();
         let agent = thread::spawn(move || fs_agent(&client, &r, quiet()));
-        let s = fs_backup(&server, &repo, &job(&source, Level::Full), quiet());
+        let mut j = job(&source, Level::Full);
+        j.excludes.extend(excludes);
+        let s = fs_backup(&server, &repo, &j, quiet());
         let a = agent.join().unwrap();
         let a = format!("{:#}", a.unwrap_err());
         assert!(a.contains(why), "{a}");

@@ -716,6 +716,30 @@ pub struct AgentRules {
     pub excludes: Vec<String>,
 }
 
+/// Longest exclude pattern an agent takes (a path is at most 4096 bytes).
+pub const MAX_EXCLUDE_LEN: usize = 4096;
+/// Most exclude patterns an agent takes.
+pub const MAX_EXCLUDES: usize = 4096;
+
+/// Bounds the server's exclude patterns: each is matched against every
+/// path of the walk.
+fn check_excludes(excludes: &[String]) -> Result<()> {
+    if excludes.len() > MAX_EXCLUDES {
+        bail!(
+            "the request has {} exclude patterns (at most {MAX_EXCLUDES}): merge them",
+            excludes.len()
+        );
+    }
+    if let Some(p) = excludes.iter().find(|p| p.len() > MAX_EXCLUDE_LEN) {
+        bail!(
+            "an exclude pattern of {} bytes (at most {MAX_EXCLUDE_LEN}) starting {:?}: shorten it",
+            p.len(),
+            &p.chars().take(40).collect::<String>()
+        );
+    }
+    Ok(())
+}
+
 fn allowed(rules: &AgentRules, source: &Path) -> Result<PathBuf> {
     let canon = source.canonicalize().with_context(|| {
         format!(
@@ -797,7 +821,8 @@ pub fn fs_agent(host: &Host, rules: &AgentRules, opts: RunOptions) -> Result<Out
             },
             "the server asks for {source}"
         );
-        let root = match allowed(rules, Path::new(&source)) {
+        let root = match check_excludes(&excludes).and_then(|()| allowed(rules, Path::new(&source)))
+        {
             Ok(r) => r,
             Err(e) => {
                 let message = format!("{e:#}");
