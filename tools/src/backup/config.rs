@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use scsi::Transport;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use stp_core::conn::Config as ConnConfig;
 use stp_core::error::{MailboxError, SetupError};
 use stp_core::mailbox::Mailbox;
@@ -48,7 +48,7 @@ use super::pipe::Policy;
 use super::session::{self, AgentRules};
 
 /// The backup configuration file.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackupConfig {
     /// The STP configuration file, relative to this file's directory if
@@ -85,7 +85,7 @@ pub struct BackupConfig {
 }
 
 /// `[server]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSection {
     /// The repository directory.
@@ -96,7 +96,7 @@ pub struct ServerSection {
 }
 
 /// How the server stores archives.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Compress {
     /// `<id>.tar`, exactly the stream received.
@@ -107,7 +107,7 @@ pub enum Compress {
 }
 
 /// `[client]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientSection {
     /// This host's name in the catalog.
