@@ -255,3 +255,47 @@ fn a_daemon_logs_to_its_log_file() {
         "{text}"
     );
 }
+
+/// `--wkp` overrides the STP configuration's well-known port.
+#[test]
+fn wkp_on_the_command_line_wins() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cfg, configured) = config(tmp.path());
+    let other = (0..20)
+        .map(|_| stp_tools::backup::inproc::free_wkp().unwrap())
+        .find(|p| p.abs_diff(configured) > 2)
+        .expect("a free WKP away from the configured one");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_stp"))
+        .args([
+            "backup",
+            "server",
+            "serve",
+            "--json",
+            "--wkp",
+            &other.to_string(),
+            "--config",
+        ])
+        .arg(&cfg)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let line = first_line(&mut server);
+    let _ = server.kill();
+    let _ = server.wait();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let addrs: Vec<&str> = v["listening"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["addr"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        addrs,
+        [
+            format!("127.0.0.1:{other}"),
+            format!("127.0.0.1:{}", other + 2)
+        ],
+        "{line}"
+    );
+}

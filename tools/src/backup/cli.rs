@@ -58,6 +58,21 @@ struct Common {
     /// Print a JSON summary instead of text (and no progress bars).
     #[arg(long)]
     json: bool,
+    /// Use this well-known port (WKP; WKP+1 and WKP+2 follow) instead of
+    /// the STP configuration's `wkp`. Both hosts must use the same.
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..=65533))]
+    wkp: Option<u16>,
+}
+
+impl Common {
+    /// The host of `cfg`, with `--wkp` applied.
+    fn host(&self, cfg: &BackupConfig) -> Result<(session::Host, ArrayStatus)> {
+        let (mut host, array) = cfg.host_and_status()?;
+        if let Some(p) = self.wkp {
+            host.wkp = p;
+        }
+        Ok((host, array))
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -415,7 +430,7 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
         }) => {
             let cfg = BackupConfig::load(&common.config)?;
             let repo = server_repo(&cfg, common.json)?;
-            let host = cfg.host()?;
+            let (host, _) = common.host(&cfg)?;
             let job = FsJob {
                 client: *client,
                 client_name: name.clone(),
@@ -442,7 +457,7 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
         BackupCommand::Server(ServerCommand::Serve { common, once }) => {
             let cfg = BackupConfig::load(&common.config)?;
             let repo = server_repo(&cfg, common.json)?;
-            let (host, array) = cfg.host_and_status()?;
+            let (host, array) = common.host(&cfg)?;
             let mut session = || {
                 session::db_serve(
                     &host,
@@ -457,7 +472,7 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
         }
         BackupCommand::Client(ClientCommand::Agent { common, once }) => {
             let cfg = BackupConfig::load(&common.config)?;
-            let (host, array) = cfg.host_and_status()?;
+            let (host, array) = common.host(&cfg)?;
             let rules = cfg.rules();
             let mut session = || {
                 session::fs_agent(
@@ -497,7 +512,7 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
                 (None, Some(c)) => DbSource::Command { command: c.clone() },
                 (None, None) => bail!("say what to back up: --sqlite FILE or --from-command CMD"),
             };
-            let host = cfg.host()?;
+            let (host, _) = common.host(&cfg)?;
             let o = session::db_backup(
                 &host,
                 server,
