@@ -115,7 +115,7 @@ pub fn fs_and_db_round_trip(rig: &Arc<dyn Rig>, tree_bytes: u64, mode: MailboxMo
     };
     let job = |level| FsJob {
         client: LOCAL,
-        client_name: "client".into(),
+        client_name: Some("client".into()),
         source: src.display().to_string(),
         level,
         excludes: Vec::new(),

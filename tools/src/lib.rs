@@ -4,4 +4,5 @@
 
 pub mod backup;
 pub mod bench;
+pub mod logging;
 pub mod stg;

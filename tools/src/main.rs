@@ -15,6 +15,8 @@ use stp_tools::{backup, bench};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    log: stp_tools::logging::LogArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -35,20 +37,85 @@ enum Command {
     /// Block-mode STGs: format one (behind a guard that refuses LUNs
     /// holding data) and show what its members hold.
     Stg(stp_tools::stg::StgArgs),
+    /// Print a shell completion script (e.g. `stp completions bash >
+    /// /etc/bash_completion.d/stp`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), or write one page per command into a
+    /// directory (`stp man --dir /usr/local/share/man/man1`).
+    Man {
+        /// Write stp.1, stp-backup.1, stp-backup-server-fs.1, … here.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<std::path::PathBuf>,
+    },
+}
+
+/// Writes the manual pages of `cmd` and its subcommands into `dir`, named
+/// after their command paths (`stp-backup-list.1`).
+fn write_man_pages(cmd: &clap::Command, name: &str, dir: &std::path::Path) -> anyhow::Result<u32> {
+    use anyhow::Context;
+    let path = dir.join(format!("{name}.1"));
+    let mut out = Vec::new();
+    let cmd = cmd
+        .clone()
+        .display_name(name.to_owned())
+        .bin_name(name.replace('-', " "));
+    clap_mangen::Man::new(cmd.clone())
+        .title(name.to_owned())
+        .render(&mut out)?;
+    std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+    let mut n = 1;
+    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+        n += write_man_pages(sub, &format!("{name}-{}", sub.get_name()), dir)?;
+    }
+    Ok(n)
+}
+
+fn man(dir: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    match dir {
+        None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?,
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            let n = write_man_pages(&cmd, "stp", d)?;
+            println!("wrote {n} manual pages into {}", d.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let to_file = match stp_tools::logging::init(&cli.log) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("stp: error: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
     let result = match cli.command {
         Command::Probe(args) => probe::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Backup(args) => backup::cli::run(&args),
         Command::Demo(args) => backup::demo::run(&args),
         Command::Stg(args) => stp_tools::stg::run(&args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "stp", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => man(dir.as_deref()),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
+            if to_file {
+                tracing::error!("{e:#}");
+            }
             eprintln!("stp: error: {e:#}");
             ExitCode::from(1)
         }

@@ -110,8 +110,21 @@ pub fn run(args: &ProbeArgs) -> Result<ExitCode> {
         if targets.is_empty() {
             let found = list_generic_devices().context(
                 "no SCSI devices to probe; try `stp probe --sim` for the embedded simulated array",
-            )?;
+            );
+            let found = match found {
+                Ok(f) => f,
+                // A script asked for JSON: no devices is an empty list.
+                Err(e) if args.json => {
+                    eprintln!("stp probe: {e:#}");
+                    Vec::new()
+                }
+                Err(e) => return Err(e),
+            };
             if found.is_empty() {
+                if args.json {
+                    println!("[]");
+                    return Ok(ExitCode::SUCCESS);
+                }
                 bail!("no /dev/sg devices found; try `stp probe --sim` for the embedded simulated array");
             }
             targets = found.into_iter().map(|d| (d.dev_path, d.hctl)).collect();

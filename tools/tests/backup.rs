@@ -32,7 +32,7 @@ fn quiet() -> RunOptions {
 fn job(src: &Path, level: Level) -> FsJob {
     FsJob {
         client: LOCAL,
-        client_name: "client".into(),
+        client_name: Some("client".into()),
         source: src.display().to_string(),
         level,
         excludes: vec!["*.tmp".into()],
@@ -86,12 +86,9 @@ fn fs_full_incremental_restore_verify_forget() {
             std::os::unix::fs::lchown(src.join(p), Some(1234), Some(5678)).unwrap();
         }
     }
-    let fifo = src.join("a-fifo");
-    assert!(Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap()
-        .success());
+    // A socket is the one kind of file not backed up.
+    let sock = src.join("a-socket");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     let repo = Repo::open(tmp.path().join("repo")).unwrap();
     let (_array, server, client) = hosts(11, Policy::Preferred, Policy::Preferred, None);
 
@@ -100,7 +97,7 @@ fn fs_full_incremental_restore_verify_forget() {
     let full = s.unwrap();
     a.unwrap();
     assert_eq!(full.channel, "stp");
-    assert_eq!(full.errors, 1, "the FIFO is reported, the job goes on");
+    assert_eq!(full.errors, 1, "the socket is reported, the job goes on");
     let info = repo.get(full.backup_id).unwrap();
     assert_eq!(
         (info.status.as_str(), info.level.as_str()),
@@ -109,14 +106,15 @@ fn fs_full_incremental_restore_verify_forget() {
     assert_eq!(info.channel.as_deref(), Some("stp"));
     let errors = repo.file_errors(full.backup_id).unwrap();
     assert_eq!(errors.len(), 1);
-    assert_eq!(errors[0].path, "a-fifo");
+    assert_eq!(errors[0].path, "a-socket");
     assert!(errors[0].message.contains("special file"), "{errors:?}");
     let manifest = repo.manifest(full.backup_id).unwrap();
     assert!(manifest.iter().all(|e| e.path != "scratch.tmp"), "excluded");
     assert!(manifest
         .iter()
         .any(|e| e.path == "docs/notes/b.txt" && e.kind == Kind::Hardlink));
-    fs::remove_file(&fifo).unwrap();
+    drop(listener);
+    fs::remove_file(&sock).unwrap();
     fs::remove_file(src.join("scratch.tmp")).unwrap();
 
     let r1 = tmp.path().join("r1");
@@ -734,6 +732,10 @@ fn file_changed_or_unreadable_during_backup_is_reported_not_fatal() {
         "{errors:?}"
     );
     assert_eq!(errors.len(), 1 + usize::from(unreadable), "{errors:?}");
+    // The server's outcome (`server fs --json`) carries them too.
+    assert_eq!(out.file_errors, errors);
+    let json = serde_json::to_value(&out).unwrap();
+    assert_eq!(json["file_errors"][0]["path"], "big.bin", "{json}");
     let m = repo.manifest(out.backup_id).unwrap();
     let e = m.iter().find(|e| e.path == "big.bin").unwrap();
     assert_eq!(e.status, "changed");
@@ -809,13 +811,140 @@ fn lan_sessions_prove_the_pre_shared_key() {
     let (s, a) = fs_run(&server, &client, &repo, &job(&src, Level::Full), quiet());
     assert_eq!(s.unwrap().channel, "tcp");
     a.unwrap();
-    // A server with another key gets nothing.
+    // A server with another key gets nothing, and both sides say why.
     server.psk = Some(b"not the site key".to_vec());
     let (s, a) = fs_run(&server, &client, &repo, &job(&src, Level::Full), quiet());
-    assert!(s.is_err());
-    let e = a.unwrap_err();
-    assert!(format!("{e:#}").contains("pre-shared key"), "{e:#}");
+    for e in [s.unwrap_err(), a.unwrap_err()] {
+        let e = format!("{e:#}");
+        assert!(e.contains("pre-shared keys differ"), "{e}");
+        assert!(!e.contains("version"), "{e}");
+    }
+    // A server with no key at all, likewise.
+    server.psk = None;
+    let (s, a) = fs_run(&server, &client, &repo, &job(&src, Level::Full), quiet());
+    for e in [s.unwrap_err(), a.unwrap_err()] {
+        assert!(format!("{e:#}").contains("pre-shared keys differ"), "{e:#}");
+    }
     assert_eq!(repo.list().unwrap().len(), 1, "no backup was started");
+
+    // The server cannot use the array and tells the agent so on WKP (the
+    // agent's STP flow sees another string than the well-known one): the
+    // keys still differ, and that is what both sides say, not a version
+    // mismatch.
+    let wkp = free_wkp().unwrap();
+    let mut server = array.host_without_array(wkp, Policy::Preferred);
+    server.psk = Some(b"not the site key".to_vec());
+    let client = array.host(1, wkp, Policy::Preferred, None);
+    let (s, a) = fs_run(&server, &client, &repo, &job(&src, Level::Full), quiet());
+    for e in [s.unwrap_err(), a.unwrap_err()] {
+        let e = format!("{e:#}");
+        assert!(e.contains("pre-shared keys differ"), "{e}");
+        assert!(!e.contains("version"), "{e}");
+    }
+}
+
+/// The agent refuses a source that does not exist, one outside its
+/// `allow`, and one that is a file: the reason reaches the server over the
+/// control connection and is recorded in the catalog.
+#[test]
+fn the_agents_refusal_reaches_the_server_and_the_catalog() {
+    let tmp = tempfile::tempdir().unwrap();
+    let allowed = tmp.path().join("allowed");
+    let other = tmp.path().join("other");
+    fs::create_dir_all(&allowed).unwrap();
+    fs::create_dir_all(&other).unwrap();
+    fs::write(allowed.join("f"), b"x").unwrap();
+    let repo = Repo::open(tmp.path().join("repo")).unwrap();
+    let rules = AgentRules {
+        name: None,
+        allowed: vec![allowed.clone()],
+        excludes: Vec::new(),
+    };
+    for (source, why, excludes) in [
+        (tmp.path().join("no-such-dir"), "does not exist", vec![]),
+        (other.clone(), "outside the directories", vec![]),
+        (allowed.join("f"), "not a directory", vec![]),
+        (
+            allowed.clone(),
+            "exclude pattern of",
+            vec!["*".repeat(5000)],
+        ),
+    ] {
+        let (_array, server, client) = hosts(31, Policy::Preferred, Policy::Preferred, None);
+        let r = rules.clone();
+        let agent = thread::spawn(move || fs_agent(&client, &r, quiet()));
+        let mut j = job(&source, Level::Full);
+        j.excludes.extend(excludes);
+        let s = fs_backup(&server, &repo, &j, quiet());
+        let a = agent.join().unwrap();
+        let a = format!("{:#}", a.unwrap_err());
+        assert!(a.contains(why), "{a}");
+        let s = format!("{:#}", s.unwrap_err());
+        assert!(s.contains("the client refused the backup"), "{s}");
+        assert!(s.contains(why), "{s}");
+        let last = repo.list().unwrap().into_iter().last().unwrap();
+        assert_eq!(last.status, "failed");
+        let m = last.message.unwrap_or_default();
+        assert!(m.contains(why), "{m}");
+        if source == other {
+            // The section is `[client]`, the key `allow`.
+            assert!(m.contains("`allow` in the [client] section"), "{m}");
+        }
+    }
+}
+
+/// Without `--name`, a file-system backup is recorded under the name the
+/// agent is configured with; both ends report the server's measurement.
+#[test]
+fn fs_backups_take_the_agents_name_and_both_ends_report_one_rate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_tree(&src, 1 << 20, 33).unwrap();
+    let repo = Repo::open(tmp.path().join("repo")).unwrap();
+    let (_array, server, client) = hosts(34, Policy::Preferred, Policy::Preferred, None);
+    let rules = AgentRules {
+        name: Some("web1".into()),
+        ..AgentRules::default()
+    };
+    let agent = thread::spawn(move || fs_agent(&client, &rules, quiet()));
+    let mut j = job(&src, Level::Full);
+    j.client_name = None;
+    let s = fs_backup(&server, &repo, &j, quiet()).unwrap();
+    let a = agent.join().unwrap().unwrap();
+    assert_eq!(repo.get(s.backup_id).unwrap().client, "web1");
+    assert_eq!(a.seconds, s.seconds);
+    assert_eq!(a.mb_per_s, s.mb_per_s);
+    assert!(s.mb_per_s > 0.0);
+    // An incremental finds that backup as its base under the same name.
+    let (_array, server, client) = hosts(35, Policy::Preferred, Policy::Preferred, None);
+    let rules = AgentRules {
+        name: Some("web1".into()),
+        ..AgentRules::default()
+    };
+    let agent = thread::spawn(move || fs_agent(&client, &rules, quiet()));
+    let mut j = job(&src, Level::Incremental);
+    j.client_name = None;
+    let inc = fs_backup(&server, &repo, &j, quiet()).unwrap();
+    agent.join().unwrap().unwrap();
+    let info = repo.get(inc.backup_id).unwrap();
+    assert_eq!(info.level, "incremental");
+    assert_eq!(info.base_id, Some(s.backup_id));
+}
+
+/// A server whose LAN port is held by another process fails at once and
+/// leaves nothing behind: no descriptor, and no thread holding WKP.
+#[test]
+fn db_serve_with_its_lan_port_in_use_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = Repo::open(tmp.path().join("repo")).unwrap();
+    let (_array, server, _client) = hosts(36, Policy::Preferred, Policy::Preferred, None);
+    let holder = std::net::TcpListener::bind((LOCAL, server.wkp + 2)).unwrap();
+    let e = db_serve(&server, &repo, quiet()).unwrap_err();
+    assert!(stp_tools::backup::daemon::is_addr_in_use(&e), "{e:#}");
+    assert_eq!(server.layer.descriptors(), Vec::new());
+    // WKP is free at once: no session thread was left waiting on it.
+    std::net::TcpListener::bind((LOCAL, server.wkp)).expect("WKP is still held");
+    drop(holder);
 }
 
 /// A database committing as fast as it can is still snapshotted: the copy
@@ -882,4 +1011,292 @@ fn snapshot_of_a_database_under_constant_writes_finishes() {
         rows >= ROWS,
         "the snapshot has {rows} rows, fewer than before the writer started"
     );
+}
+
+/// The repository holds copies of private files: directories 0700, files
+/// 0600.
+#[test]
+fn the_repository_is_private_to_its_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_tree(&src, 1 << 18, 40).unwrap();
+    let root = tmp.path().join("new").join("repo");
+    let repo = Repo::open(&root).unwrap();
+    let (_array, server, client) = hosts(41, Policy::Preferred, Policy::Preferred, None);
+    let (s, a) = fs_run(&server, &client, &repo, &job(&src, Level::Full), quiet());
+    let id = s.unwrap().backup_id;
+    a.unwrap();
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    for d in [root.clone(), root.join("archives"), root.join("manifests")] {
+        assert_eq!(mode(&d), 0o700, "{}", d.display());
+    }
+    for f in [
+        repo.archive_path(id),
+        root.join("manifests").join(format!("{id}.json")),
+        root.join("catalog.sqlite"),
+        root.join("lock"),
+    ] {
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+    }
+}
+
+/// A restore that fails on a file (its hash differs) leaves the file that
+/// was there untouched, and no temporary file behind.
+#[test]
+fn a_failed_restore_leaves_the_existing_file_in_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("dest");
+    fs::create_dir(&dest).unwrap();
+    fs::write(dest.join("f"), b"the good old content").unwrap();
+    let tar = hostile_tar(&[("f", tar::EntryType::Regular, "", b"damaged")]);
+    let all = |_: &str, _: Kind| true;
+    let hashes = std::collections::HashMap::from([("f".to_owned(), "00".repeat(32))]);
+    let none = Default::default();
+    let opts = ExtractOptions {
+        want: &all,
+        hashes: &hashes,
+        sparse: &none,
+        owners: false,
+    };
+    let e = archive::extract(&tar[..], &dest, &opts).unwrap_err();
+    assert!(format!("{e:#}").contains("differs"), "{e:#}");
+    assert_eq!(fs::read(dest.join("f")).unwrap(), b"the good old content");
+    let names: Vec<_> = fs::read_dir(&dest)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("f")]);
+    // A good restore replaces it.
+    let good = hostile_tar(&[("f", tar::EntryType::Regular, "", b"new")]);
+    let opts = ExtractOptions {
+        hashes: &Default::default(),
+        ..opts
+    };
+    archive::extract(&good[..], &dest, &opts).unwrap();
+    assert_eq!(fs::read(dest.join("f")).unwrap(), b"new");
+}
+
+fn stp(args: &[&str], repo: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_stp"))
+        .args(args)
+        .arg("--repo")
+        .arg(repo)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "stp {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `list` shows when each backup started and escapes control characters
+/// in names; `forget --dry-run` says what it would remove and removes
+/// nothing.
+#[test]
+fn list_shows_dates_and_escapes_names_and_forget_can_dry_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("evil\nname\x1b[31m"), b"x").unwrap();
+    let root = tmp.path().join("repo");
+    let repo = Repo::open(&root).unwrap();
+    let mut ids = Vec::new();
+    for seed in [42, 43] {
+        let (_array, server, client) = hosts(seed, Policy::Preferred, Policy::Preferred, None);
+        let (s, a) = fs_run(&server, &client, &repo, &job(&src, Level::Full), quiet());
+        ids.push(s.unwrap().backup_id);
+        a.unwrap();
+    }
+    drop(repo);
+    let list = stp(&["backup", "list"], &root);
+    let today = stp_tools::backup::cli::utc(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64(),
+    );
+    assert!(list.contains(&today[..10]), "no date in:\n{list}");
+    let files = stp(&["backup", "list", "--files", &ids[0].to_string()], &root);
+    assert!(files.contains("evil\\nname\\u{1b}[31m"), "{files}");
+    assert!(!files.contains('\x1b'), "{files:?}");
+    assert_eq!(files.lines().count(), 1, "one line per file: {files}");
+
+    let dry = stp(
+        &["backup", "forget", "--keep-last", "1", "--dry-run"],
+        &root,
+    );
+    assert!(
+        dry.contains("would forget") && dry.contains(&ids[0].to_string()),
+        "{dry}"
+    );
+    assert_eq!(Repo::open(&root).unwrap().list().unwrap().len(), 2);
+    stp(&["backup", "forget", "--keep-last", "1"], &root);
+    assert_eq!(Repo::open(&root).unwrap().list().unwrap().len(), 1);
+}
+
+/// FIFOs are backed up and restored as FIFOs (GNU tar stores them too),
+/// and a whole-tree restore gives the target directory the source root's
+/// mode and modification time.
+#[test]
+fn fifos_and_the_roots_metadata_come_back() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), b"data").unwrap();
+    nix::unistd::mkfifo(
+        &src.join("pipe"),
+        nix::sys::stat::Mode::from_bits_truncate(0o640),
+    )
+    .unwrap();
+    fs::set_permissions(&src, fs::Permissions::from_mode(0o750)).unwrap();
+    archive::set_mtime(&src, 1_000_000_000, 0, false);
+    let repo = Repo::open(tmp.path().join("repo")).unwrap();
+    let (_array, server, client) = hosts(44, Policy::Preferred, Policy::Preferred, None);
+    let (s, a) = fs_run(&server, &client, &repo, &job(&src, Level::Full), quiet());
+    let out = s.unwrap();
+    a.unwrap();
+    assert_eq!(out.errors, 0, "{:?}", repo.file_errors(out.backup_id));
+    let r = tmp.path().join("r");
+    repo.restore(out.backup_id, &r, &[]).unwrap();
+    let p = fs::symlink_metadata(r.join("pipe")).unwrap();
+    assert!(p.file_type().is_fifo(), "{p:?}");
+    assert_eq!(p.mode() & 0o777, 0o640);
+    let root = fs::metadata(&r).unwrap();
+    assert_eq!(root.mtime(), 1_000_000_000);
+    assert_eq!(root.mode() & 0o777, 0o750);
+    assert_eq!(compare_trees(&src, &r).unwrap(), Vec::<String>::new());
+    assert!(repo.verify(out.backup_id).unwrap().problems.is_empty());
+    // A restore of some paths leaves the target's own metadata alone.
+    let r2 = tmp.path().join("r2");
+    repo.restore(out.backup_id, &r2, &["f".into()]).unwrap();
+    assert_ne!(fs::metadata(&r2).unwrap().mtime(), 1_000_000_000);
+}
+
+/// A sparse file whose holes are small (12 KiB between 4 KiB pieces of
+/// data) is restored with its holes.
+#[test]
+fn small_holes_are_restored_as_holes() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir(&src).unwrap();
+    let len = 2u64 << 20;
+    let mut f = fs::File::create(src.join("holes.img")).unwrap();
+    f.set_len(len).unwrap();
+    for off in (0..len).step_by(16 << 10) {
+        f.seek(SeekFrom::Start(off)).unwrap();
+        f.write_all(&[0x5A; 4096]).unwrap();
+    }
+    drop(f);
+    let m = fs::metadata(src.join("holes.img")).unwrap();
+    if m.blocks() * 512 >= len {
+        eprintln!("this file system keeps no holes; nothing to check");
+        return;
+    }
+    let repo = Repo::open(tmp.path().join("repo")).unwrap();
+    let (_array, server, client) = hosts(45, Policy::Preferred, Policy::Preferred, None);
+    let (s, a) = fs_run(&server, &client, &repo, &job(&src, Level::Full), quiet());
+    let out = s.unwrap();
+    a.unwrap();
+    let r = tmp.path().join("r");
+    repo.restore(out.backup_id, &r, &[]).unwrap();
+    let got = fs::metadata(r.join("holes.img")).unwrap();
+    assert_eq!(
+        fs::read(r.join("holes.img")).unwrap(),
+        fs::read(src.join("holes.img")).unwrap()
+    );
+    assert!(
+        got.blocks() * 512 <= m.blocks() * 512 + (64 << 10),
+        "restored with {} bytes allocated, the source has {}",
+        got.blocks() * 512,
+        m.blocks() * 512
+    );
+}
+
+/// Names that are not UTF-8 (files, directories, link targets, hard
+/// links) are backed up as their bytes and restored byte for byte; GNU
+/// tar reads them too.
+#[test]
+fn names_that_are_not_utf8_are_backed_up_as_bytes() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let odd_dir = src.join(OsStr::from_bytes(b"d\xff"));
+    fs::create_dir_all(&odd_dir).unwrap();
+    let latin1 = OsStr::from_bytes(b"caf\xe9.txt");
+    fs::write(odd_dir.join(latin1), b"latin-1 name").unwrap();
+    fs::write(src.join("plain"), b"plain").unwrap();
+    fs::hard_link(
+        odd_dir.join(latin1),
+        src.join(OsStr::from_bytes(b"link\xfe")),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(OsStr::from_bytes(b"to\xe9"), src.join("sym")).unwrap();
+    let repo = Repo::open(tmp.path().join("repo")).unwrap();
+    let (_array, server, client) = hosts(46, Policy::Preferred, Policy::Preferred, None);
+    let (s, a) = fs_run(&server, &client, &repo, &job(&src, Level::Full), quiet());
+    let out = s.unwrap();
+    a.unwrap();
+    assert_eq!(out.errors, 0, "{:?}", out.file_errors);
+    let r = tmp.path().join("r");
+    repo.restore(out.backup_id, &r, &[]).unwrap();
+    assert_eq!(compare_trees(&src, &r).unwrap(), Vec::<String>::new());
+    assert!(repo.verify(out.backup_id).unwrap().problems.is_empty());
+    // A selected path in its key form restores just that directory.
+    let key = archive::name_key(b"d\xff");
+    let r2 = tmp.path().join("r2");
+    repo.restore(out.backup_id, &r2, &[key]).unwrap();
+    assert_eq!(
+        fs::read(r2.join(OsStr::from_bytes(b"d\xff/caf\xe9.txt"))).unwrap(),
+        b"latin-1 name"
+    );
+    // An incremental sees the unchanged files as unchanged.
+    let (_array, server, client) = hosts(47, Policy::Preferred, Policy::Preferred, None);
+    let (s, a) = fs_run(
+        &server,
+        &client,
+        &repo,
+        &job(&src, Level::Incremental),
+        quiet(),
+    );
+    let inc = s.unwrap();
+    a.unwrap();
+    let m = repo.manifest(inc.backup_id).unwrap();
+    assert!(
+        m.iter()
+            .filter(|e| e.kind == Kind::File)
+            .all(|e| !e.in_archive),
+        "{m:?}"
+    );
+    let r3 = tmp.path().join("r3");
+    repo.restore(inc.backup_id, &r3, &[]).unwrap();
+    assert_eq!(compare_trees(&src, &r3).unwrap(), Vec::<String>::new());
+    // `list --files` shows the bytes as escapes.
+    let files = stp(
+        &["backup", "list", "--files", &out.backup_id.to_string()],
+        repo.root(),
+    );
+    assert!(files.contains("d\\xff/caf\\xe9.txt"), "{files}");
+    // GNU tar extracts the same names.
+    if Command::new("tar").arg("--version").output().is_ok() {
+        let gnu = tmp.path().join("gnu");
+        fs::create_dir(&gnu).unwrap();
+        let st = Command::new("tar")
+            .arg("-xf")
+            .arg(repo.archive_path(out.backup_id))
+            .arg("-C")
+            .arg(&gnu)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        assert_eq!(
+            fs::read(gnu.join(OsStr::from_bytes(b"d\xff/caf\xe9.txt"))).unwrap(),
+            b"latin-1 name"
+        );
+    }
 }

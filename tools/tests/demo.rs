@@ -395,3 +395,91 @@ fn ctrl_c_marks_the_backup_failed_at_once() {
         "{l:?}"
     );
 }
+
+/// `stp probe --json` prints JSON whether or not the host has devices (an
+/// empty list when it has none).
+#[test]
+fn probe_json_is_json_even_without_devices() {
+    let out = Command::new(env!("CARGO_BIN_EXE_stp"))
+        .args(["probe", "--json"])
+        .output()
+        .expect("running stp probe");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: stdout {stdout:?}, stderr {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(v.is_array(), "{v}");
+}
+
+/// Every `stp …` command the README quotes in a code span parses: the
+/// flags it names exist (`--help` is appended, so nothing runs).
+#[test]
+fn the_readme_commands_parse() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .unwrap()
+        .replace('\n', " ");
+    let mut checked = 0;
+    for span in readme.split('`').skip(1).step_by(2) {
+        let Some(rest) = span.strip_prefix("stp ") else {
+            continue;
+        };
+        // Placeholders (`<mode>`, `ID`, `DIR`) and alternatives cannot run.
+        if rest.contains(['<', '[', '|'])
+            || rest
+                .split_whitespace()
+                .any(|w| w.len() > 1 && w.chars().all(|c| c.is_ascii_uppercase()))
+        {
+            continue;
+        }
+        let args: Vec<&str> = rest.split_whitespace().collect();
+        let out = Command::new(env!("CARGO_BIN_EXE_stp"))
+            .args(&args)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "README's `{span}` does not parse: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        checked += 1;
+    }
+    assert!(checked >= 5, "only {checked} commands found");
+}
+
+/// Shell completions and manual pages come from the command definition.
+#[test]
+fn completions_and_manual_pages() {
+    let stp = env!("CARGO_BIN_EXE_stp");
+    let out = Command::new(stp)
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        script.contains("_stp") && script.contains("backup"),
+        "{script}"
+    );
+    let out = Command::new(stp).arg("man").output().unwrap();
+    assert!(out.status.success());
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(page.contains(".TH") && page.contains("backup"), "{page}");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(stp)
+        .args(["man", "--dir"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list = std::fs::read_to_string(tmp.path().join("stp-backup-client-agent.1")).unwrap();
+    assert!(list.contains("once"), "{list}");
+    assert!(tmp.path().join("stp-backup-forget.1").exists());
+}

@@ -4,7 +4,9 @@
 //! The writer walks the tree without following symbolic links, in name
 //! order, and writes GNU tar headers (long names and link targets use GNU
 //! extensions; `tar -tvf` and `tar -xf` read the result). Hard links become
-//! tar link entries to the first path of the inode. Sparse files are stored
+//! tar link entries to the first path of the inode; FIFOs are entries of
+//! their own; the source directory itself is the first entry, `./`. Sparse
+//! files are stored
 //! expanded and restored with holes. A file that cannot be read, or that
 //! changes while it is read, is reported through a callback (the error
 //! channel) and recorded in the manifest; the job goes on.
@@ -12,12 +14,14 @@
 //! The reader ([`extract`]) refuses absolute paths, `..` components,
 //! entries whose parent directory is a symbolic link (no writing through a
 //! link created earlier in the archive), hard links to anything outside
-//! the extraction, and device nodes; it creates symbolic links last.
+//! the extraction, and device nodes; it creates symbolic links last, and
+//! writes each file under a temporary name renamed into place once its
+//! hash matches.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -39,6 +43,8 @@ pub enum Kind {
     Symlink,
     /// Another name of a regular file (`link` is the first name).
     Hardlink,
+    /// A named pipe (FIFO): only its name and metadata.
+    Fifo,
 }
 
 impl Kind {
@@ -49,6 +55,7 @@ impl Kind {
             Kind::Dir => "dir",
             Kind::Symlink => "symlink",
             Kind::Hardlink => "hardlink",
+            Kind::Fifo => "fifo",
         }
     }
 }
@@ -124,33 +131,59 @@ impl WalkOptions {
 }
 
 /// Matches `text` against a glob: `*` any run of characters but `/`, `**`
-/// any run including `/`, `?` one character but `/`.
+/// any run including `/`, `?` one character but `/`. Runs in time
+/// proportional to the pattern's length times the text's, whatever the
+/// pattern (a dynamic program, not backtracking: patterns come from the
+/// server).
 pub fn glob(pattern: &str, text: &str) -> bool {
-    fn go(p: &[u8], t: &[u8]) -> bool {
-        match p.first() {
-            None => t.is_empty(),
-            Some(b'*') if p.get(1) == Some(&b'*') => {
-                let rest = &p[2..];
-                (0..=t.len()).any(|i| go(rest, &t[i..]))
+    #[derive(Clone, Copy)]
+    enum Tok {
+        AnyRun,
+        Run,
+        One,
+        Lit(u8),
+    }
+    let p = pattern.as_bytes();
+    let mut toks = Vec::with_capacity(p.len());
+    let mut i = 0;
+    while i < p.len() {
+        match p[i] {
+            b'*' if p.get(i + 1) == Some(&b'*') => {
+                toks.push(Tok::AnyRun);
+                i += 2;
             }
-            Some(b'*') => {
-                let rest = &p[1..];
-                let mut i = 0;
-                loop {
-                    if go(rest, &t[i..]) {
-                        return true;
-                    }
-                    if i == t.len() || t[i] == b'/' {
-                        return false;
-                    }
-                    i += 1;
-                }
+            b'*' => {
+                toks.push(Tok::Run);
+                i += 1;
             }
-            Some(b'?') => !t.is_empty() && t[0] != b'/' && go(&p[1..], &t[1..]),
-            Some(&c) => t.first() == Some(&c) && go(&p[1..], &t[1..]),
+            b'?' => {
+                toks.push(Tok::One);
+                i += 1;
+            }
+            c => {
+                toks.push(Tok::Lit(c));
+                i += 1;
+            }
         }
     }
-    go(pattern.as_bytes(), text.as_bytes())
+    let t = text.as_bytes();
+    // next[j]: do the tokens after the current one match t[j..]?
+    let mut next = vec![false; t.len() + 1];
+    next[t.len()] = true;
+    let mut cur = vec![false; t.len() + 1];
+    for tok in toks.iter().rev() {
+        for j in (0..=t.len()).rev() {
+            let here = t.get(j).copied();
+            cur[j] = match *tok {
+                Tok::AnyRun => next[j] || (here.is_some() && cur[j + 1]),
+                Tok::Run => next[j] || (here.is_some_and(|c| c != b'/') && cur[j + 1]),
+                Tok::One => here.is_some_and(|c| c != b'/') && next[j + 1],
+                Tok::Lit(c) => here == Some(c) && next[j + 1],
+            };
+        }
+        std::mem::swap(&mut cur, &mut next);
+    }
+    next[0]
 }
 
 /// True if relative path `rel` is excluded: a pattern without `/` matches
@@ -178,7 +211,7 @@ pub fn estimate(root: &Path, excludes: &[String]) -> u64 {
         let mut total = 0;
         for e in rd.flatten() {
             let name = e.file_name();
-            let Some(name) = name.to_str() else { continue };
+            let name = path_key(Path::new(&name));
             let r = format!("{rel}{name}");
             if excluded(excludes, &r) {
                 continue;
@@ -198,17 +231,84 @@ pub fn estimate(root: &Path, excludes: &[String]) -> u64 {
     go(root, "", excludes)
 }
 
-/// Checks a path from an archive or a manifest: relative, no `..`, no
-/// root or prefix, not empty. Returns its normal components.
+/// A file name's bytes as the text the manifest, the catalog and the
+/// control messages carry: the name itself when it is UTF-8; otherwise
+/// its UTF-8 runs, and each other byte as a NUL character followed by two
+/// hex digits (no real name holds a NUL, so the form is unambiguous and
+/// [`key_bytes`] gives the bytes back).
+pub fn name_key(bytes: &[u8]) -> String {
+    if let Ok(s) = std::str::from_utf8(bytes) {
+        if !s.contains('\0') {
+            return s.to_owned();
+        }
+    }
+    let mut out = String::with_capacity(bytes.len() + 8);
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c == '\0' {
+                out.push('\0');
+                out.push_str("00");
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            out.push('\0');
+            out.push_str(&format!("{b:02x}"));
+        }
+    }
+    out
+}
+
+/// The bytes of a name written by [`name_key`]. A NUL not followed by two
+/// hex digits stands for itself (a hostile manifest; the file system
+/// refuses such a name later).
+pub fn key_bytes(key: &str) -> Vec<u8> {
+    if !key.contains('\0') {
+        return key.as_bytes().to_vec();
+    }
+    let mut out = Vec::with_capacity(key.len());
+    let mut chars = key.chars();
+    while let Some(c) = chars.next() {
+        if c == '\0' {
+            let rest = chars.as_str();
+            if let Some(b) = rest.get(..2).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(b);
+                chars = rest[2..].chars();
+                continue;
+            }
+        }
+        let mut buf = [0u8; 4];
+        out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+    }
+    out
+}
+
+/// The file system path of a manifest or archive key (see [`name_key`]).
+pub fn key_path(key: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    PathBuf::from(std::ffi::OsStr::from_bytes(&key_bytes(key)))
+}
+
+/// The key of a path (see [`name_key`]).
+pub fn path_key(p: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    name_key(p.as_os_str().as_bytes())
+}
+
+/// Checks a path from an archive or a manifest (a key, see [`name_key`]):
+/// relative, no `..`, no root or prefix, not empty. Returns its normal
+/// components as a file system path.
 pub fn safe_relative(path: &str) -> Result<PathBuf> {
     if path.is_empty() {
         bail!("an empty path");
     }
-    if path.starts_with('/') {
+    let fs_path = key_path(path);
+    if fs_path.has_root() {
         bail!("absolute path {path:?} refused (archives hold relative paths only)");
     }
     let mut out = PathBuf::new();
-    for c in Path::new(path).components() {
+    for c in fs_path.components() {
         match c {
             Component::Normal(n) => out.push(n),
             Component::CurDir => {}
@@ -357,6 +457,12 @@ impl<'e, W: Write> TreeWriter<'e, W> {
         if !meta.is_dir() {
             bail!("the source {} is not a directory", root.display());
         }
+        // The root itself (`./`, as GNU tar writes it), so a restore of the
+        // whole tree gives the target directory the source's mode and time.
+        let mut h = header_for(&meta, EntryType::Directory);
+        self.builder
+            .append_data(&mut h, "./", io::empty())
+            .context("writing to the data stream")?;
         self.walk(root, "")?;
         let out = self
             .builder
@@ -377,15 +483,9 @@ impl<'e, W: Write> TreeWriter<'e, W> {
         };
         names.sort();
         for name in names {
-            let Some(name_str) = name.to_str() else {
-                let lossy = name.to_string_lossy().into_owned();
-                self.error(
-                    &format!("{rel_dir}{lossy}"),
-                    "the file name is not UTF-8; skipped (rename it to back it up)",
-                )?;
-                continue;
-            };
-            let rel = format!("{rel_dir}{name_str}");
+            // Names that are not UTF-8 travel as keys (`name_key`) and
+            // reach the archive as their bytes.
+            let rel = format!("{rel_dir}{}", path_key(Path::new(&name)));
             if excluded(&self.opts.excludes, &rel) {
                 continue;
             }
@@ -402,7 +502,7 @@ impl<'e, W: Write> TreeWriter<'e, W> {
                 let e = entry_from(&rel, Kind::Dir, &m);
                 let mut h = header_for(&m, EntryType::Directory);
                 self.builder
-                    .append_data(&mut h, format!("{rel}/"), io::empty())
+                    .append_data(&mut h, key_path(&format!("{rel}/")), io::empty())
                     .context("writing to the data stream")?;
                 self.manifest.push(e);
                 self.walk(&path, &format!("{rel}/"))?;
@@ -414,24 +514,27 @@ impl<'e, W: Write> TreeWriter<'e, W> {
                         continue;
                     }
                 };
-                let Some(target_str) = target.to_str().map(str::to_owned) else {
-                    self.error(&rel, "the link target is not UTF-8; skipped")?;
-                    continue;
-                };
                 let mut e = entry_from(&rel, Kind::Symlink, &m);
-                e.link = Some(target_str);
+                e.link = Some(path_key(&target));
                 let mut h = header_for(&m, EntryType::Symlink);
                 self.builder
-                    .append_link(&mut h, &rel, &target)
+                    .append_link(&mut h, key_path(&rel), &target)
                     .context("writing to the data stream")?;
                 self.manifest.push(e);
             } else if ft.is_file() {
                 self.file(&path, &rel, &m)?;
+            } else if ft.is_fifo() {
+                let e = entry_from(&rel, Kind::Fifo, &m);
+                let mut h = header_for(&m, EntryType::Fifo);
+                self.builder
+                    .append_data(&mut h, key_path(&rel), io::empty())
+                    .context("writing to the data stream")?;
+                self.manifest.push(e);
             } else {
                 self.error(
                     &rel,
-                    "special file (device, FIFO or socket) skipped: only files, directories \
-                     and links are backed up",
+                    "special file (device or socket) skipped: only files, directories, links \
+                     and FIFOs are backed up",
                 )?;
             }
         }
@@ -454,7 +557,7 @@ impl<'e, W: Write> TreeWriter<'e, W> {
                 if first_in {
                     let mut h = header_for(m, EntryType::Link);
                     self.builder
-                        .append_link(&mut h, rel, &first)
+                        .append_link(&mut h, key_path(rel), key_path(&first))
                         .context("writing to the data stream")?;
                 }
                 self.manifest.push(e);
@@ -512,7 +615,7 @@ impl<'e, W: Write> TreeWriter<'e, W> {
             hasher: Sha256::new(),
             short: false,
         };
-        let appended = self.builder.append_data(&mut h, rel, &mut reader);
+        let appended = self.builder.append_data(&mut h, key_path(rel), &mut reader);
         if let Err(err) = appended {
             // A read error inside append_data leaves the stream broken
             // (the header promised bytes): that ends the job.
@@ -612,8 +715,39 @@ pub struct Extracted {
     pub files: u64,
     /// Bytes of file content written.
     pub bytes: u64,
-    /// Directories, symlinks and hard links made.
+    /// Directories, symlinks, hard links and FIFOs made.
     pub others: u64,
+    /// The archive's root entry (`./`), if it has one and `want` took it
+    /// (as the empty path): its metadata, applied last by the caller.
+    pub root: Option<RootMeta>,
+}
+
+/// The metadata of an archive's root directory entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RootMeta {
+    /// Permission bits.
+    pub mode: u32,
+    /// Modification time, seconds since the epoch.
+    pub mtime: i64,
+    /// Owner.
+    pub uid: u64,
+    /// Group.
+    pub gid: u64,
+}
+
+impl RootMeta {
+    /// Applies it to `dir` (owners only when `owners`).
+    pub fn apply(&self, dir: &Path, owners: bool) {
+        if owners {
+            let _ = std::os::unix::fs::lchown(
+                dir,
+                u32::try_from(self.uid).ok(),
+                u32::try_from(self.gid).ok(),
+            );
+        }
+        let _ = fs::set_permissions(dir, fs::Permissions::from_mode(self.mode | 0o700));
+        set_mtime(dir, self.mtime, 0, false);
+    }
 }
 
 fn kind_of(t: EntryType) -> Option<Kind> {
@@ -622,6 +756,7 @@ fn kind_of(t: EntryType) -> Option<Kind> {
         EntryType::Directory => Some(Kind::Dir),
         EntryType::Symlink => Some(Kind::Symlink),
         EntryType::Link => Some(Kind::Hardlink),
+        EntryType::Fifo => Some(Kind::Fifo),
         _ => None,
     }
 }
@@ -665,6 +800,41 @@ fn clear(p: &Path) -> Result<()> {
     }
 }
 
+/// A new file beside `target` (same directory, so a rename replaces the
+/// target atomically), named `.<name>.stp-restore-<random>`, mode 0600.
+fn temp_beside(target: &Path) -> Result<(PathBuf, File)> {
+    let dir = target.parent().unwrap_or(Path::new("."));
+    let base = target
+        .file_name()
+        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+    for _ in 0..16 {
+        let tmp = dir.join(format!(
+            ".{base}.stp-restore-{:016x}",
+            rand::random::<u64>()
+        ));
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(e).with_context(|| format!("creating {}", tmp.display()));
+            }
+        }
+    }
+    bail!(
+        "could not create a temporary file beside {}: every name tried exists",
+        target.display()
+    )
+}
+
+/// The granularity of holes in restored sparse files: a file system block.
+const HOLE_BLOCK: u64 = 4096;
+
 /// Writes `r` to `out`, leaving holes for all-zero blocks if `sparse`.
 fn copy_out(r: &mut dyn Read, out: &mut File, sparse: bool) -> Result<(u64, String)> {
     let mut h = Sha256::new();
@@ -676,8 +846,21 @@ fn copy_out(r: &mut dyn Read, out: &mut File, sparse: bool) -> Result<(u64, Stri
             break;
         }
         h.update(&buf[..n]);
-        if sparse && buf[..n].iter().all(|&b| b == 0) {
-            out.seek(SeekFrom::Current(n as i64))?;
+        if sparse {
+            // Block by block (at file offsets that are multiples of
+            // HOLE_BLOCK), so holes between small pieces of data stay holes.
+            let mut off = 0;
+            while off < n {
+                let at = total + off as u64;
+                let end = (off + (HOLE_BLOCK - at % HOLE_BLOCK) as usize).min(n);
+                let piece = &buf[off..end];
+                if piece.iter().all(|&b| b == 0) {
+                    out.seek(SeekFrom::Current(piece.len() as i64))?;
+                } else {
+                    out.write_all(piece)?;
+                }
+                off = end;
+            }
         } else {
             out.write_all(&buf[..n])?;
         }
@@ -697,9 +880,7 @@ pub fn extract(reader: impl Read, dest: &Path, opts: &ExtractOptions<'_>) -> Res
     let mut dirs: Vec<(PathBuf, u32, u64)> = Vec::new();
     for entry in ar.entries().context("reading the archive")? {
         let mut entry = entry.context("reading an archive entry (the archive is damaged)")?;
-        let raw = entry.path_bytes().into_owned();
-        let name = String::from_utf8(raw)
-            .map_err(|_| anyhow!("an archive entry has a non-UTF-8 path; refused"))?;
+        let name = name_key(&entry.path_bytes());
         let ty = entry.header().entry_type();
         let Some(kind) = kind_of(ty) else {
             if matches!(ty, EntryType::XGlobalHeader | EntryType::XHeader) {
@@ -707,8 +888,27 @@ pub fn extract(reader: impl Read, dest: &Path, opts: &ExtractOptions<'_>) -> Res
             }
             bail!("{name}: entry type {ty:?} refused (only files, directories and links restore)");
         };
+        let is_root = Path::new(&name)
+            .components()
+            .all(|c| c == Component::CurDir)
+            && !name.is_empty();
+        if is_root {
+            if kind != Kind::Dir {
+                bail!("the archive's root entry {name:?} is not a directory; refused");
+            }
+            if (opts.want)("", Kind::Dir) {
+                let h = entry.header();
+                done.root = Some(RootMeta {
+                    mode: h.mode().unwrap_or(0o755) & 0o7777,
+                    mtime: h.mtime().map_or(0, |t| i64::try_from(t).unwrap_or(0)),
+                    uid: h.uid().unwrap_or(0),
+                    gid: h.gid().unwrap_or(0),
+                });
+            }
+            continue;
+        }
         let rel = safe_relative(&name).with_context(|| format!("archive entry {name:?}"))?;
-        let key = rel.to_string_lossy().into_owned();
+        let key = path_key(&rel);
         if !(opts.want)(&key, kind) {
             continue;
         }
@@ -731,26 +931,54 @@ pub fn extract(reader: impl Read, dest: &Path, opts: &ExtractOptions<'_>) -> Res
                 done.others += 1;
             }
             Kind::File => {
-                clear(&target)?;
-                let mut out = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .custom_flags(nix::libc::O_NOFOLLOW)
-                    .mode(0o600)
-                    .open(&target)
-                    .with_context(|| format!("creating {}", target.display()))?;
-                let (n, sum) = copy_out(&mut entry, &mut out, opts.sparse.contains(&key))
-                    .with_context(|| format!("restoring {key}"))?;
-                if let Some(want) = opts.hashes.get(&key) {
-                    if *want != sum {
-                        bail!(
-                            "{key}: the restored content's SHA-256 {sum} differs from the \
-                             manifest's {want}: the archive is damaged (run `stp backup verify`)"
+                // Written under a temporary name beside the target and
+                // renamed over it only once its hash is checked: a failed
+                // restore leaves whatever was there before untouched.
+                if fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
+                    clear(&target)?;
+                }
+                let (tmp, mut out) = temp_beside(&target)?;
+                let written = (|| -> Result<u64> {
+                    let (n, sum) = copy_out(&mut entry, &mut out, opts.sparse.contains(&key))
+                        .with_context(|| format!("restoring {key}"))?;
+                    if let Some(want) = opts.hashes.get(&key) {
+                        if *want != sum {
+                            bail!(
+                                "{key}: the restored content's SHA-256 {sum} differs from the \
+                                 manifest's {want}: the archive is damaged (run `stp backup \
+                                 verify`); the file was left as it was"
+                            );
+                        }
+                    }
+                    out.sync_all().ok();
+                    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
+                    if opts.owners {
+                        let _ = std::os::unix::fs::lchown(
+                            &tmp,
+                            u32::try_from(uid).ok(),
+                            u32::try_from(gid).ok(),
                         );
                     }
-                }
-                out.sync_all().ok();
+                    set_mtime(&tmp, mtime as i64, 0, false);
+                    fs::rename(&tmp, &target)
+                        .with_context(|| format!("moving the restored {key} into place"))?;
+                    Ok(n)
+                })();
                 drop(out);
+                let n = match written {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = fs::remove_file(&tmp);
+                        return Err(e);
+                    }
+                };
+                done.files += 1;
+                done.bytes += n;
+            }
+            Kind::Fifo => {
+                clear(&target)?;
+                nix::unistd::mkfifo(&target, nix::sys::stat::Mode::from_bits_truncate(0o600))
+                    .with_context(|| format!("creating the FIFO {}", target.display()))?;
                 fs::set_permissions(&target, fs::Permissions::from_mode(mode))?;
                 if opts.owners {
                     let _ = std::os::unix::fs::lchown(
@@ -759,9 +987,8 @@ pub fn extract(reader: impl Read, dest: &Path, opts: &ExtractOptions<'_>) -> Res
                         u32::try_from(gid).ok(),
                     );
                 }
-                set_mtime(&target, mtime as i64, 0, false);
-                done.files += 1;
-                done.bytes += n;
+                set_mtime(&target, mtime as i64, 0, true);
+                done.others += 1;
             }
             Kind::Symlink => {
                 let link = entry
@@ -776,8 +1003,7 @@ pub fn extract(reader: impl Read, dest: &Path, opts: &ExtractOptions<'_>) -> Res
                     .link_name_bytes()
                     .ok_or_else(|| anyhow!("{key}: hard link without a target"))?
                     .into_owned();
-                let link = String::from_utf8(link)
-                    .map_err(|_| anyhow!("{key}: non-UTF-8 hard link target refused"))?;
+                let link = name_key(&link);
                 let src_rel =
                     safe_relative(&link).with_context(|| format!("{key}: hard link target"))?;
                 let src = dest.join(&src_rel);
@@ -846,7 +1072,7 @@ pub fn verify(reader: impl Read, hashes: &HashMap<String, String>) -> Result<(u6
         if entry.header().entry_type() != EntryType::Regular {
             continue;
         }
-        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let name = name_key(&entry.path_bytes());
         let mut h = Sha256::new();
         let mut buf = vec![0u8; 256 * 1024];
         let mut broken = false;
@@ -904,6 +1130,73 @@ mod tests {
         assert!(!excluded(&["*.tmp".into()], "a.tmpx"));
     }
 
+    /// The backtracking matcher the dynamic program replaced (exponential
+    /// on patterns with many `**`), as the reference for small cases.
+    fn glob_reference(p: &[u8], t: &[u8]) -> bool {
+        match p.first() {
+            None => t.is_empty(),
+            Some(b'*') if p.get(1) == Some(&b'*') => {
+                (0..=t.len()).any(|i| glob_reference(&p[2..], &t[i..]))
+            }
+            Some(b'*') => {
+                let mut i = 0;
+                loop {
+                    if glob_reference(&p[1..], &t[i..]) {
+                        return true;
+                    }
+                    if i == t.len() || t[i] == b'/' {
+                        return false;
+                    }
+                    i += 1;
+                }
+            }
+            Some(b'?') => !t.is_empty() && t[0] != b'/' && glob_reference(&p[1..], &t[1..]),
+            Some(&c) => t.first() == Some(&c) && glob_reference(&p[1..], &t[1..]),
+        }
+    }
+
+    /// Every pattern of up to 5 symbols over `a / * ?` against every text
+    /// of up to 4 characters over `a b /`: the same answers as the
+    /// reference.
+    #[test]
+    fn glob_agrees_with_the_reference_exhaustively() {
+        fn all(alphabet: &[u8], max: usize) -> Vec<Vec<u8>> {
+            let mut out = vec![Vec::new()];
+            let mut last = vec![Vec::new()];
+            for _ in 0..max {
+                let mut grown = Vec::new();
+                for s in &last {
+                    for &c in alphabet {
+                        let mut n = s.clone();
+                        n.push(c);
+                        grown.push(n);
+                    }
+                }
+                out.extend(grown.iter().cloned());
+                last = grown;
+            }
+            out
+        }
+        let texts = all(b"ab/", 4);
+        for p in all(b"a/*?", 5) {
+            let ps = std::str::from_utf8(&p).unwrap();
+            for t in &texts {
+                let ts = std::str::from_utf8(t).unwrap();
+                assert_eq!(glob(ps, ts), glob_reference(&p, t), "{ps:?} on {ts:?}");
+            }
+        }
+    }
+
+    /// A pattern with many `**` that the backtracking matcher took
+    /// exponential time on (about 200^10 steps here) is answered at once.
+    #[test]
+    fn glob_is_not_exponential() {
+        let pattern = "a**".repeat(10) + "b";
+        let text = "a".repeat(200);
+        assert!(!glob(&pattern, &text));
+        assert!(glob(&pattern, &(text + "b")));
+    }
+
     #[test]
     fn hostile_paths() {
         assert!(safe_relative("/etc/passwd").is_err());
@@ -912,5 +1205,28 @@ mod tests {
         assert!(safe_relative("").is_err());
         assert!(safe_relative("./").is_err());
         assert_eq!(safe_relative("./a/b").unwrap(), PathBuf::from("a/b"));
+        // An escaped '/' or '..' is checked after decoding.
+        assert!(safe_relative("\x002e\x002e/x").is_err());
+        assert!(safe_relative("\x002fetc").is_err());
+    }
+
+    #[test]
+    fn names_that_are_not_utf8_round_trip_through_keys() {
+        use std::os::unix::ffi::OsStrExt;
+        for name in [
+            &b"plain.txt"[..],
+            b"caf\xe9",
+            b"\xff\xfe",
+            b"a\x00b",
+            "\u{e9}t\u{e9}".as_bytes(),
+            b"\x80/\xc3",
+        ] {
+            let k = name_key(name);
+            assert_eq!(key_bytes(&k), name, "{k:?}");
+            assert_eq!(key_path(&k).as_os_str().as_bytes(), name);
+        }
+        assert_eq!(name_key(b"caf\xe9"), "caf\x00e9");
+        assert_eq!(name_key("caf\u{e9}".as_bytes()), "caf\u{e9}");
+        assert_ne!(name_key(b"\xff"), name_key(b"\xfe"));
     }
 }

@@ -3,14 +3,16 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command as Proc, ExitCode, Stdio};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use super::config::BackupConfig;
+use super::daemon::{self, ArrayStatus, LoopIo, Role, Started};
 use super::repo::{BackupInfo, Repo};
-use super::session::{self, FsJob, RunOptions};
+use super::session::{self, escape_control, FsJob, RunOptions};
 use super::wire::{DbSource, Level};
 
 /// Options of `stp backup`.
@@ -56,6 +58,21 @@ struct Common {
     /// Print a JSON summary instead of text (and no progress bars).
     #[arg(long)]
     json: bool,
+    /// Use this well-known port (WKP; WKP+1 and WKP+2 follow) instead of
+    /// the STP configuration's `wkp`. Both hosts must use the same.
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..=65533))]
+    wkp: Option<u16>,
+}
+
+impl Common {
+    /// The host of `cfg`, with `--wkp` applied.
+    fn host(&self, cfg: &BackupConfig) -> Result<(session::Host, ArrayStatus)> {
+        let (mut host, array) = cfg.host_and_status()?;
+        if let Some(p) = self.wkp {
+            host.wkp = p;
+        }
+        Ok((host, array))
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -200,6 +217,9 @@ struct ForgetArgs {
     /// Keep the newest N complete backups of each source.
     #[arg(long, value_name = "N")]
     keep_last: usize,
+    /// Say which backups would be forgotten, and remove nothing.
+    #[arg(long)]
+    dry_run: bool,
     #[command(flatten)]
     repo: RepoArg,
 }
@@ -214,15 +234,11 @@ fn print_outcome(json: bool, what: &str, o: &session::Outcome) -> Result<()> {
         return print_json(o);
     }
     let mb = o.bytes as f64 / 1e6;
+    // Both ends print the server's measurement, so they agree.
     println!(
-        "{what}: backup {} complete: {:.1} MB, {} files, {} errors, {:.1} s ({:.1} MB/s) over {}",
-        o.backup_id,
-        mb,
-        o.files,
-        o.errors,
-        o.seconds,
-        mb / o.seconds.max(1e-9),
-        o.channel
+        "{what}: backup {} complete: {:.1} MB, {} files, {} errors over {}; {:.1} MB/s \
+         ({:.2} s from the start of the data to the durable record, as the server measured)",
+        o.backup_id, mb, o.files, o.errors, o.channel, o.mb_per_s, o.seconds,
     );
     if let Some(r) = &o.fallback_reason {
         println!("  LAN fallback: {r}");
@@ -230,10 +246,36 @@ fn print_outcome(json: bool, what: &str, o: &session::Outcome) -> Result<()> {
     Ok(())
 }
 
+/// Seconds since the epoch as a UTC date and time, `2026-12-07 03:12:33Z`.
+pub fn utc(secs: f64) -> String {
+    if !secs.is_finite() || secs < 0.0 {
+        return "-".into();
+    }
+    let t = secs as i64;
+    let (days, rem) = (t.div_euclid(86_400), t.rem_euclid(86_400));
+    // Days to a civil date (proleptic Gregorian; H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 fn info_line(b: &BackupInfo) -> String {
     format!(
-        "{:>5}  {:<8}  {:<2}  {:<11}  {:<12}  {:>12}  {:>6}  {:>4}  {:<7}  {}:{}",
+        "{:>5}  {:<20}  {:<8}  {:<2}  {:<11}  {:<12}  {:>12}  {:>6}  {:>4}  {:<7}  {}:{}",
         b.id,
+        utc(b.started),
         b.status,
         b.kind,
         b.level,
@@ -242,8 +284,8 @@ fn info_line(b: &BackupInfo) -> String {
         b.files,
         b.errors,
         b.base_id.map_or("-".into(), |x| x.to_string()),
-        b.client,
-        b.source
+        escape_control(&b.client),
+        escape_control(&b.source)
     )
 }
 
@@ -271,6 +313,110 @@ fn server_repo(cfg: &BackupConfig, json: bool) -> Result<Repo> {
     Ok(repo)
 }
 
+/// A daemon's reporting: text on stdout/stderr, or one JSON object per
+/// line on stdout.
+struct DaemonIo {
+    role: Role,
+    json: bool,
+}
+
+impl LoopIo for DaemonIo {
+    fn outcome(&mut self, o: &session::Outcome) -> Result<()> {
+        tracing::info!(
+            backup_id = o.backup_id,
+            bytes = o.bytes,
+            files = o.files,
+            errors = o.errors,
+            channel = %o.channel,
+            mb_per_s = o.mb_per_s,
+            "backup complete"
+        );
+        if self.json {
+            let mut v = serde_json::to_value(o)?;
+            if let Some(m) = v.as_object_mut() {
+                m.insert("event".into(), "backup".into());
+            }
+            println!("{}", serde_json::to_string(&v)?);
+            Ok(())
+        } else {
+            let what = match self.role {
+                Role::Agent => "client",
+                Role::Server => "server",
+            };
+            print_outcome(false, what, o)
+        }
+    }
+
+    fn failed(&mut self, e: &anyhow::Error, pause: Duration) {
+        tracing::warn!(
+            role = self.role.command(),
+            "session failed: {e:#}; waiting for the next session in {:.1} s",
+            pause.as_secs_f64()
+        );
+        if self.json {
+            let v = serde_json::json!({
+                "event": "failed",
+                "error": format!("{e:#}"),
+                "retry_in_s": pause.as_secs_f64(),
+            });
+            println!("{v}");
+        }
+    }
+
+    fn sleep(&mut self, d: Duration) {
+        std::thread::sleep(d);
+    }
+}
+
+/// Starts a daemon: checks its ports, says where it listens and what the
+/// array is doing, then runs its sessions.
+fn run_daemon(
+    role: Role,
+    host: &session::Host,
+    array: ArrayStatus,
+    common: &Common,
+    once: bool,
+    session: &mut dyn FnMut() -> Result<session::Outcome>,
+) -> Result<ExitCode> {
+    let listening = daemon::check_ports(host, role)?;
+    let started = Started {
+        event: "started",
+        role,
+        listening,
+        array,
+    };
+    if common.json {
+        println!("{}", serde_json::to_string(&started)?);
+    } else {
+        for l in started.lines() {
+            println!("{l}");
+        }
+    }
+    // Whoever reads the output (a terminal, a pipe, a service manager)
+    // learns at once that the daemon is up.
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    let status = format!(
+        "listening on {}; {}",
+        started
+            .listening
+            .iter()
+            .map(|l| l.addr.to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+        started.array.line()
+    );
+    tracing::info!(role = role.command(), "started: {status}");
+    if let Err(e) = daemon::notify_ready(&status) {
+        tracing::warn!(role = role.command(), "{e:#}");
+    }
+    let mut io = DaemonIo {
+        role,
+        json: common.json,
+    };
+    daemon::run_loop(role, once, &mut io, session)?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Runs `stp backup`.
 pub fn run(args: &BackupArgs) -> Result<ExitCode> {
     match &args.command {
@@ -284,10 +430,10 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
         }) => {
             let cfg = BackupConfig::load(&common.config)?;
             let repo = server_repo(&cfg, common.json)?;
-            let host = cfg.host()?;
+            let (host, _) = common.host(&cfg)?;
             let job = FsJob {
                 client: *client,
-                client_name: name.clone().unwrap_or_else(|| client.to_string()),
+                client_name: name.clone(),
                 source: source.clone(),
                 level: if *incremental {
                     Level::Incremental
@@ -311,46 +457,34 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
         BackupCommand::Server(ServerCommand::Serve { common, once }) => {
             let cfg = BackupConfig::load(&common.config)?;
             let repo = server_repo(&cfg, common.json)?;
-            let host = cfg.host()?;
-            loop {
-                match session::db_serve(
+            let (host, array) = common.host(&cfg)?;
+            let mut session = || {
+                session::db_serve(
                     &host,
                     &repo,
                     RunOptions {
                         quiet: common.json,
                         ..RunOptions::default()
                     },
-                ) {
-                    Ok(o) => print_outcome(common.json, "server", &o)?,
-                    Err(e) if *once => return Err(e),
-                    Err(e) => eprintln!("stp backup server: {e:#}"),
-                }
-                if *once {
-                    return Ok(ExitCode::SUCCESS);
-                }
-            }
+                )
+            };
+            run_daemon(Role::Server, &host, array, common, *once, &mut session)
         }
         BackupCommand::Client(ClientCommand::Agent { common, once }) => {
             let cfg = BackupConfig::load(&common.config)?;
-            let host = cfg.host()?;
+            let (host, array) = common.host(&cfg)?;
             let rules = cfg.rules();
-            loop {
-                match session::fs_agent(
+            let mut session = || {
+                session::fs_agent(
                     &host,
                     &rules,
                     RunOptions {
                         quiet: common.json,
                         ..RunOptions::default()
                     },
-                ) {
-                    Ok(o) => print_outcome(common.json, "client", &o)?,
-                    Err(e) if *once => return Err(e),
-                    Err(e) => eprintln!("stp backup client: {e:#}"),
-                }
-                if *once {
-                    return Ok(ExitCode::SUCCESS);
-                }
-            }
+                )
+            };
+            run_daemon(Role::Agent, &host, array, common, *once, &mut session)
         }
         BackupCommand::Client(ClientCommand::Db {
             common,
@@ -378,7 +512,7 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
                 (None, Some(c)) => DbSource::Command { command: c.clone() },
                 (None, None) => bail!("say what to back up: --sqlite FILE or --from-command CMD"),
             };
-            let host = cfg.host()?;
+            let (host, _) = common.host(&cfg)?;
             let o = session::db_backup(
                 &host,
                 server,
@@ -403,16 +537,21 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
                 } else {
                     for f in &files {
                         println!(
-                            "{:<8} {:>12} {:o} {} {}",
+                            "{:<8} {:>12} {:o} {} {} {}",
                             f.kind.as_str(),
                             f.size,
                             f.mode,
+                            utc(f.mtime as f64),
                             f.sha256.as_deref().map_or("-", |h| &h[..16.min(h.len())]),
-                            f.path
+                            escape_control(&f.path)
                         );
                     }
                     for e in &errors {
-                        println!("error: {}: {}", e.path, e.message);
+                        println!(
+                            "error: {}: {}",
+                            escape_control(&e.path),
+                            escape_control(&e.message)
+                        );
                     }
                 }
                 return Ok(ExitCode::SUCCESS);
@@ -422,16 +561,26 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
                 print_json(&list)?;
             } else {
                 println!(
-                    "{:>5}  {:<8}  {:<2}  {:<11}  {:<12}  {:>12}  {:>6}  {:>4}  {:<7}  source",
-                    "id", "status", "", "level", "channel", "bytes", "files", "errs", "base"
+                    "{:>5}  {:<20}  {:<8}  {:<2}  {:<11}  {:<12}  {:>12}  {:>6}  {:>4}  {:<7}  \
+                     client:source",
+                    "id",
+                    "started (UTC)",
+                    "status",
+                    "",
+                    "level",
+                    "channel",
+                    "bytes",
+                    "files",
+                    "errs",
+                    "base"
                 );
                 for b in &list {
                     println!("{}", info_line(b));
                     if let Some(m) = b.message.as_deref().filter(|_| b.status != "complete") {
-                        println!("       {m}");
+                        println!("       {}", escape_control(m));
                     }
                     if let Some(r) = &b.fallback_reason {
-                        println!("       LAN fallback: {r}");
+                        println!("       LAN fallback: {}", escape_control(r));
                     }
                 }
             }
@@ -482,11 +631,17 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
                 bail!("--keep-last 0 would forget everything; use at least 1");
             }
             let repo = a.repo.open()?;
-            let gone = repo.forget_keep_last(a.keep_last)?;
+            let gone = if a.dry_run {
+                repo.forget_plan(a.keep_last)?
+            } else {
+                repo.forget_keep_last(a.keep_last)?
+            };
             if a.repo.json {
-                print_json(&serde_json::json!({ "forgotten": gone }))?;
+                print_json(&serde_json::json!({ "forgotten": gone, "dry_run": a.dry_run }))?;
             } else if gone.is_empty() {
                 println!("nothing to forget");
+            } else if a.dry_run {
+                println!("would forget backups {gone:?} (dry run: nothing was removed)");
             } else {
                 println!("forgot backups {gone:?}");
             }
@@ -565,4 +720,18 @@ pub fn restore_to_file(repo: &Repo, id: i64, file: &Path) -> Result<u64> {
     tmp.persist(file)
         .with_context(|| format!("moving the restored data to {}", file.display()))?;
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0.0), "1970-01-01 00:00:00Z");
+        assert_eq!(utc(951_782_400.0), "2000-02-29 00:00:00Z");
+        assert_eq!(utc(4_102_444_799.5), "2099-12-31 23:59:59Z");
+        assert_eq!(utc(-1.0), "-");
+        assert_eq!(utc(f64::NAN), "-");
+    }
 }

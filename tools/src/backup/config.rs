@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use scsi::Transport;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use stp_core::conn::Config as ConnConfig;
 use stp_core::error::{MailboxError, SetupError};
 use stp_core::mailbox::Mailbox;
@@ -43,11 +43,12 @@ use stp_core::sockets::SocketLayer;
 use stp_core::stg::{self, Config as StpConfig, LunInfo, MailboxMode, MapDirectory, OpenOptions};
 use stp_core::stream::PathSource;
 
+use super::daemon::ArrayStatus;
 use super::pipe::Policy;
 use super::session::{self, AgentRules};
 
 /// The backup configuration file.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackupConfig {
     /// The STP configuration file, relative to this file's directory if
@@ -84,7 +85,7 @@ pub struct BackupConfig {
 }
 
 /// `[server]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSection {
     /// The repository directory.
@@ -95,7 +96,7 @@ pub struct ServerSection {
 }
 
 /// How the server stores archives.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Compress {
     /// `<id>.tar`, exactly the stream received.
@@ -106,7 +107,7 @@ pub enum Compress {
 }
 
 /// `[client]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientSection {
     /// This host's name in the catalog.
@@ -157,6 +158,7 @@ impl BackupConfig {
         self.client
             .as_ref()
             .map(|c| AgentRules {
+                name: Some(c.name.clone()),
                 allowed: c.allow.clone(),
                 excludes: c.excludes.clone(),
             })
@@ -166,14 +168,30 @@ impl BackupConfig {
     /// Builds this host's socket layer over the STG's devices (with
     /// `fallback = "never"`, a TCP-only layer: no device is opened).
     pub fn host(&self) -> Result<session::Host> {
+        self.host_and_status().map(|(h, _)| h)
+    }
+
+    /// [`BackupConfig::host`], and what was found of the array (what the
+    /// daemons print when they start).
+    pub fn host_and_status(&self) -> Result<(session::Host, ArrayStatus)> {
+        let mut status = ArrayStatus {
+            stg: self.stg,
+            fallback: self.fallback.as_str().into(),
+            ..ArrayStatus::default()
+        };
         let stp = StpConfig::load(&self.stp_config).with_context(|| {
             format!(
                 "reading the STP configuration {}",
                 self.stp_config.display()
             )
         })?;
+        if let Some(c) = stp.stg(self.stg) {
+            status.mode = Some(c.mode.to_string());
+        }
         if self.fallback == Policy::Never {
-            return Ok(session::Host {
+            status.state = "not used".into();
+            status.why = Some("the fallback policy is 'never': the data goes over the LAN".into());
+            let host = session::Host {
                 layer: Arc::new(
                     SocketLayer::new(HashMap::new(), ConnConfig::default())
                         .with_local_ip(self.bind),
@@ -186,7 +204,8 @@ impl BackupConfig {
                 policy: Policy::Never,
                 timeout: Duration::from_millis(self.timeout_ms),
                 probe: None,
-            });
+            };
+            return Ok((host, status));
         }
         let mut options = OpenOptions::default();
         if let Some(c) = stp.stg(self.stg).filter(|c| c.mode == MailboxMode::Block) {
@@ -205,21 +224,41 @@ impl BackupConfig {
                 Some(m) => directory_from_map(m, self.map_host)?,
                 None => probe_directory()?,
             };
-            stg::open(&stp, self.stg, &dir, &options).with_context(|| {
+            let find = || {
                 format!(
                     "finding STG {}'s members on this host (`stp probe` lists the identities it sees)",
                     self.stg
                 )
-            })
+            };
+            let resolved = stp.resolve(self.stg, &dir).with_context(find)?;
+            let src = stg::open(&stp, self.stg, &dir, &options).with_context(find)?;
+            Ok((resolved, src))
         })();
         let src = match opened {
-            Ok(src) => src,
-            Err(e) if self.fallback == Policy::Preferred => {
-                // The array is unavailable at the start: the sessions see
-                // why through the probe and go over the LAN.
-                return self.unavailable(&stp, e);
+            Ok((resolved, src)) => {
+                status.mode = Some(resolved.mode.to_string());
+                status.members = resolved.paths().iter().map(|p| (*p).to_owned()).collect();
+                status.engine =
+                    resolved
+                        .paths()
+                        .first()
+                        .map(|p| match scsi::EnginePool::global().open(p) {
+                            Ok(best) => best.reason,
+                            Err(e) => format!("{p} does not open: {e}"),
+                        });
+                status.state = "resolved".into();
+                src
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                status.state = "unavailable".into();
+                status.why = Some(format!("{e:#}"));
+                if self.fallback == Policy::Preferred {
+                    // The array is unavailable at the start: the sessions
+                    // see why through the probe and go over the LAN.
+                    return Ok((self.unavailable(&stp, e)?, status));
+                }
+                return Err(e);
+            }
         };
         let stg_len = stp.stg(self.stg).map_or(0, |c| c.members.len() as u32);
         let t = &stp.tunables;
@@ -232,7 +271,7 @@ impl BackupConfig {
         };
         let layer = SocketLayer::new(HashMap::from([(self.stg, Arc::clone(&src))]), conn)
             .with_local_ip(self.bind);
-        Ok(session::Host {
+        let host = session::Host {
             layer: Arc::new(layer),
             stg: self.stg,
             stg_len,
@@ -242,7 +281,8 @@ impl BackupConfig {
             policy: self.fallback,
             timeout: Duration::from_millis(self.timeout_ms),
             probe: Some(src),
-        })
+        };
+        Ok((host, status))
     }
 }
 

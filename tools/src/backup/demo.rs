@@ -456,7 +456,7 @@ fn demo(args: &DemoArgs) -> Result<DemoSummary> {
     };
     let job = FsJob {
         client: IpAddr::V4(Ipv4Addr::LOCALHOST),
-        client_name: "demo-client".into(),
+        client_name: Some("demo-client".into()),
         source: src.display().to_string(),
         level: Level::Full,
         excludes: Vec::new(),

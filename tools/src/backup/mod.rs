@@ -13,12 +13,15 @@
 //! * [`repo`]: archives, manifests and the SQLite catalog.
 //! * [`wire`]: the control messages.
 //! * [`config`]: the backup configuration file and building a host from it.
+//! * [`daemon`]: the agent's and the server's ports, start-up report and
+//!   session loop.
 //! * [`demo`]: `stp demo`, everything on the in-process array.
 //! * [`cli`]: the `stp backup` and `stp demo` commands.
 
 pub mod archive;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod demo;
 pub mod inproc;
 pub mod pipe;

@@ -74,10 +74,41 @@ impl Progress {
         }
     }
 
-    /// Removes the bar.
+    /// Replaces the bar with its last word: the total and the rate.
     pub fn finish(&self) {
         if let Some(b) = &self.bar {
+            let line = final_line(&b.message(), b.position(), b.elapsed());
             b.finish_and_clear();
+            eprintln!("{line}");
         }
+    }
+}
+
+/// What a finished bar leaves on the terminal: `what`, the bytes moved
+/// (the total), the time and the rate.
+pub fn final_line(what: &str, bytes: u64, elapsed: Duration) -> String {
+    let secs = elapsed.as_secs_f64();
+    let rate = if secs > 0.0 {
+        format!("{:.1} MB/s", bytes as f64 / 1e6 / secs)
+    } else {
+        "-".into()
+    };
+    format!(
+        "{what:>12} done: {bytes} bytes ({:.1} MB) in {secs:.1} s, {rate}",
+        bytes as f64 / 1e6
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_frame_states_the_total_time_and_rate() {
+        let l = final_line("sending", 25_000_000, Duration::from_secs(2));
+        assert!(l.contains("sending done"), "{l}");
+        assert!(l.contains("25000000 bytes (25.0 MB)"), "{l}");
+        assert!(l.contains("in 2.0 s"), "{l}");
+        assert!(l.contains("12.5 MB/s"), "{l}");
     }
 }

@@ -20,6 +20,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -251,16 +252,35 @@ impl Repo {
     /// Opens (creating if needed) the repository at `root` and sweeps away
     /// what interrupted backups left.
     pub fn open(root: impl AsRef<Path>) -> Result<Repo> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         let root = root.as_ref().to_path_buf();
+        // The repository holds copies of private files: only its owner
+        // may read it (directories 0700, files 0600).
         for d in ["archives", "manifests"] {
-            fs::create_dir_all(root.join(d)).with_context(|| {
-                format!(
-                    "cannot create the repository directory {}: check the path and permissions",
-                    root.join(d).display()
-                )
-            })?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(root.join(d))
+                .with_context(|| {
+                    format!(
+                        "cannot create the repository directory {}: check the path and \
+                         permissions",
+                        root.join(d).display()
+                    )
+                })?;
         }
         let db_path = root.join("catalog.sqlite");
+        if !db_path.exists() {
+            // SQLite gives its journal files the catalog's mode.
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&db_path)
+                .with_context(|| format!("cannot create the catalog {}", db_path.display()))?;
+            let _ = fs::set_permissions(&db_path, fs::Permissions::from_mode(0o600));
+        }
         let conn = Connection::open(&db_path)
             .with_context(|| format!("cannot open the catalog {}", db_path.display()))?;
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
@@ -275,6 +295,7 @@ impl Repo {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(&lock_path)
             .with_context(|| format!("cannot open {}", lock_path.display()))?;
         // Alone: sweep, then share. Not alone: another handle may be
@@ -422,6 +443,7 @@ impl Repo {
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&partial)
             .with_context(|| format!("creating {}", partial.display()))?;
         in_flight().push((self.root.join("catalog.sqlite"), id, partial.clone()));
@@ -495,8 +517,13 @@ impl Repo {
         }
         let mpath = self.manifest_path(id);
         {
-            let mut f =
-                File::create(&mpath).with_context(|| format!("creating {}", mpath.display()))?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&mpath)
+                .with_context(|| format!("creating {}", mpath.display()))?;
             serde_json::to_writer(&mut f, &manifest)?;
             f.sync_all()?;
         }
@@ -750,6 +777,7 @@ impl Repo {
         for e in &selected {
             safe_relative(&e.path).with_context(|| format!("backup {id}'s manifest"))?;
         }
+        let whole = paths.is_empty();
         // Which archive holds each file's content.
         let mut by_archive: HashMap<i64, HashSet<String>> = HashMap::new();
         let mut others: HashSet<String> = HashSet::new();
@@ -773,7 +801,7 @@ impl Repo {
                         sparse.insert(e.path.clone());
                     }
                 }
-                Kind::Dir | Kind::Symlink => {
+                Kind::Dir | Kind::Symlink | Kind::Fifo => {
                     others.insert(e.path.clone());
                 }
                 Kind::Hardlink => {}
@@ -795,7 +823,9 @@ impl Repo {
             let is_target = src == id;
             let want = |p: &str, k: Kind| match k {
                 Kind::File => files.contains(p),
-                Kind::Dir | Kind::Symlink => is_target && others.contains(p),
+                // "": the archive's root, when the whole tree is restored.
+                Kind::Dir if p.is_empty() => is_target && whole,
+                Kind::Dir | Kind::Symlink | Kind::Fifo => is_target && others.contains(p),
                 Kind::Hardlink => false,
             };
             let size = self.get(src).map_or(0, |b| b.bytes.max(0) as u64);
@@ -821,6 +851,7 @@ impl Repo {
             total.files += done.files;
             total.bytes += done.bytes;
             total.others += done.others;
+            total.root = total.root.or(done.root);
         }
         bar.finish();
         // Hard links, from the manifest.
@@ -863,6 +894,10 @@ impl Repo {
                     archive::set_mtime(&p, e.mtime, e.mtime_nsec, false);
                 }
                 Kind::Symlink => archive::set_mtime(&p, e.mtime, e.mtime_nsec, true),
+                Kind::Fifo => {
+                    let _ = fs::set_permissions(&p, fs::Permissions::from_mode(e.mode));
+                    archive::set_mtime(&p, e.mtime, e.mtime_nsec, true);
+                }
                 Kind::Dir => dirs.push((p, e)),
             }
         }
@@ -870,6 +905,10 @@ impl Repo {
         for (p, e) in dirs {
             let _ = fs::set_permissions(&p, fs::Permissions::from_mode(e.mode));
             archive::set_mtime(&p, e.mtime, e.mtime_nsec, false);
+        }
+        // The restore root last: everything above changed its time.
+        if let Some(r) = &total.root {
+            r.apply(dest, root);
         }
         Ok(total)
     }
@@ -889,7 +928,7 @@ impl Repo {
         let mut total = 0u64;
         for entry in ar.entries().context("reading the archive")? {
             let mut entry = entry.context("the archive is damaged")?;
-            let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            let name = archive::name_key(&entry.path_bytes());
             let Some(sum) = want.get(&name) else { continue };
             let mut h = HashingWriter {
                 inner: &mut *out,
@@ -910,6 +949,21 @@ impl Repo {
     /// unchanged files from, and every failed one's leftovers. Returns the
     /// ids removed.
     pub fn forget_keep_last(&self, keep: usize) -> Result<Vec<i64>> {
+        let gone = self.forget_plan(keep)?;
+        for &id in &gone {
+            // Catalog first: a crash in between leaves stray files that the
+            // next sweep removes, never a row without its archive.
+            self.db()
+                .execute("DELETE FROM backups WHERE id = ?1", params![id])?;
+            let _ = fs::remove_file(self.archive_path(id));
+            let _ = fs::remove_file(self.manifest_path(id));
+        }
+        Ok(gone)
+    }
+
+    /// The ids [`Repo::forget_keep_last`] would remove, removing nothing
+    /// (`forget --dry-run`).
+    pub fn forget_plan(&self, keep: usize) -> Result<Vec<i64>> {
         let all = self.list()?;
         let mut groups: HashMap<(String, String, String), Vec<i64>> = HashMap::new();
         for b in all.iter().filter(|b| b.status == "complete") {
@@ -937,14 +991,6 @@ impl Repo {
             .filter(|b| b.status != "running" && !needed.contains(&b.id))
             .map(|b| b.id)
             .collect();
-        for &id in &gone {
-            // Catalog first: a crash in between leaves stray files that the
-            // next sweep removes, never a row without its archive.
-            self.db()
-                .execute("DELETE FROM backups WHERE id = ?1", params![id])?;
-            let _ = fs::remove_file(self.archive_path(id));
-            let _ = fs::remove_file(self.manifest_path(id));
-        }
         Ok(gone)
     }
 }

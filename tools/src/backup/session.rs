@@ -26,12 +26,13 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 use stp_core::flows::{
-    db_client_connect, db_server_accept, fs_client_accept, fs_server_connect, FsSession,
+    db_client_connect, db_server_accept, fs_client_accept, fs_server_connect, FlowError, FsSession,
 };
 use stp_core::sockets::{Fd, Mechanism, SocketLayer};
 use stp_core::stream::PathSource;
 
 use super::archive::{append_blob, ManifestEntry, TreeWriter, WalkOptions};
+use super::daemon::Idle;
 use super::pipe::{FailHook, PipeReceiver, PipeSender, Policy, StreamReport};
 use super::progress::Progress;
 use super::repo::{BackupInfo, FileErrorRecord, Repo};
@@ -119,7 +120,7 @@ impl std::fmt::Debug for RunOptions {
 }
 
 /// What a backup run produced, on either side.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct Outcome {
     /// The catalog id.
     pub backup_id: i64,
@@ -133,8 +134,17 @@ pub struct Outcome {
     pub channel: String,
     /// Why the data did not (only) use the array.
     pub fallback_reason: Option<String>,
-    /// Wall time of the run.
+    /// Seconds from the start of the data stream (the request or the
+    /// acceptance) to the backup durable and recorded, as the server
+    /// measured them: both sides report the server's figure.
     pub seconds: f64,
+    /// `bytes` over `seconds` in MB/s (10^6 bytes): the same on both sides.
+    pub mb_per_s: f64,
+    /// This side's time for the whole session, from its set-up (for the
+    /// agent: from the session's arrival, not its wait for it) to its end.
+    pub session_seconds: f64,
+    /// The per-file errors (file-system backups, on the server).
+    pub file_errors: Vec<FileErrorRecord>,
     /// The catalog row (server side).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub info: Option<BackupInfo>,
@@ -191,6 +201,8 @@ fn lan_connect(host: &Host, client: IpAddr, reason: &str, channels: &[&str]) -> 
 }
 
 const LAN_CONNECTOR: &str = "stp-backup lan connector";
+/// What to do when the pre-shared keys differ.
+const KEYS_FIX: &str = "set the same `psk` in both hosts' STP configuration";
 const LAN_ACCEPTOR: &str = "stp-backup lan acceptor";
 
 /// The connector's side of a LAN connection's greeting: answers the
@@ -223,13 +235,19 @@ fn lan_hello(host: &Host, fd: Fd, channel: &str, reason: &str) -> Result<()> {
         },
     )?;
     match wire::recv::<Msg>(layer, fd, "the LAN peer's answer")? {
+        Msg::Refused { message } => bail!(
+            "the LAN peer at {} refused the session: {message}",
+            wire::peer_ip(layer, fd).map_or("?".into(), |ip| ip.to_string())
+        ),
         Msg::LanOk { proof } => {
             if let Some(k) = host.psk.as_deref() {
                 let got = hex::decode(&proof).unwrap_or_default();
                 if !wire::proof_ok(k, LAN_ACCEPTOR, &mine, channel.as_bytes(), &got) {
                     bail!(
-                        "the LAN peer does not prove the pre-shared key: it is not our backup \
-                         peer, or its psk differs (check both hosts' STP configuration)"
+                        "the pre-shared keys differ: the LAN peer at {} does not prove this \
+                         host's key (it is not our backup peer, or its psk differs: set the \
+                         same `psk` in both hosts' STP configuration)",
+                        wire::peer_ip(layer, fd).map_or("?".into(), |ip| ip.to_string())
                     );
                 }
             }
@@ -255,14 +273,31 @@ fn lan_greet(host: &Host, fd: Fd, channel: &str) -> Result<String> {
             nonce,
             proof,
         } if c == channel => {
-            if let Some(k) = host.psk.as_deref() {
-                let got = hex::decode(&proof).unwrap_or_default();
-                if !wire::proof_ok(k, LAN_CONNECTOR, &challenge, channel.as_bytes(), &got) {
-                    bail!(
-                        "a LAN session from {} does not prove the pre-shared key; refused",
-                        wire::peer_ip(layer, fd).map_or("?".into(), |ip| ip.to_string())
-                    );
+            let peer = wire::peer_ip(layer, fd).map_or("?".into(), |ip| ip.to_string());
+            let mismatch = match host.psk.as_deref() {
+                Some(k) => {
+                    let got = hex::decode(&proof).unwrap_or_default();
+                    (!wire::proof_ok(k, LAN_CONNECTOR, &challenge, channel.as_bytes(), &got)).then(
+                        || format!("the LAN session from {peer} does not prove this host's key"),
+                    )
                 }
+                None => (!proof.is_empty()).then(|| {
+                    format!("the LAN session from {peer} proves a key, and this host has none")
+                }),
+            };
+            if let Some(why) = mismatch {
+                // Tell the peer too, so both sides say what is wrong.
+                let _ = wire::send(
+                    layer,
+                    fd,
+                    &Msg::Refused {
+                        message: format!(
+                            "the pre-shared keys differ: the peer did not accept this side's \
+                             proof of its key ({KEYS_FIX})"
+                        ),
+                    },
+                );
+                bail!("the pre-shared keys differ: {why} ({KEYS_FIX}); refused");
             }
             (reason, hex::decode(&nonce).unwrap_or_default())
         }
@@ -286,11 +321,17 @@ fn lan_accept(host: &Host, channels: &[&str]) -> Result<(Vec<Fd>, String)> {
     let mut fds = Vec::new();
     let mut reason = String::new();
     let res = (|| -> Result<()> {
-        for ch in channels {
-            let fd = host
-                .layer
-                .accept(listener, host.timeout)
-                .context("waiting for a LAN session on WKP+2")?;
+        for (i, ch) in channels.iter().enumerate() {
+            let fd = match host.layer.accept(listener, host.timeout) {
+                Ok(fd) => fd,
+                Err(e) if i == 0 && e.is_timeout() => {
+                    return Err(Idle {
+                        waited: host.timeout,
+                    }
+                    .into())
+                }
+                Err(e) => return Err(e).context("waiting for a LAN session on WKP+2"),
+            };
             fds.push(fd);
             reason = lan_greet(host, fd, ch)?;
         }
@@ -372,8 +413,25 @@ fn fs_agent_open(host: &Host) -> Result<FsConns> {
     ) {
         Ok(s) => Ok(s.into()),
         Err(e) if host.policy == Policy::Preferred => {
-            lan().with_context(|| format!("the STP session failed ({e}), and so did the LAN one"))
+            // The server that cannot use the array says so on WKP: not a
+            // failure, the way to the LAN session.
+            let told_lan = matches!(&e, FlowError::WrongString { got, .. }
+                if *got == WKP_LAN.escape_ascii().to_string());
+            let no_one = matches!(&e, FlowError::Timeout { step: "118", .. });
+            match lan() {
+                Ok(c) => Ok(c),
+                // An idle wait stays one; a LAN session's failure is the
+                // whole story when the STP flow never started.
+                Err(l) if told_lan || no_one => Err(l),
+                Err(l) => Err(l.context(format!(
+                    "the STP session failed ({e}), and so did the LAN one"
+                ))),
+            }
         }
+        Err(FlowError::Timeout { step: "118", .. }) => Err(Idle {
+            waited: host.timeout,
+        }
+        .into()),
         Err(e) => Err(e).context("accepting the file-system session (seed Figs. 4/4A)"),
     }
 }
@@ -383,8 +441,9 @@ fn fs_agent_open(host: &Host) -> Result<FsConns> {
 pub struct FsJob {
     /// The client's address.
     pub client: IpAddr,
-    /// The client's name in the catalog.
-    pub client_name: String,
+    /// The client's name in the catalog; `None`: the name the agent
+    /// announces (its `[client] name`), or its address if it has none.
+    pub client_name: Option<String>,
     /// The directory to back up, on the client.
     pub source: String,
     /// Full or incremental (incremental without a base becomes full).
@@ -393,53 +452,97 @@ pub struct FsJob {
     pub excludes: Vec<String>,
 }
 
+/// Reads the agent's hello on the control connection: its name.
+fn agent_name(host: &Host, control: Fd) -> Result<Option<String>> {
+    let layer = &*host.layer;
+    layer.set_read_timeout(control, Some(host.timeout))?;
+    let name = match wire::recv::<Msg>(layer, control, "the agent's hello")? {
+        Msg::AgentHello { name } => name.filter(|n| !n.trim().is_empty()),
+        other => bail!("expected the agent's hello, got {}", other.name()),
+    };
+    layer.set_read_timeout(control, None)?;
+    Ok(name)
+}
+
+/// After the data stream failed: the agent may have said why on the
+/// control connection (it sends `refused` before it aborts the stream and
+/// closes, so this read ends at once either way).
+fn refusal(host: &Host, control: Fd) -> Option<String> {
+    let layer = &*host.layer;
+    layer.set_read_timeout(control, Some(host.timeout)).ok()?;
+    match wire::recv_opt::<Msg>(layer, control) {
+        Ok(Some(Msg::Refused { message })) => Some(message),
+        _ => None,
+    }
+}
+
 /// The backup server's side of a file-system backup: opens the session to
 /// the agent, asks for `job`, writes the stream into `repo`, records the
 /// per-file errors, and marks the backup complete once it is durable.
 pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Result<Outcome> {
     let t0 = Instant::now();
-    let base = if job.level == Level::Incremental {
-        repo.latest_complete("fs", &job.client_name, &job.source)?
-    } else {
-        None
-    };
-    let level = if base.is_some() {
-        Level::Incremental
-    } else {
-        Level::Full
-    };
-    let base_manifest = match base {
-        Some(b) => repo
-            .manifest(b)?
-            .into_iter()
-            .map(|mut e| {
-                e.from_backup = e.from_backup.or(Some(b));
-                e
-            })
-            .collect(),
-        None => Vec::new(),
-    };
     let conns = fs_server_open(host, job.client)?;
     let layer = &*host.layer;
-    let mut pending = match repo.begin("fs", &job.client_name, &job.source, level.as_str(), base) {
-        Ok(p) => p,
+    let all = [conns.control, conns.errors, conns.data];
+    let prepared = (|| -> Result<_> {
+        let announced = agent_name(host, conns.control)?;
+        let client_name = job
+            .client_name
+            .clone()
+            .or(announced)
+            .unwrap_or_else(|| job.client.to_string());
+        let base = if job.level == Level::Incremental {
+            repo.latest_complete("fs", &client_name, &job.source)?
+        } else {
+            None
+        };
+        let base_manifest: Vec<_> = match base {
+            Some(b) => repo
+                .manifest(b)?
+                .into_iter()
+                .map(|mut e| {
+                    e.from_backup = e.from_backup.or(Some(b));
+                    e
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let level = if base.is_some() {
+            Level::Incremental
+        } else {
+            Level::Full
+        };
+        let pending = repo.begin("fs", &client_name, &job.source, level.as_str(), base)?;
+        Ok((pending, level, base_manifest))
+    })();
+    let (mut pending, level, base_manifest) = match prepared {
+        Ok(v) => v,
         Err(e) => {
-            close_all(layer, &[conns.control, conns.errors, conns.data]);
+            close_all(layer, &all);
             return Err(e);
         }
     };
     let id = pending.id;
+    tracing::info!(
+        backup_id = id,
+        client = %job.client,
+        level = level.as_str(),
+        "backing up {}",
+        job.source
+    );
     let (listener, fallback_port) = match wire::listen_tcp(layer, SocketAddr::new(host.bind_ip, 0))
     {
         Ok(v) => v,
         Err(e) => {
-            close_all(layer, &[conns.control, conns.errors, conns.data]);
+            close_all(layer, &all);
             let _ = repo.fail(pending, &format!("{e:#}"));
             return Err(e);
         }
     };
     if let Some(r) = &conns.lan_reason {
-        let _ = repo.note_channel(id, "tcp", Some(r));
+        if let Err(e) = repo.note_channel(id, "tcp", Some(r)) {
+            tracing::warn!("backup {id}: noting the LAN session in the catalog failed: {e:#}");
+        }
     }
     // Per-file errors arrive on their own connection while the data flows.
     let gone = Arc::new(AtomicBool::new(false));
@@ -454,7 +557,7 @@ pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Res
                 match wire::recv_opt::<Msg>(&layer, fd) {
                     Ok(Some(Msg::FileError { path, message })) => {
                         if show {
-                            eprintln!("client: {path}: {message}");
+                            tracing::warn!("client: {}: {message}", escape_control(&path));
                         }
                         v.push(FileErrorRecord { path, message })
                     }
@@ -467,6 +570,7 @@ pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Res
         })
     };
     let mut data_fd = conns.data;
+    let stream_t0 = Instant::now();
     let result = (|| -> Result<(Vec<ManifestEntry>, StreamReport, u64)> {
         wire::send(
             layer,
@@ -495,7 +599,10 @@ pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Res
         let report = match report {
             Ok(r) => r,
             Err(e) => {
-                // The agent may have said why on the control connection.
+                // The agent says why it refused on the control connection.
+                if let Some(why) = refusal(host, conns.control) {
+                    bail!("the client refused the backup: {why}");
+                }
                 return Err(e);
             }
         };
@@ -503,7 +610,7 @@ pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Res
         layer.set_read_timeout(conns.control, Some(host.timeout))?;
         match wire::recv::<Msg>(layer, conns.control, "the client's summary")? {
             Msg::BackupDone { manifest, errors } => Ok((manifest, report, errors)),
-            Msg::Refused { message } => bail!("the client refused: {message}"),
+            Msg::Refused { message } => bail!("the client refused the backup: {message}"),
             other => bail!("expected the client's summary, got {}", other.name()),
         }
     })();
@@ -515,6 +622,7 @@ pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Res
             let files = manifest.len() as u64;
             match repo.commit(pending, manifest, &report, &errors) {
                 Ok(info) => {
+                    let seconds = stream_t0.elapsed().as_secs_f64();
                     let _ = wire::send(
                         layer,
                         conns.control,
@@ -526,6 +634,7 @@ pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Res
                                 report.bytes,
                                 report.channels.summary()
                             ),
+                            seconds,
                         },
                     );
                     let reason = report.channels.reason.clone().or(conns.lan_reason.clone());
@@ -536,7 +645,10 @@ pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Res
                         errors: errors.len() as u64,
                         channel: report.channels.summary(),
                         fallback_reason: reason,
-                        seconds: t0.elapsed().as_secs_f64(),
+                        seconds,
+                        mb_per_s: mb_per_s(report.bytes, seconds),
+                        session_seconds: t0.elapsed().as_secs_f64(),
+                        file_errors: errors,
                         info: Some(info),
                     })
                 }
@@ -552,9 +664,12 @@ pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Res
                     ok: false,
                     backup_id: id,
                     message: msg.clone(),
+                    seconds: 0.0,
                 },
             );
-            let _ = repo.fail(pending, &msg);
+            if let Err(f) = repo.fail(pending, &msg) {
+                tracing::error!("backup {id}: recording the failure in the catalog failed: {f:#}");
+            }
             close_all(layer, &[conns.errors]);
             let _ = errors_thread.join();
             Err(e.context(format!("backup {id} failed and is recorded as failed")))
@@ -564,13 +679,65 @@ pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Res
     outcome
 }
 
+/// `bytes` over `seconds` in MB/s (10^6 bytes).
+pub fn mb_per_s(bytes: u64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        bytes as f64 / 1e6 / seconds
+    } else {
+        0.0
+    }
+}
+
+/// `s` with control characters (newlines, escapes) shown as escapes, for
+/// one line of a terminal. In a name, a NUL starts the escape of a byte
+/// that is not UTF-8 (`archive::name_key`) and shows as `\x`, so such a
+/// byte reads `\xe9`.
+pub fn escape_control(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_owned();
+    }
+    s.chars()
+        .map(|c| match c {
+            '\0' => "\\x".to_owned(),
+            c if c.is_control() => c.escape_default().to_string(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
 /// The agent's rules.
 #[derive(Clone, Debug, Default)]
 pub struct AgentRules {
+    /// This host's name in the catalog (`[client] name`).
+    pub name: Option<String>,
     /// Directories the server may ask for (empty: any).
     pub allowed: Vec<PathBuf>,
     /// Exclude patterns added to the server's.
     pub excludes: Vec<String>,
+}
+
+/// Longest exclude pattern an agent takes (a path is at most 4096 bytes).
+pub const MAX_EXCLUDE_LEN: usize = 4096;
+/// Most exclude patterns an agent takes.
+pub const MAX_EXCLUDES: usize = 4096;
+
+/// Bounds the server's exclude patterns: each is matched against every
+/// path of the walk.
+fn check_excludes(excludes: &[String]) -> Result<()> {
+    if excludes.len() > MAX_EXCLUDES {
+        bail!(
+            "the request has {} exclude patterns (at most {MAX_EXCLUDES}): merge them",
+            excludes.len()
+        );
+    }
+    if let Some(p) = excludes.iter().find(|p| p.len() > MAX_EXCLUDE_LEN) {
+        bail!(
+            "an exclude pattern of {} bytes (at most {MAX_EXCLUDE_LEN}) starting {:?}: shorten it",
+            p.len(),
+            &p.chars().take(40).collect::<String>()
+        );
+    }
+    Ok(())
 }
 
 fn allowed(rules: &AgentRules, source: &Path) -> Result<PathBuf> {
@@ -580,6 +747,13 @@ fn allowed(rules: &AgentRules, source: &Path) -> Result<PathBuf> {
             source.display()
         )
     })?;
+    if !canon.is_dir() {
+        bail!(
+            "the requested source {} is not a directory: a file-system backup takes a \
+             directory (back up its parent, or use `stp backup client db --from-command`)",
+            canon.display()
+        );
+    }
     if rules.allowed.is_empty() {
         return Ok(canon);
     }
@@ -591,21 +765,37 @@ fn allowed(rules: &AgentRules, source: &Path) -> Result<PathBuf> {
         }
     }
     bail!(
-        "{} is outside the directories this agent may back up ({:?}); add it to [backup.client] allow",
+        "{} is outside the directories this agent may back up ({}); add it to `allow` in the \
+         [client] section of the agent's backup configuration",
         canon.display(),
-        rules.allowed
+        rules
+            .allowed
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     )
 }
 
 /// The agent's side of one file-system backup: accepts the server's
 /// session, backs up the requested directory, and reports per-file errors
-/// on the errors connection.
+/// on the errors connection. A request it refuses is answered with the
+/// reason on the control connection and the data stream is aborted with
+/// it, so the server records why.
 pub fn fs_agent(host: &Host, rules: &AgentRules, opts: RunOptions) -> Result<Outcome> {
-    let t0 = Instant::now();
     let conns = fs_agent_open(host)?;
+    // The session's time starts when it arrives, not while waiting.
+    let t0 = Instant::now();
     let layer = &*host.layer;
     let mut data_fd = conns.data;
     let res = (|| -> Result<Outcome> {
+        wire::send(
+            layer,
+            conns.control,
+            &Msg::AgentHello {
+                name: rules.name.clone(),
+            },
+        )?;
         // The request follows the session at once.
         layer.set_read_timeout(conns.control, Some(host.timeout))?;
         let (id, level, source, mut excludes, base, port) =
@@ -621,17 +811,38 @@ pub fn fs_agent(host: &Host, rules: &AgentRules, opts: RunOptions) -> Result<Out
                 other => bail!("expected a backup request, got {}", other.name()),
             };
         layer.set_read_timeout(conns.control, None)?;
-        let root = match allowed(rules, Path::new(&source)) {
+        tracing::info!(
+            backup_id = id,
+            level = level.as_str(),
+            channel = if conns.lan_reason.is_some() {
+                "tcp"
+            } else {
+                "stp"
+            },
+            "the server asks for {source}"
+        );
+        let root = match check_excludes(&excludes).and_then(|()| allowed(rules, Path::new(&source)))
+        {
             Ok(r) => r,
             Err(e) => {
+                let message = format!("{e:#}");
                 let _ = wire::send(
                     layer,
                     conns.control,
                     &Msg::Refused {
-                        message: format!("{e:#}"),
+                        message: message.clone(),
                     },
                 );
-                return Err(e);
+                PipeSender::new(
+                    layer,
+                    conns.data,
+                    None,
+                    host.policy,
+                    id as u64,
+                    Progress::hidden(),
+                )
+                .abort(&message);
+                return Err(e.context(format!("refused backup {id} of {source}")));
             }
         };
         excludes.extend(rules.excludes.iter().cloned());
@@ -681,13 +892,15 @@ pub fn fs_agent(host: &Host, rules: &AgentRules, opts: RunOptions) -> Result<Out
         let _ = layer.shutdown_write(conns.errors);
         let files = manifest.len() as u64;
         wire::send(layer, conns.control, &Msg::BackupDone { manifest, errors })?;
-        match wire::recv::<Msg>(layer, conns.control, "the server's result")? {
-            Msg::BackupResult { ok: true, .. } => {}
+        let seconds = match wire::recv::<Msg>(layer, conns.control, "the server's result")? {
+            Msg::BackupResult {
+                ok: true, seconds, ..
+            } => seconds,
             Msg::BackupResult { message, .. } => {
                 bail!("the server could not record the backup: {message}")
             }
             other => bail!("expected the server's result, got {}", other.name()),
-        }
+        };
         Ok(Outcome {
             backup_id: id,
             bytes: report.bytes,
@@ -695,7 +908,10 @@ pub fn fs_agent(host: &Host, rules: &AgentRules, opts: RunOptions) -> Result<Out
             errors,
             channel: report.channels.summary(),
             fallback_reason: report.channels.reason.or(conns.lan_reason.clone()),
-            seconds: t0.elapsed().as_secs_f64(),
+            seconds,
+            mb_per_s: mb_per_s(report.bytes, seconds),
+            session_seconds: t0.elapsed().as_secs_f64(),
+            file_errors: Vec::new(),
             info: None,
         })
     })();
@@ -746,9 +962,16 @@ fn db_client_open(host: &Host, server: IpAddr) -> Result<DbConn> {
 
 /// Server side: waits for a database session on WKP (the seed's flow) and,
 /// unless the policy is `always`, for a LAN session on WKP+2 at the same
-/// time; takes whichever comes first.
+/// time; takes whichever comes first. The LAN port is bound before the
+/// flow starts, so a port in use fails at once and leaves nothing behind.
 fn db_server_open(host: &Host) -> Result<DbConn> {
     let lan_only = host.policy == Policy::Never;
+    let listener = if host.policy == Policy::Always {
+        None
+    } else {
+        Some(wire::listen_tcp(&host.layer, SocketAddr::new(host.bind_ip, host.lan_port()?))?.0)
+    };
+    let deadline = Instant::now() + host.timeout;
     let (tx, rx) = mpsc::channel();
     if !lan_only {
         let h = host.clone();
@@ -762,33 +985,48 @@ fn db_server_open(host: &Host) -> Result<DbConn> {
                 h.psk.as_deref(),
                 h.timeout,
             );
-            let _ = tx.send(r);
+            if let Err(Ok(s)) = tx.send(r).map_err(|e| e.0) {
+                // Nobody waits for it any more (cannot happen while the
+                // caller holds the receiver): do not leak the session.
+                let _ = s.close(&h.layer);
+            }
         });
     }
-    if host.policy == Policy::Always {
+    let idle_or = |e: FlowError| -> anyhow::Error {
+        if matches!(&e, FlowError::Timeout { step: "222", .. }) {
+            Idle {
+                waited: host.timeout,
+            }
+            .into()
+        } else {
+            anyhow!(e).context("accepting the database session (seed Fig. 5)")
+        }
+    };
+    let Some(listener) = listener else {
         return match rx.recv() {
             Ok(Ok(s)) => Ok(DbConn {
                 data: s.data,
                 lan_reason: None,
             }),
-            Ok(Err(e)) => Err(e).context("accepting the database session (seed Fig. 5)"),
+            Ok(Err(e)) => Err(idle_or(e)),
             Err(_) => bail!("the session thread ended without an answer"),
         };
-    }
-    let (listener, _) =
-        wire::listen_tcp(&host.layer, SocketAddr::new(host.bind_ip, host.lan_port()?))?;
-    let deadline = Instant::now() + host.timeout;
+    };
     let mut flow_error = None;
+    let mut flow_done = lan_only;
     let res = loop {
-        if let Ok(r) = rx.try_recv() {
-            match r {
-                Ok(s) => {
-                    break Ok(DbConn {
-                        data: s.data,
-                        lan_reason: None,
-                    })
+        if !flow_done {
+            if let Ok(r) = rx.try_recv() {
+                flow_done = true;
+                match r {
+                    Ok(s) => {
+                        break Ok(DbConn {
+                            data: s.data,
+                            lan_reason: None,
+                        })
+                    }
+                    Err(e) => flow_error = Some(e),
                 }
-                Err(e) => flow_error = Some(e),
             }
         }
         match host.layer.accept(listener, Duration::from_millis(100)) {
@@ -800,7 +1038,7 @@ fn db_server_open(host: &Host) -> Result<DbConn> {
                     })
                 }
                 Err(e) => {
-                    eprintln!("stp backup: {e:#}");
+                    tracing::warn!("a LAN session was refused: {e:#}");
                     wire::close_quietly(&host.layer, fd)
                 }
             },
@@ -808,18 +1046,32 @@ fn db_server_open(host: &Host) -> Result<DbConn> {
             Err(e) => break Err(anyhow!(e).context("waiting for a LAN session on WKP+2")),
         }
         if Instant::now() >= deadline {
+            // The flow's own deadline is a moment later: take its answer
+            // (a session that arrived just now is taken, not dropped).
+            if !flow_done {
+                flow_done = true;
+                match rx.recv() {
+                    Ok(Ok(s)) => {
+                        break Ok(DbConn {
+                            data: s.data,
+                            lan_reason: None,
+                        })
+                    }
+                    Ok(Err(e)) => flow_error = Some(e),
+                    Err(_) => {}
+                }
+            }
             break Err(match flow_error.take() {
-                Some(e) => anyhow!(e).context("no database session arrived"),
-                None => anyhow!(
-                    "no database session arrived within {:?} (on WKP {} or the LAN port)",
-                    host.timeout,
-                    host.wkp
-                ),
+                None => Idle {
+                    waited: host.timeout,
+                }
+                .into(),
+                Some(e) => idle_or(e),
             });
         }
     };
     wire::close_quietly(&host.layer, listener);
-    if matches!(&res, Ok(c) if c.lan_reason.is_some()) {
+    if !flow_done && matches!(&res, Ok(c) if c.lan_reason.is_some()) {
         end_flow_thread(host, &rx);
     }
     res
@@ -938,13 +1190,15 @@ pub fn db_backup(
         }
         let files = manifest.len() as u64;
         wire::send(layer, data_fd, &Msg::DbDone { manifest })?;
-        match wire::recv::<Msg>(layer, data_fd, "the server's result")? {
-            Msg::BackupResult { ok: true, .. } => {}
+        let seconds = match wire::recv::<Msg>(layer, data_fd, "the server's result")? {
+            Msg::BackupResult {
+                ok: true, seconds, ..
+            } => seconds,
             Msg::BackupResult { message, .. } => {
                 bail!("the server could not record the backup: {message}")
             }
             other => bail!("expected the server's result, got {}", other.name()),
-        }
+        };
         Ok(Outcome {
             backup_id: id,
             bytes: report.bytes,
@@ -952,7 +1206,10 @@ pub fn db_backup(
             errors: 0,
             channel: report.channels.summary(),
             fallback_reason: report.channels.reason.or(conn.lan_reason.clone()),
-            seconds: t0.elapsed().as_secs_f64(),
+            seconds,
+            mb_per_s: mb_per_s(report.bytes, seconds),
+            session_seconds: t0.elapsed().as_secs_f64(),
+            file_errors: Vec::new(),
             info: None,
         })
     })();
@@ -1113,11 +1370,15 @@ pub fn db_serve(host: &Host, repo: &Repo, opts: RunOptions) -> Result<Outcome> {
     };
     let mut pending = repo.begin("db", &client, &src_desc, "full", None)?;
     let id = pending.id;
+    tracing::info!(backup_id = id, client = %client, "database backup of {dbname}");
     if let Some(r) = &conn.lan_reason {
-        let _ = repo.note_channel(id, "tcp", Some(r));
+        if let Err(e) = repo.note_channel(id, "tcp", Some(r)) {
+            tracing::warn!("backup {id}: noting the LAN session in the catalog failed: {e:#}");
+        }
     }
     let mut data_fd = conn.data;
     let listener = wire::listen_tcp(layer, SocketAddr::new(host.bind_ip, 0));
+    let stream_t0 = Instant::now();
     let res = (|| -> Result<(Vec<ManifestEntry>, StreamReport)> {
         let (listener, port) = listener?;
         let r = (|| {
@@ -1156,6 +1417,7 @@ pub fn db_serve(host: &Host, repo: &Repo, opts: RunOptions) -> Result<Outcome> {
         Ok((manifest, report)) => {
             let files = manifest.len() as u64;
             let info = repo.commit(pending, manifest, &report, &[]);
+            let seconds = stream_t0.elapsed().as_secs_f64();
             let (ok, message) = match &info {
                 Ok(_) => (true, format!("backup {id} complete")),
                 Err(e) => (false, format!("{e:#}")),
@@ -1167,6 +1429,7 @@ pub fn db_serve(host: &Host, repo: &Repo, opts: RunOptions) -> Result<Outcome> {
                     ok,
                     backup_id: id,
                     message,
+                    seconds,
                 },
             );
             let info = info?;
@@ -1177,13 +1440,18 @@ pub fn db_serve(host: &Host, repo: &Repo, opts: RunOptions) -> Result<Outcome> {
                 errors: 0,
                 channel: report.channels.summary(),
                 fallback_reason: report.channels.reason.or(conn.lan_reason.clone()),
-                seconds: t0.elapsed().as_secs_f64(),
+                seconds,
+                mb_per_s: mb_per_s(report.bytes, seconds),
+                session_seconds: t0.elapsed().as_secs_f64(),
+                file_errors: Vec::new(),
                 info: Some(info),
             })
         }
         Err(e) => {
             let msg = format!("{e:#}");
-            let _ = repo.fail(pending, &msg);
+            if let Err(f) = repo.fail(pending, &msg) {
+                tracing::error!("backup {id}: recording the failure in the catalog failed: {f:#}");
+            }
             Err(e.context(format!("backup {id} failed and is recorded as failed")))
         }
     };

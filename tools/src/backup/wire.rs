@@ -105,6 +105,11 @@ pub enum Msg {
         backup_id: i64,
         /// A human summary, or what went wrong.
         message: String,
+        /// Seconds from the start of the data stream to the backup durable
+        /// and recorded, as the server measured them (both sides report
+        /// this figure).
+        #[serde(default)]
+        seconds: f64,
     },
     /// Client → server (db, first message on the data connection).
     DbRequest {
@@ -124,6 +129,12 @@ pub enum Msg {
     DbDone {
         /// The entries and their hashes.
         manifest: Vec<ManifestEntry>,
+    },
+    /// Agent → server (fs control), first: who the agent is.
+    AgentHello {
+        /// The agent's name in the catalog (`[client] name`), if it has
+        /// one.
+        name: Option<String>,
     },
     /// First message of each connection of a LAN session (no STP at all),
     /// after the acceptor's 32-byte challenge.
@@ -158,6 +169,7 @@ impl Msg {
             Msg::DbRequest { .. } => "db_request",
             Msg::DbAccept { .. } => "db_accept",
             Msg::DbDone { .. } => "db_done",
+            Msg::AgentHello { .. } => "agent_hello",
             Msg::LanHello { .. } => "lan_hello",
             Msg::LanOk { .. } => "lan_ok",
         }
