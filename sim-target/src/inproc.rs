@@ -17,6 +17,11 @@
 //! [`Reply::is_aborted`]. A timeout or wait of [`Duration::MAX`] (or any
 //! too large to add to the clock) means "never".
 //!
+//! With [`InProcOptions::link_bytes_per_sec`] a path has a link of that
+//! rate: a command reaches the array once its data-out has crossed it, one
+//! command after another, so commands queue on the path as on a fabric
+//! slower than the hosts.
+//!
 //! Data moves between the initiator's own [`IoBuf`] and the array, with no
 //! buffer of the front end's in between. Per command the path allocates
 //! only the boxed reply; the completion queue's storage and the abort

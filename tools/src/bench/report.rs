@@ -82,7 +82,13 @@ pub mod targets {
     /// STP goodput ≥ 0.8× that run's ceiling (the smaller of the mailbox
     /// ceiling and the protection ceiling).
     pub const STP_GOODPUT_VS_CEILING: f64 = 0.8;
+    /// The aggregate goodput of 16 connections on one STG ≥ 0.9× one
+    /// connection's.
+    pub const STP_CONNECTIONS_VS_ONE: f64 = 0.9;
 }
+
+/// The run of 16 concurrent vendor-mode connections on the STG.
+pub const CONNECTIONS_RUN: &str = "stp-vendor-connections-16";
 
 /// The mixed block case: `--rw randrw --rwmix 70 --bssplit
 /// 4k/60,64k/30,1m/10 --depth 16` (fio: `--rw=randrw --rwmixread=70
@@ -870,6 +876,9 @@ pub struct Ratios {
     pub stp_vendor_goodput_vs_mailbox_ceiling: Option<Ratio>,
     /// STP block-mode goodput / `block_ceiling_mbps` (no target).
     pub stp_block_goodput_vs_mailbox_ceiling: Option<Ratio>,
+    /// The aggregate goodput of 16 concurrent vendor-mode connections /
+    /// one connection's.
+    pub stp_vendor_16_connections_vs_1: Option<Ratio>,
     /// The ceilings those two divide by.
     #[serde(skip)]
     pub ceilings: Ceilings,
@@ -986,6 +995,15 @@ impl Ratios {
             Some(targets::STP_RTT_VS_RAW_QD1),
         );
         out.stp_block_rtt_p999_vs_own_p50 = tail("stp-block-rtt", Some(targets::STP_TAIL_VS_P50));
+        if let (Some(n), Some(one)) = (r.get(CONNECTIONS_RUN), r.get("stp-vendor-goodput")) {
+            out.stp_vendor_16_connections_vs_1 = Some(Ratio::new(
+                "mb_per_s",
+                (n.mb_per_s, format!("{CONNECTIONS_RUN} (aggregate, MB/s)")),
+                (one.mb_per_s, "stp-vendor-goodput (one connection)".into()),
+                Better::Higher,
+                Some(targets::STP_CONNECTIONS_VS_ONE),
+            ));
+        }
         if let (Some(s), Some(t)) = (r.get("stp-vendor-goodput"), r.get("tcp-goodput")) {
             out.stp_vendor_goodput_vs_tcp = Some(Ratio::new(
                 "mb_per_s",
@@ -1044,7 +1062,7 @@ impl Ratios {
         v
     }
 
-    fn singles(&self) -> [(&'static str, Option<&Ratio>); 12] {
+    fn singles(&self) -> [(&'static str, Option<&Ratio>); 13] {
         [
             (
                 "stp_rtt_p50_vs_raw_qd1_write_plus_read",
@@ -1093,6 +1111,10 @@ impl Ratios {
             (
                 "stp_block_goodput_vs_mailbox_ceiling",
                 self.stp_block_goodput_vs_mailbox_ceiling.as_ref(),
+            ),
+            (
+                "stp_vendor_16_connections_vs_1",
+                self.stp_vendor_16_connections_vs_1.as_ref(),
             ),
         ]
     }
@@ -1276,6 +1298,7 @@ pub fn table(r: &Results, ratios: &Ratios) -> String {
     let _ = writeln!(s, "\nSTP and TCP");
     for stem in [
         "stp-vendor-goodput",
+        CONNECTIONS_RUN,
         "stp-block-goodput",
         "tcp-goodput",
         "stp-vendor-rtt",
@@ -1569,6 +1592,10 @@ mod tests {
         w("stp-vendor-rtt.json", &ours(70.0, 0.01, 14000.0, 200000.0));
         w("tcp-rtt.json", &ours(9000.0, 1.0, 100.0, 300.0));
         w(
+            "stp-vendor-connections-16.json",
+            &ours(40.0, 40.0, 20000.0, 30000.0),
+        );
+        w(
             "fio-sg-ramdisk-read-1m-qd8.err",
             "fio: something broke\nexit status 1\n",
         );
@@ -1595,6 +1622,9 @@ mod tests {
         assert!((t.ratio - 200000.0 / 14000.0).abs() < 1e-9);
         assert!(x.stp_block_goodput_vs_raw_write.is_none());
         assert!(x.stp_vendor_rtt_p50_vs_tcp.unwrap().target.is_none());
+        let c = x.stp_vendor_16_connections_vs_1.as_ref().unwrap();
+        assert!((c.ratio - 0.8).abs() < 1e-9, "40 of 50 MB/s");
+        assert_eq!(c.met, Some(false));
 
         let x = Ratios::of(&r);
         let doc = document(&r, &x);
@@ -1613,7 +1643,7 @@ mod tests {
             assert!(doc.get(key).is_some(), "missing {key}");
         }
         assert_eq!(doc["schema"], REPORT_SCHEMA);
-        assert_eq!(doc["summary"]["targets"], 5);
+        assert_eq!(doc["summary"]["targets"], 6);
         assert_eq!(doc["summary"]["met"], 1);
         assert_eq!(doc["machine"]["guest"]["kernel"], "6.1");
         let e = &doc["raw_vs_fio_sg"][0];
@@ -1632,7 +1662,7 @@ mod tests {
         }
         let text = table(&r, &x);
         assert!(text.contains("randwrite-4k-qd1"), "{text}");
-        assert!(text.contains("Targets met: 1 of 5"), "{text}");
+        assert!(text.contains("Targets met: 1 of 6"), "{text}");
         assert!(text.contains("fio-sg-ramdisk-read-1m-qd8"), "{text}");
         assert!(plot(&r).starts_with("<?xml"));
         std::fs::remove_dir_all(&d).unwrap();
