@@ -40,7 +40,7 @@
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -201,6 +201,8 @@ struct Shared {
     tx_in_flight: AtomicUsize,
     /// This stream's frames being sealed on the sealing threads.
     sealing: AtomicUsize,
+    /// Frames received that failed to open (dropped).
+    unauthentic: AtomicU64,
     /// The most SENDs worth keeping in flight ([`Mailbox::send_window`]).
     tx_window: usize,
     /// Where more receive pumps get their mailboxes.
@@ -486,9 +488,22 @@ impl Shared {
         }
         let mut opened = Vec::with_capacity(at.len());
         for offset in at {
-            if let Ok(h) = self.cipher.open(self.in_dir, &mut buf[offset..]) {
-                let start = offset + HEADER_LEN;
-                opened.push((h, start..start + h.payload_len as usize));
+            match self.cipher.open(self.in_dir, &mut buf[offset..]) {
+                Ok(h) => {
+                    let start = offset + HEADER_LEN;
+                    opened.push((h, start..start + h.payload_len as usize));
+                }
+                Err(e) => {
+                    let n = self.unauthentic.fetch_add(1, Relaxed) + 1;
+                    if n.is_power_of_two() {
+                        tracing::warn!(
+                            port = self.binding.port,
+                            dropped = n,
+                            "a frame failed to open ({e}) and was dropped: a peer with another \
+                             key or protection, or bytes damaged or forged on the SAN"
+                        );
+                    }
+                }
             }
         }
         (opened, foreign)
@@ -600,6 +615,7 @@ fn push_control(inner: &mut Inner, buf: IoBuf, seqs: Vec<u64>) {
 fn pump(shared: Weak<Shared>, mut rx: Box<dyn Mailbox>, pool: Arc<BufPool>) {
     let mut want = IDLE_RECV_BYTES;
     let mut quiet = 0;
+    let mut failures: u32 = 0;
     let mut buf = pool.get(want);
     loop {
         let Some(s) = shared.upgrade() else { return };
@@ -612,6 +628,7 @@ fn pump(shared: Weak<Shared>, mut rx: Box<dyn Mailbox>, pool: Arc<BufPool>) {
         let binding = s.binding;
         drop(s); // do not keep the stream alive across a long poll
         let got = rx.receive_into(&binding, &mut buf, want, POLL);
+        let got_ok = got.is_ok();
         let Some(s) = shared.upgrade() else { return };
         match got {
             Ok(()) if !buf.is_empty() => {
@@ -648,7 +665,23 @@ fn pump(shared: Weak<Shared>, mut rx: Box<dyn Mailbox>, pool: Arc<BufPool>) {
                 s.stop(inner, Some(ConnError::BindingLost));
                 return;
             }
-            Err(_) => thread::sleep(crate::retry::POLL_PAUSE),
+            Err(e) => {
+                failures += 1;
+                // The first failure, then the 2nd, 4th, 8th…: a dead path
+                // must not flood the log.
+                if failures.is_power_of_two() {
+                    tracing::warn!(
+                        port = binding.port,
+                        failures,
+                        "a RECEIVE failed ({e}); polling again in {:?}",
+                        crate::retry::POLL_PAUSE
+                    );
+                }
+                thread::sleep(crate::retry::POLL_PAUSE)
+            }
+        }
+        if got_ok {
+            failures = 0;
         }
         if buf.capacity() < want || buf.capacity() > want.max(RECV_BYTES) {
             pool.put(std::mem::take(&mut buf));
@@ -872,6 +905,7 @@ impl StpStream {
             tx: Mutex::new(tx),
             tx_in_flight: AtomicUsize::new(0),
             sealing: AtomicUsize::new(0),
+            unauthentic: AtomicU64::new(0),
             source,
             pumps_running: AtomicUsize::new(1),
             pumps_max,
