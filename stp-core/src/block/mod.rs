@@ -1577,23 +1577,11 @@ impl BlockStg {
         }
     }
 
-    /// Whole frames for `binding`, packed at 8-byte aligned offsets, at
-    /// most `max` bytes; waits up to `wait` for the first.
-    pub fn receive(
-        &self,
-        binding: &Binding,
-        max: usize,
-        wait: Duration,
-    ) -> Result<Vec<u8>, MailboxError> {
-        let mut buf = IoBuf::default();
-        self.receive_into(binding, &mut buf, max, wait)?;
-        Ok(buf.to_vec())
-    }
-
-    /// As [`receive`](Self::receive), into `buf` (its allocation reused):
-    /// the frames are copied once, from the slot buffers they were read
-    /// into, packed at 8-byte aligned offsets. On success `buf.len()` is
-    /// the bytes received (0: none arrived).
+    /// Whole frames for `binding`, at most `max` bytes, into `buf` (its
+    /// allocation reused), waiting up to `wait` for the first: the frames
+    /// are copied once, from the slot buffers they were read into, packed
+    /// at 8-byte aligned offsets. On success `buf.len()` is the bytes
+    /// received (0: none arrived).
     pub fn receive_into(
         &self,
         binding: &Binding,
