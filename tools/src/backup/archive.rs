@@ -132,32 +132,56 @@ impl WalkOptions {
 
 /// Matches `text` against a glob: `*` any run of characters but `/`, `**`
 /// any run including `/`, `?` one character but `/`.
+///
+/// Time is bounded by pattern length × text length, whatever the pattern
+/// (patterns come from the server's backup request too): one pass over
+/// the text per pattern token, no backtracking.
 pub fn glob(pattern: &str, text: &str) -> bool {
-    fn go(p: &[u8], t: &[u8]) -> bool {
-        match p.first() {
-            None => t.is_empty(),
-            Some(b'*') if p.get(1) == Some(&b'*') => {
-                let rest = &p[2..];
-                (0..=t.len()).any(|i| go(rest, &t[i..]))
-            }
-            Some(b'*') => {
-                let rest = &p[1..];
-                let mut i = 0;
-                loop {
-                    if go(rest, &t[i..]) {
-                        return true;
-                    }
-                    if i == t.len() || t[i] == b'/' {
-                        return false;
-                    }
-                    i += 1;
+    let t = text.as_bytes();
+    // ok[j]: the pattern so far matches t[..j].
+    let mut ok = vec![false; t.len() + 1];
+    ok[0] = true;
+    let mut next = vec![false; t.len() + 1];
+    let mut p = pattern.as_bytes();
+    while let Some(&c) = p.first() {
+        let step = if c == b'*' && p.get(1) == Some(&b'*') {
+            2
+        } else {
+            1
+        };
+        match (c, step) {
+            (b'*', 2) => {
+                // Any run: t[..j] matches if some prefix t[..i], i ≤ j, did.
+                next[0] = ok[0];
+                for j in 1..=t.len() {
+                    next[j] = ok[j] || next[j - 1];
                 }
             }
-            Some(b'?') => !t.is_empty() && t[0] != b'/' && go(&p[1..], &t[1..]),
-            Some(&c) => t.first() == Some(&c) && go(&p[1..], &t[1..]),
+            (b'*', _) => {
+                next[0] = ok[0];
+                for j in 1..=t.len() {
+                    next[j] = ok[j] || (next[j - 1] && t[j - 1] != b'/');
+                }
+            }
+            _ => {
+                next[0] = false;
+                for j in 1..=t.len() {
+                    let fits = if c == b'?' {
+                        t[j - 1] != b'/'
+                    } else {
+                        t[j - 1] == c
+                    };
+                    next[j] = ok[j - 1] && fits;
+                }
+            }
         }
+        std::mem::swap(&mut ok, &mut next);
+        if !ok.contains(&true) {
+            return false;
+        }
+        p = &p[step..];
     }
-    go(pattern.as_bytes(), text.as_bytes())
+    ok[t.len()]
 }
 
 /// True if relative path `rel` is excluded: a pattern without `/` matches
@@ -909,6 +933,27 @@ mod tests {
         assert!(!excluded(&["/top".into()], "x/top"));
         assert!(excluded(&["x/cache".into()], "a/x/cache"));
         assert!(!excluded(&["*.tmp".into()], "a.tmpx"));
+    }
+
+    /// Many `**` against a long text that almost matches: the old
+    /// backtracking matcher took time exponential in the number of `**`
+    /// (found by fuzzing; a server's exclude pattern could stall a
+    /// client). The answer must come at once.
+    #[test]
+    fn globs_do_not_backtrack() {
+        let text = "a/".repeat(2000);
+        let pattern = "**a".repeat(40) + "b";
+        let start = std::time::Instant::now();
+        assert!(!glob(&pattern, &text));
+        assert!(glob(&("**a".repeat(40) + "/"), &text));
+        assert!(!excluded(&[pattern], &text));
+        assert!(start.elapsed() < std::time::Duration::from_secs(2));
+        assert!(glob("a**", "a/b/c"));
+        assert!(glob("**", ""));
+        assert!(!glob("?", ""));
+        assert!(glob("a*b?c", "axxbyc"));
+        assert!(!glob("a*c", "a/c"));
+        assert!(glob("*/c", "a/c"));
     }
 
     #[test]
