@@ -38,3 +38,8 @@ vm-test *FILTER:
 # Ratio table; writes target/bench/lio.json.
 bench-lio *ARGS:
     scripts/bench-lio {{ARGS}}
+
+# Fuzz one target for SECONDS (cargo fuzz, nightly; docs/FUZZING.md).
+# `just fuzz --list` names the targets, `just fuzz --smoke 10` runs each.
+fuzz TARGET SECONDS="600":
+    scripts/fuzz {{TARGET}} {{SECONDS}}

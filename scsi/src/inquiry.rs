@@ -671,13 +671,26 @@ fn is_pad(b: &u8) -> bool {
     *b == b' ' || *b == 0
 }
 
-/// Text with trailing spaces and NULs dropped, decoded lossily.
+/// Text with trailing spaces and NULs dropped; every byte that is not
+/// printable ASCII (a control character, an escape sequence, anything
+/// above 0x7E) becomes `?`, one per byte, so a device's text is safe to
+/// print and emits back to the same bytes.
 fn ascii_trim_end(bytes: &[u8]) -> String {
     let end = bytes.iter().rposition(|b| !is_pad(b)).map_or(0, |i| i + 1);
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
+    bytes[..end]
+        .iter()
+        .map(|&b| {
+            if (0x20..0x7F).contains(&b) {
+                char::from(b)
+            } else {
+                '?'
+            }
+        })
+        .collect()
 }
 
-/// Text with leading and trailing spaces and NULs dropped, decoded lossily.
+/// Text with leading and trailing spaces and NULs dropped, as
+/// [`ascii_trim_end`].
 fn ascii_trim(bytes: &[u8]) -> String {
     let start = bytes.iter().position(|b| !is_pad(b)).unwrap_or(bytes.len());
     ascii_trim_end(&bytes[start..])
@@ -695,6 +708,25 @@ fn put_ascii(dst: &mut [u8], s: &str) {
 mod tests {
     use super::*;
     use crate::sense::{Asc, Sense, SenseKey};
+
+    /// Text fields keep printable ASCII only: control characters (a
+    /// terminal escape from a hostile device), inner NULs and bytes above
+    /// 0x7E each read as `?`, and the result emits back to itself. (Found
+    /// by fuzzing: lossy UTF-8 decoding turned the bytes into U+FFFD, which
+    /// emitted as `?`, and kept control characters.)
+    #[test]
+    fn text_fields_are_printable_ascii() {
+        let data = [
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x04, 0, 0x80, 0x83, 0xb0,
+        ];
+        let std = StandardInquiry::parse(&data).unwrap();
+        assert_eq!(std.vendor, "????????");
+        assert_eq!(std.product, "?");
+        assert_eq!(StandardInquiry::parse(&std.to_bytes()).unwrap(), std);
+        let mut esc = StandardInquiry::parse(&data).unwrap().to_bytes();
+        esc[8..16].copy_from_slice(b"\x1b[2JSTP1");
+        assert_eq!(StandardInquiry::parse(&esc).unwrap().vendor, "?[2JSTP1");
+    }
     use crate::transport::{Completion, Outcome, SubmitError};
     use proptest::prelude::*;
     use std::collections::{BTreeMap, VecDeque};

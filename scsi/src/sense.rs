@@ -222,7 +222,8 @@ pub struct Sense {
     pub information: Option<u64>,
     /// The COMMAND-SPECIFIC INFORMATION field, if non-zero / present.
     pub command_specific: Option<u64>,
-    /// The three sense-key-specific bytes, present only when SKSV is set.
+    /// The three sense-key-specific bytes, present only when SKSV is set;
+    /// held with the SKSV bit clear, as parsed (emitting sets it).
     pub sense_key_specific: Option<[u8; 3]>,
     /// Field replaceable unit code (0 = none).
     pub fru: u8,
@@ -287,7 +288,8 @@ impl Sense {
 
     /// Sets the sense-key-specific bytes to a field pointer.
     pub fn with_field_pointer(mut self, ptr: FieldPointer) -> Sense {
-        self.sense_key_specific = Some(ptr.to_sks());
+        let [b0, hi, lo] = ptr.to_sks();
+        self.sense_key_specific = Some([b0 & 0x7F, hi, lo]);
         self
     }
 
@@ -510,6 +512,26 @@ impl fmt::Display for Sense {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// A sense built with a field pointer equals what an initiator parses
+    /// from its bytes, in either format. (Found by fuzzing the array: the
+    /// built sense held the SKSV bit in its sense-key-specific bytes, the
+    /// parsed one did not, so the array's sense never compared equal to
+    /// the same sense read back.)
+    #[test]
+    fn field_pointer_sense_equals_its_parse() {
+        let built = Sense::invalid_field_in_cdb(1, Some(0));
+        assert_eq!(built.sense_key_specific, Some([0x48, 0, 1]));
+        assert_eq!(Sense::parse(&built.to_fixed()).unwrap(), built);
+        assert_eq!(
+            Sense::parse(&built.to_descriptor()).unwrap(),
+            Sense {
+                format: SenseFormat::Descriptor,
+                ..built.clone()
+            }
+        );
+        assert_eq!(built.to_fixed()[15], 0xC8, "SKSV is set on the wire");
+    }
 
     #[test]
     fn fixed_invalid_opcode_from_lio() {

@@ -104,6 +104,13 @@ pub struct ManifestEntry {
     pub status: String,
 }
 
+/// Reads a manifest as the repository stores it (a JSON array of
+/// entries). Accepts any bytes; checks no paths ([`safe_relative`] does,
+/// before any is used).
+pub fn read_manifest(reader: impl Read) -> Result<Vec<ManifestEntry>> {
+    Ok(serde_json::from_reader(reader)?)
+}
+
 /// An entry of the base backup, as the server sends it for an
 /// incremental backup.
 pub type BaseEntry = ManifestEntry;

@@ -140,8 +140,15 @@ impl BackupConfig {
                 path.display()
             )
         })?;
-        let mut cfg: BackupConfig = toml::from_str(&text)
-            .with_context(|| format!("the backup configuration {} is malformed", path.display()))?;
+        BackupConfig::parse(&text, path)
+            .with_context(|| format!("the backup configuration {} is malformed", path.display()))
+    }
+
+    /// Parses and checks the text of the file at `path` (a relative
+    /// `stp_config` is taken from `path`'s directory; nothing is read).
+    /// Accepts any text.
+    pub fn parse(text: &str, path: &Path) -> Result<BackupConfig> {
+        let mut cfg: BackupConfig = toml::from_str(text)?;
         if cfg.stp_config.is_relative() {
             if let Some(dir) = path.parent() {
                 cfg.stp_config = dir.join(&cfg.stp_config);
@@ -346,13 +353,18 @@ pub(crate) fn directory_from_map(path: &Path, host: usize) -> Result<MapDirector
             path.display()
         )
     })?;
-    let map: DeviceMap = serde_json::from_str(&text)
-        .with_context(|| format!("the device map {} is malformed", path.display()))?;
+    parse_device_map(&text, host).with_context(|| format!("the device map {}", path.display()))
+}
+
+/// The LUNs host `host` reaches in the text of a sim-target device map.
+/// Accepts any text.
+pub fn parse_device_map(text: &str, host: usize) -> Result<MapDirectory> {
+    let map: DeviceMap = serde_json::from_str(text).context("malformed")?;
     let h = map
         .hosts
         .iter()
         .find(|h| h.index == host)
-        .with_context(|| format!("the device map {} has no host {host}", path.display()))?;
+        .with_context(|| format!("no host {host}"))?;
     let mut dir = MapDirectory::new();
     for l in &h.luns {
         dir.insert(

@@ -667,7 +667,7 @@ impl Repo {
                 p.display()
             )
         })?;
-        serde_json::from_reader(BufReader::new(f))
+        archive::read_manifest(BufReader::new(f))
             .with_context(|| format!("the manifest {} is damaged", p.display()))
     }
 

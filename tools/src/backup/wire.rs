@@ -265,14 +265,19 @@ pub fn recv_opt<T: DeserializeOwned>(layer: &SocketLayer, fd: Fd) -> Result<Opti
     layer
         .recv_exact(fd, &mut body)
         .with_context(|| format!("receiving a control message body on descriptor {fd}"))?;
-    let msg = serde_json::from_slice(&body).with_context(|| {
+    decode(&body).map(Some)
+}
+
+/// Decodes a control message's body (the JSON after the length). Accepts
+/// any bytes: a malformed body is an error quoting its start.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
+    serde_json::from_slice(body).with_context(|| {
         format!(
             "the peer sent a malformed control message ({}…): is it an stp backup peer of \
              the same version?",
             String::from_utf8_lossy(&body[..body.len().min(80)])
         )
-    })?;
-    Ok(Some(msg))
+    })
 }
 
 /// Receives one message; an end of stream is an error naming `waiting_for`.
