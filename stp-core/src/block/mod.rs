@@ -962,9 +962,6 @@ pub struct BlockStg {
     counters: Counters,
     stop: AtomicBool,
     stalled: AtomicBool,
-    /// This host sent frames to another since the poller last looked: an
-    /// answer may follow, so the poller polls at its shortest interval.
-    sent: AtomicBool,
     wake: Mutex<bool>,
     wake_cv: Condvar,
     stale: Mutex<Option<(usize, u64)>>,
@@ -1253,7 +1250,6 @@ impl BlockStg {
             counters: Counters::default(),
             stop: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
-            sent: AtomicBool::new(false),
             wake: Mutex::new(false),
             wake_cv: Condvar::new(),
             stale: Mutex::new(None),
@@ -1744,12 +1740,6 @@ impl BlockStg {
                 .unwrap_or_else(|| unreachable!("a lane to every other host"));
             let mut lane = lock(lane);
             self.produce(&mut lane, d, slots, first_port)?;
-            drop(lane);
-            // The answer, if any, comes back on the reverse lane: look for
-            // it soon rather than after the idle back-off.
-            if !self.sent.swap(true, Ordering::AcqRel) {
-                self.kick();
-            }
         }
         Ok(())
     }
@@ -2171,8 +2161,7 @@ fn poller(weak: Weak<BlockStg>, mut lanes: Vec<ConsLane>) {
                 stg.write_consumer_blocks(lane);
             }
         }
-        let sent = stg.sent.swap(false, Ordering::AcqRel);
-        backoff = if progress || sent {
+        backoff = if progress {
             stg.config.poll_min
         } else {
             (backoff * 2).clamp(stg.config.poll_min, stg.config.poll_max)
