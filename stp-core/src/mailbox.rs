@@ -173,14 +173,6 @@ impl Mailbox for VendorMailbox {
     fn receive_parallelism(&self) -> usize {
         self.paths.len().min(MAX_RECEIVE_PUMPS)
     }
-    fn receive(
-        &mut self,
-        binding: &Binding,
-        max: usize,
-        wait: Duration,
-    ) -> Result<Vec<u8>, MailboxError> {
-        VendorMailbox::receive(self, binding, max, wait).map(|b| b.to_vec())
-    }
     fn receive_into(
         &mut self,
         binding: &Binding,

@@ -755,12 +755,6 @@ fn check_slot_size(stg: u32, layout: &BlockLayout, block_size: u32) -> Result<us
     Ok(bytes as usize)
 }
 
-fn padded_block(bytes: &[u8], block_size: u32) -> Vec<u8> {
-    let mut b = bytes.to_vec();
-    b.resize(block_size as usize, 0);
-    b
-}
-
 /// Formats `paths` (one per member, in member order) as block-mode STG
 /// `stg_id` with `layout`: writes every member's superblock and, for every
 /// lane, a producer and a consumer block with zero counts. Returns the new
@@ -874,7 +868,7 @@ pub fn format<R: RngCore + ?Sized>(
             block_size,
             generation,
         };
-        geo.write(t, 0, &padded_block(&sb.encode(), block_size))
+        geo.write(t, 0, &sb.encode())
             .map_err(|e| io_err(member, t, "writing the superblock", e))?;
     }
     Ok(generation)
@@ -1407,10 +1401,22 @@ impl BlockStg {
         }
     }
 
+    /// Runs `io` on member `m`'s path, counting a failure.
+    fn on_member<T>(
+        &self,
+        m: usize,
+        io: impl FnOnce(&Geometry, &mut dyn Transport) -> Result<T, CommandError>,
+    ) -> Result<T, CommandError> {
+        let mut t = lock(&self.members[m].path);
+        let r = io(&self.geo, t.as_mut());
+        if r.is_err() {
+            bump(&self.counters.io_errors, 1);
+        }
+        r
+    }
+
     fn read(&self, m: usize, lba: u64, blocks: u64) -> Result<IoBuf, CommandError> {
-        let mut out = IoBuf::default();
-        self.read_into(m, lba, blocks, &mut out)?;
-        Ok(out)
+        self.on_member(m, |g, t| g.read(t, lba, blocks))
     }
 
     fn read_into(
@@ -1420,30 +1426,15 @@ impl BlockStg {
         blocks: u64,
         out: &mut IoBuf,
     ) -> Result<(), CommandError> {
-        let mut t = lock(&self.members[m].path);
-        let r = self.geo.read_into(t.as_mut(), lba, blocks, out);
-        if r.is_err() {
-            bump(&self.counters.io_errors, 1);
-        }
-        r
+        self.on_member(m, |g, t| g.read_into(t, lba, blocks, out))
     }
 
     fn write_from(&self, m: usize, lba: u64, buf: &mut IoBuf) -> Result<(), CommandError> {
-        let mut t = lock(&self.members[m].path);
-        let r = self.geo.write_from(t.as_mut(), lba, buf);
-        if r.is_err() {
-            bump(&self.counters.io_errors, 1);
-        }
-        r
+        self.on_member(m, |g, t| g.write_from(t, lba, buf))
     }
 
     fn write(&self, m: usize, lba: u64, data: &[u8]) -> Result<(), CommandError> {
-        let mut t = lock(&self.members[m].path);
-        let r = self.geo.write(t.as_mut(), lba, data);
-        if r.is_err() {
-            bump(&self.counters.io_errors, 1);
-        }
-        r
+        self.on_member(m, |g, t| g.write(t, lba, data))
     }
 
     fn lane_lba(&self, src: u16, dst: u16) -> u64 {
@@ -1475,7 +1466,8 @@ impl BlockStg {
         }
         .encode();
         let lba = self.lane_lba(src, dst) + u64::from(kind == IndexKind::Consumer);
-        self.write(m, lba, &padded_block(&block, self.geo.block_size))
+        // `write` pads it to the block with zeros.
+        self.write(m, lba, &block)
     }
 
     fn kick(&self) {
