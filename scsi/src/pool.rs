@@ -17,8 +17,9 @@ use std::sync::{Mutex, OnceLock};
 
 use crate::buf::{IoBuf, PAGE_SIZE};
 
-/// Size classes: 4 KiB, 8 KiB, ... 2 MiB.
-const CLASSES: usize = 10;
+/// Size classes: 4 KiB, 8 KiB, ... 8 MiB (block mode reads up to 4 MiB of
+/// slots per command).
+const CLASSES: usize = 12;
 
 /// Buffers by size class, reused without zeroing.
 #[derive(Debug)]

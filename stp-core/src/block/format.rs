@@ -273,6 +273,14 @@ impl IndexBlock {
     }
 }
 
+/// The bytes a slot says it uses (its header and `count` frame bytes), from
+/// its first bytes; `None` when they do not hold a header. Untrusted: only
+/// a hint of how much to read ([`open_slot`] checks it).
+pub fn slot_used(head: &[u8]) -> Option<usize> {
+    let (raw, _) = RawSlotHeader::ref_from_prefix(head).ok()?;
+    Some(SLOT_HEADER_LEN + raw.count.get() as usize)
+}
+
 /// Why a slot's contents are not trusted.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

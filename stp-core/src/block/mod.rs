@@ -63,10 +63,19 @@ use crate::stg::{BlockLayout, MAX_HOSTS};
 use crate::vendor::MailboxError;
 use crate::wire::{Frames, ALIGN, HEADER_LEN, MAX_PAYLOAD};
 
+mod batch;
 mod format;
+mod lane;
+mod poll;
+
+use batch::BatchIo;
+use lane::{Consumer, Index, Producer, Slot, SlotPos};
+use poll::{PollSchedule, Reads};
+
+pub use poll::PollConfig;
 
 pub use format::{
-    open_slot, seal_slot, IndexBlock, IndexError, IndexKind, RawIndex, RawSlotHeader,
+    open_slot, seal_slot, slot_used, IndexBlock, IndexError, IndexKind, RawIndex, RawSlotHeader,
     RawSuperblock, SlotError, Superblock, SuperblockError, CONSUMER_MAGIC, INDEX_LEN,
     PRODUCER_MAGIC, SLOT_HEADER_LEN, SUPERBLOCK_LEN, SUPERBLOCK_MAGIC,
 };
@@ -350,10 +359,9 @@ pub struct BlockConfig {
     /// How long a sender waits for a free slot before
     /// [`Refusal::QueueFull`].
     pub ring_full_wait: Duration,
-    /// The shortest poll interval (after traffic).
-    pub poll_min: Duration,
-    /// The longest poll interval (idle).
-    pub poll_max: Duration,
+    /// When the consumer polls (see [`PollConfig`]); `poll.min` and
+    /// `poll.max` also pace a sender waiting for a full ring.
+    pub poll: PollConfig,
     /// The largest READ or WRITE issued, in bytes (at least one block is
     /// always moved).
     pub max_transfer_bytes: u32,
@@ -371,8 +379,7 @@ impl Default for BlockConfig {
             queue_frames: 1024,
             queue_bytes: 16 << 20,
             ring_full_wait: Duration::from_secs(1),
-            poll_min: Duration::from_micros(50),
-            poll_max: Duration::from_millis(10),
+            poll: PollConfig::default(),
             max_transfer_bytes: 1 << 20,
             command_timeout: Duration::from_secs(30),
             bad_slot_patience: Duration::from_secs(2),
@@ -422,6 +429,8 @@ pub struct BlockStats {
     pub io_errors: u64,
     /// Poll rounds.
     pub polls: u64,
+    /// READ and WRITE commands issued (a retry not counted again).
+    pub commands: u64,
 }
 
 #[derive(Default)]
@@ -444,6 +453,7 @@ struct Counters {
     lane_stalls: AtomicU64,
     io_errors: AtomicU64,
     polls: AtomicU64,
+    commands: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -472,6 +482,7 @@ impl Counters {
             lane_stalls: g(&self.lane_stalls),
             io_errors: g(&self.io_errors),
             polls: g(&self.polls),
+            commands: g(&self.commands),
         }
     }
 }
@@ -486,6 +497,11 @@ const TURN_PATIENCE: Duration = Duration::from_millis(100);
 /// Superblocks are re-read at most this often when foreign index blocks
 /// suggest a reformat.
 const SUPERBLOCK_RECHECK: Duration = Duration::from_secs(1);
+/// The poller's longest sleep, so that it notices a dropped engine soon.
+const SLEEP_SLICE: Duration = Duration::from_millis(10);
+/// What a consumer reads first of a large slot it expects alone: enough
+/// for control frames and small messages.
+const SLOT_HEAD: usize = 64 << 10;
 /// Bytes of slots a sender stages before writing them.
 const STAGE_BYTES: usize = 4 << 20;
 
@@ -904,35 +920,15 @@ struct Ports {
     next_dynamic: u32,
 }
 
-/// Producer state of lane (this host → `d`).
-struct ProdLane {
-    /// Slots published, per member.
-    produced: Vec<u64>,
-    /// Slots the consumer had consumed when last read, per member.
-    consumed: Vec<u64>,
-    /// The member the next slot goes to.
-    turn: usize,
-    /// The lane sequence number of the next slot.
-    seq: u64,
-}
-
 /// Consumer state of lane (`src` → this host); owned by the poller.
 struct ConsLane {
     src: u16,
-    consumed: Vec<u64>,
-    /// Consumer blocks not yet written since `consumed` moved.
-    dirty: Vec<bool>,
-    turn: usize,
-    expect: u64,
-    stuck_since: Option<Instant>,
-    /// Since when the next slot has failed its checks.
-    bad_since: Option<Instant>,
+    c: Consumer,
 }
 
 /// A slot staged for writing.
 struct Staged {
-    member: usize,
-    seq: u64,
+    pos: SlotPos,
     image: IoBuf,
     frames: u64,
 }
@@ -952,12 +948,13 @@ pub struct BlockStg {
     config: BlockConfig,
     members: Vec<Member>,
     ports: Mutex<Ports>,
-    producers: Vec<Option<Mutex<ProdLane>>>,
+    producers: Vec<Option<Mutex<Producer>>>,
     counters: Counters,
     stop: AtomicBool,
     stalled: AtomicBool,
     wake: Mutex<bool>,
     wake_cv: Condvar,
+    schedule: Mutex<PollSchedule>,
     stale: Mutex<Option<(usize, u64)>>,
     last_recheck: Mutex<Option<Instant>>,
     poller: Mutex<Option<JoinHandle<()>>>,
@@ -1188,13 +1185,7 @@ impl BlockStg {
                 consumed[m] = cc.unwrap_or(produced[m].saturating_sub(s_count));
                 epoch = epoch.max(p.map_or(0, |p| p.epoch));
             }
-            let total: u64 = produced.iter().sum();
-            producers.push(Some(ProdLane {
-                turn: (total % m_count as u64) as usize,
-                seq: total,
-                produced,
-                consumed,
-            }));
+            producers.push(Some(Producer::new(layout.slots, produced, consumed)));
         }
         let mut consumers = Vec::new();
         for s in (0..layout.hosts).filter(|&s| s != host_index) {
@@ -1206,15 +1197,14 @@ impl BlockStg {
                 // host before it opened belong to connections it no longer has.
                 *c = p.map(|p| p.count).or(cb.map(|c| c.count)).unwrap_or(0);
             }
-            let total: u64 = consumed.iter().sum();
             consumers.push(ConsLane {
                 src: s,
-                dirty: vec![true; m_count],
-                turn: (total % m_count as u64) as usize,
-                expect: total,
-                consumed,
-                stuck_since: None,
-                bad_since: None,
+                c: Consumer::new(
+                    layout.slots,
+                    consumed,
+                    TURN_PATIENCE,
+                    config.bad_slot_patience,
+                ),
             });
         }
         let epoch = epoch + 1;
@@ -1246,6 +1236,7 @@ impl BlockStg {
             stalled: AtomicBool::new(false),
             wake: Mutex::new(false),
             wake_cv: Condvar::new(),
+            schedule: Mutex::new(PollSchedule::new(config.poll, Instant::now())),
             stale: Mutex::new(None),
             last_recheck: Mutex::new(None),
             poller: Mutex::new(None),
@@ -1258,7 +1249,7 @@ impl BlockStg {
             let lane = lock(lane);
             for m in 0..m_count {
                 stg_arc
-                    .write_index(m, host_index, d, IndexKind::Producer, lane.produced[m])
+                    .write_index(m, host_index, d, IndexKind::Producer, lane.produced(m))
                     .map_err(|source| stg_arc.io_error(m, "writing a producer block", source))?;
             }
         }
@@ -1408,6 +1399,7 @@ impl BlockStg {
         io: impl FnOnce(&Geometry, &mut dyn Transport) -> Result<T, CommandError>,
     ) -> Result<T, CommandError> {
         let mut t = lock(&self.members[m].path);
+        bump(&self.counters.commands, 1);
         let r = io(&self.geo, t.as_mut());
         if r.is_err() {
             bump(&self.counters.io_errors, 1);
@@ -1419,22 +1411,8 @@ impl BlockStg {
         self.on_member(m, |g, t| g.read(t, lba, blocks))
     }
 
-    fn read_into(
-        &self,
-        m: usize,
-        lba: u64,
-        blocks: u64,
-        out: &mut IoBuf,
-    ) -> Result<(), CommandError> {
-        self.on_member(m, |g, t| g.read_into(t, lba, blocks, out))
-    }
-
     fn write_from(&self, m: usize, lba: u64, buf: &mut IoBuf) -> Result<(), CommandError> {
         self.on_member(m, |g, t| g.write_from(t, lba, buf))
-    }
-
-    fn write(&self, m: usize, lba: u64, data: &[u8]) -> Result<(), CommandError> {
-        self.on_member(m, |g, t| g.write(t, lba, data))
     }
 
     fn lane_lba(&self, src: u16, dst: u16) -> u64 {
@@ -1458,6 +1436,12 @@ impl BlockStg {
         kind: IndexKind,
         count: u64,
     ) -> Result<(), CommandError> {
+        let mut io = self.index_write(m, src, dst, kind, count);
+        self.write_from(m, io.lba, &mut io.buf)
+    }
+
+    /// The WRITE of an index block (padded with zeros to the block).
+    fn index_write(&self, m: usize, src: u16, dst: u16, kind: IndexKind, count: u64) -> BatchIo {
         let block = IndexBlock {
             kind,
             generation: self.generation,
@@ -1466,8 +1450,26 @@ impl BlockStg {
         }
         .encode();
         let lba = self.lane_lba(src, dst) + u64::from(kind == IndexKind::Consumer);
-        // `write` pads it to the block with zeros.
-        self.write(m, lba, &block)
+        let mut buf = IoBuf::new(self.geo.block_size as usize);
+        buf[..block.len()].copy_from_slice(&block);
+        BatchIo::write(m, lba, buf)
+    }
+
+    /// How much of a slot a consumer reads first when it expects one slot
+    /// from a member: `None` (the whole slot) unless slots are larger.
+    fn slot_head_bytes(&self) -> Option<usize> {
+        let bs = self.geo.block_size as usize;
+        let head = SLOT_HEAD.next_multiple_of(bs);
+        (head < self.slot_bytes).then_some(head)
+    }
+
+    /// Runs `ios` on their members at once (see [`batch`]), counting the
+    /// commands that failed.
+    fn batch(&self, ios: &mut [BatchIo]) {
+        let paths: Vec<&Mutex<Box<dyn Transport>>> = self.members.iter().map(|m| &m.path).collect();
+        bump(&self.counters.commands, ios.len() as u64);
+        let failed = batch::run(&paths, &self.geo, ios);
+        bump(&self.counters.io_errors, failed as u64);
     }
 
     fn kick(&self) {
@@ -1475,9 +1477,11 @@ impl BlockStg {
         self.wake_cv.notify_all();
     }
 
-    fn sleep(&self, d: Duration) {
+    /// Sleeps until `until` or a [`kick`](Self::kick).
+    fn sleep_until(&self, until: Instant) {
         let mut kicked = lock(&self.wake);
         if !*kicked {
+            let d = until.saturating_duration_since(Instant::now());
             kicked = self
                 .wake_cv
                 .wait_timeout(kicked, d)
@@ -1485,6 +1489,19 @@ impl BlockStg {
                 .0;
         }
         *kicked = false;
+    }
+
+    /// Polls as soon as the schedule allows: a held lane may move.
+    fn poll_now(&self) {
+        lock(&self.schedule).poke(Instant::now());
+        self.kick();
+    }
+
+    /// This host sent on a lane: a reply may come, so poll soon.
+    fn sent(&self) {
+        if lock(&self.schedule).sent(Instant::now()) {
+            self.kick();
+        }
     }
 
     // ---- ports ----
@@ -1558,7 +1575,7 @@ impl BlockStg {
                 if let Some(q) = q {
                     q.ready.notify_all();
                 }
-                self.kick();
+                self.poll_now();
                 Ok(())
             }
             _ => Err(MailboxError::Refused(Refusal::BadHandle)),
@@ -1613,7 +1630,7 @@ impl BlockStg {
                 }
                 drop(ports);
                 if self.stalled.load(Ordering::Acquire) {
-                    self.kick();
+                    self.poll_now();
                 }
                 return Ok(());
             }
@@ -1732,6 +1749,8 @@ impl BlockStg {
                 .unwrap_or_else(|| unreachable!("a lane to every other host"));
             let mut lane = lock(lane);
             self.produce(&mut lane, d, slots, first_port)?;
+            drop(lane);
+            self.sent();
         }
         Ok(())
     }
@@ -1777,32 +1796,25 @@ impl BlockStg {
 
     fn produce(
         &self,
-        lane: &mut ProdLane,
+        lane: &mut Producer,
         d: u16,
         slots: Vec<(IoBuf, u64)>,
         port: u32,
     ) -> Result<(), MailboxError> {
-        let s_count = u64::from(self.layout.slots);
         let mut stage: Vec<Staged> = Vec::new();
-        let mut staged = vec![0u64; self.members.len()];
         let mut staged_bytes = 0;
         let deadline = Instant::now() + self.config.ring_full_wait;
         for (mut image, frames) in slots {
-            let m = lane.turn;
-            let mut backoff = self.config.poll_min;
+            let mut backoff = self.config.poll.min;
             let mut waited = false;
-            loop {
-                let used = lane.produced[m] + staged[m] - lane.consumed[m];
-                if used < s_count {
-                    break;
-                }
-                self.refresh_consumed(lane, d, m);
-                if lane.produced[m] + staged[m] - lane.consumed[m] < s_count {
+            while !lane.has_room() {
+                self.refresh_consumed(lane, d, lane.turn());
+                if lane.has_room() {
                     break;
                 }
                 if !stage.is_empty() {
                     // The consumer can only make room for slots it can see.
-                    self.commit(lane, d, &mut stage, &mut staged)?;
+                    self.commit(lane, d, &mut stage)?;
                     staged_bytes = 0;
                     continue;
                 }
@@ -1816,48 +1828,32 @@ impl BlockStg {
                 }
                 self.check_stale()?;
                 thread::sleep(backoff);
-                backoff = (backoff * 2).min(self.config.poll_max);
+                backoff = (backoff * 2).min(self.config.poll.max);
             }
-            seal_slot(&mut image, self.generation, lane.seq);
+            let pos = lane.stage();
+            seal_slot(&mut image, self.generation, pos.seq);
             staged_bytes += image.len();
-            stage.push(Staged {
-                member: m,
-                seq: lane.seq,
-                image,
-                frames,
-            });
-            staged[m] += 1;
-            lane.seq += 1;
-            lane.turn = (m + 1) % self.members.len();
+            stage.push(Staged { pos, image, frames });
             if staged_bytes >= STAGE_BYTES {
-                self.commit(lane, d, &mut stage, &mut staged)?;
+                self.commit(lane, d, &mut stage)?;
                 staged_bytes = 0;
             }
         }
         if !stage.is_empty() {
-            self.commit(lane, d, &mut stage, &mut staged)?;
+            self.commit(lane, d, &mut stage)?;
         }
         Ok(())
     }
 
     /// Reads the consumer block of lane (this host → `d`) on member `m`.
-    fn refresh_consumed(&self, lane: &mut ProdLane, d: u16, m: usize) {
+    fn refresh_consumed(&self, lane: &mut Producer, d: u16, m: usize) {
         let Ok(b) = self.read(m, self.lane_lba(self.host, d) + 1, 1) else {
             return;
         };
-        match IndexBlock::decode(&b) {
-            Ok(c) if c.kind == IndexKind::Consumer && c.generation != self.generation => {
-                self.foreign();
-            }
-            Ok(c)
-                if c.kind == IndexKind::Consumer
-                    && c.count <= lane.produced[m]
-                    && lane.produced[m] - c.count <= u64::from(self.layout.slots) =>
-            {
-                // Never move backwards: an older block is no news.
-                lane.consumed[m] = lane.consumed[m].max(c.count);
-            }
-            _ => bump(&self.counters.bad_consumer_blocks, 1),
+        match lane.on_consumer_block(m, &b, self.generation) {
+            Index::Fresh => {}
+            Index::Foreign => self.foreign(),
+            Index::Bad => bump(&self.counters.bad_consumer_blocks, 1),
         }
     }
 
@@ -1865,13 +1861,11 @@ impl BlockStg {
     /// producer blocks, in the order the members were first used.
     fn commit(
         &self,
-        lane: &mut ProdLane,
+        lane: &mut Producer,
         d: u16,
         stage: &mut Vec<Staged>,
-        staged: &mut [u64],
     ) -> Result<(), MailboxError> {
         let result = self.commit_inner(lane, d, stage);
-        staged.fill(0);
         let mut done = std::mem::take(stage);
         for s in &mut done {
             BufPool::global().put(std::mem::take(&mut s.image));
@@ -1887,10 +1881,11 @@ impl BlockStg {
             }
             Err((published, e)) => {
                 // The first slot not published is where the next one goes.
-                if let Some(s) = done.iter().find(|s| !published.contains(&s.member)) {
-                    lane.turn = s.member;
-                    lane.seq = s.seq;
-                }
+                let first = done
+                    .iter()
+                    .find(|s| !published.contains(&s.pos.member))
+                    .map(|s| s.pos);
+                lane.abandon(first);
                 Err(MailboxError::Transport(e))
             }
         }
@@ -1898,29 +1893,38 @@ impl BlockStg {
 
     fn commit_inner(
         &self,
-        lane: &mut ProdLane,
+        lane: &mut Producer,
         d: u16,
         stage: &mut [Staged],
     ) -> Result<(), (Vec<usize>, CommandError)> {
         let s_count = u64::from(self.layout.slots);
         let mut order: Vec<usize> = Vec::new();
         for s in stage.iter() {
-            if !order.contains(&s.member) {
-                order.push(s.member);
+            if !order.contains(&s.pos.member) {
+                order.push(s.pos.member);
             }
         }
+        // The data: one WRITE per run of ring-contiguous slots of a member,
+        // every member's at once.
+        let mut ios = Vec::new();
+        // Per WRITE, the stage entry whose image it carries (one slot) or
+        // `None` (a run copied into a pooled buffer).
+        let mut carried = Vec::new();
         for &m in &order {
-            let mine: Vec<usize> = (0..stage.len()).filter(|&k| stage[k].member == m).collect();
+            let mine: Vec<usize> = (0..stage.len())
+                .filter(|&k| stage[k].pos.member == m)
+                .collect();
             let mut i = 0;
             while i < mine.len() {
-                // A run of ring-contiguous slots: up to the ring's end.
-                let first = lane.produced[m] + i as u64;
+                let first = stage[mine[i]].pos.counter;
                 let room = (s_count - first % s_count) as usize;
                 let run = &mine[i..(i + room).min(mine.len())];
                 let lba = self.slot_lba(self.host, d, first);
-                let written = if let [one] = run {
+                if let [one] = run {
                     // One slot: its image is the WRITE's buffer.
-                    self.write_from(m, lba, &mut stage[*one].image)
+                    let image = std::mem::take(&mut stage[*one].image);
+                    ios.push(BatchIo::write(m, lba, image));
+                    carried.push(Some(*one));
                 } else {
                     // Consecutive slots share one WRITE.
                     let mut buf = BufPool::global().get(run.len() * self.slot_bytes);
@@ -1931,23 +1935,52 @@ impl BlockStg {
                     }
                     let last = run.len() - 1;
                     buf.resize(last * self.slot_bytes + stage[run[last]].image.len());
-                    let r = self.write_from(m, lba, &mut buf);
-                    BufPool::global().put(buf);
-                    r
-                };
-                written.map_err(|e| (Vec::new(), e))?;
+                    ios.push(BatchIo::write(m, lba, buf));
+                    carried.push(None);
+                }
                 i += run.len();
             }
         }
-        let mut published = Vec::new();
-        for &m in &order {
-            let n = stage.iter().filter(|s| s.member == m).count() as u64;
-            self.write_index(m, self.host, d, IndexKind::Producer, lane.produced[m] + n)
-                .map_err(|e| (published.clone(), e))?;
-            lane.produced[m] += n;
-            published.push(m);
+        self.batch(&mut ios);
+        let mut failed = None;
+        for (io, owner) in ios.into_iter().zip(carried) {
+            if let Err(e) = io.result {
+                failed.get_or_insert(e);
+            }
+            match owner {
+                Some(s) => stage[s].image = io.buf,
+                None => BufPool::global().put(io.buf),
+            }
         }
-        Ok(())
+        if let Some(e) = failed {
+            return Err((Vec::new(), e));
+        }
+        // Then the producer blocks, every member's at once.
+        let mut ios: Vec<BatchIo> = order
+            .iter()
+            .filter_map(|&m| {
+                let count = lane.publish(m)?;
+                Some(self.index_write(m, self.host, d, IndexKind::Producer, count))
+            })
+            .collect();
+        self.batch(&mut ios);
+        let mut published = Vec::new();
+        let mut failed = None;
+        for io in ios {
+            match io.result {
+                Ok(()) => {
+                    lane.published(io.member);
+                    published.push(io.member);
+                }
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        match failed {
+            None => Ok(()),
+            Some(e) => Err((published, e)),
+        }
     }
 
     // ---- consuming (poller thread) ----
@@ -1956,135 +1989,174 @@ impl BlockStg {
         if lock(&self.stale).is_some() {
             return;
         }
-        for m in 0..self.members.len() {
-            if lane.dirty[m]
-                && self
-                    .write_index(
-                        m,
-                        lane.src,
-                        self.host,
-                        IndexKind::Consumer,
-                        lane.consumed[m],
-                    )
-                    .is_ok()
+        let dirty: Vec<(usize, u64)> = lane.c.to_write().collect();
+        for (m, count) in dirty {
+            if self
+                .write_index(m, lane.src, self.host, IndexKind::Consumer, count)
+                .is_ok()
             {
-                lane.dirty[m] = false;
+                lane.c.written(m, count);
             }
         }
     }
 
-    /// One poll of lane (`lane.src` → this host); true if slots were
-    /// consumed.
-    fn poll_lane(&self, lane: &mut ConsLane) -> bool {
-        let m_count = self.members.len();
-        let s_count = u64::from(self.layout.slots);
+    /// Reads the producer blocks of lane (`lane.src` → this host) on
+    /// `members`, all at once, into the consumer.
+    fn read_producer_blocks(&self, lane: &mut ConsLane, members: &[usize]) {
         let lba = self.lane_lba(lane.src, self.host);
-        let mut avail = vec![0u64; m_count];
-        for (m, a) in avail.iter_mut().enumerate() {
-            let Ok(b) = self.read(m, lba, 1) else {
-                continue;
-            };
-            match IndexBlock::decode(&b) {
-                Ok(p) if p.kind == IndexKind::Producer && p.generation != self.generation => {
-                    self.foreign();
-                }
-                Ok(p)
-                    if p.kind == IndexKind::Producer
-                        && p.count >= lane.consumed[m]
-                        && p.count - lane.consumed[m] <= s_count =>
+        let bs = self.geo.block_size as usize;
+        let pool = BufPool::global();
+        let mut ios: Vec<BatchIo> = members
+            .iter()
+            .map(|&m| BatchIo::read(m, lba, bs, pool.get(bs)))
+            .collect();
+        self.batch(&mut ios);
+        for io in ios {
+            if io.result.is_ok() {
+                match lane
+                    .c
+                    .on_producer_block(io.member, &io.buf, self.generation)
                 {
-                    *a = p.count - lane.consumed[m];
+                    Index::Fresh => {}
+                    Index::Foreign => self.foreign(),
+                    Index::Bad => bump(&self.counters.bad_producer_blocks, 1),
                 }
-                _ => bump(&self.counters.bad_producer_blocks, 1),
+            }
+            pool.put(io.buf);
+        }
+    }
+
+    /// One poll of lane (`lane.src` → this host), reading the producer
+    /// blocks `reads` says; true if slots were consumed.
+    fn poll_lane(&self, lane: &mut ConsLane, reads: Reads, now: Instant) -> bool {
+        let m_count = self.members.len();
+        lane.c.begin_poll();
+        let all: Vec<usize> = (0..m_count).collect();
+        match reads {
+            Reads::All => self.read_producer_blocks(lane, &all),
+            Reads::Turn => {
+                let turn = lane.c.turn();
+                self.read_producer_blocks(lane, &[turn]);
+                if lane.c.turn_has_news() && m_count > 1 {
+                    let others: Vec<usize> = all.into_iter().filter(|&m| m != turn).collect();
+                    self.read_producer_blocks(lane, &others);
+                }
             }
         }
         if lock(&self.stale).is_some() {
             return false;
         }
-        let total: u64 = avail.iter().sum();
-        if total == 0 {
-            lane.stuck_since = None;
+        // As many slots from each member as one command carries.
+        let per_member = (self.config.max_transfer_bytes as usize / self.slot_bytes).max(1);
+        let Some(plan) = lane.c.plan(now, per_member * m_count) else {
             return false;
-        }
-        if avail[lane.turn] == 0 {
-            // Another member is ahead: normally the producer is between
-            // publishing one member's index and the next. Wait a little,
-            // then stop waiting for a slot that may never come.
-            let since = *lane.stuck_since.get_or_insert_with(Instant::now);
-            if since.elapsed() < TURN_PATIENCE {
-                return false;
-            }
+        };
+        if plan.skipped_turn {
             bump(&self.counters.turn_skips, 1);
-            while avail[lane.turn] == 0 {
-                lane.turn = (lane.turn + 1) % m_count;
-            }
         }
-        lane.stuck_since = None;
-
-        // Plan: slots in round-robin order, as the producer wrote them.
-        let budget = (STAGE_BYTES / self.slot_bytes).max(1);
-        let mut take = vec![0u64; m_count];
-        let mut plan = Vec::new();
-        let mut turn = lane.turn;
-        while plan.len() < budget && take[turn] < avail[turn] {
-            take[turn] += 1;
-            plan.push(turn);
-            turn = (turn + 1) % m_count;
-        }
-        // Read each member's slots (at most two runs: the ring wraps)
-        // into pooled buffers, which the frames then stay in until read.
+        // Read each member's slots (at most two runs: the ring wraps),
+        // every member's at once, into pooled buffers, which the frames
+        // then stay in until read.
         let pool = BufPool::global();
-        let sb = u64::from(self.layout.slot_blocks);
-        let mut data: Vec<Arc<dyn AsRef<[u8]> + Send + Sync>> = Vec::with_capacity(m_count);
-        for (m, take) in take.iter_mut().enumerate() {
-            let mut buf = pool.get(*take as usize * self.slot_bytes);
-            let mut got = 0u64;
-            while got < *take {
-                let first = lane.consumed[m] + got;
-                let n = (*take - got).min(s_count - first % s_count);
+        let mut ios = Vec::new();
+        // A member with one new slot: read its head first when the slot is
+        // large (a short message need not READ a whole slot).
+        let head = self.slot_head_bytes();
+        for (m, &take) in plan.take.iter().enumerate() {
+            for (k, (first, n)) in lane.c.runs(m, take).enumerate() {
                 let lba = self.slot_lba(lane.src, self.host, first);
-                let ok = if got == 0 {
-                    self.read_into(m, lba, n * sb, &mut buf).is_ok()
-                } else {
-                    // The ring wrapped: the second run goes after the first.
-                    let mut more = pool.get(n as usize * self.slot_bytes);
-                    let ok = self.read_into(m, lba, n * sb, &mut more).is_ok();
-                    if ok {
-                        let at = buf.len();
-                        buf.resize(at + more.len());
-                        buf[at..].copy_from_slice(&more);
-                    }
-                    pool.put(more);
-                    ok
+                let len = match head {
+                    Some(h) if take == 1 => h,
+                    _ => n as usize * self.slot_bytes,
                 };
-                if !ok {
-                    break;
-                }
-                got += n;
+                // The first run's buffer has room for the second after it.
+                let room = if k == 0 {
+                    take as usize * self.slot_bytes
+                } else {
+                    len
+                };
+                let mut buf = pool.get(room);
+                buf.resize(len);
+                ios.push(BatchIo::read(m, lba, len, buf));
             }
-            if got == 0 {
-                buf.resize(0);
-            }
-            // A failed read shortens what can be taken from this member.
-            *take = got;
-            data.push(Arc::new(RecvBuf::new(buf, Some(pool.clone()))));
         }
+        self.batch(&mut ios);
+        if head.is_some() {
+            // Heads whose slot holds more than the head: the whole slot.
+            let rest: Vec<usize> = (0..ios.len())
+                .filter(|&k| {
+                    let io = &ios[k];
+                    io.result.is_ok()
+                        && io.len < self.slot_bytes
+                        && slot_used(&io.buf).is_some_and(|used| used > io.len)
+                })
+                .collect();
+            if !rest.is_empty() {
+                let mut again: Vec<BatchIo> = rest
+                    .iter()
+                    .map(|&k| {
+                        let io = &mut ios[k];
+                        let buf = std::mem::take(&mut io.buf);
+                        BatchIo::read(io.member, io.lba, self.slot_bytes, buf)
+                    })
+                    .collect();
+                self.batch(&mut again);
+                for (k, io) in rest.into_iter().zip(again) {
+                    ios[k] = io;
+                }
+            }
+        }
+        let mut take = vec![0u64; m_count];
+        let mut failed = vec![false; m_count];
+        let mut bufs: Vec<Option<IoBuf>> = (0..m_count).map(|_| None).collect();
+        for io in ios {
+            let m = io.member;
+            // A failed read shortens what can be taken from this member:
+            // nothing from it on.
+            if failed[m] || io.result.is_err() {
+                failed[m] = true;
+                pool.put(io.buf);
+                continue;
+            }
+            take[m] += io.len.div_ceil(self.slot_bytes) as u64;
+            match &mut bufs[m] {
+                None => bufs[m] = Some(io.buf),
+                Some(first) => {
+                    // The ring wrapped: the second run goes after the first.
+                    let at = first.len();
+                    first.resize(at + io.buf.len());
+                    first[at..].copy_from_slice(&io.buf);
+                    pool.put(io.buf);
+                }
+            }
+        }
+        let data: Vec<Arc<dyn AsRef<[u8]> + Send + Sync>> = bufs
+            .into_iter()
+            .map(|b| {
+                let b: Arc<dyn AsRef<[u8]> + Send + Sync> =
+                    Arc::new(RecvBuf::new(b.unwrap_or_default(), Some(pool.clone())));
+                b
+            })
+            .collect();
         // Deliver in plan order.
         let mut used = vec![0usize; m_count];
         let mut progress = false;
-        for m in plan {
+        for m in plan.order {
             if used[m] as u64 >= take[m] {
                 break;
             }
             let at = used[m] * self.slot_bytes;
             let whole: &[u8] = (*data[m]).as_ref();
-            let slot = &whole[at..at + self.slot_bytes];
-            match open_slot(slot, self.generation) {
-                Ok((seq, frames)) => {
-                    lane.bad_since = None;
-                    if seq != lane.expect {
+            // A slot read by its head alone is shorter.
+            let slot = &whole[at..(at + self.slot_bytes).min(whole.len())];
+            match lane.c.on_slot(slot, self.generation, now) {
+                Slot::Deliver { seq, in_sequence } => {
+                    if !in_sequence {
                         bump(&self.counters.out_of_sequence, 1);
                     }
+                    let Ok((_, frames)) = open_slot(slot, self.generation) else {
+                        unreachable!("a slot the consumer judged valid opens");
+                    };
                     // Where the slot's frames start in the member's buffer.
                     let base = at + SLOT_HEADER_LEN;
                     let mut list = Vec::new();
@@ -2106,28 +2178,26 @@ impl BlockStg {
                         }
                         break;
                     }
-                    lane.expect = seq.wrapping_add(1);
+                    lane.c.take(m, seq);
                 }
-                Err(_) => {
+                Slot::Hold { first } => {
                     // A real producer publishes an index only after its
                     // data: hold here, re-reading, in case the index was
                     // forged ahead of the data; skip the slot only later.
-                    let since = *lane.bad_since.get_or_insert_with(|| {
+                    if first {
                         bump(&self.counters.bad_slots, 1);
-                        Instant::now()
-                    });
-                    if since.elapsed() < self.config.bad_slot_patience {
-                        break;
                     }
-                    lane.bad_since = None;
-                    lane.expect = lane.expect.wrapping_add(1);
+                    break;
+                }
+                Slot::Skip { first } => {
+                    if first {
+                        bump(&self.counters.bad_slots, 1);
+                    }
+                    lane.c.skip(m);
                 }
             }
             bump(&self.counters.slots_read, 1);
             used[m] += 1;
-            lane.consumed[m] += 1;
-            lane.dirty[m] = true;
-            lane.turn = (m + 1) % m_count;
             progress = true;
         }
         if progress {
@@ -2138,27 +2208,33 @@ impl BlockStg {
 }
 
 fn poller(weak: Weak<BlockStg>, mut lanes: Vec<ConsLane>) {
-    let mut backoff = Duration::ZERO;
+    // The kernel lets a sleep end up to the timer slack (50 µs by default)
+    // late, which would double the shortest poll interval; a finer slack
+    // for this one thread is best effort.
+    let _ = nix::sys::prctl::set_timerslack(1_000);
     loop {
         let Some(stg) = weak.upgrade() else { return };
         if stg.stop.load(Ordering::Acquire) {
             return;
         }
+        let started = Instant::now();
+        let due = lock(&stg.schedule).due();
+        if started < due {
+            // In slices, so that a dropped engine is let go of soon.
+            stg.sleep_until(due.min(started + SLEEP_SLICE));
+            continue;
+        }
         bump(&stg.counters.polls, 1);
         stg.stalled.store(false, Ordering::Release);
+        let reads = lock(&stg.schedule).reads(started);
         let mut progress = false;
         for lane in &mut lanes {
-            progress |= stg.poll_lane(lane);
-            if lane.dirty.iter().any(|&d| d) {
+            progress |= stg.poll_lane(lane, reads, started);
+            if lane.c.to_write().next().is_some() {
                 stg.write_consumer_blocks(lane);
             }
         }
-        backoff = if progress {
-            stg.config.poll_min
-        } else {
-            (backoff * 2).clamp(stg.config.poll_min, stg.config.poll_max)
-        };
-        stg.sleep(backoff);
+        lock(&stg.schedule).polled(started, Instant::now(), progress, reads == Reads::All);
     }
 }
 

@@ -315,6 +315,54 @@ impl Connections {
     }
 }
 
+/// Block mode's lanes over a run (both hosts), and what they cost idle.
+#[derive(Serialize, Debug, Clone)]
+pub struct BlockFigures {
+    /// READ and WRITE commands issued during the run.
+    pub commands: u64,
+    /// Poll rounds.
+    pub polls: u64,
+    /// Slots written and published.
+    pub slots_written: u64,
+    /// Slots consumed.
+    pub slots_read: u64,
+    /// Slots that failed their checks (torn or forged; never delivered).
+    pub bad_slots: u64,
+    /// Index blocks read with a bad CRC, magic or count (ignored).
+    pub bad_index_blocks: u64,
+    /// Times a consumer stopped waiting for a member's turn.
+    pub turn_skips: u64,
+    /// Times a sender found a ring full.
+    pub ring_full_waits: u64,
+    /// How long the STG was left idle after the run (0: not measured).
+    pub idle_seconds: f64,
+    /// Commands per second per lane while idle (the polling's cost to the
+    /// array).
+    pub idle_commands_per_sec_per_lane: Option<f64>,
+}
+
+impl BlockFigures {
+    fn print_text(&self) {
+        println!(
+            "  block       {} commands, {} polls; slots written {} read {}; bad slots {}, bad index blocks {}, turn skips {}, ring full {}",
+            self.commands,
+            self.polls,
+            self.slots_written,
+            self.slots_read,
+            self.bad_slots,
+            self.bad_index_blocks,
+            self.turn_skips,
+            self.ring_full_waits
+        );
+        if let Some(r) = self.idle_commands_per_sec_per_lane {
+            println!(
+                "  idle cost   {r:.1} commands/s per lane (STG open, no traffic, polling gone idle, over {:.1} s)",
+                self.idle_seconds
+            );
+        }
+    }
+}
+
 /// What a `--verify` run checked.
 #[derive(Serialize, Debug, Clone, Copy)]
 pub struct Verified {
@@ -363,6 +411,9 @@ pub struct Report {
     /// memory.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connections: Option<Connections>,
+    /// Block-mode STP runs: the lanes' counters and idle cost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block: Option<BlockFigures>,
     /// Fixed-rate runs (`--rate`): latency from each command's intended
     /// issue time to its completion, µs (corrected for coordinated
     /// omission); `latency_us` is then the service time alone.
@@ -629,6 +680,7 @@ impl Report {
             verify,
             datapath: None,
             connections: None,
+            block: None,
             corrected_latency_us: None,
             fixed_rate: None,
             read: None,
@@ -744,6 +796,9 @@ impl Report {
         }
         if let Some(c) = &self.connections {
             c.print_text();
+        }
+        if let Some(b) = &self.block {
+            b.print_text();
         }
         if let Some(v) = &self.verify {
             println!(

@@ -18,7 +18,7 @@ use scsi::Transport;
 use serde::Deserialize;
 use sim_target::{Array, Host, InProcOptions, LunConfig, StgMailbox, StgSpec};
 use stp_core::auth::{FrameKey, Handshake, Role};
-use stp_core::block::{format, host_port, BlockStg};
+use stp_core::block::{format, host_port, BlockStg, PollConfig};
 use stp_core::conn::Config;
 use stp_core::counters;
 use stp_core::frame::Protection;
@@ -142,6 +142,11 @@ pub struct StpArgs {
     /// Block mode: slots per lane (default 32).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub slots: Option<u32>,
+    /// Block mode: after the run, leave the STG open with no traffic for
+    /// SECS and report the commands its polling issues per second per lane
+    /// (0 skips it).
+    #[arg(long, value_name = "SECS", default_value_t = 2.0, value_parser = parse_idle_secs)]
+    pub idle: f64,
     /// Goodput and ping-pong options.
     #[command(flatten)]
     pub net: NetArgs,
@@ -164,6 +169,7 @@ impl StpArgs {
             send_buffer: None,
             slot: None,
             slots: None,
+            idle: 0.0,
             net,
         }
     }
@@ -713,6 +719,7 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
     );
     let mut paths = Vec::new();
     let (kc, ks) = keys()?;
+    let mut block_stgs: Option<[Arc<BlockStg>; 2]> = None;
     let ((server_src, client_src, config, port), transport) = match args.mode {
         MailboxMode::Vendor => {
             for host in [0, 1] {
@@ -782,6 +789,7 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
             };
             let port = host_port(0, 1005).ok_or_else(|| anyhow!("no port 1005 for host 0"))?;
             let sides = (source(&h0), source(&h1), config, Some(port));
+            block_stgs = Some([h0, h1]);
             (sides, format!("stp block, {what}"))
         }
     };
@@ -833,12 +841,52 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
     }
     let datapath = Datapath::of(&m.counters);
     let array_cpu = m.array_cpu.as_secs_f64();
+    let block = block_stgs.map(|stgs| block_figures(&stgs, args.idle));
     let mut r = report("stp", &transport, paths, net, extra, m);
     r.datapath = Some(datapath);
+    r.block = block;
     if args.sim {
         r = r.without_array_cpu(array_cpu);
     }
     Ok(r)
+}
+
+/// Block mode's counters over the run, then its idle cost: the commands
+/// both hosts issue in `idle` seconds with no traffic (once polling has
+/// gone idle), per lane (each host polls the one lane to it).
+fn block_figures(stgs: &[Arc<BlockStg>; 2], idle: f64) -> super::BlockFigures {
+    let total = |f: fn(&stp_core::block::BlockStats) -> u64| -> u64 {
+        stgs.iter().map(|s| f(&s.stats())).sum()
+    };
+    let commands = total(|s| s.commands);
+    let idle_rate = (idle > 0.0).then(|| {
+        // Polling stays warm for a while after traffic: measure past it.
+        std::thread::sleep(PollConfig::default().idle_after + Duration::from_millis(200));
+        let before = total(|s| s.commands);
+        let t = Instant::now();
+        std::thread::sleep(Duration::from_secs_f64(idle));
+        let after = total(|s| s.commands);
+        (after - before) as f64 / t.elapsed().as_secs_f64() / stgs.len() as f64
+    });
+    super::BlockFigures {
+        commands,
+        polls: total(|s| s.polls),
+        slots_written: total(|s| s.slots_written),
+        slots_read: total(|s| s.slots_read),
+        bad_slots: total(|s| s.bad_slots),
+        bad_index_blocks: total(|s| s.bad_producer_blocks + s.bad_consumer_blocks),
+        turn_skips: total(|s| s.turn_skips),
+        ring_full_waits: total(|s| s.ring_full_waits),
+        idle_seconds: idle,
+        idle_commands_per_sec_per_lane: idle_rate,
+    }
+}
+
+fn parse_idle_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("'{s}' is not a number of seconds from 0 to 3600")),
+    }
 }
 
 /// What the process holds at one moment: resident set, threads, and the

@@ -1,0 +1,280 @@
+//! When block mode's consumer polls, and what it reads (docs/PROTOCOL.md
+//! §4.4), sans-IO: the driver asks [`PollSchedule::due`] when to poll,
+//! [`PollSchedule::reads`] what to read, and reports each poll and each
+//! local send with the time.
+//!
+//! A stock array cannot tell a host that a slot arrived, so the consumer
+//! polls, and polling is a trade between the latency of the first slot
+//! after a pause and the commands an idle connection costs the array:
+//!
+//! * **streaming** (the last poll took slots): poll again after
+//!   [`PollConfig::min`], reading every member's producer block;
+//! * **after a local send** (a reply is likely): the next poll after
+//!   [`PollConfig::min`], and from there the interval doubles again;
+//! * **warm** (activity within [`PollConfig::idle_after`]): the interval
+//!   doubles up to [`PollConfig::max`];
+//! * **idle**: every [`PollConfig::idle`], reading only the producer block
+//!   of the member whose turn it is (the producer's next slot lands there),
+//!   and every member's every [`PollConfig::sweep`] (slots a producer left
+//!   on another member after a failure are found then). A poll that finds
+//!   news on the turn's member reads the others at once.
+//!
+//! Polling that finds nothing never takes more than 1 /
+//! [`PollConfig::cost_factor`] of the time: the next poll is at least that
+//! many times such a poll's own duration away (in the VM a poll is several
+//! emulated SCSI commands).
+//! So an idle lane costs `1/idle + (members − 1)/sweep` commands per second
+//! (8.75 with the defaults and four members) and the first slot after a
+//! pause waits at most `idle` plus one poll.
+
+use std::time::{Duration, Instant};
+
+/// The poll intervals (see the [module documentation](self)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PollConfig {
+    /// The interval while streaming and just after a local send.
+    pub min: Duration,
+    /// The longest interval while warm.
+    pub max: Duration,
+    /// The interval when idle.
+    pub idle: Duration,
+    /// Silence after which the lane is idle.
+    pub idle_after: Duration,
+    /// How often an idle poll reads every member's producer block.
+    pub sweep: Duration,
+    /// The next poll is at least this many times the last poll's duration
+    /// away.
+    pub cost_factor: u32,
+}
+
+impl Default for PollConfig {
+    fn default() -> PollConfig {
+        PollConfig {
+            min: Duration::from_micros(50),
+            max: Duration::from_millis(10),
+            idle: Duration::from_millis(125),
+            idle_after: Duration::from_secs(1),
+            sweep: Duration::from_secs(4),
+            cost_factor: 8,
+        }
+    }
+}
+
+/// Which producer blocks a poll reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Reads {
+    /// Every member's.
+    All,
+    /// Only the turn's member's (then all, if it has news).
+    Turn,
+}
+
+/// The consumer's poll schedule.
+#[derive(Debug)]
+pub(crate) struct PollSchedule {
+    cfg: PollConfig,
+    interval: Duration,
+    /// The last time slots were taken or this host sent.
+    last_activity: Instant,
+    last_sweep: Instant,
+    /// The earliest the next poll may start (the cost bound).
+    earliest: Instant,
+    next: Instant,
+    streaming: bool,
+}
+
+impl PollSchedule {
+    /// A schedule that polls at once.
+    pub fn new(cfg: PollConfig, now: Instant) -> PollSchedule {
+        PollSchedule {
+            cfg,
+            interval: cfg.min,
+            last_activity: now,
+            last_sweep: now,
+            earliest: now,
+            next: now,
+            streaming: false,
+        }
+    }
+
+    /// When the next poll is due.
+    pub fn due(&self) -> Instant {
+        self.next
+    }
+
+    /// What a poll starting at `now` reads.
+    pub fn reads(&self, now: Instant) -> Reads {
+        let idle = now.saturating_duration_since(self.last_activity) >= self.cfg.idle_after;
+        let sweep_due = now.saturating_duration_since(self.last_sweep) >= self.cfg.sweep;
+        if !idle || self.streaming || sweep_due {
+            Reads::All
+        } else {
+            Reads::Turn
+        }
+    }
+
+    /// A poll ran from `started` to `now`; `progress` if it took slots,
+    /// `all` if it read every member's producer block.
+    pub fn polled(&mut self, started: Instant, now: Instant, progress: bool, all: bool) {
+        if all {
+            self.last_sweep = started;
+        }
+        self.streaming = progress;
+        if progress {
+            self.last_activity = now;
+            self.interval = self.cfg.min;
+        } else if now.saturating_duration_since(self.last_activity) >= self.cfg.idle_after {
+            self.interval = self.cfg.idle;
+        } else {
+            self.interval = (self.interval * 2).clamp(self.cfg.min, self.cfg.max);
+        }
+        // Only a poll that found nothing is overhead; one that took slots
+        // did the work.
+        let cost = if progress {
+            Duration::ZERO
+        } else {
+            now.saturating_duration_since(started)
+        };
+        self.earliest = now + cost * self.cfg.cost_factor;
+        self.next = (now + self.interval).max(self.earliest);
+    }
+
+    /// Something may have changed (a held lane's port queue drained):
+    /// poll as soon as the cost bound allows.
+    pub fn poke(&mut self, now: Instant) {
+        self.next = self.next.min(now.max(self.earliest));
+    }
+
+    /// This host sent on a lane at `now`: a reply may come, so poll soon
+    /// (once: polls that then find nothing back off as usual, so a host
+    /// that streams does not poll its reverse lane flat out). True when the
+    /// next poll moved earlier (wake the poller).
+    pub fn sent(&mut self, now: Instant) -> bool {
+        self.last_activity = now;
+        self.interval = self.cfg.min;
+        let soon = (now + self.cfg.min).max(self.earliest);
+        if soon < self.next {
+            self.next = soon;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the schedule on a virtual clock for `span` from `start`, each
+    /// poll taking `cost` and reading `members` producer blocks when it
+    /// reads all and one otherwise (finding nothing): the commands issued.
+    fn idle_commands(
+        s: &mut PollSchedule,
+        start: Instant,
+        span: Duration,
+        members: u64,
+        cost: Duration,
+    ) -> u64 {
+        let mut now = start;
+        let mut commands = 0;
+        while now < start + span {
+            now = now.max(s.due());
+            let all = s.reads(now) == Reads::All;
+            commands += if all { members } else { 1 };
+            s.polled(now, now + cost, false, all);
+            now += cost;
+        }
+        commands
+    }
+
+    #[test]
+    fn an_idle_lane_costs_at_most_ten_commands_a_second() {
+        let t0 = Instant::now();
+        let mut s = PollSchedule::new(PollConfig::default(), t0);
+        // Traffic, then silence: the first seconds are warm...
+        s.polled(t0, t0, true, true);
+        let warm = idle_commands(
+            &mut s,
+            t0,
+            Duration::from_secs(2),
+            4,
+            Duration::from_micros(20),
+        );
+        // ...then idle for a minute.
+        let t1 = t0 + Duration::from_secs(2);
+        let idle = idle_commands(
+            &mut s,
+            t1,
+            Duration::from_secs(60),
+            4,
+            Duration::from_micros(20),
+        );
+        let per_sec = idle as f64 / 60.0;
+        assert!(per_sec <= 10.0, "idle lane: {per_sec:.2} commands/s");
+        assert!(
+            per_sec >= 8.0,
+            "idle lane still polls: {per_sec:.2} commands/s"
+        );
+        assert!(warm > idle / 30, "warm polls more often than idle");
+    }
+
+    #[test]
+    fn streaming_polls_at_the_shortest_interval_reading_every_member() {
+        let t0 = Instant::now();
+        let mut s = PollSchedule::new(PollConfig::default(), t0);
+        let t = t0 + Duration::from_secs(30);
+        s.polled(t, t, true, true);
+        assert_eq!(s.due(), t + PollConfig::default().min);
+        assert_eq!(s.reads(s.due()), Reads::All);
+    }
+
+    #[test]
+    fn a_send_wakes_an_idle_poller() {
+        let t0 = Instant::now();
+        let cfg = PollConfig::default();
+        let mut s = PollSchedule::new(cfg, t0);
+        let t = t0 + Duration::from_secs(30);
+        s.polled(t, t, false, true);
+        assert_eq!(s.due(), t + cfg.idle);
+        assert_eq!(s.reads(t + cfg.idle), Reads::Turn);
+        let send = t + Duration::from_millis(3);
+        assert!(s.sent(send), "the poll moves earlier");
+        assert_eq!(s.due(), send + cfg.min);
+        assert_eq!(s.reads(s.due()), Reads::All, "no longer idle");
+        // Polls that find nothing then back off as usual.
+        let p = s.due();
+        s.polled(p, p, false, true);
+        assert_eq!(s.due(), p + cfg.min * 2);
+        let later = s.due();
+        s.polled(later, later, false, true);
+        assert_eq!(s.due(), later + cfg.min * 4);
+        // A second send while a poll is already near is no news.
+        assert!(!s.sent(s.due() - cfg.min));
+    }
+
+    #[test]
+    fn expensive_polls_are_spaced_by_their_cost() {
+        let t0 = Instant::now();
+        let cfg = PollConfig::default();
+        let mut s = PollSchedule::new(cfg, t0);
+        // A poll that took 2 ms (emulated SCSI) and found nothing: the
+        // next is 16 ms later, and a send cannot pull it closer.
+        let end = t0 + Duration::from_millis(2);
+        s.polled(t0, end, false, true);
+        assert_eq!(s.due(), end + Duration::from_millis(16));
+        assert!(!s.sent(end + Duration::from_millis(1)));
+        assert_eq!(s.due(), end + Duration::from_millis(16));
+    }
+
+    #[test]
+    fn an_idle_sweep_reads_every_member() {
+        let t0 = Instant::now();
+        let cfg = PollConfig::default();
+        let mut s = PollSchedule::new(cfg, t0);
+        let t = t0 + Duration::from_secs(10);
+        s.polled(t, t, false, true);
+        assert_eq!(s.reads(t + cfg.idle), Reads::Turn);
+        assert_eq!(s.reads(t + cfg.sweep), Reads::All);
+    }
+}
