@@ -40,7 +40,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -65,6 +65,68 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often a TCP accept with a timeout polls its listener.
 const ACCEPT_POLL: Duration = Duration::from_millis(5);
+
+/// Payload bytes a socket (or a whole layer) has moved, by mechanism and
+/// direction: what `send` handed over and `recv` returned, counted where
+/// the bytes cross the layer. TCP counts exclude the kernel's IP and TCP
+/// headers, STP counts exclude frame headers and retransmissions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Bytes sent on TCP sockets.
+    pub tcp_sent: u64,
+    /// Bytes received on TCP sockets.
+    pub tcp_received: u64,
+    /// Bytes sent on STP sockets.
+    pub stp_sent: u64,
+    /// Bytes received on STP sockets.
+    pub stp_received: u64,
+}
+
+impl Traffic {
+    /// TCP bytes, both directions.
+    pub fn tcp(&self) -> u64 {
+        self.tcp_sent.saturating_add(self.tcp_received)
+    }
+
+    /// STP bytes, both directions.
+    pub fn stp(&self) -> u64 {
+        self.stp_sent.saturating_add(self.stp_received)
+    }
+
+    /// What moved since `earlier` (a snapshot of the same counters).
+    pub fn since(&self, earlier: &Traffic) -> Traffic {
+        Traffic {
+            tcp_sent: self.tcp_sent.saturating_sub(earlier.tcp_sent),
+            tcp_received: self.tcp_received.saturating_sub(earlier.tcp_received),
+            stp_sent: self.stp_sent.saturating_sub(earlier.stp_sent),
+            stp_received: self.stp_received.saturating_sub(earlier.stp_received),
+        }
+    }
+}
+
+/// A pair of byte counters (sent, received).
+#[derive(Debug, Default)]
+struct Counters {
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+impl Counters {
+    fn sent(&self, n: usize) {
+        self.sent.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn received(&self, n: usize) {
+        self.received.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> (u64, u64) {
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.received.load(Ordering::Relaxed),
+        )
+    }
+}
 
 /// A socket descriptor of a [`SocketLayer`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -338,6 +400,8 @@ struct TcpConn {
     wr: Mutex<TcpStream>,
     /// For addresses, timeouts and shutdown, which need no lock.
     ctl: TcpStream,
+    /// Payload bytes this connection moved.
+    bytes: Counters,
 }
 
 impl TcpConn {
@@ -347,6 +411,7 @@ impl TcpConn {
             rd: Mutex::new(s.try_clone()?),
             wr: Mutex::new(s.try_clone()?),
             ctl: s,
+            bytes: Counters::default(),
         })
     }
 }
@@ -404,6 +469,8 @@ struct StpSock {
     stg: u32,
     source: Arc<dyn PathSource>,
     state: Mutex<StpState>,
+    /// Payload bytes this socket moved.
+    bytes: Counters,
 }
 
 /// The socket layer: one descriptor table over TCP and STP sockets.
@@ -414,6 +481,10 @@ pub struct SocketLayer {
     connect_timeout: Duration,
     tcp: Table<TcpSock>,
     stp: Table<StpSock>,
+    /// Payload bytes every TCP socket of the layer moved.
+    tcp_bytes: Counters,
+    /// Payload bytes every STP socket of the layer moved.
+    stp_bytes: Counters,
 }
 
 impl fmt::Debug for SocketLayer {
@@ -443,6 +514,8 @@ impl SocketLayer {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             tcp: Table::new(TCP_FD_FIRST, STP_FD_BASE - 1, Mechanism::Tcp),
             stp: Table::new(STP_FD_BASE, i32::MAX, Mechanism::Stp),
+            tcp_bytes: Counters::default(),
+            stp_bytes: Counters::default(),
         }
     }
 
@@ -493,6 +566,49 @@ impl SocketLayer {
         v
     }
 
+    /// Payload bytes every socket of this layer has moved since the layer
+    /// was made (closed sockets included). Snapshot it before and after a
+    /// session ([`Traffic::since`]) to learn what the session moved, when
+    /// the layer runs one session at a time.
+    pub fn traffic(&self) -> Traffic {
+        let (tcp_sent, tcp_received) = self.tcp_bytes.get();
+        let (stp_sent, stp_received) = self.stp_bytes.get();
+        Traffic {
+            tcp_sent,
+            tcp_received,
+            stp_sent,
+            stp_received,
+        }
+    }
+
+    /// Payload bytes one open socket has moved (zero for a socket that is
+    /// not connected).
+    pub fn socket_traffic(&self, fd: Fd) -> Result<Traffic, SockError> {
+        match fd.mechanism() {
+            Mechanism::Tcp => {
+                let s = self.tcp.get(fd)?;
+                let st = lock(&s.state);
+                let (tcp_sent, tcp_received) = match &*st {
+                    TcpState::Connected(c) => c.bytes.get(),
+                    _ => (0, 0),
+                };
+                Ok(Traffic {
+                    tcp_sent,
+                    tcp_received,
+                    ..Traffic::default()
+                })
+            }
+            Mechanism::Stp => {
+                let (stp_sent, stp_received) = self.stp.get(fd)?.bytes.get();
+                Ok(Traffic {
+                    stp_sent,
+                    stp_received,
+                    ..Traffic::default()
+                })
+            }
+        }
+    }
+
     /// Creates a socket (the seed's `socket` / `STPsocket`).
     pub fn socket(&self, domain: Domain) -> Result<Fd, SockError> {
         match domain {
@@ -514,6 +630,7 @@ impl SocketLayer {
                         key: None,
                         phase: StpPhase::Fresh,
                     }),
+                    bytes: Counters::default(),
                 })
             }
         }
@@ -929,6 +1046,7 @@ impl SocketLayer {
                         key,
                         phase: StpPhase::Connected(stream),
                     }),
+                    bytes: Counters::default(),
                 })
             }
         }
@@ -946,9 +1064,17 @@ impl SocketLayer {
             Mechanism::Tcp => {
                 let c = self.tcp_conn(fd, "send")?;
                 let mut w = lock(&c.wr);
-                w.write(buf).map_err(io)
+                let n = w.write(buf).map_err(io)?;
+                c.bytes.sent(n);
+                self.tcp_bytes.sent(n);
+                Ok(n)
             }
-            Mechanism::Stp => self.with_stp_stream(fd, "send", |s| s.write(buf).map_err(io)),
+            Mechanism::Stp => {
+                let (n, sock) = self.with_stp_sock(fd, "send", |s| s.write(buf).map_err(io))?;
+                sock.bytes.sent(n);
+                self.stp_bytes.sent(n);
+                Ok(n)
+            }
         }
     }
 
@@ -984,11 +1110,21 @@ impl SocketLayer {
                 loop {
                     match r.read(buf) {
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        other => return other.map_err(io),
+                        other => {
+                            let n = other.map_err(io)?;
+                            c.bytes.received(n);
+                            self.tcp_bytes.received(n);
+                            return Ok(n);
+                        }
                     }
                 }
             }
-            Mechanism::Stp => self.with_stp_stream(fd, "recv", |s| s.read(buf).map_err(io)),
+            Mechanism::Stp => {
+                let (n, sock) = self.with_stp_sock(fd, "recv", |s| s.read(buf).map_err(io))?;
+                sock.bytes.received(n);
+                self.stp_bytes.received(n);
+                Ok(n)
+            }
         }
     }
 
@@ -1164,6 +1300,32 @@ impl SocketLayer {
         self.tcp_conn(fd, op)
     }
 
+    /// Like [`SocketLayer::with_stp_stream`], also handing back the socket
+    /// (for its counters).
+    fn with_stp_sock<R>(
+        &self,
+        fd: Fd,
+        op: &'static str,
+        f: impl FnOnce(&mut StpStream) -> Result<R, SockError>,
+    ) -> Result<(R, Arc<StpSock>), SockError> {
+        let s = self.stp.get(fd)?;
+        let r = {
+            let mut st = lock(&s.state);
+            match &mut st.phase {
+                StpPhase::Connected(stream) => f(stream)?,
+                p => {
+                    return Err(SockError::WrongState {
+                        fd,
+                        op,
+                        state: p.name(),
+                        need: "a connected socket",
+                    })
+                }
+            }
+        };
+        Ok((r, s))
+    }
+
     fn with_stp_stream<R>(
         &self,
         fd: Fd,
@@ -1257,6 +1419,19 @@ mod tests {
         let c_port = u16::try_from(l.getsockname(c).unwrap()).unwrap();
         let c_addr = SocketAddr::from(([127, 0, 0, 1], c_port));
         assert_eq!(l.peer_addr(a).unwrap(), Address::Tcp(c_addr));
+        // Each socket counts what crossed it; the layer counts them all.
+        assert_eq!(l.socket_traffic(c).unwrap().tcp_sent, 14);
+        assert_eq!(l.socket_traffic(a).unwrap().tcp_received, 14);
+        assert_eq!(l.socket_traffic(lst).unwrap(), Traffic::default());
+        let before = l.traffic();
+        assert_eq!(
+            (before.tcp_sent, before.tcp_received, before.stp()),
+            (14, 14, 0)
+        );
+        l.send_all(a, b"ok").unwrap();
+        let mut ok = [0u8; 2];
+        l.recv_exact(c, &mut ok).unwrap();
+        assert_eq!(l.traffic().since(&before).tcp(), 4);
         l.shutdown_write(c).unwrap();
         assert_eq!(l.recv(a, &mut buf).unwrap(), 0);
         // A read timeout turns a silent peer into a timeout error.

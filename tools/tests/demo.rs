@@ -39,7 +39,25 @@ fn demo_backs_up_and_restores_byte_for_byte() {
         assert_eq!(b["restored_equal"], true, "{stdout}");
         assert_eq!(b["verified"], true, "{stdout}");
         assert!(b["bytes"].as_u64().unwrap_or(0) > 0, "{stdout}");
+        // Where the bytes went: the stream through the array, control
+        // only over the LAN.
+        let t = &b["traffic"];
+        assert!(
+            t["array_bytes"].as_u64().unwrap_or(0) >= b["bytes"].as_u64().unwrap_or(u64::MAX),
+            "{stdout}"
+        );
+        assert_eq!(t["lan_data_bytes"].as_u64(), Some(0), "{stdout}");
+        assert!(t["lan_bytes"].as_u64().unwrap_or(0) > 0, "{stdout}");
     }
+    let total = &v["traffic"];
+    assert!(
+        total["array_bytes"].as_u64().unwrap_or(0) > total["lan_bytes"].as_u64().unwrap_or(0),
+        "{stdout}"
+    );
+    assert!(
+        v["backup_vs_stp_goodput"].as_f64().unwrap_or(0.0) > 0.0,
+        "{stdout}"
+    );
     assert!(
         v["bench_stp_mb_per_s"].as_f64().unwrap_or(0.0) > 0.0,
         "{stdout}"

@@ -13,6 +13,7 @@ use super::config::BackupConfig;
 use super::daemon::{self, ArrayStatus, LoopIo, Role, Started};
 use super::repo::{BackupInfo, Repo};
 use super::session::{self, escape_control, FsJob, RunOptions};
+use super::traffic::ChannelUse;
 use super::wire::{DbSource, Level};
 
 /// Options of `stp backup`.
@@ -240,6 +241,11 @@ fn print_outcome(json: bool, what: &str, o: &session::Outcome) -> Result<()> {
          ({:.2} s from the start of the data to the durable record, as the server measured)",
         o.backup_id, mb, o.files, o.errors, o.channel, o.mb_per_s, o.seconds,
     );
+    println!(
+        "  {}; LAN: {} (counted at this host's sockets)",
+        o.traffic.summary(),
+        o.traffic.lan_detail()
+    );
     if let Some(r) = &o.fallback_reason {
         println!("  LAN fallback: {r}");
     }
@@ -271,9 +277,25 @@ pub fn utc(secs: f64) -> String {
     )
 }
 
+/// The per-channel columns of `list`: bytes through the array, over the
+/// LAN, and the LAN's share (`-` for backups recorded before the catalog
+/// kept them).
+fn traffic_cells(b: &BackupInfo) -> (String, String, String) {
+    match &b.traffic {
+        Some(t) => (
+            super::traffic::human_bytes(t.array_bytes),
+            super::traffic::human_bytes(t.lan_bytes),
+            super::traffic::percent(t.lan_percent()),
+        ),
+        None => ("-".into(), "-".into(), "-".into()),
+    }
+}
+
 fn info_line(b: &BackupInfo) -> String {
+    let (array, lan, share) = traffic_cells(b);
     format!(
-        "{:>5}  {:<20}  {:<8}  {:<2}  {:<11}  {:<12}  {:>12}  {:>6}  {:>4}  {:<7}  {}:{}",
+        "{:>5}  {:<20}  {:<8}  {:<2}  {:<11}  {:<12}  {:>12}  {:>10}  {:>10}  {:>8}  {:>6}  {:>4}  \
+         {:<7}  {}:{}",
         b.id,
         utc(b.started),
         b.status,
@@ -281,6 +303,9 @@ fn info_line(b: &BackupInfo) -> String {
         b.level,
         b.channel.as_deref().unwrap_or("-"),
         b.bytes,
+        array,
+        lan,
+        share,
         b.files,
         b.errors,
         b.base_id.map_or("-".into(), |x| x.to_string()),
@@ -561,8 +586,8 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
                 print_json(&list)?;
             } else {
                 println!(
-                    "{:>5}  {:<20}  {:<8}  {:<2}  {:<11}  {:<12}  {:>12}  {:>6}  {:>4}  {:<7}  \
-                     client:source",
+                    "{:>5}  {:<20}  {:<8}  {:<2}  {:<11}  {:<12}  {:>12}  {:>10}  {:>10}  {:>8}  \
+                     {:>6}  {:>4}  {:<7}  client:source",
                     "id",
                     "started (UTC)",
                     "status",
@@ -570,6 +595,9 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
                     "level",
                     "channel",
                     "bytes",
+                    "array",
+                    "LAN",
+                    "LAN %",
                     "files",
                     "errs",
                     "base"
@@ -650,6 +678,11 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
     }
 }
 
+/// Where a restore's bytes went: restores read the repository on the
+/// server's own host.
+const LOCAL_RESTORE: &str = "read from the repository on this host: 0 B through the array, \
+                             0 B over the LAN";
+
 fn restore(a: &RestoreArgs) -> Result<ExitCode> {
     let repo = a.repo.open()?;
     if let Some(dir) = &a.to {
@@ -657,7 +690,7 @@ fn restore(a: &RestoreArgs) -> Result<ExitCode> {
         if a.repo.json {
             print_json(&serde_json::json!({
                 "backup_id": a.id, "files": done.files, "bytes": done.bytes, "others": done.others,
-                "to": dir,
+                "to": dir, "channel": "local", "traffic": ChannelUse::default(),
             }))?;
         } else {
             println!(
@@ -668,6 +701,7 @@ fn restore(a: &RestoreArgs) -> Result<ExitCode> {
                 done.bytes,
                 done.others
             );
+            println!("  {LOCAL_RESTORE}");
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -696,12 +730,16 @@ fn restore(a: &RestoreArgs) -> Result<ExitCode> {
         bail!("say where to restore: --to DIR, --to-file FILE or --into-command CMD");
     };
     if a.repo.json {
-        print_json(&serde_json::json!({ "backup_id": a.id, "bytes": bytes }))?;
+        print_json(&serde_json::json!({
+            "backup_id": a.id, "bytes": bytes, "channel": "local",
+            "traffic": ChannelUse::default(),
+        }))?;
     } else {
         println!(
             "restored backup {}: {bytes} bytes; every hash checked",
             a.id
         );
+        println!("  {LOCAL_RESTORE}");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -353,7 +353,42 @@ pub(crate) fn directory_from_map(path: &Path, host: usize) -> Result<MapDirector
             path.display()
         )
     })?;
-    parse_device_map(&text, host).with_context(|| format!("the device map {}", path.display()))
+    let mut dir = parse_device_map(&text, host)
+        .with_context(|| format!("the device map {}", path.display()))?;
+    // The map does not say how large each LUN is, and block mode checks its
+    // layout against the capacity: ask each device (one that does not
+    // answer stays at 0, and the layout check says so).
+    for info in dir.0.values_mut() {
+        if let Some((blocks, block_size)) = capacity(Path::new(&info.path)) {
+            info.blocks = blocks;
+            info.block_size = block_size;
+        }
+    }
+    Ok(dir)
+}
+
+/// A LUN's capacity in blocks and its block size (READ CAPACITY(16)), or
+/// `None` when the device cannot be opened or does not answer.
+fn capacity(path: &Path) -> Option<(u64, u32)> {
+    let mut t = scsi::sg::SgDevice::open(path).ok()?;
+    read_capacity(&mut t)
+}
+
+fn read_capacity(t: &mut scsi::sg::SgDevice) -> Option<(u64, u32)> {
+    let cdb = scsi::Cdb::ReadCapacity16 { alloc_len: 32 }.emit();
+    match t.execute(scsi::Command::data_in(cdb, 32)).into_result() {
+        Ok((b, _)) if b.len() >= 12 => {
+            let mut last = [0u8; 8];
+            last.copy_from_slice(&b[..8]);
+            let mut bs = [0u8; 4];
+            bs.copy_from_slice(&b[8..12]);
+            Some((
+                u64::from_be_bytes(last).saturating_add(1),
+                u32::from_be_bytes(bs),
+            ))
+        }
+        _ => None,
+    }
 }
 
 /// The LUNs host `host` reaches in the text of a sim-target device map.
@@ -390,17 +425,7 @@ pub(crate) fn probe_directory() -> Result<MapDirectory> {
         let Ok(id) = scsi::inquiry::identify(&mut t) else {
             continue;
         };
-        let cdb = scsi::Cdb::ReadCapacity16 { alloc_len: 32 }.emit();
-        let (blocks, block_size) = match t.execute(scsi::Command::data_in(cdb, 32)).into_result() {
-            Ok((b, _)) if b.len() >= 12 => {
-                let mut last = [0u8; 8];
-                last.copy_from_slice(&b[..8]);
-                let mut bs = [0u8; 4];
-                bs.copy_from_slice(&b[8..12]);
-                (u64::from_be_bytes(last) + 1, u32::from_be_bytes(bs))
-            }
-            _ => (0, 0),
-        };
+        let (blocks, block_size) = read_capacity(&mut t).unwrap_or((0, 0));
         dir.insert_identified(
             &id,
             LunInfo {

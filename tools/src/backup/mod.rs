@@ -11,6 +11,7 @@
 //! * [`pipe`]: the acknowledged data stream and its mid-stream fallback.
 //! * [`archive`]: tar streams with a SHA-256 per file; safe extraction.
 //! * [`repo`]: archives, manifests and the SQLite catalog.
+//! * [`traffic`]: bytes and time per channel (array, LAN) of a session.
 //! * [`wire`]: the control messages.
 //! * [`config`]: the backup configuration file and building a host from it.
 //! * [`daemon`]: the agent's and the server's ports, start-up report and
@@ -28,4 +29,5 @@ pub mod pipe;
 pub mod progress;
 pub mod repo;
 pub mod session;
+pub mod traffic;
 pub mod wire;

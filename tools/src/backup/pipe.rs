@@ -99,6 +99,10 @@ pub struct ChannelLog {
     pub reason: Option<String>,
     /// Stream offset at which it moved to TCP.
     pub resumed_at: Option<u64>,
+    /// When it moved to TCP (this process's clock), for the time spent on
+    /// each channel.
+    #[serde(skip)]
+    pub moved_at: Option<Instant>,
 }
 
 impl ChannelLog {
@@ -108,6 +112,23 @@ impl ChannelLog {
             used: vec![name(mechanism).into()],
             reason: None,
             resumed_at: None,
+            moved_at: None,
+        }
+    }
+
+    /// Seconds of a stream that ran from `start` to `end` spent on the
+    /// array and on the LAN: (array, LAN).
+    pub fn split_time(&self, start: Instant, end: Instant) -> (f64, f64) {
+        let whole = end.saturating_duration_since(start).as_secs_f64();
+        if self.used.first().map(String::as_str) != Some("stp") {
+            return (0.0, whole);
+        }
+        match self.moved_at {
+            Some(t) => {
+                let on_stp = t.saturating_duration_since(start).as_secs_f64().min(whole);
+                (on_stp, whole - on_stp)
+            }
+            None => (whole, 0.0),
         }
     }
 
@@ -351,6 +372,7 @@ impl<'a> PipeSender<'a> {
             );
         }
         self.log.used.push("tcp".into());
+        self.log.moved_at = Some(Instant::now());
         self.log.reason = Some(reason);
         self.log.resumed_at = Some(resume);
         self.progress.note(&format!(
@@ -654,6 +676,7 @@ impl<'a> PipeReceiver<'a> {
         })();
         setup.with_context(|| format!("{reason}; resuming over TCP"))?;
         self.log.used.push("tcp".into());
+        self.log.moved_at = Some(Instant::now());
         self.log.reason = Some(reason);
         self.log.resumed_at = Some(self.received);
         self.progress.note(&format!(

@@ -33,6 +33,7 @@ use sha2::{Digest, Sha256};
 use super::archive::{self, safe_relative, ExtractOptions, Extracted, Kind, ManifestEntry};
 use super::pipe::StreamReport;
 use super::progress::Progress;
+use super::traffic::ChannelUse;
 
 /// One backup as the catalog records it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -69,6 +70,10 @@ pub struct BackupInfo {
     pub errors: i64,
     /// What went wrong, for failed backups.
     pub message: Option<String>,
+    /// Bytes and time per channel, as the server counted them at its
+    /// sockets (`None`: recorded before the catalog kept them, or the
+    /// session ended before it could be counted).
+    pub traffic: Option<ChannelUse>,
 }
 
 /// A per-file error as recorded.
@@ -242,11 +247,56 @@ fn row_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<BackupInfo> {
         fallback_reason: r.get(13)?,
         errors: r.get(14)?,
         message: r.get(15)?,
+        traffic: match r.get::<_, Option<i64>>(16)? {
+            None => None,
+            Some(array) => Some(ChannelUse {
+                array_bytes: count(array),
+                array_seconds: r.get::<_, Option<f64>>(17)?.unwrap_or(0.0),
+                lan_bytes: count(r.get::<_, Option<i64>>(18)?.unwrap_or(0)),
+                lan_control_bytes: count(r.get::<_, Option<i64>>(19)?.unwrap_or(0)),
+                lan_error_bytes: count(r.get::<_, Option<i64>>(20)?.unwrap_or(0)),
+                lan_data_bytes: count(r.get::<_, Option<i64>>(21)?.unwrap_or(0)),
+                lan_seconds: r.get::<_, Option<f64>>(22)?.unwrap_or(0.0),
+            }),
+        },
     })
 }
 
+/// A stored count (never negative when this code wrote it).
+fn count(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// The columns of per-channel accounting, added to catalogs made before
+/// they existed (their old rows read as "not recorded").
+const TRAFFIC_COLUMNS: [(&str, &str); 7] = [
+    ("array_bytes", "INTEGER"),
+    ("array_seconds", "REAL"),
+    ("lan_bytes", "INTEGER"),
+    ("lan_control_bytes", "INTEGER"),
+    ("lan_error_bytes", "INTEGER"),
+    ("lan_data_bytes", "INTEGER"),
+    ("lan_seconds", "REAL"),
+];
+
+/// Adds what later versions keep to an older catalog.
+fn upgrade(conn: &Connection) -> Result<()> {
+    let have: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('backups')")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (col, ty) in TRAFFIC_COLUMNS {
+        if !have.iter().any(|h| h == col) {
+            conn.execute_batch(&format!("ALTER TABLE backups ADD COLUMN {col} {ty}"))?;
+        }
+    }
+    Ok(())
+}
+
 const COLS: &str = "id, kind, client, source, level, base_id, started, finished, status, bytes, \
-                    files, archive_sha256, channel, fallback_reason, errors, message";
+                    files, archive_sha256, channel, fallback_reason, errors, message, \
+                    array_bytes, array_seconds, lan_bytes, lan_control_bytes, lan_error_bytes, \
+                    lan_data_bytes, lan_seconds";
 
 impl Repo {
     /// Opens (creating if needed) the repository at `root` and sweeps away
@@ -289,6 +339,12 @@ impl Repo {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)
             .with_context(|| format!("setting up the catalog {}", db_path.display()))?;
+        upgrade(&conn).with_context(|| {
+            format!(
+                "adding the per-channel columns to the catalog {}: check that it is writable",
+                db_path.display()
+            )
+        })?;
         use nix::fcntl::{Flock, FlockArg};
         let lock_path = root.join("lock");
         let lock_file = OpenOptions::new()
@@ -469,6 +525,27 @@ impl Repo {
         self.db().execute(
             "UPDATE backups SET channel = ?2, fallback_reason = ?3 WHERE id = ?1",
             params![id, channel, reason],
+        )?;
+        Ok(())
+    }
+
+    /// Records where a backup's bytes went (complete or failed).
+    pub fn record_traffic(&self, id: i64, t: &ChannelUse) -> Result<()> {
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.db().execute(
+            "UPDATE backups SET array_bytes = ?2, array_seconds = ?3, lan_bytes = ?4, \
+             lan_control_bytes = ?5, lan_error_bytes = ?6, lan_data_bytes = ?7, \
+             lan_seconds = ?8 WHERE id = ?1",
+            params![
+                id,
+                n(t.array_bytes),
+                t.array_seconds,
+                n(t.lan_bytes),
+                n(t.lan_control_bytes),
+                n(t.lan_error_bytes),
+                n(t.lan_data_bytes),
+                t.lan_seconds
+            ],
         )?;
         Ok(())
     }

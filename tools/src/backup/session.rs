@@ -36,6 +36,7 @@ use super::daemon::Idle;
 use super::pipe::{FailHook, PipeReceiver, PipeSender, Policy, StreamReport};
 use super::progress::Progress;
 use super::repo::{BackupInfo, FileErrorRecord, Repo};
+use super::traffic::{ChannelUse, Meter};
 use super::wire::{self, DbSource, Level, Msg};
 
 /// The 16 bytes a server sends on the client's WKP instead of the
@@ -143,6 +144,8 @@ pub struct Outcome {
     /// This side's time for the whole session, from its set-up (for the
     /// agent: from the session's arrival, not its wait for it) to its end.
     pub session_seconds: f64,
+    /// Bytes and time per channel, counted at this side's sockets.
+    pub traffic: ChannelUse,
     /// The per-file errors (file-system backups, on the server).
     pub file_errors: Vec<FileErrorRecord>,
     /// The catalog row (server side).
@@ -481,6 +484,7 @@ fn refusal(host: &Host, control: Fd) -> Option<String> {
 /// per-file errors, and marks the backup complete once it is durable.
 pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Result<Outcome> {
     let t0 = Instant::now();
+    let mut meter = Meter::start(&host.layer);
     let conns = fs_server_open(host, job.client)?;
     let layer = &*host.layer;
     let all = [conns.control, conns.errors, conns.data];
@@ -596,6 +600,9 @@ pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Res
         rx.abort_when(Arc::clone(&gone));
         let report = rx.run(pending.sink());
         data_fd = rx.fd();
+        if let Ok(r) = &report {
+            meter.stream_ended(layer, data_fd, &r.channels, stream_t0);
+        }
         let report = match report {
             Ok(r) => r,
             Err(e) => {
@@ -619,9 +626,10 @@ pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Res
         Ok((manifest, report, _)) => {
             // The agent closes the errors connection before its summary.
             let errors = errors_thread.join().unwrap_or_default();
+            meter.errors_connection(layer, conns.errors);
             let files = manifest.len() as u64;
             match repo.commit(pending, manifest, &report, &errors) {
-                Ok(info) => {
+                Ok(mut info) => {
                     let seconds = stream_t0.elapsed().as_secs_f64();
                     let _ = wire::send(
                         layer,
@@ -638,6 +646,9 @@ pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Res
                         },
                     );
                     let reason = report.channels.reason.clone().or(conns.lan_reason.clone());
+                    let traffic = meter.read(layer);
+                    record_traffic(repo, id, &traffic);
+                    info.traffic = Some(traffic);
                     Ok(Outcome {
                         backup_id: id,
                         bytes: report.bytes,
@@ -648,6 +659,7 @@ pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Res
                         seconds,
                         mb_per_s: mb_per_s(report.bytes, seconds),
                         session_seconds: t0.elapsed().as_secs_f64(),
+                        traffic,
                         file_errors: errors,
                         info: Some(info),
                     })
@@ -670,13 +682,23 @@ pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Res
             if let Err(f) = repo.fail(pending, &msg) {
                 tracing::error!("backup {id}: recording the failure in the catalog failed: {f:#}");
             }
+            meter.errors_connection(layer, conns.errors);
             close_all(layer, &[conns.errors]);
             let _ = errors_thread.join();
+            record_traffic(repo, id, &meter.read(layer));
             Err(e.context(format!("backup {id} failed and is recorded as failed")))
         }
     };
     close_all(layer, &[data_fd, conns.control, conns.errors]);
     outcome
+}
+
+/// Records a backup's per-channel counts; a catalog that refuses costs a
+/// warning, not the backup.
+fn record_traffic(repo: &Repo, id: i64, t: &ChannelUse) {
+    if let Err(e) = repo.record_traffic(id, t) {
+        tracing::warn!("backup {id}: recording its per-channel byte counts failed: {e:#}");
+    }
 }
 
 /// `bytes` over `seconds` in MB/s (10^6 bytes).
@@ -783,6 +805,8 @@ fn allowed(rules: &AgentRules, source: &Path) -> Result<PathBuf> {
 /// reason on the control connection and the data stream is aborted with
 /// it, so the server records why.
 pub fn fs_agent(host: &Host, rules: &AgentRules, opts: RunOptions) -> Result<Outcome> {
+    // Counting starts before the wait: nothing moves until a session comes.
+    let mut meter = Meter::start(&host.layer);
     let conns = fs_agent_open(host)?;
     // The session's time starts when it arrives, not while waiting.
     let t0 = Instant::now();
@@ -862,6 +886,7 @@ pub fn fs_agent(host: &Host, rules: &AgentRules, opts: RunOptions) -> Result<Out
             tx.fail_after(after, hook);
         }
         let errors_fd = conns.errors;
+        let stream_t0 = Instant::now();
         let mut on_error = |path: &str, message: &str| -> Result<()> {
             wire::send(
                 layer,
@@ -889,7 +914,9 @@ pub fn fs_agent(host: &Host, rules: &AgentRules, opts: RunOptions) -> Result<Out
         data_fd = tx.fd();
         let report = tx.finish()?;
         data_fd = report.fd;
+        meter.stream_ended(layer, data_fd, &report.channels, stream_t0);
         let _ = layer.shutdown_write(conns.errors);
+        meter.errors_connection(layer, conns.errors);
         let files = manifest.len() as u64;
         wire::send(layer, conns.control, &Msg::BackupDone { manifest, errors })?;
         let seconds = match wire::recv::<Msg>(layer, conns.control, "the server's result")? {
@@ -911,6 +938,7 @@ pub fn fs_agent(host: &Host, rules: &AgentRules, opts: RunOptions) -> Result<Out
             seconds,
             mb_per_s: mb_per_s(report.bytes, seconds),
             session_seconds: t0.elapsed().as_secs_f64(),
+            traffic: meter.read(layer),
             file_errors: Vec::new(),
             info: None,
         })
@@ -1126,6 +1154,7 @@ pub fn db_backup(
         DbSource::Sqlite { path } => Some(sqlite_snapshot(Path::new(path))?),
         DbSource::Command { .. } => None,
     };
+    let mut meter = Meter::start(&host.layer);
     let conn = db_client_open(host, server)?;
     let layer = &*host.layer;
     let mut data_fd = conn.data;
@@ -1169,6 +1198,7 @@ pub fn db_backup(
         if let Some((after, hook)) = opts.fail_after {
             tx.fail_after(after, hook);
         }
+        let stream_t0 = Instant::now();
         let built = match (&snapshot, source) {
             (Some((_dir, file)), _) => sqlite_entries(&mut tx, file, name),
             (None, DbSource::Command { command }) => command_entries(&mut tx, command),
@@ -1185,6 +1215,7 @@ pub fn db_backup(
         data_fd = tx.fd();
         let report = tx.finish()?;
         data_fd = report.fd;
+        meter.stream_ended(layer, data_fd, &report.channels, stream_t0);
         if data_fd.mechanism() == Mechanism::Tcp {
             layer.set_read_timeout(data_fd, Some(host.timeout))?;
         }
@@ -1209,6 +1240,7 @@ pub fn db_backup(
             seconds,
             mb_per_s: mb_per_s(report.bytes, seconds),
             session_seconds: t0.elapsed().as_secs_f64(),
+            traffic: meter.read(layer),
             file_errors: Vec::new(),
             info: None,
         })
@@ -1346,6 +1378,7 @@ fn command_entries(tx: &mut PipeSender<'_>, command: &str) -> Result<Vec<Manifes
 /// marks it complete once durable.
 pub fn db_serve(host: &Host, repo: &Repo, opts: RunOptions) -> Result<Outcome> {
     let t0 = Instant::now();
+    let mut meter = Meter::start(&host.layer);
     let conn = db_server_open(host)?;
     let layer = &*host.layer;
     let (name, source) = match wire::recv::<Msg>(layer, conn.data, "the client's request") {
@@ -1402,6 +1435,7 @@ pub fn db_serve(host: &Host, repo: &Repo, opts: RunOptions) -> Result<Outcome> {
             let report = rx.run(pending.sink());
             data_fd = rx.fd();
             let report = report?;
+            meter.stream_ended(layer, data_fd, &report.channels, stream_t0);
             if data_fd.mechanism() == Mechanism::Tcp {
                 layer.set_read_timeout(data_fd, Some(host.timeout))?;
             }
@@ -1432,7 +1466,10 @@ pub fn db_serve(host: &Host, repo: &Repo, opts: RunOptions) -> Result<Outcome> {
                     seconds,
                 },
             );
-            let info = info?;
+            let mut info = info?;
+            let traffic = meter.read(layer);
+            record_traffic(repo, id, &traffic);
+            info.traffic = Some(traffic);
             Ok(Outcome {
                 backup_id: id,
                 bytes: report.bytes,
@@ -1443,6 +1480,7 @@ pub fn db_serve(host: &Host, repo: &Repo, opts: RunOptions) -> Result<Outcome> {
                 seconds,
                 mb_per_s: mb_per_s(report.bytes, seconds),
                 session_seconds: t0.elapsed().as_secs_f64(),
+                traffic,
                 file_errors: Vec::new(),
                 info: Some(info),
             })
@@ -1452,6 +1490,7 @@ pub fn db_serve(host: &Host, repo: &Repo, opts: RunOptions) -> Result<Outcome> {
             if let Err(f) = repo.fail(pending, &msg) {
                 tracing::error!("backup {id}: recording the failure in the catalog failed: {f:#}");
             }
+            record_traffic(repo, id, &meter.read(layer));
             Err(e.context(format!("backup {id} failed and is recorded as failed")))
         }
     };

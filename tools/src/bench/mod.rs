@@ -21,6 +21,7 @@ use hdrhistogram::Histogram;
 use scsi::Transport;
 use serde::Serialize;
 
+mod backup;
 mod curve;
 mod diff;
 mod hist;

@@ -677,6 +677,8 @@ pub struct Results {
     /// The frame protection each STP run recorded (`params.protection`),
     /// by file stem.
     pub stp_protection: BTreeMap<String, String>,
+    /// The backup runs (`backup-*.json`, sim-target/vm/bench-backup).
+    pub backup: super::backup::Backups,
 }
 
 /// `raw-stg-write-1m-qd8.r2` → (`raw-stg-write-1m-qd8`, Some(2)): the
@@ -741,6 +743,8 @@ impl Results {
                     }
                     // `stp bench curve` documents: no part of the ratios.
                     s if s.starts_with("curve-") => continue,
+                    // Read below, by the backup table's own code.
+                    s if s.starts_with("backup-") => continue,
                     "protection" => {
                         match parse_protection(&text) {
                             Ok(p) => r.protection = Some(p),
@@ -790,6 +794,7 @@ impl Results {
             }
             r.runs.insert(stem, m);
         }
+        r.backup = super::backup::Backups::load(dir);
         Ok(r)
     }
 
@@ -1199,6 +1204,7 @@ pub fn document(r: &Results, ratios: &Ratios) -> serde_json::Value {
             "protection_bench".into(),
             serde_json::to_value(&r.protection).unwrap_or_default(),
         );
+        o.extend(r.backup.keys());
     }
     doc
 }
@@ -1400,6 +1406,7 @@ pub fn table(r: &Results, ratios: &Ratios) -> String {
             let _ = writeln!(s, "  not met: {k}{at}: {:.2} ({})", x.ratio, verdict(x));
         }
     }
+    s.push_str(&r.backup.table());
     if !r.failed.is_empty() {
         let _ = writeln!(s, "\nFailed runs:");
         for (k, why) in &r.failed {
@@ -1434,9 +1441,10 @@ pub fn plot(r: &Results) -> String {
 /// Runs `stp bench report`.
 pub fn run(args: &ReportArgs) -> Result<()> {
     let r = Results::load(&args.dir)?;
-    if r.runs.is_empty() {
+    if r.runs.is_empty() && r.backup.is_empty() {
         bail!(
-            "{} holds no results (raw-*.json, fio-*.json, stp-*.json, tcp-*.json); {} failed",
+            "{} holds no results (raw-*.json, fio-*.json, stp-*.json, tcp-*.json, backup-*.json); \
+             {} failed",
             args.dir.display(),
             r.failed.len()
         );
