@@ -2208,10 +2208,6 @@ impl BlockStg {
 }
 
 fn poller(weak: Weak<BlockStg>, mut lanes: Vec<ConsLane>) {
-    // The kernel lets a sleep end up to the timer slack (50 µs by default)
-    // late, which would double the shortest poll interval; a finer slack
-    // for this one thread is best effort.
-    let _ = nix::sys::prctl::set_timerslack(1_000);
     loop {
         let Some(stg) = weak.upgrade() else { return };
         if stg.stop.load(Ordering::Acquire) {
