@@ -35,6 +35,7 @@
 //! the array; unit attentions are per initiator and per LUN, reported by
 //! the next command other than INQUIRY and REPORT LUNS, as SAM-5 says.
 
+pub mod alua;
 pub mod array;
 pub mod fault;
 pub mod inproc;

@@ -19,6 +19,8 @@
 //! * [`vendor`] — the vendor command set shared by hosts and the array.
 //! * [`stg`] — transport groups, the configuration file, and [`stg::open`],
 //!   the one way from a configuration to a source of mailboxes.
+//! * [`multipath`] — one member over several paths: ALUA states steer the
+//!   I/O, failed paths' commands move as the retry rule allows.
 //! * [`mailbox`] — the host side of the STG mailbox (vendor mode).
 //! * [`conn`] — the sans-IO connection state machine.
 //! * [`error`] — the mailbox error, grouped: transport, refused, config, protocol.
@@ -43,6 +45,7 @@ pub mod flows;
 pub mod frame;
 pub mod guard;
 pub mod mailbox;
+pub mod multipath;
 pub mod retry;
 pub mod sealers;
 pub mod sockets;
