@@ -32,6 +32,7 @@ pub mod discovery;
 pub mod inquiry;
 pub mod opcode;
 pub mod pool;
+pub mod pr;
 pub mod sense;
 pub mod sg;
 pub mod shared;

@@ -15,6 +15,8 @@
 //!   payload byte, process-wide.
 //! * [`guard`] — the check before any destructive write (format): partition
 //!   tables, file systems, other STGs, kernel holders and mounts.
+//! * [`fence`] — persistent reservations that keep other hosts from
+//!   writing a block-mode STG's members.
 //! * [`auth`] — the per-connection key agreed over the control connection.
 //! * [`vendor`] — the vendor command set shared by hosts and the array.
 //! * [`stg`] — transport groups, the configuration file, and [`stg::open`],
@@ -41,6 +43,7 @@ pub mod conn;
 pub mod counters;
 pub mod engine;
 pub mod error;
+pub mod fence;
 pub mod flows;
 pub mod frame;
 pub mod guard;

@@ -1122,6 +1122,35 @@ pub fn open_member_paths(
     Ok((resolved, paths))
 }
 
+/// Every path to one member, each its own transport.
+pub type PathSet = Vec<Box<dyn Transport>>;
+
+/// Every path to each of STG `stg_id`'s members, opened separately (not
+/// as one [`Multipath`](crate::multipath::Multipath)): for work that must
+/// be done on each I_T nexus, such as registering a reservation key
+/// ([`crate::fence`]). `result.1[i]` holds member `i`'s paths, the
+/// directory's first path first.
+pub fn open_member_path_sets(
+    config: &Config,
+    stg_id: u32,
+    dir: &dyn LunDirectory,
+    engine: PathEngine,
+) -> Result<(ResolvedStg, Vec<PathSet>), MailboxError> {
+    let resolved = config.resolve(stg_id, dir)?;
+    let sets = resolved
+        .members
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            std::iter::once(&m.path)
+                .chain(&m.other_paths)
+                .map(|p| open_device(std::path::Path::new(p), engine, resolved.id, i))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((resolved, sets))
+}
+
 /// As [`open`], for paths the caller supplies (an in-process array, a
 /// fault injector, a test): `open_member(i)` opens a path to member `i` of
 /// the `members` members of STG `stg`, in member order.

@@ -41,6 +41,24 @@ fn persistent_reservations_fence_an_unregistered_host() {
 }
 
 #[test]
+fn fencing_refuses_a_third_initiators_write() {
+    let a = array(1);
+    let h0 = Host::login_through(&a, "host-0", 1);
+    let (h1a, h1b) = (
+        Host::login_through(&a, "host-1-p1", 1),
+        Host::login_through(&a, "host-1-p2", 2),
+    );
+    let third = Host::login(&a, "intruder");
+    ok(stp_tests::fencing(
+        Box::new(h0.open(0).unwrap()),
+        Box::new(h1a.open(0).unwrap()),
+        Box::new(h1b.open(0).unwrap()),
+        &mut third.open(0).unwrap(),
+        42,
+    ));
+}
+
+#[test]
 fn two_hosts_see_one_lun() {
     let a = array(2);
     let (h1, h2) = (Host::login(&a, "host-a"), Host::login(&a, "host-b"));
