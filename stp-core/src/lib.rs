@@ -23,6 +23,7 @@
 //!   the one way from a configuration to a source of mailboxes.
 //! * [`multipath`] — one member over several paths: ALUA states steer the
 //!   I/O, failed paths' commands move as the retry rule allows.
+//! * [`preflight`] — the checks of `stp preflight`, one finding per line.
 //! * [`mailbox`] — the host side of the STG mailbox (vendor mode).
 //! * [`conn`] — the sans-IO connection state machine.
 //! * [`error`] — the mailbox error, grouped: transport, refused, config, protocol.
@@ -49,6 +50,7 @@ pub mod frame;
 pub mod guard;
 pub mod mailbox;
 pub mod multipath;
+pub mod preflight;
 pub mod retry;
 pub mod sealers;
 pub mod sockets;

@@ -377,3 +377,146 @@ fn backup_fs_and_db_flows_on_real_lio() {
 fn backup_fs_and_db_flows_in_block_mode_on_lios_ramdisk() {
     stp_tests::backup::fs_and_db_round_trip(&rig(), 2 << 20, stp_core::stg::MailboxMode::Block);
 }
+
+/// The ramdisk's configfs directory (`core/rd_mcp_*/<name>`), found as
+/// the backstore the ramdisk LUN's tcm_loop exports link to.
+fn ramdisk_configfs() -> PathBuf {
+    let core = Path::new("/sys/kernel/config/target/core");
+    let mut found = Vec::new();
+    for hba in fs::read_dir(core).unwrap().flatten() {
+        if !hba.file_name().to_string_lossy().starts_with("rd_mcp_") {
+            continue;
+        }
+        for dev in fs::read_dir(hba.path()).unwrap().flatten() {
+            if dev.path().join("alua").is_dir() {
+                found.push(dev.path());
+            }
+        }
+    }
+    assert_eq!(found.len(), 1, "expected one ramdisk backstore: {found:?}");
+    found.remove(0)
+}
+
+/// The tcm_loop LUN directories that export `dev`.
+fn exports_of(dev: &Path) -> Vec<PathBuf> {
+    let dev = fs::canonicalize(dev).unwrap();
+    let mut out = Vec::new();
+    let loopback = Path::new("/sys/kernel/config/target/loopback");
+    for target in fs::read_dir(loopback).unwrap().flatten() {
+        let luns = target.path().join("tpgt_1/lun");
+        let Ok(luns) = fs::read_dir(&luns) else {
+            continue;
+        };
+        for lun in luns.flatten() {
+            let links = fs::read_dir(lun.path()).unwrap().flatten();
+            let exports = links
+                .filter(|l| l.file_type().is_ok_and(|t| t.is_symlink()))
+                .any(|l| fs::canonicalize(l.path()).is_ok_and(|p| p == dev));
+            if exports {
+                out.push(lun.path());
+            }
+        }
+    }
+    out
+}
+
+fn put(path: &Path, value: &str) {
+    fs::write(path, value)
+        .unwrap_or_else(|e| panic!("writing {value:?} to {}: {e}", path.display()));
+}
+
+/// Two tcm_loop paths onto the ramdisk as one [`Multipath`] member; one
+/// path's port is moved to its own target port group, then the group of
+/// the path carrying the I/O goes to standby mid-transfer: every WRITE
+/// still succeeds (moved to the other path), every block reads back, and
+/// the member reports one path standby, one active/optimized.
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn multipath_member_survives_an_alua_standby_on_lio() {
+    use scsi::alua::AccessState;
+    use scsi::cdb::{Cdb, RwFlags};
+    use scsi::{Command, IoBuf, Transport};
+    use stp_core::multipath::Multipath;
+
+    let lio = LioRig::load_env();
+    let dev = ramdisk_configfs();
+    let exports = exports_of(&dev);
+    assert_eq!(exports.len(), 2, "the ramdisk's exports: {exports:?}");
+    let group = dev.join("alua/stp_mp");
+    let default_state = dev.join("alua/default_tg_pt_gp/alua_access_state");
+    let _ = fs::create_dir(&group);
+    put(&group.join("tg_pt_gp_id"), "7");
+    put(&exports[1].join("alua_tg_pt_gp"), "stp_mp");
+    let moved_state = group.join("alua_access_state");
+    let restore = || {
+        let _ = fs::write(&default_state, "0");
+        let _ = fs::write(&moved_state, "0");
+        let _ = fs::write(exports[1].join("alua_tg_pt_gp"), "default_tg_pt_gp");
+        let _ = fs::remove_dir(&group);
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let paths: Vec<Box<dyn Transport>> = (0..2)
+            .map(|h| Box::new(sg(&lio.plain_path(h).unwrap())) as Box<dyn Transport>)
+            .collect();
+        let mut mp = Multipath::open(paths, stp_core::retry::RetryPolicy::MAILBOX).unwrap();
+        let infos = mp.paths();
+        eprintln!("paths at open: {infos:?}");
+        let mut groups: Vec<Option<u16>> = infos.iter().map(|p| p.group).collect();
+        groups.sort_unstable();
+        assert_eq!(groups, [Some(0), Some(7)], "{infos:?}");
+        let (_, bs) = capacity(&mut mp).unwrap();
+        let base = 6000u64;
+        let write = |mp: &mut Multipath, i: u64| {
+            let cdb = Cdb::Write16 {
+                lba: base + i,
+                blocks: 1,
+                flags: RwFlags::default(),
+            }
+            .emit();
+            let block = vec![(i as u8) ^ 0xA5; bs as usize];
+            mp.execute(Command::data_out(cdb, IoBuf::from_slice(&block)))
+                .into_result()
+                .unwrap_or_else(|e| panic!("WRITE {i}: {e}"));
+        };
+        for i in 0..32 {
+            write(&mut mp, i);
+        }
+        // Path 0 carries the I/O (both active/optimized, one command at a
+        // time): its group goes to standby.
+        let victim = if infos[0].group == Some(7) {
+            &moved_state
+        } else {
+            &default_state
+        };
+        put(victim, "2");
+        for i in 32..64 {
+            write(&mut mp, i);
+        }
+        for i in 0..64u64 {
+            let cdb = Cdb::Read16 {
+                lba: base + i,
+                blocks: 1,
+                flags: RwFlags::default(),
+            }
+            .emit();
+            let (d, _) = mp
+                .execute(Command::data_in(cdb, bs as usize))
+                .into_result()
+                .unwrap_or_else(|e| panic!("READ {i}: {e}"));
+            assert!(d.iter().all(|b| *b == (i as u8) ^ 0xA5), "block {i}");
+        }
+        let infos = mp.paths();
+        eprintln!("paths after standby: {infos:?}; {:?}", mp.stats());
+        assert!(mp.stats().moved >= 1, "{:?}", mp.stats());
+        assert_eq!(infos[0].state, Some(AccessState::STANDBY), "{infos:?}");
+        assert_eq!(
+            infos[1].state,
+            Some(AccessState::ACTIVE_OPTIMIZED),
+            "{infos:?}"
+        );
+    }));
+    restore();
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
