@@ -465,7 +465,9 @@ impl Array {
     /// attention. The unit attention check comes only just before
     /// execution: INQUIRY and REPORT LUNS pass through, REQUEST SENSE
     /// reports and clears it (as its data), anything else fails with it
-    /// and clears it.
+    /// and clears it. Then, as LIO's `__target_execute_cmd`, the ALUA
+    /// state of the nexus's target port group ([`crate::alua`]), then the
+    /// persistent reservation.
     pub fn submit(&self, task: Task) {
         self.inner.stall.pass();
         let stats = &self.inner.stats;
@@ -1029,8 +1031,14 @@ impl Array {
 
     fn inquiry(&self, lun: &Lun, evpd: bool, page: u8, alloc_len: u16, task: Task) {
         if !evpd {
-            let data = self.standard_inquiry(Some(lun)).to_bytes();
-            return task.respond(&data, alloc_len.into());
+            let mut inq = self.standard_inquiry(Some(lun));
+            if self.port_of(task.initiator).is_some() {
+                // ALUA applies to this nexus: TPGS 01b, implicit (REPORT
+                // TARGET PORT GROUPS). LIO says 11b, implicit and explicit;
+                // the model has no SET TARGET PORT GROUPS.
+                inq.tpgs = 1;
+            }
+            return task.respond(&inq.to_bytes(), alloc_len.into());
         }
         match Self::vpd_pages(lun, self.port_of(task.initiator))
             .into_iter()

@@ -29,6 +29,9 @@
 //!   initiators through tcm_loop.
 //! * [`mailbox`] is the STG mailbox, the vendor handler of STP vendor mode.
 //! * [`fault`] wraps any path in a seeded fault injector ([`FaultyTransport`]).
+//! * [`alua`] and [`pr`]: target port groups with their access states
+//!   (REPORT TARGET PORT GROUPS; a nexus enters through a target port,
+//!   [`Host::login_through`]) and persistent reservations, as LIO has them.
 //!
 //! Invariants: every [`Task`] is completed exactly once (a reply dropped
 //! unanswered completes as TASK ABORTED); no input from an initiator panics

@@ -546,6 +546,13 @@ impl Transport for Multipath {
             attempts: 1,
         };
         cmd.tag = id;
+        if self.choose().is_none() {
+            // Every path's queue is full (internal commands take slots
+            // too): the command waits for a free slot, sent from `reap`.
+            self.origins.insert(id, origin);
+            self.delayed.push((Instant::now(), cmd));
+            return Ok(());
+        }
         match self.send(cmd, &mut origin) {
             Ok(()) => {
                 self.origins.insert(id, origin);
