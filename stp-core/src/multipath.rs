@@ -132,7 +132,13 @@ pub fn discover(paths: &mut [Box<dyn Transport>]) -> Vec<PathInfo> {
         })
         .collect();
     for t in paths.iter_mut() {
-        if let Ok(groups) = scsi::alua::report_target_port_groups(t.as_mut()) {
+        // Under the one retry policy: the first command after a state
+        // change meets UNIT ATTENTION 2Ah/06h (INQUIRY passes it, REPORT
+        // TARGET PORT GROUPS does not).
+        let answer = RetryPolicy::default().run(Op::Query, || {
+            scsi::alua::report_target_port_groups(t.as_mut())
+        });
+        if let Ok(groups) = answer {
             apply_groups(&mut infos, &groups);
             break;
         }
@@ -421,13 +427,20 @@ impl Multipath {
     /// Handles the completion of an internal command.
     fn settle_internal(&mut self, path: usize, kind: Internal, c: Completion) {
         match kind {
-            Internal::Refresh => {
-                if let Ok((data, _)) = c.into_result() {
+            Internal::Refresh => match c.into_result() {
+                Ok((data, _)) => {
                     let groups = PortGroups::parse(&data);
                     apply_groups(self.paths.iter_mut().map(|p| &mut p.info), &groups);
                     self.stats.refreshes += 1;
                 }
-            }
+                // A unit attention (the state change itself) took the
+                // answer's place: ask again. Any other refusal (no ALUA)
+                // waits for the next reason.
+                Err(e) if e.sense().map(|s| s.key) == Some(scsi::SenseKey::UNIT_ATTENTION) => {
+                    self.refresh_due.get_or_insert(Instant::now());
+                }
+                Err(_) => {}
+            },
             Internal::Probe => {
                 // Any answer from the device (GOOD, a unit attention, …)
                 // shows the path carries commands again.

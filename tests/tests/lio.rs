@@ -520,3 +520,162 @@ fn multipath_member_survives_an_alua_standby_on_lio() {
         std::panic::resume_unwind(p);
     }
 }
+
+/// `stp preflight`'s checks on LIO's ramdisk as a one-member block-mode
+/// STG reached through both tcm_loop paths: paths, identity and transfer
+/// ok on the healthy set-up (reservations: not fenced, a warning); with
+/// LIO's default target port group (both ports) in standby, `paths` fails
+/// and says which member.
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn preflight_on_lio_healthy_and_broken() {
+    use stp_core::preflight::{check, HostFacts, Status};
+    use stp_core::stg::{Config, LunInfo, MapDirectory};
+
+    let lio = LioRig::load_env();
+    let naa = lio.map().hosts[0]
+        .luns
+        .iter()
+        .find(|l| l.kind == "ramdisk")
+        .map(|l| l.naa.clone())
+        .expect("a ramdisk LUN");
+    let (p0, p1) = (lio.plain_path(0).unwrap(), lio.plain_path(1).unwrap());
+    // Past a unit attention an earlier test's ALUA change left pending.
+    let mut t0 = sg(&p0);
+    let (blocks, bs) = (0..4)
+        .find_map(|_| capacity(&mut t0).ok())
+        .expect("READ CAPACITY on the ramdisk");
+    drop(t0);
+    let config = Config::parse(&format!(
+        "wkp = 5100\n[[stg]]\nid = 9\nmode = \"block\"\nmembers = [\"{naa}\"]\n\
+         [stg.block]\nhosts = 2\nslots = 4\nslot_blocks = 8\n"
+    ))
+    .unwrap();
+    let mut dir = MapDirectory::new();
+    dir.insert(
+        naa.clone(),
+        LunInfo {
+            path: p0.display().to_string(),
+            other_paths: vec![p1.display().to_string()],
+            blocks,
+            block_size: bs,
+        },
+    );
+    let resolved = config.resolve(9, &dir).unwrap();
+    // As `stp preflight`: the engine first (it may switch direct I/O on).
+    let engine = scsi::open_best(&p0, 16)
+        .ok()
+        .map(|b| (format!("{:?}", b.engine), b.reason));
+    let facts = HostFacts {
+        allow_dio: fs::read_to_string("/sys/module/sg/parameters/allow_dio")
+            .ok()
+            .map(|s| s.trim().to_string()),
+        engine,
+        queue_max_bytes: None,
+    };
+    let sets = || -> Vec<Vec<Box<dyn scsi::Transport>>> {
+        vec![vec![Box::new(sg(&p0)), Box::new(sg(&p1))]]
+    };
+    let report = check(&resolved, &mut sets(), &facts, 64 * 1024);
+    for f in &report {
+        eprintln!("healthy: {}", f.line());
+    }
+    let status = |r: &[stp_core::preflight::Finding], c: &str| {
+        r.iter().find(|f| f.check == c).map(|f| f.status)
+    };
+    assert_eq!(status(&report, "paths"), Some(Status::Ok));
+    assert_eq!(status(&report, "identity"), Some(Status::Ok));
+    assert_eq!(status(&report, "transfer"), Some(Status::Ok));
+    assert_eq!(status(&report, "reservations"), Some(Status::Warn));
+
+    let state = ramdisk_configfs().join("alua/default_tg_pt_gp/alua_access_state");
+    put(&state, "2");
+    let broken = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        check(&resolved, &mut sets(), &facts, 64 * 1024)
+    }));
+    let _ = fs::write(&state, "0");
+    let report = broken.unwrap_or_else(|p| std::panic::resume_unwind(p));
+    for f in &report {
+        eprintln!("broken: {}", f.line());
+    }
+    assert_eq!(status(&report, "paths"), Some(Status::Fail));
+    let paths = report.iter().find(|f| f.check == "paths").unwrap();
+    assert!(paths.detail.contains("member 0"), "{}", paths.line());
+    assert!(paths.detail.contains("standby"), "{}", paths.line());
+}
+
+/// A further tcm_loop target (with its own nexus) exporting `dev` as LUN 0:
+/// another initiator onto the ramdisk. Returns its configfs directory and
+/// its `sg` node once the kernel has one.
+fn extra_nexus(i: u32, dev: &Path, naa: &str) -> (PathBuf, PathBuf) {
+    let before: Vec<PathBuf> = scsi::discovery::list_generic_devices()
+        .unwrap()
+        .into_iter()
+        .map(|d| d.dev_path)
+        .collect();
+    let wwn = Path::new("/sys/kernel/config/target/loopback")
+        .join(format!("naa.5001405{:09x}", 0xf00 + i));
+    let tpg = wwn.join("tpgt_1");
+    fs::create_dir_all(&tpg).unwrap();
+    put(&tpg.join("nexus"), &format!("naa.5001405{:09x}", 0xe00 + i));
+    fs::create_dir(tpg.join("lun/lun_0")).unwrap();
+    std::os::unix::fs::symlink(dev, tpg.join("lun/lun_0/stp_rd")).unwrap();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        for d in scsi::discovery::list_generic_devices().unwrap() {
+            if before.contains(&d.dev_path) {
+                continue;
+            }
+            let Ok(mut t) = scsi::sg::SgDevice::open(&d.dev_path) else {
+                continue;
+            };
+            let id = scsi::inquiry::identify(&mut t)
+                .ok()
+                .and_then(|id| id.naa().map(|n| n.to_id_string()));
+            if id.as_deref() == Some(naa) {
+                return (wwn, d.dev_path);
+            }
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    panic!("no sg node appeared for the extra nexus {}", wwn.display());
+}
+
+fn drop_extra_nexus(wwn: &Path) {
+    let tpg = wwn.join("tpgt_1");
+    let _ = fs::remove_file(tpg.join("lun/lun_0/stp_rd"));
+    let _ = fs::remove_dir(tpg.join("lun/lun_0"));
+    let _ = fs::write(tpg.join("nexus"), "NULL");
+    let _ = fs::remove_dir(&tpg);
+    let _ = fs::remove_dir(wwn);
+}
+
+/// STP's fencing on LIO's ramdisk with four nexuses (the two tcm_loop
+/// paths and two more made here): host 0 on one, host 1 on two, a third
+/// initiator on the last, whose WRITE conflicts — the in-process body.
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn fencing_on_the_ramdisk_as_in_process() {
+    let lio = LioRig::load_env();
+    let naa = lio.map().hosts[0]
+        .luns
+        .iter()
+        .find(|l| l.kind == "ramdisk")
+        .map(|l| l.naa.clone())
+        .expect("a ramdisk LUN");
+    let dev = ramdisk_configfs();
+    let (w1, s1) = extra_nexus(1, &dev, &naa);
+    let (w2, s2) = extra_nexus(2, &dev, &naa);
+    let result = std::panic::catch_unwind(|| {
+        fencing(
+            Box::new(sg(&lio.plain_path(0).unwrap())),
+            Box::new(sg(&lio.plain_path(1).unwrap())),
+            Box::new(sg(&s1)),
+            &mut sg(&s2),
+            4343,
+        )
+    });
+    drop_extra_nexus(&w1);
+    drop_extra_nexus(&w2);
+    ok(result.unwrap_or_else(|p| std::panic::resume_unwind(p)));
+}

@@ -72,11 +72,13 @@ pub fn run(a: &PreflightArgs) -> Result<ExitCode> {
             )
         })?;
     let paths = resolved.paths();
+    // The engine first: opening it may switch sg's direct I/O on.
+    let engine = paths.first().and_then(|p| engine_probe(Path::new(p)));
     let facts = HostFacts {
         allow_dio: std::fs::read_to_string("/sys/module/sg/parameters/allow_dio")
             .ok()
             .map(|s| s.trim().to_string()),
-        engine: paths.first().and_then(|p| engine_probe(Path::new(p))),
+        engine,
         queue_max_bytes: queue_limit(&paths),
     };
     let findings = preflight::check(&resolved, &mut sets, &facts, config.tunables.max_payload);
