@@ -55,6 +55,9 @@ pub mod wire {
     pub const DBD: u8 = 0x08;
     /// MODE SENSE(10) byte 1: long LBA block descriptors accepted.
     pub const LLBAA: u8 = 0x10;
+    /// REPORT TARGET PORT GROUPS byte 1: PARAMETER DATA FORMAT 001b, the
+    /// extended header.
+    pub const RTPG_EXTENDED: u8 = 0x20;
     /// REPORT SUPPORTED OPERATION CODES byte 2: return command timeouts.
     pub const RCTD: u8 = 0x80;
     /// REPORT SUPPORTED OPERATION CODES byte 2: reporting options mask.
@@ -577,6 +580,13 @@ pub enum Cdb {
         /// Allocation length.
         alloc_len: u32,
     },
+    /// REPORT TARGET PORT GROUPS (MAINTENANCE IN, service action 0x0A).
+    ReportTargetPortGroups {
+        /// PARAMETER DATA FORMAT 001b: the 8-byte extended header.
+        extended: bool,
+        /// Allocation length.
+        alloc_len: u32,
+    },
     /// PERSISTENT RESERVE IN: read keys, the reservation, capabilities.
     PersistentReserveIn {
         /// Service action (5 bits).
@@ -831,6 +841,12 @@ impl Cdb {
             Opcode::MAINTENANCE_IN => {
                 let w: wire::ReportSupportedOpcodes = read(bytes, opcode)?;
                 let sa = w.service_action & wire::SERVICE_ACTION_MASK;
+                if sa == Opcode::SA_REPORT_TARGET_PORT_GROUPS {
+                    return Ok(Cdb::ReportTargetPortGroups {
+                        extended: w.service_action & 0xE0 == wire::RTPG_EXTENDED,
+                        alloc_len: w.alloc_len.get(),
+                    });
+                }
                 if sa != Opcode::SA_REPORT_SUPPORTED_OPCODES {
                     return Err(CdbError::UnsupportedServiceAction {
                         opcode,
@@ -983,6 +999,16 @@ impl Cdb {
                 alloc_len: alloc_len.into(),
                 ..Default::default()
             }),
+            Cdb::ReportTargetPortGroups {
+                extended,
+                alloc_len,
+            } => buf(&wire::ReportSupportedOpcodes {
+                opcode: op,
+                service_action: Opcode::SA_REPORT_TARGET_PORT_GROUPS
+                    | bit(extended, wire::RTPG_EXTENDED),
+                alloc_len: alloc_len.into(),
+                ..Default::default()
+            }),
             Cdb::ReportSupportedOpcodes {
                 rctd,
                 reporting_options,
@@ -1046,7 +1072,9 @@ impl Cdb {
             Cdb::SynchronizeCache10 { .. } => Opcode::SYNCHRONIZE_CACHE_10,
             Cdb::SynchronizeCache16 { .. } => Opcode::SYNCHRONIZE_CACHE_16,
             Cdb::ReportLuns { .. } => Opcode::REPORT_LUNS,
-            Cdb::ReportSupportedOpcodes { .. } => Opcode::MAINTENANCE_IN,
+            Cdb::ReportSupportedOpcodes { .. } | Cdb::ReportTargetPortGroups { .. } => {
+                Opcode::MAINTENANCE_IN
+            }
             Cdb::PersistentReserveIn { .. } => Opcode::PERSISTENT_RESERVE_IN,
             Cdb::PersistentReserveOut { .. } => Opcode::PERSISTENT_RESERVE_OUT,
             Cdb::Vendor(v) => v.opcode,
@@ -1075,7 +1103,8 @@ impl Cdb {
             | Cdb::Read10 { .. }
             | Cdb::Read16 { .. }
             | Cdb::ReportLuns { .. }
-            | Cdb::ReportSupportedOpcodes { .. } => DataDirection::FromDevice,
+            | Cdb::ReportSupportedOpcodes { .. }
+            | Cdb::ReportTargetPortGroups { .. } => DataDirection::FromDevice,
             Cdb::Vendor(_) => return None,
         })
     }
@@ -1099,7 +1128,8 @@ impl Cdb {
             Cdb::ReadCapacity10 => 8,
             Cdb::ReadCapacity16 { alloc_len }
             | Cdb::ReportLuns { alloc_len, .. }
-            | Cdb::ReportSupportedOpcodes { alloc_len, .. } => alloc_len.into(),
+            | Cdb::ReportSupportedOpcodes { alloc_len, .. }
+            | Cdb::ReportTargetPortGroups { alloc_len, .. } => alloc_len.into(),
             Cdb::Read10 { blocks: n, .. } | Cdb::Write10 { blocks: n, .. } => blocks(n.into()),
             Cdb::Read16 { blocks: n, .. } | Cdb::Write16 { blocks: n, .. } => blocks(n.into()),
             Cdb::Vendor(_) => return None,
@@ -1270,6 +1300,21 @@ mod tests {
             Cdb::ReportLuns {
                 select_report: 2,
                 alloc_len: 0x10000,
+            },
+        );
+        // sg_rtpg, then sg_rtpg --extended.
+        both_ways(
+            "a3 0a 00 00 00 00 00 00 20 00 00 00",
+            Cdb::ReportTargetPortGroups {
+                extended: false,
+                alloc_len: 0x2000,
+            },
+        );
+        both_ways(
+            "a3 2a 00 00 00 00 00 00 20 00 00 00",
+            Cdb::ReportTargetPortGroups {
+                extended: true,
+                alloc_len: 0x2000,
             },
         );
         // sg_opcodes: all commands; then one command with timeouts.
@@ -1606,18 +1651,18 @@ mod tests {
                 byte: 1
             })
         );
-        // MAINTENANCE IN / REPORT TARGET PORT GROUPS.
-        let e = Cdb::parse(&hex("a3 0a 00 00 00 00 00 00 10 00 00 00")).unwrap_err();
+        // MAINTENANCE IN / REPORT IDENTIFYING INFORMATION.
+        let e = Cdb::parse(&hex("a3 05 00 00 00 00 00 00 10 00 00 00")).unwrap_err();
         assert_eq!(
             e,
             CdbError::UnsupportedServiceAction {
                 opcode: Opcode::MAINTENANCE_IN,
-                service_action: 0x0A
+                service_action: 0x05
             }
         );
         assert_eq!(
             e.to_string(),
-            "MAINTENANCE IN (0xA3): unsupported service action 0x0A"
+            "MAINTENANCE IN (0xA3): unsupported service action 0x05"
         );
     }
 
@@ -1944,6 +1989,12 @@ mod tests {
                     }
                 }
             ),
+            any::<(bool, u32)>().prop_map(|(extended, alloc_len)| {
+                Cdb::ReportTargetPortGroups {
+                    extended,
+                    alloc_len,
+                }
+            }),
             (0u8..=0x1F, any::<u16>()).prop_map(|(service_action, alloc_len)| {
                 Cdb::PersistentReserveIn {
                     service_action,

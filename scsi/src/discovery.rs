@@ -6,7 +6,8 @@
 //! so the walk can be tested against a fake tree. To tell which device is
 //! which logical unit across hosts, open it and ask for its VPD 0x83
 //! designators ([`crate::inquiry::identify`]); names such as `sg3` or `sdb`
-//! differ between hosts and boots.
+//! differ between hosts and boots. Several nodes with one identity are
+//! several paths to one logical unit ([`group_by_identity`]).
 //!
 //! No-panic contract: any sysfs content (missing, unreadable, non-UTF-8 or
 //! nonsensical attributes, dangling links) is tolerated; an attribute that
@@ -148,6 +149,27 @@ fn block_device(device: &Path) -> Option<String> {
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .min()
+}
+
+/// Groups items (paths) by the identity of the logical unit each reaches:
+/// items with the same `Some(id)` form one group, in the order their
+/// identity first appears; an item without identity stays alone. This is
+/// how several `/dev/sgN` nodes (target ports, host adapters) onto one LUN
+/// are found: the same NAA designator through each.
+pub fn group_by_identity<T>(
+    items: impl IntoIterator<Item = (Option<String>, T)>,
+) -> Vec<(Option<String>, Vec<T>)> {
+    let mut groups: Vec<(Option<String>, Vec<T>)> = Vec::new();
+    for (id, item) in items {
+        match id
+            .as_ref()
+            .and_then(|id| groups.iter_mut().find(|(g, _)| g.as_ref() == Some(id)))
+        {
+            Some((_, list)) => list.push(item),
+            None => groups.push((id, vec![item])),
+        }
+    }
+    groups
 }
 
 #[cfg(test)]
@@ -301,6 +323,27 @@ mod tests {
         for d in &list[1..] {
             assert_eq!((&d.hctl, &d.vendor, &d.block_device), (&None, &None, &None));
         }
+    }
+
+    #[test]
+    fn paths_group_by_identity() {
+        let items = [
+            (Some("naa.1".to_string()), "sg0"),
+            (Some("naa.2".to_string()), "sg1"),
+            (None, "sg2"),
+            (Some("naa.1".to_string()), "sg3"),
+            (None, "sg4"),
+        ];
+        let groups = group_by_identity(items);
+        assert_eq!(
+            groups,
+            vec![
+                (Some("naa.1".to_string()), vec!["sg0", "sg3"]),
+                (Some("naa.2".to_string()), vec!["sg1"]),
+                (None, vec!["sg2"]),
+                (None, vec!["sg4"]),
+            ]
+        );
     }
 
     #[test]

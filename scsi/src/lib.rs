@@ -14,6 +14,8 @@
 //!   simulated array's in-process front end is another. [`uring::UringSg`]
 //!   drives `/dev/sgN` asynchronously through io_uring (queue depths above
 //!   16 use several fds); [`open_best`] picks it or falls back to `SG_IO`.
+//! * [`alua`] — target port groups and their asymmetric access states
+//!   (REPORT TARGET PORT GROUPS, the port designators of VPD 0x83).
 //! * [`discovery`] — enumerates `/sys/class/scsi_generic` and identifies a
 //!   logical unit by its VPD 0x83 designators, the identity that survives
 //!   device renaming across hosts.
@@ -23,12 +25,14 @@
 //! [`sg`], at the ioctl boundary, and [`uring`], where io_uring entries and
 //! `read(2)` carry raw pointers to headers and buffers.
 
+pub mod alua;
 pub mod buf;
 pub mod cdb;
 pub mod discovery;
 pub mod inquiry;
 pub mod opcode;
 pub mod pool;
+pub mod pr;
 pub mod sense;
 pub mod sg;
 pub mod shared;

@@ -49,6 +49,8 @@ impl Opcode {
     pub const SA_READ_CAPACITY_16: u8 = 0x10;
     /// Service action of MAINTENANCE IN that selects REPORT SUPPORTED OPERATION CODES.
     pub const SA_REPORT_SUPPORTED_OPCODES: u8 = 0x0C;
+    /// MAINTENANCE IN service action: REPORT TARGET PORT GROUPS.
+    pub const SA_REPORT_TARGET_PORT_GROUPS: u8 = 0x0A;
 
     /// True for the vendor-specific range 0xC0–0xFF (command groups 6 and 7).
     pub fn is_vendor_specific(self) -> bool {

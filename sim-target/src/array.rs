@@ -11,6 +11,7 @@ use scsi::cdb::{Cdb, PageControl, RwFlags, VendorCdb};
 use scsi::inquiry::{BlockLimits, Designator, StandardInquiry, VpdPage};
 use scsi::{Asc, DataDirection, Opcode, ScsiStatus, Sense, SenseKey};
 
+use crate::alua::{Alua, Verdict};
 use crate::lun::{LunConfig, LunStore};
 use crate::pr::{self, Access, PrError, Reservations};
 use crate::task::{InitiatorId, Task, TaskResult};
@@ -49,6 +50,8 @@ pub struct Lun {
     attentions: Mutex<HashMap<InitiatorId, VecDeque<Asc>>>,
     /// Persistent reservations (SPC-4 §5.14).
     reservations: Mutex<Reservations>,
+    /// Target port groups and their access states (SPC-4 §5.16).
+    alua: Mutex<Alua>,
 }
 
 impl Lun {
@@ -98,7 +101,9 @@ pub struct ArrayStats {
 
 struct Inner {
     luns: RwLock<BTreeMap<u64, Arc<Lun>>>,
-    initiators: Mutex<Vec<(InitiatorId, String)>>,
+    /// Every nexus: its id, its name, and the relative target port it
+    /// entered through (`None` when the front end cannot tell).
+    initiators: Mutex<Vec<(InitiatorId, String, Option<u16>)>>,
     next_initiator: AtomicU32,
     vendor: RwLock<Option<Arc<dyn VendorHandler>>>,
     stats: ArrayStats,
@@ -229,6 +234,7 @@ impl Array {
             config,
             attentions: Mutex::new(HashMap::new()),
             reservations: Mutex::new(Reservations::new()),
+            alua: Mutex::new(Alua::default()),
         });
         luns.insert(id, lun.clone());
         Ok(lun)
@@ -248,14 +254,29 @@ impl Array {
 
     /// Registers an initiator port (a new I_T nexus) and returns its id.
     /// Like LIO, a login establishes no unit attention by itself.
+    ///
+    /// The front end cannot tell which target port the nexus entered
+    /// through (TCMU: LIO handles ALUA in the kernel), so the array applies
+    /// no ALUA states to it and lists no port designators on VPD 0x83.
     pub fn login(&self, name: &str) -> InitiatorId {
+        self.register(name, None)
+    }
+
+    /// Registers a nexus that entered through relative target port `port`
+    /// (1 or more; every LUN is exported on every port). ALUA applies to it
+    /// ([`Array::set_port_group`], [`Array::set_alua_state`]).
+    pub fn login_through(&self, name: &str, port: u16) -> InitiatorId {
+        self.register(name, Some(port))
+    }
+
+    fn register(&self, name: &str, port: Option<u16>) -> InitiatorId {
         let id = InitiatorId(self.inner.next_initiator.fetch_add(1, Ordering::Relaxed));
         let mut all = self
             .inner
             .initiators
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        all.push((id, name.to_owned()));
+        all.push((id, name.to_owned(), port));
         id
     }
 
@@ -265,7 +286,84 @@ impl Array {
             .initiators
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        all.iter().map(|(id, _)| *id).collect()
+        all.iter().map(|(id, _, _)| *id).collect()
+    }
+
+    /// The target port nexus `initiator` entered through, if known.
+    fn port_of(&self, initiator: InitiatorId) -> Option<u16> {
+        let all = self
+            .inner
+            .initiators
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        all.iter()
+            .find(|(id, _, _)| *id == initiator)
+            .and_then(|(_, _, p)| *p)
+    }
+
+    /// The target ports nexuses entered through, ascending.
+    fn known_ports(&self) -> Vec<u16> {
+        let all = self
+            .inner
+            .initiators
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut ports: Vec<u16> = all.iter().filter_map(|(_, _, p)| *p).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+
+    /// Moves target port `port` of LUN `lun` into target port group
+    /// `group` (LIO: writing the LUN's `alua_tg_pt_gp` in configfs). Group
+    /// 0 is LIO's `default_tg_pt_gp`; a new group starts active/optimized.
+    pub fn set_port_group(&self, lun: u64, port: u16, group: u16) {
+        if let Some(l) = self.lun(lun) {
+            l.alua
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_port_group(port, group);
+        }
+    }
+
+    /// Sets the asymmetric access state of target port group `group` of
+    /// LUN `lun` (LIO: writing the group's `alua_access_state`). When the
+    /// state changes, every nexus that entered through one of the group's
+    /// ports gets UNIT ATTENTION 2Ah/06h.
+    pub fn set_alua_state(&self, lun: u64, group: u16, state: scsi::alua::AccessState) {
+        let Some(l) = self.lun(lun) else {
+            return;
+        };
+        let ports = {
+            let mut alua = l.alua.lock().unwrap_or_else(|e| e.into_inner());
+            if !alua.set_state(group, state) {
+                return;
+            }
+            alua.ports_of(group, &self.known_ports())
+        };
+        let nexuses: Vec<InitiatorId> = {
+            let all = self
+                .inner
+                .initiators
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            all.iter()
+                .filter(|(_, _, p)| p.is_some_and(|p| ports.contains(&p)))
+                .map(|(id, _, _)| *id)
+                .collect()
+        };
+        l.raise(&nexuses, Asc::ASYMMETRIC_ACCESS_STATE_CHANGED);
+    }
+
+    /// Sets group `group`'s non-optimized delay on LUN `lun` (LIO's
+    /// `nonop_delay_msecs`, 100 ms unless changed).
+    pub fn set_nonop_delay(&self, lun: u64, group: u16, delay: Duration) {
+        if let Some(l) = self.lun(lun) {
+            l.alua
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_nonop_delay(group, delay);
+        }
     }
 
     /// Simulates a power cycle: every initiator gets UNIT ATTENTION / POWER
@@ -367,7 +465,9 @@ impl Array {
     /// attention. The unit attention check comes only just before
     /// execution: INQUIRY and REPORT LUNS pass through, REQUEST SENSE
     /// reports and clears it (as its data), anything else fails with it
-    /// and clears it.
+    /// and clears it. Then, as LIO's `__target_execute_cmd`, the ALUA
+    /// state of the nexus's target port group ([`crate::alua`]), then the
+    /// persistent reservation.
     pub fn submit(&self, task: Task) {
         self.inner.stall.pass();
         let stats = &self.inner.stats;
@@ -400,7 +500,24 @@ impl Array {
             }
         }
 
-        // 4. Persistent reservations: a command another initiator's
+        // 4. ALUA: the state of the target port group the nexus entered
+        // through (LIO's target_alua_state_check).
+        if let Some(port) = self.port_of(task.initiator) {
+            let verdict = {
+                let alua = lun.alua.lock().unwrap_or_else(|e| e.into_inner());
+                match &parsed {
+                    Parsed::Standard(cdb) => alua.check(port, cdb),
+                    Parsed::Vendor(_, cdb) => alua.check(port, &Cdb::Vendor(*cdb)),
+                }
+            };
+            match verdict {
+                Verdict::Pass => {}
+                Verdict::Delay(d) => std::thread::sleep(d),
+                Verdict::Refuse(sense) => return self.fail(task, sense),
+            }
+        }
+
+        // 5. Persistent reservations: a command another initiator's
         // reservation shuts this one out of ends in RESERVATION CONFLICT.
         if let Parsed::Standard(cdb) = &parsed {
             let access = match cdb {
@@ -421,7 +538,7 @@ impl Array {
             }
         }
 
-        // 5. Execute.
+        // 6. Execute.
         match parsed {
             Parsed::Standard(cdb) => self.execute(&lun, cdb, task),
             Parsed::Vendor(handler, cdb) => handler.execute(&lun, cdb, task),
@@ -562,6 +679,23 @@ impl Array {
                 page_code,
                 alloc_len,
             } => self.inquiry(lun, evpd, page_code, alloc_len, task),
+            Cdb::ReportTargetPortGroups {
+                extended,
+                alloc_len,
+            } => {
+                // LIO: an allocation length shorter than the header is an
+                // invalid CDB field; a longer one clips the data.
+                if alloc_len < if extended { 8 } else { 4 } {
+                    return self.fail(task, invalid_field_without_pointer());
+                }
+                let data = lun
+                    .alua
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .report(&self.known_ports(), extended)
+                    .to_bytes();
+                task.respond(&data, alloc_len as usize)
+            }
             Cdb::ReportLuns {
                 select_report,
                 alloc_len,
@@ -845,24 +979,40 @@ impl Array {
         }
     }
 
-    fn vpd_pages(lun: &Lun) -> Vec<VpdPage> {
+    /// The VPD pages of `lun` as seen by a nexus that entered through
+    /// `port` (LIO lists the port's relative target port and target port
+    /// group designators on page 0x83).
+    fn vpd_pages(lun: &Lun, port: Option<u16>) -> Vec<VpdPage> {
         let c = &lun.config;
         let mut t10 = format!("{:<8}", c.vendor).into_bytes();
         t10.extend_from_slice(c.serial.as_bytes());
+        let port_designators = port.map(|p| {
+            let group = lun
+                .alua
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .group_id(p);
+            scsi::alua::PortIdentity::designators(p, group)
+        });
         vec![
             VpdPage::SupportedPages(vec![0x00, 0x80, 0x83, 0xB0]),
             VpdPage::UnitSerialNumber(c.serial.clone()),
-            VpdPage::DeviceIdentification(vec![
-                Designator::naa(c.naa.to_vec()),
-                Designator {
-                    protocol_id: 0,
-                    code_set: scsi::inquiry::CodeSet::ASCII,
-                    piv: false,
-                    association: scsi::inquiry::Association::LOGICAL_UNIT,
-                    kind: scsi::inquiry::DesignatorType::T10_VENDOR_ID,
-                    value: t10,
-                },
-            ]),
+            VpdPage::DeviceIdentification(
+                vec![
+                    Designator::naa(c.naa.to_vec()),
+                    Designator {
+                        protocol_id: 0,
+                        code_set: scsi::inquiry::CodeSet::ASCII,
+                        piv: false,
+                        association: scsi::inquiry::Association::LOGICAL_UNIT,
+                        kind: scsi::inquiry::DesignatorType::T10_VENDOR_ID,
+                        value: t10,
+                    },
+                ]
+                .into_iter()
+                .chain(port_designators.into_iter().flatten())
+                .collect(),
+            ),
             VpdPage::BlockLimits(BlockLimits {
                 wsnz: false,
                 max_compare_and_write: 0,
@@ -881,10 +1031,16 @@ impl Array {
 
     fn inquiry(&self, lun: &Lun, evpd: bool, page: u8, alloc_len: u16, task: Task) {
         if !evpd {
-            let data = self.standard_inquiry(Some(lun)).to_bytes();
-            return task.respond(&data, alloc_len.into());
+            let mut inq = self.standard_inquiry(Some(lun));
+            if self.port_of(task.initiator).is_some() {
+                // ALUA applies to this nexus: TPGS 01b, implicit (REPORT
+                // TARGET PORT GROUPS). LIO says 11b, implicit and explicit;
+                // the model has no SET TARGET PORT GROUPS.
+                inq.tpgs = 1;
+            }
+            return task.respond(&inq.to_bytes(), alloc_len.into());
         }
-        match Self::vpd_pages(lun)
+        match Self::vpd_pages(lun, self.port_of(task.initiator))
             .into_iter()
             .find(|p| p.page_code() == page)
         {

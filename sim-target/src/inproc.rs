@@ -137,11 +137,19 @@ pub struct Host {
 }
 
 impl Host {
-    /// Logs a new initiator called `name` in to `array`.
+    /// Logs a new initiator called `name` in to `array` through target
+    /// port 1 (in LIO's target port group 0, active/optimized, until moved).
     pub fn login(array: &Array, name: &str) -> Host {
+        Host::login_through(array, name, 1)
+    }
+
+    /// Logs a new initiator called `name` in to `array` through relative
+    /// target port `port`: another path to the same LUNs, subject to the
+    /// ALUA state of the port's group ([`Array::set_alua_state`]).
+    pub fn login_through(array: &Array, name: &str, port: u16) -> Host {
         Host {
             array: array.clone(),
-            initiator: array.login(name),
+            initiator: array.login_through(name, port),
             name: name.to_owned(),
         }
     }

@@ -29,12 +29,16 @@
 //!   initiators through tcm_loop.
 //! * [`mailbox`] is the STG mailbox, the vendor handler of STP vendor mode.
 //! * [`fault`] wraps any path in a seeded fault injector ([`FaultyTransport`]).
+//! * [`alua`] and [`pr`]: target port groups with their access states
+//!   (REPORT TARGET PORT GROUPS; a nexus enters through a target port,
+//!   [`Host::login_through`]) and persistent reservations, as LIO has them.
 //!
 //! Invariants: every [`Task`] is completed exactly once (a reply dropped
 //! unanswered completes as TASK ABORTED); no input from an initiator panics
 //! the array; unit attentions are per initiator and per LUN, reported by
 //! the next command other than INQUIRY and REPORT LUNS, as SAM-5 says.
 
+pub mod alua;
 pub mod array;
 pub mod fault;
 pub mod inproc;

@@ -15,10 +15,15 @@
 //!   payload byte, process-wide.
 //! * [`guard`] — the check before any destructive write (format): partition
 //!   tables, file systems, other STGs, kernel holders and mounts.
+//! * [`fence`] — persistent reservations that keep other hosts from
+//!   writing a block-mode STG's members.
 //! * [`auth`] — the per-connection key agreed over the control connection.
 //! * [`vendor`] — the vendor command set shared by hosts and the array.
 //! * [`stg`] — transport groups, the configuration file, and [`stg::open`],
 //!   the one way from a configuration to a source of mailboxes.
+//! * [`multipath`] — one member over several paths: ALUA states steer the
+//!   I/O, failed paths' commands move as the retry rule allows.
+//! * [`preflight`] — the checks of `stp preflight`, one finding per line.
 //! * [`mailbox`] — the host side of the STG mailbox (vendor mode).
 //! * [`conn`] — the sans-IO connection state machine.
 //! * [`error`] — the mailbox error, grouped: transport, refused, config, protocol.
@@ -39,10 +44,13 @@ pub mod conn;
 pub mod counters;
 pub mod engine;
 pub mod error;
+pub mod fence;
 pub mod flows;
 pub mod frame;
 pub mod guard;
 pub mod mailbox;
+pub mod multipath;
+pub mod preflight;
 pub mod retry;
 pub mod sealers;
 pub mod sockets;

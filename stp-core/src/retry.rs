@@ -17,6 +17,10 @@
 //!   code. Only an **idempotent** command ([`Op::idempotent`]) may be
 //!   retried, and only when its buffer came back whole (a timed-out
 //!   command's buffer is not handed back).
+//!   The ALUA refusals — NOT READY 04h/0Ah (asymmetric access state
+//!   transition), 04h/0Bh (port in standby), 04h/0Ch (unavailable), 04h/12h
+//!   (offline) — are not executed either (the array checks the port's
+//!   state before executing).
 //! * **Final** — a retry cannot help (ILLEGAL REQUEST, the other §3.1
 //!   conditions, a lost binding, RESERVATION CONFLICT, an I/O error of the
 //!   OS, …). Never retried.
@@ -45,6 +49,27 @@
 //!   pipelined commands (every path of a vendor-mode mailbox, so its
 //!   synchronous BIND/RELEASE/RECEIVE and its pipelined SENDs share it).
 //!
+//! # Paths
+//!
+//! [`path_failure`] says which failures are the *path's* rather than the
+//! command's, and how the command fares if it is moved to another path to
+//! the same logical unit ([`crate::multipath::Multipath`] does the moving):
+//!
+//! | failure | the path | the command moves |
+//! | --- | --- | --- |
+//! | NOT READY 04h/0Ah, 04h/0Bh, 04h/0Ch, 04h/12h | its port's state (transitioning, standby, unavailable, offline) | always (not executed) |
+//! | UNIT ATTENTION 2Ah/06h ASYMMETRIC ACCESS STATE CHANGED | states must be read again | always (not executed) |
+//! | host status NO CONNECT, BAD TARGET, TRANSPORT FAILFAST; an OS error at submission | down | always (never delivered) |
+//! | host status TRANSPORT DISRUPTED, ERROR, ABORT, TIME OUT; a timeout; an OS error at completion | down | only if idempotent (it may have run) |
+//!
+//! BUS BUSY, SOFT ERROR, REQUEUE and RESET are the path asking for a retry
+//! on itself, not a failed path: [`Retrying`] handles them.
+//!
+//! A command that must not move (SEND, RECEIVE after an ambiguous path
+//! failure) fails to its caller as it would on one path; the connection
+//! recovers it (retransmission, duplicates dropped by sequence number), so
+//! nothing is lost or duplicated above the mailbox.
+//!
 //! A long-poll loop (a stream's receive pump, an accepting listener) is not
 //! a retry: after a failure other than a lost binding it waits
 //! [`POLL_PAUSE`] and polls with a new RECEIVE; whatever the failed one may
@@ -54,6 +79,7 @@ use std::collections::HashMap;
 use std::io;
 use std::time::{Duration, Instant};
 
+use scsi::alua::AccessState;
 use scsi::{
     Asc, CdbBuf, Command, CommandError, Completion, DataDirection, HostStatus, Opcode, SenseKey,
     SubmitError, Transport,
@@ -170,6 +196,7 @@ impl Classify for CommandError {
                 SenseKey::NOT_READY if s.asc == Asc::NOT_READY_BECOMING_READY => {
                     Failure::NotExecuted
                 }
+                SenseKey::NOT_READY if alua_state(s.asc).is_some() => Failure::NotExecuted,
                 SenseKey::ABORTED_COMMAND if s.asc == vendor::ASC_QUEUE_FULL => {
                     Failure::NotExecuted
                 }
@@ -199,6 +226,77 @@ impl Classify for MailboxError {
             MailboxError::Refused(Refusal::QueueFull { .. }) => Failure::NotExecuted,
             _ => Failure::Final,
         }
+    }
+}
+
+/// The ALUA state a NOT READY ASC/ASCQ reports, if it is one of ALUA's.
+fn alua_state(asc: Asc) -> Option<AccessState> {
+    match asc {
+        Asc::NOT_READY_TRANSITIONING => Some(AccessState::TRANSITION),
+        Asc::NOT_ACCESSIBLE_STANDBY => Some(AccessState::STANDBY),
+        Asc::NOT_ACCESSIBLE_UNAVAILABLE => Some(AccessState::UNAVAILABLE),
+        Asc::NOT_ACCESSIBLE_OFFLINE => Some(AccessState::OFFLINE),
+        _ => None,
+    }
+}
+
+/// What a failure says about the path it came back on (see the module's
+/// table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PathFault {
+    /// The path's target port is in this (non-serving) ALUA state.
+    State(AccessState),
+    /// The target's port group states changed: read them again.
+    StateChanged,
+    /// The path itself failed (transport, host adapter, timeout).
+    Down,
+}
+
+/// Where the command was when it failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// The transport refused it at submission: it never left the host.
+    Submit,
+    /// It failed after submission.
+    Completion,
+}
+
+/// Whether `e` is the path's failure rather than the command's, and if so
+/// what it says about the path and how a move of the command to another
+/// path is judged (its [`Failure`] class: moved when
+/// [`Failure::may_retry`] allows). `None`: the path is fine; the error is
+/// the command's own.
+pub fn path_failure(e: &CommandError, stage: Stage) -> Option<(PathFault, Failure)> {
+    match e {
+        CommandError::CheckCondition(s) => match s.key {
+            SenseKey::NOT_READY => {
+                alua_state(s.asc).map(|st| (PathFault::State(st), Failure::NotExecuted))
+            }
+            SenseKey::UNIT_ATTENTION if s.asc == Asc::ASYMMETRIC_ACCESS_STATE_CHANGED => {
+                Some((PathFault::StateChanged, Failure::NotExecuted))
+            }
+            _ => None,
+        },
+        CommandError::Transport { host, .. } => match *host {
+            HostStatus::NO_CONNECT | HostStatus::BAD_TARGET | HostStatus::TRANSPORT_FAILFAST => {
+                Some((PathFault::Down, Failure::NotExecuted))
+            }
+            HostStatus::TRANSPORT_DISRUPTED
+            | HostStatus::ERROR
+            | HostStatus::ABORT
+            | HostStatus::TIME_OUT => Some((PathFault::Down, Failure::Ambiguous)),
+            _ => None,
+        },
+        CommandError::Timeout(_) => Some((PathFault::Down, Failure::Ambiguous)),
+        CommandError::Io(_) => Some((
+            PathFault::Down,
+            match stage {
+                Stage::Submit => Failure::NotExecuted,
+                Stage::Completion => Failure::Ambiguous,
+            },
+        )),
+        _ => None,
     }
 }
 
@@ -896,5 +994,62 @@ mod tests {
         let mut r = Retrying::new(scripted(vec![Err(timeout())]), fast(4));
         assert!(r.execute(write_cmd(5)).into_result().is_err());
         assert_eq!(r.retries(), 0);
+    }
+
+    #[test]
+    fn path_failures_per_the_table() {
+        let standby = check(SenseKey::NOT_READY, Asc::NOT_ACCESSIBLE_STANDBY);
+        assert_eq!(
+            path_failure(&standby, Stage::Completion),
+            Some((PathFault::State(AccessState::STANDBY), Failure::NotExecuted))
+        );
+        assert_eq!(standby.failure(), Failure::NotExecuted);
+        let transition = check(SenseKey::NOT_READY, Asc::NOT_READY_TRANSITIONING);
+        assert_eq!(
+            path_failure(&transition, Stage::Completion).map(|p| p.0),
+            Some(PathFault::State(AccessState::TRANSITION))
+        );
+        let changed = check(
+            SenseKey::UNIT_ATTENTION,
+            Asc::ASYMMETRIC_ACCESS_STATE_CHANGED,
+        );
+        assert_eq!(
+            path_failure(&changed, Stage::Completion),
+            Some((PathFault::StateChanged, Failure::NotExecuted))
+        );
+        let gone = CommandError::Transport {
+            host: HostStatus::NO_CONNECT,
+            driver: scsi::DriverStatus::OK,
+        };
+        assert_eq!(
+            path_failure(&gone, Stage::Completion),
+            Some((PathFault::Down, Failure::NotExecuted))
+        );
+        assert_eq!(
+            path_failure(&path_error(), Stage::Completion),
+            Some((PathFault::Down, Failure::Ambiguous))
+        );
+        // A SEND after an ambiguous path failure stays put; a READ moves.
+        assert!(!Failure::Ambiguous.may_retry(Op::Send));
+        assert!(Failure::Ambiguous.may_retry(Op::Read));
+        let os = CommandError::Io(io::Error::other("ENODEV"));
+        assert_eq!(
+            path_failure(&os, Stage::Submit).map(|p| p.1),
+            Some(Failure::NotExecuted)
+        );
+        assert_eq!(
+            path_failure(&os, Stage::Completion).map(|p| p.1),
+            Some(Failure::Ambiguous)
+        );
+        // The command's own errors and retry-on-this-path statuses are not
+        // the path's.
+        for e in [illegal_request(), busy(), queue_full(), unit_attention()] {
+            assert_eq!(path_failure(&e, Stage::Completion), None, "{e}");
+        }
+        let soft = CommandError::Transport {
+            host: HostStatus::SOFT_ERROR,
+            driver: scsi::DriverStatus::OK,
+        };
+        assert_eq!(path_failure(&soft, Stage::Completion), None);
     }
 }

@@ -819,6 +819,7 @@ impl Config {
             members.push(ResolvedMember {
                 naa: naa.clone(),
                 path: info.path,
+                other_paths: info.other_paths,
                 blocks: info.blocks,
                 block_size: info.block_size,
             });
@@ -837,6 +838,10 @@ impl Config {
 pub struct LunInfo {
     /// Its device path on this host, e.g. `/dev/sg3`.
     pub path: String,
+    /// Further paths to the same unit (the same NAA through other target
+    /// ports or host adapters), e.g. `/dev/sg7`: with any, a member is
+    /// opened as a [`Multipath`](crate::multipath::Multipath).
+    pub other_paths: Vec<String>,
     /// Its capacity in logical blocks.
     pub blocks: u64,
     /// Its logical block size in bytes.
@@ -874,9 +879,23 @@ impl MapDirectory {
     /// Adds the unit `identity` describes under its NAA designator (the
     /// logical unit's, as [`Identity::naa`] finds it) and returns that
     /// identity; `None`, and nothing added, if it has no NAA designator.
+    ///
+    /// A unit already present under that identity is another path to it:
+    /// `info`'s paths are added to its [`LunInfo::other_paths`] instead.
     pub fn insert_identified(&mut self, identity: &Identity, info: LunInfo) -> Option<String> {
         let naa = identity.naa()?.to_id_string();
-        self.insert(naa.clone(), info);
+        match self.0.get_mut(&naa) {
+            Some(known) => {
+                for path in std::iter::once(info.path).chain(info.other_paths) {
+                    if known.path != path && !known.other_paths.contains(&path) {
+                        known.other_paths.push(path);
+                    }
+                }
+            }
+            None => {
+                self.insert(naa.clone(), info);
+            }
+        }
         Some(naa)
     }
 }
@@ -912,6 +931,8 @@ pub struct ResolvedMember {
     pub naa: String,
     /// Its device path on this host.
     pub path: String,
+    /// Its further paths on this host (see [`LunInfo::other_paths`]).
+    pub other_paths: Vec<String>,
     /// Its capacity in blocks.
     pub blocks: u64,
     /// Its block size in bytes (the same for every member).
@@ -1017,16 +1038,46 @@ pub fn open(
     options: &OpenOptions,
 ) -> Result<Arc<dyn crate::stream::PathSource>, MailboxError> {
     let resolved = config.resolve(stg_id, dir)?;
-    let paths: Vec<PathBuf> = resolved
-        .members
-        .iter()
-        .map(|m| PathBuf::from(&m.path))
-        .collect();
+    let members: Vec<ResolvedMember> = resolved.members.clone();
     let engine = options.engine;
     let stg = resolved.id;
-    open_members(resolved.mode, stg, paths.len(), options, move |member| {
-        open_device(&paths[member], engine, stg, member)
+    open_members(resolved.mode, stg, members.len(), options, move |member| {
+        open_member(&members[member], engine, stg, member)
     })
+}
+
+/// Opens one member on every path this host has to it: the device node
+/// itself when there is one, a [`Multipath`](crate::multipath::Multipath)
+/// over all of them otherwise.
+pub fn open_member(
+    m: &ResolvedMember,
+    engine: PathEngine,
+    stg: u32,
+    member: usize,
+) -> Result<Box<dyn Transport>, MailboxError> {
+    let first = open_device(std::path::Path::new(&m.path), engine, stg, member)?;
+    if m.other_paths.is_empty() {
+        return Ok(first);
+    }
+    let mut paths = vec![first];
+    for p in &m.other_paths {
+        // A path that cannot be opened is left out; the member is usable
+        // while one path is.
+        match open_device(std::path::Path::new(p), engine, stg, member) {
+            Ok(t) => paths.push(t),
+            Err(e) => tracing::warn!(path = %p, "path to member {member} not opened: {e}"),
+        }
+    }
+    crate::multipath::Multipath::open(paths, crate::retry::RetryPolicy::MAILBOX)
+        .map(|m| Box::new(m) as Box<dyn Transport>)
+        .map_err(|source| {
+            SetupError::OpenPath {
+                stg,
+                member,
+                source,
+            }
+            .into()
+        })
 }
 
 /// Opens one member's device node as `engine` says.
@@ -1066,9 +1117,38 @@ pub fn open_member_paths(
         .members
         .iter()
         .enumerate()
-        .map(|(i, m)| open_device(std::path::Path::new(&m.path), engine, resolved.id, i))
+        .map(|(i, m)| open_member(m, engine, resolved.id, i))
         .collect::<Result<Vec<_>, _>>()?;
     Ok((resolved, paths))
+}
+
+/// Every path to one member, each its own transport.
+pub type PathSet = Vec<Box<dyn Transport>>;
+
+/// Every path to each of STG `stg_id`'s members, opened separately (not
+/// as one [`Multipath`](crate::multipath::Multipath)): for work that must
+/// be done on each I_T nexus, such as registering a reservation key
+/// ([`crate::fence`]). `result.1[i]` holds member `i`'s paths, the
+/// directory's first path first.
+pub fn open_member_path_sets(
+    config: &Config,
+    stg_id: u32,
+    dir: &dyn LunDirectory,
+    engine: PathEngine,
+) -> Result<(ResolvedStg, Vec<PathSet>), MailboxError> {
+    let resolved = config.resolve(stg_id, dir)?;
+    let sets = resolved
+        .members
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            std::iter::once(&m.path)
+                .chain(&m.other_paths)
+                .map(|p| open_device(std::path::Path::new(p), engine, resolved.id, i))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((resolved, sets))
 }
 
 /// As [`open`], for paths the caller supplies (an in-process array, a
@@ -1193,6 +1273,7 @@ mod tests {
     fn lun(path: &str, blocks: u64, block_size: u32) -> LunInfo {
         LunInfo {
             path: path.into(),
+            other_paths: Vec::new(),
             blocks,
             block_size,
         }

@@ -545,3 +545,106 @@ pub fn persistent_reservations(a: &mut dyn Transport, b: &mut dyn Transport, lba
     }
     good(write(b), "b's WRITE after CLEAR")
 }
+
+/// STP's fencing of a block-mode STG member ([`stp_core::fence`]) on one
+/// LUN: host 0 joins through `a`, host 1 through both its paths `b1` and
+/// `b2`; the third initiator `c`'s WRITE to block `lba` conflicts while
+/// the participants' succeed (on every path); host 0 removes host 1, whose
+/// WRITE then conflicts; host 1 joins again; host 0 leaves, releasing the
+/// reservation, and host 1 takes it back by joining. Leaves the LUN with
+/// no registrations.
+pub fn fencing(
+    a: Box<dyn Transport>,
+    b1: Box<dyn Transport>,
+    b2: Box<dyn Transport>,
+    c: &mut dyn Transport,
+    lba: u64,
+) -> Check {
+    use stp_core::fence;
+    const STG: u32 = 9;
+    let (_, bs) = capacity(c)?;
+    let block = vec![0xC3u8; bs as usize];
+    // A WRITE, past the unit attentions reservation changes owe the nexus
+    // (REGISTRATIONS PREEMPTED, RESERVATIONS RELEASED).
+    let write = |t: &mut dyn Transport| {
+        let mut tries = 0;
+        loop {
+            let c = run_out(
+                t,
+                Cdb::Write16 {
+                    lba,
+                    blocks: 1,
+                    flags: RwFlags::default(),
+                },
+                &block,
+            );
+            let ua = matches!(&c.result, Ok(o) if o.check().err().and_then(|e| e.sense().map(|s| s.key)) == Some(SenseKey::UNIT_ATTENTION));
+            tries += 1;
+            if !ua || tries > 4 {
+                return c;
+            }
+        }
+    };
+    // A clean start.
+    good(pr_out(c, 6, 0, 0, 0), "c unregistering")?;
+    let mut host0 = vec![vec![a]];
+    let mut host1 = vec![vec![b1, b2]];
+    for t in host0[0].iter_mut().chain(host1[0].iter_mut()) {
+        good(pr_out(t.as_mut(), 6, 0, 0, 0), "unregistering")?;
+    }
+    if pr_reservation(c)?.is_some() {
+        good(pr_out(c, 6, 0, 0, 0xC0FFEE), "c registers to clear")?;
+        good(
+            pr_out(c, 3, 0, 0xC0FFEE, 0),
+            "c clears a leftover reservation",
+        )?;
+    }
+    fence::join(&mut host0, STG, 0).map_err(|e| format!("host 0 joins: {e}"))?;
+    fence::join(&mut host1, STG, 1).map_err(|e| format!("host 1 joins: {e}"))?;
+    let st = fence::status(&mut host0).map_err(|e| e.to_string())?;
+    if st[0].hosts(STG) != [0, 1] || !st[0].fenced(STG) {
+        return Err(format!("status after both joined: {st:?}"));
+    }
+    conflict(write(c), "the third initiator's WRITE")?;
+    good(write(host0[0][0].as_mut()), "host 0's WRITE")?;
+    for (i, t) in host1[0].iter_mut().enumerate() {
+        good(write(t.as_mut()), &format!("host 1's WRITE on path {i}"))?;
+    }
+    fence::remove(&mut host0, STG, 0, 1).map_err(|e| format!("host 0 removes host 1: {e}"))?;
+    for (i, t) in host1[0].iter_mut().enumerate() {
+        conflict(
+            write(t.as_mut()),
+            &format!("removed host 1's WRITE on path {i}"),
+        )?;
+    }
+    good(
+        write(host0[0][0].as_mut()),
+        "host 0's WRITE after removing host 1",
+    )?;
+    fence::join(&mut host1, STG, 1).map_err(|e| format!("host 1 joins again: {e}"))?;
+    good(
+        write(host1[0][1].as_mut()),
+        "host 1's WRITE after joining again",
+    )?;
+    fence::leave(&mut host0, STG, 0).map_err(|e| format!("host 0 leaves: {e}"))?;
+    let st = fence::status(&mut host1).map_err(|e| e.to_string())?;
+    if st[0].hosts(STG) != [1] {
+        return Err(format!("status after host 0 left: {st:?}"));
+    }
+    if !st[0].fenced(STG) {
+        // Host 0 held the reservation: leaving released it; host 1 takes it.
+        fence::join(&mut host1, STG, 1).map_err(|e| format!("host 1 re-reserves: {e}"))?;
+    }
+    let st = fence::status(&mut host1).map_err(|e| e.to_string())?;
+    if !st[0].fenced(STG) {
+        return Err(format!("not fenced after host 1 re-joined: {st:?}"));
+    }
+    conflict(write(c), "the third initiator's WRITE at the end")?;
+    conflict(write(host0[0][0].as_mut()), "host 0's WRITE after it left")?;
+    // Clean up: host 1 leaves and releases; nothing remains.
+    fence::leave(&mut host1, STG, 1).map_err(|e| format!("host 1 leaves: {e}"))?;
+    if pr_reservation(c)?.is_some() || !pr_keys(c)?.is_empty() {
+        return Err("a reservation or keys survive the last host leaving".into());
+    }
+    good(write(c), "c's WRITE once nobody fences")
+}

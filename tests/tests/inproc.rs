@@ -41,6 +41,24 @@ fn persistent_reservations_fence_an_unregistered_host() {
 }
 
 #[test]
+fn fencing_refuses_a_third_initiators_write() {
+    let a = array(1);
+    let h0 = Host::login_through(&a, "host-0", 1);
+    let (h1a, h1b) = (
+        Host::login_through(&a, "host-1-p1", 1),
+        Host::login_through(&a, "host-1-p2", 2),
+    );
+    let third = Host::login(&a, "intruder");
+    ok(stp_tests::fencing(
+        Box::new(h0.open(0).unwrap()),
+        Box::new(h1a.open(0).unwrap()),
+        Box::new(h1b.open(0).unwrap()),
+        &mut third.open(0).unwrap(),
+        42,
+    ));
+}
+
+#[test]
 fn two_hosts_see_one_lun() {
     let a = array(2);
     let (h1, h2) = (Host::login(&a, "host-a"), Host::login(&a, "host-b"));
@@ -1066,4 +1084,121 @@ fn a_lun_without_dpofua_refuses_fua_like_lio() {
     ok(write_here_read_there(a.as_mut(), b.as_mut(), 10, 8, 4));
     let mut member = rig.member(0, 0).unwrap();
     assert_eq!(dpofua(member.as_mut()), Ok(true));
+}
+
+/// `stp preflight`'s checks over a block-mode STG whose members are each
+/// reached through two target ports: all ok on a healthy, fenced set-up;
+/// on a broken one (a member with no active path, a transfer limit below
+/// the slot size, sg direct I/O off, no fencing) each check says so.
+#[test]
+fn preflight_reports_a_healthy_and_a_broken_setup() {
+    use scsi::alua::AccessState;
+    use stp_core::preflight::{check, HostFacts, Status};
+    use stp_core::stg::{Config, LunInfo, MapDirectory};
+
+    let build = |max_transfer: u32| {
+        let a = Array::new();
+        for id in 0..2u64 {
+            let mut c = LunConfig::new(id, 4096, 512);
+            c.max_transfer_blocks = max_transfer;
+            a.add_lun(id, c).unwrap();
+            a.set_port_group(id, 2, 1);
+        }
+        a
+    };
+    let run = |a: &Array, facts: &HostFacts, fence: bool| {
+        let naas: Vec<String> = (0..2)
+            .map(|i| a.lun(i).unwrap().config().naa_string())
+            .collect();
+        let config = Config::parse(&format!(
+            "wkp = 5100\n[[stg]]\nid = 4\nmode = \"block\"\nmembers = [\"{}\", \"{}\"]\n\
+             [stg.block]\nhosts = 2\nslots = 4\nslot_blocks = 8\n",
+            naas[0], naas[1]
+        ))
+        .unwrap();
+        let mut dir = MapDirectory::new();
+        for (i, naa) in naas.iter().enumerate() {
+            dir.insert(
+                naa.clone(),
+                LunInfo {
+                    path: format!("sim-p1-lun{i}"),
+                    other_paths: vec![format!("sim-p2-lun{i}")],
+                    blocks: 4096,
+                    block_size: 512,
+                },
+            );
+        }
+        let resolved = config.resolve(4, &dir).unwrap();
+        let (p1, p2) = (
+            Host::login_through(a, "pf-p1", 1),
+            Host::login_through(a, "pf-p2", 2),
+        );
+        let mut sets: Vec<Vec<Box<dyn Transport>>> = (0..2u64)
+            .map(|i| {
+                vec![
+                    Box::new(p1.open(i).unwrap()) as Box<dyn Transport>,
+                    Box::new(p2.open(i).unwrap()) as Box<dyn Transport>,
+                ]
+            })
+            .collect();
+        if fence {
+            stp_core::fence::join(&mut sets, 4, 0).unwrap();
+        }
+        check(&resolved, &mut sets, facts, 64 * 1024)
+    };
+    let healthy = HostFacts {
+        allow_dio: Some("1".into()),
+        engine: Some(("UringSg".into(), "io_uring sg v3 engine".into())),
+        queue_max_bytes: None,
+    };
+    let a = build(128);
+    let report = run(&a, &healthy, true);
+    for f in &report {
+        eprintln!("{}", f.line());
+        assert_eq!(f.status, Status::Ok, "{}", f.line());
+    }
+    let checks: Vec<&str> = report.iter().map(|f| f.check).collect();
+    assert_eq!(
+        checks,
+        [
+            "paths",
+            "identity",
+            "engine",
+            "allow_dio",
+            "transfer",
+            "cache",
+            "reservations"
+        ]
+    );
+
+    // Broken: member 1 has no active path, the array takes only 4 blocks
+    // per command (a slot is 8), direct I/O is off, nobody fenced.
+    let a = build(4);
+    for g in [0, 1] {
+        a.set_alua_state(1, g, AccessState::STANDBY);
+    }
+    let broken = HostFacts {
+        allow_dio: Some("0".into()),
+        ..healthy
+    };
+    let report = run(&a, &broken, false);
+    let status = |c: &str| report.iter().find(|f| f.check == c).unwrap();
+    for f in &report {
+        eprintln!("{}", f.line());
+    }
+    assert_eq!(status("paths").status, Status::Fail);
+    assert!(
+        status("paths").detail.contains("member 1"),
+        "{}",
+        status("paths").line()
+    );
+    assert_eq!(status("transfer").status, Status::Fail);
+    assert_eq!(status("allow_dio").status, Status::Warn);
+    assert_eq!(status("reservations").status, Status::Warn);
+    assert!(status("reservations")
+        .fix
+        .as_deref()
+        .unwrap()
+        .contains("fence join"));
+    assert_eq!(status("identity").status, Status::Ok);
 }

@@ -377,3 +377,305 @@ fn backup_fs_and_db_flows_on_real_lio() {
 fn backup_fs_and_db_flows_in_block_mode_on_lios_ramdisk() {
     stp_tests::backup::fs_and_db_round_trip(&rig(), 2 << 20, stp_core::stg::MailboxMode::Block);
 }
+
+/// The ramdisk's configfs directory (`core/rd_mcp_*/<name>`), found as
+/// the backstore the ramdisk LUN's tcm_loop exports link to.
+fn ramdisk_configfs() -> PathBuf {
+    let core = Path::new("/sys/kernel/config/target/core");
+    let mut found = Vec::new();
+    for hba in fs::read_dir(core).unwrap().flatten() {
+        if !hba.file_name().to_string_lossy().starts_with("rd_mcp_") {
+            continue;
+        }
+        for dev in fs::read_dir(hba.path()).unwrap().flatten() {
+            if dev.path().join("alua").is_dir() {
+                found.push(dev.path());
+            }
+        }
+    }
+    assert_eq!(found.len(), 1, "expected one ramdisk backstore: {found:?}");
+    found.remove(0)
+}
+
+/// The tcm_loop LUN directories that export `dev`.
+fn exports_of(dev: &Path) -> Vec<PathBuf> {
+    let dev = fs::canonicalize(dev).unwrap();
+    let mut out = Vec::new();
+    let loopback = Path::new("/sys/kernel/config/target/loopback");
+    for target in fs::read_dir(loopback).unwrap().flatten() {
+        let luns = target.path().join("tpgt_1/lun");
+        let Ok(luns) = fs::read_dir(&luns) else {
+            continue;
+        };
+        for lun in luns.flatten() {
+            let links = fs::read_dir(lun.path()).unwrap().flatten();
+            let exports = links
+                .filter(|l| l.file_type().is_ok_and(|t| t.is_symlink()))
+                .any(|l| fs::canonicalize(l.path()).is_ok_and(|p| p == dev));
+            if exports {
+                out.push(lun.path());
+            }
+        }
+    }
+    out
+}
+
+fn put(path: &Path, value: &str) {
+    fs::write(path, value)
+        .unwrap_or_else(|e| panic!("writing {value:?} to {}: {e}", path.display()));
+}
+
+/// Two tcm_loop paths onto the ramdisk as one [`Multipath`] member; one
+/// path's port is moved to its own target port group, then the group of
+/// the path carrying the I/O goes to standby mid-transfer: every WRITE
+/// still succeeds (moved to the other path), every block reads back, and
+/// the member reports one path standby, one active/optimized.
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn multipath_member_survives_an_alua_standby_on_lio() {
+    use scsi::alua::AccessState;
+    use scsi::cdb::{Cdb, RwFlags};
+    use scsi::{Command, IoBuf, Transport};
+    use stp_core::multipath::Multipath;
+
+    let lio = LioRig::load_env();
+    let dev = ramdisk_configfs();
+    let exports = exports_of(&dev);
+    assert_eq!(exports.len(), 2, "the ramdisk's exports: {exports:?}");
+    let group = dev.join("alua/stp_mp");
+    let default_state = dev.join("alua/default_tg_pt_gp/alua_access_state");
+    let _ = fs::create_dir(&group);
+    put(&group.join("tg_pt_gp_id"), "7");
+    put(&exports[1].join("alua_tg_pt_gp"), "stp_mp");
+    let moved_state = group.join("alua_access_state");
+    let restore = || {
+        let _ = fs::write(&default_state, "0");
+        let _ = fs::write(&moved_state, "0");
+        let _ = fs::write(exports[1].join("alua_tg_pt_gp"), "default_tg_pt_gp");
+        let _ = fs::remove_dir(&group);
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let paths: Vec<Box<dyn Transport>> = (0..2)
+            .map(|h| Box::new(sg(&lio.plain_path(h).unwrap())) as Box<dyn Transport>)
+            .collect();
+        let mut mp = Multipath::open(paths, stp_core::retry::RetryPolicy::MAILBOX).unwrap();
+        let infos = mp.paths();
+        eprintln!("paths at open: {infos:?}");
+        let mut groups: Vec<Option<u16>> = infos.iter().map(|p| p.group).collect();
+        groups.sort_unstable();
+        assert_eq!(groups, [Some(0), Some(7)], "{infos:?}");
+        let (_, bs) = capacity(&mut mp).unwrap();
+        let base = 6000u64;
+        let write = |mp: &mut Multipath, i: u64| {
+            let cdb = Cdb::Write16 {
+                lba: base + i,
+                blocks: 1,
+                flags: RwFlags::default(),
+            }
+            .emit();
+            let block = vec![(i as u8) ^ 0xA5; bs as usize];
+            mp.execute(Command::data_out(cdb, IoBuf::from_slice(&block)))
+                .into_result()
+                .unwrap_or_else(|e| panic!("WRITE {i}: {e}"));
+        };
+        for i in 0..32 {
+            write(&mut mp, i);
+        }
+        // Path 0 carries the I/O (both active/optimized, one command at a
+        // time): its group goes to standby.
+        let victim = if infos[0].group == Some(7) {
+            &moved_state
+        } else {
+            &default_state
+        };
+        put(victim, "2");
+        for i in 32..64 {
+            write(&mut mp, i);
+        }
+        for i in 0..64u64 {
+            let cdb = Cdb::Read16 {
+                lba: base + i,
+                blocks: 1,
+                flags: RwFlags::default(),
+            }
+            .emit();
+            let (d, _) = mp
+                .execute(Command::data_in(cdb, bs as usize))
+                .into_result()
+                .unwrap_or_else(|e| panic!("READ {i}: {e}"));
+            assert!(d.iter().all(|b| *b == (i as u8) ^ 0xA5), "block {i}");
+        }
+        let infos = mp.paths();
+        eprintln!("paths after standby: {infos:?}; {:?}", mp.stats());
+        assert!(mp.stats().moved >= 1, "{:?}", mp.stats());
+        assert_eq!(infos[0].state, Some(AccessState::STANDBY), "{infos:?}");
+        assert_eq!(
+            infos[1].state,
+            Some(AccessState::ACTIVE_OPTIMIZED),
+            "{infos:?}"
+        );
+    }));
+    restore();
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
+
+/// `stp preflight`'s checks on LIO's ramdisk as a one-member block-mode
+/// STG reached through both tcm_loop paths: paths, identity and transfer
+/// ok on the healthy set-up (reservations: not fenced, a warning); with
+/// LIO's default target port group (both ports) in standby, `paths` fails
+/// and says which member.
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn preflight_on_lio_healthy_and_broken() {
+    use stp_core::preflight::{check, HostFacts, Status};
+    use stp_core::stg::{Config, LunInfo, MapDirectory};
+
+    let lio = LioRig::load_env();
+    let naa = lio.map().hosts[0]
+        .luns
+        .iter()
+        .find(|l| l.kind == "ramdisk")
+        .map(|l| l.naa.clone())
+        .expect("a ramdisk LUN");
+    let (p0, p1) = (lio.plain_path(0).unwrap(), lio.plain_path(1).unwrap());
+    // Past a unit attention an earlier test's ALUA change left pending.
+    let mut t0 = sg(&p0);
+    let (blocks, bs) = (0..4)
+        .find_map(|_| capacity(&mut t0).ok())
+        .expect("READ CAPACITY on the ramdisk");
+    drop(t0);
+    let config = Config::parse(&format!(
+        "wkp = 5100\n[[stg]]\nid = 9\nmode = \"block\"\nmembers = [\"{naa}\"]\n\
+         [stg.block]\nhosts = 2\nslots = 4\nslot_blocks = 8\n"
+    ))
+    .unwrap();
+    let mut dir = MapDirectory::new();
+    dir.insert(
+        naa.clone(),
+        LunInfo {
+            path: p0.display().to_string(),
+            other_paths: vec![p1.display().to_string()],
+            blocks,
+            block_size: bs,
+        },
+    );
+    let resolved = config.resolve(9, &dir).unwrap();
+    // As `stp preflight`: the engine first (it may switch direct I/O on).
+    let engine = scsi::open_best(&p0, 16)
+        .ok()
+        .map(|b| (format!("{:?}", b.engine), b.reason));
+    let facts = HostFacts {
+        allow_dio: fs::read_to_string("/sys/module/sg/parameters/allow_dio")
+            .ok()
+            .map(|s| s.trim().to_string()),
+        engine,
+        queue_max_bytes: None,
+    };
+    let sets = || -> Vec<Vec<Box<dyn scsi::Transport>>> {
+        vec![vec![Box::new(sg(&p0)), Box::new(sg(&p1))]]
+    };
+    let report = check(&resolved, &mut sets(), &facts, 64 * 1024);
+    for f in &report {
+        eprintln!("healthy: {}", f.line());
+    }
+    let status = |r: &[stp_core::preflight::Finding], c: &str| {
+        r.iter().find(|f| f.check == c).map(|f| f.status)
+    };
+    assert_eq!(status(&report, "paths"), Some(Status::Ok));
+    assert_eq!(status(&report, "identity"), Some(Status::Ok));
+    assert_eq!(status(&report, "transfer"), Some(Status::Ok));
+    assert_eq!(status(&report, "reservations"), Some(Status::Warn));
+
+    let state = ramdisk_configfs().join("alua/default_tg_pt_gp/alua_access_state");
+    put(&state, "2");
+    let broken = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        check(&resolved, &mut sets(), &facts, 64 * 1024)
+    }));
+    let _ = fs::write(&state, "0");
+    let report = broken.unwrap_or_else(|p| std::panic::resume_unwind(p));
+    for f in &report {
+        eprintln!("broken: {}", f.line());
+    }
+    assert_eq!(status(&report, "paths"), Some(Status::Fail));
+    let paths = report.iter().find(|f| f.check == "paths").unwrap();
+    assert!(paths.detail.contains("member 0"), "{}", paths.line());
+    assert!(paths.detail.contains("standby"), "{}", paths.line());
+}
+
+/// A further tcm_loop target (with its own nexus) exporting `dev` as LUN 0:
+/// another initiator onto the ramdisk. Returns its configfs directory and
+/// its `sg` node once the kernel has one.
+fn extra_nexus(i: u32, dev: &Path, naa: &str) -> (PathBuf, PathBuf) {
+    let before: Vec<PathBuf> = scsi::discovery::list_generic_devices()
+        .unwrap()
+        .into_iter()
+        .map(|d| d.dev_path)
+        .collect();
+    let wwn = Path::new("/sys/kernel/config/target/loopback")
+        .join(format!("naa.5001405{:09x}", 0xf00 + i));
+    let tpg = wwn.join("tpgt_1");
+    fs::create_dir_all(&tpg).unwrap();
+    put(&tpg.join("nexus"), &format!("naa.5001405{:09x}", 0xe00 + i));
+    fs::create_dir(tpg.join("lun/lun_0")).unwrap();
+    std::os::unix::fs::symlink(dev, tpg.join("lun/lun_0/stp_rd")).unwrap();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        for d in scsi::discovery::list_generic_devices().unwrap() {
+            if before.contains(&d.dev_path) {
+                continue;
+            }
+            let Ok(mut t) = scsi::sg::SgDevice::open(&d.dev_path) else {
+                continue;
+            };
+            let id = scsi::inquiry::identify(&mut t)
+                .ok()
+                .and_then(|id| id.naa().map(|n| n.to_id_string()));
+            if id.as_deref() == Some(naa) {
+                return (wwn, d.dev_path);
+            }
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    panic!("no sg node appeared for the extra nexus {}", wwn.display());
+}
+
+fn drop_extra_nexus(wwn: &Path) {
+    let tpg = wwn.join("tpgt_1");
+    let _ = fs::remove_file(tpg.join("lun/lun_0/stp_rd"));
+    let _ = fs::remove_dir(tpg.join("lun/lun_0"));
+    let _ = fs::write(tpg.join("nexus"), "NULL");
+    let _ = fs::remove_dir(&tpg);
+    let _ = fs::remove_dir(wwn);
+}
+
+/// STP's fencing on LIO's ramdisk with four nexuses (the two tcm_loop
+/// paths and two more made here): host 0 on one, host 1 on two, a third
+/// initiator on the last, whose WRITE conflicts — the in-process body.
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn fencing_on_the_ramdisk_as_in_process() {
+    let lio = LioRig::load_env();
+    let naa = lio.map().hosts[0]
+        .luns
+        .iter()
+        .find(|l| l.kind == "ramdisk")
+        .map(|l| l.naa.clone())
+        .expect("a ramdisk LUN");
+    let dev = ramdisk_configfs();
+    let (w1, s1) = extra_nexus(1, &dev, &naa);
+    let (w2, s2) = extra_nexus(2, &dev, &naa);
+    let result = std::panic::catch_unwind(|| {
+        fencing(
+            Box::new(sg(&lio.plain_path(0).unwrap())),
+            Box::new(sg(&lio.plain_path(1).unwrap())),
+            Box::new(sg(&s1)),
+            &mut sg(&s2),
+            4343,
+        )
+    });
+    drop_extra_nexus(&w1);
+    drop_extra_nexus(&w2);
+    ok(result.unwrap_or_else(|p| std::panic::resume_unwind(p)));
+}

@@ -37,6 +37,10 @@ enum Command {
     /// Block-mode STGs: format one (behind a guard that refuses LUNs
     /// holding data) and show what its members hold.
     Stg(stp_tools::stg::StgArgs),
+    /// Check an STG and this host before use: paths and their ALUA states,
+    /// identities, the engine, sg direct I/O, transfer limits, write cache
+    /// and FUA, reservations. One line per check; exits 1 on a failure.
+    Preflight(stp_tools::preflight::PreflightArgs),
     /// Print a shell completion script (e.g. `stp completions bash >
     /// /etc/bash_completion.d/stp`).
     Completions {
@@ -103,6 +107,7 @@ fn main() -> ExitCode {
         Command::Backup(args) => backup::cli::run(&args),
         Command::Demo(args) => backup::demo::run(&args),
         Command::Stg(args) => stp_tools::stg::run(&args),
+        Command::Preflight(args) => stp_tools::preflight::run(&args),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "stp", &mut std::io::stdout());

@@ -1,4 +1,7 @@
-//! `stp probe`: which logical units can this host reach, and who are they?
+//! `stp probe`: which logical units can this host reach, who are they,
+//! and over which paths? Nodes with the same identity are paths to one
+//! logical unit; each row shows its path's target port, port group and
+//! ALUA state (REPORT TARGET PORT GROUPS) and how many paths the unit has.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,6 +25,10 @@ pub struct ProbeArgs {
     /// LUNs in the simulated array (with --sim).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
     sim_luns: u64,
+    /// Target ports each simulated LUN is reached through (with --sim):
+    /// that many paths per LUN.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=8))]
+    sim_paths: u16,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -41,6 +48,14 @@ struct Row {
     id: Option<String>,
     blocks: Option<u64>,
     block_size: Option<u32>,
+    /// The relative target port this path enters through.
+    target_port: Option<u16>,
+    /// Its target port group.
+    port_group: Option<u16>,
+    /// The group's asymmetric access state (ALUA), if the unit reports one.
+    alua_state: Option<String>,
+    /// Paths this host has to the same logical unit (this one included).
+    paths: usize,
     error: Option<String>,
 }
 
@@ -56,6 +71,10 @@ impl Row {
             id: None,
             blocks: None,
             block_size: None,
+            target_port: None,
+            port_group: None,
+            alua_state: None,
+            paths: 1,
             error: None,
         }
     }
@@ -69,6 +88,9 @@ fn probe_one(t: &mut dyn Transport, row: &mut Row) {
             row.revision = Some(id.inquiry.revision.clone());
             row.id = id.preferred_id();
             row.serial = id.serial;
+            let port = scsi::alua::PortIdentity::from_designators(&id.designators);
+            row.target_port = port.relative_port;
+            row.port_group = port.group;
         }
         Err(e) => {
             row.error = Some(e.to_string());
@@ -85,6 +107,29 @@ fn probe_one(t: &mut dyn Transport, row: &mut Row) {
         Ok(_) => row.error = Some("READ CAPACITY(16) returned too little data".into()),
         Err(e) => row.error = Some(format!("READ CAPACITY(16): {e}")),
     }
+    // Devices without ALUA refuse REPORT TARGET PORT GROUPS: no state.
+    if let Ok(groups) = scsi::alua::report_target_port_groups(t) {
+        let group = row
+            .target_port
+            .and_then(|p| groups.group_of_port(p))
+            .or_else(|| row.port_group.and_then(|g| groups.group(g)));
+        if let Some(g) = group {
+            row.port_group = Some(g.id);
+            row.alua_state = Some(g.state.to_string());
+        }
+    }
+}
+
+/// Sets each row's path count: rows with the same identity are paths to
+/// one logical unit.
+fn count_paths(rows: &mut [Row]) {
+    let groups = scsi::discovery::group_by_identity(rows.iter().map(|r| (r.id.clone(), ())));
+    for r in rows.iter_mut() {
+        r.paths = groups
+            .iter()
+            .find(|(id, _)| id.is_some() && *id == r.id)
+            .map_or(1, |(_, v)| v.len());
+    }
 }
 
 /// Runs `stp probe`.
@@ -97,12 +142,16 @@ pub fn run(args: &ProbeArgs) -> Result<ExitCode> {
                 .add_lun(id, LunConfig::new(id, 1 << 21, 512))
                 .context("building the simulated array")?;
         }
-        let host = Host::login(&array, "probe");
+        let hosts: Vec<Host> = (1..=args.sim_paths)
+            .map(|port| Host::login_through(&array, &format!("probe-p{port}"), port))
+            .collect();
         for id in array.lun_ids() {
-            let mut t = host.open(id)?;
-            let mut row = Row::empty(t.describe());
-            probe_one(&mut t, &mut row);
-            rows.push(row);
+            for host in &hosts {
+                let mut t = host.open(id)?;
+                let mut row = Row::empty(t.describe());
+                probe_one(&mut t, &mut row);
+                rows.push(row);
+            }
         }
     } else {
         let mut targets: Vec<(PathBuf, Option<String>)> =
@@ -139,6 +188,7 @@ pub fn run(args: &ProbeArgs) -> Result<ExitCode> {
             rows.push(row);
         }
     }
+    count_paths(&mut rows);
     let failed = rows.iter().filter(|r| r.error.is_some()).count();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -155,8 +205,8 @@ pub fn run(args: &ProbeArgs) -> Result<ExitCode> {
 fn print_table(rows: &[Row]) {
     let w = rows.iter().map(|r| r.path.len()).max().unwrap_or(0).max(4);
     println!(
-        "{:<w$} {:<8} {:<17} {:<18} {:>12} {:>6}  ID",
-        "PATH", "VENDOR", "PRODUCT", "SERIAL", "BLOCKS", "BS"
+        "{:<w$} {:<8} {:<17} {:<18} {:>12} {:>6}  {:<5} {:<28} ID",
+        "PATH", "VENDOR", "PRODUCT", "SERIAL", "BLOCKS", "BS", "PATHS", "PORT/GROUP STATE"
     );
     for r in rows {
         if let Some(e) = &r.error {
@@ -164,14 +214,23 @@ fn print_table(rows: &[Row]) {
             continue;
         }
         let s = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+        let n = |o: Option<u16>| o.map_or("-".into(), |v| v.to_string());
+        let port = format!(
+            "{}/{} {}",
+            n(r.target_port),
+            n(r.port_group),
+            r.alua_state.as_deref().unwrap_or("-")
+        );
         println!(
-            "{:<w$} {:<8} {:<17} {:<18} {:>12} {:>6}  {}",
+            "{:<w$} {:<8} {:<17} {:<18} {:>12} {:>6}  {:<5} {:<28} {}",
             r.path,
             s(&r.vendor),
             s(&r.product),
             s(&r.serial),
             r.blocks.map_or("-".into(), |b| b.to_string()),
             r.block_size.map_or("-".into(), |b| b.to_string()),
+            r.paths,
+            port,
             s(&r.id),
         );
     }

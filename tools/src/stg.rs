@@ -35,6 +35,63 @@ enum StgCommand {
     /// Show each member of an STG: capacity, superblock, and per lane the
     /// slots produced and consumed.
     Status(StatusArgs),
+    /// Fence a block-mode STG with SCSI persistent reservations: only the
+    /// hosts that joined may WRITE its members (Write Exclusive –
+    /// Registrants Only); any other initiator's WRITE gets RESERVATION
+    /// CONFLICT. See docs/ARRAYS.md.
+    Fence(FenceArgs),
+}
+
+#[derive(Args, Debug)]
+struct FenceArgs {
+    #[command(subcommand)]
+    action: FenceAction,
+}
+
+#[derive(Subcommand, Debug)]
+enum FenceAction {
+    /// Run on each participating host: register this host's key on every
+    /// path to every member; the first host to join also reserves them.
+    Join(FenceHost),
+    /// Run on a participating host: take another host's access away
+    /// (PREEMPT its key on every member); its WRITEs conflict from now on.
+    Remove(FenceRemove),
+    /// Run on a host that stops participating: unregister its key. If it
+    /// held the reservation, another host runs `join` again to take it.
+    Leave(FenceHost),
+    /// Show each member's registered hosts and reservation.
+    Status(FenceStatus),
+}
+
+#[derive(Args, Debug)]
+struct FenceHost {
+    #[command(flatten)]
+    common: Common,
+    /// This host's index in the STG (0-based, as the backup service's
+    /// --host-index).
+    #[arg(long)]
+    host: u16,
+}
+
+#[derive(Args, Debug)]
+struct FenceRemove {
+    #[command(flatten)]
+    common: Common,
+    /// This host's index (it must have joined).
+    #[arg(long)]
+    host: u16,
+    /// The index of the host to fence out.
+    #[arg(long)]
+    remove: u16,
+}
+
+#[derive(Args, Debug)]
+struct FenceStatus {
+    #[command(flatten)]
+    common: Common,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -78,7 +135,113 @@ pub fn run(args: &StgArgs) -> Result<ExitCode> {
     match &args.command {
         StgCommand::Format(a) => format_cmd(a),
         StgCommand::Status(a) => status_cmd(a),
+        StgCommand::Fence(a) => fence_cmd(a),
     }
+}
+
+/// Every path to every member, for fencing (block mode only).
+fn open_sets(c: &Common) -> Result<(stg::ResolvedStg, Vec<stg::PathSet>)> {
+    let config = Config::load(&c.config)
+        .with_context(|| format!("reading the STP configuration {}", c.config.display()))?;
+    let dir = match &c.map {
+        Some(m) => crate::backup::config::directory_from_map(m, c.map_host)?,
+        None => crate::backup::config::probe_directory()?,
+    };
+    let (resolved, sets) = stg::open_member_path_sets(&config, c.stg, &dir, PathEngine::Sync)
+        .with_context(|| {
+            format!(
+                "finding STG {}'s members on this host (`stp probe` lists the identities it sees)",
+                c.stg
+            )
+        })?;
+    if resolved.mode != MailboxMode::Block {
+        bail!(
+            "STG {} is a vendor-mode STG: the array routes its frames and keeps other hosts' \
+             frames apart itself; fencing is for block-mode STGs",
+            resolved.id
+        );
+    }
+    Ok((resolved, sets))
+}
+
+fn fence_cmd(a: &FenceArgs) -> Result<ExitCode> {
+    use stp_core::fence;
+    match &a.action {
+        FenceAction::Join(h) => {
+            let (r, mut sets) = open_sets(&h.common)?;
+            fence::join(&mut sets, r.id, h.host)?;
+            println!(
+                "host {} joined STG {}: registered on {} path(s) of {} member(s), which are \
+                 reserved Write Exclusive - Registrants Only",
+                h.host,
+                r.id,
+                sets.iter().map(Vec::len).sum::<usize>(),
+                sets.len()
+            );
+        }
+        FenceAction::Remove(h) => {
+            let (r, mut sets) = open_sets(&h.common)?;
+            fence::remove(&mut sets, r.id, h.host, h.remove)?;
+            println!(
+                "host {} removed from STG {}: its WRITEs to the members now get RESERVATION CONFLICT",
+                h.remove, r.id
+            );
+        }
+        FenceAction::Leave(h) => {
+            let (r, mut sets) = open_sets(&h.common)?;
+            fence::leave(&mut sets, r.id, h.host)?;
+            let st = fence::status(&mut sets)?;
+            let unfenced = st.iter().filter(|m| !m.fenced(r.id)).count();
+            println!("host {} left STG {}", h.host, r.id);
+            if unfenced > 0 && st.iter().any(|m| !m.hosts(r.id).is_empty()) {
+                println!(
+                    "{unfenced} member(s) lost their reservation with this host: run \
+                     `stp stg fence join` on another participating host"
+                );
+            }
+        }
+        FenceAction::Status(s) => {
+            let (r, mut sets) = open_sets(&s.common)?;
+            let st = fence::status(&mut sets)?;
+            if s.json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                for (i, m) in st.iter().enumerate() {
+                    let hosts: Vec<String> = m.hosts(r.id).iter().map(u16::to_string).collect();
+                    let others = m
+                        .keys
+                        .iter()
+                        .filter(|k| fence::key_host(r.id, **k).is_none())
+                        .count();
+                    let reservation = match m.reservation {
+                        None => "not reserved".to_string(),
+                        Some((k, t)) => format!(
+                            "{} by {}",
+                            scsi::pr::kind::name(t),
+                            fence::key_host(r.id, k)
+                                .map_or(format!("key {k:#018x}"), |h| format!("host {h}"))
+                        ),
+                    };
+                    println!(
+                        "member {i} ({}): hosts [{}]{}; {reservation}{}",
+                        r.members[i].naa,
+                        hosts.join(", "),
+                        if others > 0 {
+                            format!(", {others} foreign key(s)")
+                        } else {
+                            String::new()
+                        },
+                        if m.fenced(r.id) {
+                            ""
+                        } else {
+                            " — NOT FENCED"
+                        },
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn open(c: &Common) -> Result<(stg::ResolvedStg, Vec<Box<dyn Transport>>)> {

@@ -406,6 +406,7 @@ pub fn parse_device_map(text: &str, host: usize) -> Result<MapDirectory> {
             l.naa.clone(),
             LunInfo {
                 path: l.sg.display().to_string(),
+                other_paths: Vec::new(),
                 blocks: 0,
                 block_size: 0,
             },
@@ -430,6 +431,7 @@ pub(crate) fn probe_directory() -> Result<MapDirectory> {
             &id,
             LunInfo {
                 path: d.dev_path.display().to_string(),
+                other_paths: Vec::new(),
                 blocks,
                 block_size,
             },
