@@ -524,6 +524,58 @@ fn pr_out(t: &mut dyn Transport, action: u8, pr_type: u8, key: u64, sa_key: u64)
     run_out(t, cdb, &pr_params(key, sa_key))
 }
 
+/// TEST UNIT READY until GOOD (at most 8 times): clears the unit
+/// attentions pending for this path's I_T nexus.
+pub fn drain_unit_attentions(t: &mut dyn Transport) -> Check {
+    for _ in 0..8 {
+        match run_none(t, Cdb::TestUnitReady).into_result() {
+            Ok(_) => return Ok(()),
+            Err(CommandError::CheckCondition(s)) if s.key == SenseKey::UNIT_ATTENTION => {}
+            Err(e) => return Err(format!("TEST UNIT READY: {e}")),
+        }
+    }
+    Err("TEST UNIT READY still reports UNIT ATTENTION after 8 tries".into())
+}
+
+/// A unit attention made on purpose and seen through `b`: `a` preempts
+/// `b`'s persistent-reservation registration, so `b`'s next command ends
+/// in CHECK CONDITION, UNIT ATTENTION, REGISTRATIONS PREEMPTED (2Ah/05h),
+/// and the one after it succeeds. Leaves the LUN without keys.
+pub fn preempted_unit_attention(a: &mut dyn Transport, b: &mut dyn Transport) -> Check {
+    const WE_RO: u8 = 5;
+    drain_unit_attentions(a)?;
+    drain_unit_attentions(b)?;
+    good(pr_out(a, 6, 0, 0, 0), "a unregistering")?;
+    good(pr_out(b, 6, 0, 0, 0), "b unregistering")?;
+    good(pr_out(a, 0, 0, 0, 0xA1), "a registers")?;
+    good(pr_out(b, 0, 0, 0, 0xB2), "b registers")?;
+    good(pr_out(a, 1, WE_RO, 0xA1, 0), "a reserves")?;
+    good(pr_out(a, 4, WE_RO, 0xA1, 0xB2), "a preempts b")?;
+    let c = run_none(b, Cdb::TestUnitReady);
+    let seen = match c.into_result() {
+        Err(CommandError::CheckCondition(s)) if s.key == SenseKey::UNIT_ATTENTION => s,
+        other => {
+            return Err(format!(
+                "b's TEST UNIT READY after the preemption: want UNIT ATTENTION, got {other:?}"
+            ))
+        }
+    };
+    if seen.asc.0 != 0x2A {
+        return Err(format!(
+            "b's unit attention is {seen}, want 2Ah/xxh (PR changes)"
+        ));
+    }
+    good(
+        run_none(b, Cdb::TestUnitReady),
+        "b's second TEST UNIT READY",
+    )?;
+    good(pr_out(a, 3, 0, 0xA1, 0), "a clears")?;
+    if !pr_keys(a)?.is_empty() {
+        return Err("keys survive CLEAR".into());
+    }
+    Ok(())
+}
+
 /// The registered keys (READ KEYS).
 fn pr_keys(t: &mut dyn Transport) -> Result<Vec<u64>, String> {
     let c = run_in(

@@ -223,6 +223,14 @@ fn sense_and_residual_decode_alike_in_process() {
 }
 
 #[test]
+fn preemption_makes_a_unit_attention() {
+    let a = array(1);
+    let mut t0 = Host::login(&a, "h0").open(0).unwrap();
+    let mut t1 = Host::login(&a, "h1").open(0).unwrap();
+    ok(preempted_unit_attention(&mut t0, &mut t1));
+}
+
+#[test]
 fn concurrent_hosts_on_threads() {
     let a = array(1);
     let mut handles = Vec::new();

@@ -632,3 +632,81 @@ fn rough_comparison_with_fio_sg() {
         eprintln!("BENCH {r}");
     }
 }
+
+/// A unit attention made on purpose (a persistent-reservation preemption)
+/// comes back through each engine as CHECK CONDITION / UNIT ATTENTION with
+/// its sense, and the next command succeeds.
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn unit_attention_on_every_engine() {
+    let (_lio, r0, r1, ..) = paths();
+    for engine in engines() {
+        let mut a = open(engine, &r0, 4);
+        let mut b = open(engine, &r1, 4);
+        ok(preempted_unit_attention(&mut *a, &mut *b));
+        eprintln!("{engine}: REGISTRATIONS PREEMPTED seen through the engine, then GOOD");
+    }
+}
+
+/// The stp-target daemon's pid (the STG LUNs' TCMU backstore).
+fn daemon_pid() -> String {
+    let state = std::env::var_os("STP_TARGET_STATE")
+        .map_or_else(|| "/run/stp-target".into(), PathBuf::from);
+    std::fs::read_to_string(state.join("pid"))
+        .unwrap_or_else(|e| panic!("{}/pid: {e}", state.display()))
+        .trim()
+        .to_owned()
+}
+
+fn signal(pid: &str, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, pid])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {pid} failed");
+}
+
+/// A command that overruns its timeout: the daemon behind the STG member
+/// is stopped, a READ with a 1 s timeout goes out, and the daemon resumes
+/// 3 s later. The kernel's error handler aborts the command; its
+/// completion must come back, classified as a timeout, on each engine.
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn timeout_on_every_engine() {
+    let (_lio, _, _, s0, _) = paths();
+    let pid = daemon_pid();
+    for engine in engines() {
+        let mut t = open(engine, &s0, 4);
+        drain_unit_attentions(&mut *t).unwrap_or_else(|e| panic!("{e}"));
+        signal(&pid, "-STOP");
+        let t0 = Instant::now();
+        let cmd = read16(64, 8, 4096, 7).with_timeout(Duration::from_secs(1));
+        if let Err(e) = t.submit(cmd) {
+            signal(&pid, "-CONT");
+            panic!("{engine}: {e}");
+        }
+        let mut out = Vec::new();
+        let _ = t.reap(&mut out, Some(Duration::from_secs(3)));
+        signal(&pid, "-CONT");
+        while out.is_empty() && t0.elapsed() < Duration::from_secs(90) {
+            t.reap(&mut out, Some(Duration::from_secs(5)))
+                .unwrap_or_else(|e| panic!("{engine}: reap: {e}"));
+        }
+        let c = out
+            .pop()
+            .unwrap_or_else(|| panic!("{engine}: no completion in 90 s"));
+        let r = c.result.as_ref().map(|o| o.check());
+        eprintln!(
+            "{engine}: READ with a 1 s timeout, daemon stopped 3 s: {r:?} after {:?}",
+            t0.elapsed()
+        );
+        assert_eq!(c.tag, 7);
+        assert!(
+            matches!(r, Ok(Err(scsi::CommandError::Timeout(_)))),
+            "{engine}: want a timeout, got {r:?}"
+        );
+        // The path works again.
+        let mut ua = Retrying::new(t, RetryPolicy::default());
+        capacity(&mut ua).unwrap_or_else(|e| panic!("{engine} after the timeout: {e}"));
+    }
+}
