@@ -298,7 +298,7 @@ pub fn decode(
         let e = io::Error::from_raw_os_error(-res);
         let hint = match -res {
             libc::EOPNOTSUPP => {
-                "; this kernel's bsg has no io_uring passthrough for this command (Linux 7.1+ needed, one flat buffer, no BIDI)"
+                "; this kernel's bsg has no io_uring passthrough (Linux 7.1+ needed), or not for this command (one flat buffer, no BIDI)"
             }
             libc::EPERM => "; vendor and write commands need CAP_SYS_RAWIO and the node open for writing",
             libc::EINVAL => "; the kernel refused the command descriptor (CDB length, protocol)",
@@ -399,7 +399,7 @@ pub enum BsgError {
     #[error("io_uring: {0}")]
     Ring(String),
     /// The kernel refused the probe command: no bsg `uring_cmd` (before 7.1).
-    #[error("the kernel ({release}) has no io_uring passthrough on bsg: the probe command failed with {error} (Linux 7.1+ needed)")]
+    #[error("the kernel ({release}) refused the bsg probe command: {error}")]
     Unsupported {
         /// `uname -r`.
         release: String,
