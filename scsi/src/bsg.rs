@@ -593,6 +593,9 @@ pub struct UringBsg {
     stats: BsgStats,
     wake: Option<Arc<EventFd>>,
     woken: bool,
+    /// When the commands queued since the last `io_uring_enter` were
+    /// first queued.
+    batch_start: Option<Instant>,
 }
 
 impl fmt::Debug for UringBsg {
@@ -649,6 +652,7 @@ impl UringBsg {
             stats,
             wake: None,
             woken: false,
+            batch_start: None,
         })
     }
 
@@ -783,6 +787,7 @@ impl UringBsg {
     /// Submits what is queued; with `wait`, blocks until a CQE or the
     /// timeout (`Some(None)`: no limit).
     fn enter(&mut self, wait: Option<Option<Duration>>) -> io::Result<()> {
+        self.batch_start = None;
         let len = self.ring.submission().len() as u32;
         let submitter = self.ring.submitter();
         let r = match wait {
@@ -900,6 +905,8 @@ impl UringBsg {
     fn drain_cq(&mut self) -> io::Result<()> {
         let cqes: Vec<cqueue::Entry32> = self.ring.completion().collect();
         let mut first_err = None;
+        // One clock read for every completion of this pass.
+        let now = (!cqes.is_empty()).then(Instant::now);
         for cqe in cqes {
             let ud = cqe.user_data();
             if ud == UD_WAKE {
@@ -935,7 +942,7 @@ impl UringBsg {
                 res2,
                 &live.sense,
                 live.xfer_len,
-                live.start.elapsed(),
+                now.map_or(Duration::ZERO, |n| n.saturating_duration_since(live.start)),
             );
             match &result {
                 Err(_) => {}
@@ -993,10 +1000,13 @@ impl Transport for UringBsg {
             let msg = format!("{}: no free command slot", self.path.display());
             return Err(refuse(cmd, io::Error::new(io::ErrorKind::WouldBlock, msg)));
         };
+        // Commands queued between two io_uring_enter calls reach the
+        // kernel together: one clock read stamps the batch.
+        let start = *self.batch_start.get_or_insert_with(Instant::now);
         let mut live = Box::new(Live {
             cmd,
             sense: [0; SENSE_LEN],
-            start: Instant::now(),
+            start,
             xfer_len: 0,
             fixed: None,
         });
@@ -1059,8 +1069,22 @@ impl Transport for UringBsg {
             return Ok(0);
         }
         self.bind()?;
-        let deadline = wait.map(|w| Instant::now() + w);
-        self.enter(None)?;
+        // One io_uring_enter both submits the batch and, when the caller
+        // may wait and nothing is ready yet, waits for the first CQE: one
+        // syscall per command at queue depth 1. The clock is read only
+        // for a bounded wait (a clock read is a syscall in some guests).
+        let first = match wait {
+            _ if !self.ready.is_empty() || self.in_flight == 0 => None,
+            Some(w) if w.is_zero() => None,
+            Some(w) => Some(Some(w)),
+            None => Some(None),
+        };
+        let deadline = match wait {
+            Some(w) if !w.is_zero() && first.is_some() => Some(Instant::now() + w),
+            Some(_) => Some(Instant::now()),
+            None => None,
+        };
+        self.enter(first)?;
         let mut result = self.drain_cq();
         loop {
             out.append(&mut self.ready);
