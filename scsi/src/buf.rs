@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
@@ -24,10 +25,33 @@ const ZERO_PAGE: Page = Page([0; PAGE_SIZE]);
 ///
 /// A [`Command`](crate::Command) owns its `IoBuf` while it is in flight and
 /// hands it back in its [`Completion`](crate::Completion).
-#[derive(Clone, Default)]
+///
+/// Each allocation has an [`id`](IoBuf::id) no other allocation of the
+/// process shares (a clone, or a resize that reallocates, gets a new one):
+/// an engine that registers buffers with the kernel keys its table by it.
+#[derive(Default)]
 pub struct IoBuf {
     pages: Vec<Page>,
     len: usize,
+    id: u64,
+    pooled: bool,
+}
+
+/// The next allocation id (0 is the empty default buffer's).
+fn next_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+impl Clone for IoBuf {
+    fn clone(&self) -> IoBuf {
+        IoBuf {
+            pages: self.pages.clone(),
+            len: self.len,
+            id: next_id(),
+            pooled: false,
+        }
+    }
 }
 
 impl IoBuf {
@@ -36,7 +60,31 @@ impl IoBuf {
         IoBuf {
             pages: vec![ZERO_PAGE; len.div_ceil(PAGE_SIZE)],
             len,
+            id: next_id(),
+            pooled: false,
         }
+    }
+
+    /// The allocation's identity: unique among the live allocations of the
+    /// process and never reused, changed when the pages move.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// True when the buffer came from a [`BufPool`](crate::pool::BufPool)
+    /// (it will be used again, so registering it with a ring pays).
+    pub fn is_pooled(&self) -> bool {
+        self.pooled
+    }
+
+    pub(crate) fn set_pooled(&mut self) {
+        self.pooled = true;
+    }
+
+    /// The start of the whole allocation (all `capacity()` bytes), for
+    /// registering it with the kernel.
+    pub(crate) fn base_ptr(&mut self) -> *mut u8 {
+        self.pages.as_mut_bytes().as_mut_ptr()
     }
 
     /// A buffer holding a copy of `data`.
@@ -56,7 +104,11 @@ impl IoBuf {
     pub fn resize(&mut self, len: usize) {
         let pages = len.div_ceil(PAGE_SIZE);
         if pages > self.pages.len() {
+            let moves = pages > self.pages.capacity();
             self.pages.resize(pages, ZERO_PAGE);
+            if moves {
+                self.id = next_id();
+            }
         }
         self.len = len;
     }
@@ -119,6 +171,20 @@ mod tests {
                 assert_eq!(buf.as_ptr() as usize % PAGE_SIZE, 0, "len {len}");
             }
         }
+    }
+
+    #[test]
+    fn ids_are_unique_per_allocation() {
+        let a = IoBuf::new(4096);
+        let b = a.clone();
+        assert_ne!(a.id(), b.id());
+        assert!(!a.is_pooled());
+        let mut c = IoBuf::new(4096);
+        let before = c.id();
+        c.resize(100);
+        assert_eq!(c.id(), before, "no reallocation");
+        c.resize(1 << 20);
+        assert_ne!(c.id(), before, "the pages moved");
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //!   order. [`sg::SgDevice`] is the synchronous SG_IO implementation; the
 //!   simulated array's in-process front end is another. [`uring::UringSg`]
 //!   drives `/dev/sgN` asynchronously through io_uring (queue depths above
-//!   16 use several fds); [`open_best`] picks it or falls back to `SG_IO`.
+//!   16 use several fds); [`bsg::UringBsg`] sends commands as io_uring
+//!   `URING_CMD`s on the bsg node (Linux 7.1+); [`open_best`] probes and
+//!   picks bsg, then sg v3, then `SG_IO`, and says why ([`select`]).
 //! * [`alua`] — target port groups and their asymmetric access states
 //!   (REPORT TARGET PORT GROUPS, the port designators of VPD 0x83).
 //! * [`discovery`] — enumerates `/sys/class/scsi_generic` and identifies a
@@ -22,10 +24,12 @@
 //!
 //! Invariants: parsers never panic on any input (each module states its
 //! no-panic contract and property tests hold it); `unsafe` lives only in
-//! [`sg`], at the ioctl boundary, and [`uring`], where io_uring entries and
-//! `read(2)` carry raw pointers to headers and buffers.
+//! [`sg`], at the ioctl boundary, and [`uring`] and [`bsg`], where io_uring
+//! entries, buffer registration and `read(2)` carry raw pointers to headers
+//! and buffers.
 
 pub mod alua;
+pub mod bsg;
 pub mod buf;
 pub mod cdb;
 pub mod discovery;
@@ -33,6 +37,7 @@ pub mod inquiry;
 pub mod opcode;
 pub mod pool;
 pub mod pr;
+pub mod select;
 pub mod sense;
 pub mod sg;
 pub mod shared;
@@ -40,9 +45,11 @@ pub mod status;
 pub mod transport;
 pub mod uring;
 
+pub use bsg::UringBsg;
 pub use buf::IoBuf;
 pub use cdb::Cdb;
 pub use opcode::Opcode;
+pub use select::{engine_choice, set_engine_override, EngineChoice, ENGINE_ENV};
 pub use sense::{Asc, Sense, SenseKey};
 pub use shared::{EngineHandle, EnginePool, SharedEngine};
 pub use status::{DriverStatus, HostStatus, ScsiStatus};

@@ -10,8 +10,9 @@
 //! it wrote. Buffers are kept by size class (powers of two from 4 KiB);
 //! beyond `limit` bytes kept, returned buffers are freed.
 //!
-//! This is where the engine will register buffers with a ring for fixed
-//! (registered) I/O when the bsg passthrough lands.
+//! Buffers handed out are marked [`IoBuf::is_pooled`]: the bsg engine
+//! ([`bsg`](crate::bsg)) registers those with its ring as fixed buffers the
+//! first time it sees them, since they come back again and again.
 
 use std::sync::{Mutex, OnceLock};
 
@@ -89,12 +90,14 @@ impl BufPool {
             inner.stats.reused += 1;
             drop(inner);
             buf.resize(len);
+            buf.set_pooled();
             return buf;
         }
         inner.stats.allocated += 1;
         drop(inner);
         let mut buf = IoBuf::new(PAGE_SIZE << class);
         buf.resize(len);
+        buf.set_pooled();
         buf
     }
 

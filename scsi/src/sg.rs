@@ -505,6 +505,17 @@ pub enum SgError {
         /// The error from `open(2)`.
         source: io::Error,
     },
+    /// The engine forced with `STP_ENGINE` / `--engine` cannot run on the
+    /// node (or the variable is malformed).
+    #[error("{}: the {engine} engine cannot be used: {why}", path.display())]
+    EngineUnavailable {
+        /// The path given.
+        path: PathBuf,
+        /// The engine asked for.
+        engine: &'static str,
+        /// Why it cannot run.
+        why: String,
+    },
     /// The node opened but does not speak the sg protocol.
     #[error(
         "{} is not a SCSI generic or SCSI block device (SG_GET_VERSION_NUM failed: {source}); pick a /dev/sgN or /dev/sdX",

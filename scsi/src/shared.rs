@@ -2,7 +2,7 @@
 //! [`EngineHandle`]s, and [`EnginePool`], which keeps one io_uring engine
 //! per device.
 //!
-//! A [`UringSg`] ring is bound to one thread: sg's `write()` must run inside
+//! A [`UringSg`] or [`UringBsg`] ring is bound to one thread (sg's `write()` must run inside
 //! that thread's own `io_uring_enter` (see the [`uring`](crate::uring)
 //! module docs). The STP stack, though, uses a path from several threads (a
 //! stream's receive pump, its writers, its timer), and many streams use the
@@ -40,9 +40,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread;
 use std::time::Duration;
 
+use crate::bsg::UringBsg;
+use crate::select::{open_engine, Opened};
 use crate::sg::SgError;
 use crate::transport::{Command, CommandError, Completion, SubmitError, Transport};
-use crate::uring::{BestPath, Engine, UringError, UringSg, Waker};
+use crate::uring::{BestPath, Engine, UringSg, Waker};
 
 /// How often an engine without a [`Waker`] looks for new commands while
 /// commands are in flight.
@@ -115,6 +117,17 @@ impl SharedEngine {
             .path()
             .file_name()
             .map_or_else(|| "dev".into(), |n| n.to_string_lossy().into_owned());
+        SharedEngine::spawn(Box::new(ring), Some(waker), &name)
+    }
+
+    /// Moves a bsg passthrough engine onto a new engine thread (the ring
+    /// binds to it).
+    pub fn start_bsg(mut ring: UringBsg) -> io::Result<SharedEngine> {
+        let waker = ring.waker()?;
+        let name = ring
+            .path()
+            .file_name()
+            .map_or_else(|| "bsg".into(), |n| n.to_string_lossy().into_owned());
         SharedEngine::spawn(Box::new(ring), Some(waker), &name)
     }
 
@@ -358,7 +371,7 @@ impl Transport for EngineHandle {
 #[derive(Debug)]
 pub struct EnginePool {
     depth: usize,
-    engines: Mutex<HashMap<PathBuf, SharedEngine>>,
+    engines: Mutex<HashMap<PathBuf, (SharedEngine, Engine, String)>>,
 }
 
 impl EnginePool {
@@ -377,38 +390,42 @@ impl EnginePool {
     }
 
     /// A transport onto `path`: a handle on the device's shared io_uring
-    /// engine, or, where io_uring cannot drive it, a synchronous SG_IO
-    /// device; says which and why. Fails only when neither can open the
-    /// path.
+    /// engine (bsg passthrough, else sg v3: see [`select`](crate::select)),
+    /// or, where io_uring cannot drive it, a synchronous SG_IO device; says
+    /// which and why. Fails only when none can open the path, or the
+    /// engine forced by `STP_ENGINE` cannot run.
     pub fn open(&self, path: impl AsRef<Path>) -> Result<BestPath, SgError> {
         let path = path.as_ref();
         let mut engines = self.engines.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = engines.get(path) {
+        if let Some((e, engine, reason)) = engines.get(path) {
             if e.broken().is_none() {
-                return Ok(shared_path(e));
+                return Ok(shared_path(e, *engine, reason));
             }
             engines.remove(path);
         }
-        let why = match UringSg::open(path, self.depth) {
-            Ok(ring) => match SharedEngine::start(ring) {
-                Ok(e) => {
-                    let best = shared_path(&e);
-                    engines.insert(path.to_owned(), e);
-                    return Ok(best);
-                }
-                Err(e) => format!("cannot start the engine thread: {e}"),
-            },
-            Err(UringError::Sg(e)) => return Err(e),
-            Err(e) => e.to_string(),
+        let (started, engine, reason) = match open_engine(path, self.depth)? {
+            Opened::Bsg(ring, reason) => (SharedEngine::start_bsg(ring), Engine::UringBsg, reason),
+            Opened::Sg(ring, reason) => (SharedEngine::start(ring), Engine::UringSg, reason),
+            Opened::Sync(best) => return Ok(best),
         };
-        BestPath::sync_fallback(path, &why)
+        match started {
+            Ok(e) => {
+                let best = shared_path(&e, engine, &reason);
+                engines.insert(path.to_owned(), (e, engine, reason));
+                Ok(best)
+            }
+            Err(e) => BestPath::sync_fallback(
+                path,
+                &format!("cannot start the engine thread: {e} (after: {reason})"),
+            ),
+        }
     }
 }
 
-fn shared_path(e: &SharedEngine) -> BestPath {
+fn shared_path(e: &SharedEngine, engine: Engine, reason: &str) -> BestPath {
     BestPath {
         transport: Box::new(e.handle()),
-        engine: Engine::UringSg,
-        reason: format!("io_uring sg v3 engine: {}", e.inner.describe),
+        engine,
+        reason: format!("{reason}; shared engine thread"),
     }
 }

@@ -73,14 +73,12 @@
 //!
 //! # bsg passthrough (`IORING_OP_URING_CMD`)
 //!
-//! Newer kernels (about 7.1) add io_uring SCSI passthrough through **bsg**
-//! (`/dev/bsg/H:C:T:L`) with `IORING_OP_URING_CMD`, which would remove the
-//! `write`/`read` round trip and the 16-per-fd limit. Neither this project's
-//! host kernel nor its guest (6.1) has it, so it is not implemented. Its
-//! place is [`Engine`]: a new variant (`UringBsg`), a second `Transport`
-//! implementation next to [`UringSg`] in this module reusing its slot
-//! table and guard, and a probe in [`open_best`] tried before the sg path
-//! (`Probe::is_supported(URING_CMD)` plus a no-op command on the bsg node).
+//! Linux 7.1 added io_uring SCSI passthrough through **bsg**
+//! (`/dev/bsg/H:C:T:L`), which removes the `write`/`read` round trip and
+//! the 16-per-fd limit: [`UringBsg`](crate::bsg::UringBsg) in
+//! [`bsg`](crate::bsg). [`open_best`] tries it first and falls back to this
+//! engine (see [`select`](crate::select)); this engine stays for older
+//! kernels.
 //!
 //! [`submit`]: Transport::submit
 
@@ -159,18 +157,34 @@ impl RingMode {
     }
 }
 
-/// Which engine [`open_best`] chose.
-///
-/// Future: a `UringBsg` variant for io_uring `URING_CMD` passthrough on
-/// bsg nodes (see the [module docs](self#bsg-passthrough-ioring_op_uring_cmd));
-/// not present because no supported kernel has it.
+/// Which engine [`open_best`] (or [`EnginePool`](crate::EnginePool)) chose.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Engine {
+    /// [`UringBsg`](crate::bsg::UringBsg): io_uring `URING_CMD`
+    /// passthrough on the bsg node (Linux 7.1+).
+    UringBsg,
     /// [`UringSg`]: sg v3 `write`/`read` driven by io_uring.
     UringSg,
     /// [`SgDevice`]: synchronous `SG_IO`, one command at a time.
     SyncSgIo,
+}
+
+impl Engine {
+    /// A short stable name: `bsg`, `sg` or `sync` (as `STP_ENGINE` takes).
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::UringBsg => "bsg",
+            Engine::UringSg => "sg",
+            Engine::SyncSgIo => "sync",
+        }
+    }
+}
+
+impl fmt::Display for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Whether commands ask for direct I/O, and why.
@@ -292,11 +306,11 @@ struct Slot {
 /// `user_data`: generation in the high 32 bits (never 0, bit 63 clear),
 /// index in the low 32. A header read back in the 32-bit layout loses the
 /// generation and fails the guard.
-fn token(index: u32, generation: u32) -> u64 {
+pub(crate) fn token(index: u32, generation: u32) -> u64 {
     (u64::from(generation) << 32) | u64::from(index)
 }
 
-fn split_token(t: u64) -> (u32, u32) {
+pub(crate) fn split_token(t: u64) -> (u32, u32) {
     ((t & 0xFFFF_FFFF) as u32, (t >> 32) as u32)
 }
 
@@ -429,6 +443,10 @@ pub struct UringSg {
 pub struct Waker(Arc<EventFd>);
 
 impl Waker {
+    pub(crate) fn new(efd: Arc<EventFd>) -> Waker {
+        Waker(efd)
+    }
+
     /// Wakes the ring's reaper: its current or next blocking `reap`
     /// returns (possibly with no completion).
     pub fn wake(&self) {
@@ -896,7 +914,7 @@ impl UringSg {
     }
 }
 
-fn next_generation(g: u32) -> u32 {
+pub(crate) fn next_generation(g: u32) -> u32 {
     // 1..=0x7FFF_FFFF: never 0, bit 63 of the token stays clear.
     if g >= 0x7FFF_FFFF {
         1
@@ -1115,31 +1133,16 @@ impl fmt::Debug for BestPath {
     }
 }
 
-/// Opens `path` with the best engine available: [`UringSg`] at `depth`
+/// Opens `path` with the best engine available for one thread (see
+/// [`select`](crate::select)): bsg io_uring passthrough at `depth` when the
+/// kernel has it and the device a bsg node, else [`UringSg`] at `depth`
 /// when the node is a `/dev/sgN` and io_uring works, else [`SgDevice`]
-/// (synchronous `SG_IO`, depth 1), saying why. Fails only when neither can
-/// open the path (the error is [`SgDevice::open`]'s: a clear "cannot open"
-/// or "not a SCSI generic or block device").
+/// (synchronous `SG_IO`, depth 1); the reason says which and why. Fails
+/// only when none can open the path (the error is [`SgDevice::open`]'s: a
+/// clear "cannot open" or "not a SCSI generic or block device"), or when
+/// the engine forced by `STP_ENGINE` cannot run.
 pub fn open_best(path: impl AsRef<Path>, depth: usize) -> Result<BestPath, SgError> {
-    let path = path.as_ref();
-    let why = match UringSg::open(path, depth) {
-        Ok(t) => {
-            let reason = format!(
-                "io_uring sg v3 engine: {} fd(s), {}, {}",
-                t.fd_count(),
-                t.ring_mode().name(),
-                t.direct_io()
-            );
-            return Ok(BestPath {
-                transport: Box::new(t),
-                engine: Engine::UringSg,
-                reason,
-            });
-        }
-        Err(UringError::Sg(e)) => return Err(e),
-        Err(e) => e.to_string(),
-    };
-    BestPath::sync_fallback(path, &why)
+    crate::select::open_engine(path.as_ref(), depth).map(crate::select::Opened::into_best)
 }
 
 impl BestPath {

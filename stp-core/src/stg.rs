@@ -1088,7 +1088,10 @@ fn open_device(
     member: usize,
 ) -> Result<Box<dyn Transport>, MailboxError> {
     let opened = match engine {
-        PathEngine::Shared => scsi::EnginePool::global().open(path).map(|b| b.transport),
+        PathEngine::Shared => scsi::EnginePool::global().open(path).map(|b| {
+            tracing::info!(path = %path.display(), engine = %b.engine, "SCSI engine: {}", b.reason);
+            b.transport
+        }),
         PathEngine::Sync => {
             scsi::sg::SgDevice::open(path).map(|d| Box::new(d) as Box<dyn Transport>)
         }

@@ -257,6 +257,99 @@ pub fn multi_block_and_residual(t: &mut dyn Transport, lba: u64) -> Check {
     Ok(())
 }
 
+/// What a transport reported for one command, as [`sense_and_residual`]
+/// compares it across engines (the duration left out).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decoded {
+    /// Which command.
+    pub what: &'static str,
+    /// SCSI status, host status and driver status as raw values.
+    pub status: (u8, u16, u16),
+    /// The decoded sense (key, ASC, ASCQ), when there was sense.
+    pub sense: Option<(u8, u8, u8)>,
+    /// The sense bytes up to their own additional length (trailing bytes a
+    /// transport pads with are not part of the sense).
+    pub sense_bytes: Vec<u8>,
+    /// The residual.
+    pub residual: u32,
+    /// Data-in bytes moved (length minus residual).
+    pub moved: usize,
+}
+
+fn decoded(what: &'static str, c: Completion) -> Result<Decoded, String> {
+    let len = c.data.len();
+    let o = c
+        .result
+        .map_err(|e| format!("{what}: the transport failed: {e}"))?;
+    let sense = match o.decoded_sense() {
+        Some(Ok(s)) => Some((s.key.0, s.asc.0, s.asc.1)),
+        Some(Err(e)) => return Err(format!("{what}: undecodable sense {:02x?}: {e}", o.sense)),
+        None => None,
+    };
+    // Fixed format: 8 + byte 7; descriptor format: 8 + byte 7 as well.
+    let keep = o
+        .sense
+        .get(7)
+        .map_or(o.sense.len(), |&n| 8 + usize::from(n));
+    Ok(Decoded {
+        what,
+        status: (o.status.0, o.host_status.0, o.driver_status.0),
+        sense,
+        sense_bytes: o.sense[..keep.min(o.sense.len())].to_vec(),
+        residual: o.residual,
+        moved: len.saturating_sub(o.residual as usize),
+    })
+}
+
+/// Commands whose completions carry sense data and a residual, decoded
+/// without classification: a short INQUIRY (GOOD with a residual), a READ
+/// past the end (CHECK CONDITION, ILLEGAL REQUEST / LBA OUT OF RANGE), a
+/// bad VPD page (sense and a data-in buffer) and an unknown opcode. Run on
+/// two engines over the same LUN, the lists must be equal: each engine
+/// decodes status, sense and residual the same way.
+pub fn sense_and_residual(t: &mut dyn Transport) -> Result<Vec<Decoded>, String> {
+    let (blocks, bs) = capacity(t)?;
+    let mut out = Vec::new();
+    let inq = Cdb::Inquiry {
+        evpd: false,
+        page_code: 0,
+        alloc_len: 255,
+    };
+    out.push(decoded("INQUIRY 255", run_in(t, inq, 255))?);
+    let beyond = Cdb::Read16 {
+        lba: blocks - 1,
+        blocks: 2,
+        flags: RwFlags::default(),
+    };
+    out.push(decoded(
+        "READ past the end",
+        run_in(t, beyond, 2 * bs as usize),
+    )?);
+    let bad_page = Cdb::Inquiry {
+        evpd: true,
+        page_code: 0x99,
+        alloc_len: 64,
+    };
+    out.push(decoded("INQUIRY VPD 0x99", run_in(t, bad_page, 64))?);
+    let c = t.execute(Command::no_data(
+        scsi::CdbBuf::new(&[0x7B, 0, 0, 0, 0, 0, 0, 0, 0, 0]).ok_or("cdb")?,
+    ));
+    out.push(decoded("opcode 0x7B", c)?);
+    let inq = &out[0];
+    if inq.status != (0, 0, 0) || inq.residual == 0 || inq.moved + inq.residual as usize != 255 {
+        return Err(format!("short INQUIRY: {inq:?}"));
+    }
+    for d in &out[1..] {
+        if d.status.0 != 0x02 || d.sense.is_none() {
+            return Err(format!(
+                "{}: expected CHECK CONDITION with sense: {d:?}",
+                d.what
+            ));
+        }
+    }
+    Ok(out)
+}
+
 /// The errors every SBC target reports, immediately.
 pub fn standard_errors(t: &mut dyn Transport) -> Check {
     let (blocks, bs) = capacity(t)?;
@@ -429,6 +522,58 @@ fn pr_out(t: &mut dyn Transport, action: u8, pr_type: u8, key: u64, sa_key: u64)
         param_len: 24,
     };
     run_out(t, cdb, &pr_params(key, sa_key))
+}
+
+/// TEST UNIT READY until GOOD (at most 8 times): clears the unit
+/// attentions pending for this path's I_T nexus.
+pub fn drain_unit_attentions(t: &mut dyn Transport) -> Check {
+    for _ in 0..8 {
+        match run_none(t, Cdb::TestUnitReady).into_result() {
+            Ok(_) => return Ok(()),
+            Err(CommandError::CheckCondition(s)) if s.key == SenseKey::UNIT_ATTENTION => {}
+            Err(e) => return Err(format!("TEST UNIT READY: {e}")),
+        }
+    }
+    Err("TEST UNIT READY still reports UNIT ATTENTION after 8 tries".into())
+}
+
+/// A unit attention made on purpose and seen through `b`: `a` preempts
+/// `b`'s persistent-reservation registration, so `b`'s next command ends
+/// in CHECK CONDITION, UNIT ATTENTION, REGISTRATIONS PREEMPTED (2Ah/05h),
+/// and the one after it succeeds. Leaves the LUN without keys.
+pub fn preempted_unit_attention(a: &mut dyn Transport, b: &mut dyn Transport) -> Check {
+    const WE_RO: u8 = 5;
+    drain_unit_attentions(a)?;
+    drain_unit_attentions(b)?;
+    good(pr_out(a, 6, 0, 0, 0), "a unregistering")?;
+    good(pr_out(b, 6, 0, 0, 0), "b unregistering")?;
+    good(pr_out(a, 0, 0, 0, 0xA1), "a registers")?;
+    good(pr_out(b, 0, 0, 0, 0xB2), "b registers")?;
+    good(pr_out(a, 1, WE_RO, 0xA1, 0), "a reserves")?;
+    good(pr_out(a, 4, WE_RO, 0xA1, 0xB2), "a preempts b")?;
+    let c = run_none(b, Cdb::TestUnitReady);
+    let seen = match c.into_result() {
+        Err(CommandError::CheckCondition(s)) if s.key == SenseKey::UNIT_ATTENTION => s,
+        other => {
+            return Err(format!(
+                "b's TEST UNIT READY after the preemption: want UNIT ATTENTION, got {other:?}"
+            ))
+        }
+    };
+    if seen.asc.0 != 0x2A {
+        return Err(format!(
+            "b's unit attention is {seen}, want 2Ah/xxh (PR changes)"
+        ));
+    }
+    good(
+        run_none(b, Cdb::TestUnitReady),
+        "b's second TEST UNIT READY",
+    )?;
+    good(pr_out(a, 3, 0, 0xA1, 0), "a clears")?;
+    if !pr_keys(a)?.is_empty() {
+        return Err("keys survive CLEAR".into());
+    }
+    Ok(())
 }
 
 /// The registered keys (READ KEYS).

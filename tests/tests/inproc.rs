@@ -224,6 +224,30 @@ fn standard_errors_and_probes() {
     ok(transfer_length_mismatches(&mut t, 8192));
 }
 
+/// The body the VM runs once per engine (bsg, sg v3, SG_IO) to prove they
+/// decode sense and residual alike, here on the in-process array directly
+/// and through the shared engine's routing.
+#[test]
+fn sense_and_residual_decode_alike_in_process() {
+    let a = array(1);
+    let host = Host::login(&a, "h");
+    let mut direct = host.open(0).unwrap();
+    let shared = scsi::SharedEngine::start_polled(Box::new(host.open(0).unwrap())).unwrap();
+    let mut handle = shared.handle();
+    let one = sense_and_residual(&mut direct).unwrap_or_else(|e| panic!("{e}"));
+    let two = sense_and_residual(&mut handle).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(one, two);
+    assert_eq!(one[1].sense, Some((0x05, 0x21, 0x00)), "{:?}", one[1]);
+}
+
+#[test]
+fn preemption_makes_a_unit_attention() {
+    let a = array(1);
+    let mut t0 = Host::login(&a, "h0").open(0).unwrap();
+    let mut t1 = Host::login(&a, "h1").open(0).unwrap();
+    ok(preempted_unit_attention(&mut t0, &mut t1));
+}
+
 #[test]
 fn concurrent_hosts_on_threads() {
     let a = array(1);

@@ -17,6 +17,16 @@ struct Cli {
     command: Command,
     #[command(flatten)]
     log: stp_tools::logging::LogArgs,
+    /// The SCSI engine for device paths: auto (bsg io_uring passthrough,
+    /// else the io_uring sg v3 engine, else synchronous SG_IO), or force
+    /// bsg, sg or sync (fails with the reason when it cannot run).
+    /// Overrides the STP_ENGINE environment variable.
+    #[arg(long, global = true, value_name = "ENGINE", value_parser = parse_engine)]
+    engine: Option<scsi::EngineChoice>,
+}
+
+fn parse_engine(s: &str) -> Result<scsi::EngineChoice, String> {
+    s.parse()
 }
 
 #[derive(Subcommand, Debug)]
@@ -101,6 +111,9 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Some(engine) = cli.engine {
+        scsi::set_engine_override(Some(engine));
+    }
     let result = match cli.command {
         Command::Probe(args) => probe::run(&args),
         Command::Bench(args) => bench::run(&args),

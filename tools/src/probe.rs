@@ -10,7 +10,6 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use scsi::discovery::list_generic_devices;
 use scsi::inquiry::identify;
-use scsi::sg::SgDevice;
 use scsi::Transport;
 use serde::Serialize;
 use sim_target::{Array, Host, LunConfig};
@@ -57,6 +56,12 @@ struct Row {
     /// Paths this host has to the same logical unit (this one included).
     paths: usize,
     error: Option<String>,
+    /// The SCSI engine this host would use on the path (`bsg`, `sg`,
+    /// `sync`) and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    engine: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    engine_reason: Option<String>,
 }
 
 impl Row {
@@ -76,6 +81,8 @@ impl Row {
             alua_state: None,
             paths: 1,
             error: None,
+            engine: None,
+            engine_reason: None,
         }
     }
 }
@@ -181,8 +188,13 @@ pub fn run(args: &ProbeArgs) -> Result<ExitCode> {
         for (path, hctl) in targets {
             let mut row = Row::empty(path.display().to_string());
             row.hctl = hctl;
-            match SgDevice::open(&path) {
-                Ok(mut dev) => probe_one(&mut dev, &mut row),
+            // The engine selection as STP runs it (probe included).
+            match scsi::open_best(&path, 4) {
+                Ok(mut best) => {
+                    row.engine = Some(best.engine.name().into());
+                    row.engine_reason = Some(best.reason.clone());
+                    probe_one(&mut *best.transport, &mut row);
+                }
                 Err(e) => row.error = Some(e.to_string()),
             }
             rows.push(row);
@@ -194,6 +206,15 @@ pub fn run(args: &ProbeArgs) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         print_table(&rows);
+        for r in rows.iter().filter(|r| r.engine.is_some()) {
+            let s = |o: &Option<String>| o.clone().unwrap_or_default();
+            println!(
+                "engine {}: {} ({})",
+                r.path,
+                s(&r.engine),
+                s(&r.engine_reason)
+            );
+        }
     }
     Ok(if failed == 0 {
         ExitCode::SUCCESS

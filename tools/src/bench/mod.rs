@@ -60,6 +60,7 @@ pub fn open_path(path: &Path) -> Result<Box<dyn Transport>> {
     if !said.iter().any(|p| p == path) {
         eprintln!("{}: {}", path.display(), best.reason);
         said.push(path.to_owned());
+        record_engine(path, &best);
     }
     Ok(best.transport)
 }
@@ -78,7 +79,34 @@ pub fn open_engine(path: &Path, depth: usize) -> Result<Box<dyn Transport>> {
         )
     })?;
     eprintln!("{}: {}", path.display(), best.reason);
+    record_engine(path, &best);
     Ok(best.transport)
+}
+
+/// Which SCSI engine drove a path, and why (`engines` in the JSON).
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct EngineUsed {
+    /// The device path given.
+    pub path: String,
+    /// `bsg`, `sg` or `sync`.
+    pub engine: String,
+    /// Why this engine (what was probed, what was not usable).
+    pub reason: String,
+}
+
+static ENGINES: std::sync::Mutex<Vec<EngineUsed>> = std::sync::Mutex::new(Vec::new());
+
+fn record_engine(path: &Path, best: &scsi::BestPath) {
+    tracing::info!(path = %path.display(), engine = %best.engine, "SCSI engine: {}", best.reason);
+    let mut e = ENGINES.lock().unwrap_or_else(|e| e.into_inner());
+    let path = path.display().to_string();
+    if !e.iter().any(|u| u.path == path) {
+        e.push(EngineUsed {
+            path,
+            engine: best.engine.name().into(),
+            reason: best.reason.clone(),
+        });
+    }
 }
 
 /// Options of `stp bench`.
@@ -386,6 +414,9 @@ pub struct Report {
     pub transport: String,
     /// Every path used, as its transport describes itself.
     pub paths: Vec<String>,
+    /// Device runs: the SCSI engine of each device path, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub engines: Vec<EngineUsed>,
     /// The run's settings.
     pub params: serde_json::Value,
     /// Operations timed (commands, writes, round trips).
@@ -663,6 +694,7 @@ impl Report {
             test: test.into(),
             transport: transport.into(),
             paths,
+            engines: ENGINES.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             params,
             ops,
             bytes,
@@ -716,6 +748,9 @@ impl Report {
         println!("{}", self.label());
         for p in &self.paths {
             println!("  path        {p}");
+        }
+        for e in &self.engines {
+            println!("  engine      {} on {}: {}", e.engine, e.path, e.reason);
         }
         println!(
             "  moved       {} in {:.2} s: {:.1} MB/s, {:.0} ops/s",

@@ -527,7 +527,8 @@ fn drive(
                 let lba = op.offset / bsz;
                 let blocks = (op.len / bsz) as u32;
                 let mut buf = pool.pop().unwrap_or_else(|| {
-                    let mut b = IoBuf::new(max_len);
+                    // From the DMA pool: the bsg engine registers it.
+                    let mut b = scsi::pool::BufPool::global().get(max_len);
                     if !plan.verify {
                         b.fill(0xA5);
                     }

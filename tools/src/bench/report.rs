@@ -855,6 +855,10 @@ pub struct Ratios {
     pub raw_vs_fio_sg: Vec<Ratio>,
     /// Our raw mode / fio io_uring O_DIRECT on the matching `/dev/sdX`.
     pub raw_vs_fio_uring_direct: Vec<Ratio>,
+    /// Our raw mode on its default engine (bsg io_uring passthrough on a
+    /// 7.1+ kernel) / our raw mode forced onto the sg v3 engine
+    /// (`sgv3-<lun>-<case>`), same LUN (no target).
+    pub raw_vs_sgv3: Vec<Ratio>,
     /// STP vendor one-way goodput / raw 1 MiB QD8 writes to an STG LUN.
     pub stp_vendor_goodput_vs_raw_write: Option<Ratio>,
     /// STP block-mode goodput / raw 1 MiB QD8 writes to the ramdisk LUN.
@@ -915,7 +919,7 @@ impl Ratios {
                     list.push(
                         Ratio::new(
                             metric,
-                            (ours, "stp bench raw (io_uring sg v3 engine)".into()),
+                            (ours, "stp bench raw (its default engine)".into()),
                             (theirs, name.into()),
                             Better::Higher,
                             Some(target),
@@ -924,6 +928,28 @@ impl Ratios {
                     );
                 }
             }
+        }
+        for row in r.rows() {
+            let (Some(raw), Some(sg)) =
+                (&row.raw, r.get(&format!("sgv3-{}-{}", row.lun, row.case)))
+            else {
+                continue;
+            };
+            let (ours, metric) = throughput(&row.case, raw);
+            let (theirs, _) = throughput(&row.case, sg);
+            out.raw_vs_sgv3.push(
+                Ratio::new(
+                    metric,
+                    (ours, "stp bench raw (its default engine)".into()),
+                    (
+                        theirs,
+                        "stp bench raw, STP_ENGINE=sg (io_uring sg v3)".into(),
+                    ),
+                    Better::Higher,
+                    None,
+                )
+                .at(&row.lun, &row.case),
+            );
         }
         let goodput = |stp: &str, lun: &str, target: Option<f64>| -> Option<Ratio> {
             let s = r.get(stp)?;
@@ -1177,6 +1203,7 @@ pub fn document(r: &Results, ratios: &Ratios) -> serde_json::Value {
         "summary": {"targets": t.len(), "met": met, "unmet": t.len() - met},
         "raw_vs_fio_sg": ratios.raw_vs_fio_sg,
         "raw_vs_fio_uring_direct": ratios.raw_vs_fio_uring_direct,
+        "raw_vs_sgv3": ratios.raw_vs_sgv3,
     });
     if let Some(o) = doc.as_object_mut() {
         for (k, v) in ratios.singles() {
@@ -1301,9 +1328,28 @@ pub fn table(r: &Results, ratios: &Ratios) -> String {
             "(each cell: the round with the median IOPS of up to {n}; every round's IOPS is in the JSON)"
         );
     }
+    if !ratios.raw_vs_sgv3.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nraw on its default engine (bsg where the kernel has it) / raw on sg v3, same LUN"
+        );
+        for x in &ratios.raw_vs_sgv3 {
+            let _ = writeln!(
+                s,
+                "  {:<8} {:<18} {:>10} / {:>10} {}   {:.2}",
+                x.lun.as_deref().unwrap_or("-"),
+                x.case.as_deref().unwrap_or("-"),
+                num(x.value),
+                num(x.reference),
+                x.metric,
+                x.ratio
+            );
+        }
+    }
     let _ = writeln!(s, "\nSTP and TCP");
     for stem in [
         "stp-vendor-goodput",
+        "sgv3-stp-vendor-goodput",
         CONNECTIONS_RUN,
         "stp-block-goodput",
         "tcp-goodput",
@@ -1594,6 +1640,10 @@ mod tests {
             &ours(100.0, 100.0, 8000.0, 9000.0),
         );
         w(
+            "sgv3-stg-randwrite-4k-qd1.json",
+            &ours(800.0, 3.2768, 600.0, 900.0),
+        );
+        w(
             "stp-vendor-goodput.json",
             &ours(50.0, 50.0, 20000.0, 30000.0),
         );
@@ -1671,6 +1721,10 @@ mod tests {
         let text = table(&r, &x);
         assert!(text.contains("randwrite-4k-qd1"), "{text}");
         assert!(text.contains("Targets met: 1 of 6"), "{text}");
+        // The default engine against sg v3 on the same case: no target.
+        assert_eq!(x.raw_vs_sgv3.len(), 1);
+        assert!((x.raw_vs_sgv3[0].ratio - 1.25).abs() < 1e-9);
+        assert!(text.contains("raw on sg v3"), "{text}");
         assert!(text.contains("fio-sg-ramdisk-read-1m-qd8"), "{text}");
         assert!(plot(&r).starts_with("<?xml"));
         std::fs::remove_dir_all(&d).unwrap();
