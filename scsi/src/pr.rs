@@ -25,8 +25,20 @@ pub mod action {
     pub const CLEAR: u8 = 0x03;
     /// Remove other registrations (and take their reservation).
     pub const PREEMPT: u8 = 0x04;
+    /// PREEMPT, aborting the preempted initiators' tasks.
+    pub const PREEMPT_AND_ABORT: u8 = 0x05;
     /// REGISTER without checking the current key.
     pub const REGISTER_AND_IGNORE: u8 = 0x06;
+}
+
+/// PERSISTENT RESERVE IN service actions.
+pub mod read {
+    /// The registered keys.
+    pub const KEYS: u8 = 0x00;
+    /// The reservation.
+    pub const RESERVATION: u8 = 0x01;
+    /// What this device supports.
+    pub const CAPABILITIES: u8 = 0x02;
 }
 
 /// Reservation types.

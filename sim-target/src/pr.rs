@@ -18,49 +18,8 @@ use scsi::{Asc, Sense, SenseKey};
 
 use crate::task::InitiatorId;
 
-/// PERSISTENT RESERVE OUT service actions.
-pub mod action {
-    /// Register, change or remove this initiator's key.
-    pub const REGISTER: u8 = 0x00;
-    /// Take the reservation.
-    pub const RESERVE: u8 = 0x01;
-    /// Give up the reservation.
-    pub const RELEASE: u8 = 0x02;
-    /// Remove every registration and the reservation.
-    pub const CLEAR: u8 = 0x03;
-    /// Remove other registrations (and take their reservation).
-    pub const PREEMPT: u8 = 0x04;
-    /// PREEMPT, aborting the preempted initiators' tasks.
-    pub const PREEMPT_AND_ABORT: u8 = 0x05;
-    /// REGISTER without checking the current key.
-    pub const REGISTER_AND_IGNORE: u8 = 0x06;
-}
-
-/// PERSISTENT RESERVE IN service actions.
-pub mod read {
-    /// The registered keys.
-    pub const KEYS: u8 = 0x00;
-    /// The reservation.
-    pub const RESERVATION: u8 = 0x01;
-    /// What this device supports.
-    pub const CAPABILITIES: u8 = 0x02;
-}
-
-/// Reservation types.
-pub mod kind {
-    /// Write Exclusive.
-    pub const WRITE_EXCLUSIVE: u8 = 1;
-    /// Exclusive Access.
-    pub const EXCLUSIVE_ACCESS: u8 = 3;
-    /// Write Exclusive – Registrants Only.
-    pub const WRITE_EXCLUSIVE_RO: u8 = 5;
-    /// Exclusive Access – Registrants Only.
-    pub const EXCLUSIVE_ACCESS_RO: u8 = 6;
-    /// Write Exclusive – All Registrants.
-    pub const WRITE_EXCLUSIVE_AR: u8 = 7;
-    /// Exclusive Access – All Registrants.
-    pub const EXCLUSIVE_ACCESS_AR: u8 = 8;
-}
+/// The service actions and reservation types (one definition, in `scsi`).
+pub use scsi::pr::{action, kind, read};
 
 /// Bytes of the basic PERSISTENT RESERVE OUT parameter list.
 pub const PARAM_LEN: usize = 24;

@@ -8,7 +8,10 @@
 //!   the lanes other hosts write to this host, and writes the lanes from
 //!   this host to the others. [`BlockStg::handle`] gives cheap
 //!   [`BlockMailbox`] handles that implement [`Mailbox`] for the stream
-//!   layer.
+//!   layer. It is the driver: what a lane does next is decided by the
+//!   sans-IO machines of `lane` (producer and consumer) and `poll` (when
+//!   to poll, what to read), given the bytes read and the time; `batch`
+//!   runs a commit's or a poll's commands on every member at once.
 //!
 //! # Ports
 //!
