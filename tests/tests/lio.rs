@@ -615,6 +615,12 @@ fn preflight_on_lio_healthy_and_broken() {
         check(&resolved, &mut sets(), &facts, 64 * 1024)
     }));
     let _ = fs::write(&state, "0");
+    // The state changes raised unit attentions on both nexuses: take them
+    // here, not in the next test that uses the ramdisk.
+    for p in [&p0, &p1] {
+        let mut t = sg(p);
+        let _ = (0..4).find_map(|_| capacity(&mut t).ok());
+    }
     let report = broken.unwrap_or_else(|p| std::panic::resume_unwind(p));
     for f in &report {
         eprintln!("broken: {}", f.line());
