@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use scsi::{Command, CommandError, DataDirection, IoBuf, Transport};
 
-use super::{lock, rw, Geometry, ShortRead};
+use super::{lock, rw, whole_read, Geometry};
 use crate::retry::{Op, RetryPolicy};
 
 /// One READ or WRITE of a batch.
@@ -75,17 +75,7 @@ impl BatchIo {
             if self.write {
                 return Ok(());
             }
-            let got = self.buf.len().saturating_sub(o.residual as usize);
-            if got < self.len {
-                return Err(CommandError::Io(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    ShortRead {
-                        got,
-                        expected: self.len,
-                    },
-                )));
-            }
-            Ok(())
+            whole_read(self.buf.len(), self.len, o.residual)
         });
         if self.buf.capacity() >= self.len {
             self.buf.resize(self.len);

@@ -562,15 +562,24 @@ fn exec_read(
         let c = t.execute(cmd);
         *buf = c.data;
         let outcome = c.result.and_then(|o| o.check().map(|()| o))?;
-        let got = len.saturating_sub(outcome.residual as usize).min(buf.len());
-        if got != len {
-            return Err(CommandError::Io(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                ShortRead { got, expected: len },
-            )));
-        }
-        Ok(())
+        whole_read(len.min(buf.len()), len, outcome.residual)
     })
+}
+
+/// A READ of `asked` bytes that came back `residual` short must still have
+/// brought the `wanted` ones.
+fn whole_read(asked: usize, wanted: usize, residual: u32) -> Result<(), CommandError> {
+    let got = asked.saturating_sub(residual as usize);
+    if got < wanted {
+        return Err(CommandError::Io(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            ShortRead {
+                got,
+                expected: wanted,
+            },
+        )));
+    }
+    Ok(())
 }
 
 /// Runs one WRITE from `buf` (whole blocks), retried as [`crate::retry`]
@@ -1848,16 +1857,23 @@ impl BlockStg {
         Ok(())
     }
 
+    /// Acts on what an index block read said: a foreign generation may be a
+    /// reformat; a bad block is counted in `bad`.
+    fn judged(&self, verdict: Index, bad: &AtomicU64) {
+        match verdict {
+            Index::Fresh => {}
+            Index::Foreign => self.foreign(),
+            Index::Bad => bump(bad, 1),
+        }
+    }
+
     /// Reads the consumer block of lane (this host → `d`) on member `m`.
     fn refresh_consumed(&self, lane: &mut Producer, d: u16, m: usize) {
         let Ok(b) = self.read(m, self.lane_lba(self.host, d) + 1, 1) else {
             return;
         };
-        match lane.on_consumer_block(m, &b, self.generation) {
-            Index::Fresh => {}
-            Index::Foreign => self.foreign(),
-            Index::Bad => bump(&self.counters.bad_consumer_blocks, 1),
-        }
+        let verdict = lane.on_consumer_block(m, &b, self.generation);
+        self.judged(verdict, &self.counters.bad_consumer_blocks);
     }
 
     /// Writes the staged slots (data first, every member), then the
@@ -2016,14 +2032,10 @@ impl BlockStg {
         self.batch(&mut ios);
         for io in ios {
             if io.result.is_ok() {
-                match lane
+                let verdict = lane
                     .c
-                    .on_producer_block(io.member, &io.buf, self.generation)
-                {
-                    Index::Fresh => {}
-                    Index::Foreign => self.foreign(),
-                    Index::Bad => bump(&self.counters.bad_producer_blocks, 1),
-                }
+                    .on_producer_block(io.member, &io.buf, self.generation);
+                self.judged(verdict, &self.counters.bad_producer_blocks);
             }
             pool.put(io.buf);
         }
