@@ -131,8 +131,8 @@ const SIGNATURES: &[(usize, &[u8], &str)] = &[
     (0, b"LABELONE", "an LVM2 physical volume"),
 ];
 
-/// The block-mode superblock magic (docs/PROTOCOL.md §4).
-const STP_MAGIC: &[u8] = b"STPBLKv1";
+/// The block-mode superblock magic of any block format (docs/PROTOCOL.md §4).
+const STP_MAGIC: &[u8] = b"STPBLKv";
 
 fn at(bytes: &[u8], offset: usize, len: usize) -> Option<&[u8]> {
     bytes.get(offset..offset.checked_add(len)?)
@@ -143,7 +143,7 @@ fn at(bytes: &[u8], offset: usize, len: usize) -> Option<&[u8]> {
 /// `own_stg` would destroy. `block_size` locates the GPT header (LBA 1).
 pub fn scan_bytes(head: &[u8], block_size: u32, own_stg: u32) -> Vec<Finding> {
     let mut found = Vec::new();
-    if at(head, 0, 8) == Some(STP_MAGIC) {
+    if at(head, 0, STP_MAGIC.len()) == Some(STP_MAGIC) {
         // A block-mode STG: its own superblock may be reformatted; another
         // STG's may not. Nothing else is looked for (the STG wrote it all).
         let id = at(head, 8, 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
@@ -339,12 +339,15 @@ mod tests {
 
     #[test]
     fn stg_superblocks() {
-        let mut own = with(0, STP_MAGIC);
+        let mut own = with(0, b"STPBLKv2");
         own[8..12].copy_from_slice(&7u32.to_be_bytes());
         assert!(
             scan_bytes(&own, 512, 7).is_empty(),
             "reformatting the same STG"
         );
+        assert_eq!(scan_bytes(&own, 512, 8), vec![Finding::OtherStg { stg: 7 }]);
+        // An STG of an earlier block format is an STG too.
+        own[..8].copy_from_slice(b"STPBLKv1");
         assert_eq!(scan_bytes(&own, 512, 8), vec![Finding::OtherStg { stg: 7 }]);
     }
 

@@ -7,7 +7,8 @@
 //! [`open_slot`] accepts any byte slice, of any length and content, and
 //! returns a value or a typed error; nothing here indexes past what it
 //! checked. Property tests feed arbitrary bytes to each and check that
-//! `decode(encode(x)) == x` and that a changed byte is caught by the CRC.
+//! `decode(encode(x)) == x` and that a changed byte is caught by the CRC
+//! (of a slot, a changed header byte: the CRC covers the header alone).
 //! The bytes come from LUNs every host on the fabric can write: a decoded
 //! value is well-formed, not trustworthy (callers check generations,
 //! counts and ranges against what they know).
@@ -17,8 +18,12 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::stg::BlockLayout;
 
-/// Superblock magic, `"STPBLKv1"`.
-pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"STPBLKv1";
+/// Superblock magic, `"STPBLKv2"`: block format 2, whose slot CRC covers
+/// the slot header alone (the frames carry their own protection).
+pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"STPBLKv2";
+/// The magic of block format 1 (slot CRC over the whole slot), which this
+/// version refuses with an error that says to reformat.
+pub const SUPERBLOCK_MAGIC_V1: [u8; 8] = *b"STPBLKv1";
 /// Bytes of the superblock that carry data (the rest of block 0 is zero).
 pub const SUPERBLOCK_LEN: usize = 44;
 /// Producer block magic, `"STPP"`.
@@ -81,7 +86,10 @@ pub struct RawIndex {
 pub struct RawSlotHeader {
     /// Bytes of frames after the header.
     pub count: U32<BigEndian>,
-    /// CRC32C of the header (this field zero) and the `count` bytes.
+    /// CRC32C of the header with this field zero. The frames are not
+    /// covered: each is authenticated by its own protection (§7), and a
+    /// slot is read only after its producer index, written after the
+    /// slot's WRITE completed, says it is there.
     pub crc: U32<BigEndian>,
     /// The format generation.
     pub generation: U64<BigEndian>,
@@ -122,9 +130,16 @@ pub enum SuperblockError {
     /// Fewer bytes than a superblock.
     #[error("superblock truncated: {0} bytes, need {SUPERBLOCK_LEN}")]
     Short(usize),
-    /// No `STPBLKv1` magic: never formatted for block mode.
-    #[error("no block-mode superblock (magic is not \"STPBLKv1\")")]
+    /// No `STPBLKv2` magic: never formatted for block mode.
+    #[error("no block-mode superblock (magic is not \"STPBLKv2\")")]
     NotFormatted,
+    /// Formatted by an earlier STP in block format 1, which this version
+    /// does not speak.
+    #[error(
+        "formatted in block format 1 by an earlier STP; this version speaks block format 2: \
+         reformat the STG with `stp stg format` on one host, then reopen it on every host"
+    )]
+    OldFormat,
     /// The magic is right but the CRC is not: torn or overwritten.
     #[error("superblock CRC32C mismatch (stored 0x{stored:08x}, computed 0x{computed:08x})")]
     BadCrc {
@@ -162,6 +177,9 @@ impl Superblock {
         let Ok((raw, _)) = RawSuperblock::ref_from_prefix(bytes) else {
             return Err(SuperblockError::Short(bytes.len()));
         };
+        if raw.magic == SUPERBLOCK_MAGIC_V1 {
+            return Err(SuperblockError::OldFormat);
+        }
         if raw.magic != SUPERBLOCK_MAGIC {
             return Err(SuperblockError::NotFormatted);
         }
@@ -307,11 +325,11 @@ pub enum SlotError {
     },
 }
 
-/// The CRC of a slot: its header with the CRC field zero, then its frames.
-fn slot_crc(header: &RawSlotHeader, frames: &[u8]) -> u32 {
+/// The CRC of a slot: its header with the CRC field zero.
+fn slot_crc(header: &RawSlotHeader) -> u32 {
     let mut head = *header;
     head.crc = 0.into();
-    crc32c::crc32c_append(crc32c::crc32c(head.as_bytes()), frames)
+    crc32c::crc32c(head.as_bytes())
 }
 
 /// Fills in the header of a slot image: `image` is [`SLOT_HEADER_LEN`]
@@ -328,7 +346,7 @@ pub fn seal_slot(image: &mut [u8], generation: u64, seq: u64) {
     head.count = count.into();
     head.generation = generation.into();
     head.seq = seq.into();
-    head.crc = slot_crc(head, frames).into();
+    head.crc = slot_crc(head).into();
 }
 
 /// Checks a slot read back (any length from the header on, padding
@@ -343,7 +361,7 @@ pub fn open_slot(slot: &[u8], generation: u64) -> Result<(u64, &[u8]), SlotError
         Some(f) if count > 0 => f,
         _ => return Err(SlotError::BadCount { count, capacity }),
     };
-    if head.crc.get() != slot_crc(head, frames) {
+    if head.crc.get() != slot_crc(head) {
         return Err(SlotError::BadCrc);
     }
     let found = head.generation.get();
@@ -387,12 +405,12 @@ mod tests {
             generation: GEN,
         };
         let b = sb.encode();
-        assert_eq!(&b[0..8], b"STPBLKv1");
+        assert_eq!(&b[0..8], b"STPBLKv2");
         assert_eq!(&b[8..12], &[0, 0, 0, 7]);
         assert_eq!(&b[12..20], &[0, 1, 0, 2, 0, 2, 0, 0]);
         assert_eq!(&b[20..32], &[0, 0, 2, 0, 0, 0, 0, 32, 0, 0, 0, 64]);
         assert_eq!(&b[32..40], &[1, 2, 3, 4, 5, 6, 7, 8]);
-        assert_eq!(&b[40..44], &[0x68, 0xDB, 0x67, 0xFA]);
+        assert_eq!(&b[40..44], &[0x86, 0x90, 0x1A, 0x8B]);
         // Block 0 as read back: the superblock then zeros.
         let block = padded(&b, 512);
         assert_eq!(Superblock::decode(&block), Ok(sb));
@@ -401,6 +419,9 @@ mod tests {
             Superblock::decode(&[0; 512]),
             Err(SuperblockError::NotFormatted)
         );
+        let mut v1 = block.clone();
+        v1[..8].copy_from_slice(b"STPBLKv1");
+        assert_eq!(Superblock::decode(&v1), Err(SuperblockError::OldFormat));
         assert_eq!(
             Superblock::decode(&b[..43]),
             Err(SuperblockError::Short(43))
@@ -410,7 +431,7 @@ mod tests {
         assert!(matches!(
             Superblock::decode(&torn),
             Err(SuperblockError::BadCrc {
-                stored: 0x68DB_67FA,
+                stored: 0x8690_1A8B,
                 ..
             })
         ));
@@ -458,7 +479,7 @@ mod tests {
         image.extend_from_slice(b"abc");
         seal_slot(&mut image, GEN, 9);
         assert_eq!(&image[0..4], &[0, 0, 0, 3]);
-        assert_eq!(&image[4..8], &[0xCC, 0x8C, 0xB2, 0xE7]);
+        assert_eq!(&image[4..8], &[0xA3, 0xA9, 0x0A, 0xDC]);
         assert_eq!(&image[8..16], &[1, 2, 3, 4, 5, 6, 7, 8]);
         assert_eq!(&image[16..24], &[0, 0, 0, 0, 0, 0, 0, 9]);
         // Read back with the slot's padding (and stale bytes) after it.
@@ -470,8 +491,13 @@ mod tests {
             Err(SlotError::WrongGeneration { found: GEN })
         );
         let mut torn = slot.clone();
-        torn[SLOT_HEADER_LEN + 1] = b'X';
+        torn[20] ^= 0x10; // the sequence number changed, the CRC not
         assert_eq!(open_slot(&torn, GEN), Err(SlotError::BadCrc));
+        // The frames are not the slot CRC's: their own protection judges
+        // them (the stream drops a frame that fails to open).
+        let mut changed = slot.clone();
+        changed[SLOT_HEADER_LEN + 1] = b'X';
+        assert_eq!(open_slot(&changed, GEN), Ok((9, &b"aXc"[..])));
         let mut long = slot.clone();
         long[0..4].copy_from_slice(&600u32.to_be_bytes());
         assert_eq!(
@@ -539,7 +565,7 @@ mod tests {
         }
 
         #[test]
-        fn slots_round_trip_and_catch_a_changed_byte(
+        fn slots_round_trip_and_catch_a_changed_header_byte(
             frames in proptest::collection::vec(any::<u8>(), 1..300), pad in 0..64usize,
             generation in any::<u64>(), seq in any::<u64>(), flip in 1..=255u8, at in any::<usize>(),
         ) {
@@ -549,7 +575,7 @@ mod tests {
             let used = image.len();
             image.resize(used + pad, 0xEE);
             prop_assert_eq!(open_slot(&image, generation), Ok((seq, &frames[..])));
-            let at = at % used;
+            let at = at % SLOT_HEADER_LEN.min(used);
             image[at] ^= flip;
             prop_assert!(open_slot(&image, generation) != Ok((seq, &frames[..])));
         }

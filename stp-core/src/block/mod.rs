@@ -205,6 +205,20 @@ pub enum BlockError {
         /// Its path on this host.
         path: String,
     },
+    /// The member carries a superblock of block format 1 (an earlier STP).
+    #[error(
+        "STG {stg} member {member} ({path}) was formatted by an earlier STP in block format 1; \
+         this version speaks block format 2: run `stp stg format` for STG {stg} again, then \
+         reopen it on every host"
+    )]
+    OldFormat {
+        /// The STG id.
+        stg: u32,
+        /// The member index.
+        member: usize,
+        /// Its path on this host.
+        path: String,
+    },
     /// The superblock's CRC does not match.
     #[error(
         "STG {stg} member {member} ({path}) has a corrupt superblock ({why}); \
@@ -1038,6 +1052,9 @@ impl BlockStg {
                 Ok(sb) => sb,
                 Err(SuperblockError::NotFormatted | SuperblockError::Short(_)) => {
                     return Err(BlockError::NotFormatted { stg, member, path });
+                }
+                Err(SuperblockError::OldFormat) => {
+                    return Err(BlockError::OldFormat { stg, member, path });
                 }
                 Err(why) => {
                     return Err(BlockError::CorruptSuperblock {
