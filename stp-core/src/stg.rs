@@ -58,8 +58,11 @@
 //!     "naa.6001405a1b2c3d4e5f60718293a4b5c7",
 //!     "naa.5000c500a1b2c3d4",
 //! ]
-//! # The block layout, written by `stp stg format`: required in block mode,
-//! # forbidden in vendor mode. Every member needs at least
+//! # The block layout `stp stg format` writes: required in block mode,
+//! # forbidden in vendor mode. `slots` and `slot_blocks` may be left out:
+//! # format then chooses them from the members' limits (1 MiB slots where
+//! # the path carries them, a 16 MiB ring where the members hold it) and
+//! # hosts take them from the superblock. Every member needs at least
 //! # 1 + hosts * (hosts - 1) * (2 + slots * slot_blocks) blocks:
 //! # 16389 here.
 //! [stg.block]
@@ -133,7 +136,65 @@ pub struct StgConfig {
     /// The block layout (`[stg.block]`): required in block mode, forbidden
     /// in vendor mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub block: Option<BlockLayout>,
+    pub block: Option<BlockSpec>,
+}
+
+/// `[stg.block]`: the hosts sharing a block-mode STG and, optionally, its
+/// layout. What is left out, `stp stg format` chooses from the members'
+/// limits ([`crate::block::choose_layout`]); hosts that open the STG read
+/// the layout from its superblocks either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockSpec {
+    /// Hosts sharing the STG (2–16).
+    pub hosts: u16,
+    /// Slots per ring; chosen by format when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots: Option<u32>,
+    /// Blocks per slot; chosen by format when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_blocks: Option<u32>,
+}
+
+impl BlockSpec {
+    /// The whole layout, when the configuration fixes it.
+    pub fn layout(&self) -> Option<BlockLayout> {
+        Some(BlockLayout {
+            hosts: self.hosts,
+            slots: self.slots?,
+            slot_blocks: self.slot_blocks?,
+        })
+    }
+
+    /// What [`crate::block::choose_layout`] is asked.
+    pub fn request(&self) -> crate::block::LayoutRequest {
+        crate::block::LayoutRequest {
+            hosts: self.hosts,
+            slots: self.slots,
+            slot_blocks: self.slot_blocks,
+        }
+    }
+
+    fn validate(&self, stg: u32) -> Result<(), ConfigError> {
+        // The fields given are checked as a layout would be, with the
+        // smallest sound value standing in for one left out.
+        BlockLayout {
+            hosts: self.hosts,
+            slots: self.slots.unwrap_or(1),
+            slot_blocks: self.slot_blocks.unwrap_or(1),
+        }
+        .validate(stg)
+    }
+}
+
+impl From<BlockLayout> for BlockSpec {
+    fn from(l: BlockLayout) -> BlockSpec {
+        BlockSpec {
+            hosts: l.hosts,
+            slots: Some(l.slots),
+            slot_blocks: Some(l.slot_blocks),
+        }
+    }
 }
 
 /// How an STG carries frames.
@@ -801,7 +862,7 @@ impl Config {
                     });
                 }
             }
-            if let Some(layout) = &stg.block {
+            if let Some(layout) = stg.block.as_ref().and_then(BlockSpec::layout) {
                 let needed = layout.required_blocks();
                 if info.blocks < needed {
                     return Err(ConfigError::MemberTooSmall {
@@ -946,8 +1007,8 @@ pub struct ResolvedStg {
     pub id: u32,
     /// How frames travel through it.
     pub mode: MailboxMode,
-    /// The block layout (block mode only).
-    pub block: Option<BlockLayout>,
+    /// The block layout as configured (block mode only).
+    pub block: Option<BlockSpec>,
     /// The members, in configuration order (member index order).
     pub members: Vec<ResolvedMember>,
 }
@@ -964,10 +1025,12 @@ impl ResolvedStg {
     }
 
     /// Bytes per slot in block mode (`slot_blocks * block_size`): the most
-    /// frame data, count included, one slot can carry.
+    /// frame data, count included, one slot can carry. `None` in vendor
+    /// mode and when `stp stg format` chooses the slot size.
     pub fn slot_bytes(&self) -> Option<u64> {
         self.block
-            .map(|b| u64::from(b.slot_blocks) * u64::from(self.block_size()))
+            .and_then(|b| b.slot_blocks)
+            .map(|n| u64::from(n) * u64::from(self.block_size()))
     }
 }
 
@@ -1255,11 +1318,14 @@ mod tests {
                 id: 9,
                 mode: MailboxMode::Block,
                 members: vec![A.into(), B.into(), C.into()],
-                block: Some(BlockLayout {
-                    hosts: 2,
-                    slots: 64,
-                    slot_blocks: 128,
-                }),
+                block: Some(
+                    BlockLayout {
+                        hosts: 2,
+                        slots: 64,
+                        slot_blocks: 128,
+                    }
+                    .into(),
+                ),
             }],
             tunables: Tunables::default(),
             psk: None,
@@ -1328,7 +1394,7 @@ mod tests {
         let block = config.stg(8).unwrap();
         assert_eq!(block.mode, MailboxMode::Block);
         assert_eq!(block.members[2], "naa.5000c500a1b2c3d4");
-        let layout = block.block.unwrap();
+        let layout = block.block.unwrap().layout().unwrap();
         assert_eq!(
             layout,
             BlockLayout {
@@ -1631,11 +1697,14 @@ mod tests {
         ];
         for (hosts, slots, slot_blocks, field) in cases {
             let mut config = block_config();
-            config.stgs[0].block = Some(BlockLayout {
-                hosts,
-                slots,
-                slot_blocks,
-            });
+            config.stgs[0].block = Some(
+                BlockLayout {
+                    hosts,
+                    slots,
+                    slot_blocks,
+                }
+                .into(),
+            );
             let err = validate_err(&config);
             assert!(
                 matches!(&err, ConfigError::BadBlockLayout { stg: 9, field: f, .. } if *f == field),
@@ -1645,12 +1714,31 @@ mod tests {
         }
         // The largest host count is fine.
         let mut config = block_config();
-        config.stgs[0].block = Some(BlockLayout {
-            hosts: 16,
-            slots: 1,
-            slot_blocks: 1,
+        config.stgs[0].block = Some(
+            BlockLayout {
+                hosts: 16,
+                slots: 1,
+                slot_blocks: 1,
+            }
+            .into(),
+        );
+        config.validate().unwrap();
+        // Slots and slot size may be left to `stp stg format`; hosts may not.
+        config.stgs[0].block = Some(BlockSpec {
+            hosts: 2,
+            slots: None,
+            slot_blocks: None,
         });
         config.validate().unwrap();
+        config.stgs[0].block = Some(BlockSpec {
+            hosts: 1,
+            slots: None,
+            slot_blocks: None,
+        });
+        assert!(matches!(
+            validate_err(&config),
+            ConfigError::BadBlockLayout { field: "hosts", .. }
+        ));
     }
 
     #[test]
@@ -1913,7 +2001,11 @@ mod tests {
         fn valid_configs_round_trip(
             wkp in 1u16..=65534,
             ids in proptest::collection::hash_set(any::<u32>(), 1..4),
-            block in proptest::option::of((MIN_HOSTS..=MAX_HOSTS, 1u32..1000, 1u32..1000)),
+            block in proptest::option::of((
+                MIN_HOSTS..=MAX_HOSTS,
+                proptest::option::of(1u32..1000),
+                proptest::option::of(1u32..1000),
+            )),
             keepalive_ms in 1u64..10_000,
         ) {
             let mut config = vendor_config();
@@ -1926,7 +2018,7 @@ mod tests {
                     id,
                     mode: if block.is_some() { MailboxMode::Block } else { MailboxMode::Vendor },
                     members: vec![format!("naa.{i:016x}"), format!("naa.{i:032x}")],
-                    block: block.map(|(hosts, slots, slot_blocks)| BlockLayout {
+                    block: block.map(|(hosts, slots, slot_blocks)| BlockSpec {
                         hosts,
                         slots,
                         slot_blocks,

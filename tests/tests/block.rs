@@ -16,7 +16,8 @@ use scsi::{Cdb, Command, IoBuf, Transport};
 use sim_target::{Array, Host, LunConfig};
 use stp_core::auth::FrameKey;
 use stp_core::block::{
-    format, host_port, BlockConfig, BlockError, BlockStg, IndexBlock, IndexKind, Superblock,
+    choose_layout, format, host_port, BlockConfig, BlockError, BlockStg, IndexBlock, IndexKind,
+    LayoutRequest, Superblock,
 };
 use stp_core::conn::Config;
 use stp_core::mailbox::{Binding, Mailbox};
@@ -265,6 +266,74 @@ fn unformatted_or_too_small_luns_are_clear_errors() {
         BlockStg::open(paths(&h, &LUNS), 0, STG).unwrap_err(),
         BlockError::NotFormatted { .. }
     ));
+}
+
+#[test]
+fn layouts_are_chosen_from_the_members_limits() {
+    let a = Array::new();
+    let lun = |id: u64, blocks: u64, max_transfer_blocks: u32| {
+        let mut c = LunConfig::new(id, blocks, 512);
+        c.max_transfer_blocks = max_transfer_blocks;
+        a.add_lun(id, c).unwrap();
+    };
+    lun(10, 1 << 17, 8192); // 64 MiB, 4 MiB per command
+    lun(11, 1 << 17, 8192);
+    lun(12, 1 << 17, 512); // 256 KiB per command
+    lun(13, 8192, 8192); // 4 MiB in all
+    let h = Host::login(&a, "admin");
+    let auto = LayoutRequest {
+        hosts: 2,
+        ..LayoutRequest::default()
+    };
+    let choose = |luns: &[u64], request, host_limit| {
+        choose_layout(&mut paths(&h, luns), STG, request, host_limit).unwrap()
+    };
+
+    // Where the path carries it: 1 MiB slots, a 16 MiB ring.
+    let c = choose(&[10, 11], auto, None);
+    assert_eq!((c.layout.slot_blocks, c.layout.slots), (2048, 16), "{c:?}");
+    assert_eq!((c.slot_bytes, c.block_size), (1 << 20, 512));
+    // A member's MAXIMUM TRANSFER LENGTH, or the host's queue limit, is
+    // the slot size when lower, and the operator is told which.
+    let c = choose(&[10, 12], auto, None);
+    assert_eq!((c.layout.slot_blocks, c.layout.slots), (512, 64), "{c:?}");
+    assert!(c.limited_by.contains("member 1"), "{c:?}");
+    let c = choose(&[10, 11], auto, Some(128 << 10));
+    assert_eq!(c.slot_bytes, 128 << 10, "{c:?}");
+    assert!(c.limited_by.contains("max_hw_sectors_kb"), "{c:?}");
+    // A small member: fewer slots, then smaller ones, and the result
+    // formats and opens.
+    let c = choose(&[10, 13], auto, None);
+    assert_eq!((c.layout.slot_blocks, c.layout.slots), (512, 7), "{c:?}");
+    assert!(c.limited_by.contains("capacity"), "{c:?}");
+    format(
+        &mut paths(&h, &[10, 13]),
+        STG,
+        &c.layout,
+        &mut StdRng::seed_from_u64(5),
+    )
+    .unwrap();
+    let stg = BlockStg::open(paths(&Host::login(&a, "host0"), &[10, 13]), 0, STG).unwrap();
+    assert_eq!(stg.layout(), c.layout);
+    // What the configuration fixes is kept.
+    let fixed = LayoutRequest {
+        hosts: 3,
+        slots: Some(8),
+        slot_blocks: Some(64),
+    };
+    assert_eq!(
+        choose(&[10, 11], fixed, None).layout,
+        BlockLayout {
+            hosts: 3,
+            slots: 8,
+            slot_blocks: 64
+        }
+    );
+    let slots_only = LayoutRequest {
+        slots: Some(8),
+        ..auto
+    };
+    assert_eq!(choose(&[10, 11], slots_only, None).layout.slot_blocks, 2048);
 }
 
 #[test]

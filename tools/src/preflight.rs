@@ -42,7 +42,7 @@ pub fn engine_probe(path: &Path) -> Option<(String, String)> {
 
 /// The smallest `queue/max_hw_sectors_kb` (in bytes) of the block devices
 /// behind `paths`, from sysfs.
-fn queue_limit(paths: &[&str]) -> Option<u64> {
+pub(crate) fn queue_limit(paths: &[&str]) -> Option<u64> {
     let devices = scsi::discovery::list_generic_devices().ok()?;
     devices
         .iter()

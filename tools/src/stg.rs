@@ -16,7 +16,7 @@ use scsi::Transport;
 use serde::Serialize;
 use stp_core::block::{self, IndexBlock, IndexKind, Superblock};
 use stp_core::guard::{self, Finding};
-use stp_core::stg::{self, BlockLayout, Config, MailboxMode, PathEngine};
+use stp_core::stg::{self, BlockLayout, BlockSpec, Config, MailboxMode, PathEngine};
 
 /// `stp stg`.
 #[derive(Args, Debug)]
@@ -261,7 +261,7 @@ fn open(c: &Common) -> Result<(stg::ResolvedStg, Vec<Box<dyn Transport>>)> {
 
 fn format_cmd(a: &FormatArgs) -> Result<ExitCode> {
     let (resolved, mut paths) = open(&a.common)?;
-    let (MailboxMode::Block, Some(layout)) = (resolved.mode, resolved.block) else {
+    let (MailboxMode::Block, Some(spec)) = (resolved.mode, resolved.block) else {
         bail!(
             "STG {} is a vendor-mode STG: the array keeps its mailbox, there is nothing to \
              format (only block-mode STGs are formatted)",
@@ -269,6 +269,8 @@ fn format_cmd(a: &FormatArgs) -> Result<ExitCode> {
         );
     };
     let names: Vec<String> = resolved.paths().iter().map(|p| p.to_string()).collect();
+    let host_limit = crate::preflight::queue_limit(&resolved.paths());
+    let (layout, why) = layout_for(resolved.id, &spec, &mut paths, host_limit)?;
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     let generation = format_members(
         resolved.id,
@@ -280,8 +282,8 @@ fn format_cmd(a: &FormatArgs) -> Result<ExitCode> {
         &mounts,
     )?;
     println!(
-        "formatted block-mode STG {} on {} member(s) ({} hosts, {} slots of {} blocks per lane), \
-         generation {generation:#018x}; hosts that had it open must reopen it",
+        "formatted block-mode STG {} on {} member(s) ({} hosts, {} slots of {} blocks per lane, \
+         {why}), generation {generation:#018x}; hosts that had it open must reopen it",
         resolved.id,
         paths.len(),
         layout.hosts,
@@ -289,6 +291,30 @@ fn format_cmd(a: &FormatArgs) -> Result<ExitCode> {
         layout.slot_blocks
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The layout to format STG `stg` with: the configured one, or the parts
+/// the configuration leaves out chosen from the members' limits
+/// ([`block::choose_layout`]; `host_limit` is this host's per-command limit
+/// for the paths). Also says how it came about, for the operator.
+pub fn layout_for(
+    stg: u32,
+    spec: &BlockSpec,
+    members: &mut [Box<dyn Transport>],
+    host_limit: Option<u64>,
+) -> Result<(BlockLayout, String)> {
+    if let Some(layout) = spec.layout() {
+        return Ok((layout, "as configured".to_string()));
+    }
+    let c = block::choose_layout(members, stg, spec.request(), host_limit)
+        .with_context(|| format!("choosing a block layout for STG {stg}"))?;
+    let why = format!(
+        "chosen: {} KiB slots, set by {}; a ring of {} KiB per lane",
+        c.slot_bytes >> 10,
+        c.limited_by,
+        (c.slot_bytes * u64::from(c.layout.slots)) >> 10
+    );
+    Ok((c.layout, why))
 }
 
 /// Formats the members of block-mode STG `stg` with `layout` (see
@@ -584,5 +610,26 @@ mod tests {
         }
         // The same STG formats again without --force.
         format_members(7, &layout, &mut m, &names, false, none, "").unwrap();
+        // With only `hosts` configured, the layout is chosen: 1 MiB slots
+        // do not fit four times in these 8 MiB members, 512 KiB ones do.
+        let spec = BlockSpec {
+            hosts: 2,
+            slots: None,
+            slot_blocks: None,
+        };
+        let (chosen, why) = layout_for(7, &spec, &mut m, None).unwrap();
+        assert_eq!((chosen.slots, chosen.slot_blocks), (7, 1024), "{why}");
+        assert!(
+            why.contains("512 KiB slots") && why.contains("capacity"),
+            "{why}"
+        );
+        let (limited, why) = layout_for(7, &spec, &mut m, Some(64 << 10)).unwrap();
+        assert_eq!(limited.slot_blocks, 128, "{why}");
+        assert!(why.contains("max_hw_sectors_kb"), "{why}");
+        assert_eq!(
+            layout_for(7, &layout.into(), &mut m, None).unwrap(),
+            (layout, "as configured".to_string())
+        );
+        format_members(7, &chosen, &mut m, &names, false, none, "").unwrap();
     }
 }

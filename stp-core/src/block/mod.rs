@@ -2,7 +2,9 @@
 //! shared LUNs, for arrays with no STP support.
 //!
 //! * [`format()`] writes the superblock and the lane index blocks on every
-//!   member (what `stp stg format` runs).
+//!   member (what `stp stg format` runs); [`choose_layout`] picks the slot
+//!   size and ring from the members' limits when the configuration does
+//!   not fix them.
 //! * [`BlockStg`] is one host's engine for a formatted STG: it verifies the
 //!   superblocks, owns this host's ports, runs one poller thread that reads
 //!   the lanes other hosts write to this host, and writes the lanes from
@@ -70,12 +72,16 @@ mod batch;
 mod format;
 mod lane;
 mod poll;
+mod sizing;
 
 use batch::BatchIo;
 use lane::{Consumer, Index, Producer, Slot, SlotPos};
 use poll::{PollSchedule, Reads};
 
 pub use poll::PollConfig;
+pub use sizing::{
+    choose_layout, Chosen, LayoutRequest, MAX_SLOTS, MAX_SLOT_BYTES, MIN_SLOTS, RING_BYTES,
+};
 
 pub use format::{
     open_slot, seal_slot, slot_used, IndexBlock, IndexError, IndexKind, RawIndex, RawSlotHeader,

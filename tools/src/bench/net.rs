@@ -18,7 +18,10 @@ use scsi::Transport;
 use serde::Deserialize;
 use sim_target::{Array, Host, InProcOptions, LunConfig, StgMailbox, StgSpec};
 use stp_core::auth::{FrameKey, Handshake, Role};
-use stp_core::block::{format, host_port, BlockStg, PollConfig};
+use stp_core::block::{
+    choose_layout, format, host_port, BlockStg, LayoutRequest, PollConfig, MAX_SLOT_BYTES,
+    MIN_SLOTS,
+};
 use stp_core::conn::Config;
 use stp_core::counters;
 use stp_core::frame::Protection;
@@ -134,12 +137,14 @@ pub struct StpArgs {
     /// (default: the stack's, 4 MiB).
     #[arg(long, value_name = "SIZE", value_parser = parse_nonzero_size)]
     pub send_buffer: Option<u64>,
-    /// Block mode: the slot size the STG is formatted with (default
-    /// 32 KiB; rounded up to whole blocks). A frame's payload is at most a
-    /// slot less 104 bytes.
+    /// Block mode: the slot size the STG is formatted with (default: chosen
+    /// from the LUN's limits as `stp stg format` does, 1 MiB where the path
+    /// carries it; rounded up to whole blocks). A frame's payload is at
+    /// most a slot less 104 bytes.
     #[arg(long, value_name = "SIZE", value_parser = parse_nonzero_size)]
     pub slot: Option<u64>,
-    /// Block mode: slots per lane (default 32).
+    /// Block mode: slots per lane (default: a 16 MiB ring where the LUN
+    /// holds it).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub slots: Option<u32>,
     /// Block mode: after the run, leave the STG open with no traffic for
@@ -628,16 +633,20 @@ impl DeviceMap {
 /// `None` for the plain LUN of block mode.
 type Opener = Arc<dyn Fn(usize, Option<usize>) -> io::Result<Box<dyn Transport>> + Send + Sync>;
 
-/// The block layout of block mode: two hosts.
-/// The layout the bench formats a block-mode STG with, for LUNs of
+/// What the bench asks of the block layout (two hosts; `--slot` and
+/// `--slots`, the rest chosen from the LUN's limits), for LUNs of
 /// `block_size`-byte blocks.
-fn block_layout(args: &StpArgs, block_size: u32) -> Result<BlockLayout> {
-    let slot = args.slot.unwrap_or(32 << 10);
-    let slot_blocks = u32::try_from(slot.div_ceil(u64::from(block_size.max(1))))
-        .map_err(|_| anyhow!("--slot {slot} is too large"))?;
-    Ok(BlockLayout {
+fn block_request(args: &StpArgs, block_size: u32) -> Result<LayoutRequest> {
+    let slot_blocks = args
+        .slot
+        .map(|slot| {
+            u32::try_from(slot.div_ceil(u64::from(block_size.max(1))))
+                .map_err(|_| anyhow!("--slot {slot} is too large"))
+        })
+        .transpose()?;
+    Ok(LayoutRequest {
         hosts: 2,
-        slots: args.slots.unwrap_or(32),
+        slots: args.slots,
         slot_blocks,
     })
 }
@@ -670,8 +679,14 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
                 .context("building the simulated array")?;
         }
         // The plain LUN holds block mode's STG: 64 MiB, or what the layout
-        // asks for.
-        let needed = block_layout(args, 512)?.required_blocks();
+        // asks for (the largest chosen one where it leaves a part open).
+        let request = block_request(args, 512)?;
+        let needed = BlockLayout {
+            hosts: 2,
+            slots: request.slots.unwrap_or(MIN_SLOTS.max(16)),
+            slot_blocks: request.slot_blocks.unwrap_or((MAX_SLOT_BYTES / 512) as u32),
+        }
+        .required_blocks();
         let plain = LunConfig {
             dpofua: false,
             ..LunConfig::new(SIM_PLAIN_LUN, needed.max(1 << 17), 512)
@@ -718,6 +733,8 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
         if net.rtt { "rtt" } else { "goodput" }
     );
     let mut paths = Vec::new();
+    let mut layout_line = None;
+    let mut layout_json = None;
     let (kc, ks) = keys()?;
     let mut block_stgs: Option<[Arc<BlockStg>; 2]> = None;
     let ((server_src, client_src, config, port), transport) = match args.mode {
@@ -763,10 +780,28 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
             let (_, block_size) =
                 stp_core::block::read_capacity(admin[0].as_mut(), Duration::from_secs(30))
                     .context("reading the block-mode LUN's capacity")?;
+            let chosen = choose_layout(
+                &mut admin,
+                BLOCK_STG,
+                block_request(args, block_size)?,
+                None,
+            )
+            .context("choosing the block layout")?;
+            layout_json = Some(serde_json::json!({
+                "slots": chosen.layout.slots,
+                "slot_bytes": chosen.slot_bytes,
+                "slot_size_set_by": chosen.limited_by,
+            }));
+            layout_line = Some(format!(
+                "layout {} slots of {} KiB per lane (slot size set by {})",
+                chosen.layout.slots,
+                chosen.slot_bytes >> 10,
+                chosen.limited_by
+            ));
             format(
                 &mut admin,
                 BLOCK_STG,
-                &block_layout(args, block_size)?,
+                &chosen.layout,
                 &mut StdRng::from_entropy(),
             )
             .context("formatting the block-mode STG")?;
@@ -825,6 +860,9 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
         for p in &paths {
             eprintln!("path {p}");
         }
+        if let Some(l) = &layout_line {
+            eprintln!("{l}");
+        }
     }
     let mut extra = serde_json::json!({
         "mailbox": match args.mode { MailboxMode::Vendor => "vendor", MailboxMode::Block => "block" },
@@ -832,6 +870,9 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
         "sim": args.sim,
         "protection": args.protection.name(),
     });
+    if let (Some(l), Some(e)) = (layout_json, extra.as_object_mut()) {
+        e.insert("block_layout".into(), l);
+    }
     if let (Some(n), Some(e)) = (args.connections, extra.as_object_mut()) {
         e.insert("connections".into(), n.into());
         e.insert(
