@@ -76,11 +76,19 @@ pub trait Mailbox: Send {
     fn bind(&mut self, port: Option<u32>) -> Result<Binding, MailboxError>;
     /// Releases a binding; receivers waiting on it return.
     fn release(&mut self, binding: &Binding) -> Result<(), MailboxError>;
+    /// Bytes a SEND buffer leaves free before its frames, for the mailbox's
+    /// own header (block mode: the slot header, so the buffer is the slot
+    /// image and goes out uncopied). 0 for vendor mode.
+    fn send_headroom(&self) -> usize {
+        0
+    }
     /// Starts one SEND of the sealed frames packed at 8-byte aligned
-    /// offsets in `buf` (at most [`vendor::MAX_TRANSFER`] bytes), all from
-    /// `binding`'s port. Its [`SendDone`], with `token` and the buffer, is
-    /// pushed to `done` now (a mailbox that sends synchronously) or by a
-    /// later [`reap_sends`](Mailbox::reap_sends).
+    /// offsets in `buf` after its first [`send_headroom`](Mailbox::send_headroom)
+    /// bytes (at most [`vendor::MAX_TRANSFER`] bytes of frames), all from
+    /// `binding`'s port; the mailbox may overwrite the headroom. Its
+    /// [`SendDone`], with `token` and the buffer, is pushed to `done` now
+    /// (a mailbox that sends synchronously) or by a later
+    /// [`reap_sends`](Mailbox::reap_sends).
     fn submit_send(&mut self, binding: &Binding, buf: IoBuf, token: u64, done: &mut Vec<SendDone>);
     /// Moves finished SENDs to `done`, waiting up to `wait` for one when
     /// SENDs are in flight and none has finished (`None`: until one has).
@@ -124,7 +132,10 @@ pub trait Mailbox: Send {
     fn send_packed(&mut self, binding: &Binding, packed: &[u8]) -> Result<(), MailboxError> {
         const TOKEN: u64 = u64::MAX;
         let mut done = Vec::with_capacity(1);
-        self.submit_send(binding, IoBuf::from_slice(packed), TOKEN, &mut done);
+        let room = self.send_headroom();
+        let mut buf = IoBuf::new(room + packed.len());
+        buf[room..].copy_from_slice(packed);
+        self.submit_send(binding, buf, TOKEN, &mut done);
         loop {
             if let Some(i) = done.iter().position(|d| d.token == TOKEN) {
                 return done.swap_remove(i).result;

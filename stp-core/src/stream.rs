@@ -199,6 +199,9 @@ struct Shared {
     tx: Mutex<Box<dyn Mailbox>>,
     /// SENDs in flight on `tx` (readable without its lock).
     tx_in_flight: AtomicUsize,
+    /// Bytes every SEND buffer leaves free before its frames
+    /// ([`Mailbox::send_headroom`]): a frame is built and sealed after them.
+    headroom: usize,
     /// This stream's frames being sealed on the sealing threads.
     sealing: AtomicUsize,
     /// Frames received that failed to open (dropped).
@@ -248,15 +251,16 @@ impl Shared {
                 } => {
                     let seq = header.kind.is_sequenced().then_some(header.seq);
                     let span = frame_span(payload.len() as u32);
+                    let room = self.headroom;
                     if ctl
                         .as_ref()
-                        .is_some_and(|(b, _)| b.len() + span > MAX_TRANSFER)
+                        .is_some_and(|(b, _)| b.len() - room + span > MAX_TRANSFER)
                     {
                         full_ctl.extend(ctl.take());
                     }
                     let (buf, seqs) = ctl.get_or_insert_with(|| {
-                        let mut b = self.pool.get(CONTROL_BUF.max(span));
-                        b.resize(0);
+                        let mut b = self.pool.get(room + CONTROL_BUF.max(span));
+                        b.resize(room);
                         (b, Vec::new())
                     });
                     let at = buf.len();
@@ -392,7 +396,11 @@ impl Shared {
     /// the frame stays staged.
     fn seal_and_queue(&self, mut header: Header, mut buf: IoBuf) -> Result<(), FrameError> {
         let seq = header.seq;
-        if let Err(e) = self.cipher.seal(self.out_dir, &mut header, &mut buf) {
+        let room = self.headroom.min(buf.len());
+        if let Err(e) = self
+            .cipher
+            .seal(self.out_dir, &mut header, &mut buf[room..])
+        {
             self.pool.put(buf);
             return Err(e);
         }
@@ -830,8 +838,9 @@ impl SendSlot<'_> {
     /// contents are unspecified until written).
     pub fn payload(&mut self) -> &mut [u8] {
         let len = self.header.payload_len as usize;
+        let at = self.stream.shared.headroom + HEADER_LEN;
         match &mut self.buf {
-            Some(b) => &mut b[HEADER_LEN..HEADER_LEN + len],
+            Some(b) => &mut b[at..at + len],
             None => &mut [],
         }
     }
@@ -902,6 +911,7 @@ impl StpStream {
             send_buffer_bytes,
             pool: pool.clone(),
             tx_window: tx.send_window().max(1),
+            headroom: tx.send_headroom(),
             tx: Mutex::new(tx),
             tx_in_flight: AtomicUsize::new(0),
             sealing: AtomicUsize::new(0),
@@ -1110,7 +1120,7 @@ impl StpStream {
     pub fn send_buf(&mut self, len: usize) -> io::Result<SendSlot<'_>> {
         let header = self.stage(len.max(1))?;
         let span = frame_span(header.payload_len);
-        let buf = self.shared.pool.get(span);
+        let buf = self.shared.pool.get(self.shared.headroom + span);
         Ok(SendSlot {
             stream: self,
             header,
@@ -1182,8 +1192,12 @@ impl Write for StpStream {
         }
         let header = self.stage(buf.len())?;
         let n = header.payload_len as usize;
-        let mut frame = self.shared.pool.get(frame_span(header.payload_len));
-        frame[HEADER_LEN..HEADER_LEN + n].copy_from_slice(&buf[..n]);
+        let at = self.shared.headroom + HEADER_LEN;
+        let mut frame = self
+            .shared
+            .pool
+            .get(self.shared.headroom + frame_span(header.payload_len));
+        frame[at..at + n].copy_from_slice(&buf[..n]);
         bump!(send_copy_bytes, n);
         bump!(send_payload_bytes, n);
         self.seal_and_queue(header, frame)?;

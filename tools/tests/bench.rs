@@ -146,6 +146,34 @@ fn stp_sim_datapath_counts() {
     assert!(num(&v, &["cpu", "process_s_per_gb"]) >= num(&v, &["cpu", "s_per_gb"]));
 }
 
+/// Block mode's send path: the stream seals each frame in a buffer with
+/// room for the slot header in front, and that buffer is the slot the
+/// WRITE carries: one copy per payload byte, as in vendor mode. (Receiving
+/// still copies the frame out of the slot buffer before the reader's copy.)
+/// The layout is chosen from the LUN, and said.
+#[test]
+fn stp_sim_block_datapath_counts() {
+    let bytes = 16u64 << 20;
+    let v = bench_json(&[
+        "stp", "--sim", "--mode", "block", "--bytes", "16m", "--idle", "0", "--json",
+    ]);
+    check_sane(&v, "stp", "goodput");
+    assert_eq!(v["params"]["block_layout"]["slot_bytes"], 1 << 20, "{v}");
+    let d = &v["datapath"];
+    let f = |k: &str| num(d, &[k]);
+    assert!(f("send_payload_bytes") >= bytes as f64, "{d}");
+    let slack = 16.0 / bytes as f64;
+    assert!(f("send_copies_per_byte") <= 1.0 + slack, "{d}");
+    // Duplicates a retransmission delivers (frames of up to a 1 MiB slot)
+    // are copied out of their slot before they are dropped.
+    let dup = f("resent_sealed_frames") * (1u64 << 20) as f64 / bytes as f64;
+    assert!(
+        f("recv_copies_per_byte") <= 2.0 * (1.0 + dup) + slack,
+        "{d}"
+    );
+    assert!(num(&v, &["block", "bad_slots"]) == 0.0, "{v}");
+}
+
 #[test]
 fn stp_sim_protection_and_connections() {
     let v = bench_json(&[

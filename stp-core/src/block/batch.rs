@@ -108,7 +108,11 @@ pub(super) fn run(
             continue;
         }
         let mut data = std::mem::take(&mut io.buf);
-        data.resize(blocks * bs);
+        if io.write {
+            super::pad_to_blocks(&mut data, bs);
+        } else {
+            data.resize(blocks * bs);
+        }
         let direction = if io.write {
             DataDirection::ToDevice
         } else {

@@ -644,6 +644,16 @@ fn exec(
     Ok(buf)
 }
 
+/// Rounds `buf`'s length up to whole `block_size` blocks, zeroing the bytes
+/// added: a pooled buffer may hold an earlier command's data (a frame
+/// opened in place, say) past its length, and these bytes go onto a LUN
+/// every host on the fabric can read.
+fn pad_to_blocks(buf: &mut IoBuf, block_size: usize) {
+    let len = buf.len();
+    buf.resize(len.div_ceil(block_size) * block_size);
+    buf[len..].fill(0);
+}
+
 /// Geometry shared by the I/O helpers.
 #[derive(Clone, Copy, Debug)]
 struct Geometry {
@@ -700,11 +710,10 @@ impl Geometry {
         Ok(out)
     }
 
-    /// Writes `buf` at `lba`, its length rounded up to whole blocks (the
-    /// bytes past its end are whatever the buffer holds there: block mode
-    /// never reads them). Straight from `buf` when one command carries it,
-    /// else command by command through a bounce buffer. `buf` comes back
-    /// with its length restored.
+    /// Writes `buf` at `lba`, its length rounded up to whole blocks with
+    /// zeros ([`pad_to_blocks`]). Straight from `buf` when one command
+    /// carries it, else command by command through a bounce buffer. `buf`
+    /// comes back with its length restored.
     fn write_from(
         &self,
         t: &mut dyn Transport,
@@ -715,7 +724,7 @@ impl Geometry {
         let len = buf.len();
         let blocks = len.div_ceil(bs);
         if blocks <= self.max_blocks as usize {
-            buf.resize(blocks * bs);
+            pad_to_blocks(buf, bs);
             let r = exec_write(t, rw(true, lba, blocks as u32), buf, self.timeout);
             if buf.capacity() >= len {
                 buf.resize(len);
@@ -729,7 +738,7 @@ impl Geometry {
             let end = (at + max).min(len);
             bounce.resize(end - at);
             bounce.copy_from_slice(&buf[at..end]);
-            bounce.resize((end - at).div_ceil(bs) * bs);
+            pad_to_blocks(&mut bounce, bs);
             let n = bounce.len() / bs;
             exec_write(
                 t,
@@ -1723,21 +1732,24 @@ impl BlockStg {
 
     // ---- producing ----
 
-    /// Sends frames packed at 8-byte aligned offsets, all from `binding`'s
-    /// port, splitting them by destination host (`dst_port >> 12`). Checks
-    /// every frame first (structure, source port, destination host,
-    /// payload within [`max_payload`](Self::max_payload)); frames for this
-    /// host's own ports are queued directly. Not atomic across destination
-    /// hosts: a failure may leave earlier frames sent.
-    pub fn send_packed(&self, binding: &Binding, packed: &[u8]) -> Result<(), MailboxError> {
+    /// Checks the frames packed at 8-byte aligned offsets in `packed` (all
+    /// from `binding`'s port: structure, source port, destination host,
+    /// payload within [`max_payload`](Self::max_payload)) and groups them
+    /// by destination host, in the order each host first appears: (host,
+    /// each frame's byte range in `packed`, header and payload).
+    #[allow(clippy::type_complexity)]
+    fn route(
+        &self,
+        binding: &Binding,
+        packed: &[u8],
+    ) -> Result<Vec<(u16, Vec<std::ops::Range<usize>>)>, MailboxError> {
         self.check_stale()?;
         match lock(&self.ports).bound.get(&binding.port) {
             Some(q) if q.handle == binding.handle => {}
             _ => return Err(MailboxError::Refused(Refusal::BadHandle)),
         }
         let max_payload = self.max_payload();
-        let mut by_host: Vec<Vec<&[u8]>> = vec![Vec::new(); self.layout.hosts as usize];
-        let mut order: Vec<u16> = Vec::new();
+        let mut routes: Vec<(u16, Vec<std::ops::Range<usize>>)> = Vec::new();
         for found in Frames::new(packed) {
             let found = found.map_err(|(offset, _)| {
                 MailboxError::Refused(Refusal::MalformedFrame {
@@ -1763,13 +1775,24 @@ impl BlockStg {
                 Some(d) if d < self.layout.hosts => d,
                 _ => return Err(MailboxError::Refused(Refusal::PortNotBound(h.dst_port))),
             };
-            if by_host[usize::from(host)].is_empty() {
-                order.push(host);
+            let range = found.offset..found.offset + HEADER_LEN + h.payload_len as usize;
+            match routes.iter_mut().find(|(d, _)| *d == host) {
+                Some((_, frames)) => frames.push(range),
+                None => routes.push((host, vec![range])),
             }
-            by_host[usize::from(host)].push(found.bytes(packed));
         }
-        for d in order {
-            let frames = &by_host[usize::from(d)];
+        Ok(routes)
+    }
+
+    /// Sends frames packed at 8-byte aligned offsets, all from `binding`'s
+    /// port, splitting them by destination host (`dst_port >> 12`). Checks
+    /// every frame first ([`route`](Self::route)); frames for this host's
+    /// own ports are queued directly, the others copied into slot images.
+    /// Not atomic across destination hosts: a failure may leave earlier
+    /// frames sent.
+    pub fn send_packed(&self, binding: &Binding, packed: &[u8]) -> Result<(), MailboxError> {
+        for (d, ranges) in self.route(binding, packed)? {
+            let frames: Vec<&[u8]> = ranges.iter().map(|r| &packed[r.clone()]).collect();
             let first_port = dst_port(frames[0]);
             if d == self.host {
                 let local: Vec<Chunk> = frames.iter().map(|f| Chunk::copied(f)).collect();
@@ -1778,15 +1801,59 @@ impl BlockStg {
                 bump(&self.counters.frames_local, frames.len() as u64);
                 continue;
             }
-            let slots = self.build_slots(frames);
-            let lane = self.producers[usize::from(d)]
-                .as_ref()
-                .unwrap_or_else(|| unreachable!("a lane to every other host"));
-            let mut lane = lock(lane);
-            self.produce(&mut lane, d, slots, first_port)?;
-            drop(lane);
+            let slots = self.build_slots(&frames);
+            let mut spent = Vec::new();
+            let result = self.produce(d, slots, first_port, &mut spent);
+            for image in spent {
+                BufPool::global().put(image);
+            }
+            result?;
             self.sent();
         }
+        Ok(())
+    }
+
+    /// Sends the frames in `buf` after its first [`SLOT_HEADER_LEN`] bytes
+    /// (the room [`Mailbox::send_headroom`] asks for), as
+    /// [`send_packed`](Self::send_packed) does. When they all go to one
+    /// other host and fit a slot, `buf` itself is the slot image: its
+    /// header is written into the room and the WRITE carries the buffer, no
+    /// copy. `buf` comes back as it went but for the room, on success or
+    /// failure (the sender may send it again).
+    pub fn send_owned(&self, binding: &Binding, buf: &mut IoBuf) -> Result<(), MailboxError> {
+        let h = SLOT_HEADER_LEN;
+        let Some(packed) = buf.get(h..) else {
+            return Err(MailboxError::Refused(Refusal::MalformedFrame { offset: 0 }));
+        };
+        let routes = self.route(binding, packed)?;
+        let (d, ranges) = match routes.as_slice() {
+            [(d, ranges)] if *d != self.host && buf.len() <= self.slot_bytes => (*d, ranges),
+            _ => return self.send_packed(binding, packed),
+        };
+        let first_port = dst_port(&packed[ranges[0].clone()]);
+        let frames = ranges.len() as u64;
+        // Zero what lies between and after the frames (alignment padding,
+        // whatever the buffer held before): it goes onto a shared LUN.
+        let mut at = h;
+        for r in ranges {
+            buf[at..h + r.start].fill(0);
+            at = h + r.end;
+        }
+        let len = buf.len();
+        buf.resize(at);
+        let mut spent = Vec::with_capacity(1);
+        let result = self.produce(
+            d,
+            vec![(std::mem::take(buf), frames)],
+            first_port,
+            &mut spent,
+        );
+        *buf = spent.pop().unwrap_or_default();
+        if buf.capacity() >= len {
+            buf.resize(len);
+        }
+        result?;
+        self.sent();
         Ok(())
     }
 
@@ -1829,53 +1896,99 @@ impl BlockStg {
         slots
     }
 
+    /// Writes `slots` (images with their frame counts) on the lane to host
+    /// `d` and publishes them, waiting for ring room up to
+    /// [`BlockConfig::ring_full_wait`]. Every image ends in `spent`, written
+    /// or not, whatever the outcome.
     fn produce(
         &self,
-        lane: &mut Producer,
         d: u16,
         slots: Vec<(IoBuf, u64)>,
         port: u32,
+        spent: &mut Vec<IoBuf>,
     ) -> Result<(), MailboxError> {
+        let lane = self.producers[usize::from(d)]
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("a lane to every other host"));
+        let mut lane = lock(lane);
         let mut stage: Vec<Staged> = Vec::new();
+        let mut pending = slots.into_iter();
+        let result = self.produce_staged(&mut lane, d, &mut pending, &mut stage, port, spent);
+        spent.extend(stage.into_iter().map(|s| s.image));
+        spent.extend(pending.map(|(image, _)| image));
+        result
+    }
+
+    fn produce_staged(
+        &self,
+        lane: &mut Producer,
+        d: u16,
+        pending: &mut impl Iterator<Item = (IoBuf, u64)>,
+        stage: &mut Vec<Staged>,
+        port: u32,
+        spent: &mut Vec<IoBuf>,
+    ) -> Result<(), MailboxError> {
         let mut staged_bytes = 0;
         let deadline = Instant::now() + self.config.ring_full_wait;
-        for (mut image, frames) in slots {
-            let mut backoff = self.config.poll.min;
-            let mut waited = false;
-            while !lane.has_room() {
-                self.refresh_consumed(lane, d, lane.turn());
-                if lane.has_room() {
-                    break;
-                }
-                if !stage.is_empty() {
-                    // The consumer can only make room for slots it can see.
-                    self.commit(lane, d, &mut stage)?;
-                    staged_bytes = 0;
-                    continue;
-                }
-                if !waited {
-                    waited = true;
-                    bump(&self.counters.ring_full_waits, 1);
-                }
-                if Instant::now() >= deadline {
-                    bump(&self.counters.ring_full_errors, 1);
-                    return Err(MailboxError::Refused(Refusal::QueueFull { port }));
-                }
-                self.check_stale()?;
-                thread::sleep(backoff);
-                backoff = (backoff * 2).min(self.config.poll.max);
+        for (mut image, frames) in pending {
+            if let Err(e) =
+                self.wait_for_room(lane, d, stage, &mut staged_bytes, deadline, port, spent)
+            {
+                spent.push(image);
+                return Err(e);
             }
             let pos = lane.stage();
             seal_slot(&mut image, self.generation, pos.seq);
             staged_bytes += image.len();
             stage.push(Staged { pos, image, frames });
             if staged_bytes >= STAGE_BYTES {
-                self.commit(lane, d, &mut stage)?;
+                self.commit(lane, d, stage, spent)?;
                 staged_bytes = 0;
             }
         }
         if !stage.is_empty() {
-            self.commit(lane, d, &mut stage)?;
+            self.commit(lane, d, stage, spent)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the lane's ring has room for one more slot: re-reads
+    /// the consumer block, commits what is staged (the consumer can only
+    /// make room for slots it can see), then backs off up to `deadline`.
+    #[allow(clippy::too_many_arguments)]
+    fn wait_for_room(
+        &self,
+        lane: &mut Producer,
+        d: u16,
+        stage: &mut Vec<Staged>,
+        staged_bytes: &mut usize,
+        deadline: Instant,
+        port: u32,
+        spent: &mut Vec<IoBuf>,
+    ) -> Result<(), MailboxError> {
+        let mut backoff = self.config.poll.min;
+        let mut waited = false;
+        while !lane.has_room() {
+            self.refresh_consumed(lane, d, lane.turn());
+            if lane.has_room() {
+                break;
+            }
+            if !stage.is_empty() {
+                self.commit(lane, d, stage, spent)?;
+                *staged_bytes = 0;
+                continue;
+            }
+            if !waited {
+                waited = true;
+                bump(&self.counters.ring_full_waits, 1);
+            }
+            if Instant::now() >= deadline {
+                bump(&self.counters.ring_full_errors, 1);
+                return Err(MailboxError::Refused(Refusal::QueueFull { port }));
+            }
+            self.check_stale()?;
+            thread::sleep(backoff);
+            backoff = (backoff * 2).min(self.config.poll.max);
         }
         Ok(())
     }
@@ -1900,17 +2013,19 @@ impl BlockStg {
     }
 
     /// Writes the staged slots (data first, every member), then the
-    /// producer blocks, in the order the members were first used.
+    /// producer blocks, in the order the members were first used. The
+    /// images go to `spent`.
     fn commit(
         &self,
         lane: &mut Producer,
         d: u16,
         stage: &mut Vec<Staged>,
+        spent: &mut Vec<IoBuf>,
     ) -> Result<(), MailboxError> {
         let result = self.commit_inner(lane, d, stage);
         let mut done = std::mem::take(stage);
         for s in &mut done {
-            BufPool::global().put(std::mem::take(&mut s.image));
+            spent.push(std::mem::take(&mut s.image));
         }
         match result {
             Ok(()) => {
@@ -2312,10 +2427,21 @@ impl Mailbox for BlockMailbox {
     fn send_packed(&mut self, binding: &Binding, packed: &[u8]) -> Result<(), MailboxError> {
         self.stg.send_packed(binding, packed)
     }
+    /// Room for a slot header: a SEND buffer becomes the slot image.
+    fn send_headroom(&self) -> usize {
+        SLOT_HEADER_LEN
+    }
     /// Synchronous: the slots are written and published before it returns
-    /// (the buffer is read, never written: it comes back as it went).
-    fn submit_send(&mut self, binding: &Binding, buf: IoBuf, token: u64, done: &mut Vec<SendDone>) {
-        let result = self.stg.send_packed(binding, &buf);
+    /// ([`BlockStg::send_owned`]; the buffer comes back as it went but for
+    /// its headroom).
+    fn submit_send(
+        &mut self,
+        binding: &Binding,
+        mut buf: IoBuf,
+        token: u64,
+        done: &mut Vec<SendDone>,
+    ) {
+        let result = self.stg.send_owned(binding, &mut buf);
         done.push(SendDone { token, buf, result });
     }
     fn receive_into(
