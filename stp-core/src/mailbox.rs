@@ -74,8 +74,21 @@ pub struct SendDone {
 pub trait Mailbox: Send {
     /// Binds `port` (`None`: a dynamic port).
     fn bind(&mut self, port: Option<u32>) -> Result<Binding, MailboxError>;
-    /// Releases a binding; receivers waiting on it return.
+    /// Releases a binding; receivers waiting on it return. A port added
+    /// with [`bind_add`](Mailbox::bind_add) is released alone.
     fn release(&mut self, binding: &Binding) -> Result<(), MailboxError>;
+    /// Whether this mailbox can add ports to a binding
+    /// ([`bind_add`](Mailbox::bind_add); the array may still refuse).
+    fn shares_bindings(&self) -> bool {
+        false
+    }
+    /// Binds a dynamic port to the queue of `shared` (BIND with `ADD`,
+    /// docs/PROTOCOL.md §3.2): frames for the new port are received on
+    /// `shared`. `None` where the mailbox has no shared bindings.
+    fn bind_add(&mut self, shared: &Binding) -> Option<Result<Binding, MailboxError>> {
+        let _ = shared;
+        None
+    }
     /// Starts one SEND of the sealed frames packed at 8-byte aligned
     /// offsets in `buf` (at most [`vendor::MAX_TRANSFER`] bytes), all from
     /// `binding`'s port. Its [`SendDone`], with `token` and the buffer, is
@@ -154,6 +167,12 @@ impl Mailbox for VendorMailbox {
     }
     fn release(&mut self, binding: &Binding) -> Result<(), MailboxError> {
         VendorMailbox::release(self, binding)
+    }
+    fn shares_bindings(&self) -> bool {
+        true
+    }
+    fn bind_add(&mut self, shared: &Binding) -> Option<Result<Binding, MailboxError>> {
+        Some(VendorMailbox::bind_add(self, shared))
     }
     fn send_packed(&mut self, binding: &Binding, packed: &[u8]) -> Result<(), MailboxError> {
         VendorMailbox::send_packed(self, binding, packed)
@@ -301,7 +320,17 @@ impl VendorMailbox {
         Ok(b.into())
     }
 
-    /// Releases a binding; waiting RECEIVEs on it end.
+    /// Binds a dynamic port to the queue of the binding `shared` (BIND
+    /// with `ADD`, docs/PROTOCOL.md §3.2).
+    pub fn bind_add(&mut self, shared: &Binding) -> Result<Binding, MailboxError> {
+        let cdb = vendor::bind_add(shared.handle);
+        let data = self.run(Command::data_in(scsi::Cdb::Vendor(cdb).emit(), 16))?;
+        let b = BindResult::parse(&data).map_err(ProtocolError::Bind)?;
+        Ok(b.into())
+    }
+
+    /// Releases a binding (an added port: that port); waiting RECEIVEs on
+    /// a released binding end.
     pub fn release(&mut self, binding: &Binding) -> Result<(), MailboxError> {
         let cdb = vendor::release(binding.handle);
         self.run(Command::no_data(scsi::Cdb::Vendor(cdb).emit()))?;
