@@ -109,7 +109,7 @@ pub trait Mailbox: Send {
         1
     }
     /// How many RECEIVEs on one binding are worth keeping in flight at once
-    /// (a stream runs this many receive pumps).
+    /// (a hub runs up to this many receive pumps on its binding).
     fn receive_parallelism(&self) -> usize {
         1
     }
