@@ -5,7 +5,7 @@
 //! A [`UringSg`] or [`UringBsg`] ring is bound to one thread (sg's `write()` must run inside
 //! that thread's own `io_uring_enter` (see the [`uring`](crate::uring)
 //! module docs). The STP stack, though, uses a path from several threads (a
-//! stream's receive pump, its writers, its timer), and many streams use the
+//! host's receive pumps, a stream's writers and its sender), and many streams use the
 //! same LUNs. So the ring gets a thread of its own, the *engine thread*,
 //! and everyone else talks to it through handles:
 //!

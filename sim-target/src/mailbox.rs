@@ -8,8 +8,15 @@
 //! ```
 //!
 //! * Each STG has its own port space, reached through any of its member
-//!   LUNs. Bindings are named by a random non-zero handle, unique within
-//!   the mailbox.
+//!   LUNs. Ports are named by a random non-zero handle, unique within the
+//!   mailbox.
+//! * A **binding** is one queue and the ports whose frames go to it: the
+//!   port its BIND bound, and any a BIND with the `ADD` flag added to it
+//!   (docs/PROTOCOL.md §3.2: one binding per host and STG, one port per
+//!   connection). RECEIVE names the binding by the handle of its first
+//!   port; every port keeps its own handle (SEND from it, RELEASE it alone,
+//!   PORT STATUS), its own queue limits and its own counters, so a shared
+//!   queue holds at most what the ports' own queues would have held.
 //! * A SEND's data-out is read once into one buffer (the array's copy of
 //!   the data phase); queued frames are ranges of it. From there a frame is
 //!   copied once, into the RECEIVE's buffer, whether it waited in a queue
@@ -40,6 +47,7 @@
 //!   never calls into the [`Array`].
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -176,6 +184,10 @@ pub struct MailboxStats {
     pub receive_timeouts: u64,
     /// Held RECEIVEs dropped because the initiator had aborted them.
     pub receives_aborted: u64,
+    /// Ports bound by BIND with a binding of their own.
+    pub binds: u64,
+    /// Ports BIND added to an existing binding (flag `ADD`).
+    pub binds_added: u64,
     /// SEND buffers allocated (and zeroed, once) because the pool had none
     /// of the size class free.
     pub buffers_allocated: u64,
@@ -188,19 +200,34 @@ pub struct MailboxStats {
     pub pool_bytes: u64,
 }
 
+/// What the mailbox holds at one moment, for tests and the bench tool.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Occupancy {
+    /// Bindings (queues), every STG.
+    pub bindings: usize,
+    /// Bound ports, every STG.
+    pub ports: usize,
+    /// RECEIVEs held (long polls waiting for a frame).
+    pub waiting_receives: usize,
+    /// Frames queued.
+    pub queued_frames: usize,
+}
+
 /// An STG's fixed description.
 struct Stg {
     spec: StgSpec,
     naas: Vec<[u8; 16]>,
 }
 
-/// A frame in a port queue: a range of the SEND data that carried it.
+/// A frame in a binding's queue: a range of the SEND data that carried it.
 /// The buffer goes back to the pool when the last frame from it goes.
 struct Queued {
     buf: Arc<PooledBuf>,
     start: usize,
     /// Header and payload, no padding.
     len: usize,
+    /// The destination port (its counters change when the frame goes).
+    port: u32,
 }
 
 impl Queued {
@@ -222,8 +249,27 @@ struct Waiter {
 }
 
 /// A bound port.
+#[derive(Default)]
 struct Port {
+    /// Its own handle: SEND from it, RELEASE it, PORT STATUS.
     handle: u32,
+    /// The handle of the binding whose queue takes its frames (its own
+    /// handle when its BIND made the binding).
+    binding: u32,
+    /// Its frames in that queue, and their spans.
+    queued_frames: usize,
+    queued_bytes: usize,
+    accepted: u64,
+    delivered: u64,
+}
+
+/// A binding: one queue of frames for one or more ports, and the RECEIVEs
+/// held on it.
+#[derive(Default)]
+struct Binding {
+    stg: usize,
+    /// Its ports, the one its BIND bound first.
+    ports: Vec<u32>,
     queue: VecDeque<Queued>,
     /// Sum of the queued frames' spans.
     queued_bytes: usize,
@@ -235,10 +281,12 @@ struct Port {
 struct State {
     /// Bound ports, per STG (indexed like `StgMailbox::stgs`).
     ports: Vec<BTreeMap<u32, Port>>,
-    /// Binding handle → (STG index, port).
+    /// Port handle → (STG index, port).
     handles: HashMap<u32, (usize, u32)>,
-    /// Long-poll deadlines: (deadline, waiter id) → (STG index, port).
-    deadlines: BTreeMap<(Instant, u64), (usize, u32)>,
+    /// Binding handle (its first port's handle) → the binding.
+    bindings: HashMap<u32, Binding>,
+    /// Long-poll deadlines: (deadline, waiter id) → binding handle.
+    deadlines: BTreeMap<(Instant, u64), u32>,
     rng: StdRng,
     next_waiter: u64,
     stats: MailboxStats,
@@ -263,9 +311,8 @@ enum Action {
     Deliver {
         reply: Box<dyn Reply>,
         frames: Vec<Queued>,
-        stg: usize,
-        port: u32,
-        handle: u32,
+        /// The binding they were taken from.
+        binding: u32,
         direct: bool,
     },
     /// Complete `reply` (unless it was aborted: then just drop it).
@@ -289,6 +336,9 @@ pub struct StgMailbox {
     /// SEND buffers (its lock is a leaf: see the module docs).
     pool: Arc<BufPool>,
     timer: Option<JoinHandle<()>>,
+    /// BIND's `ADD` flag is understood (an array of before §3.2 refuses
+    /// it as an invalid field: [`StgMailbox::set_shared_bindings`]).
+    shared_bindings: AtomicBool,
 }
 
 impl std::fmt::Debug for StgMailbox {
@@ -371,6 +421,7 @@ impl StgMailbox {
             state: Mutex::new(State {
                 ports: stgs.iter().map(|_| BTreeMap::new()).collect(),
                 handles: HashMap::new(),
+                bindings: HashMap::new(),
                 deadlines: BTreeMap::new(),
                 rng,
                 next_waiter: 0,
@@ -390,6 +441,7 @@ impl StgMailbox {
             shared,
             pool: BufPool::new(POOL_KEEP_BYTES),
             timer: Some(timer),
+            shared_bindings: AtomicBool::new(true),
         }))
     }
 
@@ -452,6 +504,25 @@ impl StgMailbox {
         }
     }
 
+    /// What the mailbox holds now: bindings, ports, held RECEIVEs, queued
+    /// frames.
+    pub fn occupancy(&self) -> Occupancy {
+        let st = self.shared.lock();
+        Occupancy {
+            bindings: st.bindings.len(),
+            ports: st.ports.iter().map(BTreeMap::len).sum(),
+            waiting_receives: st.bindings.values().map(|b| b.waiters.len()).sum(),
+            queued_frames: st.bindings.values().map(|b| b.queue.len()).sum(),
+        }
+    }
+
+    /// Whether BIND understands its `ADD` flag (the default). `false`
+    /// makes the mailbox answer as an array built before docs/PROTOCOL.md
+    /// §3.2 does: a BIND with any flag set is INVALID FIELD IN CDB (byte 1).
+    pub fn set_shared_bindings(&self, understood: bool) {
+        self.shared_bindings.store(understood, Ordering::Relaxed);
+    }
+
     /// Drops every binding of every STG, as an array restart does: queued
     /// frames are discarded and waiting RECEIVEs complete with ABORTED
     /// COMMAND 80h/09h. (Pair it with [`Array::power_on`] for the unit
@@ -482,29 +553,44 @@ impl StgMailbox {
         task.respond(&info.to_bytes(), len);
     }
 
-    fn bind(&self, stg: usize, requested: u32, task: Task) {
+    /// BIND: `requested` is the port (0: a dynamic one), or with `add` the
+    /// handle of the binding to add a dynamic port to.
+    fn bind(&self, stg: usize, requested: u32, add: bool, task: Task) {
         let spec = &self.stgs[stg].spec;
         let result = {
             let mut st = self.shared.lock();
             let st = &mut *st;
-            let ports = &mut st.ports[stg];
-            let port = if requested == 0 {
-                let mut candidate = *vendor::DYNAMIC_PORTS.start();
-                for &p in ports.range(vendor::DYNAMIC_PORTS).map(|(p, _)| p) {
-                    if p != candidate {
-                        break;
-                    }
-                    candidate += 1;
+            // With ADD: the binding the port joins (a binding handle of this
+            // STG; a port's own handle does not name a queue).
+            let joins = if add {
+                match st.bindings.get(&requested) {
+                    Some(b) if b.stg == stg => Ok(Some(requested)),
+                    _ => Err(MailboxError::Refused(Refusal::BadHandle)),
                 }
-                (candidate <= *vendor::DYNAMIC_PORTS.end())
-                    .then_some(candidate)
-                    .ok_or(MailboxError::Refused(Refusal::NoFreePorts))
-            } else if ports.contains_key(&requested) {
-                Err(MailboxError::Refused(Refusal::PortInUse))
             } else {
-                Ok(requested)
+                Ok(None)
             };
-            port.map(|port| {
+            let ports = &mut st.ports[stg];
+            let port = joins.and_then(|joins| {
+                let port = if requested == 0 || joins.is_some() {
+                    let mut candidate = *vendor::DYNAMIC_PORTS.start();
+                    for &p in ports.range(vendor::DYNAMIC_PORTS).map(|(p, _)| p) {
+                        if p != candidate {
+                            break;
+                        }
+                        candidate += 1;
+                    }
+                    (candidate <= *vendor::DYNAMIC_PORTS.end())
+                        .then_some(candidate)
+                        .ok_or(MailboxError::Refused(Refusal::NoFreePorts))
+                } else if ports.contains_key(&requested) {
+                    Err(MailboxError::Refused(Refusal::PortInUse))
+                } else {
+                    Ok(requested)
+                };
+                port.map(|p| (p, joins))
+            });
+            port.map(|(port, joins)| {
                 let handle = loop {
                     let h: u32 = st.rng.gen();
                     if h != 0 && !st.handles.contains_key(&h) {
@@ -512,17 +598,28 @@ impl StgMailbox {
                     }
                 };
                 st.handles.insert(handle, (stg, port));
+                let binding = joins.unwrap_or(handle);
                 ports.insert(
                     port,
                     Port {
                         handle,
-                        queue: VecDeque::new(),
-                        queued_bytes: 0,
-                        waiters: VecDeque::new(),
-                        accepted: 0,
-                        delivered: 0,
+                        binding,
+                        ..Port::default()
                     },
                 );
+                st.bindings
+                    .entry(binding)
+                    .or_insert_with(|| Binding {
+                        stg,
+                        ..Binding::default()
+                    })
+                    .ports
+                    .push(port);
+                if joins.is_some() {
+                    st.stats.binds_added += 1;
+                } else {
+                    st.stats.binds += 1;
+                }
                 BindResult {
                     port,
                     handle,
@@ -537,6 +634,9 @@ impl StgMailbox {
         }
     }
 
+    /// RELEASE: a binding's handle frees the binding and every port of it;
+    /// another port's handle frees that port alone (its queued frames are
+    /// dropped, the binding's other ports and held RECEIVEs carry on).
     fn release(&self, stg: usize, handle: u32, task: Task) {
         let actions = {
             let mut st = self.shared.lock();
@@ -544,28 +644,58 @@ impl StgMailbox {
                 drop(st);
                 return refuse(task, &MailboxError::Refused(Refusal::BadHandle));
             };
-            st.handles.remove(&handle);
-            match st.ports[stg].remove(&port) {
-                Some(p) => unbind(&mut st, p),
-                None => Vec::new(),
+            let st = &mut *st;
+            if st.bindings.contains_key(&handle) {
+                let b = st.bindings.remove(&handle).unwrap_or_default();
+                unbind(st, b)
+            } else {
+                st.handles.remove(&handle);
+                let p = st.ports[stg].remove(&port).unwrap_or_default();
+                if let Some(b) = st.bindings.get_mut(&p.binding) {
+                    b.ports.retain(|&q| q != port);
+                    if p.queued_frames > 0 {
+                        b.queue.retain(|f| f.port != port);
+                        b.queued_bytes = b.queued_bytes.saturating_sub(p.queued_bytes);
+                        st.stats.frames_dropped += p.queued_frames as u64;
+                    }
+                }
+                Vec::new()
             }
         };
         run(&self.shared, actions);
         task.complete(TaskResult::good(0));
     }
 
+    /// PORT STATUS: a binding's handle reports its whole queue (the port is
+    /// its first port); another port's handle reports that port's frames,
+    /// with the RECEIVEs waiting on its binding.
     fn port_status(&self, stg: usize, handle: u32, task: Task) {
         let status = {
             let st = self.shared.lock();
             lookup(&st, stg, handle)
                 .and_then(|port| st.ports[stg].get(&port).map(|p| (port, p)))
-                .map(|(port, p)| PortStatus {
-                    port,
-                    queued_frames: u32::try_from(p.queue.len()).unwrap_or(u32::MAX),
-                    queued_bytes: u32::try_from(p.queued_bytes).unwrap_or(u32::MAX),
-                    waiting_receives: u32::try_from(p.waiters.len()).unwrap_or(u32::MAX),
-                    frames_accepted: p.accepted,
-                    frames_delivered: p.delivered,
+                .and_then(|(port, p)| {
+                    let b = st.bindings.get(&p.binding)?;
+                    let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+                    Some(if p.binding == handle {
+                        PortStatus {
+                            port,
+                            queued_frames: n(b.queue.len()),
+                            queued_bytes: n(b.queued_bytes),
+                            waiting_receives: n(b.waiters.len()),
+                            frames_accepted: b.accepted,
+                            frames_delivered: b.delivered,
+                        }
+                    } else {
+                        PortStatus {
+                            port,
+                            queued_frames: n(p.queued_frames),
+                            queued_bytes: n(p.queued_bytes),
+                            waiting_receives: n(b.waiters.len()),
+                            frames_accepted: p.accepted,
+                            frames_delivered: p.delivered,
+                        }
+                    })
                 })
         };
         match status {
@@ -591,7 +721,7 @@ impl StgMailbox {
     /// pairs them with waiting RECEIVEs. Checks, in order: the handle; each
     /// frame in turn for structure (including `max_payload`) and source
     /// port; then, under the lock, each frame's destination; then each
-    /// destination's room, in order of first appearance.
+    /// destination port's room, in order of first appearance.
     ///
     /// The data-out is read and the frames are checked before the lock is
     /// taken: SENDs on different members copy in parallel.
@@ -644,45 +774,75 @@ impl StgMailbox {
         if lookup(&st, stg, handle) != Some(src) {
             return Err(MailboxError::Refused(Refusal::BadHandle)); // released meanwhile
         }
-        // Destinations in order of first appearance.
+        let st = &mut *st;
+        // Destination ports in order of first appearance, and each frame's
+        // binding.
         let mut order: Vec<u32> = Vec::new();
+        let mut binding_of: Vec<u32> = Vec::with_capacity(frames.len());
         for &(_, _, dst) in &frames {
-            if !st.ports[stg].contains_key(&dst) {
+            let Some(p) = st.ports[stg].get(&dst) else {
                 return Err(MailboxError::Refused(Refusal::PortNotBound(dst)));
-            }
+            };
+            binding_of.push(p.binding);
             if !order.contains(&dst) {
                 order.push(dst);
             }
         }
-        // Room: what would stay queued once waiting RECEIVEs took their share.
+        // Room, per destination port: what of it would stay queued once the
+        // waiting RECEIVEs of its binding took their share.
+        let mut stays = vec![false; frames.len()];
+        let mut seen: Vec<u32> = Vec::new();
+        for &b in &binding_of {
+            if seen.contains(&b) {
+                continue;
+            }
+            seen.push(b);
+            let mine: Vec<usize> = (0..frames.len()).filter(|&i| binding_of[i] == b).collect();
+            let spans = mine
+                .iter()
+                .map(|&i| frames[i].1.next_multiple_of(wire::ALIGN));
+            let kept = match st.bindings.get(&b) {
+                Some(q) => left_after_waiters(q, spans),
+                None => vec![true; mine.len()],
+            };
+            for (&i, k) in mine.iter().zip(kept) {
+                stays[i] = k;
+            }
+        }
         for dst in &order {
             let p = &st.ports[stg][dst];
-            let spans = frames
-                .iter()
-                .filter(|f| f.2 == *dst)
-                .map(|f| f.1.next_multiple_of(wire::ALIGN));
-            let (frames_left, bytes_left) = left_after_waiters(p, spans);
+            let (mut frames_left, mut bytes_left) = (p.queued_frames, p.queued_bytes);
+            for (i, f) in frames.iter().enumerate() {
+                if f.2 == *dst && stays[i] {
+                    frames_left += 1;
+                    bytes_left += f.1.next_multiple_of(wire::ALIGN);
+                }
+            }
             if frames_left > spec.queue_frames as usize || bytes_left > spec.queue_bytes as usize {
                 return Err(MailboxError::Refused(Refusal::QueueFull { port: *dst }));
             }
         }
         // Commit: nothing below can fail.
-        let st = &mut *st;
-        for &(start, len, dst) in &frames {
-            if let Some(p) = st.ports[stg].get_mut(&dst) {
-                p.queued_bytes += len.next_multiple_of(wire::ALIGN);
+        for (&(start, len, dst), &b) in frames.iter().zip(&binding_of) {
+            let span = len.next_multiple_of(wire::ALIGN);
+            if let (Some(p), Some(q)) = (st.ports[stg].get_mut(&dst), st.bindings.get_mut(&b)) {
+                p.queued_frames += 1;
+                p.queued_bytes += span;
                 p.accepted += 1;
-                p.queue.push_back(Queued {
+                q.queued_bytes += span;
+                q.accepted += 1;
+                q.queue.push_back(Queued {
                     buf: buf.clone(),
                     start,
                     len,
+                    port: dst,
                 });
             }
         }
         st.stats.frames_accepted += frames.len() as u64;
         let mut actions = Vec::new();
-        for dst in &order {
-            pump(st, stg, *dst, true, &mut actions);
+        for b in seen {
+            pump(st, b, true, &mut actions);
         }
         Ok(actions)
     }
@@ -693,44 +853,49 @@ impl StgMailbox {
         let mut actions = Vec::new();
         {
             let mut st = self.shared.lock();
-            let Some(port) = lookup(&st, stg, handle) else {
+            if lookup(&st, stg, handle).is_none() {
                 drop(st);
                 return refuse(task, &MailboxError::Refused(Refusal::BadHandle));
-            };
+            }
+            if !st.bindings.contains_key(&handle) {
+                // A port added to another binding: its frames are received
+                // on that binding's handle.
+                drop(st);
+                return task.fail(Sense::invalid_field_in_cdb(2, None));
+            }
             let st = &mut *st;
             // Settle first, so that the queue and the waiters are not both
             // non-empty.
-            pump(st, stg, port, false, &mut actions);
+            pump(st, handle, false, &mut actions);
             let State {
                 ports,
+                bindings,
                 deadlines,
                 stats,
                 next_waiter,
                 ..
             } = st;
-            match ports[stg].get_mut(&port) {
-                // Unreachable (handles and ports change together), but the
+            match bindings.get_mut(&handle) {
+                // Unreachable (checked above, under the same lock), but the
                 // task is answered all the same.
                 None => actions.push(Action::Complete(
                     task.reply,
                     TaskResult::check(sense_of(&MailboxError::Refused(Refusal::BadHandle))),
                 )),
-                Some(p) if !p.queue.is_empty() => {
-                    let n = fit(p.queue.iter().map(Queued::span), alloc);
+                Some(b) if !b.queue.is_empty() => {
+                    let n = fit(b.queue.iter().map(Queued::span), alloc);
                     if n == 0 {
-                        let needed = u32::try_from(p.queue[0].span()).unwrap_or(u32::MAX);
+                        let needed = u32::try_from(b.queue[0].span()).unwrap_or(u32::MAX);
                         let sense =
                             sense_of(&MailboxError::Refused(Refusal::FrameTooLarge { needed }));
                         actions.push(Action::Complete(task.reply, TaskResult::check(sense)));
                     } else {
-                        let frames = take(p, n);
+                        let frames = take(b, &mut ports[stg], n);
                         stats.delivered_queued += n as u64;
                         actions.push(Action::Deliver {
                             reply: task.reply,
                             frames,
-                            stg,
-                            port,
-                            handle,
+                            binding: handle,
                             direct: false,
                         });
                     }
@@ -738,17 +903,17 @@ impl StgMailbox {
                 Some(_) if timeout.is_zero() => {
                     actions.push(Action::Complete(task.reply, TaskResult::good(0)));
                 }
-                Some(p) => {
+                Some(b) => {
                     let id = *next_waiter;
                     *next_waiter += 1;
                     let deadline = Instant::now() + timeout;
-                    p.waiters.push_back(Waiter {
+                    b.waiters.push_back(Waiter {
                         id,
                         reply: task.reply,
                         alloc,
                         deadline,
                     });
-                    deadlines.insert((deadline, id), (stg, port));
+                    deadlines.insert((deadline, id), handle);
                     stats.receives_held += 1;
                     self.shared.wake.notify_one();
                 }
@@ -770,8 +935,10 @@ impl VendorHandler for StgMailbox {
             return refuse(task, &MailboxError::Refused(Refusal::NotAnStgMember));
         };
         // Flags (byte 1), handle (byte 2), length (byte 6) per command.
+        let add = cdb.opcode == vendor::BIND && cdb.flags == vendor::BIND_ADD;
         let flags_ok = match cdb.opcode {
             vendor::RECEIVE => cdb.flags & !vendor::TIMEOUT_MASK == 0,
+            vendor::BIND if add => self.shared_bindings.load(Ordering::Relaxed),
             _ => cdb.flags == 0,
         };
         if !flags_ok {
@@ -779,7 +946,9 @@ impl VendorHandler for StgMailbox {
         }
         let handle_ok = match cdb.opcode {
             vendor::STG_INFO => cdb.handle == 0,
-            vendor::BIND => cdb.handle <= vendor::MAX_PORT,
+            // With ADD the field is a binding handle (any value; an unknown
+            // one is BAD HANDLE).
+            vendor::BIND => add || cdb.handle <= vendor::MAX_PORT,
             _ => true,
         };
         if !handle_ok {
@@ -805,7 +974,7 @@ impl VendorHandler for StgMailbox {
         }
         match cdb.opcode {
             vendor::STG_INFO => self.stg_info(stg, member, len, task),
-            vendor::BIND => self.bind(stg, cdb.handle, task),
+            vendor::BIND => self.bind(stg, cdb.handle, add, task),
             vendor::RELEASE => self.release(stg, cdb.handle, task),
             vendor::SEND => self.send(stg, cdb.handle, task),
             vendor::RECEIVE => self.receive(stg, cdb.handle, cdb.flags, task),
@@ -866,52 +1035,71 @@ fn fit(spans: impl Iterator<Item = usize>, alloc: usize) -> usize {
     n
 }
 
-/// Frames and bytes that would stay in `p`'s queue if `new` frames (by
-/// span) arrived and [`pump`] ran: the same greedy, oldest-first pairing.
-fn left_after_waiters(p: &Port, new: impl Iterator<Item = usize>) -> (usize, usize) {
-    let mut spans = p.queue.iter().map(Queued::span).chain(new).peekable();
-    let mut waiters = p.waiters.iter().filter(|w| !w.reply.is_aborted());
-    let (mut frames, mut bytes) = (0, 0);
+/// Which of `new` frames (by span, in order) would stay in binding `b`'s
+/// queue if they arrived and [`pump`] ran: the same greedy, oldest-first
+/// pairing with the waiting RECEIVEs (which take the frames already
+/// queued first).
+fn left_after_waiters(b: &Binding, new: impl Iterator<Item = usize>) -> Vec<bool> {
+    let mut waiters = b.waiters.iter().filter(|w| !w.reply.is_aborted());
     // The waiter being filled, and what it has taken.
     let mut current = waiters.next().map(|w| (w.alloc, 0usize));
-    while let Some(&span) = spans.peek() {
+    let mut stays = Vec::new();
+    let mut spans = b
+        .queue
+        .iter()
+        .map(|q| (q.span(), false))
+        .chain(new.map(|s| (s, true)))
+        .peekable();
+    while let Some(&(span, is_new)) = spans.peek() {
         match current {
             Some((alloc, used)) => match used.checked_add(span) {
                 Some(u) if u <= alloc => {
                     current = Some((alloc, u));
+                    if is_new {
+                        stays.push(false);
+                    }
                     spans.next();
                 }
                 // Full (or too small even for this frame): the next waiter.
                 _ => current = waiters.next().map(|w| (w.alloc, 0)),
             },
             None => {
-                frames += 1;
-                bytes += span;
+                if is_new {
+                    stays.push(true);
+                }
                 spans.next();
             }
         }
     }
-    (frames, bytes)
+    stays
 }
 
-/// Removes the first `n` frames of `p`'s queue, counting them delivered.
-fn take(p: &mut Port, n: usize) -> Vec<Queued> {
-    let frames: Vec<Queued> = p.queue.drain(..n).collect();
-    let bytes: usize = frames.iter().map(Queued::span).sum();
-    p.queued_bytes = p.queued_bytes.saturating_sub(bytes);
-    p.delivered += n as u64;
+/// Removes the first `n` frames of `b`'s queue, counting them delivered
+/// (on the binding and on each frame's port, among `ports`).
+fn take(b: &mut Binding, ports: &mut BTreeMap<u32, Port>, n: usize) -> Vec<Queued> {
+    let frames: Vec<Queued> = b.queue.drain(..n).collect();
+    for f in &frames {
+        b.queued_bytes = b.queued_bytes.saturating_sub(f.span());
+        if let Some(p) = ports.get_mut(&f.port) {
+            p.queued_frames = p.queued_frames.saturating_sub(1);
+            p.queued_bytes = p.queued_bytes.saturating_sub(f.span());
+            p.delivered += 1;
+        }
+    }
+    b.delivered += n as u64;
     frames
 }
 
-/// Pairs queued frames with waiting RECEIVEs, oldest first, until one of
-/// the two is empty. Aborted waiters are dropped; a waiter whose allocation
-/// cannot hold the first frame fails with 80h/07h.
-fn pump(st: &mut State, stg: usize, port: u32, direct: bool, out: &mut Vec<Action>) {
-    let Some(p) = st.ports[stg].get_mut(&port) else {
+/// Pairs binding `handle`'s queued frames with its waiting RECEIVEs, oldest
+/// first, until one of the two is empty. Aborted waiters are dropped; a
+/// waiter whose allocation cannot hold the first frame fails with 80h/07h.
+fn pump(st: &mut State, handle: u32, direct: bool, out: &mut Vec<Action>) {
+    let Some(b) = st.bindings.get_mut(&handle) else {
         return;
     };
-    while !p.queue.is_empty() {
-        let Some(w) = p.waiters.pop_front() else {
+    let ports = &mut st.ports[b.stg];
+    while !b.queue.is_empty() {
+        let Some(w) = b.waiters.pop_front() else {
             break;
         };
         st.deadlines.remove(&(w.deadline, w.id));
@@ -920,14 +1108,14 @@ fn pump(st: &mut State, stg: usize, port: u32, direct: bool, out: &mut Vec<Actio
             out.push(Action::Drop(w.reply));
             continue;
         }
-        let n = fit(p.queue.iter().map(Queued::span), w.alloc);
+        let n = fit(b.queue.iter().map(Queued::span), w.alloc);
         if n == 0 {
-            let needed = u32::try_from(p.queue[0].span()).unwrap_or(u32::MAX);
+            let needed = u32::try_from(b.queue[0].span()).unwrap_or(u32::MAX);
             let sense = sense_of(&MailboxError::Refused(Refusal::FrameTooLarge { needed }));
             out.push(Action::Complete(w.reply, TaskResult::check(sense)));
             continue;
         }
-        let frames = take(p, n);
+        let frames = take(b, ports, n);
         if direct {
             st.stats.delivered_direct += n as u64;
         } else {
@@ -936,20 +1124,23 @@ fn pump(st: &mut State, stg: usize, port: u32, direct: bool, out: &mut Vec<Actio
         out.push(Action::Deliver {
             reply: w.reply,
             frames,
-            stg,
-            port,
-            handle: p.handle,
+            binding: handle,
             direct,
         });
     }
 }
 
-/// Tears down an unbound port: its waiters complete with 80h/09h, its
-/// queue is dropped.
-fn unbind(st: &mut State, p: Port) -> Vec<Action> {
-    st.stats.frames_dropped += p.queue.len() as u64;
+/// Tears down a released binding: every port of it is unbound, its
+/// waiters complete with 80h/09h, its queue is dropped.
+fn unbind(st: &mut State, b: Binding) -> Vec<Action> {
+    for port in &b.ports {
+        if let Some(p) = st.ports[b.stg].remove(port) {
+            st.handles.remove(&p.handle);
+        }
+    }
+    st.stats.frames_dropped += b.queue.len() as u64;
     let released = TaskResult::check(sense_of(&MailboxError::Refused(Refusal::Released)));
-    p.waiters
+    b.waiters
         .into_iter()
         .map(|w| {
             st.deadlines.remove(&(w.deadline, w.id));
@@ -960,13 +1151,13 @@ fn unbind(st: &mut State, p: Port) -> Vec<Action> {
 
 /// Drops every binding of every STG.
 fn drop_all(st: &mut State) -> Vec<Action> {
-    st.handles.clear();
     let mut actions = Vec::new();
-    for stg in 0..st.ports.len() {
-        let ports = std::mem::take(&mut st.ports[stg]);
-        for (_, p) in ports {
-            actions.extend(unbind(st, p));
-        }
+    for (_, b) in std::mem::take(&mut st.bindings) {
+        actions.extend(unbind(st, b));
+    }
+    st.handles.clear();
+    for ports in &mut st.ports {
+        ports.clear();
     }
     st.deadlines.clear();
     actions
@@ -989,9 +1180,7 @@ fn run(shared: &Shared, actions: Vec<Action>) {
             Action::Deliver {
                 mut reply,
                 frames,
-                stg,
-                port,
-                handle,
+                binding,
                 direct,
             } => {
                 if reply.is_aborted() {
@@ -999,8 +1188,8 @@ fn run(shared: &Shared, actions: Vec<Action>) {
                     let mut more = Vec::new();
                     {
                         let mut st = shared.lock();
-                        requeue(&mut st, stg, port, handle, frames, direct);
-                        pump(&mut st, stg, port, false, &mut more);
+                        requeue(&mut st, binding, frames, direct);
+                        pump(&mut st, binding, false, &mut more);
                     }
                     actions.extend(more);
                     continue;
@@ -1022,8 +1211,9 @@ fn run(shared: &Shared, actions: Vec<Action>) {
 }
 
 /// Puts frames taken for an aborted RECEIVE back at the head of their
-/// queue, if the binding still exists (else they are dropped).
-fn requeue(st: &mut State, stg: usize, port: u32, handle: u32, frames: Vec<Queued>, direct: bool) {
+/// binding's queue: those whose port is still bound to it (the rest, and
+/// all of them if the binding is gone, are dropped).
+fn requeue(st: &mut State, binding: u32, frames: Vec<Queued>, direct: bool) {
     let n = frames.len() as u64;
     st.stats.receives_aborted += 1;
     let counter = if direct {
@@ -1032,15 +1222,23 @@ fn requeue(st: &mut State, stg: usize, port: u32, handle: u32, frames: Vec<Queue
         &mut st.stats.delivered_queued
     };
     *counter = counter.saturating_sub(n);
-    match st.ports[stg].get_mut(&port) {
-        Some(p) if p.handle == handle => {
-            p.delivered = p.delivered.saturating_sub(n);
-            for f in frames.into_iter().rev() {
+    let Some(b) = st.bindings.get_mut(&binding) else {
+        st.stats.frames_dropped += n;
+        return;
+    };
+    let ports = &mut st.ports[b.stg];
+    b.delivered = b.delivered.saturating_sub(n);
+    for f in frames.into_iter().rev() {
+        match ports.get_mut(&f.port) {
+            Some(p) if p.binding == binding => {
+                p.delivered = p.delivered.saturating_sub(1);
+                p.queued_frames += 1;
                 p.queued_bytes += f.span();
-                p.queue.push_front(f);
+                b.queued_bytes += f.span();
+                b.queue.push_front(f);
             }
+            _ => st.stats.frames_dropped += 1,
         }
-        _ => st.stats.frames_dropped += n,
     }
 }
 
@@ -1056,16 +1254,16 @@ fn timer_loop(shared: &Shared) {
         let mut expired = Vec::new();
         {
             let s = &mut *st;
-            while let Some((&(deadline, id), &(stg, port))) = s.deadlines.first_key_value() {
+            while let Some((&(deadline, id), &binding)) = s.deadlines.first_key_value() {
                 if deadline > now {
                     break;
                 }
                 s.deadlines.pop_first();
-                let Some(p) = s.ports[stg].get_mut(&port) else {
+                let Some(b) = s.bindings.get_mut(&binding) else {
                     continue;
                 };
-                if let Some(i) = p.waiters.iter().position(|w| w.id == id) {
-                    if let Some(w) = p.waiters.remove(i) {
+                if let Some(i) = b.waiters.iter().position(|w| w.id == id) {
+                    if let Some(w) = b.waiters.remove(i) {
                         if w.reply.is_aborted() {
                             s.stats.receives_aborted += 1;
                         } else {
@@ -1182,6 +1380,11 @@ mod tests {
 
         fn bind(&mut self, port: u32) -> Result<BindResult, MailboxError> {
             let d = self.run(Command::data_in(cdb(vendor::bind(port)), 16))?;
+            Ok(BindResult::parse(&d).unwrap())
+        }
+
+        fn bind_add(&mut self, binding: u32) -> Result<BindResult, MailboxError> {
+            let d = self.run(Command::data_in(cdb(vendor::bind_add(binding)), 16))?;
             Ok(BindResult::parse(&d).unwrap())
         }
 
@@ -1314,11 +1517,16 @@ mod tests {
                     port,
                     Port {
                         handle,
-                        queue: VecDeque::new(),
-                        queued_bytes: 0,
-                        waiters: VecDeque::new(),
-                        accepted: 0,
-                        delivered: 0,
+                        binding: handle,
+                        ..Port::default()
+                    },
+                );
+                st.bindings.insert(
+                    handle,
+                    Binding {
+                        stg: 0,
+                        ports: vec![port],
+                        ..Binding::default()
                     },
                 );
             }
@@ -1973,15 +2181,14 @@ mod tests {
         }
         let actions = {
             let mut st = m.shared.lock();
-            let p = st.ports[0].get_mut(&pa.port).unwrap();
-            let frames = take(p, 1);
+            let st = &mut *st;
+            let b = st.bindings.get_mut(&pa.handle).unwrap();
+            let frames = take(b, &mut st.ports[0], 1);
             st.stats.delivered_queued += 1;
             vec![Action::Deliver {
                 reply: Box::new(Gone),
                 frames,
-                stg: 0,
-                port: pa.port,
-                handle: pa.handle,
+                binding: pa.handle,
                 direct: false,
             }]
         };
@@ -2122,7 +2329,8 @@ mod tests {
         let st = m.stats();
         assert_eq!(st.frames_accepted, u64::from(N));
         assert_eq!(st.delivered_direct + st.delivered_queued, u64::from(N));
-        assert!(m.shared.lock().ports[0][&pb.port].queue.is_empty());
+        assert_eq!(m.shared.lock().ports[0][&pb.port].queued_frames, 0);
+        assert_eq!(m.occupancy().queued_frames, 0);
     }
 
     /// The size class a SEND of `len` bytes draws its buffer from.
@@ -2358,5 +2566,362 @@ mod tests {
         ));
         // Defaults are valid.
         assert!(StgMailbox::new(&a, vec![StgSpec::new(7, vec![0, 1, 2, 3, 4, 5])]).is_ok());
+    }
+
+    // ---- Shared bindings (docs/PROTOCOL.md §3.2): BIND's ADD flag. ----
+
+    /// Host A's binding with its first port and two added ones.
+    fn shared(p: &mut Path) -> (BindResult, BindResult, BindResult) {
+        let base = p.bind(0).unwrap();
+        let x = p.bind_add(base.handle).unwrap();
+        let y = p.bind_add(base.handle).unwrap();
+        (base, x, y)
+    }
+
+    #[test]
+    fn added_ports_share_their_bindings_queue() {
+        let (_a, m, ha, hb) = two_hosts();
+        let mut a = Path::open(&ha, 0);
+        let mut b = Path::open(&hb, 1);
+        let (base, x, y) = shared(&mut a);
+        // Dynamic ports, handles of their own, the STG's per-port limits.
+        assert_eq!((base.port, x.port, y.port), (32768, 32769, 32770));
+        let handles = [base.handle, x.handle, y.handle];
+        assert!(handles.iter().all(|&h| h != 0));
+        assert!(handles[0] != handles[1] && handles[1] != handles[2] && handles[0] != handles[2]);
+        assert_eq!((x.queue_frames, x.queue_bytes), (QUEUE_FRAMES, 64 << 10));
+        let s = b.bind(0).unwrap();
+        // Frames to every port of the binding land in one queue, in order.
+        b.send(
+            s.handle,
+            &pack(&[
+                frame(s.port, y.port, b"to y"),
+                frame(s.port, base.port, b"to base"),
+                frame(s.port, x.port, b"to x"),
+            ]),
+        )
+        .unwrap();
+        // PORT STATUS: the binding's handle reports the whole queue, an
+        // added port's handle its own frames.
+        let all = a.status(base.handle).unwrap();
+        assert_eq!(
+            (all.port, all.queued_frames, all.frames_accepted),
+            (base.port, 3, 3)
+        );
+        let sx = a.status(x.handle).unwrap();
+        assert_eq!(
+            (sx.port, sx.queued_frames, sx.frames_accepted),
+            (x.port, 1, 1)
+        );
+        let got = unpack(&a.receive(base.handle, 4096).unwrap());
+        let order: Vec<(u32, &[u8])> = got.iter().map(|f| (f.1, &f.2[..])).collect();
+        assert_eq!(
+            order,
+            [
+                (y.port, &b"to y"[..]),
+                (base.port, b"to base"),
+                (x.port, b"to x")
+            ]
+        );
+        let sy = a.status(y.handle).unwrap();
+        assert_eq!(
+            (sy.queued_frames, sy.queued_bytes, sy.frames_delivered),
+            (0, 0, 1)
+        );
+        // A RECEIVE held on the binding is met by a frame to an added port.
+        let mut w = Path::open(&ha, 2);
+        w.submit(Path::receive_cmd(
+            base.handle,
+            4096,
+            Duration::from_secs(10),
+        ));
+        while a.status(x.handle).unwrap().waiting_receives == 0 {
+            std::thread::yield_now();
+        }
+        b.send(s.handle, &frame(s.port, x.port, b"direct")).unwrap();
+        assert_eq!(unpack(&w.wait().unwrap())[0].2, b"direct");
+        // Each port sends as itself: SEND names the port's own handle.
+        b.bind(5100).unwrap();
+        a.send(x.handle, &frame(x.port, s.port, b"from x")).unwrap();
+        let e = a
+            .send(x.handle, &frame(base.port, s.port, b""))
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            MailboxError::Refused(Refusal::SourcePortMismatch { offset: 0 })
+        ));
+        let st = m.stats();
+        assert_eq!((st.binds, st.binds_added), (3, 2));
+        let o = m.occupancy();
+        assert_eq!((o.bindings, o.ports), (3, 5));
+    }
+
+    #[test]
+    fn bind_add_fields_are_checked() {
+        let (a, _m, ha, hb) = two_hosts();
+        let mut p = Path::open(&ha, 0);
+        let (base, x, _) = shared(&mut p);
+        // An unknown handle, and an added port's handle (it names a port,
+        // not a queue): BAD HANDLE.
+        for h in [0, base.handle ^ 1, x.handle] {
+            assert!(
+                matches!(
+                    p.bind_add(h),
+                    Err(MailboxError::Refused(Refusal::BadHandle))
+                ),
+                "handle {h:#x}"
+            );
+        }
+        // A binding of another host works: the handle is the capability.
+        let mut q = Path::open(&hb, 1);
+        assert_eq!(q.bind_add(base.handle).unwrap().port, 32771);
+        // Flags other than ADD.
+        for flags in [0x02, 0x03, 0x80] {
+            let mut c = vendor::bind_add(base.handle);
+            c.flags = flags;
+            assert_invalid_field(&p.run(Command::data_in(cdb(c), 16)).unwrap_err(), 1);
+        }
+        // Length 16 as for any BIND.
+        let mut c = vendor::bind_add(base.handle);
+        c.length = 8;
+        assert_invalid_field(&p.run(Command::data_in(cdb(c), 8)).unwrap_err(), 6);
+        // RECEIVE names the binding, not an added port.
+        assert_invalid_field(&p.receive(x.handle, 4096).unwrap_err(), 2);
+        // The binding of another STG is unknown here.
+        drop(a);
+        let (a2, _m2) = setup(vec![spec(7, vec![0, 1]), spec(8, vec![2])]);
+        let h = Host::login(&a2, "h");
+        let mut p7 = Path::open(&h, 0);
+        let mut p8 = Path::open(&h, 2);
+        let b8 = p8.bind(0).unwrap();
+        assert!(matches!(
+            p7.bind_add(b8.handle),
+            Err(MailboxError::Refused(Refusal::BadHandle))
+        ));
+    }
+
+    #[test]
+    fn bind_add_runs_out_of_dynamic_ports() {
+        let (_a, m, ha, _hb) = two_hosts();
+        let mut p = Path::open(&ha, 0);
+        let base = p.bind(5100).unwrap();
+        {
+            let mut st = m.shared.lock();
+            for port in vendor::DYNAMIC_PORTS.clone().skip(1) {
+                let handle = port;
+                st.handles.insert(handle, (0, port));
+                st.ports[0].insert(
+                    port,
+                    Port {
+                        handle,
+                        binding: handle,
+                        ..Port::default()
+                    },
+                );
+                st.bindings.insert(
+                    handle,
+                    Binding {
+                        stg: 0,
+                        ports: vec![port],
+                        ..Binding::default()
+                    },
+                );
+            }
+        }
+        // ADD takes dynamic ports only (its handle field holds the binding).
+        assert_eq!(p.bind_add(base.handle).unwrap().port, 32768);
+        assert!(matches!(
+            p.bind_add(base.handle),
+            Err(MailboxError::Refused(Refusal::NoFreePorts))
+        ));
+    }
+
+    #[test]
+    fn releasing_an_added_port_drops_its_frames_only() {
+        let (_a, m, ha, hb) = two_hosts();
+        let mut a = Path::open(&ha, 0);
+        let mut b = Path::open(&hb, 1);
+        let (base, x, y) = shared(&mut a);
+        let s = b.bind(0).unwrap();
+        b.send(
+            s.handle,
+            &pack(&[
+                frame(s.port, x.port, b"x1"),
+                frame(s.port, y.port, b"y1"),
+                frame(s.port, x.port, b"x2"),
+            ]),
+        )
+        .unwrap();
+        a.release(x.handle).unwrap();
+        assert_eq!(m.stats().frames_dropped, 2);
+        // The port is gone: its handle, its address.
+        for e in [
+            a.release(x.handle).unwrap_err(),
+            a.status(x.handle).unwrap_err(),
+            a.bind_add(x.handle).unwrap_err(),
+        ] {
+            assert!(
+                matches!(e, MailboxError::Refused(Refusal::BadHandle)),
+                "{e:?}"
+            );
+        }
+        let e = b.send(s.handle, &frame(s.port, x.port, b"")).unwrap_err();
+        assert!(matches!(e, MailboxError::Refused(Refusal::PortNotBound(p)) if p == x.port));
+        // The rest of the binding carries on.
+        let all = a.status(base.handle).unwrap();
+        assert_eq!((all.queued_frames, all.queued_bytes), (1, 88));
+        assert_eq!(unpack(&a.receive(base.handle, 4096).unwrap())[0].2, b"y1");
+        // The port is free for anyone.
+        assert_eq!(b.bind(0).unwrap().port, x.port);
+    }
+
+    #[test]
+    fn releasing_the_binding_frees_every_port_and_ends_its_receives() {
+        let (_a, m, ha, hb) = two_hosts();
+        let mut a = Path::open(&ha, 0);
+        let mut b = Path::open(&hb, 1);
+        let (base, x, y) = shared(&mut a);
+        let s = b.bind(0).unwrap();
+        b.send(s.handle, &frame(s.port, y.port, b"lost")).unwrap();
+        let mut w = Path::open(&ha, 2);
+        w.submit(Path::receive_cmd(
+            base.handle,
+            4096,
+            Duration::from_secs(10),
+        ));
+        while a.status(base.handle).unwrap().queued_frames != 0 {
+            std::thread::yield_now();
+        }
+        // The held RECEIVE took the queued frame; hold another.
+        assert_eq!(unpack(&w.wait().unwrap())[0].2, b"lost");
+        w.submit(Path::receive_cmd(
+            base.handle,
+            4096,
+            Duration::from_secs(10),
+        ));
+        while a.status(base.handle).unwrap().waiting_receives == 0 {
+            std::thread::yield_now();
+        }
+        a.release(base.handle).unwrap();
+        assert!(matches!(
+            w.wait(),
+            Err(MailboxError::Refused(Refusal::Released))
+        ));
+        for h in [base.handle, x.handle, y.handle] {
+            assert!(matches!(
+                a.status(h),
+                Err(MailboxError::Refused(Refusal::BadHandle))
+            ));
+        }
+        let o = m.occupancy();
+        assert_eq!((o.bindings, o.ports, o.waiting_receives), (1, 1, 0));
+        assert!(m.shared.lock().deadlines.is_empty());
+        assert_eq!(b.bind(0).unwrap().port, 32768);
+    }
+
+    #[test]
+    fn per_port_queue_limits_hold_in_a_shared_queue() {
+        let (_a, _m, ha, hb) = two_hosts();
+        let mut a = Path::open(&ha, 0);
+        let mut b = Path::open(&hb, 1);
+        let (base, x, y) = shared(&mut a);
+        let s = b.bind(0).unwrap();
+        let to = |port: u32, n: usize| -> Vec<u8> { pack(&vec![frame(s.port, port, b"f"); n]) };
+        // Port x fills its own limit; one more is refused for x ...
+        b.send(s.handle, &to(x.port, QUEUE_FRAMES as usize))
+            .unwrap();
+        let e = b.send(s.handle, &to(x.port, 1)).unwrap_err();
+        assert!(matches!(e, MailboxError::Refused(Refusal::QueueFull { port }) if port == x.port));
+        // ... atomically, naming the first full port ...
+        let mixed = pack(&[frame(s.port, y.port, b"y"), frame(s.port, x.port, b"x")]);
+        let e = b.send(s.handle, &mixed).unwrap_err();
+        assert!(matches!(e, MailboxError::Refused(Refusal::QueueFull { port }) if port == x.port));
+        assert_eq!(a.status(y.handle).unwrap().queued_frames, 0);
+        // ... while the binding's other ports still take their own.
+        b.send(s.handle, &to(y.port, QUEUE_FRAMES as usize))
+            .unwrap();
+        b.send(s.handle, &to(base.port, QUEUE_FRAMES as usize))
+            .unwrap();
+        assert_eq!(
+            a.status(base.handle).unwrap().queued_frames,
+            3 * QUEUE_FRAMES
+        );
+        // A waiting RECEIVE takes its share first, across ports: with the
+        // queue drained and one held, x may take a frame beyond its limit.
+        let all = unpack(&a.receive(base.handle, 64 << 10).unwrap());
+        assert_eq!(all.len(), 3 * QUEUE_FRAMES as usize);
+        let mut w = Path::open(&ha, 2);
+        w.submit(Path::receive_cmd(base.handle, 88, Duration::from_secs(10)));
+        while a.status(base.handle).unwrap().waiting_receives == 0 {
+            std::thread::yield_now();
+        }
+        b.send(s.handle, &to(x.port, QUEUE_FRAMES as usize + 1))
+            .unwrap();
+        assert_eq!(unpack(&w.wait().unwrap()).len(), 1);
+        assert_eq!(a.status(x.handle).unwrap().queued_frames, QUEUE_FRAMES);
+    }
+
+    #[test]
+    fn an_aborted_delivery_drops_the_frames_of_a_port_released_meanwhile() {
+        let (_a, m, ha, hb) = two_hosts();
+        let mut a = Path::open(&ha, 0);
+        let mut b = Path::open(&hb, 1);
+        let (base, x, y) = shared(&mut a);
+        let s = b.bind(0).unwrap();
+        b.send(
+            s.handle,
+            &pack(&[frame(s.port, x.port, b"x"), frame(s.port, y.port, b"y")]),
+        )
+        .unwrap();
+        struct Gone;
+        impl Reply for Gone {
+            fn data_len(&self) -> usize {
+                4096
+            }
+            fn read_out(&self, _: usize, _: &mut [u8]) -> usize {
+                0
+            }
+            fn write_in(&mut self, _: usize, _: &[u8]) -> usize {
+                panic!("an aborted reply was given frames")
+            }
+            fn complete(self: Box<Self>, _: TaskResult) {
+                panic!("an aborted reply was completed")
+            }
+            fn is_aborted(&self) -> bool {
+                true
+            }
+        }
+        let actions = {
+            let mut st = m.shared.lock();
+            let st = &mut *st;
+            let q = st.bindings.get_mut(&base.handle).unwrap();
+            let frames = take(q, &mut st.ports[0], 2);
+            vec![Action::Deliver {
+                reply: Box::new(Gone),
+                frames,
+                binding: base.handle,
+                direct: false,
+            }]
+        };
+        a.release(x.handle).unwrap();
+        run(&m.shared, actions);
+        assert_eq!(m.stats().frames_dropped, 1);
+        let sy = a.status(y.handle).unwrap();
+        assert_eq!((sy.queued_frames, sy.frames_delivered), (1, 0));
+        let got = unpack(&a.receive(base.handle, 4096).unwrap());
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].2, b"y");
+    }
+
+    #[test]
+    fn an_array_of_before_shared_bindings_refuses_the_add_flag() {
+        let (_a, m, ha, _hb) = two_hosts();
+        let mut p = Path::open(&ha, 0);
+        let base = p.bind(0).unwrap();
+        m.set_shared_bindings(false);
+        assert_invalid_field(&p.bind_add(base.handle).unwrap_err(), 1);
+        assert_eq!(p.bind(0).unwrap().port, 32769);
+        m.set_shared_bindings(true);
+        assert_eq!(p.bind_add(base.handle).unwrap().port, 32770);
     }
 }

@@ -1395,6 +1395,7 @@ impl Connection {
         let off = seq - self.rcv_nxt;
         if off >= u64::from(self.credit()) {
             self.stats.above_window_dropped += 1;
+            bump!(recv_dropped_above_window, 1);
             self.ack_now = true;
             return;
         }

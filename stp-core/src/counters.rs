@@ -77,6 +77,13 @@ counters! {
     /// DATA frames a stream handed to the sealing threads
     /// ([`crate::sealers`]) rather than sealing on the writer's thread.
     sealed_in_pool,
+    /// Frames a receive pump took off the array for no live connection (a
+    /// port closed meanwhile, another connection id): dropped; the sender
+    /// retransmits or gives up (docs/PROTOCOL.md §3.2).
+    recv_dropped_no_connection,
+    /// Frames a connection dropped for lying beyond the credit it
+    /// advertised (its reassembly window, §6.2–6.3).
+    recv_dropped_above_window,
 }
 
 /// Adds `n` to the counter `name`.

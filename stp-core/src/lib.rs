@@ -31,6 +31,8 @@
 //! * [`engine`] — transport policies: striping over LUNs.
 //! * [`stream`] — blocking `StpListener` / `StpStream` (Read + Write) over
 //!   the vendor mailbox.
+//! * `hub` — the receive side of streams: one binding per host and STG,
+//!   its receive pumps, frames handed to their connections.
 //! * [`block`] — block mode: STP over plain READ(16)/WRITE(16) on shared LUNs.
 //! * [`sockets`] — one socket API over TCP and STP, routed by descriptor value.
 //! * [`flows`] — the seed's file-system and database connection flows.
@@ -48,6 +50,7 @@ pub mod fence;
 pub mod flows;
 pub mod frame;
 pub mod guard;
+pub(crate) mod hub;
 pub mod mailbox;
 pub mod multipath;
 pub mod preflight;

@@ -74,13 +74,26 @@ pub struct SendDone {
 pub trait Mailbox: Send {
     /// Binds `port` (`None`: a dynamic port).
     fn bind(&mut self, port: Option<u32>) -> Result<Binding, MailboxError>;
-    /// Releases a binding; receivers waiting on it return.
+    /// Releases a binding; receivers waiting on it return. A port added
+    /// with [`bind_add`](Mailbox::bind_add) is released alone.
     fn release(&mut self, binding: &Binding) -> Result<(), MailboxError>;
     /// Bytes a SEND buffer leaves free before its frames, for the mailbox's
     /// own header (block mode: the slot header, so the buffer is the slot
     /// image and goes out uncopied). 0 for vendor mode.
     fn send_headroom(&self) -> usize {
         0
+    }
+    /// Whether this mailbox can add ports to a binding
+    /// ([`bind_add`](Mailbox::bind_add); the array may still refuse).
+    fn shares_bindings(&self) -> bool {
+        false
+    }
+    /// Binds a dynamic port to the queue of `shared` (BIND with `ADD`,
+    /// docs/PROTOCOL.md §3.2): frames for the new port are received on
+    /// `shared`. `None` where the mailbox has no shared bindings.
+    fn bind_add(&mut self, shared: &Binding) -> Option<Result<Binding, MailboxError>> {
+        let _ = shared;
+        None
     }
     /// Starts one SEND of the sealed frames packed at 8-byte aligned
     /// offsets in `buf` after its first [`send_headroom`](Mailbox::send_headroom)
@@ -104,7 +117,7 @@ pub trait Mailbox: Send {
         1
     }
     /// How many RECEIVEs on one binding are worth keeping in flight at once
-    /// (a stream runs this many receive pumps).
+    /// (a hub runs up to this many receive pumps on its binding).
     fn receive_parallelism(&self) -> usize {
         1
     }
@@ -165,6 +178,12 @@ impl Mailbox for VendorMailbox {
     }
     fn release(&mut self, binding: &Binding) -> Result<(), MailboxError> {
         VendorMailbox::release(self, binding)
+    }
+    fn shares_bindings(&self) -> bool {
+        true
+    }
+    fn bind_add(&mut self, shared: &Binding) -> Option<Result<Binding, MailboxError>> {
+        Some(VendorMailbox::bind_add(self, shared))
     }
     fn send_packed(&mut self, binding: &Binding, packed: &[u8]) -> Result<(), MailboxError> {
         VendorMailbox::send_packed(self, binding, packed)
@@ -312,7 +331,17 @@ impl VendorMailbox {
         Ok(b.into())
     }
 
-    /// Releases a binding; waiting RECEIVEs on it end.
+    /// Binds a dynamic port to the queue of the binding `shared` (BIND
+    /// with `ADD`, docs/PROTOCOL.md §3.2).
+    pub fn bind_add(&mut self, shared: &Binding) -> Result<Binding, MailboxError> {
+        let cdb = vendor::bind_add(shared.handle);
+        let data = self.run(Command::data_in(scsi::Cdb::Vendor(cdb).emit(), 16))?;
+        let b = BindResult::parse(&data).map_err(ProtocolError::Bind)?;
+        Ok(b.into())
+    }
+
+    /// Releases a binding (an added port: that port); waiting RECEIVEs on
+    /// a released binding end.
     pub fn release(&mut self, binding: &Binding) -> Result<(), MailboxError> {
         let cdb = vendor::release(binding.handle);
         self.run(Command::no_data(scsi::Cdb::Vendor(cdb).emit()))?;

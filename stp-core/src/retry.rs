@@ -70,7 +70,7 @@
 //! recovers it (retransmission, duplicates dropped by sequence number), so
 //! nothing is lost or duplicated above the mailbox.
 //!
-//! A long-poll loop (a stream's receive pump, an accepting listener) is not
+//! A long-poll loop (a receive pump, an accepting listener) is not
 //! a retry: after a failure other than a lost binding it waits
 //! [`POLL_PAUSE`] and polls with a new RECEIVE; whatever the failed one may
 //! have taken, the connection retransmits.

@@ -2,8 +2,8 @@
 //! [`StpStream`] (which implements `Read` and `Write`, and lends its DMA
 //! buffers: [`StpStream::send_buf`], [`StpStream::recv_buf`]).
 //!
-//! Each stream owns a sans-IO [`Connection`] behind a mutex and four kinds
-//! of thread around it, so that sealing, SCSI I/O and opening overlap:
+//! Each stream owns a sans-IO [`Connection`] behind a mutex and the threads
+//! around it, so that sealing, SCSI I/O and opening overlap:
 //!
 //! * **writers** (the caller of `write`) stage a DATA frame with the
 //!   connection, copy the payload from the caller's buffer into a pooled,
@@ -21,20 +21,27 @@
 //!   and reaping completions as they come, in any order. A sealed frame
 //!   stays with the stream until acknowledged; a retransmission re-sends it
 //!   as it is, with no second seal.
-//! * **receive pumps** (one while the stream is idle; a busy stream adds
-//!   more, up to one per RECEIVE worth keeping in flight,
-//!   [`Mailbox::receive_parallelism`], and they stop again after 2 s
-//!   without a frame) long-poll RECEIVE into pooled
-//!   buffers, open the frames in place (decrypting) *outside* the lock, then
-//!   hand them to the connection: a DATA payload stays where the device
-//!   wrote it, as a [`Chunk`] of the RECEIVE buffer, until read. Acks they
-//!   cause go to the sender's queue: a pump never waits on a SEND.
-//! * the **timer** sleeps until the connection's next deadline (delayed ACK,
-//!   retransmission, keepalive) and fires it.
+//!   Between SENDs it is also the connection's **timer**: it sleeps until
+//!   the next deadline (delayed ACK, retransmission, keepalive) and fires
+//!   it.
+//! * **receive pumps** are the host's, not the stream's: one *hub* per
+//!   host and STG (`crate::hub`, docs/PROTOCOL.md §3.2) holds one binding
+//!   at the array, and the stream's port is a port of it. The hub's pumps
+//!   (one per member path while busy, one while idle) long-poll RECEIVE
+//!   into pooled buffers and hand each frame to the stream its port and
+//!   connection id name; the stream opens its frames in place
+//!   (decrypting) *outside* its lock, then hands them to the connection: a
+//!   DATA payload stays where the device wrote it, as a [`Chunk`] of the
+//!   RECEIVE buffer, until read. Acks they cause go to the sender's queue:
+//!   a pump never waits on a SEND. Where the array predates shared
+//!   bindings (or in block mode) the stream has a binding and pumps of its
+//!   own, the same code serving one port.
 //!
+//! So a stream costs one thread (its sender) and no RECEIVE of its own;
+//! threads and held RECEIVEs grow with member paths, not connections.
 //! Wake-ups go only to whom has work: readers on new data or the end,
-//! writers on room, connection and state changes, the timer when an earlier
-//! deadline appears, the sender when something is queued. [`counters`](crate::counters)
+//! writers on room, connection and state changes, the sender when
+//! something is queued or an earlier deadline appears. [`counters`](crate::counters)
 //! counts copies, protection passes, SENDs in flight and wake-ups.
 
 use std::cell::Cell;
@@ -50,18 +57,21 @@ use scsi::pool::BufPool;
 use scsi::IoBuf;
 
 use crate::auth::FrameKey;
-use crate::chunk::{Chunk, RecvBuf};
+use crate::chunk::Chunk;
 use crate::conn::{Config, ConnError, Connection, Event, State, Transmit};
 use crate::counters::bump;
-use crate::error::{MailboxError, Refusal};
+use crate::error::MailboxError;
 use crate::frame::{Cipher, Direction, FrameError};
+use crate::hub::{self, Attached, Endpoint, Hub, Opened};
 use crate::mailbox::{Binding, Mailbox, SendDone};
 use crate::sealers;
 use crate::wire::{self, frame_span, Frames, Header, Kind, WireError, HEADER_LEN};
 
 /// Opens a new mailbox handle onto one STG (for vendor mode, a fresh set of
-/// paths onto its members). A stream opens one for its sender and one per
-/// receive pump.
+/// paths onto its members). A stream opens one for its sender; the host's
+/// hub for the STG one per receive pump. Streams opened with one source
+/// (the same `Arc`) share one binding at the array (docs/PROTOCOL.md §3.2),
+/// so a process keeps one source per STG.
 pub trait PathSource: Send + Sync {
     /// A mailbox over every member of the STG.
     fn open(&self) -> Result<Box<dyn Mailbox>, MailboxError>;
@@ -85,17 +95,8 @@ const POLL: Duration = Duration::from_millis(100);
 /// SEND holds one DATA frame, or control frames up to this size, and a
 /// RECEIVE asks for exactly this much.
 pub const MAX_TRANSFER: usize = 1 << 20;
-/// RECEIVE allocation while data flows.
+/// A listener's RECEIVE allocation.
 const RECV_BYTES: usize = MAX_TRANSFER;
-/// RECEIVE allocation of an idle pump: an idle connection keeps its held
-/// RECEIVEs small. The first frame too large for it ends the RECEIVE at
-/// once (80h/07h) and the pump asks again with [`RECV_BYTES`].
-const IDLE_RECV_BYTES: usize = 16 * 1024;
-/// Empty long polls (of [`POLL`]) after which a pump counts as idle.
-const IDLE_POLLS: u32 = 10;
-/// Empty long polls after which an extra pump (not the stream's first)
-/// stops: an idle connection keeps one RECEIVE at the array.
-const SPARE_PUMP_POLLS: u32 = 20;
 /// The largest payload whose frame fits one transfer.
 pub const MAX_STREAM_PAYLOAD: u32 = (MAX_TRANSFER - HEADER_LEN) as u32;
 /// DATA payloads smaller than this are copied out of the RECEIVE buffer
@@ -117,6 +118,10 @@ const STOP_PATIENCE: Duration = Duration::from_secs(2);
 /// How long a sender with SENDs in flight and room for more waits for a
 /// completion before looking at its queue again.
 const SENDER_SLICE: Duration = Duration::from_micros(500);
+/// How long a sender with its window full waits for a completion before
+/// looking at its timers again (a deadline that appeared meanwhile, such
+/// as a delayed ACK, waits at most this long).
+const FULL_SLICE: Duration = Duration::from_millis(5);
 
 /// `config` with its payload limit cut to what one transfer (and the
 /// mailbox: a block-mode slot) carries, and
@@ -174,7 +179,7 @@ struct Inner {
     /// Sequence numbers carried by each control SEND in flight.
     control: HashMap<u64, Vec<u64>>,
     next_control: u64,
-    /// The deadline the timer thread sleeps until.
+    /// When the sender next looks at the timers (it sleeps until then).
     timer_at: Option<Instant>,
     last_una: u64,
     last_state: State,
@@ -186,7 +191,7 @@ struct Shared {
     inner: Mutex<Inner>,
     readers: Condvar,
     writers: Condvar,
-    timer: Condvar,
+    /// The sender: SENDs to submit, or an earlier deadline.
     sender: Condvar,
     cipher: Cipher,
     out_dir: Direction,
@@ -208,14 +213,8 @@ struct Shared {
     unauthentic: AtomicU64,
     /// The most SENDs worth keeping in flight ([`Mailbox::send_window`]).
     tx_window: usize,
-    /// Where more receive pumps get their mailboxes.
-    source: Arc<dyn PathSource>,
-    /// Receive pumps running, and the most worth running
-    /// ([`Mailbox::receive_parallelism`]).
-    pumps_running: AtomicUsize,
-    pumps_max: usize,
-    /// Every pump thread started, to join at the end.
-    pump_threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The receive side: the host's shared binding, or this stream's own.
+    hub: Arc<Hub>,
 }
 
 thread_local! {
@@ -342,8 +341,8 @@ impl Shared {
         if wake_writers {
             Self::notify(&self.writers);
         }
-        if wake_timer {
-            Self::notify(&self.timer);
+        if wake_timer && !wake_sender {
+            Self::notify(&self.sender);
         }
     }
 
@@ -417,55 +416,6 @@ impl Shared {
         Ok(())
     }
 
-    /// Starts one more receive pump if fewer than [`Mailbox::receive_parallelism`]
-    /// run (a busy stream); quietly does nothing when it cannot.
-    fn more_pumps(self: &Arc<Self>) {
-        let n = self.pumps_running.load(Relaxed);
-        if n >= self.pumps_max || self.lock().stop {
-            return;
-        }
-        if self
-            .pumps_running
-            .compare_exchange(n, n + 1, Relaxed, Relaxed)
-            .is_err()
-        {
-            return;
-        }
-        let started = self.source.open().ok().and_then(|rx| {
-            let weak = Arc::downgrade(self);
-            let pool = self.pool.clone();
-            thread::Builder::new()
-                .name(format!("stp-pump-{}.{n}", self.binding.port))
-                .spawn(move || pump(weak, rx, pool))
-                .ok()
-        });
-        match started {
-            Some(t) => self
-                .pump_threads
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(t),
-            None => {
-                self.pumps_running.fetch_sub(1, Relaxed);
-            }
-        }
-    }
-
-    /// An idle pump may stop if it is not the last one.
-    fn spare_pump_may_stop(&self) -> bool {
-        let mut n = self.pumps_running.load(Relaxed);
-        while n > 1 {
-            match self
-                .pumps_running
-                .compare_exchange(n, n - 1, Relaxed, Relaxed)
-            {
-                Ok(_) => return true,
-                Err(now) => n = now,
-            }
-        }
-        false
-    }
-
     /// Stops the stream's threads and wakes everyone (the connection is
     /// over, or the stream is being dropped).
     fn stop(&self, mut inner: MutexGuard<'_, Inner>, why: Option<ConnError>) {
@@ -474,70 +424,9 @@ impl Shared {
             inner.failed.get_or_insert(e);
         }
         drop(inner);
-        for cv in [&self.readers, &self.writers, &self.timer, &self.sender] {
+        for cv in [&self.readers, &self.writers, &self.sender] {
             Self::notify(cv);
         }
-    }
-
-    /// Opens every frame of a RECEIVE in place, outside the lock. Returns
-    /// the authentic ones with their payload ranges.
-    fn open_all(&self, buf: &mut [u8]) -> (Vec<(Header, std::ops::Range<usize>)>, Option<u8>) {
-        let mut at = Vec::new();
-        let mut foreign = None;
-        for found in Frames::new(buf) {
-            match found {
-                Ok(f) => at.push(f.offset),
-                Err((_, WireError::BadVersion(v))) => {
-                    foreign = Some(v);
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        let mut opened = Vec::with_capacity(at.len());
-        for offset in at {
-            match self.cipher.open(self.in_dir, &mut buf[offset..]) {
-                Ok(h) => {
-                    let start = offset + HEADER_LEN;
-                    opened.push((h, start..start + h.payload_len as usize));
-                }
-                Err(e) => {
-                    let n = self.unauthentic.fetch_add(1, Relaxed) + 1;
-                    if n.is_power_of_two() {
-                        tracing::warn!(
-                            port = self.binding.port,
-                            dropped = n,
-                            "a frame failed to open ({e}) and was dropped: a peer with another \
-                             key or protection, or bytes damaged or forged on the SAN"
-                        );
-                    }
-                }
-            }
-        }
-        (opened, foreign)
-    }
-
-    /// Hands opened frames to the connection: DATA payloads of any size
-    /// as chunks of the RECEIVE buffer.
-    fn deliver(&self, buf: IoBuf, opened: Vec<(Header, std::ops::Range<usize>)>) {
-        let recv: Arc<dyn AsRef<[u8]> + Send + Sync> =
-            Arc::new(RecvBuf::new(buf, Some(self.pool.clone())));
-        let now = Instant::now();
-        let mut inner = self.lock();
-        for (h, range) in opened {
-            if h.kind == Kind::DATA && range.len() >= SMALL_PAYLOAD {
-                if let Some(chunk) = Chunk::new(recv.clone(), range) {
-                    inner.conn.handle_frame_chunk(now, &h, chunk);
-                }
-            } else {
-                if h.kind == Kind::DATA {
-                    bump!(recv_copy_bytes, range.len());
-                }
-                let bytes = &(*recv).as_ref()[range];
-                inner.conn.handle_frame(now, &h, bytes);
-            }
-        }
-        self.flush(inner);
     }
 
     /// Settles finished SENDs: sealed frames come back (or go again), a
@@ -609,6 +498,46 @@ impl Shared {
     }
 }
 
+/// A port for a new connection: one of the host's shared binding for the
+/// STG, or a binding of its own with a private hub where there are no
+/// shared bindings (an array of before docs/PROTOCOL.md §3.2, block mode).
+fn bind_port(
+    source: &Arc<dyn PathSource>,
+    tx: &mut dyn Mailbox,
+) -> io::Result<(Arc<Hub>, Binding)> {
+    match hub::attach(source).map_err(mb_err)? {
+        Attached::Shared { hub, port } => Ok((hub, port)),
+        Attached::Unshared => {
+            let binding = tx.bind(None).map_err(mb_err)?;
+            let started = source
+                .open()
+                .map_err(mb_err)
+                .and_then(|rx| Hub::private(Arc::clone(source), binding, rx));
+            match started {
+                Ok(hub) => Ok((hub, binding)),
+                Err(e) => {
+                    let _ = tx.release(&binding);
+                    Err(e)
+                }
+            }
+        }
+    }
+}
+
+/// Gives back a port [`bind_port`] made: unregistered and released alone
+/// in a shared binding; a binding of its own is released after its pumps
+/// were told to stop (the release ends their RECEIVEs), then they are
+/// joined.
+fn unbind_port(hub: &Hub, binding: &Binding, tx: &mut dyn Mailbox) {
+    if hub.is_shared() {
+        hub.remove_port(binding);
+    } else {
+        hub.stop();
+        let _ = tx.release(binding);
+        hub.join();
+    }
+}
+
 fn push_control(inner: &mut Inner, buf: IoBuf, seqs: Vec<u64>) {
     let token = CONTROL_TOKEN | inner.next_control;
     inner.next_control = (inner.next_control + 1) & !CONTROL_TOKEN;
@@ -616,126 +545,74 @@ fn push_control(inner: &mut Inner, buf: IoBuf, seqs: Vec<u64>) {
     inner.outq.push_back(Out { token, buf });
 }
 
-/// The receive side: long-polls RECEIVE into pooled buffers, opens what
-/// arrives outside the lock and hands it to the connection. Timers are the
-/// timer thread's, so every poll is a full [`POLL`] (the wire's long-poll
-/// unit is 100 ms; a shorter wait would be a zero-wait spin).
-fn pump(shared: Weak<Shared>, mut rx: Box<dyn Mailbox>, pool: Arc<BufPool>) {
-    let mut want = IDLE_RECV_BYTES;
-    let mut quiet = 0;
-    let mut failures: u32 = 0;
-    let mut buf = pool.get(want);
-    loop {
-        let Some(s) = shared.upgrade() else { return };
-        {
-            let inner = s.lock();
-            if inner.stop || inner.conn.is_closed() {
-                return;
+impl Endpoint for Shared {
+    /// Opens the frames at `at` in place, outside the lock.
+    fn open(&self, buf: &mut [u8], at: &[usize]) -> Vec<Opened> {
+        let mut opened = Vec::with_capacity(at.len());
+        for &offset in at {
+            match self.cipher.open(self.in_dir, &mut buf[offset..]) {
+                Ok(h) => {
+                    let start = offset + HEADER_LEN;
+                    opened.push((h, start..start + h.payload_len as usize));
+                }
+                Err(e) => {
+                    let n = self.unauthentic.fetch_add(1, Relaxed) + 1;
+                    if n.is_power_of_two() {
+                        tracing::warn!(
+                            port = self.binding.port,
+                            dropped = n,
+                            "a frame failed to open ({e}) and was dropped: a peer with another \
+                             key or protection, or bytes damaged or forged on the SAN"
+                        );
+                    }
+                }
             }
         }
-        let binding = s.binding;
-        drop(s); // do not keep the stream alive across a long poll
-        let got = rx.receive_into(&binding, &mut buf, want, POLL);
-        let got_ok = got.is_ok();
-        let Some(s) = shared.upgrade() else { return };
-        match got {
-            Ok(()) if !buf.is_empty() => {
-                quiet = 0;
-                if buf.len() > want / 2 {
-                    // Busy: a bigger RECEIVE, and one more pump (up to one
-                    // per member path) so receiving keeps pace.
-                    want = RECV_BYTES;
-                    s.more_pumps();
-                }
-                let (opened, foreign) = s.open_all(&mut buf);
-                if let Some(v) = foreign {
-                    s.lock().foreign_version = Some(v);
-                }
-                if opened.is_empty() {
-                    continue;
-                }
-                let full = std::mem::replace(&mut buf, pool.get(want));
-                s.deliver(full, opened);
-            }
-            Ok(()) => {
-                quiet += 1;
-                if quiet >= IDLE_POLLS {
-                    want = IDLE_RECV_BYTES;
-                }
-                if quiet >= SPARE_PUMP_POLLS && s.spare_pump_may_stop() {
-                    pool.put(std::mem::take(&mut buf));
-                    return;
-                }
-            }
-            Err(MailboxError::Refused(Refusal::FrameTooLarge { .. })) => want = RECV_BYTES,
-            Err(e) if e.binding_lost() => {
-                let inner = s.lock();
-                s.stop(inner, Some(ConnError::BindingLost));
-                return;
-            }
-            Err(e) => {
-                failures += 1;
-                // The first failure, then the 2nd, 4th, 8th…: a dead path
-                // must not flood the log.
-                if failures.is_power_of_two() {
-                    tracing::warn!(
-                        port = binding.port,
-                        failures,
-                        "a RECEIVE failed ({e}); polling again in {:?}",
-                        crate::retry::POLL_PAUSE
-                    );
-                }
-                thread::sleep(crate::retry::POLL_PAUSE)
-            }
-        }
-        if got_ok {
-            failures = 0;
-        }
-        if buf.capacity() < want || buf.capacity() > want.max(RECV_BYTES) {
-            pool.put(std::mem::take(&mut buf));
-            buf = pool.get(want);
-        } else if buf.capacity() > want && quiet == IDLE_POLLS {
-            // Gone idle: give the large buffer back.
-            pool.put(std::mem::take(&mut buf));
-            buf = pool.get(want);
-        }
+        opened
     }
-}
 
-/// The timer side: sleeps until the connection's next deadline (delayed
-/// ACK, retransmission, keepalive), fires it and flushes what it produced.
-/// A new, earlier deadline wakes it (`Shared::timer`).
-fn timers(shared: Weak<Shared>) {
-    loop {
-        let Some(s) = shared.upgrade() else { return };
-        let mut inner = s.lock();
-        if inner.stop || inner.conn.is_closed() {
-            return;
-        }
+    /// Hands opened frames to the connection: DATA payloads of any size
+    /// as chunks of the RECEIVE buffer.
+    fn deliver(&self, recv: &hub::Shared, opened: Vec<Opened>) {
         let now = Instant::now();
-        match inner.conn.poll_timeout() {
-            Some(t) if t <= now => {
-                inner.timer_at = None;
-                inner.conn.handle_timeout(now);
-                s.flush(inner);
-            }
-            next => {
-                let wait = next.map_or(POLL, |t| (t - now).min(POLL));
-                inner.timer_at = Some(now + wait);
-                drop(s.timer.wait_timeout(inner, wait));
+        let mut inner = self.lock();
+        for (h, range) in opened {
+            if h.kind == Kind::DATA && range.len() >= SMALL_PAYLOAD {
+                if let Some(chunk) = Chunk::new(recv.clone(), range) {
+                    inner.conn.handle_frame_chunk(now, &h, chunk);
+                }
+            } else {
+                if h.kind == Kind::DATA {
+                    bump!(recv_copy_bytes, range.len());
+                }
+                let bytes = &(**recv).as_ref()[range];
+                inner.conn.handle_frame(now, &h, bytes);
             }
         }
+        self.flush(inner);
+    }
+
+    fn binding_lost(&self) {
+        let inner = self.lock();
+        self.stop(inner, Some(ConnError::BindingLost));
+    }
+
+    fn foreign_version(&self, v: u8) {
+        self.lock().foreign_version = Some(v);
     }
 }
 
-/// The SEND side: submits queued SENDs as soon as the window has room and
-/// reaps completions as they come (writers submit themselves when they find
-/// the SEND side free; see `Shared::kick`).
+/// The SEND side and the timers: submits queued SENDs as soon as the
+/// window has room and reaps completions as they come (writers submit
+/// themselves when they find the SEND side free; see `Shared::kick`), and
+/// fires the connection's deadlines (delayed ACK, retransmission,
+/// keepalive) when they come due.
 fn sender(shared: Weak<Shared>) {
     let mut done = Vec::new();
     let mut stopping: Option<Instant> = None;
     loop {
         let Some(s) = shared.upgrade() else { return };
+        let until;
         {
             let mut inner = s.lock();
             loop {
@@ -748,12 +625,28 @@ fn sender(shared: Weak<Shared>) {
                         return;
                     }
                 }
+                let now = Instant::now();
+                let deadline = if inner.stop || inner.conn.is_closed() {
+                    None
+                } else {
+                    inner.conn.poll_timeout()
+                };
+                if deadline.is_some_and(|t| t <= now) {
+                    inner.timer_at = None;
+                    inner.conn.handle_timeout(now);
+                    s.flush(inner);
+                    inner = s.lock();
+                    continue;
+                }
+                let wait = deadline.map_or(POLL, |t| (t - now).min(POLL));
+                inner.timer_at = Some(now + wait);
                 if in_flight > 0 || (!inner.outq.is_empty() && in_flight < s.tx_window) {
+                    until = wait;
                     break;
                 }
                 inner = s
                     .sender
-                    .wait_timeout(inner, POLL)
+                    .wait_timeout(inner, wait)
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
             }
@@ -763,7 +656,8 @@ fn sender(shared: Weak<Shared>) {
         s.submit_queued(tx.as_mut(), &mut done);
         if done.is_empty() && tx.sends_in_flight() > 0 {
             let full = tx.sends_in_flight() >= s.tx_window;
-            tx.reap_sends(&mut done, Some(if full { POLL } else { SENDER_SLICE }));
+            let slice = if full { FULL_SLICE } else { SENDER_SLICE };
+            tx.reap_sends(&mut done, Some(slice.min(until)));
             s.tx_in_flight.store(tx.sends_in_flight(), Relaxed);
         }
         drop(tx);
@@ -777,8 +671,6 @@ fn sender(shared: Weak<Shared>) {
 /// A connected STP byte stream.
 pub struct StpStream {
     shared: Arc<Shared>,
-    pumps: Vec<JoinHandle<()>>,
-    timer: Option<JoinHandle<()>>,
     sender: Option<JoinHandle<()>>,
 }
 
@@ -868,23 +760,19 @@ impl Drop for SendSlot<'_> {
 
 impl StpStream {
     fn start(
-        source: Arc<dyn PathSource>,
+        hub: Arc<Hub>,
         conn: Connection,
         binding: Binding,
         cipher: Cipher,
         tx: Box<dyn Mailbox>,
         send_buffer_bytes: usize,
     ) -> io::Result<StpStream> {
-        // One pump to start with; a busy stream adds more, up to one per
-        // RECEIVE worth keeping in flight (vendor mode: one per member
-        // path), and they stop again when idle.
-        let rx = source.open().map_err(mb_err)?;
-        let pumps_max = rx.receive_parallelism().max(1);
         let (out_dir, in_dir) = match conn.role() {
             crate::conn::Role::Client => (Direction::ClientToServer, Direction::ServerToClient),
             crate::conn::Role::Server => (Direction::ServerToClient, Direction::ClientToServer),
         };
         let state = conn.state();
+        let conn_id = conn.conn_id();
         let pool = BufPool::global().clone();
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
@@ -902,50 +790,37 @@ impl StpStream {
             }),
             readers: Condvar::new(),
             writers: Condvar::new(),
-            timer: Condvar::new(),
             sender: Condvar::new(),
             cipher,
             out_dir,
             in_dir,
             binding,
             send_buffer_bytes,
-            pool: pool.clone(),
+            pool,
             tx_window: tx.send_window().max(1),
             headroom: tx.send_headroom(),
             tx: Mutex::new(tx),
             tx_in_flight: AtomicUsize::new(0),
             sealing: AtomicUsize::new(0),
             unauthentic: AtomicU64::new(0),
-            source,
-            pumps_running: AtomicUsize::new(1),
-            pumps_max,
-            pump_threads: Mutex::new(Vec::new()),
+            hub,
         });
+        // Frames for the port reach the connection from now on: before its
+        // first frame goes out, so the answer finds it.
+        let endpoint: Weak<dyn Endpoint> = Arc::downgrade(&shared) as Weak<dyn Endpoint>;
+        shared.hub.register(binding.port, conn_id, endpoint);
         shared.flush(shared.lock());
         let mut stream = StpStream {
             shared,
-            pumps: Vec::new(),
-            timer: None,
             sender: None,
         };
-        // On a spawn failure, dropping `stream` stops and joins what runs.
+        // On a spawn failure, dropping `stream` stops what runs and gives
+        // the port back.
         let weak = Arc::downgrade(&stream.shared);
         stream.sender = Some(
             thread::Builder::new()
                 .name(format!("stp-send-{}", binding.port))
                 .spawn(move || sender(weak))?,
-        );
-        let weak = Arc::downgrade(&stream.shared);
-        stream.pumps.push(
-            thread::Builder::new()
-                .name(format!("stp-pump-{}.0", binding.port))
-                .spawn(move || pump(weak, rx, pool))?,
-        );
-        let weak = Arc::downgrade(&stream.shared);
-        stream.timer = Some(
-            thread::Builder::new()
-                .name(format!("stp-timer-{}", binding.port))
-                .spawn(move || timers(weak))?,
         );
         Ok(stream)
     }
@@ -960,7 +835,7 @@ impl StpStream {
         timeout: Duration,
     ) -> io::Result<StpStream> {
         let mut tx = source.open().map_err(mb_err)?;
-        let binding = tx.bind(None).map_err(mb_err)?;
+        let (hub, binding) = bind_port(&source, tx.as_mut())?;
         let buffer = config.send_buffer_bytes;
         let protection = config.protection;
         let conn_id = rand::rngs::OsRng.next_u64();
@@ -973,7 +848,7 @@ impl StpStream {
             nonce(),
         );
         let cipher = Cipher::new(&key, conn_id, protection);
-        let stream = StpStream::start(source, conn, binding, cipher, tx, buffer)?;
+        let stream = StpStream::start(hub, conn, binding, cipher, tx, buffer)?;
         stream.wait_for(
             "STP connection not established (is anyone listening on the port, with the same key \
              and protection?)",
@@ -981,6 +856,13 @@ impl StpStream {
             |c| c.state() != State::SynSent,
         )?;
         Ok(stream)
+    }
+
+    /// Whether this stream's port is one of the host's shared binding for
+    /// the STG (docs/PROTOCOL.md §3.2), rather than a binding of its own
+    /// (an array of before shared bindings, block mode).
+    pub fn shares_binding(&self) -> bool {
+        self.shared.hub.is_shared()
     }
 
     fn wait_for(
@@ -1243,22 +1125,6 @@ impl Drop for StpStream {
             thread::sleep(Duration::from_millis(1));
         }
         self.shared.stop(self.shared.lock(), None);
-        let more = std::mem::take(
-            &mut *self
-                .shared
-                .pump_threads
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
-        for t in self
-            .timer
-            .take()
-            .into_iter()
-            .chain(self.pumps.drain(..))
-            .chain(more)
-        {
-            let _ = t.join();
-        }
         if let Some(t) = self.sender.take() {
             let _ = t.join();
         }
@@ -1266,7 +1132,7 @@ impl Drop for StpStream {
             let mut tx = self.shared.tx.lock().unwrap_or_else(|e| e.into_inner());
             let mut done = Vec::new();
             tx.reap_sends(&mut done, Some(POLL));
-            let _ = tx.release(&self.shared.binding);
+            unbind_port(&self.shared.hub, &self.shared.binding, tx.as_mut());
         }
         let mut inner = self.shared.lock();
         for (_, s) in std::mem::take(&mut inner.sealed) {
@@ -1411,7 +1277,7 @@ impl StpListener {
         cipher: Cipher,
     ) -> io::Result<StpStream> {
         let mut tx = self.source.open().map_err(mb_err)?;
-        let binding = tx.bind(None).map_err(mb_err)?;
+        let (hub, binding) = bind_port(&self.source, tx.as_mut())?;
         let conn = match Connection::accept(
             fit(self.config.clone(), &binding, tx.as_ref()),
             Instant::now(),
@@ -1428,12 +1294,12 @@ impl StpListener {
                 if let Ok(frame) = cipher.seal_to_vec(Direction::ServerToClient, h, &[&p]) {
                     let _ = self.mailbox.send_packed(&self.binding, &frame);
                 }
-                let _ = tx.release(&binding);
+                unbind_port(&hub, &binding, tx.as_mut());
                 return Err(conn_err(&e));
             }
         };
         let buffer = self.config.send_buffer_bytes;
-        let stream = StpStream::start(Arc::clone(&self.source), conn, binding, cipher, tx, buffer)?;
+        let stream = StpStream::start(hub, conn, binding, cipher, tx, buffer)?;
         self.accepted.retain(|_, w| w.strong_count() > 0);
         self.accepted
             .insert(syn.conn_id, Arc::downgrade(&stream.shared));

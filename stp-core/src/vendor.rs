@@ -119,6 +119,19 @@ pub fn bind(port: u32) -> VendorCdb {
     cdb(BIND, 0, port, BIND_LEN as u32)
 }
 
+/// BIND flags bit 0, `ADD`: bind a dynamic port to the queue of the binding
+/// whose handle the CDB carries, rather than a port of its own
+/// (docs/PROTOCOL.md §3.2). The reply names the new port and a handle of
+/// its own for it (SEND from it, RELEASE it alone).
+pub const BIND_ADD: u8 = 0x01;
+
+/// BIND a dynamic port to the queue of the binding `handle` (flag
+/// [`BIND_ADD`]): frames addressed to the new port are received with
+/// RECEIVE on `handle`.
+pub fn bind_add(handle: u32) -> VendorCdb {
+    cdb(BIND, BIND_ADD, handle, BIND_LEN as u32)
+}
+
 /// RELEASE the binding `handle`.
 pub fn release(handle: u32) -> VendorCdb {
     cdb(RELEASE, 0, handle, 0)
@@ -399,6 +412,11 @@ mod tests {
     fn cdb_literal_bytes() {
         let b = Cdb::from(bind(5100)).emit();
         assert_eq!(b.as_slice(), &[0xC1, 0, 0, 0, 0x13, 0xEC, 0, 0, 16, 0]);
+        let b = Cdb::from(bind_add(0xDEAD_BEEF)).emit();
+        assert_eq!(
+            b.as_slice(),
+            &[0xC1, 1, 0xDE, 0xAD, 0xBE, 0xEF, 0, 0, 16, 0]
+        );
         let b = Cdb::from(send(0xDEAD_BEEF, 0x01_0203)).emit();
         assert_eq!(b.as_slice(), &[0xC3, 0, 0xDE, 0xAD, 0xBE, 0xEF, 1, 2, 3, 0]);
         let b = Cdb::from(receive(7, 4096, Duration::from_millis(250))).emit();

@@ -199,8 +199,11 @@ fn stp_sim_protection_and_connections() {
     let r = num(c, &["slowest_over_fastest"]);
     assert!(r > 0.0 && r <= 1.0, "{c}");
     assert_eq!(c["idle"]["connections"], 3);
-    // Each end has at least a sender, a timer and one receive pump.
-    assert!(num(c, &["idle", "threads_per_connection"]) >= 6.0, "{c}");
+    // Each end has its sender (which is also its timer); the receive
+    // pumps are each host's, shared by its connections (one per member
+    // path at most: four here, two hosts).
+    let threads = num(c, &["idle", "threads_per_connection"]);
+    assert!((2.0..=2.0 + 2.0 * 4.0 / 3.0).contains(&threads), "{c}");
 }
 
 #[test]

@@ -241,6 +241,12 @@ pub struct Datapath {
     pub sealed_in_pool_frames: u64,
     /// The process's sealing threads (`stp_core::sealers`).
     pub sealing_threads: u64,
+    /// Frames the receive pumps took off the array for no live connection
+    /// (a port closed meanwhile, another connection id) and dropped.
+    pub dropped_no_connection_frames: u64,
+    /// Frames connections dropped for lying beyond the credit they
+    /// advertised.
+    pub dropped_above_window_frames: u64,
 }
 
 impl Datapath {
@@ -262,6 +268,8 @@ impl Datapath {
             resent_sealed_frames: d.resent_sealed,
             sealed_in_pool_frames: d.sealed_in_pool,
             sealing_threads: stp_core::sealers::parallelism() as u64,
+            dropped_no_connection_frames: d.recv_dropped_no_connection,
+            dropped_above_window_frames: d.recv_dropped_above_window,
         }
     }
 
@@ -283,6 +291,10 @@ impl Datapath {
         println!(
             "              frames sealed on the {} sealing thread(s): {}",
             self.sealing_threads, self.sealed_in_pool_frames
+        );
+        println!(
+            "              frames dropped on receipt: for no live connection {}, beyond the credit {}",
+            self.dropped_no_connection_frames, self.dropped_above_window_frames
         );
     }
 }
@@ -1622,6 +1634,8 @@ mod tests {
         d.flushes = 2;
         d.wakeups = 3;
         d.resent_sealed = 1;
+        d.recv_dropped_no_connection = 2;
+        d.recv_dropped_above_window = 7;
         let mut r = report("stp", 1.0, 1.0, 1);
         r.datapath = Some(Datapath::of(&d));
         r.connections = Some(Connections {
@@ -1651,6 +1665,8 @@ mod tests {
         assert_eq!(f("sends_in_flight_per_lun_max"), 3.0);
         assert_eq!(f("wakeups_per_flush"), 1.5);
         assert_eq!(f("resent_sealed_frames"), 1.0);
+        assert_eq!(f("dropped_no_connection_frames"), 2.0);
+        assert_eq!(f("dropped_above_window_frames"), 7.0);
         for k in [
             "send_payload_bytes",
             "recv_payload_bytes",
