@@ -554,7 +554,8 @@ fn drive(
                 let lba = op.offset / bsz;
                 let blocks = (op.len / bsz) as u32;
                 let mut buf = pool.pop().unwrap_or_else(|| {
-                    // (`buffers` made one per tag; this is not reached.)
+                    // `buffers` made one per tag and each completion hands
+                    // its buffer back; should one not, take another.
                     scsi::pool::BufPool::global().get(max_len)
                 });
                 buf.resize(op.len as usize);
