@@ -476,6 +476,10 @@ pub struct Report {
     /// their aggregate).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<DeviceFigures>,
+    /// Runs with a block-size mix (`--bssplit`): each size's own figures,
+    /// all paths and both directions together.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sizes: Vec<SizeFigures>,
     /// Runs with `--rounds N`: every round's figures, their median and
     /// spread (the rest of the report is the median round's).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -562,6 +566,16 @@ pub struct DeviceFigures {
     /// Mixed runs: its writes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub write: Option<Figures>,
+}
+
+/// The commands of one size of a block-size mix.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct SizeFigures {
+    /// Bytes per command.
+    pub bs: u64,
+    /// What the commands of this size did.
+    #[serde(flatten)]
+    pub all: Figures,
 }
 
 /// What a fixed-rate (open-loop) run asked for and got.
@@ -731,6 +745,7 @@ impl Report {
             read: None,
             write: None,
             devices: Vec::new(),
+            sizes: Vec::new(),
             rounds: None,
             hist,
             corrected_hist: None,
@@ -803,6 +818,12 @@ impl Report {
         }
         if let Some(w) = &self.write {
             println!("{}", w.line("writes"));
+        }
+        for z in &self.sizes {
+            println!(
+                "{}",
+                z.all.line(&format!("{} cmds", workload::short_size(z.bs)))
+            );
         }
         for d in &self.devices {
             println!("{}", d.all.line("device"));

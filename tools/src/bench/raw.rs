@@ -286,6 +286,9 @@ struct LunResult {
     written: Vec<bool>,
     /// Fixed-rate runs: commands due before issuing stopped that never went out.
     not_issued: u64,
+    /// A block-size mix: each size's commands (in the split's order),
+    /// both directions; empty for one size.
+    sizes: Vec<Dir>,
 }
 
 /// A command in flight.
@@ -469,9 +472,28 @@ fn read_back(t: &mut dyn Transport, plan: &Plan, written: &[bool]) -> Result<u64
     Ok(checked)
 }
 
+/// The data buffers of one path: one per command in flight, each of the
+/// split's largest size, taken from the DMA pool (so the bsg engine
+/// registers them) and touched (first-touch page faults and the fill) before
+/// the run's clock starts, as fio allocates its buffers before timing. Every
+/// command uses a buffer's first `len` bytes.
+fn buffers(plan: &Plan) -> Vec<IoBuf> {
+    let max_len = plan.workload.split().max() as usize;
+    (0..plan.depth)
+        .map(|_| {
+            let mut b = scsi::pool::BufPool::global().get(max_len);
+            if !plan.verify {
+                b.fill(0xA5);
+            }
+            b
+        })
+        .collect()
+}
+
 fn drive(
     t: &mut dyn Transport,
     plan: &Plan,
+    mut pool: Vec<IoBuf>,
     counters: &Counters,
     stop: &AtomicBool,
     log: Option<&mpsc::Sender<IntervalSample>>,
@@ -484,7 +506,6 @@ fn drive(
     let mut lag = new_histogram();
     let mut inflight: Vec<Option<InFlight>> = vec![None; plan.depth];
     let mut free: Vec<usize> = (0..plan.depth).rev().collect();
-    let mut pool: Vec<IoBuf> = Vec::new();
     let mut rng = SmallRng::seed_from_u64(plan.seed ^ 0x5EED);
     let mut schedule = plan.rate.map(Schedule::new);
     if schedule.is_some() {
@@ -505,6 +526,12 @@ fn drive(
         .zip(log)
         .map(|(every, tx)| IntervalLog::new(every, plan.measure_from, tx));
     let mut done = Vec::with_capacity(plan.depth);
+    let size_of: Vec<u64> = workload.split().entries().iter().map(|e| e.0).collect();
+    let mut sizes: Vec<Dir> = if size_of.len() > 1 {
+        size_of.iter().map(|_| Dir::new()).collect()
+    } else {
+        Vec::new()
+    };
     // Sleep no longer than this at once, so a stop is seen.
     let tick = Duration::from_millis(100);
     loop {
@@ -527,12 +554,9 @@ fn drive(
                 let lba = op.offset / bsz;
                 let blocks = (op.len / bsz) as u32;
                 let mut buf = pool.pop().unwrap_or_else(|| {
-                    // From the DMA pool: the bsg engine registers it.
-                    let mut b = scsi::pool::BufPool::global().get(max_len);
-                    if !plan.verify {
-                        b.fill(0xA5);
-                    }
-                    b
+                    // `buffers` made one per tag and each completion hands
+                    // its buffer back; should one not, take another.
+                    scsi::pool::BufPool::global().get(max_len)
                 });
                 buf.resize(op.len as usize);
                 let cmd = if op.write {
@@ -644,6 +668,18 @@ fn drive(
                 record(&mut d.corrected, now.saturating_duration_since(i));
                 record(&mut lag, f.start.saturating_duration_since(i));
             }
+            if let Some(z) = size_of
+                .iter()
+                .position(|&b| b == op.len)
+                .and_then(|k| sizes.get_mut(k))
+            {
+                z.ops += 1;
+                z.bytes += op.len;
+                record(&mut z.service, service);
+                if let Some(c) = corrected {
+                    record(&mut z.corrected, c);
+                }
+            }
             if let Some(l) = &mut log {
                 l.acc.add(op.write, op.len, service, corrected);
             }
@@ -665,6 +701,7 @@ fn drive(
         lag,
         written,
         not_issued,
+        sizes,
     })
 }
 
@@ -901,6 +938,8 @@ fn run_once(
     let counters = Arc::new(Counters::default());
     let stop = AtomicBool::new(false);
     let ramp = args.ramp.unwrap_or_default();
+    // Every path's buffers, made before the clock starts.
+    let mut bufs: Vec<Vec<IoBuf>> = plans.iter().map(buffers).collect();
     let t0 = Instant::now();
     for p in &mut plans {
         p.t0 = t0;
@@ -916,10 +955,11 @@ fn run_once(
         let handles: Vec<_> = paths
             .iter_mut()
             .zip(&plans)
-            .map(|(t, plan)| {
+            .zip(bufs.iter_mut().map(std::mem::take))
+            .map(|((t, plan), pool)| {
                 let (counters, stop, tx) = (&counters, &stop, tx.clone());
                 s.spawn(move || {
-                    let r = drive(t.as_mut(), plan, counters, stop, Some(&tx));
+                    let r = drive(t.as_mut(), plan, pool, counters, stop, Some(&tx));
                     if r.is_err() {
                         stop.store(true, Ordering::Relaxed);
                     }
@@ -1048,6 +1088,21 @@ fn run_once(
             .plot_series
             .push(("writes".into(), writes.service.clone()));
     }
+    let entries = split.entries();
+    if entries.len() > 1 {
+        for (k, &(bs, _)) in entries.iter().enumerate() {
+            let mut z = Dir::new();
+            for r in &lun_results {
+                if let Some(d) = r.sizes.get(k) {
+                    z.add(d)?;
+                }
+            }
+            report.sizes.push(super::SizeFigures {
+                bs,
+                all: z.figures(secs, fixed),
+            });
+        }
+    }
     if lun_results.len() > 1 {
         for (path, r) in described.iter().zip(&lun_results) {
             let mut a = Dir::new();
@@ -1154,6 +1209,14 @@ mod tests {
         assert!(v["devices"][1]["write"]["mb_per_s"].is_number());
         assert!(v["devices"][0]["latency_us"]["p50"].is_number());
         assert_eq!(r.test, "randrw 70/30 bssplit 4k/60,64k/30,1m/10");
+        // Each size's own figures, in the split's order, adding up.
+        let sizes: Vec<u64> = r.sizes.iter().map(|z| z.bs).collect();
+        assert_eq!(sizes, [4096, 64 << 10, 1 << 20]);
+        assert_eq!(r.sizes.iter().map(|z| z.all.ops).sum::<u64>(), r.ops);
+        assert_eq!(r.sizes.iter().map(|z| z.all.bytes).sum::<u64>(), r.bytes);
+        assert!(r.sizes.iter().all(|z| z.all.bytes == z.all.ops * z.bs));
+        assert!(v["sizes"][2]["latency_us"]["p50"].is_number());
+        assert_eq!(v["sizes"][0]["bs"], 4096);
     }
 
     #[test]

@@ -32,9 +32,15 @@
 //! and whether it was met. Throughput ratios are ours / theirs (above 1: we
 //! are faster); latency ratios are ours / the reference (below 1: we are
 //! quicker). The keys `raw_vs_fio_sg` and `raw_vs_fio_uring_direct` hold one
-//! ratio per (LUN, case); `stp_vendor_goodput_vs_raw_write`,
+//! ratio per (LUN, case) of `stp bench raw` on its default engine, each
+//! naming the engine (`engine`: `bsg` on 7.1+ kernels, else `sg`);
+//! `sgv3_vs_fio_sg` and `sgv3_vs_fio_uring_direct` the same for the runs
+//! forced onto the sg v3 engine (`sgv3-<lun>-<case>`, not counted in the
+//! summary), and `raw_vs_sgv3` the default engine against sg v3. With
+//! `--rounds N` each run is its median round by the case's metric (MB/s
+//! for 1 MiB and mixed cases, IOPS otherwise). `stp_vendor_goodput_vs_raw_write`,
 //! `stp_block_goodput_vs_raw_write`, `stp_rtt_p50_vs_raw_qd1_write` and
-//! `stp_rtt_p999_vs_own_p50` one each (the STP latency ratios are vendor
+//! `stp_rtt_p999_vs_own_p50` hold one each (the STP latency ratios are vendor
 //! mode's; block mode's are under `stp_block_*`).
 //!
 //! # Ceilings
@@ -69,6 +75,19 @@ pub mod targets {
     pub const RAW_VS_FIO_SG: f64 = 2.0;
     /// Our raw mode ≥ 0.9× fio io_uring O_DIRECT, every case.
     pub const RAW_VS_FIO_URING: f64 = 0.9;
+    /// The mixed case ([`MIXED_CASE`](super::MIXED_CASE)) on the bsg
+    /// engine: ≥ 1.0× fio io_uring O_DIRECT ("≥ 1.0× once the bsg engine
+    /// is in").
+    pub const RAW_VS_FIO_URING_MIXED_BSG: f64 = 1.0;
+
+    /// The target of a raw / fio io_uring ratio for `case` run on `engine`.
+    pub fn raw_vs_fio_uring(case: &str, engine: Option<&str>) -> f64 {
+        if case == super::MIXED_CASE && engine == Some("bsg") {
+            RAW_VS_FIO_URING_MIXED_BSG
+        } else {
+            RAW_VS_FIO_URING
+        }
+    }
     /// STP vendor one-way goodput ≥ 0.6× our raw 1 MiB writes.
     pub const STP_GOODPUT_VS_RAW: f64 = 0.6;
     /// STP 64 B round trip p50 ≤ 3× our raw 4 KiB QD1 write latency.
@@ -150,9 +169,17 @@ pub struct Measured {
     /// Where it came from (file name).
     pub source: String,
     /// With `--rounds N` in the guest: every round's IOPS (this entry is
-    /// the round with the median IOPS).
+    /// the round with the median of the case's throughput metric: MB/s for
+    /// 1 MiB and mixed cases, IOPS otherwise).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rounds_iops: Vec<f64>,
+    /// Every round's MB/s, in round order, next to `rounds_iops`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rounds_mb_per_s: Vec<f64>,
+    /// The SCSI engine our run used (`bsg`, `sg`, `sync`; from the
+    /// report's `engines`); none for fio and for runs that do not say.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
 }
 
 /// The part of an `stp bench --json` report the table needs.
@@ -168,6 +195,14 @@ struct OurJson {
     read: Option<OurDir>,
     #[serde(default)]
     write: Option<OurDir>,
+    /// Which engine drove each path (runs on devices).
+    #[serde(default)]
+    engines: Vec<OurEngine>,
+}
+
+#[derive(Deserialize, Debug)]
+struct OurEngine {
+    engine: String,
 }
 
 #[derive(Deserialize, Debug)]
@@ -205,6 +240,8 @@ pub fn parse_ours(text: &str, source: &str) -> Result<Measured> {
         ops: j.ops,
         source: source.into(),
         rounds_iops: Vec::new(),
+        rounds_mb_per_s: Vec::new(),
+        engine: j.engines.first().map(|e| e.engine.clone()),
     })
 }
 
@@ -314,6 +351,8 @@ pub fn parse_fio(text: &str, source: &str) -> Result<Measured> {
         ops: r.total_ios + w.total_ios,
         source: source.into(),
         rounds_iops: Vec::new(),
+        rounds_mb_per_s: Vec::new(),
+        engine: None,
     })
 }
 
@@ -584,6 +623,10 @@ pub struct Ratio {
     /// The case (`randwrite-4k-qd16`...), for per-case ratios.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub case: Option<String>,
+    /// The SCSI engine our run (the value) used, for per-case ratios of
+    /// `stp bench raw`: `bsg`, `sg` or `sync`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
     /// What is compared: `iops`, `mb_per_s`, `p50_us`, `p999_us`.
     pub metric: String,
     /// The numerator: ours.
@@ -625,6 +668,7 @@ impl Ratio {
         Ratio {
             lun: None,
             case: None,
+            engine: None,
             metric: metric.into(),
             value,
             value_is,
@@ -642,6 +686,11 @@ impl Ratio {
         self.case = Some(case.into());
         self
     }
+
+    fn on(mut self, engine: Option<&str>) -> Ratio {
+        self.engine = engine.map(str::to_string);
+        self
+    }
 }
 
 /// One block case on one LUN, three ways.
@@ -651,7 +700,8 @@ pub struct CaseRow {
     pub lun: String,
     /// `<rw>-<bs>-qd<depth>`.
     pub case: String,
-    /// `stp bench raw` (io_uring sg v3 engine, direct I/O) on `/dev/sgN`.
+    /// `stp bench raw` on `/dev/sgN`, its default engine (bsg io_uring
+    /// passthrough on 7.1+, else sg v3; `engine` says which).
     pub raw: Option<Measured>,
     /// fio `--ioengine=sg` on the same `/dev/sgN`.
     pub fio_sg: Option<Measured>,
@@ -694,8 +744,10 @@ pub fn split_round(stem: &str) -> (&str, Option<u32>) {
 
 impl Results {
     /// Reads every result file in `dir`. Rounds of one run (`<stem>.rK`)
-    /// become one entry: the round with the median IOPS (the lower of the
-    /// two middle ones for an even count), every round's IOPS with it.
+    /// become one entry: the round with the median of the case's
+    /// throughput metric (MB/s for 1 MiB and mixed cases, IOPS otherwise;
+    /// the lower of the two middle ones for an even count), every round's
+    /// IOPS and MB/s with it.
     pub fn load(dir: &Path) -> Result<Results> {
         let mut r = Results::default();
         let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -787,10 +839,14 @@ impl Results {
         }
         for (stem, mut all) in rounds {
             let each: Vec<f64> = all.iter().map(|m| m.iops).collect();
-            all.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+            let each_mb: Vec<f64> = all.iter().map(|m| m.mb_per_s).collect();
+            // A mixed run's IOPS and MB/s need not rank its rounds alike:
+            // the median is taken of the metric its ratios use.
+            all.sort_by(|a, b| throughput(&stem, a).0.total_cmp(&throughput(&stem, b).0));
             let mut m = all.swap_remove((all.len() - 1) / 2);
             if each.len() > 1 {
                 m.rounds_iops = each;
+                m.rounds_mb_per_s = each_mb;
             }
             r.runs.insert(stem, m);
         }
@@ -855,6 +911,12 @@ pub struct Ratios {
     pub raw_vs_fio_sg: Vec<Ratio>,
     /// Our raw mode / fio io_uring O_DIRECT on the matching `/dev/sdX`.
     pub raw_vs_fio_uring_direct: Vec<Ratio>,
+    /// Our raw mode forced onto the sg v3 engine (`sgv3-<lun>-<case>`) /
+    /// fio's sg engine: the same targets, for the older kernels' engine
+    /// (not counted in the summary, which is the default engine's).
+    pub sgv3_vs_fio_sg: Vec<Ratio>,
+    /// The sg v3 runs / fio io_uring O_DIRECT (likewise).
+    pub sgv3_vs_fio_uring_direct: Vec<Ratio>,
     /// Our raw mode on its default engine (bsg io_uring passthrough on a
     /// 7.1+ kernel) / our raw mode forced onto the sg v3 engine
     /// (`sgv3-<lun>-<case>`), same LUN (no target).
@@ -898,34 +960,58 @@ impl Ratios {
     pub fn of(r: &Results) -> Ratios {
         let mut out = Ratios::default();
         for row in r.rows() {
-            let Some(raw) = &row.raw else { continue };
-            let (ours, metric) = throughput(&row.case, raw);
-            for (peer, name, target, list) in [
+            let sgv3 = r.get(&format!("sgv3-{}-{}", row.lun, row.case));
+            let default_is = |m: &Measured| match &m.engine {
+                Some(e) => format!("stp bench raw (its default engine: {e})"),
+                None => "stp bench raw (its default engine)".to_string(),
+            };
+            for (ours, value_is, to_sg, to_uring) in [
                 (
-                    &row.fio_sg,
-                    "fio --ioengine=sg, same /dev/sg",
-                    targets::RAW_VS_FIO_SG,
+                    row.raw.as_ref(),
+                    row.raw.as_ref().map(default_is),
                     &mut out.raw_vs_fio_sg,
-                ),
-                (
-                    &row.fio_uring_direct,
-                    "fio --ioengine=io_uring --direct=1, matching /dev/sd",
-                    targets::RAW_VS_FIO_URING,
                     &mut out.raw_vs_fio_uring_direct,
                 ),
+                (
+                    sgv3,
+                    Some("stp bench raw, STP_ENGINE=sg (io_uring sg v3)".to_string()),
+                    &mut out.sgv3_vs_fio_sg,
+                    &mut out.sgv3_vs_fio_uring_direct,
+                ),
             ] {
-                if let Some(p) = peer {
-                    let (theirs, _) = throughput(&row.case, p);
-                    list.push(
-                        Ratio::new(
-                            metric,
-                            (ours, "stp bench raw (its default engine)".into()),
-                            (theirs, name.into()),
-                            Better::Higher,
-                            Some(target),
-                        )
-                        .at(&row.lun, &row.case),
-                    );
+                let (Some(m), Some(value_is)) = (ours, value_is) else {
+                    continue;
+                };
+                let (value, metric) = throughput(&row.case, m);
+                let engine = m.engine.as_deref();
+                for (peer, name, target, list) in [
+                    (
+                        &row.fio_sg,
+                        "fio --ioengine=sg, same /dev/sg",
+                        targets::RAW_VS_FIO_SG,
+                        &mut *to_sg,
+                    ),
+                    (
+                        &row.fio_uring_direct,
+                        "fio --ioengine=io_uring --direct=1, matching /dev/sd",
+                        targets::raw_vs_fio_uring(&row.case, engine),
+                        &mut *to_uring,
+                    ),
+                ] {
+                    if let Some(p) = peer {
+                        let (theirs, _) = throughput(&row.case, p);
+                        list.push(
+                            Ratio::new(
+                                metric,
+                                (value, value_is.clone()),
+                                (theirs, name.into()),
+                                Better::Higher,
+                                Some(target),
+                            )
+                            .at(&row.lun, &row.case)
+                            .on(engine),
+                        );
+                    }
                 }
             }
         }
@@ -948,7 +1034,8 @@ impl Ratios {
                     Better::Higher,
                     None,
                 )
-                .at(&row.lun, &row.case),
+                .at(&row.lun, &row.case)
+                .on(raw.engine.as_deref()),
             );
         }
         let goodput = |stp: &str, lun: &str, target: Option<f64>| -> Option<Ratio> {
@@ -1204,6 +1291,8 @@ pub fn document(r: &Results, ratios: &Ratios) -> serde_json::Value {
         "raw_vs_fio_sg": ratios.raw_vs_fio_sg,
         "raw_vs_fio_uring_direct": ratios.raw_vs_fio_uring_direct,
         "raw_vs_sgv3": ratios.raw_vs_sgv3,
+        "sgv3_vs_fio_sg": ratios.sgv3_vs_fio_sg,
+        "sgv3_vs_fio_uring_direct": ratios.sgv3_vs_fio_uring_direct,
     });
     if let Some(o) = doc.as_object_mut() {
         for (k, v) in ratios.singles() {
@@ -1315,34 +1404,58 @@ pub fn table(r: &Results, ratios: &Ratios) -> String {
             find(&ratios.raw_vs_fio_uring_direct, &row.lun, &row.case),
         );
     }
+    let mut engines: Vec<String> = r
+        .rows()
+        .into_iter()
+        .filter_map(|row| row.raw?.engine)
+        .collect();
+    engines.sort();
+    engines.dedup();
     let _ = writeln!(
         s,
-        "(×sg target ≥ {}, ×uring target ≥ {}; ! = not met)",
+        "(raw ran on: {}; ×sg target ≥ {}, ×uring target ≥ {} ({} for {MIXED_CASE} on bsg); ! = not met)",
+        if engines.is_empty() {
+            "its default engine".to_string()
+        } else {
+            engines.join(", ")
+        },
         targets::RAW_VS_FIO_SG,
-        targets::RAW_VS_FIO_URING
+        targets::RAW_VS_FIO_URING,
+        targets::RAW_VS_FIO_URING_MIXED_BSG
     );
     let most = r.runs.values().map(|m| m.rounds_iops.len()).max();
     if let Some(n) = most.filter(|&n| n > 1) {
         let _ = writeln!(
             s,
-            "(each cell: the round with the median IOPS of up to {n}; every round's IOPS is in the JSON)"
+            "(each cell: the round with the median MB/s (1 MiB, mixed) or IOPS of up to {n}; every round's figures are in the JSON)"
         );
     }
     if !ratios.raw_vs_sgv3.is_empty() {
         let _ = writeln!(
             s,
-            "\nraw on its default engine (bsg where the kernel has it) / raw on sg v3, same LUN"
+            "\nraw on its default engine (bsg where the kernel has it) / raw on sg v3, same LUN; the sg v3 runs against fio"
+        );
+        let _ = writeln!(
+            s,
+            "  {:<8} {:<18} {:>10}   {:>10} {:<8}   {:>7}   {:>7} {:>7}",
+            "LUN", "case", "default", "sg v3", "", "×sgv3", "sgv3×sg", "×uring"
         );
         for x in &ratios.raw_vs_sgv3 {
-            let _ = writeln!(
-                s,
-                "  {:<8} {:<18} {:>10} / {:>10} {}   {:.2}",
+            let (lun, case) = (
                 x.lun.as_deref().unwrap_or("-"),
                 x.case.as_deref().unwrap_or("-"),
+            );
+            let _ = writeln!(
+                s,
+                "  {:<8} {:<18} {:>10} / {:>10} {:<8}   {:>7.2}   {:>7} {:>7}",
+                lun,
+                case,
                 num(x.value),
                 num(x.reference),
                 x.metric,
-                x.ratio
+                x.ratio,
+                find(&ratios.sgv3_vs_fio_sg, lun, case),
+                find(&ratios.sgv3_vs_fio_uring_direct, lun, case),
             );
         }
     }
@@ -1992,7 +2105,97 @@ mod tests {
         assert!(r.dists.contains_key("fio-sg-stg-randwrite-4k-qd1"));
         let x = Ratios::of(&r);
         assert!((x.raw_vs_fio_sg[0].ratio - 200.0 / 396.301849).abs() < 1e-9);
-        assert!(table(&r, &x).contains("median IOPS of up to 3"));
+        assert!(table(&r, &x).contains("or IOPS of up to 3"));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// `ours` as a mixed run on `engine` (what `stp bench raw` writes).
+    fn ours_on(engine: &str, iops: f64, mb: f64) -> String {
+        let mut v: serde_json::Value =
+            serde_json::from_str(&ours(iops, mb, 1000.0, 5000.0)).unwrap();
+        v["engines"] = serde_json::json!([{"path": "/dev/sg4", "engine": engine, "reason": "x"}]);
+        v.to_string()
+    }
+
+    /// fio's sample with both directions' throughput set (a mixed job).
+    fn fio_mixed(read_bw: f64, write_bw: f64, iops: f64) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(FIO_SG).unwrap();
+        v["jobs"][0]["read"] = v["jobs"][0]["write"].clone();
+        for (dir, bw) in [("read", read_bw), ("write", write_bw)] {
+            v["jobs"][0][dir]["bw_bytes"] = bw.into();
+            v["jobs"][0][dir]["iops"] = (iops / 2.0).into();
+        }
+        v.to_string()
+    }
+
+    #[test]
+    fn the_mixed_case_per_engine() {
+        let d = scratch("mixed");
+        let w = |f: &str, t: &str| std::fs::write(d.join(f), t).unwrap();
+        let stem = format!("ramdisk-{MIXED_CASE}");
+        // Three rounds whose IOPS and MB/s rank differently: the median by
+        // MB/s (the mixed case's metric) is round 3's 1000 MB/s, though
+        // round 2 has the median IOPS.
+        w(
+            &format!("raw-{stem}.r1.json"),
+            &ours_on("bsg", 9000.0, 1200.0),
+        );
+        w(
+            &format!("raw-{stem}.r2.json"),
+            &ours_on("bsg", 8000.0, 900.0),
+        );
+        w(
+            &format!("raw-{stem}.r3.json"),
+            &ours_on("bsg", 7000.0, 1000.0),
+        );
+        w(
+            &format!("sgv3-{stem}.r1.json"),
+            &ours_on("sg", 6000.0, 600.0),
+        );
+        w(
+            &format!("fio-uring-{stem}.r1.json"),
+            &fio_mixed(700e6, 300e6, 5000.0),
+        );
+        w(
+            &format!("fio-sg-{stem}.r1.json"),
+            &fio_mixed(70e6, 30e6, 500.0),
+        );
+        let r = Results::load(&d).unwrap();
+        let raw = &r.runs[&format!("raw-{stem}")];
+        assert_eq!(raw.mb_per_s, 1000.0);
+        assert_eq!(raw.rounds_mb_per_s, [1200.0, 900.0, 1000.0]);
+        assert_eq!(raw.rounds_iops, [9000.0, 8000.0, 7000.0]);
+        assert_eq!(raw.engine.as_deref(), Some("bsg"));
+        let x = Ratios::of(&r);
+        // Default engine (bsg) against fio io_uring: 1000 / 1000 MB/s,
+        // target 1.0 on bsg; against fio sg: 10x.
+        let u = &x.raw_vs_fio_uring_direct[0];
+        assert_eq!(
+            (u.metric.as_str(), u.engine.as_deref()),
+            ("mb_per_s", Some("bsg"))
+        );
+        assert!((u.ratio - 1.0).abs() < 1e-9, "{u:?}");
+        assert_eq!((u.target, u.met), (Some(1.0), Some(true)));
+        assert!(u.value_is.contains("bsg"), "{}", u.value_is);
+        assert!((x.raw_vs_fio_sg[0].ratio - 10.0).abs() < 1e-9);
+        // sg v3: 600 MB/s, 0.6x io_uring against its 0.9 target, 6x sg.
+        let s3 = &x.sgv3_vs_fio_uring_direct[0];
+        assert_eq!(s3.engine.as_deref(), Some("sg"));
+        assert!((s3.ratio - 0.6).abs() < 1e-9);
+        assert_eq!((s3.target, s3.met), (Some(0.9), Some(false)));
+        assert_eq!(x.sgv3_vs_fio_sg[0].met, Some(true));
+        // The summary is the default engine's: two targets, both met.
+        let doc = document(&r, &x);
+        assert_eq!(doc["summary"]["targets"], 2);
+        assert_eq!(doc["summary"]["met"], 2);
+        assert_eq!(doc["sgv3_vs_fio_uring_direct"][0]["engine"], "sg");
+        assert_eq!(doc["raw_vs_fio_uring_direct"][0]["case"], MIXED_CASE);
+        let text = table(&r, &x);
+        assert!(text.contains("raw ran on: bsg"), "{text}");
+        assert!(text.contains("0.60!"), "{text}");
+        // Without the bsg engine the mixed case keeps the 0.9 target.
+        assert_eq!(targets::raw_vs_fio_uring(MIXED_CASE, Some("sg")), 0.9);
+        assert_eq!(targets::raw_vs_fio_uring("read-1m-qd8", Some("bsg")), 0.9);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
