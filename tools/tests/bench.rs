@@ -162,7 +162,8 @@ fn stp_sim_block_datapath_counts() {
     let d = &v["datapath"];
     let f = |k: &str| num(d, &[k]);
     assert!(f("send_payload_bytes") >= bytes as f64, "{d}");
-    let slack = 16.0 / bytes as f64;
+    // Control frames and the bench's small confirmation add a few KiB.
+    let slack = 4096.0 / bytes as f64;
     assert!(f("send_copies_per_byte") <= 1.0 + slack, "{d}");
     // Duplicates a retransmission delivers (frames of up to a 1 MiB slot)
     // are copied out of their slot before they are dropped.
