@@ -812,6 +812,33 @@ fn check_slot_size(stg: u32, layout: &BlockLayout, block_size: u32) -> Result<us
     Ok(bytes as usize)
 }
 
+/// READ CAPACITY(16) of member `member` of STG `stg`: its blocks and block
+/// size, which must be at least [`MIN_BLOCK_SIZE`].
+fn member_capacity(
+    stg: u32,
+    member: usize,
+    t: &mut dyn Transport,
+    timeout: Duration,
+) -> Result<(u64, u32), BlockError> {
+    let (blocks, bs) = read_capacity(t, timeout).map_err(|source| BlockError::Io {
+        stg,
+        member,
+        path: t.describe(),
+        action: "READ CAPACITY(16)",
+        source,
+    })?;
+    if bs < MIN_BLOCK_SIZE {
+        return Err(BlockError::BadBlockSize {
+            stg,
+            member,
+            path: t.describe(),
+            block_size: bs,
+            reason: format!("is below the {MIN_BLOCK_SIZE} bytes block mode needs"),
+        });
+    }
+    Ok((blocks, bs))
+}
+
 /// Formats `paths` (one per member, in member order) as block-mode STG
 /// `stg_id` with `layout`: writes every member's superblock and, for every
 /// lane, a producer and a consumer block with zero counts. Returns the new
@@ -845,19 +872,9 @@ pub fn format<R: RngCore + ?Sized>(
     };
     let mut block_size = 0;
     for (member, p) in paths.iter_mut().enumerate() {
-        let (blocks, bs) = read_capacity(p.as_mut(), config.command_timeout)
-            .map_err(|e| io_err(member, p.as_ref(), "READ CAPACITY(16)", e))?;
+        let (blocks, bs) = member_capacity(stg, member, p.as_mut(), config.command_timeout)?;
         if member == 0 {
             block_size = bs;
-            if bs < MIN_BLOCK_SIZE {
-                return Err(BlockError::BadBlockSize {
-                    stg,
-                    member,
-                    path: p.describe(),
-                    block_size: bs,
-                    reason: format!("is below the {MIN_BLOCK_SIZE} bytes block mode needs"),
-                });
-            }
             check_slot_size(stg, layout, bs)?;
         } else if bs != block_size {
             return Err(BlockError::BadBlockSize {

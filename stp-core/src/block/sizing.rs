@@ -16,7 +16,7 @@
 use scsi::inquiry::{vpd, VpdPage};
 use scsi::Transport;
 
-use super::{check_layout, read_capacity, BlockConfig, BlockError, MIN_BLOCK_SIZE};
+use super::{check_layout, member_capacity, BlockConfig, BlockError};
 use crate::stg::BlockLayout;
 use crate::wire::{ALIGN, HEADER_LEN};
 
@@ -86,23 +86,7 @@ pub fn choose_layout(
         return Err(BlockError::NoMembers { stg });
     }
     for (member, p) in paths.iter_mut().enumerate() {
-        let (blocks, bs) =
-            read_capacity(p.as_mut(), config.command_timeout).map_err(|source| BlockError::Io {
-                stg,
-                member,
-                path: p.describe(),
-                action: "READ CAPACITY(16)",
-                source,
-            })?;
-        if bs < MIN_BLOCK_SIZE {
-            return Err(BlockError::BadBlockSize {
-                stg,
-                member,
-                path: p.describe(),
-                block_size: bs,
-                reason: format!("is below the {MIN_BLOCK_SIZE} bytes block mode needs"),
-            });
-        }
+        let (blocks, bs) = member_capacity(stg, member, p.as_mut(), config.command_timeout)?;
         if member == 0 {
             block_size = bs;
         }
