@@ -21,6 +21,8 @@
 //! * **reservations** — block mode: whether the members are fenced by this
 //!   STG's hosts ([`crate::fence`]).
 
+use std::time::Duration;
+
 use scsi::cdb::{Cdb, PageControl};
 use scsi::inquiry::{vpd, VpdPage};
 use scsi::{Command, Transport};
@@ -235,6 +237,18 @@ fn transfer(
     // payload plus its header in vendor mode.
     let need = match (stg.mode, stg.slot_bytes()) {
         (MailboxMode::Block, Some(slot)) => slot,
+        // The configuration leaves the slot to `stp stg format`: the one
+        // formatted (another host's limits chose it), if there is one yet.
+        (MailboxMode::Block, None) => match formatted_slot(sets, bs) {
+            Some(slot) => slot,
+            None => {
+                return Finding::ok(
+                    "transfer",
+                    "not formatted yet: `stp stg format` chooses the slot within the members' \
+                     limits",
+                )
+            }
+        },
         _ => u64::from(max_payload) + 64,
     };
     let mut limit: Option<(u64, String)> = facts
@@ -270,6 +284,15 @@ fn transfer(
             format!("{need}-byte commands; no limit reported"),
         ),
     }
+}
+
+/// The slot size in the superblock of member 0, when it has one.
+fn formatted_slot(sets: &mut [PathSet], block_size: u64) -> Option<u64> {
+    let t = sets.first_mut()?.first_mut()?;
+    let bs = u32::try_from(block_size).ok()?;
+    let block0 = crate::block::read_blocks(t.as_mut(), 0, 1, bs, Duration::from_secs(30)).ok()?;
+    let sb = crate::block::Superblock::decode(&block0).ok()?;
+    Some(u64::from(sb.layout.slot_blocks) * block_size)
 }
 
 fn cache(sets: &mut [PathSet]) -> Finding {

@@ -1130,13 +1130,14 @@ fn preflight_reports_a_healthy_and_a_broken_setup() {
         }
         a
     };
-    let run = |a: &Array, facts: &HostFacts, fence: bool| {
+    const FIXED: &str = "hosts = 2\nslots = 4\nslot_blocks = 8\n";
+    let run = |a: &Array, facts: &HostFacts, fence: bool, block: &str| {
         let naas: Vec<String> = (0..2)
             .map(|i| a.lun(i).unwrap().config().naa_string())
             .collect();
         let config = Config::parse(&format!(
             "wkp = 5100\n[[stg]]\nid = 4\nmode = \"block\"\nmembers = [\"{}\", \"{}\"]\n\
-             [stg.block]\nhosts = 2\nslots = 4\nslot_blocks = 8\n",
+             [stg.block]\n{block}",
             naas[0], naas[1]
         ))
         .unwrap();
@@ -1176,7 +1177,7 @@ fn preflight_reports_a_healthy_and_a_broken_setup() {
         queue_max_bytes: None,
     };
     let a = build(128);
-    let report = run(&a, &healthy, true);
+    let report = run(&a, &healthy, true, FIXED);
     for f in &report {
         eprintln!("{}", f.line());
         assert_eq!(f.status, Status::Ok, "{}", f.line());
@@ -1203,9 +1204,9 @@ fn preflight_reports_a_healthy_and_a_broken_setup() {
     }
     let broken = HostFacts {
         allow_dio: Some("0".into()),
-        ..healthy
+        ..healthy.clone()
     };
-    let report = run(&a, &broken, false);
+    let report = run(&a, &broken, false, FIXED);
     let status = |c: &str| report.iter().find(|f| f.check == c).unwrap();
     for f in &report {
         eprintln!("{}", f.line());
@@ -1225,4 +1226,31 @@ fn preflight_reports_a_healthy_and_a_broken_setup() {
         .unwrap()
         .contains("fence join"));
     assert_eq!(status("identity").status, Status::Ok);
+
+    // The slot left to `stp stg format`: fine before the format (it will
+    // choose within the limits); once formatted, the slot in the
+    // superblock is what must fit (here one another host chose: 8 blocks
+    // where these paths take 4).
+    let auto = "hosts = 2\n";
+    let transfer = |a: &Array| {
+        let report = run(a, &healthy, false, auto);
+        report.into_iter().find(|f| f.check == "transfer").unwrap()
+    };
+    let a = build(4);
+    let f = transfer(&a);
+    assert_eq!(f.status, Status::Ok, "{}", f.line());
+    assert!(f.detail.contains("not formatted"), "{}", f.line());
+    let admin = Host::login(&a, "admin");
+    let mut members: Vec<Box<dyn Transport>> = (0..2u64)
+        .map(|i| Box::new(admin.open(i).unwrap()) as Box<dyn Transport>)
+        .collect();
+    let layout = stp_core::stg::BlockLayout {
+        hosts: 2,
+        slots: 4,
+        slot_blocks: 8,
+    };
+    stp_core::block::format(&mut members, 4, &layout, &mut rand::rngs::OsRng).unwrap();
+    let f = transfer(&a);
+    assert_eq!(f.status, Status::Fail, "{}", f.line());
+    assert!(f.detail.contains("4096-byte commands"), "{}", f.line());
 }

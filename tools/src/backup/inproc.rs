@@ -174,11 +174,13 @@ impl InProcArray {
     pub fn format_block_stg(&self) -> Result<()> {
         let admin = Host::login(&self.array, "admin");
         let mut paths: Vec<Box<dyn Transport>> = vec![Box::new(admin.open(PLAIN_LUN)?)];
-        let layout = stg::BlockLayout {
+        // The layout `stp stg format` chooses for this LUN.
+        let spec = stg::BlockSpec {
             hosts: 2,
-            slots: 32,
-            slot_blocks: 64,
+            slots: None,
+            slot_blocks: None,
         };
+        let (layout, _) = crate::stg::layout_for(BLOCK_STG, &spec, &mut paths, None)?;
         crate::stg::format_members(
             BLOCK_STG,
             &layout,
