@@ -11,6 +11,7 @@
 //! bounds or an overflow.
 
 pub mod backup;
+pub mod conformance;
 pub mod e2e;
 pub mod rig;
 

@@ -84,7 +84,7 @@ fn persistent_reservations_on_the_ramdisk_as_in_process() {
 
 #[test]
 #[ignore = "needs real LIO (just vm-test)"]
-fn sbc_conformance_on_daemon_and_ramdisk_luns() {
+fn sbc_conformance_on_daemon_ramdisk_and_fileio_luns() {
     let lio = LioRig::load_env();
     let pairs = [
         (
@@ -92,6 +92,7 @@ fn sbc_conformance_on_daemon_and_ramdisk_luns() {
             lio.member_path(1, 0).unwrap(),
         ),
         (lio.plain_path(0).unwrap(), lio.plain_path(1).unwrap()),
+        (lio.fileio_path(0).unwrap(), lio.fileio_path(1).unwrap()),
     ];
     for (a, b) in &pairs {
         eprintln!("conformance on {} / {}", a.display(), b.display());
@@ -103,6 +104,38 @@ fn sbc_conformance_on_daemon_and_ramdisk_luns() {
     }
     // What the sd driver asks at attach time, answered by the daemon.
     ok(sd_probe_commands(&mut sg(&pairs[0].0)));
+}
+
+/// The SBC/SPC cases (stp_tests::conformance) on the daemon's LUN — the
+/// model, to which LIO passes them through — and on LIO's own ramdisk and
+/// fileio backstores, in one boot: the same commands, each answer compared
+/// with what the case expects of the model and of LIO (which differ where
+/// the case says why, and the log lists). In-process:
+/// `sbc_spc_cases_on_the_model` (tests/inproc.rs).
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn sbc_spc_cases_on_daemon_ramdisk_and_fileio() {
+    use stp_tests::conformance::{running_kernel, sbc_spc_cases, Subject, Target};
+    let lio = LioRig::load_env();
+    let kernel = running_kernel();
+    eprintln!("target kernel {kernel:?}");
+    let luns = [
+        (lio.member_path(0, 0).unwrap(), Target::Model),
+        (lio.plain_path(0).unwrap(), Target::LioRamdisk),
+        (lio.fileio_path(0).unwrap(), Target::LioFileio),
+    ];
+    let mut failed = Vec::new();
+    for (path, target) in luns {
+        let mut t = sg(&path);
+        let result = Subject::probe(&mut t, target, kernel).and_then(|s| {
+            eprintln!("{target:?} on {}: {s:?}", path.display());
+            sbc_spc_cases(&mut t, &s)
+        });
+        if let Err(e) = result {
+            failed.push(e);
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
 #[test]
