@@ -7,11 +7,14 @@
 //! bytes into it and [`Cdb::emit`] turns it back into exactly as many bytes
 //! as the opcode's layout has.
 //!
-//! Parsing validates what a real target validates and no more: the length,
-//! the service action of SERVICE ACTION IN(16) and MAINTENANCE IN, and the
-//! INQUIRY page code when EVPD is clear. Reserved bits, the group number and
-//! the CONTROL byte (except in vendor CDBs) are ignored, as Linux LIO does.
-//! Bytes beyond the layout's length are ignored too.
+//! Parsing validates the layout and no more: the length, the service action
+//! of SERVICE ACTION IN(16) and MAINTENANCE IN, and the INQUIRY page code
+//! when EVPD is clear. Reserved bits, protection fields, the group number
+//! and the CONTROL byte (except in vendor CDBs) are not part of the parsed
+//! form: a target that refuses what it does not support checks them in the
+//! raw bytes (the simulated array does, against the CDB usage data it
+//! reports in REPORT SUPPORTED OPERATION CODES). Bytes beyond the layout's
+//! length are ignored too.
 //!
 //! No-panic contract: [`Cdb::parse`] accepts any byte slice and returns
 //! either a [`Cdb`] or a [`CdbError`]; [`CdbError::to_sense`] gives the
@@ -45,6 +48,12 @@ pub mod wire {
     pub const DPO: u8 = 0x10;
     /// READ/WRITE byte 1: force unit access.
     pub const FUA: u8 = 0x08;
+    /// VERIFY byte 1: BYTCHK, bits 2-1.
+    pub const BYTCHK_MASK: u8 = 0x06;
+    /// WRITE SAME byte 1: unmap the blocks instead of writing them.
+    pub const UNMAP: u8 = 0x08;
+    /// UNMAP byte 1: anchor the blocks instead of deallocating them.
+    pub const ANCHOR: u8 = 0x01;
     /// SYNCHRONIZE CACHE byte 1: return status immediately.
     pub const IMMED: u8 = 0x02;
     /// REQUEST SENSE byte 1: descriptor format sense.
@@ -186,7 +195,8 @@ pub mod wire {
             pub control: u8,
         }
 
-        /// READ(10) (0x28) and WRITE(10) (0x2A), 10 bytes.
+        /// READ(10) (0x28) and WRITE(10) (0x2A), 10 bytes; VERIFY(10)
+        /// (0x2F) and WRITE SAME(10) (0x41) have the same layout.
         pub struct ReadWrite10 {
             /// Byte 0: operation code.
             pub opcode: u8,
@@ -202,7 +212,8 @@ pub mod wire {
             pub control: u8,
         }
 
-        /// READ(16) (0x88) and WRITE(16) (0x8A), 16 bytes.
+        /// READ(16) (0x88) and WRITE(16) (0x8A), 16 bytes; VERIFY(16)
+        /// (0x8F) and WRITE SAME(16) (0x93) have the same layout.
         pub struct ReadWrite16 {
             /// Byte 0: operation code.
             pub opcode: u8,
@@ -214,6 +225,57 @@ pub mod wire {
             pub blocks: U32BE,
             /// Byte 14: group number.
             pub group: u8,
+            /// Byte 15: CONTROL.
+            pub control: u8,
+        }
+
+        /// COMPARE AND WRITE (0x89), 16 bytes.
+        pub struct CompareAndWrite {
+            /// Byte 0: operation code.
+            pub opcode: u8,
+            /// Byte 1: WRPROTECT in bits 7-5, DPO in bit 4, FUA in bit 3.
+            pub flags: u8,
+            /// Bytes 2-9: logical block address.
+            pub lba: U64BE,
+            /// Bytes 10-12: reserved.
+            pub reserved: [u8; 3],
+            /// Byte 13: number of logical blocks.
+            pub blocks: u8,
+            /// Byte 14: group number.
+            pub group: u8,
+            /// Byte 15: CONTROL.
+            pub control: u8,
+        }
+
+        /// UNMAP (0x42), 10 bytes.
+        pub struct Unmap {
+            /// Byte 0: operation code.
+            pub opcode: u8,
+            /// Byte 1: ANCHOR in bit 0.
+            pub flags: u8,
+            /// Bytes 2-5: reserved.
+            pub reserved: [u8; 4],
+            /// Byte 6: group number.
+            pub group: u8,
+            /// Bytes 7-8: parameter list length.
+            pub param_len: U16BE,
+            /// Byte 9: CONTROL.
+            pub control: u8,
+        }
+
+        /// GET LBA STATUS: SERVICE ACTION IN(16) (0x9E) with service action
+        /// 0x12, 16 bytes.
+        pub struct GetLbaStatus {
+            /// Byte 0: operation code.
+            pub opcode: u8,
+            /// Byte 1: service action in bits 4-0.
+            pub service_action: u8,
+            /// Bytes 2-9: starting logical block address.
+            pub lba: U64BE,
+            /// Bytes 10-13: allocation length.
+            pub alloc_len: U32BE,
+            /// Byte 14: reserved (REPORT TYPE in SBC-4).
+            pub reserved: u8,
             /// Byte 15: CONTROL.
             pub control: u8,
         }
@@ -347,6 +409,9 @@ pub mod wire {
         assert!(size_of::<ReadCapacity16>() == 16);
         assert!(size_of::<ReadWrite10>() == 10);
         assert!(size_of::<ReadWrite16>() == 16);
+        assert!(size_of::<CompareAndWrite>() == 16);
+        assert!(size_of::<Unmap>() == 10);
+        assert!(size_of::<GetLbaStatus>() == 16);
         assert!(size_of::<SynchronizeCache10>() == 10);
         assert!(size_of::<SynchronizeCache16>() == 16);
         assert!(size_of::<ReportLuns>() == 12);
@@ -449,7 +514,8 @@ impl From<VendorCdb> for Cdb {
 /// A parsed CDB.
 ///
 /// [`Cdb::emit`] writes fields wider than their wire field masked to it
-/// (page code 6 bits, page control 2, reporting options 3, vendor length 24);
+/// (page code 6 bits, page control 2, reporting options 3, BYTCHK 2, vendor
+/// length 24);
 /// everything else round-trips exactly through [`Cdb::parse`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Cdb {
@@ -541,6 +607,73 @@ pub enum Cdb {
         blocks: u32,
         /// DPO and FUA.
         flags: RwFlags,
+    },
+    /// VERIFY(10): check the blocks can be read, and with BYTCHK compare
+    /// them with the data-out buffer.
+    Verify10 {
+        /// First logical block.
+        lba: u32,
+        /// Number of blocks (0 verifies nothing).
+        blocks: u16,
+        /// BYTCHK (2 bits): 0 no data, 1 compare every block, 3 compare
+        /// every block with one block of data-out (2 is reserved).
+        bytchk: u8,
+        /// Disable page out.
+        dpo: bool,
+    },
+    /// VERIFY(16).
+    Verify16 {
+        /// First logical block.
+        lba: u64,
+        /// Number of blocks (0 verifies nothing).
+        blocks: u32,
+        /// BYTCHK (2 bits), as in [`Cdb::Verify10`].
+        bytchk: u8,
+        /// Disable page out.
+        dpo: bool,
+    },
+    /// WRITE SAME(10): one block of data-out written to every block of the
+    /// range, or the range unmapped.
+    WriteSame10 {
+        /// First logical block.
+        lba: u32,
+        /// Number of blocks.
+        blocks: u16,
+        /// Unmap (deallocate) the range where the LUN is thin provisioned.
+        unmap: bool,
+    },
+    /// WRITE SAME(16).
+    WriteSame16 {
+        /// First logical block.
+        lba: u64,
+        /// Number of blocks.
+        blocks: u32,
+        /// Unmap (deallocate) the range where the LUN is thin provisioned.
+        unmap: bool,
+    },
+    /// COMPARE AND WRITE: the data-out holds `blocks` blocks to compare
+    /// with the medium, then `blocks` blocks written if they all match.
+    CompareAndWrite {
+        /// First logical block.
+        lba: u64,
+        /// Number of blocks (0 compares and writes nothing).
+        blocks: u8,
+        /// DPO and FUA.
+        flags: RwFlags,
+    },
+    /// UNMAP: deallocate the ranges of the parameter list.
+    Unmap {
+        /// ANCHOR: anchor rather than deallocate.
+        anchor: bool,
+        /// Parameter list length.
+        param_len: u16,
+    },
+    /// GET LBA STATUS (SERVICE ACTION IN(16), service action 0x12).
+    GetLbaStatus {
+        /// The first logical block to report on.
+        lba: u64,
+        /// Allocation length.
+        alloc_len: u32,
     },
     /// SYNCHRONIZE CACHE(10).
     SynchronizeCache10 {
@@ -785,14 +918,23 @@ impl Cdb {
             Opcode::SERVICE_ACTION_IN_16 => {
                 let w: wire::ReadCapacity16 = read(bytes, opcode)?;
                 let sa = w.service_action & wire::SERVICE_ACTION_MASK;
-                if sa != Opcode::SA_READ_CAPACITY_16 {
-                    return Err(CdbError::UnsupportedServiceAction {
-                        opcode,
-                        service_action: sa.into(),
-                    });
-                }
-                Cdb::ReadCapacity16 {
-                    alloc_len: w.alloc_len.get(),
+                match sa {
+                    Opcode::SA_READ_CAPACITY_16 => Cdb::ReadCapacity16 {
+                        alloc_len: w.alloc_len.get(),
+                    },
+                    Opcode::SA_GET_LBA_STATUS => {
+                        let w: wire::GetLbaStatus = read(bytes, opcode)?;
+                        Cdb::GetLbaStatus {
+                            lba: w.lba.get(),
+                            alloc_len: w.alloc_len.get(),
+                        }
+                    }
+                    _ => {
+                        return Err(CdbError::UnsupportedServiceAction {
+                            opcode,
+                            service_action: sa.into(),
+                        })
+                    }
                 }
             }
             Opcode::READ_10 | Opcode::WRITE_10 => {
@@ -813,6 +955,57 @@ impl Cdb {
                     Cdb::Read16 { lba, blocks, flags }
                 } else {
                     Cdb::Write16 { lba, blocks, flags }
+                }
+            }
+            Opcode::VERIFY_10 | Opcode::WRITE_SAME_10 => {
+                let w: wire::ReadWrite10 = read(bytes, opcode)?;
+                let (lba, blocks) = (w.lba.get(), w.blocks.get());
+                if opcode == Opcode::VERIFY_10 {
+                    Cdb::Verify10 {
+                        lba,
+                        blocks,
+                        bytchk: (w.flags & wire::BYTCHK_MASK) >> 1,
+                        dpo: w.flags & wire::DPO != 0,
+                    }
+                } else {
+                    Cdb::WriteSame10 {
+                        lba,
+                        blocks,
+                        unmap: w.flags & wire::UNMAP != 0,
+                    }
+                }
+            }
+            Opcode::VERIFY_16 | Opcode::WRITE_SAME_16 => {
+                let w: wire::ReadWrite16 = read(bytes, opcode)?;
+                let (lba, blocks) = (w.lba.get(), w.blocks.get());
+                if opcode == Opcode::VERIFY_16 {
+                    Cdb::Verify16 {
+                        lba,
+                        blocks,
+                        bytchk: (w.flags & wire::BYTCHK_MASK) >> 1,
+                        dpo: w.flags & wire::DPO != 0,
+                    }
+                } else {
+                    Cdb::WriteSame16 {
+                        lba,
+                        blocks,
+                        unmap: w.flags & wire::UNMAP != 0,
+                    }
+                }
+            }
+            Opcode::COMPARE_AND_WRITE => {
+                let w: wire::CompareAndWrite = read(bytes, opcode)?;
+                Cdb::CompareAndWrite {
+                    lba: w.lba.get(),
+                    blocks: w.blocks,
+                    flags: RwFlags::from_byte(w.flags),
+                }
+            }
+            Opcode::UNMAP => {
+                let w: wire::Unmap = read(bytes, opcode)?;
+                Cdb::Unmap {
+                    anchor: w.flags & wire::ANCHOR != 0,
+                    param_len: w.param_len.get(),
                 }
             }
             Opcode::SYNCHRONIZE_CACHE_10 => {
@@ -976,6 +1169,64 @@ impl Cdb {
                     ..Default::default()
                 })
             }
+            Cdb::Verify10 {
+                lba,
+                blocks,
+                bytchk,
+                dpo,
+            } => buf(&wire::ReadWrite10 {
+                opcode: op,
+                flags: ((bytchk << 1) & wire::BYTCHK_MASK) | bit(dpo, wire::DPO),
+                lba: lba.into(),
+                blocks: blocks.into(),
+                ..Default::default()
+            }),
+            Cdb::Verify16 {
+                lba,
+                blocks,
+                bytchk,
+                dpo,
+            } => buf(&wire::ReadWrite16 {
+                opcode: op,
+                flags: ((bytchk << 1) & wire::BYTCHK_MASK) | bit(dpo, wire::DPO),
+                lba: lba.into(),
+                blocks: blocks.into(),
+                ..Default::default()
+            }),
+            Cdb::WriteSame10 { lba, blocks, unmap } => buf(&wire::ReadWrite10 {
+                opcode: op,
+                flags: bit(unmap, wire::UNMAP),
+                lba: lba.into(),
+                blocks: blocks.into(),
+                ..Default::default()
+            }),
+            Cdb::WriteSame16 { lba, blocks, unmap } => buf(&wire::ReadWrite16 {
+                opcode: op,
+                flags: bit(unmap, wire::UNMAP),
+                lba: lba.into(),
+                blocks: blocks.into(),
+                ..Default::default()
+            }),
+            Cdb::CompareAndWrite { lba, blocks, flags } => buf(&wire::CompareAndWrite {
+                opcode: op,
+                flags: flags.to_byte(),
+                lba: lba.into(),
+                blocks,
+                ..Default::default()
+            }),
+            Cdb::Unmap { anchor, param_len } => buf(&wire::Unmap {
+                opcode: op,
+                flags: bit(anchor, wire::ANCHOR),
+                param_len: param_len.into(),
+                ..Default::default()
+            }),
+            Cdb::GetLbaStatus { lba, alloc_len } => buf(&wire::GetLbaStatus {
+                opcode: op,
+                service_action: Opcode::SA_GET_LBA_STATUS,
+                lba: lba.into(),
+                alloc_len: alloc_len.into(),
+                ..Default::default()
+            }),
             Cdb::SynchronizeCache10 { lba, blocks, immed } => buf(&wire::SynchronizeCache10 {
                 opcode: op,
                 flags: bit(immed, wire::IMMED),
@@ -1069,6 +1320,13 @@ impl Cdb {
             Cdb::Read16 { .. } => Opcode::READ_16,
             Cdb::Write10 { .. } => Opcode::WRITE_10,
             Cdb::Write16 { .. } => Opcode::WRITE_16,
+            Cdb::Verify10 { .. } => Opcode::VERIFY_10,
+            Cdb::Verify16 { .. } => Opcode::VERIFY_16,
+            Cdb::WriteSame10 { .. } => Opcode::WRITE_SAME_10,
+            Cdb::WriteSame16 { .. } => Opcode::WRITE_SAME_16,
+            Cdb::CompareAndWrite { .. } => Opcode::COMPARE_AND_WRITE,
+            Cdb::Unmap { .. } => Opcode::UNMAP,
+            Cdb::GetLbaStatus { .. } => Opcode::SERVICE_ACTION_IN_16,
             Cdb::SynchronizeCache10 { .. } => Opcode::SYNCHRONIZE_CACHE_10,
             Cdb::SynchronizeCache16 { .. } => Opcode::SYNCHRONIZE_CACHE_16,
             Cdb::ReportLuns { .. } => Opcode::REPORT_LUNS,
@@ -1089,10 +1347,18 @@ impl Cdb {
         Some(match self {
             Cdb::TestUnitReady
             | Cdb::SynchronizeCache10 { .. }
-            | Cdb::SynchronizeCache16 { .. } => DataDirection::None,
-            Cdb::Write10 { .. } | Cdb::Write16 { .. } | Cdb::PersistentReserveOut { .. } => {
-                DataDirection::ToDevice
-            }
+            | Cdb::SynchronizeCache16 { .. }
+            | Cdb::Verify10 { bytchk: 0, .. }
+            | Cdb::Verify16 { bytchk: 0, .. } => DataDirection::None,
+            Cdb::Write10 { .. }
+            | Cdb::Write16 { .. }
+            | Cdb::PersistentReserveOut { .. }
+            | Cdb::Verify10 { .. }
+            | Cdb::Verify16 { .. }
+            | Cdb::WriteSame10 { .. }
+            | Cdb::WriteSame16 { .. }
+            | Cdb::CompareAndWrite { .. }
+            | Cdb::Unmap { .. } => DataDirection::ToDevice,
             Cdb::PersistentReserveIn { .. }
             | Cdb::RequestSense { .. }
             | Cdb::Inquiry { .. }
@@ -1100,6 +1366,7 @@ impl Cdb {
             | Cdb::ModeSense10 { .. }
             | Cdb::ReadCapacity10
             | Cdb::ReadCapacity16 { .. }
+            | Cdb::GetLbaStatus { .. }
             | Cdb::Read10 { .. }
             | Cdb::Read16 { .. }
             | Cdb::ReportLuns { .. }
@@ -1111,13 +1378,31 @@ impl Cdb {
 
     /// The data bytes the command moves at most: the allocation length for
     /// data-in commands (8 for READ CAPACITY(10)), `blocks * block_size` for
-    /// READ and WRITE, 0 without a data phase. `None` for [`Cdb::Vendor`].
+    /// READ and WRITE (and VERIFY with BYTCHK 01b), one block for WRITE
+    /// SAME (and VERIFY with BYTCHK 11b), two per block for COMPARE AND
+    /// WRITE, the parameter list length for UNMAP, 0 without a data phase.
+    /// `None` for [`Cdb::Vendor`].
     pub fn transfer_len(&self, block_size: u32) -> Option<u64> {
         let blocks = |n: u64| n * u64::from(block_size);
+        let verify = |bytchk: u8, n: u64| match bytchk {
+            0 => 0,
+            3 => blocks(1),
+            _ => blocks(n),
+        };
         Some(match *self {
             Cdb::TestUnitReady
             | Cdb::SynchronizeCache10 { .. }
             | Cdb::SynchronizeCache16 { .. } => 0,
+            Cdb::Verify10 {
+                bytchk, blocks: n, ..
+            } => verify(bytchk, n.into()),
+            Cdb::Verify16 {
+                bytchk, blocks: n, ..
+            } => verify(bytchk, n.into()),
+            Cdb::WriteSame10 { .. } | Cdb::WriteSame16 { .. } => blocks(1),
+            Cdb::CompareAndWrite { blocks: n, .. } => blocks(2 * u64::from(n)),
+            Cdb::Unmap { param_len, .. } => param_len.into(),
+            Cdb::GetLbaStatus { alloc_len, .. } => alloc_len.into(),
             Cdb::RequestSense { alloc_len, .. } | Cdb::ModeSense6 { alloc_len, .. } => {
                 alloc_len.into()
             }
@@ -1136,16 +1421,22 @@ impl Cdb {
         })
     }
 
-    /// `(first LBA, block count)` for READ, WRITE and SYNCHRONIZE CACHE
-    /// (whose count 0 means through the last block); `None` otherwise.
+    /// `(first LBA, block count)` for READ, WRITE, VERIFY, WRITE SAME,
+    /// COMPARE AND WRITE and SYNCHRONIZE CACHE (whose count 0 means through
+    /// the last block); `None` otherwise.
     pub fn lba_range(&self) -> Option<(u64, u64)> {
         match *self {
             Cdb::Read10 { lba, blocks, .. }
             | Cdb::Write10 { lba, blocks, .. }
+            | Cdb::Verify10 { lba, blocks, .. }
+            | Cdb::WriteSame10 { lba, blocks, .. }
             | Cdb::SynchronizeCache10 { lba, blocks, .. } => Some((lba.into(), blocks.into())),
             Cdb::Read16 { lba, blocks, .. }
             | Cdb::Write16 { lba, blocks, .. }
+            | Cdb::Verify16 { lba, blocks, .. }
+            | Cdb::WriteSame16 { lba, blocks, .. }
             | Cdb::SynchronizeCache16 { lba, blocks, .. } => Some((lba, blocks.into())),
+            Cdb::CompareAndWrite { lba, blocks, .. } => Some((lba, blocks.into())),
             _ => None,
         }
     }
@@ -1418,6 +1709,198 @@ mod tests {
     }
 
     #[test]
+    fn sbc_provisioning_and_verify_vectors() {
+        // sg_verify --lba=0x1000 --count=8 (BYTCHK 0), then with --ndo.
+        both_ways(
+            "2f 00 00 00 10 00 00 00 08 00",
+            Cdb::Verify10 {
+                lba: 0x1000,
+                blocks: 8,
+                bytchk: 0,
+                dpo: false,
+            },
+        );
+        both_ways(
+            "2f 12 00 00 10 00 00 00 08 00",
+            Cdb::Verify10 {
+                lba: 0x1000,
+                blocks: 8,
+                bytchk: 1,
+                dpo: true,
+            },
+        );
+        both_ways(
+            "8f 06 00 00 00 01 00 00 00 00 00 00 00 02 00 00",
+            Cdb::Verify16 {
+                lba: 1 << 32,
+                blocks: 2,
+                bytchk: 3,
+                dpo: false,
+            },
+        );
+        // sg_write_same --lba=64 --num=16, then --unmap --16.
+        both_ways(
+            "41 00 00 00 00 40 00 00 10 00",
+            Cdb::WriteSame10 {
+                lba: 64,
+                blocks: 16,
+                unmap: false,
+            },
+        );
+        both_ways(
+            "93 08 00 00 00 00 00 00 00 40 00 00 00 10 00 00",
+            Cdb::WriteSame16 {
+                lba: 64,
+                blocks: 16,
+                unmap: true,
+            },
+        );
+        // sg_compare_and_write --lba=5 --num=1 --fua.
+        both_ways(
+            "89 08 00 00 00 00 00 00 00 05 00 00 00 01 00 00",
+            Cdb::CompareAndWrite {
+                lba: 5,
+                blocks: 1,
+                flags: FUA,
+            },
+        );
+        // sg_unmap: one descriptor, 24 bytes of parameter list.
+        both_ways(
+            "42 00 00 00 00 00 00 00 18 00",
+            Cdb::Unmap {
+                anchor: false,
+                param_len: 24,
+            },
+        );
+        both_ways(
+            "42 01 00 00 00 00 00 01 00 00",
+            Cdb::Unmap {
+                anchor: true,
+                param_len: 256,
+            },
+        );
+        // sg_get_lba_status --lba=0x10000.
+        both_ways(
+            "9e 12 00 00 00 00 00 01 00 00 00 00 00 18 00 00",
+            Cdb::GetLbaStatus {
+                lba: 0x10000,
+                alloc_len: 24,
+            },
+        );
+        // Bits the parsed form does not hold (WRPROTECT, ANCHOR, NDOB, the
+        // group number, CONTROL) are not part of it.
+        assert_eq!(
+            Cdb::parse(&hex("93 f7 00 00 00 00 00 00 00 40 00 00 00 10 3f 07")),
+            Ok(Cdb::WriteSame16 {
+                lba: 64,
+                blocks: 16,
+                unmap: false,
+            })
+        );
+    }
+
+    #[test]
+    fn sbc_provisioning_directions_and_lengths() {
+        use DataDirection::*;
+        let cases = [
+            (
+                Cdb::Verify10 {
+                    lba: 0,
+                    blocks: 8,
+                    bytchk: 0,
+                    dpo: false,
+                },
+                None,
+                0,
+            ),
+            (
+                Cdb::Verify10 {
+                    lba: 0,
+                    blocks: 8,
+                    bytchk: 1,
+                    dpo: false,
+                },
+                ToDevice,
+                8 * 512,
+            ),
+            (
+                Cdb::Verify16 {
+                    lba: 0,
+                    blocks: 8,
+                    bytchk: 3,
+                    dpo: false,
+                },
+                ToDevice,
+                512,
+            ),
+            (
+                Cdb::WriteSame16 {
+                    lba: 0,
+                    blocks: 100,
+                    unmap: true,
+                },
+                ToDevice,
+                512,
+            ),
+            (
+                Cdb::CompareAndWrite {
+                    lba: 0,
+                    blocks: 1,
+                    flags: NO_FLAGS,
+                },
+                ToDevice,
+                1024,
+            ),
+            (
+                Cdb::Unmap {
+                    anchor: false,
+                    param_len: 24,
+                },
+                ToDevice,
+                24,
+            ),
+            (
+                Cdb::GetLbaStatus {
+                    lba: 0,
+                    alloc_len: 32,
+                },
+                FromDevice,
+                32,
+            ),
+        ];
+        for (cdb, dir, len) in cases {
+            assert_eq!(cdb.direction(), Some(dir), "{cdb:?}");
+            assert_eq!(cdb.transfer_len(512), Some(len), "{cdb:?}");
+        }
+        assert_eq!(
+            Cdb::WriteSame10 {
+                lba: 7,
+                blocks: 3,
+                unmap: false
+            }
+            .lba_range(),
+            Some((7, 3))
+        );
+        assert_eq!(
+            Cdb::CompareAndWrite {
+                lba: 9,
+                blocks: 1,
+                flags: NO_FLAGS
+            }
+            .lba_range(),
+            Some((9, 1))
+        );
+        assert_eq!(
+            Cdb::GetLbaStatus {
+                lba: 0,
+                alloc_len: 32
+            }
+            .lba_range(),
+            Option::None
+        );
+    }
+
+    #[test]
     fn vendor_vectors() {
         both_ways(
             "c3 01 00 00 00 2a 00 10 00 00",
@@ -1586,7 +2069,7 @@ mod tests {
 
     #[test]
     fn unsupported_opcodes() {
-        for op in [0x7B, 0x08, 0x0A, 0x15, 0x55, 0x7F, 0x89, 0xA1, 0xBF] {
+        for op in [0x7B, 0x08, 0x0A, 0x15, 0x55, 0x7F, 0x8C, 0xA1, 0xBF] {
             let e = Cdb::parse(&[op, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).unwrap_err();
             assert_eq!(e, CdbError::UnsupportedOpcode(Opcode(op)));
             let s = e.to_sense();
@@ -1631,13 +2114,13 @@ mod tests {
 
     #[test]
     fn unsupported_service_actions() {
-        // SERVICE ACTION IN(16) / GET LBA STATUS.
-        let e = Cdb::parse(&hex("9e 12 00 00 00 00 00 00 00 00 00 00 00 20 00 00")).unwrap_err();
+        // SERVICE ACTION IN(16) / REPORT REFERRALS.
+        let e = Cdb::parse(&hex("9e 13 00 00 00 00 00 00 00 00 00 00 00 20 00 00")).unwrap_err();
         assert_eq!(
             e,
             CdbError::UnsupportedServiceAction {
                 opcode: Opcode::SERVICE_ACTION_IN_16,
-                service_action: 0x12
+                service_action: 0x13
             }
         );
         let s = e.to_sense();
@@ -1971,6 +2454,36 @@ mod tests {
             any::<(u32, u16, bool)>().prop_map(|(lba, blocks, immed)| {
                 Cdb::SynchronizeCache10 { lba, blocks, immed }
             }),
+            (any::<(u32, u16, bool)>(), 0u8..=3).prop_map(|((lba, blocks, dpo), bytchk)| {
+                Cdb::Verify10 {
+                    lba,
+                    blocks,
+                    bytchk,
+                    dpo,
+                }
+            }),
+            (any::<(u64, u32, bool)>(), 0u8..=3).prop_map(|((lba, blocks, dpo), bytchk)| {
+                Cdb::Verify16 {
+                    lba,
+                    blocks,
+                    bytchk,
+                    dpo,
+                }
+            }),
+            any::<(u32, u16, bool)>().prop_map(|(lba, blocks, unmap)| Cdb::WriteSame10 {
+                lba,
+                blocks,
+                unmap
+            }),
+            any::<(u64, u32, bool)>().prop_map(|(lba, blocks, unmap)| Cdb::WriteSame16 {
+                lba,
+                blocks,
+                unmap
+            }),
+            (any::<(u64, u8)>(), any_rw_flags())
+                .prop_map(|((lba, blocks), flags)| { Cdb::CompareAndWrite { lba, blocks, flags } }),
+            any::<(bool, u16)>().prop_map(|(anchor, param_len)| Cdb::Unmap { anchor, param_len }),
+            any::<(u64, u32)>().prop_map(|(lba, alloc_len)| Cdb::GetLbaStatus { lba, alloc_len }),
             any::<(u64, u32, bool)>().prop_map(|(lba, blocks, immed)| {
                 Cdb::SynchronizeCache16 { lba, blocks, immed }
             }),
@@ -2029,9 +2542,9 @@ mod tests {
     /// 0 to 31 arbitrary bytes; half the time the first is an opcode this
     /// module parses, so the `Ok` and field-check paths are exercised too.
     fn any_bytes() -> impl Strategy<Value = Vec<u8>> {
-        const KNOWN: [u8; 16] = [
-            0x00, 0x03, 0x12, 0x1A, 0x25, 0x28, 0x2A, 0x35, 0x5A, 0x88, 0x8A, 0x91, 0x9E, 0xA0,
-            0xA3, 0xC5,
+        const KNOWN: [u8; 22] = [
+            0x00, 0x03, 0x12, 0x1A, 0x25, 0x28, 0x2A, 0x2F, 0x35, 0x41, 0x42, 0x5A, 0x88, 0x89,
+            0x8A, 0x8F, 0x91, 0x93, 0x9E, 0xA0, 0xA3, 0xC5,
         ];
         let any_vec = proptest::collection::vec(any::<u8>(), 0..32);
         prop_oneof![

@@ -74,7 +74,34 @@ pub struct StandardInquiry {
     pub product: String,
     /// PRODUCT REVISION LEVEL (4 ASCII bytes, trailing spaces trimmed).
     pub revision: String,
+    /// VERSION DESCRIPTORs (bytes 58–73, [`version_descriptor`]): the
+    /// standards claimed, in their slots; trailing empty slots trimmed,
+    /// empty slots before a used one kept as 0 (LIO leaves its transport
+    /// slot 0 when it does not know the transport).
+    pub version_descriptors: Vec<u16>,
 }
+
+/// VERSION DESCRIPTOR values (SPC-4 table 33) the simulated array and LIO
+/// claim.
+pub mod version_descriptor {
+    /// SAM-5 (no version claimed).
+    pub const SAM5: u16 = 0x00A0;
+    /// SPC-4 (no version claimed).
+    pub const SPC4: u16 = 0x0460;
+    /// SBC-3 (no version claimed).
+    pub const SBC3: u16 = 0x04C0;
+    /// iSCSI (no version claimed).
+    pub const ISCSI: u16 = 0x0960;
+    /// SAS-3 (no version claimed): what LIO claims on tcm_loop.
+    pub const SAS3: u16 = 0x0C60;
+}
+
+/// Where the VERSION DESCRIPTORs start, and how many there are.
+const VERSION_DESCRIPTORS_AT: usize = 58;
+const VERSION_DESCRIPTORS_MAX: usize = 8;
+/// Length of standard INQUIRY data with version descriptors, as LIO sends
+/// it (ADDITIONAL LENGTH 91).
+const STANDARD_INQUIRY_LONG_LEN: usize = 96;
 
 /// Length of the standard INQUIRY data [`StandardInquiry::to_bytes`] emits
 /// and [`inquiry`] asks for: the part every device returns.
@@ -101,6 +128,16 @@ impl StandardInquiry {
             let to = to.min(data.len());
             data.get(from..to).map(ascii_trim_end).unwrap_or_default()
         };
+        let mut version_descriptors: Vec<u16> = data
+            .get(VERSION_DESCRIPTORS_AT..)
+            .unwrap_or_default()
+            .chunks_exact(2)
+            .take(VERSION_DESCRIPTORS_MAX)
+            .map(|d| u16::from_be_bytes([d[0], d[1]]))
+            .collect();
+        while version_descriptors.last() == Some(&0) {
+            version_descriptors.pop();
+        }
         Ok(StandardInquiry {
             peripheral_qualifier: data[0] >> 5,
             device_type: data[0] & 0x1F,
@@ -115,25 +152,42 @@ impl StandardInquiry {
             vendor: text(8, 16),
             product: text(16, 32),
             revision: text(32, 36),
+            version_descriptors,
         })
     }
 
-    /// Emits 36 bytes of standard INQUIRY data (ADDITIONAL LENGTH 31).
-    /// Numeric fields are masked to their widths; text fields are
-    /// space-padded or cut to their widths, non-ASCII bytes become `?`.
+    /// Emits 36 bytes of standard INQUIRY data (ADDITIONAL LENGTH 31), or
+    /// 96 (ADDITIONAL LENGTH 91, as LIO) when there are version
+    /// descriptors (at most 8 are kept). Numeric fields are masked to their
+    /// widths; text fields are space-padded or cut to their widths,
+    /// non-ASCII bytes become `?`.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut b = vec![0u8; STANDARD_INQUIRY_LEN];
+        let len = if self.version_descriptors.is_empty() {
+            STANDARD_INQUIRY_LEN
+        } else {
+            STANDARD_INQUIRY_LONG_LEN
+        };
+        let mut b = vec![0u8; len];
         b[0] = ((self.peripheral_qualifier & 0x07) << 5) | (self.device_type & 0x1F);
         b[1] = flag(self.removable, 0x80);
         b[2] = self.version;
         b[3] =
             flag(self.normaca, 0x20) | flag(self.hisup, 0x10) | (self.response_data_format & 0x0F);
-        b[4] = (STANDARD_INQUIRY_LEN - 5) as u8;
+        b[4] = (len - 5) as u8;
         b[5] = ((self.tpgs & 0x03) << 4) | flag(self.protect, 0x01);
         b[7] = flag(self.cmdque, 0x02);
         put_ascii(&mut b[8..16], &self.vendor);
         put_ascii(&mut b[16..32], &self.product);
         put_ascii(&mut b[32..36], &self.revision);
+        for (i, d) in self
+            .version_descriptors
+            .iter()
+            .take(VERSION_DESCRIPTORS_MAX)
+            .enumerate()
+        {
+            let at = VERSION_DESCRIPTORS_AT + 2 * i;
+            b[at..at + 2].copy_from_slice(&d.to_be_bytes());
+        }
         b
     }
 }
@@ -768,6 +822,12 @@ mod tests {
             vendor: "LIO-ORG".into(),
             product: "stp-lun0".into(),
             revision: "4.0".into(),
+            version_descriptors: vec![
+                version_descriptor::SAM5,
+                version_descriptor::ISCSI,
+                version_descriptor::SPC4,
+                version_descriptor::SBC3,
+            ],
         }
     }
 
@@ -778,15 +838,31 @@ mod tests {
         let s = StandardInquiry::parse(&bytes).unwrap();
         assert_eq!(s, lio_identity_inquiry());
 
-        // Emitting keeps the first 36 bytes except what the struct does not
-        // model (SCCS) and the additional length (31 for 36 bytes).
+        // Emitting keeps the bytes except what the struct does not model
+        // (SCCS): 96 of them, as LIO sends, with the version descriptors.
         let out = s.to_bytes();
-        assert_eq!(out.len(), 36);
-        assert_eq!(out[4], 0x1F);
+        assert_eq!(out.len(), 96);
+        assert_eq!(out[4], 91);
         assert_eq!(out[5], 0x30);
-        assert_eq!(out[..4], bytes[..4]);
-        assert_eq!(out[6..], bytes[6..36]);
+        assert_eq!(out[..5], bytes[..5]);
+        assert_eq!(out[6..], bytes[6..]);
         assert_eq!(StandardInquiry::parse(&out).unwrap(), s);
+        // Without version descriptors: the 36-byte form.
+        let short = StandardInquiry {
+            version_descriptors: Vec::new(),
+            ..s.clone()
+        };
+        let out = short.to_bytes();
+        assert_eq!((out.len(), out[4]), (36, 31));
+        assert_eq!(StandardInquiry::parse(&out).unwrap(), short);
+        // Cut short within the descriptors: the ones present; an empty slot
+        // before a used one stays.
+        let mut cut = bytes[..62].to_vec();
+        cut[58..60].copy_from_slice(&[0, 0]);
+        assert_eq!(
+            StandardInquiry::parse(&cut).unwrap().version_descriptors,
+            [0, version_descriptor::ISCSI]
+        );
     }
 
     #[test]
@@ -804,7 +880,7 @@ mod tests {
         assert_eq!((s.response_data_format, s.tpgs), (2, 1));
         assert_eq!(
             s.to_bytes()[..8],
-            [0x25, 0x80, 0x06, 0x32, 0x1F, 0x11, 0, 0]
+            [0x25, 0x80, 0x06, 0x32, 0x5B, 0x11, 0, 0]
         );
     }
 
@@ -833,7 +909,10 @@ mod tests {
         long[4] = 0xFF;
         assert_eq!(
             StandardInquiry::parse(&long).unwrap(),
-            lio_identity_inquiry()
+            StandardInquiry {
+                version_descriptors: Vec::new(),
+                ..lio_identity_inquiry()
+            }
         );
         // Over-long and non-ASCII text is cut and replaced on emit.
         let mut s = lio_identity_inquiry();
@@ -1102,6 +1181,12 @@ mod tests {
             (any::<bool>(), any::<bool>(), 0u8..16, 0u8..4),
             (any::<bool>(), any::<bool>()),
             (ascii_field(8), ascii_field(16), ascii_field(4)),
+            proptest::collection::vec(any::<u16>(), 0..=8).prop_map(|mut v| {
+                while v.last() == Some(&0) {
+                    v.pop();
+                }
+                v
+            }),
         )
             .prop_map(
                 |(
@@ -1109,6 +1194,7 @@ mod tests {
                     (normaca, hisup, response_data_format, tpgs),
                     (protect, cmdque),
                     (vendor, product, revision),
+                    version_descriptors,
                 )| StandardInquiry {
                     peripheral_qualifier,
                     device_type,
@@ -1123,6 +1209,7 @@ mod tests {
                     vendor,
                     product,
                     revision,
+                    version_descriptors,
                 },
             )
     }
@@ -1355,7 +1442,14 @@ mod tests {
     fn identify_lio_lun() {
         let mut lu = FakeLu::new(&[SUPPORTED_LIO, &serial_page(), &lio_vpd_83(), &lio_vpd_b0()]);
         let id = identify(&mut lu).unwrap();
-        assert_eq!(id.inquiry, lio_identity_inquiry());
+        // identify asks for the first 36 bytes: no version descriptors.
+        assert_eq!(
+            id.inquiry,
+            StandardInquiry {
+                version_descriptors: Vec::new(),
+                ..lio_identity_inquiry()
+            }
+        );
         assert_eq!(id.vpd_pages, [0x00, 0x80, 0x83, 0x86, 0xB0]);
         assert_eq!(id.serial.as_deref(), Some(SERIAL));
         assert_eq!(id.designators.len(), 5);

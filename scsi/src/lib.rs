@@ -7,7 +7,10 @@
 //!   newtypes (values a real array returns that are not listed here survive);
 //!   [`cdb`] has a typed, zerocopy layout for each command and a parsed
 //!   [`Cdb`] that can emit itself; [`sense`] decodes and emits fixed and
-//!   descriptor sense; [`inquiry`] does the same for INQUIRY data and VPD pages.
+//!   descriptor sense; [`inquiry`] does the same for INQUIRY data and VPD pages,
+//!   [`supported`] for REPORT SUPPORTED OPERATION CODES data and
+//!   [`provisioning`] for UNMAP parameter lists, GET LBA STATUS data and
+//!   the Logical Block Provisioning VPD page.
 //! * [`Transport`] — one path to one logical unit. Commands own their
 //!   page-aligned [`IoBuf`] while in flight; completions may arrive out of
 //!   order. [`sg::SgDevice`] is the synchronous SG_IO implementation; the
@@ -37,11 +40,13 @@ pub mod inquiry;
 pub mod opcode;
 pub mod pool;
 pub mod pr;
+pub mod provisioning;
 pub mod select;
 pub mod sense;
 pub mod sg;
 pub mod shared;
 pub mod status;
+pub mod supported;
 pub mod transport;
 pub mod uring;
 

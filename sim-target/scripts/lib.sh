@@ -6,6 +6,8 @@
 #   user backstore   core/user_<ID>/stp_s<ID>_l<L>_h<H>   (LUN L, host path H)
 #                    dev_config = stp/lun=<L>,initiator=h<H>
 #   ramdisk          core/rd_mcp_*/stp_rd                  (shared, made by targetcli)
+#   fileio           core/fileio_*/stp_fd                  (shared, raw configfs; a sparse
+#                    file <state-dir>/fileio/stp_fd.img, thin provisioned)
 #   host path H      tcm_loop target naa.5001405<ID-1 as 6 hex digits>a<H as 2 hex digits>
 #                    (STG 1: naa.5001405000000a00, naa.5001405000000a01, ...)
 #   initiator name   h<H>
@@ -20,6 +22,12 @@ STP_RD_NAME="stp_rd"
 # A fixed unit serial for the ramdisk, so its NAA (LIO derives it from the
 # serial's hex digits) stays the same across set-ups.
 STP_RD_SERIAL="5354502d-7264-4000-8000-000000000001"
+STP_FD_NAME="stp_fd"
+# The fileio backstore's unit serial ("STP-fd"), for a stable NAA likewise.
+STP_FD_SERIAL="5354502d-6664-4000-8000-000000000001"
+# Its HBA when stg-up makes it (fileio_<n>: n is any number; this one is
+# far from the indexes targetcli picks).
+STP_FD_HBA="fileio_4201"
 STP_QUIET=0
 # Is /dev a devtmpfs (device nodes made by the kernel)?
 STP_DEVTMPFS=0
@@ -237,6 +245,25 @@ stp_rd_path() {
     return 1
 }
 
+# Path of the fileio backstore, if it exists.
+stp_fd_path() {
+    local d
+    for d in "$STP_TARGET_CFS"/core/fileio_*/"$STP_FD_NAME"; do
+        [[ -d "$d" ]] && { printf '%s' "$d"; return 0; }
+    done
+    return 1
+}
+
+# "FILE SIZE" of a fileio backstore, from its info
+# ("TCM FILEIO ID: n  File: PATH  Size: N  Mode: ...").
+stp_fd_file_size() {
+    local info
+    [[ -r "$1/info" ]] || return 1
+    info="$(<"$1/info")"
+    [[ "$info" =~ File:\ *([^[:space:]]+)\ +Size:\ *([0-9]+) ]] || return 1
+    printf '%s %s' "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]}"
+}
+
 # Size in bytes of a ramdisk backstore, from its info ("PAGES/PAGE_SIZE: N*S").
 stp_rd_bytes() {
     local info
@@ -389,9 +416,18 @@ stp_remove_backstore() {
     rmdir "${d%/*}" 2>/dev/null || true
 }
 
+# Removes the fileio backstore at $1 and its backing file.
+stp_remove_fileio() {
+    local d="$1" fs
+    fs="$(stp_fd_file_size "$d" || true)"
+    stp_remove_backstore "$d"
+    [[ -n "$fs" ]] && rm -f "${fs%% *}"
+    return 0
+}
+
 # Removes STG $1's set-up: its tcm_loop targets (with every LUN in them),
 # its user backstores (unlinked wherever they are linked), and the ramdisk
-# when nothing links it any more.
+# and the fileio backstore when nothing links them any more.
 stp_teardown() {
     local id="$1" wwn d rd
     while IFS= read -r wwn; do
@@ -410,6 +446,14 @@ stp_teardown() {
         else
             say "deleting ramdisk ${rd#"$STP_TARGET_CFS"/core/}"
             stp_remove_backstore "$rd"
+        fi
+    fi
+    if rd="$(stp_fd_path)"; then
+        if stp_backstore_linked "$(stp_bs_key "$rd")"; then
+            say "keeping fileio $STP_FD_NAME: other targets still use it"
+        else
+            say "deleting fileio ${rd#"$STP_TARGET_CFS"/core/} and its file"
+            stp_remove_fileio "$rd"
         fi
     fi
 }

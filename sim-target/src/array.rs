@@ -1,6 +1,8 @@
 //! The array: LUNs, initiators and their unit attentions, command dispatch,
 //! the SPC/SBC subset, and the vendor-command extension point.
 
+mod sbc;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -8,10 +10,13 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use scsi::cdb::{Cdb, PageControl, RwFlags, VendorCdb};
-use scsi::inquiry::{BlockLimits, Designator, StandardInquiry, VpdPage};
+use scsi::inquiry::{version_descriptor, BlockLimits, Designator, StandardInquiry, VpdPage};
+use scsi::provisioning::LogicalBlockProvisioning;
+use scsi::supported::{self, AllCommands, CommandDescriptor, OneCommand, Timeouts};
 use scsi::{Asc, DataDirection, Opcode, ScsiStatus, Sense, SenseKey};
 
 use crate::alua::{Alua, Verdict};
+use crate::commands::{self, Command};
 use crate::lun::{LunConfig, LunStore};
 use crate::pr::{self, Access, PrError, Reservations};
 use crate::task::{InitiatorId, Task, TaskResult};
@@ -52,6 +57,8 @@ pub struct Lun {
     reservations: Mutex<Reservations>,
     /// Target port groups and their access states (SPC-4 §5.16).
     alua: Mutex<Alua>,
+    /// The standard commands it implements, with their CDB usage data.
+    commands: Vec<Command>,
 }
 
 impl Lun {
@@ -83,6 +90,27 @@ impl Lun {
     fn take_attention(&self, initiator: InitiatorId) -> Option<Asc> {
         let mut ua = self.attentions.lock().unwrap_or_else(|e| e.into_inner());
         ua.get_mut(&initiator).and_then(VecDeque::pop_front)
+    }
+
+    /// The table entry of a standard command, or the sense a command the
+    /// LUN does not implement gets: INVALID FIELD IN CDB at the service
+    /// action for an opcode it implements other service actions of,
+    /// INVALID COMMAND OPERATION CODE otherwise.
+    fn command(&self, opcode: Opcode, service_action: Option<u8>) -> Result<&Command, Sense> {
+        let mut opcode_known = false;
+        for c in &self.commands {
+            if c.opcode == opcode {
+                if c.service_action == service_action {
+                    return Ok(c);
+                }
+                opcode_known = true;
+            }
+        }
+        Err(if opcode_known && service_action.is_some() {
+            Sense::invalid_field_in_cdb(1, Some(4))
+        } else {
+            unsupported_opcode()
+        })
     }
 }
 
@@ -231,6 +259,7 @@ impl Array {
         let lun = Arc::new(Lun {
             id,
             store: LunStore::new(config.capacity()),
+            commands: commands::standard(&config),
             config,
             attentions: Mutex::new(HashMap::new()),
             reservations: Mutex::new(Reservations::new()),
@@ -521,9 +550,16 @@ impl Array {
         // reservation shuts this one out of ends in RESERVATION CONFLICT.
         if let Parsed::Standard(cdb) = &parsed {
             let access = match cdb {
-                Cdb::Read10 { .. } | Cdb::Read16 { .. } => Access::Read,
+                Cdb::Read10 { .. }
+                | Cdb::Read16 { .. }
+                | Cdb::Verify10 { .. }
+                | Cdb::Verify16 { .. } => Access::Read,
                 Cdb::Write10 { .. }
                 | Cdb::Write16 { .. }
+                | Cdb::WriteSame10 { .. }
+                | Cdb::WriteSame16 { .. }
+                | Cdb::CompareAndWrite { .. }
+                | Cdb::Unmap { .. }
                 | Cdb::SynchronizeCache10 { .. }
                 | Cdb::SynchronizeCache16 { .. } => Access::Write,
                 _ => Access::Other,
@@ -569,7 +605,10 @@ impl Array {
     }
 
     /// The checks LIO makes while parsing a CDB (`sbc_parse_cdb`,
-    /// `target_cmd_size_check`), before any unit attention is reported.
+    /// `target_cmd_size_check`), before any unit attention is reported;
+    /// and every CDB bit outside the command's usage data refused
+    /// ([`commands`]), where LIO checks only some of them (DPO/FUA without
+    /// DPOFUA, RDPROTECT/WRPROTECT without protection).
     fn check_cdb(lun: &Lun, cdb: &Cdb, task: &Task) -> Result<(), Sense> {
         // A data phase set up the wrong way round cannot be served.
         if let Some(expected) = cdb.direction() {
@@ -580,16 +619,109 @@ impl Array {
                 return Err(invalid_field_without_pointer());
             }
         }
-        // LIO's sbc_check_dpofua, before the range checks.
-        if let Cdb::Read10 { flags, .. }
-        | Cdb::Read16 { flags, .. }
-        | Cdb::Write10 { flags, .. }
-        | Cdb::Write16 { flags, .. } = *cdb
-        {
-            if (flags.dpo || flags.fua) && !lun.config.dpofua {
-                return Err(invalid_field_without_pointer());
+        // The command must be one of the LUN's, and set no bit its usage
+        // data does not have.
+        lun.command(cdb.opcode(), service_action(cdb))?
+            .check(task.cdb.as_slice())?;
+        let c = &lun.config;
+        match *cdb {
+            // As LIO (and SBC-2): the obsolete LBA only with PMI set.
+            Cdb::ReadCapacity10 => {
+                let raw = task.cdb.as_slice();
+                if raw.get(8).is_some_and(|b| b & 1 == 0)
+                    && raw.get(2..6).is_some_and(|lba| lba.iter().any(|&b| b != 0))
+                {
+                    return Err(Sense::invalid_field_in_cdb(2, Some(7)));
+                }
+                Ok(())
             }
+            Cdb::Verify10 {
+                lba,
+                blocks,
+                bytchk,
+                ..
+            } => Self::check_verify(lun, lba.into(), blocks.into(), bytchk, task),
+            Cdb::Verify16 {
+                lba,
+                blocks,
+                bytchk,
+                ..
+            } => Self::check_verify(lun, lba, blocks.into(), bytchk, task),
+            Cdb::WriteSame10 { lba, blocks, .. } => {
+                Self::check_write_same(lun, lba.into(), blocks.into(), 7, task)
+            }
+            Cdb::WriteSame16 { lba, blocks, .. } => {
+                Self::check_write_same(lun, lba, blocks.into(), 10, task)
+            }
+            Cdb::CompareAndWrite { lba, blocks, .. } => {
+                // MAXIMUM COMPARE AND WRITE LENGTH is 1, as LIO's.
+                if blocks > 1 {
+                    return Err(Sense::invalid_field_in_cdb(13, Some(7)));
+                }
+                Self::check_range(lun, lba, blocks.into())?;
+                // A data CDB to LIO: the data-out must be exactly both halves.
+                if task.reply.data_len() as u64 != 2 * Self::byte_len(lun, blocks.into()) {
+                    return Err(Sense::new(
+                        SenseKey::ILLEGAL_REQUEST,
+                        Asc::INVALID_FIELD_IN_COMMAND_IU,
+                    ));
+                }
+                Ok(())
+            }
+            Cdb::Unmap { param_len, .. } => {
+                // Less data-out than the parameter list length: the
+                // transfer is refused whole (LIO's overflow of a control CDB).
+                if task.reply.data_len() < usize::from(param_len) {
+                    return Err(invalid_field_without_pointer());
+                }
+                Ok(())
+            }
+            Cdb::GetLbaStatus { lba, .. } if lba >= c.blocks => {
+                Err(Sense::new(SenseKey::ILLEGAL_REQUEST, Asc::LBA_OUT_OF_RANGE)
+                    .with_information(lba))
+            }
+            _ => Self::check_transfer_cdb(lun, cdb, task),
         }
+    }
+
+    /// VERIFY: the range; with BYTCHK, at least the blocks' bytes of
+    /// data-out (more is ignored, as LIO, which sees a control CDB).
+    fn check_verify(
+        lun: &Lun,
+        lba: u64,
+        blocks: u64,
+        bytchk: u8,
+        task: &Task,
+    ) -> Result<(), Sense> {
+        Self::check_range(lun, lba, blocks)?;
+        if bytchk != 0 && (task.reply.data_len() as u64) < Self::byte_len(lun, blocks) {
+            return Err(invalid_field_without_pointer());
+        }
+        Ok(())
+    }
+
+    /// WRITE SAME: a non-zero block count (WSNZ) within MAXIMUM WRITE SAME
+    /// LENGTH (`count_at`: the NUMBER OF LOGICAL BLOCKS byte), the range,
+    /// and exactly one block of data-out.
+    fn check_write_same(
+        lun: &Lun,
+        lba: u64,
+        blocks: u64,
+        count_at: u16,
+        task: &Task,
+    ) -> Result<(), Sense> {
+        if blocks == 0 || blocks > u64::from(lun.config.max_write_same_blocks) {
+            return Err(Sense::invalid_field_in_cdb(count_at, Some(7)));
+        }
+        Self::check_range(lun, lba, blocks)?;
+        if task.reply.data_len() as u64 != Self::byte_len(lun, 1) {
+            return Err(invalid_field_without_pointer());
+        }
+        Ok(())
+    }
+
+    /// READ, WRITE and SYNCHRONIZE CACHE: range, transfer limit and length.
+    fn check_transfer_cdb(lun: &Lun, cdb: &Cdb, task: &Task) -> Result<(), Sense> {
         match *cdb {
             Cdb::Read10 { lba, blocks, .. } => {
                 Self::check_read(lun, lba.into(), blocks.into(), task)
@@ -711,6 +843,10 @@ impl Array {
                 let mut b = [0u8; 32];
                 b[..8].copy_from_slice(&(lun.config.blocks - 1).to_be_bytes());
                 b[8..12].copy_from_slice(&lun.config.block_size.to_be_bytes());
+                if lun.config.thin {
+                    // LBPME, and LBPRZ: a deallocated block reads as zeros.
+                    b[14] = 0x80 | 0x40;
+                }
                 task.respond(&b, alloc_len as usize);
             }
             Cdb::ModeSense6 {
@@ -760,6 +896,29 @@ impl Array {
                 self.write(lun, lba.into(), blocks.into(), flags, task)
             }
             Cdb::Write16 { lba, blocks, flags } => self.write(lun, lba, blocks.into(), flags, task),
+            Cdb::Verify10 {
+                lba,
+                blocks,
+                bytchk,
+                ..
+            } => self.verify(lun, lba.into(), blocks.into(), bytchk, task),
+            Cdb::Verify16 {
+                lba,
+                blocks,
+                bytchk,
+                ..
+            } => self.verify(lun, lba, blocks.into(), bytchk, task),
+            Cdb::WriteSame10 { lba, blocks, unmap } => {
+                self.write_same(lun, lba.into(), blocks.into(), unmap, task)
+            }
+            Cdb::WriteSame16 { lba, blocks, unmap } => {
+                self.write_same(lun, lba, blocks.into(), unmap, task)
+            }
+            Cdb::CompareAndWrite { lba, blocks, .. } => {
+                self.compare_and_write(lun, lba, blocks.into(), task)
+            }
+            Cdb::Unmap { param_len, .. } => self.unmap(lun, param_len, task),
+            Cdb::GetLbaStatus { lba, alloc_len } => self.get_lba_status(lun, lba, alloc_len, task),
             // Write-through model (WCE = 0): nothing to flush; the range
             // (zero blocks meaning "to the end") was checked with the CDB.
             Cdb::SynchronizeCache10 { .. } | Cdb::SynchronizeCache16 { .. } => {
@@ -772,6 +931,7 @@ impl Array {
                 service_action,
                 alloc_len,
             } => self.report_opcodes(
+                lun,
                 RsocRequest {
                     rctd,
                     options: reporting_options,
@@ -976,6 +1136,15 @@ impl Array {
             vendor,
             product,
             revision,
+            // As LIO: SAM-5, the transport (LIO leaves the slot empty for a
+            // transport it does not know, and the model knows none), SPC-4,
+            // SBC-3.
+            version_descriptors: vec![
+                version_descriptor::SAM5,
+                0,
+                version_descriptor::SPC4,
+                version_descriptor::SBC3,
+            ],
         }
     }
 
@@ -994,8 +1163,22 @@ impl Array {
                 .group_id(p);
             scsi::alua::PortIdentity::designators(p, group)
         });
+        let chunk_blocks = (crate::lun::CHUNK as u32 / c.block_size).max(1);
+        let (max_unmap_lba_count, max_unmap_descriptor_count, optimal_unmap_granularity) = if c.thin
+        {
+            (c.max_unmap_blocks, c.max_unmap_descriptors, chunk_blocks)
+        } else {
+            (0, 0, 0)
+        };
+        let provisioning = LogicalBlockProvisioning {
+            lbpu: c.thin,
+            lbpws: c.thin,
+            lbpws10: c.thin,
+            lbprz: c.thin,
+            ..LogicalBlockProvisioning::default()
+        };
         vec![
-            VpdPage::SupportedPages(vec![0x00, 0x80, 0x83, 0xB0]),
+            VpdPage::SupportedPages(vec![0x00, 0x80, 0x83, 0xB0, 0xB2]),
             VpdPage::UnitSerialNumber(c.serial.clone()),
             VpdPage::DeviceIdentification(
                 vec![
@@ -1014,18 +1197,23 @@ impl Array {
                 .collect(),
             ),
             VpdPage::BlockLimits(BlockLimits {
-                wsnz: false,
-                max_compare_and_write: 0,
+                // As LIO: WRITE SAME of zero blocks is refused.
+                wsnz: true,
+                max_compare_and_write: 1,
                 optimal_transfer_granularity: 1,
                 max_transfer_length: c.max_transfer_blocks,
                 optimal_transfer_length: c.max_transfer_blocks,
                 max_prefetch_length: 0,
-                max_unmap_lba_count: 0,
-                max_unmap_descriptor_count: 0,
-                optimal_unmap_granularity: 0,
+                max_unmap_lba_count,
+                max_unmap_descriptor_count,
+                optimal_unmap_granularity,
                 unmap_granularity_alignment: None,
-                max_write_same_length: 0,
+                max_write_same_length: c.max_write_same_blocks.into(),
             }),
+            VpdPage::Other {
+                page_code: LogicalBlockProvisioning::PAGE_CODE,
+                data: provisioning.body(),
+            },
         ]
     }
 
@@ -1141,52 +1329,35 @@ impl Array {
         task.respond(&data, alloc_len);
     }
 
-    /// The commands this model implements: (opcode, service action, CDB length).
-    fn supported_commands(&self) -> Vec<(u8, Option<u16>, u16)> {
-        let mut v = vec![
-            (Opcode::TEST_UNIT_READY.0, None, 6),
-            (Opcode::REQUEST_SENSE.0, None, 6),
-            (Opcode::INQUIRY.0, None, 6),
-            (Opcode::MODE_SENSE_6.0, None, 6),
-            (Opcode::READ_CAPACITY_10.0, None, 10),
-            (Opcode::READ_10.0, None, 10),
-            (Opcode::WRITE_10.0, None, 10),
-            (Opcode::SYNCHRONIZE_CACHE_10.0, None, 10),
-            (Opcode::MODE_SENSE_10.0, None, 10),
-            (Opcode::PERSISTENT_RESERVE_IN.0, None, 10),
-            (Opcode::PERSISTENT_RESERVE_OUT.0, None, 10),
-            (Opcode::READ_16.0, None, 16),
-            (Opcode::WRITE_16.0, None, 16),
-            (Opcode::SYNCHRONIZE_CACHE_16.0, None, 16),
-            (
-                Opcode::SERVICE_ACTION_IN_16.0,
-                Some(Opcode::SA_READ_CAPACITY_16.into()),
-                16,
-            ),
-            (Opcode::REPORT_LUNS.0, None, 12),
-            (
-                Opcode::MAINTENANCE_IN.0,
-                Some(Opcode::SA_REPORT_SUPPORTED_OPCODES.into()),
-                12,
-            ),
-        ];
+    /// Every command `lun` implements, as REPORT SUPPORTED OPERATION CODES
+    /// lists them: the standard ones with their CDB usage data, then the
+    /// vendor opcodes the installed handler implements (10-byte CDBs
+    /// whose bits are all the handler's).
+    fn supported_commands(&self, lun: &Lun) -> Vec<(u8, Option<u16>, Vec<u8>)> {
+        let mut v: Vec<(u8, Option<u16>, Vec<u8>)> = lun
+            .commands
+            .iter()
+            .map(|c| (c.opcode.0, c.service_action.map(u16::from), c.usage.clone()))
+            .collect();
         if let Some(h) = self.vendor() {
             for op in 0xC0..=0xFFu8 {
                 if h.direction(Opcode(op)).is_some() {
-                    v.push((op, None, 10));
+                    let mut usage = vec![0xFFu8; 10];
+                    usage[0] = op;
+                    v.push((op, None, usage));
                 }
             }
         }
         v
     }
 
-    /// REPORT SUPPORTED OPERATION CODES (SPC-4r37 §6.35).
-    fn report_opcodes(&self, req: RsocRequest, alloc_len: u32, task: Task) {
-        if req.rctd {
-            // No command timeouts are reported: RCTD (byte 2, bit 7) is refused.
-            return self.fail(task, Sense::invalid_field_in_cdb(2, Some(7)));
-        }
-        let all = self.supported_commands();
+    /// REPORT SUPPORTED OPERATION CODES (SPC-4r37 §6.35). With RCTD, every
+    /// descriptor carries a command timeouts descriptor, as LIO's (7.x)
+    /// do: zeros, "not specified" (the model gives no command a time it
+    /// could promise).
+    fn report_opcodes(&self, lun: &Lun, req: RsocRequest, alloc_len: u32, task: Task) {
+        let all = self.supported_commands(lun);
+        let timeouts = req.rctd.then(Timeouts::default);
         let op = req.opcode;
         let known = all.iter().any(|(o, _, _)| *o == op);
         let has_sa = all.iter().any(|(o, a, _)| *o == op && a.is_some());
@@ -1194,18 +1365,17 @@ impl Array {
         let bad_opcode = || Sense::invalid_field_in_cdb(3, None);
         let found = match req.options {
             0 => {
-                let mut d = vec![0u8; 4];
-                for (op, action, len) in &all {
-                    d.push(*op);
-                    d.push(0);
-                    d.extend_from_slice(&action.unwrap_or(0).to_be_bytes());
-                    d.push(0);
-                    d.push(u8::from(action.is_some()));
-                    d.extend_from_slice(&len.to_be_bytes());
-                }
-                let n = (d.len() - 4) as u32;
-                d[..4].copy_from_slice(&n.to_be_bytes());
-                return task.respond(&d, alloc_len as usize);
+                let list = AllCommands::new(
+                    all.iter()
+                        .map(|(op, action, usage)| CommandDescriptor {
+                            opcode: *op,
+                            service_action: *action,
+                            cdb_len: usage.len() as u16,
+                            timeouts,
+                        })
+                        .collect(),
+                );
+                return task.respond(&list.to_bytes(), alloc_len as usize);
             }
             // The operation code alone: invalid for one with service actions.
             1 if has_sa => return self.fail(task, bad_opcode()),
@@ -1223,24 +1393,21 @@ impl Array {
             // REPORTING OPTIONS is bits 2..0 of byte 2.
             _ => return self.fail(task, Sense::invalid_field_in_cdb(2, Some(2))),
         };
-        let data = match found {
-            // SUPPORT = 011b: supported as the standard says; the usage
-            // map marks every bit as potentially meaningful.
-            Some((op, action, len)) => {
-                let mut d = vec![0, 0x03];
-                d.extend_from_slice(&len.to_be_bytes());
-                let mut usage = vec![0xFFu8; usize::from(*len)];
-                usage[0] = *op;
-                if let Some(a) = action {
-                    usage[1] = (*a as u8) | 0xE0;
-                }
-                d.extend_from_slice(&usage);
-                d
-            }
-            // SUPPORT = 001b: not supported.
-            None => vec![0, 0x01, 0, 0],
+        let one = match found {
+            Some((_, _, usage)) => OneCommand {
+                support: supported::support::SUPPORTED,
+                usage: usage.clone(),
+                timeouts,
+            },
+            // Not supported: the header with CDB SIZE 0 (LIO stops after
+            // the first two bytes).
+            None => OneCommand {
+                support: supported::support::NOT_SUPPORTED,
+                usage: Vec::new(),
+                timeouts: None,
+            },
         };
-        task.respond(&data, alloc_len as usize);
+        task.respond(&one.to_bytes(), alloc_len as usize);
     }
 }
 
@@ -1276,6 +1443,19 @@ struct ModeSense {
     page_control: PageControl,
     page_code: u8,
     subpage: u8,
+}
+
+/// The service action of a standard command that has them.
+fn service_action(cdb: &Cdb) -> Option<u8> {
+    match *cdb {
+        Cdb::ReadCapacity16 { .. } => Some(Opcode::SA_READ_CAPACITY_16),
+        Cdb::GetLbaStatus { .. } => Some(Opcode::SA_GET_LBA_STATUS),
+        Cdb::ReportSupportedOpcodes { .. } => Some(Opcode::SA_REPORT_SUPPORTED_OPCODES),
+        Cdb::ReportTargetPortGroups { .. } => Some(Opcode::SA_REPORT_TARGET_PORT_GROUPS),
+        Cdb::PersistentReserveIn { service_action, .. }
+        | Cdb::PersistentReserveOut { service_action, .. } => Some(service_action),
+        _ => None,
+    }
 }
 
 /// ILLEGAL REQUEST / INVALID COMMAND OPERATION CODE.

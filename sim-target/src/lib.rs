@@ -13,14 +13,21 @@
 //! ```
 //!
 //! * [`Array`] holds LUNs ([`LunConfig`]: capacity, block size, identity
-//!   with an NAA designator) on sparse in-memory storage, tracks initiators
-//!   and their unit attentions, and executes the SPC/SBC subset STP needs:
-//!   TEST UNIT READY, INQUIRY (standard, VPD 0x00/0x80/0x83/0xB0), REPORT
-//!   LUNS, READ CAPACITY(10/16), READ/WRITE(10/16), SYNCHRONIZE CACHE(10/16),
-//!   MODE SENSE(6/10), REQUEST SENSE and REPORT SUPPORTED OPERATION CODES.
+//!   with an NAA designator, thin or full provisioning) on sparse in-memory
+//!   storage, tracks initiators and their unit attentions, and executes an
+//!   SPC/SBC command set that answers as LIO's own backstores do: TEST UNIT
+//!   READY, INQUIRY (standard with version descriptors, VPD
+//!   0x00/0x80/0x83/0xB0/0xB2), REPORT LUNS, READ CAPACITY(10/16),
+//!   READ/WRITE(10/16), VERIFY(10/16), WRITE SAME(10/16), COMPARE AND WRITE,
+//!   UNMAP, GET LBA STATUS, SYNCHRONIZE CACHE(10/16), MODE SENSE(6/10),
+//!   REQUEST SENSE, PERSISTENT RESERVE IN/OUT, REPORT TARGET PORT GROUPS and
+//!   REPORT SUPPORTED OPERATION CODES (with command timeouts). The list and
+//!   where LIO answers otherwise: docs/ARCHITECTURE.md, "The SPC/SBC
+//!   command set".
 //! * Everything else gets the sense a real target gives, at once: INVALID
 //!   COMMAND OPERATION CODE for unknown opcodes, LBA OUT OF RANGE, INVALID
-//!   FIELD IN CDB with a field pointer, LOGICAL UNIT NOT SUPPORTED.
+//!   FIELD IN CDB with a field pointer (every CDB bit outside a command's
+//!   usage data, NACA and LINK included), LOGICAL UNIT NOT SUPPORTED.
 //! * Vendor-specific opcodes go to the installed [`VendorHandler`], which may
 //!   hold a command (a long poll) and complete it later from any thread.
 //! * [`inproc`] is the front end for tests and the embedded demo.
@@ -40,6 +47,7 @@
 
 pub mod alua;
 pub mod array;
+mod commands;
 pub mod fault;
 pub mod inproc;
 pub mod lun;

@@ -7,7 +7,9 @@ use crate::ConfigError;
 
 /// Storage is allocated in chunks of this many bytes, on first write; a
 /// never-written chunk reads as zeros. A 1 TiB LUN costs nothing until used.
-const CHUNK: usize = 64 * 1024;
+/// It is also the unit of thin provisioning: a chunk is mapped while it is
+/// allocated, deallocated (and reads as zeros) otherwise.
+pub const CHUNK: usize = 64 * 1024;
 
 /// How a logical unit presents itself: geometry and identity.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,6 +35,21 @@ pub struct LunConfig {
     /// DPOFUA bit of MODE SENSE). As in LIO, a CDB with either bit set to a
     /// LUN without them is INVALID FIELD IN CDB; LIO's ramdisk has none.
     pub dpofua: bool,
+    /// Thin provisioned (logical block provisioning management, SBC-3
+    /// §4.7): READ CAPACITY(16) reports LBPME and LBPRZ, VPD page 0xB2
+    /// LBPU, LBPWS and LBPWS10, and the LUN takes UNMAP, WRITE SAME with
+    /// the UNMAP bit and GET LBA STATUS, as LIO's fileio backstore does with
+    /// `emulate_tpu`, `emulate_tpws` and `unmap_zeroes_data` set. Without
+    /// it the LUN is fully provisioned, like LIO's ramdisk: UNMAP is an
+    /// unsupported command and the UNMAP bit an invalid field.
+    pub thin: bool,
+    /// MAXIMUM UNMAP LBA COUNT (VPD 0xB0): blocks one UNMAP block
+    /// descriptor may cover.
+    pub max_unmap_blocks: u32,
+    /// MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT (VPD 0xB0).
+    pub max_unmap_descriptors: u32,
+    /// MAXIMUM WRITE SAME LENGTH (VPD 0xB0), in blocks.
+    pub max_write_same_blocks: u32,
 }
 
 /// The IEEE company id this simulator puts in its NAA designators.
@@ -52,6 +69,12 @@ impl LunConfig {
             naa: naa_for(SIM_OUI, id),
             max_transfer_blocks: (8 << 20) / block_size.max(1),
             dpofua: true,
+            thin: true,
+            max_unmap_blocks: 1 << 20,
+            max_unmap_descriptors: 64,
+            // A WRITE SAME writes (and allocates) at most what one WRITE
+            // may: 8 MiB.
+            max_write_same_blocks: (8 << 20) / block_size.max(1),
         }
     }
 
@@ -110,8 +133,15 @@ impl LunConfig {
                 "must be an NAA 6 (IEEE registered extended) designator".into(),
             );
         }
-        if self.max_transfer_blocks == 0 {
-            return bad("max_transfer_blocks", "must be at least 1".into());
+        for (field, value) in [
+            ("max_transfer_blocks", self.max_transfer_blocks),
+            ("max_unmap_blocks", self.max_unmap_blocks),
+            ("max_unmap_descriptors", self.max_unmap_descriptors),
+            ("max_write_same_blocks", self.max_write_same_blocks),
+        ] {
+            if value == 0 {
+                return bad(field, "must be at least 1".into());
+            }
         }
         Ok(())
     }
@@ -213,6 +243,121 @@ impl LunStore {
             f(done, &mut chunk[within..within + n]);
         }
     }
+
+    /// The offset in `[offset, offset + expected.len())` of the first byte
+    /// that differs from `expected`, if any. Each piece is compared under
+    /// its chunk's lock, as [`read_with`](Self::read_with) reads it.
+    pub fn first_difference(&self, offset: u64, expected: &[u8]) -> Option<usize> {
+        let mut found = None;
+        self.read_with(offset, expected.len(), |at, src| {
+            if found.is_none() {
+                found = first_mismatch(src, &expected[at..at + src.len()]).map(|i| at + i);
+            }
+        });
+        found
+    }
+
+    /// Deallocates `[offset, offset + len)`: it reads as zeros from now on.
+    /// A chunk the range covers whole is dropped; a chunk it covers in
+    /// part is zeroed there, and dropped too when nothing else in it holds
+    /// data. A write racing with this on the same chunk may land before or
+    /// after it, as any two overlapping commands may.
+    pub fn unmap(&self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len).min(self.capacity);
+        if end <= offset {
+            return;
+        }
+        let first = offset / CHUNK as u64;
+        let last = (end - 1) / CHUNK as u64;
+        let whole = |index: u64| {
+            let start = index * CHUNK as u64;
+            offset <= start && start + CHUNK as u64 <= end
+        };
+        // Only allocated chunks need anything: visit whichever is fewer,
+        // the chunks in the range or those allocated.
+        let mut visit: Vec<u64> = {
+            let chunks = self.chunks.read().unwrap_or_else(|e| e.into_inner());
+            if (last - first) as usize >= chunks.len() {
+                chunks
+                    .keys()
+                    .copied()
+                    .filter(|i| (first..=last).contains(i))
+                    .collect()
+            } else {
+                (first..=last).filter(|i| chunks.contains_key(i)).collect()
+            }
+        };
+        visit.sort_unstable();
+        for index in visit {
+            if whole(index) {
+                let mut chunks = self.chunks.write().unwrap_or_else(|e| e.into_inner());
+                chunks.remove(&index);
+                continue;
+            }
+            let Some(chunk) = self.chunk(index) else {
+                continue;
+            };
+            let start = index * CHUNK as u64;
+            let from = (offset.max(start) - start) as usize;
+            let to = (end.min(start + CHUNK as u64) - start) as usize;
+            let mut data = chunk.write().unwrap_or_else(|e| e.into_inner());
+            data[from..to].fill(0);
+            if data.iter().all(|&b| b == 0) {
+                // Dropped under its own lock, so no write into it is lost
+                // between the check and the removal (writers lock it first).
+                let mut chunks = self.chunks.write().unwrap_or_else(|e| e.into_inner());
+                if chunks.get(&index).is_some_and(|c| Arc::ptr_eq(c, &chunk)) {
+                    chunks.remove(&index);
+                }
+            }
+        }
+    }
+
+    /// Compares `[offset, offset + expected.len())` with `expected` and,
+    /// when they match, writes `new` there, atomically against every other
+    /// access to the store: the range must lie within one chunk (one
+    /// logical block always does). Returns the offset of the first byte
+    /// that differs, if any; then nothing is written.
+    pub fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> Result<(), usize> {
+        let index = offset / CHUNK as u64;
+        let within = (offset % CHUNK as u64) as usize;
+        let n = expected.len().min(new.len()).min(CHUNK - within);
+        let chunk = match self.chunk(index) {
+            Some(chunk) => chunk,
+            // Never written: compare with zeros before allocating anything.
+            None => match first_mismatch(&vec![0u8; n], &expected[..n]) {
+                Some(at) => return Err(at),
+                None => self.chunk_or_insert(index),
+            },
+        };
+        let mut data = chunk.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = first_mismatch(&data[within..within + n], &expected[..n]) {
+            return Err(at);
+        }
+        data[within..within + n].copy_from_slice(&new[..n]);
+        Ok(())
+    }
+
+    /// Whether the chunk holding byte `offset` is allocated (mapped).
+    pub fn is_mapped(&self, offset: u64) -> bool {
+        self.chunk(offset / CHUNK as u64).is_some()
+    }
+
+    /// The allocated chunks from the one holding byte `offset` on, by
+    /// index (chunk `i` holds bytes `i * CHUNK..(i + 1) * CHUNK`),
+    /// ascending.
+    pub fn mapped_chunks_from(&self, offset: u64) -> Vec<u64> {
+        let first = offset / CHUNK as u64;
+        let chunks = self.chunks.read().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<u64> = chunks.keys().copied().filter(|&i| i >= first).collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// The index of the first byte where `a` and `b` differ.
+fn first_mismatch(a: &[u8], b: &[u8]) -> Option<usize> {
+    a.iter().zip(b).position(|(x, y)| x != y)
 }
 
 /// Splits a byte range into (offset in request, chunk index, offset in

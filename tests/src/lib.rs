@@ -11,6 +11,7 @@
 //! bounds or an overflow.
 
 pub mod backup;
+pub mod conformance;
 pub mod e2e;
 pub mod rig;
 
@@ -465,6 +466,28 @@ pub fn sd_probe_commands(t: &mut dyn Transport) -> Check {
 /// much data-out gets INVALID FIELD IN COMMAND INFORMATION UNIT, a READ into
 /// a buffer shorter than the transfer INVALID FIELD IN CDB.
 pub fn transfer_length_mismatches(t: &mut dyn Transport, lba: u64) -> Check {
+    transfer_length_mismatches_with(t, lba, LongerRead::Residual)
+}
+
+/// What a READ into a buffer longer than its transfer gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LongerRead {
+    /// GOOD, the residual saying how much of the buffer is left (SPC; the
+    /// model, LIO's ramdisk).
+    Residual,
+    /// NOT READY / LOGICAL UNIT COMMUNICATION FAILURE: LIO's fileio on a
+    /// file (Linux 7.3, `fd_do_rw`) reads into the whole buffer and takes
+    /// the longer read for an error.
+    LioFileioFails,
+}
+
+/// [`transfer_length_mismatches`], with the answer `longer` to a READ into
+/// a buffer longer than its transfer.
+pub fn transfer_length_mismatches_with(
+    t: &mut dyn Transport,
+    lba: u64,
+    longer: LongerRead,
+) -> Check {
     let (_, bs) = capacity(t)?;
     let bs = bs as usize;
     let write = Cdb::Write10 {
@@ -491,6 +514,14 @@ pub fn transfer_length_mismatches(t: &mut dyn Transport, lba: u64) -> Check {
         Asc::INVALID_FIELD_IN_CDB,
         "READ of 2 blocks into a 1-block buffer",
     )?;
+    if longer == LongerRead::LioFileioFails {
+        return expect_check(
+            run_in(t, read, 3 * bs),
+            SenseKey::NOT_READY,
+            Asc::LU_COMMUNICATION_FAILURE,
+            "READ of 2 blocks into a 3-block buffer on LIO's fileio",
+        );
+    }
     // A longer buffer is fine: the residual says how much is left.
     let (d, outcome) = run_in(t, read, 3 * bs)
         .into_result()

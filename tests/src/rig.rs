@@ -8,7 +8,8 @@
 //! * [`LioRig`]: real LIO through `/dev/sgN` on two tcm_loop paths, described
 //!   by the map that `sim-target/scripts/stg-up` writes (`$STP_LIO_MAP`,
 //!   default `/run/stp/sim-target.json`): the TCMU daemon `stp-target` serves
-//!   the STG; the shared LUN is a LIO ramdisk.
+//!   the STG; the shared LUN is a LIO ramdisk (the map also has a LIO fileio
+//!   LUN, [`LioRig::fileio_path`]).
 
 use std::collections::HashMap;
 use std::io;
@@ -224,7 +225,8 @@ impl Rig for SharedRig {
 pub struct MapLun {
     /// The LUN number on the tcm_loop target.
     pub lun: u64,
-    /// `stg` (served by the TCMU daemon) or `ramdisk` (LIO's own).
+    /// `stg` (served by the TCMU daemon), `ramdisk` or `fileio` (LIO's own
+    /// backstores).
     pub kind: String,
     /// The STG member index, for `stg` LUNs.
     #[serde(default)]
@@ -376,6 +378,11 @@ impl LioRig {
     /// The `sg` node of `host`'s ramdisk LUN.
     pub fn plain_path(&self, host: usize) -> io::Result<PathBuf> {
         self.map.sg(host, "ramdisk LUN", |l| l.kind == "ramdisk")
+    }
+
+    /// The `sg` node of `host`'s fileio LUN (thin provisioned).
+    pub fn fileio_path(&self, host: usize) -> io::Result<PathBuf> {
+        self.map.sg(host, "fileio LUN", |l| l.kind == "fileio")
     }
 }
 

@@ -910,11 +910,19 @@ fn report_supported_opcodes_options() {
         );
         s.field_pointer()
     };
-    // RCTD = 1: no command timeouts are kept. Byte 2, bit 7.
-    let p = fails(&mut t, rsoc(true, 0, 0, 0), "RCTD=1");
-    assert_eq!(p, pointer(2, Some(7)));
-    let p = fails(&mut t, rsoc(true, 1, 0x28, 0), "RCTD=1, option 1");
-    assert_eq!(p, pointer(2, Some(7)));
+    // RCTD = 1: every descriptor with a command timeouts descriptor.
+    let (d, _) = run_in(&mut t, rsoc(true, 0, 0, 0), 4096)
+        .into_result()
+        .unwrap();
+    let all = scsi::supported::AllCommands::parse(&d).unwrap();
+    assert!(all.commands.len() > 20, "{all:?}");
+    assert!(all.commands.iter().all(|c| c.timeouts.is_some()), "{all:?}");
+    let (d, _) = run_in(&mut t, rsoc(true, 1, 0x28, 0), 512)
+        .into_result()
+        .unwrap();
+    let one = scsi::supported::OneCommand::parse(&d).unwrap();
+    assert_eq!((one.support, one.usage.len()), (3, 10));
+    assert_eq!(one.timeouts, Some(scsi::supported::Timeouts::default()));
     // Option 2 for an opcode without service actions: byte 3.
     let p = fails(&mut t, rsoc(false, 2, 0x28, 0), "option 2, READ(10)");
     assert_eq!(p, pointer(3, None));
@@ -1253,4 +1261,29 @@ fn preflight_reports_a_healthy_and_a_broken_setup() {
     let f = transfer(&a);
     assert_eq!(f.status, Status::Fail, "{}", f.line());
     assert!(f.detail.contains("4096-byte commands"), "{}", f.line());
+}
+
+/// The SBC/SPC cases the real-LIO suite also runs on the daemon's LUN and
+/// LIO's own backstores, here on the model directly: a thin LUN with
+/// DPO/FUA (as the STG members), a thick one without (as LIO's ramdisk),
+/// and a thin one of 4 KiB blocks.
+#[test]
+fn sbc_spc_cases_on_the_model() {
+    use stp_tests::conformance::{sbc_spc_cases, Subject, Target};
+    let a = Array::new();
+    a.add_lun(0, LunConfig::new(0, 1 << 16, 512)).unwrap();
+    let thick = LunConfig {
+        thin: false,
+        dpofua: false,
+        ..LunConfig::new(1, 1 << 16, 512)
+    };
+    a.add_lun(1, thick).unwrap();
+    a.add_lun(2, LunConfig::new(2, 1 << 14, 4096)).unwrap();
+    let host = Host::login(&a, "h");
+    for (lun, thin, dpofua) in [(0, true, true), (1, false, false), (2, true, true)] {
+        let mut t = host.open(lun).unwrap();
+        let s = Subject::probe(&mut t, Target::Model, None).unwrap();
+        assert_eq!((s.thin, s.dpofua), (thin, dpofua), "LUN {lun}");
+        ok(sbc_spc_cases(&mut t, &s));
+    }
 }

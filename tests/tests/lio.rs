@@ -84,25 +84,69 @@ fn persistent_reservations_on_the_ramdisk_as_in_process() {
 
 #[test]
 #[ignore = "needs real LIO (just vm-test)"]
-fn sbc_conformance_on_daemon_and_ramdisk_luns() {
+fn sbc_conformance_on_daemon_ramdisk_and_fileio_luns() {
     let lio = LioRig::load_env();
+    // LIO's fileio fails a READ into a buffer longer than the transfer
+    // (LongerRead::LioFileioFails); the model and the ramdisk do not.
     let pairs = [
         (
             lio.member_path(0, 0).unwrap(),
             lio.member_path(1, 0).unwrap(),
+            LongerRead::Residual,
         ),
-        (lio.plain_path(0).unwrap(), lio.plain_path(1).unwrap()),
+        (
+            lio.plain_path(0).unwrap(),
+            lio.plain_path(1).unwrap(),
+            LongerRead::Residual,
+        ),
+        (
+            lio.fileio_path(0).unwrap(),
+            lio.fileio_path(1).unwrap(),
+            LongerRead::LioFileioFails,
+        ),
     ];
-    for (a, b) in &pairs {
+    for (a, b, longer) in &pairs {
         eprintln!("conformance on {} / {}", a.display(), b.display());
         ok(write_here_read_there(&mut sg(a), &mut sg(b), 100, 64, 16));
         let mut t = sg(a);
         ok(standard_errors(&mut t));
         ok(multi_block_and_residual(&mut t, 4096));
-        ok(transfer_length_mismatches(&mut t, 8192));
+        ok(transfer_length_mismatches_with(&mut t, 8192, *longer));
     }
     // What the sd driver asks at attach time, answered by the daemon.
     ok(sd_probe_commands(&mut sg(&pairs[0].0)));
+}
+
+/// The SBC/SPC cases (stp_tests::conformance) on the daemon's LUN — the
+/// model, to which LIO passes them through — and on LIO's own ramdisk and
+/// fileio backstores, in one boot: the same commands, each answer compared
+/// with what the case expects of the model and of LIO (which differ where
+/// the case says why, and the log lists). In-process:
+/// `sbc_spc_cases_on_the_model` (tests/inproc.rs).
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn sbc_spc_cases_on_daemon_ramdisk_and_fileio() {
+    use stp_tests::conformance::{running_kernel, sbc_spc_cases, Subject, Target};
+    let lio = LioRig::load_env();
+    let kernel = running_kernel();
+    eprintln!("target kernel {kernel:?}");
+    let luns = [
+        (lio.member_path(0, 0).unwrap(), Target::Model),
+        (lio.plain_path(0).unwrap(), Target::LioRamdisk),
+        (lio.fileio_path(0).unwrap(), Target::LioFileio),
+    ];
+    let mut failed = Vec::new();
+    for (path, target) in luns {
+        let mut t = sg(&path);
+        let result = Subject::probe(&mut t, target, kernel).and_then(|s| {
+            eprintln!("{target:?} on {}: {s:?}", path.display());
+            sbc_spc_cases(&mut t, &s)
+        });
+        if let Err(e) = result {
+            failed.push(e);
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
 #[test]

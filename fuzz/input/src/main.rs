@@ -153,6 +153,50 @@ fn array(c: &Corpus) {
     ];
     c.put("array", "spc-sbc", &encode_script(&spc));
 
+    // VERIFY, WRITE SAME, COMPARE AND WRITE, UNMAP, GET LBA STATUS, RSOC
+    // with RCTD, and fields the model refuses (WRPROTECT, NACA).
+    let out = |lun: u8, cdb: Vec<u8>, data: Vec<u8>| Step {
+        lun,
+        direction: 2,
+        cdb,
+        buf_len: data.len() as u16,
+        data,
+        ..Step::default()
+    };
+    let block = vec![0xA5u8; 512];
+    let unmap = scsi::provisioning::UnmapList::new(vec![scsi::provisioning::UnmapDescriptor {
+        lba: 256,
+        blocks: 128,
+    }])
+    .to_bytes();
+    let provisioning = vec![
+        out(2, vec![0x2A, 0, 0, 0, 1, 0, 0, 0, 1, 0], block.clone()),
+        out(2, vec![0x2F, 0x02, 0, 0, 1, 0, 0, 0, 1, 0], block.clone()),
+        step(2, 0, vec![0x8F, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 8, 0, 0], 0),
+        out(
+            2,
+            vec![0x93, 0x08, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0],
+            vec![0; 512],
+        ),
+        out(2, vec![0x41, 0, 0, 0, 2, 0, 0, 0, 16, 0], block.clone()),
+        out(
+            2,
+            vec![0x89, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0],
+            [block.clone(), vec![0x5A; 512]].concat(),
+        ),
+        out(2, vec![0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], unmap),
+        step(
+            2,
+            1,
+            vec![0x9E, 0x12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0],
+            4096,
+        ),
+        step(2, 1, vec![0xA3, 0x0C, 0x81, 0x88, 0, 0, 0, 0, 2, 0, 0, 0], 512),
+        out(2, vec![0x2A, 0x20, 0, 0, 1, 0, 0, 0, 1, 0], block),
+        step(2, 0, vec![0, 0, 0, 0, 0, 0x04], 0),
+    ];
+    c.put("array", "sbc-provisioning", &encode_script(&provisioning));
+
     // Vendor mode: two bindings, a SEND from one to the other, RECEIVE,
     // PORT STATUS, RELEASE.
     let frame = sealed(Protection::Encrypt, Kind::DATA, b"through the array", 1);
@@ -274,6 +318,21 @@ fn scsi(c: &Corpus) {
         ),
         ("mode-sense-10", &[0x5A, 0, 0x3F, 0, 0, 0, 0, 1, 0, 0]),
         ("rsoc", &[0xA3, 0x0C, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0]),
+        ("rsoc-rctd", &[0xA3, 0x0C, 0x82, 0x9E, 0, 0x10, 0, 0, 2, 0, 0, 0]),
+        ("verify-10", &[0x2F, 0x02, 0, 0, 0x10, 0, 0, 0, 8, 0]),
+        (
+            "write-same-16",
+            &[0x93, 0x08, 0, 0, 0, 0, 0, 0, 0, 0x40, 0, 0, 0, 0x10, 0, 0],
+        ),
+        (
+            "compare-and-write",
+            &[0x89, 0x08, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 1, 0, 0],
+        ),
+        ("unmap", &[0x42, 0, 0, 0, 0, 0, 0, 0, 0x18, 0]),
+        (
+            "get-lba-status",
+            &[0x9E, 0x12, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0x18, 0, 0],
+        ),
     ] {
         c.put("scsi_cdb", name, bytes);
     }
