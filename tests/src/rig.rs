@@ -386,6 +386,35 @@ impl LioRig {
     }
 }
 
+/// The real-LIO rig with LIO's fileio LUN as the plain shared LUN: block
+/// mode on a second stock backstore (a file behind `fileio`, thin
+/// provisioned), where [`LioRig`] uses the ramdisk.
+pub struct LioFileioRig(pub LioRig);
+
+impl Rig for LioFileioRig {
+    fn describe(&self) -> String {
+        "real LIO (tcm_loop, fileio backstore)".into()
+    }
+    fn stg(&self) -> u32 {
+        self.0.stg()
+    }
+    fn members(&self) -> usize {
+        self.0.members()
+    }
+    fn hosts(&self) -> usize {
+        self.0.hosts()
+    }
+    fn member(&self, host: usize, member: usize) -> io::Result<Box<dyn Transport>> {
+        self.0.member(host, member)
+    }
+    fn plain(&self, host: usize) -> io::Result<Box<dyn Transport>> {
+        LioRig::open(&self.0.fileio_path(host)?)
+    }
+    fn whole_block_reads(&self) -> bool {
+        false
+    }
+}
+
 impl Rig for LioRig {
     fn describe(&self) -> String {
         "real LIO (tcm_loop + stp-target)".into()

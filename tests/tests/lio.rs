@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use stp_core::stream::{StpListener, StpStream};
 use stp_tests::e2e::{self, config, keys, send_range, T};
-use stp_tests::rig::{all_members, LioRig, Rig};
+use stp_tests::rig::{all_members, LioFileioRig, LioRig, Rig};
 use stp_tests::*;
 
 fn rig() -> Arc<dyn Rig> {
@@ -420,6 +420,15 @@ fn backup_fs_and_db_flows_on_real_lio() {
 #[ignore = "needs real LIO (just vm-test)"]
 fn backup_fs_and_db_flows_in_block_mode_on_lios_ramdisk() {
     stp_tests::backup::fs_and_db_round_trip(&rig(), 2 << 20, stp_core::stg::MailboxMode::Block);
+}
+
+/// The same over LIO's fileio backstore (a sparse file, thin provisioned):
+/// a second stock backstore that knows nothing of STP.
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn backup_fs_and_db_flows_in_block_mode_on_lios_fileio() {
+    let rig: Arc<dyn Rig> = Arc::new(LioFileioRig(LioRig::load_env()));
+    stp_tests::backup::fs_and_db_round_trip(&rig, 2 << 20, stp_core::stg::MailboxMode::Block);
 }
 
 /// The ramdisk's configfs directory (`core/rd_mcp_*/<name>`), found as
