@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
             let _ = config.psk_bytes();
             for stg in &config.stgs {
                 let _ = config.stg(stg.id);
-                if let Some(layout) = stg.block {
+                if let Some(layout) = stg.block.as_ref().and_then(|b| b.layout()) {
                     let _ = layout.required_blocks();
                 }
             }
