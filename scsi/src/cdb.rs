@@ -440,7 +440,7 @@ impl RwFlags {
     }
 
     fn to_byte(self) -> u8 {
-        bit(self.fua, wire::FUA) | bit(self.dpo, wire::DPO)
+        flag(self.fua, wire::FUA) | flag(self.dpo, wire::DPO)
     }
 }
 
@@ -816,7 +816,9 @@ impl CdbError {
     }
 }
 
-fn bit(set: bool, mask: u8) -> u8 {
+/// `mask` when `set`, else 0: one flag of a CDB or parameter byte (every
+/// builder and encoder of the crate uses this one).
+pub(crate) fn flag(set: bool, mask: u8) -> u8 {
     if set {
         mask
     } else {
@@ -1097,7 +1099,7 @@ impl Cdb {
             }),
             Cdb::RequestSense { desc, alloc_len } => buf(&wire::RequestSense {
                 opcode: op,
-                flags: bit(desc, wire::DESC),
+                flags: flag(desc, wire::DESC),
                 alloc_len,
                 ..Default::default()
             }),
@@ -1107,7 +1109,7 @@ impl Cdb {
                 alloc_len,
             } => buf(&wire::Inquiry {
                 opcode: op,
-                flags: bit(evpd, wire::EVPD),
+                flags: flag(evpd, wire::EVPD),
                 page_code,
                 alloc_len: alloc_len.into(),
                 control: 0,
@@ -1120,7 +1122,7 @@ impl Cdb {
                 alloc_len,
             } => buf(&wire::ModeSense6 {
                 opcode: op,
-                flags: bit(dbd, wire::DBD),
+                flags: flag(dbd, wire::DBD),
                 page: mode_page(page_control, page_code),
                 subpage,
                 alloc_len,
@@ -1135,7 +1137,7 @@ impl Cdb {
                 alloc_len,
             } => buf(&wire::ModeSense10 {
                 opcode: op,
-                flags: bit(llbaa, wire::LLBAA) | bit(dbd, wire::DBD),
+                flags: flag(llbaa, wire::LLBAA) | flag(dbd, wire::DBD),
                 page: mode_page(page_control, page_code),
                 subpage,
                 alloc_len: alloc_len.into(),
@@ -1176,7 +1178,7 @@ impl Cdb {
                 dpo,
             } => buf(&wire::ReadWrite10 {
                 opcode: op,
-                flags: ((bytchk << 1) & wire::BYTCHK_MASK) | bit(dpo, wire::DPO),
+                flags: ((bytchk << 1) & wire::BYTCHK_MASK) | flag(dpo, wire::DPO),
                 lba: lba.into(),
                 blocks: blocks.into(),
                 ..Default::default()
@@ -1188,21 +1190,21 @@ impl Cdb {
                 dpo,
             } => buf(&wire::ReadWrite16 {
                 opcode: op,
-                flags: ((bytchk << 1) & wire::BYTCHK_MASK) | bit(dpo, wire::DPO),
+                flags: ((bytchk << 1) & wire::BYTCHK_MASK) | flag(dpo, wire::DPO),
                 lba: lba.into(),
                 blocks: blocks.into(),
                 ..Default::default()
             }),
             Cdb::WriteSame10 { lba, blocks, unmap } => buf(&wire::ReadWrite10 {
                 opcode: op,
-                flags: bit(unmap, wire::UNMAP),
+                flags: flag(unmap, wire::UNMAP),
                 lba: lba.into(),
                 blocks: blocks.into(),
                 ..Default::default()
             }),
             Cdb::WriteSame16 { lba, blocks, unmap } => buf(&wire::ReadWrite16 {
                 opcode: op,
-                flags: bit(unmap, wire::UNMAP),
+                flags: flag(unmap, wire::UNMAP),
                 lba: lba.into(),
                 blocks: blocks.into(),
                 ..Default::default()
@@ -1216,7 +1218,7 @@ impl Cdb {
             }),
             Cdb::Unmap { anchor, param_len } => buf(&wire::Unmap {
                 opcode: op,
-                flags: bit(anchor, wire::ANCHOR),
+                flags: flag(anchor, wire::ANCHOR),
                 param_len: param_len.into(),
                 ..Default::default()
             }),
@@ -1229,14 +1231,14 @@ impl Cdb {
             }),
             Cdb::SynchronizeCache10 { lba, blocks, immed } => buf(&wire::SynchronizeCache10 {
                 opcode: op,
-                flags: bit(immed, wire::IMMED),
+                flags: flag(immed, wire::IMMED),
                 lba: lba.into(),
                 blocks: blocks.into(),
                 ..Default::default()
             }),
             Cdb::SynchronizeCache16 { lba, blocks, immed } => buf(&wire::SynchronizeCache16 {
                 opcode: op,
-                flags: bit(immed, wire::IMMED),
+                flags: flag(immed, wire::IMMED),
                 lba: lba.into(),
                 blocks: blocks.into(),
                 ..Default::default()
@@ -1256,7 +1258,7 @@ impl Cdb {
             } => buf(&wire::ReportSupportedOpcodes {
                 opcode: op,
                 service_action: Opcode::SA_REPORT_TARGET_PORT_GROUPS
-                    | bit(extended, wire::RTPG_EXTENDED),
+                    | flag(extended, wire::RTPG_EXTENDED),
                 alloc_len: alloc_len.into(),
                 ..Default::default()
             }),
@@ -1269,7 +1271,8 @@ impl Cdb {
             } => buf(&wire::ReportSupportedOpcodes {
                 opcode: op,
                 service_action: Opcode::SA_REPORT_SUPPORTED_OPCODES,
-                options: bit(rctd, wire::RCTD) | (reporting_options & wire::REPORTING_OPTIONS_MASK),
+                options: flag(rctd, wire::RCTD)
+                    | (reporting_options & wire::REPORTING_OPTIONS_MASK),
                 requested_opcode: opcode,
                 requested_service_action: service_action.into(),
                 alloc_len: alloc_len.into(),

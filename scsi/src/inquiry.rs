@@ -15,7 +15,7 @@
 
 use std::fmt::Write as _;
 
-use crate::cdb::Cdb;
+use crate::cdb::{flag, Cdb};
 use crate::transport::{Command, CommandError, Transport};
 
 /// Why INQUIRY data could not be decoded.
@@ -701,14 +701,6 @@ fn unexpected_variant(page: u8) -> IdentifyError {
     IdentifyError::Parse {
         what: vpd_what(page),
         source: InquiryError::Malformed("page decoded to an unexpected variant"),
-    }
-}
-
-fn flag(set: bool, bit: u8) -> u8 {
-    if set {
-        bit
-    } else {
-        0
     }
 }
 

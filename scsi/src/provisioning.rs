@@ -6,6 +6,8 @@
 //! or a [`ProvisioningError`]; a list cut short keeps the whole entries
 //! that fit, as an allocation length cuts it.
 
+use crate::cdb::flag;
+
 /// Why bytes are not provisioning data this module accepts.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -293,14 +295,6 @@ impl LogicalBlockProvisioning {
         let len = usize::from(u16::from_be_bytes([header[2], header[3]]));
         let end = len.saturating_add(4).min(page.len());
         Ok(Self::parse_body(&page[4..end]))
-    }
-}
-
-fn flag(set: bool, mask: u8) -> u8 {
-    if set {
-        mask
-    } else {
-        0
     }
 }
 

@@ -5,6 +5,8 @@
 //! No-panic contract: every `parse` accepts any bytes; a list cut short by
 //! the allocation length keeps the whole descriptors that fit.
 
+use crate::cdb::flag;
+
 /// Why bytes are not REPORT SUPPORTED OPERATION CODES data.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -226,14 +228,6 @@ impl OneCommand {
             usage,
             timeouts,
         })
-    }
-}
-
-fn flag(set: bool, mask: u8) -> u8 {
-    if set {
-        mask
-    } else {
-        0
     }
 }
 

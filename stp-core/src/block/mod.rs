@@ -644,6 +644,10 @@ fn exec(
     Ok(buf)
 }
 
+/// Frames grouped by destination host: (host, each frame's byte range,
+/// header and payload), hosts in the order they first appear.
+type Routes = Vec<(u16, Vec<std::ops::Range<usize>>)>;
+
 /// Rounds `buf`'s length up to whole `block_size` blocks, zeroing the bytes
 /// added: a pooled buffer may hold an earlier command's data (a frame
 /// opened in place, say) past its length, and these bytes go onto a LUN
@@ -1754,19 +1758,14 @@ impl BlockStg {
     /// payload within [`max_payload`](Self::max_payload)) and groups them
     /// by destination host, in the order each host first appears: (host,
     /// each frame's byte range in `packed`, header and payload).
-    #[allow(clippy::type_complexity)]
-    fn route(
-        &self,
-        binding: &Binding,
-        packed: &[u8],
-    ) -> Result<Vec<(u16, Vec<std::ops::Range<usize>>)>, MailboxError> {
+    fn route(&self, binding: &Binding, packed: &[u8]) -> Result<Routes, MailboxError> {
         self.check_stale()?;
         match lock(&self.ports).bound.get(&binding.port) {
             Some(q) if q.handle == binding.handle => {}
             _ => return Err(MailboxError::Refused(Refusal::BadHandle)),
         }
         let max_payload = self.max_payload();
-        let mut routes: Vec<(u16, Vec<std::ops::Range<usize>>)> = Vec::new();
+        let mut routes: Routes = Vec::new();
         for found in Frames::new(packed) {
             let found = found.map_err(|(offset, _)| {
                 MailboxError::Refused(Refusal::MalformedFrame {
@@ -1808,7 +1807,13 @@ impl BlockStg {
     /// Not atomic across destination hosts: a failure may leave earlier
     /// frames sent.
     pub fn send_packed(&self, binding: &Binding, packed: &[u8]) -> Result<(), MailboxError> {
-        for (d, ranges) in self.route(binding, packed)? {
+        let routes = self.route(binding, packed)?;
+        self.send_routed(packed, routes)
+    }
+
+    /// Sends frames [`route`](Self::route) has checked and grouped.
+    fn send_routed(&self, packed: &[u8], routes: Routes) -> Result<(), MailboxError> {
+        for (d, ranges) in routes {
             let frames: Vec<&[u8]> = ranges.iter().map(|r| &packed[r.clone()]).collect();
             let first_port = dst_port(frames[0]);
             if d == self.host {
@@ -1845,7 +1850,7 @@ impl BlockStg {
         let routes = self.route(binding, packed)?;
         let (d, ranges) = match routes.as_slice() {
             [(d, ranges)] if *d != self.host && buf.len() <= self.slot_bytes => (*d, ranges),
-            _ => return self.send_packed(binding, packed),
+            _ => return self.send_routed(packed, routes),
         };
         let first_port = dst_port(&packed[ranges[0].clone()]);
         let frames = ranges.len() as u64;
