@@ -29,6 +29,15 @@ impl RecvBuf {
     }
 }
 
+impl RecvBuf {
+    /// The buffer itself, no longer bound for the pool (its new owner
+    /// returns it).
+    pub fn into_buf(mut self) -> IoBuf {
+        self.pool = None;
+        std::mem::take(&mut self.buf)
+    }
+}
+
 impl AsRef<[u8]> for RecvBuf {
     fn as_ref(&self) -> &[u8] {
         &self.buf

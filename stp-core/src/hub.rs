@@ -33,14 +33,14 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use scsi::pool::BufPool;
-use scsi::{Asc, CommandError, SenseKey};
+use scsi::{Asc, CommandError, IoBuf, SenseKey};
 
 use crate::chunk::RecvBuf;
 use crate::counters::bump;
 use crate::error::{MailboxError, Refusal};
-use crate::mailbox::{Binding, Mailbox};
+use crate::mailbox::{Binding, Lent, Mailbox};
 use crate::stream::{PathSource, MAX_TRANSFER};
-use crate::wire::{Frames, Header, WireError};
+use crate::wire::{Frames, Header, WireError, HEADER_LEN};
 
 /// The longest a pump waits in one RECEIVE.
 pub(crate) const POLL: Duration = Duration::from_millis(100);
@@ -60,6 +60,12 @@ const SPARE_PUMP_POLLS: u32 = 20;
 /// its payload lies in the RECEIVE buffer.
 pub(crate) type Opened = (Header, Range<usize>);
 
+/// A frame's place among a RECEIVE's buffers: (buffer, offset).
+type At = (usize, usize);
+
+/// An opened frame and the index of the buffer it lies in.
+type InBuf = (usize, Opened);
+
 /// A RECEIVE buffer shared by the chunks of every connection it carried.
 pub(crate) type Shared = Arc<dyn AsRef<[u8]> + Send + Sync>;
 
@@ -69,8 +75,9 @@ pub(crate) trait Endpoint: Send + Sync {
     /// `buf`, in place; returns the authentic ones. Called outside any
     /// lock of the hub.
     fn open(&self, buf: &mut [u8], at: &[usize]) -> Vec<Opened>;
-    /// Takes opened frames whose payloads lie in `buf`.
-    fn deliver(&self, buf: &Shared, opened: Vec<Opened>);
+    /// Takes opened frames, in the order received, each with the buffer
+    /// its payload lies in.
+    fn deliver(&self, opened: Vec<(Shared, Opened)>);
     /// The binding is gone (released, or the array restarted).
     fn binding_lost(&self);
     /// A frame of protocol version `v` (not this one's) arrived for it.
@@ -263,73 +270,129 @@ impl Hub {
         false
     }
 
-    /// Hands the frames of one RECEIVE to their connections: opened by
-    /// each outside every lock, then delivered. Returns the buffer when no
-    /// frame was taken (for the next RECEIVE).
-    fn dispatch(&self, mut buf: scsi::IoBuf) -> Option<scsi::IoBuf> {
-        // (port, connection, offsets of its frames)
-        let mut groups: Vec<(u32, Arc<dyn Endpoint>, Vec<usize>)> = Vec::new();
+    /// Hands the frames of one RECEIVE, packed in `buf`, to their
+    /// connections ([`hand_over`](Self::hand_over)). Returns the buffer
+    /// when no frame was taken (for the next RECEIVE).
+    fn dispatch(&self, buf: IoBuf) -> Option<IoBuf> {
+        let mut found = Vec::new();
+        for f in Frames::new(&buf) {
+            match f {
+                Ok(f) => found.push((0, f.offset, f.header)),
+                Err((at, WireError::BadVersion(v))) => {
+                    // Every version keeps `dst_port` at bytes 12–15.
+                    let dst = buf
+                        .get(at + 12..at + 16)
+                        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                    let endpoints = self.endpoints.read().unwrap_or_else(|e| e.into_inner());
+                    if let Some(ep) = dst
+                        .and_then(|p| endpoints.get(&p))
+                        .and_then(|e| e.endpoint.upgrade())
+                    {
+                        ep.foreign_version(v);
+                    }
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        self.hand_over(vec![buf], &found).pop()
+    }
+
+    /// Hands frames a mailbox lent ([`Lent`]: the buffers it read them
+    /// into) to their connections, without copying them. Buffers no
+    /// delivered frame lies in go back to the pool.
+    fn dispatch_lent(&self, lent: Lent) {
+        let Lent { bufs, frames } = lent;
+        let mut found = Vec::with_capacity(frames.len());
+        for (b, range) in frames {
+            // The mailbox parsed these already; a range that does not hold
+            // a frame is dropped, never trusted.
+            let parsed = bufs
+                .get(b)
+                .and_then(|buf| buf.get(range.clone()))
+                .and_then(|bytes| Header::parse(bytes).ok());
+            match parsed {
+                Some(h) if HEADER_LEN + h.payload_len as usize <= range.len() => {
+                    found.push((b, range.start, h))
+                }
+                _ => {
+                    bump!(recv_dropped_no_connection, 1);
+                }
+            }
+        }
+        for unused in self.hand_over(bufs, &found) {
+            self.pool.put(unused);
+        }
+    }
+
+    /// Hands `frames` — (buffer, offset, header), in the order received —
+    /// to the connections their destination port and connection id name:
+    /// each connection opens its frames in place outside every lock of the
+    /// hub, then takes the authentic ones, in order. Returns the buffers no
+    /// delivered frame lies in (in their order).
+    fn hand_over(&self, mut bufs: Vec<IoBuf>, frames: &[(usize, usize, Header)]) -> Vec<IoBuf> {
+        // (port, connection, its frames as (buffer, offset))
+        let mut groups: Vec<(u32, Arc<dyn Endpoint>, Vec<At>)> = Vec::new();
         let mut dropped = 0u64;
         {
             let endpoints = self.endpoints.read().unwrap_or_else(|e| e.into_inner());
-            for found in Frames::new(&buf) {
-                match found {
-                    Ok(f) => {
-                        let port = f.header.dst_port;
-                        if let Some(g) = groups.iter_mut().find(|g| g.0 == port) {
-                            if endpoints.get(&port).map(|e| e.conn_id) == Some(f.header.conn_id) {
-                                g.2.push(f.offset);
-                            } else {
-                                dropped += 1;
-                            }
-                            continue;
-                        }
-                        match endpoints.get(&port) {
-                            Some(e) if e.conn_id == f.header.conn_id => {
-                                match e.endpoint.upgrade() {
-                                    Some(ep) => groups.push((port, ep, vec![f.offset])),
-                                    None => dropped += 1,
-                                }
-                            }
-                            _ => dropped += 1,
-                        }
+            for &(b, offset, header) in frames {
+                let port = header.dst_port;
+                let live = endpoints.get(&port).filter(|e| e.conn_id == header.conn_id);
+                if let Some(g) = groups.iter_mut().find(|g| g.0 == port) {
+                    match live {
+                        Some(_) => g.2.push((b, offset)),
+                        None => dropped += 1,
                     }
-                    Err((at, WireError::BadVersion(v))) => {
-                        // Every version keeps `dst_port` at bytes 12–15.
-                        let dst = buf
-                            .get(at + 12..at + 16)
-                            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
-                        if let Some(ep) = dst
-                            .and_then(|p| endpoints.get(&p))
-                            .and_then(|e| e.endpoint.upgrade())
-                        {
-                            ep.foreign_version(v);
-                        }
-                        break;
-                    }
-                    Err(_) => break,
+                    continue;
+                }
+                match live.and_then(|e| e.endpoint.upgrade()) {
+                    Some(ep) => groups.push((port, ep, vec![(b, offset)])),
+                    None => dropped += 1,
                 }
             }
         }
         if dropped > 0 {
             bump!(recv_dropped_no_connection, dropped);
         }
-        let opened: Vec<(Arc<dyn Endpoint>, Vec<Opened>)> = groups
+        // Each connection opens its frames, a run of one buffer at a time.
+        let mut opened: Vec<(Arc<dyn Endpoint>, Vec<InBuf>)> = Vec::new();
+        let mut used = vec![false; bufs.len()];
+        for (_, ep, at) in groups {
+            let mut mine = Vec::new();
+            for run in at.chunk_by(|x, y| x.0 == y.0) {
+                let b = run[0].0;
+                let offsets: Vec<usize> = run.iter().map(|x| x.1).collect();
+                let o = ep.open(&mut bufs[b], &offsets);
+                used[b] |= !o.is_empty();
+                mine.extend(o.into_iter().map(|o| (b, o)));
+            }
+            if !mine.is_empty() {
+                opened.push((ep, mine));
+            }
+        }
+        let mut unused = Vec::new();
+        let shared: Vec<Option<Shared>> = bufs
             .into_iter()
-            .map(|(_, ep, at)| {
-                let o = ep.open(&mut buf, &at);
-                (ep, o)
+            .zip(used)
+            .map(|(buf, used)| {
+                if used {
+                    let s: Shared = Arc::new(RecvBuf::new(buf, Some(self.pool.clone())));
+                    Some(s)
+                } else {
+                    unused.push(buf);
+                    None
+                }
             })
-            .filter(|(_, o)| !o.is_empty())
             .collect();
-        if opened.is_empty() {
-            return Some(buf);
-        }
-        let shared: Shared = Arc::new(RecvBuf::new(buf, Some(self.pool.clone())));
         for (ep, o) in opened {
-            ep.deliver(&shared, o);
+            let o = o
+                .into_iter()
+                .filter_map(|(b, o)| Some((shared[b].clone()?, o)))
+                .collect();
+            ep.deliver(o);
         }
-        None
+        unused
     }
 
     /// The binding is gone: every connection on it fails.
@@ -360,8 +423,9 @@ impl Drop for Hub {
     }
 }
 
-/// A receive pump: long-polls RECEIVE into pooled buffers and hands what
-/// arrives to the connections ([`Hub::dispatch`]). Every poll is a full
+/// A receive pump: long-polls RECEIVE into pooled buffers, or takes the
+/// buffers a mailbox lends ([`Mailbox::receive_lent`]), and hands what
+/// arrives to the connections ([`Hub::dispatch`], [`Hub::dispatch_lent`]). Every poll is a full
 /// [`POLL`] (the wire's long-poll unit is 100 ms; a shorter wait would be
 /// a zero-wait spin).
 fn pump(hub: Weak<Hub>, mut rx: Box<dyn Mailbox>, pool: Arc<BufPool>) {
@@ -369,6 +433,7 @@ fn pump(hub: Weak<Hub>, mut rx: Box<dyn Mailbox>, pool: Arc<BufPool>) {
     let mut quiet = 0;
     let mut failures: u32 = 0;
     let mut buf = pool.get(want);
+    let mut lent = Lent::default();
     loop {
         let Some(h) = hub.upgrade() else { return };
         if h.stop.load(Relaxed) {
@@ -376,14 +441,26 @@ fn pump(hub: Weak<Hub>, mut rx: Box<dyn Mailbox>, pool: Arc<BufPool>) {
         }
         let binding = h.binding;
         drop(h); // do not keep the hub alive across a long poll
-        let got = rx.receive_into(&binding, &mut buf, want, POLL);
+        let got = rx.receive_lent(&binding, &mut buf, &mut lent, want, POLL);
         let got_ok = got.is_ok();
         let Some(h) = hub.upgrade() else { return };
         if h.stop.load(Relaxed) {
             pool.put(std::mem::take(&mut buf));
+            for b in std::mem::take(&mut lent).bufs {
+                pool.put(b);
+            }
             return;
         }
         match got {
+            Ok(()) if !lent.bufs.is_empty() => {
+                quiet = 0;
+                let bytes: usize = lent.frames.iter().map(|f| f.1.len()).sum();
+                if bytes > want / 2 {
+                    want = RECV_BYTES;
+                    h.more_pumps();
+                }
+                h.dispatch_lent(std::mem::take(&mut lent));
+            }
             Ok(()) if !buf.is_empty() => {
                 quiet = 0;
                 if buf.len() > want / 2 {

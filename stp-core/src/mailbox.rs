@@ -15,6 +15,7 @@
 //! anything else is returned classified ([`MailboxError`]).
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use scsi::{Command, Completion, DataDirection, IoBuf, Transport};
@@ -62,6 +63,17 @@ pub struct SendDone {
     pub buf: IoBuf,
     /// The outcome, after the mailbox's retries.
     pub result: Result<(), MailboxError>,
+}
+
+/// Received frames a mailbox hands over in the buffers it read them into
+/// ([`Mailbox::receive_lent`]), so they are not copied again.
+#[derive(Debug, Default)]
+pub struct Lent {
+    /// The buffers; the caller owns them now.
+    pub bufs: Vec<IoBuf>,
+    /// Each frame, in the order received: its buffer's index in `bufs` and
+    /// its bytes there (header and payload).
+    pub frames: Vec<(usize, Range<usize>)>,
 }
 
 /// What the connection layer needs from an STG mailbox, in either mode
@@ -139,6 +151,24 @@ pub trait Mailbox: Send {
         max: usize,
         wait: Duration,
     ) -> Result<(), MailboxError>;
+    /// Frames for `binding` as [`receive_into`](Mailbox::receive_into)
+    /// gives them, except that a mailbox which already holds them in
+    /// buffers of its own (block mode: the slot buffers its READs filled)
+    /// may move those buffers to `lent` instead of copying the frames into
+    /// `buf`. On success `lent` holds frames (and `buf` is empty), or `buf`
+    /// holds them as `receive_into` says, or neither (none arrived).
+    /// `max` bounds `buf` only.
+    fn receive_lent(
+        &mut self,
+        binding: &Binding,
+        buf: &mut IoBuf,
+        lent: &mut Lent,
+        max: usize,
+        wait: Duration,
+    ) -> Result<(), MailboxError> {
+        let _ = lent;
+        self.receive_into(binding, buf, max, wait)
+    }
 
     /// Sends `packed` (copied into a DMA buffer) and waits for the SEND to
     /// finish. For callers with no SENDs of their own in flight.

@@ -573,19 +573,19 @@ impl Endpoint for Shared {
 
     /// Hands opened frames to the connection: DATA payloads of any size
     /// as chunks of the RECEIVE buffer.
-    fn deliver(&self, recv: &hub::Shared, opened: Vec<Opened>) {
+    fn deliver(&self, opened: Vec<(hub::Shared, Opened)>) {
         let now = Instant::now();
         let mut inner = self.lock();
-        for (h, range) in opened {
+        for (recv, (h, range)) in opened {
             if h.kind == Kind::DATA && range.len() >= SMALL_PAYLOAD {
-                if let Some(chunk) = Chunk::new(recv.clone(), range) {
+                if let Some(chunk) = Chunk::new(recv, range) {
                     inner.conn.handle_frame_chunk(now, &h, chunk);
                 }
             } else {
                 if h.kind == Kind::DATA {
                     bump!(recv_copy_bytes, range.len());
                 }
-                let bytes = &(**recv).as_ref()[range];
+                let bytes = &(*recv).as_ref()[range];
                 inner.conn.handle_frame(now, &h, bytes);
             }
         }

@@ -46,7 +46,7 @@
 //! block, up to [`BlockConfig::ring_full_wait`] and then fails with
 //! [`Refusal::QueueFull`] (retryable).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -60,9 +60,9 @@ use scsi::pool::BufPool;
 use scsi::{Cdb, CdbBuf, Command, CommandError, IoBuf, Transport};
 use zerocopy::FromBytes;
 
-use crate::chunk::{Chunk, RecvBuf};
+use crate::chunk::RecvBuf;
 use crate::error::{Refusal, SetupError};
-use crate::mailbox::{Binding, Mailbox, SendDone};
+use crate::mailbox::{Binding, Lent, Mailbox, SendDone};
 use crate::retry::{Op, RetryPolicy};
 use crate::stg::{BlockLayout, MAX_HOSTS};
 use crate::vendor::MailboxError;
@@ -72,11 +72,13 @@ mod batch;
 mod format;
 mod lane;
 mod poll;
+mod ports;
 mod sizing;
 
 use batch::BatchIo;
 use lane::{Consumer, Index, Producer, Slot, SlotPos};
 use poll::{PollSchedule, Reads};
+use ports::{Held, Limits, PortQueue, Ports};
 
 pub use poll::PollConfig;
 pub use sizing::{
@@ -961,27 +963,6 @@ struct Member {
     name: String,
 }
 
-struct PortQueue {
-    handle: u32,
-    /// Whole frames, each a range of the slot buffer it was read into.
-    frames: VecDeque<Chunk>,
-    bytes: usize,
-    ready: Arc<Condvar>,
-}
-
-impl PortQueue {
-    fn has_room(&self, frames: usize, bytes: usize, config: &BlockConfig) -> bool {
-        self.frames.is_empty()
-            || (self.frames.len() + frames <= config.queue_frames as usize
-                && self.bytes + bytes <= config.queue_bytes as usize)
-    }
-}
-
-struct Ports {
-    bound: HashMap<u32, PortQueue>,
-    next_dynamic: u32,
-}
-
 /// Consumer state of lane (`src` → this host); owned by the poller.
 struct ConsLane {
     src: u16,
@@ -1612,15 +1593,7 @@ impl BlockStg {
                 break h;
             }
         };
-        ports.bound.insert(
-            port,
-            PortQueue {
-                handle,
-                frames: VecDeque::new(),
-                bytes: 0,
-                ready: Arc::new(Condvar::new()),
-            },
-        );
+        ports.bound.insert(port, PortQueue::new(handle));
         Ok(Binding {
             port,
             handle,
@@ -1660,6 +1633,41 @@ impl BlockStg {
         wait: Duration,
     ) -> Result<(), MailboxError> {
         buf.resize(0);
+        self.receive_with(binding, wait, |q| copy_out(q, buf, max))
+    }
+
+    /// Frames for `binding` as [`receive_into`](Self::receive_into) takes
+    /// them, but without a copy where it can: when the slot buffers the
+    /// first waiting frames were read into hold frames for this port alone
+    /// (and the poll is done with them), the buffers move to `lent`
+    /// ([`Mailbox::receive_lent`]); otherwise the frames are copied into
+    /// `buf`.
+    pub fn receive_lent(
+        &self,
+        binding: &Binding,
+        buf: &mut IoBuf,
+        lent: &mut Lent,
+        max: usize,
+        wait: Duration,
+    ) -> Result<(), MailboxError> {
+        buf.resize(0);
+        self.receive_with(binding, wait, |q| {
+            if q.take_lent(lent) {
+                Ok(())
+            } else {
+                copy_out(q, buf, max)
+            }
+        })
+    }
+
+    /// Waits up to `wait` for frames for `binding` and lets `take` take
+    /// them from its queue.
+    fn receive_with(
+        &self,
+        binding: &Binding,
+        wait: Duration,
+        mut take: impl FnMut(&mut PortQueue) -> Result<(), MailboxError>,
+    ) -> Result<(), MailboxError> {
         self.check_stale()?;
         let deadline = Instant::now().checked_add(wait);
         let mut ports = lock(&self.ports);
@@ -1672,27 +1680,8 @@ impl BlockStg {
                 Some(q) if q.handle == binding.handle => q,
                 _ => return Err(MailboxError::Refused(Refusal::Released)),
             };
-            if let Some(first) = q.frames.front() {
-                let span = first.len().next_multiple_of(ALIGN);
-                if span > max {
-                    return Err(MailboxError::Refused(Refusal::FrameTooLarge {
-                        needed: span as u32,
-                    }));
-                }
-                let mut len = 0;
-                while let Some(f) = q.frames.front() {
-                    let span = f.len().next_multiple_of(ALIGN);
-                    if len + span > max {
-                        break;
-                    }
-                    buf.resize(len + span);
-                    buf[len..len + f.len()].copy_from_slice(f);
-                    buf[len + f.len()..len + span].fill(0);
-                    crate::counters::bump!(recv_copy_bytes, f.len().saturating_sub(HEADER_LEN));
-                    len += span;
-                    q.bytes -= span;
-                    q.frames.pop_front();
-                }
+            if !q.is_empty() {
+                take(q)?;
                 drop(ports);
                 if self.stalled.load(Ordering::Acquire) {
                     self.poll_now();
@@ -1717,38 +1706,16 @@ impl BlockStg {
     /// nothing: `Err(port)`, and nothing queued, when a bound port lacks
     /// room. Frames for unbound ports are dropped and counted. A frame
     /// stays where it was read (a range of its slot buffer) until received.
-    fn deliver(&self, frames: &[Chunk]) -> Result<(), u32> {
-        let mut ports = lock(&self.ports);
-        let mut need: HashMap<u32, (usize, usize)> = HashMap::new();
-        for f in frames {
-            let e = need.entry(dst_port(f)).or_default();
-            e.0 += 1;
-            e.1 += f.len().next_multiple_of(ALIGN);
-        }
-        for (&port, &(n, b)) in &need {
-            if let Some(q) = ports.bound.get(&port) {
-                if !q.has_room(n, b, &self.config) {
-                    return Err(port);
-                }
-            }
-        }
-        let mut woken = Vec::new();
-        for f in frames {
-            let dst = dst_port(f);
-            match ports.bound.get_mut(&dst) {
-                Some(q) => {
-                    q.bytes += f.len().next_multiple_of(ALIGN);
-                    q.frames.push_back(f.clone());
-                    bump(&self.counters.frames_received, 1);
-                    if !woken.contains(&dst) {
-                        woken.push(dst);
-                        q.ready.notify_all();
-                    }
-                }
-                None => bump(&self.counters.frames_unbound, 1),
-            }
-        }
-        Ok(())
+    /// Returns the queues to notify.
+    fn deliver(&self, frames: &[(u32, Held)]) -> Result<Vec<Arc<Condvar>>, u32> {
+        let limits = Limits {
+            frames: self.config.queue_frames as usize,
+            bytes: self.config.queue_bytes as usize,
+        };
+        let done = lock(&self.ports).queue(frames, limits)?;
+        bump(&self.counters.frames_received, done.received);
+        bump(&self.counters.frames_unbound, done.unbound);
+        Ok(done.wake)
     }
 
     // ---- producing ----
@@ -1817,9 +1784,16 @@ impl BlockStg {
             let frames: Vec<&[u8]> = ranges.iter().map(|r| &packed[r.clone()]).collect();
             let first_port = dst_port(frames[0]);
             if d == self.host {
-                let local: Vec<Chunk> = frames.iter().map(|f| Chunk::copied(f)).collect();
-                self.deliver(&local)
+                let local: Vec<(u32, Held)> = frames
+                    .iter()
+                    .map(|f| (dst_port(f), Held::copied(f)))
+                    .collect();
+                let wake = self
+                    .deliver(&local)
                     .map_err(|port| MailboxError::Refused(Refusal::QueueFull { port }))?;
+                for q in wake {
+                    q.notify_all();
+                }
                 bump(&self.counters.frames_local, frames.len() as u64);
                 continue;
             }
@@ -2305,14 +2279,13 @@ impl BlockStg {
                 }
             }
         }
-        let data: Vec<Arc<dyn AsRef<[u8]> + Send + Sync>> = bufs
+        let data: Vec<Arc<RecvBuf>> = bufs
             .into_iter()
-            .map(|b| {
-                let b: Arc<dyn AsRef<[u8]> + Send + Sync> =
-                    Arc::new(RecvBuf::new(b.unwrap_or_default(), Some(pool.clone())));
-                b
-            })
+            .map(|b| Arc::new(RecvBuf::new(b.unwrap_or_default(), Some(pool.clone()))))
             .collect();
+        // Receivers are woken once this poll has let go of the buffers, so
+        // a port that alone has frames in them can take them whole.
+        let mut wake: Vec<Arc<Condvar>> = Vec::new();
         // Deliver in plan order.
         let mut used = vec![0usize; m_count];
         let mut progress = false;
@@ -2341,17 +2314,28 @@ impl BlockStg {
                                 let start = base + f.offset;
                                 let range =
                                     start..start + HEADER_LEN + f.header.payload_len as usize;
-                                list.extend(Chunk::new(data[m].clone(), range));
+                                list.extend(
+                                    Held::new(&data[m], range).map(|h| (f.header.dst_port, h)),
+                                );
                             }
                             _ => bump(&self.counters.frames_misrouted, 1),
                         }
                     }
-                    if self.deliver(&list).is_err() {
-                        // A port queue is full: hold the lane here.
-                        if !self.stalled.swap(true, Ordering::AcqRel) {
-                            bump(&self.counters.lane_stalls, 1);
+                    match self.deliver(&list) {
+                        Ok(w) => {
+                            for q in w {
+                                if !wake.iter().any(|x| Arc::ptr_eq(x, &q)) {
+                                    wake.push(q);
+                                }
+                            }
                         }
-                        break;
+                        Err(_) => {
+                            // A port queue is full: hold the lane here.
+                            if !self.stalled.swap(true, Ordering::AcqRel) {
+                                bump(&self.counters.lane_stalls, 1);
+                            }
+                            break;
+                        }
                     }
                     lane.c.take(m, seq);
                 }
@@ -2375,11 +2359,28 @@ impl BlockStg {
             used[m] += 1;
             progress = true;
         }
+        drop(data);
+        for q in wake {
+            q.notify_all();
+        }
         if progress {
             self.write_consumer_blocks(lane);
         }
         progress
     }
+}
+
+/// Copies the first frames waiting in `q` into `buf`, at most `max` bytes;
+/// [`Refusal::FrameTooLarge`] when the first alone is larger.
+fn copy_out(q: &mut PortQueue, buf: &mut IoBuf, max: usize) -> Result<(), MailboxError> {
+    if let Some(span) = q.first_span().filter(|&s| s > max) {
+        return Err(MailboxError::Refused(Refusal::FrameTooLarge {
+            needed: u32::try_from(span).unwrap_or(u32::MAX),
+        }));
+    }
+    let copied = q.take_copied(buf, max, HEADER_LEN);
+    crate::counters::bump!(recv_copy_bytes, copied);
+    Ok(())
 }
 
 fn poller(weak: Weak<BlockStg>, mut lanes: Vec<ConsLane>) {
@@ -2474,6 +2475,16 @@ impl Mailbox for BlockMailbox {
         wait: Duration,
     ) -> Result<(), MailboxError> {
         self.stg.receive_into(binding, buf, max, wait)
+    }
+    fn receive_lent(
+        &mut self,
+        binding: &Binding,
+        buf: &mut IoBuf,
+        lent: &mut Lent,
+        max: usize,
+        wait: Duration,
+    ) -> Result<(), MailboxError> {
+        self.stg.receive_lent(binding, buf, lent, max, wait)
     }
 }
 
