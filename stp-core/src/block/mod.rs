@@ -74,6 +74,7 @@ mod lane;
 mod poll;
 mod ports;
 mod sizing;
+mod slack;
 
 use batch::BatchIo;
 use lane::{Consumer, Index, Producer, Slot, SlotPos};
@@ -1543,9 +1544,9 @@ impl BlockStg {
         self.kick();
     }
 
-    /// This host sent on a lane: a reply may come, so poll soon.
-    fn sent(&self) {
-        if lock(&self.schedule).sent(Instant::now()) {
+    /// This host sent `bytes` on a lane: a reply may come, so poll soon.
+    fn sent(&self, bytes: usize) {
+        if lock(&self.schedule).sent(Instant::now(), bytes) {
             self.kick();
         }
     }
@@ -1797,6 +1798,7 @@ impl BlockStg {
                 bump(&self.counters.frames_local, frames.len() as u64);
                 continue;
             }
+            let bytes = frames.iter().map(|f| f.len()).sum();
             let slots = self.build_slots(&frames);
             let mut spent = Vec::new();
             let result = self.produce(d, slots, first_port, &mut spent);
@@ -1804,7 +1806,7 @@ impl BlockStg {
                 BufPool::global().put(image);
             }
             result?;
-            self.sent();
+            self.sent(bytes);
         }
         Ok(())
     }
@@ -1849,7 +1851,7 @@ impl BlockStg {
             buf.resize(len);
         }
         result?;
-        self.sent();
+        self.sent(at - h);
         Ok(())
     }
 
@@ -2384,13 +2386,18 @@ fn copy_out(q: &mut PortQueue, buf: &mut IoBuf, max: usize) -> Result<(), Mailbo
 }
 
 fn poller(weak: Weak<BlockStg>, mut lanes: Vec<ConsLane>) {
+    let mut slack = slack::TimerSlack::this_thread();
     loop {
         let Some(stg) = weak.upgrade() else { return };
         if stg.stop.load(Ordering::Acquire) {
             return;
         }
         let started = Instant::now();
-        let due = lock(&stg.schedule).due();
+        let (due, precise) = {
+            let s = lock(&stg.schedule);
+            (s.due(), s.precise())
+        };
+        slack.set_precise(precise);
         if started < due {
             // In slices, so that a dropped engine is let go of soon.
             stg.sleep_until(due.min(started + SLEEP_SLICE));

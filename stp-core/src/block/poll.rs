@@ -10,7 +10,12 @@
 //! * **streaming** (the last poll took slots): poll again after
 //!   [`PollConfig::min`], reading every member's producer block;
 //! * **after a local send** (a reply is likely): the next poll after
-//!   [`PollConfig::min`], and from there the interval doubles again;
+//!   [`PollConfig::min`], and from there the interval doubles again —
+//!   except after a *small* send (a message, not a slot of a bulk stream:
+//!   at most [`SMALL_SEND`] bytes), when [`PollConfig::reply_polls`] polls
+//!   that find nothing stay at `min` first: a request's reply comes within
+//!   a few of them, and the doubling would otherwise add up to one whole
+//!   interval to each direction of a round trip;
 //! * **warm** (activity within [`PollConfig::idle_after`]): the interval
 //!   doubles up to [`PollConfig::max`];
 //! * **idle**: every [`PollConfig::idle`], reading only the producer block
@@ -29,6 +34,10 @@
 
 use std::time::{Duration, Instant};
 
+/// The most bytes a send may carry and still be taken for a message that
+/// a reply may answer soon ([`PollConfig::reply_polls`]).
+pub const SMALL_SEND: usize = 64 * 1024;
+
 /// The poll intervals (see the [module documentation](self)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PollConfig {
@@ -45,6 +54,9 @@ pub struct PollConfig {
     /// The next poll is at least this many times the last poll's duration
     /// away.
     pub cost_factor: u32,
+    /// Polls that find nothing at [`min`](Self::min) after a small send,
+    /// before the interval doubles.
+    pub reply_polls: u32,
 }
 
 impl Default for PollConfig {
@@ -56,6 +68,7 @@ impl Default for PollConfig {
             idle_after: Duration::from_secs(1),
             sweep: Duration::from_secs(4),
             cost_factor: 8,
+            reply_polls: 8,
         }
     }
 }
@@ -81,6 +94,8 @@ pub(crate) struct PollSchedule {
     earliest: Instant,
     next: Instant,
     streaming: bool,
+    /// Empty polls left at `min` after a small send.
+    reply_polls: u32,
 }
 
 impl PollSchedule {
@@ -94,6 +109,7 @@ impl PollSchedule {
             earliest: now,
             next: now,
             streaming: false,
+            reply_polls: 0,
         }
     }
 
@@ -123,6 +139,11 @@ impl PollSchedule {
         if progress {
             self.last_activity = now;
             self.interval = self.cfg.min;
+            // What came may be the reply; the next small send re-arms.
+            self.reply_polls = 0;
+        } else if self.reply_polls > 0 {
+            self.reply_polls -= 1;
+            self.interval = self.cfg.min;
         } else if now.saturating_duration_since(self.last_activity) >= self.cfg.idle_after {
             self.interval = self.cfg.idle;
         } else {
@@ -145,13 +166,23 @@ impl PollSchedule {
         self.next = self.next.min(now.max(self.earliest));
     }
 
-    /// This host sent on a lane at `now`: a reply may come, so poll soon
-    /// (once: polls that then find nothing back off as usual, so a host
-    /// that streams does not poll its reverse lane flat out). True when the
-    /// next poll moved earlier (wake the poller).
-    pub fn sent(&mut self, now: Instant) -> bool {
+    /// Whether the next poll waits for a reply that may come any moment:
+    /// its sleep should end on time (see `block::slack`).
+    pub fn precise(&self) -> bool {
+        self.reply_polls > 0
+    }
+
+    /// This host sent `bytes` on a lane at `now`: a reply may come, so
+    /// poll soon (after a bulk send once: polls that then find nothing back
+    /// off as usual, so a host that streams does not poll its reverse lane
+    /// flat out; after a small one, [`PollConfig::reply_polls`] times). True
+    /// when the next poll moved earlier (wake the poller).
+    pub fn sent(&mut self, now: Instant, bytes: usize) -> bool {
         self.last_activity = now;
         self.interval = self.cfg.min;
+        if bytes <= SMALL_SEND {
+            self.reply_polls = self.cfg.reply_polls;
+        }
         let soon = (now + self.cfg.min).max(self.earliest);
         if soon < self.next {
             self.next = soon;
@@ -239,10 +270,10 @@ mod tests {
         assert_eq!(s.due(), t + cfg.idle);
         assert_eq!(s.reads(t + cfg.idle), Reads::Turn);
         let send = t + Duration::from_millis(3);
-        assert!(s.sent(send), "the poll moves earlier");
+        assert!(s.sent(send, 1 << 20), "the poll moves earlier");
         assert_eq!(s.due(), send + cfg.min);
         assert_eq!(s.reads(s.due()), Reads::All, "no longer idle");
-        // Polls that find nothing then back off as usual.
+        // After a bulk send, polls that find nothing back off as usual.
         let p = s.due();
         s.polled(p, p, false, true);
         assert_eq!(s.due(), p + cfg.min * 2);
@@ -250,7 +281,37 @@ mod tests {
         s.polled(later, later, false, true);
         assert_eq!(s.due(), later + cfg.min * 4);
         // A second send while a poll is already near is no news.
-        assert!(!s.sent(s.due() - cfg.min));
+        assert!(!s.sent(s.due() - cfg.min, 1 << 20));
+    }
+
+    #[test]
+    fn a_small_send_keeps_polling_at_the_shortest_interval_for_a_while() {
+        let t0 = Instant::now();
+        let cfg = PollConfig::default();
+        let mut s = PollSchedule::new(cfg, t0);
+        let t = t0 + Duration::from_secs(30);
+        s.polled(t, t, false, true);
+        assert!(s.sent(t, 64));
+        let mut now = s.due();
+        let mut at_min = 0;
+        loop {
+            s.polled(now, now, false, true);
+            if s.due() - now > cfg.min {
+                break;
+            }
+            at_min += 1;
+            now = s.due();
+        }
+        assert_eq!(at_min, cfg.reply_polls);
+        assert_eq!(s.due() - now, cfg.min * 2, "then it backs off");
+        // A reply taken ends the window: empty polls after it back off.
+        assert!(s.sent(now, 64));
+        let p = s.due();
+        s.polled(p, p, true, true);
+        assert_eq!(s.due(), p + cfg.min);
+        let q = s.due();
+        s.polled(q, q, false, true);
+        assert_eq!(s.due(), q + cfg.min * 2);
     }
 
     #[test]
@@ -263,7 +324,7 @@ mod tests {
         let end = t0 + Duration::from_millis(2);
         s.polled(t0, end, false, true);
         assert_eq!(s.due(), end + Duration::from_millis(16));
-        assert!(!s.sent(end + Duration::from_millis(1)));
+        assert!(!s.sent(end + Duration::from_millis(1), 64));
         assert_eq!(s.due(), end + Duration::from_millis(16));
     }
 
