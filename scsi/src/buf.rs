@@ -9,7 +9,7 @@ use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
 
 /// The alignment and growth unit of an [`IoBuf`].
 pub const PAGE_SIZE: usize = 4096;
@@ -56,9 +56,16 @@ impl Clone for IoBuf {
 
 impl IoBuf {
     /// A zeroed buffer of `len` bytes.
+    ///
+    /// The pages come from the allocator already zeroed (`alloc_zeroed`:
+    /// fresh pages the kernel zeroes as they are first touched), not
+    /// written with zeros here: a large buffer costs no pass over its bytes
+    /// before its first use.
     pub fn new(len: usize) -> IoBuf {
+        let n = len.div_ceil(PAGE_SIZE);
+        let pages = Page::new_vec_zeroed(n).unwrap_or_else(|_| vec![ZERO_PAGE; n]);
         IoBuf {
-            pages: vec![ZERO_PAGE; len.div_ceil(PAGE_SIZE)],
+            pages,
             len,
             id: next_id(),
             pooled: false,

@@ -394,7 +394,7 @@ impl SendBuf {
     }
 
     fn free(&self) -> usize {
-        self.capacity - self.len
+        self.capacity.saturating_sub(self.len)
     }
 
     /// Stream offset one past the last byte staged.
@@ -847,6 +847,18 @@ impl Connection {
     /// the handshake completes).
     pub fn version(&self) -> u8 {
         self.version
+    }
+
+    /// Sets the send buffer's capacity (bytes written and not yet
+    /// acknowledged). Below what is buffered now, writes wait until
+    /// acknowledgements bring it below.
+    pub fn set_send_buffer(&mut self, bytes: usize) {
+        self.sbuf.capacity = bytes.max(1);
+    }
+
+    /// The send buffer's capacity.
+    pub fn send_buffer_capacity(&self) -> usize {
+        self.sbuf.capacity
     }
 
     /// Free bytes in the send buffer: what [`Connection::stage`] grants now.

@@ -50,6 +50,16 @@ const RECV_BYTES: usize = MAX_TRANSFER;
 /// small. The first frame too large for it ends the RECEIVE at once
 /// (80h/07h) and the pump asks again with [`RECV_BYTES`].
 const IDLE_RECV_BYTES: usize = 16 * 1024;
+/// What the send buffers of a hub's connections may hold together: the
+/// buffers in flight are pooled DMA buffers, and the pool keeps 64 MiB
+/// (`BufPool::global`). Beyond that, every frame would be sealed in fresh
+/// pages (page faults and zeroing: two thirds of the process's CPU at 64
+/// connections of 4 MiB each).
+pub(crate) const SEND_BUDGET: usize = 64 << 20;
+/// The least share of [`SEND_BUDGET`] a connection gets, however many
+/// there are: two frames of the default size in flight.
+pub(crate) const MIN_SEND_SHARE: usize = 512 << 10;
+
 /// Empty long polls (of [`POLL`]) after which a pump counts as idle.
 const IDLE_POLLS: u32 = 10;
 /// Empty long polls after which an extra pump (not the hub's first) stops:
@@ -78,6 +88,10 @@ pub(crate) trait Endpoint: Send + Sync {
     /// Takes opened frames, in the order received, each with the buffer
     /// its payload lies in.
     fn deliver(&self, opened: Vec<(Shared, Opened)>);
+    /// The connection's share of the hub's send budget
+    /// ([`SEND_BUDGET`]): its send buffer is this or its configured size,
+    /// whichever is smaller.
+    fn share_send_buffer(&self, bytes: usize);
     /// The binding is gone (released, or the array restarted).
     fn binding_lost(&self);
     /// A frame of protocol version `v` (not this one's) arrived for it.
@@ -174,6 +188,7 @@ impl Hub {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(port, Entry { conn_id, endpoint });
+        self.share_send_budget();
     }
 
     /// Frames for `port` are dropped from now on.
@@ -182,6 +197,25 @@ impl Hub {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&port);
+        self.share_send_budget();
+    }
+
+    /// Gives every connection its share of [`SEND_BUDGET`], at least
+    /// [`MIN_SEND_SHARE`]: up to 16 connections of the default 4 MiB keep
+    /// it whole; beyond, the buffers shrink so that the frames in flight
+    /// stay in pooled memory. Called with no lock of the hub held.
+    fn share_send_budget(&self) {
+        let live: Vec<Arc<dyn Endpoint>> = self
+            .endpoints
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter_map(|e| e.endpoint.upgrade())
+            .collect();
+        let share = (SEND_BUDGET / live.len().max(1)).max(MIN_SEND_SHARE);
+        for ep in live {
+            ep.share_send_buffer(share);
+        }
     }
 
     /// Adds a port to a shared hub's binding (BIND with `ADD`).

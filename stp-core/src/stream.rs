@@ -197,6 +197,7 @@ struct Shared {
     out_dir: Direction,
     in_dir: Direction,
     binding: Binding,
+    /// The configured send buffer: the most the hub's share may give it.
     send_buffer_bytes: usize,
     pool: Arc<BufPool>,
     /// The SEND side's mailbox. Lock order: `tx` before `inner`, never the
@@ -590,6 +591,18 @@ impl Endpoint for Shared {
             }
         }
         self.flush(inner);
+    }
+
+    fn share_send_buffer(&self, bytes: usize) {
+        let bytes = bytes.min(self.send_buffer_bytes);
+        let mut inner = self.lock();
+        let before = inner.conn.send_buffer_capacity();
+        if bytes != before {
+            inner.conn.set_send_buffer(bytes);
+            if bytes > before {
+                self.writers.notify_all();
+            }
+        }
     }
 
     fn binding_lost(&self) {
@@ -1089,11 +1102,10 @@ impl Write for StpStream {
     fn flush(&mut self) -> io::Result<()> {
         // Wait until everything written is acknowledged (the send buffer
         // is empty again).
-        let cap = self.shared.send_buffer_bytes;
         self.wait_for(
             "the peer did not acknowledge the written data",
             Duration::from_secs(300),
-            |c| c.send_buffer_free() >= cap,
+            |c| c.send_buffer_free() >= c.send_buffer_capacity(),
         )
     }
 }
