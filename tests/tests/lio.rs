@@ -684,6 +684,56 @@ fn preflight_on_lio_healthy_and_broken() {
     assert!(paths.detail.contains("standby"), "{}", paths.line());
 }
 
+/// Issue 14's path failure during a backup, on real LIO: a file-system
+/// backup in block mode on the ramdisk, the client's member a multipath
+/// over its tcm_loop path and a further tcm_loop target's (its own nexus,
+/// as a second HBA); a third of the way in, the ramdisk is unmapped from
+/// the further target (its LUN's port link removed in configfs: tcm_loop
+/// removes the SCSI device, the path's commands fail). The backup
+/// completes through the array and the restore is exact. The in-process
+/// runs of the same body: `a_backup_survives_a_path_*` (tests/multipath.rs).
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn backup_survives_a_path_unmapped_mid_backup_on_lio() {
+    let lio = LioRig::load_env();
+    let naa = lio.map().hosts[0]
+        .luns
+        .iter()
+        .find(|l| l.kind == "ramdisk")
+        .map(|l| l.naa.clone())
+        .expect("a ramdisk LUN");
+    let dev = ramdisk_configfs();
+    let (wwn, node) = extra_nexus(3, &dev, &naa);
+    // The path's own engine (not the process-wide pool's, which would keep
+    // an engine for a node number the kernel may hand out again).
+    let pool = scsi::EnginePool::new(16);
+    let second: Box<dyn scsi::Transport> =
+        if std::env::var(stp_tests::rig::LIO_TRANSPORT_ENV).is_ok_and(|v| v == "sync") {
+            Box::new(sg(&node))
+        } else {
+            pool.open(&node).unwrap().transport
+        };
+    eprintln!("second path: {}", second.describe());
+    let link = wwn.join("tpgt_1/lun/lun_0/stp_rd");
+    let unmap = move || {
+        fs::remove_file(&link).unwrap_or_else(|e| panic!("unmapping {}: {e}", link.display()));
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        stp_tests::backup::fs_backup_survives_a_path_failure(
+            &rig(),
+            second,
+            Box::new(unmap),
+            8 << 20,
+        )
+    }));
+    drop_extra_nexus(&wwn);
+    // A block-mode STG on the ramdisk is left behind, as by the other
+    // block-mode tests; nothing else to restore.
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
+
 /// A further tcm_loop target (with its own nexus) exporting `dev` as LUN 0:
 /// another initiator onto the ramdisk. Returns its configfs directory and
 /// its `sg` node once the kernel has one.
