@@ -496,10 +496,12 @@ fn multipath_member_survives_an_alua_standby_on_lio() {
     let exports = exports_of(&dev);
     assert_eq!(exports.len(), 2, "the ramdisk's exports: {exports:?}");
     // Port groups tell paths apart by their relative target port (VPD
-    // 0x83). Seen on Debian's 7.3: both tcm_loop ports of the ramdisk
-    // report relative port 0, so no group can hold one and not the other.
-    // Checked before anything is changed, so that no unit attention is
-    // left for the tests after this one.
+    // 0x83). Since Linux 6.4 LIO numbers a TPG's port when the TPG is
+    // enabled, and tcm_loop has no enable: every tcm_loop port reports 0
+    // unless its TPG's `rtpi` is set by hand, which stg-up does (1 and 2).
+    // A set-up without it (an older stg-up, a kernel that refuses the
+    // write) skips. Checked before anything is changed, so that no unit
+    // attention is left for the tests after this one.
     let ports: Vec<Option<u16>> = {
         let paths: Vec<Box<dyn Transport>> = (0..2)
             .map(|h| Box::new(sg(&lio.plain_path(h).unwrap())) as Box<dyn Transport>)
@@ -508,10 +510,23 @@ fn multipath_member_survives_an_alua_standby_on_lio() {
         mp.paths().iter().map(|p| p.relative_port).collect()
     };
     if ports[0] == ports[1] {
+        // What the TPGs' manual RTPI setting says (stg-up sets it where
+        // the kernel has one), for the report.
+        let rtpi: Vec<String> = exports
+            .iter()
+            .map(|e| {
+                let f = e.join("../../rtpi");
+                fs::read_to_string(&f).map_or_else(
+                    |e| format!("no rtpi file ({e})"),
+                    |s| format!("rtpi {}", s.trim()),
+                )
+            })
+            .collect();
         eprintln!(
             "SKIPPED: this kernel's LIO reports both tcm_loop ports of the ramdisk as relative \
-             target port {:?}, so ALUA groups cannot separate the paths; the test runs on \
-             Linux 6.1 (STP_VM_KERNEL=6.1 just vm-test)",
+             target port {:?} ({rtpi:?}), so ALUA groups cannot separate the paths: set each \
+             tcm_loop TPG's rtpi (sim-target/scripts/stg-up does), or run on Linux 6.1 \
+             (STP_VM_KERNEL=6.1 just vm-test)",
             ports[0]
         );
         return;
@@ -538,7 +553,32 @@ fn multipath_member_survives_an_alua_standby_on_lio() {
         let mut groups: Vec<Option<u16>> = infos.iter().map(|p| p.group).collect();
         groups.sort_unstable();
         assert_eq!(groups, [Some(0), Some(7)], "{infos:?}");
-        let (_, bs) = capacity(&mut mp).unwrap();
+        // A unit attention is a command not executed, for the caller to
+        // send again (the mailboxes' retry policy does; a multipath member
+        // hands on every one but ALUA's 2Ah/06h). Seen on 7.3: once the
+        // I/O moves to the port moved into group 7, its nexus reports 3Fh/
+        // 03h (INQUIRY DATA HAS CHANGED: the port's group in VPD 0x83).
+        fn past_unit_attentions(
+            mp: &mut Multipath,
+            cmd: impl Fn() -> Command,
+        ) -> Result<(scsi::IoBuf, scsi::Outcome), scsi::CommandError> {
+            let mut tries = 0;
+            loop {
+                match mp.execute(cmd()).into_result() {
+                    Err(e)
+                        if tries < 4
+                            && e.sense().map(|s| s.key) == Some(scsi::SenseKey::UNIT_ATTENTION) =>
+                    {
+                        eprintln!("unit attention, sent again: {e}");
+                        tries += 1;
+                    }
+                    r => return r,
+                }
+            }
+        }
+        let (_, bs) = (0..4)
+            .find_map(|_| capacity(&mut mp).ok())
+            .expect("READ CAPACITY through the member");
         let base = 6000u64;
         let write = |mp: &mut Multipath, i: u64| {
             let cdb = Cdb::Write16 {
@@ -548,8 +588,7 @@ fn multipath_member_survives_an_alua_standby_on_lio() {
             }
             .emit();
             let block = vec![(i as u8) ^ 0xA5; bs as usize];
-            mp.execute(Command::data_out(cdb, IoBuf::from_slice(&block)))
-                .into_result()
+            past_unit_attentions(mp, || Command::data_out(cdb, IoBuf::from_slice(&block)))
                 .unwrap_or_else(|e| panic!("WRITE {i}: {e}"));
         };
         for i in 0..32 {
@@ -573,9 +612,7 @@ fn multipath_member_survives_an_alua_standby_on_lio() {
                 flags: RwFlags::default(),
             }
             .emit();
-            let (d, _) = mp
-                .execute(Command::data_in(cdb, bs as usize))
-                .into_result()
+            let (d, _) = past_unit_attentions(&mut mp, || Command::data_in(cdb, bs as usize))
                 .unwrap_or_else(|e| panic!("READ {i}: {e}"));
             assert!(d.iter().all(|b| *b == (i as u8) ^ 0xA5), "block {i}");
         }
@@ -590,6 +627,13 @@ fn multipath_member_survives_an_alua_standby_on_lio() {
         );
     }));
     restore();
+    // Putting the states and the port back raised unit attentions on both
+    // nexuses (2Ah/06h, 3Fh/03h): take them here, not in the next test
+    // that uses the ramdisk.
+    for h in 0..2 {
+        let mut t = sg(&lio.plain_path(h).unwrap());
+        let _ = (0..8).find_map(|_| capacity(&mut t).ok());
+    }
     if let Err(p) = result {
         std::panic::resume_unwind(p);
     }
