@@ -239,3 +239,23 @@ pub fn run(a: &PreflightArgs) -> Result<ExitCode> {
         ExitCode::SUCCESS
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_addresses_take_the_default_port() {
+        assert_eq!(with_port("host-b", "", 5103), "host-b:5103");
+        assert_eq!(with_port("host-b:7000", "", 5103), "host-b:7000");
+        assert_eq!(with_port("192.0.2.1", "", 5103), "192.0.2.1:5103");
+        assert_eq!(with_port("2001:db8::1", "", 5103), "[2001:db8::1]:5103");
+        assert_eq!(with_port("[2001:db8::1]", "", 5103), "[2001:db8::1]:5103");
+        assert_eq!(
+            with_port("[2001:db8::1]:7000", "", 5103),
+            "[2001:db8::1]:7000"
+        );
+        assert_eq!(with_port("", "0.0.0.0", 5103), "0.0.0.0:5103");
+        assert_eq!(peer_port(5100), 5103);
+    }
+}
