@@ -778,6 +778,79 @@ fn backup_survives_a_path_unmapped_mid_backup_on_lio() {
     }
 }
 
+/// `stp preflight`'s peer check on LIO: the two tcm_loop paths act as the
+/// two hosts of a one-member block-mode STG on the ramdisk (formatted, so
+/// the superblocks are compared too) and exchange their views over TCP on
+/// loopback, as `--serve-peer` and `--peer` do. The same member: ok on both
+/// sides. Host 1's device for the member is LIO's fileio LUN instead (a
+/// masking mistake): both sides fail and name member 0's device.
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn preflight_peer_check_on_lio() {
+    use std::net::TcpListener;
+    use stp_core::preflight::peer::{compare, local_view, PeerView};
+    use stp_core::preflight::Status;
+    use stp_core::stg::{Config, LunInfo, MapDirectory};
+    use stp_tools::preflight::{exchange_as_client, exchange_as_server};
+
+    let lio = LioRig::load_env();
+    let naa = lio.map().hosts[0]
+        .luns
+        .iter()
+        .find(|l| l.kind == "ramdisk")
+        .map(|l| l.naa.clone())
+        .expect("a ramdisk LUN");
+    stp_tests::backup::format_block_stg(&rig());
+    let view = |host: usize, node: PathBuf| -> PeerView {
+        let mut t = sg(&node);
+        let (blocks, bs) = (0..4)
+            .find_map(|_| capacity(&mut t).ok())
+            .expect("READ CAPACITY");
+        let config = Config::parse(&format!(
+            "wkp = 5100\n[[stg]]\nid = {}\nmode = \"block\"\nmembers = [\"{naa}\"]\n\
+             [stg.block]\nhosts = 2\n",
+            stp_tests::backup::BLOCK_STG
+        ))
+        .unwrap();
+        let mut dir = MapDirectory::new();
+        dir.insert(
+            naa.clone(),
+            LunInfo {
+                path: node.display().to_string(),
+                other_paths: Vec::new(),
+                blocks,
+                block_size: bs,
+            },
+        );
+        let resolved = config.resolve(stp_tests::backup::BLOCK_STG, &dir).unwrap();
+        let mut sets: Vec<Vec<Box<dyn scsi::Transport>>> = vec![vec![Box::new(t)]];
+        local_view(&format!("host {host}"), &resolved, &mut sets)
+    };
+    let exchange = |server: PeerView, client: PeerView| {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let srv = thread::spawn(move || {
+            let (theirs, _) = exchange_as_server(&listener, &server, T).unwrap();
+            compare(&server, &theirs)
+        });
+        let theirs = exchange_as_client(&addr, &client, T).unwrap();
+        (srv.join().unwrap(), compare(&client, &theirs))
+    };
+    let here = view(0, lio.plain_path(0).unwrap());
+    let (s, c) = exchange(here.clone(), view(1, lio.plain_path(1).unwrap()));
+    for f in [&s, &c] {
+        eprintln!("same member: {}", f.line());
+        assert_eq!(f.status, Status::Ok, "{}", f.line());
+        assert!(f.detail.contains("superblocks agree"), "{}", f.line());
+    }
+    let (s, c) = exchange(here, view(1, lio.fileio_path(1).unwrap()));
+    for f in [&s, &c] {
+        eprintln!("another LUN: {}", f.line());
+        assert_eq!(f.status, Status::Fail, "{}", f.line());
+        assert!(f.detail.contains("member 0's device"), "{}", f.line());
+    }
+}
+
 /// A further tcm_loop target (with its own nexus) exporting `dev` as LUN 0:
 /// another initiator onto the ramdisk. Returns its configfs directory and
 /// its `sg` node once the kernel has one.
