@@ -739,6 +739,26 @@ fn preflight_on_lio_healthy_and_broken() {
 #[test]
 #[ignore = "needs real LIO (just vm-test)"]
 fn backup_survives_a_path_unmapped_mid_backup_on_lio() {
+    backup_with_a_failing_second_path(PathFailure::Unmapped);
+}
+
+/// As [`backup_survives_a_path_unmapped_mid_backup_on_lio`], the further
+/// target's port in a target port group of its own (id 9), which goes
+/// unavailable a third of the way in: its commands are refused with NOT
+/// READY 04h/0Ch and move to the other path.
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn backup_survives_a_path_group_unavailable_mid_backup_on_lio() {
+    backup_with_a_failing_second_path(PathFailure::GroupUnavailable);
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PathFailure {
+    Unmapped,
+    GroupUnavailable,
+}
+
+fn backup_with_a_failing_second_path(how: PathFailure) {
     let lio = LioRig::load_env();
     let naa = lio.map().hosts[0]
         .luns
@@ -748,31 +768,47 @@ fn backup_survives_a_path_unmapped_mid_backup_on_lio() {
         .expect("a ramdisk LUN");
     let dev = ramdisk_configfs();
     let (wwn, node) = extra_nexus(3, &dev, &naa);
-    // The path's own engine (not the process-wide pool's, which would keep
-    // an engine for a node number the kernel may hand out again).
-    let pool = scsi::EnginePool::new(16);
-    let second: Box<dyn scsi::Transport> =
-        if std::env::var(stp_tests::rig::LIO_TRANSPORT_ENV).is_ok_and(|v| v == "sync") {
-            Box::new(sg(&node))
-        } else {
-            pool.open(&node).unwrap().transport
-        };
-    eprintln!("second path: {}", second.describe());
-    let link = wwn.join("tpgt_1/lun/lun_0/stp_rd");
-    let unmap = move || {
-        fs::remove_file(&link).unwrap_or_else(|e| panic!("unmapping {}: {e}", link.display()));
-    };
+    let lun = wwn.join("tpgt_1/lun/lun_0");
+    let group = dev.join("alua/stp_bk");
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        stp_tests::backup::fs_backup_survives_a_path_failure(
-            &rig(),
-            second,
-            Box::new(unmap),
-            8 << 20,
-        )
+        if how == PathFailure::GroupUnavailable {
+            let _ = fs::create_dir(&group);
+            put(&group.join("tg_pt_gp_id"), "9");
+            put(&lun.join("alua_tg_pt_gp"), "stp_bk");
+            // The move's unit attention (3Fh/03h), taken before the backup.
+            let mut t = sg(&node);
+            let _ = (0..8).find_map(|_| capacity(&mut t).ok());
+        }
+        // The path's own engine (not the process-wide pool's, which would
+        // keep an engine for a node number the kernel may hand out again).
+        let pool = scsi::EnginePool::new(16);
+        let second: Box<dyn scsi::Transport> =
+            if std::env::var(stp_tests::rig::LIO_TRANSPORT_ENV).is_ok_and(|v| v == "sync") {
+                Box::new(sg(&node))
+            } else {
+                pool.open(&node).unwrap().transport
+            };
+        eprintln!("second path ({how:?}): {}", second.describe());
+        let fail: Box<dyn FnOnce() + Send> = match how {
+            PathFailure::Unmapped => {
+                let link = lun.join("stp_rd");
+                Box::new(move || {
+                    fs::remove_file(&link)
+                        .unwrap_or_else(|e| panic!("unmapping {}: {e}", link.display()));
+                })
+            }
+            PathFailure::GroupUnavailable => {
+                let state = group.join("alua_access_state");
+                Box::new(move || put(&state, "3"))
+            }
+        };
+        stp_tests::backup::fs_backup_survives_a_path_failure(&rig(), second, fail, 8 << 20)
     }));
     drop_extra_nexus(&wwn);
+    let _ = fs::remove_dir(&group);
     // A block-mode STG on the ramdisk is left behind, as by the other
-    // block-mode tests; nothing else to restore.
+    // block-mode tests; the ports of hosts 0 and 1 stayed in the default
+    // group, so no unit attention is left for them.
     if let Err(p) = result {
         std::panic::resume_unwind(p);
     }
