@@ -19,7 +19,9 @@
 //!   member's MAXIMUM TRANSFER LENGTH (VPD 0xB0) and the queue's limit;
 //! * **cache** — write cache (MODE SENSE caching page) and FUA support;
 //! * **reservations** — block mode: whether the members are fenced by this
-//!   STG's hosts ([`crate::fence`]).
+//!   STG's hosts ([`crate::fence`]);
+//! * **peer** — with the peer's view exchanged over the control connection
+//!   ([`peer`]), that both hosts see the same member set.
 
 use std::time::Duration;
 
@@ -29,6 +31,8 @@ use scsi::{Command, Transport};
 use serde::Serialize;
 
 use crate::stg::{MailboxMode, PathSet, ResolvedStg};
+
+pub mod peer;
 
 /// How a check came out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -57,7 +61,7 @@ pub struct Finding {
 }
 
 impl Finding {
-    fn ok(check: &'static str, detail: impl Into<String>) -> Finding {
+    pub(crate) fn ok(check: &'static str, detail: impl Into<String>) -> Finding {
         Finding {
             check,
             status: Status::Ok,
@@ -66,7 +70,7 @@ impl Finding {
         }
     }
 
-    fn bad(
+    pub(crate) fn bad(
         check: &'static str,
         status: Status,
         detail: impl Into<String>,

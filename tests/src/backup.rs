@@ -4,13 +4,19 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::io;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
+use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use scsi::{Command, Completion, DataDirection, Opcode, SubmitError, Transport};
 use stp_core::block::{format, BlockStg};
+use stp_core::multipath::Multipath;
+use stp_core::retry::RetryPolicy;
 use stp_core::stg::{block_source, MailboxMode};
 use stp_core::stream::PathSource;
 
@@ -179,4 +185,202 @@ pub fn fs_and_db_round_trip(rig: &Arc<dyn Rig>, tree_bytes: u64, mode: MailboxMo
         let v = repo.verify(id).unwrap();
         assert!(v.problems.is_empty(), "backup {id}: {:?}", v.problems);
     }
+}
+
+/// What passed through one path of a [`Watched`] member.
+#[derive(Debug, Default)]
+pub struct PathTally {
+    /// Data-out bytes of the WRITEs submitted on the path.
+    pub written: AtomicU64,
+    /// Commands that failed on the path (refused at submission, or a
+    /// transport error or a bad status at completion).
+    pub errors: AtomicU64,
+    /// Commands that completed well after [`PathTally::failed`] was set.
+    pub ok_after_failure: AtomicU64,
+    /// Set by the test when it fails one of the member's paths.
+    pub failed: AtomicBool,
+}
+
+/// A path that counts its traffic in a [`PathTally`]; otherwise the inner
+/// transport, untouched.
+pub struct Watched {
+    inner: Box<dyn Transport>,
+    tally: Arc<PathTally>,
+}
+
+impl Watched {
+    /// `inner`, counted in `tally`.
+    pub fn new(inner: Box<dyn Transport>, tally: Arc<PathTally>) -> Watched {
+        Watched { inner, tally }
+    }
+}
+
+fn is_write(cmd: &Command) -> bool {
+    cmd.direction == DataDirection::ToDevice
+        && matches!(cmd.cdb.opcode(), Opcode::WRITE_10 | Opcode::WRITE_16)
+}
+
+impl Transport for Watched {
+    fn submit(&mut self, cmd: Command) -> Result<(), SubmitError> {
+        let bytes = if is_write(&cmd) {
+            cmd.data.len() as u64
+        } else {
+            0
+        };
+        let r = self.inner.submit(cmd);
+        match &r {
+            Ok(()) => {
+                self.tally.written.fetch_add(bytes, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.tally.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+    fn reap(&mut self, out: &mut Vec<Completion>, wait: Option<Duration>) -> io::Result<usize> {
+        let from = out.len();
+        let r = self.inner.reap(out, wait);
+        for c in &out[from..] {
+            let good = matches!(&c.result, Ok(o) if o.check().is_ok());
+            if !good {
+                self.tally.errors.fetch_add(1, Ordering::Relaxed);
+            } else if self.tally.failed.load(Ordering::Relaxed) {
+                self.tally.ok_after_failure.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if r.is_err() {
+            self.tally.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight()
+    }
+    fn queue_depth(&self) -> usize {
+        self.inner.queue_depth()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// A file-system backup whose client reaches the block-mode STG's one
+/// member (the rig's plain shared LUN) over two paths, one of which fails
+/// mid-backup (issue 14): the client's member is a [`Multipath`] over its
+/// rig path and `second`; once the client has written a third of the tree
+/// through the member, `fail` takes `second` away (on LIO: the LUN
+/// unmapped from that tcm_loop port; in-process: the nexus dies). The
+/// backup completes through the array (policy `always`: no LAN fallback),
+/// and the restore is byte for byte the tree. Checks that the failure came
+/// mid-stream: the failed path saw errors, the other carried commands and
+/// data after it.
+pub fn fs_backup_survives_a_path_failure(
+    rig: &Arc<dyn Rig>,
+    second: Box<dyn Transport>,
+    fail: Box<dyn FnOnce() + Send>,
+    tree_bytes: u64,
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_tree(&src, tree_bytes, 11).unwrap();
+    let repo = Repo::open(tmp.path().join("repo")).unwrap();
+    let wkp = free_wkp3();
+    format_block_stg(rig);
+    let server = block_backup_host(rig, 0, wkp, Policy::Always);
+
+    let (kept, lost) = (
+        Arc::new(PathTally::default()),
+        Arc::new(PathTally::default()),
+    );
+    let member = Multipath::open(
+        // `second` first: among equally good paths the first carries a
+        // command when none is in flight, so the failing path is the
+        // busy one.
+        vec![
+            Box::new(Watched::new(second, Arc::clone(&lost))),
+            Box::new(Watched::new(rig.plain(1).unwrap(), Arc::clone(&kept))),
+        ],
+        RetryPolicy::MAILBOX,
+    )
+    .unwrap_or_else(|e| panic!("{}: the two-path member: {e}", rig.describe()));
+    eprintln!("client member paths: {:?}", member.paths());
+    let stg = BlockStg::open(vec![Box::new(member)], 1, BLOCK_STG)
+        .unwrap_or_else(|e| panic!("{}: opening block STG as host 1: {e}", rig.describe()));
+    let client = host_over(block_source(stg), BLOCK_STG, 1, wkp, Policy::Always);
+
+    // The failure, from its own thread once a third of the tree is written.
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (kept, lost, done) = (kept.clone(), lost.clone(), done.clone());
+        thread::spawn(move || -> Option<(u64, Instant)> {
+            let written =
+                || kept.written.load(Ordering::Relaxed) + lost.written.load(Ordering::Relaxed);
+            while written() < tree_bytes / 3 {
+                if done.load(Ordering::Relaxed) {
+                    return None;
+                }
+                thread::sleep(Duration::from_millis(2));
+            }
+            let at = written();
+            kept.failed.store(true, Ordering::Relaxed);
+            lost.failed.store(true, Ordering::Relaxed);
+            let t0 = Instant::now();
+            fail();
+            eprintln!(
+                "second path failed at {at} bytes written ({:?} to fail it)",
+                t0.elapsed()
+            );
+            Some((at, Instant::now()))
+        })
+    };
+    let job = FsJob {
+        client: LOCAL,
+        client_name: Some("client".into()),
+        source: src.display().to_string(),
+        level: Level::Full,
+        excludes: Vec::new(),
+    };
+    let c = client.clone();
+    let agent = thread::spawn(move || session::fs_agent(&c, &AgentRules::default(), quiet()));
+    let out = session::fs_backup(&server, &repo, &job, quiet());
+    let agent = agent.join().unwrap();
+    let ended = Instant::now();
+    done.store(true, Ordering::Relaxed);
+    let fired = watcher.join().unwrap();
+    let out = out.unwrap_or_else(|e| panic!("{}: file-system backup: {e:#}", rig.describe()));
+    agent.unwrap_or_else(|e| panic!("{}: agent: {e:#}", rig.describe()));
+    let total = kept.written.load(Ordering::Relaxed) + lost.written.load(Ordering::Relaxed);
+    eprintln!(
+        "{}: backup {} of {} bytes in {:.2} s over {}; written {total} bytes; kept path \
+         {:?}; failed path {:?}",
+        rig.describe(),
+        out.backup_id,
+        out.bytes,
+        out.seconds,
+        out.channel,
+        kept,
+        lost
+    );
+    let (at, failed_at) = fired.expect("the backup ended before a third of the tree was written");
+    assert!(failed_at < ended);
+    assert_eq!(out.channel, "stp", "{}", rig.describe());
+    assert!(
+        lost.errors.load(Ordering::Relaxed) >= 1 && lost.written.load(Ordering::Relaxed) > 0,
+        "the failed path carried nothing or saw no error: {lost:?}"
+    );
+    assert!(
+        kept.ok_after_failure.load(Ordering::Relaxed) >= 1 && total > at,
+        "nothing went over the kept path after the failure: {kept:?}"
+    );
+    let r = tmp.path().join("restored");
+    repo.restore(out.backup_id, &r, &[]).unwrap();
+    assert_eq!(compare_trees(&src, &r).unwrap(), Vec::<String>::new());
+    let v = repo.verify(out.backup_id).unwrap();
+    assert!(
+        v.problems.is_empty(),
+        "backup {}: {:?}",
+        out.backup_id,
+        v.problems
+    );
 }

@@ -73,7 +73,7 @@ pub struct InProcRig {
 }
 
 /// The plain LUN of [`InProcRig`].
-const PLAIN_LUN: u64 = 100;
+pub const PLAIN_LUN: u64 = 100;
 
 /// A fresh in-process rig with `members` STG members; `seed` fixes the
 /// mailbox's port allocation.

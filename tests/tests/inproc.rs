@@ -1287,3 +1287,113 @@ fn sbc_spc_cases_on_the_model() {
         ok(sbc_spc_cases(&mut t, &s));
     }
 }
+
+/// `stp preflight`'s peer check (issue 14): two hosts of the in-process
+/// array exchange their views of a block-mode STG over a TCP control
+/// connection on loopback (`stp preflight --serve-peer` / `--peer`) and
+/// compare them. The same members: ok on both sides, the superblocks'
+/// generation agreeing; a configuration whose second member is another
+/// LUN: what differs and to use one configuration; a device that reports
+/// another identity than its member's: the zoning to check.
+#[test]
+fn preflight_peer_check_compares_both_hosts_member_sets() {
+    use std::net::TcpListener;
+    use stp_core::preflight::peer::{compare, local_view, PeerView};
+    use stp_core::preflight::Status;
+    use stp_core::stg::{Config, LunInfo, MapDirectory};
+    use stp_tools::preflight::{exchange_as_client, exchange_as_server};
+
+    let a = Array::new();
+    for id in 0..3u64 {
+        a.add_lun(id, LunConfig::new(id, 4096, 512)).unwrap();
+    }
+    let naa = |i: u64| a.lun(i).unwrap().config().naa_string();
+    let admin = Host::login(&a, "admin");
+    let mut members: Vec<Box<dyn Transport>> = (0..2u64)
+        .map(|i| Box::new(admin.open(i).unwrap()) as Box<dyn Transport>)
+        .collect();
+    let layout = stp_core::stg::BlockLayout {
+        hosts: 2,
+        slots: 4,
+        slot_blocks: 8,
+    };
+    stp_core::block::format(&mut members, 4, &layout, &mut rand::rngs::OsRng).unwrap();
+
+    // A host's view: `config_luns` the configuration's members, `device_luns`
+    // the LUNs its device nodes for them actually open.
+    let view = |name: &str, config_luns: [u64; 2], device_luns: [u64; 2]| -> PeerView {
+        let config = Config::parse(&format!(
+            "wkp = 5100\n[[stg]]\nid = 4\nmode = \"block\"\nmembers = [\"{}\", \"{}\"]\n\
+             [stg.block]\nhosts = 2\n",
+            naa(config_luns[0]),
+            naa(config_luns[1])
+        ))
+        .unwrap();
+        let mut dir = MapDirectory::new();
+        for (i, l) in config_luns.iter().enumerate() {
+            dir.insert(
+                naa(*l),
+                LunInfo {
+                    path: format!("{name}-lun{i}"),
+                    other_paths: Vec::new(),
+                    blocks: 4096,
+                    block_size: 512,
+                },
+            );
+        }
+        let resolved = config.resolve(4, &dir).unwrap();
+        let h = Host::login(&a, name);
+        let mut sets: Vec<Vec<Box<dyn Transport>>> = device_luns
+            .iter()
+            .map(|l| vec![Box::new(h.open(*l).unwrap()) as Box<dyn Transport>])
+            .collect();
+        local_view(name, &resolved, &mut sets)
+    };
+    // Both sides of the exchange over TCP, as the two `stp preflight`s.
+    let exchange = |server: PeerView, client: PeerView| {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let t = T;
+        let srv = thread::spawn(move || {
+            let (theirs, _) = exchange_as_server(&listener, &server, t).unwrap();
+            compare(&server, &theirs)
+        });
+        let theirs = exchange_as_client(&addr, &client, T).unwrap();
+        (srv.join().unwrap(), compare(&client, &theirs))
+    };
+
+    let (s, c) = exchange(view("a", [0, 1], [0, 1]), view("b", [0, 1], [0, 1]));
+    for f in [&s, &c] {
+        eprintln!("same: {}", f.line());
+        assert_eq!(f.status, Status::Ok, "{}", f.line());
+        assert!(f.detail.contains("same 2 member(s)"), "{}", f.line());
+        assert!(f.detail.contains("generation"), "{}", f.line());
+    }
+    assert!(s.detail.contains("the peer (b)"), "{}", s.line());
+
+    // Host b's configuration names LUN 2 as member 1.
+    let (s, c) = exchange(view("a", [0, 1], [0, 1]), view("b", [0, 2], [0, 2]));
+    for f in [&s, &c] {
+        eprintln!("other member: {}", f.line());
+        assert_eq!(f.status, Status::Fail, "{}", f.line());
+        assert!(f.detail.contains("member 1 is"), "{}", f.line());
+        assert!(f.fix.as_deref().unwrap().contains("same configuration"));
+    }
+    assert!(
+        s.detail.contains(&naa(2)) && s.detail.contains(&naa(1)),
+        "{}",
+        s.line()
+    );
+
+    // Host b's device node for member 1 is LUN 2 (zoning, masking): its
+    // identity and superblock differ.
+    let (s, c) = exchange(view("a", [0, 1], [0, 1]), view("b", [0, 1], [0, 2]));
+    for f in [&s, &c] {
+        eprintln!("other device: {}", f.line());
+        assert_eq!(f.status, Status::Fail, "{}", f.line());
+        assert!(f.detail.contains("member 1's device"), "{}", f.line());
+        assert!(f.fix.as_deref().unwrap().contains("zoning"));
+    }
+}
+
+const T: Duration = Duration::from_secs(10);

@@ -398,3 +398,44 @@ fn a_dead_path_moves_its_io() {
     assert!(paths[0].down, "{paths:?}");
     assert!(!paths[1].down);
 }
+
+/// A file-system backup (block mode, the in-process array's plain LUN)
+/// whose client reaches the member over two nexuses, port 1 (the rig's)
+/// and port 2; `fail` takes port 2's path away a third of the way in. The
+/// body is the one the real-LIO suite runs
+/// (`backup_survives_a_path_unmapped_mid_backup_on_lio`).
+fn backup_with_a_failing_path(fail: impl FnOnce(&Array, FaultControl) + Send + 'static) {
+    use stp_tests::rig::{InProcRig, Rig, PLAIN_LUN};
+    let rig = InProcRig::new(1, 44);
+    let array = rig.array().clone();
+    let rig: Arc<dyn Rig> = Arc::new(rig);
+    // Port 2 in a group of its own, as a second HBA's target port would be.
+    array.set_port_group(PLAIN_LUN, 2, 1);
+    let h = Host::login_through(&array, "h1-p2", 2);
+    let control = FaultControl::disarmed();
+    let second = FaultyTransport::with_control(
+        h.open(PLAIN_LUN).unwrap(),
+        FaultPlan::none(),
+        1,
+        control.clone(),
+    );
+    control.arm();
+    stp_tests::backup::fs_backup_survives_a_path_failure(
+        &rig,
+        Box::new(second),
+        Box::new(move || fail(&array, control)),
+        8 << 20,
+    );
+}
+
+#[test]
+fn a_backup_survives_a_path_that_dies_mid_backup() {
+    backup_with_a_failing_path(|_, control| control.kill());
+}
+
+#[test]
+fn a_backup_survives_a_path_group_going_unavailable_mid_backup() {
+    backup_with_a_failing_path(|array, _| array.set_alua_state(PLAIN, 1, AccessState::UNAVAILABLE));
+}
+
+const PLAIN: u64 = stp_tests::rig::PLAIN_LUN;

@@ -49,7 +49,8 @@ enum Command {
     Stg(stp_tools::stg::StgArgs),
     /// Check an STG and this host before use: paths and their ALUA states,
     /// identities, the engine, sg direct I/O, transfer limits, write cache
-    /// and FUA, reservations. One line per check; exits 1 on a failure.
+    /// and FUA, reservations, and with --peer/--serve-peer that both hosts
+    /// see the same members. One line per check; exits 1 on a failure.
     Preflight(stp_tools::preflight::PreflightArgs),
     /// Print a shell completion script (e.g. `stp completions bash >
     /// /etc/bash_completion.d/stp`).

@@ -474,6 +474,53 @@ fn backup(c: &Corpus) {
         );
     }
 
+    // `stp preflight`'s view exchange: a block-mode view with a formatted
+    // member, and a vendor-mode one with an unreadable member.
+    {
+        use stp_core::preflight::peer::{self, FormatView, MemberView, PeerView};
+        use stp_core::stg::{BlockSpec, MailboxMode};
+        let member = |i: u16, format| MemberView {
+            naa: format!("naa.600140500000000{i}"),
+            seen: Some(format!("naa.600140500000000{i}")),
+            blocks: 1 << 20,
+            block_size: 512,
+            format,
+        };
+        let block = PeerView {
+            version: peer::VIEW_VERSION,
+            host: "a".into(),
+            stg: 8,
+            mode: MailboxMode::Block,
+            block: Some(BlockSpec {
+                hosts: 2,
+                slots: Some(64),
+                slot_blocks: None,
+            }),
+            members: vec![member(
+                0,
+                Some(FormatView {
+                    stg_id: 8,
+                    member_index: 0,
+                    member_count: 1,
+                    hosts: 2,
+                    slots: 64,
+                    slot_blocks: 2048,
+                    generation: 0x1234_5678,
+                }),
+            )],
+        };
+        let mut unread = member(1, None);
+        unread.seen = None;
+        let vendor = PeerView {
+            mode: MailboxMode::Vendor,
+            block: None,
+            members: vec![member(0, None), unread],
+            ..block.clone()
+        };
+        c.put("preflight_view", "block", &peer::encode_view(&block));
+        c.put("preflight_view", "vendor", &peer::encode_view(&vendor));
+    }
+
     // An archive as the backup writes one: a file, a directory, a
     // symbolic link and a hard link.
     let mut b = tar::Builder::new(Vec::new());
