@@ -291,6 +291,11 @@ struct State {
     next_waiter: u64,
     stats: MailboxStats,
     shutdown: bool,
+    /// The deadline the timer thread sleeps until (`None`: until woken). A
+    /// new long poll wakes it only when its deadline is earlier: most are
+    /// later (every RECEIVE waits the same 100 ms), and a wake-up per
+    /// parked RECEIVE was a context switch per message on each side.
+    timer_sleeps_until: Option<Instant>,
 }
 
 struct Shared {
@@ -427,6 +432,7 @@ impl StgMailbox {
                 next_waiter: 0,
                 stats: MailboxStats::default(),
                 shutdown: false,
+                timer_sleeps_until: None,
             }),
             wake: Condvar::new(),
         });
@@ -873,6 +879,7 @@ impl StgMailbox {
                 deadlines,
                 stats,
                 next_waiter,
+                timer_sleeps_until,
                 ..
             } = st;
             match bindings.get_mut(&handle) {
@@ -915,7 +922,10 @@ impl StgMailbox {
                     });
                     deadlines.insert((deadline, id), handle);
                     stats.receives_held += 1;
-                    self.shared.wake.notify_one();
+                    if timer_sleeps_until.is_none_or(|t| deadline < t) {
+                        *timer_sleeps_until = Some(deadline);
+                        self.shared.wake.notify_one();
+                    }
                 }
             }
         }
@@ -1285,6 +1295,7 @@ fn timer_loop(shared: &Shared) {
             continue;
         }
         let next = st.deadlines.first_key_value().map(|(&(d, _), _)| d);
+        st.timer_sleeps_until = next;
         st = match next {
             Some(d) => {
                 shared
