@@ -637,15 +637,22 @@ fn block_attackers(
         .collect();
     // Slots the reader saw, for the replayer.
     let captured: Captured = Arc::new(Mutex::new(Vec::new()));
+    // How long one sweep of the lanes takes (ms): the writer's pace. On
+    // the model a sweep takes a millisecond, in the VM a hundred or more;
+    // at a fixed pace the intruder would destroy far more of each slot's
+    // life on the slower array, and a backup that cannot move fails with
+    // its reason (which the checks accept) before it has shown recovery.
+    let sweep_ms = Arc::new(AtomicU64::new(0));
     let mut out = Vec::new();
     // Sweep every lane with READ.
     {
-        let (rig, markers, seen, stop, captured) = (
+        let (rig, markers, seen, stop, captured, sweep_ms) = (
             rig.clone(),
             markers.clone(),
             seen.clone(),
             stop.clone(),
             captured.clone(),
+            sweep_ms.clone(),
         );
         let slot_lbas = slot_lbas.clone();
         out.push(thread::spawn(move || {
@@ -654,6 +661,7 @@ fn block_attackers(
             let mut swept = 0;
             // One more sweep after the stop: what the lanes keep.
             while !stop.load(Relaxed) || swept == 0 {
+                let t0 = Instant::now();
                 let mut lba = 0;
                 while lba < lanes_end {
                     let n = (lanes_end - lba).min(256);
@@ -681,6 +689,7 @@ fn block_attackers(
                     }
                     lba += n;
                 }
+                sweep_ms.store(t0.elapsed().as_millis() as u64, Relaxed);
                 if stop.load(Relaxed) {
                     swept += 1;
                 }
@@ -690,8 +699,13 @@ fn block_attackers(
     }
     // Garbage over index blocks and slots, and old slots written back.
     {
-        let (rig, seen, stop, captured) =
-            (rig.clone(), seen.clone(), stop.clone(), captured.clone());
+        let (rig, seen, stop, captured, sweep_ms) = (
+            rig.clone(),
+            seen.clone(),
+            stop.clone(),
+            captured.clone(),
+            sweep_ms.clone(),
+        );
         out.push(thread::spawn(move || {
             let mut t = rig.plain(INTRUDER).unwrap();
             let mut rng = StdRng::seed_from_u64(rand::random());
@@ -705,7 +719,8 @@ fn block_attackers(
                     .unwrap_or_else(|e| panic!("the intruder's WRITE: {e}"));
             };
             while !stop.load(Relaxed) {
-                thread::sleep(Duration::from_millis(rng.gen_range(10..40)));
+                let pace = rng.gen_range(10..40) + 2 * sweep_ms.load(Relaxed);
+                thread::sleep(Duration::from_millis(pace));
                 match rng.gen_range(0..3) {
                     0 => {
                         let mut g = vec![0u8; 512];
