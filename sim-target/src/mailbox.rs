@@ -61,12 +61,25 @@ use stp_core::wire::{self, Frames};
 
 use crate::array::{Array, Lun, VendorHandler};
 use crate::pool::{BufPool, PooledBuf};
-use crate::task::{Reply, Task, TaskResult};
+use crate::task::{InitiatorId, Reply, Task, TaskResult};
 
 /// The most bytes of free SEND buffers a mailbox keeps for reuse (a port
 /// queue holds 8 MiB by default; a few full queues' worth of buffers come
 /// back after a burst).
 pub const POOL_KEEP_BYTES: usize = 32 << 20;
+
+/// The most ports one initiator (one I_T nexus) may hold bound across the
+/// mailbox at once. A host needs one binding and a port per connection;
+/// another initiator on the SAN flooding BINDs (docs/PROTOCOL.md §7.1)
+/// gets this many and then `NO FREE PORTS`, and leaves the rest of the
+/// port space to everyone else.
+pub const PORTS_PER_INITIATOR: usize = 4096;
+
+/// The most bytes (frame spans) queued in the whole mailbox at once: the
+/// bound on the array's memory for queued frames whatever the number of
+/// ports (each also has its STG's own limits). A SEND that would go
+/// beyond it is refused `QUEUE FULL` (retryable).
+pub const MAX_QUEUED_BYTES: usize = 512 << 20;
 
 /// One STG the mailbox serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -253,6 +266,8 @@ struct Waiter {
 struct Port {
     /// Its own handle: SEND from it, RELEASE it, PORT STATUS.
     handle: u32,
+    /// The initiator whose BIND bound it.
+    owner: Option<InitiatorId>,
     /// The handle of the binding whose queue takes its frames (its own
     /// handle when its BIND made the binding).
     binding: u32,
@@ -285,6 +300,8 @@ struct State {
     handles: HashMap<u32, (usize, u32)>,
     /// Binding handle (its first port's handle) → the binding.
     bindings: HashMap<u32, Binding>,
+    /// Ports bound, per initiator ([`PORTS_PER_INITIATOR`]).
+    owned: HashMap<InitiatorId, usize>,
     /// Long-poll deadlines: (deadline, waiter id) → binding handle.
     deadlines: BTreeMap<(Instant, u64), u32>,
     rng: StdRng,
@@ -424,6 +441,7 @@ impl StgMailbox {
         }
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
+                owned: HashMap::new(),
                 ports: stgs.iter().map(|_| BTreeMap::new()).collect(),
                 handles: HashMap::new(),
                 bindings: HashMap::new(),
@@ -576,6 +594,15 @@ impl StgMailbox {
             } else {
                 Ok(None)
             };
+            let owner = task.initiator;
+            let held = st.owned.get(&owner).copied().unwrap_or(0);
+            let joins = joins.and_then(|j| {
+                if held >= PORTS_PER_INITIATOR {
+                    Err(MailboxError::Refused(Refusal::NoFreePorts))
+                } else {
+                    Ok(j)
+                }
+            });
             let ports = &mut st.ports[stg];
             let port = joins.and_then(|joins| {
                 let port = if requested == 0 || joins.is_some() {
@@ -610,9 +637,11 @@ impl StgMailbox {
                     Port {
                         handle,
                         binding,
+                        owner: Some(owner),
                         ..Port::default()
                     },
                 );
+                *st.owned.entry(owner).or_default() += 1;
                 st.bindings
                     .entry(binding)
                     .or_insert_with(|| Binding {
@@ -657,6 +686,7 @@ impl StgMailbox {
             } else {
                 st.handles.remove(&handle);
                 let p = st.ports[stg].remove(&port).unwrap_or_default();
+                disown(&mut st.owned, p.owner);
                 if let Some(b) = st.bindings.get_mut(&p.binding) {
                     b.ports.retain(|&q| q != port);
                     if p.queued_frames > 0 {
@@ -826,6 +856,19 @@ impl StgMailbox {
             }
             if frames_left > spec.queue_frames as usize || bytes_left > spec.queue_bytes as usize {
                 return Err(MailboxError::Refused(Refusal::QueueFull { port: *dst }));
+            }
+        }
+        // And the mailbox's bound, whatever the number of ports.
+        let adding: usize = frames
+            .iter()
+            .zip(&stays)
+            .filter(|(_, &s)| s)
+            .map(|(f, _)| f.1.next_multiple_of(wire::ALIGN))
+            .sum();
+        if adding > 0 {
+            let queued: usize = st.bindings.values().map(|b| b.queued_bytes).sum();
+            if queued + adding > MAX_QUEUED_BYTES {
+                return Err(MailboxError::Refused(Refusal::QueueFull { port: order[0] }));
             }
         }
         // Commit: nothing below can fail.
@@ -1140,12 +1183,25 @@ fn pump(st: &mut State, handle: u32, direct: bool, out: &mut Vec<Action>) {
     }
 }
 
+/// One port fewer for `owner`.
+fn disown(owned: &mut HashMap<InitiatorId, usize>, owner: Option<InitiatorId>) {
+    if let Some(o) = owner {
+        if let Some(n) = owned.get_mut(&o) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                owned.remove(&o);
+            }
+        }
+    }
+}
+
 /// Tears down a released binding: every port of it is unbound, its
 /// waiters complete with 80h/09h, its queue is dropped.
 fn unbind(st: &mut State, b: Binding) -> Vec<Action> {
     for port in &b.ports {
         if let Some(p) = st.ports[b.stg].remove(port) {
             st.handles.remove(&p.handle);
+            disown(&mut st.owned, p.owner);
         }
     }
     st.stats.frames_dropped += b.queue.len() as u64;
@@ -1169,6 +1225,7 @@ fn drop_all(st: &mut State) -> Vec<Action> {
     for ports in &mut st.ports {
         ports.clear();
     }
+    st.owned.clear();
     st.deadlines.clear();
     actions
 }
@@ -2709,6 +2766,93 @@ mod tests {
             p7.bind_add(b8.handle),
             Err(MailboxError::Refused(Refusal::BadHandle))
         ));
+    }
+
+    /// A third initiator flooding BINDs (docs/PROTOCOL.md §7.1) gets
+    /// [`PORTS_PER_INITIATOR`] ports and then NO FREE PORTS; another
+    /// initiator still binds; releasing gives the first its room back.
+    #[test]
+    fn one_initiator_cannot_take_the_whole_port_space() {
+        let (_a, m, ha, hb) = two_hosts();
+        let mut p = Path::open(&ha, 0);
+        let base = p.bind(0).unwrap();
+        let mut added = Vec::new();
+        let refused = loop {
+            match p.bind_add(base.handle) {
+                Ok(r) => added.push(r),
+                Err(e) => break e,
+            }
+            assert!(added.len() < PORTS_PER_INITIATOR, "no limit");
+        };
+        assert!(matches!(
+            refused,
+            MailboxError::Refused(Refusal::NoFreePorts)
+        ));
+        assert_eq!(added.len() + 1, PORTS_PER_INITIATOR);
+        assert!(matches!(
+            p.bind(5000),
+            Err(MailboxError::Refused(Refusal::NoFreePorts))
+        ));
+        // The other initiator is not held back, nor is this one on
+        // another path of the same nexus... only on its own count.
+        let mut q = Path::open(&hb, 1);
+        let other = q.bind(0).unwrap();
+        q.release(other.handle).unwrap();
+        p.release(added.pop().unwrap().handle).unwrap();
+        let again = p.bind_add(base.handle).unwrap();
+        p.release(again.handle).unwrap();
+        // Releasing the binding frees every port of it.
+        p.release(base.handle).unwrap();
+        assert!(m.shared.lock().owned.is_empty());
+        let b = p.bind(0).unwrap();
+        p.release(b.handle).unwrap();
+    }
+
+    /// Every port keeps its own queue limit, but however many ports one
+    /// binding or initiator holds, the mailbox queues at most
+    /// [`MAX_QUEUED_BYTES`]: the array's memory for frames is bounded.
+    #[test]
+    fn queued_bytes_are_bounded_however_many_ports() {
+        let (_a, m) = setup(vec![StgSpec::new(7, vec![0, 1, 2])]);
+        let ha = Host::login(&_a, "host-a");
+        let mut p = Path::open(&ha, 0);
+        let sink = p.bind(0).unwrap();
+        let src = p.bind(0).unwrap();
+        let per_port = StgSpec::DEFAULT_QUEUE_BYTES as usize;
+        let ports = 2 * MAX_QUEUED_BYTES / per_port;
+        let dsts: Vec<BindResult> = (0..ports)
+            .map(|_| p.bind_add(sink.handle).unwrap())
+            .collect();
+        let body = vec![0xa5u8; (StgSpec::DEFAULT_MAX_PAYLOAD as usize) - 64];
+        let mut accepted = 0usize;
+        let mut refused = 0usize;
+        for d in &dsts {
+            loop {
+                match p.send(src.handle, &frame(src.port, d.port, &body)) {
+                    Ok(()) => accepted += body.len(),
+                    Err(MailboxError::Refused(Refusal::QueueFull { .. })) => {
+                        refused += 1;
+                        break;
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+        let queued: usize = m
+            .shared
+            .lock()
+            .bindings
+            .values()
+            .map(|b| b.queued_bytes)
+            .sum();
+        assert!(queued <= MAX_QUEUED_BYTES, "{queued} bytes queued");
+        assert!(accepted <= MAX_QUEUED_BYTES);
+        // Full up to less than a frame.
+        assert!(queued + (2 << 20) > MAX_QUEUED_BYTES, "{queued}");
+        assert_eq!(refused, dsts.len());
+        p.release(sink.handle).unwrap();
+        p.release(src.handle).unwrap();
+        assert_eq!(m.shared.lock().bindings.len(), 0);
     }
 
     #[test]

@@ -84,6 +84,11 @@ counters! {
     /// Frames a connection dropped for lying beyond the credit it
     /// advertised (its reassembly window, §6.2–6.3).
     recv_dropped_above_window,
+    /// Frames a connection dropped because they failed to open (their tag
+    /// or header CRC did not verify under its key and direction): damaged,
+    /// forged or replayed from another connection on the SAN, or a peer
+    /// with another key or protection (docs/PROTOCOL.md §7).
+    recv_dropped_unauthentic,
 }
 
 /// Adds `n` to the counter `name`.

@@ -557,6 +557,7 @@ impl Endpoint for Shared {
                     opened.push((h, start..start + h.payload_len as usize));
                 }
                 Err(e) => {
+                    bump!(recv_dropped_unauthentic, 1);
                     let n = self.unauthentic.fetch_add(1, Relaxed) + 1;
                     if n.is_power_of_two() {
                         tracing::warn!(

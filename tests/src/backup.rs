@@ -65,10 +65,23 @@ pub fn format_block_stg(rig: &Arc<dyn Rig>) {
 }
 
 fn host_over(src: Arc<dyn PathSource>, stg: u32, members: usize, wkp: u16, policy: Policy) -> Host {
+    host_with(src, stg, members, wkp, policy, config())
+}
+
+/// A backup host over `src` (STG `stg` of `members` members) whose STP
+/// connections use `conn` (its protection, among others).
+pub fn host_with(
+    src: Arc<dyn PathSource>,
+    stg: u32,
+    members: usize,
+    wkp: u16,
+    policy: Policy,
+    conn: stp_core::conn::Config,
+) -> Host {
     Host {
         layer: Arc::new(SocketLayer::new(
             HashMap::from([(stg, Arc::clone(&src))]),
-            config(),
+            conn,
         )),
         stg,
         stg_len: members as u32,

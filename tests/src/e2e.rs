@@ -226,6 +226,13 @@ pub struct Tap {
     log: SendLog,
 }
 
+impl Tap {
+    /// A tap on `inner` that records into `log`.
+    pub fn new(inner: Box<dyn Transport>, log: SendLog) -> Tap {
+        Tap { inner, log }
+    }
+}
+
 impl Transport for Tap {
     fn submit(&mut self, cmd: scsi::Command) -> Result<(), scsi::SubmitError> {
         if cmd.cdb.opcode() == stp_core::vendor::SEND {

@@ -13,6 +13,7 @@
 pub mod backup;
 pub mod conformance;
 pub mod e2e;
+pub mod hostile;
 pub mod rig;
 
 use scsi::cdb::{Cdb, RwFlags, VendorCdb};

@@ -341,6 +341,11 @@ impl LioRig {
         Arc::new(Self::load_env())
     }
 
+    /// The rig the map at `path` describes.
+    pub fn load(path: &Path) -> Result<LioRig, String> {
+        LioMap::load(path).map(|map| LioRig { map })
+    }
+
     /// As [`LioRig::from_env`], keeping the concrete type.
     pub fn load_env() -> LioRig {
         let path = std::env::var_os(LIO_MAP_ENV)

@@ -958,3 +958,72 @@ fn large_slots_read_by_their_head_first() {
     assert_eq!(s1.bad_slots, 0, "{s1:?}");
     assert_eq!(s1.slots_read, 30, "{s1:?}");
 }
+
+/// A consumer block written over once by another initiator at the worst
+/// moment: the producer last read it when the ring was full, the consumer
+/// has since taken every slot (and has nothing more to take), and the
+/// block now holds garbage. The producer, finding the ring full, re-reads
+/// it, cannot trust it and keeps seeing a full ring; the consumer used to
+/// write its block only after consuming, so the lane stayed wedged for
+/// ever (found by the hostile-neighbour campaign, stp_tests::hostile). The
+/// consumer now writes its blocks again every few seconds: the lane moves.
+#[test]
+fn a_consumer_block_written_over_once_does_not_wedge_the_lane() {
+    let a = array();
+    format_stg(&a, 33);
+    let cfg = BlockConfig {
+        queue_frames: 16,
+        ring_full_wait: Duration::from_millis(100),
+        ..BlockConfig::default()
+    };
+    let h0 = open_host(&a, 0, cfg);
+    let h1 = open_host(&a, 1, cfg);
+    let mut m0 = h0.handle();
+    let mut m1 = h1.handle();
+    let p1 = m1.bind(None).unwrap();
+    let p0 = m0.bind(None).unwrap();
+    // Fill the port queue and then the ring, until the producer gives up.
+    let mut sent = 0u64;
+    loop {
+        match m0.send_packed(&p0, &frame(p0.port, p1.port, sent, b"fill", None)) {
+            Ok(()) => sent += 1,
+            Err(MailboxError::Refused(Refusal::QueueFull { .. })) => break,
+            Err(e) => panic!("send {sent}: {e}"),
+        }
+        assert!(sent < 10_000, "the ring never filled");
+    }
+    // The consumer takes everything and writes its blocks.
+    assert_eq!(recv_n(&mut m1, &p1, sent as usize).len(), sent as usize);
+    thread::sleep(Duration::from_millis(300));
+    // The intruder writes over both members' consumer blocks of lane (0 → 1).
+    let lba = layout().lane_offset(0, 1).unwrap() + 1;
+    for lun in LUNS {
+        raw_write(&a, lun, lba, &[0x5a; 512]);
+    }
+    let t0 = Instant::now();
+    let sent_again = loop {
+        match m0.send_packed(&p0, &frame(p0.port, p1.port, sent, b"after", None)) {
+            Ok(()) => break true,
+            Err(MailboxError::Refused(Refusal::QueueFull { .. })) => {
+                if t0.elapsed() >= T {
+                    break false;
+                }
+            }
+            Err(e) => panic!("after the garbage: {e}"),
+        }
+    };
+    let s0 = h0.stats();
+    assert!(
+        sent_again,
+        "the lane stayed wedged for {:?} after its consumer blocks were written over: {s0:?}",
+        t0.elapsed()
+    );
+    assert!(
+        s0.bad_consumer_blocks > 0,
+        "the producer never read the garbage: {s0:?}"
+    );
+    let got = recv_n(&mut m1, &p1, 1);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1, b"after");
+    eprintln!("the lane moved again after {:?}", t0.elapsed());
+}

@@ -962,3 +962,86 @@ fn fencing_on_the_ramdisk_as_in_process() {
     drop_extra_nexus(&w2);
     ok(result.unwrap_or_else(|p| std::panic::resume_unwind(p)));
 }
+
+/// A third host path for the campaign below: `stg-up --hosts 3` adds a
+/// third tcm_loop target (a third nexus, initiator `h2` to the daemon)
+/// onto the same LUNs — the STG's members, the ramdisk and the fileio LUN —
+/// and writes its map to a file of its own; dropping it runs `stg-up
+/// --hosts 2`, which removes the third target and its backstores and
+/// writes the suite's map again.
+struct ThirdHost {
+    dir: tempfile::TempDir,
+}
+
+impl ThirdHost {
+    fn stg_up(hosts: u32, map: &Path) -> std::process::ExitStatus {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sim-target/scripts/stg-up");
+        let luns = LioRig::load_env().map().stg.luns;
+        Command::new(&script)
+            .args(["--hosts", &hosts.to_string(), "--luns", &luns.to_string()])
+            .arg("--state-dir")
+            .arg(std::env::var_os("STP_TARGET_STATE").unwrap_or_else(|| "/run/stp-target".into()))
+            .arg("--map")
+            .arg(map)
+            .status()
+            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()))
+    }
+
+    fn up() -> ThirdHost {
+        let dir = tempfile::tempdir().unwrap();
+        let st = Self::stg_up(3, &dir.path().join("map3.json"));
+        assert!(st.success(), "stg-up --hosts 3: {st}");
+        ThirdHost { dir }
+    }
+
+    fn rig(&self) -> Arc<dyn Rig> {
+        Arc::new(LioRig::load(&self.dir.path().join("map3.json")).unwrap())
+    }
+}
+
+impl Drop for ThirdHost {
+    fn drop(&mut self) {
+        let map = std::env::var_os(stp_tests::rig::LIO_MAP_ENV).map_or_else(
+            || PathBuf::from(stp_tests::rig::LIO_MAP_DEFAULT),
+            Into::into,
+        );
+        let st = Self::stg_up(2, &map);
+        if !st.success() {
+            eprintln!("stg-up --hosts 2 (restoring two host paths) failed: {st}");
+        }
+    }
+}
+
+/// Issue 19's hostile neighbour on real LIO: a third tcm_loop nexus onto
+/// the same LUNs runs the campaign of `stp_tests::hostile` during a
+/// file-system backup in vendor mode (the daemon's STG) and in block mode
+/// (LIO's ramdisk): BIND floods to the port space's limit, guessed handles,
+/// replayed and forged SENDs, lanes swept, scribbled and replayed; every
+/// byte it reads searched for the backed-up files' markers. Encrypted (the
+/// default), then the controls with the payload in the clear. In-process:
+/// tests/hostile.rs.
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn a_third_initiator_during_backups_on_lio() {
+    use stp_core::frame::Protection;
+    use stp_core::stg::MailboxMode;
+    let third = ThirdHost::up();
+    let rig = third.rig();
+    assert_eq!(rig.hosts(), 3, "{}", rig.describe());
+    for (mode, protection) in [
+        (MailboxMode::Vendor, Protection::Encrypt),
+        (MailboxMode::Block, Protection::Encrypt),
+        (MailboxMode::Block, Protection::Authenticate),
+        (MailboxMode::Vendor, Protection::Authenticate),
+    ] {
+        let t0 = Instant::now();
+        let f = stp_tests::hostile::backup_under_attack(&rig, mode, protection, 2 << 20);
+        stp_tests::hostile::check(&rig, mode, protection, &f);
+        eprintln!(
+            "campaign {mode} / {}: {:.1} s",
+            protection.name(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    drop(third);
+}

@@ -284,6 +284,84 @@ fn scsi(c: &Corpus) {
         );
         c.put("scsi_inquiry", &format!("vpd-{page:02x}"), &data);
     }
+    // Thin provisioning and command support, as the model answers them
+    // (some blocks written first, so that GET LBA STATUS has a mapped
+    // extent to report), and an UNMAP list.
+    let written = scsi::Cdb::Write16 {
+        lba: 64,
+        blocks: 8,
+        flags: scsi::cdb::RwFlags::default(),
+    };
+    t.execute(Command::data_out(written.emit(), scsi::IoBuf::from_slice(&[7u8; 8 * 512])))
+        .into_result()
+        .expect("the array writes");
+    let mut ask = |cdb: Cdb, len: usize| -> Vec<u8> {
+        let (data, _) = t
+            .execute(Command::data_in(cdb.emit(), len))
+            .into_result()
+            .expect("the array answers");
+        data.to_vec()
+    };
+    c.put(
+        "scsi_provisioning",
+        "vpd-b2",
+        &ask(
+            Cdb::Inquiry {
+                evpd: true,
+                page_code: 0xB2,
+                alloc_len: 255,
+            },
+            255,
+        ),
+    );
+    c.put(
+        "scsi_provisioning",
+        "lba-status",
+        &ask(
+            Cdb::GetLbaStatus {
+                lba: 0,
+                alloc_len: 4096,
+            },
+            4096,
+        ),
+    );
+    c.put(
+        "scsi_provisioning",
+        "supported-all",
+        &ask(
+            Cdb::ReportSupportedOpcodes {
+                rctd: true,
+                reporting_options: 0,
+                opcode: 0,
+                service_action: 0,
+                alloc_len: 4096,
+            },
+            4096,
+        ),
+    );
+    c.put(
+        "scsi_provisioning",
+        "supported-one",
+        &ask(
+            Cdb::ReportSupportedOpcodes {
+                rctd: true,
+                reporting_options: 1,
+                opcode: 0x88,
+                service_action: 0,
+                alloc_len: 512,
+            },
+            512,
+        ),
+    );
+    c.put(
+        "scsi_provisioning",
+        "unmap-list",
+        &scsi::provisioning::UnmapList::new(vec![
+            scsi::provisioning::UnmapDescriptor { lba: 64, blocks: 8 },
+            scsi::provisioning::UnmapDescriptor { lba: 1 << 40, blocks: 0 },
+        ])
+        .to_bytes(),
+    );
     let lba = Sense::new(scsi::SenseKey::ILLEGAL_REQUEST, scsi::Asc::LBA_OUT_OF_RANGE)
         .with_information(0x1_0000_0000);
     let field = Sense::invalid_field_in_cdb(6, Some(3));

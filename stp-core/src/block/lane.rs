@@ -357,6 +357,12 @@ impl Consumer {
             .map(|m| (m, self.consumed[m]))
     }
 
+    /// Every consumer block is to be written again (another host may have
+    /// written over one).
+    pub fn rewrite_all(&mut self) {
+        self.dirty.iter_mut().for_each(|d| *d = true);
+    }
+
     /// Member `m`'s consumer block now says `count`.
     pub fn written(&mut self, m: usize, count: u64) {
         if self.consumed[m] == count {

@@ -523,6 +523,13 @@ const TURN_PATIENCE: Duration = Duration::from_millis(100);
 /// Superblocks are re-read at most this often when foreign index blocks
 /// suggest a reformat.
 const SUPERBLOCK_RECHECK: Duration = Duration::from_secs(1);
+/// A consumer writes its consumer blocks again at least this often (as
+/// often as an idle poll reads every member), even
+/// with nothing new consumed: another host on the SAN may have written
+/// over one (docs/PROTOCOL.md §7.1), and a producer that cannot read it
+/// sees a full ring until the consumer writes it again — which, with
+/// nothing more to consume, it otherwise never would.
+const CONSUMER_REASSERT: Duration = Duration::from_secs(4);
 /// The poller's longest sleep, so that it notices a dropped engine soon.
 const SLEEP_SLICE: Duration = Duration::from_millis(10);
 /// What a consumer reads first of a large slot it expects alone: enough
@@ -968,6 +975,9 @@ struct Member {
 struct ConsLane {
     src: u16,
     c: Consumer,
+    /// When its consumer blocks were last written (see
+    /// [`CONSUMER_REASSERT`]).
+    written_at: Instant,
 }
 
 /// A slot staged for writing.
@@ -1252,6 +1262,7 @@ impl BlockStg {
                     TURN_PATIENCE,
                     config.bad_slot_patience,
                 ),
+                written_at: Instant::now(),
             });
         }
         let epoch = epoch + 1;
@@ -2145,6 +2156,7 @@ impl BlockStg {
             return;
         }
         let dirty: Vec<(usize, u64)> = lane.c.to_write().collect();
+        lane.written_at = Instant::now();
         for (m, count) in dirty {
             if self
                 .write_index(m, lane.src, self.host, IndexKind::Consumer, count)
@@ -2409,6 +2421,9 @@ fn poller(weak: Weak<BlockStg>, mut lanes: Vec<ConsLane>) {
         let mut progress = false;
         for lane in &mut lanes {
             progress |= stg.poll_lane(lane, reads, started);
+            if started.saturating_duration_since(lane.written_at) >= CONSUMER_REASSERT {
+                lane.c.rewrite_all();
+            }
             if lane.c.to_write().next().is_some() {
                 stg.write_consumer_blocks(lane);
             }

@@ -249,6 +249,7 @@ fn print_outcome(json: bool, what: &str, o: &session::Outcome) -> Result<()> {
     if let Some(r) = &o.fallback_reason {
         println!("  LAN fallback: {r}");
     }
+    println!("  {}", o.dropped.summary());
     Ok(())
 }
 

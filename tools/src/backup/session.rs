@@ -36,7 +36,7 @@ use super::daemon::Idle;
 use super::pipe::{FailHook, PipeReceiver, PipeSender, Policy, StreamReport};
 use super::progress::Progress;
 use super::repo::{BackupInfo, FileErrorRecord, Repo};
-use super::traffic::{ChannelUse, Meter};
+use super::traffic::{ChannelUse, DroppedFrames, Meter};
 use super::wire::{self, DbSource, Level, Msg};
 
 /// The 16 bytes a server sends on the client's WKP instead of the
@@ -146,6 +146,9 @@ pub struct Outcome {
     pub session_seconds: f64,
     /// Bytes and time per channel, counted at this side's sockets.
     pub traffic: ChannelUse,
+    /// Frames this side's connections dropped on receipt (forged, damaged
+    /// or stray: docs/PROTOCOL.md §7.1).
+    pub dropped: DroppedFrames,
     /// The per-file errors (file-system backups, on the server).
     pub file_errors: Vec<FileErrorRecord>,
     /// The catalog row (server side).
@@ -660,6 +663,7 @@ pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Res
                         mb_per_s: mb_per_s(report.bytes, seconds),
                         session_seconds: t0.elapsed().as_secs_f64(),
                         traffic,
+                        dropped: meter.dropped(),
                         file_errors: errors,
                         info: Some(info),
                     })
@@ -939,6 +943,7 @@ pub fn fs_agent(host: &Host, rules: &AgentRules, opts: RunOptions) -> Result<Out
             mb_per_s: mb_per_s(report.bytes, seconds),
             session_seconds: t0.elapsed().as_secs_f64(),
             traffic: meter.read(layer),
+            dropped: meter.dropped(),
             file_errors: Vec::new(),
             info: None,
         })
@@ -1241,6 +1246,7 @@ pub fn db_backup(
             mb_per_s: mb_per_s(report.bytes, seconds),
             session_seconds: t0.elapsed().as_secs_f64(),
             traffic: meter.read(layer),
+            dropped: meter.dropped(),
             file_errors: Vec::new(),
             info: None,
         })
@@ -1481,6 +1487,7 @@ pub fn db_serve(host: &Host, repo: &Repo, opts: RunOptions) -> Result<Outcome> {
                 mb_per_s: mb_per_s(report.bytes, seconds),
                 session_seconds: t0.elapsed().as_secs_f64(),
                 traffic,
+                dropped: meter.dropped(),
                 file_errors: Vec::new(),
                 info: Some(info),
             })

@@ -114,10 +114,47 @@ pub fn human_bytes(n: u64) -> String {
     crate::bench::units::human_bytes(n)
 }
 
+/// Frames this host's STP connections dropped on receipt during a session
+/// (from the process's counters, `stp_core::counters`: a daemon runs one
+/// session at a time). Frames another host on the SAN forged, damaged or
+/// replayed from another connection fail to open; stray and late frames
+/// find no live connection (docs/PROTOCOL.md §7.1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DroppedFrames {
+    /// Frames that failed to open: their tag or header CRC did not verify.
+    pub unauthentic: u64,
+    /// Frames for no live connection (a port closed meanwhile, another
+    /// connection id).
+    pub no_connection: u64,
+    /// Frames beyond the credit their connection advertised.
+    pub above_window: u64,
+}
+
+impl DroppedFrames {
+    /// Every dropped frame.
+    pub fn total(&self) -> u64 {
+        self.unauthentic
+            .saturating_add(self.no_connection)
+            .saturating_add(self.above_window)
+    }
+
+    /// "frames dropped on receipt: 3 failing to open (damaged or forged on
+    /// the SAN), 0 for no live connection, 0 beyond the credit".
+    pub fn summary(&self) -> String {
+        format!(
+            "frames dropped on receipt: {} failing to open (damaged or forged on the SAN), \
+             {} for no live connection, {} beyond the credit",
+            self.unauthentic, self.no_connection, self.above_window
+        )
+    }
+}
+
 /// Counts a session's bytes on one host.
 #[derive(Debug)]
 pub struct Meter {
     start: Traffic,
+    /// The process's data-path counters at the start.
+    counters: stp_core::counters::Snapshot,
     /// Bytes of the errors connection, read before it closes.
     errors: u64,
     /// LAN bytes of the data stream, read when the stream ends.
@@ -131,6 +168,7 @@ impl Meter {
     pub fn start(layer: &SocketLayer) -> Meter {
         Meter {
             start: layer.traffic(),
+            counters: stp_core::counters::snapshot(),
             errors: 0,
             lan_data: 0,
             seconds: (0.0, 0.0),
@@ -154,6 +192,16 @@ impl Meter {
             }
         }
         self.seconds = log.split_time(start, Instant::now());
+    }
+
+    /// The frames dropped on receipt so far.
+    pub fn dropped(&self) -> DroppedFrames {
+        let d = stp_core::counters::snapshot().since(&self.counters);
+        DroppedFrames {
+            unauthentic: d.recv_dropped_unauthentic,
+            no_connection: d.recv_dropped_no_connection,
+            above_window: d.recv_dropped_above_window,
+        }
     }
 
     /// What the session moved so far.

@@ -247,6 +247,9 @@ pub struct Datapath {
     /// Frames connections dropped for lying beyond the credit they
     /// advertised.
     pub dropped_above_window_frames: u64,
+    /// Frames connections dropped because they failed to open (damaged,
+    /// forged or replayed from another connection on the SAN).
+    pub dropped_unauthentic_frames: u64,
 }
 
 impl Datapath {
@@ -270,6 +273,7 @@ impl Datapath {
             sealing_threads: stp_core::sealers::parallelism() as u64,
             dropped_no_connection_frames: d.recv_dropped_no_connection,
             dropped_above_window_frames: d.recv_dropped_above_window,
+            dropped_unauthentic_frames: d.recv_dropped_unauthentic,
         }
     }
 
@@ -293,8 +297,10 @@ impl Datapath {
             self.sealing_threads, self.sealed_in_pool_frames
         );
         println!(
-            "              frames dropped on receipt: for no live connection {}, beyond the credit {}",
-            self.dropped_no_connection_frames, self.dropped_above_window_frames
+            "              frames dropped on receipt: for no live connection {}, beyond the credit {}, failing to open (damaged or forged) {}",
+            self.dropped_no_connection_frames,
+            self.dropped_above_window_frames,
+            self.dropped_unauthentic_frames
         );
     }
 }
@@ -1657,6 +1663,7 @@ mod tests {
         d.resent_sealed = 1;
         d.recv_dropped_no_connection = 2;
         d.recv_dropped_above_window = 7;
+        d.recv_dropped_unauthentic = 4;
         let mut r = report("stp", 1.0, 1.0, 1);
         r.datapath = Some(Datapath::of(&d));
         r.connections = Some(Connections {
@@ -1688,6 +1695,7 @@ mod tests {
         assert_eq!(f("resent_sealed_frames"), 1.0);
         assert_eq!(f("dropped_no_connection_frames"), 2.0);
         assert_eq!(f("dropped_above_window_frames"), 7.0);
+        assert_eq!(f("dropped_unauthentic_frames"), 4.0);
         for k in [
             "send_payload_bytes",
             "recv_payload_bytes",
