@@ -1812,7 +1812,7 @@ impl Connection {
     }
 
     /// The mailbox could not deliver the frame with sequence number `seq`
-    /// (any SEND error but "port not bound"): it is sent again after the
+    /// (any SEND error, docs/PROTOCOL.md §6.4): it is sent again after the
     /// retransmission timeout. For an unsequenced frame (ACK, PING, PONG)
     /// a fresh acknowledgement follows after the delayed-ack interval.
     pub fn on_send_failed(&mut self, seq: u64, now: Instant) {

@@ -23,6 +23,12 @@
 //! array of before §3.2) or the mailbox has no shared bindings (block
 //! mode), each connection gets a *private* hub over a binding of its own
 //! ([`Hub::private`]): the same pumps, serving one port, as before §3.2.
+//!
+//! When the array loses the binding (it restarted: a RECEIVE answers
+//! 80h/02h or 80h/09h), the pump marks the hub lost and tells every
+//! connection ([`Endpoint::binding_lost`]); each binds its port again by
+//! number on a private hub of its own (docs/PROTOCOL.md §6.7,
+//! `stream::rebind`), and the host's next new connection makes a new hub.
 
 use std::collections::HashMap;
 use std::io;
