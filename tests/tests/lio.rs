@@ -387,12 +387,35 @@ fn daemon_killed_and_restarted_mid_transfer() {
         assert!(t0.elapsed() < T, "the stream did not start");
         thread::sleep(Duration::from_millis(10));
     }
+    let before = (received.load(Ordering::Relaxed), t0.elapsed());
     kill_and_restart_daemon();
     let t1 = Instant::now();
+    // How the stream went on: bytes received every 5 s.
+    let progress = {
+        let received = received.clone();
+        thread::spawn(move || {
+            while received.load(Ordering::Relaxed) < total {
+                let at = received.load(Ordering::Relaxed);
+                eprintln!(
+                    "{:>4} s after the restart: {} MiB received",
+                    t1.elapsed().as_secs(),
+                    at >> 20
+                );
+                let end = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < end && received.load(Ordering::Relaxed) < total {
+                    thread::sleep(Duration::from_millis(50));
+                }
+            }
+        })
+    };
     let sent = tx.join().unwrap();
     let got = rx.join().unwrap();
+    let _ = progress.join();
     eprintln!(
-        "after the restart ({:?}): sender {sent:?}; receiver {got:?}",
+        "{} MiB in {:?} before the restart; the rest in {:?} after it: sender {sent:?}; \
+         receiver {got:?}",
+        before.0 >> 20,
+        before.1,
         t1.elapsed()
     );
     // check_stream is Ok only for every byte, each once, and no more.
