@@ -273,11 +273,13 @@ pub enum ConnError {
     /// writes, which return `Ok(0)`): wait for [`Event::Readable`].
     #[error("no data available yet: wait for a Readable event and read again")]
     WouldBlock,
-    /// The array no longer knows the connection's port binding (released,
-    /// or the array restarted): frames can no longer be received.
+    /// The array lost the connection's port binding (it restarted) and
+    /// the port could not be bound again (docs/PROTOCOL.md §6.7): frames
+    /// can no longer be received.
     #[error(
-        "the array no longer knows this connection's port binding (the port was released \
-         or the array restarted); reconnect"
+        "the array lost this connection's port binding (it restarted) and binding the port \
+         again failed: the array stayed away for about 20 s, or another host bound the port \
+         meanwhile; reconnect"
     )]
     BindingLost,
     /// A SYN (or SYN_ACK) that cannot open a connection.
@@ -1810,7 +1812,7 @@ impl Connection {
     }
 
     /// The mailbox could not deliver the frame with sequence number `seq`
-    /// (any SEND error but "port not bound"): it is sent again after the
+    /// (any SEND error, docs/PROTOCOL.md §6.4): it is sent again after the
     /// retransmission timeout. For an unsequenced frame (ACK, PING, PONG)
     /// a fresh acknowledgement follows after the delayed-ack interval.
     pub fn on_send_failed(&mut self, seq: u64, now: Instant) {

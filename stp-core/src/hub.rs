@@ -23,6 +23,12 @@
 //! array of before §3.2) or the mailbox has no shared bindings (block
 //! mode), each connection gets a *private* hub over a binding of its own
 //! ([`Hub::private`]): the same pumps, serving one port, as before §3.2.
+//!
+//! When the array loses the binding (it restarted: a RECEIVE answers
+//! 80h/02h or 80h/09h), the pump marks the hub lost and tells every
+//! connection ([`Endpoint::binding_lost`]); each binds its port again by
+//! number on a private hub of its own (docs/PROTOCOL.md §6.7,
+//! `stream::rebind`), and the host's next new connection makes a new hub.
 
 use std::collections::HashMap;
 use std::io;
@@ -92,8 +98,9 @@ pub(crate) trait Endpoint: Send + Sync {
     /// ([`SEND_BUDGET`]): its send buffer is this or its configured size,
     /// whichever is smaller.
     fn share_send_buffer(&self, bytes: usize);
-    /// The binding is gone (released, or the array restarted).
-    fn binding_lost(&self);
+    /// The binding is gone (the array restarted, or released it): the
+    /// connection binds its port again (docs/PROTOCOL.md §6.7), or fails.
+    fn binding_lost(self: Arc<Self>);
     /// A frame of protocol version `v` (not this one's) arrived for it.
     fn foreign_version(&self, v: u8);
 }
@@ -255,8 +262,14 @@ impl Hub {
         }
     }
 
-    fn is_lost(&self) -> bool {
+    /// Whether the hub's binding is gone (the array lost it).
+    pub(crate) fn is_lost(&self) -> bool {
         self.lost.load(Relaxed)
+    }
+
+    /// The source of mailboxes the hub's binding is on.
+    pub(crate) fn source(&self) -> Arc<dyn PathSource> {
+        Arc::clone(&self.source)
     }
 
     /// Starts one more pump if fewer than [`Mailbox::receive_parallelism`]
@@ -429,7 +442,8 @@ impl Hub {
         unused
     }
 
-    /// The binding is gone: every connection on it fails.
+    /// The binding is gone: every connection on it binds its port again
+    /// (docs/PROTOCOL.md §6.7) or fails.
     fn fail_all(&self) {
         self.lost.store(true, Relaxed);
         let endpoints: Vec<Arc<dyn Endpoint>> = self
@@ -448,7 +462,9 @@ impl Hub {
 impl Drop for Hub {
     fn drop(&mut self) {
         self.stop();
-        if let Some(ctl) = &self.ctl {
+        // A lost binding's handle is not released: the array may have
+        // issued it again since, to another binding.
+        if let (Some(ctl), false) = (&self.ctl, self.is_lost()) {
             // Ends the held RECEIVEs at once (80h/09h): the pumps see
             // `stop` and return.
             let _ = lock(ctl).release(&self.binding);

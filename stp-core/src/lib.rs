@@ -54,6 +54,7 @@ pub(crate) mod hub;
 pub mod mailbox;
 pub mod multipath;
 pub mod preflight;
+pub(crate) mod rebind;
 pub mod retry;
 pub mod sealers;
 pub mod sockets;

@@ -335,6 +335,17 @@ impl RetryPolicy {
         max_backoff: Duration::from_millis(20),
     };
 
+    /// Binding a port again after the array lost it (docs/PROTOCOL.md
+    /// §6.7; each attempt a BIND under [`MAILBOX`](Self::MAILBOX)): about
+    /// 20 s in all (25 attempts, 50 ms doubling to 1 s), as long as a
+    /// connection's retransmissions last (§6.4), so an array that restarts
+    /// a controller or its daemon is ridden through.
+    pub const REBIND: RetryPolicy = RetryPolicy {
+        max_attempts: 25,
+        initial_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_secs(1),
+    };
+
     /// Block mode's READs and WRITEs: a few quick attempts (the poller
     /// reads again on its next round anyway).
     pub const BLOCK: RetryPolicy = RetryPolicy {

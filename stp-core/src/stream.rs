@@ -64,6 +64,7 @@ use crate::error::MailboxError;
 use crate::frame::{Cipher, Direction, FrameError};
 use crate::hub::{self, Attached, Endpoint, Hub, Opened};
 use crate::mailbox::{Binding, Mailbox, SendDone};
+use crate::rebind;
 use crate::sealers;
 use crate::wire::{self, frame_span, Frames, Header, Kind, WireError, HEADER_LEN};
 
@@ -196,7 +197,15 @@ struct Shared {
     cipher: Cipher,
     out_dir: Direction,
     in_dir: Direction,
-    binding: Binding,
+    /// The port's number: the same for the connection's life, whatever
+    /// binding holds it (docs/PROTOCOL.md §6.7).
+    port_no: u32,
+    /// The binding the port is in and the hub that receives for it;
+    /// replaced when the port is bound again after the array lost it
+    /// ([`rebind`]). A leaf lock: taken briefly, nothing taken under it.
+    port: Mutex<Port>,
+    /// One [`rebind`] at a time.
+    rebinding: Mutex<()>,
     /// The configured send buffer: the most the hub's share may give it.
     send_buffer_bytes: usize,
     pool: Arc<BufPool>,
@@ -214,7 +223,12 @@ struct Shared {
     unauthentic: AtomicU64,
     /// The most SENDs worth keeping in flight ([`Mailbox::send_window`]).
     tx_window: usize,
-    /// The receive side: the host's shared binding, or this stream's own.
+}
+
+/// Where a stream's port lives: its binding (the handle its SENDs name)
+/// and the receive side, the host's shared binding or this stream's own.
+struct Port {
+    binding: Binding,
     hub: Arc<Hub>,
 }
 
@@ -227,6 +241,18 @@ thread_local! {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn port(&self) -> MutexGuard<'_, Port> {
+        self.port.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn binding(&self) -> Binding {
+        self.port().binding
+    }
+
+    fn hub(&self) -> Arc<Hub> {
+        Arc::clone(&self.port().hub)
     }
 
     fn notify(cv: &Condvar) {
@@ -384,8 +410,9 @@ impl Shared {
             let n = room.min(inner.outq.len());
             inner.outq.drain(..n).collect()
         };
+        let binding = self.binding();
         for out in batch {
-            tx.submit_send(&self.binding, out.buf, out.token, done);
+            tx.submit_send(&binding, out.buf, out.token, done);
         }
         self.tx_in_flight.store(tx.sends_in_flight(), Relaxed);
     }
@@ -437,13 +464,11 @@ impl Shared {
         let mut inner = self.lock();
         let mut lost = false;
         for d in done.drain(..) {
-            let failed = match &d.result {
-                Ok(()) => None,
-                Err(e) => Some(e.binding_lost()),
-            };
-            if failed == Some(true) {
-                inner.failed.get_or_insert(ConnError::BindingLost);
-            }
+            // A SEND that finds the binding gone is a failed SEND like any
+            // other: the receive pump noticed the loss too, and the port is
+            // being bound again (docs/PROTOCOL.md §6.7); the frame goes again
+            // after the timeout.
+            let failed = d.result.as_ref().err();
             if d.token & CONTROL_TOKEN != 0 {
                 let seqs = inner.control.remove(&d.token).unwrap_or_default();
                 if failed.is_some() {
@@ -490,10 +515,6 @@ impl Shared {
                 "a SEND timed out and its frame was lost",
             );
             inner.failed.get_or_insert(ConnError::Timeout);
-        }
-        if inner.failed.as_ref() == Some(&ConnError::BindingLost) {
-            self.stop(inner, None);
-            return;
         }
         self.flush(inner);
     }
@@ -561,7 +582,7 @@ impl Endpoint for Shared {
                     let n = self.unauthentic.fetch_add(1, Relaxed) + 1;
                     if n.is_power_of_two() {
                         tracing::warn!(
-                            port = self.binding.port,
+                            port = self.port_no,
                             dropped = n,
                             "a frame failed to open ({e}) and was dropped: a peer with another \
                              key or protection, or bytes damaged or forged on the SAN"
@@ -606,13 +627,84 @@ impl Endpoint for Shared {
         }
     }
 
-    fn binding_lost(&self) {
-        let inner = self.lock();
-        self.stop(inner, Some(ConnError::BindingLost));
+    fn binding_lost(self: Arc<Self>) {
+        if self.lock().stop {
+            return;
+        }
+        let weak = Arc::downgrade(&self);
+        let spawned = thread::Builder::new()
+            .name(format!("stp-rebind-{}", self.port_no))
+            .spawn(move || rebind(weak));
+        if let Err(e) = spawned {
+            tracing::warn!(port = self.port_no, "cannot bind the port again ({e})");
+            self.stop(self.lock(), Some(ConnError::BindingLost));
+        }
     }
 
     fn foreign_version(&self, v: u8) {
         self.lock().foreign_version = Some(v);
+    }
+}
+
+/// Binds the stream's port again after the array lost its binding
+/// (docs/PROTOCOL.md §6.7; [`rebind::bind_again`]): the same port number,
+/// with a plain BIND, as a binding of the stream's own with a private hub.
+/// The connection keeps its sequence state; what the array lost is
+/// retransmitted. A port bound meanwhile by someone else, or an array that
+/// stays away, fails the connection ([`ConnError::BindingLost`]).
+fn rebind(weak: Weak<Shared>) {
+    let Some(s) = weak.upgrade() else { return };
+    let _one = s.rebinding.lock().unwrap_or_else(|e| e.into_inner());
+    let old = s.hub();
+    if !old.is_lost() || s.lock().stop {
+        return; // bound again already, or over
+    }
+    let port = s.port_no;
+    old.unregister(port);
+    old.stop();
+    let source = old.source();
+    let bound = rebind::bind_again(
+        || s.lock().stop,
+        || {
+            let mut ctl = source.open()?;
+            let binding = ctl.bind(Some(port))?;
+            let started = source.open().and_then(|rx| {
+                Hub::private(Arc::clone(&source), binding, rx)
+                    .map_err(|e| MailboxError::Transport(scsi::CommandError::Io(e)))
+            });
+            match started {
+                Ok(hub) => Ok((hub, binding)),
+                Err(e) => {
+                    let _ = ctl.release(&binding);
+                    Err(e)
+                }
+            }
+        },
+    );
+    match bound {
+        Ok(Some((hub, binding))) => {
+            let conn_id = s.lock().conn.conn_id();
+            let endpoint: Weak<dyn Endpoint> = Arc::downgrade(&s) as Weak<dyn Endpoint>;
+            hub.register(port, conn_id, endpoint);
+            *s.port() = Port { binding, hub };
+            tracing::info!(
+                port,
+                "the array lost the port's binding (restarted?); bound it again, resuming"
+            );
+            if !old.is_shared() {
+                old.join();
+            }
+            s.kick();
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(
+                port,
+                "the array lost the port's binding and binding it again failed ({e}); the \
+                 connection fails"
+            );
+            s.stop(s.lock(), Some(ConnError::BindingLost));
+        }
     }
 }
 
@@ -808,7 +900,9 @@ impl StpStream {
             cipher,
             out_dir,
             in_dir,
-            binding,
+            port_no: binding.port,
+            port: Mutex::new(Port { binding, hub }),
+            rebinding: Mutex::new(()),
             send_buffer_bytes,
             pool,
             tx_window: tx.send_window().max(1),
@@ -817,12 +911,11 @@ impl StpStream {
             tx_in_flight: AtomicUsize::new(0),
             sealing: AtomicUsize::new(0),
             unauthentic: AtomicU64::new(0),
-            hub,
         });
         // Frames for the port reach the connection from now on: before its
         // first frame goes out, so the answer finds it.
         let endpoint: Weak<dyn Endpoint> = Arc::downgrade(&shared) as Weak<dyn Endpoint>;
-        shared.hub.register(binding.port, conn_id, endpoint);
+        shared.hub().register(binding.port, conn_id, endpoint);
         shared.flush(shared.lock());
         let mut stream = StpStream {
             shared,
@@ -876,7 +969,7 @@ impl StpStream {
     /// the STG (docs/PROTOCOL.md §3.2), rather than a binding of its own
     /// (an array of before shared bindings, block mode).
     pub fn shares_binding(&self) -> bool {
-        self.shared.hub.is_shared()
+        self.shared.hub().is_shared()
     }
 
     fn wait_for(
@@ -1145,7 +1238,11 @@ impl Drop for StpStream {
             let mut tx = self.shared.tx.lock().unwrap_or_else(|e| e.into_inner());
             let mut done = Vec::new();
             tx.reap_sends(&mut done, Some(POLL));
-            unbind_port(&self.shared.hub, &self.shared.binding, tx.as_mut());
+            // A rebind under way finishes its attempt first (it sees
+            // `stop` and gives up, or the port it bound is released here).
+            let _one = self.shared.rebinding.lock();
+            let (hub, binding) = (self.shared.hub(), self.shared.binding());
+            unbind_port(&hub, &binding, tx.as_mut());
         }
         let mut inner = self.shared.lock();
         for (_, s) in std::mem::take(&mut inner.sealed) {
@@ -1235,7 +1332,25 @@ impl StpListener {
                     .receive(&self.binding, RECV_BYTES, (deadline - now).min(POLL))
                 {
                     Ok(buf) => buf,
-                    Err(e) if e.binding_lost() => return Err(mb_err(e)),
+                    Err(e) if e.binding_lost() => {
+                        // The array lost the listening port's binding
+                        // (restarted): bind the same port again (§6.7).
+                        let port = self.binding.port;
+                        let mailbox = &mut self.mailbox;
+                        match rebind::bind_again(|| false, || mailbox.bind(Some(port))) {
+                            Ok(Some(b)) => {
+                                tracing::info!(
+                                    port,
+                                    "the array lost the listening port's binding (restarted?); \
+                                     bound it again"
+                                );
+                                self.binding = b;
+                                continue;
+                            }
+                            Ok(None) => return Err(mb_err(e)),
+                            Err(last) => return Err(mb_err(last)),
+                        }
+                    }
                     // Transient trouble on the path: poll again.
                     Err(_) => {
                         thread::sleep(crate::retry::POLL_PAUSE);

@@ -350,10 +350,11 @@ fn kill_and_restart_daemon() {
 }
 
 /// The daemon dies (SIGKILL) in the middle of a 256 MiB stream and a new
-/// one takes over the rings: the stream either completes exact or fails
-/// with a clear error, on both sides, within bounded time — never with
-/// wrong bytes (the receiver checks every byte). Then a new connection
-/// works.
+/// one takes over the rings, with no binding left (they lived in the dead
+/// daemon's memory): the connection rides it through (docs/PROTOCOL.md
+/// §6.7): both ends bind their ports again and retransmit what the array
+/// lost, and the stream completes exact (the receiver checks every byte
+/// and the length). Then a new connection works.
 #[test]
 #[ignore = "needs real LIO (just vm-test)"]
 fn daemon_killed_and_restarted_mid_transfer() {
@@ -386,24 +387,44 @@ fn daemon_killed_and_restarted_mid_transfer() {
         assert!(t0.elapsed() < T, "the stream did not start");
         thread::sleep(Duration::from_millis(10));
     }
+    let before = (received.load(Ordering::Relaxed), t0.elapsed());
     kill_and_restart_daemon();
     let t1 = Instant::now();
+    // How the stream went on: bytes received every 5 s.
+    let progress = {
+        let received = received.clone();
+        thread::spawn(move || {
+            while received.load(Ordering::Relaxed) < total {
+                let at = received.load(Ordering::Relaxed);
+                eprintln!(
+                    "{:>4} s after the restart: {} MiB received",
+                    t1.elapsed().as_secs(),
+                    at >> 20
+                );
+                let end = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < end && received.load(Ordering::Relaxed) < total {
+                    thread::sleep(Duration::from_millis(50));
+                }
+            }
+        })
+    };
     let sent = tx.join().unwrap();
     let got = rx.join().unwrap();
+    let _ = progress.join();
     eprintln!(
-        "after the restart ({:?}): sender {sent:?}; receiver {got:?}",
+        "{} MiB in {:?} before the restart; the rest in {:?} after it: sender {sent:?}; \
+         receiver {got:?}",
+        before.0 >> 20,
+        before.1,
         t1.elapsed()
     );
-    // A clean end of stream only after every byte: anything short must be
-    // an error that says what happened, never a silent truncation.
-    // check_stream is Ok only for every byte; an early end is an error
-    // with its reason, which must be there.
-    if let Err(e) = &got {
-        assert!(!e.is_empty());
-    }
-    if let Err(e) = &sent {
-        assert!(!e.is_empty());
-    }
+    // check_stream is Ok only for every byte, each once, and no more.
+    assert_eq!(sent, Ok(()), "the sender did not ride the restart through");
+    assert_eq!(
+        got,
+        Ok(total),
+        "the receiver did not ride the restart through"
+    );
     // The restarted daemon carries new connections.
     e2e::transfer(&rig, 4 << 20, 78);
 }

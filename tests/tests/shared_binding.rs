@@ -2,10 +2,12 @@
 //! the in-process array: many connections share it (counted at the
 //! array), a slow reader does not hold up a fast one on the same binding,
 //! frames for a closed or unknown connection are dropped without harm,
-//! and an array that refuses BIND's `ADD` flag gets a binding per
-//! connection instead.
+//! an array that refuses BIND's `ADD` flag gets a binding per connection
+//! instead, and connections on a shared binding ride an array restart
+//! through (docs/PROTOCOL.md §6.7).
 
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
@@ -17,7 +19,7 @@ use stp_core::conn::Config;
 use stp_core::mailbox::VendorMailbox;
 use stp_core::stream::{PathSource, StpListener, StpStream};
 use stp_core::wire::{Header, Kind};
-use stp_tests::e2e::{config, keys, recv_stream, send_stream, T};
+use stp_tests::e2e::{check_stream, config, keys, recv_stream, send_stream, T};
 
 const MEMBERS: u64 = 4;
 
@@ -312,4 +314,73 @@ fn an_array_without_shared_bindings_gets_a_binding_per_connection() {
     s2.shutdown(T).unwrap();
     closer.join().unwrap();
     drop((clients, servers));
+}
+
+#[test]
+fn connections_on_a_shared_binding_ride_an_array_restart_through() {
+    const N: usize = 4;
+    let each: u64 = 8 << 20;
+    let (a, m) = array();
+    let (mut clients, mut servers, client_src) = connect_many(&a, N, config());
+    let ports: Vec<u32> = clients
+        .iter()
+        .chain(&servers)
+        .map(|s| s.local_port())
+        .collect();
+    let received = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+    for (i, (mut c, mut s)) in clients.drain(..).zip(servers.drain(..)).enumerate() {
+        let seed = 300 + i as u64;
+        threads.push(thread::spawn(move || {
+            send_stream(&mut c, seed, each);
+            c.shutdown(T).unwrap();
+            c
+        }));
+        let received = received.clone();
+        threads.push(thread::spawn(move || {
+            // Every byte, each once, and no more: Ok only then.
+            if let Err((at, e)) = check_stream(&mut s, seed, each, Some(&received)) {
+                panic!("stream {seed} failed at byte {at} after the restart: {e}");
+            }
+            s.shutdown(T).unwrap();
+            s
+        }));
+    }
+    // Before any stream can have ended (fewer bytes received in all than
+    // one stream carries), the array restarts: every binding and every
+    // frame queued at it gone. (A tight wait: the streams are fast.)
+    let end = Instant::now() + T;
+    while received.load(Ordering::Relaxed) < each / 2 {
+        assert!(Instant::now() < end, "the streams did not start");
+        thread::yield_now();
+    }
+    a.power_on();
+    m.reset();
+    assert_eq!(m.occupancy().bindings, 0);
+    let streams: Vec<StpStream> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    // Each kept its port number, now a binding of its own.
+    let after: Vec<u32> = streams.iter().map(|s| s.local_port()).collect();
+    assert_eq!(after, {
+        // threads alternate client, server per pair
+        let (c, s) = ports.split_at(N);
+        c.iter()
+            .zip(s)
+            .flat_map(|(c, s)| [*c, *s])
+            .collect::<Vec<_>>()
+    });
+    let shared: Vec<bool> = streams.iter().map(StpStream::shares_binding).collect();
+    assert!(shared.iter().all(|s| !s), "{shared:?}");
+    // A new connection after the restart shares a new binding again.
+    let (kc, ks) = keys(78);
+    let mut listener = StpListener::bind(source(&a, "host-c"), None, ks, config()).unwrap();
+    let port = listener.local_port();
+    let acceptor = thread::spawn(move || listener.accept(T).unwrap());
+    let fresh = StpStream::connect(Arc::clone(&client_src), port, kc, config(), T).unwrap();
+    assert!(fresh.shares_binding());
+    drop(acceptor.join().unwrap());
+    drop(fresh);
+    drop(streams);
+    // Nothing is left bound at the array.
+    let o = m.occupancy();
+    assert_eq!((o.bindings, o.ports), (0, 0), "{o:?}");
 }
