@@ -212,13 +212,7 @@ impl Hub {
     /// it whole; beyond, the buffers shrink so that the frames in flight
     /// stay in pooled memory. Called with no lock of the hub held.
     fn share_send_budget(&self) {
-        let live: Vec<Arc<dyn Endpoint>> = self
-            .endpoints
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .filter_map(|e| e.endpoint.upgrade())
-            .collect();
+        let live = self.live();
         let share = (SEND_BUDGET / live.len().max(1)).max(MIN_SEND_SHARE);
         for ep in live {
             ep.share_send_buffer(share);
@@ -446,16 +440,19 @@ impl Hub {
     /// (docs/PROTOCOL.md §6.7) or fails.
     fn fail_all(&self) {
         self.lost.store(true, Relaxed);
-        let endpoints: Vec<Arc<dyn Endpoint>> = self
-            .endpoints
+        for ep in self.live() {
+            ep.binding_lost();
+        }
+    }
+
+    /// The connections registered now (those not yet dropped).
+    fn live(&self) -> Vec<Arc<dyn Endpoint>> {
+        self.endpoints
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
             .filter_map(|e| e.endpoint.upgrade())
-            .collect();
-        for ep in endpoints {
-            ep.binding_lost();
-        }
+            .collect()
     }
 }
 

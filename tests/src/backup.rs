@@ -101,6 +101,31 @@ fn quiet() -> RunOptions {
     }
 }
 
+/// A full file-system backup of `src` from `client` (its agent on a thread
+/// of its own) into `server`'s `repo`: the server's outcome and the
+/// agent's.
+pub fn full_fs_backup(
+    server: &Host,
+    client: &Host,
+    repo: &Repo,
+    src: &std::path::Path,
+) -> (
+    anyhow::Result<session::Outcome>,
+    anyhow::Result<session::Outcome>,
+) {
+    let job = FsJob {
+        client: LOCAL,
+        client_name: Some("client".into()),
+        source: src.display().to_string(),
+        level: Level::Full,
+        excludes: Vec::new(),
+    };
+    let c = client.clone();
+    let agent = thread::spawn(move || session::fs_agent(&c, &AgentRules::default(), quiet()));
+    let out = session::fs_backup(server, repo, &job, quiet());
+    (out, agent.join().unwrap())
+}
+
 /// A free TCP port with the next two free (WKP, WKP+1, WKP+2).
 pub fn free_wkp3() -> u16 {
     stp_tools::backup::inproc::free_wkp().unwrap()
@@ -347,17 +372,7 @@ pub fn fs_backup_survives_a_path_failure(
             Some((at, Instant::now()))
         })
     };
-    let job = FsJob {
-        client: LOCAL,
-        client_name: Some("client".into()),
-        source: src.display().to_string(),
-        level: Level::Full,
-        excludes: Vec::new(),
-    };
-    let c = client.clone();
-    let agent = thread::spawn(move || session::fs_agent(&c, &AgentRules::default(), quiet()));
-    let out = session::fs_backup(&server, &repo, &job, quiet());
-    let agent = agent.join().unwrap();
+    let (out, agent) = full_fs_backup(&server, &client, &repo, &src);
     let ended = Instant::now();
     done.store(true, Ordering::Relaxed);
     let fired = watcher.join().unwrap();

@@ -49,12 +49,10 @@ use stp_core::wire::{Header, Kind};
 use stp_tools::backup::demo::{compare_trees, make_tree};
 use stp_tools::backup::pipe::Policy;
 use stp_tools::backup::repo::Repo;
-use stp_tools::backup::session::{self, AgentRules, FsJob, RunOptions};
 use stp_tools::backup::traffic::DroppedFrames;
-use stp_tools::backup::wire::Level;
 
 use crate::backup::{format_block_stg, free_wkp3, host_with, BLOCK_STG};
-use crate::e2e::{self, block_layout, keys, Tap, LOCAL, T};
+use crate::e2e::{self, block_layout, keys, Tap, T};
 use crate::rig::{all_members, Rig};
 
 /// The intruder's host index on the rig.
@@ -215,13 +213,6 @@ pub struct Findings {
     pub dropped: (DroppedFrames, DroppedFrames),
 }
 
-fn quiet() -> RunOptions {
-    RunOptions {
-        quiet: true,
-        ..RunOptions::default()
-    }
-}
-
 fn conn_config(protection: Protection, max_payload: u32) -> Config {
     Config {
         max_payload,
@@ -351,17 +342,7 @@ pub fn backup_under_attack(
     // Give the readers a head start.
     thread::sleep(Duration::from_millis(100));
 
-    let job = FsJob {
-        client: LOCAL,
-        client_name: Some("client".into()),
-        source: src.display().to_string(),
-        level: Level::Full,
-        excludes: Vec::new(),
-    };
-    let c = client.clone();
-    let agent = thread::spawn(move || session::fs_agent(&c, &AgentRules::default(), quiet()));
-    let out = session::fs_backup(&server, &repo, &job, quiet());
-    let agent = agent.join().unwrap();
+    let (out, agent) = crate::backup::full_fs_backup(&server, &client, &repo, &src);
     // The readers keep looking at what the lanes still hold.
     thread::sleep(Duration::from_millis(300));
     stop.store(true, Relaxed);
