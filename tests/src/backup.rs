@@ -412,3 +412,81 @@ pub fn fs_backup_survives_a_path_failure(
         v.problems
     );
 }
+
+/// A vendor-mode file-system backup during which the array restarts
+/// (issue 19): once a third of the tree has gone through the array,
+/// `restart` runs from a thread of its own (in-process: the array powers on
+/// and its mailbox forgets every binding and queued frame; on LIO: the
+/// daemon is killed with SIGKILL and started again). Both hosts' streams
+/// bind their ports again and retransmit what the array lost
+/// (docs/PROTOCOL.md §6.7): the backup completes through the array (policy
+/// `always`: no LAN fallback) and restores byte for byte.
+pub fn fs_backup_survives_an_array_restart(
+    rig: &Arc<dyn Rig>,
+    restart: Box<dyn FnOnce() + Send>,
+    tree_bytes: u64,
+) {
+    use stp_core::counters;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_tree(&src, tree_bytes, 13).unwrap();
+    let repo = Repo::open(tmp.path().join("repo")).unwrap();
+    let wkp = free_wkp3();
+    let server = backup_host(rig, 0, wkp, Policy::Always);
+    let client = backup_host(rig, 1, wkp, Policy::Always);
+
+    let before = counters::snapshot();
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let done = done.clone();
+        thread::spawn(move || -> Option<(u64, Instant)> {
+            // The process's payload bytes sent since the start: the
+            // client's data, and little else in this test's process.
+            let sent = || counters::snapshot().since(&before).send_payload_bytes;
+            while sent() < tree_bytes / 3 {
+                if done.load(Ordering::Relaxed) {
+                    return None;
+                }
+                thread::sleep(Duration::from_millis(2));
+            }
+            let at = sent();
+            let t0 = Instant::now();
+            restart();
+            eprintln!(
+                "the array restarted at {at} payload bytes sent ({:?} to restart it)",
+                t0.elapsed()
+            );
+            Some((at, Instant::now()))
+        })
+    };
+    let (out, agent) = full_fs_backup(&server, &client, &repo, &src);
+    let ended = Instant::now();
+    done.store(true, Ordering::Relaxed);
+    let fired = watcher.join().unwrap();
+    let out = out.unwrap_or_else(|e| panic!("{}: file-system backup: {e:#}", rig.describe()));
+    agent.unwrap_or_else(|e| panic!("{}: agent: {e:#}", rig.describe()));
+    let (at, restarted) = fired.expect("the backup ended before a third of the tree was sent");
+    eprintln!(
+        "{}: backup {} of {} bytes in {:.2} s over {}; the restart at {at} bytes, {:?} before \
+         the end",
+        rig.describe(),
+        out.backup_id,
+        out.bytes,
+        out.seconds,
+        out.channel,
+        ended.saturating_duration_since(restarted)
+    );
+    assert!(restarted < ended);
+    assert_eq!(out.channel, "stp", "{}", rig.describe());
+    let r = tmp.path().join("restored");
+    repo.restore(out.backup_id, &r, &[]).unwrap();
+    assert_eq!(compare_trees(&src, &r).unwrap(), Vec::<String>::new());
+    let v = repo.verify(out.backup_id).unwrap();
+    assert!(
+        v.problems.is_empty(),
+        "backup {}: {:?}",
+        out.backup_id,
+        v.problems
+    );
+}

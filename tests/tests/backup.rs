@@ -15,3 +15,24 @@ fn backup_round_trip_in_process() {
 fn backup_round_trip_in_block_mode_in_process() {
     fs_and_db_round_trip(&inproc(2, 42), 2 << 20, MailboxMode::Block);
 }
+
+/// The array restarts in the middle of a vendor-mode backup: power on, and
+/// the mailbox forgets every binding and queued frame (what a killed and
+/// restarted daemon does). The backup rides it through (the same body runs
+/// on LIO with a real `kill -9`: `lio.rs`).
+#[test]
+fn a_backup_survives_an_array_restart_in_process() {
+    use std::sync::Arc;
+    use stp_tests::rig::{InProcRig, Rig};
+    let rig = InProcRig::new(2, 43);
+    let (array, mailbox) = (rig.array().clone(), rig.mailbox().clone());
+    let rig: Arc<dyn Rig> = Arc::new(rig);
+    stp_tests::backup::fs_backup_survives_an_array_restart(
+        &rig,
+        Box::new(move || {
+            array.power_on();
+            mailbox.reset();
+        }),
+        8 << 20,
+    );
+}

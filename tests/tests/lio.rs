@@ -429,6 +429,21 @@ fn daemon_killed_and_restarted_mid_transfer() {
     e2e::transfer(&rig, 4 << 20, 78);
 }
 
+/// The daemon killed with SIGKILL and started again in the middle of a
+/// vendor-mode backup: both hosts bind their ports again and the backup
+/// completes through the array, restoring exact (the in-process body is
+/// `backup.rs`'s `a_backup_survives_an_array_restart_in_process`). Runs in
+/// the suite's daemon-restart stage, after the rest.
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn daemon_killed_and_restarted_mid_backup() {
+    stp_tests::backup::fs_backup_survives_an_array_restart(
+        &rig(),
+        Box::new(kill_and_restart_daemon),
+        32 << 20,
+    );
+}
+
 #[test]
 #[ignore = "needs real LIO (just vm-test)"]
 fn backup_fs_and_db_flows_on_real_lio() {

@@ -355,8 +355,9 @@ fn connections_on_a_shared_binding_ride_an_array_restart_through() {
         thread::yield_now();
     }
     a.power_on();
+    // Every binding is gone now; the streams' pumps may bind their ports
+    // again at once, so what the array holds is not asserted here.
     m.reset();
-    assert_eq!(m.occupancy().bindings, 0);
     let streams: Vec<StpStream> = threads.into_iter().map(|t| t.join().unwrap()).collect();
     // Each kept its port number, now a binding of its own.
     let after: Vec<u32> = streams.iter().map(|s| s.local_port()).collect();
