@@ -429,6 +429,89 @@ fn daemon_killed_and_restarted_mid_transfer() {
     e2e::transfer(&rig, 4 << 20, 78);
 }
 
+/// The destructive-write guard against a real file system (issue 14): the
+/// fileio LUN gets an ext4 file system from `mkfs.ext4` through its `sd`
+/// node, and the guard a format runs refuses it, naming what it found;
+/// mounted, it also names the mount. `wipefs` then clears it, and the
+/// guard passes the LUN again. (The LUN is wiped whatever happens, for the
+/// tests after this one.)
+#[test]
+#[ignore = "needs real LIO (just vm-test)"]
+fn guard_refuses_a_lun_with_a_real_file_system_on_lio() {
+    use stp_core::guard::{check_members, Finding, GuardError};
+
+    struct Wipe(String, PathBuf);
+    impl Drop for Wipe {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.1).status();
+            let _ = Command::new("wipefs").args(["-a", "-q", &self.0]).status();
+        }
+    }
+
+    let fileio = LioFileioRig(LioRig::load_env());
+    let sg = fileio.0.fileio_path(0).unwrap();
+    let sg_name = sg.file_name().unwrap().to_string_lossy().into_owned();
+    let disk = fs::read_dir(format!("/sys/class/scsi_generic/{sg_name}/device/block"))
+        .unwrap_or_else(|e| panic!("no block device behind {}: {e}", sg.display()))
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .next()
+        .unwrap_or_else(|| panic!("no block device behind {}", sg.display()));
+    let dev = format!("/dev/{disk}");
+    let mnt = tempfile::tempdir().unwrap();
+    let _wipe = Wipe(dev.clone(), mnt.path().to_owned());
+    let ran = Command::new("mkfs.ext4")
+        .args(["-F", "-q", &dev])
+        .status()
+        .unwrap_or_else(|e| panic!("mkfs.ext4 (e2fsprogs) is needed here: {e}"));
+    assert!(ran.success(), "mkfs.ext4 {dev}: {ran}");
+
+    let check = || {
+        let mut members = vec![fileio.plain(0).unwrap()];
+        let mounts = fs::read_to_string("/proc/mounts").unwrap();
+        check_members(
+            9,
+            &mut members,
+            &[sg.display().to_string()],
+            512,
+            Path::new("/sys"),
+            &mounts,
+        )
+    };
+    let findings = |r: Result<(), GuardError>| match r {
+        Err(GuardError::Refused { findings, path, .. }) => {
+            eprintln!("refused {path}: {findings:?}");
+            findings
+        }
+        other => panic!("{dev} with ext4 on it was not refused: {other:?}"),
+    };
+    let f = findings(check());
+    assert!(
+        f.iter()
+            .any(|f| matches!(f, Finding::Signature { what, .. } if what.contains("ext"))),
+        "{f:?}"
+    );
+    let mounted = Command::new("mount")
+        .arg(&dev)
+        .arg(mnt.path())
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount {dev}");
+    let f = findings(check());
+    assert!(
+        f.iter().any(|f| matches!(f, Finding::Mounted { .. })),
+        "{f:?}"
+    );
+    let umounted = Command::new("umount").arg(mnt.path()).status().unwrap();
+    assert!(umounted.success());
+    let wiped = Command::new("wipefs")
+        .args(["-a", "-q", &dev])
+        .status()
+        .unwrap();
+    assert!(wiped.success(), "wipefs {dev}");
+    check().unwrap_or_else(|e| panic!("{dev} wiped, still refused: {e}"));
+}
+
 /// The daemon killed with SIGKILL and started again in the middle of a
 /// vendor-mode backup: both hosts bind their ports again and the backup
 /// completes through the array, restoring exact (the in-process body is
