@@ -348,51 +348,28 @@ pub fn fs_backup_survives_a_path_failure(
     let client = host_over(block_source(stg), BLOCK_STG, 1, wkp, Policy::Always);
 
     // The failure, from its own thread once a third of the tree is written.
-    let done = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (kept, lost, done) = (kept.clone(), lost.clone(), done.clone());
-        thread::spawn(move || -> Option<(u64, Instant)> {
-            let written =
-                || kept.written.load(Ordering::Relaxed) + lost.written.load(Ordering::Relaxed);
-            while written() < tree_bytes / 3 {
-                if done.load(Ordering::Relaxed) {
-                    return None;
-                }
-                thread::sleep(Duration::from_millis(2));
-            }
-            let at = written();
+    let written = {
+        let (kept, lost) = (kept.clone(), lost.clone());
+        move || kept.written.load(Ordering::Relaxed) + lost.written.load(Ordering::Relaxed)
+    };
+    let event = {
+        let (kept, lost) = (kept.clone(), lost.clone());
+        Box::new(move || {
             kept.failed.store(true, Ordering::Relaxed);
             lost.failed.store(true, Ordering::Relaxed);
-            let t0 = Instant::now();
             fail();
-            eprintln!(
-                "second path failed at {at} bytes written ({:?} to fail it)",
-                t0.elapsed()
-            );
-            Some((at, Instant::now()))
         })
     };
-    let (out, agent) = full_fs_backup(&server, &client, &repo, &src);
-    let ended = Instant::now();
-    done.store(true, Ordering::Relaxed);
-    let fired = watcher.join().unwrap();
-    let out = out.unwrap_or_else(|e| panic!("{}: file-system backup: {e:#}", rig.describe()));
-    agent.unwrap_or_else(|e| panic!("{}: agent: {e:#}", rig.describe()));
-    let total = kept.written.load(Ordering::Relaxed) + lost.written.load(Ordering::Relaxed);
-    eprintln!(
-        "{}: backup {} of {} bytes in {:.2} s over {}; written {total} bytes; kept path \
-         {:?}; failed path {:?}",
-        rig.describe(),
-        out.backup_id,
-        out.bytes,
-        out.seconds,
-        out.channel,
-        kept,
-        lost
+    let (out, at) = backup_with_event(
+        rig,
+        (&server, &client, &repo, &src),
+        Box::new(written),
+        tree_bytes / 3,
+        event,
+        "the second path failed",
     );
-    let (at, failed_at) = fired.expect("the backup ended before a third of the tree was written");
-    assert!(failed_at < ended);
-    assert_eq!(out.channel, "stp", "{}", rig.describe());
+    let total = kept.written.load(Ordering::Relaxed) + lost.written.load(Ordering::Relaxed);
+    eprintln!("written {total} bytes; kept path {kept:?}; failed path {lost:?}");
     assert!(
         lost.errors.load(Ordering::Relaxed) >= 1 && lost.written.load(Ordering::Relaxed) > 0,
         "the failed path carried nothing or saw no error: {lost:?}"
@@ -401,16 +378,69 @@ pub fn fs_backup_survives_a_path_failure(
         kept.ok_after_failure.load(Ordering::Relaxed) >= 1 && total > at,
         "nothing went over the kept path after the failure: {kept:?}"
     );
-    let r = tmp.path().join("restored");
-    repo.restore(out.backup_id, &r, &[]).unwrap();
-    assert_eq!(compare_trees(&src, &r).unwrap(), Vec::<String>::new());
-    let v = repo.verify(out.backup_id).unwrap();
-    assert!(
-        v.problems.is_empty(),
-        "backup {}: {:?}",
+    assert_restores_exact(&repo, out.backup_id, &src, tmp.path());
+}
+
+/// Runs a full file-system backup of `src` (`hosts`: server, client,
+/// repository, source) while a watcher thread runs `event` once
+/// `progress()` reaches `at_least`, and checks that it ran mid-backup and
+/// that the backup completed through the array. Returns the server's
+/// outcome and the progress when the event ran.
+fn backup_with_event(
+    rig: &Arc<dyn Rig>,
+    hosts: (&Host, &Host, &Repo, &std::path::Path),
+    progress: Box<dyn Fn() -> u64 + Send>,
+    at_least: u64,
+    event: Box<dyn FnOnce() + Send>,
+    what: &'static str,
+) -> (session::Outcome, u64) {
+    let (server, client, repo, src) = hosts;
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let done = done.clone();
+        thread::spawn(move || -> Option<(u64, Instant)> {
+            while progress() < at_least {
+                if done.load(Ordering::Relaxed) {
+                    return None;
+                }
+                thread::sleep(Duration::from_millis(2));
+            }
+            let at = progress();
+            let t0 = Instant::now();
+            event();
+            eprintln!("{what} at {at} bytes ({:?} to do it)", t0.elapsed());
+            Some((at, Instant::now()))
+        })
+    };
+    let (out, agent) = full_fs_backup(server, client, repo, src);
+    let ended = Instant::now();
+    done.store(true, Ordering::Relaxed);
+    let fired = watcher.join().unwrap();
+    let out = out.unwrap_or_else(|e| panic!("{}: file-system backup: {e:#}", rig.describe()));
+    agent.unwrap_or_else(|e| panic!("{}: agent: {e:#}", rig.describe()));
+    let (at, happened) = fired.unwrap_or_else(|| panic!("the backup ended before: {what}"));
+    eprintln!(
+        "{}: backup {} of {} bytes in {:.2} s over {}; {what} {:?} before the end",
+        rig.describe(),
         out.backup_id,
-        v.problems
+        out.bytes,
+        out.seconds,
+        out.channel,
+        ended.saturating_duration_since(happened)
     );
+    assert!(happened < ended);
+    assert_eq!(out.channel, "stp", "{}", rig.describe());
+    (out, at)
+}
+
+/// Backup `id` restores to exactly the tree `src` (into `scratch`) and
+/// verifies.
+fn assert_restores_exact(repo: &Repo, id: i64, src: &std::path::Path, scratch: &std::path::Path) {
+    let r = scratch.join("restored");
+    repo.restore(id, &r, &[]).unwrap();
+    assert_eq!(compare_trees(src, &r).unwrap(), Vec::<String>::new());
+    let v = repo.verify(id).unwrap();
+    assert!(v.problems.is_empty(), "backup {id}: {:?}", v.problems);
 }
 
 /// A vendor-mode file-system backup during which the array restarts
@@ -436,57 +466,17 @@ pub fn fs_backup_survives_an_array_restart(
     let server = backup_host(rig, 0, wkp, Policy::Always);
     let client = backup_host(rig, 1, wkp, Policy::Always);
 
+    // The process's payload bytes sent since the start: the client's data,
+    // and little else in this test's process.
     let before = counters::snapshot();
-    let done = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let done = done.clone();
-        thread::spawn(move || -> Option<(u64, Instant)> {
-            // The process's payload bytes sent since the start: the
-            // client's data, and little else in this test's process.
-            let sent = || counters::snapshot().since(&before).send_payload_bytes;
-            while sent() < tree_bytes / 3 {
-                if done.load(Ordering::Relaxed) {
-                    return None;
-                }
-                thread::sleep(Duration::from_millis(2));
-            }
-            let at = sent();
-            let t0 = Instant::now();
-            restart();
-            eprintln!(
-                "the array restarted at {at} payload bytes sent ({:?} to restart it)",
-                t0.elapsed()
-            );
-            Some((at, Instant::now()))
-        })
-    };
-    let (out, agent) = full_fs_backup(&server, &client, &repo, &src);
-    let ended = Instant::now();
-    done.store(true, Ordering::Relaxed);
-    let fired = watcher.join().unwrap();
-    let out = out.unwrap_or_else(|e| panic!("{}: file-system backup: {e:#}", rig.describe()));
-    agent.unwrap_or_else(|e| panic!("{}: agent: {e:#}", rig.describe()));
-    let (at, restarted) = fired.expect("the backup ended before a third of the tree was sent");
-    eprintln!(
-        "{}: backup {} of {} bytes in {:.2} s over {}; the restart at {at} bytes, {:?} before \
-         the end",
-        rig.describe(),
-        out.backup_id,
-        out.bytes,
-        out.seconds,
-        out.channel,
-        ended.saturating_duration_since(restarted)
+    let sent = move || counters::snapshot().since(&before).send_payload_bytes;
+    let (out, _) = backup_with_event(
+        rig,
+        (&server, &client, &repo, &src),
+        Box::new(sent),
+        tree_bytes / 3,
+        restart,
+        "the array restarted",
     );
-    assert!(restarted < ended);
-    assert_eq!(out.channel, "stp", "{}", rig.describe());
-    let r = tmp.path().join("restored");
-    repo.restore(out.backup_id, &r, &[]).unwrap();
-    assert_eq!(compare_trees(&src, &r).unwrap(), Vec::<String>::new());
-    let v = repo.verify(out.backup_id).unwrap();
-    assert!(
-        v.problems.is_empty(),
-        "backup {}: {:?}",
-        out.backup_id,
-        v.problems
-    );
+    assert_restores_exact(&repo, out.backup_id, &src, tmp.path());
 }
