@@ -529,19 +529,28 @@ fn bind_port(
 ) -> io::Result<(Arc<Hub>, Binding)> {
     match hub::attach(source).map_err(mb_err)? {
         Attached::Shared { hub, port } => Ok((hub, port)),
-        Attached::Unshared => {
-            let binding = tx.bind(None).map_err(mb_err)?;
-            let started = source
-                .open()
-                .map_err(mb_err)
-                .and_then(|rx| Hub::private(Arc::clone(source), binding, rx));
-            match started {
-                Ok(hub) => Ok((hub, binding)),
-                Err(e) => {
-                    let _ = tx.release(&binding);
-                    Err(e)
-                }
-            }
+        Attached::Unshared => bind_private(source, tx, None).map_err(mb_err),
+    }
+}
+
+/// Binds `port` (`None`: a dynamic one) through `tx` as a binding of its
+/// own and starts the private hub that receives for it; the binding is
+/// released again when the hub cannot start.
+fn bind_private(
+    source: &Arc<dyn PathSource>,
+    tx: &mut dyn Mailbox,
+    port: Option<u32>,
+) -> Result<(Arc<Hub>, Binding), MailboxError> {
+    let binding = tx.bind(port)?;
+    let started = source.open().and_then(|rx| {
+        Hub::private(Arc::clone(source), binding, rx)
+            .map_err(|e| MailboxError::Transport(scsi::CommandError::Io(e)))
+    });
+    match started {
+        Ok(hub) => Ok((hub, binding)),
+        Err(e) => {
+            let _ = tx.release(&binding);
+            Err(e)
         }
     }
 }
@@ -665,21 +674,7 @@ fn rebind(weak: Weak<Shared>) {
     let source = old.source();
     let bound = rebind::bind_again(
         || s.lock().stop,
-        || {
-            let mut ctl = source.open()?;
-            let binding = ctl.bind(Some(port))?;
-            let started = source.open().and_then(|rx| {
-                Hub::private(Arc::clone(&source), binding, rx)
-                    .map_err(|e| MailboxError::Transport(scsi::CommandError::Io(e)))
-            });
-            match started {
-                Ok(hub) => Ok((hub, binding)),
-                Err(e) => {
-                    let _ = ctl.release(&binding);
-                    Err(e)
-                }
-            }
-        },
+        || bind_private(&source, source.open()?.as_mut(), Some(port)),
     );
     match bound {
         Ok(Some((hub, binding))) => {
