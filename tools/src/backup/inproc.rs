@@ -214,20 +214,22 @@ impl InProcArray {
 }
 
 /// A free TCP port on loopback whose next two ports are free too (WKP,
-/// WKP+1, WKP+2).
+/// WKP+1, WKP+2), drawn at random below Linux's ephemeral range (32768 on):
+/// a port the kernel hands out for other connections meanwhile (other
+/// processes' tests, a build's downloads) would be taken from under the
+/// caller between this check and its own bind.
 pub fn free_wkp() -> Result<u16> {
+    use rand::Rng;
     use std::net::TcpListener;
+    let mut rng = rand::thread_rng();
     for _ in 0..200 {
-        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding on loopback")?;
-        let p = l.local_addr()?.port();
-        if p < u16::MAX - 2
-            && TcpListener::bind((Ipv4Addr::LOCALHOST, p + 1)).is_ok()
-            && TcpListener::bind((Ipv4Addr::LOCALHOST, p + 2)).is_ok()
-        {
+        let p: u16 = rng.gen_range(20_000..32_000);
+        let free = |port: u16| TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok();
+        if free(p) && free(p + 1) && free(p + 2) {
             return Ok(p);
         }
     }
-    anyhow::bail!("found no three free consecutive TCP ports on loopback")
+    anyhow::bail!("found no three free consecutive TCP ports on loopback between 20000 and 32000")
 }
 
 /// The failure of [`InProcArray::host_without_array`]'s paths.
