@@ -340,19 +340,21 @@ fn layouts_are_chosen_from_the_members_limits() {
 fn an_stg_of_the_earlier_block_format_is_refused_with_what_to_do() {
     let a = array();
     format_stg(&a, 3);
-    // Member 1's superblock as block format 1 wrote it (its magic).
-    let mut block0 = raw_read(&a, LUNS[1], 0);
-    block0[..8].copy_from_slice(b"STPBLKv1");
-    raw_write(&a, LUNS[1], 0, &block0);
     let h = Host::login(&a, "host0");
-    let err = BlockStg::open(paths(&h, &LUNS), 0, STG).unwrap_err();
-    assert!(
-        matches!(err, BlockError::OldFormat { member: 1, .. }),
-        "{err}"
-    );
-    let text = err.to_string();
-    assert!(text.contains("block format 1"), "{text}");
-    assert!(text.contains("run `stp stg format`"), "{text}");
+    for (magic, format) in [(b"STPBLKv1", 1), (b"STPBLKv2", 2)] {
+        // Member 1's superblock as that block format wrote it (its magic).
+        let mut block0 = raw_read(&a, LUNS[1], 0);
+        block0[..8].copy_from_slice(magic);
+        raw_write(&a, LUNS[1], 0, &block0);
+        let err = BlockStg::open(paths(&h, &LUNS), 0, STG).unwrap_err();
+        assert!(
+            matches!(err, BlockError::OldFormat { member: 1, format: f, .. } if f == format),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(text.contains(&format!("block format {format}")), "{text}");
+        assert!(text.contains("run `stp stg format`"), "{text}");
+    }
 }
 
 #[test]

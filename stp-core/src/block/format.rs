@@ -8,7 +8,7 @@
 //! returns a value or a typed error; nothing here indexes past what it
 //! checked. Property tests feed arbitrary bytes to each and check that
 //! `decode(encode(x)) == x` and that a changed byte is caught by the CRC
-//! (of a slot, a changed header byte: the CRC covers the header alone).
+//! (of a slot, a changed header byte, and in a short slot any byte).
 //! The bytes come from LUNs every host on the fabric can write: a decoded
 //! value is well-formed, not trustworthy (callers check generations,
 //! counts and ranges against what they know).
@@ -18,12 +18,19 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::stg::BlockLayout;
 
-/// Superblock magic, `"STPBLKv2"`: block format 2, whose slot CRC covers
-/// the slot header alone (the frames carry their own protection).
-pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"STPBLKv2";
-/// The magic of block format 1 (slot CRC over the whole slot), which this
-/// version refuses with an error that says to reformat.
-pub const SUPERBLOCK_MAGIC_V1: [u8; 8] = *b"STPBLKv1";
+/// Superblock magic, `"STPBLKv3"`: block format 3, whose slot CRC covers
+/// the slot header, and the frames too in a slot of at most [`SHORT_SLOT`]
+/// bytes (which a consumer may then read before any index announces it).
+pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"STPBLKv3";
+/// The magics of block formats 1 (slot CRC over the whole slot) and 2
+/// (slot CRC over the header alone), which this version refuses with an
+/// error that says to reformat.
+pub const SUPERBLOCK_MAGIC_OLD: [[u8; 8]; 2] = [*b"STPBLKv1", *b"STPBLKv2"];
+/// A slot of at most this many bytes (header and frames) is *short*: its
+/// CRC covers its frames as well, so it is whole when its CRC holds
+/// whatever the index blocks say. It fits the first block of its slot on
+/// any LUN (blocks are 512 bytes at least).
+pub const SHORT_SLOT: usize = 512;
 /// Bytes of the superblock that carry data (the rest of block 0 is zero).
 pub const SUPERBLOCK_LEN: usize = 44;
 /// Producer block magic, `"STPP"`.
@@ -86,9 +93,10 @@ pub struct RawIndex {
 pub struct RawSlotHeader {
     /// Bytes of frames after the header.
     pub count: U32<BigEndian>,
-    /// CRC32C of the header with this field zero. The frames are not
-    /// covered: each is authenticated by its own protection (§7), and a
-    /// slot is read only after its producer index, written after the
+    /// CRC32C of the header with this field zero, followed in a short
+    /// slot ([`SHORT_SLOT`]) by its frames. A longer slot's frames are not
+    /// covered: each is authenticated by its own protection (§7), and such
+    /// a slot is read only after its producer index, written after the
     /// slot's WRITE completed, says it is there.
     pub crc: U32<BigEndian>,
     /// The format generation.
@@ -130,16 +138,16 @@ pub enum SuperblockError {
     /// Fewer bytes than a superblock.
     #[error("superblock truncated: {0} bytes, need {SUPERBLOCK_LEN}")]
     Short(usize),
-    /// No `STPBLKv2` magic: never formatted for block mode.
-    #[error("no block-mode superblock (magic is not \"STPBLKv2\")")]
+    /// No `STPBLKv3` magic: never formatted for block mode.
+    #[error("no block-mode superblock (magic is not \"STPBLKv3\")")]
     NotFormatted,
-    /// Formatted by an earlier STP in block format 1, which this version
-    /// does not speak.
+    /// Formatted by an earlier STP in an older block format (1 or 2),
+    /// which this version does not speak.
     #[error(
-        "formatted in block format 1 by an earlier STP; this version speaks block format 2: \
+        "formatted in block format {0} by an earlier STP; this version speaks block format 3: \
          reformat the STG with `stp stg format` on one host, then reopen it on every host"
     )]
-    OldFormat,
+    OldFormat(u8),
     /// The magic is right but the CRC is not: torn or overwritten.
     #[error("superblock CRC32C mismatch (stored 0x{stored:08x}, computed 0x{computed:08x})")]
     BadCrc {
@@ -177,8 +185,8 @@ impl Superblock {
         let Ok((raw, _)) = RawSuperblock::ref_from_prefix(bytes) else {
             return Err(SuperblockError::Short(bytes.len()));
         };
-        if raw.magic == SUPERBLOCK_MAGIC_V1 {
-            return Err(SuperblockError::OldFormat);
+        if let Some(old) = SUPERBLOCK_MAGIC_OLD.iter().position(|m| *m == raw.magic) {
+            return Err(SuperblockError::OldFormat(old as u8 + 1));
         }
         if raw.magic != SUPERBLOCK_MAGIC {
             return Err(SuperblockError::NotFormatted);
@@ -325,11 +333,17 @@ pub enum SlotError {
     },
 }
 
-/// The CRC of a slot: its header with the CRC field zero.
-fn slot_crc(header: &RawSlotHeader) -> u32 {
+/// The CRC of a slot: its header with the CRC field zero, and its frames
+/// when the slot is short ([`SHORT_SLOT`]).
+fn slot_crc(header: &RawSlotHeader, frames: &[u8]) -> u32 {
     let mut head = *header;
     head.crc = 0.into();
-    crc32c::crc32c(head.as_bytes())
+    let crc = crc32c::crc32c(head.as_bytes());
+    if SLOT_HEADER_LEN + frames.len() <= SHORT_SLOT {
+        crc32c::crc32c_append(crc, frames)
+    } else {
+        crc
+    }
 }
 
 /// Fills in the header of a slot image: `image` is [`SLOT_HEADER_LEN`]
@@ -346,7 +360,19 @@ pub fn seal_slot(image: &mut [u8], generation: u64, seq: u64) {
     head.count = count.into();
     head.generation = generation.into();
     head.seq = seq.into();
-    head.crc = slot_crc(head).into();
+    head.crc = slot_crc(head, frames).into();
+}
+
+/// The lane sequence number and size (header and frames) of a *long* slot
+/// whose first bytes are `head`: `Some` when they hold a valid header of
+/// `generation` for a slot larger than [`SHORT_SLOT`] (whose CRC covers
+/// the header alone, so its head is enough to check it). Says only that
+/// the slot's WRITE began: its frames are read once its index says so.
+pub fn long_slot_head(head: &[u8], generation: u64) -> Option<(u64, usize)> {
+    let (raw, _) = RawSlotHeader::ref_from_prefix(head).ok()?;
+    let used = SLOT_HEADER_LEN.checked_add(raw.count.get() as usize)?;
+    (used > SHORT_SLOT && raw.crc.get() == slot_crc(raw, &[]) && raw.generation.get() == generation)
+        .then(|| (raw.seq.get(), used))
 }
 
 /// Checks a slot read back (any length from the header on, padding
@@ -361,7 +387,7 @@ pub fn open_slot(slot: &[u8], generation: u64) -> Result<(u64, &[u8]), SlotError
         Some(f) if count > 0 => f,
         _ => return Err(SlotError::BadCount { count, capacity }),
     };
-    if head.crc.get() != slot_crc(head) {
+    if head.crc.get() != slot_crc(head, frames) {
         return Err(SlotError::BadCrc);
     }
     let found = head.generation.get();
@@ -405,12 +431,12 @@ mod tests {
             generation: GEN,
         };
         let b = sb.encode();
-        assert_eq!(&b[0..8], b"STPBLKv2");
+        assert_eq!(&b[0..8], b"STPBLKv3");
         assert_eq!(&b[8..12], &[0, 0, 0, 7]);
         assert_eq!(&b[12..20], &[0, 1, 0, 2, 0, 2, 0, 0]);
         assert_eq!(&b[20..32], &[0, 0, 2, 0, 0, 0, 0, 32, 0, 0, 0, 64]);
         assert_eq!(&b[32..40], &[1, 2, 3, 4, 5, 6, 7, 8]);
-        assert_eq!(&b[40..44], &[0x86, 0x90, 0x1A, 0x8B]);
+        assert_eq!(&b[40..44], &[0xDC, 0xA9, 0x31, 0xA4]);
         // Block 0 as read back: the superblock then zeros.
         let block = padded(&b, 512);
         assert_eq!(Superblock::decode(&block), Ok(sb));
@@ -419,9 +445,14 @@ mod tests {
             Superblock::decode(&[0; 512]),
             Err(SuperblockError::NotFormatted)
         );
-        let mut v1 = block.clone();
-        v1[..8].copy_from_slice(b"STPBLKv1");
-        assert_eq!(Superblock::decode(&v1), Err(SuperblockError::OldFormat));
+        for (magic, format) in [(b"STPBLKv1", 1), (b"STPBLKv2", 2)] {
+            let mut old = block.clone();
+            old[..8].copy_from_slice(magic);
+            assert_eq!(
+                Superblock::decode(&old),
+                Err(SuperblockError::OldFormat(format))
+            );
+        }
         assert_eq!(
             Superblock::decode(&b[..43]),
             Err(SuperblockError::Short(43))
@@ -431,7 +462,7 @@ mod tests {
         assert!(matches!(
             Superblock::decode(&torn),
             Err(SuperblockError::BadCrc {
-                stored: 0x8690_1A8B,
+                stored: 0xDCA9_31A4,
                 ..
             })
         ));
@@ -479,7 +510,8 @@ mod tests {
         image.extend_from_slice(b"abc");
         seal_slot(&mut image, GEN, 9);
         assert_eq!(&image[0..4], &[0, 0, 0, 3]);
-        assert_eq!(&image[4..8], &[0xA3, 0xA9, 0x0A, 0xDC]);
+        // A short slot: the CRC runs over the header and then the frames.
+        assert_eq!(&image[4..8], &[0xCC, 0x8C, 0xB2, 0xE7]);
         assert_eq!(&image[8..16], &[1, 2, 3, 4, 5, 6, 7, 8]);
         assert_eq!(&image[16..24], &[0, 0, 0, 0, 0, 0, 0, 9]);
         // Read back with the slot's padding (and stale bytes) after it.
@@ -493,11 +525,11 @@ mod tests {
         let mut torn = slot.clone();
         torn[20] ^= 0x10; // the sequence number changed, the CRC not
         assert_eq!(open_slot(&torn, GEN), Err(SlotError::BadCrc));
-        // The frames are not the slot CRC's: their own protection judges
-        // them (the stream drops a frame that fails to open).
+        // A short slot's frames are the CRC's too (a long slot's are not:
+        // their own protection judges them).
         let mut changed = slot.clone();
         changed[SLOT_HEADER_LEN + 1] = b'X';
-        assert_eq!(open_slot(&changed, GEN), Ok((9, &b"aXc"[..])));
+        assert_eq!(open_slot(&changed, GEN), Err(SlotError::BadCrc));
         let mut long = slot.clone();
         long[0..4].copy_from_slice(&600u32.to_be_bytes());
         assert_eq!(
@@ -578,6 +610,23 @@ mod tests {
             let at = at % SLOT_HEADER_LEN.min(used);
             image[at] ^= flip;
             prop_assert!(open_slot(&image, generation) != Ok((seq, &frames[..])));
+        }
+
+        #[test]
+        fn a_short_slot_catches_a_changed_frame_byte_and_a_long_one_leaves_it_to_the_frames(
+            len in 1..1200usize, generation in any::<u64>(), seq in any::<u64>(),
+            flip in 1..=255u8, at in any::<usize>(),
+        ) {
+            let mut image = vec![0u8; SLOT_HEADER_LEN + len];
+            seal_slot(&mut image, generation, seq);
+            let at = SLOT_HEADER_LEN + at % len;
+            image[at] ^= flip;
+            let opened = open_slot(&image, generation).map(|(s, f)| (s, f.len()));
+            if SLOT_HEADER_LEN + len <= SHORT_SLOT {
+                prop_assert_eq!(opened, Err(SlotError::BadCrc));
+            } else {
+                prop_assert_eq!(opened, Ok((seq, len)));
+            }
         }
     }
 }

@@ -16,7 +16,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::format::{open_slot, IndexBlock, IndexKind};
+use super::format::{long_slot_head, open_slot, IndexBlock, IndexKind, SHORT_SLOT};
+use super::SLOT_HEADER_LEN;
 
 /// What an index block read from a member says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,6 +183,21 @@ pub(crate) enum Slot {
     Skip { first: bool },
 }
 
+/// What a probe of the next slot's first block found
+/// ([`Consumer::on_probe`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Probe {
+    /// The next slot, short and whole (its CRC covers its frames): deliver
+    /// its frames, then [`Consumer::take`] it from `member`.
+    Short { member: usize, seq: u64 },
+    /// The next slot's header, of a slot too long to take this way: read
+    /// the producer blocks.
+    Long,
+    /// Nothing to take: a slot of an earlier lap, one half written, or
+    /// anything else.
+    Nothing,
+}
+
 /// The consumer side of one lane.
 #[derive(Debug)]
 pub(crate) struct Consumer {
@@ -234,6 +250,34 @@ impl Consumer {
     #[cfg(test)]
     pub fn consumed(&self, m: usize) -> u64 {
         self.consumed[m]
+    }
+
+    /// Where the next slot starts if the producer has written it: `(member,
+    /// counter)`. A probe reads its first block there before any producer
+    /// block announces it (docs/PROTOCOL.md §4, short slots).
+    pub fn probe(&self) -> (usize, u64) {
+        (self.turn, self.consumed[self.turn])
+    }
+
+    /// Judges the first block of the next slot, read where
+    /// [`probe`](Self::probe) said. Only the slot with the lane sequence
+    /// number expected next counts; a short one whose CRC holds is whole
+    /// whatever the index blocks say.
+    pub fn on_probe(&self, block: &[u8], generation: u64) -> Probe {
+        match open_slot(block, generation) {
+            Ok((seq, frames))
+                if seq == self.expect && SLOT_HEADER_LEN + frames.len() <= SHORT_SLOT =>
+            {
+                Probe::Short {
+                    member: self.turn,
+                    seq,
+                }
+            }
+            _ => match long_slot_head(block, generation) {
+                Some((seq, _)) if seq == self.expect => Probe::Long,
+                _ => Probe::Nothing,
+            },
+        }
     }
 
     /// Starts a poll: what earlier polls announced is forgotten.
@@ -455,6 +499,43 @@ mod tests {
             true
         }
 
+        /// Writes a one-byte message's slot without publishing it (the
+        /// producer block still says what it said).
+        fn write_unpublished(&mut self, byte: u8) -> SlotPos {
+            let p = self.producer.stage();
+            self.ring[p.member][(p.counter % u64::from(SLOTS)) as usize] = slot(p.seq, &[byte]);
+            p
+        }
+
+        fn publish_all(&mut self) {
+            for m in 0..self.ring.len() {
+                if let Some(c) = self.producer.publish(m) {
+                    self.prod_block[m] = index(IndexKind::Producer, c, GEN);
+                    self.producer.published(m);
+                }
+            }
+        }
+
+        /// What the first block of the next slot says, as a probe reads it.
+        fn probe_image(&self) -> Vec<u8> {
+            let (m, counter) = self.consumer.probe();
+            let mut block = self.ring[m][(counter % u64::from(SLOTS)) as usize].clone();
+            block.resize(512, 0);
+            block
+        }
+
+        /// One probe: the byte taken, if any.
+        fn probe(&mut self) -> Option<u8> {
+            let block = self.probe_image();
+            match self.consumer.on_probe(&block, GEN) {
+                Probe::Short { member, seq } => {
+                    self.consumer.take(member, seq);
+                    Some(block[SLOT_HEADER_LEN])
+                }
+                _ => None,
+            }
+        }
+
         /// One poll at `now`: the payload bytes delivered.
         fn poll(&mut self, now: Instant) -> Vec<u8> {
             let members = self.ring.len();
@@ -504,6 +585,66 @@ mod tests {
             assert_eq!(got, want);
             expect = expect.wrapping_add(4);
         }
+    }
+
+    #[test]
+    fn a_probe_takes_short_slots_before_their_index_and_the_index_then_agrees() {
+        let now = t0();
+        let mut lane = Lane::new(3);
+        assert_eq!(lane.probe(), None, "nothing written yet");
+        let mut sent = 0u8;
+        // 3 members × 4 slots: 30 messages wrap every ring twice; each is
+        // taken by a probe before its producer block says it is there.
+        for round in 0..10u8 {
+            for _ in 0..3 {
+                lane.write_unpublished(sent);
+                assert_eq!(lane.probe(), Some(sent), "round {round}");
+                assert_eq!(lane.probe(), None, "taken once");
+                sent += 1;
+            }
+            lane.publish_all();
+            assert!(lane.poll(now).is_empty(), "the index announces nothing new");
+        }
+        // Slots the probe did not take are still read through the index.
+        assert!(lane.send(sent, 2));
+        assert_eq!(lane.poll(now), vec![sent, sent + 1]);
+    }
+
+    #[test]
+    fn a_probe_leaves_long_torn_and_stale_slots_to_the_index() {
+        let mut lane = Lane::new(2);
+        // A long slot with the expected sequence number: announced only.
+        let p = lane.producer.stage();
+        let mut long = vec![0u8; SHORT_SLOT + 100];
+        seal_slot(&mut long, GEN, p.seq);
+        lane.ring[p.member][0] = long;
+        assert_eq!(
+            lane.consumer.on_probe(&lane.probe_image(), GEN),
+            Probe::Long
+        );
+        // A short slot half written (a frame byte not yet there).
+        let mut torn = slot(p.seq, &[7, 8, 9]);
+        torn[SLOT_HEADER_LEN + 1] ^= 0xff;
+        lane.ring[p.member][0] = torn;
+        assert_eq!(
+            lane.consumer.on_probe(&lane.probe_image(), GEN),
+            Probe::Nothing
+        );
+        // A slot of the wrong sequence number (an earlier lap), or format.
+        lane.ring[p.member][0] = slot(p.seq + 8, &[1]);
+        assert_eq!(
+            lane.consumer.on_probe(&lane.probe_image(), GEN),
+            Probe::Nothing
+        );
+        let mut other = vec![0u8; SLOT_HEADER_LEN + 1];
+        seal_slot(&mut other, GEN + 1, p.seq);
+        lane.ring[p.member][0] = other;
+        assert_eq!(
+            lane.consumer.on_probe(&lane.probe_image(), GEN),
+            Probe::Nothing
+        );
+        lane.ring[p.member][0] = slot(p.seq, &[5]);
+        assert_eq!(lane.probe(), Some(5));
     }
 
     #[test]

@@ -77,7 +77,7 @@ mod sizing;
 mod slack;
 
 use batch::BatchIo;
-use lane::{Consumer, Index, Producer, Slot, SlotPos};
+use lane::{Consumer, Index, Probe, Producer, Slot, SlotPos};
 use poll::{PollSchedule, Reads};
 use ports::{Held, Limits, PortQueue, Ports};
 
@@ -87,9 +87,9 @@ pub use sizing::{
 };
 
 pub use format::{
-    open_slot, seal_slot, slot_used, IndexBlock, IndexError, IndexKind, RawIndex, RawSlotHeader,
-    RawSuperblock, SlotError, Superblock, SuperblockError, CONSUMER_MAGIC, INDEX_LEN,
-    PRODUCER_MAGIC, SLOT_HEADER_LEN, SUPERBLOCK_LEN, SUPERBLOCK_MAGIC,
+    long_slot_head, open_slot, seal_slot, slot_used, IndexBlock, IndexError, IndexKind, RawIndex,
+    RawSlotHeader, RawSuperblock, SlotError, Superblock, SuperblockError, CONSUMER_MAGIC,
+    INDEX_LEN, PRODUCER_MAGIC, SHORT_SLOT, SLOT_HEADER_LEN, SUPERBLOCK_LEN, SUPERBLOCK_MAGIC,
 };
 
 /// The smallest block size block mode accepts.
@@ -214,13 +214,16 @@ pub enum BlockError {
         /// Its path on this host.
         path: String,
     },
-    /// The member carries a superblock of block format 1 (an earlier STP).
+    /// The member carries a superblock of an older block format (an
+    /// earlier STP).
     #[error(
-        "STG {stg} member {member} ({path}) was formatted by an earlier STP in block format 1; \
-         this version speaks block format 2: run `stp stg format` for STG {stg} again, then \
-         reopen it on every host"
+        "STG {stg} member {member} ({path}) was formatted by an earlier STP in block format \
+         {format}; this version speaks block format 3: run `stp stg format` for STG {stg} \
+         again, then reopen it on every host"
     )]
     OldFormat {
+        /// The format found (1 or 2).
+        format: u8,
         /// The STG id.
         stg: u32,
         /// The member index.
@@ -424,6 +427,9 @@ pub struct BlockStats {
     pub frames_local: u64,
     /// Slots this host consumed (valid or not).
     pub slots_read: u64,
+    /// Of those, short slots taken by a probe before their producer block
+    /// announced them (docs/PROTOCOL.md §4).
+    pub slots_probed: u64,
     /// Frames queued to this host's ports from the lanes.
     pub frames_received: u64,
     /// Frames dropped because their port was not bound here.
@@ -465,6 +471,7 @@ struct Counters {
     frames_sent: AtomicU64,
     frames_local: AtomicU64,
     slots_read: AtomicU64,
+    slots_probed: AtomicU64,
     frames_received: AtomicU64,
     frames_unbound: AtomicU64,
     frames_misrouted: AtomicU64,
@@ -494,6 +501,7 @@ impl Counters {
             frames_sent: g(&self.frames_sent),
             frames_local: g(&self.frames_local),
             slots_read: g(&self.slots_read),
+            slots_probed: g(&self.slots_probed),
             frames_received: g(&self.frames_received),
             frames_unbound: g(&self.frames_unbound),
             frames_misrouted: g(&self.frames_misrouted),
@@ -530,6 +538,10 @@ const SUPERBLOCK_RECHECK: Duration = Duration::from_secs(1);
 /// sees a full ring until the consumer writes it again — which, with
 /// nothing more to consume, it otherwise never would.
 const CONSUMER_REASSERT: Duration = Duration::from_secs(4);
+/// The longest the consumer blocks wait to be written after a probe took
+/// a slot (fewer than half a ring taken since): a ping-pong then writes
+/// them every few messages, not after each.
+const PROBED_WRITE_DELAY: Duration = Duration::from_millis(10);
 /// The poller's longest sleep, so that it notices a dropped engine soon.
 const SLEEP_SLICE: Duration = Duration::from_millis(10);
 /// What a consumer reads first of a large slot it expects alone: enough
@@ -978,6 +990,12 @@ struct ConsLane {
     /// When its consumer blocks were last written (see
     /// [`CONSUMER_REASSERT`]).
     written_at: Instant,
+    /// The last slot taken was short (a message): a probe may find the
+    /// next one (after a long slot, a bulk stream's, it would not).
+    last_short: bool,
+    /// Slots probes took since the consumer blocks were last written: they
+    /// are written at half a ring or after [`PROBED_WRITE_DELAY`].
+    probed_unwritten: u64,
 }
 
 /// A slot staged for writing.
@@ -1081,8 +1099,13 @@ impl BlockStg {
                 Err(SuperblockError::NotFormatted | SuperblockError::Short(_)) => {
                     return Err(BlockError::NotFormatted { stg, member, path });
                 }
-                Err(SuperblockError::OldFormat) => {
-                    return Err(BlockError::OldFormat { stg, member, path });
+                Err(SuperblockError::OldFormat(format)) => {
+                    return Err(BlockError::OldFormat {
+                        format,
+                        stg,
+                        member,
+                        path,
+                    });
                 }
                 Err(why) => {
                     return Err(BlockError::CorruptSuperblock {
@@ -1263,6 +1286,8 @@ impl BlockStg {
                     config.bad_slot_patience,
                 ),
                 written_at: Instant::now(),
+                last_short: true,
+                probed_unwritten: 0,
             });
         }
         let epoch = epoch + 1;
@@ -2157,6 +2182,7 @@ impl BlockStg {
         }
         let dirty: Vec<(usize, u64)> = lane.c.to_write().collect();
         lane.written_at = Instant::now();
+        lane.probed_unwritten = 0;
         for (m, count) in dirty {
             if self
                 .write_index(m, lane.src, self.host, IndexKind::Consumer, count)
@@ -2189,14 +2215,115 @@ impl BlockStg {
         }
     }
 
+    /// Hands the frames of the valid slot at `data[at..at + len]` to this
+    /// host's ports, where they stay in `data` until read; the ports to
+    /// wake are added to `wake`. False, with nothing delivered, when a
+    /// port's queue is full (the lane holds at this slot).
+    fn hand_slot(
+        &self,
+        data: &Arc<RecvBuf>,
+        at: usize,
+        len: usize,
+        wake: &mut Vec<Arc<Condvar>>,
+    ) -> bool {
+        let bytes: &[u8] = (**data).as_ref();
+        let Some(Ok((_, frames))) = bytes
+            .get(at..at + len)
+            .map(|slot| open_slot(slot, self.generation))
+        else {
+            return true; // judged valid by the caller: cannot happen
+        };
+        // Where the slot's frames start in the buffer.
+        let base = at + SLOT_HEADER_LEN;
+        let mut list = Vec::new();
+        for f in Frames::new(frames) {
+            match f {
+                Ok(f) if port_host(f.header.dst_port) == Some(self.host) => {
+                    let start = base + f.offset;
+                    let range = start..start + HEADER_LEN + f.header.payload_len as usize;
+                    list.extend(Held::new(data, range).map(|h| (f.header.dst_port, h)));
+                }
+                _ => bump(&self.counters.frames_misrouted, 1),
+            }
+        }
+        match self.deliver(&list) {
+            Ok(w) => {
+                for q in w {
+                    if !wake.iter().any(|x| Arc::ptr_eq(x, &q)) {
+                        wake.push(q);
+                    }
+                }
+                true
+            }
+            Err(_) => {
+                if !self.stalled.swap(true, Ordering::AcqRel) {
+                    bump(&self.counters.lane_stalls, 1);
+                }
+                false
+            }
+        }
+    }
+
+    /// A probe of lane (`lane.src` → this host): one READ of the first
+    /// block of the slot due next, which a short slot fills whole, so a
+    /// message is taken without its producer block (docs/PROTOCOL.md §4).
+    /// `Some(progress)` when the poll is done; `None` when the head of a
+    /// long slot says to read the producer blocks.
+    fn probe_lane(&self, lane: &mut ConsLane) -> Option<bool> {
+        let (m, counter) = lane.c.probe();
+        let lba = self.slot_lba(lane.src, self.host, counter);
+        let bs = self.geo.block_size as usize;
+        let pool = BufPool::global();
+        let mut ios = vec![BatchIo::read(m, lba, bs, pool.get(bs))];
+        self.batch(&mut ios);
+        let io = ios.pop()?;
+        if io.result.is_err() {
+            pool.put(io.buf);
+            return Some(false);
+        }
+        match lane.c.on_probe(&io.buf, self.generation) {
+            Probe::Short { member, seq } => {
+                let data = Arc::new(RecvBuf::new(io.buf, Some(pool.clone())));
+                let mut wake = Vec::new();
+                let taken = self.hand_slot(&data, 0, bs, &mut wake);
+                drop(data);
+                for q in wake {
+                    q.notify_all();
+                }
+                if !taken {
+                    return Some(false);
+                }
+                lane.c.take(member, seq);
+                lane.last_short = true;
+                lane.probed_unwritten += 1;
+                bump(&self.counters.slots_read, 1);
+                bump(&self.counters.slots_probed, 1);
+                Some(true)
+            }
+            Probe::Long => {
+                pool.put(io.buf);
+                None
+            }
+            Probe::Nothing => {
+                pool.put(io.buf);
+                Some(false)
+            }
+        }
+    }
+
     /// One poll of lane (`lane.src` → this host), reading the producer
     /// blocks `reads` says; true if slots were consumed.
     fn poll_lane(&self, lane: &mut ConsLane, reads: Reads, now: Instant) -> bool {
+        if reads == Reads::Probe && lane.last_short {
+            if let Some(progress) = self.probe_lane(lane) {
+                return progress;
+            }
+        }
         let m_count = self.members.len();
         lane.c.begin_poll();
         let all: Vec<usize> = (0..m_count).collect();
         match reads {
-            Reads::All => self.read_producer_blocks(lane, &all),
+            Reads::All | Reads::Probe => self.read_producer_blocks(lane, &all),
             Reads::Turn => {
                 let turn = lane.c.turn();
                 self.read_producer_blocks(lane, &[turn]);
@@ -2316,42 +2443,11 @@ impl BlockStg {
                     if !in_sequence {
                         bump(&self.counters.out_of_sequence, 1);
                     }
-                    let Ok((_, frames)) = open_slot(slot, self.generation) else {
-                        unreachable!("a slot the consumer judged valid opens");
-                    };
-                    // Where the slot's frames start in the member's buffer.
-                    let base = at + SLOT_HEADER_LEN;
-                    let mut list = Vec::new();
-                    for f in Frames::new(frames) {
-                        match f {
-                            Ok(f) if port_host(f.header.dst_port) == Some(self.host) => {
-                                let start = base + f.offset;
-                                let range =
-                                    start..start + HEADER_LEN + f.header.payload_len as usize;
-                                list.extend(
-                                    Held::new(&data[m], range).map(|h| (f.header.dst_port, h)),
-                                );
-                            }
-                            _ => bump(&self.counters.frames_misrouted, 1),
-                        }
-                    }
-                    match self.deliver(&list) {
-                        Ok(w) => {
-                            for q in w {
-                                if !wake.iter().any(|x| Arc::ptr_eq(x, &q)) {
-                                    wake.push(q);
-                                }
-                            }
-                        }
-                        Err(_) => {
-                            // A port queue is full: hold the lane here.
-                            if !self.stalled.swap(true, Ordering::AcqRel) {
-                                bump(&self.counters.lane_stalls, 1);
-                            }
-                            break;
-                        }
+                    if !self.hand_slot(&data[m], at, slot.len(), &mut wake) {
+                        break; // a port queue is full: hold the lane here
                     }
                     lane.c.take(m, seq);
+                    lane.last_short = slot_used(slot).is_some_and(|n| n <= SHORT_SLOT);
                 }
                 Slot::Hold { first } => {
                     // A real producer publishes an index only after its
@@ -2419,12 +2515,19 @@ fn poller(weak: Weak<BlockStg>, mut lanes: Vec<ConsLane>) {
         stg.stalled.store(false, Ordering::Release);
         let reads = lock(&stg.schedule).reads(started);
         let mut progress = false;
+        let half_ring = u64::from(stg.layout.slots / 2).max(1);
         for lane in &mut lanes {
-            progress |= stg.poll_lane(lane, reads, started);
+            let took = stg.poll_lane(lane, reads, started);
+            progress |= took;
             if started.saturating_duration_since(lane.written_at) >= CONSUMER_REASSERT {
                 lane.c.rewrite_all();
             }
-            if lane.c.to_write().next().is_some() {
+            // What probes took is written at half a ring, or after
+            // PROBED_WRITE_DELAY: a producer needs it only as its ring fills.
+            let deferred = lane.probed_unwritten > 0
+                && lane.probed_unwritten < half_ring
+                && started.saturating_duration_since(lane.written_at) < PROBED_WRITE_DELAY;
+            if !deferred && lane.c.to_write().next().is_some() {
                 stg.write_consumer_blocks(lane);
             }
         }

@@ -15,7 +15,10 @@
 //!   at most [`SMALL_SEND`] bytes), when [`PollConfig::reply_polls`] polls
 //!   that find nothing stay at `min` first: a request's reply comes within
 //!   a few of them, and the doubling would otherwise add up to one whole
-//!   interval to each direction of a round trip;
+//!   interval to each direction of a round trip. Those polls *probe*
+//!   ([`Reads::Probe`]): one READ of the first block of the slot due next,
+//!   which takes a short slot (a reply) whole, with no producer block read
+//!   before it and no second READ;
 //! * **warm** (activity within [`PollConfig::idle_after`]): the interval
 //!   doubles up to [`PollConfig::max`];
 //! * **idle**: every [`PollConfig::idle`], reading only the producer block
@@ -27,7 +30,10 @@
 //! Polling that finds nothing never takes more than 1 /
 //! [`PollConfig::cost_factor`] of the time: the next poll is at least that
 //! many times such a poll's own duration away (in the VM a poll is several
-//! emulated SCSI commands).
+//! emulated SCSI commands) — but for the few polls that await a reply
+//! ([`PollConfig::reply_polls`]), spaced by [`PollConfig::reply_cost_factor`]
+//! times theirs, so that where a command is slow a reply is not kept
+//! waiting for eight of them.
 //! So an idle lane costs `1/idle + (members − 1)/sweep` commands per second
 //! (8.75 with the defaults and four members) and the first slot after a
 //! pause waits at most `idle` plus one poll.
@@ -54,6 +60,10 @@ pub struct PollConfig {
     /// The next poll is at least this many times the last poll's duration
     /// away.
     pub cost_factor: u32,
+    /// The same while a reply is awaited ([`reply_polls`](Self::reply_polls)
+    /// left): those polls are few and cheap (a probe is one READ), and the
+    /// bound would otherwise set the round trip where a command is slow.
+    pub reply_cost_factor: u32,
     /// Polls that find nothing at [`min`](Self::min) after a small send,
     /// before the interval doubles.
     pub reply_polls: u32,
@@ -68,6 +78,7 @@ impl Default for PollConfig {
             idle_after: Duration::from_secs(1),
             sweep: Duration::from_secs(4),
             cost_factor: 8,
+            reply_cost_factor: 1,
             reply_polls: 8,
         }
     }
@@ -80,6 +91,10 @@ pub(crate) enum Reads {
     All,
     /// Only the turn's member's (then all, if it has news).
     Turn,
+    /// None: the first block of the slot due next, which a short slot (a
+    /// reply) fills whole; every member's producer block only when that
+    /// block holds the head of a longer slot.
+    Probe,
 }
 
 /// The consumer's poll schedule.
@@ -96,6 +111,8 @@ pub(crate) struct PollSchedule {
     streaming: bool,
     /// Empty polls left at `min` after a small send.
     reply_polls: u32,
+    /// When this host last sent.
+    last_sent: Instant,
 }
 
 impl PollSchedule {
@@ -110,6 +127,7 @@ impl PollSchedule {
             next: now,
             streaming: false,
             reply_polls: 0,
+            last_sent: now,
         }
     }
 
@@ -122,7 +140,9 @@ impl PollSchedule {
     pub fn reads(&self, now: Instant) -> Reads {
         let idle = now.saturating_duration_since(self.last_activity) >= self.cfg.idle_after;
         let sweep_due = now.saturating_duration_since(self.last_sweep) >= self.cfg.sweep;
-        if !idle || self.streaming || sweep_due {
+        if self.reply_polls > 0 {
+            Reads::Probe
+        } else if !idle || self.streaming || sweep_due {
             Reads::All
         } else {
             Reads::Turn
@@ -139,8 +159,12 @@ impl PollSchedule {
         if progress {
             self.last_activity = now;
             self.interval = self.cfg.min;
-            // What came may be the reply; the next small send re-arms.
-            self.reply_polls = 0;
+            // What came may be the reply; the next small send re-arms —
+            // unless it already did while this poll ran (the reader of
+            // what the poll took answered at once).
+            if self.last_sent < started {
+                self.reply_polls = 0;
+            }
         } else if self.reply_polls > 0 {
             self.reply_polls -= 1;
             self.interval = self.cfg.min;
@@ -156,7 +180,12 @@ impl PollSchedule {
         } else {
             now.saturating_duration_since(started)
         };
-        self.earliest = now + cost * self.cfg.cost_factor;
+        let factor = if self.reply_polls > 0 {
+            self.cfg.reply_cost_factor
+        } else {
+            self.cfg.cost_factor
+        };
+        self.earliest = now + cost * factor;
         self.next = (now + self.interval).max(self.earliest);
     }
 
@@ -179,6 +208,7 @@ impl PollSchedule {
     /// when the next poll moved earlier (wake the poller).
     pub fn sent(&mut self, now: Instant, bytes: usize) -> bool {
         self.last_activity = now;
+        self.last_sent = now;
         self.interval = self.cfg.min;
         if bytes <= SMALL_SEND {
             self.reply_polls = self.cfg.reply_polls;
@@ -312,6 +342,39 @@ mod tests {
         let q = s.due();
         s.polled(q, q, false, true);
         assert_eq!(s.due(), q + cfg.min * 2);
+    }
+
+    #[test]
+    fn the_reply_polls_probe_and_an_answer_sent_while_a_poll_ran_keeps_them() {
+        let t0 = Instant::now();
+        let cfg = PollConfig::default();
+        let mut s = PollSchedule::new(cfg, t0);
+        let t = t0 + Duration::from_secs(30);
+        s.polled(t, t, false, true);
+        assert_ne!(s.reads(t), Reads::Probe, "no reply awaited");
+        s.sent(t, 64);
+        let p = s.due();
+        assert_eq!(s.reads(p), Reads::Probe, "a reply awaited: probe");
+        // The poll takes the reply, and the reader answers before the poll
+        // ends: the answer's reply is awaited as well.
+        let during = p + Duration::from_micros(5);
+        s.sent(during, 64);
+        s.polled(p, p + Duration::from_micros(10), true, false);
+        let q = s.due();
+        assert_eq!(s.reads(q), Reads::Probe);
+        s.polled(q, q, false, false);
+        assert_eq!(s.due(), q + cfg.min, "still at the shortest interval");
+        // Awaiting a reply, a slow poll (2 ms of emulated SCSI) spaces the
+        // next by its own duration, not eight times it.
+        let r = s.due();
+        let end = r + Duration::from_millis(2);
+        s.polled(r, end, false, false);
+        assert_eq!(s.due(), end + Duration::from_millis(2));
+        // A bulk send awaits no reply.
+        let mut b = PollSchedule::new(cfg, t0);
+        b.polled(t, t, false, true);
+        b.sent(t, SMALL_SEND + 1);
+        assert_eq!(b.reads(b.due()), Reads::All);
     }
 
     #[test]

@@ -373,6 +373,9 @@ pub struct BlockFigures {
     pub slots_written: u64,
     /// Slots consumed.
     pub slots_read: u64,
+    /// Of those, short slots a probe took before their producer block
+    /// announced them.
+    pub slots_probed: u64,
     /// Slots that failed their checks (torn or forged; never delivered).
     pub bad_slots: u64,
     /// Index blocks read with a bad CRC, magic or count (ignored).
@@ -391,11 +394,12 @@ pub struct BlockFigures {
 impl BlockFigures {
     fn print_text(&self) {
         println!(
-            "  block       {} commands, {} polls; slots written {} read {}; bad slots {}, bad index blocks {}, turn skips {}, ring full {}",
+            "  block       {} commands, {} polls; slots written {} read {} (probed {}); bad slots {}, bad index blocks {}, turn skips {}, ring full {}",
             self.commands,
             self.polls,
             self.slots_written,
             self.slots_read,
+            self.slots_probed,
             self.bad_slots,
             self.bad_index_blocks,
             self.turn_skips,

@@ -914,6 +914,7 @@ fn block_figures(stgs: &[Arc<BlockStg>; 2], idle: f64) -> super::BlockFigures {
         polls: total(|s| s.polls),
         slots_written: total(|s| s.slots_written),
         slots_read: total(|s| s.slots_read),
+        slots_probed: total(|s| s.slots_probed),
         bad_slots: total(|s| s.bad_slots),
         bad_index_blocks: total(|s| s.bad_producer_blocks + s.bad_consumer_blocks),
         turn_skips: total(|s| s.turn_skips),
