@@ -1433,6 +1433,22 @@ fn stg_over_iscsi_and_two_initiators_on_one_backstore() {
         return;
     }
     let fabric = IscsiFabric::up();
+    // What the target side reports: the target, its portal, and each
+    // initiator's node ACL with a logged-in session.
+    let status = Command::new(IscsiFabric::script("stg-status"))
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    for want in [ISCSI_PORTAL]
+        .into_iter()
+        .chain(ISCSI_INITIATORS)
+        .chain(["TARG_SESS_STATE_LOGGED_IN"])
+    {
+        assert!(
+            status.contains(want),
+            "stg-status does not show {want}:\n{status}"
+        );
+    }
     let lio = LioRig::load(&fabric.map()).unwrap();
     assert_eq!(lio.map().hosts.len(), 3, "{:?}", lio.map().hosts);
     let naas: Vec<String> = (0..lio.map().stg.luns)
