@@ -11,6 +11,9 @@
 #   host path H      tcm_loop target naa.5001405<ID-1 as 6 hex digits>a<H as 2 hex digits>
 #                    (STG 1: naa.5001405000000a00, naa.5001405000000a01, ...)
 #   initiator name   h<H>
+#   iSCSI target     iqn.2026-12.org.example.stp:stg<ID> (--iscsi-target), TPG 1;
+#                    initiator IQN k is host H (a host of its own after the
+#                    tcm_loop paths, or IQN=H: host H's backstores)
 
 # shellcheck disable=SC2034 # the constants are for the scripts that source this
 STP_PROG="${STP_PROG:-${0##*/}}"
@@ -67,6 +70,10 @@ stp_dev_config() { printf 'stp/lun=%s,initiator=h%s' "$1" "$2"; }    # L H
 stp_wwn_prefix() { printf 'naa.5001405%06xa' "$(($1 - 1))"; }         # ID
 stp_wwn() { printf '%s%02x' "$(stp_wwn_prefix "$1")" "$2"; }          # ID H
 stp_tpg_dir() { printf '%s/loopback/%s/tpgt_1' "$STP_TARGET_CFS" "$1"; } # WWN
+# The NAA LIO gives a backstore with unit serial $1: naa.6001405 and the
+# serial's first 25 hex digits.
+stp_lio_naa() { local h="${1//-/}"; printf 'naa.6001405%s' "${h:0:25}"; }
+stp_iscsi_iqn() { printf 'iqn.2026-12.org.example.stp:stg%s' "$1"; }    # ID
 
 # ---- argument checks ----------------------------------------------------
 
@@ -208,9 +215,20 @@ stp_all_lun_dirs() {
     return 0
 }
 
-# Removes a LUN (its backstore link, its mapped-LUN links, the directory).
+# Removes a LUN: the node ACLs' mapped LUNs that point at it (iSCSI), its
+# backstore link, the directory.
 stp_remove_lun() {
-    local lundir="$1" l
+    local lundir="$1" l m tpg
+    tpg="${lundir%/lun/*}"
+    for m in "$tpg"/acls/*/lun_*; do
+        [[ -d "$m" ]] || continue
+        for l in "$m"/*; do
+            [[ -L "$l" && "$l" -ef "$lundir" ]] || continue
+            rm -f "$l" || die "cannot unlink mapped LUN $l"
+            rmdir "$m" 2>/dev/null || die "cannot remove mapped LUN $m"
+            break
+        done
+    done
     for l in "$lundir"/*; do
         [[ -L "$l" ]] && { rm -f "$l" || die "cannot unlink $l"; }
     done
@@ -305,6 +323,71 @@ stp_delete_loop_target() {
         if [[ -n "$(stp_readf "$tpg/nexus")" ]]; then
             printf 'NULL' >"$tpg/nexus" 2>/dev/null || die "cannot drop the nexus of $wwn"
         fi
+        rmdir "$tpg" || die "cannot remove $tpg"
+    done
+    rmdir "$base" || die "cannot remove $base"
+}
+
+# The iSCSI targets of STG $1 (IQNs, one per line): the default name, and
+# any other whose LUNs link to the STG's user backstores.
+stp_iscsi_targets() {
+    local d l def
+    def="$(stp_iscsi_iqn "$1")"
+    for d in "$STP_TARGET_CFS"/iscsi/iqn.*; do
+        [[ -d "$d" ]] || continue
+        if [[ "${d##*/}" == "$def" ]]; then
+            printf '%s\n' "${d##*/}"
+            continue
+        fi
+        for l in "$d"/tpgt_*/lun/lun_*/*; do
+            if [[ -L "$l" && "$(readlink -f "$l")" == "$(stp_hba_dir "$1")"/* ]]; then
+                printf '%s\n' "${d##*/}"
+                break
+            fi
+        done
+    done
+    return 0
+}
+
+# Deletes an iSCSI target with raw configfs: each TPG disabled (its sessions
+# dropped), its node ACLs with their mapped LUNs, its LUNs, its portals,
+# then the TPG and the target. (One rm and one rmdir per kind of object:
+# each command costs ~50 ms in the test VM.)
+stp_delete_iscsi_target() {
+    local base="$STP_TARGET_CFS/iscsi/$1" tpg d m l
+    [[ -d "$base" ]] || return 0
+    for tpg in "$base"/tpgt_*; do
+        [[ -d "$tpg" ]] || continue
+        if [[ "$(stp_readf "$tpg/enable")" == 1 ]]; then
+            printf '0' >"$tpg/enable" 2>/dev/null || die "cannot disable $tpg"
+        fi
+        local -a links=() mapped=() acls=() lundirs=() nps=()
+        for d in "$tpg"/acls/*; do
+            [[ -d "$d" ]] || continue
+            acls+=("$d")
+            for m in "$d"/lun_*; do
+                [[ -d "$m" ]] || continue
+                mapped+=("$m")
+                for l in "$m"/*; do
+                    [[ -L "$l" ]] && links+=("$l")
+                done
+            done
+        done
+        for d in "$tpg"/lun/lun_*; do
+            [[ -d "$d" ]] || continue
+            lundirs+=("$d")
+            for l in "$d"/*; do
+                [[ -L "$l" ]] && links+=("$l")
+            done
+        done
+        for d in "$tpg"/np/*; do
+            [[ -d "$d" ]] && nps+=("$d")
+        done
+        ((${#links[@]} == 0)) || rm -f "${links[@]}" || die "cannot unlink the LUNs of $tpg"
+        ((${#mapped[@]} == 0)) || rmdir "${mapped[@]}" || die "cannot remove the mapped LUNs of $tpg"
+        ((${#acls[@]} == 0)) || rmdir "${acls[@]}" || die "cannot remove the node ACLs of $tpg"
+        ((${#lundirs[@]} == 0)) || rmdir "${lundirs[@]}" || die "cannot remove the LUNs of $tpg"
+        ((${#nps[@]} == 0)) || rmdir "${nps[@]}" || die "cannot remove the network portals of $tpg"
         rmdir "$tpg" || die "cannot remove $tpg"
     done
     rmdir "$base" || die "cannot remove $base"
@@ -425,11 +508,15 @@ stp_remove_fileio() {
     return 0
 }
 
-# Removes STG $1's set-up: its tcm_loop targets (with every LUN in them),
+# Removes STG $1's set-up: its iSCSI and tcm_loop targets (with every LUN in them),
 # its user backstores (unlinked wherever they are linked), and the ramdisk
 # and the fileio backstore when nothing links them any more.
 stp_teardown() {
     local id="$1" wwn d rd
+    while IFS= read -r wwn; do
+        say "deleting iSCSI target $wwn (its sessions are dropped)"
+        stp_delete_iscsi_target "$wwn"
+    done < <(stp_iscsi_targets "$id")
     while IFS= read -r wwn; do
         say "deleting tcm_loop target $wwn"
         stp_delete_loop_target "$wwn"

@@ -608,6 +608,103 @@ pub fn preempted_unit_attention(a: &mut dyn Transport, b: &mut dyn Transport) ->
     Ok(())
 }
 
+/// The unit attention `t`'s next command meets, `None` when it succeeds.
+fn next_unit_attention(t: &mut dyn Transport) -> Result<Option<Asc>, String> {
+    match run_none(t, Cdb::TestUnitReady).into_result() {
+        Ok(_) => Ok(None),
+        Err(CommandError::CheckCondition(s)) if s.key == SenseKey::UNIT_ATTENTION => {
+            Ok(Some(s.asc))
+        }
+        Err(e) => Err(format!("TEST UNIT READY: {e}")),
+    }
+}
+
+/// Two I_T nexuses, `a` and `c`, on one backstore (LIO's device: two
+/// initiators mapped to the same TCMU backstore), and `other`, another
+/// backstore of the same array LUN (another host's, as the set-up scripts
+/// give every host its own). LIO's core, not the backstore, keeps the
+/// persistent reservations and the unit attentions, per node ACL and
+/// mapped LUN, and per backstore: `a`'s Write Exclusive – Registrants Only
+/// reservation shuts unregistered `c` out (RESERVATION CONFLICT) but not
+/// `other`, whose backstore LIO does not know to be the same LUN; when `a`
+/// releases, registrant `c` alone gets RESERVATIONS RELEASED (2Ah/04h),
+/// `a` and `other` none; when `a` clears, `c` gets RESERVATIONS PREEMPTED
+/// (2Ah/03h). Block `lba` is written. Leaves the backstores without keys
+/// and with no unit attention pending.
+pub fn two_nexuses_on_one_backstore(
+    a: &mut dyn Transport,
+    c: &mut dyn Transport,
+    other: &mut dyn Transport,
+    lba: u64,
+) -> Check {
+    const WE_RO: u8 = 5;
+    let (_, bs) = capacity(a)?;
+    let block = vec![0xC5u8; bs as usize];
+    let write = |t: &mut dyn Transport| {
+        run_out(
+            t,
+            Cdb::Write16 {
+                lba,
+                blocks: 1,
+                flags: RwFlags::default(),
+            },
+            &block,
+        )
+    };
+    let clean = |t: &mut dyn Transport, who: &str| -> Check {
+        drain_unit_attentions(t)?;
+        good(pr_out(t, 6, 0, 0, 0), &format!("{who} unregistering"))
+    };
+    clean(a, "a")?;
+    clean(c, "c")?;
+    clean(other, "other")?;
+    good(pr_out(a, 0, 0, 0, 0xA1), "a registers")?;
+    if pr_keys(c)? != [0xA1] {
+        return Err(format!(
+            "READ KEYS through c: {:?}, want [0xA1]",
+            pr_keys(c)?
+        ));
+    }
+    if !pr_keys(other)?.is_empty() {
+        return Err(format!(
+            "READ KEYS through the other backstore: {:?}, want none (LIO keeps registrations per backstore)",
+            pr_keys(other)?
+        ));
+    }
+    good(pr_out(a, 1, WE_RO, 0xA1, 0), "a reserves")?;
+    conflict(write(c), "c's WRITE on a's backstore, unregistered")?;
+    good(
+        write(other),
+        "the other backstore's WRITE while a holds the reservation on its own",
+    )?;
+    good(pr_out(c, 0, 0, 0, 0xC3), "c registers")?;
+    good(write(c), "c's WRITE, registered")?;
+    good(pr_out(a, 2, WE_RO, 0xA1, 0), "a releases")?;
+    let seen = (
+        next_unit_attention(a)?,
+        next_unit_attention(c)?,
+        next_unit_attention(other)?,
+    );
+    if seen != (None, Some(Asc::RESERVATIONS_RELEASED), None) {
+        return Err(format!(
+            "after a's release (a, c, other): {seen:?}, want (None, Some(RESERVATIONS RELEASED), None)"
+        ));
+    }
+    good(pr_out(a, 3, 0, 0xA1, 0), "a clears")?;
+    let seen = (next_unit_attention(a)?, next_unit_attention(c)?);
+    if seen != (None, Some(Asc::RESERVATIONS_PREEMPTED)) {
+        return Err(format!(
+            "after a's clear (a, c): {seen:?}, want (None, Some(RESERVATIONS PREEMPTED))"
+        ));
+    }
+    if !pr_keys(a)?.is_empty() {
+        return Err(format!("keys survive CLEAR: {:?}", pr_keys(a)?));
+    }
+    drain_unit_attentions(a)?;
+    drain_unit_attentions(c)?;
+    drain_unit_attentions(other)
+}
+
 /// The registered keys (READ KEYS).
 fn pr_keys(t: &mut dyn Transport) -> Result<Vec<u64>, String> {
     let c = run_in(

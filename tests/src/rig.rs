@@ -223,7 +223,8 @@ impl Rig for SharedRig {
 /// One LUN as a host path sees it, from the map.
 #[derive(Clone, Debug, serde::Deserialize)]
 pub struct MapLun {
-    /// The LUN number on the tcm_loop target.
+    /// The LUN number the host sees (on the tcm_loop target, or the node
+    /// ACL's mapped LUN over iSCSI).
     pub lun: u64,
     /// `stg` (served by the TCMU daemon), `ramdisk` or `fileio` (LIO's own
     /// backstores).
@@ -240,12 +241,14 @@ pub struct MapLun {
     pub block: Option<PathBuf>,
 }
 
-/// One host path (one tcm_loop target) from the map.
+/// One host path from the map: a tcm_loop target (`stg-up`'s map), or an
+/// iSCSI session (`iscsi-login`'s).
 #[derive(Clone, Debug, serde::Deserialize)]
 pub struct MapHost {
     /// The host index (0 or 1).
     pub index: usize,
-    /// The initiator name the daemon knows this path by.
+    /// The initiator name: the one the daemon knows a tcm_loop path by
+    /// (`h<H>`), or an iSCSI session's initiator IQN.
     pub initiator: String,
     /// Its LUNs.
     pub luns: Vec<MapLun>,
