@@ -598,7 +598,9 @@ impl StgMailbox {
             let held = st.owned.get(&owner).copied().unwrap_or(0);
             let joins = joins.and_then(|j| {
                 if held >= PORTS_PER_INITIATOR {
-                    Err(MailboxError::Refused(Refusal::NoFreePorts))
+                    Err(MailboxError::Refused(Refusal::PortLimit {
+                        held: u32::try_from(held).unwrap_or(u32::MAX),
+                    }))
                 } else {
                     Ok(j)
                 }
@@ -2769,8 +2771,9 @@ mod tests {
     }
 
     /// A third initiator flooding BINDs (docs/PROTOCOL.md §7.1) gets
-    /// [`PORTS_PER_INITIATOR`] ports and then NO FREE PORTS; another
-    /// initiator still binds; releasing gives the first its room back.
+    /// [`PORTS_PER_INITIATOR`] ports and then NO FREE PORTS naming the
+    /// ports it holds; another initiator still binds; releasing gives the
+    /// first its room back.
     #[test]
     fn one_initiator_cannot_take_the_whole_port_space() {
         let (_a, m, ha, hb) = two_hosts();
@@ -2784,15 +2787,13 @@ mod tests {
             }
             assert!(added.len() < PORTS_PER_INITIATOR, "no limit");
         };
-        assert!(matches!(
-            refused,
-            MailboxError::Refused(Refusal::NoFreePorts)
-        ));
+        let limit = MailboxError::Refused(Refusal::PortLimit {
+            held: PORTS_PER_INITIATOR as u32,
+        });
+        assert_eq!(refused.to_string(), limit.to_string());
+        assert!(refused.to_string().contains("limit per initiator"));
         assert_eq!(added.len() + 1, PORTS_PER_INITIATOR);
-        assert!(matches!(
-            p.bind(5000),
-            Err(MailboxError::Refused(Refusal::NoFreePorts))
-        ));
+        assert_eq!(p.bind(5000).unwrap_err().to_string(), limit.to_string());
         // The other initiator is not held back, nor is this one on
         // another path of the same nexus... only on its own count.
         let mut q = Path::open(&hb, 1);

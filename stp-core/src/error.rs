@@ -77,6 +77,18 @@ pub enum Refusal {
     /// 80h/04h: every dynamic port of the STG is bound.
     #[error("no free dynamic port on the STG; release ports and retry later")]
     NoFreePorts,
+    /// 80h/04h with the INFORMATION field set: this initiator already holds
+    /// `held` ports, the array's limit per initiator (docs/PROTOCOL.md
+    /// §7.1); other hosts still bind.
+    #[error(
+        "this host already holds {held} ports on the STG, the array's limit per initiator; \
+         close connections (or find what keeps opening them: another process on this host \
+         sharing its SCSI paths counts too) and retry"
+    )]
+    PortLimit {
+        /// The ports the initiator holds.
+        held: u32,
+    },
     /// 80h/05h: the SEND data holds a malformed frame (a bug in the sender).
     #[error("the array found a malformed frame at byte {offset} of the SEND data")]
     MalformedFrame {
@@ -256,6 +268,9 @@ pub fn refusal(e: &CommandError) -> Option<Refusal> {
         (SenseKey::ILLEGAL_REQUEST, ASC_PORT_NOT_BOUND) => Refusal::PortNotBound(info0),
         (SenseKey::ILLEGAL_REQUEST, ASC_BAD_HANDLE) => Refusal::BadHandle,
         (SenseKey::ILLEGAL_REQUEST, ASC_PORT_IN_USE) => Refusal::PortInUse,
+        (SenseKey::ILLEGAL_REQUEST, ASC_NO_FREE_PORTS) if info0 > 0 => {
+            Refusal::PortLimit { held: info0 }
+        }
         (SenseKey::ILLEGAL_REQUEST, ASC_NO_FREE_PORTS) => Refusal::NoFreePorts,
         (SenseKey::ILLEGAL_REQUEST, ASC_MALFORMED_FRAME) => {
             Refusal::MalformedFrame { offset: info0 }
@@ -376,6 +391,7 @@ impl Refusal {
             Refusal::BadHandle => (K::ILLEGAL_REQUEST, ASC_BAD_HANDLE, None),
             Refusal::PortInUse => (K::ILLEGAL_REQUEST, ASC_PORT_IN_USE, None),
             Refusal::NoFreePorts => (K::ILLEGAL_REQUEST, ASC_NO_FREE_PORTS, None),
+            Refusal::PortLimit { held } => (K::ILLEGAL_REQUEST, ASC_NO_FREE_PORTS, Some(held)),
             Refusal::MalformedFrame { offset } => {
                 (K::ILLEGAL_REQUEST, ASC_MALFORMED_FRAME, Some(offset))
             }
@@ -406,4 +422,35 @@ impl Refusal {
 /// the same kind whose source is the one original.
 pub fn shared_io_error(e: &Arc<io::Error>) -> io::Error {
     io::Error::new(e.kind(), Arc::clone(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_refusal_survives_its_sense_data() {
+        for r in [
+            Refusal::PortNotBound(9),
+            Refusal::BadHandle,
+            Refusal::PortInUse,
+            Refusal::NoFreePorts,
+            Refusal::PortLimit { held: 4096 },
+            Refusal::MalformedFrame { offset: 160 },
+            Refusal::SourcePortMismatch { offset: 80 },
+            Refusal::FrameTooLarge { needed: 8192 },
+            Refusal::QueueFull { port: 5101 },
+            Refusal::Released,
+            Refusal::NotAnStgMember,
+        ] {
+            let e = CommandError::CheckCondition(r.to_sense());
+            assert_eq!(refusal(&e), Some(r), "{r:?}");
+        }
+        // NO FREE PORTS names the ports held when it is the initiator's
+        // limit, and says so.
+        let limit = Refusal::PortLimit { held: 4096 };
+        assert_eq!(limit.to_sense().asc, ASC_NO_FREE_PORTS);
+        assert!(limit.to_string().contains("4096 ports"));
+        assert!(limit.to_string().contains("limit per initiator"));
+    }
 }

@@ -746,6 +746,7 @@ mod tests {
             Refusal::BadHandle,
             Refusal::PortInUse,
             Refusal::NoFreePorts,
+            Refusal::PortLimit { held: 4096 },
             Refusal::MalformedFrame { offset: 0 },
             Refusal::SourcePortMismatch { offset: 0 },
             Refusal::FrameTooLarge { needed: 8192 },

@@ -192,7 +192,8 @@ pub struct Flood {
     pub bound: usize,
     /// Why the array refused the next.
     pub refusal: String,
-    /// Whether that was the port space's limit (NO FREE PORTS).
+    /// Whether that was a limit on ports (NO FREE PORTS: the initiator's,
+    /// or the whole port space's).
     pub at_limit: bool,
     /// What a legitimate host's BIND got while the flood held the ports.
     pub legit_bind: String,
@@ -441,7 +442,10 @@ fn bind_flood(rig: &Arc<dyn Rig>) -> Flood {
     e2e::transfer(rig, 256 << 10, 62);
     Flood {
         bound,
-        at_limit: matches!(refusal, MailboxError::Refused(Refusal::NoFreePorts)),
+        at_limit: matches!(
+            refusal,
+            MailboxError::Refused(Refusal::PortLimit { .. } | Refusal::NoFreePorts)
+        ),
         refusal: refusal.to_string(),
         legit_bind,
         seconds,

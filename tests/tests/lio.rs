@@ -1418,7 +1418,7 @@ fn every_vendor_command(rig: &Arc<dyn Rig>, naas: &[String]) {
 /// in vendor mode between A and B, and block mode on LIO's ramdisk. Then two initiators
 /// on one TCMU backstore (A and C): to the daemon they are one host (the
 /// backstore's `initiator=`), so A's ports count against C's limit — A
-/// binds `PORTS_PER_INITIATOR` ports, C's BIND is refused NO FREE PORTS
+/// binds `PORTS_PER_INITIATOR` ports, C's BIND is refused at the limit
 /// while B's (its own backstore) succeeds, and C releases A's binding by
 /// its handle; to LIO's core they are two nexuses, each with its own
 /// reservations and unit attentions
@@ -1521,7 +1521,8 @@ fn stg_over_iscsi_and_two_initiators_on_one_backstore() {
     for a in adders {
         let (added, e) = a.join().unwrap();
         assert!(
-            matches!(e, MailboxError::Refused(Refusal::NoFreePorts)),
+            matches!(e, MailboxError::Refused(Refusal::PortLimit { held })
+                if held as usize == sim_target::mailbox::PORTS_PER_INITIATOR),
             "A's BIND beyond its ports: {e}"
         );
         held += added;
@@ -1531,7 +1532,7 @@ fn stg_over_iscsi_and_two_initiators_on_one_backstore() {
     assert_eq!(held, sim_target::mailbox::PORTS_PER_INITIATOR);
     let mut mc = e2e::rig_mailbox(&rig, 2);
     match mc.bind(None) {
-        Err(MailboxError::Refused(Refusal::NoFreePorts)) => {}
+        Err(MailboxError::Refused(Refusal::PortLimit { .. })) => {}
         other => {
             panic!("C (A's backstore) bound while A held its initiator's every port: {other:?}")
         }
