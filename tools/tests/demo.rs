@@ -49,6 +49,18 @@ fn demo_backs_up_and_restores_byte_for_byte() {
         assert_eq!(t["lan_data_bytes"].as_u64(), Some(0), "{stdout}");
         assert!(t["lan_bytes"].as_u64().unwrap_or(0) > 0, "{stdout}");
     }
+    // The tree back to the client through the array: the stream on the
+    // array, nothing of it on the LAN.
+    let r = &v["restore"];
+    assert_eq!(r["restored_equal"], true, "{stdout}");
+    assert_eq!(r["channel"], "stp", "{stdout}");
+    assert!(r["restore_id"].as_i64().is_some(), "{stdout}");
+    assert!(
+        r["traffic"]["array_bytes"].as_u64().unwrap_or(0)
+            >= r["bytes"].as_u64().unwrap_or(u64::MAX),
+        "{stdout}"
+    );
+    assert_eq!(r["traffic"]["lan_data_bytes"].as_u64(), Some(0), "{stdout}");
     let total = &v["traffic"];
     assert!(
         total["array_bytes"].as_u64().unwrap_or(0) > total["lan_bytes"].as_u64().unwrap_or(0),
