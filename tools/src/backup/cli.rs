@@ -100,11 +100,12 @@ enum ServerCommand {
         #[arg(long = "exclude")]
         excludes: Vec<String>,
     },
-    /// Take database backups that clients start (seed Fig. 5).
+    /// Take database backups and serve restores that clients start (seed
+    /// Fig. 5).
     Serve {
         #[command(flatten)]
         common: Common,
-        /// Take one backup and exit.
+        /// Serve one session (a backup or a restore) and exit.
         #[arg(long)]
         once: bool,
     },

@@ -10,7 +10,7 @@
 //! order, at most [`QUEUE`] at a time, so a slow hash holds the stream back
 //! rather than letting memory grow.
 
-use std::sync::mpsc::{self, SyncSender};
+use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
@@ -23,6 +23,9 @@ pub const QUEUE: usize = 8;
 #[derive(Debug)]
 pub struct StreamHasher {
     tx: Option<SyncSender<Arc<Vec<u8>>>>,
+    /// Segments hashed, handed back for reuse (a receiver fills them
+    /// again without allocating and zeroing a fresh one each time).
+    spares: Option<Receiver<Arc<Vec<u8>>>>,
     thread: Option<JoinHandle<Sha256>>,
     /// Hashing inline: the thread could not be started.
     inline: Option<Sha256>,
@@ -40,24 +43,29 @@ impl StreamHasher {
     /// one that hashes on the caller's thread).
     pub fn new() -> StreamHasher {
         let (tx, rx) = mpsc::sync_channel::<Arc<Vec<u8>>>(QUEUE);
+        let (back, spares) = mpsc::sync_channel::<Arc<Vec<u8>>>(QUEUE);
         let spawned = thread::Builder::new()
             .name("stp-backup-sha256".into())
             .spawn(move || {
                 let mut h = Sha256::new();
                 for seg in rx {
                     h.update(&seg[..]);
+                    // Full or gone: the segment is simply freed.
+                    let _ = back.try_send(seg);
                 }
                 h
             });
         match spawned {
             Ok(t) => StreamHasher {
                 tx: Some(tx),
+                spares: Some(spares),
                 thread: Some(t),
                 inline: None,
                 digest: None,
             },
             Err(_) => StreamHasher {
                 tx: None,
+                spares: None,
                 thread: None,
                 inline: Some(Sha256::new()),
                 digest: None,
@@ -80,6 +88,18 @@ impl StreamHasher {
                 self.tx = None;
             }
         }
+    }
+
+    /// A segment already hashed that nobody else holds, to fill again
+    /// (its length is the old segment's; its bytes are stale).
+    pub fn spare(&mut self) -> Option<Vec<u8>> {
+        let spares = self.spares.as_ref()?;
+        while let Ok(seg) = spares.try_recv() {
+            if let Ok(v) = Arc::try_unwrap(seg) {
+                return Some(v);
+            }
+        }
+        None
     }
 
     /// The SHA-256 of every segment given, once they are all hashed (the
@@ -126,5 +146,20 @@ mod tests {
         assert_eq!(h.finish(), want, "the same on every call");
         let mut empty = StreamHasher::new();
         assert_eq!(empty.finish(), <[u8; 32]>::from(Sha256::digest(b"")));
+    }
+
+    #[test]
+    fn hashed_segments_come_back_for_reuse_unless_shared() {
+        let mut h = StreamHasher::new();
+        h.update(Arc::new(vec![1u8; 4096]));
+        let kept = Arc::new(vec![2u8; 4096]);
+        h.update(Arc::clone(&kept));
+        // Both are hashed once `finish` returns; only the first is free.
+        let d = h.finish();
+        let mut data = vec![1u8; 4096];
+        data.extend_from_slice(&[2u8; 4096]);
+        assert_eq!(d, <[u8; 32]>::from(Sha256::digest(&data)));
+        assert_eq!(h.spare(), Some(vec![1u8; 4096]));
+        assert_eq!(h.spare(), None, "the second is still held by its owner");
     }
 }

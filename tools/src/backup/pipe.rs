@@ -544,7 +544,10 @@ impl<'a> PipeReceiver<'a> {
     /// Reads the whole stream into `sink` (whole segments only, in order).
     pub fn run(&mut self, sink: &mut dyn Write) -> Result<StreamReport> {
         loop {
-            let mut buf = Vec::with_capacity(SEGMENT);
+            let mut buf = self
+                .hasher
+                .spare()
+                .unwrap_or_else(|| Vec::with_capacity(SEGMENT));
             match self.next(&mut buf) {
                 Ok(Some(())) => {
                     if let Err(e) = sink.write_all(&buf) {
