@@ -833,6 +833,58 @@ mod tests {
         assert!(format!("{e:#}").contains("gave up: disk on fire"), "{e:#}");
     }
 
+    /// A sink that takes `left` bytes, then fails.
+    struct Full {
+        left: usize,
+    }
+
+    impl Write for Full {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.left < buf.len() {
+                return Err(io::Error::other("no space left on the test's disk"));
+            }
+            self.left -= buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_receiver_whose_sink_fails_gives_up_and_the_sender_says_why() {
+        let layer = tcp_layer();
+        let (c, s) = pair(&layer);
+        let l2 = Arc::clone(&layer);
+        let rx = thread::spawn(move || {
+            let mut r = PipeReceiver::new(&l2, s, None, Policy::Preferred, 1, Progress::hidden());
+            let e = r.run(&mut Full { left: SEGMENT }).unwrap_err();
+            // Take what else comes until the sender, having read the
+            // reason, closes.
+            let mut b = vec![0u8; 64 * 1024];
+            while matches!(l2.recv(s, &mut b), Ok(n) if n > 0) {}
+            format!("{e:#}")
+        });
+        let mut tx = PipeSender::new(&layer, c, None, Policy::Preferred, 1, Progress::hidden());
+        let data = vec![5u8; 3 * SEGMENT];
+        let sent = tx.write_all(&data).map_err(anyhow::Error::new);
+        let e = match sent {
+            Ok(()) => tx.finish().unwrap_err(),
+            Err(e) => e,
+        };
+        wire::close_quietly(&layer, c);
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("the receiver gave up") && msg.contains("no space left"),
+            "{msg}"
+        );
+        let theirs = rx.join().unwrap();
+        assert!(
+            theirs.contains("after byte 1048576 to its destination"),
+            "{theirs}"
+        );
+    }
+
     #[test]
     fn policies_parse() {
         assert_eq!("never".parse::<Policy>(), Ok(Policy::Never));
