@@ -99,6 +99,9 @@ pub struct DbSession {
     pub stg: u32,
     /// The STG's length (member count) as the server stated it.
     pub stg_len: u32,
+    /// The other host's address: the server for the client, the client
+    /// (where its WKP connection came from) for the server.
+    pub peer: IpAddr,
 }
 
 impl DbSession {
@@ -915,6 +918,7 @@ pub fn db_client_connect(
         data: f.keep(data),
         stg,
         stg_len,
+        peer: server_addr,
     })
 }
 
@@ -994,6 +998,7 @@ pub fn db_server_accept(
         data: f.keep(data),
         stg,
         stg_len,
+        peer: client_ip,
     })
 }
 

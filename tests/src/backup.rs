@@ -23,6 +23,7 @@ use stp_core::stream::PathSource;
 use stp_core::sockets::SocketLayer;
 use stp_tools::backup::demo::{check_db, compare_trees, make_tree, LiveDb};
 use stp_tools::backup::pipe::Policy;
+use stp_tools::backup::remote::{restore_from_server, RestoreJob};
 use stp_tools::backup::repo::Repo;
 use stp_tools::backup::session::{self, AgentRules, FsJob, Host, RunOptions};
 use stp_tools::backup::wire::{DbSource, Level};
@@ -133,7 +134,8 @@ pub fn free_wkp3() -> u16 {
 
 /// Host 0 is the backup server, host 1 the client: a full and an
 /// incremental file-system backup of a `tree_bytes` tree, restored and
-/// compared; a live SQLite database backed up while written, restored and
+/// compared, on the server and on the client through the array; a live
+/// SQLite database backed up while written, restored and
 /// checked; every backup verified; all of it through the rig's STG in
 /// `mode` (vendor: the rig's STG; block: its plain shared LUN, formatted
 /// as a block-mode STG, which any array serves).
@@ -194,6 +196,39 @@ pub fn fs_and_db_round_trip(rig: &Arc<dyn Rig>, tree_bytes: u64, mode: MailboxMo
     let r = tmp.path().join("r-inc");
     repo.restore(inc.backup_id, &r, &[]).unwrap();
     assert_eq!(compare_trees(&src, &r).unwrap(), Vec::<String>::new());
+
+    // The client takes the incremental back through the array (its
+    // unchanged files from the full backup's archive, in one stream).
+    let s = server.clone();
+    let dir = repo_dir.clone();
+    let srv = thread::spawn(move || session::db_serve(&s, &Repo::open(dir).unwrap(), quiet()));
+    let remote = tmp.path().join("r-remote");
+    let job = RestoreJob {
+        server: LOCAL,
+        client_name: "client".into(),
+        backup_id: inc.backup_id,
+        paths: Vec::new(),
+    };
+    let got = restore_from_server(&client, &job, &remote, quiet())
+        .unwrap_or_else(|e| panic!("{}: restore through the array: {e:#}", rig.describe()));
+    let sent = srv
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{}: serving the restore: {e:#}", rig.describe()));
+    assert_eq!(
+        (got.channel.as_str(), sent.channel.as_str()),
+        ("stp", "stp")
+    );
+    assert_eq!(sent.traffic.lan_data_bytes, 0, "{:?}", sent.traffic);
+    assert!(sent.traffic.array_bytes >= sent.bytes, "{:?}", sent.traffic);
+    assert_eq!(compare_trees(&src, &remote).unwrap(), Vec::<String>::new());
+    eprintln!(
+        "{} ({mode} mode): restore of backup {} through the array: {} bytes in {:.2} s",
+        rig.describe(),
+        inc.backup_id,
+        sent.bytes,
+        sent.seconds
+    );
 
     let live = LiveDb::start(&tmp.path().join("live.sqlite")).unwrap();
     let s = server.clone();

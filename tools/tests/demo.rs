@@ -49,6 +49,18 @@ fn demo_backs_up_and_restores_byte_for_byte() {
         assert_eq!(t["lan_data_bytes"].as_u64(), Some(0), "{stdout}");
         assert!(t["lan_bytes"].as_u64().unwrap_or(0) > 0, "{stdout}");
     }
+    // The tree back to the client through the array: the stream on the
+    // array, nothing of it on the LAN.
+    let r = &v["restore"];
+    assert_eq!(r["restored_equal"], true, "{stdout}");
+    assert_eq!(r["channel"], "stp", "{stdout}");
+    assert!(r["restore_id"].as_i64().is_some(), "{stdout}");
+    assert!(
+        r["traffic"]["array_bytes"].as_u64().unwrap_or(0)
+            >= r["bytes"].as_u64().unwrap_or(u64::MAX),
+        "{stdout}"
+    );
+    assert_eq!(r["traffic"]["lan_data_bytes"].as_u64(), Some(0), "{stdout}");
     let total = &v["traffic"];
     assert!(
         total["array_bytes"].as_u64().unwrap_or(0) > total["lan_bytes"].as_u64().unwrap_or(0),
@@ -220,6 +232,47 @@ fn cli_roles_in_two_processes_over_the_lan() {
     ]);
     let want: String = (1..=5000).map(|i| format!("{i}\n")).collect();
     assert_eq!(fs::read_to_string(&dump).unwrap(), want);
+    // The client takes the tree back from the server (a LAN session here,
+    // for want of SCSI; through the array where there is an STG).
+    let server = Command::new(stp)
+        .args([
+            "backup", "server", "serve", "--once", "--json", "--config", cfg_s,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let back = tmp.path().join("back");
+    let r = run(&[
+        "backup",
+        "client",
+        "restore",
+        &id,
+        "--json",
+        "--config",
+        cfg_s,
+        "--to",
+        back.to_str().unwrap(),
+    ]);
+    let served = server.wait_with_output().unwrap();
+    assert!(served.status.success());
+    let served = String::from_utf8_lossy(&served.stdout);
+    assert!(served.contains("\"event\":\"restore\""), "{served}");
+    assert_eq!(r["channel"], "tcp", "{r}");
+    assert!(r["restore_id"].as_i64().is_some(), "{r}");
+    assert_eq!(
+        stp_tools::backup::demo::compare_trees(&src, &back).unwrap(),
+        Vec::<String>::new()
+    );
+    let restores = run(&["backup", "list", "--restores", "--json", "--repo", repo_s]);
+    assert_eq!(restores[0]["status"], "complete", "{restores}");
+    assert_eq!(restores[0]["client"], "cli-client", "{restores}");
+    assert!(
+        restores[0]["traffic"]["lan_data_bytes"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "{restores}"
+    );
     let v = run(&["backup", "verify", "--all", "--json", "--repo", repo_s]);
     assert!(
         v.as_array()

@@ -417,6 +417,9 @@ fn header_for(m: &fs::Metadata, ty: EntryType) -> Header {
     h
 }
 
+/// Bytes read from a file at a time while it is backed up.
+const FILE_READ: usize = 256 * 1024;
+
 /// Writes the tree under `root` as a tar stream to `out`; calls `on_error`
 /// with (path, message) for each file that could not be backed up
 /// properly. Returns the manifest.
@@ -616,8 +619,10 @@ impl<'e, W: Write> TreeWriter<'e, W> {
         };
         let mut h = header_for(m, EntryType::Regular);
         h.set_size(m.len());
+        // tar copies 8 KiB at a time: read the file in large pieces, not
+        // one system call per 8 KiB.
         let mut reader = Exact {
-            inner: f,
+            inner: io::BufReader::with_capacity(FILE_READ, f),
             left: m.len(),
             hasher: Sha256::new(),
             short: false,
@@ -875,6 +880,97 @@ fn copy_out(r: &mut dyn Read, out: &mut File, sparse: bool) -> Result<(u64, Stri
     }
     out.set_len(total)?;
     Ok((total, hex::encode(h.finalize())))
+}
+
+/// Copies the entries of the tar stream `reader` that `want` takes (by key,
+/// `""` for the root entry `./`, and kind) into `out`, headers and content
+/// as they are: a restore through the array sends one stream of exactly
+/// what it restores. Refuses hostile names ([`safe_relative`]); an entry
+/// cut short fails the copy (the header already promised its bytes).
+pub fn copy_entries<W: Write>(
+    reader: impl Read,
+    out: &mut Builder<W>,
+    want: &dyn Fn(&str, Kind) -> bool,
+) -> Result<()> {
+    let mut ar = tar::Archive::new(reader);
+    for entry in ar.entries().context("reading the archive")? {
+        let mut entry = entry.context("reading an archive entry (the archive is damaged)")?;
+        let name = name_key(&entry.path_bytes());
+        let Some(kind) = kind_of(entry.header().entry_type()) else {
+            continue;
+        };
+        let is_root = !name.is_empty()
+            && Path::new(&name)
+                .components()
+                .all(|c| c == Component::CurDir);
+        let key = if is_root {
+            String::new()
+        } else {
+            path_key(&safe_relative(&name).with_context(|| format!("archive entry {name:?}"))?)
+        };
+        if !want(&key, kind) {
+            continue;
+        }
+        let mut h = entry.header().clone();
+        let path = match kind {
+            _ if is_root => PathBuf::from("./"),
+            Kind::Dir => key_path(&format!("{key}/")),
+            _ => key_path(&key),
+        };
+        let copied = match kind {
+            Kind::File => {
+                let left = entry.size();
+                out.append_data(
+                    &mut h,
+                    &path,
+                    NoShorter {
+                        inner: &mut entry,
+                        left,
+                    },
+                )
+            }
+            Kind::Symlink | Kind::Hardlink => {
+                let link = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| anyhow!("{key}: a link without a target"))?
+                    .into_owned();
+                out.append_link(&mut h, &path, key_path(&name_key(&link)))
+            }
+            Kind::Dir | Kind::Fifo => out.append_data(&mut h, &path, io::empty()),
+        };
+        copied.with_context(|| format!("copying {key}"))?;
+    }
+    Ok(())
+}
+
+/// A reader of exactly `left` bytes of `inner`: an early end is an error,
+/// not a short entry.
+struct NoShorter<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for NoShorter<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            return Ok(0);
+        }
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the archive ends {} bytes into an entry's content",
+                    self.left
+                ),
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
 }
 
 /// Extracts a tar stream into `dest` (created if missing), safely (see the

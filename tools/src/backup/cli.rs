@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::config::BackupConfig;
 use super::daemon::{self, ArrayStatus, LoopIo, Role, Started};
+use super::remote::{restore_from_server, RestoreJob};
 use super::repo::{BackupInfo, Repo};
 use super::session::{self, escape_control, FsJob, RunOptions};
 use super::traffic::ChannelUse;
@@ -23,6 +24,7 @@ use super::wire::{DbSource, Level};
 Examples:\n  stp backup client agent --config backup.toml\n  \
 stp backup server fs --config backup.toml --client 192.0.2.20 --source /srv\n  \
 stp backup client db --config backup.toml --sqlite /var/lib/app.db --name app\n  \
+stp backup client restore 3 --config backup.toml --to /srv/restored\n  \
 stp backup list --repo /var/lib/stp/backup\n  \
 stp backup restore 3 --repo /var/lib/stp/backup --to /tmp/r --path etc\n  \
 stp backup verify --all --repo /var/lib/stp/backup"
@@ -98,11 +100,12 @@ enum ServerCommand {
         #[arg(long = "exclude")]
         excludes: Vec<String>,
     },
-    /// Take database backups that clients start (seed Fig. 5).
+    /// Take database backups and serve restores that clients start (seed
+    /// Fig. 5).
     Serve {
         #[command(flatten)]
         common: Common,
-        /// Take one backup and exit.
+        /// Serve one session (a backup or a restore) and exit.
         #[arg(long)]
         once: bool,
     },
@@ -135,6 +138,24 @@ enum ClientCommand {
         /// The database's name in the catalog.
         #[arg(long)]
         name: String,
+        /// The server's address (default: [client] server).
+        #[arg(long)]
+        server: Option<IpAddr>,
+    },
+    /// Restore a backup from the server to this host, through the array
+    /// (the server runs `stp backup server serve`).
+    Restore {
+        #[command(flatten)]
+        common: Common,
+        /// The backup id (`stp backup list` on the server).
+        id: i64,
+        /// Restore into this directory (it may exist; files in it are
+        /// replaced).
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        /// Only these paths (and what is under them); repeatable.
+        #[arg(long = "path")]
+        paths: Vec<String>,
         /// The server's address (default: [client] server).
         #[arg(long)]
         server: Option<IpAddr>,
@@ -177,8 +198,11 @@ struct ListArgs {
     #[command(flatten)]
     repo: RepoArg,
     /// List the files (and recorded errors) of this backup instead.
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", conflicts_with = "restores")]
     files: Option<i64>,
+    /// List the restores through the array to other hosts instead.
+    #[arg(long)]
+    restores: bool,
 }
 
 #[derive(Args, Debug)]
@@ -236,11 +260,18 @@ fn print_outcome(json: bool, what: &str, o: &session::Outcome) -> Result<()> {
     }
     let mb = o.bytes as f64 / 1e6;
     // Both ends print the server's measurement, so they agree.
-    println!(
-        "{what}: backup {} complete: {:.1} MB, {} files, {} errors over {}; {:.1} MB/s \
-         ({:.2} s from the start of the data to the durable record, as the server measured)",
-        o.backup_id, mb, o.files, o.errors, o.channel, o.mb_per_s, o.seconds,
-    );
+    match o.restore_id {
+        Some(rid) => println!(
+            "{what}: restore {rid} of backup {} complete: {:.1} MB, {} files over {}; {:.1} MB/s \
+             ({:.2} s from the start of the data to every file in place, as the server measured)",
+            o.backup_id, mb, o.files, o.channel, o.mb_per_s, o.seconds,
+        ),
+        None => println!(
+            "{what}: backup {} complete: {:.1} MB, {} files, {} errors over {}; {:.1} MB/s \
+             ({:.2} s from the start of the data to the durable record, as the server measured)",
+            o.backup_id, mb, o.files, o.errors, o.channel, o.mb_per_s, o.seconds,
+        ),
+    }
     println!(
         "  {}; LAN: {} (counted at this host's sockets)",
         o.traffic.summary(),
@@ -348,19 +379,25 @@ struct DaemonIo {
 
 impl LoopIo for DaemonIo {
     fn outcome(&mut self, o: &session::Outcome) -> Result<()> {
+        let event = if o.restore_id.is_some() {
+            "restore"
+        } else {
+            "backup"
+        };
         tracing::info!(
             backup_id = o.backup_id,
+            restore_id = o.restore_id,
             bytes = o.bytes,
             files = o.files,
             errors = o.errors,
             channel = %o.channel,
             mb_per_s = o.mb_per_s,
-            "backup complete"
+            "{event} complete"
         );
         if self.json {
             let mut v = serde_json::to_value(o)?;
             if let Some(m) = v.as_object_mut() {
-                m.insert("event".into(), "backup".into());
+                m.insert("event".into(), event.into());
             }
             println!("{}", serde_json::to_string(&v)?);
             Ok(())
@@ -553,6 +590,95 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
             print_outcome(common.json, "client", &o)?;
             Ok(ExitCode::SUCCESS)
         }
+        BackupCommand::Client(ClientCommand::Restore {
+            common,
+            id,
+            to,
+            paths,
+            server,
+        }) => {
+            let cfg = BackupConfig::load(&common.config)?;
+            let client = cfg
+                .client
+                .clone()
+                .context("the configuration has no [client] section")?;
+            let server = server
+                .or(client.server)
+                .context("say where the backup server is: --server ADDR or [client] server")?;
+            let (host, _) = common.host(&cfg)?;
+            let job = RestoreJob {
+                server,
+                client_name: client.name.clone(),
+                backup_id: *id,
+                paths: paths.clone(),
+            };
+            let o = restore_from_server(
+                &host,
+                &job,
+                to,
+                RunOptions {
+                    quiet: common.json,
+                    ..RunOptions::default()
+                },
+            )?;
+            print_outcome(common.json, "client", &o)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        BackupCommand::List(a) if a.restores => {
+            let repo = a.repo.open()?;
+            let list = repo.restores()?;
+            if a.repo.json {
+                print_json(&list)?;
+            } else {
+                println!(
+                    "{:>5}  {:<20}  {:<8}  {:>6}  {:<12}  {:>12}  {:>10}  {:>10}  {:>8}  {:>6}  \
+                     client:destination",
+                    "id",
+                    "started (UTC)",
+                    "status",
+                    "backup",
+                    "channel",
+                    "bytes",
+                    "array",
+                    "LAN",
+                    "LAN %",
+                    "files"
+                );
+                for r in &list {
+                    let (array, lan, share) = match &r.traffic {
+                        Some(t) => (
+                            super::traffic::human_bytes(t.array_bytes),
+                            super::traffic::human_bytes(t.lan_bytes),
+                            super::traffic::percent(t.lan_percent()),
+                        ),
+                        None => ("-".into(), "-".into(), "-".into()),
+                    };
+                    println!(
+                        "{:>5}  {:<20}  {:<8}  {:>6}  {:<12}  {:>12}  {:>10}  {:>10}  {:>8}  \
+                         {:>6}  {}:{}",
+                        r.id,
+                        utc(r.started),
+                        r.status,
+                        r.backup_id,
+                        r.channel.as_deref().unwrap_or("-"),
+                        r.bytes,
+                        array,
+                        lan,
+                        share,
+                        r.files,
+                        escape_control(&r.client),
+                        escape_control(&r.to)
+                    );
+                    if let Some(m) = r.message.as_deref().filter(|_| r.status != "complete") {
+                        println!("       {}", escape_control(m));
+                    }
+                    if let Some(f) = &r.fallback_reason {
+                        println!("       LAN fallback: {}", escape_control(f));
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         BackupCommand::List(a) => {
             let repo = a.repo.open()?;
             if let Some(id) = a.files {
@@ -680,7 +806,8 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
 }
 
 /// Where a restore's bytes went: restores read the repository on the
-/// server's own host.
+/// server's own host (`stp backup client restore` restores to another
+/// host through the array).
 const LOCAL_RESTORE: &str = "read from the repository on this host: 0 B through the array, \
                              0 B over the LAN";
 

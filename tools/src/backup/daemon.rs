@@ -91,7 +91,7 @@ pub fn ports(host: &Host, role: Role) -> Result<Vec<Listening>> {
                 v.push(Listening {
                     addr: at(0)?,
                     port: "WKP",
-                    carries: "clients' database sessions through the array",
+                    carries: "clients' database backups and restores through the array",
                 });
             }
         }

@@ -1,7 +1,8 @@
 //! `stp demo`: the main job on the embedded default. On the in-process
 //! array (no root, no VM, no SCSI hardware), back up a real directory tree
-//! and a live SQLite database through STP, restore both elsewhere, check
-//! them byte for byte, say where the bytes went (through the array, over
+//! and a live SQLite database through STP, restore both elsewhere (the tree
+//! also to the client, streamed back through the array), check them byte
+//! for byte, say where the bytes went (through the array, over
 //! the LAN: counted at the sockets), and measure STP's goodput for a moment
 //! with the bench's own measuring code (`stp bench stp --sim`), against TCP
 //! on loopback as a named reference (a memory copy in this process, not a
@@ -27,6 +28,7 @@ use serde::Serialize;
 
 use super::inproc::{free_wkp, InProcArray};
 use super::pipe::Policy;
+use super::remote::{restore_from_server, RestoreJob};
 use super::repo::Repo;
 use super::session::{self, AgentRules, FsJob, RunOptions};
 use super::traffic::ChannelUse;
@@ -91,11 +93,38 @@ pub struct DemoBackup {
     pub problems: Vec<String>,
 }
 
+/// The restore through the array in the summary: the client takes the
+/// directory tree's backup back from the server.
+#[derive(Clone, Debug, Serialize)]
+pub struct DemoRestore {
+    /// The backup restored.
+    pub backup_id: i64,
+    /// The catalog's restore id.
+    pub restore_id: Option<i64>,
+    /// Stream bytes.
+    pub bytes: u64,
+    /// Seconds, from the start of the stream to every file in place, as
+    /// the server measured them.
+    pub seconds: f64,
+    /// MB/s.
+    pub mb_per_s: f64,
+    /// Channel.
+    pub channel: String,
+    /// Bytes and time per channel, as the server counted them.
+    pub traffic: ChannelUse,
+    /// The restored tree compared equal to the source.
+    pub restored_equal: bool,
+    /// What differed, if anything.
+    pub problems: Vec<String>,
+}
+
 /// The demo's summary.
 #[derive(Clone, Debug, Serialize)]
 pub struct DemoSummary {
     /// The backups.
     pub backups: Vec<DemoBackup>,
+    /// The directory tree restored to the client through the array.
+    pub restore: DemoRestore,
     /// Rows the writer committed while the database was backed up.
     pub rows_written_during_backup: u64,
     /// One-way STP goodput through the array, MB/s.
@@ -150,8 +179,23 @@ fn print_text(s: &DemoSummary) {
             println!("      {p}");
         }
     }
+    let r = &s.restore;
     println!(
-        "  where the bytes went: {}; LAN: {}",
+        "  {:<36} backup {:>2}: {:>7.1} MB in {:>5.2} s ({:>6.1} MB/s) over {:<7} to the client, {}",
+        "restore through the array",
+        r.backup_id,
+        r.bytes as f64 / 1e6,
+        r.seconds,
+        r.mb_per_s,
+        r.channel,
+        if r.restored_equal { "equal" } else { "DIFFERENT" },
+    );
+    println!("      {}", r.traffic.summary());
+    for p in &r.problems {
+        println!("      {p}");
+    }
+    println!(
+        "  where the backups' bytes went: {}; LAN: {}",
         s.traffic.summary(),
         s.traffic.lan_detail()
     );
@@ -517,6 +561,58 @@ fn demo(args: &DemoArgs) -> Result<DemoSummary> {
     let v = repo.verify(fs_out.backup_id)?;
     let verified = v.problems.is_empty();
     problems.extend(v.problems);
+    // 1a. The same backup back to the client, through the array: the
+    // server streams it, the client writes it as it arrives.
+    let restore = {
+        let srv = {
+            let server = server.clone();
+            let root = repo.root().to_path_buf();
+            thread::spawn(move || -> Result<session::Outcome> {
+                let repo = Repo::open(root)?;
+                session::db_serve(
+                    &server,
+                    &repo,
+                    RunOptions {
+                        quiet: true,
+                        ..RunOptions::default()
+                    },
+                )
+            })
+        };
+        let remote_dest = base.join("restored/tree-on-the-client");
+        let got = restore_from_server(
+            &client,
+            &RestoreJob {
+                server: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                client_name: "demo-client".into(),
+                backup_id: fs_out.backup_id,
+                paths: Vec::new(),
+            },
+            &remote_dest,
+            RunOptions {
+                quiet,
+                ..RunOptions::default()
+            },
+        )
+        .context("the restore through the array failed")?;
+        // The server's outcome: its counts are the ones the catalog keeps.
+        let sent = srv
+            .join()
+            .map_err(|_| anyhow!("the backup server panicked"))?
+            .context("the backup server failed to serve the restore")?;
+        let problems = compare_trees(&src, &remote_dest)?;
+        DemoRestore {
+            backup_id: fs_out.backup_id,
+            restore_id: got.restore_id,
+            bytes: sent.bytes,
+            seconds: sent.seconds,
+            mb_per_s: sent.mb_per_s,
+            channel: sent.channel.clone(),
+            traffic: sent.traffic,
+            restored_equal: problems.is_empty(),
+            problems,
+        }
+    };
     backups.push(DemoBackup {
         what: "directory tree (fs flow)".into(),
         backup_id: fs_out.backup_id,
@@ -654,13 +750,14 @@ fn demo(args: &DemoArgs) -> Result<DemoSummary> {
         Some((s, t, v)) => (Some(s), Some(t), Some(v)),
         None => (None, None, None),
     };
-    let ok = backups.iter().all(|b| b.restored_equal && b.verified);
+    let ok = backups.iter().all(|b| b.restored_equal && b.verified) && restore.restored_equal;
     let traffic = backups
         .iter()
         .fold(ChannelUse::default(), |a, b| a.plus(&b.traffic));
     let backup_vs_stp_goodput = stp.filter(|s| *s > 0.0).map(|s| backups[0].mb_per_s / s);
     Ok(DemoSummary {
         backups,
+        restore,
         rows_written_during_backup: during,
         traffic,
         bench_stp_mb_per_s: stp,

@@ -18,6 +18,10 @@
 //! the end of the last segment it took, and the sender resends everything
 //! from there. No byte is lost or written twice: the receiver only ever
 //! takes whole segments, in order.
+//!
+//! A receiver whose sink fails (a full disk, a restore that refuses an
+//! entry) gives up: `4`, a reason length (u32) and the UTF-8 reason, in
+//! place of the next acknowledgement; the sender stops with that reason.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -28,9 +32,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use stp_core::sockets::{Fd, Mechanism, SockError, SocketLayer};
 
+use super::hashing::StreamHasher;
 use super::progress::Progress;
 use super::wire;
 
@@ -50,6 +54,9 @@ const MAX_REASON: usize = 64 * 1024;
 const ACK: u8 = 1;
 const FINAL_OK: u8 = 2;
 const FINAL_BAD: u8 = 3;
+/// Receiver → sender: the receiver gives up (its sink failed); a u32
+/// length and a UTF-8 reason follow.
+const GIVE_UP: u8 = 4;
 
 /// Whether the data may travel over TCP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -170,6 +177,12 @@ const RESUME_LABEL: &str = "stp-backup resume";
 /// idle timeout, so the receiver has noticed the failure).
 pub const RESUME_PATIENCE: Duration = Duration::from_secs(90);
 
+/// How long a sender keeps trying to connect to the receiver's resume port
+/// while it is refused. The receiver listens there from before the data
+/// until the stream ends, so a refusal means it is gone: the sender stops
+/// soon rather than waiting [`RESUME_PATIENCE`].
+pub const RESUME_CONNECT_PATIENCE: Duration = Duration::from_secs(5);
+
 /// The sending side: a [`Write`] whose bytes reach the receiver's sink.
 pub struct PipeSender<'a> {
     layer: &'a SocketLayer,
@@ -180,10 +193,11 @@ pub struct PipeSender<'a> {
     job: u64,
     seg: Vec<u8>,
     /// Sent, unacknowledged segments with their start offsets.
-    unacked: VecDeque<(u64, Vec<u8>)>,
+    unacked: VecDeque<(u64, Arc<Vec<u8>>)>,
     sent: u64,
     finishing: bool,
-    hasher: Sha256,
+    /// The stream's SHA-256, on a thread of its own.
+    hasher: StreamHasher,
     log: ChannelLog,
     hook: Option<(u64, FailHook)>,
     progress: Progress,
@@ -211,7 +225,7 @@ impl<'a> PipeSender<'a> {
             unacked: VecDeque::new(),
             sent: 0,
             finishing: false,
-            hasher: Sha256::new(),
+            hasher: StreamHasher::new(),
             log: ChannelLog::starting(fd.mechanism()),
             hook: None,
             progress,
@@ -245,11 +259,11 @@ impl<'a> PipeSender<'a> {
         self.raw_send(data)
     }
 
-    fn send_end_raw(&self) -> Result<(), SockError> {
+    fn send_end_raw(&mut self) -> Result<(), SockError> {
         let mut end = Vec::with_capacity(4 + 8 + 32);
         end.extend_from_slice(&0u32.to_be_bytes());
         end.extend_from_slice(&self.sent.to_be_bytes());
-        end.extend_from_slice(&self.hasher.clone().finalize());
+        end.extend_from_slice(&self.hasher.finish());
         self.raw_send(&end)?;
         if self.fd.mechanism() == Mechanism::Stp {
             self.layer.flush(self.fd)?;
@@ -261,8 +275,11 @@ impl<'a> PipeSender<'a> {
         if self.seg.is_empty() {
             return Ok(());
         }
-        let data = std::mem::replace(&mut self.seg, Vec::with_capacity(SEGMENT));
-        self.hasher.update(&data);
+        let data = Arc::new(std::mem::replace(
+            &mut self.seg,
+            Vec::with_capacity(SEGMENT),
+        ));
+        self.hasher.update(Arc::clone(&data));
         let start = self.sent;
         self.sent += data.len() as u64;
         let res = self.send_segment_raw(&data);
@@ -289,7 +306,19 @@ impl<'a> PipeSender<'a> {
     fn read_ack(&mut self) -> Result<Option<(bool, u64)>> {
         loop {
             let mut a = [0u8; 9];
-            match self.layer.recv_exact(self.fd, &mut a) {
+            let got = self.layer.recv_exact(self.fd, &mut a[..1]).and_then(|()| {
+                if a[0] == GIVE_UP {
+                    Ok(())
+                } else {
+                    self.layer.recv_exact(self.fd, &mut a[1..])
+                }
+            });
+            if got.is_ok() && a[0] == GIVE_UP {
+                let why = read_reason(self.layer, self.fd)
+                    .unwrap_or_else(|e| format!("(its reason was lost: {e})"));
+                bail!("the receiver gave up: {why}");
+            }
+            match got {
                 Ok(()) => {
                     let mut v = [0u8; 8];
                     v.copy_from_slice(&a[1..]);
@@ -337,7 +366,7 @@ impl<'a> PipeSender<'a> {
             bail!("{reason}; the receiver offered no TCP port to resume on");
         };
         wire::close_quietly(self.layer, self.fd);
-        let fd = wire::connect_tcp(self.layer, addr, RESUME_PATIENCE)
+        let fd = wire::connect_tcp(self.layer, addr, RESUME_CONNECT_PATIENCE)
             .with_context(|| format!("{reason}; resuming over TCP"))?;
         self.fd = fd;
         let setup = (|| -> Result<u64, SockError> {
@@ -379,7 +408,7 @@ impl<'a> PipeSender<'a> {
             "LAN fallback: {}; continuing over TCP from byte {resume}",
             self.log.reason.as_deref().unwrap_or("STP failed")
         ));
-        let resend: Vec<Vec<u8>> = self.unacked.iter().map(|(_, d)| d.clone()).collect();
+        let resend: Vec<Arc<Vec<u8>>> = self.unacked.iter().map(|(_, d)| Arc::clone(d)).collect();
         let res = (|| -> Result<(), SockError> {
             for d in &resend {
                 self.send_segment_raw(d)?;
@@ -428,8 +457,8 @@ impl<'a> PipeSender<'a> {
         self.progress.finish();
         Ok(StreamReport {
             bytes: self.sent,
-            sha256: hex::encode(self.hasher.finalize()),
-            channels: self.log,
+            sha256: hex::encode(self.hasher.finish()),
+            channels: std::mem::take(&mut self.log),
             fd: self.fd,
         })
     }
@@ -461,7 +490,8 @@ pub struct PipeReceiver<'a> {
     policy: Policy,
     job: u64,
     received: u64,
-    hasher: Sha256,
+    /// The stream's SHA-256, on a thread of its own.
+    hasher: StreamHasher,
     log: ChannelLog,
     progress: Progress,
     gone: Option<Arc<AtomicBool>>,
@@ -492,7 +522,7 @@ impl<'a> PipeReceiver<'a> {
             policy,
             job,
             received: 0,
-            hasher: Sha256::new(),
+            hasher: StreamHasher::new(),
             log: ChannelLog::starting(fd.mechanism()),
             progress,
             gone: None,
@@ -513,14 +543,23 @@ impl<'a> PipeReceiver<'a> {
 
     /// Reads the whole stream into `sink` (whole segments only, in order).
     pub fn run(&mut self, sink: &mut dyn Write) -> Result<StreamReport> {
-        let mut buf = Vec::with_capacity(SEGMENT);
         loop {
+            let mut buf = self
+                .hasher
+                .spare()
+                .unwrap_or_else(|| Vec::with_capacity(SEGMENT));
             match self.next(&mut buf) {
                 Ok(Some(())) => {
-                    sink.write_all(&buf)
-                        .context("writing received data to the repository")?;
-                    self.hasher.update(&buf);
+                    if let Err(e) = sink.write_all(&buf) {
+                        let e = anyhow::Error::new(e).context(format!(
+                            "writing the data received after byte {} to its destination",
+                            self.received
+                        ));
+                        self.give_up(&format!("{e:#}"));
+                        return Err(e);
+                    }
                     self.received += buf.len() as u64;
+                    self.hasher.update(Arc::new(buf));
                     self.progress.set(self.received);
                     let mut a = [ACK; 9];
                     a[1..].copy_from_slice(&self.received.to_be_bytes());
@@ -538,7 +577,7 @@ impl<'a> PipeReceiver<'a> {
                     let mut total = [0u8; 8];
                     total.copy_from_slice(&end[..8]);
                     let total = u64::from_be_bytes(total);
-                    let digest = self.hasher.clone().finalize();
+                    let digest = self.hasher.finish();
                     let ok = total == self.received && digest[..] == end[8..];
                     let mut a = [if ok { FINAL_OK } else { FINAL_BAD }; 9];
                     a[1..].copy_from_slice(&self.received.to_be_bytes());
@@ -577,6 +616,19 @@ impl<'a> PipeReceiver<'a> {
         }
     }
 
+    /// Tells the sender this side stops, and why (best effort: the sender
+    /// also notices the connection close).
+    fn give_up(&self, reason: &str) {
+        let r = &reason.as_bytes()[..reason.len().min(MAX_REASON)];
+        let mut m = Vec::with_capacity(5 + r.len());
+        m.push(GIVE_UP);
+        m.extend_from_slice(&(r.len() as u32).to_be_bytes());
+        m.extend_from_slice(r);
+        if self.layer.send_all(self.fd, &m).is_ok() && self.fd.mechanism() == Mechanism::Stp {
+            let _ = self.layer.flush(self.fd);
+        }
+    }
+
     /// Reads the next segment into `buf`: `Some` for data, `None` for the
     /// end marker; `Err` names what failed on the channel.
     fn next(&self, buf: &mut Vec<u8>) -> Result<Option<()>, String> {
@@ -589,17 +641,8 @@ impl<'a> PipeReceiver<'a> {
             return Ok(None);
         }
         if len == ABORT as usize {
-            let mut n = [0u8; 4];
-            let mut reason = Vec::new();
-            let got = self.layer.recv_exact(self.fd, &mut n).and_then(|()| {
-                let n = (u32::from_be_bytes(n) as usize).min(MAX_REASON);
-                reason.resize(n, 0);
-                self.layer.recv_exact(self.fd, &mut reason)
-            });
-            let why = match got {
-                Ok(()) => String::from_utf8_lossy(&reason).into_owned(),
-                Err(e) => format!("(its reason was lost: {e})"),
-            };
+            let why = read_reason(self.layer, self.fd)
+                .unwrap_or_else(|e| format!("(its reason was lost: {e})"));
             return Err(format!("{ABORTED}{why}"));
         }
         if len > SEGMENT {
@@ -686,6 +729,16 @@ impl<'a> PipeReceiver<'a> {
         ));
         Ok(())
     }
+}
+
+/// Reads a reason: a u32 length (clipped to [`MAX_REASON`]) and that many
+/// bytes, shown as UTF-8.
+fn read_reason(layer: &SocketLayer, fd: Fd) -> Result<String, SockError> {
+    let mut n = [0u8; 4];
+    layer.recv_exact(fd, &mut n)?;
+    let mut reason = vec![0u8; (u32::from_be_bytes(n) as usize).min(MAX_REASON)];
+    layer.recv_exact(fd, &mut reason)?;
+    Ok(String::from_utf8_lossy(&reason).into_owned())
 }
 
 #[cfg(test)]
@@ -778,6 +831,58 @@ mod tests {
         let mut r = PipeReceiver::new(&layer, s, None, Policy::Preferred, 1, Progress::hidden());
         let e = r.run(&mut Vec::new()).unwrap_err();
         assert!(format!("{e:#}").contains("gave up: disk on fire"), "{e:#}");
+    }
+
+    /// A sink that takes `left` bytes, then fails.
+    struct Full {
+        left: usize,
+    }
+
+    impl Write for Full {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.left < buf.len() {
+                return Err(io::Error::other("no space left on the test's disk"));
+            }
+            self.left -= buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_receiver_whose_sink_fails_gives_up_and_the_sender_says_why() {
+        let layer = tcp_layer();
+        let (c, s) = pair(&layer);
+        let l2 = Arc::clone(&layer);
+        let rx = thread::spawn(move || {
+            let mut r = PipeReceiver::new(&l2, s, None, Policy::Preferred, 1, Progress::hidden());
+            let e = r.run(&mut Full { left: SEGMENT }).unwrap_err();
+            // Take what else comes until the sender, having read the
+            // reason, closes.
+            let mut b = vec![0u8; 64 * 1024];
+            while matches!(l2.recv(s, &mut b), Ok(n) if n > 0) {}
+            format!("{e:#}")
+        });
+        let mut tx = PipeSender::new(&layer, c, None, Policy::Preferred, 1, Progress::hidden());
+        let data = vec![5u8; 3 * SEGMENT];
+        let sent = tx.write_all(&data).map_err(anyhow::Error::new);
+        let e = match sent {
+            Ok(()) => tx.finish().unwrap_err(),
+            Err(e) => e,
+        };
+        wire::close_quietly(&layer, c);
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("the receiver gave up") && msg.contains("no space left"),
+            "{msg}"
+        );
+        let theirs = rx.join().unwrap();
+        assert!(
+            theirs.contains("after byte 1048576 to its destination"),
+            "{theirs}"
+        );
     }
 
     #[test]

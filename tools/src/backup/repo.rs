@@ -10,6 +10,10 @@
 //! | `archives/<id>.tar.partial` | an archive being received |
 //! | `manifests/<id>.json` | the manifest: every file with its SHA-256 |
 //!
+//! The catalog's `restores` table records every restore through the array
+//! to another host (its backup, client, destination, outcome and where its
+//! bytes went).
+//!
 //! A backup becomes `complete` only after its archive is fsynced and
 //! renamed into place, the directory fsynced, and its manifest written and
 //! fsynced; then one catalog transaction records its files and marks it
@@ -30,9 +34,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::archive::{self, safe_relative, ExtractOptions, Extracted, Kind, ManifestEntry};
+use super::archive::{self, ExtractOptions, Extracted, Kind, ManifestEntry};
 use super::pipe::StreamReport;
 use super::progress::Progress;
+use super::restore::RestorePlan;
 use super::traffic::ChannelUse;
 
 /// One backup as the catalog records it.
@@ -74,6 +79,57 @@ pub struct BackupInfo {
     /// sockets (`None`: recorded before the catalog kept them, or the
     /// session ended before it could be counted).
     pub traffic: Option<ChannelUse>,
+}
+
+/// One restore through the array as the catalog records it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RestoreInfo {
+    /// The restore's id.
+    pub id: i64,
+    /// The backup restored.
+    pub backup_id: i64,
+    /// The client's name, as it gave it.
+    pub client: String,
+    /// Where the files went on the client.
+    pub to: String,
+    /// The paths restored (empty: everything).
+    pub paths: Vec<String>,
+    /// Seconds since the epoch.
+    pub started: f64,
+    /// Seconds since the epoch, when it ended.
+    pub finished: Option<f64>,
+    /// `running`, `complete` or `failed`.
+    pub status: String,
+    /// Stream bytes.
+    pub bytes: i64,
+    /// Files the client wrote.
+    pub files: i64,
+    /// `stp`, `tcp` or `stp+tcp`.
+    pub channel: Option<String>,
+    /// Why the data left STP (or never used it).
+    pub fallback_reason: Option<String>,
+    /// A summary, or what went wrong.
+    pub message: Option<String>,
+    /// Bytes and time per channel, as the server counted them at its
+    /// sockets.
+    pub traffic: Option<ChannelUse>,
+}
+
+/// How a restore ended, for [`Repo::end_restore`].
+#[derive(Clone, Debug)]
+pub struct RestoreEnd {
+    /// True when the client has every file in place.
+    pub ok: bool,
+    /// Stream bytes.
+    pub bytes: u64,
+    /// Files the client wrote.
+    pub files: u64,
+    /// `stp`, `tcp` or `stp+tcp`.
+    pub channel: String,
+    /// Why the data left STP, if it did.
+    pub fallback_reason: Option<String>,
+    /// A summary, or what went wrong.
+    pub message: String,
 }
 
 /// A per-file error as recorded.
@@ -220,6 +276,28 @@ CREATE TABLE IF NOT EXISTS file_errors (
     path TEXT NOT NULL,
     message TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS restores (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    backup_id INTEGER NOT NULL,
+    client TEXT NOT NULL,
+    dest TEXT NOT NULL,
+    paths TEXT NOT NULL,
+    started REAL NOT NULL,
+    finished REAL,
+    status TEXT NOT NULL,
+    bytes INTEGER NOT NULL DEFAULT 0,
+    files INTEGER NOT NULL DEFAULT 0,
+    channel TEXT,
+    fallback_reason TEXT,
+    message TEXT,
+    array_bytes INTEGER,
+    array_seconds REAL,
+    lan_bytes INTEGER,
+    lan_control_bytes INTEGER,
+    lan_error_bytes INTEGER,
+    lan_data_bytes INTEGER,
+    lan_seconds REAL
+);
 ";
 
 /// Fsyncs a directory (so a rename or create in it is durable).
@@ -227,6 +305,48 @@ fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("syncing the directory {}", dir.display()))
+}
+
+/// Per-channel counts from seven columns starting at `at` (array_bytes
+/// first; `None` when array_bytes is NULL: not recorded).
+fn row_traffic(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Option<ChannelUse>> {
+    Ok(match r.get::<_, Option<i64>>(at)? {
+        None => None,
+        Some(array) => Some(ChannelUse {
+            array_bytes: count(array),
+            array_seconds: r.get::<_, Option<f64>>(at + 1)?.unwrap_or(0.0),
+            lan_bytes: count(r.get::<_, Option<i64>>(at + 2)?.unwrap_or(0)),
+            lan_control_bytes: count(r.get::<_, Option<i64>>(at + 3)?.unwrap_or(0)),
+            lan_error_bytes: count(r.get::<_, Option<i64>>(at + 4)?.unwrap_or(0)),
+            lan_data_bytes: count(r.get::<_, Option<i64>>(at + 5)?.unwrap_or(0)),
+            lan_seconds: r.get::<_, Option<f64>>(at + 6)?.unwrap_or(0.0),
+        }),
+    })
+}
+
+const RESTORE_COLS: &str = "id, backup_id, client, dest, paths, started, finished, status, bytes, \
+                            files, channel, fallback_reason, message, array_bytes, array_seconds, \
+                            lan_bytes, lan_control_bytes, lan_error_bytes, lan_data_bytes, \
+                            lan_seconds";
+
+fn row_restore(r: &rusqlite::Row<'_>) -> rusqlite::Result<RestoreInfo> {
+    let paths: String = r.get(4)?;
+    Ok(RestoreInfo {
+        id: r.get(0)?,
+        backup_id: r.get(1)?,
+        client: r.get(2)?,
+        to: r.get(3)?,
+        paths: serde_json::from_str(&paths).unwrap_or_default(),
+        started: r.get(5)?,
+        finished: r.get(6)?,
+        status: r.get(7)?,
+        bytes: r.get(8)?,
+        files: r.get(9)?,
+        channel: r.get(10)?,
+        fallback_reason: r.get(11)?,
+        message: r.get(12)?,
+        traffic: row_traffic(r, 13)?,
+    })
 }
 
 fn row_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<BackupInfo> {
@@ -247,18 +367,7 @@ fn row_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<BackupInfo> {
         fallback_reason: r.get(13)?,
         errors: r.get(14)?,
         message: r.get(15)?,
-        traffic: match r.get::<_, Option<i64>>(16)? {
-            None => None,
-            Some(array) => Some(ChannelUse {
-                array_bytes: count(array),
-                array_seconds: r.get::<_, Option<f64>>(17)?.unwrap_or(0.0),
-                lan_bytes: count(r.get::<_, Option<i64>>(18)?.unwrap_or(0)),
-                lan_control_bytes: count(r.get::<_, Option<i64>>(19)?.unwrap_or(0)),
-                lan_error_bytes: count(r.get::<_, Option<i64>>(20)?.unwrap_or(0)),
-                lan_data_bytes: count(r.get::<_, Option<i64>>(21)?.unwrap_or(0)),
-                lan_seconds: r.get::<_, Option<f64>>(22)?.unwrap_or(0.0),
-            }),
-        },
+        traffic: row_traffic(r, 16)?,
     })
 }
 
@@ -449,6 +558,12 @@ impl Repo {
         db.execute(
             "UPDATE backups SET status = 'failed', finished = ?1, message = \
              'interrupted: the server stopped before the backup was complete' \
+             WHERE status = 'running'",
+            params![now()],
+        )?;
+        db.execute(
+            "UPDATE restores SET status = 'failed', finished = ?1, message = \
+             'interrupted: the server stopped before the restore was complete' \
              WHERE status = 'running'",
             params![now()],
         )?;
@@ -821,90 +936,11 @@ impl Repo {
     /// backup from the backups that hold them. Checks every file's
     /// SHA-256; refuses hostile paths (see [`archive::extract`]).
     pub fn restore(&self, id: i64, dest: &Path, paths: &[String]) -> Result<Extracted> {
-        let manifest = self.manifest(id)?;
-        let paths: Vec<String> = paths
-            .iter()
-            .map(|p| p.trim_matches('/').to_owned())
-            .collect();
-        let selected: Vec<&ManifestEntry> = manifest
-            .iter()
-            .filter(|e| e.status != "error")
-            .filter(|e| {
-                paths.is_empty()
-                    || paths
-                        .iter()
-                        .any(|p| e.path == *p || e.path.starts_with(&format!("{p}/")))
-            })
-            .collect();
-        // A selected hard link brings the file it links to along (its
-        // content is stored under that name).
-        let mut selected = selected;
-        let names: HashSet<&str> = selected.iter().map(|e| e.path.as_str()).collect();
-        let extra: Vec<&ManifestEntry> = selected
-            .iter()
-            .filter(|e| e.kind == Kind::Hardlink)
-            .filter_map(|e| e.link.as_deref())
-            .filter(|first| !names.contains(first))
-            .filter_map(|first| manifest.iter().find(|m| m.path == first))
-            .collect();
-        selected.extend(extra);
-        if selected.is_empty() && !paths.is_empty() {
-            bail!("backup {id} has nothing at {paths:?} (`stp backup list --files {id}` shows its files)");
-        }
-        for e in &selected {
-            safe_relative(&e.path).with_context(|| format!("backup {id}'s manifest"))?;
-        }
-        let whole = paths.is_empty();
-        // Which archive holds each file's content.
-        let mut by_archive: HashMap<i64, HashSet<String>> = HashMap::new();
-        let mut others: HashSet<String> = HashSet::new();
-        let mut hashes = HashMap::new();
-        let mut sparse = HashSet::new();
-        for e in &selected {
-            match e.kind {
-                Kind::File => {
-                    let src = if e.in_archive {
-                        id
-                    } else {
-                        e.from_backup.ok_or_else(|| {
-                            anyhow!("{}: the manifest names no backup holding it", e.path)
-                        })?
-                    };
-                    by_archive.entry(src).or_default().insert(e.path.clone());
-                    if let Some(h) = &e.sha256 {
-                        hashes.insert(e.path.clone(), h.clone());
-                    }
-                    if e.sparse {
-                        sparse.insert(e.path.clone());
-                    }
-                }
-                Kind::Dir | Kind::Symlink | Kind::Fifo => {
-                    others.insert(e.path.clone());
-                }
-                Kind::Hardlink => {}
-            }
-        }
-        by_archive.entry(id).or_default();
-        let mut order: Vec<i64> = by_archive.keys().copied().collect();
-        order.sort_unstable();
-        let bytes: u64 = order
-            .iter()
-            .filter_map(|&b| self.get(b).ok())
-            .map(|b| b.bytes.max(0) as u64)
-            .sum();
-        let bar = self.bar("restoring", bytes);
+        let plan = self.restore_plan(id, paths)?;
+        let bar = self.bar("restoring", self.restore_bytes(&plan));
         let mut offset = 0u64;
         let mut total = Extracted::default();
-        for src in order {
-            let files = &by_archive[&src];
-            let is_target = src == id;
-            let want = |p: &str, k: Kind| match k {
-                Kind::File => files.contains(p),
-                // "": the archive's root, when the whole tree is restored.
-                Kind::Dir if p.is_empty() => is_target && whole,
-                Kind::Dir | Kind::Symlink | Kind::Fifo => is_target && others.contains(p),
-                Kind::Hardlink => false,
-            };
+        for src in plan.sources() {
             let size = self.get(src).map_or(0, |b| b.bytes.max(0) as u64);
             let (r, _) = self.open_archive(src)?;
             let reader = HashingReader {
@@ -914,13 +950,14 @@ impl Repo {
                 bar: bar.clone(),
             };
             offset += size;
+            let want = |p: &str, k: Kind| plan.wants(src, p, k);
             let done = archive::extract(
                 reader,
                 dest,
                 &ExtractOptions {
                     want: &want,
-                    hashes: &hashes,
-                    sparse: &sparse,
+                    hashes: plan.hashes(),
+                    sparse: plan.sparse(),
                     owners: nix::unistd::geteuid().is_root(),
                 },
             )
@@ -931,63 +968,122 @@ impl Repo {
             total.root = total.root.or(done.root);
         }
         bar.finish();
-        // Hard links, from the manifest.
-        for e in selected.iter().filter(|e| e.kind == Kind::Hardlink) {
-            let first = e.link.as_deref().unwrap_or_default();
-            let src_rel = safe_relative(first).with_context(|| format!("{}: hard link", e.path))?;
-            let rel = safe_relative(&e.path)?;
-            let src = dest.join(&src_rel);
-            if !fs::symlink_metadata(&src).is_ok_and(|m| m.is_file()) {
-                bail!(
-                    "{}: hard link to {first}, which was not restored (select both paths)",
-                    e.path
-                );
-            }
-            let target = dest.join(&rel);
-            if let Some(parent) = target.parent() {
-                if !fs::symlink_metadata(parent).is_ok_and(|m| m.is_dir()) {
-                    bail!("{}: its parent is not a directory; refused", e.path);
-                }
-            }
-            let _ = fs::remove_file(&target);
-            fs::hard_link(&src, &target)
-                .with_context(|| format!("linking {} to {first}", e.path))?;
-            total.others += 1;
-        }
-        // Metadata from the manifest (nanosecond times, modes of files
-        // whose content came from an older archive), directories last.
-        use std::os::unix::fs::PermissionsExt;
-        let root = nix::unistd::geteuid().is_root();
-        let mut dirs = Vec::new();
-        for e in &selected {
-            let p = dest.join(safe_relative(&e.path)?);
-            if root {
-                // Owners first: a chown clears set-id bits the mode restores.
-                let _ = std::os::unix::fs::lchown(&p, Some(e.uid), Some(e.gid));
-            }
-            match e.kind {
-                Kind::File | Kind::Hardlink => {
-                    let _ = fs::set_permissions(&p, fs::Permissions::from_mode(e.mode));
-                    archive::set_mtime(&p, e.mtime, e.mtime_nsec, false);
-                }
-                Kind::Symlink => archive::set_mtime(&p, e.mtime, e.mtime_nsec, true),
-                Kind::Fifo => {
-                    let _ = fs::set_permissions(&p, fs::Permissions::from_mode(e.mode));
-                    archive::set_mtime(&p, e.mtime, e.mtime_nsec, true);
-                }
-                Kind::Dir => dirs.push((p, e)),
-            }
-        }
-        dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
-        for (p, e) in dirs {
-            let _ = fs::set_permissions(&p, fs::Permissions::from_mode(e.mode));
-            archive::set_mtime(&p, e.mtime, e.mtime_nsec, false);
-        }
-        // The restore root last: everything above changed its time.
-        if let Some(r) = &total.root {
-            r.apply(dest, root);
-        }
+        plan.finish(dest, total.root, &mut total)?;
         Ok(total)
+    }
+
+    /// What restoring backup `id` (everything, or the entries at or under
+    /// `paths`) takes: its entries and the archives that hold them.
+    pub fn restore_plan(&self, id: i64, paths: &[String]) -> Result<RestorePlan> {
+        RestorePlan::select(id, &self.manifest(id)?, paths)
+    }
+
+    /// The stream bytes of the archives `plan` reads (about what a
+    /// restore through the array sends).
+    pub fn restore_bytes(&self, plan: &RestorePlan) -> u64 {
+        plan.sources()
+            .filter_map(|b| self.get(b).ok())
+            .map(|b| b.bytes.max(0) as u64)
+            .sum()
+    }
+
+    /// Writes one tar stream holding exactly what `plan` restores, read
+    /// from each archive it names in turn (a restore through the array).
+    pub fn write_restore(&self, plan: &RestorePlan, out: &mut dyn Write) -> Result<()> {
+        let mut b = tar::Builder::new(out);
+        for src in plan.sources() {
+            let (r, _) = self.open_archive(src)?;
+            let want = |p: &str, k: Kind| plan.wants(src, p, k);
+            archive::copy_entries(r, &mut b, &want)
+                .with_context(|| format!("reading backup {src}'s archive"))?;
+        }
+        b.into_inner()
+            .context("writing the end of the restore stream")?;
+        Ok(())
+    }
+
+    /// Starts recording a restore through the array: a `running` row.
+    pub fn begin_restore(
+        &self,
+        backup_id: i64,
+        client: &str,
+        dest: &str,
+        paths: &[String],
+    ) -> Result<i64> {
+        let db = self.db();
+        db.execute(
+            "INSERT INTO restores (backup_id, client, dest, paths, started, status) \
+             VALUES (?1, ?2, ?3, ?4, ?5, 'running')",
+            params![
+                backup_id,
+                client,
+                dest,
+                serde_json::to_string(paths)?,
+                now()
+            ],
+        )?;
+        Ok(db.last_insert_rowid())
+    }
+
+    /// Records the channel a running restore uses.
+    pub fn note_restore_channel(&self, id: i64, channel: &str, reason: Option<&str>) -> Result<()> {
+        self.db().execute(
+            "UPDATE restores SET channel = ?2, fallback_reason = ?3 WHERE id = ?1",
+            params![id, channel, reason],
+        )?;
+        Ok(())
+    }
+
+    /// Records how a restore ended.
+    pub fn end_restore(&self, id: i64, end: &RestoreEnd) -> Result<()> {
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.db().execute(
+            "UPDATE restores SET status = ?2, finished = ?3, bytes = ?4, files = ?5, \
+             channel = ?6, fallback_reason = COALESCE(?7, fallback_reason), message = ?8 \
+             WHERE id = ?1",
+            params![
+                id,
+                if end.ok { "complete" } else { "failed" },
+                now(),
+                n(end.bytes),
+                n(end.files),
+                end.channel,
+                end.fallback_reason,
+                end.message
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Records where a restore's bytes went.
+    pub fn record_restore_traffic(&self, id: i64, t: &ChannelUse) -> Result<()> {
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.db().execute(
+            "UPDATE restores SET array_bytes = ?2, array_seconds = ?3, lan_bytes = ?4, \
+             lan_control_bytes = ?5, lan_error_bytes = ?6, lan_data_bytes = ?7, \
+             lan_seconds = ?8 WHERE id = ?1",
+            params![
+                id,
+                n(t.array_bytes),
+                t.array_seconds,
+                n(t.lan_bytes),
+                n(t.lan_control_bytes),
+                n(t.lan_error_bytes),
+                n(t.lan_data_bytes),
+                t.lan_seconds
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Every restore through the array, oldest first.
+    pub fn restores(&self) -> Result<Vec<RestoreInfo>> {
+        let db = self.db();
+        let mut st = db.prepare(&format!("SELECT {RESTORE_COLS} FROM restores ORDER BY id"))?;
+        let v = st
+            .query_map([], row_restore)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(v)
     }
 
     /// Writes the content of backup `id`'s files, in manifest order, to

@@ -123,8 +123,12 @@ impl std::fmt::Debug for RunOptions {
 /// What a backup run produced, on either side.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Outcome {
-    /// The catalog id.
+    /// The catalog id (of the backup restored, for a restore).
     pub backup_id: i64,
+    /// A restore's catalog id (restores through the array: the server's
+    /// `restores` table).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore_id: Option<i64>,
     /// Stream bytes.
     pub bytes: u64,
     /// Entries in the manifest.
@@ -653,6 +657,7 @@ pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Res
                     record_traffic(repo, id, &traffic);
                     info.traffic = Some(traffic);
                     Ok(Outcome {
+                        restore_id: None,
                         backup_id: id,
                         bytes: report.bytes,
                         files,
@@ -933,6 +938,7 @@ pub fn fs_agent(host: &Host, rules: &AgentRules, opts: RunOptions) -> Result<Out
             other => bail!("expected the server's result, got {}", other.name()),
         };
         Ok(Outcome {
+            restore_id: None,
             backup_id: id,
             bytes: report.bytes,
             files,
@@ -952,18 +958,27 @@ pub fn fs_agent(host: &Host, rules: &AgentRules, opts: RunOptions) -> Result<Out
     res
 }
 
-/// One database session's connection.
-struct DbConn {
-    data: Fd,
-    lan_reason: Option<String>,
+/// One client-initiated session's connection (database backups,
+/// restores through the array).
+pub(super) struct DbConn {
+    /// The one connection everything travels on.
+    pub(super) data: Fd,
+    /// Why it is TCP-only, if it is.
+    pub(super) lan_reason: Option<String>,
+    /// The other host, when the flow names it (a LAN session's peer is
+    /// its TCP connection's).
+    pub(super) peer: Option<IpAddr>,
 }
 
-fn db_client_open(host: &Host, server: IpAddr) -> Result<DbConn> {
+/// The client's side of a client-initiated session with the server at
+/// `server`: the seed's database flow (Fig. 5), or a LAN session.
+pub(super) fn db_client_open(host: &Host, server: IpAddr) -> Result<DbConn> {
     let lan = |reason: String| -> Result<DbConn> {
         let fds = lan_connect(host, server, &reason, &["data"])?;
         Ok(DbConn {
             data: fds[0],
             lan_reason: Some(reason),
+            peer: Some(server),
         })
     };
     if host.policy == Policy::Never {
@@ -985,6 +1000,7 @@ fn db_client_open(host: &Host, server: IpAddr) -> Result<DbConn> {
         Ok(s) => Ok(DbConn {
             data: s.data,
             lan_reason: None,
+            peer: Some(s.peer),
         }),
         Err(e) if host.policy == Policy::Preferred => {
             lan(format!("the STP connection could not be set up: {e}"))
@@ -1040,6 +1056,7 @@ fn db_server_open(host: &Host) -> Result<DbConn> {
             Ok(Ok(s)) => Ok(DbConn {
                 data: s.data,
                 lan_reason: None,
+                peer: Some(s.peer),
             }),
             Ok(Err(e)) => Err(idle_or(e)),
             Err(_) => bail!("the session thread ended without an answer"),
@@ -1056,6 +1073,7 @@ fn db_server_open(host: &Host) -> Result<DbConn> {
                         break Ok(DbConn {
                             data: s.data,
                             lan_reason: None,
+                            peer: Some(s.peer),
                         })
                     }
                     Err(e) => flow_error = Some(e),
@@ -1068,6 +1086,7 @@ fn db_server_open(host: &Host) -> Result<DbConn> {
                     break Ok(DbConn {
                         data: fd,
                         lan_reason: Some(reason),
+                        peer: None,
                     })
                 }
                 Err(e) => {
@@ -1088,6 +1107,7 @@ fn db_server_open(host: &Host) -> Result<DbConn> {
                         break Ok(DbConn {
                             data: s.data,
                             lan_reason: None,
+                            peer: Some(s.peer),
                         })
                     }
                     Ok(Err(e)) => flow_error = Some(e),
@@ -1236,6 +1256,7 @@ pub fn db_backup(
             other => bail!("expected the server's result, got {}", other.name()),
         };
         Ok(Outcome {
+            restore_id: None,
             backup_id: id,
             bytes: report.bytes,
             files,
@@ -1379,9 +1400,10 @@ fn command_entries(tx: &mut PipeSender<'_>, command: &str) -> Result<Vec<Manifes
     Ok(manifest)
 }
 
-/// The server's side of one database backup: accepts the client's session
-/// (seed Fig. 5, or a LAN session), writes the stream into `repo` and
-/// marks it complete once durable.
+/// The server's side of one client-initiated session: accepts it (seed
+/// Fig. 5, or a LAN session); for a database backup, writes the stream
+/// into `repo` and marks it complete once durable; for a restore, streams
+/// the backup back ([`super::remote`]).
 pub fn db_serve(host: &Host, repo: &Repo, opts: RunOptions) -> Result<Outcome> {
     let t0 = Instant::now();
     let mut meter = Meter::start(&host.layer);
@@ -1389,6 +1411,24 @@ pub fn db_serve(host: &Host, repo: &Repo, opts: RunOptions) -> Result<Outcome> {
     let layer = &*host.layer;
     let (name, source) = match wire::recv::<Msg>(layer, conn.data, "the client's request") {
         Ok(Msg::DbRequest { name, source }) => (name, source),
+        Ok(Msg::RestoreRequest {
+            version,
+            backup_id,
+            paths,
+            client,
+            to,
+            fallback_port,
+        }) => {
+            let ask = super::remote::RestoreAsk {
+                version,
+                backup_id,
+                paths,
+                client,
+                to,
+                fallback_port,
+            };
+            return super::remote::serve(host, repo, conn, ask, meter, t0, opts);
+        }
         Ok(other) => {
             wire::close_quietly(layer, conn.data);
             bail!("expected a database request, got {}", other.name());
@@ -1477,6 +1517,7 @@ pub fn db_serve(host: &Host, repo: &Repo, opts: RunOptions) -> Result<Outcome> {
             record_traffic(repo, id, &traffic);
             info.traffic = Some(traffic);
             Ok(Outcome {
+                restore_id: None,
                 backup_id: id,
                 bytes: report.bytes,
                 files,

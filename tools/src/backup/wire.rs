@@ -20,6 +20,11 @@ use super::archive::{BaseEntry, ManifestEntry};
 /// files fits).
 pub const MAX_MSG: usize = 256 << 20;
 
+/// The version of the restore exchange (`restore_request` …
+/// `restore_result`, docs/BACKUP.md §2) this build speaks; a peer that
+/// speaks another is refused, naming both.
+pub const RESTORE_VERSION: u32 = 1;
+
 /// What a backup copies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -155,6 +160,64 @@ pub enum Msg {
         /// challenge, hex; empty without one.
         proof: String,
     },
+    /// Client → server (restore, first message on the data connection):
+    /// send backup `backup_id` back.
+    RestoreRequest {
+        /// The restore exchange's version ([`RESTORE_VERSION`]).
+        version: u32,
+        /// The backup to restore.
+        backup_id: i64,
+        /// Only these paths (and what is under them); empty: everything.
+        paths: Vec<String>,
+        /// The client's name, for the server's catalog.
+        client: String,
+        /// Where the files go on the client, for the server's catalog.
+        to: String,
+        /// The client's TCP port to resume the stream on if the array
+        /// fails (0 in a LAN session).
+        fallback_port: u16,
+    },
+    /// Server → client (restore): the stream follows.
+    RestoreAccept {
+        /// [`RESTORE_VERSION`].
+        version: u32,
+        /// The catalog's id of this restore.
+        restore_id: i64,
+        /// The backup restored.
+        backup_id: i64,
+        /// The manifest entries restored; the stream holds the content of
+        /// their files, their directories, symbolic links and FIFOs.
+        entries: Vec<ManifestEntry>,
+        /// True when the whole tree is restored (the archive's root entry
+        /// applies to the destination).
+        whole: bool,
+        /// About how many stream bytes follow (for progress).
+        bytes: u64,
+    },
+    /// Client → server (restore), after the stream: whether every file is
+    /// written, checked and in place.
+    RestoreDone {
+        /// True when the restore is complete on the client.
+        ok: bool,
+        /// Files written.
+        files: u64,
+        /// Bytes of file content written.
+        bytes: u64,
+        /// What went wrong, if anything.
+        message: String,
+    },
+    /// Server → client (restore): recorded.
+    RestoreResult {
+        /// True when the server recorded the restore complete.
+        ok: bool,
+        /// The catalog's id of the restore.
+        restore_id: i64,
+        /// A human summary, or what went wrong.
+        message: String,
+        /// Seconds from the start of the stream to the client's word, as
+        /// the server measured them (both sides report this figure).
+        seconds: f64,
+    },
 }
 
 impl Msg {
@@ -172,6 +235,10 @@ impl Msg {
             Msg::AgentHello { .. } => "agent_hello",
             Msg::LanHello { .. } => "lan_hello",
             Msg::LanOk { .. } => "lan_ok",
+            Msg::RestoreRequest { .. } => "restore_request",
+            Msg::RestoreAccept { .. } => "restore_accept",
+            Msg::RestoreDone { .. } => "restore_done",
+            Msg::RestoreResult { .. } => "restore_result",
         }
     }
 }

@@ -126,6 +126,9 @@ pub struct Backups {
 
 const MODES: [&str; 3] = ["vendor", "block", "tcp"];
 const FLOWS: [&str; 2] = ["fs", "db"];
+/// The restore runs' flow: the file-system backup's tree back to the
+/// client (`backup-<mode>-restore.json`).
+const RESTORE: [&str; 1] = ["restore"];
 
 impl Backups {
     /// Reads `backup-*.json` in `dir` (a directory that cannot be read has
@@ -180,8 +183,12 @@ impl Backups {
     /// Each array mode against the LAN alone, same flow: ≥ 5 (10 is the
     /// limit the shaping sets).
     pub fn stp_vs_lan_only(&self) -> Vec<BackupRatio> {
+        self.stp_vs_lan_only_of(&FLOWS)
+    }
+
+    fn stp_vs_lan_only_of(&self, flows: &[&str]) -> Vec<BackupRatio> {
         let mut v = Vec::new();
-        for flow in FLOWS {
+        for &flow in flows {
             let Some(lan) = self.run("tcp", flow) else {
                 continue;
             };
@@ -202,9 +209,13 @@ impl Backups {
     /// The LAN's share of a backup through the array, by the veth's own
     /// counters: ≤ 1 %.
     pub fn lan_share(&self) -> Vec<BackupRatio> {
+        self.lan_share_of(&FLOWS)
+    }
+
+    fn lan_share_of(&self, flows: &[&str]) -> Vec<BackupRatio> {
         let mut v = Vec::new();
         for mode in ["vendor", "block"] {
-            for flow in FLOWS {
+            for &flow in flows {
                 if let Some(r) = self.run(mode, flow) {
                     v.push(BackupRatio::new(
                         &format!("{mode} {flow}"),
@@ -220,9 +231,13 @@ impl Backups {
 
     /// The application's LAN count against the veth's: within 5 %.
     pub fn app_vs_veth(&self) -> Vec<BackupRatio> {
+        self.app_vs_veth_of(&FLOWS)
+    }
+
+    fn app_vs_veth_of(&self, flows: &[&str]) -> Vec<BackupRatio> {
         let mut v = Vec::new();
         for mode in MODES {
-            for flow in FLOWS {
+            for &flow in flows {
                 if let Some(r) = self.run(mode, flow) {
                     v.push(BackupRatio::new(
                         &format!("{mode} {flow}"),
@@ -242,13 +257,17 @@ impl Backups {
     /// Each array mode's backup rate against STP's one-way goodput in the
     /// same boot (no target in the VM: hashing and protection are emulated).
     pub fn vs_stp_goodput(&self) -> Vec<BackupRatio> {
+        self.vs_stp_goodput_of(&FLOWS)
+    }
+
+    fn vs_stp_goodput_of(&self, flows: &[&str]) -> Vec<BackupRatio> {
         let mut v = Vec::new();
         for mode in ["vendor", "block"] {
-            for flow in FLOWS {
+            for &flow in flows {
                 if let Some(r) = self.run(mode, flow) {
                     v.push(BackupRatio::new(
                         &format!("{mode} {flow}"),
-                        (r.mb_per_s, format!("backup over STP {mode} mode MB/s")),
+                        (r.mb_per_s, format!("{flow} over STP {mode} mode MB/s")),
                         (
                             r.stp_goodput_mb_per_s,
                             "STP vendor one-way goodput MB/s (this boot)".into(),
@@ -280,11 +299,20 @@ impl Backups {
             "backup_setup".into(),
             self.meta.clone().unwrap_or(serde_json::Value::Null),
         );
+        // Restores to the client through the array: the file-system
+        // backup's tree back, the same ratios.
         o.insert(
-            "backup_restore".into(),
-            "not measured: restores read the repository on the server's host; none crosses the \
-             array or the LAN yet"
-                .into(),
+            "restore_stp_vs_lan_only".into(),
+            j(self.stp_vs_lan_only_of(&RESTORE)),
+        );
+        o.insert("restore_lan_share".into(), j(self.lan_share_of(&RESTORE)));
+        o.insert(
+            "restore_app_vs_veth".into(),
+            j(self.app_vs_veth_of(&RESTORE)),
+        );
+        o.insert(
+            "restore_vs_stp_goodput".into(),
+            j(self.vs_stp_goodput_of(&RESTORE)),
         );
         o
     }
@@ -297,7 +325,8 @@ impl Backups {
         }
         let _ = writeln!(
             s,
-            "\nBackups through the array against a shaped LAN (one round per mode)"
+            "\nBackups (and the tree's restore to the client) through the array against a shaped \
+             LAN (one round per mode)"
         );
         if let Some(m) = &self.meta {
             let f = |k: &str| m.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
@@ -329,7 +358,7 @@ impl Backups {
             "channel"
         );
         for mode in MODES {
-            for flow in FLOWS {
+            for flow in FLOWS.iter().chain(&RESTORE) {
                 let Some(r) = self.run(mode, flow) else {
                     continue;
                 };
@@ -365,6 +394,10 @@ impl Backups {
             ("backup_lan_share", self.lan_share()),
             ("backup_app_vs_veth", self.app_vs_veth()),
             ("backup_vs_stp_goodput", self.vs_stp_goodput()),
+            ("restore_stp_vs_lan_only", self.stp_vs_lan_only_of(&RESTORE)),
+            ("restore_lan_share", self.lan_share_of(&RESTORE)),
+            ("restore_app_vs_veth", self.app_vs_veth_of(&RESTORE)),
+            ("restore_vs_stp_goodput", self.vs_stp_goodput_of(&RESTORE)),
         ];
         let _ = writeln!(s, "\nBackup ratios (value / reference)");
         let (mut targets, mut met) = (0, 0);
@@ -388,11 +421,7 @@ impl Backups {
                 );
             }
         }
-        let _ = writeln!(s, "  backup targets met: {met} of {targets}");
-        let _ = writeln!(
-            s,
-            "  restore: not measured (restores read the repository on the server's host)"
-        );
+        let _ = writeln!(s, "  backup and restore targets met: {met} of {targets}");
         for (f, why) in &self.unreadable {
             let _ = writeln!(s, "  unreadable: {f}: {why}");
         }
@@ -433,12 +462,22 @@ mod tests {
             run("tcp", "fs", 1.0, 101_000_000, 104_000_000),
         );
         w("backup-vendor-db.json", "{not json".into());
+        // The tree's restore to the client, through the array and over
+        // the LAN alone.
+        w(
+            "backup-vendor-restore.json",
+            run("vendor", "restore", 6.0, 1_000, 1_500),
+        );
+        w(
+            "backup-tcp-restore.json",
+            run("tcp", "restore", 1.0, 101_000_000, 104_000_000),
+        );
         w(
             "backup-meta.json",
             serde_json::json!({"lan_fraction": 0.1, "stp_goodput_mb_per_s": 10.0}).to_string(),
         );
         let b = Backups::load(d.path());
-        assert_eq!(b.runs.len(), 3);
+        assert_eq!(b.runs.len(), 5);
         assert!(b.unreadable.contains_key("backup-vendor-db.json"));
         let vs = b.stp_vs_lan_only();
         assert_eq!(vs.len(), 2);
@@ -459,11 +498,34 @@ mod tests {
             "backup_lan_share",
             "backup_vs_stp_goodput",
             "backup_runs",
+            "restore_stp_vs_lan_only",
+            "restore_lan_share",
+            "restore_app_vs_veth",
+            "restore_vs_stp_goodput",
         ] {
             assert!(keys.contains_key(k), "{k}");
         }
+        // Restores have the backups' ratios under their own keys, and none
+        // of the backups' keys holds a restore.
+        let r = &keys["restore_stp_vs_lan_only"][0];
+        assert_eq!(
+            (r["run"].as_str(), r["ratio"].as_f64()),
+            (Some("vendor restore"), Some(6.0))
+        );
+        assert_eq!(
+            keys["restore_vs_stp_goodput"][0]["ratio"].as_f64(),
+            Some(0.6)
+        );
+        assert!(b
+            .stp_vs_lan_only()
+            .iter()
+            .all(|x| !x.run.contains("restore")));
         let t = b.table();
-        assert!(t.contains("vendor  fs"), "{t}");
+        assert!(
+            t.contains("vendor  fs") && t.contains("vendor  restore"),
+            "{t}"
+        );
+        assert!(t.contains("restore_stp_vs_lan_only"), "{t}");
         assert!(t.contains("NOT MET") && t.contains("unreadable"), "{t}");
         // A directory without backup files adds nothing.
         let empty = tempfile::tempdir().unwrap();
