@@ -125,9 +125,12 @@ impl Markers {
 }
 
 /// Writes the marker files under `root`: marker `i` twice in file `i`,
-/// between random bytes.
+/// between random bytes. Their directory sorts after everything else in
+/// the tree, so the backup sends them last and the lanes still hold them
+/// when the intruder's last sweep reads them (a loaded host may starve
+/// the sweeps made while the backup runs).
 pub fn plant_markers(root: &Path, markers: &Markers, files: usize) {
-    let dir = root.join("secrets");
+    let dir = root.join("zz-secrets");
     fs::create_dir_all(&dir).unwrap();
     let mut rng = StdRng::seed_from_u64(0x5ec2e7);
     for i in 0..files {
