@@ -568,6 +568,10 @@ mod tests {
             if let Ok((_, frames)) = open_slot(&bytes, gen) {
                 prop_assert!(frames.len() + SLOT_HEADER_LEN <= bytes.len());
             }
+            if let Some((_, used)) = long_slot_head(&bytes, gen) {
+                prop_assert!(used > SHORT_SLOT);
+            }
+            let _ = slot_used(&bytes);
         }
 
         #[test]
