@@ -3,12 +3,15 @@
 //! consumer index blocks, and a slot with the frames packed in it.
 //!
 //! Properties: decoded blocks encode to bytes that decode to the same
-//! value; a slot that opens yields a byte range inside the slot; layout
+//! value; a slot that opens yields a byte range inside the slot; the head
+//! of a long slot is never taken for a short one; layout
 //! arithmetic on any superblock that passes its check never overflows.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use stp_core::block::{open_slot, IndexBlock, Superblock, SLOT_HEADER_LEN};
+use stp_core::block::{
+    long_slot_head, open_slot, IndexBlock, Superblock, SHORT_SLOT, SLOT_HEADER_LEN,
+};
 use stp_core::wire::Frames;
 
 fuzz_target!(|data: &[u8]| {
@@ -52,6 +55,13 @@ fuzz_target!(|data: &[u8]| {
                 break;
             }
         }
+    }
+    // A probe's judgement of a first block (format 3): a long slot's head
+    // is never also a short slot that opens.
+    if let Some((_, used)) = long_slot_head(data, generation) {
+        assert!(used > SHORT_SLOT);
+        assert!(open_slot(data, generation)
+            .map_or(true, |(_, f)| f.len() + SLOT_HEADER_LEN > SHORT_SLOT));
     }
     let _ = open_slot(data, 1);
 });
