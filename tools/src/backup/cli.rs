@@ -557,13 +557,7 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
             server,
         }) => {
             let cfg = BackupConfig::load(&common.config)?;
-            let client = cfg
-                .client
-                .clone()
-                .context("the configuration has no [client] section")?;
-            let server = server
-                .or(client.server)
-                .context("say where the backup server is: --server ADDR or [client] server")?;
+            let (client, server) = client_and_server(&cfg, *server)?;
             let source = match (sqlite, from_command) {
                 (Some(p), _) => DbSource::Sqlite {
                     path: p
@@ -598,13 +592,7 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
             server,
         }) => {
             let cfg = BackupConfig::load(&common.config)?;
-            let client = cfg
-                .client
-                .clone()
-                .context("the configuration has no [client] section")?;
-            let server = server
-                .or(client.server)
-                .context("say where the backup server is: --server ADDR or [client] server")?;
+            let (client, server) = client_and_server(&cfg, *server)?;
             let (host, _) = common.host(&cfg)?;
             let job = RestoreJob {
                 server,
@@ -886,6 +874,22 @@ pub fn restore_to_file(repo: &Repo, id: i64, file: &Path) -> Result<u64> {
     tmp.persist(file)
         .with_context(|| format!("moving the restored data to {}", file.display()))?;
     Ok(n)
+}
+
+/// The configuration's `[client]` section and the server to talk to
+/// (`--server`, else the section's `server`).
+fn client_and_server(
+    cfg: &BackupConfig,
+    server: Option<IpAddr>,
+) -> Result<(super::config::ClientSection, IpAddr)> {
+    let client = cfg
+        .client
+        .clone()
+        .context("the configuration has no [client] section")?;
+    let server = server
+        .or(client.server)
+        .context("say where the backup server is: --server ADDR or [client] server")?;
+    Ok((client, server))
 }
 
 #[cfg(test)]
