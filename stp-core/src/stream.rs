@@ -60,7 +60,7 @@ use crate::auth::FrameKey;
 use crate::chunk::Chunk;
 use crate::conn::{Config, ConnError, Connection, Event, State, Transmit};
 use crate::counters::bump;
-use crate::error::MailboxError;
+use crate::error::{MailboxError, Refusal};
 use crate::frame::{Cipher, Direction, FrameError};
 use crate::hub::{self, Attached, Endpoint, Hub, Opened};
 use crate::mailbox::{Binding, Mailbox, SendDone};
@@ -142,10 +142,21 @@ fn fit(mut config: Config, binding: &Binding, mailbox: &dyn Mailbox) -> Config {
     config
 }
 
+/// A mailbox failure as the `io::Error` of the stream API, with the
+/// [`MailboxError`] itself as its source (`get_ref()` and
+/// `downcast_ref::<MailboxError>()` give it back to a caller that matches).
 fn mb_err(e: MailboxError) -> io::Error {
-    io::Error::other(e.to_string())
+    let kind = match e.refusal() {
+        Some(Refusal::PortNotBound(_)) => io::ErrorKind::ConnectionRefused,
+        Some(Refusal::PortInUse) => io::ErrorKind::AddrInUse,
+        _ if e.binding_lost() => io::ErrorKind::ConnectionReset,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, e)
 }
 
+/// A connection failure as the `io::Error` of the stream API, with the
+/// [`ConnError`] as its source (as [`mb_err`]).
 fn conn_err(e: &ConnError) -> io::Error {
     let kind = match e {
         ConnError::Timeout | ConnError::PeerDead { .. } => io::ErrorKind::TimedOut,
@@ -153,7 +164,7 @@ fn conn_err(e: &ConnError) -> io::Error {
         ConnError::Closed => io::ErrorKind::NotConnected,
         _ => io::ErrorKind::Other,
     };
-    io::Error::new(kind, e.to_string())
+    io::Error::new(kind, e.clone())
 }
 
 /// A sealed DATA frame kept until acknowledged.
@@ -1093,7 +1104,7 @@ impl StpStream {
         }
         shared.seal_and_queue(header, buf).map_err(|e| {
             shared.lock().conn.unstage(header.seq);
-            io::Error::other(e.to_string())
+            io::Error::other(e)
         })
     }
 

@@ -109,3 +109,36 @@ fn concurrent_connections_on_two_stgs() {
         h.join().unwrap();
     }
 }
+
+/// A stream error keeps its cause: a second listener on a port another
+/// host holds fails with `AddrInUse`, and the error gives back the array's
+/// refusal for a caller to match.
+#[test]
+fn a_port_in_use_is_a_typed_error() {
+    use stp_core::error::{MailboxError, Refusal};
+    let a = Array::new();
+    for id in 0..2 {
+        a.add_lun(id, LunConfig::new(id, 1 << 16, 512)).unwrap();
+    }
+    StgMailbox::with_seed(&a, vec![StgSpec::new(7, vec![0, 1])], 5)
+        .unwrap()
+        .install(&a);
+    let (_, ks) = keys(31);
+    let _held = StpListener::bind(
+        source(&a, "first", vec![0, 1]),
+        Some(5201),
+        ks.clone(),
+        config(),
+    )
+    .expect("the first listener");
+    let Err(e) = StpListener::bind(source(&a, "second", vec![0, 1]), Some(5201), ks, config())
+    else {
+        panic!("a second listener bound a port another host holds");
+    };
+    assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+    let cause = e
+        .get_ref()
+        .and_then(|c| c.downcast_ref::<MailboxError>())
+        .unwrap_or_else(|| panic!("no MailboxError inside {e:?}"));
+    assert_eq!(cause.refusal(), Some(Refusal::PortInUse), "{cause}");
+}
