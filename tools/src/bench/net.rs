@@ -294,19 +294,60 @@ impl Window {
 
 const TRAILER: &[u8; 4] = b"done";
 
+/// The buffers one side of a run moves its bytes through, made (and their
+/// pages touched) before the timed window: the window then counts the
+/// transport, not the bench's own allocation, which with `--connections`
+/// would grow with the number of connections.
+struct Buffers {
+    /// Round trips: the message (sender) or the echo buffer (receiver).
+    /// Goodput: the data written (sender) or the read buffer (receiver).
+    main: Vec<u8>,
+    /// Round trips: where the sender reads the echo.
+    back: Vec<u8>,
+}
+
+impl Buffers {
+    /// Host 1's: random data (a message, or a chunk written over and over).
+    fn sender(net: &NetArgs) -> Buffers {
+        if net.rtt {
+            let mut msg = vec![0u8; net.msg as usize];
+            OsRng.fill_bytes(&mut msg);
+            Buffers {
+                back: vec![0xA5; msg.len()],
+                main: msg,
+            }
+        } else {
+            let mut data = vec![0u8; net.chunk as usize];
+            StdRng::seed_from_u64(1).fill_bytes(&mut data);
+            Buffers {
+                main: data,
+                back: Vec::new(),
+            }
+        }
+    }
+
+    /// Host 0's: where it reads (filled, so its pages are in).
+    fn receiver(net: &NetArgs) -> Buffers {
+        let len = if net.rtt { net.msg as usize } else { 1 << 20 };
+        Buffers {
+            main: vec![0xA5; len],
+            back: Vec::new(),
+        }
+    }
+}
+
 /// Host 0: reads `bytes` and confirms, or echoes messages until the end.
-fn serve<S: Duplex>(s: &mut S, net: &NetArgs) -> Result<()> {
+fn serve<S: Duplex>(s: &mut S, net: &NetArgs, bufs: &mut Buffers) -> Result<()> {
+    let buf = &mut bufs.main;
     if net.rtt {
-        let mut buf = vec![0u8; net.msg as usize];
         loop {
-            match s.read_exact(&mut buf) {
-                Ok(()) => s.write_all(&buf).context("echoing")?,
+            match s.read_exact(buf) {
+                Ok(()) => s.write_all(buf).context("echoing")?,
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
                 Err(e) => return Err(e).context("reading a ping"),
             }
         }
     } else {
-        let mut buf = vec![0u8; 1 << 20];
         let mut got = 0u64;
         while got < net.bytes {
             let want = buf.len().min((net.bytes - got) as usize);
@@ -326,7 +367,12 @@ fn serve<S: Duplex>(s: &mut S, net: &NetArgs) -> Result<()> {
 }
 
 /// Host 1: sends, timing each write (goodput) or each round trip.
-fn client<C: Duplex>(c: &mut C, net: &NetArgs, counters: &Counters) -> Result<Measured> {
+fn client<C: Duplex>(
+    c: &mut C,
+    net: &NetArgs,
+    counters: &Counters,
+    bufs: &mut Buffers,
+) -> Result<Measured> {
     let mut hist = new_histogram();
     let (mut ops, mut bytes) = (0u64, 0u64);
     let window = Window::start();
@@ -344,9 +390,7 @@ fn client<C: Duplex>(c: &mut C, net: &NetArgs, counters: &Counters) -> Result<Me
         not_issued: 0,
     });
     if net.rtt {
-        let mut msg = vec![0u8; net.msg as usize];
-        OsRng.fill_bytes(&mut msg);
-        let mut back = vec![0u8; msg.len()];
+        let (msg, back) = (&mut bufs.main, &mut bufs.back);
         let deadline = net.time.map(|t| t0 + t);
         loop {
             match deadline {
@@ -373,8 +417,8 @@ fn client<C: Duplex>(c: &mut C, net: &NetArgs, counters: &Counters) -> Result<Me
             let k = 8.min(msg.len());
             msg[..k].copy_from_slice(&ops.to_le_bytes()[..k]);
             let t = Instant::now();
-            c.write_all(&msg).context("sending a ping")?;
-            c.read_exact(&mut back).context("reading the echo")?;
+            c.write_all(msg).context("sending a ping")?;
+            c.read_exact(back).context("reading the echo")?;
             let end = Instant::now();
             record(&mut hist, end.saturating_duration_since(t));
             if let (Some(r), Some(i)) = (&mut rated, intended) {
@@ -389,8 +433,7 @@ fn client<C: Duplex>(c: &mut C, net: &NetArgs, counters: &Counters) -> Result<Me
             counters.add(2 * net.msg);
         }
     } else {
-        let mut data = vec![0u8; net.chunk as usize];
-        StdRng::seed_from_u64(1).fill_bytes(&mut data);
+        let data = &bufs.main;
         while bytes < net.bytes {
             let n = data.len().min((net.bytes - bytes) as usize);
             let t = Instant::now();
@@ -434,14 +477,16 @@ fn measure<S: Duplex, C: Duplex>(
 ) -> Result<Measured> {
     let server_net = net.clone();
     let server = thread::spawn(move || -> Result<()> {
+        let mut bufs = Buffers::receiver(&server_net);
         let mut s = accept()?;
-        serve(&mut s, &server_net)
+        serve(&mut s, &server_net, &mut bufs)
     });
     let counters = Arc::new(Counters::default());
     let result = (|| {
+        let mut bufs = Buffers::sender(net);
         let mut c = connect()?;
         let progress = Progress::start(label, Arc::clone(&counters), net.out.silent());
-        let m = client(&mut c, net, &counters);
+        let m = client(&mut c, net, &counters, &mut bufs);
         drop(progress);
         let m = m?;
         c.finish().context("closing the connection")?;
@@ -1010,7 +1055,7 @@ fn measure_many<S: Duplex, C: Duplex>(
         drop(warm);
         let mut streams = Vec::new();
         for _ in 0..n {
-            streams.push(accept()?);
+            streams.push((accept()?, Buffers::receiver(&server_net)));
         }
         let _ = accepted_tx.send(());
         if !go_rx.recv().unwrap_or(false) {
@@ -1018,9 +1063,9 @@ fn measure_many<S: Duplex, C: Duplex>(
         }
         let servers: Vec<_> = streams
             .into_iter()
-            .map(|mut s| {
+            .map(|(mut s, mut bufs)| {
                 let net = server_net.clone();
-                thread::spawn(move || serve(&mut s, &net))
+                thread::spawn(move || serve(&mut s, &net, &mut bufs))
             })
             .collect();
         let mut first = None;
@@ -1060,8 +1105,9 @@ fn measure_many<S: Duplex, C: Duplex>(
                 let (started, ended) = (Arc::clone(&started), Arc::clone(&ended));
                 let (net, counters) = (each.clone(), Arc::clone(&counters));
                 thread::spawn(move || -> Result<Measured> {
+                    let mut bufs = Buffers::sender(&net);
                     started.wait();
-                    let m = client(&mut c, &net, &counters);
+                    let m = client(&mut c, &net, &counters, &mut bufs);
                     ended.wait();
                     let m = m?;
                     c.finish().context("closing a connection")?;
