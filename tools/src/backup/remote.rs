@@ -30,7 +30,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use stp_core::sockets::Mechanism;
 
-use super::archive::{self, ExtractOptions, Extracted};
+use super::archive::{self, Extracted};
 use super::pipe::{PipeReceiver, PipeSender, StreamReport};
 use super::progress::Progress;
 use super::repo::{Repo, RestoreEnd};
@@ -442,16 +442,7 @@ fn receive_into(
                     at: 0,
                 };
                 let want = |p: &str, k| plan.wants_any(p, k);
-                let done = archive::extract(
-                    &mut reader,
-                    dest,
-                    &ExtractOptions {
-                        want: &want,
-                        hashes: plan.hashes(),
-                        sparse: plan.sparse(),
-                        owners: nix::unistd::geteuid().is_root(),
-                    },
-                );
+                let done = archive::extract(&mut reader, dest, &plan.extract_options(&want));
                 match done {
                     // Whatever follows the archive's end (its padding)
                     // is read, so the stream completes.

@@ -34,7 +34,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::archive::{self, ExtractOptions, Extracted, Kind, ManifestEntry};
+use super::archive::{self, Extracted, Kind, ManifestEntry};
 use super::pipe::StreamReport;
 use super::progress::Progress;
 use super::restore::RestorePlan;
@@ -964,17 +964,8 @@ impl Repo {
             };
             offset += size;
             let want = |p: &str, k: Kind| plan.wants(src, p, k);
-            let done = archive::extract(
-                reader,
-                dest,
-                &ExtractOptions {
-                    want: &want,
-                    hashes: plan.hashes(),
-                    sparse: plan.sparse(),
-                    owners: nix::unistd::geteuid().is_root(),
-                },
-            )
-            .with_context(|| format!("restoring from backup {src}'s archive"))?;
+            let done = archive::extract(reader, dest, &plan.extract_options(&want))
+                .with_context(|| format!("restoring from backup {src}'s archive"))?;
             total.files += done.files;
             total.bytes += done.bytes;
             total.others += done.others;
