@@ -76,6 +76,14 @@ impl Common {
         }
         Ok((host, array))
     }
+
+    /// A run with progress bars unless the output is JSON.
+    fn run_options(&self) -> RunOptions {
+        RunOptions {
+            quiet: self.json,
+            ..RunOptions::default()
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -505,15 +513,7 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
                 },
                 excludes: excludes.clone(),
             };
-            let o = session::fs_backup(
-                &host,
-                &repo,
-                &job,
-                RunOptions {
-                    quiet: common.json,
-                    ..RunOptions::default()
-                },
-            )?;
+            let o = session::fs_backup(&host, &repo, &job, common.run_options())?;
             print_outcome(common.json, "server", &o)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -521,32 +521,14 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
             let cfg = BackupConfig::load(&common.config)?;
             let repo = server_repo(&cfg, common.json)?;
             let (host, array) = common.host(&cfg)?;
-            let mut session = || {
-                session::db_serve(
-                    &host,
-                    &repo,
-                    RunOptions {
-                        quiet: common.json,
-                        ..RunOptions::default()
-                    },
-                )
-            };
+            let mut session = || session::db_serve(&host, &repo, common.run_options());
             run_daemon(Role::Server, &host, array, common, *once, &mut session)
         }
         BackupCommand::Client(ClientCommand::Agent { common, once }) => {
             let cfg = BackupConfig::load(&common.config)?;
             let (host, array) = common.host(&cfg)?;
             let rules = cfg.rules();
-            let mut session = || {
-                session::fs_agent(
-                    &host,
-                    &rules,
-                    RunOptions {
-                        quiet: common.json,
-                        ..RunOptions::default()
-                    },
-                )
-            };
+            let mut session = || session::fs_agent(&host, &rules, common.run_options());
             run_daemon(Role::Agent, &host, array, common, *once, &mut session)
         }
         BackupCommand::Client(ClientCommand::Db {
@@ -576,10 +558,7 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
                 &client.name,
                 name,
                 &source,
-                RunOptions {
-                    quiet: common.json,
-                    ..RunOptions::default()
-                },
+                common.run_options(),
             )?;
             print_outcome(common.json, "client", &o)?;
             Ok(ExitCode::SUCCESS)
@@ -600,15 +579,7 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
                 backup_id: *id,
                 paths: paths.clone(),
             };
-            let o = restore_from_server(
-                &host,
-                &job,
-                to,
-                RunOptions {
-                    quiet: common.json,
-                    ..RunOptions::default()
-                },
-            )?;
+            let o = restore_from_server(&host, &job, to, common.run_options())?;
             print_outcome(common.json, "client", &o)?;
             Ok(ExitCode::SUCCESS)
         }
