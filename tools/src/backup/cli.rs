@@ -318,10 +318,11 @@ pub fn utc(secs: f64) -> String {
 }
 
 /// The per-channel columns of `list`: bytes through the array, over the
-/// LAN, and the LAN's share (`-` for backups recorded before the catalog
-/// kept them).
-fn traffic_cells(b: &BackupInfo) -> (String, String, String) {
-    match &b.traffic {
+/// LAN, and the LAN's share (`-` where the catalog holds none: a backup
+/// recorded before it kept them, a session that ended before they were
+/// counted).
+fn traffic_cells(traffic: Option<&ChannelUse>) -> (String, String, String) {
+    match traffic {
         Some(t) => (
             super::traffic::human_bytes(t.array_bytes),
             super::traffic::human_bytes(t.lan_bytes),
@@ -332,7 +333,7 @@ fn traffic_cells(b: &BackupInfo) -> (String, String, String) {
 }
 
 fn info_line(b: &BackupInfo) -> String {
-    let (array, lan, share) = traffic_cells(b);
+    let (array, lan, share) = traffic_cells(b.traffic.as_ref());
     format!(
         "{:>5}  {:<20}  {:<8}  {:<2}  {:<11}  {:<12}  {:>12}  {:>10}  {:>10}  {:>8}  {:>6}  {:>4}  \
          {:<7}  {}:{}",
@@ -352,6 +353,17 @@ fn info_line(b: &BackupInfo) -> String {
         escape_control(&b.client),
         escape_control(&b.source)
     )
+}
+
+/// The lines under a row of `list`: what went wrong (unless it is
+/// complete) and why the data left the array.
+fn print_notes(status: &str, message: Option<&str>, fallback_reason: Option<&str>) {
+    if let Some(m) = message.filter(|_| status != "complete") {
+        println!("       {}", escape_control(m));
+    }
+    if let Some(r) = fallback_reason {
+        println!("       LAN fallback: {}", escape_control(r));
+    }
 }
 
 /// On Ctrl-C, a server marks the backups it is receiving failed and
@@ -604,14 +616,7 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
                     "files"
                 );
                 for r in &list {
-                    let (array, lan, share) = match &r.traffic {
-                        Some(t) => (
-                            super::traffic::human_bytes(t.array_bytes),
-                            super::traffic::human_bytes(t.lan_bytes),
-                            super::traffic::percent(t.lan_percent()),
-                        ),
-                        None => ("-".into(), "-".into(), "-".into()),
-                    };
+                    let (array, lan, share) = traffic_cells(r.traffic.as_ref());
                     println!(
                         "{:>5}  {:<20}  {:<8}  {:>6}  {:<12}  {:>12}  {:>10}  {:>10}  {:>8}  \
                          {:>6}  {}:{}",
@@ -628,12 +633,11 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
                         escape_control(&r.client),
                         escape_control(&r.to)
                     );
-                    if let Some(m) = r.message.as_deref().filter(|_| r.status != "complete") {
-                        println!("       {}", escape_control(m));
-                    }
-                    if let Some(f) = &r.fallback_reason {
-                        println!("       LAN fallback: {}", escape_control(f));
-                    }
+                    print_notes(
+                        &r.status,
+                        r.message.as_deref(),
+                        r.fallback_reason.as_deref(),
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -690,12 +694,11 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
                 );
                 for b in &list {
                     println!("{}", info_line(b));
-                    if let Some(m) = b.message.as_deref().filter(|_| b.status != "complete") {
-                        println!("       {}", escape_control(m));
-                    }
-                    if let Some(r) = &b.fallback_reason {
-                        println!("       LAN fallback: {}", escape_control(r));
-                    }
+                    print_notes(
+                        &b.status,
+                        b.message.as_deref(),
+                        b.fallback_reason.as_deref(),
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)
