@@ -545,6 +545,22 @@ fn pr_params(key: u64, sa_key: u64) -> [u8; 24] {
     p
 }
 
+/// The persistent reservation type Write Exclusive – Registrants Only.
+const WE_RO: u8 = 5;
+
+/// WRITE(16) of `block` at `lba`.
+fn write_block(t: &mut dyn Transport, lba: u64, block: &[u8]) -> Completion {
+    run_out(
+        t,
+        Cdb::Write16 {
+            lba,
+            blocks: 1,
+            flags: RwFlags::default(),
+        },
+        block,
+    )
+}
+
 /// PERSISTENT RESERVE OUT `action` of `pr_type` with `key` and `sa_key`.
 fn pr_out(t: &mut dyn Transport, action: u8, pr_type: u8, key: u64, sa_key: u64) -> Completion {
     let cdb = Cdb::PersistentReserveOut {
@@ -574,7 +590,6 @@ pub fn drain_unit_attentions(t: &mut dyn Transport) -> Check {
 /// in CHECK CONDITION, UNIT ATTENTION, REGISTRATIONS PREEMPTED (2Ah/05h),
 /// and the one after it succeeds. Leaves the LUN without keys.
 pub fn preempted_unit_attention(a: &mut dyn Transport, b: &mut dyn Transport) -> Check {
-    const WE_RO: u8 = 5;
     drain_unit_attentions(a)?;
     drain_unit_attentions(b)?;
     good(pr_out(a, 6, 0, 0, 0), "a unregistering")?;
@@ -637,20 +652,9 @@ pub fn two_nexuses_on_one_backstore(
     other: &mut dyn Transport,
     lba: u64,
 ) -> Check {
-    const WE_RO: u8 = 5;
     let (_, bs) = capacity(a)?;
     let block = vec![0xC5u8; bs as usize];
-    let write = |t: &mut dyn Transport| {
-        run_out(
-            t,
-            Cdb::Write16 {
-                lba,
-                blocks: 1,
-                flags: RwFlags::default(),
-            },
-            &block,
-        )
-    };
+    let write = |t: &mut dyn Transport| write_block(t, lba, &block);
     let clean = |t: &mut dyn Transport, who: &str| -> Check {
         drain_unit_attentions(t)?;
         good(pr_out(t, 6, 0, 0, 0), &format!("{who} unregistering"))
@@ -765,20 +769,9 @@ fn conflict(c: Completion, what: &str) -> Check {
 /// `b` may read block `lba` but its WRITE ends in RESERVATION CONFLICT, until
 /// it registers. Leaves the LUN with no registrations.
 pub fn persistent_reservations(a: &mut dyn Transport, b: &mut dyn Transport, lba: u64) -> Check {
-    const WE_RO: u8 = 5;
     let (_, bs) = capacity(a)?;
     let block = vec![0x5Au8; bs as usize];
-    let write = |t: &mut dyn Transport| {
-        run_out(
-            t,
-            Cdb::Write16 {
-                lba,
-                blocks: 1,
-                flags: RwFlags::default(),
-            },
-            &block,
-        )
-    };
+    let write = |t: &mut dyn Transport| write_block(t, lba, &block);
     let read = |t: &mut dyn Transport| {
         run_in(
             t,
@@ -843,15 +836,7 @@ pub fn fencing(
     let write = |t: &mut dyn Transport| {
         let mut tries = 0;
         loop {
-            let c = run_out(
-                t,
-                Cdb::Write16 {
-                    lba,
-                    blocks: 1,
-                    flags: RwFlags::default(),
-                },
-                &block,
-            );
+            let c = write_block(t, lba, &block);
             let ua = matches!(&c.result, Ok(o) if o.check().err().and_then(|e| e.sense().map(|s| s.key)) == Some(SenseKey::UNIT_ATTENTION));
             tries += 1;
             if !ua || tries > 4 {

@@ -2,13 +2,15 @@
 //! and incremental, restore, verify, LAN fallback (at the start and
 //! mid-stream), damaged archives, interrupted backups, hostile archives.
 
+mod common;
+
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
-use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::process::Command;
 use std::thread;
 
+use common::{fs_run, hosts, quiet, serve, stp, LOCAL};
 use sim_target::FaultControl;
 use stp_tools::backup::archive::{self, ExtractOptions, Kind};
 use stp_tools::backup::demo::{check_db, compare_trees, make_tree, LiveDb};
@@ -16,56 +18,16 @@ use stp_tools::backup::inproc::{free_wkp, InProcArray};
 use stp_tools::backup::pipe::Policy;
 use stp_tools::backup::repo::Repo;
 use stp_tools::backup::session::{
-    db_backup, db_serve, fs_agent, fs_backup, AgentRules, FsJob, Host, Outcome, RunOptions,
+    db_backup, db_serve, fs_agent, fs_backup, AgentRules, FsJob, Host, RunOptions,
 };
 use stp_tools::backup::wire::{DbSource, Level};
 
-const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-
-fn quiet() -> RunOptions {
-    RunOptions {
-        quiet: true,
-        ..RunOptions::default()
-    }
-}
-
+/// A backup of `src` that leaves out `*.tmp`.
 fn job(src: &Path, level: Level) -> FsJob {
     FsJob {
-        client: LOCAL,
-        client_name: Some("client".into()),
-        source: src.display().to_string(),
-        level,
         excludes: vec!["*.tmp".into()],
+        ..common::fs_job(src, level)
     }
-}
-
-/// Runs one file-system backup: the agent on `client` in a thread, the
-/// server here. Returns (server, agent) results.
-fn fs_run(
-    server: &Host,
-    client: &Host,
-    repo: &Repo,
-    job: &FsJob,
-    agent_opts: RunOptions,
-) -> (anyhow::Result<Outcome>, anyhow::Result<Outcome>) {
-    let c = client.clone();
-    let agent = thread::spawn(move || fs_agent(&c, &AgentRules::default(), agent_opts));
-    let s = fs_backup(server, repo, job, quiet());
-    let a = agent.join().expect("the agent panicked");
-    (s, a)
-}
-
-fn hosts(
-    seed: u64,
-    sp: Policy,
-    cp: Policy,
-    kill: Option<FaultControl>,
-) -> (InProcArray, Host, Host) {
-    let array = InProcArray::new(seed).unwrap();
-    let wkp = free_wkp().unwrap();
-    let server = array.host(0, wkp, sp, None);
-    let client = array.host(1, wkp, cp, kill);
-    (array, server, client)
 }
 
 /// A hook that kills every path of `control` (the client's view of the
@@ -250,9 +212,7 @@ fn db_live_sqlite_and_from_command() {
     let (_array, server, client) = hosts(12, Policy::Preferred, Policy::Preferred, None);
 
     let run = |source: DbSource, name: &str| {
-        let s = server.clone();
-        let dir = repo_dir.clone();
-        let srv = thread::spawn(move || db_serve(&s, &Repo::open(dir).unwrap(), quiet()));
+        let srv = serve(&server, &repo_dir, quiet());
         let c = db_backup(&client, LOCAL, "client", name, &source, quiet());
         let s = srv.join().expect("the server panicked");
         (s, c)
@@ -416,8 +376,7 @@ fn db_falls_back_mid_stream_and_policy_always_refuses() {
     for (policy, seed) in [(Policy::Preferred, 15u64), (Policy::Always, 16)] {
         let control = FaultControl::disarmed();
         let (_array, server, client) = hosts(seed, policy, policy, Some(control.clone()));
-        let dir = repo_dir.clone();
-        let srv = thread::spawn(move || db_serve(&server, &Repo::open(dir).unwrap(), quiet()));
+        let srv = serve(&server, &repo_dir, quiet());
         let c = db_backup(
             &client,
             LOCAL,
@@ -505,8 +464,7 @@ fn array_unavailable_at_start_and_policy_never_use_the_lan() {
     let client = array.host_without_array(wkp, Policy::Preferred);
     let dir = tmp.path().join("repo");
     let run = |client: &Host| {
-        let (server, dir) = (server.clone(), dir.clone());
-        let srv = thread::spawn(move || db_serve(&server, &Repo::open(dir).unwrap(), quiet()));
+        let srv = serve(&server, &dir, quiet());
         let c = db_backup(
             client,
             LOCAL,
@@ -1075,21 +1033,6 @@ fn a_failed_restore_leaves_the_existing_file_in_place() {
     };
     archive::extract(&good[..], &dest, &opts).unwrap();
     assert_eq!(fs::read(dest.join("f")).unwrap(), b"new");
-}
-
-fn stp(args: &[&str], repo: &Path) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_stp"))
-        .args(args)
-        .arg("--repo")
-        .arg(repo)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "stp {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// `list` shows when each backup started and escapes control characters

@@ -3,53 +3,31 @@
 //! moved, a fallback moves the bytes into the LAN column, both ends count
 //! the same, and catalogs made before the columns existed stay readable.
 
-use std::fs;
-use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
-use std::process::Command;
-use std::thread;
+mod common;
 
+use std::fs;
+use std::path::Path;
+
+use common::{fs_job, fs_run, hosts, quiet, serve, stp, LOCAL};
 use sim_target::FaultControl;
 use stp_tools::backup::demo::make_tree;
-use stp_tools::backup::inproc::{free_wkp, InProcArray};
+use stp_tools::backup::inproc::free_wkp;
 use stp_tools::backup::pipe::{Policy, SEGMENT};
 use stp_tools::backup::repo::Repo;
-use stp_tools::backup::session::{
-    db_backup, db_serve, fs_agent, fs_backup, AgentRules, FsJob, Host, Outcome, RunOptions,
-};
+use stp_tools::backup::session::{db_backup, Host, Outcome, RunOptions};
 use stp_tools::backup::traffic::ChannelUse;
 use stp_tools::backup::wire::{DbSource, Level};
 
-const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-
-fn quiet() -> RunOptions {
-    RunOptions {
-        quiet: true,
-        ..RunOptions::default()
-    }
-}
-
-fn job(src: &Path) -> FsJob {
-    FsJob {
-        client: LOCAL,
-        client_name: Some("client".into()),
-        source: src.display().to_string(),
-        level: Level::Full,
-        excludes: Vec::new(),
-    }
-}
-
-fn fs_run(
+/// A full backup of `src` that both ends complete: (server, agent)
+/// outcomes.
+fn full_backup(
     server: &Host,
     client: &Host,
     repo: &Repo,
     src: &Path,
-    opts: RunOptions,
+    agent_opts: RunOptions,
 ) -> (Outcome, Outcome) {
-    let c = client.clone();
-    let agent = thread::spawn(move || fs_agent(&c, &AgentRules::default(), opts));
-    let s = fs_backup(server, repo, &job(src), quiet());
-    let a = agent.join().expect("the agent panicked");
+    let (s, a) = fs_run(server, client, repo, &fs_job(src, Level::Full), agent_opts);
     (s.unwrap(), a.unwrap())
 }
 
@@ -84,11 +62,8 @@ fn a_backup_through_the_array_leaves_only_control_on_the_lan() {
     let src = tmp.path().join("src");
     make_tree(&src, 4 << 20, 3).unwrap();
     let repo = Repo::open(tmp.path().join("repo")).unwrap();
-    let array = InProcArray::new(31).unwrap();
-    let wkp = free_wkp().unwrap();
-    let server = array.host(0, wkp, Policy::Preferred, None);
-    let client = array.host(1, wkp, Policy::Preferred, None);
-    let (out, agent) = fs_run(&server, &client, &repo, &src, quiet());
+    let (_array, server, client) = hosts(31, Policy::Preferred, Policy::Preferred, None);
+    let (out, agent) = full_backup(&server, &client, &repo, &src, quiet());
     assert_eq!(out.channel, "stp");
     let t = consistent(&repo, &out);
     // Every stream byte crossed the array once, with its framing.
@@ -133,17 +108,19 @@ fn a_fallback_moves_the_bytes_into_the_lan_column() {
     let src = tmp.path().join("src");
     make_tree(&src, 6 << 20, 9).unwrap();
     let repo = Repo::open(tmp.path().join("repo")).unwrap();
-    let array = InProcArray::new(32).unwrap();
     let control = FaultControl::disarmed();
-    let wkp = free_wkp().unwrap();
-    let server = array.host(0, wkp, Policy::Preferred, None);
-    let client = array.host(1, wkp, Policy::Preferred, Some(control.clone()));
+    let (_array, server, client) = hosts(
+        32,
+        Policy::Preferred,
+        Policy::Preferred,
+        Some(control.clone()),
+    );
     let kill = control.clone();
     let opts = RunOptions {
         quiet: true,
         fail_after: Some((2 << 20, Box::new(move |_, _| kill.kill()))),
     };
-    let (out, agent) = fs_run(&server, &client, &repo, &src, opts);
+    let (out, agent) = full_backup(&server, &client, &repo, &src, opts);
     assert_eq!(out.channel, "stp+tcp");
     let t = consistent(&repo, &out);
     // Part went through the array, the rest (and what was resent) over
@@ -170,13 +147,10 @@ fn a_tcp_only_backup_is_all_lan_and_a_database_backup_all_array() {
     make_tree(&src, 2 << 20, 4).unwrap();
     let repo_dir = tmp.path().join("repo");
     let repo = Repo::open(&repo_dir).unwrap();
-    let array = InProcArray::new(33).unwrap();
 
     // fallback = "never": no byte through the array.
-    let wkp = free_wkp().unwrap();
-    let server = array.host(0, wkp, Policy::Never, None);
-    let client = array.host(1, wkp, Policy::Never, None);
-    let (out, _) = fs_run(&server, &client, &repo, &src, quiet());
+    let (array, server, client) = hosts(33, Policy::Never, Policy::Never, None);
+    let (out, _) = full_backup(&server, &client, &repo, &src, quiet());
     assert_eq!(out.channel, "tcp");
     let t = consistent(&repo, &out);
     assert_eq!((t.array_bytes, t.array_seconds), (0, 0.0), "{t:?}");
@@ -192,8 +166,7 @@ fn a_tcp_only_backup_is_all_lan_and_a_database_backup_all_array() {
     let wkp = free_wkp().unwrap();
     let server = array.host(0, wkp, Policy::Preferred, None);
     let client = array.host(1, wkp, Policy::Preferred, None);
-    let dir = repo_dir.clone();
-    let srv = thread::spawn(move || db_serve(&server, &Repo::open(dir).unwrap(), quiet()));
+    let srv = serve(&server, &repo_dir, quiet());
     let c = db_backup(
         &client,
         LOCAL,
@@ -240,19 +213,4 @@ fn a_catalog_from_before_the_columns_stays_readable() {
     drop(repo);
     let text = stp(&["backup", "list"], &root);
     assert!(text.contains("old:command:x:true"), "{text}");
-}
-
-fn stp(args: &[&str], repo: &Path) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_stp"))
-        .args(args)
-        .arg("--repo")
-        .arg(repo)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "stp {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }

@@ -151,14 +151,18 @@ fn cli_roles_in_two_processes_over_the_lan() {
         })
     };
     let cfg_s = cfg.to_str().unwrap();
+    // A role that waits for one session, in the background.
+    let waiting = |role: &[&str]| {
+        Command::new(stp)
+            .args(["backup"])
+            .args(role)
+            .args(["--once", "--json", "--config", cfg_s])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
     // The agent waits; the server starts the file-system backup.
-    let agent = Command::new(stp)
-        .args([
-            "backup", "client", "agent", "--once", "--json", "--config", cfg_s,
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let agent = waiting(&["client", "agent"]);
     let out = run(&[
         "backup",
         "server",
@@ -179,13 +183,7 @@ fn cli_roles_in_two_processes_over_the_lan() {
     assert!(reason.contains("unavailable at the start"), "{out}");
     let id = out["backup_id"].as_i64().unwrap().to_string();
     // The server waits; the client starts the database backup.
-    let server = Command::new(stp)
-        .args([
-            "backup", "server", "serve", "--once", "--json", "--config", cfg_s,
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let server = waiting(&["server", "serve"]);
     let db = run(&[
         "backup",
         "client",
@@ -234,13 +232,7 @@ fn cli_roles_in_two_processes_over_the_lan() {
     assert_eq!(fs::read_to_string(&dump).unwrap(), want);
     // The client takes the tree back from the server (a LAN session here,
     // for want of SCSI; through the array where there is an STG).
-    let server = Command::new(stp)
-        .args([
-            "backup", "server", "serve", "--once", "--json", "--config", cfg_s,
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let server = waiting(&["server", "serve"]);
     let back = tmp.path().join("back");
     let r = run(&[
         "backup",

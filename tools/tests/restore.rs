@@ -6,15 +6,16 @@
 //! cleanly, leaving nothing half-written; peers of another version are
 //! refused with an error that says so.
 
+mod common;
+
 use std::fs;
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
 use std::thread;
 
+use common::{fs_job, fs_run, hosts, quiet, serve, stp, LOCAL};
 use sim_target::FaultControl;
-use stp_core::flows::db_server_accept;
+use stp_core::flows::{db_server_accept, DbSession};
 use stp_tools::backup::archive::{Kind, ManifestEntry};
 use stp_tools::backup::demo::{compare_trees, make_tree};
 use stp_tools::backup::inproc::{free_wkp, InProcArray};
@@ -22,33 +23,32 @@ use stp_tools::backup::pipe::{PipeSender, Policy};
 use stp_tools::backup::progress::Progress;
 use stp_tools::backup::remote::{restore_from_server, RestoreJob};
 use stp_tools::backup::repo::Repo;
-use stp_tools::backup::session::{
-    db_serve, fs_agent, fs_backup, AgentRules, FsJob, Host, Outcome, RunOptions,
-};
+use stp_tools::backup::session::{Host, Outcome, RunOptions};
 use stp_tools::backup::wire::{self, Level, Msg, RESTORE_VERSION};
 
-const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-
-fn quiet() -> RunOptions {
-    RunOptions {
-        quiet: true,
-        ..RunOptions::default()
-    }
+/// Backs `src` up from `client` to `server`'s `repo`: the server's
+/// outcome.
+fn backup(server: &Host, client: &Host, repo: &Repo, src: &Path, level: Level) -> Outcome {
+    let (s, a) = fs_run(server, client, repo, &fs_job(src, level), quiet());
+    a.unwrap();
+    s.unwrap()
 }
 
-fn backup(server: &Host, client: &Host, repo: &Repo, src: &Path, level: Level) -> Outcome {
-    let c = client.clone();
-    let agent = thread::spawn(move || fs_agent(&c, &AgentRules::default(), quiet()));
-    let job = FsJob {
-        client: LOCAL,
-        client_name: Some("client".into()),
-        source: src.display().to_string(),
-        level,
-        excludes: Vec::new(),
-    };
-    let out = fs_backup(server, repo, &job, quiet()).unwrap();
-    agent.join().unwrap().unwrap();
-    out
+/// A tree of `bytes` made from `seed` at `dir/src`, backed up in full from
+/// `client` to `server`'s repository at `dir/repo`: the tree's path and
+/// the server's outcome.
+fn backed_up(
+    dir: &Path,
+    bytes: u64,
+    seed: u64,
+    server: &Host,
+    client: &Host,
+) -> (PathBuf, Outcome) {
+    let src = dir.join("src");
+    make_tree(&src, bytes, seed).unwrap();
+    let repo = Repo::open(dir.join("repo")).unwrap();
+    let full = backup(server, client, &repo, &src, Level::Full);
+    (src, full)
 }
 
 fn job(id: i64, paths: &[&str]) -> RestoreJob {
@@ -70,11 +70,33 @@ fn restore(
     dest: &Path,
     server_opts: RunOptions,
 ) -> (anyhow::Result<Outcome>, anyhow::Result<Outcome>) {
-    let s = server.clone();
-    let dir = repo_dir.to_path_buf();
-    let srv = thread::spawn(move || db_serve(&s, &Repo::open(dir).unwrap(), server_opts));
+    let srv = serve(server, repo_dir, server_opts);
     let c = restore_from_server(client, job, dest, quiet());
     (srv.join().expect("the server panicked"), c)
+}
+
+/// Backup `id`, restored whole from `dir/repo` into `dir/elsewhere`, is
+/// `src` exactly: the (server, client) outcomes.
+fn restore_exact(
+    server: &Host,
+    client: &Host,
+    dir: &Path,
+    id: i64,
+    src: &Path,
+    server_opts: RunOptions,
+) -> (Outcome, Outcome) {
+    let dest = dir.join("elsewhere");
+    let (s, c) = restore(
+        server,
+        client,
+        &dir.join("repo"),
+        &job(id, &[]),
+        &dest,
+        server_opts,
+    );
+    let (s, c) = (s.unwrap(), c.unwrap());
+    assert_eq!(compare_trees(src, &dest).unwrap(), Vec::<String>::new());
+    (s, c)
 }
 
 /// No temporary restore file is left anywhere under `dir`.
@@ -107,33 +129,18 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 #[test]
 fn a_restore_to_another_host_comes_back_through_the_array_exact() {
     let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    make_tree(&src, 4 << 20, 21).unwrap();
+    let (_array, server, client) = hosts(51, Policy::Always, Policy::Always, None);
+    let (src, full) = backed_up(tmp.path(), 4 << 20, 21, &server, &client);
     let repo_dir = tmp.path().join("repo");
-    let repo = Repo::open(&repo_dir).unwrap();
-    let array = InProcArray::new(51).unwrap();
-    let wkp = free_wkp().unwrap();
-    let server = array.host(0, wkp, Policy::Always, None);
-    let client = array.host(1, wkp, Policy::Always, None);
-    let full = backup(&server, &client, &repo, &src, Level::Full);
     // An incremental: unchanged files come from the full backup's archive,
     // in the same stream.
     fs::write(src.join("docs/added.txt"), b"after the full backup").unwrap();
+    let repo = Repo::open(&repo_dir).unwrap();
     let inc = backup(&server, &client, &repo, &src, Level::Incremental);
     drop(repo);
 
-    let dest = tmp.path().join("elsewhere");
-    let (s, c) = restore(
-        &server,
-        &client,
-        &repo_dir,
-        &job(inc.backup_id, &[]),
-        &dest,
-        quiet(),
-    );
-    let (s, c) = (s.unwrap(), c.unwrap());
-    assert_eq!(compare_trees(&src, &dest).unwrap(), Vec::<String>::new());
-    no_temporaries(&dest);
+    let (s, c) = restore_exact(&server, &client, tmp.path(), inc.backup_id, &src, quiet());
+    no_temporaries(&tmp.path().join("elsewhere"));
     assert_eq!((s.channel.as_str(), c.channel.as_str()), ("stp", "stp"));
     assert_eq!(s.restore_id, c.restore_id);
     assert_eq!(s.seconds, c.seconds, "both ends report the server's figure");
@@ -204,34 +211,19 @@ fn a_restore_to_another_host_comes_back_through_the_array_exact() {
 #[test]
 fn a_restore_falls_back_to_the_lan_mid_stream_and_the_lan_column_says_so() {
     let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    make_tree(&src, 6 << 20, 22).unwrap();
-    let repo_dir = tmp.path().join("repo");
-    let repo = Repo::open(&repo_dir).unwrap();
     let array = InProcArray::new(52).unwrap();
     let control = FaultControl::disarmed();
     let wkp = free_wkp().unwrap();
     // The server's paths go through a fault injector the hook kills.
     let server = array.host(0, wkp, Policy::Preferred, Some(control.clone()));
     let client = array.host(1, wkp, Policy::Preferred, None);
-    let full = backup(&server, &client, &repo, &src, Level::Full);
-    drop(repo);
+    let (src, full) = backed_up(tmp.path(), 6 << 20, 22, &server, &client);
     let kill = control.clone();
     let opts = RunOptions {
         quiet: true,
         fail_after: Some((2 << 20, Box::new(move |_, _| kill.kill()))),
     };
-    let dest = tmp.path().join("elsewhere");
-    let (s, c) = restore(
-        &server,
-        &client,
-        &repo_dir,
-        &job(full.backup_id, &[]),
-        &dest,
-        opts,
-    );
-    let (s, c) = (s.unwrap(), c.unwrap());
-    assert_eq!(compare_trees(&src, &dest).unwrap(), Vec::<String>::new());
+    let (s, c) = restore_exact(&server, &client, tmp.path(), full.backup_id, &src, opts);
     assert_eq!(
         (s.channel.as_str(), c.channel.as_str()),
         ("stp+tcp", "stp+tcp")
@@ -246,7 +238,7 @@ fn a_restore_falls_back_to_the_lan_mid_stream_and_the_lan_column_says_so() {
     );
     assert!(t.lan_seconds > 0.0, "{t:?}");
     assert_eq!(c.traffic.lan_data_bytes, t.lan_data_bytes);
-    let repo = Repo::open(&repo_dir).unwrap();
+    let repo = Repo::open(tmp.path().join("repo")).unwrap();
     let r = &repo.restores().unwrap()[0];
     assert_eq!(r.channel.as_deref(), Some("stp+tcp"));
     assert_eq!(r.traffic, Some(t));
@@ -256,31 +248,28 @@ fn a_restore_falls_back_to_the_lan_mid_stream_and_the_lan_column_says_so() {
 #[test]
 fn a_restore_under_never_is_all_lan() {
     let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    make_tree(&src, 2 << 20, 23).unwrap();
-    let repo_dir = tmp.path().join("repo");
-    let repo = Repo::open(&repo_dir).unwrap();
-    let array = InProcArray::new(53).unwrap();
-    let wkp = free_wkp().unwrap();
-    let server = array.host(0, wkp, Policy::Never, None);
-    let client = array.host(1, wkp, Policy::Never, None);
-    let full = backup(&server, &client, &repo, &src, Level::Full);
-    drop(repo);
-    let dest = tmp.path().join("elsewhere");
-    let (s, c) = restore(
-        &server,
-        &client,
-        &repo_dir,
-        &job(full.backup_id, &[]),
-        &dest,
-        quiet(),
-    );
-    let (s, _) = (s.unwrap(), c.unwrap());
-    assert_eq!(compare_trees(&src, &dest).unwrap(), Vec::<String>::new());
+    let (_array, server, client) = hosts(53, Policy::Never, Policy::Never, None);
+    let (src, full) = backed_up(tmp.path(), 2 << 20, 23, &server, &client);
+    let (s, _) = restore_exact(&server, &client, tmp.path(), full.backup_id, &src, quiet());
     assert_eq!(s.channel, "tcp");
     let t = s.traffic;
     assert_eq!(t.array_bytes, 0, "{t:?}");
     assert!(t.lan_data_bytes >= s.bytes, "{t:?} for {}", s.bytes);
+}
+
+/// The server's end of one client-initiated session on `h`, for a server
+/// played by hand.
+fn accept(h: &Host) -> DbSession {
+    db_server_accept(
+        &h.layer,
+        h.bind_ip,
+        h.wkp,
+        h.stg,
+        h.stg_len,
+        h.psk.as_deref(),
+        h.timeout,
+    )
+    .unwrap()
 }
 
 /// A server that answers a restore request by hand: `entries` as the
@@ -294,16 +283,7 @@ fn fake_server(
 ) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         let h = &server;
-        let s = db_server_accept(
-            &h.layer,
-            h.bind_ip,
-            h.wkp,
-            h.stg,
-            h.stg_len,
-            h.psk.as_deref(),
-            h.timeout,
-        )
-        .unwrap();
+        let s = accept(h);
         let layer = &*h.layer;
         match wire::recv::<Msg>(layer, s.data, "the request").unwrap() {
             Msg::RestoreRequest { .. } => {}
@@ -388,10 +368,7 @@ fn restore_from_fake(
     cut: Option<usize>,
     dest: &Path,
 ) -> String {
-    let array = InProcArray::new(seed).unwrap();
-    let wkp = free_wkp().unwrap();
-    let server = array.host(0, wkp, Policy::Always, None);
-    let client = array.host(1, wkp, Policy::Always, None);
+    let (_array, server, client) = hosts(seed, Policy::Always, Policy::Always, None);
     let srv = fake_server(server, entries, stream, cut);
     let e = restore_from_server(&client, &job(7, &[]), dest, quiet()).unwrap_err();
     srv.join().unwrap();
@@ -462,16 +439,11 @@ fn a_hostile_stream_is_refused_and_leaves_nothing_behind() {
 #[test]
 fn peers_of_another_version_are_refused_with_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
-    let array = InProcArray::new(65).unwrap();
-    let wkp = free_wkp().unwrap();
-    let server = array.host(0, wkp, Policy::Always, None);
-    let client = array.host(1, wkp, Policy::Always, None);
+    let (_array, server, client) = hosts(65, Policy::Always, Policy::Always, None);
     let repo_dir = tmp.path().join("repo");
 
     // A client of another restore version: the server refuses, naming both.
-    let s = server.clone();
-    let dir = repo_dir.clone();
-    let srv = thread::spawn(move || db_serve(&s, &Repo::open(dir).unwrap(), quiet()));
+    let srv = serve(&server, &repo_dir, quiet());
     let c = &client;
     let conn =
         stp_core::flows::db_client_connect(&c.layer, LOCAL, c.wkp, c.psk.as_deref(), c.timeout)
@@ -507,16 +479,7 @@ fn peers_of_another_version_are_refused_with_a_clear_error() {
     let s = server.clone();
     let old = thread::spawn(move || {
         let h = &s;
-        let sess = db_server_accept(
-            &h.layer,
-            h.bind_ip,
-            h.wkp,
-            h.stg,
-            h.stg_len,
-            h.psk.as_deref(),
-            h.timeout,
-        )
-        .unwrap();
+        let sess = accept(h);
         let mut len = [0u8; 4];
         h.layer.recv_exact(sess.data, &mut len).unwrap();
         let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
@@ -532,9 +495,7 @@ fn peers_of_another_version_are_refused_with_a_clear_error() {
     );
 
     // A backup that does not exist: refused, and the client says so.
-    let s = server.clone();
-    let dir = repo_dir.clone();
-    let srv = thread::spawn(move || db_serve(&s, &Repo::open(dir).unwrap(), quiet()));
+    let srv = serve(&server, &repo_dir, quiet());
     let e =
         restore_from_server(&client, &job(99, &[]), &tmp.path().join("d"), quiet()).unwrap_err();
     assert!(
@@ -542,19 +503,4 @@ fn peers_of_another_version_are_refused_with_a_clear_error() {
         "{e:#}"
     );
     assert!(srv.join().unwrap().is_err());
-}
-
-fn stp(args: &[&str], repo: &Path) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_stp"))
-        .args(args)
-        .arg("--repo")
-        .arg(repo)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "stp {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }

@@ -76,6 +76,14 @@ impl Common {
         }
         Ok((host, array))
     }
+
+    /// A run with progress bars unless the output is JSON.
+    fn run_options(&self) -> RunOptions {
+        RunOptions {
+            quiet: self.json,
+            ..RunOptions::default()
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -310,10 +318,11 @@ pub fn utc(secs: f64) -> String {
 }
 
 /// The per-channel columns of `list`: bytes through the array, over the
-/// LAN, and the LAN's share (`-` for backups recorded before the catalog
-/// kept them).
-fn traffic_cells(b: &BackupInfo) -> (String, String, String) {
-    match &b.traffic {
+/// LAN, and the LAN's share (`-` where the catalog holds none: a backup
+/// recorded before it kept them, a session that ended before they were
+/// counted).
+fn traffic_cells(traffic: Option<&ChannelUse>) -> (String, String, String) {
+    match traffic {
         Some(t) => (
             super::traffic::human_bytes(t.array_bytes),
             super::traffic::human_bytes(t.lan_bytes),
@@ -324,7 +333,7 @@ fn traffic_cells(b: &BackupInfo) -> (String, String, String) {
 }
 
 fn info_line(b: &BackupInfo) -> String {
-    let (array, lan, share) = traffic_cells(b);
+    let (array, lan, share) = traffic_cells(b.traffic.as_ref());
     format!(
         "{:>5}  {:<20}  {:<8}  {:<2}  {:<11}  {:<12}  {:>12}  {:>10}  {:>10}  {:>8}  {:>6}  {:>4}  \
          {:<7}  {}:{}",
@@ -344,6 +353,17 @@ fn info_line(b: &BackupInfo) -> String {
         escape_control(&b.client),
         escape_control(&b.source)
     )
+}
+
+/// The lines under a row of `list`: what went wrong (unless it is
+/// complete) and why the data left the array.
+fn print_notes(status: &str, message: Option<&str>, fallback_reason: Option<&str>) {
+    if let Some(m) = message.filter(|_| status != "complete") {
+        println!("       {}", escape_control(m));
+    }
+    if let Some(r) = fallback_reason {
+        println!("       LAN fallback: {}", escape_control(r));
+    }
 }
 
 /// On Ctrl-C, a server marks the backups it is receiving failed and
@@ -505,15 +525,7 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
                 },
                 excludes: excludes.clone(),
             };
-            let o = session::fs_backup(
-                &host,
-                &repo,
-                &job,
-                RunOptions {
-                    quiet: common.json,
-                    ..RunOptions::default()
-                },
-            )?;
+            let o = session::fs_backup(&host, &repo, &job, common.run_options())?;
             print_outcome(common.json, "server", &o)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -521,32 +533,14 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
             let cfg = BackupConfig::load(&common.config)?;
             let repo = server_repo(&cfg, common.json)?;
             let (host, array) = common.host(&cfg)?;
-            let mut session = || {
-                session::db_serve(
-                    &host,
-                    &repo,
-                    RunOptions {
-                        quiet: common.json,
-                        ..RunOptions::default()
-                    },
-                )
-            };
+            let mut session = || session::db_serve(&host, &repo, common.run_options());
             run_daemon(Role::Server, &host, array, common, *once, &mut session)
         }
         BackupCommand::Client(ClientCommand::Agent { common, once }) => {
             let cfg = BackupConfig::load(&common.config)?;
             let (host, array) = common.host(&cfg)?;
             let rules = cfg.rules();
-            let mut session = || {
-                session::fs_agent(
-                    &host,
-                    &rules,
-                    RunOptions {
-                        quiet: common.json,
-                        ..RunOptions::default()
-                    },
-                )
-            };
+            let mut session = || session::fs_agent(&host, &rules, common.run_options());
             run_daemon(Role::Agent, &host, array, common, *once, &mut session)
         }
         BackupCommand::Client(ClientCommand::Db {
@@ -576,10 +570,7 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
                 &client.name,
                 name,
                 &source,
-                RunOptions {
-                    quiet: common.json,
-                    ..RunOptions::default()
-                },
+                common.run_options(),
             )?;
             print_outcome(common.json, "client", &o)?;
             Ok(ExitCode::SUCCESS)
@@ -600,15 +591,7 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
                 backup_id: *id,
                 paths: paths.clone(),
             };
-            let o = restore_from_server(
-                &host,
-                &job,
-                to,
-                RunOptions {
-                    quiet: common.json,
-                    ..RunOptions::default()
-                },
-            )?;
+            let o = restore_from_server(&host, &job, to, common.run_options())?;
             print_outcome(common.json, "client", &o)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -633,14 +616,7 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
                     "files"
                 );
                 for r in &list {
-                    let (array, lan, share) = match &r.traffic {
-                        Some(t) => (
-                            super::traffic::human_bytes(t.array_bytes),
-                            super::traffic::human_bytes(t.lan_bytes),
-                            super::traffic::percent(t.lan_percent()),
-                        ),
-                        None => ("-".into(), "-".into(), "-".into()),
-                    };
+                    let (array, lan, share) = traffic_cells(r.traffic.as_ref());
                     println!(
                         "{:>5}  {:<20}  {:<8}  {:>6}  {:<12}  {:>12}  {:>10}  {:>10}  {:>8}  \
                          {:>6}  {}:{}",
@@ -657,12 +633,11 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
                         escape_control(&r.client),
                         escape_control(&r.to)
                     );
-                    if let Some(m) = r.message.as_deref().filter(|_| r.status != "complete") {
-                        println!("       {}", escape_control(m));
-                    }
-                    if let Some(f) = &r.fallback_reason {
-                        println!("       LAN fallback: {}", escape_control(f));
-                    }
+                    print_notes(
+                        &r.status,
+                        r.message.as_deref(),
+                        r.fallback_reason.as_deref(),
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -719,12 +694,11 @@ pub fn run(args: &BackupArgs) -> Result<ExitCode> {
                 );
                 for b in &list {
                     println!("{}", info_line(b));
-                    if let Some(m) = b.message.as_deref().filter(|_| b.status != "complete") {
-                        println!("       {}", escape_control(m));
-                    }
-                    if let Some(r) = &b.fallback_reason {
-                        println!("       LAN fallback: {}", escape_control(r));
-                    }
+                    print_notes(
+                        &b.status,
+                        b.message.as_deref(),
+                        b.fallback_reason.as_deref(),
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)

@@ -29,8 +29,8 @@ use serde::Serialize;
 use super::inproc::{free_wkp, InProcArray};
 use super::pipe::Policy;
 use super::remote::{restore_from_server, RestoreJob};
-use super::repo::Repo;
-use super::session::{self, AgentRules, FsJob, RunOptions};
+use super::repo::{Repo, VerifyReport};
+use super::session::{self, AgentRules, FsJob, Host, Outcome, RunOptions};
 use super::traffic::ChannelUse;
 use super::wire::{DbSource, Level};
 use crate::bench::net::{run_stp, run_tcp, NetArgs, StpArgs, TcpArgs};
@@ -91,6 +91,29 @@ pub struct DemoBackup {
     pub verified: bool,
     /// What differed, if anything.
     pub problems: Vec<String>,
+}
+
+impl DemoBackup {
+    /// The line of backup `out`: `problems` is what its restore found to
+    /// differ, `verify` what `stp backup verify` found (both count against
+    /// "restored equal").
+    fn new(what: &str, out: &Outcome, mut problems: Vec<String>, verify: VerifyReport) -> Self {
+        let verified = verify.problems.is_empty();
+        problems.extend(verify.problems);
+        DemoBackup {
+            what: what.into(),
+            backup_id: out.backup_id,
+            bytes: out.bytes,
+            files: out.files,
+            seconds: out.seconds,
+            mb_per_s: out.bytes as f64 / 1e6 / out.seconds.max(1e-9),
+            channel: out.channel.clone(),
+            traffic: out.traffic,
+            restored_equal: problems.is_empty(),
+            verified,
+            problems,
+        }
+    }
 }
 
 /// The restore through the array in the summary: the client takes the
@@ -174,10 +197,7 @@ fn print_text(s: &DemoSummary) {
             if b.restored_equal { "equal" } else { "DIFFERENT" },
             if b.verified { "OK" } else { "FAILED" },
         );
-        println!("      {}", b.traffic.summary());
-        for p in &b.problems {
-            println!("      {p}");
-        }
+        print_details(&b.traffic, &b.problems);
     }
     let r = &s.restore;
     println!(
@@ -190,10 +210,7 @@ fn print_text(s: &DemoSummary) {
         r.channel,
         if r.restored_equal { "equal" } else { "DIFFERENT" },
     );
-    println!("      {}", r.traffic.summary());
-    for p in &r.problems {
-        println!("      {p}");
-    }
+    print_details(&r.traffic, &r.problems);
     println!(
         "  where the backups' bytes went: {}; LAN: {}",
         s.traffic.summary(),
@@ -234,6 +251,15 @@ fn print_text(s: &DemoSummary) {
             "MISMATCH: see above"
         }
     );
+}
+
+/// The lines under a summary line: where its bytes went, then what
+/// differed.
+fn print_details(traffic: &ChannelUse, problems: &[String]) {
+    println!("      {}", traffic.summary());
+    for p in problems {
+        println!("      {p}");
+    }
 }
 
 /// Builds the demo tree under `root`: files of several sizes, a symlink,
@@ -493,6 +519,38 @@ pub fn check_db(path: &Path) -> Result<Vec<String>> {
     Ok(problems)
 }
 
+/// `client`'s agent answering one file-system backup, on a thread.
+fn agent_once(client: Host) -> thread::JoinHandle<Result<Outcome>> {
+    thread::spawn(move || {
+        session::fs_agent(
+            &client,
+            &AgentRules::default(),
+            RunOptions {
+                quiet: true,
+                ..RunOptions::default()
+            },
+        )
+    })
+}
+
+/// `server` serving one client-initiated session (the database backup,
+/// the restore through the array) on a thread, with a handle of its own
+/// on the repository at `root`.
+fn serve_once(server: &Host, root: &Path) -> thread::JoinHandle<Result<Outcome>> {
+    let (server, root) = (server.clone(), root.to_path_buf());
+    thread::spawn(move || -> Result<Outcome> {
+        let repo = Repo::open(root)?;
+        session::db_serve(
+            &server,
+            &repo,
+            RunOptions {
+                quiet: true,
+                ..RunOptions::default()
+            },
+        )
+    })
+}
+
 fn demo(args: &DemoArgs) -> Result<DemoSummary> {
     let tmp;
     let base = match &args.keep {
@@ -521,19 +579,7 @@ fn demo(args: &DemoArgs) -> Result<DemoSummary> {
     let mut backups = Vec::new();
 
     // 1. The directory tree: server-initiated.
-    let agent = {
-        let client = client.clone();
-        thread::spawn(move || {
-            session::fs_agent(
-                &client,
-                &AgentRules::default(),
-                RunOptions {
-                    quiet: true,
-                    ..RunOptions::default()
-                },
-            )
-        })
-    };
+    let agent = agent_once(client.clone());
     let job = FsJob {
         client: IpAddr::V4(Ipv4Addr::LOCALHOST),
         client_name: Some("demo-client".into()),
@@ -557,28 +603,17 @@ fn demo(args: &DemoArgs) -> Result<DemoSummary> {
         .context("the client agent failed")?;
     let fs_dest = base.join("restored/tree");
     repo.restore(fs_out.backup_id, &fs_dest, &[])?;
-    let mut problems = compare_trees(&src, &fs_dest)?;
-    let v = repo.verify(fs_out.backup_id)?;
-    let verified = v.problems.is_empty();
-    problems.extend(v.problems);
+    let problems = compare_trees(&src, &fs_dest)?;
+    backups.push(DemoBackup::new(
+        "directory tree (fs flow)",
+        &fs_out,
+        problems,
+        repo.verify(fs_out.backup_id)?,
+    ));
     // 1a. The same backup back to the client, through the array: the
     // server streams it, the client writes it as it arrives.
     let restore = {
-        let srv = {
-            let server = server.clone();
-            let root = repo.root().to_path_buf();
-            thread::spawn(move || -> Result<session::Outcome> {
-                let repo = Repo::open(root)?;
-                session::db_serve(
-                    &server,
-                    &repo,
-                    RunOptions {
-                        quiet: true,
-                        ..RunOptions::default()
-                    },
-                )
-            })
-        };
+        let srv = serve_once(&server, repo.root());
         let remote_dest = base.join("restored/tree-on-the-client");
         let got = restore_from_server(
             &client,
@@ -613,19 +648,6 @@ fn demo(args: &DemoArgs) -> Result<DemoSummary> {
             problems,
         }
     };
-    backups.push(DemoBackup {
-        what: "directory tree (fs flow)".into(),
-        backup_id: fs_out.backup_id,
-        bytes: fs_out.bytes,
-        files: fs_out.files,
-        seconds: fs_out.seconds,
-        mb_per_s: fs_out.bytes as f64 / 1e6 / fs_out.seconds.max(1e-9),
-        channel: fs_out.channel.clone(),
-        traffic: fs_out.traffic,
-        restored_equal: problems.is_empty(),
-        verified,
-        problems,
-    });
 
     // 1b. The same tree in block mode: the STG is a plain shared LUN read
     // and written with READ(16)/WRITE(16), as on any array.
@@ -633,16 +655,7 @@ fn demo(args: &DemoArgs) -> Result<DemoSummary> {
     let bwkp = free_wkp()?;
     let bserver = array.block_host(0, bwkp, Policy::Preferred)?;
     let bclient = array.block_host(1, bwkp, Policy::Preferred)?;
-    let agent = thread::spawn(move || {
-        session::fs_agent(
-            &bclient,
-            &AgentRules::default(),
-            RunOptions {
-                quiet: true,
-                ..RunOptions::default()
-            },
-        )
-    });
+    let agent = agent_once(bclient);
     let block_out = session::fs_backup(
         &bserver,
         &repo,
@@ -660,42 +673,18 @@ fn demo(args: &DemoArgs) -> Result<DemoSummary> {
     drop(bserver);
     let block_dest = base.join("restored/tree-block");
     repo.restore(block_out.backup_id, &block_dest, &[])?;
-    let mut problems = compare_trees(&src, &block_dest)?;
-    let v = repo.verify(block_out.backup_id)?;
-    let verified = v.problems.is_empty();
-    problems.extend(v.problems);
-    backups.push(DemoBackup {
-        what: "directory tree, block mode (fs flow)".into(),
-        backup_id: block_out.backup_id,
-        bytes: block_out.bytes,
-        files: block_out.files,
-        seconds: block_out.seconds,
-        mb_per_s: block_out.bytes as f64 / 1e6 / block_out.seconds.max(1e-9),
-        channel: block_out.channel.clone(),
-        traffic: block_out.traffic,
-        restored_equal: problems.is_empty(),
-        verified,
+    let problems = compare_trees(&src, &block_dest)?;
+    backups.push(DemoBackup::new(
+        "directory tree, block mode (fs flow)",
+        &block_out,
         problems,
-    });
+        repo.verify(block_out.backup_id)?,
+    ));
 
     // 2. The live database: client-initiated, SQLite's online backup while
     // the writer keeps committing.
     let before = live.commits();
-    let srv = {
-        let server = server.clone();
-        let root = repo.root().to_path_buf();
-        thread::spawn(move || -> Result<session::Outcome> {
-            let repo = Repo::open(root)?;
-            session::db_serve(
-                &server,
-                &repo,
-                RunOptions {
-                    quiet: true,
-                    ..RunOptions::default()
-                },
-            )
-        })
-    };
+    let srv = serve_once(&server, repo.root());
     let _db_client = session::db_backup(
         &client,
         IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -721,23 +710,13 @@ fn demo(args: &DemoArgs) -> Result<DemoSummary> {
     fs::create_dir_all(base.join("restored"))?;
     let repo = Repo::open(base.join("repository"))?;
     super::cli::restore_to_file(&repo, db_out.backup_id, &db_dest)?;
-    let mut problems = check_db(&db_dest)?;
-    let v = repo.verify(db_out.backup_id)?;
-    let verified = v.problems.is_empty();
-    problems.extend(v.problems);
-    backups.push(DemoBackup {
-        what: "live SQLite database (db flow)".into(),
-        backup_id: db_out.backup_id,
-        bytes: db_out.bytes,
-        files: db_out.files,
-        seconds: db_out.seconds,
-        mb_per_s: db_out.bytes as f64 / 1e6 / db_out.seconds.max(1e-9),
-        channel: db_out.channel.clone(),
-        traffic: db_out.traffic,
-        restored_equal: problems.is_empty(),
-        verified,
+    let problems = check_db(&db_dest)?;
+    backups.push(DemoBackup::new(
+        "live SQLite database (db flow)",
+        &db_out,
         problems,
-    });
+        repo.verify(db_out.backup_id)?,
+    ));
 
     // 3. A short bench, with `stp bench`'s code: one-way goodput and 64 B
     // ping-pong through an in-process array and over TCP on loopback.

@@ -30,12 +30,12 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use stp_core::sockets::Mechanism;
 
-use super::archive::{self, ExtractOptions, Extracted};
+use super::archive::{self, Extracted};
 use super::pipe::{PipeReceiver, PipeSender, StreamReport};
 use super::progress::Progress;
 use super::repo::{Repo, RestoreEnd};
 use super::restore::RestorePlan;
-use super::session::{db_client_open, mb_per_s, DbConn, Host, Outcome, RunOptions};
+use super::session::{db_client_open, DbConn, Host, Outcome, RunOptions};
 use super::traffic::Meter;
 use super::wire::{self, Msg, RESTORE_VERSION};
 
@@ -210,18 +210,8 @@ pub(super) fn serve(
             Ok(Outcome {
                 backup_id: ask.backup_id,
                 restore_id: Some(rid),
-                bytes: report.bytes,
                 files,
-                errors: 0,
-                channel: report.channels.summary(),
-                fallback_reason: report.channels.reason.or(conn.lan_reason.clone()),
-                seconds,
-                mb_per_s: mb_per_s(report.bytes, seconds),
-                session_seconds: t0.elapsed().as_secs_f64(),
-                traffic,
-                dropped: meter.dropped(),
-                file_errors: Vec::new(),
-                info: None,
+                ..Outcome::of_stream(&report, &conn.lan_reason, seconds, t0, &meter, traffic)
             })
         }
         Err(e) => {
@@ -409,21 +399,12 @@ pub fn restore_from_server(
             }
             other => bail!("expected the server's result, got {}", other.name()),
         };
+        let traffic = meter.read(layer);
         Ok(Outcome {
             backup_id: job.backup_id,
             restore_id: Some(rid),
-            bytes: report.bytes,
             files: done.files,
-            errors: 0,
-            channel: report.channels.summary(),
-            fallback_reason: report.channels.reason.or(conn.lan_reason.clone()),
-            seconds,
-            mb_per_s: mb_per_s(report.bytes, seconds),
-            session_seconds: t0.elapsed().as_secs_f64(),
-            traffic: meter.read(layer),
-            dropped: meter.dropped(),
-            file_errors: Vec::new(),
-            info: None,
+            ..Outcome::of_stream(&report, &conn.lan_reason, seconds, t0, &meter, traffic)
         })
     })();
     if let Some(l) = listener {
@@ -461,16 +442,7 @@ fn receive_into(
                     at: 0,
                 };
                 let want = |p: &str, k| plan.wants_any(p, k);
-                let done = archive::extract(
-                    &mut reader,
-                    dest,
-                    &ExtractOptions {
-                        want: &want,
-                        hashes: plan.hashes(),
-                        sparse: plan.sparse(),
-                        owners: nix::unistd::geteuid().is_root(),
-                    },
-                );
+                let done = archive::extract(&mut reader, dest, &plan.extract_options(&want));
                 match done {
                     // Whatever follows the archive's end (its padding)
                     // is read, so the stream completes.

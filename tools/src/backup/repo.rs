@@ -34,7 +34,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::archive::{self, ExtractOptions, Extracted, Kind, ManifestEntry};
+use super::archive::{self, Extracted, Kind, ManifestEntry};
 use super::pipe::StreamReport;
 use super::progress::Progress;
 use super::restore::RestorePlan;
@@ -376,6 +376,12 @@ fn count(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
+/// A count as the catalog stores it (one beyond `i64` stores as its
+/// largest).
+fn stored(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
 /// The columns of per-channel accounting, added to catalogs made before
 /// they existed (their old rows read as "not recorded").
 const TRAFFIC_COLUMNS: [(&str, &str); 7] = [
@@ -646,19 +652,26 @@ impl Repo {
 
     /// Records where a backup's bytes went (complete or failed).
     pub fn record_traffic(&self, id: i64, t: &ChannelUse) -> Result<()> {
-        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.write_traffic("backups", id, t)
+    }
+
+    /// Writes the per-channel counts of row `id` of `table` (`backups` or
+    /// `restores`, which keep them in the same columns).
+    fn write_traffic(&self, table: &str, id: i64, t: &ChannelUse) -> Result<()> {
         self.db().execute(
-            "UPDATE backups SET array_bytes = ?2, array_seconds = ?3, lan_bytes = ?4, \
-             lan_control_bytes = ?5, lan_error_bytes = ?6, lan_data_bytes = ?7, \
-             lan_seconds = ?8 WHERE id = ?1",
+            &format!(
+                "UPDATE {table} SET array_bytes = ?2, array_seconds = ?3, lan_bytes = ?4, \
+                 lan_control_bytes = ?5, lan_error_bytes = ?6, lan_data_bytes = ?7, \
+                 lan_seconds = ?8 WHERE id = ?1"
+            ),
             params![
                 id,
-                n(t.array_bytes),
+                stored(t.array_bytes),
                 t.array_seconds,
-                n(t.lan_bytes),
-                n(t.lan_control_bytes),
-                n(t.lan_error_bytes),
-                n(t.lan_data_bytes),
+                stored(t.lan_bytes),
+                stored(t.lan_control_bytes),
+                stored(t.lan_error_bytes),
+                stored(t.lan_data_bytes),
                 t.lan_seconds
             ],
         )?;
@@ -951,17 +964,8 @@ impl Repo {
             };
             offset += size;
             let want = |p: &str, k: Kind| plan.wants(src, p, k);
-            let done = archive::extract(
-                reader,
-                dest,
-                &ExtractOptions {
-                    want: &want,
-                    hashes: plan.hashes(),
-                    sparse: plan.sparse(),
-                    owners: nix::unistd::geteuid().is_root(),
-                },
-            )
-            .with_context(|| format!("restoring from backup {src}'s archive"))?;
+            let done = archive::extract(reader, dest, &plan.extract_options(&want))
+                .with_context(|| format!("restoring from backup {src}'s archive"))?;
             total.files += done.files;
             total.bytes += done.bytes;
             total.others += done.others;
@@ -1036,7 +1040,6 @@ impl Repo {
 
     /// Records how a restore ended.
     pub fn end_restore(&self, id: i64, end: &RestoreEnd) -> Result<()> {
-        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         self.db().execute(
             "UPDATE restores SET status = ?2, finished = ?3, bytes = ?4, files = ?5, \
              channel = ?6, fallback_reason = COALESCE(?7, fallback_reason), message = ?8 \
@@ -1045,8 +1048,8 @@ impl Repo {
                 id,
                 if end.ok { "complete" } else { "failed" },
                 now(),
-                n(end.bytes),
-                n(end.files),
+                stored(end.bytes),
+                stored(end.files),
                 end.channel,
                 end.fallback_reason,
                 end.message
@@ -1057,23 +1060,7 @@ impl Repo {
 
     /// Records where a restore's bytes went.
     pub fn record_restore_traffic(&self, id: i64, t: &ChannelUse) -> Result<()> {
-        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        self.db().execute(
-            "UPDATE restores SET array_bytes = ?2, array_seconds = ?3, lan_bytes = ?4, \
-             lan_control_bytes = ?5, lan_error_bytes = ?6, lan_data_bytes = ?7, \
-             lan_seconds = ?8 WHERE id = ?1",
-            params![
-                id,
-                n(t.array_bytes),
-                t.array_seconds,
-                n(t.lan_bytes),
-                n(t.lan_control_bytes),
-                n(t.lan_error_bytes),
-                n(t.lan_data_bytes),
-                t.lan_seconds
-            ],
-        )?;
-        Ok(())
+        self.write_traffic("restores", id, t)
     }
 
     /// Every restore through the array, oldest first.

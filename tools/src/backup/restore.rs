@@ -19,7 +19,9 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::archive::{self, safe_relative, Extracted, Kind, ManifestEntry, RootMeta};
+use super::archive::{
+    self, safe_relative, ExtractOptions, Extracted, Kind, ManifestEntry, RootMeta,
+};
 
 /// What one restore takes from the repository.
 #[derive(Clone, Debug)]
@@ -165,14 +167,19 @@ impl RestorePlan {
         self.sources().any(|src| self.wants(src, path, kind))
     }
 
-    /// The expected SHA-256 of each file.
-    pub fn hashes(&self) -> &HashMap<String, String> {
-        &self.hashes
-    }
-
-    /// The files restored with holes.
-    pub fn sparse(&self) -> &HashSet<String> {
-        &self.sparse
+    /// How to extract what the restore takes, `want` choosing the entries
+    /// of the archive at hand: every file's SHA-256 checked, holes kept,
+    /// owners set when running as root.
+    pub fn extract_options<'a>(
+        &'a self,
+        want: &'a dyn Fn(&str, Kind) -> bool,
+    ) -> ExtractOptions<'a> {
+        ExtractOptions {
+            want,
+            hashes: &self.hashes,
+            sparse: &self.sparse,
+            owners: nix::unistd::geteuid().is_root(),
+        }
     }
 
     /// How many regular files the restore writes.

@@ -160,6 +160,34 @@ pub struct Outcome {
     pub info: Option<BackupInfo>,
 }
 
+impl Outcome {
+    /// What a session moved, from its stream's `report`: its bytes, channel
+    /// and rates, `seconds` being the server's figure, `t0` the session's
+    /// start and `traffic` what `meter` read. The caller names the backup
+    /// and fills in what only its flow knows (files, errors, the restore
+    /// id, the catalog row).
+    pub(super) fn of_stream(
+        report: &StreamReport,
+        lan_reason: &Option<String>,
+        seconds: f64,
+        t0: Instant,
+        meter: &Meter,
+        traffic: ChannelUse,
+    ) -> Outcome {
+        Outcome {
+            bytes: report.bytes,
+            channel: report.channels.summary(),
+            fallback_reason: report.channels.reason.clone().or(lan_reason.clone()),
+            seconds,
+            mb_per_s: mb_per_s(report.bytes, seconds),
+            session_seconds: t0.elapsed().as_secs_f64(),
+            traffic,
+            dropped: meter.dropped(),
+            ..Outcome::default()
+        }
+    }
+}
+
 /// The connections of one file-system session.
 struct FsConns {
     control: Fd,
@@ -652,25 +680,23 @@ pub fn fs_backup(host: &Host, repo: &Repo, job: &FsJob, opts: RunOptions) -> Res
                             seconds,
                         },
                     );
-                    let reason = report.channels.reason.clone().or(conns.lan_reason.clone());
                     let traffic = meter.read(layer);
                     record_traffic(repo, id, &traffic);
                     info.traffic = Some(traffic);
                     Ok(Outcome {
-                        restore_id: None,
                         backup_id: id,
-                        bytes: report.bytes,
                         files,
                         errors: errors.len() as u64,
-                        channel: report.channels.summary(),
-                        fallback_reason: reason,
-                        seconds,
-                        mb_per_s: mb_per_s(report.bytes, seconds),
-                        session_seconds: t0.elapsed().as_secs_f64(),
-                        traffic,
-                        dropped: meter.dropped(),
                         file_errors: errors,
                         info: Some(info),
+                        ..Outcome::of_stream(
+                            &report,
+                            &conns.lan_reason,
+                            seconds,
+                            t0,
+                            &meter,
+                            traffic,
+                        )
                     })
                 }
                 Err(e) => Err(e.context(format!("recording backup {id}"))),
@@ -937,21 +963,12 @@ pub fn fs_agent(host: &Host, rules: &AgentRules, opts: RunOptions) -> Result<Out
             }
             other => bail!("expected the server's result, got {}", other.name()),
         };
+        let traffic = meter.read(layer);
         Ok(Outcome {
-            restore_id: None,
             backup_id: id,
-            bytes: report.bytes,
             files,
             errors,
-            channel: report.channels.summary(),
-            fallback_reason: report.channels.reason.or(conns.lan_reason.clone()),
-            seconds,
-            mb_per_s: mb_per_s(report.bytes, seconds),
-            session_seconds: t0.elapsed().as_secs_f64(),
-            traffic: meter.read(layer),
-            dropped: meter.dropped(),
-            file_errors: Vec::new(),
-            info: None,
+            ..Outcome::of_stream(&report, &conns.lan_reason, seconds, t0, &meter, traffic)
         })
     })();
     close_all(layer, &[data_fd, conns.control, conns.errors]);
@@ -1255,21 +1272,11 @@ pub fn db_backup(
             }
             other => bail!("expected the server's result, got {}", other.name()),
         };
+        let traffic = meter.read(layer);
         Ok(Outcome {
-            restore_id: None,
             backup_id: id,
-            bytes: report.bytes,
             files,
-            errors: 0,
-            channel: report.channels.summary(),
-            fallback_reason: report.channels.reason.or(conn.lan_reason.clone()),
-            seconds,
-            mb_per_s: mb_per_s(report.bytes, seconds),
-            session_seconds: t0.elapsed().as_secs_f64(),
-            traffic: meter.read(layer),
-            dropped: meter.dropped(),
-            file_errors: Vec::new(),
-            info: None,
+            ..Outcome::of_stream(&report, &conn.lan_reason, seconds, t0, &meter, traffic)
         })
     })();
     let _ = layer.flush(data_fd);
@@ -1517,20 +1524,10 @@ pub fn db_serve(host: &Host, repo: &Repo, opts: RunOptions) -> Result<Outcome> {
             record_traffic(repo, id, &traffic);
             info.traffic = Some(traffic);
             Ok(Outcome {
-                restore_id: None,
                 backup_id: id,
-                bytes: report.bytes,
                 files,
-                errors: 0,
-                channel: report.channels.summary(),
-                fallback_reason: report.channels.reason.or(conn.lan_reason.clone()),
-                seconds,
-                mb_per_s: mb_per_s(report.bytes, seconds),
-                session_seconds: t0.elapsed().as_secs_f64(),
-                traffic,
-                dropped: meter.dropped(),
-                file_errors: Vec::new(),
                 info: Some(info),
+                ..Outcome::of_stream(&report, &conn.lan_reason, seconds, t0, &meter, traffic)
             })
         }
         Err(e) => {
