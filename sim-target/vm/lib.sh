@@ -45,3 +45,51 @@ stp_vm_cached_version() {
         printf '%s\n' "$v"
     fi
 }
+
+# The Debian mirror the machine's own apt sources name for its own suite
+# ($STP_VM_MIRROR when set), or nothing.
+stp_vm_mirror() {
+    local mirror="${STP_VM_MIRROR:-}" codename
+    if [[ -z "$mirror" ]]; then
+        codename="$(. /etc/os-release 2>/dev/null && printf '%s' "${VERSION_CODENAME:-}")"
+        mirror="$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 2>/dev/null |
+            awk -v c="$codename" '$2 == c { print $1; exit }')"
+    fi
+    printf '%s\n' "$mirror"
+}
+
+# A private apt state for one Debian suite in DIR: its own sources list (one
+# entry of TYPE, deb or deb-src, on the machine's own mirror), lists and
+# archives; the machine's apt state is not touched. Sets the array
+# STP_VM_APT to the apt-get/apt-cache options that use it, then updates its
+# lists (output in DIR/update.log; when any list could not be fetched, the
+# log is printed and the status is non-zero). Dies when no mirror can be told.
+#   stp_vm_private_apt DIR SUITE TYPE
+stp_vm_private_apt() {
+    local st="$1" suite="$2" type="$3" mirror codename
+    mirror="$(stp_vm_mirror)"
+    codename="$(. /etc/os-release 2>/dev/null && printf '%s' "${VERSION_CODENAME:-}")"
+    [[ -n "$mirror" ]] ||
+        die "cannot tell which Debian mirror this machine uses (no '${codename:-?}' suite in its apt sources); set STP_VM_MIRROR"
+    mkdir -p "$st/lists/partial" "$st/cache/archives/partial" || die "cannot create $st"
+    printf '%s [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] %s %s main\n' \
+        "$type" "$mirror" "$suite" >"$st/sources.list"
+    STP_VM_APT=(-o "Dir::Etc::SourceList=$st/sources.list" -o Dir::Etc::SourceParts=/dev/null
+        -o "Dir::State::Lists=$st/lists" -o "Dir::Cache=$st/cache" -o APT::Sandbox::User=root)
+    say "apt-get update ($type $suite, private state in $st)"
+    # apt-get update exits 0 when a mirror cannot be reached (a warning):
+    # a list it failed to fetch is a failure here.
+    if ! apt-get "${STP_VM_APT[@]}" update -qq >"$st/update.log" 2>&1 ||
+        grep -Eq '^[WE]: (Failed to fetch|Some index files failed)' "$st/update.log"; then
+        cat "$st/update.log" >&2
+        return 1
+    fi
+}
+
+# The cmd_type values the io_uring_cmd engine of the fio binary FIO takes,
+# one a line, as `fio --enghelp=io_uring_cmd,cmd_type` lists them (nothing
+# when it has no such engine or option; fio 3.33 lists nvme).
+stp_fio_cmd_types() {
+    "$1" --enghelp=io_uring_cmd,cmd_type 2>/dev/null |
+        awk '/^[[:space:]]*(valid values)?:[[:space:]]/ { sub(/^[^:]*:[[:space:]]*/, ""); print $1 }'
+}

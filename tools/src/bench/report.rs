@@ -1,7 +1,8 @@
 //! `stp bench report`: turns the result files of one LIO benchmark run
-//! (`sim-target/vm/bench-lio`: our raw mode, fio's sg engine and fio
-//! io_uring O_DIRECT on the same LUNs, STP and TCP) into a table of ratios
-//! and one JSON document (`target/bench/lio.json`).
+//! (`sim-target/vm/bench-lio`: our raw mode, fio's sg engine, fio
+//! io_uring O_DIRECT and, where a fio that takes it was had, fio's
+//! io_uring_cmd engine with `cmd_type=bsg` on the same LUNs, STP and TCP)
+//! into a table of ratios and one JSON document (`target/bench/lio.json`).
 //!
 //! # Input: one directory
 //!
@@ -10,6 +11,7 @@
 //! | `raw-<lun>-<case>.json` | `stp bench raw --json` (schema 1) |
 //! | `fio-sg-<lun>-<case>.json` | `fio --ioengine=sg --output-format=json` on the same `/dev/sgN` |
 //! | `fio-uring-<lun>-<case>.json` | `fio --ioengine=io_uring --direct=1 --output-format=json` on the matching `/dev/sdX` |
+//! | `fio-uringcmd-<lun>-<case>.json` | `fio --ioengine=io_uring_cmd --cmd_type=bsg --output-format=json` on the matching `/dev/bsg/H:C:T:L` (the third anchor; `meta.json`'s `fio_bsg` says which fio, or why it did not run) |
 //! | `stp-{vendor,block}-{goodput,rtt}.json`, `tcp-{goodput,rtt}.json` | `stp bench stp|tcp --json` |
 //! | `*.hgrm` | latency distributions for the plot |
 //! | `*.err` | a run that failed (listed under `failed`) |
@@ -36,7 +38,11 @@
 //! naming the engine (`engine`: `bsg` on 7.1+ kernels, else `sg`);
 //! `sgv3_vs_fio_sg` and `sgv3_vs_fio_uring_direct` the same for the runs
 //! forced onto the sg v3 engine (`sgv3-<lun>-<case>`, not counted in the
-//! summary), and `raw_vs_sgv3` the default engine against sg v3. With
+//! summary), and `raw_vs_sgv3` the default engine against sg v3.
+//! `raw_vs_fio_uring_cmd_bsg` holds raw against fio's io_uring_cmd engine
+//! with `cmd_type=bsg` (the same passthrough as our bsg engine, target
+//! ≥ 1.0) where those runs exist; `fio_bsg` says which fio ran them or why
+//! none did (from `meta.json`). With
 //! `--rounds N` each run is its median round by the case's metric (MB/s
 //! for 1 MiB and mixed cases, IOPS otherwise). `stp_vendor_goodput_vs_raw_write`,
 //! `stp_block_goodput_vs_raw_write`, `stp_rtt_p50_vs_raw_qd1_write` and
@@ -79,6 +85,9 @@ pub mod targets {
     /// engine: ≥ 1.0× fio io_uring O_DIRECT ("≥ 1.0× once the bsg engine
     /// is in").
     pub const RAW_VS_FIO_URING_MIXED_BSG: f64 = 1.0;
+    /// Our raw mode ≥ 1.0× fio's io_uring_cmd engine with `cmd_type=bsg`
+    /// (the same bsg passthrough), every case.
+    pub const RAW_VS_FIO_URING_CMD_BSG: f64 = 1.0;
 
     /// The target of a raw / fio io_uring ratio for `case` run on `engine`.
     pub fn raw_vs_fio_uring(case: &str, engine: Option<&str>) -> f64 {
@@ -693,7 +702,7 @@ impl Ratio {
     }
 }
 
-/// One block case on one LUN, three ways.
+/// One block case on one LUN, three or four ways.
 #[derive(Serialize, Debug, Clone)]
 pub struct CaseRow {
     /// `stg` or `ramdisk`.
@@ -707,6 +716,9 @@ pub struct CaseRow {
     pub fio_sg: Option<Measured>,
     /// fio `--ioengine=io_uring --direct=1` on the matching `/dev/sdX`.
     pub fio_uring_direct: Option<Measured>,
+    /// fio `--ioengine=io_uring_cmd --cmd_type=bsg` on the matching
+    /// `/dev/bsg/H:C:T:L` (where a fio that takes it ran).
+    pub fio_uring_cmd_bsg: Option<Measured>,
 }
 
 /// Everything one benchmark directory holds, parsed.
@@ -869,7 +881,7 @@ impl Results {
         // Any other case the directory holds, after the known ones.
         for stem in self.runs.keys().chain(self.failed.keys()) {
             let stem = split_round(stem).0;
-            for prefix in ["raw-", "fio-sg-", "fio-uring-"] {
+            for prefix in ["raw-", "fio-sg-", "fio-uring-", "fio-uringcmd-"] {
                 if let Some(rest) = stem.strip_prefix(prefix) {
                     if let Some((lun, case)) = rest.split_once('-') {
                         let k = (lun.to_string(), case.to_string());
@@ -885,11 +897,47 @@ impl Results {
                 raw: self.get(&format!("raw-{lun}-{case}")).cloned(),
                 fio_sg: self.get(&format!("fio-sg-{lun}-{case}")).cloned(),
                 fio_uring_direct: self.get(&format!("fio-uring-{lun}-{case}")).cloned(),
+                fio_uring_cmd_bsg: self.get(&format!("fio-uringcmd-{lun}-{case}")).cloned(),
                 lun,
                 case,
             })
-            .filter(|r| r.raw.is_some() || r.fio_sg.is_some() || r.fio_uring_direct.is_some())
+            .filter(|r| {
+                r.raw.is_some()
+                    || r.fio_sg.is_some()
+                    || r.fio_uring_direct.is_some()
+                    || r.fio_uring_cmd_bsg.is_some()
+            })
             .collect()
+    }
+
+    /// The third anchor's verdict: `meta.json`'s `fio_bsg` (`ran`, `fio`:
+    /// its version, `suite`: where it came from, `path`, `reason`: why
+    /// none ran), with `runs`: how many `fio-uringcmd-*` runs were read.
+    /// A directory whose `meta.json` does not say gets a verdict from its
+    /// files alone.
+    pub fn fio_bsg(&self) -> serde_json::Value {
+        let runs = self
+            .runs
+            .keys()
+            .filter(|k| k.starts_with("fio-uringcmd-"))
+            .count();
+        let mut v = match self.meta.as_ref().and_then(|m| m.get("fio_bsg")) {
+            Some(v) if v.is_object() => v.clone(),
+            _ => serde_json::json!({
+                "ran": runs > 0,
+                "fio": null,
+                "suite": null,
+                "reason": if runs > 0 {
+                    serde_json::Value::Null
+                } else {
+                    "meta.json does not say (results from before the third anchor)".into()
+                },
+            }),
+        };
+        if let Some(o) = v.as_object_mut() {
+            o.insert("runs".into(), runs.into());
+        }
+        v
     }
 }
 
@@ -911,6 +959,9 @@ pub struct Ratios {
     pub raw_vs_fio_sg: Vec<Ratio>,
     /// Our raw mode / fio io_uring O_DIRECT on the matching `/dev/sdX`.
     pub raw_vs_fio_uring_direct: Vec<Ratio>,
+    /// Our raw mode / fio io_uring_cmd with `cmd_type=bsg` on the matching
+    /// `/dev/bsg/H:C:T:L`, where those runs exist.
+    pub raw_vs_fio_uring_cmd_bsg: Vec<Ratio>,
     /// Our raw mode forced onto the sg v3 engine (`sgv3-<lun>-<case>`) /
     /// fio's sg engine: the same targets, for the older kernels' engine
     /// (not counted in the summary, which is the default engine's).
@@ -1014,6 +1065,31 @@ impl Ratios {
                     }
                 }
             }
+        }
+        for row in r.rows() {
+            let (Some(raw), Some(peer)) = (&row.raw, &row.fio_uring_cmd_bsg) else {
+                continue;
+            };
+            let (ours, metric) = throughput(&row.case, raw);
+            let (theirs, _) = throughput(&row.case, peer);
+            let value_is = match &raw.engine {
+                Some(e) => format!("stp bench raw (its default engine: {e})"),
+                None => "stp bench raw (its default engine)".to_string(),
+            };
+            out.raw_vs_fio_uring_cmd_bsg.push(
+                Ratio::new(
+                    metric,
+                    (ours, value_is),
+                    (
+                        theirs,
+                        "fio --ioengine=io_uring_cmd --cmd_type=bsg, matching /dev/bsg".into(),
+                    ),
+                    Better::Higher,
+                    Some(targets::RAW_VS_FIO_URING_CMD_BSG),
+                )
+                .at(&row.lun, &row.case)
+                .on(raw.engine.as_deref()),
+            );
         }
         for row in r.rows() {
             let (Some(raw), Some(sg)) =
@@ -1171,6 +1247,11 @@ impl Ratios {
                 .iter()
                 .map(|r| ("raw_vs_fio_uring_direct", r)),
         );
+        v.extend(
+            self.raw_vs_fio_uring_cmd_bsg
+                .iter()
+                .map(|r| ("raw_vs_fio_uring_cmd_bsg", r)),
+        );
         for (k, r) in self.singles() {
             if let Some(r) = r {
                 v.push((k, r));
@@ -1268,7 +1349,7 @@ pub fn document(r: &Results, ratios: &Ratios) -> serde_json::Value {
     let met = t.iter().filter(|(_, r)| r.met == Some(true)).count();
     let mut doc = serde_json::json!({
         "schema": REPORT_SCHEMA,
-        "what": "stp bench LIO report: our raw mode vs fio (sg; io_uring O_DIRECT) on the same LUNs, STP and TCP, one VM boot",
+        "what": "stp bench LIO report: our raw mode vs fio (sg; io_uring O_DIRECT; io_uring_cmd cmd_type=bsg where a fio had it) on the same LUNs, STP and TCP, one VM boot",
         "conventions": {
             "ratio": "value / reference",
             "throughput": "value = ours, reference = theirs; better: higher; target is a minimum",
@@ -1290,6 +1371,8 @@ pub fn document(r: &Results, ratios: &Ratios) -> serde_json::Value {
         "summary": {"targets": t.len(), "met": met, "unmet": t.len() - met},
         "raw_vs_fio_sg": ratios.raw_vs_fio_sg,
         "raw_vs_fio_uring_direct": ratios.raw_vs_fio_uring_direct,
+        "raw_vs_fio_uring_cmd_bsg": ratios.raw_vs_fio_uring_cmd_bsg,
+        "fio_bsg": r.fio_bsg(),
         "raw_vs_sgv3": ratios.raw_vs_sgv3,
         "sgv3_vs_fio_sg": ratios.sgv3_vs_fio_sg,
         "sgv3_vs_fio_uring_direct": ratios.sgv3_vs_fio_uring_direct,
@@ -1359,6 +1442,34 @@ fn verdict(r: &Ratio) -> String {
     }
 }
 
+/// The table's line on the third anchor: `×bsg` is raw ÷ fio's
+/// io_uring_cmd engine with cmd_type=bsg, and which fio ran it, or why it
+/// did not run.
+fn fio_bsg_line(v: &serde_json::Value) -> String {
+    let text = |k: &str| v.get(k).and_then(|x| x.as_str()).filter(|x| !x.is_empty());
+    let runs = v.get("runs").and_then(|x| x.as_u64()).unwrap_or(0);
+    let head = "(third anchor, fio --ioengine=io_uring_cmd --cmd_type=bsg on /dev/bsg/H:C:T:L";
+    let target = targets::RAW_VS_FIO_URING_CMD_BSG;
+    if runs > 0 {
+        let from = match (text("fio"), text("suite")) {
+            (Some(f), Some(s)) => format!("fio {f} ({s})"),
+            (Some(f), None) => format!("fio {f}"),
+            _ => "a fio meta.json does not name".to_string(),
+        };
+        format!("{head}: {from}; ×bsg = raw ÷ it, target ≥ {target})")
+    } else if v.get("ran").and_then(|x| x.as_bool()) == Some(true) {
+        format!(
+            "{head}: {} ran, but no run of it could be read; see \"Failed runs\")",
+            text("fio").map_or("fio".to_string(), |f| format!("fio {f}"))
+        )
+    } else {
+        format!(
+            "{head}: not run: {})",
+            text("reason").unwrap_or("no reason recorded")
+        )
+    }
+}
+
 /// The printed table.
 pub fn table(r: &Results, ratios: &Ratios) -> String {
     let mut s = String::new();
@@ -1366,11 +1477,22 @@ pub fn table(r: &Results, ratios: &Ratios) -> String {
         s,
         "Block cases on the same LUN (host 0): throughput (p50 latency)"
     );
-    let _ = writeln!(
+    // The third anchor's columns only where its runs are.
+    let rows = r.rows();
+    let bsg = rows.iter().any(|row| row.fio_uring_cmd_bsg.is_some());
+    let _ = write!(
         s,
-        "{:<8} {:<18} {:>22} {:>22} {:>22}   {:>7} {:>7}",
-        "LUN", "case", "raw (ours)", "fio sg", "fio uring+direct", "×sg", "×uring"
+        "{:<8} {:<18} {:>22} {:>22} {:>22}",
+        "LUN", "case", "raw (ours)", "fio sg", "fio uring+direct"
     );
+    if bsg {
+        let _ = write!(s, " {:>22}", "fio uring_cmd bsg");
+    }
+    let _ = write!(s, "   {:>7} {:>7}", "×sg", "×uring");
+    if bsg {
+        let _ = write!(s, " {:>7}", "×bsg");
+    }
+    s.push('\n');
     let cell = |case: &str, m: &Option<Measured>| -> String {
         match m {
             Some(m) => {
@@ -1391,23 +1513,37 @@ pub fn table(r: &Results, ratios: &Ratios) -> String {
                 )
             })
     };
-    for row in r.rows() {
-        let _ = writeln!(
+    for row in &rows {
+        let _ = write!(
             s,
-            "{:<8} {:<18} {:>22} {:>22} {:>22}   {:>7} {:>7}",
+            "{:<8} {:<18} {:>22} {:>22} {:>22}",
             row.lun,
             row.case,
             cell(&row.case, &row.raw),
             cell(&row.case, &row.fio_sg),
             cell(&row.case, &row.fio_uring_direct),
+        );
+        if bsg {
+            let _ = write!(s, " {:>22}", cell(&row.case, &row.fio_uring_cmd_bsg));
+        }
+        let _ = write!(
+            s,
+            "   {:>7} {:>7}",
             find(&ratios.raw_vs_fio_sg, &row.lun, &row.case),
             find(&ratios.raw_vs_fio_uring_direct, &row.lun, &row.case),
         );
+        if bsg {
+            let _ = write!(
+                s,
+                " {:>7}",
+                find(&ratios.raw_vs_fio_uring_cmd_bsg, &row.lun, &row.case)
+            );
+        }
+        s.push('\n');
     }
-    let mut engines: Vec<String> = r
-        .rows()
-        .into_iter()
-        .filter_map(|row| row.raw?.engine)
+    let mut engines: Vec<String> = rows
+        .iter()
+        .filter_map(|row| row.raw.as_ref()?.engine.clone())
         .collect();
     engines.sort();
     engines.dedup();
@@ -1423,6 +1559,7 @@ pub fn table(r: &Results, ratios: &Ratios) -> String {
         targets::RAW_VS_FIO_URING,
         targets::RAW_VS_FIO_URING_MIXED_BSG
     );
+    let _ = writeln!(s, "{}", fio_bsg_line(&r.fio_bsg()));
     let most = r.runs.values().map(|m| m.rounds_iops.len()).max();
     if let Some(n) = most.filter(|&n| n > 1) {
         let _ = writeln!(
@@ -1575,7 +1712,7 @@ pub fn table(r: &Results, ratios: &Ratios) -> String {
     s
 }
 
-/// The plot's series: QD1 4 KiB writes on the STG LUN three ways, and the
+/// The plot's series: QD1 4 KiB writes on the STG LUN three (or four) ways, and the
 /// 64-byte round trips.
 pub fn plot(r: &Results) -> String {
     let mut series = Vec::new();
@@ -1585,6 +1722,10 @@ pub fn plot(r: &Results) -> String {
         (
             "fio-uring-stg-randwrite-4k-qd1",
             "fio io_uring O_DIRECT 4 KiB write QD1",
+        ),
+        (
+            "fio-uringcmd-stg-randwrite-4k-qd1",
+            "fio io_uring_cmd bsg 4 KiB write QD1",
         ),
         ("stp-vendor-rtt", "STP vendor 64 B round trip"),
         ("stp-block-rtt", "STP block 64 B round trip"),
@@ -1643,6 +1784,13 @@ mod tests {
     /// Captured in the test VM: fio 3.33, `--ioengine=sg`, 4 KiB random
     /// writes at QD1 for 2 s on an STG LUN, `--lat_percentiles=1`.
     const FIO_SG: &str = include_str!("testdata/fio-sg-randwrite-4k-qd1.json");
+    /// Captured in the test VM (kernel 7.3.4): upstream fio built from git
+    /// (3.42-135-gf5344, `sim-target/vm/fetch-fio --source`),
+    /// `--ioengine=io_uring_cmd --cmd_type=bsg`, 4 KiB random writes at QD1
+    /// for 1 s on an STG LUN's `/dev/bsg/0:0:1:0`, `--lat_percentiles=1`.
+    const FIO_URINGCMD: &str = include_str!("testdata/fio-uringcmd-randwrite-4k-qd1.json");
+    /// Its write IOPS as the file spells them.
+    const FIO_URINGCMD_IOPS: &str = "151.574803";
 
     fn ours(iops: f64, mb: f64, p50: f64, p999: f64) -> String {
         serde_json::json!({
@@ -2196,6 +2344,109 @@ mod tests {
         // Without the bsg engine the mixed case keeps the 0.9 target.
         assert_eq!(targets::raw_vs_fio_uring(MIXED_CASE, Some("sg")), 0.9);
         assert_eq!(targets::raw_vs_fio_uring("read-1m-qd8", Some("bsg")), 0.9);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// fio's io_uring_cmd engine with cmd_type=bsg (the third anchor): a
+    /// column, a ratio with target 1.0 and the fio that ran it where its
+    /// runs are; the reason from meta.json where they are not.
+    #[test]
+    fn the_bsg_anchor_with_and_without_its_runs() {
+        let reason = "fio 3.41 (Debian 3.41-2, sid): the cmd_type option of its io_uring_cmd engine lists nvme only, not bsg; not built";
+        let d = scratch("no-bsg");
+        let w = |f: &str, t: &str| std::fs::write(d.join(f), t).unwrap();
+        w("fio-sg-stg-randwrite-4k-qd1.json", FIO_SG);
+        w(
+            "raw-stg-randwrite-4k-qd1.json",
+            &ours_on("bsg", 1000.0, 4.096),
+        );
+        let meta = serde_json::json!({"kernel": "7.3.4+deb13-amd64", "fio": "fio-3.33",
+            "fio_bsg": {"ran": false, "fio": "3.41-2", "suite": "sid", "path": null,
+                        "reason": reason, "nodes": {}}});
+        w("meta.json", &meta.to_string());
+        let r = Results::load(&d).unwrap();
+        let x = Ratios::of(&r);
+        assert!(x.raw_vs_fio_uring_cmd_bsg.is_empty());
+        let doc = document(&r, &x);
+        assert_eq!(doc["fio_bsg"]["ran"], false);
+        assert_eq!(doc["fio_bsg"]["fio"], "3.41-2");
+        assert_eq!(doc["fio_bsg"]["reason"], reason);
+        assert_eq!(doc["fio_bsg"]["runs"], 0);
+        assert_eq!(doc["raw_vs_fio_uring_cmd_bsg"], serde_json::json!([]));
+        assert_eq!(doc["summary"]["targets"], 1);
+        let text = table(&r, &x);
+        assert!(text.contains(&format!("not run: {reason}")), "{text}");
+        assert!(!text.contains("×bsg"), "{text}");
+        // Results from before the third anchor: their meta.json says nothing.
+        w("meta.json", "{\"kernel\": \"6.1\"}");
+        let old = Results::load(&d).unwrap();
+        let v = old.fio_bsg();
+        assert_eq!(v["ran"], false);
+        assert!(v["reason"]
+            .as_str()
+            .unwrap()
+            .contains("meta.json does not say"));
+        std::fs::remove_dir_all(&d).unwrap();
+
+        let d = scratch("bsg");
+        let w = |f: &str, t: &str| std::fs::write(d.join(f), t).unwrap();
+        w("fio-sg-stg-randwrite-4k-qd1.json", FIO_SG);
+        w(
+            "raw-stg-randwrite-4k-qd1.json",
+            &ours_on("bsg", 1000.0, 4.096),
+        );
+        // fio io_uring_cmd bsg: 1250 IOPS, raw 0.80x (not met); on the
+        // ramdisk 500 against raw's 600 (1.2x, met).
+        w(
+            "fio-uringcmd-stg-randwrite-4k-qd1.json",
+            &FIO_URINGCMD.replace(FIO_URINGCMD_IOPS, "1250.0"),
+        );
+        w(
+            "raw-ramdisk-randwrite-4k-qd1.json",
+            &ours_on("bsg", 600.0, 2.4576),
+        );
+        w(
+            "fio-uringcmd-ramdisk-randwrite-4k-qd1.json",
+            &FIO_URINGCMD.replace(FIO_URINGCMD_IOPS, "500.0"),
+        );
+        let meta = serde_json::json!({"kernel": "7.3.4+deb13-amd64", "fio": "fio-3.33",
+            "fio_bsg": {"ran": true, "fio": "3.42", "suite": "STP_FIO",
+                        "path": "/opt/fio/fio", "reason": null,
+                        "nodes": {"stg": "/dev/bsg/0:0:1:0", "ramdisk": "/dev/bsg/0:0:1:4"}}});
+        w("meta.json", &meta.to_string());
+        let r = Results::load(&d).unwrap();
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+        let rows = r.rows();
+        assert_eq!(rows.len(), 2);
+        assert!(rows.iter().all(|row| row.fio_uring_cmd_bsg.is_some()));
+        let x = Ratios::of(&r);
+        let b = &x.raw_vs_fio_uring_cmd_bsg;
+        assert_eq!(b.len(), 2);
+        assert_eq!(b[0].lun.as_deref(), Some("stg"));
+        assert!((b[0].ratio - 0.8).abs() < 1e-9, "{:?}", b[0]);
+        assert_eq!((b[0].target, b[0].met), (Some(1.0), Some(false)));
+        assert_eq!(b[0].engine.as_deref(), Some("bsg"));
+        assert!(b[0].reference_is.contains("cmd_type=bsg"));
+        assert!((b[1].ratio - 1.2).abs() < 1e-9);
+        assert_eq!(b[1].met, Some(true));
+        let doc = document(&r, &x);
+        assert_eq!(doc["fio_bsg"]["ran"], true);
+        assert_eq!(doc["fio_bsg"]["fio"], "3.42");
+        assert_eq!(doc["fio_bsg"]["runs"], 2);
+        assert_eq!(doc["raw_vs_fio_uring_cmd_bsg"][1]["met"], true);
+        assert!(doc["cases"][0]["fio_uring_cmd_bsg"]["iops"].is_number());
+        // sg (2 of raw's 1), bsg (2): counted in the summary.
+        assert_eq!(doc["summary"]["targets"], 3);
+        let text = table(&r, &x);
+        assert!(text.contains("fio uring_cmd bsg"), "{text}");
+        assert!(text.contains("×bsg"), "{text}");
+        assert!(text.contains("0.80!"), "{text}");
+        assert!(text.contains("fio 3.42 (STP_FIO)"), "{text}");
+        assert!(
+            text.contains("not met: raw_vs_fio_uring_cmd_bsg [stg randwrite-4k-qd1]"),
+            "{text}"
+        );
+        assert!(plot(&r).contains("io_uring_cmd bsg"));
         std::fs::remove_dir_all(&d).unwrap();
     }
 
