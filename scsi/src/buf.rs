@@ -57,10 +57,11 @@ impl Clone for IoBuf {
 impl IoBuf {
     /// A zeroed buffer of `len` bytes.
     ///
-    /// The pages come from the allocator already zeroed (`alloc_zeroed`:
-    /// fresh pages the kernel zeroes as they are first touched), not
-    /// written with zeros here: a large buffer costs no pass over its bytes
-    /// before its first use.
+    /// The pages come from the allocator's `alloc_zeroed`. For a
+    /// page-aligned layout the standard allocator takes aligned memory and
+    /// writes zeros over it (calloc serves only small alignments), so a new
+    /// buffer costs one pass over its bytes and faults its pages in: the
+    /// pools ([`crate::pool::BufPool`]) exist to make this rare.
     pub fn new(len: usize) -> IoBuf {
         let n = len.div_ceil(PAGE_SIZE);
         let pages = Page::new_vec_zeroed(n).unwrap_or_else(|_| vec![ZERO_PAGE; n]);
