@@ -187,6 +187,12 @@ fn paths_go_through_the_shared_io_uring_engine() {
             d.contains("io_uring") && d.contains("shared engine thread"),
             "{d}"
         );
+        // A forced engine is the one the paths use.
+        match std::env::var(scsi::select::ENGINE_ENV).as_deref() {
+            Ok("sg") => assert!(d.contains("io_uring sg v3"), "STP_ENGINE=sg: {d}"),
+            Ok("bsg") => assert!(d.contains("io_uring bsg"), "STP_ENGINE=bsg: {d}"),
+            _ => {}
+        }
     }
 }
 
