@@ -286,11 +286,19 @@ impl Consumer {
     }
 
     /// Takes the producer block read from member `m`: its count must lie
-    /// between what was consumed and one ring beyond.
+    /// within one ring of what was consumed. Behind it is no news, not a
+    /// bad block: a probe takes a short slot before the producer publishes
+    /// it, so the count the producer block carries may trail what was
+    /// consumed, by at most a ring.
     pub fn on_producer_block(&mut self, m: usize, bytes: &[u8], generation: u64) -> Index {
+        let consumed = self.consumed[m];
         match judge(bytes, IndexKind::Producer, generation) {
-            Ok(p) if p >= self.consumed[m] && p - self.consumed[m] <= self.slots => {
-                self.avail[m] = p - self.consumed[m];
+            Ok(p) if p >= consumed && p - consumed <= self.slots => {
+                self.avail[m] = p - consumed;
+                Index::Fresh
+            }
+            Ok(p) if p < consumed && consumed - p <= self.slots => {
+                self.avail[m] = 0;
                 Index::Fresh
             }
             Ok(_) => Index::Bad,
@@ -608,6 +616,39 @@ mod tests {
         // Slots the probe did not take are still read through the index.
         assert!(lane.send(sent, 2));
         assert_eq!(lane.poll(now), vec![sent, sent + 1]);
+    }
+
+    /// A poll that reads the producer blocks after a probe took slots they
+    /// do not announce yet finds them behind what was consumed: no news,
+    /// and not a bad block.
+    #[test]
+    fn a_producer_block_behind_what_probes_took_is_not_bad() {
+        let mut lane = Lane::new(2);
+        for byte in 0..3u8 {
+            lane.write_unpublished(byte);
+            assert_eq!(lane.probe(), Some(byte));
+        }
+        lane.consumer.begin_poll();
+        for m in 0..2 {
+            let b = lane.prod_block[m].clone();
+            assert_eq!(
+                lane.consumer.on_producer_block(m, &b, GEN),
+                Index::Fresh,
+                "member {m}"
+            );
+        }
+        assert!(
+            lane.poll(t0()).is_empty(),
+            "nothing announced that was not taken"
+        );
+        // A count more than a ring behind is still refused.
+        let mut far = Lane::new(1);
+        for byte in 0..(SLOTS as u8 + 1) {
+            far.write_unpublished(byte);
+            assert_eq!(far.probe(), Some(byte));
+        }
+        let stale = index(IndexKind::Producer, 0, GEN);
+        assert_eq!(far.consumer.on_producer_block(0, &stale, GEN), Index::Bad);
     }
 
     #[test]

@@ -152,6 +152,11 @@ pub struct StpArgs {
     /// (0 skips it).
     #[arg(long, value_name = "SECS", default_value_t = 2.0, value_parser = parse_idle_secs)]
     pub idle: f64,
+    /// Block mode: format and use the STG's member LUNs, the ones vendor
+    /// mode uses (slots striped over them), instead of the plain LUN: block
+    /// and vendor mode on the same LUNs.
+    #[arg(long)]
+    pub block_on_members: bool,
     /// Goodput and ping-pong options.
     #[command(flatten)]
     pub net: NetArgs,
@@ -175,6 +180,7 @@ impl StpArgs {
             slot: None,
             slots: None,
             idle: 0.0,
+            block_on_members: false,
             net,
         }
     }
@@ -819,9 +825,21 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
             (sides, format!("stp vendor, {what}"))
         }
         MailboxMode::Block => {
-            let mut admin = vec![opener(0, None)?];
-            paths.push(format!("host 0: {}", admin[0].describe()));
-            paths.push(format!("host 1: {}", opener(1, None)?.describe()));
+            // The LUNs block mode runs on: the plain LUN, or every member.
+            let luns: Vec<Option<usize>> = if args.block_on_members {
+                (0..members).map(Some).collect()
+            } else {
+                vec![None]
+            };
+            let open_all = |host: usize| -> io::Result<Vec<Box<dyn Transport>>> {
+                luns.iter().map(|&m| opener(host, m)).collect()
+            };
+            let mut admin = open_all(0)?;
+            for (host, paths_of) in [(0, &admin), (1, &open_all(1)?)] {
+                for p in paths_of {
+                    paths.push(format!("host {host}: {}", p.describe()));
+                }
+            }
             let (_, block_size) =
                 stp_core::block::read_capacity(admin[0].as_mut(), Duration::from_secs(30))
                     .context("reading the block-mode LUN's capacity")?;
@@ -852,7 +870,7 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
             .context("formatting the block-mode STG")?;
             drop(admin);
             let open = |host: usize| -> Result<Arc<BlockStg>> {
-                BlockStg::open(vec![opener(host, None)?], host as u16, BLOCK_STG)
+                BlockStg::open(open_all(host)?, host as u16, BLOCK_STG)
                     .with_context(|| format!("host {host}: opening the block-mode STG"))
             };
             let (h0, h1) = (open(0)?, open(1)?);
@@ -911,7 +929,7 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
     }
     let mut extra = serde_json::json!({
         "mailbox": match args.mode { MailboxMode::Vendor => "vendor", MailboxMode::Block => "block" },
-        "members": if args.mode == MailboxMode::Vendor { members } else { 1 },
+        "members": if args.mode == MailboxMode::Vendor || args.block_on_members { members } else { 1 },
         "sim": args.sim,
         "protection": args.protection.name(),
     });

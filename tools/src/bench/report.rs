@@ -113,7 +113,13 @@ pub mod targets {
     /// The aggregate goodput of 16 connections on one STG ≥ 0.9× one
     /// connection's.
     pub const STP_CONNECTIONS_VS_ONE: f64 = 0.9;
+    /// Block-mode goodput ≥ 0.8× vendor mode's on the same LUNs.
+    pub const STP_BLOCK_VS_VENDOR: f64 = 0.8;
 }
+
+/// The block-mode goodput run on the STG's member LUNs, the ones vendor
+/// mode uses (`stp bench stp --mode block --block-on-members`).
+pub const BLOCK_ON_MEMBERS_RUN: &str = "stp-block-members-goodput";
 
 /// The run of 16 concurrent vendor-mode connections on the STG.
 pub const CONNECTIONS_RUN: &str = "stp-vendor-connections-16";
@@ -1001,6 +1007,9 @@ pub struct Ratios {
     /// The aggregate goodput of 16 concurrent vendor-mode connections /
     /// one connection's.
     pub stp_vendor_16_connections_vs_1: Option<Ratio>,
+    /// STP block-mode goodput on the STG's member LUNs / vendor-mode
+    /// goodput on the same LUNs.
+    pub stp_block_vs_vendor_goodput_same_luns: Option<Ratio>,
     /// The ceilings those two divide by.
     #[serde(skip)]
     pub ceilings: Ceilings,
@@ -1198,6 +1207,18 @@ impl Ratios {
                 Some(targets::STP_CONNECTIONS_VS_ONE),
             ));
         }
+        if let (Some(b), Some(v)) = (r.get(BLOCK_ON_MEMBERS_RUN), r.get("stp-vendor-goodput")) {
+            out.stp_block_vs_vendor_goodput_same_luns = Some(Ratio::new(
+                "mb_per_s",
+                (
+                    b.mb_per_s,
+                    format!("{BLOCK_ON_MEMBERS_RUN} (the STG's LUNs)"),
+                ),
+                (v.mb_per_s, "stp-vendor-goodput (the same LUNs)".into()),
+                Better::Higher,
+                Some(targets::STP_BLOCK_VS_VENDOR),
+            ));
+        }
         if let (Some(s), Some(t)) = (r.get("stp-vendor-goodput"), r.get("tcp-goodput")) {
             out.stp_vendor_goodput_vs_tcp = Some(Ratio::new(
                 "mb_per_s",
@@ -1261,7 +1282,7 @@ impl Ratios {
         v
     }
 
-    fn singles(&self) -> [(&'static str, Option<&Ratio>); 13] {
+    fn singles(&self) -> [(&'static str, Option<&Ratio>); 14] {
         [
             (
                 "stp_rtt_p50_vs_raw_qd1_write_plus_read",
@@ -1314,6 +1335,10 @@ impl Ratios {
             (
                 "stp_vendor_16_connections_vs_1",
                 self.stp_vendor_16_connections_vs_1.as_ref(),
+            ),
+            (
+                "stp_block_vs_vendor_goodput_same_luns",
+                self.stp_block_vs_vendor_goodput_same_luns.as_ref(),
             ),
         ]
     }
@@ -1602,6 +1627,7 @@ pub fn table(r: &Results, ratios: &Ratios) -> String {
         "sgv3-stp-vendor-goodput",
         CONNECTIONS_RUN,
         "stp-block-goodput",
+        BLOCK_ON_MEMBERS_RUN,
         "tcp-goodput",
         "stp-vendor-rtt",
         "stp-block-rtt",
@@ -1944,6 +1970,17 @@ mod tests {
         let c = x.stp_vendor_16_connections_vs_1.as_ref().unwrap();
         assert!((c.ratio - 0.8).abs() < 1e-9, "40 of 50 MB/s");
         assert_eq!(c.met, Some(false));
+        assert!(x.stp_block_vs_vendor_goodput_same_luns.is_none());
+        w(
+            "stp-block-members-goodput.json",
+            &ours(45.0, 45.0, 20000.0, 30000.0),
+        );
+        let r = Results::load(&d).unwrap();
+        let b = Ratios::of(&r)
+            .stp_block_vs_vendor_goodput_same_luns
+            .unwrap();
+        assert!((b.ratio - 0.9).abs() < 1e-9, "45 of 50 MB/s");
+        assert_eq!(b.met, Some(true));
 
         let x = Ratios::of(&r);
         let doc = document(&r, &x);
@@ -1962,8 +1999,10 @@ mod tests {
             assert!(doc.get(key).is_some(), "missing {key}");
         }
         assert_eq!(doc["schema"], REPORT_SCHEMA);
-        assert_eq!(doc["summary"]["targets"], 6);
-        assert_eq!(doc["summary"]["met"], 1);
+        // The block-on-members run (met) is the seventh target.
+        assert_eq!(doc["summary"]["targets"], 7);
+        assert_eq!(doc["summary"]["met"], 2);
+        assert!(doc["stp_block_vs_vendor_goodput_same_luns"]["value"].is_number());
         assert_eq!(doc["machine"]["guest"]["kernel"], "6.1");
         let e = &doc["raw_vs_fio_sg"][0];
         for key in [
@@ -1981,7 +2020,8 @@ mod tests {
         }
         let text = table(&r, &x);
         assert!(text.contains("randwrite-4k-qd1"), "{text}");
-        assert!(text.contains("Targets met: 1 of 6"), "{text}");
+        assert!(text.contains("Targets met: 2 of 7"), "{text}");
+        assert!(text.contains("stp-block-members-goodput"), "{text}");
         // The default engine against sg v3 on the same case: no target.
         assert_eq!(x.raw_vs_sgv3.len(), 1);
         assert!((x.raw_vs_sgv3[0].ratio - 1.25).abs() < 1e-9);
