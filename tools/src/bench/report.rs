@@ -1021,14 +1021,10 @@ impl Ratios {
         let mut out = Ratios::default();
         for row in r.rows() {
             let sgv3 = r.get(&format!("sgv3-{}-{}", row.lun, row.case));
-            let default_is = |m: &Measured| match &m.engine {
-                Some(e) => format!("stp bench raw (its default engine: {e})"),
-                None => "stp bench raw (its default engine)".to_string(),
-            };
             for (ours, value_is, to_sg, to_uring) in [
                 (
                     row.raw.as_ref(),
-                    row.raw.as_ref().map(default_is),
+                    row.raw.as_ref().map(raw_default_is),
                     &mut out.raw_vs_fio_sg,
                     &mut out.raw_vs_fio_uring_direct,
                 ),
@@ -1042,7 +1038,6 @@ impl Ratios {
                 let (Some(m), Some(value_is)) = (ours, value_is) else {
                     continue;
                 };
-                let (value, metric) = throughput(&row.case, m);
                 let engine = m.engine.as_deref();
                 for (peer, name, target, list) in [
                     (
@@ -1059,18 +1054,7 @@ impl Ratios {
                     ),
                 ] {
                     if let Some(p) = peer {
-                        let (theirs, _) = throughput(&row.case, p);
-                        list.push(
-                            Ratio::new(
-                                metric,
-                                (value, value_is.clone()),
-                                (theirs, name.into()),
-                                Better::Higher,
-                                Some(target),
-                            )
-                            .at(&row.lun, &row.case)
-                            .on(engine),
-                        );
+                        list.push(case_ratio(&row, m, value_is.clone(), p, name, Some(target)));
                     }
                 }
             }
@@ -1079,26 +1063,14 @@ impl Ratios {
             let (Some(raw), Some(peer)) = (&row.raw, &row.fio_uring_cmd_bsg) else {
                 continue;
             };
-            let (ours, metric) = throughput(&row.case, raw);
-            let (theirs, _) = throughput(&row.case, peer);
-            let value_is = match &raw.engine {
-                Some(e) => format!("stp bench raw (its default engine: {e})"),
-                None => "stp bench raw (its default engine)".to_string(),
-            };
-            out.raw_vs_fio_uring_cmd_bsg.push(
-                Ratio::new(
-                    metric,
-                    (ours, value_is),
-                    (
-                        theirs,
-                        "fio --ioengine=io_uring_cmd --cmd_type=bsg, matching /dev/bsg".into(),
-                    ),
-                    Better::Higher,
-                    Some(targets::RAW_VS_FIO_URING_CMD_BSG),
-                )
-                .at(&row.lun, &row.case)
-                .on(raw.engine.as_deref()),
-            );
+            out.raw_vs_fio_uring_cmd_bsg.push(case_ratio(
+                &row,
+                raw,
+                raw_default_is(raw),
+                peer,
+                "fio --ioengine=io_uring_cmd --cmd_type=bsg, matching /dev/bsg",
+                Some(targets::RAW_VS_FIO_URING_CMD_BSG),
+            ));
         }
         for row in r.rows() {
             let (Some(raw), Some(sg)) =
@@ -1106,22 +1078,14 @@ impl Ratios {
             else {
                 continue;
             };
-            let (ours, metric) = throughput(&row.case, raw);
-            let (theirs, _) = throughput(&row.case, sg);
-            out.raw_vs_sgv3.push(
-                Ratio::new(
-                    metric,
-                    (ours, "stp bench raw (its default engine)".into()),
-                    (
-                        theirs,
-                        "stp bench raw, STP_ENGINE=sg (io_uring sg v3)".into(),
-                    ),
-                    Better::Higher,
-                    None,
-                )
-                .at(&row.lun, &row.case)
-                .on(raw.engine.as_deref()),
-            );
+            out.raw_vs_sgv3.push(case_ratio(
+                &row,
+                raw,
+                "stp bench raw (its default engine)".into(),
+                sg,
+                "stp bench raw, STP_ENGINE=sg (io_uring sg v3)",
+                None,
+            ));
         }
         let goodput = |stp: &str, lun: &str, target: Option<f64>| -> Option<Ratio> {
             let s = r.get(stp)?;
@@ -1465,6 +1429,38 @@ fn verdict(r: &Ratio) -> String {
         ),
         _ => "(no target)".into(),
     }
+}
+
+/// What our raw run on its default engine is, for a ratio's `value_is`.
+fn raw_default_is(m: &Measured) -> String {
+    match &m.engine {
+        Some(e) => format!("stp bench raw (its default engine: {e})"),
+        None => "stp bench raw (its default engine)".to_string(),
+    }
+}
+
+/// `ours` against `peer` on one block case, in the case's throughput
+/// metric, higher is better, tagged with the row's LUN and case and our
+/// engine.
+fn case_ratio(
+    row: &CaseRow,
+    ours: &Measured,
+    value_is: String,
+    peer: &Measured,
+    peer_is: &str,
+    target: Option<f64>,
+) -> Ratio {
+    let (value, metric) = throughput(&row.case, ours);
+    let (theirs, _) = throughput(&row.case, peer);
+    Ratio::new(
+        metric,
+        (value, value_is),
+        (theirs, peer_is.into()),
+        Better::Higher,
+        target,
+    )
+    .at(&row.lun, &row.case)
+    .on(ours.engine.as_deref())
 }
 
 /// The table's line on the third anchor: `×bsg` is raw ÷ fio's
