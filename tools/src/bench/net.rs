@@ -719,6 +719,11 @@ fn keys() -> Result<(FrameKey, FrameKey)> {
 /// Runs `stp bench stp`.
 pub fn run_stp(args: &StpArgs) -> Result<Report> {
     let net = &args.net;
+    if args.block_on_members && args.mode == MailboxMode::Vendor {
+        bail!(
+            "--block-on-members is for --mode block: vendor mode always runs on the STG's members"
+        );
+    }
     // The array (kept alive for the run) or the map.
     let mut _array = None;
     let (opener, members, what): (Opener, usize, String) = if args.sim {
