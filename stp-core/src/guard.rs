@@ -339,7 +339,7 @@ mod tests {
 
     #[test]
     fn stg_superblocks() {
-        let mut own = with(0, b"STPBLKv3");
+        let mut own = with(0, b"STPBLKv4");
         own[8..12].copy_from_slice(&7u32.to_be_bytes());
         assert!(
             scan_bytes(&own, 512, 7).is_empty(),
@@ -347,7 +347,7 @@ mod tests {
         );
         assert_eq!(scan_bytes(&own, 512, 8), vec![Finding::OtherStg { stg: 7 }]);
         // An STG of an earlier block format is an STG too.
-        for old in [b"STPBLKv1", b"STPBLKv2"] {
+        for old in [b"STPBLKv1", b"STPBLKv2", b"STPBLKv3"] {
             own[..8].copy_from_slice(old);
             assert_eq!(scan_bytes(&own, 512, 8), vec![Finding::OtherStg { stg: 7 }]);
         }

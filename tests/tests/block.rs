@@ -341,7 +341,7 @@ fn an_stg_of_the_earlier_block_format_is_refused_with_what_to_do() {
     let a = array();
     format_stg(&a, 3);
     let h = Host::login(&a, "host0");
-    for (magic, format) in [(b"STPBLKv1", 1), (b"STPBLKv2", 2)] {
+    for (magic, format) in [(b"STPBLKv1", 1), (b"STPBLKv2", 2), (b"STPBLKv3", 3)] {
         // Member 1's superblock as that block format wrote it (its magic).
         let mut block0 = raw_read(&a, LUNS[1], 0);
         block0[..8].copy_from_slice(magic);
@@ -568,6 +568,95 @@ fn stream_moves_8_mib_and_1_mib_back() {
     assert_eq!(s0.bad_producer_blocks + s1.bad_producer_blocks, 0);
 }
 
+/// Slot sizes in a producer block are a hint of how much to READ: one too
+/// small makes a lone slot read again as far as its header says, one too
+/// large reads no more than the slot, and one too small at the end of a
+/// run holds the lane at that slot (never delivering it cut short) until
+/// a block with the right size comes. Every frame arrives exact, in order.
+#[test]
+fn forged_slot_sizes_delay_but_never_cut_a_slot() {
+    let a = array();
+    format_stg(&a, 6);
+    // Host 1 alone; this test writes host 0's slots and producer blocks.
+    let h1 = open_host(
+        &a,
+        1,
+        BlockConfig {
+            bad_slot_patience: T,
+            ..BlockConfig::default()
+        },
+    );
+    let generation = h1.generation();
+    let mut m1 = h1.handle();
+    let p1 = m1.bind(Some(host_port(1, 9).unwrap())).unwrap();
+    let src = host_port(0, 9).unwrap();
+    let lane = layout().lane_offset(0, 1).unwrap();
+    let body = |seq: u64| payload(seq, 20_000);
+    // Slot `counter` of member `lun` with lane sequence number `seq`.
+    let put_slot = |lun: u64, counter: u32, seq: u64| -> u32 {
+        let mut slot = vec![0u8; 24];
+        slot.extend_from_slice(&frame(src, p1.port, seq, &body(seq), None));
+        stp_core::block::seal_slot(&mut slot, generation, seq);
+        let used = slot.len() as u32;
+        slot.resize(slot.len().next_multiple_of(512), 0);
+        raw_write(&a, lun, layout().slot_offset(0, 1, counter).unwrap(), &slot);
+        used
+    };
+    let publish = |lun: u64, count: u64, sizes: &[(usize, u32)]| {
+        let mut b = IndexBlock::new(IndexKind::Producer, generation, count, 9);
+        for &(n, size) in sizes {
+            b.sizes[n] = size;
+        }
+        let mut block = b.encode().to_vec();
+        block.resize(512, 0);
+        raw_write(&a, lun, lane, &block);
+    };
+    let expect = |m1: &mut dyn Mailbox, seqs: std::ops::Range<u64>| {
+        let got = recv_n(m1, &p1, seqs.clone().count());
+        let want: Vec<(u64, Vec<u8>)> = seqs.map(|q| (q, body(q))).collect();
+        let got: Vec<(u64, Vec<u8>)> = got.into_iter().map(|(h, b)| (h.seq, b)).collect();
+        let lens = |v: &[(u64, Vec<u8>)]| v.iter().map(|(q, b)| (*q, b.len())).collect::<Vec<_>>();
+        assert!(
+            got == want,
+            "got (seq, bytes) {:?}, want {:?}",
+            lens(&got),
+            lens(&want)
+        );
+    };
+
+    // Seq 0 on member 0, its size given as 600 bytes: read again whole.
+    put_slot(0, 0, 0);
+    publish(0, 1, &[(0, 600)]);
+    expect(&mut m1, 0..1);
+    // Seq 1 on member 1, its size given as 1 GiB: the slot, no more.
+    let s1 = put_slot(1, 0, 1);
+    publish(1, 1, &[(0, 1 << 30)]);
+    expect(&mut m1, 1..2);
+    // Seqs 2 and 4 on member 0, 3 on member 1; seq 4's size (the end of
+    // member 0's run) given as 512 bytes.
+    let s2 = put_slot(0, 1, 2);
+    let s3 = put_slot(1, 1, 3);
+    let s4 = put_slot(0, 2, 4);
+    publish(1, 2, &[(0, s1), (1, s3)]);
+    publish(0, 3, &[(1, s2), (2, 512)]);
+    expect(&mut m1, 2..4);
+    let deadline = Instant::now() + T;
+    while h1.stats().bad_slots == 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(2));
+    }
+    let s = h1.stats();
+    assert_eq!((s.bad_slots, s.frames_received), (1, 4), "{s:?}");
+    // The right size: seq 4 arrives whole.
+    publish(0, 3, &[(1, s2), (2, s4)]);
+    expect(&mut m1, 4..5);
+    let s = h1.stats();
+    assert_eq!(
+        (s.bad_slots, s.slots_read, s.frames_received),
+        (1, 5, 5),
+        "{s:?}"
+    );
+}
+
 #[test]
 fn corrupt_index_and_slot_are_ignored_and_counted() {
     let a = array();
@@ -587,14 +676,9 @@ fn corrupt_index_and_slot_are_ignored_and_counted() {
     let p0 = m0.bind(None).unwrap();
     let lane = layout().lane_offset(0, 1).unwrap();
     let forge = |lun, count| {
-        let mut block = IndexBlock {
-            kind: IndexKind::Producer,
-            generation: h1.generation(),
-            count,
-            epoch: 9,
-        }
-        .encode()
-        .to_vec();
+        let mut block = IndexBlock::new(IndexKind::Producer, h1.generation(), count, 9)
+            .encode()
+            .to_vec();
         block.resize(512, 0);
         raw_write(&a, lun, lane, &block);
     };
@@ -676,14 +760,9 @@ fn bad_slot_is_skipped_after_patience() {
         },
     );
     let lane = layout().lane_offset(0, 1).unwrap();
-    let mut block = IndexBlock {
-        kind: IndexKind::Producer,
-        generation: h1.generation(),
-        count: 1,
-        epoch: 1,
-    }
-    .encode()
-    .to_vec();
+    let mut block = IndexBlock::new(IndexKind::Producer, h1.generation(), 1, 1)
+        .encode()
+        .to_vec();
     block.resize(512, 0);
     // A slot from another generation (a stale format) behind the index.
     let mut slot = vec![0u8; 24];

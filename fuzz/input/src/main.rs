@@ -437,12 +437,13 @@ fn block(c: &Corpus) {
         ("producer", IndexKind::Producer),
         ("consumer", IndexKind::Consumer),
     ] {
-        let ix = IndexBlock {
-            kind,
-            generation: sb.generation,
-            count: 41,
-            epoch: 3,
-        };
+        let mut ix = IndexBlock::new(kind, sb.generation, 41, 3);
+        if kind == IndexKind::Producer {
+            // The sizes of slots 38–40, as a producer gives them.
+            ix.sizes[38] = 1 << 20;
+            ix.sizes[39] = 208;
+            ix.sizes[40] = 0x3_0040;
+        }
         c.put("block_formats", name, &ix.encode());
     }
     let mut slot = vec![0u8; SLOT_HEADER_LEN];

@@ -18,14 +18,19 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::stg::BlockLayout;
 
-/// Superblock magic, `"STPBLKv3"`: block format 3, whose slot CRC covers
+/// Superblock magic, `"STPBLKv4"`: block format 4, whose slot CRC covers
 /// the slot header, and the frames too in a slot of at most [`SHORT_SLOT`]
-/// bytes (which a consumer may then read before any index announces it).
-pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"STPBLKv3";
-/// The magics of block formats 1 (slot CRC over the whole slot) and 2
-/// (slot CRC over the header alone), which this version refuses with an
-/// error that says to reformat.
-pub const SUPERBLOCK_MAGIC_OLD: [[u8; 8]; 2] = [*b"STPBLKv1", *b"STPBLKv2"];
+/// bytes (which a consumer may then read before any index announces it),
+/// and whose producer blocks give the sizes of the latest slots (so a
+/// consumer reads a slot by its size, not whole).
+pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"STPBLKv4";
+/// The block format [`SUPERBLOCK_MAGIC`] names.
+pub const FORMAT: u8 = 4;
+/// The magics of block formats 1 (slot CRC over the whole slot), 2 (slot
+/// CRC over the header alone) and 3 (no slot sizes in the producer
+/// blocks), which this version refuses with an error that says to
+/// reformat.
+pub const SUPERBLOCK_MAGIC_OLD: [[u8; 8]; 3] = [*b"STPBLKv1", *b"STPBLKv2", *b"STPBLKv3"];
 /// A slot of at most this many bytes (header and frames) is *short*: its
 /// CRC covers its frames as well, so it is whole when its CRC holds
 /// whatever the index blocks say. It fits the first block of its slot on
@@ -37,8 +42,12 @@ pub const SUPERBLOCK_LEN: usize = 44;
 pub const PRODUCER_MAGIC: u32 = 0x5354_5050;
 /// Consumer block magic, `"STPC"`.
 pub const CONSUMER_MAGIC: u32 = 0x5354_5043;
+/// Slot sizes a producer block carries: those of the latest this many
+/// slots on its member (a consumer further behind reads a slot's head to
+/// learn its size).
+pub const INDEX_SIZES: usize = 64;
 /// Bytes of a producer or consumer block that carry data.
-pub const INDEX_LEN: usize = 32;
+pub const INDEX_LEN: usize = 32 + 4 * INDEX_SIZES;
 /// Bytes of the header at the start of every slot: byte count (u32),
 /// CRC32C (u32), generation (u64), lane sequence number (u64).
 pub const SLOT_HEADER_LEN: usize = 24;
@@ -83,7 +92,12 @@ pub struct RawIndex {
     pub count: U64<BigEndian>,
     /// The writer's restarts.
     pub epoch: U64<BigEndian>,
-    /// CRC32C of the 28 bytes before it.
+    /// In a producer block, the bytes (header and frames) of the slot
+    /// numbered `n` on this member at `sizes[n % INDEX_SIZES]`, for the
+    /// latest [`INDEX_SIZES`] slots below `count`; 0 where not known. Zero
+    /// in a consumer block.
+    pub sizes: [U32<BigEndian>; INDEX_SIZES],
+    /// CRC32C of the bytes before it.
     pub crc: U32<BigEndian>,
 }
 
@@ -138,13 +152,13 @@ pub enum SuperblockError {
     /// Fewer bytes than a superblock.
     #[error("superblock truncated: {0} bytes, need {SUPERBLOCK_LEN}")]
     Short(usize),
-    /// No `STPBLKv3` magic: never formatted for block mode.
-    #[error("no block-mode superblock (magic is not \"STPBLKv3\")")]
+    /// No `STPBLKv4` magic: never formatted for block mode.
+    #[error("no block-mode superblock (magic is not \"STPBLKv4\")")]
     NotFormatted,
-    /// Formatted by an earlier STP in an older block format (1 or 2),
+    /// Formatted by an earlier STP in an older block format (1 to 3),
     /// which this version does not speak.
     #[error(
-        "formatted in block format {0} by an earlier STP; this version speaks block format 3: \
+        "formatted in block format {0} by an earlier STP; this version speaks block format {FORMAT}: \
          reformat the STG with `stp stg format` on one host, then reopen it on every host"
     )]
     OldFormat(u8),
@@ -231,7 +245,8 @@ impl IndexKind {
 
 /// A producer or consumer block: `magic` u32, `generation` u64, `count` u64
 /// (slots produced / consumed), `epoch` u64 (the writer's restarts),
-/// CRC32C of the preceding 28 bytes.
+/// `sizes` ([`INDEX_SIZES`] × u32: a producer's latest slot sizes), CRC32C
+/// of the preceding bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IndexBlock {
     /// Producer or consumer.
@@ -243,6 +258,9 @@ pub struct IndexBlock {
     pub count: u64,
     /// Incremented each time the writing host opens the STG.
     pub epoch: u64,
+    /// A producer's slot sizes (see [`RawIndex::sizes`]); all 0 in a
+    /// consumer block. Untrusted: a hint of how much of a slot to read.
+    pub sizes: [u32; INDEX_SIZES],
 }
 
 /// Why a block is not a valid index block.
@@ -261,6 +279,18 @@ pub enum IndexError {
 }
 
 impl IndexBlock {
+    /// A block with no slot sizes (a consumer's, or a producer's that knows
+    /// none).
+    pub fn new(kind: IndexKind, generation: u64, count: u64, epoch: u64) -> IndexBlock {
+        IndexBlock {
+            kind,
+            generation,
+            count,
+            epoch,
+            sizes: [0; INDEX_SIZES],
+        }
+    }
+
     /// The block's bytes (pad to the block size with zeros).
     pub fn encode(&self) -> [u8; INDEX_LEN] {
         let mut raw = RawIndex {
@@ -268,6 +298,7 @@ impl IndexBlock {
             generation: self.generation.into(),
             count: self.count.into(),
             epoch: self.epoch.into(),
+            sizes: self.sizes.map(Into::into),
             crc: 0.into(),
         };
         raw.crc = crc32c::crc32c(&raw.as_bytes()[..INDEX_CRC_COVERS]).into();
@@ -295,6 +326,7 @@ impl IndexBlock {
             generation: raw.generation.get(),
             count: raw.count.get(),
             epoch: raw.epoch.get(),
+            sizes: raw.sizes.map(|s| s.get()),
         })
     }
 }
@@ -431,12 +463,12 @@ mod tests {
             generation: GEN,
         };
         let b = sb.encode();
-        assert_eq!(&b[0..8], b"STPBLKv3");
+        assert_eq!(&b[0..8], b"STPBLKv4");
         assert_eq!(&b[8..12], &[0, 0, 0, 7]);
         assert_eq!(&b[12..20], &[0, 1, 0, 2, 0, 2, 0, 0]);
         assert_eq!(&b[20..32], &[0, 0, 2, 0, 0, 0, 0, 32, 0, 0, 0, 64]);
         assert_eq!(&b[32..40], &[1, 2, 3, 4, 5, 6, 7, 8]);
-        assert_eq!(&b[40..44], &[0xDC, 0xA9, 0x31, 0xA4]);
+        assert_eq!(&b[40..44], &[0x5F, 0xEA, 0x96, 0x98]);
         // Block 0 as read back: the superblock then zeros.
         let block = padded(&b, 512);
         assert_eq!(Superblock::decode(&block), Ok(sb));
@@ -445,7 +477,7 @@ mod tests {
             Superblock::decode(&[0; 512]),
             Err(SuperblockError::NotFormatted)
         );
-        for (magic, format) in [(b"STPBLKv1", 1), (b"STPBLKv2", 2)] {
+        for (magic, format) in [(b"STPBLKv1", 1), (b"STPBLKv2", 2), (b"STPBLKv3", 3)] {
             let mut old = block.clone();
             old[..8].copy_from_slice(magic);
             assert_eq!(
@@ -462,7 +494,7 @@ mod tests {
         assert!(matches!(
             Superblock::decode(&torn),
             Err(SuperblockError::BadCrc {
-                stored: 0xDCA9_31A4,
+                stored: 0x5FEA_9698,
                 ..
             })
         ));
@@ -470,33 +502,37 @@ mod tests {
 
     #[test]
     fn index_blocks_literal_bytes() {
+        // Slots 4 and 5 of this member: 1 MiB, then 260 bytes.
+        let mut sizes = [0; INDEX_SIZES];
+        sizes[4] = 1 << 20;
+        sizes[5] = 0x104;
         let p = IndexBlock {
-            kind: IndexKind::Producer,
-            generation: GEN,
-            count: 5,
-            epoch: 3,
+            sizes,
+            ..IndexBlock::new(IndexKind::Producer, GEN, 5, 3)
         };
         let b = p.encode();
+        assert_eq!(b.len(), 288);
         assert_eq!(&b[0..4], b"STPP");
         assert_eq!(&b[4..12], &[1, 2, 3, 4, 5, 6, 7, 8]);
         assert_eq!(&b[12..20], &[0, 0, 0, 0, 0, 0, 0, 5]);
         assert_eq!(&b[20..28], &[0, 0, 0, 0, 0, 0, 0, 3]);
-        assert_eq!(&b[28..32], &[0x8F, 0x58, 0x58, 0xBF]);
+        assert_eq!(&b[28..44], &[0; 16]);
+        assert_eq!(&b[44..52], &[0, 0x10, 0, 0, 0, 0, 1, 4]);
+        assert!(b[52..284].iter().all(|&x| x == 0));
+        assert_eq!(&b[284..288], &[0x9A, 0x21, 0x5D, 0x4E]);
         assert_eq!(IndexBlock::decode(&padded(&b, 512)), Ok(p));
 
-        let c = IndexBlock {
-            kind: IndexKind::Consumer,
-            generation: GEN,
-            count: 4,
-            epoch: 2,
-        };
+        let c = IndexBlock::new(IndexKind::Consumer, GEN, 4, 2);
         let b = c.encode();
         assert_eq!(&b[0..4], b"STPC");
-        assert_eq!(&b[28..32], &[0x13, 0xC4, 0x05, 0x61]);
+        assert_eq!(&b[284..288], &[0x13, 0xF8, 0xEF, 0xE7]);
         assert_eq!(IndexBlock::decode(&b), Ok(c));
 
-        assert_eq!(IndexBlock::decode(&[0; 32]), Err(IndexError::BadMagic(0)));
-        assert_eq!(IndexBlock::decode(&b[..31]), Err(IndexError::Short(31)));
+        assert_eq!(
+            IndexBlock::decode(&[0; INDEX_LEN]),
+            Err(IndexError::BadMagic(0))
+        );
+        assert_eq!(IndexBlock::decode(&b[..287]), Err(IndexError::Short(287)));
         let mut torn = b;
         torn[19] = 5; // count moved, CRC not
         assert_eq!(IndexBlock::decode(&torn), Err(IndexError::BadCrc));
@@ -591,9 +627,11 @@ mod tests {
         fn index_blocks_round_trip_and_catch_a_changed_byte(
             producer in any::<bool>(), generation in any::<u64>(), count in any::<u64>(),
             epoch in any::<u64>(), at in 0..INDEX_LEN, flip in 1..=255u8,
+            sizes in proptest::collection::vec(any::<u32>(), INDEX_SIZES),
         ) {
             let kind = if producer { IndexKind::Producer } else { IndexKind::Consumer };
-            let ib = IndexBlock { kind, generation, count, epoch };
+            let mut ib = IndexBlock::new(kind, generation, count, epoch);
+            ib.sizes.copy_from_slice(&sizes);
             let mut b = ib.encode();
             prop_assert_eq!(IndexBlock::decode(&b), Ok(ib));
             b[at] ^= flip;

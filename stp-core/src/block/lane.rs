@@ -16,7 +16,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::format::{long_slot_head, open_slot, IndexBlock, IndexKind, SHORT_SLOT};
+use super::format::{long_slot_head, open_slot, IndexBlock, IndexKind, INDEX_SIZES, SHORT_SLOT};
 use super::SLOT_HEADER_LEN;
 
 /// What an index block read from a member says.
@@ -32,12 +32,12 @@ pub(crate) enum Index {
     Bad,
 }
 
-/// Judges an index block of `kind`: `Ok(count)` for one of this
+/// Judges an index block of `kind`: `Ok(block)` for one of this
 /// generation, else what it is.
-fn judge(bytes: &[u8], kind: IndexKind, generation: u64) -> Result<u64, Index> {
+fn judge(bytes: &[u8], kind: IndexKind, generation: u64) -> Result<IndexBlock, Index> {
     match IndexBlock::decode(bytes) {
         Ok(b) if b.kind == kind && b.generation != generation => Err(Index::Foreign),
-        Ok(b) if b.kind == kind => Ok(b.count),
+        Ok(b) if b.kind == kind => Ok(b),
         _ => Err(Index::Bad),
     }
 }
@@ -68,6 +68,9 @@ pub(crate) struct Producer {
     staged: Vec<u64>,
     /// Slots the consumer had consumed when last read, per member.
     consumed: Vec<u64>,
+    /// The sizes of the latest slots, per member, as producer blocks
+    /// carry them (the slot numbered `n` at `n % INDEX_SIZES`).
+    sizes: Vec<[u32; INDEX_SIZES]>,
     turn: usize,
     seq: u64,
 }
@@ -81,6 +84,7 @@ impl Producer {
         Producer {
             slots: u64::from(slots),
             staged: vec![0; produced.len()],
+            sizes: vec![[0; INDEX_SIZES]; produced.len()],
             turn: (total % members as u64) as usize,
             seq: total,
             produced,
@@ -109,7 +113,9 @@ impl Producer {
     /// what was published.
     pub fn on_consumer_block(&mut self, m: usize, bytes: &[u8], generation: u64) -> Index {
         match judge(bytes, IndexKind::Consumer, generation) {
-            Ok(c) if c <= self.produced[m] && self.produced[m] - c <= self.slots => {
+            Ok(IndexBlock { count: c, .. })
+                if c <= self.produced[m] && self.produced[m] - c <= self.slots =>
+            {
                 self.consumed[m] = self.consumed[m].max(c);
                 Index::Fresh
             }
@@ -118,15 +124,16 @@ impl Producer {
         }
     }
 
-    /// Gives the next slot its position; call only when
-    /// [`has_room`](Self::has_room).
-    pub fn stage(&mut self) -> SlotPos {
+    /// Gives the next slot, of `size` bytes (header and frames), its
+    /// position; call only when [`has_room`](Self::has_room).
+    pub fn stage(&mut self, size: u32) -> SlotPos {
         let m = self.turn;
         let pos = SlotPos {
             member: m,
             counter: self.produced[m] + self.staged[m],
             seq: self.seq,
         };
+        self.sizes[m][size_at(pos.counter)] = size;
         self.staged[m] += 1;
         self.seq += 1;
         self.turn = (m + 1) % self.produced.len();
@@ -137,6 +144,12 @@ impl Producer {
     /// array; `None` when nothing is staged there.
     pub fn publish(&self, m: usize) -> Option<u64> {
         (self.staged[m] > 0).then(|| self.produced[m] + self.staged[m])
+    }
+
+    /// The slot sizes member `m`'s producer block carries with the count
+    /// [`publish`](Self::publish) gives.
+    pub fn sizes(&self, m: usize) -> [u32; INDEX_SIZES] {
+        self.sizes[m]
     }
 
     /// Member `m`'s producer block now says what [`publish`](Self::publish)
@@ -150,12 +163,25 @@ impl Producer {
     /// round-robin resumes at the first of them, `first` (the position it
     /// was staged at), so the consumer finds no gap.
     pub fn abandon(&mut self, first: Option<SlotPos>) {
+        for (m, staged) in self.staged.iter().enumerate() {
+            // Sizes of slots never published would be read as those of
+            // the slots a ring of sizes earlier.
+            for n in self.produced[m]..self.produced[m] + (*staged).min(INDEX_SIZES as u64) {
+                self.sizes[m][size_at(n)] = 0;
+            }
+        }
         self.staged.fill(0);
         if let Some(p) = first {
             self.turn = p.member;
             self.seq = p.seq;
         }
     }
+}
+
+/// Where the size of the slot numbered `n` on its member is in a producer
+/// block's sizes.
+fn size_at(n: u64) -> usize {
+    (n % INDEX_SIZES as u64) as usize
 }
 
 /// Slots to read in one poll: how many from each member, and the order
@@ -206,6 +232,9 @@ pub(crate) struct Consumer {
     consumed: Vec<u64>,
     /// Slots the producer blocks of this poll announced beyond `consumed`.
     avail: Vec<u64>,
+    /// Per member, the count of the last valid producer block read and the
+    /// slot sizes it carried.
+    sizes: Vec<(u64, [u32; INDEX_SIZES])>,
     /// Consumer blocks not yet written since `consumed` moved.
     dirty: Vec<bool>,
     turn: usize,
@@ -230,6 +259,7 @@ impl Consumer {
         Consumer {
             slots: u64::from(slots),
             avail: vec![0; consumed.len()],
+            sizes: vec![(0, [0; INDEX_SIZES]); consumed.len()],
             dirty: vec![true; consumed.len()],
             turn: (total % members as u64) as usize,
             expect: total,
@@ -292,17 +322,33 @@ impl Consumer {
     /// consumed, by at most a ring.
     pub fn on_producer_block(&mut self, m: usize, bytes: &[u8], generation: u64) -> Index {
         let consumed = self.consumed[m];
-        match judge(bytes, IndexKind::Producer, generation) {
-            Ok(p) if p >= consumed && p - consumed <= self.slots => {
-                self.avail[m] = p - consumed;
-                Index::Fresh
-            }
-            Ok(p) if p < consumed && consumed - p <= self.slots => {
-                self.avail[m] = 0;
-                Index::Fresh
-            }
-            Ok(_) => Index::Bad,
-            Err(e) => e,
+        let (p, sizes) = match judge(bytes, IndexKind::Producer, generation) {
+            Ok(b) => (b.count, b.sizes),
+            Err(e) => return e,
+        };
+        if p >= consumed && p - consumed <= self.slots {
+            self.avail[m] = p - consumed;
+        } else if p < consumed && consumed - p <= self.slots {
+            self.avail[m] = 0;
+        } else {
+            return Index::Bad;
+        }
+        self.sizes[m] = (p, sizes);
+        Index::Fresh
+    }
+
+    /// The size (header and frames) the producer block last read from
+    /// member `m` gave for its slot numbered `n`: `None` when it gave none
+    /// (a slot older than the sizes a block carries, or not yet produced).
+    /// Untrusted: how much to read, never what to believe.
+    pub fn slot_size(&self, m: usize, n: u64) -> Option<usize> {
+        let (p, sizes) = &self.sizes[m];
+        if n >= *p || p - n > INDEX_SIZES as u64 {
+            return None;
+        }
+        match sizes[size_at(n)] {
+            0 => None,
+            s => Some(s as usize),
         }
     }
 
@@ -433,15 +479,23 @@ mod tests {
     const SLOTS: u32 = 4;
 
     fn index(kind: IndexKind, count: u64, generation: u64) -> Vec<u8> {
+        IndexBlock::new(kind, generation, count, 1)
+            .encode()
+            .to_vec()
+    }
+
+    /// A producer block with the slot sizes the producer gives.
+    fn producer_block(count: u64, sizes: [u32; INDEX_SIZES]) -> Vec<u8> {
         IndexBlock {
-            kind,
-            generation,
-            count,
-            epoch: 1,
+            sizes,
+            ..IndexBlock::new(IndexKind::Producer, GEN, count, 1)
         }
         .encode()
         .to_vec()
     }
+
+    /// The size of a one-byte message's slot.
+    const ONE: u32 = SLOT_HEADER_LEN as u32 + 1;
 
     fn slot(seq: u64, payload: &[u8]) -> Vec<u8> {
         let mut s = vec![0u8; SLOT_HEADER_LEN + payload.len()];
@@ -491,7 +545,7 @@ mod tests {
                 if !self.producer.has_room() {
                     return false;
                 }
-                let p = self.producer.stage();
+                let p = self.producer.stage(ONE);
                 staged.push((p, first.wrapping_add(k)));
             }
             // Data first, then the producer blocks.
@@ -500,7 +554,7 @@ mod tests {
             }
             for m in 0..members {
                 if let Some(c) = self.producer.publish(m) {
-                    self.prod_block[m] = index(IndexKind::Producer, c, GEN);
+                    self.prod_block[m] = producer_block(c, self.producer.sizes(m));
                     self.producer.published(m);
                 }
             }
@@ -510,7 +564,7 @@ mod tests {
         /// Writes a one-byte message's slot without publishing it (the
         /// producer block still says what it said).
         fn write_unpublished(&mut self, byte: u8) -> SlotPos {
-            let p = self.producer.stage();
+            let p = self.producer.stage(ONE);
             self.ring[p.member][(p.counter % u64::from(SLOTS)) as usize] = slot(p.seq, &[byte]);
             p
         }
@@ -518,7 +572,7 @@ mod tests {
         fn publish_all(&mut self) {
             for m in 0..self.ring.len() {
                 if let Some(c) = self.producer.publish(m) {
-                    self.prod_block[m] = index(IndexKind::Producer, c, GEN);
+                    self.prod_block[m] = producer_block(c, self.producer.sizes(m));
                     self.producer.published(m);
                 }
             }
@@ -655,7 +709,7 @@ mod tests {
     fn a_probe_leaves_long_torn_and_stale_slots_to_the_index() {
         let mut lane = Lane::new(2);
         // A long slot with the expected sequence number: announced only.
-        let p = lane.producer.stage();
+        let p = lane.producer.stage(ONE);
         let mut long = vec![0u8; SHORT_SLOT + 100];
         seal_slot(&mut long, GEN, p.seq);
         lane.ring[p.member][0] = long;
@@ -799,12 +853,59 @@ mod tests {
     fn a_failed_write_resumes_where_the_gap_would_be() {
         let mut lane = Lane::new(2);
         lane.send(0, 1);
-        let a = lane.producer.stage();
-        let _b = lane.producer.stage();
+        let a = lane.producer.stage(ONE);
+        let _b = lane.producer.stage(ONE);
         // Neither reached the array: resume at the first.
         lane.producer.abandon(Some(a));
         assert_eq!(lane.producer.turn(), a.member);
-        assert_eq!(lane.producer.stage(), a);
+        assert_eq!(lane.producer.stage(ONE), a);
+    }
+
+    #[test]
+    fn producer_blocks_give_the_sizes_of_the_latest_slots() {
+        let members = 2;
+        let mut p = Producer::new(1024, vec![0; members], vec![0; members]);
+        let mut c = Consumer::new(
+            1024,
+            vec![0; members],
+            Duration::from_millis(100),
+            Duration::from_secs(2),
+        );
+        // 100 slots of sizes 1000 + seq: 50 on each member.
+        for seq in 0..100u32 {
+            let pos = p.stage(1000 + seq);
+            assert_eq!(pos.seq, u64::from(seq));
+        }
+        let n = INDEX_SIZES as u64;
+        for m in 0..members {
+            let count = p.publish(m).expect("staged");
+            p.published(m);
+            c.begin_poll();
+            let block = producer_block(count, p.sizes(m));
+            assert_eq!(c.on_producer_block(m, &block, GEN), Index::Fresh);
+            for k in 0..count {
+                let seq = k * members as u64 + m as u64;
+                let want = (count - k <= n).then_some(1000 + seq as usize);
+                assert_eq!(c.slot_size(m, k), want, "member {m} slot {k}");
+            }
+            // Not produced yet: no size.
+            assert_eq!(c.slot_size(m, count), None);
+        }
+        // Slots staged and abandoned leave no sizes behind: the block
+        // published next does not give them for slots a ring of sizes
+        // earlier.
+        let a = p.stage(7);
+        let _ = p.stage(7);
+        p.abandon(Some(a));
+        for m in 0..members {
+            assert!(p.sizes(m).iter().all(|&s| s != 7), "member {m}");
+        }
+        // A consumer block carries none, and a torn block changes nothing.
+        c.begin_poll();
+        let mut torn = producer_block(60, p.sizes(0));
+        torn[40] ^= 1;
+        assert_eq!(c.on_producer_block(0, &torn, GEN), Index::Bad);
+        assert_eq!(c.slot_size(0, 49), Some(1000 + 98));
     }
 
     #[test]

@@ -88,8 +88,9 @@ pub use sizing::{
 
 pub use format::{
     long_slot_head, open_slot, seal_slot, slot_used, IndexBlock, IndexError, IndexKind, RawIndex,
-    RawSlotHeader, RawSuperblock, SlotError, Superblock, SuperblockError, CONSUMER_MAGIC,
-    INDEX_LEN, PRODUCER_MAGIC, SHORT_SLOT, SLOT_HEADER_LEN, SUPERBLOCK_LEN, SUPERBLOCK_MAGIC,
+    RawSlotHeader, RawSuperblock, SlotError, Superblock, SuperblockError, CONSUMER_MAGIC, FORMAT,
+    INDEX_LEN, INDEX_SIZES, PRODUCER_MAGIC, SHORT_SLOT, SLOT_HEADER_LEN, SUPERBLOCK_LEN,
+    SUPERBLOCK_MAGIC,
 };
 
 /// The smallest block size block mode accepts.
@@ -218,11 +219,11 @@ pub enum BlockError {
     /// earlier STP).
     #[error(
         "STG {stg} member {member} ({path}) was formatted by an earlier STP in block format \
-         {format}; this version speaks block format 3: run `stp stg format` for STG {stg} \
+         {format}; this version speaks block format {FORMAT}: run `stp stg format` for STG {stg} \
          again, then reopen it on every host"
     )]
     OldFormat {
-        /// The format found (1 or 2).
+        /// The format found (1 to 3).
         format: u8,
         /// The STG id.
         stg: u32,
@@ -430,6 +431,11 @@ pub struct BlockStats {
     /// Of those, short slots taken by a probe before their producer block
     /// announced them (docs/PROTOCOL.md §4).
     pub slots_probed: u64,
+    /// Bytes READ from slots (probes and rereads included).
+    pub slot_read_bytes: u64,
+    /// Bytes the slots delivered said they used (headers and frames):
+    /// `slot_read_bytes` over this is what reading costs per byte carried.
+    pub slot_used_bytes: u64,
     /// Frames queued to this host's ports from the lanes.
     pub frames_received: u64,
     /// Frames dropped because their port was not bound here.
@@ -472,6 +478,8 @@ struct Counters {
     frames_local: AtomicU64,
     slots_read: AtomicU64,
     slots_probed: AtomicU64,
+    slot_read_bytes: AtomicU64,
+    slot_used_bytes: AtomicU64,
     frames_received: AtomicU64,
     frames_unbound: AtomicU64,
     frames_misrouted: AtomicU64,
@@ -502,6 +510,8 @@ impl Counters {
             frames_local: g(&self.frames_local),
             slots_read: g(&self.slots_read),
             slots_probed: g(&self.slots_probed),
+            slot_read_bytes: g(&self.slot_read_bytes),
+            slot_used_bytes: g(&self.slot_used_bytes),
             frames_received: g(&self.frames_received),
             frames_unbound: g(&self.frames_unbound),
             frames_misrouted: g(&self.frames_misrouted),
@@ -939,13 +949,7 @@ pub fn format<R: RngCore + ?Sized>(
         } else {
             block_size as usize
         };
-        let b = IndexBlock {
-            kind,
-            generation,
-            count: 0,
-            epoch: 0,
-        }
-        .encode();
+        let b = IndexBlock::new(kind, generation, 0, 0).encode();
         lanes[at..at + INDEX_LEN].copy_from_slice(&b);
     }
     for (member, p) in paths.iter_mut().enumerate() {
@@ -1332,7 +1336,14 @@ impl BlockStg {
             let lane = lock(lane);
             for m in 0..m_count {
                 stg_arc
-                    .write_index(m, host_index, d, IndexKind::Producer, lane.produced(m))
+                    .write_index(
+                        m,
+                        host_index,
+                        d,
+                        IndexKind::Producer,
+                        lane.produced(m),
+                        lane.sizes(m),
+                    )
                     .map_err(|source| stg_arc.io_error(m, "writing a producer block", source))?;
             }
         }
@@ -1518,18 +1529,26 @@ impl BlockStg {
         dst: u16,
         kind: IndexKind,
         count: u64,
+        sizes: [u32; INDEX_SIZES],
     ) -> Result<(), CommandError> {
-        let mut io = self.index_write(m, src, dst, kind, count);
+        let mut io = self.index_write(m, src, dst, kind, count, sizes);
         self.write_from(m, io.lba, &mut io.buf)
     }
 
-    /// The WRITE of an index block (padded with zeros to the block).
-    fn index_write(&self, m: usize, src: u16, dst: u16, kind: IndexKind, count: u64) -> BatchIo {
+    /// The WRITE of an index block (padded with zeros to the block);
+    /// `sizes` as [`IndexBlock::sizes`].
+    fn index_write(
+        &self,
+        m: usize,
+        src: u16,
+        dst: u16,
+        kind: IndexKind,
+        count: u64,
+        sizes: [u32; INDEX_SIZES],
+    ) -> BatchIo {
         let block = IndexBlock {
-            kind,
-            generation: self.generation,
-            count,
-            epoch: self.epoch,
+            sizes,
+            ..IndexBlock::new(kind, self.generation, count, self.epoch)
         }
         .encode();
         let lba = self.lane_lba(src, dst) + u64::from(kind == IndexKind::Consumer);
@@ -1544,6 +1563,16 @@ impl BlockStg {
         let bs = self.geo.block_size as usize;
         let head = SLOT_HEAD.next_multiple_of(bs);
         (head < self.slot_bytes).then_some(head)
+    }
+
+    /// Counts the bytes of slots `reads` READ (those that succeeded).
+    fn count_read(&self, reads: &[BatchIo]) {
+        let n: usize = reads
+            .iter()
+            .filter(|io| io.result.is_ok())
+            .map(|io| io.len)
+            .sum();
+        bump(&self.counters.slot_read_bytes, n as u64);
     }
 
     /// Runs `ios` on their members at once (see [`batch`]), counting the
@@ -1971,7 +2000,7 @@ impl BlockStg {
                 spent.push(image);
                 return Err(e);
             }
-            let pos = lane.stage();
+            let pos = lane.stage(u32::try_from(image.len()).unwrap_or(u32::MAX));
             seal_slot(&mut image, self.generation, pos.seq);
             staged_bytes += image.len();
             stage.push(Staged { pos, image, frames });
@@ -2151,7 +2180,7 @@ impl BlockStg {
             .iter()
             .filter_map(|&m| {
                 let count = lane.publish(m)?;
-                Some(self.index_write(m, self.host, d, IndexKind::Producer, count))
+                Some(self.index_write(m, self.host, d, IndexKind::Producer, count, lane.sizes(m)))
             })
             .collect();
         self.batch(&mut ios);
@@ -2185,7 +2214,14 @@ impl BlockStg {
         lane.probed_unwritten = 0;
         for (m, count) in dirty {
             if self
-                .write_index(m, lane.src, self.host, IndexKind::Consumer, count)
+                .write_index(
+                    m,
+                    lane.src,
+                    self.host,
+                    IndexKind::Consumer,
+                    count,
+                    [0; INDEX_SIZES],
+                )
                 .is_ok()
             {
                 lane.c.written(m, count);
@@ -2276,6 +2312,7 @@ impl BlockStg {
         let pool = BufPool::global();
         let mut ios = vec![BatchIo::read(m, lba, bs, pool.get(bs))];
         self.batch(&mut ios);
+        self.count_read(&ios);
         let io = ios.pop()?;
         if io.result.is_err() {
             pool.put(io.buf);
@@ -2283,6 +2320,7 @@ impl BlockStg {
         }
         match lane.c.on_probe(&io.buf, self.generation) {
             Probe::Short { member, seq } => {
+                let used = slot_used(&io.buf).unwrap_or(bs);
                 let data = Arc::new(RecvBuf::new(io.buf, Some(pool.clone())));
                 let mut wake = Vec::new();
                 let taken = self.hand_slot(&data, 0, bs, &mut wake);
@@ -2296,6 +2334,7 @@ impl BlockStg {
                 lane.c.take(member, seq);
                 lane.last_short = true;
                 lane.probed_unwritten += 1;
+                bump(&self.counters.slot_used_bytes, used as u64);
                 bump(&self.counters.slots_read, 1);
                 bump(&self.counters.slots_probed, 1);
                 Some(true)
@@ -2349,16 +2388,24 @@ impl BlockStg {
         // then stay in until read.
         let pool = BufPool::global();
         let mut ios = Vec::new();
-        // A member with one new slot: read its head first when the slot is
-        // large (a short message need not READ a whole slot).
+        // Each run is read up to its last slot's size as the producer block
+        // gave it (rounded up to whole blocks; the slots before it whole,
+        // as they sit between). A slot whose size is not known is read
+        // whole, or when it is alone, by its head first (a short message
+        // need not READ a whole slot).
+        let bs = self.geo.block_size as usize;
         let head = self.slot_head_bytes();
         for (m, &take) in plan.take.iter().enumerate() {
             for (k, (first, n)) in lane.c.runs(m, take).enumerate() {
                 let lba = self.slot_lba(lane.src, self.host, first);
-                let len = match head {
-                    Some(h) if take == 1 => h,
-                    _ => n as usize * self.slot_bytes,
+                let last = match lane.c.slot_size(m, first + n - 1) {
+                    Some(size) => size.next_multiple_of(bs).min(self.slot_bytes),
+                    None => match head {
+                        Some(h) if take == 1 => h,
+                        _ => self.slot_bytes,
+                    },
                 };
+                let len = (n as usize - 1) * self.slot_bytes + last;
                 // The first run's buffer has room for the second after it.
                 let room = if k == 0 {
                     take as usize * self.slot_bytes
@@ -2371,29 +2418,37 @@ impl BlockStg {
             }
         }
         self.batch(&mut ios);
-        if head.is_some() {
-            // Heads whose slot holds more than the head: the whole slot.
-            let rest: Vec<usize> = (0..ios.len())
-                .filter(|&k| {
-                    let io = &ios[k];
-                    io.result.is_ok()
-                        && io.len < self.slot_bytes
-                        && slot_used(&io.buf).is_some_and(|used| used > io.len)
+        self.count_read(&ios);
+        // A lone slot read shorter than its header says it is (its head,
+        // or a size hint that was wrong): read again, as far as the header
+        // says (untrusted, so at most the slot; a wrong count fails the
+        // slot's checks below).
+        let used_len = |io: &BatchIo| {
+            slot_used(&io.buf).map(|used| used.next_multiple_of(bs).min(self.slot_bytes))
+        };
+        let rest: Vec<usize> = (0..ios.len())
+            .filter(|&k| {
+                let io = &ios[k];
+                io.result.is_ok()
+                    && io.len < self.slot_bytes
+                    && used_len(io).is_some_and(|len| len > io.len)
+            })
+            .collect();
+        if !rest.is_empty() {
+            let mut again: Vec<BatchIo> = rest
+                .iter()
+                .map(|&k| {
+                    let io = &mut ios[k];
+                    let len = used_len(io).unwrap_or(self.slot_bytes);
+                    let mut buf = std::mem::take(&mut io.buf);
+                    buf.resize(len);
+                    BatchIo::read(io.member, io.lba, len, buf)
                 })
                 .collect();
-            if !rest.is_empty() {
-                let mut again: Vec<BatchIo> = rest
-                    .iter()
-                    .map(|&k| {
-                        let io = &mut ios[k];
-                        let buf = std::mem::take(&mut io.buf);
-                        BatchIo::read(io.member, io.lba, self.slot_bytes, buf)
-                    })
-                    .collect();
-                self.batch(&mut again);
-                for (k, io) in rest.into_iter().zip(again) {
-                    ios[k] = io;
-                }
+            self.batch(&mut again);
+            self.count_read(&again);
+            for (k, io) in rest.into_iter().zip(again) {
+                ios[k] = io;
             }
         }
         let mut take = vec![0u64; m_count];
@@ -2408,12 +2463,14 @@ impl BlockStg {
                 pool.put(io.buf);
                 continue;
             }
+            // Where this run's first slot goes: after the slots before it
+            // (each a whole slot apart, however much of the last was read).
+            let at = take[m] as usize * self.slot_bytes;
             take[m] += io.len.div_ceil(self.slot_bytes) as u64;
             match &mut bufs[m] {
                 None => bufs[m] = Some(io.buf),
                 Some(first) => {
                     // The ring wrapped: the second run goes after the first.
-                    let at = first.len();
                     first.resize(at + io.buf.len());
                     first[at..].copy_from_slice(&io.buf);
                     pool.put(io.buf);
@@ -2447,7 +2504,9 @@ impl BlockStg {
                         break; // a port queue is full: hold the lane here
                     }
                     lane.c.take(m, seq);
-                    lane.last_short = slot_used(slot).is_some_and(|n| n <= SHORT_SLOT);
+                    let used = slot_used(slot).unwrap_or(slot.len());
+                    bump(&self.counters.slot_used_bytes, used as u64);
+                    lane.last_short = used <= SHORT_SLOT;
                 }
                 Slot::Hold { first } => {
                     // A real producer publishes an index only after its

@@ -376,6 +376,10 @@ pub struct BlockFigures {
     /// Of those, short slots a probe took before their producer block
     /// announced them.
     pub slots_probed: u64,
+    /// Bytes READ from slots per byte the slots used (1.0: nothing read
+    /// that did not carry frames; a whole 1 MiB slot read for 200 KiB of
+    /// frames costs 5).
+    pub slot_reads_per_byte: Option<f64>,
     /// Slots that failed their checks (torn or forged; never delivered).
     pub bad_slots: u64,
     /// Index blocks read with a bad CRC, magic or count (ignored).
@@ -394,12 +398,14 @@ pub struct BlockFigures {
 impl BlockFigures {
     fn print_text(&self) {
         println!(
-            "  block       {} commands, {} polls; slots written {} read {} (probed {}); bad slots {}, bad index blocks {}, turn skips {}, ring full {}",
+            "  block       {} commands, {} polls; slots written {} read {} (probed {}; {} bytes read per byte used); bad slots {}, bad index blocks {}, turn skips {}, ring full {}",
             self.commands,
             self.polls,
             self.slots_written,
             self.slots_read,
             self.slots_probed,
+            self.slot_reads_per_byte
+                .map_or_else(|| "-".to_string(), |r| format!("{r:.2}")),
             self.bad_slots,
             self.bad_index_blocks,
             self.turn_skips,

@@ -983,6 +983,10 @@ fn block_figures(stgs: &[Arc<BlockStg>; 2], idle: f64) -> super::BlockFigures {
         slots_written: total(|s| s.slots_written),
         slots_read: total(|s| s.slots_read),
         slots_probed: total(|s| s.slots_probed),
+        slot_reads_per_byte: match total(|s| s.slot_used_bytes) {
+            0 => None,
+            used => Some(total(|s| s.slot_read_bytes) as f64 / used as f64),
+        },
         bad_slots: total(|s| s.bad_slots),
         bad_index_blocks: total(|s| s.bad_producer_blocks + s.bad_consumer_blocks),
         turn_skips: total(|s| s.turn_skips),
