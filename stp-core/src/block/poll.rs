@@ -13,9 +13,11 @@
 //!   [`PollConfig::min`], and from there the interval doubles again —
 //!   except after a *small* send (a message, not a slot of a bulk stream:
 //!   at most [`SMALL_SEND`] bytes), when [`PollConfig::reply_polls`] polls
-//!   that find nothing stay at `min` first: a request's reply comes within
-//!   a few of them, and the doubling would otherwise add up to one whole
-//!   interval to each direction of a round trip. Those polls *probe*
+//!   that find nothing come every [`PollConfig::reply`] first: a request's
+//!   reply comes within a few of them, and the doubling would otherwise
+//!   add up to one whole interval to each direction of a round trip (half
+//!   the reply interval is what a message waits for the poll that finds
+//!   it, on average, so it is shorter than `min`). Those polls *probe*
 //!   ([`Reads::Probe`]): one READ of the first block of the slot due next,
 //!   which takes a short slot (a reply) whole, with no producer block read
 //!   before it and no second READ;
@@ -49,6 +51,9 @@ pub const SMALL_SEND: usize = 64 * 1024;
 pub struct PollConfig {
     /// The interval while streaming and just after a local send.
     pub min: Duration,
+    /// The interval of the polls that await a reply after a small send
+    /// ([`reply_polls`](Self::reply_polls) of them).
+    pub reply: Duration,
     /// The longest interval while warm.
     pub max: Duration,
     /// The interval when idle.
@@ -73,6 +78,7 @@ impl Default for PollConfig {
     fn default() -> PollConfig {
         PollConfig {
             min: Duration::from_micros(50),
+            reply: Duration::from_micros(20),
             max: Duration::from_millis(10),
             idle: Duration::from_millis(125),
             idle_after: Duration::from_secs(1),
@@ -158,16 +164,20 @@ impl PollSchedule {
         self.streaming = progress;
         if progress {
             self.last_activity = now;
-            self.interval = self.cfg.min;
             // What came may be the reply; the next small send re-arms —
             // unless it already did while this poll ran (the reader of
             // what the poll took answered at once).
             if self.last_sent < started {
                 self.reply_polls = 0;
             }
+            self.interval = if self.reply_polls > 0 {
+                self.cfg.reply
+            } else {
+                self.cfg.min
+            };
         } else if self.reply_polls > 0 {
             self.reply_polls -= 1;
-            self.interval = self.cfg.min;
+            self.interval = self.cfg.reply;
         } else if now.saturating_duration_since(self.last_activity) >= self.cfg.idle_after {
             self.interval = self.cfg.idle;
         } else {
@@ -212,8 +222,9 @@ impl PollSchedule {
         self.interval = self.cfg.min;
         if bytes <= SMALL_SEND {
             self.reply_polls = self.cfg.reply_polls;
+            self.interval = self.cfg.reply;
         }
-        let soon = (now + self.cfg.min).max(self.earliest);
+        let soon = (now + self.interval).max(self.earliest);
         if soon < self.next {
             self.next = soon;
             true
@@ -322,17 +333,21 @@ mod tests {
         let t = t0 + Duration::from_secs(30);
         s.polled(t, t, false, true);
         assert!(s.sent(t, 64));
+        assert_eq!(s.due(), t + cfg.reply);
         let mut now = s.due();
-        let mut at_min = 0;
+        let mut at_reply = 0;
         loop {
             s.polled(now, now, false, true);
-            if s.due() - now > cfg.min {
+            if s.due() - now > cfg.reply {
                 break;
             }
-            at_min += 1;
+            at_reply += 1;
             now = s.due();
         }
-        assert_eq!(at_min, cfg.reply_polls);
+        assert_eq!(at_reply, cfg.reply_polls);
+        assert_eq!(s.due() - now, cfg.min, "then the streaming interval");
+        now = s.due();
+        s.polled(now, now, false, true);
         assert_eq!(s.due() - now, cfg.min * 2, "then it backs off");
         // A reply taken ends the window: empty polls after it back off.
         assert!(s.sent(now, 64));
@@ -363,7 +378,7 @@ mod tests {
         let q = s.due();
         assert_eq!(s.reads(q), Reads::Probe);
         s.polled(q, q, false, false);
-        assert_eq!(s.due(), q + cfg.min, "still at the shortest interval");
+        assert_eq!(s.due(), q + cfg.reply, "still at the reply interval");
         // Awaiting a reply, a slow poll (2 ms of emulated SCSI) spaces the
         // next by its own duration, not eight times it.
         let r = s.due();
