@@ -1,6 +1,7 @@
 //! Block mode's on-disk formats as read back from shared LUNs any host
 //! can write: the superblock (and the layout it describes), producer and
-//! consumer index blocks, and a slot with the frames packed in it.
+//! consumer index blocks, and a slot with the frames packed in it; and the
+//! doorbell datagram anyone on the LAN can send.
 //!
 //! Properties: decoded blocks encode to bytes that decode to the same
 //! value; a slot that opens yields a byte range inside the slot; the head
@@ -10,7 +11,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use stp_core::block::{
-    long_slot_head, open_slot, IndexBlock, Superblock, SHORT_SLOT, SLOT_HEADER_LEN,
+    long_slot_head, open_slot, IndexBlock, Ring, Superblock, SHORT_SLOT, SLOT_HEADER_LEN,
 };
 use stp_core::wire::Frames;
 
@@ -43,6 +44,10 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(ix) = IndexBlock::decode(data) {
         assert_eq!(IndexBlock::decode(&ix.encode()), Ok(ix));
+    }
+    if let Ok(r) = Ring::decode(data) {
+        assert_eq!(r.encode().as_slice(), data);
+        let _ = r.is_for(r.stg_id, u64::from(r.generation), 16, r.dst);
     }
     // The slot's own generation field, so the fuzzer gets past that check.
     let generation = data

@@ -154,6 +154,57 @@ pub struct BlockSpec {
     /// Blocks per slot; chosen by format when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot_blocks: Option<u32>,
+    /// Where each host hears its doorbell, `"ip:port"` (UDP), one per host
+    /// in host index order: a host that sends after a quiet spell rings
+    /// the receiver, which polls at once instead of at its idle interval
+    /// (docs/PROTOCOL.md §4, Doorbell). Absent: no doorbells.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "doorbell_addrs"
+    )]
+    pub doorbells: Option<crate::block::Doorbells>,
+}
+
+/// `doorbells` as a list of `"ip:port"` strings.
+mod doorbell_addrs {
+    use std::net::SocketAddr;
+
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::block::Doorbells;
+
+    pub fn serialize<S: Serializer>(d: &Option<Doorbells>, s: S) -> Result<S::Ok, S::Error> {
+        let list: Vec<String> = d
+            .iter()
+            .flat_map(|d| d.addrs())
+            .map(|a| a.to_string())
+            .collect();
+        list.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Doorbells>, D::Error> {
+        let list = Vec::<String>::deserialize(de)?;
+        if list.len() > usize::from(super::MAX_HOSTS) {
+            return Err(D::Error::custom(format!(
+                "doorbells: {} addresses, at most {} (one per host)",
+                list.len(),
+                super::MAX_HOSTS
+            )));
+        }
+        let addrs = list
+            .iter()
+            .map(|a| {
+                a.parse::<SocketAddr>().map_err(|_| {
+                    D::Error::custom(format!(
+                        "doorbells: '{a}' is not an IP address and UDP port (e.g. \"192.0.2.10:5190\")"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(Doorbells::new(&addrs)))
+    }
 }
 
 impl BlockSpec {
@@ -183,7 +234,28 @@ impl BlockSpec {
             slots: self.slots.unwrap_or(1),
             slot_blocks: self.slot_blocks.unwrap_or(1),
         }
-        .validate(stg)
+        .validate(stg)?;
+        if let Some(d) = &self.doorbells {
+            let addrs = d.addrs();
+            if addrs.len() != usize::from(self.hosts) {
+                return Err(ConfigError::BadDoorbells {
+                    stg,
+                    reason: format!(
+                        "{} addresses for {} hosts: give one per host, in host index order",
+                        addrs.len(),
+                        self.hosts
+                    ),
+                });
+            }
+            let distinct: HashSet<_> = addrs.iter().collect();
+            if distinct.len() != addrs.len() {
+                return Err(ConfigError::BadDoorbells {
+                    stg,
+                    reason: "an address given twice: each host hears its own".into(),
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -193,6 +265,7 @@ impl From<BlockLayout> for BlockSpec {
             hosts: l.hosts,
             slots: Some(l.slots),
             slot_blocks: Some(l.slot_blocks),
+            doorbells: None,
         }
     }
 }
@@ -549,6 +622,14 @@ pub enum ConfigError {
         value: u64,
         /// What the value must be.
         reason: &'static str,
+    },
+    /// `[stg.block] doorbells` does not give one address per host.
+    #[error("STG {stg}: [stg.block] doorbells is invalid: {reason}")]
+    BadDoorbells {
+        /// The STG.
+        stg: u32,
+        /// What is wrong.
+        reason: String,
     },
     /// The pre-shared key is not 16–64 bytes of hex. The key itself is never
     /// part of the message.
@@ -1104,7 +1185,12 @@ pub fn open(
     let members: Vec<ResolvedMember> = resolved.members.clone();
     let engine = options.engine;
     let stg = resolved.id;
-    open_members(resolved.mode, stg, members.len(), options, move |member| {
+    // The configuration's doorbells, unless the caller gave its own.
+    let mut options = *options;
+    if options.block.doorbells.is_none() {
+        options.block.doorbells = resolved.block.and_then(|b| b.doorbells);
+    }
+    open_members(resolved.mode, stg, members.len(), &options, move |member| {
         open_member(&members[member], engine, stg, member)
     })
 }
@@ -1678,6 +1764,43 @@ mod tests {
     }
 
     #[test]
+    fn doorbells_one_address_per_host() {
+        let parse = |list: &str| {
+            Config::parse(&format!(
+                "wkp = 5100\n[[stg]]\nid = 9\nmode = \"block\"\nmembers = [\"{A}\"]\n\
+                 [stg.block]\nhosts = 2\ndoorbells = [{list}]\n"
+            ))
+        };
+        let config = parse("\"192.0.2.10:5190\", \"[2001:db8::2]:5190\"").unwrap();
+        let d = config.stgs[0].block.unwrap().doorbells.unwrap();
+        assert_eq!(d.of(0), Some("192.0.2.10:5190".parse().unwrap()));
+        assert_eq!(d.of(1), Some("[2001:db8::2]:5190".parse().unwrap()));
+        assert_eq!(d.of(2), None);
+        // Written back as it was read.
+        let text = toml::to_string(&config).unwrap();
+        assert!(
+            text.contains("doorbells = [\"192.0.2.10:5190\", \"[2001:db8::2]:5190\"]"),
+            "{text}"
+        );
+        for (list, says) in [
+            ("\"192.0.2.10:5190\"", "1 addresses for 2 hosts"),
+            ("\"192.0.2.10:5190\", \"192.0.2.10:5190\"", "given twice"),
+            (
+                "\"192.0.2.10\", \"192.0.2.11:5190\"",
+                "'192.0.2.10' is not an IP address and UDP port",
+            ),
+            (
+                "\"host-a:5190\", \"192.0.2.11:5190\"",
+                "'host-a:5190' is not an IP address",
+            ),
+        ] {
+            let err = parse(list).unwrap_err().to_string();
+            assert!(err.contains(says), "{list}: {err}");
+            assert!(err.contains("doorbells"), "{list}: {err}");
+        }
+    }
+
+    #[test]
     fn vendor_mode_forbids_layout() {
         let mut config = vendor_config();
         config.stgs[0].block = block_config().stgs[0].block;
@@ -1728,12 +1851,14 @@ mod tests {
             hosts: 2,
             slots: None,
             slot_blocks: None,
+            doorbells: None,
         });
         config.validate().unwrap();
         config.stgs[0].block = Some(BlockSpec {
             hosts: 1,
             slots: None,
             slot_blocks: None,
+            doorbells: None,
         });
         assert!(matches!(
             validate_err(&config),
@@ -2022,6 +2147,7 @@ mod tests {
                         hosts,
                         slots,
                         slot_blocks,
+                        doorbells: None,
                     }),
                 })
                 .collect();

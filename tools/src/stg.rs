@@ -616,6 +616,7 @@ mod tests {
             hosts: 2,
             slots: None,
             slot_blocks: None,
+            doorbells: None,
         };
         let (chosen, why) = layout_for(7, &spec, &mut m, None).unwrap();
         assert_eq!((chosen.slots, chosen.slot_blocks), (7, 1024), "{why}");

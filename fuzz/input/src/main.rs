@@ -446,6 +446,13 @@ fn block(c: &Corpus) {
         }
         c.put("block_formats", name, &ix.encode());
     }
+    let ring = stp_core::block::Ring {
+        stg_id: 8,
+        src: 1,
+        dst: 0,
+        generation: sb.generation as u32,
+    };
+    c.put("block_formats", "doorbell", &ring.encode());
     let mut slot = vec![0u8; SLOT_HEADER_LEN];
     slot.extend_from_slice(&sealed(Protection::Encrypt, Kind::DATA, b"slot data", 9));
     slot.extend_from_slice(&sealed(Protection::Encrypt, Kind::ACK, b"", 10));
@@ -574,6 +581,7 @@ fn backup(c: &Corpus) {
                 hosts: 2,
                 slots: Some(64),
                 slot_blocks: None,
+                doorbells: None,
             }),
             members: vec![member(
                 0,

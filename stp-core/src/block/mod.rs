@@ -69,6 +69,7 @@ use crate::vendor::MailboxError;
 use crate::wire::{Frames, ALIGN, HEADER_LEN, MAX_PAYLOAD};
 
 mod batch;
+mod doorbell;
 mod format;
 mod lane;
 mod poll;
@@ -86,6 +87,7 @@ pub use sizing::{
     choose_layout, Chosen, LayoutRequest, MAX_SLOTS, MAX_SLOT_BYTES, MIN_SLOTS, RING_BYTES,
 };
 
+pub use doorbell::{Doorbells, Ring, RingError, RING_LEN, RING_QUIET, RING_SPACING};
 pub use format::{
     long_slot_head, open_slot, seal_slot, slot_used, IndexBlock, IndexError, IndexKind, RawIndex,
     RawSlotHeader, RawSuperblock, SlotError, Superblock, SuperblockError, CONSUMER_MAGIC, FORMAT,
@@ -377,6 +379,20 @@ pub enum BlockError {
     /// The poller thread could not be started.
     #[error("could not start the block-mode poller thread: {0}")]
     Spawn(#[source] io::Error),
+    /// This host's doorbell address could not be bound.
+    #[error(
+        "STG {stg}: cannot listen for doorbells on {addr}: {source}; check `doorbells` in \
+         [stg.block] (this host's entry must be an address of this host, its UDP port free)"
+    )]
+    Doorbell {
+        /// The STG.
+        stg: u32,
+        /// This host's doorbell address.
+        addr: std::net::SocketAddr,
+        /// Why binding failed.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Tunables of a [`BlockStg`]; [`BlockConfig::default`] suits most uses.
@@ -401,6 +417,9 @@ pub struct BlockConfig {
     /// (re-reading it: an index block may have been forged or be ahead of
     /// the data) before it skips the slot.
     pub bad_slot_patience: Duration,
+    /// Where the hosts hear their doorbells (see [`Doorbells`]); `None`:
+    /// no doorbells, an idle lane's first slot waits for the next poll.
+    pub doorbells: Option<Doorbells>,
 }
 
 impl Default for BlockConfig {
@@ -413,6 +432,7 @@ impl Default for BlockConfig {
             max_transfer_bytes: 1 << 20,
             command_timeout: Duration::from_secs(30),
             bad_slot_patience: Duration::from_secs(2),
+            doorbells: None,
         }
     }
 }
@@ -469,6 +489,13 @@ pub struct BlockStats {
     pub polls: u64,
     /// READ and WRITE commands issued (a retry not counted again).
     pub commands: u64,
+    /// Doorbells this host rang (datagrams sent).
+    pub doorbells_rung: u64,
+    /// Doorbells heard from peers of this STG.
+    pub doorbells_heard: u64,
+    /// Datagrams on the doorbell's port that were not a peer's doorbell
+    /// (ignored).
+    pub doorbells_bad: u64,
 }
 
 #[derive(Default)]
@@ -495,6 +522,9 @@ struct Counters {
     io_errors: AtomicU64,
     polls: AtomicU64,
     commands: AtomicU64,
+    doorbells_rung: AtomicU64,
+    doorbells_heard: AtomicU64,
+    doorbells_bad: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -527,6 +557,9 @@ impl Counters {
             io_errors: g(&self.io_errors),
             polls: g(&self.polls),
             commands: g(&self.commands),
+            doorbells_rung: g(&self.doorbells_rung),
+            doorbells_heard: g(&self.doorbells_heard),
+            doorbells_bad: g(&self.doorbells_bad),
         }
     }
 }
@@ -1034,6 +1067,9 @@ pub struct BlockStg {
     stale: Mutex<Option<(usize, u64)>>,
     last_recheck: Mutex<Option<Instant>>,
     poller: Mutex<Option<JoinHandle<()>>>,
+    doorbell: Mutex<Option<doorbell::Doorbell>>,
+    /// The thread that hears this host's doorbell.
+    listener: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl fmt::Debug for BlockStg {
@@ -1303,6 +1339,20 @@ impl BlockStg {
                 path: Mutex::new(p),
             })
             .collect();
+        let doorbell = match config.doorbells {
+            Some(peers) => doorbell::Doorbell::bind(peers, host_index).map_err(|source| {
+                BlockError::Doorbell {
+                    stg,
+                    addr: peers
+                        .of(host_index)
+                        .unwrap_or_else(|| unreachable!("bound only with an address")),
+                    source,
+                }
+            })?,
+            None => None,
+        };
+        let listening = doorbell.as_ref().map(|d| d.receiver()).transpose();
+        let listening = listening.map_err(BlockError::Spawn)?;
         let stg_arc = Arc::new(BlockStg {
             stg_id,
             host: host_index,
@@ -1327,6 +1377,8 @@ impl BlockStg {
             stale: Mutex::new(None),
             last_recheck: Mutex::new(None),
             poller: Mutex::new(None),
+            doorbell: Mutex::new(doorbell),
+            listener: Mutex::new(None),
         });
         // Announce this host's epoch and position on every lane it writes.
         for d in 0..layout.hosts {
@@ -1356,6 +1408,14 @@ impl BlockStg {
             .spawn(move || poller(weak, consumers))
             .map_err(BlockError::Spawn)?;
         *lock(&stg_arc.poller) = Some(handle);
+        if let Some(socket) = listening {
+            let weak = Arc::downgrade(&stg_arc);
+            let handle = thread::Builder::new()
+                .name(format!("stp-bell-{stg_id}-h{host_index}"))
+                .spawn(move || listener(weak, socket))
+                .map_err(BlockError::Spawn)?;
+            *lock(&stg_arc.listener) = Some(handle);
+        }
         Ok(stg_arc)
     }
 
@@ -1609,10 +1669,37 @@ impl BlockStg {
         self.kick();
     }
 
-    /// This host sent `bytes` on a lane: a reply may come, so poll soon.
-    fn sent(&self, bytes: usize) {
-        if lock(&self.schedule).sent(Instant::now(), bytes) {
+    /// This host sent `bytes` to host `dst` (its slots published): a reply
+    /// may come, so poll soon; and ring `dst`'s doorbell if it has not
+    /// heard from this host for a while.
+    fn sent(&self, dst: u16, bytes: usize) {
+        let now = Instant::now();
+        if let Some(bell) = lock(&self.doorbell).as_mut() {
+            let ring = Ring {
+                stg_id: self.stg_id,
+                src: self.host,
+                dst,
+                generation: self.generation as u32,
+            };
+            if bell.sent(dst, &ring, now) {
+                bump(&self.counters.doorbells_rung, 1);
+            }
+        }
+        if lock(&self.schedule).sent(now, bytes) {
             self.kick();
+        }
+    }
+
+    /// A doorbell datagram arrived: poll at once if it is a peer's.
+    fn heard(&self, datagram: &[u8]) {
+        match Ring::decode(datagram) {
+            Ok(r) if r.is_for(self.stg_id, self.generation, self.layout.hosts, self.host) => {
+                bump(&self.counters.doorbells_heard, 1);
+                if lock(&self.schedule).rung(Instant::now(), RING_SPACING) {
+                    self.kick();
+                }
+            }
+            _ => bump(&self.counters.doorbells_bad, 1),
         }
     }
 
@@ -1871,7 +1958,7 @@ impl BlockStg {
                 BufPool::global().put(image);
             }
             result?;
-            self.sent(bytes);
+            self.sent(d, bytes);
         }
         Ok(())
     }
@@ -1916,7 +2003,7 @@ impl BlockStg {
             buf.resize(len);
         }
         result?;
-        self.sent(at - h);
+        self.sent(d, at - h);
         Ok(())
     }
 
@@ -2598,11 +2685,40 @@ impl Drop for BlockStg {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
         self.kick();
-        if let Some(h) = lock(&self.poller).take() {
-            // The poller may hold the last reference itself.
-            if h.thread().id() != thread::current().id() {
-                let _ = h.join();
+        for thread in [&self.poller, &self.listener] {
+            if let Some(h) = lock(thread).take() {
+                // The poller (or listener) may hold the last reference
+                // itself.
+                if h.thread().id() != thread::current().id() {
+                    let _ = h.join();
+                }
             }
+        }
+    }
+}
+
+/// Hears this host's doorbell on `socket` until the STG closes (the
+/// socket's read timeout bounds how long that takes to notice).
+fn listener(weak: Weak<BlockStg>, socket: std::net::UdpSocket) {
+    let mut buf = [0u8; 64];
+    loop {
+        let got = socket.recv_from(&mut buf);
+        let Some(stg) = weak.upgrade() else { return };
+        if stg.stop.load(Ordering::Acquire) {
+            return;
+        }
+        match got {
+            Ok((n, _)) => stg.heard(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // Anything else (an ICMP error reported on the socket): go on
+            // listening, after a pause so an error that repeats does not
+            // spin.
+            Err(_) => thread::sleep(SLEEP_SLICE),
         }
     }
 }

@@ -119,6 +119,8 @@ pub(crate) struct PollSchedule {
     reply_polls: u32,
     /// When this host last sent.
     last_sent: Instant,
+    /// When a doorbell last moved the next poll.
+    last_rung: Option<Instant>,
 }
 
 impl PollSchedule {
@@ -134,6 +136,7 @@ impl PollSchedule {
             streaming: false,
             reply_polls: 0,
             last_sent: now,
+            last_rung: None,
         }
     }
 
@@ -203,6 +206,27 @@ impl PollSchedule {
     /// poll as soon as the cost bound allows.
     pub fn poke(&mut self, now: Instant) {
         self.next = self.next.min(now.max(self.earliest));
+    }
+
+    /// A peer rang this host's doorbell at `now` (it published slots after
+    /// a quiet spell): poll at once, as the cost bound allows, but for
+    /// doorbells at most once a `spacing` (a datagram anyone may send).
+    /// True when the next poll moved earlier (wake the poller).
+    pub fn rung(&mut self, now: Instant, spacing: Duration) -> bool {
+        if self
+            .last_rung
+            .is_some_and(|t| now.saturating_duration_since(t) < spacing)
+        {
+            return false;
+        }
+        self.last_rung = Some(now);
+        let soon = now.max(self.earliest);
+        if soon < self.next {
+            self.next = soon;
+            true
+        } else {
+            false
+        }
     }
 
     /// Whether the next poll waits for a reply that may come any moment:
@@ -289,6 +313,42 @@ mod tests {
             "idle lane still polls: {per_sec:.2} commands/s"
         );
         assert!(warm > idle / 30, "warm polls more often than idle");
+    }
+
+    #[test]
+    fn a_doorbell_polls_an_idle_lane_at_once_but_a_flood_no_more_than_its_spacing() {
+        let t0 = Instant::now();
+        let cfg = PollConfig::default();
+        let spacing = Duration::from_millis(1);
+        let mut s = PollSchedule::new(cfg, t0);
+        let t = t0 + Duration::from_secs(30);
+        s.polled(t, t, false, true);
+        assert_eq!(s.due(), t + cfg.idle, "idle");
+        let ring = t + Duration::from_millis(40);
+        assert!(s.rung(ring, spacing));
+        assert_eq!(s.due(), ring, "polls at once");
+        // The poll finds the slot: streaming.
+        s.polled(ring, ring, true, false);
+        assert_eq!(s.due(), ring + cfg.min);
+        // A flood of doorbells on an idle lane, one every microsecond for
+        // a second (each poll 100 µs, finding nothing): polls no more than
+        // once a spacing, and never beyond the cost bound.
+        let mut s = PollSchedule::new(cfg, t0);
+        s.polled(t, t, false, true);
+        let cost = Duration::from_micros(100);
+        let (mut now, end) = (t, t + Duration::from_secs(1));
+        let mut polls = 0u32;
+        while now < end {
+            s.rung(now, spacing);
+            if s.due() <= now {
+                polls += 1;
+                let all = s.reads(now) == Reads::All;
+                s.polled(now, now + cost, false, all);
+                now += cost;
+            }
+            now += Duration::from_micros(1);
+        }
+        assert!((900..=1000).contains(&polls), "{polls} polls in a second");
     }
 
     #[test]

@@ -397,6 +397,7 @@ mod tests {
                 hosts: 2,
                 slots: None,
                 slot_blocks: None,
+                doorbells: None,
             }),
             members: (0..2)
                 .map(|i| MemberView {

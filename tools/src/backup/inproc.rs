@@ -179,6 +179,7 @@ impl InProcArray {
             hosts: 2,
             slots: None,
             slot_blocks: None,
+            doorbells: None,
         };
         let (layout, _) = crate::stg::layout_for(BLOCK_STG, &spec, &mut paths, None)?;
         crate::stg::format_members(

@@ -393,6 +393,10 @@ pub struct BlockFigures {
     /// Commands per second per lane while idle (the polling's cost to the
     /// array).
     pub idle_commands_per_sec_per_lane: Option<f64>,
+    /// Then one 64-byte message, send to receipt, in ms.
+    pub first_after_idle_ms: Option<f64>,
+    /// Whether that message rang the receiver's doorbell.
+    pub first_after_idle_rang: Option<bool>,
 }
 
 impl BlockFigures {
@@ -415,6 +419,16 @@ impl BlockFigures {
             println!(
                 "  idle cost   {r:.1} commands/s per lane (STG open, no traffic, polling gone idle, over {:.1} s)",
                 self.idle_seconds
+            );
+        }
+        if let Some(ms) = self.first_after_idle_ms {
+            println!(
+                "  after idle  the next 64 B message arrived in {ms:.2} ms ({})",
+                if self.first_after_idle_rang == Some(true) {
+                    "it rang the receiver's doorbell"
+                } else {
+                    "no doorbell: the receiver's next idle poll found it"
+                }
             );
         }
     }

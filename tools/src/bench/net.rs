@@ -19,8 +19,8 @@ use serde::Deserialize;
 use sim_target::{Array, Host, InProcOptions, LunConfig, StgMailbox, StgSpec};
 use stp_core::auth::{FrameKey, Handshake, Role};
 use stp_core::block::{
-    choose_layout, format, host_port, BlockStg, LayoutRequest, PollConfig, MAX_SLOT_BYTES,
-    MIN_SLOTS,
+    choose_layout, format, host_port, BlockConfig, BlockStg, Doorbells, LayoutRequest, PollConfig,
+    MAX_SLOT_BYTES, MIN_SLOTS,
 };
 use stp_core::conn::Config;
 use stp_core::counters;
@@ -148,10 +148,16 @@ pub struct StpArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub slots: Option<u32>,
     /// Block mode: after the run, leave the STG open with no traffic for
-    /// SECS and report the commands its polling issues per second per lane
-    /// (0 skips it).
+    /// SECS and report the commands its polling issues per second per lane,
+    /// then how long one 64-byte message takes to arrive (0 skips both)
     #[arg(long, value_name = "SECS", default_value_t = 2.0, value_parser = parse_idle_secs)]
     pub idle: f64,
+    /// Block mode: no doorbells (by default the two hosts ring each other
+    /// over loopback UDP after a quiet spell, as `[stg.block] doorbells`
+    /// configures on a LAN; without, a message after a pause waits for the
+    /// receiver's next idle poll)
+    #[arg(long)]
+    pub no_doorbell: bool,
     /// Block mode: format and use the STG's member LUNs, the ones vendor
     /// mode uses (slots striped over them), instead of the plain LUN: block
     /// and vendor mode on the same LUNs.
@@ -180,6 +186,7 @@ impl StpArgs {
             slot: None,
             slots: None,
             idle: 0.0,
+            no_doorbell: false,
             block_on_members: false,
             net,
         }
@@ -874,8 +881,14 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
             )
             .context("formatting the block-mode STG")?;
             drop(admin);
+            let config = BlockConfig {
+                doorbells: (!args.no_doorbell)
+                    .then(|| loopback_doorbells(2))
+                    .transpose()?,
+                ..BlockConfig::default()
+            };
             let open = |host: usize| -> Result<Arc<BlockStg>> {
-                BlockStg::open(open_all(host)?, host as u16, BLOCK_STG)
+                BlockStg::open_with(open_all(host)?, host as u16, BLOCK_STG, config)
                     .with_context(|| format!("host {host}: opening the block-mode STG"))
             };
             let (h0, h1) = (open(0)?, open(1)?);
@@ -950,7 +963,9 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
     }
     let datapath = Datapath::of(&m.counters);
     let array_cpu = m.array_cpu.as_secs_f64();
-    let block = block_stgs.map(|stgs| block_figures(&stgs, args.idle));
+    let block = block_stgs
+        .map(|stgs| block_figures(&stgs, args.idle))
+        .transpose()?;
     let mut r = report("stp", &transport, paths, net, extra, m);
     r.datapath = Some(datapath);
     r.block = block;
@@ -960,25 +975,70 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
     Ok(r)
 }
 
+/// Doorbell addresses on loopback for `hosts` hosts: UDP ports free when
+/// asked (each bound, noted and let go).
+fn loopback_doorbells(hosts: usize) -> Result<Doorbells> {
+    let addrs = (0..hosts)
+        .map(|_| {
+            std::net::UdpSocket::bind("127.0.0.1:0")
+                .and_then(|s| s.local_addr())
+                .context("finding a free loopback UDP port for a doorbell")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Doorbells::new(&addrs))
+}
+
+/// How long one 64-byte message from host 1 to host 0 takes to arrive on
+/// an idle STG, send to receipt, in ms (the lane's latency after a pause:
+/// the receiver's idle poll, or its doorbell). `None` when it does not come
+/// within 5 s.
+fn first_message_ms(stgs: &[Arc<BlockStg>; 2]) -> Result<Option<f64>> {
+    use stp_core::wire::{Header, Kind};
+    let mut m0 = stgs[0].handle();
+    let mut m1 = stgs[1].handle();
+    let p0 = m0.bind(None).context("host 0: binding a port")?;
+    let p1 = m1.bind(None).context("host 1: binding a port")?;
+    let body = [0x5a; 64];
+    let mut frame = Header {
+        kind: Kind::DATA,
+        src_port: p1.port,
+        dst_port: p0.port,
+        payload_len: body.len() as u32,
+        ..Header::default()
+    }
+    .to_bytes()
+    .to_vec();
+    frame.extend_from_slice(&body);
+    frame.resize(frame.len().next_multiple_of(8), 0);
+    let started = Instant::now();
+    m1.send_packed(&p1, &frame).context("host 1: sending")?;
+    let deadline = started + Duration::from_secs(5);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        if !m0
+            .receive(&p0, 1 << 16, left)
+            .context("host 0: receiving")?
+            .is_empty()
+        {
+            return Ok(Some(started.elapsed().as_secs_f64() * 1e3));
+        }
+    }
+}
+
 /// Block mode's counters over the run, then its idle cost: the commands
 /// both hosts issue in `idle` seconds with no traffic (once polling has
-/// gone idle), per lane (each host polls the one lane to it).
-fn block_figures(stgs: &[Arc<BlockStg>; 2], idle: f64) -> super::BlockFigures {
+/// gone idle), per lane (each host polls the one lane to it); then the
+/// first message after that silence.
+fn block_figures(stgs: &[Arc<BlockStg>; 2], idle: f64) -> Result<super::BlockFigures> {
     let total = |f: fn(&stp_core::block::BlockStats) -> u64| -> u64 {
         stgs.iter().map(|s| f(&s.stats())).sum()
     };
-    let commands = total(|s| s.commands);
-    let idle_rate = (idle > 0.0).then(|| {
-        // Polling stays warm for a while after traffic: measure past it.
-        std::thread::sleep(PollConfig::default().idle_after + Duration::from_millis(200));
-        let before = total(|s| s.commands);
-        let t = Instant::now();
-        std::thread::sleep(Duration::from_secs_f64(idle));
-        let after = total(|s| s.commands);
-        (after - before) as f64 / t.elapsed().as_secs_f64() / stgs.len() as f64
-    });
-    super::BlockFigures {
-        commands,
+    // The run's figures first: the idle spell and its message come after.
+    let mut figures = super::BlockFigures {
+        commands: total(|s| s.commands),
         polls: total(|s| s.polls),
         slots_written: total(|s| s.slots_written),
         slots_read: total(|s| s.slots_read),
@@ -992,8 +1052,26 @@ fn block_figures(stgs: &[Arc<BlockStg>; 2], idle: f64) -> super::BlockFigures {
         turn_skips: total(|s| s.turn_skips),
         ring_full_waits: total(|s| s.ring_full_waits),
         idle_seconds: idle,
-        idle_commands_per_sec_per_lane: idle_rate,
+        idle_commands_per_sec_per_lane: None,
+        first_after_idle_ms: None,
+        first_after_idle_rang: None,
+    };
+    if idle > 0.0 {
+        // Polling stays warm for a while after traffic: measure past it.
+        std::thread::sleep(PollConfig::default().idle_after + Duration::from_millis(200));
+        let before = total(|s| s.commands);
+        let t = Instant::now();
+        std::thread::sleep(Duration::from_secs_f64(idle));
+        let after = total(|s| s.commands);
+        figures.idle_commands_per_sec_per_lane =
+            Some((after - before) as f64 / t.elapsed().as_secs_f64() / stgs.len() as f64);
+        let rung = total(|s| s.doorbells_rung);
+        figures.first_after_idle_ms = first_message_ms(stgs)?;
+        figures.first_after_idle_rang = figures
+            .first_after_idle_ms
+            .map(|_| total(|s| s.doorbells_rung) > rung);
     }
+    Ok(figures)
 }
 
 fn parse_idle_secs(s: &str) -> Result<f64, String> {
