@@ -1387,15 +1387,16 @@ impl BlockStg {
             };
             let lane = lock(lane);
             for m in 0..m_count {
+                let io = stg_arc.index_write(
+                    m,
+                    host_index,
+                    d,
+                    IndexKind::Producer,
+                    lane.produced(m),
+                    lane.sizes(m),
+                );
                 stg_arc
-                    .write_index(
-                        m,
-                        host_index,
-                        d,
-                        IndexKind::Producer,
-                        lane.produced(m),
-                        lane.sizes(m),
-                    )
+                    .write_now(io)
                     .map_err(|source| stg_arc.io_error(m, "writing a producer block", source))?;
             }
         }
@@ -1582,17 +1583,9 @@ impl BlockStg {
             .unwrap_or_else(|| unreachable!("slot of a checked layout"))
     }
 
-    fn write_index(
-        &self,
-        m: usize,
-        src: u16,
-        dst: u16,
-        kind: IndexKind,
-        count: u64,
-        sizes: [u32; INDEX_SIZES],
-    ) -> Result<(), CommandError> {
-        let mut io = self.index_write(m, src, dst, kind, count, sizes);
-        self.write_from(m, io.lba, &mut io.buf)
+    /// Runs one WRITE made by [`index_write`](Self::index_write) alone.
+    fn write_now(&self, mut io: BatchIo) -> Result<(), CommandError> {
+        self.write_from(io.member, io.lba, &mut io.buf)
     }
 
     /// The WRITE of an index block (padded with zeros to the block);
@@ -2300,17 +2293,15 @@ impl BlockStg {
         lane.written_at = Instant::now();
         lane.probed_unwritten = 0;
         for (m, count) in dirty {
-            if self
-                .write_index(
-                    m,
-                    lane.src,
-                    self.host,
-                    IndexKind::Consumer,
-                    count,
-                    [0; INDEX_SIZES],
-                )
-                .is_ok()
-            {
+            let io = self.index_write(
+                m,
+                lane.src,
+                self.host,
+                IndexKind::Consumer,
+                count,
+                [0; INDEX_SIZES],
+            );
+            if self.write_now(io).is_ok() {
                 lane.c.written(m, count);
             }
         }
