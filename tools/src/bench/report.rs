@@ -115,11 +115,16 @@ pub mod targets {
     pub const STP_CONNECTIONS_VS_ONE: f64 = 0.9;
     /// Block-mode goodput ≥ 0.8× vendor mode's on the same LUNs.
     pub const STP_BLOCK_VS_VENDOR: f64 = 0.8;
+    /// Block-mode 64 B round trip p50 ≤ 2× vendor mode's on the same LUNs.
+    pub const STP_BLOCK_RTT_VS_VENDOR: f64 = 2.0;
 }
 
 /// The block-mode goodput run on the STG's member LUNs, the ones vendor
 /// mode uses (`stp bench stp --mode block --block-on-members`).
 pub const BLOCK_ON_MEMBERS_RUN: &str = "stp-block-members-goodput";
+
+/// The block-mode 64 B ping-pong on the STG's member LUNs.
+pub const BLOCK_ON_MEMBERS_RTT_RUN: &str = "stp-block-members-rtt";
 
 /// The run of 16 concurrent vendor-mode connections on the STG.
 pub const CONNECTIONS_RUN: &str = "stp-vendor-connections-16";
@@ -1010,6 +1015,9 @@ pub struct Ratios {
     /// STP block-mode goodput on the STG's member LUNs / vendor-mode
     /// goodput on the same LUNs.
     pub stp_block_vs_vendor_goodput_same_luns: Option<Ratio>,
+    /// STP block-mode 64 B round trip p50 on the STG's member LUNs /
+    /// vendor mode's on the same LUNs.
+    pub stp_block_rtt_vs_vendor_same_luns: Option<Ratio>,
     /// The ceilings those two divide by.
     #[serde(skip)]
     pub ceilings: Ceilings,
@@ -1183,6 +1191,18 @@ impl Ratios {
                 Some(targets::STP_BLOCK_VS_VENDOR),
             ));
         }
+        if let (Some(b), Some(v)) = (r.get(BLOCK_ON_MEMBERS_RTT_RUN), r.get("stp-vendor-rtt")) {
+            out.stp_block_rtt_vs_vendor_same_luns = Some(Ratio::new(
+                "p50_us",
+                (
+                    b.p50_us,
+                    format!("{BLOCK_ON_MEMBERS_RTT_RUN} p50 (the STG's LUNs)"),
+                ),
+                (v.p50_us, "stp-vendor-rtt p50 (the same LUNs)".into()),
+                Better::Lower,
+                Some(targets::STP_BLOCK_RTT_VS_VENDOR),
+            ));
+        }
         if let (Some(s), Some(t)) = (r.get("stp-vendor-goodput"), r.get("tcp-goodput")) {
             out.stp_vendor_goodput_vs_tcp = Some(Ratio::new(
                 "mb_per_s",
@@ -1246,7 +1266,7 @@ impl Ratios {
         v
     }
 
-    fn singles(&self) -> [(&'static str, Option<&Ratio>); 14] {
+    fn singles(&self) -> [(&'static str, Option<&Ratio>); 15] {
         [
             (
                 "stp_rtt_p50_vs_raw_qd1_write_plus_read",
@@ -1303,6 +1323,10 @@ impl Ratios {
             (
                 "stp_block_vs_vendor_goodput_same_luns",
                 self.stp_block_vs_vendor_goodput_same_luns.as_ref(),
+            ),
+            (
+                "stp_block_rtt_vs_vendor_same_luns",
+                self.stp_block_rtt_vs_vendor_same_luns.as_ref(),
             ),
         ]
     }
@@ -1627,6 +1651,7 @@ pub fn table(r: &Results, ratios: &Ratios) -> String {
         "tcp-goodput",
         "stp-vendor-rtt",
         "stp-block-rtt",
+        BLOCK_ON_MEMBERS_RTT_RUN,
         "tcp-rtt",
     ] {
         if let Some(m) = r.get(stem) {
@@ -1977,6 +2002,15 @@ mod tests {
             .unwrap();
         assert!((b.ratio - 0.9).abs() < 1e-9, "45 of 50 MB/s");
         assert_eq!(b.met, Some(true));
+        assert!(Ratios::of(&r).stp_block_rtt_vs_vendor_same_luns.is_none());
+        w(
+            "stp-block-members-rtt.json",
+            &ours(30.0, 0.01, 35000.0, 300000.0),
+        );
+        let r = Results::load(&d).unwrap();
+        let t = Ratios::of(&r).stp_block_rtt_vs_vendor_same_luns.unwrap();
+        assert!((t.ratio - 2.5).abs() < 1e-9, "35 against 14 ms");
+        assert_eq!((t.better, t.met), (Better::Lower, Some(false)));
 
         let x = Ratios::of(&r);
         let doc = document(&r, &x);
@@ -1995,8 +2029,9 @@ mod tests {
             assert!(doc.get(key).is_some(), "missing {key}");
         }
         assert_eq!(doc["schema"], REPORT_SCHEMA);
-        // The block-on-members run (met) is the seventh target.
-        assert_eq!(doc["summary"]["targets"], 7);
+        // The block-on-members runs (goodput met, round trip not) are the
+        // seventh and eighth targets.
+        assert_eq!(doc["summary"]["targets"], 8);
         assert_eq!(doc["summary"]["met"], 2);
         assert!(doc["stp_block_vs_vendor_goodput_same_luns"]["value"].is_number());
         assert_eq!(doc["machine"]["guest"]["kernel"], "6.1");
@@ -2016,7 +2051,7 @@ mod tests {
         }
         let text = table(&r, &x);
         assert!(text.contains("randwrite-4k-qd1"), "{text}");
-        assert!(text.contains("Targets met: 2 of 7"), "{text}");
+        assert!(text.contains("Targets met: 2 of 8"), "{text}");
         assert!(text.contains("stp-block-members-goodput"), "{text}");
         // The default engine against sg v3 on the same case: no target.
         assert_eq!(x.raw_vs_sgv3.len(), 1);
