@@ -388,6 +388,8 @@ pub struct BlockFigures {
     pub turn_skips: u64,
     /// Times a sender found a ring full.
     pub ring_full_waits: u64,
+    /// Doorbells rung (datagrams sent after a quiet spell).
+    pub doorbells_rung: u64,
     /// How long the STG was left idle after the run (0: not measured).
     pub idle_seconds: f64,
     /// Commands per second per lane while idle (the polling's cost to the
@@ -402,7 +404,7 @@ pub struct BlockFigures {
 impl BlockFigures {
     fn print_text(&self) {
         println!(
-            "  block       {} commands, {} polls; slots written {} read {} (probed {}; {} bytes read per byte used); bad slots {}, bad index blocks {}, turn skips {}, ring full {}",
+            "  block       {} commands, {} polls; slots written {} read {} (probed {}; {} bytes read per byte used); bad slots {}, bad index blocks {}, turn skips {}, ring full {}, doorbells rung {}",
             self.commands,
             self.polls,
             self.slots_written,
@@ -413,7 +415,8 @@ impl BlockFigures {
             self.bad_slots,
             self.bad_index_blocks,
             self.turn_skips,
-            self.ring_full_waits
+            self.ring_full_waits,
+            self.doorbells_rung
         );
         if let Some(r) = self.idle_commands_per_sec_per_lane {
             println!(

@@ -1051,6 +1051,7 @@ fn block_figures(stgs: &[Arc<BlockStg>; 2], idle: f64) -> Result<super::BlockFig
         bad_index_blocks: total(|s| s.bad_producer_blocks + s.bad_consumer_blocks),
         turn_skips: total(|s| s.turn_skips),
         ring_full_waits: total(|s| s.ring_full_waits),
+        doorbells_rung: total(|s| s.doorbells_rung),
         idle_seconds: idle,
         idle_commands_per_sec_per_lane: None,
         first_after_idle_ms: None,
