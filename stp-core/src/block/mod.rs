@@ -584,7 +584,7 @@ const CONSUMER_REASSERT: Duration = Duration::from_secs(4);
 /// The longest the consumer blocks wait to be written after a probe took
 /// a slot (fewer than half a ring taken since): a ping-pong then writes
 /// them every few messages, not after each.
-const PROBED_WRITE_DELAY: Duration = Duration::from_millis(10);
+const PROBED_WRITE_DELAY: Duration = Duration::from_millis(100);
 /// The poller's longest sleep, so that it notices a dropped engine soon.
 const SLEEP_SLICE: Duration = Duration::from_millis(10);
 /// What a consumer reads first of a large slot it expects alone: enough
