@@ -568,19 +568,6 @@ fn stream_moves_8_mib_and_1_mib_back() {
     assert_eq!(s0.bad_producer_blocks + s1.bad_producer_blocks, 0);
 }
 
-/// Doorbells on loopback for two hosts (ports free when asked).
-fn loopback_doorbells() -> Doorbells {
-    let addrs: Vec<_> = (0..2)
-        .map(|_| {
-            std::net::UdpSocket::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-        })
-        .collect();
-    Doorbells::new(&addrs)
-}
-
 /// A host that sends after a quiet spell rings the receiver's doorbell,
 /// which polls at once; a datagram that is not a peer's doorbell is
 /// counted and changes nothing; a doorbell address in use is refused
@@ -589,7 +576,7 @@ fn loopback_doorbells() -> Doorbells {
 fn a_send_after_silence_rings_the_receivers_doorbell() {
     let a = array();
     format_stg(&a, 8);
-    let bells = loopback_doorbells();
+    let bells = Doorbells::loopback(2).unwrap();
     let config = BlockConfig {
         doorbells: Some(bells),
         ..BlockConfig::default()

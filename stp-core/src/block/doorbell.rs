@@ -33,6 +33,9 @@ pub const RING_LEN: usize = 16;
 /// a consumer that took a slot less than this ago still polls at most this
 /// far apart (the warm interval's bound, [`super::PollConfig::max`]).
 pub const RING_QUIET: Duration = Duration::from_millis(10);
+/// How often the listening thread wakes with nothing heard, to notice
+/// that the STG closed.
+const LISTEN_SLICE: Duration = Duration::from_millis(50);
 /// A host polls for doorbells at most once in this long (a ring within it
 /// is put off to its end): a flood of datagrams costs the array at most 200
 /// polls a second, and a real ring waits at most this for a forged one.
@@ -150,6 +153,16 @@ impl Doorbells {
         d
     }
 
+    /// Addresses on loopback for `hosts` hosts, each a UDP port that was
+    /// free when asked (bound, noted and let go): for benches and tests
+    /// that run every host in one machine.
+    pub fn loopback(hosts: usize) -> io::Result<Doorbells> {
+        let addrs = (0..hosts)
+            .map(|_| UdpSocket::bind("127.0.0.1:0")?.local_addr())
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Doorbells::new(&addrs))
+    }
+
     /// Host `i`'s address, if it has one.
     pub fn of(&self, i: u16) -> Option<SocketAddr> {
         self.hosts.get(usize::from(i)).copied().flatten()
@@ -179,8 +192,7 @@ impl Doorbell {
             return Ok(None);
         };
         let socket = UdpSocket::bind(own)?;
-        // The receiving thread wakes this often to notice the STG closing.
-        socket.set_read_timeout(Some(super::SLEEP_SLICE.max(Duration::from_millis(50))))?;
+        socket.set_read_timeout(Some(LISTEN_SLICE))?;
         Ok(Some(Doorbell {
             socket,
             peers,
@@ -252,18 +264,8 @@ mod tests {
 
     #[test]
     fn a_sender_rings_only_after_a_quiet_spell_and_a_host_hears_it() {
-        let probe = |n| {
-            (0..n)
-                .map(|_| {
-                    UdpSocket::bind("127.0.0.1:0")
-                        .unwrap()
-                        .local_addr()
-                        .unwrap()
-                })
-                .collect::<Vec<_>>()
-        };
-        let addrs = probe(2);
-        let peers = Doorbells::new(&addrs);
+        let peers = Doorbells::loopback(2).unwrap();
+        let addrs = peers.addrs();
         let mut h1 = Doorbell::bind(peers, 1).unwrap().expect("host 1 has one");
         let h0 = Doorbell::bind(peers, 0).unwrap().expect("host 0 has one");
         let t0 = Instant::now();

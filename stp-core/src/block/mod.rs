@@ -1067,7 +1067,8 @@ pub struct BlockStg {
     stale: Mutex<Option<(usize, u64)>>,
     last_recheck: Mutex<Option<Instant>>,
     poller: Mutex<Option<JoinHandle<()>>>,
-    doorbell: Mutex<Option<doorbell::Doorbell>>,
+    /// This host's doorbell, when the configuration gives it one.
+    doorbell: Option<Mutex<doorbell::Doorbell>>,
     /// The thread that hears this host's doorbell.
     listener: Mutex<Option<JoinHandle<()>>>,
 }
@@ -1377,7 +1378,7 @@ impl BlockStg {
             stale: Mutex::new(None),
             last_recheck: Mutex::new(None),
             poller: Mutex::new(None),
-            doorbell: Mutex::new(doorbell),
+            doorbell: doorbell.map(Mutex::new),
             listener: Mutex::new(None),
         });
         // Announce this host's epoch and position on every lane it writes.
@@ -1667,14 +1668,14 @@ impl BlockStg {
     /// heard from this host for a while.
     fn sent(&self, dst: u16, bytes: usize) {
         let now = Instant::now();
-        if let Some(bell) = lock(&self.doorbell).as_mut() {
+        if let Some(bell) = &self.doorbell {
             let ring = Ring {
                 stg_id: self.stg_id,
                 src: self.host,
                 dst,
                 generation: self.generation as u32,
             };
-            if bell.sent(dst, &ring, now) {
+            if lock(bell).sent(dst, &ring, now) {
                 bump(&self.counters.doorbells_rung, 1);
             }
         }
@@ -2703,9 +2704,10 @@ fn listener(weak: Weak<BlockStg>, socket: std::net::UdpSocket) {
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
                 ) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             // Anything else (an ICMP error reported on the socket): go on
             // listening, after a pause so an error that repeats does not
             // spin.

@@ -883,8 +883,9 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
             drop(admin);
             let config = BlockConfig {
                 doorbells: (!args.no_doorbell)
-                    .then(|| loopback_doorbells(2))
-                    .transpose()?,
+                    .then(|| Doorbells::loopback(2))
+                    .transpose()
+                    .context("finding free loopback UDP ports for the doorbells")?,
                 ..BlockConfig::default()
             };
             let open = |host: usize| -> Result<Arc<BlockStg>> {
@@ -975,19 +976,6 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
     Ok(r)
 }
 
-/// Doorbell addresses on loopback for `hosts` hosts: UDP ports free when
-/// asked (each bound, noted and let go).
-fn loopback_doorbells(hosts: usize) -> Result<Doorbells> {
-    let addrs = (0..hosts)
-        .map(|_| {
-            std::net::UdpSocket::bind("127.0.0.1:0")
-                .and_then(|s| s.local_addr())
-                .context("finding a free loopback UDP port for a doorbell")
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Doorbells::new(&addrs))
-}
-
 /// How long one 64-byte message from host 1 to host 0 takes to arrive on
 /// an idle STG, send to receipt, in ms (the lane's latency after a pause:
 /// the receiver's idle poll, or its doorbell). `None` when it does not come
@@ -1009,7 +997,7 @@ fn first_message_ms(stgs: &[Arc<BlockStg>; 2]) -> Result<Option<f64>> {
     .to_bytes()
     .to_vec();
     frame.extend_from_slice(&body);
-    frame.resize(frame.len().next_multiple_of(8), 0);
+    frame.resize(frame.len().next_multiple_of(stp_core::wire::ALIGN), 0);
     let started = Instant::now();
     m1.send_packed(&p1, &frame).context("host 1: sending")?;
     let deadline = started + Duration::from_secs(5);
