@@ -652,6 +652,120 @@ fn a_send_after_silence_rings_the_receivers_doorbell() {
     }
 }
 
+/// Where a probe is dear (here: any probe, `ring_replies_above` zero) and
+/// the hosts have doorbells, each side rings the other after every send and
+/// takes the reply by the one probe the ring asks for, not by reply polls:
+/// a ping-pong of messages arrives exact, each message rung and probed
+/// once, and the polls are the rung ones plus at most one a
+/// `PollConfig::max` of waiting (a ring the machine was slow to hear). A
+/// message goes without its producer block, which follows; a host that
+/// reopens before writing it goes past the message, not over it.
+#[test]
+fn where_probes_are_dear_replies_are_rung_not_probed_for() {
+    let a = array();
+    format_stg(&a, 9);
+    let mut config = BlockConfig {
+        doorbells: Some(Doorbells::loopback(2).unwrap()),
+        ..BlockConfig::default()
+    };
+    config.poll.ring_replies_above = Duration::ZERO;
+    let h0 = open_host(&a, 0, config);
+    let h1 = open_host(&a, 1, config);
+    let mut m0 = h0.handle();
+    let mut m1 = h1.handle();
+    let p0 = m0.bind(None).unwrap();
+    let p1 = m1.bind(None).unwrap();
+    // A first exchange measures the probes' cost.
+    m1.send_packed(&p1, &frame(p1.port, p0.port, 0, &payload(0, 64), None))
+        .unwrap();
+    assert_eq!(recv_n(&mut m0, &p0, 1).len(), 1);
+    m0.send_packed(&p0, &frame(p0.port, p1.port, 0, &payload(0, 64), None))
+        .unwrap();
+    assert_eq!(recv_n(&mut m1, &p1, 1).len(), 1);
+    let before = [h0.stats(), h1.stats()];
+    let started = Instant::now();
+    let rounds = 200u64;
+    for i in 1..=rounds {
+        let body = payload(i, 64);
+        m1.send_packed(&p1, &frame(p1.port, p0.port, i, &body, None))
+            .unwrap();
+        let got = recv_n(&mut m0, &p0, 1);
+        assert_eq!(got.len(), 1, "round {i}");
+        assert_eq!((got[0].0.seq, &got[0].1), (i, &body));
+        let back = payload(i + rounds, 64);
+        m0.send_packed(&p0, &frame(p0.port, p1.port, i, &back, None))
+            .unwrap();
+        let got = recv_n(&mut m1, &p1, 1);
+        assert_eq!(got.len(), 1, "round {i} back");
+        assert_eq!((got[0].0.seq, &got[0].1), (i, &back));
+    }
+    let waited = started.elapsed();
+    let after = [h0.stats(), h1.stats()];
+    let messages = 2 * rounds;
+    let d = |f: fn(&stp_core::block::BlockStats) -> u64| {
+        f(&after[0]) + f(&after[1]) - f(&before[0]) - f(&before[1])
+    };
+    assert_eq!(d(|s| s.doorbells_rung), messages, "every send rung");
+    assert_eq!(d(|s| s.slots_probed), messages, "every message probed");
+    let bound = messages + 2 * (waited.as_millis() as u64 / 10 + 1);
+    let polls = d(|s| s.polls);
+    assert!(
+        polls <= bound,
+        "{polls} polls for {messages} messages in {waited:?} (at most {bound})"
+    );
+    // Most messages were published without their producer block (the
+    // probe took them); the blocks follow within about 100 ms.
+    let unannounced = d(|s| s.unannounced_slots);
+    assert!(
+        unannounced >= messages / 2,
+        "{unannounced} of {messages} left unannounced"
+    );
+    let announced = |a: &Array| -> u64 {
+        let lane = layout().lane_offset(1, 0).unwrap();
+        LUNS.iter()
+            .map(|&lun| IndexBlock::decode(&raw_read(a, lun, lane)).unwrap().count)
+            .sum()
+    };
+    let sent = rounds + 1;
+    let deadline = Instant::now() + T;
+    while announced(&a) < sent && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(announced(&a), sent, "host 1's producer blocks caught up");
+    // Host 1 goes away right after a message a probe took, before its
+    // producer block says so; reopened, it writes its next message past
+    // it, not over it (where it would be lost: host 0 has taken that
+    // position).
+    let body = payload(7777, 64);
+    m1.send_packed(&p1, &frame(p1.port, p0.port, 7777, &body, None))
+        .unwrap();
+    assert_eq!(recv_n(&mut m0, &p0, 1).len(), 1);
+    assert!(
+        announced(&a) < sent + 1,
+        "the last message is not announced yet"
+    );
+    drop((m1, h1));
+    let h = Host::login(&a, "host1-again");
+    let h1 = loop {
+        match BlockStg::open_with(paths(&h, &LUNS), 1, STG, config) {
+            Ok(h1) => break h1,
+            Err(BlockError::Doorbell { .. }) if Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(announced(&a), sent + 1, "announced on reopening");
+    let mut m1 = h1.handle();
+    let p1 = m1.bind(None).unwrap();
+    let body = payload(8888, 64);
+    m1.send_packed(&p1, &frame(p1.port, p0.port, 8888, &body, None))
+        .unwrap();
+    let got = recv_n(&mut m0, &p0, 1);
+    assert_eq!(got.len(), 1, "the reopened host's first message arrives");
+    assert_eq!((got[0].0.seq, &got[0].1), (8888, &body));
+}
+
 /// Slot sizes in a producer block are a hint of how much to READ: one too
 /// small makes a lone slot read again as far as its header says, one too
 /// large reads no more than the slot, and one too small at the end of a

@@ -5,12 +5,14 @@
 //! consumer polls slowly (a few commands a second) and the first slot after
 //! a pause waits for its next poll. The hosts share a LAN for control: a
 //! sender that has been quiet towards a host rings that host's doorbell
-//! after it publishes, and the host polls at once. The data never takes
+//! after it publishes, and the host polls at once; where a probe of the
+//! array is dear, a sender rings after every send, and the waiting side
+//! polls when rung rather than probing for replies (`super::poll`). The data never takes
 //! the LAN, and nothing but *when to poll* is taken from a datagram: a
 //! forged or lost one costs a poll or the wait there would have been
-//! without it. A host polls at most once a [`RING_SPACING`] for
-//! doorbells (a ring within it is put off, not dropped), so a flood costs
-//! the array no more than that.
+//! without it. Rung polls that find nothing space the next ones out, up to
+//! [`RING_SPACING`] (a ring within the spacing is put off, not dropped),
+//! so a flood costs the array no more than that.
 //!
 //! [`Ring`] is the datagram, with the parse-everything-fails-typed contract
 //! of the on-disk formats; [`Doorbell`] is the socket and the peers'
@@ -36,9 +38,10 @@ pub const RING_QUIET: Duration = Duration::from_millis(10);
 /// How often the listening thread wakes with nothing heard, to notice
 /// that the STG closed.
 const LISTEN_SLICE: Duration = Duration::from_millis(50);
-/// A host polls for doorbells at most once in this long (a ring within it
-/// is put off to its end): a flood of datagrams costs the array at most 200
-/// polls a second, and a real ring waits at most this for a forged one.
+/// Rung polls that find nothing space the next ones out up to this (a
+/// ring within the spacing is put off to its end): a flood of datagrams
+/// costs the array about 200 polls a second at most, and a real ring waits
+/// at most this for a forged one.
 pub const RING_SPACING: Duration = Duration::from_millis(5);
 
 /// The datagram's exact layout.
@@ -205,17 +208,18 @@ impl Doorbell {
         self.socket.try_clone()
     }
 
-    /// This host sent to `dst` at `now`: rings `dst` (`ring` the datagram)
-    /// when it had sent it nothing for [`RING_QUIET`] and has an address.
-    /// True when a datagram went out.
-    pub fn sent(&mut self, dst: u16, ring: &Ring, now: Instant) -> bool {
+    /// This host made slots visible to `dst` at `now`: rings `dst` (`ring`
+    /// the datagram) when it has an address and `every` send is rung or
+    /// this host had sent it nothing for [`RING_QUIET`]. True when a
+    /// datagram went out.
+    pub fn ring(&mut self, dst: u16, ring: &Ring, now: Instant, every: bool) -> bool {
         let Some(last) = self.last_sent.get_mut(usize::from(dst)) else {
             return false;
         };
         let quiet = last.is_none_or(|t| now.saturating_duration_since(t) >= RING_QUIET);
         *last = Some(now);
         match self.peers.of(dst) {
-            Some(addr) if quiet => self.socket.send_to(&ring.encode(), addr).is_ok(),
+            Some(addr) if quiet || every => self.socket.send_to(&ring.encode(), addr).is_ok(),
             _ => false,
         }
     }
@@ -269,17 +273,24 @@ mod tests {
         let mut h1 = Doorbell::bind(peers, 1).unwrap().expect("host 1 has one");
         let h0 = Doorbell::bind(peers, 0).unwrap().expect("host 0 has one");
         let t0 = Instant::now();
-        assert!(h1.sent(0, &RING, t0), "the first send rings");
+        assert!(h1.ring(0, &RING, t0, false), "the first send rings");
         assert!(
-            !h1.sent(0, &RING, t0 + RING_QUIET / 2),
+            !h1.ring(0, &RING, t0 + RING_QUIET / 2, false),
             "within the quiet spell"
         );
-        assert!(h1.sent(0, &RING, t0 + RING_QUIET * 2), "after it");
-        assert!(!h1.sent(5, &RING, t0), "a host with no address");
-        assert!(!h1.sent(u16::MAX, &RING, t0), "a host beyond any layout");
+        assert!(
+            h1.ring(0, &RING, t0 + RING_QUIET * 3 / 4, true),
+            "unless every send rings"
+        );
+        assert!(h1.ring(0, &RING, t0 + RING_QUIET * 2, false), "after it");
+        assert!(!h1.ring(5, &RING, t0, true), "a host with no address");
+        assert!(
+            !h1.ring(u16::MAX, &RING, t0, true),
+            "a host beyond any layout"
+        );
         let rx = h0.receiver().unwrap();
         let mut buf = [0u8; 64];
-        for _ in 0..2 {
+        for _ in 0..3 {
             let (n, _) = rx.recv_from(&mut buf).unwrap();
             assert_eq!(Ring::decode(&buf[..n]), Ok(RING));
         }

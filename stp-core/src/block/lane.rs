@@ -71,6 +71,10 @@ pub(crate) struct Producer {
     /// The sizes of the latest slots, per member, as producer blocks
     /// carry them (the slot numbered `n` at `n % INDEX_SIZES`).
     sizes: Vec<[u32; INDEX_SIZES]>,
+    /// Slots published whose member's producer block does not yet say so
+    /// (messages a probe takes without it), per member, and since when.
+    unannounced: Vec<u64>,
+    unannounced_since: Option<Instant>,
     turn: usize,
     seq: u64,
 }
@@ -85,6 +89,8 @@ impl Producer {
             slots: u64::from(slots),
             staged: vec![0; produced.len()],
             sizes: vec![[0; INDEX_SIZES]; produced.len()],
+            unannounced: vec![0; produced.len()],
+            unannounced_since: None,
             turn: (total % members as u64) as usize,
             seq: total,
             produced,
@@ -153,10 +159,70 @@ impl Producer {
     }
 
     /// Member `m`'s producer block now says what [`publish`](Self::publish)
-    /// gave.
+    /// gave (and so announces every slot before it).
     pub fn published(&mut self, m: usize) {
         self.produced[m] += self.staged[m];
         self.staged[m] = 0;
+        self.announced(m, self.produced[m]);
+    }
+
+    /// Member `m`'s staged slots are on the array and taken for published
+    /// (a probe finds them), but its producer block is left to say so
+    /// later ([`unannounced`](Self::unannounced)), at `now`.
+    pub fn published_unannounced(&mut self, m: usize, now: Instant) {
+        self.unannounced[m] += self.staged[m];
+        self.produced[m] += self.staged[m];
+        self.staged[m] = 0;
+        self.unannounced_since.get_or_insert(now);
+    }
+
+    /// Slots published and not announced, on every member.
+    pub fn unannounced_total(&self) -> u64 {
+        self.unannounced.iter().sum()
+    }
+
+    /// Since when slots have been left unannounced (`None`: none are).
+    pub fn unannounced_since(&self) -> Option<Instant> {
+        self.unannounced_since
+    }
+
+    /// The members whose producer blocks trail what was published, with
+    /// the count to write there.
+    pub fn unannounced(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        (0..self.produced.len())
+            .filter(|&m| self.unannounced[m] > 0)
+            .map(|m| (m, self.produced[m]))
+    }
+
+    /// Member `m`'s producer block now says `count`.
+    pub fn announced(&mut self, m: usize, count: u64) {
+        if count >= self.produced[m] {
+            self.unannounced[m] = 0;
+        }
+        if self.unannounced.iter().all(|&n| n == 0) {
+            self.unannounced_since = None;
+        }
+    }
+
+    /// Where the next slot goes.
+    pub fn next(&self) -> SlotPos {
+        SlotPos {
+            member: self.turn,
+            counter: self.produced[self.turn] + self.staged[self.turn],
+            seq: self.seq,
+        }
+    }
+
+    /// The next slot is already on the array, written by an earlier
+    /// opening of this host that did not live to announce it (a probe may
+    /// have taken it): go past it, as if published. Only before staging.
+    pub fn resume_past_written(&mut self) {
+        let m = self.turn;
+        self.sizes[m][size_at(self.produced[m])] = 0;
+        self.produced[m] += 1;
+        self.unannounced[m] += 1;
+        self.seq += 1;
+        self.turn = (m + 1) % self.produced.len();
     }
 
     /// Writing failed: every slot not published is forgotten and the
@@ -859,6 +925,51 @@ mod tests {
         lane.producer.abandon(Some(a));
         assert_eq!(lane.producer.turn(), a.member);
         assert_eq!(lane.producer.stage(ONE), a);
+    }
+
+    #[test]
+    fn messages_left_unannounced_are_counted_until_their_blocks_say_so() {
+        let t = Instant::now();
+        let mut p = Producer::new(8, vec![0; 2], vec![0; 2]);
+        assert_eq!(p.unannounced_since(), None);
+        // Two messages, one on each member, published unannounced.
+        for (k, m) in [0usize, 1].into_iter().enumerate() {
+            let pos = p.stage(100);
+            assert_eq!((pos.member, pos.seq), (m, k as u64));
+            p.published_unannounced(m, t + Duration::from_millis(k as u64));
+        }
+        assert_eq!(p.unannounced_total(), 2);
+        assert_eq!(p.unannounced_since(), Some(t), "since the first");
+        assert_eq!(p.unannounced().collect::<Vec<_>>(), [(0, 1), (1, 1)]);
+        // A consumer block past the announced count is no forgery: the
+        // producer knows it published that far.
+        let cb = IndexBlock::new(IndexKind::Consumer, GEN, 1, 1).encode();
+        assert_eq!(p.on_consumer_block(0, &cb, GEN), Index::Fresh);
+        // Member 0's next slot and block: its block announces both.
+        p.stage(100);
+        assert_eq!(p.publish(0), Some(2));
+        p.published(0);
+        assert_eq!(p.unannounced().collect::<Vec<_>>(), [(1, 1)]);
+        assert!(p.unannounced_since().is_some());
+        p.announced(1, 1);
+        assert_eq!((p.unannounced_total(), p.unannounced_since()), (0, None));
+        // An older count announces nothing.
+        p.stage(100);
+        p.published_unannounced(1, t);
+        p.announced(1, 1);
+        assert_eq!(p.unannounced_total(), 1);
+    }
+
+    #[test]
+    fn a_reopened_producer_goes_past_what_it_wrote_unannounced() {
+        let mut p = Producer::new(8, vec![3, 2], vec![3, 2]);
+        let next = p.next();
+        assert_eq!((next.member, next.counter, next.seq), (1, 2, 5));
+        p.resume_past_written();
+        let next = p.next();
+        assert_eq!((next.member, next.counter, next.seq), (0, 3, 6));
+        assert_eq!(p.produced(1), 3);
+        assert_eq!(p.stage(100), next, "the next slot goes there");
     }
 
     #[test]

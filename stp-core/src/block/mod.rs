@@ -50,7 +50,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -496,6 +496,15 @@ pub struct BlockStats {
     /// Datagrams on the doorbell's port that were not a peer's doorbell
     /// (ignored).
     pub doorbells_bad: u64,
+    /// Messages published without writing their producer block at once
+    /// (replies rung: the peer's probe takes them; the block follows).
+    pub unannounced_slots: u64,
+    /// A probe READ's cost in µs, averaged (0: none measured yet).
+    pub probe_read_us: u64,
+    /// Whether replies are rung rather than probed for (docs/PROTOCOL.md
+    /// §4.4): doorbells, and probes at least
+    /// [`PollConfig::ring_replies_above`].
+    pub replies_rung: bool,
 }
 
 #[derive(Default)]
@@ -525,6 +534,7 @@ struct Counters {
     doorbells_rung: AtomicU64,
     doorbells_heard: AtomicU64,
     doorbells_bad: AtomicU64,
+    unannounced_slots: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -560,6 +570,9 @@ impl Counters {
             doorbells_rung: g(&self.doorbells_rung),
             doorbells_heard: g(&self.doorbells_heard),
             doorbells_bad: g(&self.doorbells_bad),
+            unannounced_slots: g(&self.unannounced_slots),
+            probe_read_us: 0,
+            replies_rung: false,
         }
     }
 }
@@ -585,6 +598,10 @@ const CONSUMER_REASSERT: Duration = Duration::from_secs(4);
 /// a slot (fewer than half a ring taken since): a ping-pong then writes
 /// them every few messages, not after each.
 const PROBED_WRITE_DELAY: Duration = Duration::from_millis(100);
+/// The most messages a producer leaves unannounced by its producer blocks
+/// (a probe takes them without), and for how long at most.
+const UNANNOUNCED_MAX: u64 = 16;
+const UNANNOUNCED_DELAY: Duration = Duration::from_millis(100);
 /// The poller's longest sleep, so that it notices a dropped engine soon.
 const SLEEP_SLICE: Duration = Duration::from_millis(10);
 /// What a consumer reads first of a large slot it expects alone: enough
@@ -1374,19 +1391,30 @@ impl BlockStg {
             stalled: AtomicBool::new(false),
             wake: Mutex::new(false),
             wake_cv: Condvar::new(),
-            schedule: Mutex::new(PollSchedule::new(config.poll, Instant::now())),
+            schedule: Mutex::new({
+                let s = PollSchedule::new(config.poll, Instant::now());
+                if doorbell.is_some() {
+                    s.with_doorbells()
+                } else {
+                    s
+                }
+            }),
             stale: Mutex::new(None),
             last_recheck: Mutex::new(None),
             poller: Mutex::new(None),
             doorbell: doorbell.map(Mutex::new),
             listener: Mutex::new(None),
         });
-        // Announce this host's epoch and position on every lane it writes.
+        // Announce this host's epoch and position on every lane it writes,
+        // past any message an earlier opening published and did not live
+        // to announce (a probe may have taken it: writing another slot in
+        // its place would be lost).
         for d in 0..layout.hosts {
             let Some(lane) = &stg_arc.producers[usize::from(d)] else {
                 continue;
             };
-            let lane = lock(lane);
+            let mut lane = lock(lane);
+            stg_arc.resume_past_unannounced(&mut lane, d);
             for m in 0..m_count {
                 let io = stg_arc.index_write(
                     m,
@@ -1399,6 +1427,8 @@ impl BlockStg {
                 stg_arc
                     .write_now(io)
                     .map_err(|source| stg_arc.io_error(m, "writing a producer block", source))?;
+                let count = lane.produced(m);
+                lane.announced(m, count);
             }
         }
         for lane in &mut consumers {
@@ -1487,7 +1517,12 @@ impl BlockStg {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> BlockStats {
-        self.counters.snapshot()
+        let s = lock(&self.schedule);
+        BlockStats {
+            probe_read_us: s.read_cost().map_or(0, |c| c.as_micros() as u64),
+            replies_rung: s.rung_replies(),
+            ..self.counters.snapshot()
+        }
     }
 
     /// Re-reads every member's superblock and checks it is still the
@@ -1664,24 +1699,33 @@ impl BlockStg {
     }
 
     /// This host sent `bytes` to host `dst` (its slots published): a reply
-    /// may come, so poll soon; and ring `dst`'s doorbell if it has not
-    /// heard from this host for a while.
-    fn sent(&self, dst: u16, bytes: usize) {
-        let now = Instant::now();
-        if let Some(bell) = &self.doorbell {
-            let ring = Ring {
-                stg_id: self.stg_id,
-                src: self.host,
-                dst,
-                generation: self.generation as u32,
-            };
-            if lock(bell).sent(dst, &ring, now) {
-                bump(&self.counters.doorbells_rung, 1);
-            }
-        }
-        if lock(&self.schedule).sent(now, bytes) {
+    /// may come, so poll soon.
+    fn sent(&self, _dst: u16, bytes: usize) {
+        if lock(&self.schedule).sent(Instant::now(), bytes) {
             self.kick();
         }
+    }
+
+    /// This host made slots visible to host `dst`: ring `dst`'s doorbell if
+    /// it has not heard from this host for a while, or after every send
+    /// where replies are rung (see [`poll`]). True when replies are rung
+    /// and the datagram went out: `dst` probes for the slot at once.
+    fn ring(&self, dst: u16) -> bool {
+        let Some(bell) = &self.doorbell else {
+            return false;
+        };
+        let every = lock(&self.schedule).rung_replies();
+        let ring = Ring {
+            stg_id: self.stg_id,
+            src: self.host,
+            dst,
+            generation: self.generation as u32,
+        };
+        let rang = lock(bell).ring(dst, &ring, Instant::now(), every);
+        if rang {
+            bump(&self.counters.doorbells_rung, 1);
+        }
+        rang && every
     }
 
     /// A doorbell datagram arrived: poll at once if it is a peer's.
@@ -1689,7 +1733,7 @@ impl BlockStg {
         match Ring::decode(datagram) {
             Ok(r) if r.is_for(self.stg_id, self.generation, self.layout.hosts, self.host) => {
                 bump(&self.counters.doorbells_heard, 1);
-                if lock(&self.schedule).rung(Instant::now(), RING_SPACING) {
+                if lock(&self.schedule).rung(Instant::now()) {
                     self.kick();
                 }
             }
@@ -2256,7 +2300,20 @@ impl BlockStg {
         if let Some(e) = failed {
             return Err((Vec::new(), e));
         }
-        // Then the producer blocks, every member's at once.
+        // A lone short slot (a message) is rung for now: the peer's probe
+        // takes it without its producer block. Where replies are rung, the
+        // block is left for later (UNANNOUNCED_MAX messages, or
+        // UNANNOUNCED_DELAY): on a slow array it is a command the peer's
+        // probe would queue behind.
+        let lone_short =
+            matches!(stage, [one] if slot_used(&one.image).is_some_and(|u| u <= SHORT_SLOT));
+        if lone_short && self.ring(d) && lane.unannounced_total() < UNANNOUNCED_MAX {
+            lane.published_unannounced(stage[0].pos.member, Instant::now());
+            bump(&self.counters.unannounced_slots, 1);
+            return Ok(());
+        }
+        // Then the producer blocks, every member's at once, and those of
+        // members whose messages were left unannounced with them.
         let mut ios: Vec<BatchIo> = order
             .iter()
             .filter_map(|&m| {
@@ -2264,10 +2321,25 @@ impl BlockStg {
                 Some(self.index_write(m, self.host, d, IndexKind::Producer, count, lane.sizes(m)))
             })
             .collect();
+        let extra: Vec<(usize, u64)> = lane
+            .unannounced()
+            .filter(|(m, _)| !order.contains(m))
+            .collect();
+        for &(m, count) in &extra {
+            ios.push(self.index_write(m, self.host, d, IndexKind::Producer, count, lane.sizes(m)));
+        }
         self.batch(&mut ios);
         let mut published = Vec::new();
         let mut failed = None;
         for io in ios {
+            if let Some(&(m, count)) = extra.iter().find(|(m, _)| *m == io.member) {
+                // Announcing what was published: a failure leaves it for
+                // the poller's next try, and fails no send.
+                if io.result.is_ok() {
+                    lane.announced(m, count);
+                }
+                continue;
+            }
             match io.result {
                 Ok(()) => {
                     lane.published(io.member);
@@ -2279,8 +2351,71 @@ impl BlockStg {
             }
         }
         match failed {
-            None => Ok(()),
+            None => {
+                if !lone_short {
+                    self.ring(d);
+                }
+                Ok(())
+            }
             Some(e) => Err((published, e)),
+        }
+    }
+
+    /// Goes past the messages an earlier opening of this host wrote on the
+    /// lane to `d` without announcing them: valid short slots of this
+    /// format with the sequence numbers due next, where the next slots go.
+    fn resume_past_unannounced(&self, lane: &mut Producer, d: u16) {
+        for _ in 0..=UNANNOUNCED_MAX {
+            let next = lane.next();
+            let lba = self.slot_lba(self.host, d, next.counter);
+            let Ok(head) = self.read(next.member, lba, 1) else {
+                return;
+            };
+            match open_slot(&head, self.generation) {
+                Ok((seq, frames))
+                    if seq == next.seq && SLOT_HEADER_LEN + frames.len() <= SHORT_SLOT =>
+                {
+                    lane.resume_past_written();
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// Writes the producer blocks that have trailed what was published for
+    /// [`UNANNOUNCED_DELAY`] (the poller: a lane a sender holds is left for
+    /// the next turn, or for the sender's own commit to announce).
+    fn announce_due(&self, now: Instant) {
+        if lock(&self.stale).is_some() {
+            return;
+        }
+        for (d, lane) in self.producers.iter().enumerate() {
+            let Some(lane) = lane else { continue };
+            let mut lane = match lane.try_lock() {
+                Ok(l) => l,
+                Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(TryLockError::WouldBlock) => continue,
+            };
+            let due = lane
+                .unannounced_since()
+                .is_some_and(|t| now.saturating_duration_since(t) >= UNANNOUNCED_DELAY);
+            if !due {
+                continue;
+            }
+            let counts: Vec<(usize, u64)> = lane.unannounced().collect();
+            let d = d as u16;
+            let mut ios: Vec<BatchIo> = counts
+                .iter()
+                .map(|&(m, count)| {
+                    self.index_write(m, self.host, d, IndexKind::Producer, count, lane.sizes(m))
+                })
+                .collect();
+            self.batch(&mut ios);
+            for (io, (m, count)) in ios.iter().zip(counts) {
+                if io.result.is_ok() {
+                    lane.announced(m, count);
+                }
+            }
         }
     }
 
@@ -2390,13 +2525,16 @@ impl BlockStg {
         let bs = self.geo.block_size as usize;
         let pool = BufPool::global();
         let mut ios = vec![BatchIo::read(m, lba, bs, pool.get(bs))];
+        let started = Instant::now();
         self.batch(&mut ios);
+        let took = started.elapsed();
         self.count_read(&ios);
         let io = ios.pop()?;
         if io.result.is_err() {
             pool.put(io.buf);
             return Some(false);
         }
+        lock(&self.schedule).read_took(took);
         match lane.c.on_probe(&io.buf, self.generation) {
             Probe::Short { member, seq } => {
                 let used = slot_used(&io.buf).unwrap_or(bs);
@@ -2432,7 +2570,7 @@ impl BlockStg {
     /// One poll of lane (`lane.src` → this host), reading the producer
     /// blocks `reads` says; true if slots were consumed.
     fn poll_lane(&self, lane: &mut ConsLane, reads: Reads, now: Instant) -> bool {
-        if reads == Reads::Probe && lane.last_short {
+        if (reads == Reads::Probe && lane.last_short) || reads == Reads::Rung {
             if let Some(progress) = self.probe_lane(lane) {
                 return progress;
             }
@@ -2441,7 +2579,7 @@ impl BlockStg {
         lane.c.begin_poll();
         let all: Vec<usize> = (0..m_count).collect();
         match reads {
-            Reads::All | Reads::Probe => self.read_producer_blocks(lane, &all),
+            Reads::All | Reads::Probe | Reads::Rung => self.read_producer_blocks(lane, &all),
             Reads::Turn => {
                 let turn = lane.c.turn();
                 self.read_producer_blocks(lane, &[turn]);
@@ -2644,6 +2782,7 @@ fn poller(weak: Weak<BlockStg>, mut lanes: Vec<ConsLane>) {
             (s.due(), s.precise())
         };
         slack.set_precise(precise);
+        stg.announce_due(started);
         if started < due {
             // In slices, so that a dropped engine is let go of soon.
             stg.sleep_until(due.min(started + SLEEP_SLICE));
@@ -2669,7 +2808,7 @@ fn poller(weak: Weak<BlockStg>, mut lanes: Vec<ConsLane>) {
                 stg.write_consumer_blocks(lane);
             }
         }
-        lock(&stg.schedule).polled(started, Instant::now(), progress, reads == Reads::All);
+        lock(&stg.schedule).polled(started, Instant::now(), progress, reads);
     }
 }
 

@@ -29,6 +29,30 @@
 //!   on another member after a failure are found then). A poll that finds
 //!   news on the turn's member reads the others at once.
 //!
+//! * **rung** (a peer's doorbell, docs/PROTOCOL.md §4): a probe of every
+//!   lane at once, as the ring spacing allows (below).
+//!
+//! **Replies by doorbell.** Where a probe is dear (its READ's measured
+//! cost, averaged, at least [`PollConfig::ring_replies_above`]: in the VM an
+//! emulated command costs milliseconds, in-process microseconds) and the
+//! STG has doorbells, the reply polls cost more than they save: each empty
+//! one is a command the array serves while the answering side's WRITE
+//! waits. There a host rings its peer after *every* send
+//! ([`PollSchedule::rung_replies`]; a lone short slot right after its data
+//! is written, before its producer block), and the waiting side does not
+//! probe for the reply: a send arms no reply polls and moves the next poll
+//! no nearer than [`PollConfig::max`] (a lost ring's bound), and a probe
+//! that took a message polls next only after that, unless rung sooner. A message then costs its WRITE, its
+//! producer block's WRITE and one probe.
+//!
+//! **The ring spacing.** A ring is a datagram anyone may send. A rung poll
+//! that finds nothing doubles the spacing, from [`PollConfig::min`] up to
+//! [`RING_SPACING`] (or the cost bound's spacing, if longer); one that
+//! finds slots resets it. A ring within the spacing of the last is put off
+//! to its end, never dropped: a flood costs the array at most about 200
+//! polls a second, and a real ring waits at most the spacing for a forged
+//! one.
+//!
 //! Polling that finds nothing never takes more than 1 /
 //! [`PollConfig::cost_factor`] of the time: the next poll is at least that
 //! many times such a poll's own duration away (in the VM a poll is several
@@ -41,6 +65,8 @@
 //! pause waits at most `idle` plus one poll.
 
 use std::time::{Duration, Instant};
+
+use super::doorbell::RING_SPACING;
 
 /// The most bytes a send may carry and still be taken for a message that
 /// a reply may answer soon ([`PollConfig::reply_polls`]).
@@ -72,6 +98,10 @@ pub struct PollConfig {
     /// Polls that find nothing at [`min`](Self::min) after a small send,
     /// before the interval doubles.
     pub reply_polls: u32,
+    /// With doorbells, replies are rung rather than probed for once a
+    /// probe's READ costs this much on average (see the [module
+    /// documentation](self)).
+    pub ring_replies_above: Duration,
 }
 
 impl Default for PollConfig {
@@ -86,6 +116,7 @@ impl Default for PollConfig {
             cost_factor: 8,
             reply_cost_factor: 1,
             reply_polls: 8,
+            ring_replies_above: Duration::from_micros(150),
         }
     }
 }
@@ -101,6 +132,8 @@ pub(crate) enum Reads {
     /// reply) fills whole; every member's producer block only when that
     /// block holds the head of a longer slot.
     Probe,
+    /// A doorbell rang: a probe of every lane, whatever its last slot was.
+    Rung,
 }
 
 /// The consumer's poll schedule.
@@ -121,6 +154,16 @@ pub(crate) struct PollSchedule {
     last_sent: Instant,
     /// When a doorbell last moved the next poll.
     last_rung: Option<Instant>,
+    /// When the poll a ring asked for is due (a ring is pending).
+    rung_due: Option<Instant>,
+    /// When the last ring was heard.
+    last_heard: Option<Instant>,
+    /// How far apart doorbells may move polls (see the module docs).
+    ring_spacing: Duration,
+    /// Whether this host hears a doorbell and rings its peers'.
+    doorbells: bool,
+    /// A probe READ's cost, averaged (`None`: not measured yet).
+    read_cost: Option<Duration>,
 }
 
 impl PollSchedule {
@@ -137,7 +180,42 @@ impl PollSchedule {
             reply_polls: 0,
             last_sent: now,
             last_rung: None,
+            rung_due: None,
+            last_heard: None,
+            ring_spacing: cfg.min,
+            doorbells: false,
+            read_cost: None,
         }
+    }
+
+    /// The schedule of a host with doorbells: replies may be rung.
+    pub fn with_doorbells(mut self) -> PollSchedule {
+        self.doorbells = true;
+        self
+    }
+
+    /// A probe's READ took `cost` (averaged over the last few).
+    pub fn read_took(&mut self, cost: Duration) {
+        self.read_cost = Some(match self.read_cost {
+            None => cost,
+            Some(avg) => (avg * 3 + cost) / 4,
+        });
+    }
+
+    /// A probe READ's cost, averaged (`None`: not measured yet).
+    pub fn read_cost(&self) -> Option<Duration> {
+        self.read_cost
+    }
+
+    /// Whether replies are rung rather than probed for: this host has
+    /// doorbells and a probe costs at least
+    /// [`PollConfig::ring_replies_above`]. The sender then rings after
+    /// every send.
+    pub fn rung_replies(&self) -> bool {
+        self.doorbells
+            && self
+                .read_cost
+                .is_some_and(|c| c >= self.cfg.ring_replies_above)
     }
 
     /// When the next poll is due.
@@ -149,7 +227,11 @@ impl PollSchedule {
     pub fn reads(&self, now: Instant) -> Reads {
         let idle = now.saturating_duration_since(self.last_activity) >= self.cfg.idle_after;
         let sweep_due = now.saturating_duration_since(self.last_sweep) >= self.cfg.sweep;
-        if self.reply_polls > 0 {
+        if self.rung_due.is_some_and(|t| t <= now) {
+            Reads::Rung
+        } else if self.reply_polls > 0 || (self.rung_replies() && !self.streaming && !idle) {
+            // Where replies are rung, a poll that was not rung is a lost
+            // ring's bound: the message it looks for is a probe's.
             Reads::Probe
         } else if !idle || self.streaming || sweep_due {
             Reads::All
@@ -158,12 +240,32 @@ impl PollSchedule {
         }
     }
 
-    /// A poll ran from `started` to `now`; `progress` if it took slots,
-    /// `all` if it read every member's producer block.
-    pub fn polled(&mut self, started: Instant, now: Instant, progress: bool, all: bool) {
-        if all {
+    /// A poll of `reads` ran from `started` to `now`; `progress` if it took
+    /// slots.
+    pub fn polled(&mut self, started: Instant, now: Instant, progress: bool, reads: Reads) {
+        if reads == Reads::All {
             self.last_sweep = started;
         }
+        let cost = now.saturating_duration_since(started);
+        if reads == Reads::Rung {
+            self.ring_spacing = if progress {
+                self.cfg.min
+            } else {
+                let cap = RING_SPACING.max(cost * self.cfg.cost_factor);
+                (self.ring_spacing * 2).clamp(self.cfg.min, cap)
+            };
+            // A ring heard while the poll ran may be for a slot it missed:
+            // another rung poll, a spacing on.
+            self.rung_due = match self.last_heard {
+                Some(h) if h > started => {
+                    let at = now.max(self.last_rung.map_or(now, |t| t + self.ring_spacing));
+                    self.last_rung = Some(at);
+                    Some(at)
+                }
+                _ => None,
+            };
+        }
+        let probed = matches!(reads, Reads::Probe | Reads::Rung);
         self.streaming = progress;
         if progress {
             self.last_activity = now;
@@ -186,13 +288,15 @@ impl PollSchedule {
         } else {
             self.interval = (self.interval * 2).clamp(self.cfg.min, self.cfg.max);
         }
+        // A message probed for where replies are rung: the next comes by
+        // doorbell, or after the longest warm interval.
+        if progress && probed && self.rung_replies() {
+            self.streaming = false;
+            self.interval = self.cfg.max;
+        }
         // Only a poll that found nothing is overhead; one that took slots
         // did the work.
-        let cost = if progress {
-            Duration::ZERO
-        } else {
-            now.saturating_duration_since(started)
-        };
+        let cost = if progress { Duration::ZERO } else { cost };
         let factor = if self.reply_polls > 0 {
             self.cfg.reply_cost_factor
         } else {
@@ -200,6 +304,9 @@ impl PollSchedule {
         };
         self.earliest = now + cost * factor;
         self.next = (now + self.interval).max(self.earliest);
+        if let Some(t) = self.rung_due {
+            self.next = self.next.min(t);
+        }
     }
 
     /// Something may have changed (a held lane's port queue drained):
@@ -208,24 +315,28 @@ impl PollSchedule {
         self.next = self.next.min(now.max(self.earliest));
     }
 
-    /// A peer rang this host's doorbell at `now` (it published slots after
-    /// a quiet spell): poll at once, as the cost bound allows, but for
-    /// doorbells at most once a `spacing` (a datagram anyone may send): a
-    /// ring within the spacing of the last is put off to its end, never
+    /// A peer rang this host's doorbell at `now` (it published slots): a
+    /// probe of every lane at once, but no sooner than the ring spacing
+    /// after the last rung poll (a datagram anyone may send; see the
+    /// module docs). A ring within the spacing is put off to its end, never
     /// dropped, so a forged ring just before a real one delays the real one
     /// by the spacing at most. True when the next poll moved earlier (wake
     /// the poller).
-    pub fn rung(&mut self, now: Instant, spacing: Duration) -> bool {
+    pub fn rung(&mut self, now: Instant) -> bool {
+        self.last_heard = Some(now);
+        if self.rung_due.is_some() {
+            // The poll already due for a ring takes this one's slots too
+            // (or, if it is running, `polled` schedules another).
+            return false;
+        }
         let at = match self.last_rung {
-            Some(t) if now < t + spacing => t + spacing,
-            _ => {
-                self.last_rung = Some(now);
-                now
-            }
+            Some(t) if now < t + self.ring_spacing => t + self.ring_spacing,
+            _ => now,
         };
-        let soon = at.max(self.earliest);
-        if soon < self.next {
-            self.next = soon;
+        self.rung_due = Some(at);
+        self.last_rung = Some(at);
+        if at < self.next {
+            self.next = at;
             true
         } else {
             false
@@ -235,7 +346,7 @@ impl PollSchedule {
     /// Whether the next poll waits for a reply that may come any moment:
     /// its sleep should end on time (see `block::slack`).
     pub fn precise(&self) -> bool {
-        self.reply_polls > 0
+        self.reply_polls > 0 || self.rung_due.is_some()
     }
 
     /// This host sent `bytes` on a lane at `now`: a reply may come, so
@@ -247,7 +358,12 @@ impl PollSchedule {
         self.last_activity = now;
         self.last_sent = now;
         self.interval = self.cfg.min;
-        if bytes <= SMALL_SEND {
+        if self.rung_replies() {
+            // The reply comes by doorbell; poll no later than a lost ring's
+            // bound.
+            self.reply_polls = 0;
+            self.interval = self.cfg.max;
+        } else if bytes <= SMALL_SEND {
             self.reply_polls = self.cfg.reply_polls;
             self.interval = self.cfg.reply;
         }
@@ -279,9 +395,9 @@ mod tests {
         let mut commands = 0;
         while now < start + span {
             now = now.max(s.due());
-            let all = s.reads(now) == Reads::All;
-            commands += if all { members } else { 1 };
-            s.polled(now, now + cost, false, all);
+            let reads = s.reads(now);
+            commands += if reads == Reads::All { members } else { 1 };
+            s.polled(now, now + cost, false, reads);
             now += cost;
         }
         commands
@@ -292,7 +408,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = PollSchedule::new(PollConfig::default(), t0);
         // Traffic, then silence: the first seconds are warm...
-        s.polled(t0, t0, true, true);
+        s.polled(t0, t0, true, Reads::All);
         let warm = idle_commands(
             &mut s,
             t0,
@@ -319,46 +435,175 @@ mod tests {
     }
 
     #[test]
-    fn a_doorbell_polls_an_idle_lane_at_once_but_a_flood_no_more_than_its_spacing() {
+    fn a_doorbell_probes_an_idle_lane_at_once_but_a_flood_no_more_than_its_spacing() {
         let t0 = Instant::now();
         let cfg = PollConfig::default();
-        let spacing = Duration::from_millis(5);
         let mut s = PollSchedule::new(cfg, t0);
         let t = t0 + Duration::from_secs(30);
-        s.polled(t, t, false, true);
+        s.polled(t, t, false, Reads::All);
         assert_eq!(s.due(), t + cfg.idle, "idle");
         let ring = t + Duration::from_millis(40);
-        assert!(s.rung(ring, spacing));
+        assert!(s.rung(ring));
         assert_eq!(s.due(), ring, "polls at once");
-        // The poll finds nothing (a forged ring); a real one right after is
-        // put off to the end of the spacing, not dropped.
-        s.polled(ring, ring, false, false);
-        let real = ring + Duration::from_micros(10);
-        assert!(s.rung(real, spacing));
-        assert_eq!(s.due(), ring + spacing);
-        // That poll finds the slot: streaming.
+        assert_eq!(s.reads(ring), Reads::Rung, "a probe of every lane");
+        // The poll finds nothing (a forged ring): the spacing doubles, and
+        // a real ring right after is put off to its end, not dropped.
+        let cost = Duration::from_micros(30);
+        s.polled(ring, ring + cost, false, Reads::Rung);
+        assert_eq!(s.due(), ring + cost + cfg.idle, "back to idle");
+        let real = ring + Duration::from_micros(60);
+        assert!(s.rung(real));
+        assert_eq!(s.due(), ring + cfg.min * 2);
+        assert_ne!(s.reads(real), Reads::Rung, "not yet");
         let p = s.due();
-        s.polled(p, p, true, false);
-        assert_eq!(s.due(), p + cfg.min);
+        assert_eq!(s.reads(p), Reads::Rung);
+        // That poll finds the slot: the spacing is back at its floor.
+        s.polled(p, p + cost, true, Reads::Rung);
+        let p2 = s.due();
+        let reads = s.reads(p2);
+        assert_eq!(reads, Reads::All, "streaming");
+        s.polled(p2, p2 + cost, false, reads);
+        let q = p2 + cost + Duration::from_micros(10);
+        assert!(s.due() > q);
+        assert!(s.rung(q));
+        assert_eq!(s.due(), q, "the next ring polls at once");
+        // A ring heard while a rung poll runs gets a poll of its own.
+        s.rung(q + cost / 2);
+        s.polled(q, q + cost, false, Reads::Rung);
+        assert_eq!(s.reads(s.due()), Reads::Rung);
+        assert!(s.due() <= q + cost + cfg.min * 2);
         // A flood of doorbells on an idle lane, one every microsecond for
-        // a second (each poll 100 µs, finding nothing): polls no more than
-        // once a spacing, and never beyond the cost bound.
-        let mut s = PollSchedule::new(cfg, t0);
-        s.polled(t, t, false, true);
+        // a second (each poll 100 µs, finding nothing): about one poll a
+        // RING_SPACING once the spacing has grown.
         let cost = Duration::from_micros(100);
+        let mut s = PollSchedule::new(cfg, t0);
+        s.polled(t, t, false, Reads::All);
         let (mut now, end) = (t, t + Duration::from_secs(1));
         let mut polls = 0u32;
         while now < end {
-            s.rung(now, spacing);
+            s.rung(now);
             if s.due() <= now {
                 polls += 1;
-                let all = s.reads(now) == Reads::All;
-                s.polled(now, now + cost, false, all);
+                let reads = s.reads(now);
+                s.polled(now, now + cost, false, reads);
                 now += cost;
             }
             now += Duration::from_micros(1);
         }
-        assert!((180..=201).contains(&polls), "{polls} polls in a second");
+        assert!((190..=215).contains(&polls), "{polls} polls in a second");
+    }
+
+    /// Ping-pong on a virtual clock where every command costs `cost`: host
+    /// A sends a message, B's poller finds it, B answers at once, and so
+    /// on, `rounds` times. Each side's schedule is driven as the poller
+    /// drives it; a send rings the peer when the sender's schedule says
+    /// replies are rung (the ring lands `ring_delay` later). Returns the
+    /// commands the two sides' polls issued per message and the mean one-way
+    /// latency.
+    fn ping_pong(doorbells: bool, cost: Duration, rounds: u32) -> (f64, Duration) {
+        let cfg = PollConfig::default();
+        let t0 = Instant::now();
+        let ring_delay = Duration::from_micros(100);
+        let new = || {
+            let s = PollSchedule::new(cfg, t0);
+            if doorbells {
+                s.with_doorbells()
+            } else {
+                s
+            }
+        };
+        let mut side = [new(), new()];
+        for s in &mut side {
+            s.read_took(cost);
+        }
+        let mut now = t0 + Duration::from_secs(10);
+        for s in &mut side {
+            s.polled(now, now, false, Reads::All);
+        }
+        let (mut polls, mut latency) = (0u64, Duration::ZERO);
+        let mut to = 1;
+        for _ in 0..rounds {
+            // The sender WRITEs its slot, rings, and WRITEs the producer
+            // block.
+            let written = now + cost;
+            let rings = side[1 - to].rung_replies();
+            side[1 - to].sent(written + cost, 64);
+            if rings {
+                side[to].rung(written + ring_delay);
+            }
+            // The receiver's polls until one starts after the slot landed.
+            let r = &mut side[to];
+            let mut t = now;
+            loop {
+                t = t.max(r.due());
+                let reads = r.reads(t);
+                polls += 1;
+                let found = t >= written;
+                r.polled(t, t + cost, found, reads);
+                t += cost;
+                if found {
+                    break;
+                }
+            }
+            latency += t - now;
+            now = t;
+            to = 1 - to;
+        }
+        (polls as f64 / f64::from(rounds), latency / rounds)
+    }
+
+    #[test]
+    fn where_a_probe_is_dear_and_doorbells_ring_a_reply_costs_one_poll() {
+        let dear = Duration::from_millis(2);
+        let (probed, probed_latency) = ping_pong(false, dear, 200);
+        let (rung, rung_latency) = ping_pong(true, dear, 200);
+        assert!(probed > 1.9, "{probed} polls a message, probing");
+        assert!(rung <= 1.02, "{rung} polls a message, rung");
+        assert!(
+            rung_latency <= probed_latency + Duration::from_micros(200),
+            "rung {rung_latency:?}, probed {probed_latency:?}"
+        );
+        // Where a probe is cheap (in-process), the reply polls stay.
+        let cheap = Duration::from_micros(5);
+        let mut s = PollSchedule::new(PollConfig::default(), Instant::now()).with_doorbells();
+        s.read_took(cheap);
+        assert!(!s.rung_replies());
+        let t = Instant::now();
+        s.sent(t, 64);
+        assert_eq!(s.reads(s.due()), Reads::Probe);
+        // Measured dear, with no doorbell: probing still.
+        let mut s = PollSchedule::new(PollConfig::default(), t);
+        s.read_took(dear);
+        assert!(!s.rung_replies());
+    }
+
+    #[test]
+    fn where_replies_are_rung_a_lost_ring_costs_at_most_the_warm_bound() {
+        let cfg = PollConfig::default();
+        let t0 = Instant::now();
+        let mut s = PollSchedule::new(cfg, t0).with_doorbells();
+        let cost = Duration::from_millis(2);
+        s.read_took(cost);
+        assert!(s.rung_replies());
+        let t = t0 + Duration::from_secs(30);
+        s.polled(t, t, false, Reads::All);
+        // A send arms no reply polls, and moves an idle poll to the warm
+        // bound: the ring will come; if it is lost, that poll finds the
+        // reply.
+        assert!(s.sent(t, 64));
+        assert_eq!(s.due(), t + cfg.max);
+        assert_eq!(
+            s.reads(s.due()),
+            Reads::Probe,
+            "the lost ring's message is a probe's"
+        );
+        // A message a rung probe took: the next poll waits for a ring, or
+        // the warm bound.
+        let r = t + Duration::from_millis(3);
+        s.rung(r);
+        assert_eq!(s.reads(r), Reads::Rung);
+        s.polled(r, r + cost, true, Reads::Rung);
+        assert_eq!(s.due(), r + cost + cfg.max);
     }
 
     #[test]
@@ -366,7 +611,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = PollSchedule::new(PollConfig::default(), t0);
         let t = t0 + Duration::from_secs(30);
-        s.polled(t, t, true, true);
+        s.polled(t, t, true, Reads::All);
         assert_eq!(s.due(), t + PollConfig::default().min);
         assert_eq!(s.reads(s.due()), Reads::All);
     }
@@ -377,7 +622,7 @@ mod tests {
         let cfg = PollConfig::default();
         let mut s = PollSchedule::new(cfg, t0);
         let t = t0 + Duration::from_secs(30);
-        s.polled(t, t, false, true);
+        s.polled(t, t, false, Reads::All);
         assert_eq!(s.due(), t + cfg.idle);
         assert_eq!(s.reads(t + cfg.idle), Reads::Turn);
         let send = t + Duration::from_millis(3);
@@ -386,10 +631,10 @@ mod tests {
         assert_eq!(s.reads(s.due()), Reads::All, "no longer idle");
         // After a bulk send, polls that find nothing back off as usual.
         let p = s.due();
-        s.polled(p, p, false, true);
+        s.polled(p, p, false, Reads::All);
         assert_eq!(s.due(), p + cfg.min * 2);
         let later = s.due();
-        s.polled(later, later, false, true);
+        s.polled(later, later, false, Reads::All);
         assert_eq!(s.due(), later + cfg.min * 4);
         // A second send while a poll is already near is no news.
         assert!(!s.sent(s.due() - cfg.min, 1 << 20));
@@ -401,13 +646,13 @@ mod tests {
         let cfg = PollConfig::default();
         let mut s = PollSchedule::new(cfg, t0);
         let t = t0 + Duration::from_secs(30);
-        s.polled(t, t, false, true);
+        s.polled(t, t, false, Reads::All);
         assert!(s.sent(t, 64));
         assert_eq!(s.due(), t + cfg.reply);
         let mut now = s.due();
         let mut at_reply = 0;
         loop {
-            s.polled(now, now, false, true);
+            s.polled(now, now, false, Reads::All);
             if s.due() - now > cfg.reply {
                 break;
             }
@@ -417,15 +662,15 @@ mod tests {
         assert_eq!(at_reply, cfg.reply_polls);
         assert_eq!(s.due() - now, cfg.min, "then the streaming interval");
         now = s.due();
-        s.polled(now, now, false, true);
+        s.polled(now, now, false, Reads::All);
         assert_eq!(s.due() - now, cfg.min * 2, "then it backs off");
         // A reply taken ends the window: empty polls after it back off.
         assert!(s.sent(now, 64));
         let p = s.due();
-        s.polled(p, p, true, true);
+        s.polled(p, p, true, Reads::All);
         assert_eq!(s.due(), p + cfg.min);
         let q = s.due();
-        s.polled(q, q, false, true);
+        s.polled(q, q, false, Reads::All);
         assert_eq!(s.due(), q + cfg.min * 2);
     }
 
@@ -435,7 +680,7 @@ mod tests {
         let cfg = PollConfig::default();
         let mut s = PollSchedule::new(cfg, t0);
         let t = t0 + Duration::from_secs(30);
-        s.polled(t, t, false, true);
+        s.polled(t, t, false, Reads::All);
         assert_ne!(s.reads(t), Reads::Probe, "no reply awaited");
         s.sent(t, 64);
         let p = s.due();
@@ -444,20 +689,20 @@ mod tests {
         // ends: the answer's reply is awaited as well.
         let during = p + Duration::from_micros(5);
         s.sent(during, 64);
-        s.polled(p, p + Duration::from_micros(10), true, false);
+        s.polled(p, p + Duration::from_micros(10), true, Reads::Turn);
         let q = s.due();
         assert_eq!(s.reads(q), Reads::Probe);
-        s.polled(q, q, false, false);
+        s.polled(q, q, false, Reads::Turn);
         assert_eq!(s.due(), q + cfg.reply, "still at the reply interval");
         // Awaiting a reply, a slow poll (2 ms of emulated SCSI) spaces the
         // next by its own duration, not eight times it.
         let r = s.due();
         let end = r + Duration::from_millis(2);
-        s.polled(r, end, false, false);
+        s.polled(r, end, false, Reads::Turn);
         assert_eq!(s.due(), end + Duration::from_millis(2));
         // A bulk send awaits no reply.
         let mut b = PollSchedule::new(cfg, t0);
-        b.polled(t, t, false, true);
+        b.polled(t, t, false, Reads::All);
         b.sent(t, SMALL_SEND + 1);
         assert_eq!(b.reads(b.due()), Reads::All);
     }
@@ -470,7 +715,7 @@ mod tests {
         // A poll that took 2 ms (emulated SCSI) and found nothing: the
         // next is 16 ms later, and a send cannot pull it closer.
         let end = t0 + Duration::from_millis(2);
-        s.polled(t0, end, false, true);
+        s.polled(t0, end, false, Reads::All);
         assert_eq!(s.due(), end + Duration::from_millis(16));
         assert!(!s.sent(end + Duration::from_millis(1), 64));
         assert_eq!(s.due(), end + Duration::from_millis(16));
@@ -482,7 +727,7 @@ mod tests {
         let cfg = PollConfig::default();
         let mut s = PollSchedule::new(cfg, t0);
         let t = t0 + Duration::from_secs(10);
-        s.polled(t, t, false, true);
+        s.polled(t, t, false, Reads::All);
         assert_eq!(s.reads(t + cfg.idle), Reads::Turn);
         assert_eq!(s.reads(t + cfg.sweep), Reads::All);
     }

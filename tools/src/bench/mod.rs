@@ -388,8 +388,15 @@ pub struct BlockFigures {
     pub turn_skips: u64,
     /// Times a sender found a ring full.
     pub ring_full_waits: u64,
-    /// Doorbells rung (datagrams sent after a quiet spell).
+    /// Doorbells rung (datagrams sent after a quiet spell, or after every
+    /// send where replies are rung).
     pub doorbells_rung: u64,
+    /// A probe READ's cost in µs, averaged, the larger of the two hosts'
+    /// (0: none measured).
+    pub probe_read_us: u64,
+    /// Whether either host rang replies rather than probing for them
+    /// (doorbells, and probes at least `ring_replies_above`).
+    pub replies_rung: bool,
     /// How long the STG was left idle after the run (0: not measured).
     pub idle_seconds: f64,
     /// Commands per second per lane while idle (the polling's cost to the
@@ -404,7 +411,7 @@ pub struct BlockFigures {
 impl BlockFigures {
     fn print_text(&self) {
         println!(
-            "  block       {} commands, {} polls; slots written {} read {} (probed {}; {} bytes read per byte used); bad slots {}, bad index blocks {}, turn skips {}, ring full {}, doorbells rung {}",
+            "  block       {} commands, {} polls; slots written {} read {} (probed {}; {} bytes read per byte used); bad slots {}, bad index blocks {}, turn skips {}, ring full {}, doorbells rung {}; probe {} µs, replies {}",
             self.commands,
             self.polls,
             self.slots_written,
@@ -416,7 +423,9 @@ impl BlockFigures {
             self.bad_index_blocks,
             self.turn_skips,
             self.ring_full_waits,
-            self.doorbells_rung
+            self.doorbells_rung,
+            self.probe_read_us,
+            if self.replies_rung { "rung" } else { "probed for" }
         );
         if let Some(r) = self.idle_commands_per_sec_per_lane {
             println!(

@@ -1040,6 +1040,12 @@ fn block_figures(stgs: &[Arc<BlockStg>; 2], idle: f64) -> Result<super::BlockFig
         turn_skips: total(|s| s.turn_skips),
         ring_full_waits: total(|s| s.ring_full_waits),
         doorbells_rung: total(|s| s.doorbells_rung),
+        probe_read_us: stgs
+            .iter()
+            .map(|s| s.stats().probe_read_us)
+            .max()
+            .unwrap_or(0),
+        replies_rung: stgs.iter().any(|s| s.stats().replies_rung),
         idle_seconds: idle,
         idle_commands_per_sec_per_lane: None,
         first_after_idle_ms: None,
