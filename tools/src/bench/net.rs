@@ -158,6 +158,12 @@ pub struct StpArgs {
     /// receiver's next idle poll)
     #[arg(long)]
     pub no_doorbell: bool,
+    /// Block mode, with doorbells: ring replies rather than probe for them
+    /// once a probe READ costs US µs on average (default 150; 0 rings them
+    /// whatever a probe costs, to measure the choice where probes are
+    /// cheap)
+    #[arg(long, value_name = "US")]
+    pub ring_replies_above: Option<u64>,
     /// Block mode: format and use the STG's member LUNs, the ones vendor
     /// mode uses (slots striped over them), instead of the plain LUN: block
     /// and vendor mode on the same LUNs.
@@ -187,6 +193,7 @@ impl StpArgs {
             slots: None,
             idle: 0.0,
             no_doorbell: false,
+            ring_replies_above: None,
             block_on_members: false,
             net,
         }
@@ -881,13 +888,16 @@ pub fn run_stp(args: &StpArgs) -> Result<Report> {
             )
             .context("formatting the block-mode STG")?;
             drop(admin);
-            let config = BlockConfig {
+            let mut config = BlockConfig {
                 doorbells: (!args.no_doorbell)
                     .then(|| Doorbells::loopback(2))
                     .transpose()
                     .context("finding free loopback UDP ports for the doorbells")?,
                 ..BlockConfig::default()
             };
+            if let Some(us) = args.ring_replies_above {
+                config.poll.ring_replies_above = Duration::from_micros(us);
+            }
             let open = |host: usize| -> Result<Arc<BlockStg>> {
                 BlockStg::open_with(open_all(host)?, host as u16, BLOCK_STG, config)
                     .with_context(|| format!("host {host}: opening the block-mode STG"))
