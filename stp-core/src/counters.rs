@@ -89,6 +89,10 @@ counters! {
     /// forged or replayed from another connection on the SAN, or a peer
     /// with another key or protection (docs/PROTOCOL.md §7).
     recv_dropped_unauthentic,
+    /// Bytes of block-mode doorbell datagrams this process sent and heard
+    /// (docs/PROTOCOL.md §4, Doorbell): LAN traffic of an STG, not of any
+    /// socket, which a session's LAN count includes.
+    doorbell_bytes,
 }
 
 /// Adds `n` to the counter `name`.

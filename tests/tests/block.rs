@@ -17,7 +17,7 @@ use sim_target::{Array, Host, LunConfig};
 use stp_core::auth::FrameKey;
 use stp_core::block::{
     choose_layout, format, host_port, BlockConfig, BlockError, BlockStg, Doorbells, IndexBlock,
-    IndexKind, LayoutRequest, Ring, Superblock, RING_QUIET,
+    IndexKind, LayoutRequest, Ring, Superblock, RING_LEN, RING_QUIET,
 };
 use stp_core::conn::Config;
 use stp_core::mailbox::{Binding, Mailbox};
@@ -675,14 +675,19 @@ fn where_probes_are_dear_replies_are_rung_not_probed_for() {
     let mut m1 = h1.handle();
     let p0 = m0.bind(None).unwrap();
     let p1 = m1.bind(None).unwrap();
-    // A first exchange measures the probes' cost.
-    m1.send_packed(&p1, &frame(p1.port, p0.port, 0, &payload(0, 64), None))
-        .unwrap();
-    assert_eq!(recv_n(&mut m0, &p0, 1).len(), 1);
-    m0.send_packed(&p0, &frame(p0.port, p1.port, 0, &payload(0, 64), None))
-        .unwrap();
-    assert_eq!(recv_n(&mut m1, &p1, 1).len(), 1);
+    // A few exchanges measure the probes' cost on both hosts (a message
+    // an ordinary poll takes measures none).
+    for _ in 0..3 {
+        m1.send_packed(&p1, &frame(p1.port, p0.port, 0, &payload(0, 64), None))
+            .unwrap();
+        assert_eq!(recv_n(&mut m0, &p0, 1).len(), 1);
+        m0.send_packed(&p0, &frame(p0.port, p1.port, 0, &payload(0, 64), None))
+            .unwrap();
+        assert_eq!(recv_n(&mut m1, &p1, 1).len(), 1);
+    }
+    assert!(h0.stats().replies_rung && h1.stats().replies_rung);
     let before = [h0.stats(), h1.stats()];
+    let counted = stp_core::counters::snapshot();
     let started = Instant::now();
     let rounds = 200u64;
     for i in 1..=rounds {
@@ -706,6 +711,16 @@ fn where_probes_are_dear_replies_are_rung_not_probed_for() {
         f(&after[0]) + f(&after[1]) - f(&before[0]) - f(&before[1])
     };
     assert_eq!(d(|s| s.doorbells_rung), messages, "every send rung");
+    // The process counts them as LAN bytes (a backup's LAN control), sent
+    // and heard (other tests of this binary may add theirs).
+    let lan = stp_core::counters::snapshot()
+        .since(&counted)
+        .doorbell_bytes;
+    let rung_and_heard = messages + d(|s| s.doorbells_heard);
+    assert!(
+        lan >= rung_and_heard * RING_LEN as u64,
+        "{lan} doorbell bytes for {rung_and_heard} datagrams"
+    );
     assert_eq!(d(|s| s.slots_probed), messages, "every message probed");
     let bound = messages + 2 * (waited.as_millis() as u64 / 10 + 1);
     let polls = d(|s| s.polls);
@@ -726,7 +741,7 @@ fn where_probes_are_dear_replies_are_rung_not_probed_for() {
             .map(|&lun| IndexBlock::decode(&raw_read(a, lun, lane)).unwrap().count)
             .sum()
     };
-    let sent = rounds + 1;
+    let sent = rounds + 3;
     let deadline = Instant::now() + T;
     while announced(&a) < sent && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));

@@ -1724,6 +1724,7 @@ impl BlockStg {
         let rang = lock(bell).ring(dst, &ring, Instant::now(), every);
         if rang {
             bump(&self.counters.doorbells_rung, 1);
+            crate::counters::bump!(doorbell_bytes, RING_LEN);
         }
         rang && every
     }
@@ -1733,6 +1734,7 @@ impl BlockStg {
         match Ring::decode(datagram) {
             Ok(r) if r.is_for(self.stg_id, self.generation, self.layout.hosts, self.host) => {
                 bump(&self.counters.doorbells_heard, 1);
+                crate::counters::bump!(doorbell_bytes, RING_LEN);
                 if lock(&self.schedule).rung(Instant::now()) {
                     self.kick();
                 }
@@ -2542,19 +2544,19 @@ impl BlockStg {
                 let mut wake = Vec::new();
                 let taken = self.hand_slot(&data, 0, bs, &mut wake);
                 drop(data);
+                if taken {
+                    // Counted before the receivers wake, as a poll counts.
+                    lane.c.take(member, seq);
+                    lane.last_short = true;
+                    lane.probed_unwritten += 1;
+                    bump(&self.counters.slot_used_bytes, used as u64);
+                    bump(&self.counters.slots_read, 1);
+                    bump(&self.counters.slots_probed, 1);
+                }
                 for q in wake {
                     q.notify_all();
                 }
-                if !taken {
-                    return Some(false);
-                }
-                lane.c.take(member, seq);
-                lane.last_short = true;
-                lane.probed_unwritten += 1;
-                bump(&self.counters.slot_used_bytes, used as u64);
-                bump(&self.counters.slots_read, 1);
-                bump(&self.counters.slots_probed, 1);
-                Some(true)
+                Some(taken)
             }
             Probe::Long => {
                 pool.put(io.buf);

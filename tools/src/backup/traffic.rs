@@ -28,10 +28,11 @@ pub struct ChannelUse {
     pub array_bytes: u64,
     /// Seconds the data stream spent on the array.
     pub array_seconds: f64,
-    /// Payload bytes over the LAN (TCP sockets, both directions): the sum
-    /// of the three below.
+    /// Payload bytes over the LAN (TCP sockets, both directions, and block
+    /// mode's doorbell datagrams): the sum of the three below.
     pub lan_bytes: u64,
-    /// LAN bytes of control: flow set-up, the control connection.
+    /// LAN bytes of control: flow set-up, the control connection, block
+    /// mode's doorbells.
     pub lan_control_bytes: u64,
     /// LAN bytes of the per-file error connection.
     pub lan_error_bytes: u64,
@@ -207,7 +208,11 @@ impl Meter {
     /// What the session moved so far.
     pub fn read(&self, layer: &SocketLayer) -> ChannelUse {
         let t = layer.traffic().since(&self.start);
-        let lan = t.tcp();
+        // Block mode's doorbells cross the LAN too (control).
+        let doorbells = stp_core::counters::snapshot()
+            .since(&self.counters)
+            .doorbell_bytes;
+        let lan = t.tcp().saturating_add(doorbells);
         let errors = self.errors.min(lan);
         let data = self.lan_data.min(lan - errors);
         ChannelUse {
