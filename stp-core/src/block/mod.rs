@@ -1962,7 +1962,7 @@ impl BlockStg {
 
     /// Sends frames packed at 8-byte aligned offsets, all from `binding`'s
     /// port, splitting them by destination host (`dst_port >> 12`). Checks
-    /// every frame first ([`route`](Self::route)); frames for this host's
+    /// every frame first (`route`); frames for this host's
     /// own ports are queued directly, the others copied into slot images.
     /// Not atomic across destination hosts: a failure may leave earlier
     /// frames sent.

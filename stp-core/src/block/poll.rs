@@ -27,10 +27,9 @@
 //!   of the member whose turn it is (the producer's next slot lands there),
 //!   and every member's every [`PollConfig::sweep`] (slots a producer left
 //!   on another member after a failure are found then). A poll that finds
-//!   news on the turn's member reads the others at once.
-//!
+//!   news on the turn's member reads the others at once;
 //! * **rung** (a peer's doorbell, docs/PROTOCOL.md §4): a probe of every
-//!   lane at once, as the ring spacing allows (below).
+//!   lane at once ([`Reads::Rung`]), as the ring spacing allows (below).
 //!
 //! **Replies by doorbell.** Where a probe is dear (its READ's measured
 //! cost, averaged, at least [`PollConfig::ring_replies_above`]: in the VM an
@@ -39,11 +38,12 @@
 //! one is a command the array serves while the answering side's WRITE
 //! waits. There a host rings its peer after *every* send
 //! ([`PollSchedule::rung_replies`]; a lone short slot right after its data
-//! is written, before its producer block), and the waiting side does not
-//! probe for the reply: a send arms no reply polls and moves the next poll
-//! no nearer than [`PollConfig::max`] (a lost ring's bound), and a probe
-//! that took a message polls next only after that, unless rung sooner. A message then costs its WRITE, its
-//! producer block's WRITE and one probe.
+//! is written, its producer block left for later), and the waiting side
+//! does not probe for the reply: a send arms no reply polls and moves the
+//! next poll no nearer than [`PollConfig::max`] (a lost ring's bound), a
+//! probe that took a message polls next only after that unless rung
+//! sooner, and such a poll probes (the message a lost ring announced is a
+//! probe's). A message then costs its WRITE and one probe.
 //!
 //! **The ring spacing.** A ring is a datagram anyone may send. A rung poll
 //! that finds nothing doubles the spacing, from [`PollConfig::min`] up to
@@ -72,7 +72,7 @@ use super::doorbell::RING_SPACING;
 /// a reply may answer soon ([`PollConfig::reply_polls`]).
 pub const SMALL_SEND: usize = 64 * 1024;
 
-/// The poll intervals (see the [module documentation](self)).
+/// The poll intervals (docs/PROTOCOL.md §4, Polling).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PollConfig {
     /// The interval while streaming and just after a local send.
@@ -99,8 +99,8 @@ pub struct PollConfig {
     /// before the interval doubles.
     pub reply_polls: u32,
     /// With doorbells, replies are rung rather than probed for once a
-    /// probe's READ costs this much on average (see the [module
-    /// documentation](self)).
+    /// probe's READ costs this much on average (docs/PROTOCOL.md §4,
+    /// Replies by doorbell).
     pub ring_replies_above: Duration,
 }
 

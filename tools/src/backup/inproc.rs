@@ -40,6 +40,9 @@ pub struct InProcArray {
     array: Array,
     hosts: Vec<Host>,
     _mailbox: Arc<StgMailbox>,
+    /// The block-mode hosts' doorbells, on loopback (chosen at the first
+    /// [`block_host`](Self::block_host)).
+    doorbells: std::sync::OnceLock<stp_core::block::Doorbells>,
 }
 
 impl std::fmt::Debug for InProcArray {
@@ -86,6 +89,7 @@ impl InProcArray {
             array,
             hosts,
             _mailbox: mailbox,
+            doorbells: std::sync::OnceLock::new(),
         })
     }
 
@@ -160,12 +164,27 @@ impl InProcArray {
     /// Backup host `h` (0 server, 1 client) over block-mode STG
     /// [`BLOCK_STG`] on the plain shared LUN, as host index `h`: plain
     /// READ(16)/WRITE(16), what any array serves. Call
-    /// [`format_block_stg`](Self::format_block_stg) once first.
+    /// [`format_block_stg`](Self::format_block_stg) once first. The hosts
+    /// ring each other's doorbells over loopback, as `[stg.block]
+    /// doorbells` has them do on a LAN.
     pub fn block_host(&self, h: usize, wkp: u16, policy: Policy) -> Result<session::Host> {
         let host = self.hosts[h.min(1)].clone();
         let path: Box<dyn Transport> = Box::new(host.open(PLAIN_LUN)?);
-        let stg = stp_core::block::BlockStg::open(vec![path], h.min(1) as u16, BLOCK_STG)
-            .with_context(|| format!("opening block-mode STG {BLOCK_STG} as host {h}"))?;
+        let doorbells = match self.doorbells.get() {
+            Some(d) => *d,
+            None => {
+                let d = stp_core::block::Doorbells::loopback(2)
+                    .context("finding free loopback UDP ports for the doorbells")?;
+                *self.doorbells.get_or_init(|| d)
+            }
+        };
+        let config = stp_core::block::BlockConfig {
+            doorbells: Some(doorbells),
+            ..stp_core::block::BlockConfig::default()
+        };
+        let stg =
+            stp_core::block::BlockStg::open_with(vec![path], h.min(1) as u16, BLOCK_STG, config)
+                .with_context(|| format!("opening block-mode STG {BLOCK_STG} as host {h}"))?;
         Ok(host_over(stg::block_source(stg), BLOCK_STG, 1, wkp, policy))
     }
 
