@@ -16,8 +16,8 @@ use scsi::{Cdb, Command, IoBuf, Transport};
 use sim_target::{Array, Host, LunConfig};
 use stp_core::auth::FrameKey;
 use stp_core::block::{
-    choose_layout, format, host_port, BlockConfig, BlockError, BlockStg, Doorbells, IndexBlock,
-    IndexKind, LayoutRequest, Ring, Superblock, RING_LEN, RING_QUIET,
+    choose_layout, format, host_port, BlockConfig, BlockError, BlockMailbox, BlockStg, Doorbells,
+    IndexBlock, IndexKind, LayoutRequest, Ring, Superblock, RING_LEN, RING_QUIET,
 };
 use stp_core::conn::Config;
 use stp_core::mailbox::{Binding, Mailbox};
@@ -70,6 +70,36 @@ fn format_stg(a: &Array, seed: u64) -> u64 {
 fn open_host(a: &Array, index: u16, config: BlockConfig) -> Arc<BlockStg> {
     let h = Host::login(a, &format!("host{index}"));
     BlockStg::open_with(paths(&h, &LUNS), index, STG, config).unwrap()
+}
+
+/// Host `index` opened with `config`, its mailbox, and a dynamic port
+/// bound on it.
+fn bound_host(
+    a: &Array,
+    index: u16,
+    config: BlockConfig,
+) -> (Arc<BlockStg>, BlockMailbox, Binding) {
+    let h = open_host(a, index, config);
+    let mut m = h.handle();
+    let p = m.bind(None).unwrap();
+    (h, m, p)
+}
+
+/// Opens host `index` again as initiator `name`, waiting while a closing
+/// opening still holds its doorbell's address (it lets go once its threads
+/// drop the engine).
+fn reopen_host(a: &Array, name: &str, index: u16, config: BlockConfig) -> Arc<BlockStg> {
+    let h = Host::login(a, name);
+    let deadline = Instant::now() + T;
+    loop {
+        match BlockStg::open_with(paths(&h, &LUNS), index, STG, config) {
+            Ok(s) => return s,
+            Err(BlockError::Doorbell { .. }) if Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
 }
 
 /// A formatted STG opened by host 0 and host 1.
@@ -581,12 +611,8 @@ fn a_send_after_silence_rings_the_receivers_doorbell() {
         doorbells: Some(bells),
         ..BlockConfig::default()
     };
-    let h0 = open_host(&a, 0, config);
-    let h1 = open_host(&a, 1, config);
-    let mut m0 = h0.handle();
-    let mut m1 = h1.handle();
-    let p0 = m0.bind(None).unwrap();
-    let p1 = m1.bind(None).unwrap();
+    let (h0, mut m0, p0) = bound_host(&a, 0, config);
+    let (h1, mut m1, p1) = bound_host(&a, 1, config);
     // Garbage, and a doorbell of another STG, at host 0's doorbell.
     let intruder = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let to = bells.of(0).unwrap();
@@ -641,15 +667,7 @@ fn a_send_after_silence_rings_the_receivers_doorbell() {
     // Closed, it lets the address go (once its threads let go of the
     // engine, which the last of them drops).
     drop((m0, h0));
-    loop {
-        match BlockStg::open_with(paths(&h, &LUNS), 0, STG, config) {
-            Ok(_) => break,
-            Err(BlockError::Doorbell { .. }) if Instant::now() < deadline => {
-                thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => panic!("{e}"),
-        }
-    }
+    reopen_host(&a, "host0-again", 0, config);
 }
 
 /// Where a probe is dear (here: any probe, `ring_replies_above` zero) and
@@ -669,12 +687,8 @@ fn where_probes_are_dear_replies_are_rung_not_probed_for() {
         ..BlockConfig::default()
     };
     config.poll.ring_replies_above = Duration::ZERO;
-    let h0 = open_host(&a, 0, config);
-    let h1 = open_host(&a, 1, config);
-    let mut m0 = h0.handle();
-    let mut m1 = h1.handle();
-    let p0 = m0.bind(None).unwrap();
-    let p1 = m1.bind(None).unwrap();
+    let (h0, mut m0, p0) = bound_host(&a, 0, config);
+    let (h1, mut m1, p1) = bound_host(&a, 1, config);
     // A few exchanges measure the probes' cost on both hosts (a message
     // an ordinary poll takes measures none).
     for _ in 0..3 {
@@ -760,16 +774,7 @@ fn where_probes_are_dear_replies_are_rung_not_probed_for() {
         "the last message is not announced yet"
     );
     drop((m1, h1));
-    let h = Host::login(&a, "host1-again");
-    let h1 = loop {
-        match BlockStg::open_with(paths(&h, &LUNS), 1, STG, config) {
-            Ok(h1) => break h1,
-            Err(BlockError::Doorbell { .. }) if Instant::now() < deadline => {
-                thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let h1 = reopen_host(&a, "host1-again", 1, config);
     assert_eq!(announced(&a), sent + 1, "announced on reopening");
     let mut m1 = h1.handle();
     let p1 = m1.bind(None).unwrap();
