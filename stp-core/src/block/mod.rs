@@ -502,8 +502,8 @@ pub struct BlockStats {
     /// A probe READ's cost in µs, averaged (0: none measured yet).
     pub probe_read_us: u64,
     /// Whether replies are rung rather than probed for (docs/PROTOCOL.md
-    /// §4.4): doorbells, and probes at least
-    /// [`PollConfig::ring_replies_above`].
+    /// §4, Replies by doorbell): doorbells, probes at least
+    /// [`PollConfig::ring_replies_above`], and the peer's rings heard.
     pub replies_rung: bool,
 }
 
@@ -1714,7 +1714,7 @@ impl BlockStg {
         let Some(bell) = &self.doorbell else {
             return false;
         };
-        let every = lock(&self.schedule).rung_replies();
+        let every = lock(&self.schedule).rings_every_send();
         let ring = Ring {
             stg_id: self.stg_id,
             src: self.host,

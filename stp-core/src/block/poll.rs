@@ -43,7 +43,11 @@
 //! next poll no nearer than [`PollConfig::max`] (a lost ring's bound), a
 //! probe that took a message polls next only after that unless rung
 //! sooner, and such a poll probes (the message a lost ring announced is a
-//! probe's). A message then costs its WRITE and one probe.
+//! probe's). A message then costs its WRITE and one probe. A host waits
+//! for rings only while they come: a message taken with no ring heard
+//! since the one before puts it back to probing for replies
+//! ([`PollSchedule::rung_replies`]), so a LAN that drops the datagrams
+//! costs the probes of old, not a [`PollConfig::max`] per message.
 //!
 //! **The ring spacing.** A ring is a datagram anyone may send. A rung poll
 //! that finds nothing doubles the spacing, from [`PollConfig::min`] up to
@@ -164,6 +168,11 @@ pub(crate) struct PollSchedule {
     doorbells: bool,
     /// A probe READ's cost, averaged (`None`: not measured yet).
     read_cost: Option<Duration>,
+    /// When a poll last took slots.
+    last_take: Instant,
+    /// Whether a ring was heard between the last two polls that took
+    /// slots.
+    peer_rings: bool,
 }
 
 impl PollSchedule {
@@ -185,6 +194,8 @@ impl PollSchedule {
             ring_spacing: cfg.min,
             doorbells: false,
             read_cost: None,
+            last_take: now,
+            peer_rings: false,
         }
     }
 
@@ -207,15 +218,22 @@ impl PollSchedule {
         self.read_cost
     }
 
-    /// Whether replies are rung rather than probed for: this host has
+    /// Whether this host rings its peers after every send: it has
     /// doorbells and a probe costs at least
-    /// [`PollConfig::ring_replies_above`]. The sender then rings after
-    /// every send.
-    pub fn rung_replies(&self) -> bool {
+    /// [`PollConfig::ring_replies_above`].
+    pub fn rings_every_send(&self) -> bool {
         self.doorbells
             && self
                 .read_cost
                 .is_some_and(|c| c >= self.cfg.ring_replies_above)
+    }
+
+    /// Whether replies are rung rather than probed for: this host rings
+    /// every send, and the last message it took had a ring heard before it
+    /// (a peer whose datagrams do not arrive, a firewall on the LAN, gets
+    /// its messages probed for as without doorbells, not found 10 ms late).
+    pub fn rung_replies(&self) -> bool {
+        self.rings_every_send() && self.peer_rings
     }
 
     /// When the next poll is due.
@@ -268,6 +286,8 @@ impl PollSchedule {
         let probed = matches!(reads, Reads::Probe | Reads::Rung);
         self.streaming = progress;
         if progress {
+            self.peer_rings = self.last_heard.is_some_and(|h| h >= self.last_take);
+            self.last_take = now;
             self.last_activity = now;
             // What came may be the reply; the next small send re-arms —
             // unless it already did while this poll ran (the reader of
@@ -500,7 +520,7 @@ mod tests {
     /// replies are rung (the ring lands `ring_delay` later). Returns the
     /// commands the two sides' polls issued per message and the mean one-way
     /// latency.
-    fn ping_pong(doorbells: bool, cost: Duration, rounds: u32) -> (f64, Duration) {
+    fn ping_pong(doorbells: bool, lost: bool, cost: Duration, rounds: u32) -> (f64, Duration) {
         let cfg = PollConfig::default();
         let t0 = Instant::now();
         let ring_delay = Duration::from_micros(100);
@@ -526,7 +546,7 @@ mod tests {
             // The sender WRITEs its slot, rings, and WRITEs the producer
             // block.
             let written = now + cost;
-            let rings = side[1 - to].rung_replies();
+            let rings = side[1 - to].rings_every_send() && !lost;
             side[1 - to].sent(written + cost, 64);
             if rings {
                 side[to].rung(written + ring_delay);
@@ -555,8 +575,8 @@ mod tests {
     #[test]
     fn where_a_probe_is_dear_and_doorbells_ring_a_reply_costs_one_poll() {
         let dear = Duration::from_millis(2);
-        let (probed, probed_latency) = ping_pong(false, dear, 200);
-        let (rung, rung_latency) = ping_pong(true, dear, 200);
+        let (probed, probed_latency) = ping_pong(false, false, dear, 200);
+        let (rung, rung_latency) = ping_pong(true, false, dear, 200);
         assert!(probed > 1.9, "{probed} polls a message, probing");
         assert!(rung <= 1.02, "{rung} polls a message, rung");
         assert!(
@@ -578,14 +598,38 @@ mod tests {
     }
 
     #[test]
+    fn where_a_peers_rings_never_arrive_its_messages_are_probed_for() {
+        // Both hosts ring every send, but no datagram gets through (a
+        // firewall): as many polls a message as without doorbells, and
+        // no later.
+        let dear = Duration::from_millis(2);
+        let (probed, probed_latency) = ping_pong(false, false, dear, 200);
+        let (lost, lost_latency) = ping_pong(true, true, dear, 200);
+        assert!(
+            (lost - probed).abs() < 0.05,
+            "{lost} polls a message, rings lost; {probed} without doorbells"
+        );
+        assert!(
+            lost_latency <= probed_latency + Duration::from_micros(50),
+            "rings lost {lost_latency:?}, without doorbells {probed_latency:?}"
+        );
+    }
+
+    #[test]
     fn where_replies_are_rung_a_lost_ring_costs_at_most_the_warm_bound() {
         let cfg = PollConfig::default();
         let t0 = Instant::now();
         let mut s = PollSchedule::new(cfg, t0).with_doorbells();
         let cost = Duration::from_millis(2);
         s.read_took(cost);
-        assert!(s.rung_replies());
+        assert!(s.rings_every_send());
+        assert!(!s.rung_replies(), "no ring heard yet");
+        // A message taken after a ring: the peer rings.
         let t = t0 + Duration::from_secs(30);
+        s.rung(t);
+        s.polled(t, t, true, Reads::Rung);
+        assert!(s.rung_replies());
+        let t = t + Duration::from_secs(30);
         s.polled(t, t, false, Reads::All);
         // A send arms no reply polls, and moves an idle poll to the warm
         // bound: the ring will come; if it is lost, that poll finds the

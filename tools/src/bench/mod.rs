@@ -394,8 +394,9 @@ pub struct BlockFigures {
     /// A probe READ's cost in µs, averaged, the larger of the two hosts'
     /// (0: none measured).
     pub probe_read_us: u64,
-    /// Whether either host rang replies rather than probing for them
-    /// (doorbells, and probes at least `ring_replies_above`).
+    /// Whether either host waited for rung replies rather than probing for
+    /// them (doorbells, probes at least `ring_replies_above`, the peer's
+    /// rings heard).
     pub replies_rung: bool,
     /// How long the STG was left idle after the run (0: not measured).
     pub idle_seconds: f64,
