@@ -1698,9 +1698,9 @@ impl BlockStg {
         self.kick();
     }
 
-    /// This host sent `bytes` to host `dst` (its slots published): a reply
-    /// may come, so poll soon.
-    fn sent(&self, _dst: u16, bytes: usize) {
+    /// This host sent `bytes` to another host (its slots published): a
+    /// reply may come, so poll soon.
+    fn sent(&self, bytes: usize) {
         if lock(&self.schedule).sent(Instant::now(), bytes) {
             self.kick();
         }
@@ -1998,7 +1998,7 @@ impl BlockStg {
                 BufPool::global().put(image);
             }
             result?;
-            self.sent(d, bytes);
+            self.sent(bytes);
         }
         Ok(())
     }
@@ -2043,7 +2043,7 @@ impl BlockStg {
             buf.resize(len);
         }
         result?;
-        self.sent(d, at - h);
+        self.sent(at - h);
         Ok(())
     }
 
