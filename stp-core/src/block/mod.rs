@@ -1416,18 +1416,10 @@ impl BlockStg {
             let mut lane = lock(lane);
             stg_arc.resume_past_unannounced(&mut lane, d);
             for m in 0..m_count {
-                let io = stg_arc.index_write(
-                    m,
-                    host_index,
-                    d,
-                    IndexKind::Producer,
-                    lane.produced(m),
-                    lane.sizes(m),
-                );
-                stg_arc
-                    .write_now(io)
-                    .map_err(|source| stg_arc.io_error(m, "writing a producer block", source))?;
                 let count = lane.produced(m);
+                stg_arc
+                    .write_now(stg_arc.producer_block(&lane, d, m, count))
+                    .map_err(|source| stg_arc.io_error(m, "writing a producer block", source))?;
                 lane.announced(m, count);
             }
         }
@@ -1644,6 +1636,12 @@ impl BlockStg {
         let mut buf = IoBuf::new(self.geo.block_size as usize);
         buf[..block.len()].copy_from_slice(&block);
         BatchIo::write(m, lba, buf)
+    }
+
+    /// The WRITE of this host's producer block on member `m` of the lane to
+    /// `d`, saying `count` (with the sizes `lane` keeps).
+    fn producer_block(&self, lane: &Producer, d: u16, m: usize, count: u64) -> BatchIo {
+        self.index_write(m, self.host, d, IndexKind::Producer, count, lane.sizes(m))
     }
 
     /// How much of a slot a consumer reads first when it expects one slot
@@ -2320,7 +2318,7 @@ impl BlockStg {
             .iter()
             .filter_map(|&m| {
                 let count = lane.publish(m)?;
-                Some(self.index_write(m, self.host, d, IndexKind::Producer, count, lane.sizes(m)))
+                Some(self.producer_block(lane, d, m, count))
             })
             .collect();
         let extra: Vec<(usize, u64)> = lane
@@ -2328,7 +2326,7 @@ impl BlockStg {
             .filter(|(m, _)| !order.contains(m))
             .collect();
         for &(m, count) in &extra {
-            ios.push(self.index_write(m, self.host, d, IndexKind::Producer, count, lane.sizes(m)));
+            ios.push(self.producer_block(lane, d, m, count));
         }
         self.batch(&mut ios);
         let mut published = Vec::new();
@@ -2408,9 +2406,7 @@ impl BlockStg {
             let d = d as u16;
             let mut ios: Vec<BatchIo> = counts
                 .iter()
-                .map(|&(m, count)| {
-                    self.index_write(m, self.host, d, IndexKind::Producer, count, lane.sizes(m))
-                })
+                .map(|&(m, count)| self.producer_block(&lane, d, m, count))
                 .collect();
             self.batch(&mut ios);
             for (io, (m, count)) in ios.iter().zip(counts) {

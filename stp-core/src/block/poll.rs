@@ -276,7 +276,7 @@ impl PollSchedule {
             // another rung poll, a spacing on.
             self.rung_due = match self.last_heard {
                 Some(h) if h > started => {
-                    let at = now.max(self.last_rung.map_or(now, |t| t + self.ring_spacing));
+                    let at = self.ring_at(now);
                     self.last_rung = Some(at);
                     Some(at)
                 }
@@ -349,10 +349,7 @@ impl PollSchedule {
             // (or, if it is running, `polled` schedules another).
             return false;
         }
-        let at = match self.last_rung {
-            Some(t) if now < t + self.ring_spacing => t + self.ring_spacing,
-            _ => now,
-        };
+        let at = self.ring_at(now);
         self.rung_due = Some(at);
         self.last_rung = Some(at);
         if at < self.next {
@@ -361,6 +358,13 @@ impl PollSchedule {
         } else {
             false
         }
+    }
+
+    /// When a ring heard at `now` may poll: at once, or at the end of the
+    /// spacing after the last rung poll.
+    fn ring_at(&self, now: Instant) -> Instant {
+        self.last_rung
+            .map_or(now, |t| now.max(t + self.ring_spacing))
     }
 
     /// Whether the next poll waits for a reply that may come any moment:
