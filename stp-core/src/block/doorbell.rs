@@ -20,6 +20,7 @@
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use zerocopy::byteorder::{BigEndian, U16, U32};
@@ -156,13 +157,19 @@ impl Doorbells {
         d
     }
 
-    /// Addresses on loopback for `hosts` hosts, each a UDP port that was
-    /// free when asked (bound, noted and let go): for benches and tests
-    /// that run every host in one machine.
+    /// Addresses on loopback for `hosts` hosts, for benches and tests that
+    /// run every host in one process. Each is a UDP socket bound now and
+    /// kept until the first host of this process to bind its address takes
+    /// it over, so no other socket can take the port in between.
     pub fn loopback(hosts: usize) -> io::Result<Doorbells> {
-        let addrs = (0..hosts)
-            .map(|_| UdpSocket::bind("127.0.0.1:0")?.local_addr())
+        let sockets = (0..hosts)
+            .map(|_| UdpSocket::bind("127.0.0.1:0"))
             .collect::<io::Result<Vec<_>>>()?;
+        let addrs = sockets
+            .iter()
+            .map(UdpSocket::local_addr)
+            .collect::<io::Result<Vec<_>>>()?;
+        super::lock(&RESERVED).extend(sockets);
         Ok(Doorbells::new(&addrs))
     }
 
@@ -176,6 +183,18 @@ impl Doorbells {
     pub fn addrs(&self) -> Vec<SocketAddr> {
         self.hosts.iter().map_while(|a| *a).collect()
     }
+}
+
+/// Sockets [`Doorbells::loopback`] bound and no host has taken yet.
+static RESERVED: Mutex<Vec<UdpSocket>> = Mutex::new(Vec::new());
+
+/// The socket reserved at `addr`, if [`Doorbells::loopback`] holds one.
+fn take_reserved(addr: SocketAddr) -> Option<UdpSocket> {
+    let mut reserved = super::lock(&RESERVED);
+    let i = reserved
+        .iter()
+        .position(|s| s.local_addr().is_ok_and(|a| a == addr))?;
+    Some(reserved.swap_remove(i))
 }
 
 /// One host's doorbell: its socket and where its peers hear theirs.
@@ -194,7 +213,10 @@ impl Doorbell {
         let Some(own) = peers.of(host) else {
             return Ok(None);
         };
-        let socket = UdpSocket::bind(own)?;
+        let socket = match take_reserved(own) {
+            Some(s) => s,
+            None => UdpSocket::bind(own)?,
+        };
         socket.set_read_timeout(Some(LISTEN_SLICE))?;
         Ok(Some(Doorbell {
             socket,
