@@ -531,6 +531,9 @@ pub struct Connection {
     stage_nxt: u64,
     /// The packet number the next sealed frame gets (docs/PROTOCOL.md §7).
     next_pn: u64,
+    /// Stream offset past the last DATA frame that asked for a prompt ack
+    /// because half a send buffer had been staged since the one before.
+    ack_asked_end: u64,
     /// A DATA retransmission went out: follow it with an ACK_NOW probe (a
     /// sealed frame cannot take the flag).
     retx_probe: bool,
@@ -636,6 +639,7 @@ impl Connection {
             sbuf: SendBuf::new(cfg.send_buffer_bytes),
             staged: VecDeque::new(),
             stage_nxt: 1,
+            ack_asked_end: 0,
             next_pn: 0,
             retx_probe: false,
             snd_una: 0,
@@ -947,9 +951,16 @@ impl Connection {
         let seq = self.stage_nxt;
         self.stage_nxt += 1;
         let mut flags = Flags::default();
-        // The last frame the credit allows: ask for a prompt ack.
-        if seq + 1 >= self.peer_limit {
+        // The last frame the credit allows, or half a send buffer staged
+        // since the last frame that asked: ask for a prompt ack. The peer
+        // acknowledges every half window of frames on its own, but where the
+        // send buffer (bytes) binds before its window (frames), a sender
+        // would otherwise wait for the peer's delayed ack once per buffer.
+        let end = self.sbuf.end();
+        let half_buffer = (self.sbuf.capacity / 2).max(1) as u64;
+        if seq + 1 >= self.peer_limit || end.saturating_sub(self.ack_asked_end) >= half_buffer {
             flags = flags | Flags::ACK_NOW;
+            self.ack_asked_end = end;
         }
         let header = self.header(Kind::DATA, flags, seq, n);
         self.staged.push_back(Staged {
@@ -3106,6 +3117,39 @@ mod tests {
         }));
         h.run_until("finished", Harness::finished);
         h.assert_exact();
+    }
+
+    /// Where the sender's buffer (bytes) binds long before the receiver's
+    /// window (frames) would prompt an ack, the sender asks for one every
+    /// half buffer: the stream never waits for a delayed ack.
+    #[test]
+    fn a_full_send_buffer_asks_for_prompt_acks() {
+        const N: usize = 200_000;
+        let slow_acks = |c: Config| Config {
+            delayed_ack: ms(200),
+            ..c
+        };
+        let cc = Config {
+            send_buffer_bytes: 4 * 1000,
+            ..slow_acks(small(1000, 32))
+        };
+        let mut h = Harness::streams(23, Net::ideal(), N, 0, cc, slow_acks(small(1000, 32)));
+        h.run_until("finished", Harness::finished);
+        h.assert_exact();
+        // 50 buffers: waiting for delayed acks took 1.1 s; with a 1 ms hop
+        // each way and an ack asked every 2 frames, 0.14 s.
+        assert!(h.elapsed() < ms(500), "{:?} for {N} bytes", h.elapsed());
+        let asked = h
+            .log
+            .iter()
+            .filter(|(_, side, hd)| {
+                *side == Side::Client && hd.kind == Kind::DATA && hd.flags.contains(Flags::ACK_NOW)
+            })
+            .count();
+        assert!(
+            (N / 2000 - 1..=N / 2000 + 1).contains(&asked),
+            "{asked} DATA frames asked for an ack"
+        );
     }
 
     #[test]
