@@ -364,6 +364,44 @@ fn layouts_are_chosen_from_the_members_limits() {
         ..auto
     };
     assert_eq!(choose(&[10, 11], slots_only, None).layout.slot_blocks, 2048);
+    // But not a slot that one command does not carry: it is refused, with
+    // the limit and what sets it.
+    let too_large = |slot_blocks, luns: &[u64], host_limit| {
+        let request = LayoutRequest {
+            slot_blocks: Some(slot_blocks),
+            ..auto
+        };
+        choose_layout(&mut paths(&h, luns), STG, request, host_limit).unwrap_err()
+    };
+    let err = too_large(1024, &[10, 12], None);
+    assert!(
+        matches!(
+            err,
+            BlockError::SlotAboveTransferLimit {
+                limit: 262_144,
+                max_blocks: 512,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("member 1"), "{err}");
+    let err = too_large(4096, &[10, 11], None);
+    assert!(err.to_string().contains("1 MiB per command"), "{err}");
+    let err = too_large(512, &[10, 11], Some(128 << 10));
+    assert!(err.to_string().contains("max_hw_sectors_kb"), "{err}");
+    assert_eq!(
+        choose(
+            &[10, 11],
+            LayoutRequest {
+                slot_blocks: Some(256),
+                ..auto
+            },
+            Some(128 << 10)
+        )
+        .slot_bytes,
+        128 << 10
+    );
 }
 
 #[test]

@@ -166,6 +166,27 @@ pub enum BlockError {
         /// What is allowed.
         reason: &'static str,
     },
+    /// The configuration fixes a slot larger than one command carries.
+    #[error(
+        "STG {stg}: a slot of {slot_bytes} bytes (slot_blocks {slot_blocks}) does not fit in \
+         one command, whose limit is {limit} bytes ({what}); a slot is written and read by \
+         one command: leave the slot size out to have it chosen from the members' limits, \
+         or make it at most {limit} bytes ({max_blocks} blocks)"
+    )]
+    SlotAboveTransferLimit {
+        /// The STG id.
+        stg: u32,
+        /// The slot size asked for, in blocks.
+        slot_blocks: u32,
+        /// The same in bytes.
+        slot_bytes: u64,
+        /// The lowest per-command limit found.
+        limit: u64,
+        /// What sets it.
+        what: String,
+        /// The largest slot in blocks within it.
+        max_blocks: u64,
+    },
     /// A member's block size is too small or differs from member 0's.
     #[error("STG {stg} member {member} ({path}): block size {block_size} {reason}")]
     BadBlockSize {

@@ -11,7 +11,8 @@
 //! small message costs no more in a large slot: a producer writes only the
 //! blocks it uses, and a consumer reads a lone slot by its head first.
 //! The ring then holds about [`RING_BYTES`] per lane, within the smallest
-//! member's capacity.
+//! member's capacity. A slot size the configuration fixes is kept if one
+//! command carries it, and refused otherwise.
 
 use scsi::inquiry::{vpd, VpdPage};
 use scsi::Transport;
@@ -103,6 +104,18 @@ pub fn choose_layout(
     // A slot holds its header and at least one frame header and a byte.
     let min_slot_blocks = ((super::SLOT_HEADER_LEN + HEADER_LEN + ALIGN) as u64).div_ceil(bs);
     let (mut slot_blocks, mut limited_by) = match request.slot_blocks {
+        // A larger slot would take several commands each way, one at a
+        // time: refused, not slowly served.
+        Some(n) if u64::from(n) * bs > limit.0 => {
+            return Err(BlockError::SlotAboveTransferLimit {
+                stg,
+                slot_blocks: n,
+                slot_bytes: u64::from(n) * bs,
+                limit: limit.0,
+                what: limit.1,
+                max_blocks: limit.0 / bs,
+            })
+        }
         Some(n) => (u64::from(n), "the configuration".to_string()),
         None => ((limit.0 / bs).max(min_slot_blocks), limit.1),
     };
