@@ -827,6 +827,72 @@ fn where_probes_are_dear_replies_are_rung_not_probed_for() {
     assert_eq!((got[0].0.seq, &got[0].1), (8888, &body));
 }
 
+/// On an STG of three hosts where replies are rung, a ring probes the
+/// lane of the host that rang, not every lane: a ping-pong between hosts 0
+/// and 1 costs one probe a message, and host 2's idle lanes none.
+#[test]
+fn a_ring_probes_only_the_lane_of_the_host_that_rang() {
+    let a = array();
+    let admin = Host::login(&a, "admin");
+    let three = BlockLayout {
+        hosts: 3,
+        ..layout()
+    };
+    format(
+        &mut paths(&admin, &LUNS),
+        STG,
+        &three,
+        &mut StdRng::seed_from_u64(11),
+    )
+    .unwrap();
+    let mut config = BlockConfig {
+        doorbells: Some(Doorbells::loopback(3).unwrap()),
+        ..BlockConfig::default()
+    };
+    config.poll.ring_replies_above = Duration::ZERO;
+    let (h0, mut m0, p0) = bound_host(&a, 0, config);
+    let (h1, mut m1, p1) = bound_host(&a, 1, config);
+    let (h2, _m2, _p2) = bound_host(&a, 2, config);
+    let mut exchange = |i: u64| {
+        let body = payload(i, 64);
+        m1.send_packed(&p1, &frame(p1.port, p0.port, i, &body, None))
+            .unwrap();
+        let got = recv_n(&mut m0, &p0, 1);
+        assert_eq!((got.len(), &got[0].1), (1, &body), "round {i}");
+        m0.send_packed(&p0, &frame(p0.port, p1.port, i, &body, None))
+            .unwrap();
+        assert_eq!(recv_n(&mut m1, &p1, 1).len(), 1, "round {i} back");
+    };
+    // A few exchanges measure the probes' cost.
+    for i in 0..3 {
+        exchange(i);
+    }
+    assert!(h0.stats().replies_rung && h1.stats().replies_rung);
+    let before = [h0.stats(), h1.stats()];
+    let started = Instant::now();
+    let rounds = 100u64;
+    for i in 1..=rounds {
+        exchange(i);
+    }
+    let waited = started.elapsed();
+    let after = [h0.stats(), h1.stats()];
+    let d = |f: fn(&stp_core::block::BlockStats) -> u64| {
+        f(&after[0]) + f(&after[1]) - f(&before[0]) - f(&before[1])
+    };
+    let messages = 2 * rounds;
+    assert_eq!(d(|s| s.slots_probed), messages, "every message probed");
+    // Probing every lane would cost two probes a message; a ring that
+    // comes after another poll took its message, or a poll at a lost
+    // ring's bound (`PollConfig::max`), may add one.
+    let bound = messages * 5 / 4 + 2 * (waited.as_millis() as u64 / 10 + 1);
+    let probes = d(|s| s.probes);
+    assert!(
+        probes <= bound,
+        "{probes} probes for {messages} messages in {waited:?} (at most {bound})"
+    );
+    assert_eq!(h2.stats().slots_read, 0);
+}
+
 /// Where one host's rings never reach its peer (here host 1 rings a port
 /// nobody listens on, as behind a firewall), the peer keeps probing for
 /// that host's messages rather than waiting for rings that do not come;

@@ -472,6 +472,9 @@ pub struct BlockStats {
     /// Of those, short slots taken by a probe before their producer block
     /// announced them (docs/PROTOCOL.md §4).
     pub slots_probed: u64,
+    /// Probe READs issued (each one lane's; `slots_probed` of them found a
+    /// message).
+    pub probes: u64,
     /// Bytes READ from slots (probes and rereads included).
     pub slot_read_bytes: u64,
     /// Bytes the slots delivered said they used (headers and frames):
@@ -535,6 +538,7 @@ struct Counters {
     frames_local: AtomicU64,
     slots_read: AtomicU64,
     slots_probed: AtomicU64,
+    probes: AtomicU64,
     slot_read_bytes: AtomicU64,
     slot_used_bytes: AtomicU64,
     frames_received: AtomicU64,
@@ -571,6 +575,7 @@ impl Counters {
             frames_local: g(&self.frames_local),
             slots_read: g(&self.slots_read),
             slots_probed: g(&self.slots_probed),
+            probes: g(&self.probes),
             slot_read_bytes: g(&self.slot_read_bytes),
             slot_used_bytes: g(&self.slot_used_bytes),
             frames_received: g(&self.frames_received),
@@ -1754,7 +1759,7 @@ impl BlockStg {
             Ok(r) if r.is_for(self.stg_id, self.generation, self.layout.hosts, self.host) => {
                 bump(&self.counters.doorbells_heard, 1);
                 crate::counters::bump!(doorbell_bytes, RING_LEN);
-                if lock(&self.schedule).rung(Instant::now()) {
+                if lock(&self.schedule).rung(Instant::now(), r.src) {
                     self.kick();
                 }
             }
@@ -2548,6 +2553,7 @@ impl BlockStg {
         self.batch(&mut ios);
         let took = started.elapsed();
         self.count_read(&ios);
+        bump(&self.counters.probes, 1);
         let io = ios.pop()?;
         if io.result.is_err() {
             pool.put(io.buf);
@@ -2809,12 +2815,24 @@ fn poller(weak: Weak<BlockStg>, mut lanes: Vec<ConsLane>) {
         }
         bump(&stg.counters.polls, 1);
         stg.stalled.store(false, Ordering::Release);
-        let reads = lock(&stg.schedule).reads(started);
+        let (reads, rang) = {
+            let mut s = lock(&stg.schedule);
+            let reads = s.reads(started);
+            let rang = if reads == Reads::Rung {
+                s.take_rang()
+            } else {
+                0
+            };
+            (reads, rang)
+        };
         let mut progress = false;
         let half_ring = u64::from(stg.layout.slots / 2).max(1);
         for lane in &mut lanes {
-            let took = stg.poll_lane(lane, reads, started);
-            progress |= took;
+            // A rung poll probes only the lanes of the hosts that rang.
+            let rang_here = rang & 1u32.checked_shl(u32::from(lane.src)).unwrap_or(0) != 0;
+            if reads != Reads::Rung || rang_here {
+                progress |= stg.poll_lane(lane, reads, started);
+            }
             if started.saturating_duration_since(lane.written_at) >= CONSUMER_REASSERT {
                 lane.c.rewrite_all();
             }

@@ -28,8 +28,10 @@
 //!   and every member's every [`PollConfig::sweep`] (slots a producer left
 //!   on another member after a failure are found then). A poll that finds
 //!   news on the turn's member reads the others at once;
-//! * **rung** (a peer's doorbell, docs/PROTOCOL.md §4): a probe of every
-//!   lane at once ([`Reads::Rung`]), as the ring spacing allows (below).
+//! * **rung** (a peer's doorbell, docs/PROTOCOL.md §4): a probe of the
+//!   lanes of the hosts that rang ([`Reads::Rung`]), at once, as the ring
+//!   spacing allows (below); the other lanes wait for their own rings or
+//!   the schedule's polls.
 //!
 //! **Replies by doorbell.** Where a probe is dear (its READ's measured
 //! cost, averaged, at least [`PollConfig::ring_replies_above`]: in the VM an
@@ -136,7 +138,8 @@ pub(crate) enum Reads {
     /// reply) fills whole; every member's producer block only when that
     /// block holds the head of a longer slot.
     Probe,
-    /// A doorbell rang: a probe of every lane, whatever its last slot was.
+    /// A doorbell rang: a probe of the lanes of the hosts that rang
+    /// ([`PollSchedule::take_rang`]), whatever their last slot was.
     Rung,
 }
 
@@ -162,6 +165,9 @@ pub(crate) struct PollSchedule {
     rung_due: Option<Instant>,
     /// When the last ring was heard.
     last_heard: Option<Instant>,
+    /// The hosts heard ringing since the last rung poll began, one bit per
+    /// host index.
+    rang: u32,
     /// How far apart doorbells may move polls (see the module docs).
     ring_spacing: Duration,
     /// Whether this host hears a doorbell and rings its peers'.
@@ -191,6 +197,7 @@ impl PollSchedule {
             last_rung: None,
             rung_due: None,
             last_heard: None,
+            rang: 0,
             ring_spacing: cfg.min,
             doorbells: false,
             read_cost: None,
@@ -335,15 +342,16 @@ impl PollSchedule {
         self.next = self.next.min(now.max(self.earliest));
     }
 
-    /// A peer rang this host's doorbell at `now` (it published slots): a
-    /// probe of every lane at once, but no sooner than the ring spacing
+    /// Host `src` rang this host's doorbell at `now` (it published slots):
+    /// a probe of its lane at once, but no sooner than the ring spacing
     /// after the last rung poll (a datagram anyone may send; see the
     /// module docs). A ring within the spacing is put off to its end, never
     /// dropped, so a forged ring just before a real one delays the real one
     /// by the spacing at most. True when the next poll moved earlier (wake
     /// the poller).
-    pub fn rung(&mut self, now: Instant) -> bool {
+    pub fn rung(&mut self, now: Instant, src: u16) -> bool {
         self.last_heard = Some(now);
+        self.rang |= 1u32.checked_shl(u32::from(src)).unwrap_or(0);
         if self.rung_due.is_some() {
             // The poll already due for a ring takes this one's slots too
             // (or, if it is running, `polled` schedules another).
@@ -358,6 +366,13 @@ impl PollSchedule {
         } else {
             false
         }
+    }
+
+    /// The hosts heard ringing since the last call, one bit per host
+    /// index: what a rung poll probes, taken as it begins (rings heard
+    /// while it runs are the next rung poll's).
+    pub fn take_rang(&mut self) -> u32 {
+        std::mem::take(&mut self.rang)
     }
 
     /// When a ring heard at `now` may poll: at once, or at the end of the
@@ -458,6 +473,32 @@ mod tests {
         assert!(warm > idle / 30, "warm polls more often than idle");
     }
 
+    /// A rung poll probes the lanes of the hosts that rang before it began;
+    /// a host that rings while it runs is the next rung poll's.
+    #[test]
+    fn a_rung_poll_probes_the_lanes_of_the_hosts_that_rang() {
+        let t0 = Instant::now();
+        let cfg = PollConfig::default();
+        let mut s = PollSchedule::new(cfg, t0);
+        let t = t0 + Duration::from_secs(30);
+        s.polled(t, t, false, Reads::All);
+        let ring = t + Duration::from_millis(40);
+        assert!(s.rung(ring, 2));
+        assert!(!s.rung(ring, 5), "the poll already due takes it");
+        assert_eq!(s.reads(ring), Reads::Rung);
+        assert_eq!(s.take_rang(), 1 << 2 | 1 << 5);
+        let cost = Duration::from_micros(30);
+        s.rung(ring + cost / 2, 1);
+        s.polled(ring, ring + cost, true, Reads::Rung);
+        assert_eq!(s.reads(s.due()), Reads::Rung);
+        assert_eq!(s.take_rang(), 1 << 1);
+        assert_eq!(s.take_rang(), 0, "taken");
+        // A source beyond any layout (a forged ring is refused before
+        // this; the schedule does not rely on it) marks no lane.
+        s.rung(ring + cost * 2, 40);
+        assert_eq!(s.take_rang(), 0);
+    }
+
     #[test]
     fn a_doorbell_probes_an_idle_lane_at_once_but_a_flood_no_more_than_its_spacing() {
         let t0 = Instant::now();
@@ -467,16 +508,16 @@ mod tests {
         s.polled(t, t, false, Reads::All);
         assert_eq!(s.due(), t + cfg.idle, "idle");
         let ring = t + Duration::from_millis(40);
-        assert!(s.rung(ring));
+        assert!(s.rung(ring, 1));
         assert_eq!(s.due(), ring, "polls at once");
-        assert_eq!(s.reads(ring), Reads::Rung, "a probe of every lane");
+        assert_eq!(s.reads(ring), Reads::Rung, "a probe of host 1's lane");
         // The poll finds nothing (a forged ring): the spacing doubles, and
         // a real ring right after is put off to its end, not dropped.
         let cost = Duration::from_micros(30);
         s.polled(ring, ring + cost, false, Reads::Rung);
         assert_eq!(s.due(), ring + cost + cfg.idle, "back to idle");
         let real = ring + Duration::from_micros(60);
-        assert!(s.rung(real));
+        assert!(s.rung(real, 1));
         assert_eq!(s.due(), ring + cfg.min * 2);
         assert_ne!(s.reads(real), Reads::Rung, "not yet");
         let p = s.due();
@@ -489,10 +530,10 @@ mod tests {
         s.polled(p2, p2 + cost, false, reads);
         let q = p2 + cost + Duration::from_micros(10);
         assert!(s.due() > q);
-        assert!(s.rung(q));
+        assert!(s.rung(q, 1));
         assert_eq!(s.due(), q, "the next ring polls at once");
         // A ring heard while a rung poll runs gets a poll of its own.
-        s.rung(q + cost / 2);
+        s.rung(q + cost / 2, 1);
         s.polled(q, q + cost, false, Reads::Rung);
         assert_eq!(s.reads(s.due()), Reads::Rung);
         assert!(s.due() <= q + cost + cfg.min * 2);
@@ -505,7 +546,7 @@ mod tests {
         let (mut now, end) = (t, t + Duration::from_secs(1));
         let mut polls = 0u32;
         while now < end {
-            s.rung(now);
+            s.rung(now, 1);
             if s.due() <= now {
                 polls += 1;
                 let reads = s.reads(now);
@@ -553,7 +594,7 @@ mod tests {
             let rings = side[1 - to].rings_every_send() && !lost;
             side[1 - to].sent(written + cost, 64);
             if rings {
-                side[to].rung(written + ring_delay);
+                side[to].rung(written + ring_delay, 1);
             }
             // The receiver's polls until one starts after the slot landed.
             let r = &mut side[to];
@@ -630,7 +671,7 @@ mod tests {
         assert!(!s.rung_replies(), "no ring heard yet");
         // A message taken after a ring: the peer rings.
         let t = t0 + Duration::from_secs(30);
-        s.rung(t);
+        s.rung(t, 1);
         s.polled(t, t, true, Reads::Rung);
         assert!(s.rung_replies());
         let t = t + Duration::from_secs(30);
@@ -648,7 +689,7 @@ mod tests {
         // A message a rung probe took: the next poll waits for a ring, or
         // the warm bound.
         let r = t + Duration::from_millis(3);
-        s.rung(r);
+        s.rung(r, 1);
         assert_eq!(s.reads(r), Reads::Rung);
         s.polled(r, r + cost, true, Reads::Rung);
         assert_eq!(s.due(), r + cost + cfg.max);

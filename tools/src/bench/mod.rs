@@ -376,6 +376,8 @@ pub struct BlockFigures {
     /// Of those, short slots a probe took before their producer block
     /// announced them.
     pub slots_probed: u64,
+    /// Probe READs issued, `slots_probed` of them finding a message.
+    pub probes: u64,
     /// Bytes READ from slots per byte the slots used (1.0: nothing read
     /// that did not carry frames; a whole 1 MiB slot read for 200 KiB of
     /// frames costs 5).
@@ -412,12 +414,13 @@ pub struct BlockFigures {
 impl BlockFigures {
     fn print_text(&self) {
         println!(
-            "  block       {} commands, {} polls; slots written {} read {} (probed {}; {} bytes read per byte used); bad slots {}, bad index blocks {}, turn skips {}, ring full {}, doorbells rung {}; probe {} µs, replies {}",
+            "  block       {} commands, {} polls; slots written {} read {} (probed {} in {} probes; {} bytes read per byte used); bad slots {}, bad index blocks {}, turn skips {}, ring full {}, doorbells rung {}; probe {} µs, replies {}",
             self.commands,
             self.polls,
             self.slots_written,
             self.slots_read,
             self.slots_probed,
+            self.probes,
             self.slot_reads_per_byte
                 .map_or_else(|| "-".to_string(), |r| format!("{r:.2}")),
             self.bad_slots,

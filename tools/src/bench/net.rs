@@ -1041,6 +1041,7 @@ fn block_figures(stgs: &[Arc<BlockStg>; 2], idle: f64) -> Result<super::BlockFig
         slots_written: total(|s| s.slots_written),
         slots_read: total(|s| s.slots_read),
         slots_probed: total(|s| s.slots_probed),
+        probes: total(|s| s.probes),
         slot_reads_per_byte: match total(|s| s.slot_used_bytes) {
             0 => None,
             used => Some(total(|s| s.slot_read_bytes) as f64 / used as f64),
