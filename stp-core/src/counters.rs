@@ -91,7 +91,8 @@ counters! {
     recv_dropped_unauthentic,
     /// Bytes of block-mode doorbell datagrams this process sent and heard
     /// (docs/PROTOCOL.md §4, Doorbell): LAN traffic of an STG, not of any
-    /// socket, which a session's LAN count includes.
+    /// socket, which a session's LAN count includes. A datagram between
+    /// two hosts of this process counts once, as sent.
     doorbell_bytes,
 }
 

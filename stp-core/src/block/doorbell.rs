@@ -188,6 +188,15 @@ impl Doorbells {
 /// Sockets [`Doorbells::loopback`] bound and no host has taken yet.
 static RESERVED: Mutex<Vec<UdpSocket>> = Mutex::new(Vec::new());
 
+/// The doorbell addresses this process's hosts have bound.
+static BOUND: Mutex<Vec<SocketAddr>> = Mutex::new(Vec::new());
+
+/// Whether a host of this process has bound `addr` (a ring from there was
+/// counted when it was sent).
+pub(crate) fn bound_here(addr: SocketAddr) -> bool {
+    super::lock(&BOUND).contains(&addr)
+}
+
 /// The socket reserved at `addr`, if [`Doorbells::loopback`] holds one.
 fn take_reserved(addr: SocketAddr) -> Option<UdpSocket> {
     let mut reserved = super::lock(&RESERVED);
@@ -198,13 +207,27 @@ fn take_reserved(addr: SocketAddr) -> Option<UdpSocket> {
 }
 
 /// One host's doorbell: its socket and where its peers hear theirs.
+///
+/// Its address counts as bound in this process ([`bound_here`]) until it
+/// is dropped.
 #[derive(Debug)]
 pub(crate) struct Doorbell {
     socket: UdpSocket,
+    /// The address it is bound to.
+    own: SocketAddr,
     peers: Doorbells,
     /// When this host last sent to each host (rings only after
     /// [`RING_QUIET`]).
     last_sent: Vec<Option<Instant>>,
+}
+
+impl Drop for Doorbell {
+    fn drop(&mut self) {
+        let mut bound = super::lock(&BOUND);
+        if let Some(i) = bound.iter().position(|a| *a == self.own) {
+            bound.swap_remove(i);
+        }
+    }
 }
 
 impl Doorbell {
@@ -218,8 +241,11 @@ impl Doorbell {
             None => UdpSocket::bind(own)?,
         };
         socket.set_read_timeout(Some(LISTEN_SLICE))?;
+        let own = socket.local_addr()?;
+        super::lock(&BOUND).push(own);
         Ok(Some(Doorbell {
             socket,
+            own,
             peers,
             last_sent: vec![None; MAX_HOSTS as usize],
         }))
@@ -318,6 +344,10 @@ mod tests {
         }
         let none = Doorbells::new(&addrs[..1]);
         assert!(Doorbell::bind(none, 1).unwrap().is_none());
+        // Both are bound in this process until dropped.
+        assert!(bound_here(addrs[0]) && bound_here(addrs[1]));
+        drop(h1);
+        assert!(!bound_here(addrs[1]) && bound_here(addrs[0]));
     }
 
     proptest! {

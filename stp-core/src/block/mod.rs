@@ -1753,12 +1753,17 @@ impl BlockStg {
         rang && every
     }
 
-    /// A doorbell datagram arrived: poll at once if it is a peer's.
-    fn heard(&self, datagram: &[u8]) {
+    /// A doorbell datagram arrived from `from`: poll at once if it is a
+    /// peer's.
+    fn heard(&self, datagram: &[u8], from: std::net::SocketAddr) {
         match Ring::decode(datagram) {
             Ok(r) if r.is_for(self.stg_id, self.generation, self.layout.hosts, self.host) => {
                 bump(&self.counters.doorbells_heard, 1);
-                crate::counters::bump!(doorbell_bytes, RING_LEN);
+                // The process counts a datagram once: one a host of its own
+                // rang was counted as sent.
+                if !doorbell::bound_here(from) {
+                    crate::counters::bump!(doorbell_bytes, RING_LEN);
+                }
                 if lock(&self.schedule).rung(Instant::now(), r.src) {
                     self.kick();
                 }
@@ -2876,7 +2881,7 @@ fn listener(weak: Weak<BlockStg>, socket: std::net::UdpSocket) {
             return;
         }
         match got {
-            Ok((n, _)) => stg.heard(&buf[..n]),
+            Ok((n, from)) => stg.heard(&buf[..n], from),
             Err(e)
                 if matches!(
                     e.kind(),
