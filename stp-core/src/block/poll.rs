@@ -420,6 +420,16 @@ impl PollSchedule {
 mod tests {
     use super::*;
 
+    /// A schedule of `cfg` gone idle: it began 30 s before `t` and a poll
+    /// at `t` found nothing. Returns it and `t`.
+    fn idle(cfg: PollConfig) -> (PollSchedule, Instant) {
+        let t0 = Instant::now();
+        let mut s = PollSchedule::new(cfg, t0);
+        let t = t0 + Duration::from_secs(30);
+        s.polled(t, t, false, Reads::All);
+        (s, t)
+    }
+
     /// Runs the schedule on a virtual clock for `span` from `start`, each
     /// poll taking `cost` and reading `members` producer blocks when it
     /// reads all and one otherwise (finding nothing): the commands issued.
@@ -477,11 +487,8 @@ mod tests {
     /// a host that rings while it runs is the next rung poll's.
     #[test]
     fn a_rung_poll_probes_the_lanes_of_the_hosts_that_rang() {
-        let t0 = Instant::now();
         let cfg = PollConfig::default();
-        let mut s = PollSchedule::new(cfg, t0);
-        let t = t0 + Duration::from_secs(30);
-        s.polled(t, t, false, Reads::All);
+        let (mut s, t) = idle(cfg);
         let ring = t + Duration::from_millis(40);
         assert!(s.rung(ring, 2));
         assert!(!s.rung(ring, 5), "the poll already due takes it");
@@ -501,11 +508,8 @@ mod tests {
 
     #[test]
     fn a_doorbell_probes_an_idle_lane_at_once_but_a_flood_no_more_than_its_spacing() {
-        let t0 = Instant::now();
         let cfg = PollConfig::default();
-        let mut s = PollSchedule::new(cfg, t0);
-        let t = t0 + Duration::from_secs(30);
-        s.polled(t, t, false, Reads::All);
+        let (mut s, t) = idle(cfg);
         assert_eq!(s.due(), t + cfg.idle, "idle");
         let ring = t + Duration::from_millis(40);
         assert!(s.rung(ring, 1));
@@ -541,8 +545,7 @@ mod tests {
         // a second (each poll 100 µs, finding nothing): about one poll a
         // RING_SPACING once the spacing has grown.
         let cost = Duration::from_micros(100);
-        let mut s = PollSchedule::new(cfg, t0);
-        s.polled(t, t, false, Reads::All);
+        let (mut s, t) = idle(cfg);
         let (mut now, end) = (t, t + Duration::from_secs(1));
         let mut polls = 0u32;
         while now < end {
@@ -707,11 +710,8 @@ mod tests {
 
     #[test]
     fn a_send_wakes_an_idle_poller() {
-        let t0 = Instant::now();
         let cfg = PollConfig::default();
-        let mut s = PollSchedule::new(cfg, t0);
-        let t = t0 + Duration::from_secs(30);
-        s.polled(t, t, false, Reads::All);
+        let (mut s, t) = idle(cfg);
         assert_eq!(s.due(), t + cfg.idle);
         assert_eq!(s.reads(t + cfg.idle), Reads::Turn);
         let send = t + Duration::from_millis(3);
@@ -731,11 +731,8 @@ mod tests {
 
     #[test]
     fn a_small_send_keeps_polling_at_the_shortest_interval_for_a_while() {
-        let t0 = Instant::now();
         let cfg = PollConfig::default();
-        let mut s = PollSchedule::new(cfg, t0);
-        let t = t0 + Duration::from_secs(30);
-        s.polled(t, t, false, Reads::All);
+        let (mut s, t) = idle(cfg);
         assert!(s.sent(t, 64));
         assert_eq!(s.due(), t + cfg.reply);
         let mut now = s.due();
@@ -765,11 +762,8 @@ mod tests {
 
     #[test]
     fn the_reply_polls_probe_and_an_answer_sent_while_a_poll_ran_keeps_them() {
-        let t0 = Instant::now();
         let cfg = PollConfig::default();
-        let mut s = PollSchedule::new(cfg, t0);
-        let t = t0 + Duration::from_secs(30);
-        s.polled(t, t, false, Reads::All);
+        let (mut s, t) = idle(cfg);
         assert_ne!(s.reads(t), Reads::Probe, "no reply awaited");
         s.sent(t, 64);
         let p = s.due();
@@ -790,8 +784,7 @@ mod tests {
         s.polled(r, end, false, Reads::Turn);
         assert_eq!(s.due(), end + Duration::from_millis(2));
         // A bulk send awaits no reply.
-        let mut b = PollSchedule::new(cfg, t0);
-        b.polled(t, t, false, Reads::All);
+        let (mut b, t) = idle(cfg);
         b.sent(t, SMALL_SEND + 1);
         assert_eq!(b.reads(b.due()), Reads::All);
     }
