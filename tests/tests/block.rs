@@ -110,10 +110,17 @@ fn reopen_host(a: &Array, name: &str, index: u16, config: BlockConfig) -> Arc<Bl
 /// A formatted STG opened by host 0 and host 1.
 fn two_hosts(seed: u64) -> (Array, Arc<BlockStg>, Arc<BlockStg>) {
     let a = array();
-    format_stg(&a, seed);
-    let h0 = open_host(&a, 0, BlockConfig::default());
-    let h1 = open_host(&a, 1, BlockConfig::default());
+    let (h0, h1) = two_hosts_as(&a, &layout(), seed);
     (a, h0, h1)
+}
+
+/// The STG on `a`'s `LUNS` formatted with `layout`, opened by host 0 and
+/// host 1.
+fn two_hosts_as(a: &Array, layout: &BlockLayout, seed: u64) -> (Arc<BlockStg>, Arc<BlockStg>) {
+    format_as(a, layout, seed);
+    let h0 = open_host(a, 0, BlockConfig::default());
+    let h1 = open_host(a, 1, BlockConfig::default());
+    (h0, h1)
 }
 
 /// A raw WRITE(16) by another initiator (an intruder, or a torn write).
@@ -698,9 +705,7 @@ fn a_stream_over_4096_byte_blocks() {
         slots: 16,
         slot_blocks: 16,
     };
-    format_as(&a, &four_k, 13);
-    let h0 = open_host(&a, 0, BlockConfig::default());
-    let h1 = open_host(&a, 1, BlockConfig::default());
+    let (h0, h1) = two_hosts_as(&a, &four_k, 13);
     assert_eq!(h0.max_payload() as usize, 16 * 4096 - 104);
     stream_8_mib_and_1_mib_back(&h0, &h1);
 }
@@ -1412,9 +1417,7 @@ fn large_slots_read_by_their_head_first() {
         slots: 4,
         slot_blocks: 512,
     };
-    format_as(&a, &big, 12);
-    let h0 = open_host(&a, 0, BlockConfig::default());
-    let h1 = open_host(&a, 1, BlockConfig::default());
+    let (h0, h1) = two_hosts_as(&a, &big, 12);
     let mut m0 = h0.handle();
     let mut m1 = h1.handle();
     let p1 = m1.bind(None).unwrap();
