@@ -2417,7 +2417,11 @@ impl BlockStg {
     /// [`UNANNOUNCED_DELAY`] (the poller: a lane a sender holds is left for
     /// the next turn, or for the sender's own commit to announce).
     fn announce_due(&self, now: Instant) {
-        if lock(&self.stale).is_some() {
+        // Nothing to do (no lock to take) on every poll of a host that has
+        // never left a message unannounced.
+        if self.counters.unannounced_slots.load(Ordering::Relaxed) == 0
+            || lock(&self.stale).is_some()
+        {
             return;
         }
         for (d, lane) in self.producers.iter().enumerate() {
@@ -2834,8 +2838,7 @@ fn poller(weak: Weak<BlockStg>, mut lanes: Vec<ConsLane>) {
         let half_ring = u64::from(stg.layout.slots / 2).max(1);
         for lane in &mut lanes {
             // A rung poll probes only the lanes of the hosts that rang.
-            let rang_here = rang & 1u32.checked_shl(u32::from(lane.src)).unwrap_or(0) != 0;
-            if reads != Reads::Rung || rang_here {
+            if reads != Reads::Rung || rang & poll::host_bit(lane.src) != 0 {
                 progress |= stg.poll_lane(lane, reads, started);
             }
             if started.saturating_duration_since(lane.written_at) >= CONSUMER_REASSERT {

@@ -143,6 +143,12 @@ pub(crate) enum Reads {
     Rung,
 }
 
+/// Host `host`'s bit in a set of hosts (none beyond 32: the layout has at
+/// most [`crate::stg::MAX_HOSTS`]).
+pub(crate) fn host_bit(host: u16) -> u32 {
+    1u32.checked_shl(u32::from(host)).unwrap_or(0)
+}
+
 /// The consumer's poll schedule.
 #[derive(Debug)]
 pub(crate) struct PollSchedule {
@@ -351,7 +357,7 @@ impl PollSchedule {
     /// the poller).
     pub fn rung(&mut self, now: Instant, src: u16) -> bool {
         self.last_heard = Some(now);
-        self.rang |= 1u32.checked_shl(u32::from(src)).unwrap_or(0);
+        self.rang |= host_bit(src);
         if self.rung_due.is_some() {
             // The poll already due for a ring takes this one's slots too
             // (or, if it is running, `polled` schedules another).
